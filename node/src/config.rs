@@ -1,0 +1,309 @@
+//! Agent configuration: a base TOML, then `config.d/*.toml` merged in name order, then a fixed
+//! set of `OUTPOST_*` environment overrides. Unknown keys anywhere are errors, so a typo never
+//! silently falls back to a default. This module reads files; it never starts anything.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the base file is looked for when no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/outpost/config.toml";
+
+/// Environment variables that override a config key (and nothing else is read from the env).
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("OUTPOST_PROFILE", "profile"),
+    ("OUTPOST_DATA_DIR", "data_dir"),
+    ("OUTPOST_CONTROL_URL", "control.url"),
+    ("OUTPOST_POLL_WAIT_SECS", "control.poll_wait_secs"),
+    ("OUTPOST_HEARTBEAT_SECS", "agent.heartbeat_secs"),
+    ("OUTPOST_MAX_CONCURRENT_JOBS", "agent.max_concurrent_jobs"),
+    ("OUTPOST_DOCKER_SOCKET", "docker.socket"),
+    ("OUTPOST_LOG_FORMAT", "log.format"),
+    ("OUTPOST_LOG_LEVEL", "log.level"),
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Deployment profile (the seed's configuration matrix).
+    #[serde(default)]
+    pub profile: Profile,
+    /// Ledger, identity and status live here.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub docker: DockerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Profile {
+    Cloud,
+    Hybrid,
+    #[default]
+    OnPrem,
+    AirGapped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// The control plane's URL; when absent, the one given at enrollment is used.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// How long the control plane may hold a long-poll open (it caps this at 30 s).
+    #[serde(default = "default_poll_wait_secs")]
+    pub poll_wait_secs: u64,
+    /// Limit for every other request to the control plane.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// Containers run at the same time.
+    #[serde(default = "default_max_concurrent_jobs")]
+    pub max_concurrent_jobs: u32,
+    /// Jobs accepted but not finished; the agent stops fetching at this bound.
+    #[serde(default = "default_queue_limit")]
+    pub queue_limit: u32,
+    /// Results waiting for the control plane; the agent stops fetching at this bound.
+    #[serde(default = "default_outbox_limit")]
+    pub outbox_limit: u32,
+    /// On SIGTERM, how long to let in-flight reports finish. Running containers are left
+    /// running and adopted by the next start.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerConfig {
+    /// Docker socket path or URL; the engine's defaults (DOCKER_HOST, /var/run/docker.sock)
+    /// when absent.
+    #[serde(default)]
+    pub socket: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `outpost_node=debug` (RUST_LOG wins when set).
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/outpost")
+}
+fn default_poll_wait_secs() -> u64 {
+    25
+}
+fn default_request_timeout_secs() -> u64 {
+    15
+}
+fn default_heartbeat_secs() -> u64 {
+    30
+}
+fn default_max_concurrent_jobs() -> u32 {
+    4
+}
+fn default_queue_limit() -> u32 {
+    64
+}
+fn default_outbox_limit() -> u32 {
+    10_000
+}
+fn default_shutdown_grace_secs() -> u64 {
+    10
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            poll_wait_secs: default_poll_wait_secs(),
+            request_timeout_secs: default_request_timeout_secs(),
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_secs: default_heartbeat_secs(),
+            max_concurrent_jobs: default_max_concurrent_jobs(),
+            queue_limit: default_queue_limit(),
+            outbox_limit: default_outbox_limit(),
+            shutdown_grace_secs: default_shutdown_grace_secs(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: default_log_level() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("invalid configuration (merged from {sources}): {message}")]
+    Invalid { sources: String, message: String },
+}
+
+/// Where each layer of a configuration came from, for error messages and `check-config`.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub sources: Vec<String>,
+}
+
+impl Config {
+    /// Load `path` (or the default path, which may be absent), its `config.d/`, then the env.
+    pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    pub fn load_with_env(path: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Loaded, ConfigError> {
+        let explicit = path.is_some();
+        let base = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        let mut merged = toml::Table::new();
+        let mut sources = Vec::new();
+
+        if base.exists() || explicit {
+            merge(&mut merged, read_table(&base)?);
+            sources.push(base.display().to_string());
+        }
+        let dropins = base.parent().map(|p| p.join("config.d"));
+        if let Some(dir) = dropins.filter(|d| d.is_dir()) {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|source| ConfigError::Read { path: dir.clone(), source })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            for f in files {
+                merge(&mut merged, read_table(&f)?);
+                sources.push(f.display().to_string());
+            }
+        }
+        for (var, key) in ENV_OVERRIDES {
+            if let Some(value) = env.get(*var) {
+                set_dotted(&mut merged, key, env_value(value));
+                sources.push(format!("${var}"));
+            }
+        }
+        let describe = if sources.is_empty() { "built-in defaults".to_string() } else { sources.join(", ") };
+        let config: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid { sources: describe.clone(), message: e.message().to_string() })?;
+        config.validate().map_err(|message| ConfigError::Invalid { sources: describe, message })?;
+        Ok(Loaded { config, sources })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(url) = &self.control.url {
+            if !url.starts_with("https://") {
+                return Err(format!("control.url {url:?} must start with https:// (the agent speaks TLS 1.3 only)"));
+            }
+        }
+        if self.agent.max_concurrent_jobs == 0 {
+            return Err("agent.max_concurrent_jobs must be at least 1".into());
+        }
+        if self.agent.heartbeat_secs == 0 {
+            return Err("agent.heartbeat_secs must be at least 1".into());
+        }
+        if self.agent.queue_limit < self.agent.max_concurrent_jobs {
+            return Err("agent.queue_limit must be at least agent.max_concurrent_jobs".into());
+        }
+        if !self.data_dir.is_absolute() {
+            return Err(format!("data_dir {:?} must be an absolute path", self.data_dir));
+        }
+        Ok(())
+    }
+
+    pub fn identity_dir(&self) -> PathBuf {
+        self.data_dir.join("identity")
+    }
+    pub fn ledger_dir(&self) -> PathBuf {
+        self.data_dir.join("ledger")
+    }
+    pub fn status_file(&self) -> PathBuf {
+        self.data_dir.join("status.json")
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Syntax { path: path.into(), message: e.message().to_string() })
+}
+
+/// Later tables win key by key; nested tables merge instead of replacing each other.
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_dotted(table: &mut toml::Table, dotted: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().unwrap_or(dotted);
+    let mut cur = table;
+    for p in parts {
+        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(t) = entry else { return };
+        cur = t;
+    }
+    cur.insert(last.to_string(), value);
+}
+
+fn env_value(s: &str) -> toml::Value {
+    if let Ok(i) = s.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = s.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(s.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests;

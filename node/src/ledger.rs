@@ -1,0 +1,216 @@
+//! The job ledger: every job attempt's persisted state machine
+//! (staged → running → finished → reported), the outbox (finished, not yet acknowledged), and
+//! the last accepted sequence number. Each transition is one durable batch, written *before*
+//! the agent tells anyone about it; this is what makes kill -9 at any point safe.
+
+use std::sync::Arc;
+
+use outpost_protocol::{ContainerSpec, ResultReport, SignedEnvelope};
+use serde::{Deserialize, Serialize};
+
+use crate::audit;
+use crate::store::{Op, StateStore, StoreError, Tree};
+
+const LAST_SEQ: &[u8] = b"last_seq";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Verified and persisted; no container started by us yet.
+    Staged,
+    /// The container was created; it may or may not have started (the runtime knows).
+    Running,
+    /// The result is persisted and waits in the outbox.
+    Finished,
+    /// The control plane acknowledged the result.
+    Reported,
+    /// The control plane refused the result for good (e.g. it does not know the job).
+    Undeliverable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub state: JobState,
+    /// Whether the control plane has been told we persisted this job.
+    pub acked: bool,
+    pub received_unix_ms: u64,
+    /// The verified spec; `None` for a rejected manifest.
+    pub spec: Option<ContainerSpec>,
+    /// Kept as received, so the signature can be re-checked later.
+    pub envelope: SignedEnvelope,
+    pub result: Option<ResultReport>,
+}
+
+impl JobRecord {
+    pub fn key(&self) -> Vec<u8> {
+        key(&self.job_id, self.attempt)
+    }
+}
+
+pub fn key(job_id: &str, attempt: u32) -> Vec<u8> {
+    format!("{job_id}/{attempt}").into_bytes()
+}
+
+/// Counts the agent reports in its status and heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Depths {
+    pub staged: u64,
+    pub running: u64,
+    pub outbox: u64,
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    store: Arc<dyn StateStore>,
+    /// Serialises batches that append to the audit chain (each entry links to the last).
+    audit_lock: Arc<std::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ledger")
+    }
+}
+
+impl Ledger {
+    pub fn new(store: Arc<dyn StateStore>) -> Self {
+        Self { store, audit_lock: Arc::default() }
+    }
+
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
+    pub fn get(&self, job_id: &str, attempt: u32) -> Result<Option<JobRecord>, StoreError> {
+        self.store.get(Tree::Jobs, &key(job_id, attempt))?.map(|v| decode(&key(job_id, attempt), &v)).transpose()
+    }
+
+    pub fn all(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut v: Vec<JobRecord> =
+            self.store.scan(Tree::Jobs)?.into_iter().map(|(k, v)| decode(&k, &v)).collect::<Result<_, _>>()?;
+        v.sort_by_key(|r| (r.seq, r.received_unix_ms));
+        Ok(v)
+    }
+
+    pub fn in_state(&self, state: JobState) -> Result<Vec<JobRecord>, StoreError> {
+        Ok(self.all()?.into_iter().filter(|r| r.state == state).collect())
+    }
+
+    pub fn depths(&self) -> Result<Depths, StoreError> {
+        let mut d = Depths::default();
+        for r in self.all()? {
+            match r.state {
+                JobState::Staged => d.staged += 1,
+                JobState::Running => d.running += 1,
+                JobState::Finished => d.outbox += 1,
+                JobState::Reported | JobState::Undeliverable => {}
+            }
+        }
+        Ok(d)
+    }
+
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .store
+            .get(Tree::Meta, LAST_SEQ)?
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Persist a newly received record; an accepted one also advances the sequence number, in
+    /// the same atomic batch, so a replay can never slip in between.
+    pub fn insert(&self, record: &JobRecord, advance_seq: bool, audit: Option<(&str, &str)>) -> Result<(), StoreError> {
+        let mut ops = vec![Op::Put(Tree::Jobs, record.key(), encode(record))];
+        if advance_seq {
+            ops.push(Op::Put(Tree::Meta, LAST_SEQ.to_vec(), record.seq.to_be_bytes().to_vec()));
+        }
+        let _guard = self.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((action, detail)) = audit {
+            ops.push(audit::entry_op(self.store.as_ref(), action, detail)?);
+        }
+        self.store.apply(ops)
+    }
+
+    /// Persist a changed record (state transitions, results, ack flags).
+    pub fn update(&self, record: &JobRecord) -> Result<(), StoreError> {
+        self.store.apply(vec![Op::Put(Tree::Jobs, record.key(), encode(record))])
+    }
+
+    /// Update a record and append an audit entry in one batch.
+    pub fn update_audited(&self, record: &JobRecord, action: &str, detail: &str) -> Result<(), StoreError> {
+        let _guard = self.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let audit = audit::entry_op(self.store.as_ref(), action, detail)?;
+        self.store.apply(vec![Op::Put(Tree::Jobs, record.key(), encode(record)), audit])
+    }
+
+    /// Mark jobs as acknowledged to the control plane.
+    pub fn mark_acked(&self, ids: &[(String, u32)]) -> Result<(), StoreError> {
+        let mut ops = Vec::new();
+        for (job_id, attempt) in ids {
+            if let Some(mut r) = self.get(job_id, *attempt)? {
+                if !r.acked {
+                    r.acked = true;
+                    ops.push(Op::Put(Tree::Jobs, r.key(), encode(&r)));
+                }
+            }
+        }
+        if ops.is_empty() { Ok(()) } else { self.store.apply(ops) }
+    }
+
+    /// Append an audit entry on its own.
+    pub fn audit(&self, action: &str, detail: &str) -> Result<(), StoreError> {
+        let _guard = self.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let op = audit::entry_op(self.store.as_ref(), action, detail)?;
+        self.store.apply(vec![op])
+    }
+}
+
+fn encode(r: &JobRecord) -> Vec<u8> {
+    // Serialising plain data with owned strings and numbers cannot fail.
+    serde_json::to_vec(r).unwrap_or_default()
+}
+
+fn decode(key: &[u8], v: &[u8]) -> Result<JobRecord, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        tree: Tree::Jobs.name(),
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    pub(crate) fn record(id: &str, seq: u64, state: JobState) -> JobRecord {
+        JobRecord {
+            job_id: id.into(),
+            attempt: 1,
+            seq,
+            state,
+            acked: false,
+            received_unix_ms: seq,
+            spec: None,
+            envelope: SignedEnvelope { payload: "{}".into(), key_id: "k".into(), signature_hex: "00".into() },
+            result: None,
+        }
+    }
+
+    #[test]
+    fn insert_advances_the_sequence_atomically_and_depths_count_states() {
+        let ledger = Ledger::new(Arc::new(MemoryStore::new()));
+        assert_eq!(ledger.last_seq().expect("seq"), 0);
+        ledger.insert(&record("a", 3, JobState::Staged), true, None).expect("insert");
+        ledger.insert(&record("b", 9, JobState::Finished), false, Some(("job.rejected", "why"))).expect("insert");
+        assert_eq!(ledger.last_seq().expect("seq"), 3, "a rejected job does not move the sequence");
+        let d = ledger.depths().expect("depths");
+        assert_eq!((d.staged, d.running, d.outbox), (1, 0, 1));
+        ledger.mark_acked(&[("a".into(), 1)]).expect("ack");
+        assert!(ledger.get("a", 1).expect("get").expect("present").acked);
+        assert_eq!(ledger.all().expect("all").iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 9]);
+    }
+}

@@ -1,0 +1,111 @@
+//! Verification of job manifests before anything runs: the org's ed25519 signature over the
+//! exact payload bytes, then the payload's own claims (this node, not expired, a sequence number
+//! above every one accepted before, a spec the agent can run safely). A manifest that fails any
+//! check is refused with a reason that is reported and audited; it is never retried.
+
+use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
+use outpost_protocol::{JobAssignment, JobEnvelope, PublicKey};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Rejection {
+    #[error("manifest is signed by key {got}, but this node trusts only org key {want}; was the job submitted to another organisation?")]
+    UnknownKey { got: String, want: String },
+    #[error("manifest signature does not verify against org key {key_id}: the manifest was altered or forged")]
+    BadSignature { key_id: String },
+    #[error("manifest payload is malformed: {0}")]
+    Malformed(String),
+    #[error("manifest is for node {got}, not this node ({want})")]
+    WrongNode { got: String, want: String },
+    #[error("assignment names job {assigned} but the signed manifest is for job {signed}")]
+    Mismatch { assigned: String, signed: String },
+    #[error("manifest expired at {expires_unix_ms} (now {now_unix_ms}); submit the job again")]
+    Expired { expires_unix_ms: u64, now_unix_ms: u64 },
+    #[error("manifest sequence {seq} is not above the last accepted {last}: a replayed manifest")]
+    Replayed { seq: u64, last: u64 },
+    #[error("manifest spec is not acceptable: {0}")]
+    BadSpec(String),
+}
+
+/// The trust a node pins at enrollment.
+#[derive(Debug, Clone)]
+pub struct ManifestVerifier {
+    node_id: String,
+    key_id: String,
+    key: VerifyingKey,
+}
+
+impl ManifestVerifier {
+    pub fn new(node_id: &str, org_key: &PublicKey) -> Result<Self, String> {
+        let bytes: [u8; 32] = hex::decode(&org_key.ed25519_hex)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("org key {} is not 32 bytes of hex", org_key.key_id))?;
+        let key = VerifyingKey::from_bytes(&bytes).map_err(|e| format!("org key {}: {e}", org_key.key_id))?;
+        Ok(Self { node_id: node_id.into(), key_id: org_key.key_id.clone(), key })
+    }
+
+    /// Check signature first (nothing unsigned is even parsed), then the payload's claims.
+    pub fn verify(&self, a: &JobAssignment, last_seq: u64, now_unix_ms: u64) -> Result<JobEnvelope, Rejection> {
+        let env = &a.envelope;
+        if env.key_id != self.key_id {
+            return Err(Rejection::UnknownKey { got: env.key_id.clone(), want: self.key_id.clone() });
+        }
+        let sig: [u8; 64] = hex::decode(&env.signature_hex)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| Rejection::BadSignature { key_id: self.key_id.clone() })?;
+        self.key
+            .verify(env.payload.as_bytes(), &Signature::from_bytes(&sig))
+            .map_err(|_| Rejection::BadSignature { key_id: self.key_id.clone() })?;
+        let job: JobEnvelope = serde_json::from_str(&env.payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        if job.node_id != self.node_id {
+            return Err(Rejection::WrongNode { got: job.node_id, want: self.node_id.clone() });
+        }
+        if job.job_id != a.job_id || job.attempt != a.attempt {
+            return Err(Rejection::Mismatch {
+                assigned: format!("{}/{}", a.job_id, a.attempt),
+                signed: format!("{}/{}", job.job_id, job.attempt),
+            });
+        }
+        if job.expires_unix_ms <= now_unix_ms {
+            return Err(Rejection::Expired { expires_unix_ms: job.expires_unix_ms, now_unix_ms });
+        }
+        if job.seq <= last_seq {
+            return Err(Rejection::Replayed { seq: job.seq, last: last_seq });
+        }
+        check_spec(&job).map_err(Rejection::BadSpec)?;
+        Ok(job)
+    }
+}
+
+/// Ids end up in container names and ledger keys: keep them to a safe alphabet.
+pub fn valid_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn check_spec(job: &JobEnvelope) -> Result<(), String> {
+    if !valid_job_id(&job.job_id) {
+        return Err(format!("job id {:?} must be 1-64 characters of [A-Za-z0-9-]", job.job_id));
+    }
+    let s = &job.spec;
+    let digest = s.image.strip_prefix("sha256:").unwrap_or("");
+    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("image {:?} must be an image id of the form sha256:<64 hex digits>", s.image));
+    }
+    if s.timeout_secs == 0 {
+        return Err("timeout_secs must be at least 1".into());
+    }
+    if s.resources.memory_mb < 6 {
+        return Err("resources.memory_mb must be at least 6 (the engine's minimum)".into());
+    }
+    if s.resources.cpu_millis == 0 || s.resources.pids == 0 {
+        return Err("resources.cpu_millis and resources.pids must be at least 1".into());
+    }
+    if let Some(k) = s.labels.keys().find(|k| k.starts_with("outpost.")) {
+        return Err(format!("label {k:?} uses the reserved outpost. prefix"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,36 @@
+//! Wire types shared by the Outpost node agent (`outpost`) and the control plane
+//! (`outpost-control`), API version 1.
+//!
+//! This crate owns the shape of every request and response and nothing else: no I/O, no
+//! crypto, no clocks. Every type refuses unknown fields so that a typo or a newer peer's field
+//! is an error, never a silent drop. Times are Unix milliseconds (UTC).
+
+#![forbid(unsafe_code)]
+
+mod enroll;
+mod error;
+mod job;
+mod node;
+pub mod paths;
+mod report;
+
+pub use enroll::*;
+pub use error::*;
+pub use job::*;
+pub use node::*;
+pub use report::*;
+
+/// The API version every path is prefixed with.
+pub const API_VERSION: &str = "v1";
+
+/// Largest request body the control plane accepts, in bytes (anything larger gets 413).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Most bytes of stdout and of stderr a result report may carry (the tail of each stream).
+pub const MAX_OUTPUT_TAIL_BYTES: usize = 64 * 1024;
+
+/// Header carrying the operator's bearer token on operator routes.
+pub const AUTHORIZATION: &str = "authorization";
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,34 @@
+//! Every HTTP route of API v1, in one place, so that the server's router, its OpenAPI document
+//! and the clients cannot drift apart. `{name}` marks a path parameter (axum 0.8 syntax).
+
+/// Operator: create or list organisations. Bearer token.
+pub const ORGS: &str = "/v1/orgs";
+/// Operator: create an enrollment token for an organisation. Bearer token.
+pub const ORG_TOKENS: &str = "/v1/orgs/{org_id}/tokens";
+/// Node, before it has a certificate: trade a one-time token and a CSR for a client certificate.
+pub const ENROLL: &str = "/v1/enroll";
+/// Node (mTLS): long-poll for jobs, acknowledging the ones already persisted.
+pub const NODE_POLL: &str = "/v1/node/poll";
+/// Node (mTLS): report a job result (idempotent).
+pub const NODE_RESULTS: &str = "/v1/node/results";
+/// Node (mTLS): heartbeat with inventory.
+pub const NODE_HEARTBEAT: &str = "/v1/node/heartbeat";
+/// Operator: submit (POST) or list (GET) jobs.
+pub const JOBS: &str = "/v1/jobs";
+/// Operator: one job with its result.
+pub const JOB: &str = "/v1/jobs/{job_id}";
+/// Operator: list nodes.
+pub const NODES: &str = "/v1/nodes";
+/// Operator: one node.
+pub const NODE: &str = "/v1/nodes/{node_id}";
+/// Operator: the audit trail.
+pub const AUDIT: &str = "/v1/audit";
+/// Anyone: liveness.
+pub const HEALTH: &str = "/v1/health";
+/// Anyone: the OpenAPI document of this API.
+pub const OPENAPI: &str = "/v1/openapi.json";
+
+/// Substitute one `{name}` parameter of a route template.
+pub fn fill(template: &str, name: &str, value: &str) -> String {
+    template.replace(&format!("{{{name}}}"), value)
+}

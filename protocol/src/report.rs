@@ -1,0 +1,71 @@
+use serde::{Deserialize, Serialize};
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The container exited 0.
+    Succeeded,
+    /// The container exited non-zero.
+    Failed,
+    /// Killed after `timeout_secs`.
+    TimedOut,
+    /// The node refused the manifest (signature, expiry, replay, ...). `error` says why.
+    Rejected,
+    /// The job could not be started (image absent, runtime error). `error` says why.
+    Error,
+}
+
+/// The node's report of one job attempt. `idempotency_key` = `job_id/attempt`: the control
+/// plane stores the first report for a key and acknowledges every repeat without storing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResultReport {
+    pub job_id: String,
+    pub attempt: u32,
+    pub idempotency_key: String,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Last bytes of stdout (at most [`crate::MAX_OUTPUT_TAIL_BYTES`]), lossy UTF-8.
+    #[serde(default)]
+    pub stdout_tail: String,
+    #[serde(default)]
+    pub stderr_tail: String,
+    /// True when earlier output was cut off.
+    #[serde(default)]
+    pub output_truncated: bool,
+    pub timings: Timings,
+}
+
+impl ResultReport {
+    pub fn key_for(job_id: &str, attempt: u32) -> String {
+        format!("{job_id}/{attempt}")
+    }
+}
+
+/// When things happened on the node (Unix ms); absent where the step never happened.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Timings {
+    pub received_unix_ms: u64,
+    #[serde(default)]
+    pub started_unix_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_unix_ms: Option<u64>,
+}
+
+/// The control plane's answer to a report: safe to mark it delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub idempotency_key: String,
+    /// True when this report had been stored before (a retry); it was not stored again.
+    pub duplicate: bool,
+}

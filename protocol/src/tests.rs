@@ -1,0 +1,96 @@
+use super::*;
+
+fn spec() -> ContainerSpec {
+    serde_json::from_str(r#"{"image":"sha256:00","command":["echo","hi"]}"#).expect("minimal spec parses")
+}
+
+#[test]
+fn a_minimal_spec_gets_hardened_defaults() {
+    let s = spec();
+    assert!(!s.network);
+    assert_eq!(s.timeout_secs, 600);
+    assert_eq!(s.resources, Resources::default());
+    assert_eq!(s.security, SecurityOverrides::default());
+}
+
+#[test]
+fn unknown_fields_are_refused_everywhere() {
+    let e = serde_json::from_str::<ContainerSpec>(r#"{"image":"sha256:00","privileged":true}"#)
+        .expect_err("unknown field must fail");
+    assert!(e.to_string().contains("privileged"), "{e}");
+    assert!(serde_json::from_str::<PollRequest>(r#"{"ack":[]}"#).is_err());
+    assert!(serde_json::from_str::<EnrollRequest>(
+        r#"{"token":"t","csr_pem":"c","hostname":"h","agent_version":"1","x":1}"#
+    )
+    .is_err());
+}
+
+#[test]
+fn envelope_round_trips_byte_for_byte() {
+    let env = JobEnvelope {
+        job_id: "j".into(),
+        attempt: 1,
+        org_id: "o".into(),
+        node_id: "n".into(),
+        seq: 7,
+        issued_unix_ms: 1,
+        expires_unix_ms: 2,
+        spec: spec(),
+    };
+    let bytes = serde_json::to_string(&env).expect("serialises");
+    let back: JobEnvelope = serde_json::from_str(&bytes).expect("parses");
+    assert_eq!(back, env);
+    assert_eq!(serde_json::to_string(&back).expect("serialises"), bytes, "canonical form is stable");
+}
+
+#[test]
+fn result_report_round_trips() {
+    let r = ResultReport {
+        job_id: "j".into(),
+        attempt: 2,
+        idempotency_key: ResultReport::key_for("j", 2),
+        outcome: Outcome::TimedOut,
+        exit_code: Some(137),
+        error: None,
+        stdout_tail: "out".into(),
+        stderr_tail: String::new(),
+        output_truncated: false,
+        timings: Timings { received_unix_ms: 1, started_unix_ms: Some(2), finished_unix_ms: Some(3) },
+    };
+    let json = serde_json::to_string(&r).expect("serialises");
+    assert!(json.contains(r#""outcome":"timed_out""#));
+    assert_eq!(serde_json::from_str::<ResultReport>(&json).expect("parses"), r);
+    assert_eq!(r.idempotency_key, "j/2");
+}
+
+#[test]
+fn heartbeat_and_job_info_round_trip() {
+    let hb = Heartbeat {
+        agent_version: "0.1.0".into(),
+        inventory: Inventory { hostname: "h".into(), cpu_count: 2, ..Inventory::default() },
+        running_jobs: 1,
+        outbox_depth: 3,
+    };
+    let back: Heartbeat = serde_json::from_str(&serde_json::to_string(&hb).expect("ser")).expect("de");
+    assert_eq!(back, hb);
+    let info = JobInfo {
+        job_id: "j".into(),
+        attempt: 1,
+        org_id: "o".into(),
+        node_id: "n".into(),
+        seq: 1,
+        state: JobState::Queued,
+        spec: spec(),
+        submitted_unix_ms: 5,
+        accepted_unix_ms: None,
+        result: None,
+    };
+    let back: JobInfo = serde_json::from_str(&serde_json::to_string(&info).expect("ser")).expect("de");
+    assert_eq!(back, info);
+}
+
+#[test]
+fn path_templates_fill_their_parameter() {
+    assert_eq!(paths::fill(paths::JOB, "job_id", "abc"), "/v1/jobs/abc");
+    assert_eq!(paths::fill(paths::ORG_TOKENS, "org_id", "o1"), "/v1/orgs/o1/tokens");
+}
