@@ -53,7 +53,11 @@ pub fn entry_op(store: &dyn StateStore, action: &str, detail: &str) -> Result<Op
 }
 
 fn decode(v: &[u8]) -> Result<AuditEntry, StoreError> {
-    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt { tree: "audit", key: "?".into(), message: e.to_string() })
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        tree: "audit",
+        key: "?".into(),
+        message: e.to_string(),
+    })
 }
 
 pub fn entries(store: &dyn StateStore) -> Result<Vec<AuditEntry>, StoreError> {
@@ -95,7 +99,11 @@ mod tests {
         let mut second = entries(&store).expect("entries")[1].clone();
         second.detail = "nothing happened".into();
         store
-            .apply(vec![Op::Put(Tree::Audit, 2u64.to_be_bytes().to_vec(), serde_json::to_vec(&second).expect("ser"))])
+            .apply(vec![Op::Put(
+                Tree::Audit,
+                2u64.to_be_bytes().to_vec(),
+                serde_json::to_vec(&second).expect("ser"),
+            )])
             .expect("apply");
         let err = verify(&store).expect_err("tampering must be found");
         assert!(err.contains("entry 2"), "{err}");

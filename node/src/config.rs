@@ -223,18 +223,20 @@ impl Config {
             }
         }
         let describe = if sources.is_empty() { "built-in defaults".to_string() } else { sources.join(", ") };
-        let config: Config = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid { sources: describe.clone(), message: e.message().to_string() })?;
+        let config: Config = toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| {
+            ConfigError::Invalid { sources: describe.clone(), message: e.message().to_string() }
+        })?;
         config.validate().map_err(|message| ConfigError::Invalid { sources: describe, message })?;
         Ok(Loaded { config, sources })
     }
 
     fn validate(&self) -> Result<(), String> {
-        if let Some(url) = &self.control.url {
-            if !url.starts_with("https://") {
-                return Err(format!("control.url {url:?} must start with https:// (the agent speaks TLS 1.3 only)"));
-            }
+        if let Some(url) = &self.control.url
+            && !url.starts_with("https://")
+        {
+            return Err(format!(
+                "control.url {url:?} must start with https:// (the agent speaks TLS 1.3 only)"
+            ));
         }
         if self.agent.max_concurrent_jobs == 0 {
             return Err("agent.max_concurrent_jobs must be at least 1".into());
@@ -263,7 +265,8 @@ impl Config {
 }
 
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
     text.parse::<toml::Table>()
         .map_err(|e| ConfigError::Syntax { path: path.into(), message: e.message().to_string() })
 }

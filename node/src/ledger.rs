@@ -85,12 +85,19 @@ impl Ledger {
     }
 
     pub fn get(&self, job_id: &str, attempt: u32) -> Result<Option<JobRecord>, StoreError> {
-        self.store.get(Tree::Jobs, &key(job_id, attempt))?.map(|v| decode(&key(job_id, attempt), &v)).transpose()
+        self.store
+            .get(Tree::Jobs, &key(job_id, attempt))?
+            .map(|v| decode(&key(job_id, attempt), &v))
+            .transpose()
     }
 
     pub fn all(&self) -> Result<Vec<JobRecord>, StoreError> {
-        let mut v: Vec<JobRecord> =
-            self.store.scan(Tree::Jobs)?.into_iter().map(|(k, v)| decode(&k, &v)).collect::<Result<_, _>>()?;
+        let mut v: Vec<JobRecord> = self
+            .store
+            .scan(Tree::Jobs)?
+            .into_iter()
+            .map(|(k, v)| decode(&k, &v))
+            .collect::<Result<_, _>>()?;
         v.sort_by_key(|r| (r.seq, r.received_unix_ms));
         Ok(v)
     }
@@ -122,7 +129,12 @@ impl Ledger {
 
     /// Persist a newly received record; an accepted one also advances the sequence number, in
     /// the same atomic batch, so a replay can never slip in between.
-    pub fn insert(&self, record: &JobRecord, advance_seq: bool, audit: Option<(&str, &str)>) -> Result<(), StoreError> {
+    pub fn insert(
+        &self,
+        record: &JobRecord,
+        advance_seq: bool,
+        audit: Option<(&str, &str)>,
+    ) -> Result<(), StoreError> {
         let mut ops = vec![Op::Put(Tree::Jobs, record.key(), encode(record))];
         if advance_seq {
             ops.push(Op::Put(Tree::Meta, LAST_SEQ.to_vec(), record.seq.to_be_bytes().to_vec()));
@@ -150,11 +162,11 @@ impl Ledger {
     pub fn mark_acked(&self, ids: &[(String, u32)]) -> Result<(), StoreError> {
         let mut ops = Vec::new();
         for (job_id, attempt) in ids {
-            if let Some(mut r) = self.get(job_id, *attempt)? {
-                if !r.acked {
-                    r.acked = true;
-                    ops.push(Op::Put(Tree::Jobs, r.key(), encode(&r)));
-                }
+            if let Some(mut r) = self.get(job_id, *attempt)?
+                && !r.acked
+            {
+                r.acked = true;
+                ops.push(Op::Put(Tree::Jobs, r.key(), encode(&r)));
             }
         }
         if ops.is_empty() { Ok(()) } else { self.store.apply(ops) }
@@ -205,7 +217,9 @@ mod tests {
         let ledger = Ledger::new(Arc::new(MemoryStore::new()));
         assert_eq!(ledger.last_seq().expect("seq"), 0);
         ledger.insert(&record("a", 3, JobState::Staged), true, None).expect("insert");
-        ledger.insert(&record("b", 9, JobState::Finished), false, Some(("job.rejected", "why"))).expect("insert");
+        ledger
+            .insert(&record("b", 9, JobState::Finished), false, Some(("job.rejected", "why")))
+            .expect("insert");
         assert_eq!(ledger.last_seq().expect("seq"), 3, "a rejected job does not move the sequence");
         let d = ledger.depths().expect("depths");
         assert_eq!((d.staged, d.running, d.outbox), (1, 0, 1));

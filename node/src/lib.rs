@@ -2,11 +2,17 @@
 
 #![forbid(unsafe_code)]
 
-pub mod runtime;
+pub mod agent;
 pub mod audit;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod identity;
+pub mod inventory;
 pub mod ledger;
+pub mod runtime;
+pub mod status;
 pub mod store;
+pub mod tls;
+pub mod uplink;
 pub mod verify;

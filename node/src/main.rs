@@ -1,1 +1,33 @@
-fn main() {}
+//! `outpost`, the node agent binary: parses arguments, sets up logging and the async runtime,
+//! and calls into the library. Nothing here is worth unit-testing on its own.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+
+/// Outpost node agent: runs signed container jobs from the control plane and reports each
+/// result exactly once. It only ever dials out; it never listens on a network port.
+#[derive(Debug, Parser)]
+#[command(name = "outpost", version, about, long_about = None, after_help = cli::ENV_HELP)]
+struct Args {
+    /// Base config file [default: /etc/outpost/config.toml, which may be absent]; `config.d/*.toml`
+    /// next to it is merged in name order.
+    #[arg(long, global = true, env = "OUTPOST_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: cli::Command,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match cli::dispatch(args.config.as_deref(), args.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

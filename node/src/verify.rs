@@ -8,9 +8,13 @@ use outpost_protocol::{JobAssignment, JobEnvelope, PublicKey};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Rejection {
-    #[error("manifest is signed by key {got}, but this node trusts only org key {want}; was the job submitted to another organisation?")]
+    #[error(
+        "manifest is signed by key {got}, but this node trusts only org key {want}; was the job submitted to another organisation?"
+    )]
     UnknownKey { got: String, want: String },
-    #[error("manifest signature does not verify against org key {key_id}: the manifest was altered or forged")]
+    #[error(
+        "manifest signature does not verify against org key {key_id}: the manifest was altered or forged"
+    )]
     BadSignature { key_id: String },
     #[error("manifest payload is malformed: {0}")]
     Malformed(String),
@@ -45,7 +49,12 @@ impl ManifestVerifier {
     }
 
     /// Check signature first (nothing unsigned is even parsed), then the payload's claims.
-    pub fn verify(&self, a: &JobAssignment, last_seq: u64, now_unix_ms: u64) -> Result<JobEnvelope, Rejection> {
+    pub fn verify(
+        &self,
+        a: &JobAssignment,
+        last_seq: u64,
+        now_unix_ms: u64,
+    ) -> Result<JobEnvelope, Rejection> {
         let env = &a.envelope;
         if env.key_id != self.key_id {
             return Err(Rejection::UnknownKey { got: env.key_id.clone(), want: self.key_id.clone() });
@@ -57,7 +66,8 @@ impl ManifestVerifier {
         self.key
             .verify(env.payload.as_bytes(), &Signature::from_bytes(&sig))
             .map_err(|_| Rejection::BadSignature { key_id: self.key_id.clone() })?;
-        let job: JobEnvelope = serde_json::from_str(&env.payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let job: JobEnvelope =
+            serde_json::from_str(&env.payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
         if job.node_id != self.node_id {
             return Err(Rejection::WrongNode { got: job.node_id, want: self.node_id.clone() });
         }

@@ -5,9 +5,11 @@ use std::sync::Mutex;
 
 use super::{Op, Result, StateStore, StoreError, Tree};
 
+type Trees = BTreeMap<Tree, BTreeMap<Vec<u8>, Vec<u8>>>;
+
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    trees: Mutex<BTreeMap<Tree, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    trees: Mutex<Trees>,
 }
 
 impl MemoryStore {
@@ -15,7 +17,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<Tree, BTreeMap<Vec<u8>, Vec<u8>>>>> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Trees>> {
         self.trees
             .lock()
             .map_err(|_| StoreError::Backend { path: "memory".into(), message: "lock poisoned".into() })
@@ -28,7 +30,11 @@ impl StateStore for MemoryStore {
     }
 
     fn scan(&self, tree: Tree) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        Ok(self.lock()?.get(&tree).map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default())
+        Ok(self
+            .lock()?
+            .get(&tree)
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
     }
 
     fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>> {

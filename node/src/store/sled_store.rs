@@ -64,27 +64,28 @@ impl StateStore for SledStore {
 
     fn apply(&self, ops: Vec<Op>) -> Result<()> {
         let (jobs, meta, audit) = (&self.trees[0], &self.trees[1], &self.trees[2]);
-        let res: std::result::Result<(), TransactionError<()>> = (jobs, meta, audit).transaction(|(j, m, a)| {
-            for op in &ops {
-                let (t, key) = match op {
-                    Op::Put(t, k, _) | Op::Delete(t, k) => (t, k),
-                };
-                let tx = match t {
-                    Tree::Jobs => j,
-                    Tree::Meta => m,
-                    Tree::Audit => a,
-                };
-                match op {
-                    Op::Put(_, _, v) => {
-                        tx.insert(key.as_slice(), v.as_slice())?;
-                    }
-                    Op::Delete(..) => {
-                        tx.remove(key.as_slice())?;
+        let res: std::result::Result<(), TransactionError<()>> =
+            (jobs, meta, audit).transaction(|(j, m, a)| {
+                for op in &ops {
+                    let (t, key) = match op {
+                        Op::Put(t, k, _) | Op::Delete(t, k) => (t, k),
+                    };
+                    let tx = match t {
+                        Tree::Jobs => j,
+                        Tree::Meta => m,
+                        Tree::Audit => a,
+                    };
+                    match op {
+                        Op::Put(_, _, v) => {
+                            tx.insert(key.as_slice(), v.as_slice())?;
+                        }
+                        Op::Delete(..) => {
+                            tx.remove(key.as_slice())?;
+                        }
                     }
                 }
-            }
-            Ok::<(), ConflictableTransactionError<()>>(())
-        });
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
         res.map_err(|e| self.backend(format!("{e:?}")))?;
         self.db.flush().map_err(|e| self.backend(e))?;
         Ok(())

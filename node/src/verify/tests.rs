@@ -22,8 +22,10 @@ fn envelope(seq: u64, expires: u64) -> JobEnvelope {
         seq,
         issued_unix_ms: 1,
         expires_unix_ms: expires,
-        spec: serde_json::from_value::<ContainerSpec>(serde_json::json!({ "image": format!("sha256:{}", "a".repeat(64)) }))
-            .expect("spec"),
+        spec: serde_json::from_value::<ContainerSpec>(
+            serde_json::json!({ "image": format!("sha256:{}", "a".repeat(64)) }),
+        )
+        .expect("spec"),
     }
 }
 

@@ -1,0 +1,173 @@
+//! Runs one job attempt through the runtime, crash-safely. The ledger says how far we got:
+//! Staged → create the container (idempotent by name) and persist Running; Running → inspect
+//! and start the container only if the runtime says it was never started, else adopt it. So a
+//! kill -9 at any point can neither lose the job nor start it twice.
+
+use std::time::Duration;
+
+use outpost_protocol::{ContainerSpec, MAX_OUTPUT_TAIL_BYTES, Outcome, ResultReport, Timings};
+use tokio_util::sync::CancellationToken;
+
+use super::Agent;
+use crate::backoff::Backoff;
+use crate::clock::now_unix_ms;
+use crate::ledger::{JobRecord, JobState};
+use crate::runtime::{ContainerState, JobRef, Runtime, RuntimeError};
+
+/// Why an execution stopped before producing a result.
+enum Stop {
+    /// The agent is shutting down; the ledger keeps the job for the next start.
+    Shutdown,
+    /// The job cannot run; this becomes its result.
+    Failed(String),
+}
+
+impl<R: Runtime> Agent<R> {
+    pub(super) async fn execute(&self, mut rec: JobRecord, shutdown: CancellationToken) {
+        let job = JobRef { job_id: rec.job_id.clone(), attempt: rec.attempt };
+        let Some(spec) = rec.spec.clone() else {
+            tracing::error!(job = %job.job_id, "ledger record without a spec in a runnable state");
+            return;
+        };
+        let outcome = self.drive(&mut rec, &job, &spec, &shutdown).await;
+        let report = match outcome {
+            Ok(report) => report,
+            Err(Stop::Shutdown) => return,
+            Err(Stop::Failed(msg)) => {
+                tracing::warn!(job = %job.job_id, error = %msg, "job could not run");
+                self.report_for(&rec, Outcome::Error, None, Some(msg), Default::default(), None, None)
+            }
+        };
+        rec.state = JobState::Finished;
+        rec.result = Some(report);
+        if let Err(e) = self.ledger.update(&rec) {
+            // Not persisted: the next start finds the job Running and collects it again.
+            tracing::error!(job = %job.job_id, error = %e, "cannot persist the result; it will be collected again on restart");
+            return;
+        }
+        self.shared.outbox.notify_one();
+        if let Err(e) = self.runtime.remove(&job).await {
+            tracing::warn!(job = %job.job_id, error = %e, "could not remove the finished container");
+        }
+    }
+
+    async fn drive(
+        &self,
+        rec: &mut JobRecord,
+        job: &JobRef,
+        spec: &ContainerSpec,
+        shutdown: &CancellationToken,
+    ) -> Result<ResultReport, Stop> {
+        if rec.state == JobState::Staged {
+            retry(shutdown, || self.runtime.create(job, spec)).await?;
+            rec.state = JobState::Running;
+            self.ledger
+                .update(rec)
+                .map_err(|e| Stop::Failed(format!("cannot persist the job's state: {e}")))?;
+        }
+        let mut started = match retry(shutdown, || self.runtime.inspect(job)).await? {
+            None => return Err(Stop::Failed("the job's container disappeared before it finished".into())),
+            Some(ContainerState::Created) => {
+                retry(shutdown, || self.runtime.start(job)).await?;
+                now_unix_ms()
+            }
+            Some(ContainerState::Running { started_unix_ms }) => started_unix_ms,
+            Some(ContainerState::Exited { started_unix_ms, .. }) => {
+                started_unix_ms.unwrap_or_else(now_unix_ms)
+            }
+        };
+        tracing::info!(job = %job.job_id, attempt = job.attempt, "job running");
+
+        let deadline_ms = started.saturating_add(spec.timeout_secs.saturating_mul(1000));
+        let remaining = Duration::from_millis(deadline_ms.saturating_sub(now_unix_ms()));
+        let mut timed_out = false;
+        let exit = tokio::select! {
+            r = self.runtime.wait(job) => Some(r),
+            _ = tokio::time::sleep(remaining) => None,
+            _ = shutdown.cancelled() => return Err(Stop::Shutdown),
+        };
+        let exit_code = match exit {
+            Some(Ok(code)) => code,
+            Some(Err(e)) => return Err(Stop::Failed(format!("waiting for the container failed: {e}"))),
+            None => {
+                timed_out = true;
+                tracing::warn!(job = %job.job_id, timeout_secs = spec.timeout_secs, "job timed out; killing it");
+                retry(shutdown, || self.runtime.kill(job)).await?;
+                retry(shutdown, || self.runtime.wait(job)).await?
+            }
+        };
+        let mut finished = None;
+        if let Ok(Some(ContainerState::Exited { started_unix_ms, finished_unix_ms, .. })) =
+            self.runtime.inspect(job).await
+        {
+            started = started_unix_ms.unwrap_or(started);
+            finished = finished_unix_ms;
+        }
+        let output = retry(shutdown, || self.runtime.output(job, MAX_OUTPUT_TAIL_BYTES)).await?;
+        let outcome = match (timed_out, exit_code) {
+            (true, _) => Outcome::TimedOut,
+            (false, 0) => Outcome::Succeeded,
+            (false, _) => Outcome::Failed,
+        };
+        let error = timed_out.then(|| format!("killed after the {} s timeout", spec.timeout_secs));
+        let mut report =
+            self.report_for(rec, outcome, Some(exit_code), error, output, Some(started), finished);
+        if report.timings.finished_unix_ms.is_none() {
+            report.timings.finished_unix_ms = Some(now_unix_ms());
+        }
+        tracing::info!(job = %job.job_id, ?outcome, exit_code, "job finished");
+        Ok(report)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn report_for(
+        &self,
+        rec: &JobRecord,
+        outcome: Outcome,
+        exit_code: Option<i64>,
+        error: Option<String>,
+        output: crate::runtime::Output,
+        started: Option<u64>,
+        finished: Option<u64>,
+    ) -> ResultReport {
+        ResultReport {
+            job_id: rec.job_id.clone(),
+            attempt: rec.attempt,
+            idempotency_key: ResultReport::key_for(&rec.job_id, rec.attempt),
+            outcome,
+            exit_code,
+            error,
+            stdout_tail: output.stdout_tail,
+            stderr_tail: output.stderr_tail,
+            output_truncated: output.truncated,
+            timings: Timings {
+                received_unix_ms: rec.received_unix_ms,
+                started_unix_ms: started,
+                finished_unix_ms: finished.or_else(|| (outcome == Outcome::Error).then(now_unix_ms)),
+            },
+        }
+    }
+}
+
+/// Retry a runtime call while the runtime is unavailable; any other error ends the job.
+async fn retry<T, F, Fut>(shutdown: &CancellationToken, mut call: F) -> Result<T, Stop>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RuntimeError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "container runtime call failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(Stop::Shutdown),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => return Err(Stop::Failed(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Sends a heartbeat with the node's inventory every `heartbeat_secs`. A failed heartbeat is
+//! only logged: the next one carries fresher data anyway.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_protocol::Heartbeat;
+use tokio_util::sync::CancellationToken;
+
+use super::Agent;
+use crate::inventory;
+use crate::runtime::Runtime;
+
+impl<R: Runtime> Agent<R> {
+    pub(super) async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = Duration::from_secs(self.cfg.agent.heartbeat_secs);
+        loop {
+            let runtime = self.runtime.info().await.ok();
+            let depths = self.ledger.depths().unwrap_or_default();
+            let hb = Heartbeat {
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                inventory: inventory::collect(runtime.as_ref()),
+                running_jobs: depths.running as u32,
+                outbox_depth: depths.outbox,
+            };
+            tokio::select! {
+                r = self.uplink.heartbeat(&hb) => match r {
+                    Ok(()) => self.shared.contact_ok(),
+                    Err(e) => {
+                        self.shared.contact_failed(&e);
+                        tracing::debug!(error = %e, "heartbeat not delivered");
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}

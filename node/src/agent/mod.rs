@@ -1,0 +1,274 @@
+//! `outpost run`: the agent's long-running services wired together. The poller fetches and
+//! persists jobs, executors run them, the reporter drains the outbox, and the heartbeat and
+//! status tasks tell the world how the node is. All state that matters lives in the ledger;
+//! the in-memory parts here can be lost at any moment without losing a job.
+
+mod executor;
+mod heartbeat;
+mod poller;
+mod reporter;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::clock::now_unix_ms;
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::ledger::{JobState, Ledger};
+use crate::runtime::{JobRef, Runtime};
+use crate::status::{self, Status};
+use crate::uplink::Uplink;
+use crate::verify::ManifestVerifier;
+
+/// What the services share besides the ledger: wake-ups and connection health.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Something was added to the ledger that an executor should start.
+    work: Notify,
+    /// A result entered the outbox.
+    outbox: Notify,
+    /// A job left the queue (finished), so the poller may fetch more.
+    capacity: Notify,
+    connected: AtomicBool,
+    last_contact_unix_ms: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    running: Mutex<BTreeSet<String>>,
+    ready: AtomicBool,
+}
+
+impl Shared {
+    fn contact_ok(&self) {
+        self.connected.store(true, Ordering::Relaxed);
+        self.last_contact_unix_ms.store(now_unix_ms(), Ordering::Relaxed);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = None;
+        }
+    }
+
+    fn contact_failed(&self, err: &dyn std::fmt::Display) {
+        self.connected.store(false, Ordering::Relaxed);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(err.to_string());
+        }
+    }
+}
+
+pub struct Agent<R: Runtime> {
+    pub(crate) cfg: Config,
+    pub(crate) identity: Identity,
+    pub(crate) ledger: Ledger,
+    pub(crate) runtime: Arc<R>,
+    pub(crate) uplink: Uplink,
+    pub(crate) verifier: ManifestVerifier,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<R: Runtime> Agent<R> {
+    pub fn new(cfg: Config, identity: Identity, ledger: Ledger, runtime: R) -> anyhow::Result<Self> {
+        let uplink = identity
+            .uplink(cfg.control.url.as_deref(), Duration::from_secs(cfg.control.request_timeout_secs))?;
+        let verifier = ManifestVerifier::new(&identity.node.node_id, &identity.node.org_signing_key)
+            .map_err(|e| anyhow::anyhow!("pinned org key in the identity is unusable: {e}"))?;
+        Ok(Self {
+            cfg,
+            identity,
+            ledger,
+            runtime: Arc::new(runtime),
+            uplink,
+            verifier,
+            shared: Arc::default(),
+        })
+    }
+
+    /// Run until `shutdown` is cancelled, then drain: stop fetching, give in-flight reports
+    /// the grace period, and leave running containers to be adopted by the next start.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let agent = Arc::new(self);
+        let started = now_unix_ms();
+        agent.wait_for_runtime(&shutdown).await;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        agent.reconcile().await?;
+
+        let tasks = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(agent.cfg.agent.max_concurrent_jobs as usize));
+        tasks.spawn(Arc::clone(&agent).poller(shutdown.clone()));
+        tasks.spawn(Arc::clone(&agent).reporter(shutdown.clone()));
+        tasks.spawn(Arc::clone(&agent).heartbeat(shutdown.clone()));
+        tasks.spawn(Arc::clone(&agent).dispatcher(slots, tasks.clone(), shutdown.clone()));
+
+        agent.shared.ready.store(true, Ordering::Relaxed);
+        agent.write_status(started);
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        tracing::info!(node_id = %agent.identity.node.node_id, control = %agent.uplink.base(), "outpost agent ready");
+
+        let mut watchdog_usec = 0u64;
+        let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+        let tick = if watchdog {
+            Duration::from_micros(watchdog_usec / 2).min(Duration::from_secs(2))
+        } else {
+            Duration::from_secs(2)
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(tick) => {
+                    if watchdog {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    }
+                    agent.write_status(started);
+                }
+            }
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        tracing::info!(
+            "shutting down: no new jobs; running containers stay and are adopted on the next start"
+        );
+        tasks.close();
+        let grace = Duration::from_secs(agent.cfg.agent.shutdown_grace_secs);
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!(?grace, "some tasks did not stop within the grace period");
+        }
+        agent.shared.ready.store(false, Ordering::Relaxed);
+        agent.write_status(started);
+        Ok(())
+    }
+
+    /// The agent is of no use without its runtime: wait for it with backoff, saying why.
+    async fn wait_for_runtime(&self, shutdown: &CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            match self.runtime.info().await {
+                Ok(_) => return,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "container runtime not reachable yet");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a restart: finished jobs whose container is still there get it removed; staged and
+    /// running jobs are picked up by the dispatcher, which adopts their containers. Containers
+    /// labelled as ours that the ledger does not know are left alone and audited.
+    async fn reconcile(&self) -> anyhow::Result<()> {
+        let records = self.ledger.all()?;
+        let managed = self.runtime.list_managed().await?;
+        for m in &managed {
+            match records.iter().find(|r| r.job_id == m.job.job_id && r.attempt == m.job.attempt) {
+                Some(r)
+                    if matches!(
+                        r.state,
+                        JobState::Finished | JobState::Reported | JobState::Undeliverable
+                    ) =>
+                {
+                    if let Err(e) = self.runtime.remove(&m.job).await {
+                        tracing::warn!(job = %m.job.job_id, error = %e, "could not remove the container of a finished job");
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    let detail = format!(
+                        "container {} for job {} is not in the ledger; left untouched",
+                        m.container_id, m.job.job_id
+                    );
+                    tracing::warn!("{detail}");
+                    self.ledger.audit("container.orphan", &detail)?;
+                }
+            }
+        }
+        let pending =
+            records.iter().filter(|r| matches!(r.state, JobState::Staged | JobState::Running)).count();
+        let outbox = records.iter().filter(|r| r.state == JobState::Finished).count();
+        tracing::info!(pending, outbox, containers = managed.len(), "reconciled ledger with the runtime");
+        Ok(())
+    }
+
+    /// Starts an executor for each staged or running job, at most `max_concurrent_jobs` at once.
+    async fn dispatcher(
+        self: Arc<Self>,
+        slots: Arc<Semaphore>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let notified = self.shared.work.notified();
+            let todo = match self.ledger.all() {
+                Ok(all) => {
+                    all.into_iter().filter(|r| matches!(r.state, JobState::Staged | JobState::Running))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the ledger");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            for rec in todo {
+                let key = format!("{}/{}", rec.job_id, rec.attempt);
+                let inserted = match self.shared.running.lock() {
+                    Ok(mut running) => running.insert(key),
+                    Err(_) => return,
+                };
+                if !inserted {
+                    continue;
+                }
+                let permit = tokio::select! {
+                    p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    _ = shutdown.cancelled() => return,
+                };
+                let agent = Arc::clone(&self);
+                let token = shutdown.clone();
+                tasks.spawn(async move {
+                    let job = JobRef { job_id: rec.job_id.clone(), attempt: rec.attempt };
+                    agent.execute(rec, token).await;
+                    if let Ok(mut r) = agent.shared.running.lock() {
+                        r.remove(&format!("{}/{}", job.job_id, job.attempt));
+                    }
+                    drop(permit);
+                    agent.shared.capacity.notify_waiters();
+                    agent.shared.work.notify_one();
+                });
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    fn write_status(&self, started_unix_ms: u64) {
+        let depths = self.ledger.depths().unwrap_or_default();
+        let s = Status {
+            pid: std::process::id(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            node_id: self.identity.node.node_id.clone(),
+            org_id: self.identity.node.org_id.clone(),
+            control_url: self.uplink.base().into(),
+            ready: self.shared.ready.load(Ordering::Relaxed),
+            connected: self.shared.connected.load(Ordering::Relaxed),
+            last_contact_unix_ms: Some(self.shared.last_contact_unix_ms.load(Ordering::Relaxed))
+                .filter(|t| *t > 0),
+            last_error: self.shared.last_error.lock().ok().and_then(|e| e.clone()),
+            depths,
+            running_jobs: self.shared.running.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default(),
+            started_unix_ms,
+            updated_unix_ms: now_unix_ms(),
+        };
+        if let Err(e) = status::write(&self.cfg.status_file(), &s) {
+            tracing::warn!(error = %e, "cannot write the status file");
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Long-polls the control plane for jobs, verifies each manifest and persists it (accepted or
+//! rejected) before acknowledging it on the next poll. Stops fetching while the queue or the
+//! outbox is at its bound, so nothing piles up in memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_protocol::{JobAssignment, Outcome, PollRequest};
+use tokio_util::sync::CancellationToken;
+
+use super::Agent;
+use crate::backoff::Backoff;
+use crate::clock::now_unix_ms;
+use crate::ledger::{JobRecord, JobState};
+use crate::runtime::Runtime;
+use crate::verify::valid_job_id;
+
+impl<R: Runtime> Agent<R> {
+    pub(super) async fn poller(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let wait = Duration::from_secs(self.cfg.control.poll_wait_secs.min(30));
+        while !shutdown.is_cancelled() {
+            let (acks, room) = match self.poll_plan() {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the ledger");
+                    sleep_or_cancel(&shutdown, Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if room == 0 && acks.is_empty() {
+                // Full: wait until a job finishes or the outbox drains.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.shared.capacity.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            let req = PollRequest {
+                ack_job_ids: acks.iter().map(|(id, _)| id.clone()).collect(),
+                wait_secs: Some(if room == 0 { 0 } else { wait.as_secs() }),
+                max_jobs: Some(room),
+            };
+            let result = tokio::select! {
+                r = self.uplink.poll(&req, wait) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match result {
+                Ok(resp) => {
+                    self.shared.contact_ok();
+                    backoff.reset();
+                    if let Err(e) = self.ledger.mark_acked(&acks) {
+                        tracing::error!(error = %e, "cannot record acknowledgements; they will be sent again");
+                    }
+                    for a in resp.jobs {
+                        if let Err(e) = self.accept(a) {
+                            tracing::error!(error = %e, "cannot persist a received job; the control plane will offer it again");
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.shared.contact_failed(&e);
+                    let delay = backoff.next_delay();
+                    if e.is_retryable() {
+                        tracing::warn!(error = %e, retry_in = ?delay, "poll failed; retrying");
+                    } else {
+                        tracing::error!(error = %e, retry_in = ?delay, "control plane refused the poll");
+                    }
+                    sleep_or_cancel(&shutdown, delay).await;
+                }
+            }
+        }
+    }
+
+    /// Jobs to acknowledge, and how many new ones we can take.
+    fn poll_plan(&self) -> Result<(Vec<(String, u32)>, u32), crate::store::StoreError> {
+        let all = self.ledger.all()?;
+        let acks = all.iter().filter(|r| !r.acked).map(|r| (r.job_id.clone(), r.attempt)).collect();
+        let queued =
+            all.iter().filter(|r| matches!(r.state, JobState::Staged | JobState::Running)).count() as u32;
+        let outbox = all.iter().filter(|r| r.state == JobState::Finished).count() as u32;
+        let a = &self.cfg.agent;
+        let room = if outbox >= a.outbox_limit { 0 } else { a.queue_limit.saturating_sub(queued) };
+        Ok((acks, room))
+    }
+
+    /// Persist one assignment: a job we already hold is only re-acknowledged; a new one is
+    /// verified and stored as Staged, or stored as Finished with a Rejected result.
+    fn accept(&self, a: JobAssignment) -> Result<(), crate::store::StoreError> {
+        if !valid_job_id(&a.job_id) {
+            let detail = format!("assignment with unusable job id {:?} ignored", a.job_id);
+            tracing::warn!("{detail}");
+            return self.ledger.audit("job.refused", &detail);
+        }
+        if let Some(mut existing) = self.ledger.get(&a.job_id, a.attempt)? {
+            if existing.acked {
+                existing.acked = false;
+                self.ledger.update(&existing)?;
+            }
+            return Ok(());
+        }
+        let now = now_unix_ms();
+        let last_seq = self.ledger.last_seq()?;
+        let mut rec = JobRecord {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            seq: 0,
+            state: JobState::Staged,
+            acked: false,
+            received_unix_ms: now,
+            spec: None,
+            envelope: a.envelope.clone(),
+            result: None,
+        };
+        match self.verifier.verify(&a, last_seq, now) {
+            Ok(env) => {
+                rec.seq = env.seq;
+                rec.spec = Some(env.spec);
+                self.ledger.insert(&rec, true, None)?;
+                tracing::info!(job = %rec.job_id, seq = rec.seq, "job accepted");
+                self.shared.work.notify_one();
+            }
+            Err(rejection) => {
+                let msg = rejection.to_string();
+                tracing::warn!(job = %a.job_id, reason = %msg, "job rejected");
+                rec.state = JobState::Finished;
+                rec.seq = last_seq;
+                rec.result = Some(self.report_for(
+                    &rec,
+                    Outcome::Rejected,
+                    None,
+                    Some(msg.clone()),
+                    Default::default(),
+                    None,
+                    None,
+                ));
+                if let Some(r) = rec.result.as_mut() {
+                    r.timings.finished_unix_ms = Some(now);
+                }
+                self.ledger.insert(
+                    &rec,
+                    false,
+                    Some(("job.rejected", &format!("job {}: {msg}", a.job_id))),
+                )?;
+                self.shared.outbox.notify_one();
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}

@@ -1,0 +1,360 @@
+//! The subcommands of `outpost`: each loads the configuration, opens only what it needs and
+//! calls into the library. Errors bubble up as `anyhow` with context and end as one
+//! `error: ...` line and a non-zero exit status.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use outpost_node::agent::Agent;
+use outpost_node::config::{Config, LogFormat};
+use outpost_node::identity::{self, EnrollOptions, Identity};
+use outpost_node::ledger::Ledger;
+use outpost_node::runtime::Runtime;
+use outpost_node::runtime::docker::DockerRuntime;
+use outpost_node::store::sled_store::SledStore;
+use outpost_node::tls::CaTrust;
+use outpost_node::{audit, status};
+use tokio_util::sync::CancellationToken;
+
+/// Appended to `outpost --help`.
+pub const ENV_HELP: &str = "\
+Configuration: /etc/outpost/config.toml (or --config), then config.d/*.toml beside it in name
+order, then these environment variables. Unknown keys are errors; see `outpost check-config`.
+  OUTPOST_PROFILE              profile (cloud | hybrid | on-prem | air-gapped)
+  OUTPOST_DATA_DIR             data_dir (ledger, identity, status; default /var/lib/outpost)
+  OUTPOST_CONTROL_URL          control.url (default: the URL used at enrollment)
+  OUTPOST_POLL_WAIT_SECS       control.poll_wait_secs
+  OUTPOST_HEARTBEAT_SECS       agent.heartbeat_secs
+  OUTPOST_MAX_CONCURRENT_JOBS  agent.max_concurrent_jobs
+  OUTPOST_DOCKER_SOCKET        docker.socket
+  OUTPOST_LOG_FORMAT           log.format (text | json)
+  OUTPOST_LOG_LEVEL            log.level (RUST_LOG, when set, wins)
+
+Typical first start:
+  outpost enroll --control https://control.example:8443 --token-file /etc/outpost/token \\
+      --ca-fingerprint 3f2a...
+  outpost run";
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: long-poll for signed jobs, run them, report each result once.
+    Run,
+    /// Enroll this node with a control plane (once; creates the node's key and certificate).
+    Enroll(EnrollArgs),
+    /// Show enrollment, connection, queue and outbox depth, and running jobs.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load and validate the configuration, print the merged result, and exit.
+    CheckConfig,
+    /// Manage container images (no registry is ever used).
+    #[command(subcommand)]
+    Images(ImagesCommand),
+    /// Inspect the node's tamper-evident audit log (stop the agent first: it holds the ledger).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The control plane's URL, e.g. https://control.example:8443
+    #[arg(long, value_name = "URL")]
+    control: String,
+    /// The one-time enrollment token (prefer --token-file: arguments are visible in `ps`).
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file", required_unless_present = "token_file")]
+    token: Option<String>,
+    /// A file holding the one-time enrollment token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// SHA-256 of the control plane's CA certificate (hex, colons allowed), as printed by
+    /// `outpost-control ca fingerprint`.
+    #[arg(long, value_name = "SHA256", conflicts_with = "ca_file", required_unless_present = "ca_file")]
+    ca_fingerprint: Option<String>,
+    /// The control plane's CA certificate (PEM), copied over out of band.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// The name this node asks for in its certificate (default: the host name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Replace an existing identity with a new one.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// Load an image tarball (`docker save` format) into the local engine.
+    Load {
+        /// The tarball, e.g. from a USB disk or a signed bundle.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of the audit log; fails if an entry was edited or removed.
+    Verify,
+    /// Print the audit log.
+    List {
+        /// Print entries as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `config`: the path given with --config / OUTPOST_CONFIG, if any.
+pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitCode> {
+    let loaded = Config::load(config)?;
+    let cfg = loaded.config;
+    init_tracing(&cfg);
+    match command {
+        Command::CheckConfig => {
+            println!(
+                "# configuration OK, merged from: {}",
+                if loaded.sources.is_empty() {
+                    "built-in defaults".to_string()
+                } else {
+                    loaded.sources.join(", ")
+                }
+            );
+            print!("{}", toml::to_string_pretty(&cfg).context("cannot render the configuration")?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => show_status(&cfg, json),
+        Command::Audit(cmd) => audit_command(&cfg, cmd),
+        Command::Enroll(args) => block_on(enroll(&cfg, args)),
+        Command::Images(ImagesCommand::Load { file }) => block_on(load_image(&cfg, &file)),
+        Command::Run => block_on(run(cfg)),
+    }
+}
+
+/// One thread: the agent spends its life waiting on the network and the engine, and a single
+/// thread keeps its memory small. Blocking work (sled, files) is short and bounded.
+fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(f: F) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+fn init_tracing(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match cfg.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
+    let identity = Identity::load(&cfg.identity_dir())?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    let store = SledStore::open(&cfg.ledger_dir())?;
+    let ledger = Ledger::new(Arc::new(store));
+    let runtime = DockerRuntime::connect(&identity.node.node_id, cfg.docker.socket.as_deref()).await;
+    let runtime = match runtime {
+        Ok(r) => r,
+        // The engine may come up after the agent (boot order); the agent waits for it.
+        Err(e) if e.is_retryable() => {
+            tracing::warn!(error = %e, "Docker engine not reachable yet; retrying");
+            connect_with_retry(&identity.node.node_id, cfg.docker.socket.as_deref()).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    Agent::new(cfg, identity, ledger, runtime)?.run(shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connect_with_retry(node_id: &str, socket: Option<&str>) -> anyhow::Result<DockerRuntime> {
+    let mut backoff =
+        outpost_node::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        match DockerRuntime::connect(node_id, socket).await {
+            Ok(r) => return Ok(r),
+            Err(e) if e.is_retryable() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "Docker engine not reachable yet");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.trim().to_string(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => bail!("give the enrollment token with --token or --token-file"),
+    };
+    if token.is_empty() {
+        bail!("the enrollment token is empty");
+    }
+    let trust = match (&args.ca_fingerprint, &args.ca_file) {
+        (Some(fp), _) => {
+            let clean = fp.to_lowercase().replace(':', "");
+            if clean.len() != 64 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
+                bail!("--ca-fingerprint must be a SHA-256 in hex (64 digits, colons allowed), got {fp:?}");
+            }
+            CaTrust::Fingerprint(clean)
+        }
+        (None, Some(f)) => CaTrust::Pem(
+            std::fs::read_to_string(f).with_context(|| format!("cannot read the CA file {}", f.display()))?,
+        ),
+        (None, None) => bail!("pin the control plane's CA with --ca-fingerprint or --ca-file"),
+    };
+    if !args.control.starts_with("https://") {
+        bail!("--control {:?} must start with https:// (the agent speaks TLS 1.3 only)", args.control);
+    }
+    let hostname = match args.hostname {
+        Some(h) => h,
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "outpost-node".into()),
+    };
+    let opts = EnrollOptions { control_url: args.control, token, trust, hostname, force: args.force };
+    let dir = cfg.identity_dir();
+    let id = identity::enroll(&dir, &opts).await?;
+    println!(
+        "enrolled as node {} in org {} (identity in {})",
+        id.node.node_id,
+        id.node.org_id,
+        dir.display()
+    );
+    if args.token_file.is_some() {
+        println!("the token is spent; you may delete the token file");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn load_image(cfg: &Config, file: &Path) -> anyhow::Result<ExitCode> {
+    if !file.is_file() {
+        bail!("{} is not a file", file.display());
+    }
+    let node_id =
+        Identity::load(&cfg.identity_dir()).map(|i| i.node.node_id).unwrap_or_else(|_| "unenrolled".into());
+    let runtime = DockerRuntime::connect(&node_id, cfg.docker.socket.as_deref()).await?;
+    let ids = runtime.load_image(file).await?;
+    if ids.is_empty() {
+        bail!("{} held no image", file.display());
+    }
+    for id in ids {
+        println!("loaded {id}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let identity = Identity::load(&cfg.identity_dir());
+    let file = cfg.status_file();
+    let st = status::read(&file).ok().filter(|s| status::is_alive(s.pid));
+    if json {
+        let doc = serde_json::json!({
+            "enrolled": identity.is_ok(),
+            "node_id": identity.as_ref().ok().map(|i| i.node.node_id.clone()),
+            "org_id": identity.as_ref().ok().map(|i| i.node.org_id.clone()),
+            "control_url": identity.as_ref().ok().map(|i| i.node.control_url.clone()),
+            "agent_running": st.is_some(),
+            "agent": st,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(if identity.is_ok() && st.as_ref().is_some_and(|s| s.ready) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(3)
+        });
+    }
+    match &identity {
+        Ok(id) => {
+            println!("node:        {} (org {})", id.node.node_id, id.node.org_id);
+            println!("control:     {}", cfg.control.url.as_deref().unwrap_or(&id.node.control_url));
+        }
+        Err(e) => println!("enrollment:  not enrolled ({e})"),
+    }
+    let Some(st) = st else {
+        println!("agent:       not running (no live status in {})", file.display());
+        return Ok(ExitCode::from(3));
+    };
+    let age_s = outpost_node::clock::now_unix_ms().saturating_sub(st.updated_unix_ms) / 1000;
+    println!(
+        "agent:       pid {} v{} {} (status {age_s} s old)",
+        st.pid,
+        st.agent_version,
+        if st.ready { "ready" } else { "starting" }
+    );
+    let contact = st
+        .last_contact_unix_ms
+        .map(|t| format!("{} s ago", outpost_node::clock::now_unix_ms().saturating_sub(t) / 1000))
+        .unwrap_or_else(|| "never".into());
+    println!(
+        "connection:  {} (last contact {contact}){}",
+        if st.connected { "connected" } else { "disconnected" },
+        st.last_error.as_deref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+    );
+    println!(
+        "queue:       {} staged, {} running, {} in outbox",
+        st.depths.staged, st.depths.running, st.depths.outbox
+    );
+    if st.running_jobs.is_empty() {
+        println!("running:     none");
+    } else {
+        println!("running:     {}", st.running_jobs.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_command(cfg: &Config, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    let store = SledStore::open(&cfg.ledger_dir())?;
+    match cmd {
+        AuditCommand::Verify => match audit::verify(&store) {
+            Ok(n) => {
+                println!("audit log intact: {n} entries");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                println!("audit log BROKEN: {e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        AuditCommand::List { json } => {
+            for e in audit::entries(&store)? {
+                if json {
+                    println!("{}", serde_json::to_string(&e)?);
+                } else {
+                    println!("{:>6}  {}  {:<22} {}", e.seq, e.unix_ms, e.action, e.detail);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

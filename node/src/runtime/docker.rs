@@ -1,0 +1,271 @@
+//! Docker adapter of the Runtime port (bollard). It owns every call to the engine and turns the
+//! signed spec into a hardened container; it never pulls an image and never starts a container
+//! that has already run. Nothing outside `runtime/` may import bollard.
+
+mod convert;
+mod load;
+mod logs;
+mod spec;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as EngineError;
+use bollard::query_parameters::{
+    CreateContainerOptions, KillContainerOptions, ListContainersOptions, ListImagesOptions,
+    RemoveContainerOptions, WaitContainerOptions,
+};
+use futures_util::StreamExt;
+use outpost_protocol::ContainerSpec;
+
+use self::convert::{container_state, engine_error, job_label, status_of};
+use self::spec::{container_name, create_body, validate_image_id};
+use super::{
+    ContainerState, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, Managed, Output, Result, Runtime,
+    RuntimeError, RuntimeInfo,
+};
+
+/// Seconds to wait for the engine's answer to an ordinary request.
+const REQUEST_TIMEOUT_SECS: u64 = 120;
+/// Loading an image answers only once the whole tarball is uploaded and unpacked.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The Runtime port over a Docker engine, as one node (`outpost.node` label) of possibly several
+/// sharing the engine.
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+    /// The same connection with a timeout long enough for a large `docker load`.
+    loader: Docker,
+    node_id: String,
+}
+
+impl DockerRuntime {
+    /// Connects to the engine at `socket` (a unix socket path or a `unix://`, `tcp://`,
+    /// `http://` address), or else at `DOCKER_HOST`, or else at the local default socket, and
+    /// negotiates the API version down to the engine's (Docker 20.10 speaks only 1.41).
+    pub async fn connect(node_id: &str, socket: Option<&str>) -> Result<DockerRuntime> {
+        if node_id.trim().is_empty() {
+            return Err(RuntimeError::Invalid(
+                "node id is empty: the runtime labels containers with it".into(),
+            ));
+        }
+        let target = socket.map_or_else(
+            || std::env::var("DOCKER_HOST").unwrap_or_else(|_| "the local Docker socket".into()),
+            str::to_owned,
+        );
+        let client = match socket {
+            Some(address) if address.contains("://") => Docker::connect_with_host(address),
+            Some(path) => Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION),
+            None if std::env::var_os("DOCKER_HOST").is_some() => Docker::connect_with_defaults(),
+            None => Docker::connect_with_local_defaults(),
+        };
+        let unreachable = |e: EngineError| {
+            RuntimeError::Unavailable(format!(
+                "cannot reach the Docker engine at {target}: {e}; is dockerd running and is its socket \
+                 readable by this user?"
+            ))
+        };
+        let docker = client.map_err(unreachable)?.negotiate_version().await.map_err(unreachable)?;
+        let loader = docker.clone().with_timeout(LOAD_TIMEOUT);
+        Ok(DockerRuntime { docker, loader, node_id: node_id.to_owned() })
+    }
+
+    /// The node id this runtime labels its containers with.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn not_found(job: &JobRef) -> RuntimeError {
+        RuntimeError::NotFound(job_label(job))
+    }
+}
+
+impl Runtime for DockerRuntime {
+    async fn info(&self) -> Result<RuntimeInfo> {
+        let version = self.docker.version().await.map_err(|e| engine_error("read the engine version", e))?;
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptions::default()))
+            .await
+            .map_err(|e| engine_error("list images", e))?;
+        let mut images: Vec<String> = images.into_iter().map(|image| image.id).collect();
+        images.sort();
+        images.dedup();
+        Ok(RuntimeInfo { version: version.version.unwrap_or_default(), images })
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if status_of(&e) == Some(404) => Ok(false),
+            Err(e) => Err(engine_error(&format!("inspect image {image}"), e)),
+        }
+    }
+
+    async fn create(&self, job: &JobRef, spec: &ContainerSpec) -> Result<String> {
+        let name = container_name(job)?;
+        validate_image_id(&spec.image)?;
+        let body = create_body(&self.node_id, job, spec)?;
+        if !self.image_present(&spec.image).await? {
+            return Err(RuntimeError::ImageMissing(spec.image.clone()));
+        }
+        let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+        match self.docker.create_container(Some(options), body).await {
+            Ok(created) => Ok(created.id),
+            // The name is taken: this attempt was created before (maybe by a previous run of the
+            // agent). Hand back that container, never a second one.
+            Err(e) if status_of(&e) == Some(409) => self.existing_container_id(&name).await,
+            Err(e) if status_of(&e) == Some(404) => Err(RuntimeError::ImageMissing(spec.image.clone())),
+            Err(e) => Err(engine_error(&format!("create container {name}"), e)),
+        }
+    }
+
+    async fn start(&self, job: &JobRef) -> Result<()> {
+        let name = container_name(job)?;
+        // Starting an exited container would run the job a second time.
+        match self.inspect(job).await? {
+            None => return Err(Self::not_found(job)),
+            Some(ContainerState::Exited { exit_code, .. }) => {
+                return Err(RuntimeError::Invalid(format!(
+                    "container {name} has already run (exit code {exit_code}); a job attempt is never \
+                     started twice: create a new attempt instead"
+                )));
+            }
+            Some(ContainerState::Running { .. }) => return Ok(()),
+            Some(ContainerState::Created) => {}
+        }
+        match self.docker.start_container(&name, None).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Err(Self::not_found(job)),
+            Err(e) => Err(engine_error(&format!("start container {name}"), e)),
+        }
+    }
+
+    async fn inspect(&self, job: &JobRef) -> Result<Option<ContainerState>> {
+        let name = container_name(job)?;
+        match self.docker.inspect_container(&name, None).await {
+            Ok(container) => Ok(Some(container_state(container.state.as_ref()))),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(engine_error(&format!("inspect container {name}"), e)),
+        }
+    }
+
+    async fn wait(&self, job: &JobRef) -> Result<i64> {
+        let name = container_name(job)?;
+        match self.inspect(job).await? {
+            None => return Err(Self::not_found(job)),
+            Some(ContainerState::Exited { exit_code, .. }) => return Ok(exit_code),
+            Some(ContainerState::Created) => {
+                return Err(RuntimeError::Invalid(format!(
+                    "container {name} was never started; start it before waiting for it"
+                )));
+            }
+            Some(ContainerState::Running { .. }) => {}
+        }
+        // "not-running" also answers at once if the container exited since the inspect above.
+        let options = WaitContainerOptions { condition: "not-running".into() };
+        let mut waited = self.docker.wait_container(&name, Some(options));
+        match waited.next().await {
+            Some(Ok(answer)) => Ok(answer.status_code),
+            // bollard reports a non-zero exit as an error; for us it is the job's result.
+            Some(Err(EngineError::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) if status_of(&e) == Some(404) => Err(Self::not_found(job)),
+            Some(Err(e)) => Err(engine_error(&format!("wait for container {name}"), e)),
+            None => match self.inspect(job).await? {
+                Some(ContainerState::Exited { exit_code, .. }) => Ok(exit_code),
+                None => Err(Self::not_found(job)),
+                Some(_) => Err(RuntimeError::Unavailable(format!(
+                    "wait for container {name}: the engine closed the wait before the container exited; \
+                     retry"
+                ))),
+            },
+        }
+    }
+
+    async fn kill(&self, job: &JobRef) -> Result<()> {
+        let name = container_name(job)?;
+        let options = KillContainerOptions { signal: "SIGKILL".into() };
+        match self.docker.kill_container(&name, Some(options)).await {
+            Ok(()) => Ok(()),
+            // 409: the container is not running (exited, or never started).
+            Err(e) if status_of(&e) == Some(409) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Err(Self::not_found(job)),
+            Err(e) => Err(engine_error(&format!("kill container {name}"), e)),
+        }
+    }
+
+    async fn output(&self, job: &JobRef, max_bytes: usize) -> Result<Output> {
+        let name = container_name(job)?;
+        match logs::collect(&self.docker, &name, max_bytes).await {
+            Ok(output) => Ok(output),
+            Err(e) if status_of(&e) == Some(404) => Err(Self::not_found(job)),
+            Err(e) => Err(engine_error(&format!("read the logs of container {name}"), e)),
+        }
+    }
+
+    async fn remove(&self, job: &JobRef) -> Result<()> {
+        let name = container_name(job)?;
+        let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        match self.docker.remove_container(&name, Some(options)).await {
+            Ok(()) => Ok(()),
+            // 404: gone already; 409: a removal is already in progress.
+            Err(e) if matches!(status_of(&e), Some(404 | 409)) => Ok(()),
+            Err(e) => Err(engine_error(&format!("remove container {name}"), e)),
+        }
+    }
+
+    async fn list_managed(&self) -> Result<Vec<Managed>> {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_NODE}={}", self.node_id)])]);
+        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let summaries = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| engine_error("list containers", e))?;
+        let mut managed = Vec::with_capacity(summaries.len());
+        for summary in summaries {
+            let (Some(id), Some(labels)) = (summary.id, summary.labels) else { continue };
+            let job_id = labels.get(LABEL_JOB).cloned();
+            let attempt = labels.get(LABEL_ATTEMPT).and_then(|a| a.parse::<u32>().ok());
+            let (Some(job_id), Some(attempt)) = (job_id, attempt) else {
+                tracing::warn!(container = %id, "container labelled for this node lacks a valid job or attempt label; ignoring it");
+                continue;
+            };
+            // The summary has no exit code or times: inspect each one.
+            let state = match self.docker.inspect_container(&id, None).await {
+                Ok(container) => container_state(container.state.as_ref()),
+                Err(e) if status_of(&e) == Some(404) => continue, // removed meanwhile
+                Err(e) => return Err(engine_error(&format!("inspect container {id}"), e)),
+            };
+            managed.push(Managed { job: JobRef { job_id, attempt }, container_id: id, state });
+        }
+        managed.sort_by(|a, b| (&a.job.job_id, a.job.attempt).cmp(&(&b.job.job_id, b.job.attempt)));
+        Ok(managed)
+    }
+
+    async fn load_image(&self, tar: &Path) -> Result<Vec<String>> {
+        load::load_image(&self.loader, tar).await
+    }
+}
+
+impl DockerRuntime {
+    /// The id of the container already named `name`, if it is this node's.
+    async fn existing_container_id(&self, name: &str) -> Result<String> {
+        let what = format!("inspect existing container {name}");
+        let container =
+            self.docker.inspect_container(name, None).await.map_err(|e| engine_error(&what, e))?;
+        let labels = container.config.and_then(|c| c.labels).unwrap_or_default();
+        let owner = labels.get(LABEL_NODE).map(String::as_str);
+        if owner != Some(self.node_id.as_str()) {
+            return Err(RuntimeError::Invalid(format!(
+                "container name {name} is taken by a container of node {owner:?}, not {}: job ids must \
+                 be unique per engine",
+                self.node_id
+            )));
+        }
+        container.id.ok_or_else(|| RuntimeError::Unavailable(format!("{what}: the engine gave no id")))
+    }
+}

@@ -1,0 +1,128 @@
+//! The Runtime port: how the agent runs a container job. The core speaks only this trait;
+//! the Docker adapter (bollard) lives in `docker.rs` and nothing else imports bollard.
+//!
+//! Contract every adapter keeps:
+//! - one container per (job id, attempt), named [`JobRef::container_name`] and labelled
+//!   `outpost.job`, `outpost.attempt`, `outpost.node`; creating it twice returns the first one,
+//!   so a restarted agent can never start a job twice;
+//! - images are used by id only and never pulled: an absent image is [`RuntimeError::ImageMissing`];
+//! - every container gets the hardened defaults unless the signed spec relaxes them.
+
+use std::future::Future;
+use std::path::Path;
+
+use outpost_protocol::ContainerSpec;
+
+pub mod docker;
+
+/// Identifies one attempt of one job on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JobRef {
+    pub job_id: String,
+    pub attempt: u32,
+}
+
+impl JobRef {
+    /// The container's name: unique per engine, so a second create of the same attempt fails.
+    pub fn container_name(&self) -> String {
+        format!("outpost-{}-{}", self.job_id, self.attempt)
+    }
+}
+
+/// Label carrying the job id on the job's container.
+pub const LABEL_JOB: &str = "outpost.job";
+/// Label carrying the attempt number on the job's container.
+pub const LABEL_ATTEMPT: &str = "outpost.attempt";
+/// Label carrying the id of the node whose agent made the container.
+pub const LABEL_NODE: &str = "outpost.node";
+/// Labels under this prefix belong to the agent: a job spec may not set them.
+pub const RESERVED_LABEL_PREFIX: &str = "outpost.";
+
+/// What the runtime knows about a job's container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Created, never started.
+    Created,
+    Running {
+        started_unix_ms: u64,
+    },
+    Exited {
+        exit_code: i64,
+        started_unix_ms: Option<u64>,
+        finished_unix_ms: Option<u64>,
+        oom_killed: bool,
+    },
+}
+
+/// A container this node's agent made, found by label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Managed {
+    pub job: JobRef,
+    pub container_id: String,
+    pub state: ContainerState,
+}
+
+/// Tails of the container's output streams.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+    /// True when either stream had more than the bytes kept.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeInfo {
+    pub version: String,
+    /// Ids (`sha256:...`) of the images present.
+    pub images: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine could not be reached or answered with a server error: retry later.
+    #[error("container runtime unavailable: {0}")]
+    Unavailable(String),
+    #[error(
+        "image {0} is not present on this node; load it with `outpost images load FILE.tar` (no registry is used)"
+    )]
+    ImageMissing(String),
+    #[error("no container for job {0}")]
+    NotFound(String),
+    /// The request itself is wrong (bad spec, bad tarball): retrying will not help.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RuntimeError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, RuntimeError::Unavailable(_))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RuntimeError>;
+
+/// The compute port. Methods return `Send` futures so the agent can drive them from spawned tasks.
+pub trait Runtime: Send + Sync + 'static {
+    /// Engine version and the images present.
+    fn info(&self) -> impl Future<Output = Result<RuntimeInfo>> + Send;
+    fn image_present(&self, image: &str) -> impl Future<Output = Result<bool>> + Send;
+    /// Create (not start) the job's container with the hardened configuration; if it exists
+    /// already, return the existing one's id without changing it.
+    fn create(&self, job: &JobRef, spec: &ContainerSpec) -> impl Future<Output = Result<String>> + Send;
+    fn start(&self, job: &JobRef) -> impl Future<Output = Result<()>> + Send;
+    /// `Ok(None)` when no such container exists.
+    fn inspect(&self, job: &JobRef) -> impl Future<Output = Result<Option<ContainerState>>> + Send;
+    /// Wait until the container has exited and return its exit code.
+    fn wait(&self, job: &JobRef) -> impl Future<Output = Result<i64>> + Send;
+    /// SIGKILL the container (no error if it already exited).
+    fn kill(&self, job: &JobRef) -> impl Future<Output = Result<()>> + Send;
+    /// The last `max_bytes` of stdout and of stderr.
+    fn output(&self, job: &JobRef, max_bytes: usize) -> impl Future<Output = Result<Output>> + Send;
+    /// Remove the container (no error if it is gone).
+    fn remove(&self, job: &JobRef) -> impl Future<Output = Result<()>> + Send;
+    /// Every container labelled as this node's.
+    fn list_managed(&self) -> impl Future<Output = Result<Vec<Managed>>> + Send;
+    /// `docker load` a tarball; returns the ids of the images it brought.
+    fn load_image(&self, tar: &Path) -> impl Future<Output = Result<Vec<String>>> + Send;
+}

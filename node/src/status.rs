@@ -1,0 +1,43 @@
+//! The agent's status file: a small JSON document the running agent rewrites atomically every
+//! few seconds, read by `outpost status`. A file rather than a socket, so that status needs
+//! neither the ledger's lock nor any listening endpoint.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::Depths;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub agent_version: String,
+    pub node_id: String,
+    pub org_id: String,
+    pub control_url: String,
+    pub ready: bool,
+    /// Whether the last call to the control plane succeeded.
+    pub connected: bool,
+    pub last_contact_unix_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub depths: Depths,
+    pub running_jobs: Vec<String>,
+    pub started_unix_ms: u64,
+    pub updated_unix_ms: u64,
+}
+
+pub fn write(path: &Path, status: &Status) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(status).unwrap_or_default())?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn read(path: &Path) -> std::io::Result<Status> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Whether the process that wrote the status is still alive.
+pub fn is_alive(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
