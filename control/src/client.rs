@@ -1,0 +1,131 @@
+//! The operator's client of the API, used by the CLI: TLS 1.3 with the control plane's CA
+//! pinned, the admin token as bearer, `ErrorBody` answers turned into readable errors.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use outpost_protocol::{
+    AuditList, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, ErrorBody, JobInfo, JobList, JobState,
+    NodeInfo, NodeList, Org, SubmitJobRequest, paths,
+};
+use reqwest::Method;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    pub fn new(base: &str, ca_pem: &str, token: &str) -> anyhow::Result<Self> {
+        let tls = crate::tls::client_config(ca_pem, None)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), token: token.to_owned() })
+    }
+
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<R> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method.clone(), &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach the control plane at {url}: {}", chain(&e)))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.with_context(|| format!("reading the answer of {method} {url}"))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) => anyhow!("{method} {path}: {} ({}, HTTP {})", e.message, e.code, status.as_u16()),
+                Err(_) => anyhow!("{method} {path}: HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+            });
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("{method} {path}: unexpected answer"))
+    }
+
+    pub async fn create_org(&self, name: &str) -> anyhow::Result<Org> {
+        self.call(Method::POST, paths::ORGS, Some(&CreateOrgRequest { name: name.into() })).await
+    }
+
+    pub async fn list_orgs(&self) -> anyhow::Result<Vec<Org>> {
+        self.call::<(), _>(Method::GET, paths::ORGS, None).await
+    }
+
+    pub async fn create_token(&self, org_id: &str, ttl_secs: Option<u64>) -> anyhow::Result<EnrollmentToken> {
+        let path = paths::fill(paths::ORG_TOKENS, "org_id", org_id);
+        self.call(Method::POST, &path, Some(&CreateTokenRequest { ttl_secs })).await
+    }
+
+    pub async fn submit(&self, req: &SubmitJobRequest) -> anyhow::Result<JobInfo> {
+        self.call(Method::POST, paths::JOBS, Some(req)).await
+    }
+
+    pub async fn job(&self, job_id: &str) -> anyhow::Result<JobInfo> {
+        self.call::<(), _>(Method::GET, &paths::fill(paths::JOB, "job_id", &enc(job_id)), None).await
+    }
+
+    pub async fn jobs(
+        &self,
+        node_id: Option<&str>,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> anyhow::Result<JobList> {
+        let mut query = format!("?limit={limit}");
+        if let Some(n) = node_id {
+            query.push_str(&format!("&node_id={}", enc(n)));
+        }
+        if let Some(s) = state {
+            let s = serde_json::to_value(s)?;
+            query.push_str(&format!("&state={}", s.as_str().unwrap_or_default()));
+        }
+        self.call::<(), _>(Method::GET, &format!("{}{query}", paths::JOBS), None).await
+    }
+
+    pub async fn nodes(&self) -> anyhow::Result<NodeList> {
+        self.call::<(), _>(Method::GET, paths::NODES, None).await
+    }
+
+    pub async fn node(&self, node_id: &str) -> anyhow::Result<NodeInfo> {
+        self.call::<(), _>(Method::GET, &paths::fill(paths::NODE, "node_id", &enc(node_id)), None).await
+    }
+
+    pub async fn audit(&self, limit: usize) -> anyhow::Result<AuditList> {
+        self.call::<(), _>(Method::GET, &format!("{}?limit={limit}", paths::AUDIT), None).await
+    }
+}
+
+/// Ids are `[A-Za-z0-9-]`; anything else is percent-encoded so it cannot change the path.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,185 @@
+//! The control plane's `StateStore` port: everything it must remember across restarts.
+//! The trait is deliberately narrow (records in, records out, a few atomic operations) so that
+//! a Postgres adapter can follow; adapters persist durably before a call returns.
+
+mod memory;
+mod sled_store;
+
+#[cfg(test)]
+mod contract;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use outpost_protocol::{
+    AuditEntry, EnrollmentToken, Heartbeat, JobInfo, JobState, NodeInfo, Org, ResultReport, SignedEnvelope,
+};
+use serde::{Deserialize, Serialize};
+
+pub use memory::MemoryStore;
+pub use sled_store::SledStore;
+
+/// A store operation in flight. Boxed so that the trait stays object-safe (`Arc<dyn StateStore>`).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store backend failed: {0}")]
+    Backend(String),
+    #[error("stored record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+/// An organisation with its ed25519 signing key (the secret never leaves the control plane).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgRecord {
+    pub org: Org,
+    /// The 32 secret key bytes, hex.
+    pub signing_secret_hex: String,
+}
+
+/// An enrollment token as stored: keyed by the SHA-256 of the token, never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub token_sha256: String,
+    pub org_id: String,
+    pub expires_unix_ms: u64,
+    pub used_unix_ms: Option<u64>,
+    pub used_by_node: Option<String>,
+}
+
+impl TokenRecord {
+    pub fn for_token(token: &EnrollmentToken) -> Self {
+        Self {
+            token_sha256: crate::pki::sha256_hex(token.token.as_bytes()),
+            org_id: token.org_id.clone(),
+            expires_unix_ms: token.expires_unix_ms,
+            used_unix_ms: None,
+            used_by_node: None,
+        }
+    }
+}
+
+/// Why a token could not be spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    Unknown,
+    Used,
+    Expired,
+}
+
+/// A job with the exact signed envelope the node receives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub info: JobInfo,
+    pub envelope: SignedEnvelope,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    pub node_id: Option<String>,
+    pub state: Option<JobState>,
+    pub limit: usize,
+}
+
+impl JobFilter {
+    pub fn matches(&self, info: &JobInfo) -> bool {
+        self.node_id.as_deref().is_none_or(|n| n == info.node_id)
+            && self.state.is_none_or(|s| s == info.state)
+    }
+}
+
+/// What happened to a result report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultOutcome {
+    Stored,
+    Duplicate,
+    /// No job with that id belongs to the reporting node.
+    NotYours,
+}
+
+/// The control plane's persistence port. Every mutating call is durable when it returns.
+pub trait StateStore: Send + Sync + 'static {
+    fn insert_org(&self, org: OrgRecord) -> StoreFuture<'_, ()>;
+    fn get_org(&self, org_id: &str) -> StoreFuture<'_, Option<OrgRecord>>;
+    fn list_orgs(&self) -> StoreFuture<'_, Vec<Org>>;
+
+    fn insert_token(&self, token: TokenRecord) -> StoreFuture<'_, ()>;
+    fn get_token(&self, token_sha256: &str) -> StoreFuture<'_, Option<TokenRecord>>;
+    /// Atomically spends the token (one-time, unexpired at `now_ms`, of `node.org_id`) and
+    /// registers the node. Either both happen or neither does.
+    fn enroll_node(
+        &self,
+        token_sha256: &str,
+        now_ms: u64,
+        node: NodeInfo,
+    ) -> StoreFuture<'_, Result<(), TokenRefusal>>;
+
+    fn get_node(&self, node_id: &str) -> StoreFuture<'_, Option<NodeInfo>>;
+    fn list_nodes(&self) -> StoreFuture<'_, Vec<NodeInfo>>;
+    fn record_heartbeat(&self, node_id: &str, heartbeat: Heartbeat, now_ms: u64) -> StoreFuture<'_, ()>;
+
+    /// The next per-node job sequence number (1, 2, ...); never handed out twice.
+    fn next_job_seq(&self, node_id: &str) -> StoreFuture<'_, u64>;
+    /// Stores a new job; a `Queued` one is offered to its node until acknowledged.
+    fn insert_job(&self, job: JobRecord) -> StoreFuture<'_, ()>;
+    fn get_job(&self, job_id: &str) -> StoreFuture<'_, Option<JobRecord>>;
+    /// Matching jobs, newest first, at most `filter.limit`.
+    fn list_jobs(&self, filter: JobFilter) -> StoreFuture<'_, Vec<JobInfo>>;
+    /// The node's `Queued` jobs in sequence order, at most `max`.
+    fn queued_jobs(&self, node_id: &str, max: usize) -> StoreFuture<'_, Vec<JobRecord>>;
+    /// Moves the listed jobs of this node from `Queued` to `Accepted`; others are ignored.
+    fn ack_jobs(&self, node_id: &str, job_ids: Vec<String>, now_ms: u64) -> StoreFuture<'_, ()>;
+    /// Stores the first report per idempotency key and finishes the job.
+    fn store_result(&self, node_id: &str, report: ResultReport) -> StoreFuture<'_, ResultOutcome>;
+
+    /// Appends to the audit trail with the next sequence number.
+    fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        detail: &str,
+        now_ms: u64,
+    ) -> StoreFuture<'_, AuditEntry>;
+    /// The most recent `limit` entries, oldest first.
+    fn list_audit(&self, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>>;
+}
+
+/// Checks a token against the rules shared by every adapter.
+pub(crate) fn check_token(
+    record: Option<&TokenRecord>,
+    org_id: &str,
+    now_ms: u64,
+) -> Result<(), TokenRefusal> {
+    let record = record.ok_or(TokenRefusal::Unknown)?;
+    if record.org_id != org_id {
+        return Err(TokenRefusal::Unknown);
+    }
+    if record.used_unix_ms.is_some() {
+        return Err(TokenRefusal::Used);
+    }
+    if now_ms >= record.expires_unix_ms {
+        return Err(TokenRefusal::Expired);
+    }
+    Ok(())
+}
+
+/// Applies an acknowledgement to a job of `node_id`; true when it changed.
+pub(crate) fn accept_job(job: &mut JobRecord, node_id: &str, now_ms: u64) -> bool {
+    if job.info.node_id != node_id || job.info.state != JobState::Queued {
+        return false;
+    }
+    job.info.state = JobState::Accepted;
+    job.info.accepted_unix_ms = Some(now_ms);
+    true
+}
+
+/// Applies a first result report to a job.
+pub(crate) fn finish_job(job: &mut JobRecord, report: ResultReport) {
+    job.info.state = JobState::Finished;
+    job.info.result = Some(report);
+}

@@ -1,0 +1,371 @@
+//! The sled adapter of `StateStore`, the embedded default. Records are JSON in one tree per
+//! kind; multi-record changes run in sled transactions, and every write is flushed to disk
+//! before the call returns, so nothing is acknowledged to a client that a crash could undo.
+
+use std::path::Path;
+
+use outpost_protocol::{AuditEntry, Heartbeat, JobInfo, JobState, NodeInfo, Org, ResultReport};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::memory::sort_newest_first;
+use super::{
+    JobFilter, JobRecord, OrgRecord, ResultOutcome, StateStore, StoreError, StoreFuture, TokenRecord,
+    TokenRefusal, accept_job, check_token, finish_job,
+};
+
+const AUDIT_SEQ_KEY: &[u8] = b"audit_seq";
+
+pub struct SledStore {
+    db: sled::Db,
+    orgs: sled::Tree,
+    tokens: sled::Tree,
+    nodes: sled::Tree,
+    seqs: sled::Tree,
+    jobs: sled::Tree,
+    /// `node_id \0 seq (big endian)` → job id, for every job still `Queued`.
+    queued: sled::Tree,
+    results: sled::Tree,
+    audit: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir`. Fails when another process holds it.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot open sled database {}: {e} (is another server running?)",
+                dir.display()
+            ))
+        })?;
+        Self::from_db(db)
+    }
+
+    /// A database in a temporary directory that is deleted on drop (tests).
+    pub fn temporary() -> Result<Self, StoreError> {
+        Self::from_db(sled::Config::new().temporary(true).open().map_err(backend)?)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Self, StoreError> {
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        Ok(Self {
+            orgs: tree("orgs")?,
+            tokens: tree("tokens")?,
+            nodes: tree("nodes")?,
+            seqs: tree("seqs")?,
+            jobs: tree("jobs")?,
+            queued: tree("queued")?,
+            results: tree("results")?,
+            audit: tree("audit")?,
+            meta: tree("meta")?,
+            db,
+        })
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map(|_| ()).map_err(backend)
+    }
+
+    fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
+        tree.get(key.as_bytes()).map_err(backend)?.map(|bytes| decode(key, &bytes)).transpose()
+    }
+
+    fn all<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>, StoreError> {
+        tree.iter()
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&String::from_utf8_lossy(&key), &value)
+            })
+            .collect()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Backend(format!("cannot encode record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })
+}
+
+fn queued_key(node_id: &str, seq: u64) -> Vec<u8> {
+    let mut key = queued_prefix(node_id);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn queued_prefix(node_id: &str) -> Vec<u8> {
+    let mut key = node_id.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+/// Unwraps a transaction result whose abort value is the operation's own answer.
+fn settle<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    result.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => backend(e),
+    })
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+impl StateStore for SledStore {
+    fn insert_org(&self, org: OrgRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let value = encode(&org)?;
+            let swapped = self.orgs.compare_and_swap(org.org.id.as_bytes(), None::<&[u8]>, Some(value));
+            if swapped.map_err(backend)?.is_err() {
+                return Err(StoreError::AlreadyExists(format!("org {}", org.org.id)));
+            }
+            self.flush().await
+        })
+    }
+
+    fn get_org(&self, org_id: &str) -> StoreFuture<'_, Option<OrgRecord>> {
+        let org_id = org_id.to_owned();
+        Box::pin(async move { Self::get(&self.orgs, &org_id) })
+    }
+
+    fn list_orgs(&self) -> StoreFuture<'_, Vec<Org>> {
+        Box::pin(async move { Ok(Self::all::<OrgRecord>(&self.orgs)?.into_iter().map(|r| r.org).collect()) })
+    }
+
+    fn insert_token(&self, token: TokenRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.tokens.insert(token.token_sha256.as_bytes(), encode(&token)?).map_err(backend)?;
+            self.flush().await
+        })
+    }
+
+    fn get_token(&self, token_sha256: &str) -> StoreFuture<'_, Option<TokenRecord>> {
+        let key = token_sha256.to_owned();
+        Box::pin(async move { Self::get(&self.tokens, &key) })
+    }
+
+    fn enroll_node(
+        &self,
+        token_sha256: &str,
+        now_ms: u64,
+        node: NodeInfo,
+    ) -> StoreFuture<'_, Result<(), TokenRefusal>> {
+        let key = token_sha256.to_owned();
+        Box::pin(async move {
+            let node_value = encode(&node)?;
+            let outcome = (&self.tokens, &self.nodes).transaction(|(tokens, nodes)| {
+                let record: Option<TokenRecord> =
+                    tokens.get(key.as_bytes())?.map(|b| decode(&key, &b)).transpose().map_err(abort)?;
+                if let Err(refusal) = check_token(record.as_ref(), &node.org_id, now_ms) {
+                    return Ok(Err(refusal));
+                }
+                if let Some(mut record) = record {
+                    record.used_unix_ms = Some(now_ms);
+                    record.used_by_node = Some(node.node_id.clone());
+                    tokens.insert(key.as_bytes(), encode(&record).map_err(abort)?)?;
+                }
+                nodes.insert(node.node_id.as_bytes(), node_value.clone())?;
+                Ok(Ok(()))
+            });
+            let outcome = settle(outcome)?;
+            self.flush().await?;
+            Ok(outcome)
+        })
+    }
+
+    fn get_node(&self, node_id: &str) -> StoreFuture<'_, Option<NodeInfo>> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move { Self::get(&self.nodes, &node_id) })
+    }
+
+    fn list_nodes(&self) -> StoreFuture<'_, Vec<NodeInfo>> {
+        Box::pin(async move { Self::all(&self.nodes) })
+    }
+
+    fn record_heartbeat(&self, node_id: &str, heartbeat: Heartbeat, now_ms: u64) -> StoreFuture<'_, ()> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let outcome = self.nodes.transaction(|nodes| {
+                let bytes = nodes.get(node_id.as_bytes())?;
+                let bytes = bytes.ok_or_else(|| abort(StoreError::NotFound(format!("node {node_id}"))))?;
+                let mut node: NodeInfo = decode(&node_id, &bytes).map_err(abort)?;
+                node.last_seen_unix_ms = Some(now_ms);
+                node.last_heartbeat = Some(heartbeat.clone());
+                nodes.insert(node_id.as_bytes(), encode(&node).map_err(abort)?)?;
+                Ok(())
+            });
+            settle(outcome)?;
+            self.flush().await
+        })
+    }
+
+    fn next_job_seq(&self, node_id: &str) -> StoreFuture<'_, u64> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let next = self
+                .seqs
+                .update_and_fetch(node_id.as_bytes(), |old| {
+                    let current = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
+                    Some(current.saturating_add(1).to_be_bytes().to_vec())
+                })
+                .map_err(backend)?;
+            let seq =
+                next.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map(u64::from_be_bytes).ok_or_else(
+                    || StoreError::Corrupt { key: node_id.clone(), reason: "bad job sequence".into() },
+                )?;
+            self.flush().await?;
+            Ok(seq)
+        })
+    }
+
+    fn insert_job(&self, job: JobRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let value = encode(&job)?;
+            let info = &job.info;
+            let outcome = (&self.jobs, &self.queued).transaction(|(jobs, queued)| {
+                if jobs.get(info.job_id.as_bytes())?.is_some() {
+                    return Err(abort(StoreError::AlreadyExists(format!("job {}", info.job_id))));
+                }
+                jobs.insert(info.job_id.as_bytes(), value.clone())?;
+                if info.state == JobState::Queued {
+                    queued.insert(queued_key(&info.node_id, info.seq), info.job_id.as_bytes())?;
+                }
+                Ok(())
+            });
+            settle(outcome)?;
+            self.flush().await
+        })
+    }
+
+    fn get_job(&self, job_id: &str) -> StoreFuture<'_, Option<JobRecord>> {
+        let job_id = job_id.to_owned();
+        Box::pin(async move { Self::get(&self.jobs, &job_id) })
+    }
+
+    fn list_jobs(&self, filter: JobFilter) -> StoreFuture<'_, Vec<JobInfo>> {
+        Box::pin(async move {
+            let mut jobs: Vec<JobInfo> = Self::all::<JobRecord>(&self.jobs)?
+                .into_iter()
+                .map(|j| j.info)
+                .filter(|info| filter.matches(info))
+                .collect();
+            sort_newest_first(&mut jobs);
+            jobs.truncate(filter.limit);
+            Ok(jobs)
+        })
+    }
+
+    fn queued_jobs(&self, node_id: &str, max: usize) -> StoreFuture<'_, Vec<JobRecord>> {
+        let prefix = queued_prefix(node_id);
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for item in self.queued.scan_prefix(&prefix).take(max) {
+                let (_, job_id) = item.map_err(backend)?;
+                let job_id = String::from_utf8_lossy(&job_id).into_owned();
+                if let Some(job) = Self::get::<JobRecord>(&self.jobs, &job_id)? {
+                    out.push(job);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn ack_jobs(&self, node_id: &str, job_ids: Vec<String>, now_ms: u64) -> StoreFuture<'_, ()> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            for job_id in &job_ids {
+                let outcome = (&self.jobs, &self.queued).transaction(|(jobs, queued)| {
+                    let Some(bytes) = jobs.get(job_id.as_bytes())? else { return Ok(()) };
+                    let mut job: JobRecord = decode(job_id, &bytes).map_err(abort)?;
+                    if accept_job(&mut job, &node_id, now_ms) {
+                        jobs.insert(job_id.as_bytes(), encode(&job).map_err(abort)?)?;
+                        queued.remove(queued_key(&node_id, job.info.seq))?;
+                    }
+                    Ok(())
+                });
+                settle(outcome)?;
+            }
+            self.flush().await
+        })
+    }
+
+    fn store_result(&self, node_id: &str, report: ResultReport) -> StoreFuture<'_, ResultOutcome> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let report_value = encode(&report)?;
+            let key = report.idempotency_key.as_bytes();
+            let outcome = (&self.jobs, &self.results, &self.queued).transaction(|(jobs, results, queued)| {
+                let Some(bytes) = jobs.get(report.job_id.as_bytes())? else {
+                    return Ok(ResultOutcome::NotYours);
+                };
+                let mut job: JobRecord = decode(&report.job_id, &bytes).map_err(abort)?;
+                if job.info.node_id != node_id {
+                    return Ok(ResultOutcome::NotYours);
+                }
+                if results.get(key)?.is_some() {
+                    return Ok(ResultOutcome::Duplicate);
+                }
+                results.insert(key, report_value.clone())?;
+                queued.remove(queued_key(&node_id, job.info.seq))?;
+                finish_job(&mut job, report.clone());
+                jobs.insert(report.job_id.as_bytes(), encode(&job).map_err(abort)?)?;
+                Ok(ResultOutcome::Stored)
+            });
+            let outcome = settle(outcome)?;
+            if outcome == ResultOutcome::Stored {
+                self.flush().await?;
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        detail: &str,
+        now_ms: u64,
+    ) -> StoreFuture<'_, AuditEntry> {
+        let (actor, action, detail) = (actor.to_owned(), action.to_owned(), detail.to_owned());
+        Box::pin(async move {
+            let outcome = (&self.meta, &self.audit).transaction(|(meta, audit)| {
+                let last = meta.get(AUDIT_SEQ_KEY)?.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok());
+                let seq = last.map_or(0, u64::from_be_bytes) + 1;
+                let entry = AuditEntry {
+                    seq,
+                    unix_ms: now_ms,
+                    actor: actor.clone(),
+                    action: action.clone(),
+                    detail: detail.clone(),
+                };
+                meta.insert(AUDIT_SEQ_KEY, &seq.to_be_bytes())?;
+                audit.insert(&seq.to_be_bytes(), encode(&entry).map_err(abort)?)?;
+                Ok(entry)
+            });
+            let entry = settle(outcome)?;
+            self.flush().await?;
+            Ok(entry)
+        })
+    }
+
+    fn list_audit(&self, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>> {
+        Box::pin(async move {
+            let mut entries = Vec::new();
+            for item in self.audit.iter().rev().take(limit) {
+                let (key, value) = item.map_err(backend)?;
+                entries.push(decode::<AuditEntry>(&hex::encode(key), &value)?);
+            }
+            entries.reverse();
+            Ok(entries)
+        })
+    }
+}
