@@ -1,0 +1,95 @@
+//! Helpers any integration test of this crate may share: the busybox test image built by
+//! `scripts/build-test-image`, and the `docker` CLI as an independent witness of what the engine
+//! holds. Nothing here knows about a particular test; include it with `mod common;`.
+
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+/// The repository root (the workspace, one level above `node/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("node/ has a parent").to_path_buf()
+}
+
+/// Runs `scripts/build-test-image` (with `--save FILE` when `save_to` is given) and returns the
+/// image id it prints. The script is safe to run from several test processes at once.
+pub fn build_test_image(save_to: Option<&Path>) -> String {
+    let script = workspace_root().join("scripts/build-test-image");
+    let mut command = Command::new(&script);
+    if let Some(path) = save_to {
+        command.arg("--save").arg(path);
+    }
+    let out = command
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}); its stderr is above. Is the Docker engine running?",
+        script.display(),
+        out.status
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        id.strip_prefix("sha256:").is_some_and(|hex| hex.len() == 64),
+        "{} printed {id:?}, not an image id",
+        script.display()
+    );
+    id
+}
+
+/// The busybox test image's id, built at most once per test process.
+pub fn test_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| build_test_image(None)).clone()
+}
+
+/// A name unique to this call, for job and node ids of tests that run in parallel (nextest runs
+/// each test in its own process; several test binaries may share one engine).
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..12])
+}
+
+/// `docker inspect` of one object as JSON, or `None` when the engine has no such object.
+pub fn docker_inspect(name: &str) -> Option<serde_json::Value> {
+    let out = Command::new("docker").args(["inspect", "--type", "container", name]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    all.get(0).cloned()
+}
+
+/// Ids of every container, running or not, carrying the label `key=value`.
+pub fn containers_labelled(key: &str, value: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--no-trunc", "--filter", &format!("label={key}={value}")])
+        .output()
+        .expect("run docker ps");
+    assert!(out.status.success(), "docker ps failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+}
+
+/// Removes, when dropped, every container labelled `outpost.node=<node id>`: a failing test
+/// leaves nothing behind.
+#[derive(Debug)]
+pub struct RemoveNodeContainers(pub String);
+
+impl Drop for RemoveNodeContainers {
+    fn drop(&mut self) {
+        let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=outpost.node={}", self.0)])
+            .output()
+        else {
+            return;
+        };
+        let ids: Vec<String> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f", "-v"]).args(&ids).output();
+        }
+    }
+}

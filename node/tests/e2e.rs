@@ -1,0 +1,275 @@
+//! End to end: `outpost-control` and `outpost` as real processes over real TLS on loopback,
+//! jobs running in the real Docker engine. Crash tests SIGKILL the real processes.
+
+#![allow(clippy::expect_used)]
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{Control, Node, container_starts, docker_inspect, eventually, sh, unix_now_s};
+use outpost_protocol::{JobState, Outcome, SubmitJobRequest};
+
+const TEST_CONFIG: &str =
+    "[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 2\nshutdown_grace_secs = 3\n";
+const RESULT_WAIT: Duration = Duration::from_secs(90);
+
+struct Site {
+    _tmp: tempfile::TempDir,
+    control: Control,
+    node: Node,
+    org_id: String,
+}
+
+/// A control plane and one enrolled node (not started), each in its own temp dir.
+/// `agent_lines` are extra keys of the node's `[agent]` table.
+async fn site(agent_lines: &str) -> Site {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("e2e").await;
+    let node =
+        Node::enroll(&tmp.path().join("node"), &control, &org.id, &format!("{TEST_CONFIG}{agent_lines}\n"))
+            .await;
+    Site { _tmp: tmp, control, node, org_id: org.id }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_runs_hardened_and_its_result_is_stored_once() {
+    let mut s = site("").await;
+    s.node.start();
+    let since = unix_now_s();
+    let job = s.control.submit(&s.node.node_id, sh("echo hello; echo oops >&2; sleep 3; exit 3")).await;
+    assert_eq!(job.state, JobState::Queued);
+
+    // While it runs, the container must carry every hardened default.
+    let name = format!("outpost-{}-1", job.job_id);
+    let mut inspected = None;
+    eventually("the job's container to run", Duration::from_secs(30), async || {
+        inspected = docker_inspect(&name).filter(|c| c["State"]["Running"] == true);
+        inspected.is_some()
+    })
+    .await;
+    let c = inspected.expect("inspected");
+    let host = &c["HostConfig"];
+    assert_eq!(host["ReadonlyRootfs"], true, "read-only rootfs");
+    assert_eq!(host["CapDrop"], serde_json::json!(["ALL"]), "all capabilities dropped");
+    assert!(
+        host["SecurityOpt"]
+            .as_array()
+            .expect("SecurityOpt")
+            .iter()
+            .any(|o| o.as_str() == Some("no-new-privileges") || o.as_str() == Some("no-new-privileges:true")),
+        "no-new-privileges: {}",
+        host["SecurityOpt"]
+    );
+    assert_eq!(host["NetworkMode"], "none");
+    assert!(host["Memory"].as_i64().expect("Memory") > 0, "memory limit");
+    assert!(host["PidsLimit"].as_i64().expect("PidsLimit") > 0, "pids limit");
+    assert!(host["NanoCpus"].as_i64().expect("NanoCpus") > 0, "cpu limit");
+    assert!(host["Tmpfs"].get("/tmp").is_some(), "tmpfs on /tmp: {}", host["Tmpfs"]);
+    let user = c["Config"]["User"].as_str().expect("User");
+    assert!(!user.is_empty() && !user.starts_with("0") && user != "root", "non-root user, got {user:?}");
+    assert_eq!(c["Config"]["Labels"]["outpost.job"], job.job_id.as_str());
+    assert_eq!(c["Config"]["Labels"]["outpost.attempt"], "1");
+
+    let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(result.outcome, Outcome::Failed);
+    assert_eq!(result.exit_code, Some(3));
+    assert_eq!(result.stdout_tail.trim(), "hello");
+    assert_eq!(result.stderr_tail.trim(), "oops");
+    assert!(result.timings.started_unix_ms.is_some() && result.timings.finished_unix_ms.is_some());
+    assert_eq!(s.control.job(&job.job_id).await.state, JobState::Finished);
+    assert_eq!(s.control.results_recorded(&job.job_id).await, 1);
+    assert_eq!(container_starts(&job.job_id, since), 1);
+
+    // The finished container is cleaned up; the node's status says it is connected and idle.
+    eventually("the container to be removed", Duration::from_secs(20), async || {
+        docker_inspect(&name).is_none()
+    })
+    .await;
+    let out = s.node.cli(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(st["enrolled"], true);
+    assert_eq!(st["agent"]["ready"], true);
+    assert_eq!(s.node.stop().code(), Some(0), "SIGTERM drains and exits 0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_absent_image_fails_the_job_with_a_clear_result() {
+    let mut s = site("").await;
+    s.node.start();
+    let mut spec = sh("true");
+    spec.image = format!("sha256:{}", "ab".repeat(32));
+    let job = s.control.submit(&s.node.node_id, spec).await;
+    let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(result.outcome, Outcome::Error);
+    let err = result.error.expect("error message");
+    assert!(err.contains("not present") && err.contains("images load"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_signed_by_another_key_is_rejected_reported_and_audited() {
+    let mut s = site("").await;
+    // Pin a different org key on the node, as if the operator enrolled it into the wrong org.
+    let other = s.control.create_org("other").await;
+    let node_json = s.node.dir.join("data/identity/node.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&node_json).expect("read")).expect("json");
+    v["org_signing_key"] = serde_json::to_value(&other.signing_key).expect("key");
+    std::fs::write(&node_json, serde_json::to_vec(&v).expect("ser")).expect("write");
+    s.node.start();
+
+    let since = unix_now_s();
+    let job = s.control.submit(&s.node.node_id, sh("echo must-not-run")).await;
+    let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(result.outcome, Outcome::Rejected);
+    let err = result.error.expect("reason");
+    assert!(err.to_lowercase().contains("signature") || err.contains("key"), "{err}");
+    assert_eq!(container_starts(&job.job_id, since), 0, "a rejected job never runs");
+    s.node.stop();
+    let out = s.node.cli(&["audit", "list"]);
+    let audit = String::from_utf8_lossy(&out.stdout);
+    assert!(audit.contains("rejected") && audit.contains(&job.job_id), "node audit log: {audit}");
+    let out = s.node.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "audit chain intact: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_that_expired_while_the_node_was_offline_is_rejected() {
+    let mut s = site("").await;
+    let job = s
+        .control
+        .submit_request(&SubmitJobRequest {
+            node_id: s.node.node_id.clone(),
+            spec: sh("echo too-late"),
+            expires_in_secs: Some(1),
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.node.start();
+    let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(result.outcome, Outcome::Rejected);
+    assert!(result.error.as_deref().unwrap_or_default().contains("expired"), "{:?}", result.error);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_starts_while_the_control_plane_is_down_and_catches_up() {
+    let mut s = site("").await;
+    let port = s.control.port;
+    s.control.kill();
+    s.node.start(); // ready means: ledger and runtime up; the uplink retries in the background.
+    assert!(
+        s.node.log.wait_for("unreachable", Duration::from_secs(20))
+            || s.node.log.wait_for("connection refused", Duration::from_secs(1)),
+        "the agent says why it cannot reach the control plane"
+    );
+    let out = s.node.cli(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
+    assert_eq!(st["agent"]["connected"], false);
+
+    s.control = Control::start(&s.control.dir.clone(), Some(port));
+    let job = s.control.submit(&s.node.node_id, sh("echo back")).await;
+    let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(result.stdout_tail.trim(), "back");
+    let _ = &s.org_id;
+}
+
+/// SIGKILL while the job is staged (persisted, waiting for a slot): after the restart it runs
+/// exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_while_staged_runs_the_job_once_after_restart() {
+    let mut s = site("max_concurrent_jobs = 1\nqueue_limit = 8").await;
+    s.node.start();
+    let since = unix_now_s();
+    let blocker = s.control.submit(&s.node.node_id, sh("sleep 4; echo blocker")).await;
+    let staged = s.control.submit(&s.node.node_id, sh("echo staged-once")).await;
+    let control = &s.control;
+    eventually("the second job to be accepted by the node", Duration::from_secs(30), async || {
+        control.job(&staged.job_id).await.state == JobState::Accepted
+    })
+    .await;
+    assert!(docker_inspect(&format!("outpost-{}-1", staged.job_id)).is_none(), "still staged");
+    s.node.kill9();
+    s.node.start();
+    let r1 = s.control.wait_result(&blocker.job_id, RESULT_WAIT).await;
+    let r2 = s.control.wait_result(&staged.job_id, RESULT_WAIT).await;
+    assert_eq!(r1.stdout_tail.trim(), "blocker");
+    assert_eq!(r2.stdout_tail.trim(), "staged-once");
+    assert_eq!(container_starts(&blocker.job_id, since), 1, "the adopted job was not started again");
+    assert_eq!(container_starts(&staged.job_id, since), 1);
+    assert_eq!(s.control.results_recorded(&blocker.job_id).await, 1);
+    assert_eq!(s.control.results_recorded(&staged.job_id).await, 1);
+}
+
+/// SIGKILL while the container runs: the restarted agent adopts it and reports once.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_while_running_adopts_the_container() {
+    let mut s = site("").await;
+    s.node.start();
+    let since = unix_now_s();
+    let job = s.control.submit(&s.node.node_id, sh("sleep 4; echo adopted")).await;
+    let name = format!("outpost-{}-1", job.job_id);
+    eventually("the container to run", Duration::from_secs(30), async || {
+        docker_inspect(&name).is_some_and(|c| c["State"]["Running"] == true)
+    })
+    .await;
+    s.node.kill9();
+    assert!(
+        docker_inspect(&name).is_some_and(|c| c["State"]["Running"] == true),
+        "the job outlives the agent"
+    );
+    s.node.start();
+    let r = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(r.outcome, Outcome::Succeeded);
+    assert_eq!(r.stdout_tail.trim(), "adopted");
+    assert_eq!(container_starts(&job.job_id, since), 1);
+    assert_eq!(s.control.results_recorded(&job.job_id).await, 1);
+}
+
+/// The job finishes while the control plane is down, the agent is SIGKILLed with the result in
+/// its outbox, then both come back: the result is delivered once and the job never re-runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_with_an_unreported_result_delivers_it_once() {
+    let mut s = site("").await;
+    s.node.start();
+    let since = unix_now_s();
+    let job = s.control.submit(&s.node.node_id, sh("sleep 2; echo kept")).await;
+    let name = format!("outpost-{}-1", job.job_id);
+    eventually("the container to run", Duration::from_secs(30), async || docker_inspect(&name).is_some())
+        .await;
+    let port = s.control.port;
+    s.control.kill(); // the network is gone while the job finishes
+    let node = &s.node;
+    eventually("the result to reach the outbox", Duration::from_secs(30), async || {
+        let out = node.cli(&["status", "--json"]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        st["agent"]["depths"]["outbox"].as_u64().unwrap_or(0) == 1
+    })
+    .await;
+    s.node.kill9();
+    s.node.start();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.control = Control::start(&s.control.dir.clone(), Some(port));
+    let r = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(r.stdout_tail.trim(), "kept");
+    assert_eq!(container_starts(&job.job_id, since), 1);
+    // Give a duplicate report time to arrive, then check it was not stored twice.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.control.results_recorded(&job.job_id).await, 1);
+}
+
+/// The control plane restarts while the node holds a long-poll: the node reconnects and the
+/// next job still arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_plane_restart_during_long_poll_is_survived() {
+    let mut s = site("").await;
+    s.node.start();
+    let first = s.control.submit(&s.node.node_id, sh("echo one")).await;
+    s.control.wait_result(&first.job_id, RESULT_WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the node is now parked in a poll
+    s.control.restart();
+    let second = s.control.submit(&s.node.node_id, sh("echo two")).await;
+    let r = s.control.wait_result(&second.job_id, RESULT_WAIT).await;
+    assert_eq!(r.stdout_tail.trim(), "two");
+    assert_eq!(s.control.results_recorded(&first.job_id).await, 1);
+}

@@ -1,0 +1,470 @@
+//! End-to-end harness: the real `outpost-control` and `outpost` binaries as child processes,
+//! talking real TLS on loopback, driving the real Docker engine. Each test gets its own temp
+//! directories, node ids and containers, so tests run in parallel.
+//!
+//! Processes are killed with SIGKILL when their handle drops, so a failing test leaves no
+//! agent behind; containers a test made carry its node id and are removed at drop.
+
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use outpost_node::tls::{CaTrust, enroll_client_config};
+use outpost_protocol::{
+    AuditList, ContainerSpec, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, JobInfo, Org,
+    ResultReport, SubmitJobRequest, paths,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The workspace's target profile directory (`target/debug`), found from this test binary.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/e2e-<hash> → target/debug
+    exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").to_path_buf()
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("node/ has a parent").to_path_buf()
+}
+
+/// Path of the control plane binary, built once per test process so it is never stale.
+pub fn control_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let target_dir = profile_dir().parent().expect("target dir").to_path_buf();
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "outpost-control", "--bin", "outpost-control"])
+                .env("CARGO_TARGET_DIR", &target_dir)
+                .current_dir(workspace_root())
+                .status()
+                .expect("run cargo build for outpost-control");
+            assert!(status.success(), "building outpost-control failed");
+            let bin = profile_dir().join("outpost-control");
+            assert!(bin.exists(), "{} missing after build", bin.display());
+            bin
+        })
+        .clone()
+}
+
+pub fn node_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_outpost"))
+}
+
+/// The busybox test image (`scripts/build-test-image`), built once per test process.
+pub fn test_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let out = Command::new(workspace_root().join("scripts/build-test-image"))
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run scripts/build-test-image");
+            assert!(out.status.success(), "scripts/build-test-image failed");
+            let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert!(id.starts_with("sha256:"), "unexpected image id {id:?}");
+            id
+        })
+        .clone()
+}
+
+/// Collects a child's stderr lines so tests can wait for a line and print them on failure.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    fn follow(&self, stream: impl std::io::Read + Send + 'static, echo: &'static str) {
+        let lines = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if std::env::var_os("OUTPOST_TEST_ECHO").is_some() {
+                    eprintln!("[{echo}] {line}");
+                }
+                lines.0.lock().expect("lines").push(line);
+            }
+        });
+    }
+
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0.lock().expect("lines").clone()
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.snapshot().iter().any(|l| l.contains(needle))
+    }
+
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn dump(&self, who: &str) {
+        eprintln!("----- {who} log -----");
+        for l in self.snapshot() {
+            eprintln!("{l}");
+        }
+        eprintln!("----- end of {who} log -----");
+    }
+}
+
+fn sigkill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn sigterm(child: &mut Child) -> std::process::ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            sigkill(child);
+            panic!("process {} did not exit within 30 s of SIGTERM", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running `outpost-control serve` with its data dir.
+pub struct Control {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub fingerprint: String,
+    child: Option<Child>,
+    pub log: Lines,
+    pub op: Operator,
+}
+
+impl std::ops::Deref for Control {
+    type Target = Operator;
+    fn deref(&self) -> &Operator {
+        &self.op
+    }
+}
+
+/// The operator's view of a control plane: its API over TLS with the admin token.
+pub struct Operator {
+    pub url: String,
+    pub admin_token: String,
+    pub ca_pem: String,
+    client: reqwest::Client,
+}
+
+impl Control {
+    /// Start on a fresh port (`port` = None) or on the port of an earlier run.
+    pub fn start(dir: &Path, port: Option<u16>) -> Control {
+        let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
+        let mut child = Command::new(control_bin())
+            .args(["serve", "--listen", &listen, "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost-control");
+        let log = Lines::default();
+        log.follow(child.stderr.take().expect("stderr"), "control");
+        let stdout = Lines::default();
+        stdout.follow(child.stdout.take().expect("stdout"), "control-out");
+        if !stdout.wait_for("listening on https://", Duration::from_secs(30)) {
+            log.dump("control");
+            sigkill(&mut child);
+            panic!("outpost-control did not print its listening line within 30 s");
+        }
+        let line = stdout.snapshot().into_iter().find(|l| l.contains("listening on https://")).expect("line");
+        // `outpost-control listening on https://ADDR (CA sha256 HEX)`
+        let addr = line.split("https://").nth(1).and_then(|r| r.split_whitespace().next()).expect("addr");
+        let fingerprint =
+            line.rsplit("sha256 ").next().map(|s| s.trim_end_matches(')').to_string()).expect("fp");
+        let port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+        let op = Operator::for_data_dir(&format!("https://localhost:{port}"), dir);
+        Control { dir: dir.to_path_buf(), port, fingerprint, child: Some(child), log, op }
+    }
+
+    /// SIGKILL: no chance to flush anything the store had not made durable.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            sigkill(&mut c);
+        }
+    }
+
+    /// Start again on the same port and data dir.
+    pub fn restart(&mut self) {
+        self.kill();
+        let again = Control::start(&self.dir, Some(self.port));
+        *self = again;
+    }
+}
+
+impl Operator {
+    /// An operator client for the control plane at `url` whose data dir is `dir`.
+    pub fn for_data_dir(url: &str, dir: &Path) -> Operator {
+        let admin_token =
+            std::fs::read_to_string(dir.join("admin.token")).expect("admin.token").trim().to_string();
+        let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).expect("ca.crt");
+        let tls = enroll_client_config(&CaTrust::Pem(ca_pem.clone())).expect("operator TLS config");
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("operator client");
+        Operator { url: url.to_string(), admin_token, ca_pem, client }
+    }
+
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> R {
+        let mut req =
+            self.client.request(method, format!("{}{path}", self.url)).bearer_auth(&self.admin_token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        assert!(status.is_success(), "{path}: HTTP {status}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
+    }
+
+    pub async fn create_org(&self, name: &str) -> Org {
+        self.call(reqwest::Method::POST, paths::ORGS, Some(&CreateOrgRequest { name: name.into() })).await
+    }
+
+    pub async fn create_token(&self, org_id: &str) -> EnrollmentToken {
+        let path = paths::fill(paths::ORG_TOKENS, "org_id", org_id);
+        self.call(reqwest::Method::POST, &path, Some(&CreateTokenRequest { ttl_secs: Some(600) })).await
+    }
+
+    pub async fn submit(&self, node_id: &str, spec: ContainerSpec) -> JobInfo {
+        self.submit_request(&SubmitJobRequest { node_id: node_id.into(), spec, expires_in_secs: None }).await
+    }
+
+    pub async fn submit_request(&self, req: &SubmitJobRequest) -> JobInfo {
+        self.call(reqwest::Method::POST, paths::JOBS, Some(req)).await
+    }
+
+    pub async fn job(&self, job_id: &str) -> JobInfo {
+        self.call::<(), _>(reqwest::Method::GET, &paths::fill(paths::JOB, "job_id", job_id), None).await
+    }
+
+    pub async fn audit(&self) -> AuditList {
+        self.call::<(), _>(reqwest::Method::GET, paths::AUDIT, None).await
+    }
+
+    /// Poll the job until a result is stored.
+    pub async fn wait_result(&self, job_id: &str, timeout: Duration) -> ResultReport {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.job(job_id).await.result {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no result for job {job_id} within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many audit entries record a stored result for `job_id`.
+    pub async fn results_recorded(&self, job_id: &str) -> usize {
+        self.audit()
+            .await
+            .entries
+            .iter()
+            .filter(|e| {
+                e.action.contains("result") && e.detail.contains(job_id) && !e.action.contains("duplicate")
+            })
+            .count()
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.log.dump("control");
+        }
+        self.kill();
+    }
+}
+
+/// An enrolled node agent with its own data dir and config.
+pub struct Node {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub node_id: String,
+    child: Option<Child>,
+    pub log: Lines,
+}
+
+impl Node {
+    /// Write a config under `dir` and enroll against `control`.
+    pub async fn enroll(dir: &Path, control: &Control, org_id: &str, extra_config: &str) -> Node {
+        std::fs::create_dir_all(dir).expect("node dir");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!("profile = \"on-prem\"\ndata_dir = \"{}\"\n{extra_config}\n", dir.join("data").display()),
+        )
+        .expect("write config");
+        let token = control.create_token(org_id).await;
+        let out = Command::new(node_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(["enroll", "--control", &control.url, "--token", &token.token, "--ca-fingerprint"])
+            .arg(&control.fingerprint)
+            .args(["--hostname", "e2e-node"])
+            .output()
+            .expect("run outpost enroll");
+        assert!(
+            out.status.success(),
+            "outpost enroll failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let node_json = dir.join("data/identity/node.json");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&node_json).expect("node.json"))
+            .expect("node.json is JSON");
+        let node_id = v["node_id"].as_str().expect("node_id").to_string();
+        Node { dir: dir.to_path_buf(), config, node_id, child: None, log: Lines::default() }
+    }
+
+    /// Start `outpost run`; returns once it logged that it is ready.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node already running");
+        self.log = Lines::default();
+        let mut child = Command::new(node_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env("RUST_LOG", "info,outpost_node=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost run");
+        self.log.follow(child.stderr.take().expect("stderr"), "node");
+        self.child = Some(child);
+        if !self.log.wait_for("outpost agent ready", Duration::from_secs(60)) {
+            self.log.dump("node");
+            panic!("the agent did not become ready within 60 s");
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            sigkill(&mut c);
+        }
+    }
+
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("node is running");
+        sigterm(&mut c)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Run another `outpost` subcommand with this node's config.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(node_bin()).arg("--config").arg(&self.config).args(args).output().expect("run outpost")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.log.dump("node");
+        }
+        self.kill9();
+        remove_node_containers(&self.node_id);
+    }
+}
+
+/// `docker rm -f` every container labelled with `node_id`.
+pub fn remove_node_containers(node_id: &str) {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=outpost.node={node_id}")])
+        .output();
+    if let Ok(out) = out {
+        let ids: Vec<String> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+        }
+    }
+}
+
+/// `docker inspect` of one container as JSON, or None if it does not exist.
+pub fn docker_inspect(name: &str) -> Option<serde_json::Value> {
+    let out = Command::new("docker").args(["inspect", name]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get(0).cloned()
+}
+
+/// How many times the engine started a container of `job_id` since `since_unix_s`.
+pub fn container_starts(job_id: &str, since_unix_s: u64) -> usize {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() + 1;
+    let out = Command::new("docker")
+        .args([
+            "events",
+            "--since",
+            &since_unix_s.to_string(),
+            "--until",
+            &now.to_string(),
+            "--filter",
+            "type=container",
+            "--filter",
+            "event=start",
+            "--filter",
+            &format!("label=outpost.job={job_id}"),
+            "--format",
+            "{{.ID}}",
+        ])
+        .output()
+        .expect("docker events");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+pub fn unix_now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}
+
+/// A container spec running busybox `sh -c SCRIPT` in the test image.
+pub fn sh(script: &str) -> ContainerSpec {
+    let mut spec: ContainerSpec =
+        serde_json::from_value(serde_json::json!({ "image": test_image(), "command": ["sh", "-c", script] }))
+            .expect("spec");
+    spec.timeout_secs = 120;
+    spec
+}
+
+/// Wait until `cond` holds, checking every 100 ms.
+pub async fn eventually(what: &str, timeout: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
