@@ -46,6 +46,7 @@ impl<R: Runtime> Agent<R> {
             return;
         }
         self.shared.outbox.notify_one();
+        self.shared.changed.notify_one();
         if let Err(e) = self.runtime.remove(&job).await {
             tracing::warn!(job = %job.job_id, error = %e, "could not remove the finished container");
         }

@@ -41,11 +41,15 @@ pub(crate) struct Shared {
     last_error: Mutex<Option<String>>,
     running: Mutex<BTreeSet<String>>,
     ready: AtomicBool,
+    /// Something `outpost status` shows has changed: rewrite the status file soon.
+    changed: Notify,
 }
 
 impl Shared {
     fn contact_ok(&self) {
-        self.connected.store(true, Ordering::Relaxed);
+        if !self.connected.swap(true, Ordering::Relaxed) {
+            self.changed.notify_one();
+        }
         self.last_contact_unix_ms.store(now_unix_ms(), Ordering::Relaxed);
         if let Ok(mut e) = self.last_error.lock() {
             *e = None;
@@ -53,7 +57,9 @@ impl Shared {
     }
 
     fn contact_failed(&self, err: &dyn std::fmt::Display) {
-        self.connected.store(false, Ordering::Relaxed);
+        if self.connected.swap(false, Ordering::Relaxed) {
+            self.changed.notify_one();
+        }
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(err.to_string());
         }
@@ -124,6 +130,11 @@ impl<R: Runtime> Agent<R> {
                     if watchdog {
                         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                     }
+                    agent.write_status(started);
+                }
+                _ = agent.shared.changed.notified() => {
+                    // Coalesce bursts (a batch of jobs) into one write.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     agent.write_status(started);
                 }
             }

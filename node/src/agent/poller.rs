@@ -120,6 +120,7 @@ impl<R: Runtime> Agent<R> {
                 self.ledger.insert(&rec, true, None)?;
                 tracing::info!(job = %rec.job_id, seq = rec.seq, "job accepted");
                 self.shared.work.notify_one();
+                self.shared.changed.notify_one();
             }
             Err(rejection) => {
                 let msg = rejection.to_string();
@@ -144,6 +145,7 @@ impl<R: Runtime> Agent<R> {
                     Some(("job.rejected", &format!("job {}: {msg}", a.job_id))),
                 )?;
                 self.shared.outbox.notify_one();
+                self.shared.changed.notify_one();
             }
         }
         Ok(())

@@ -49,6 +49,7 @@ impl<R: Runtime> Agent<R> {
                             tracing::info!(job = %rec.job_id, duplicate = ack.duplicate, "result delivered");
                         }
                         self.shared.capacity.notify_waiters();
+                        self.shared.changed.notify_one();
                     }
                     Err(e) if e.is_retryable() => {
                         self.shared.contact_failed(&e);
@@ -65,6 +66,7 @@ impl<R: Runtime> Agent<R> {
                             tracing::error!(error = %e, "cannot persist the refusal");
                         }
                         self.shared.capacity.notify_waiters();
+                        self.shared.changed.notify_one();
                     }
                 }
                 if shutdown.is_cancelled() {
