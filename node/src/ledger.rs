@@ -172,6 +172,24 @@ impl Ledger {
         if ops.is_empty() { Ok(()) } else { self.store.apply(ops) }
     }
 
+    /// Forget the oldest settled jobs (reported or undeliverable, and acknowledged) beyond the
+    /// newest `keep`, so the ledger stays bounded. Replay protection does not need them: it
+    /// rests on the persisted last sequence number. Returns how many were removed.
+    pub fn prune_settled(&self, keep: usize) -> Result<usize, StoreError> {
+        let settled: Vec<JobRecord> = self
+            .all()?
+            .into_iter()
+            .filter(|r| r.acked && matches!(r.state, JobState::Reported | JobState::Undeliverable))
+            .collect();
+        let excess = settled.len().saturating_sub(keep);
+        if excess == 0 {
+            return Ok(0);
+        }
+        let ops = settled.iter().take(excess).map(|r| Op::Delete(Tree::Jobs, r.key())).collect();
+        self.store.apply(ops)?;
+        Ok(excess)
+    }
+
     /// Append an audit entry on its own.
     pub fn audit(&self, action: &str, detail: &str) -> Result<(), StoreError> {
         let _guard = self.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -226,5 +244,32 @@ mod tests {
         ledger.mark_acked(&[("a".into(), 1)]).expect("ack");
         assert!(ledger.get("a", 1).expect("get").expect("present").acked);
         assert_eq!(ledger.all().expect("all").iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 9]);
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_settled_jobs_and_everything_unsettled() {
+        let ledger = Ledger::new(Arc::new(MemoryStore::new()));
+        let envelope = SignedEnvelope { payload: String::new(), key_id: String::new(), signature_hex: String::new() };
+        for seq in 1..=6u64 {
+            let state = if seq == 2 { JobState::Finished } else { JobState::Reported };
+            let rec = JobRecord {
+                job_id: format!("j{seq}"),
+                attempt: 1,
+                seq,
+                state,
+                acked: seq != 3,
+                received_unix_ms: seq,
+                spec: None,
+                envelope: envelope.clone(),
+                result: None,
+            };
+            ledger.insert(&rec, true, None).expect("insert");
+        }
+        // settled and acked: j1, j4, j5, j6 -> keep the newest two
+        assert_eq!(ledger.prune_settled(2).expect("prune"), 2);
+        let left: Vec<String> = ledger.all().expect("all").into_iter().map(|r| r.job_id).collect();
+        assert_eq!(left, ["j2", "j3", "j5", "j6"]);
+        assert_eq!(ledger.last_seq().expect("seq"), 6, "replay protection is untouched");
+        assert_eq!(ledger.prune_settled(2).expect("prune"), 0);
     }
 }

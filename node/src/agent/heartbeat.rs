@@ -11,6 +11,10 @@ use super::Agent;
 use crate::inventory;
 use crate::runtime::Runtime;
 
+/// Settled (reported, acknowledged) jobs kept in the ledger for `outpost status` and debugging;
+/// older ones are pruned so the ledger stays bounded.
+const SETTLED_KEEP: usize = 1000;
+
 impl<R: Runtime> Agent<R> {
     pub(super) async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
         let every = Duration::from_secs(self.cfg.agent.heartbeat_secs);
@@ -32,6 +36,11 @@ impl<R: Runtime> Agent<R> {
                     }
                 },
                 _ = shutdown.cancelled() => return,
+            }
+            match self.ledger.prune_settled(SETTLED_KEEP) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(removed = n, "pruned settled jobs from the ledger"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune the ledger"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
