@@ -432,10 +432,11 @@ async fn an_absent_image_is_image_missing_and_never_pulled() -> anyhow::Result<(
 }
 
 #[tokio::test]
-async fn output_beyond_max_bytes_keeps_the_newest_bytes_and_says_so() -> anyhow::Result<()> {
+async fn output_beyond_max_bytes_keeps_the_newest_bytes_of_each_stream_and_says_so() -> anyhow::Result<()> {
     let node = node("tail").await;
     let job = job("tail");
-    let spec = sh("seq 1 5000; echo only-line >&2");
+    // stderr's only line comes first: a chatty stdout must not push it out of its own tail.
+    let spec = sh("echo only-line >&2; seq 1 5000");
     assert_eq!(run(&node.rt, &job, &spec).await?, 0);
     let all: String = (1..=5000).map(|i| format!("{i}\n")).collect();
 
@@ -469,6 +470,26 @@ async fn a_line_longer_than_max_bytes_is_cut_to_its_end() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
+async fn a_flood_of_output_is_rotated_away_on_disk_and_its_tail_stays_exact() -> anyhow::Result<()> {
+    let node = node("flood").await;
+    let job = job("flood");
+    let written = 40_000_000;
+    let spec = sh(&format!("head -c {written} /dev/zero | tr '\\0' x; echo end"));
+    assert_eq!(run(&node.rt, &job, &spec).await?, 0);
+
+    let output = node.rt.output(&job, 10).await?;
+    assert_eq!(output.stdout_tail, "xxxxxxend\n");
+    assert!(output.truncated);
+
+    let logs = std::process::Command::new("docker").args(["logs", &job.container_name()]).output()?;
+    assert!(logs.status.success(), "docker logs: {}", String::from_utf8_lossy(&logs.stderr));
+    let kept = logs.stdout.len();
+    assert!(kept < written, "the engine kept all {kept} bytes: the log is not rotated");
+    assert!(kept > 1 << 20, "the engine kept only {kept} bytes");
+    Ok(())
+}
+
+#[tokio::test]
 async fn load_image_of_a_saved_tarball_returns_its_id() -> anyhow::Result<()> {
     let node = node("load").await;
     let dir = tempfile::tempdir()?;
@@ -497,8 +518,21 @@ async fn a_corrupt_or_missing_tarball_is_refused_as_invalid() -> anyhow::Result<
     let truncated = dir.path().join("truncated.tar");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2])?;
     let missing = dir.path().join("missing.tar");
+    // A well-formed tar archive that is no image, and a large file the engine gives up on early.
+    std::fs::write(dir.path().join("hello.txt"), "hello\n")?;
+    let not_image = dir.path().join("not-an-image.tar");
+    let status = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(&not_image)
+        .arg("-C")
+        .arg(dir.path())
+        .arg("hello.txt")
+        .status()?;
+    assert!(status.success(), "tar failed: {status}");
+    let large = dir.path().join("large-garbage.tar");
+    std::fs::write(&large, vec![0x5a_u8; 16 << 20])?;
 
-    for tar in [&garbage, &truncated, &missing] {
+    for tar in [&garbage, &truncated, &missing, &not_image, &large] {
         let err = within("loading a bad tarball", node.rt.load_image(tar)).await.err();
         let shown = tar.display().to_string();
         assert!(

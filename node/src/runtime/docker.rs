@@ -29,6 +29,10 @@ use super::{
 
 /// Seconds to wait for the engine's answer to an ordinary request.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
+/// How often, and how far apart, a create that lost a race for the name looks for the winner's
+/// container before giving up with a retryable error.
+const NAME_RESERVED_POLLS: u32 = 100;
+const NAME_RESERVED_POLL: Duration = Duration::from_millis(50);
 /// Loading an image answers only once the whole tarball is uploaded and unpacked.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -255,8 +259,25 @@ impl DockerRuntime {
     /// The id of the container already named `name`, if it is this node's.
     async fn existing_container_id(&self, name: &str) -> Result<String> {
         let what = format!("inspect existing container {name}");
-        let container =
-            self.docker.inspect_container(name, None).await.map_err(|e| engine_error(&what, e))?;
+        // The engine reserves the name before the container it creates can be inspected: a
+        // create racing another one may see the conflict a moment before the container exists.
+        let mut attempts = 0;
+        let container = loop {
+            match self.docker.inspect_container(name, None).await {
+                Ok(container) => break container,
+                Err(e) if status_of(&e) == Some(404) && attempts < NAME_RESERVED_POLLS => {
+                    attempts += 1;
+                    tokio::time::sleep(NAME_RESERVED_POLL).await;
+                }
+                Err(e) if status_of(&e) == Some(404) => {
+                    return Err(RuntimeError::Unavailable(format!(
+                        "{what}: the name is taken but no container answers to it yet (another create \
+                         is still running?); retry"
+                    )));
+                }
+                Err(e) => return Err(engine_error(&what, e)),
+            }
+        };
         let labels = container.config.and_then(|c| c.labels).unwrap_or_default();
         let owner = labels.get(LABEL_NODE).map(String::as_str);
         if owner != Some(self.node_id.as_str()) {

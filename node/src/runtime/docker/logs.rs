@@ -1,5 +1,9 @@
 //! Collects the tails of a container's stdout and stderr in bounded memory, however much the job
 //! wrote: at most about twice `max_bytes` per stream is ever held.
+//!
+//! The whole retained log is read, not the engine's `tail=N`: that counts lines of both streams
+//! together, so a chatty stdout would push the last stderr lines out of the window. What is
+//! read stays bounded because every container's log rotates (see `spec::LOG_MAX_SIZE`).
 
 use bollard::Docker;
 use bollard::container::LogOutput;
@@ -7,10 +11,6 @@ use bollard::query_parameters::LogsOptions;
 use futures_util::StreamExt;
 
 use crate::runtime::Output;
-
-/// Log entries asked for, beyond which we stop counting on the engine: a line is at least one
-/// byte, so `max_bytes + 1` entries hold more than `max_bytes` bytes whenever the log does.
-const MAX_TAIL_ENTRIES: usize = 4 * 1024 * 1024;
 
 /// The last `keep` bytes of a stream, and whether more than that went by.
 pub(super) struct Tail {
@@ -67,26 +67,24 @@ impl Tail {
     }
 }
 
-/// Reads the container's logs and keeps the last `max_bytes` of each stream.
+/// Reads the container's logs and keeps the last `max_bytes` of each stream. Exact while
+/// `max_bytes` is below what rotation keeps (well over 100 KiB even of one-byte lines).
 pub(super) async fn collect(
     docker: &Docker,
     name: &str,
     max_bytes: usize,
 ) -> Result<Output, bollard::errors::Error> {
-    let entries_wanted = max_bytes.saturating_add(1).min(MAX_TAIL_ENTRIES);
     let options = LogsOptions {
         stdout: true,
         stderr: true,
         follow: false,
         timestamps: false,
-        tail: entries_wanted.to_string(),
+        tail: "all".into(),
         ..Default::default()
     };
     let (mut stdout, mut stderr) = (Tail::new(max_bytes), Tail::new(max_bytes));
-    let mut entries = 0usize;
     let mut logs = docker.logs(name, Some(options));
     while let Some(item) = logs.next().await {
-        entries += 1;
         match item? {
             LogOutput::StdOut { message } | LogOutput::Console { message } => stdout.push(&message),
             LogOutput::StdErr { message } => stderr.push(&message),
@@ -95,9 +93,7 @@ pub(super) async fn collect(
     }
     let (stdout_tail, out_cut) = stdout.finish();
     let (stderr_tail, err_cut) = stderr.finish();
-    // A full window means older entries may exist that the engine did not send.
-    let window_full = entries >= entries_wanted;
-    Ok(Output { stdout_tail, stderr_tail, truncated: out_cut || err_cut || window_full })
+    Ok(Output { stdout_tail, stderr_tail, truncated: out_cut || err_cut })
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use bollard::models::{ContainerCreateBody, HostConfig, RestartPolicy, RestartPolicyNameEnum};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, RestartPolicy, RestartPolicyNameEnum,
+};
 use outpost_protocol::ContainerSpec;
 
 use crate::runtime::{
@@ -14,6 +16,14 @@ use crate::runtime::{
 pub(super) const DEFAULT_USER: &str = "65534:65534";
 /// Mount options of the job's scratch space on /tmp.
 pub(super) const TMP_MOUNT_OPTIONS: &str = "rw,nosuid,nodev,size=64m";
+/// The job's log on the node's disk: json-file (which `docker logs` and our tails read, whatever
+/// the daemon's default driver) rotated at this size, so a chatty job can neither fill the disk
+/// nor make reading its tail slow. After a rotation the previous file is kept whole: at least
+/// 16 MiB of JSON, which holds over 200 KiB of output even as one-byte lines (about 70 bytes of
+/// JSON each), more than any tail the agent reports.
+pub(super) const LOG_DRIVER: &str = "json-file";
+pub(super) const LOG_MAX_SIZE: &str = "16m";
+pub(super) const LOG_MAX_FILES: &str = "2";
 /// The engine refuses memory limits under 6 MiB.
 const MIN_MEMORY_MB: u64 = 6;
 
@@ -130,6 +140,13 @@ pub(super) fn create_body(node_id: &str, job: &JobRef, spec: &ContainerSpec) -> 
             maximum_retry_count: None,
         }),
         auto_remove: Some(false),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some(LOG_DRIVER.to_owned()),
+            config: Some(HashMap::from([
+                ("max-size".to_owned(), LOG_MAX_SIZE.to_owned()),
+                ("max-file".to_owned(), LOG_MAX_FILES.to_owned()),
+            ])),
+        }),
         ..Default::default()
     };
     Ok(ContainerCreateBody {
@@ -186,6 +203,9 @@ mod tests {
         assert_eq!(host.nano_cpus, Some(500_000_000));
         assert_eq!(host.pids_limit, Some(32));
         assert_eq!(host.auto_remove, Some(false));
+        let log = host.log_config.unwrap_or_default();
+        assert_eq!(log.typ.as_deref(), Some(LOG_DRIVER));
+        assert_eq!(log.config.unwrap_or_default().get("max-size").map(String::as_str), Some(LOG_MAX_SIZE));
         assert_eq!(body.user.as_deref(), Some(DEFAULT_USER));
         assert_eq!(body.env, Some(vec!["A=b=c".to_owned()]));
         assert_eq!(body.cmd, Some(vec!["echo".to_owned(), "hi".to_owned()]));
