@@ -3,6 +3,7 @@
 
 #![allow(clippy::expect_used)]
 
+mod common;
 mod harness;
 
 use std::time::Duration;

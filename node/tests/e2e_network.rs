@@ -4,6 +4,7 @@
 
 #![allow(clippy::expect_used)]
 
+mod common;
 mod harness;
 
 use std::path::Path;

@@ -123,6 +123,25 @@ impl AsyncRead for Pattern {
     }
 }
 
+/// Reset the process's peak RSS to its current RSS (Linux `clear_refs` 5), remembering it.
+fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset peak RSS");
+    BASE_RSS_KIB.store(status_kib("VmRSS:"), std::sync::atomic::Ordering::SeqCst);
+}
+
+static BASE_RSS_KIB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How far the peak RSS rose above the RSS at the last [`reset_peak_rss`], in MiB.
+fn peak_rss_growth_mib() -> u64 {
+    status_kib("VmHWM:").saturating_sub(BASE_RSS_KIB.load(std::sync::atomic::Ordering::SeqCst)) / 1024
+}
+
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status.lines().find(|l| l.starts_with(field)).expect("field in /proc/self/status");
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a number of kB")
+}
+
 async fn sha256_of(mut r: impl AsyncRead + Unpin) -> (u64, String) {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -221,8 +240,10 @@ mod suite {
         let key = format!("{}/big.bin", b.p);
         let (_, expected) = sha256_of(Pattern::new(LEN, 42)).await;
         let t = Instant::now();
+        reset_peak_rss();
         let put = b.store.put(&key, Pattern::new(LEN, 42)).await.expect("put");
         let put_s = t.elapsed().as_secs_f64();
+        let put_peak = peak_rss_growth_mib();
         assert_eq!((put.size, put.sha256.as_str()), (LEN, expected.as_str()));
         if b.caps.multipart {
             // 8 MiB parts: 9 of them.
@@ -230,11 +251,18 @@ mod suite {
         }
         assert_eq!(b.store.head(&key).await.expect("head").size, LEN);
         let t = Instant::now();
+        reset_peak_rss();
         let (size, sha) = sha256_of(b.store.get(&key).await.expect("get")).await;
         let get_s = t.elapsed().as_secs_f64();
+        let get_peak = peak_rss_growth_mib();
         assert_eq!((size, sha), (LEN, expected));
         eprintln!(
-            "[figures] {name}: 64 MiB put {put_s:.2} s, get {get_s:.2} s (test profile, including hashing)"
+            "[figures] {name}: 64 MiB put {put_s:.2} s (peak RSS +{put_peak} MiB), get {get_s:.2} s (+{get_peak} MiB)"
+        );
+        // The object never sits whole in memory: a few 8 MiB part buffers at most.
+        assert!(
+            put_peak < 48 && get_peak < 48,
+            "peak RSS grew {put_peak} / {get_peak} MiB for a 64 MiB object"
         );
     }
 
@@ -373,7 +401,9 @@ mod suite {
             keys.len(),
             t.elapsed().as_secs_f64()
         );
+        let t = Instant::now();
         assert_eq!(list_all(&b.store, &prefix, 333).await, keys);
+        eprintln!("[figures] listed in pages of 333 in {:.2} s", t.elapsed().as_secs_f64());
         let page = b.store.list(&prefix, None, 5000).await.expect("list");
         assert_eq!(page.objects.len(), 1000, "pages are capped at 1000");
         assert_eq!(b.store.list(&prefix, None, 0).await.expect("list").objects.len(), 1, "limit 0 means 1");

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub use crate::common::{docker_inspect, test_image, workspace_root};
 use outpost_node::tls::{CaTrust, enroll_client_config};
 use outpost_protocol::{
     AuditList, ContainerSpec, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, JobInfo, Org,
@@ -26,10 +27,6 @@ fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/debug/deps/e2e-<hash> → target/debug
     exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").to_path_buf()
-}
-
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("node/ has a parent").to_path_buf()
 }
 
 /// Path of the control plane binary, built once per test process so it is never stale.
@@ -55,23 +52,6 @@ pub fn control_bin() -> PathBuf {
 
 pub fn node_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_outpost"))
-}
-
-/// The busybox test image (`scripts/build-test-image`), built once per test process.
-pub fn test_image() -> String {
-    static IMAGE: OnceLock<String> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            let out = Command::new(workspace_root().join("scripts/build-test-image"))
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run scripts/build-test-image");
-            assert!(out.status.success(), "scripts/build-test-image failed");
-            let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            assert!(id.starts_with("sha256:"), "unexpected image id {id:?}");
-            id
-        })
-        .clone()
 }
 
 /// Collects a child's stderr lines so tests can wait for a line and print them on failure.
@@ -410,16 +390,6 @@ pub fn remove_node_containers(node_id: &str) {
             let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
         }
     }
-}
-
-/// `docker inspect` of one container as JSON, or None if it does not exist.
-pub fn docker_inspect(name: &str) -> Option<serde_json::Value> {
-    let out = Command::new("docker").args(["inspect", name]).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v.get(0).cloned()
 }
 
 /// How many times the engine started a container of `job_id` since `since_unix_s`.

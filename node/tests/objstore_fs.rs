@@ -1,0 +1,133 @@
+//! What only the `fs` adapter can get wrong: its files. Hostile keys stay inside the root,
+//! damaged bodies never read as good data, one store owns a root, and a crash mid-put leaves
+//! nothing visible and nothing that the next open does not sweep.
+
+#![allow(clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use outpost_node::objstore::fs::FsStore;
+use outpost_node::objstore::{ObjectStore, ObjectStoreError};
+use tokio::io::AsyncReadExt;
+
+/// Every file and directory under `dir`, relative to it.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            out.push(p.strip_prefix(dir).expect("under dir").to_path_buf());
+            if p.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+async fn read_all(store: &FsStore, key: &str) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    store.get(key).await.expect("get").read_to_end(&mut out).await.map(|_| out)
+}
+
+#[tokio::test]
+async fn hostile_keys_never_leave_the_root() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("site/objects");
+    let store = FsStore::open(&root).await.expect("open");
+    let keys = [
+        "../escape",
+        "../../../../../../tmp/escape",
+        "/etc/passwd",
+        "a/../../b",
+        "..\\..\\windows",
+        "./.",
+        "..",
+        "%2e%2e/%2F",
+        "\u{202e}txt.exe",
+    ];
+    for k in keys {
+        store.put(k, k.as_bytes()).await.unwrap_or_else(|e| panic!("{k:?}: {e}"));
+    }
+    for k in keys {
+        assert_eq!(read_all(&store, k).await.expect("read"), k.as_bytes(), "{k:?}");
+    }
+    let outside: Vec<PathBuf> =
+        tree(dir.path()).into_iter().filter(|p| !p.starts_with("site/objects")).collect();
+    assert_eq!(outside, [PathBuf::from("site")], "nothing outside the root");
+    for k in keys {
+        store.delete(k).await.expect("delete");
+    }
+    let left = tree(&root);
+    assert_eq!(
+        left,
+        [".lock", "blobs", "keys", "tmp"].map(PathBuf::from),
+        "deletes prune emptied directories"
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_body_fails_the_read_instead_of_passing_as_good_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FsStore::open(dir.path()).await.expect("open");
+    store.put("report.json", &b"{\"ok\":true}"[..]).await.expect("put");
+    let blob =
+        std::fs::read_dir(dir.path().join("blobs")).expect("blobs").next().expect("one blob").expect("entry");
+    std::fs::write(blob.path(), b"{\"ok\":fals}").expect("flip bytes");
+    let err = read_all(&store, "report.json").await.expect_err("damaged");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("integrity"), "{err}");
+    std::fs::write(blob.path(), b"{\"ok\":true} and more").expect("grow");
+    assert!(read_all(&store, "report.json").await.is_err(), "a longer body fails too");
+}
+
+#[tokio::test]
+async fn only_one_store_may_open_a_root() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = FsStore::open(dir.path()).await.expect("open");
+    let err = FsStore::open(dir.path()).await.expect_err("second open");
+    assert!(matches!(err, ObjectStoreError::Config(_)), "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(first);
+    FsStore::open(dir.path()).await.expect("open after the first is dropped");
+}
+
+#[tokio::test]
+async fn leftovers_of_a_crash_are_invisible_and_swept_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    {
+        let store = FsStore::open(root).await.expect("open");
+        store.put("kept", &b"kept"[..]).await.expect("put");
+    }
+    // What a SIGKILL between the steps of a put can leave: a blob no key refers to, metadata
+    // not yet renamed into place, a hashed directory that never got its name.
+    std::fs::write(root.join("blobs/0000-orphan"), b"half an upload").expect("orphan blob");
+    std::fs::write(root.join("tmp/1111.meta"), b"{").expect("tmp meta");
+    std::fs::create_dir(root.join(format!("keys/D{}", "0".repeat(64)))).expect("nameless dir");
+
+    let store = FsStore::open(root).await.expect("reopen");
+    assert!(!root.join("blobs/0000-orphan").exists(), "orphan blob swept");
+    assert_eq!(std::fs::read_dir(root.join("tmp")).expect("tmp").count(), 0, "tmp emptied");
+    assert_eq!(std::fs::read_dir(root.join("blobs")).expect("blobs").count(), 1, "the live blob kept");
+    let listed = store.list("", None, 100).await.expect("list").objects;
+    assert_eq!(listed.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["kept"]);
+    assert_eq!(read_all(&store, "kept").await.expect("read"), b"kept");
+}
+
+#[tokio::test]
+async fn overwriting_and_copying_leave_no_stray_blobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FsStore::open(dir.path()).await.expect("open");
+    for i in 0..5 {
+        store.put("same", format!("v{i}").as_bytes()).await.expect("put");
+    }
+    store.copy("same", "other").await.expect("copy");
+    let blobs = || std::fs::read_dir(dir.path().join("blobs")).expect("blobs").count();
+    assert_eq!(blobs(), 2, "one blob per live key");
+    store.delete("same").await.expect("delete");
+    store.delete("other").await.expect("delete");
+    assert_eq!(blobs(), 0);
+}
