@@ -206,7 +206,8 @@ fn write_secret(path: &Path, contents: &str) -> Result<(), DataDirError> {
 
 /// Writes through a temporary file and a rename, so a crash never leaves half a key.
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), DataDirError> {
-    let tmp = path.with_extension("tmp");
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     let _ = fs::remove_file(&tmp);
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -216,7 +217,12 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), DataDirError
         .map_err(|source| io("create", &tmp, source))?;
     file.write_all(contents.as_bytes()).map_err(|source| io("write", &tmp, source))?;
     file.sync_all().map_err(|source| io("sync", &tmp, source))?;
-    fs::rename(&tmp, path).map_err(|source| io("rename", &tmp, source))
+    fs::rename(&tmp, path).map_err(|source| io("rename", &tmp, source))?;
+    // Make the rename itself durable; a directory that cannot be opened only loses that.
+    if let Some(dir) = path.parent().and_then(|p| fs::File::open(p).ok()) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,61 +1,82 @@
-//! The listener: TLS 1.3 (rustls) in front of the axum router, one task per connection. The
-//! client certificate a connection presented (already verified against the CA by rustls) is
-//! attached to each of its requests as [`ConnPeer`].
+//! Starting and stopping the control plane: opens the data directory (CA, certificates, admin
+//! token, store), binds the listener and runs the accept loop until shutdown. What happens on
+//! one connection (TLS, client identity, HTTP/1.1) lives in `conn.rs`.
+
+mod conn;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
-use crate::api::{self, AppState, ConnPeer};
+use crate::api::{self, AppState};
 use crate::clock::Clock;
-use crate::data_dir::DataDir;
+use crate::data_dir::{DataDir, DataDirError};
 use crate::longpoll::NodeWakers;
-use crate::pki;
-use crate::store::SledStore;
-use crate::tls;
+use crate::store::{SledStore, StoreError};
+use crate::tls::{self, TlsError};
 
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// On shutdown, connections (held polls included) get this long to finish.
-const DRAIN: Duration = Duration::from_secs(2);
+/// On shutdown, open connections (held polls answer at once) get this long to finish.
+const DRAIN: Duration = Duration::from_secs(3);
+/// Most connections served at once; beyond it the accept loop waits for one to end.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot prepare the data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: DataDirError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}; is another server using it?")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    /// Extra names or addresses for the server certificate.
+    /// Extra DNS names or IP addresses for the server certificate.
     pub extra_sans: Vec<String>,
 }
 
-/// A server that is accepting connections.
+/// A server that is accepting connections. Dropping it does not stop it: cancel the token
+/// given to [`serve`] or call [`RunningServer::stop`].
 pub struct RunningServer {
+    /// The bound address (the real port when the config asked for port 0).
     pub addr: SocketAddr,
+    /// SHA-256 of the CA certificate (DER), lowercase hex: what nodes pin.
     pub ca_fingerprint: String,
     pub ca_pem: String,
     pub admin_token: String,
     pub data_dir: PathBuf,
+    clock: Clock,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl RunningServer {
+    /// `https://127.0.0.1:PORT` style base URL (the server certificate names 127.0.0.1, ::1 and
+    /// localhost).
     pub fn url(&self) -> String {
-        format!("https://localhost:{}", self.addr.port())
+        format!("https://{}", self.addr)
     }
 
-    /// Stops accepting, lets connections drain briefly, and waits for the store to close.
+    /// The server's clock. Moving it forward (tests) expires tokens without waiting.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Stops accepting, answers held polls, lets connections drain briefly, and returns once
+    /// every connection is closed and the store is released.
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
@@ -68,104 +89,91 @@ impl RunningServer {
 }
 
 /// Opens the data dir (creating the CA and certificates on first start) and the store, binds
-/// the listener and starts serving until `shutdown` is cancelled.
-pub async fn start(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<RunningServer> {
-    let dir = DataDir::new(&cfg.data_dir);
-    let materials =
-        dir.load_or_init(&cfg.extra_sans).with_context(|| format!("data dir {}", cfg.data_dir.display()))?;
+/// the listener and serves until `shutdown` is cancelled.
+pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServeError> {
+    let dir = DataDir::new(&config.data_dir);
+    let materials = dir
+        .load_or_init(&config.extra_sans)
+        .map_err(|source| ServeError::DataDir { path: config.data_dir.clone(), source })?;
     let store = SledStore::open(&dir.db())?;
     let tls_config =
         tls::server_config(materials.ca.cert_der(), &materials.server_cert_pem, &materials.server_key_pem)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls_config));
-    let listener =
-        TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let addr = listener.local_addr()?;
+    let bind_err = |source| ServeError::Bind { addr: config.listen, source };
+    let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
     let ca_fingerprint = materials.ca.fingerprint().to_owned();
     let ca_pem = materials.ca.cert_pem().to_owned();
     let admin_token = materials.admin_token.clone();
+    let clock = Clock::system();
     let state = Arc::new(AppState {
         store: Arc::new(store),
         ca: materials.ca,
         admin_token_sha256: Sha256::digest(materials.admin_token.as_bytes()).into(),
         wakers: NodeWakers::default(),
-        clock: Clock::system(),
+        clock: clock.clone(),
+        submit_lock: tokio::sync::Mutex::new(()),
+        shutdown: shutdown.clone(),
     });
     let app = api::router(state);
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
-        let conns = TaskTracker::new();
-        loop {
-            let accepted = tokio::select! {
-                _ = token.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            let (tcp, peer_addr) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let app = app.clone();
-            let token = token.clone();
-            conns.spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer_addr, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer_addr, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let peer = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .and_then(|der| pki::peer_cert(der).ok());
-                let conn_peer = ConnPeer(peer);
-                let svc = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(conn_peer.clone());
-                    req
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HANDSHAKE_TIMEOUT)
-                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(%peer_addr, error = %e, "connection ended with an error");
-                        }
-                    }
-                    _ = token.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
-                    }
-                }
-            });
-        }
-        conns.close();
-        let _ = tokio::time::timeout(DRAIN * 2, conns.wait()).await;
-    });
+    let task = tokio::spawn(accept_loop(listener, acceptor, app, shutdown.clone()));
     tracing::info!(%addr, ca_sha256 = %ca_fingerprint, "control plane listening");
-    Ok(RunningServer { addr, ca_fingerprint, ca_pem, admin_token, data_dir: cfg.data_dir, shutdown, task })
+    Ok(RunningServer {
+        addr,
+        ca_fingerprint,
+        ca_pem,
+        admin_token,
+        data_dir: config.data_dir,
+        clock,
+        shutdown,
+        task,
+    })
 }
 
-/// For tests: a server on 127.0.0.1 with a fresh port in `data_dir`.
-pub async fn start_for_tests(data_dir: &std::path::Path) -> anyhow::Result<RunningServer> {
-    let cfg = ServerConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: data_dir.to_path_buf(),
-        extra_sans: vec![],
-    };
-    start(cfg, CancellationToken::new()).await
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        // Reap finished connections so the set stays as small as the live ones.
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= MAX_CONNECTIONS {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = conns.join_next() => continue,
+            }
+        }
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, peer_addr)) => {
+                conns.spawn(conn::serve_connection(
+                    tcp,
+                    peer_addr,
+                    acceptor.clone(),
+                    app.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    drop(listener);
+    // Connections see the same token: they finish their request and close.
+    if tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(open = conns.len(), "connections still open after the drain period; closing them");
+        conns.shutdown().await;
+    }
+    // `app` (and with it the store) is dropped here, after every connection is gone.
+    drop(app);
+    tracing::info!("control plane stopped");
 }

@@ -21,6 +21,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("OUTPOST_DOCKER_SOCKET", "docker.socket"),
     ("OUTPOST_LOG_FORMAT", "log.format"),
     ("OUTPOST_LOG_LEVEL", "log.level"),
+    ("OUTPOST_STORAGE_BACKEND", "storage.backend"),
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +41,8 @@ pub struct Config {
     pub docker: DockerConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +114,51 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// Where objects (job inputs and outputs, data watched by the relay) are kept on site.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub backend: StorageBackend,
+    #[serde(default)]
+    pub fs: FsStorageConfig,
+    /// Required when `backend = "s3"`.
+    #[serde(default)]
+    pub s3: Option<S3StorageConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// A local directory (the embedded default).
+    #[default]
+    Fs,
+    /// An S3-compatible server (Garage, MinIO, Ceph RGW, AWS).
+    S3,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsStorageConfig {
+    /// The store's directory; `data_dir/objects` when absent.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3StorageConfig {
+    /// `http://` or `https://` URL of the server, without a path (path-style addressing).
+    pub endpoint: String,
+    /// The server's region name (Garage: its `s3_region`, often `garage`).
+    pub region: String,
+    pub bucket: String,
+    /// TOML with `access_key_id` and `secret_access_key`, not readable by others. When absent,
+    /// `OUTPOST_S3_ACCESS_KEY_ID` and `OUTPOST_S3_SECRET_ACCESS_KEY` are read instead.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -250,6 +298,40 @@ impl Config {
         if !self.data_dir.is_absolute() {
             return Err(format!("data_dir {:?} must be an absolute path", self.data_dir));
         }
+        self.validate_storage()
+    }
+
+    fn validate_storage(&self) -> Result<(), String> {
+        if let Some(root) = &self.storage.fs.root
+            && !root.is_absolute()
+        {
+            return Err(format!("storage.fs.root {root:?} must be an absolute path"));
+        }
+        match (&self.storage.backend, &self.storage.s3) {
+            (StorageBackend::S3, None) => {
+                return Err(
+                    "storage.backend = \"s3\" needs a [storage.s3] section with endpoint, region and bucket"
+                        .into(),
+                );
+            }
+            (_, Some(s3)) => {
+                if !(s3.endpoint.starts_with("http://") || s3.endpoint.starts_with("https://")) {
+                    return Err(format!(
+                        "storage.s3.endpoint {:?} must start with http:// or https://",
+                        s3.endpoint
+                    ));
+                }
+                if s3.region.is_empty() || s3.bucket.is_empty() {
+                    return Err("storage.s3.region and storage.s3.bucket must not be empty".into());
+                }
+                if let Some(f) = &s3.credentials_file
+                    && !f.is_absolute()
+                {
+                    return Err(format!("storage.s3.credentials_file {f:?} must be an absolute path"));
+                }
+            }
+            (StorageBackend::Fs, None) => {}
+        }
         Ok(())
     }
 
@@ -261,6 +343,10 @@ impl Config {
     }
     pub fn status_file(&self) -> PathBuf {
         self.data_dir.join("status.json")
+    }
+    /// The fs object store's directory: `storage.fs.root`, or `data_dir/objects`.
+    pub fn objects_root(&self) -> PathBuf {
+        self.storage.fs.root.clone().unwrap_or_else(|| self.data_dir.join("objects"))
     }
 }
 

@@ -249,7 +249,8 @@ mod tests {
     #[test]
     fn pruning_keeps_the_newest_settled_jobs_and_everything_unsettled() {
         let ledger = Ledger::new(Arc::new(MemoryStore::new()));
-        let envelope = SignedEnvelope { payload: String::new(), key_id: String::new(), signature_hex: String::new() };
+        let envelope =
+            SignedEnvelope { payload: String::new(), key_id: String::new(), signature_hex: String::new() };
         for seq in 1..=6u64 {
             let state = if seq == 2 { JobState::Finished } else { JobState::Reported };
             let rec = JobRecord {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod identity;
 pub mod inventory;
 pub mod ledger;
+pub mod objstore;
 pub mod runtime;
 pub mod status;
 pub mod store;

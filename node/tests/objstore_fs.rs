@@ -131,3 +131,84 @@ async fn overwriting_and_copying_leave_no_stray_blobs() {
     store.delete("other").await.expect("delete");
     assert_eq!(blobs(), 0);
 }
+
+#[tokio::test]
+async fn unreadable_metadata_is_an_integrity_error_and_stops_the_sweep() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    {
+        let store = FsStore::open(root).await.expect("open");
+        store.put("good", &b"good"[..]).await.expect("put");
+        store.put("bad", &b"bad"[..]).await.expect("put");
+    }
+    std::fs::write(root.join("keys/mbad"), b"{ not json").expect("damage metadata");
+    let store = FsStore::open(root).await.expect("a damaged record does not stop the store");
+    assert_eq!(
+        std::fs::read_dir(root.join("blobs")).expect("blobs").count(),
+        2,
+        "no blob swept while unsure"
+    );
+    let err = store.head("bad").await.expect_err("damaged");
+    assert!(matches!(err, ObjectStoreError::Integrity { .. }), "{err}");
+    assert_eq!(read_all(&store, "good").await.expect("read"), b"good");
+}
+
+/// The body of version `v` of key `k`: 1 MiB of one repeated word, so a mix of two versions
+/// is visible.
+fn versioned_body(k: u64, v: u64) -> Vec<u8> {
+    (k << 32 | v).to_le_bytes().repeat(128 * 1024)
+}
+
+/// Run by `a_sigkill_mid_put_leaves_every_key_whole` in a child process: overwrite four keys
+/// forever.
+#[tokio::test]
+#[ignore = "a helper process for the SIGKILL test"]
+async fn sigkill_child_overwrites_keys_forever() {
+    let Ok(root) = std::env::var("OBJSTORE_SIGKILL_ROOT") else { return };
+    let store = FsStore::open(&root).await.expect("child open");
+    for v in 0u64.. {
+        for k in 0..4u64 {
+            store.put(&format!("key {k}"), &versioned_body(k, v)[..]).await.expect("child put");
+        }
+        if v == 2 {
+            std::fs::write(format!("{root}.ready"), b"").expect("ready marker");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_sigkill_mid_put_leaves_every_key_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("store");
+    let root_s = root.to_str().expect("utf-8 path").to_string();
+    for round in 0..3u64 {
+        let ready = PathBuf::from(format!("{root_s}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "sigkill_child_overwrites_keys_forever", "--ignored", "--nocapture"])
+            .env("OBJSTORE_SIGKILL_ROOT", &root_s)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn child");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !ready.exists() {
+            assert!(std::time::Instant::now() < deadline, "child never got going");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50 + 70 * round)).await;
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+
+        let store = FsStore::open(&root).await.expect("reopen after SIGKILL");
+        let listed = store.list("", None, 100).await.expect("list").objects;
+        assert_eq!(listed.len(), 4, "round {round}: every key still there");
+        for (k, meta) in listed.iter().enumerate() {
+            let body = read_all(&store, &meta.key).await.expect("a whole, verified body");
+            let word = &body[..8];
+            assert!(body.chunks(8).all(|w| w == word), "round {round}: {} mixes versions", meta.key);
+            assert_eq!(u64::from_le_bytes(word.try_into().expect("8 bytes")) >> 32, k as u64);
+        }
+        assert_eq!(std::fs::read_dir(root.join("blobs")).expect("blobs").count(), 4, "orphans swept");
+        assert_eq!(std::fs::read_dir(root.join("tmp")).expect("tmp").count(), 0);
+    }
+}

@@ -19,10 +19,12 @@ fn unknown_fields_are_refused_everywhere() {
         .expect_err("unknown field must fail");
     assert!(e.to_string().contains("privileged"), "{e}");
     assert!(serde_json::from_str::<PollRequest>(r#"{"ack":[]}"#).is_err());
-    assert!(serde_json::from_str::<EnrollRequest>(
-        r#"{"token":"t","csr_pem":"c","hostname":"h","agent_version":"1","x":1}"#
-    )
-    .is_err());
+    assert!(
+        serde_json::from_str::<EnrollRequest>(
+            r#"{"token":"t","csr_pem":"c","hostname":"h","agent_version":"1","x":1}"#
+        )
+        .is_err()
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! Node routes: enrollment (one-time token, no client certificate yet), then long-poll,
-//! results and heartbeats, each behind the node's client certificate.
+//! Node routes behind the client certificate: the long-poll for jobs (which also carries the
+//! node's acknowledgements), result reports (idempotent by `job_id/attempt`) and heartbeats.
+//! Status codes follow the node's rules: 4xx is final for the request, 5xx is retried.
 
 use std::time::Duration;
 
@@ -7,102 +8,27 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use outpost_protocol::{
-    Ack, EnrollRequest, EnrollResponse, ErrorBody, Heartbeat, JobAssignment, NodeInfo, PollRequest,
-    PollResponse, ResultReport,
+    Ack, ErrorBody, Heartbeat, JobAssignment, PollRequest, PollResponse, ResultReport, paths,
 };
 
 use super::{ApiError, ApiResult, Body, MAX_POLL_WAIT, NodeAuth, Shared};
-use crate::pki::sha256_hex;
-use crate::store::{ResultOutcome, TokenRefusal};
+use crate::store::ResultOutcome;
 
 /// Jobs handed out per poll when the node does not say.
 const DEFAULT_MAX_JOBS: u32 = 16;
 const MAX_JOBS_CAP: u32 = 256;
-
-#[utoipa::path(post, path = "/v1/enroll", request_body = EnrollRequest,
-    responses((status = 200, body = EnrollResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
-pub async fn enroll(
-    State(st): State<Shared>,
-    Body(req): Body<EnrollRequest>,
-) -> ApiResult<Json<EnrollResponse>> {
-    let hostname = req.hostname.trim();
-    if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
-        return Err(ApiError::bad_request("bad_hostname", "hostname must be 1-253 printable characters"));
-    }
-    let token_sha = sha256_hex(req.token.trim().as_bytes());
-    let now = st.clock.now_ms();
-    let refuse = |code: &str, message: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, message);
-    let Some(token) = st.store.get_token(&token_sha).await? else {
-        st.audit("anonymous", "enroll.rejected", &format!("unknown token from {hostname:?}")).await;
-        return Err(refuse(
-            "token_unknown",
-            "this enrollment token is not known; ask the operator for a new one",
-        ));
-    };
-    let org = st
-        .store
-        .get_org(&token.org_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("organisation {} is gone", token.org_id)))?;
-    let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
-    let cert = st.ca.issue_client_cert(&req.csr_pem, &node_id).map_err(|e| {
-        ApiError::bad_request("bad_csr", format!("the certificate signing request is unusable: {e}"))
-    })?;
-    let node = NodeInfo {
-        node_id: node_id.clone(),
-        org_id: org.org.id.clone(),
-        hostname: hostname.into(),
-        enrolled_unix_ms: now,
-        cert_sha256: cert.sha256.clone(),
-        last_seen_unix_ms: None,
-        last_heartbeat: None,
-    };
-    match st.store.enroll_node(&token_sha, now, node).await? {
-        Ok(()) => {}
-        Err(refusal) => {
-            let (code, message, why) = match refusal {
-                TokenRefusal::Used => (
-                    "token_used",
-                    "this enrollment token was already used; tokens are one-time, ask the operator for a new one",
-                    "token already used",
-                ),
-                TokenRefusal::Expired => (
-                    "token_expired",
-                    "this enrollment token has expired; ask the operator for a new one",
-                    "token expired",
-                ),
-                TokenRefusal::Unknown => {
-                    ("token_unknown", "this enrollment token is not known", "unknown token")
-                }
-            };
-            st.audit(
-                "anonymous",
-                "enroll.rejected",
-                &format!("{why} (org {}) from {hostname:?}", org.org.id),
-            )
-            .await;
-            return Err(refuse(code, message));
-        }
-    }
-    st.audit(
-        &format!("node:{node_id}"),
-        "node.enrolled",
-        &format!("{node_id} ({hostname}) in org {}", org.org.id),
-    )
-    .await;
-    Ok(Json(EnrollResponse {
-        node_id,
-        org_id: org.org.id.clone(),
-        cert_pem: cert.pem,
-        ca_pem: st.ca.cert_pem().to_owned(),
-        org_signing_key: org.org.signing_key.clone(),
-    }))
-}
+/// How long a poll is held when the node does not say.
+const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(25);
 
 /// Acknowledge the listed jobs, then answer with the node's queued jobs at once, or hold the
 /// request until one is submitted or the wait runs out.
-#[utoipa::path(post, path = "/v1/node/poll", request_body = PollRequest,
-    responses((status = 200, body = PollResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+#[utoipa::path(post, path = paths::NODE_POLL, tag = "node", request_body = PollRequest,
+    description = "Long-poll: acknowledges `ack_job_ids` (they are not offered again), then answers with \
+                   the node's unacknowledged jobs in sequence order, holding the request up to `wait_secs` \
+                   (at most 30) while there are none.",
+    responses((status = 200, body = PollResponse), (status = 400, body = ErrorBody),
+        (status = 401, description = "no client certificate", body = ErrorBody),
+        (status = 403, description = "node unknown or certificate not the enrolled one", body = ErrorBody)),
     security(("node_certificate" = [])))]
 pub async fn poll(
     NodeAuth(node): NodeAuth,
@@ -113,10 +39,10 @@ pub async fn poll(
         st.store.ack_jobs(&node.node_id, req.ack_job_ids, st.clock.now_ms()).await?;
     }
     let max = req.max_jobs.unwrap_or(DEFAULT_MAX_JOBS).min(MAX_JOBS_CAP) as usize;
-    let wait = Duration::from_secs(req.wait_secs.unwrap_or(25)).min(MAX_POLL_WAIT);
     if max == 0 {
-        return Ok(Json(PollResponse { jobs: vec![] }));
+        return Ok(Json(PollResponse::default()));
     }
+    let wait = req.wait_secs.map_or(DEFAULT_POLL_WAIT, Duration::from_secs).min(MAX_POLL_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let waker = st.wakers.waker(&node.node_id);
     loop {
@@ -138,14 +64,19 @@ pub async fn poll(
         }
         tokio::select! {
             _ = &mut notified => {}
-            _ = tokio::time::sleep_until(deadline) => return Ok(Json(PollResponse { jobs: vec![] })),
+            _ = tokio::time::sleep_until(deadline) => return Ok(Json(PollResponse::default())),
+            _ = st.shutdown.cancelled() => return Ok(Json(PollResponse::default())),
         }
     }
 }
 
-#[utoipa::path(post, path = "/v1/node/results", request_body = ResultReport,
-    responses((status = 200, body = Ack), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody)),
+#[utoipa::path(post, path = paths::NODE_RESULTS, tag = "node", request_body = ResultReport,
+    description = "Report a job result. Idempotent by `idempotency_key` (`job_id/attempt`): the first report \
+                   is stored, a repeat is acknowledged with `duplicate: true` and not stored again.",
+    responses((status = 200, body = Ack), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "the job belongs to another node", body = ErrorBody),
+        (status = 404, description = "no such job", body = ErrorBody)),
     security(("node_certificate" = [])))]
 pub async fn report(
     NodeAuth(node): NodeAuth,
@@ -154,7 +85,10 @@ pub async fn report(
 ) -> ApiResult<Json<Ack>> {
     let key = ResultReport::key_for(&report.job_id, report.attempt);
     if report.idempotency_key != key {
-        return Err(ApiError::bad_request("bad_idempotency_key", format!("idempotency_key must be {key:?}")));
+        return Err(ApiError::bad_request(
+            "bad_idempotency_key",
+            format!("idempotency_key is {:?} but must be {key:?} (job_id/attempt)", report.idempotency_key),
+        ));
     }
     let limit = outpost_protocol::MAX_OUTPUT_TAIL_BYTES;
     if report.stdout_tail.len() > limit || report.stderr_tail.len() > limit {
@@ -165,10 +99,12 @@ pub async fn report(
     }
     let job_id = report.job_id.clone();
     let outcome = report.outcome;
+    let actor = format!("node:{}", node.node_id);
     match st.store.store_result(&node.node_id, report).await? {
         ResultOutcome::Stored => {
-            st.audit(&format!("node:{}", node.node_id), "job.result", &format!("job {job_id} {outcome:?}"))
-                .await;
+            let outcome = serde_json::to_value(outcome).ok().and_then(|v| v.as_str().map(str::to_owned));
+            let detail = format!("job {key}: {}", outcome.unwrap_or_default());
+            st.audit(&actor, "job.result", &detail).await;
             Ok(Json(Ack { idempotency_key: key, duplicate: false }))
         }
         ResultOutcome::Duplicate => {
@@ -177,26 +113,25 @@ pub async fn report(
         }
         ResultOutcome::NotYours => {
             if st.store.get_job(&job_id).await?.is_some() {
-                st.audit(
-                    &format!("node:{}", node.node_id),
-                    "result.rejected",
-                    &format!("job {job_id} belongs to another node"),
-                )
-                .await;
+                st.audit(&actor, "report.refused", &format!("job {job_id} belongs to another node")).await;
                 Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     "not_your_job",
-                    format!("job {job_id} was not sent to this node"),
+                    format!("job {job_id} was not sent to node {}", node.node_id),
                 ))
             } else {
-                Err(ApiError::not_found(format!("job {job_id} does not exist")))
+                st.audit(&actor, "report.refused", &format!("job {job_id} does not exist")).await;
+                Err(ApiError::not_found(format!("job {job_id} does not exist on this control plane")))
             }
         }
     }
 }
 
-#[utoipa::path(post, path = "/v1/node/heartbeat", request_body = Heartbeat,
-    responses((status = 200, body = Object), (status = 401, body = ErrorBody)), security(("node_certificate" = [])))]
+#[utoipa::path(post, path = paths::NODE_HEARTBEAT, tag = "node", request_body = Heartbeat,
+    description = "Proof of life with inventory; stored as the node's last heartbeat and last-seen time.",
+    responses((status = 200, description = "recorded (an empty JSON object)", body = Object),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("node_certificate" = [])))]
 pub async fn heartbeat(
     NodeAuth(node): NodeAuth,
     State(st): State<Shared>,

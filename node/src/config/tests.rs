@@ -65,3 +65,52 @@ fn profiles_parse_in_kebab_case() {
     let c = Config::load_with_env(Some(&base), &env(&[])).expect("loads").config;
     assert_eq!(c.profile, Profile::AirGapped);
 }
+
+#[test]
+fn storage_defaults_to_a_local_directory_under_the_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("config.toml");
+    std::fs::write(&base, "data_dir = \"/srv/outpost\"\n").expect("write");
+    let c = Config::load_with_env(Some(&base), &env(&[])).expect("loads").config;
+    assert_eq!(c.storage.backend, StorageBackend::Fs);
+    assert_eq!(c.objects_root(), PathBuf::from("/srv/outpost/objects"));
+}
+
+#[test]
+fn an_s3_storage_section_parses_and_the_backend_can_come_from_the_env() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("config.toml");
+    std::fs::write(
+        &base,
+        "[storage.s3]\nendpoint = \"http://127.0.0.1:3900\"\nregion = \"garage\"\nbucket = \"site\"\n\
+         credentials_file = \"/etc/outpost/s3.toml\"\n",
+    )
+    .expect("write");
+    let c =
+        Config::load_with_env(Some(&base), &env(&[("OUTPOST_STORAGE_BACKEND", "s3")])).expect("loads").config;
+    assert_eq!(c.storage.backend, StorageBackend::S3);
+    let s3 = c.storage.s3.expect("s3 section");
+    assert_eq!(
+        (s3.endpoint.as_str(), s3.region.as_str(), s3.bucket.as_str()),
+        ("http://127.0.0.1:3900", "garage", "site")
+    );
+    assert_eq!(s3.credentials_file, Some(PathBuf::from("/etc/outpost/s3.toml")));
+}
+
+#[test]
+fn storage_mistakes_are_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("config.toml");
+    for (text, needle) in [
+        ("[storage]\nbackend = \"s3\"\n", "[storage.s3]"),
+        ("[storage]\nbackend = \"minio\"\n", "minio"),
+        ("[storage.fs]\nroot = \"relative/objects\"\n", "storage.fs.root"),
+        ("[storage.fs]\nroots = \"/x\"\n", "roots"),
+        ("[storage.s3]\nendpoint = \"127.0.0.1:3900\"\nregion = \"r\"\nbucket = \"b\"\n", "http://"),
+        ("[storage.s3]\nendpoint = \"http://h\"\nregion = \"r\"\nbucket = \"b\"\nsecret = \"x\"\n", "secret"),
+    ] {
+        std::fs::write(&base, text).expect("write");
+        let err = Config::load_with_env(Some(&base), &env(&[])).expect_err(text).to_string();
+        assert!(err.contains(needle), "{text}: {err}");
+    }
+}

@@ -1,0 +1,99 @@
+//! Enrollment: a node without a certificate trades a one-time, expiring token (scoped to an
+//! organisation) and a CSR for a client certificate, the CA and the org's job-signing key.
+//! Every attempt, granted or refused, is audited. The token is looked up by its SHA-256 only.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use outpost_protocol::{EnrollRequest, EnrollResponse, ErrorBody, NodeInfo, paths};
+
+use super::{ApiError, ApiResult, Body, Shared};
+use crate::pki::sha256_hex;
+use crate::store::{TokenRefusal, check_token};
+
+#[utoipa::path(post, path = paths::ENROLL, tag = "node", request_body = EnrollRequest,
+    description = "Trade a one-time enrollment token and a PKCS#10 CSR for a client certificate (CN = node id), \
+                   the CA to pin and the organisation's job-signing key. No client certificate needed.",
+    responses((status = 200, body = EnrollResponse), (status = 400, body = ErrorBody),
+        (status = 401, description = "token unknown, already used or expired", body = ErrorBody)))]
+pub async fn enroll(
+    State(st): State<Shared>,
+    Body(req): Body<EnrollRequest>,
+) -> ApiResult<Json<EnrollResponse>> {
+    let hostname = req.hostname.trim();
+    if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("bad_hostname", "hostname must be 1-253 printable characters"));
+    }
+    let token_sha = sha256_hex(req.token.trim().as_bytes());
+    let now = st.clock.now_ms();
+    let Some(token) = st.store.get_token(&token_sha).await? else {
+        return Err(refuse(&st, TokenRefusal::Unknown, "-", hostname).await);
+    };
+    // Answer a spent or expired token before doing any work for it. `enroll_node` checks again
+    // atomically, so two nodes racing with one token still get one enrollment.
+    if let Err(refusal) = check_token(Some(&token), &token.org_id, now) {
+        return Err(refuse(&st, refusal, &token.org_id, hostname).await);
+    }
+    let org = st.store.get_org(&token.org_id).await?.ok_or_else(|| {
+        ApiError::internal(
+            "org_missing",
+            format!("organisation {} of this token no longer exists", token.org_id),
+        )
+    })?;
+    let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
+    let cert = match st.ca.issue_client_cert(&req.csr_pem, &node_id) {
+        Ok(cert) => cert,
+        Err(e) => {
+            let detail = format!("unusable CSR from {hostname:?} (org {}): {e}", org.org.id);
+            st.audit("anonymous", "enroll.rejected", &detail).await;
+            return Err(ApiError::bad_request(
+                "bad_csr",
+                format!("the certificate signing request is unusable: {e}; the token was not spent"),
+            ));
+        }
+    };
+    let node = NodeInfo {
+        node_id: node_id.clone(),
+        org_id: org.org.id.clone(),
+        hostname: hostname.into(),
+        enrolled_unix_ms: now,
+        cert_sha256: cert.sha256.clone(),
+        last_seen_unix_ms: None,
+        last_heartbeat: None,
+    };
+    if let Err(refusal) = st.store.enroll_node(&token_sha, now, node).await? {
+        return Err(refuse(&st, refusal, &org.org.id, hostname).await);
+    }
+    let detail = format!("{node_id} ({hostname}, agent {}) in org {}", req.agent_version, org.org.id);
+    st.audit(&format!("node:{node_id}"), "node.enrolled", &detail).await;
+    Ok(Json(EnrollResponse {
+        node_id,
+        org_id: org.org.id,
+        cert_pem: cert.pem,
+        ca_pem: st.ca.cert_pem().to_owned(),
+        org_signing_key: org.org.signing_key,
+    }))
+}
+
+/// Audits a refused enrollment and builds its 401.
+async fn refuse(st: &Shared, refusal: TokenRefusal, org_id: &str, hostname: &str) -> ApiError {
+    let (code, message, why) = match refusal {
+        TokenRefusal::Used => (
+            "token_used",
+            "this enrollment token was already used; tokens are one-time, ask the operator for a new one",
+            "token already used",
+        ),
+        TokenRefusal::Expired => (
+            "token_expired",
+            "this enrollment token has expired; ask the operator for a new one",
+            "token expired",
+        ),
+        TokenRefusal::Unknown => (
+            "token_unknown",
+            "this enrollment token is not known here; check it was created on this control plane",
+            "unknown token",
+        ),
+    };
+    st.audit("anonymous", "enroll.rejected", &format!("{why} (org {org_id}) from {hostname:?}")).await;
+    ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+}

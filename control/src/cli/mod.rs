@@ -1,0 +1,203 @@
+//! `outpost-control` subcommands: `serve` runs the API; the others are operator clients of a
+//! running server (they read the admin token and CA from the data directory unless given).
+//! Human-readable tables by default, `--json` for scripts. `main.rs` only calls [`run`].
+
+mod ops;
+mod serve;
+mod show;
+mod submit;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use outpost_protocol::JobState;
+
+use crate::data_dir::DataDir;
+pub use submit::SubmitArgs;
+
+/// Outpost control plane: enrollment CA, signed job dispatch by long-poll, results and audit.
+///
+/// `serve` runs the API (TLS 1.3 only; nodes authenticate with the client certificate they got
+/// at enrollment). Every other command is an operator client of a running server: it reads the
+/// admin token and the CA certificate from --data-dir unless --token and --ca-file are given.
+#[derive(Debug, Parser)]
+#[command(name = "outpost-control", version, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  # run the server (creates the CA, server certificate and admin token on first start)
+  outpost-control serve --data-dir /var/lib/outpost-control --listen 0.0.0.0:8443 --san control.example
+
+  # what a node pins when it enrolls
+  outpost-control ca fingerprint
+
+  # an organisation, then a one-time token for one node
+  ORG=$(outpost-control org create clinic-a)
+  outpost-control token create --org \"$ORG\" --ttl 2h
+
+  # run a container on a node and wait for its result
+  JOB=$(outpost-control job submit --node node-… --image sha256:… --memory 256m -- sh -c 'echo hello')
+  outpost-control job wait \"$JOB\" --timeout 10m
+
+  # scripts: JSON instead of tables
+  outpost-control --json node list";
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// The control plane's URL (operator commands).
+    #[arg(long, global = true, env = "OUTPOST_CONTROL_URL", default_value = "https://127.0.0.1:8443")]
+    pub url: String,
+    /// Data directory: CA, server certificate, admin token, database.
+    #[arg(long, global = true, env = "OUTPOST_CONTROL_DATA_DIR", default_value = "/var/lib/outpost-control")]
+    pub data_dir: PathBuf,
+    /// Admin token (default: read from DATA_DIR/admin.token).
+    #[arg(long, global = true, env = "OUTPOST_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for the server (default: DATA_DIR/ca.crt).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the API server until SIGTERM or SIGINT.
+    ///
+    /// Prints one line to stdout once it accepts connections:
+    /// `outpost-control listening on https://ADDR (CA sha256 HEX)`. Logs go to stderr
+    /// (RUST_LOG sets the level).
+    Serve {
+        /// Address and port to listen on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// Extra DNS name or IP address for the server certificate (repeatable); the
+        /// certificate always names localhost, 127.0.0.1, ::1 and the hostname.
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+    },
+    /// The certificate authority nodes pin.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Organisations (each has its own job-signing key).
+    #[command(subcommand)]
+    Org(OrgCommand),
+    /// One-time enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Submit jobs, read and wait for their results.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Enrolled nodes and their last heartbeat.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// The control plane's audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the CA certificate's SHA-256 (what `outpost enroll --ca-fingerprint` takes). Reads
+    /// DATA_DIR/ca.crt; the server need not be running.
+    Fingerprint,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgCommand {
+    /// Create an organisation with a new job-signing key; prints its id.
+    Create {
+        /// Display name, e.g. `clinic-a`.
+        name: String,
+    },
+    /// List organisations.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a one-time enrollment token and print it (it is shown only this once).
+    Create {
+        /// Organisation id (from `org create` or `org list`).
+        #[arg(long)]
+        org: String,
+        /// Lifetime, e.g. 30m, 2h, 7d (default 1h, at most 7d).
+        #[arg(long, value_parser = submit::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Submit a container job from a TOML/JSON file and/or flags; prints the job id.
+    Submit(SubmitArgs),
+    /// Show one job and its result.
+    Get { job_id: String },
+    /// List jobs, newest first.
+    List {
+        /// Only this node's jobs.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only jobs in this state: queued, accepted or finished.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<JobState>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Wait until the node reports the job's result, then print it.
+    ///
+    /// Exit status 0 once a result is stored (whatever the job's outcome: read it from the
+    /// output or `--json`), 1 when no result arrived within --timeout or the job is unknown.
+    Wait {
+        job_id: String,
+        /// Give up after this long (e.g. 90s, 10m).
+        #[arg(long, value_parser = submit::parse_duration, default_value = "5m")]
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List enrolled nodes with when they were last seen.
+    List,
+    /// Show one node with its inventory.
+    Get { node_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The most recent audit entries, oldest first.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+fn parse_state(s: &str) -> Result<JobState, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?} is not a job state (queued, accepted, finished)"))
+}
+
+/// Runs one command; the exit code is the command's answer (see `job wait`).
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = cli.global;
+    match cli.command {
+        Command::Serve { listen, sans } => serve::serve(&g, listen, sans).await,
+        Command::Ca(CaCommand::Fingerprint) => {
+            let ca = DataDir::new(&g.data_dir).read_ca()?;
+            println!("{}", ca.fingerprint());
+            Ok(ExitCode::SUCCESS)
+        }
+        command => ops::operator(&g, command).await,
+    }
+}

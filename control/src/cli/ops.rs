@@ -1,0 +1,104 @@
+//! The operator commands: each one API call through [`Client`], printed as a table or JSON.
+//! Create commands print only the new id (or token) on stdout, so `$(…)` captures it.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use serde::Serialize;
+
+use super::{AuditCommand, Command, Global, JobCommand, NodeCommand, OrgCommand, TokenCommand, show, submit};
+use crate::client::Client;
+use crate::data_dir::DataDir;
+
+/// How often `job wait` asks.
+const WAIT_INTERVAL: Duration = Duration::from_millis(500);
+
+fn client(g: &Global) -> anyhow::Result<Client> {
+    let dir = DataDir::new(&g.data_dir);
+    let token = match &g.token {
+        Some(t) => t.trim().to_owned(),
+        None => {
+            let path = dir.admin_token();
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("no --token given and cannot read {}", path.display()))?
+                .trim()
+                .to_owned()
+        }
+    };
+    let ca_path = g.ca_file.clone().unwrap_or_else(|| dir.ca_cert());
+    let ca = std::fs::read_to_string(&ca_path)
+        .with_context(|| format!("cannot read the CA certificate {} (give --ca-file)", ca_path.display()))?;
+    Client::new(&g.url, &ca, &token)
+}
+
+fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human(value);
+    }
+    Ok(())
+}
+
+pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<ExitCode> {
+    let c = client(g)?;
+    match command {
+        Command::Org(OrgCommand::Create { name }) => {
+            let org = c.create_org(&name).await?;
+            print(g.json, &org, |o| {
+                eprintln!("created organisation {:?}, job-signing key {}", o.name, o.signing_key.key_id);
+                println!("{}", o.id);
+            })?;
+        }
+        Command::Org(OrgCommand::List) => {
+            let orgs = c.list_orgs().await?;
+            print(g.json, &orgs, |o| show::orgs(o))?;
+        }
+        Command::Token(TokenCommand::Create { org, ttl }) => {
+            let t = c.create_token(&org, ttl.map(|d| d.as_secs())).await?;
+            print(g.json, &t, |t| println!("{}", t.token))?;
+        }
+        Command::Job(JobCommand::Submit(args)) => {
+            let req = submit::submit_request(args)?;
+            let job = c.submit(&req).await?;
+            print(g.json, &job, |j| {
+                eprintln!("queued job for node {} (seq {})", j.node_id, j.seq);
+                println!("{}", j.job_id);
+            })?;
+        }
+        Command::Job(JobCommand::Get { job_id }) => print(g.json, &c.job(&job_id).await?, show::job)?,
+        Command::Job(JobCommand::List { node, state, limit }) => {
+            print(g.json, &c.jobs(node.as_deref(), state, limit).await?, show::jobs)?;
+        }
+        Command::Job(JobCommand::Wait { job_id, timeout }) => return wait(g, &c, &job_id, timeout).await,
+        Command::Node(NodeCommand::List) => print(g.json, &c.nodes().await?, show::nodes)?,
+        Command::Node(NodeCommand::Get { node_id }) => print(g.json, &c.node(&node_id).await?, show::node)?,
+        Command::Audit(AuditCommand::List { limit }) => print(g.json, &c.audit(limit).await?, show::audit)?,
+        Command::Serve { .. } | Command::Ca(_) => return Err(anyhow!("not an operator command")),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks until the job has a result; 0 once one is stored, 1 on timeout.
+async fn wait(g: &Global, c: &Client, job_id: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let job = c.job(job_id).await?;
+        if job.result.is_some() {
+            print(g.json, &job, show::job)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() + WAIT_INTERVAL > deadline {
+            eprintln!(
+                "error: no result for job {job_id} within {}s (state: {}); is node {} online? see `node get {}`",
+                timeout.as_secs(),
+                show::state_name(job.state),
+                job.node_id,
+                job.node_id
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(WAIT_INTERVAL).await;
+    }
+}

@@ -1,0 +1,283 @@
+//! `job submit`: builds a `SubmitJobRequest` from a TOML/JSON file and/or flags (flags win),
+//! and the small parsers for durations, memory sizes and CPU counts the flags take.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+use outpost_protocol::SubmitJobRequest;
+use serde_json::{Map, Value};
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  outpost-control job submit --node node-… --image sha256:… --env GREETING=hi -- sh -c 'echo $GREETING'
+  outpost-control job submit --file job.toml --node node-…
+
+A job file holds the SubmitJobRequest, e.g. (TOML):
+  node_id = \"node-…\"
+  [spec]
+  image = \"sha256:…\"
+  command = [\"sh\", \"-c\", \"echo hi\"]
+  timeout_secs = 60
+  [spec.resources]
+  memory_mb = 256")]
+pub struct SubmitArgs {
+    /// A .toml or .json file with `node_id`, `spec` and optionally `expires_in_secs`; flags
+    /// given as well override its values.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// The node that runs the job.
+    #[arg(long, value_name = "NODE_ID")]
+    pub node: Option<String>,
+    /// Image id (`sha256:<64 hex>`); nodes never pull by name, the image must be on the node.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Container label KEY=VALUE (repeatable; `outpost.*` is reserved).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Kill the container after this long (e.g. 90s, 1h; default 10m).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Memory limit: 512m, 2g, or a number of MiB (default 256m).
+    #[arg(long, value_parser = parse_memory_mb, value_name = "SIZE")]
+    pub memory: Option<u64>,
+    /// CPU limit in cores, e.g. 0.5 or 2 (default 1).
+    #[arg(long, value_parser = parse_cpu_millis, value_name = "CORES")]
+    pub cpus: Option<u64>,
+    /// Most processes in the container (default 64).
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// Give the container a network (default: none).
+    #[arg(long)]
+    pub network: bool,
+    /// How long the signed manifest stays valid while the node is offline (e.g. 1d; default 1d).
+    #[arg(long, value_parser = parse_duration)]
+    pub expires: Option<Duration>,
+    /// The command and its arguments, after `--` (replaces the image's CMD).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// The request the flags and file describe, validated against the protocol's types.
+pub fn submit_request(a: SubmitArgs) -> anyhow::Result<SubmitJobRequest> {
+    let mut base = match &a.file {
+        Some(path) => read_job_file(path)?,
+        None => Value::Object(Map::new()),
+    };
+    let obj = base.as_object_mut().ok_or_else(|| anyhow!("the job file must hold a table/object"))?;
+    if let Some(node) = a.node {
+        obj.insert("node_id".into(), node.into());
+    }
+    if let Some(e) = a.expires {
+        obj.insert("expires_in_secs".into(), e.as_secs().into());
+    }
+    if !obj.contains_key("node_id") {
+        bail!("say which node runs the job: --node NODE_ID (or node_id in the file); see `node list`");
+    }
+    let spec = object_at(obj, "spec")?;
+    if let Some(image) = a.image {
+        spec.insert("image".into(), image.into());
+    }
+    if !a.command.is_empty() {
+        spec.insert("command".into(), serde_json::to_value(&a.command)?);
+    }
+    merge_pairs(spec, "env", &a.env, "--env")?;
+    merge_pairs(spec, "labels", &a.labels, "--label")?;
+    if let Some(t) = a.timeout {
+        spec.insert("timeout_secs".into(), t.as_secs().into());
+    }
+    if a.network {
+        spec.insert("network".into(), true.into());
+    }
+    if a.memory.is_some() || a.cpus.is_some() || a.pids.is_some() {
+        let res = object_at(spec, "resources")?;
+        for (k, v) in [("memory_mb", a.memory), ("cpu_millis", a.cpus), ("pids", a.pids)] {
+            if let Some(v) = v {
+                res.insert(k.into(), v.into());
+            }
+        }
+    }
+    if !spec.contains_key("image") {
+        bail!("say which image runs: --image sha256:… (or spec.image in the file)");
+    }
+    serde_json::from_value(base).context("the job is not a valid SubmitJobRequest")
+}
+
+fn object_at<'a>(obj: &'a mut Map<String, Value>, key: &str) -> anyhow::Result<&'a mut Map<String, Value>> {
+    obj.entry(key)
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("`{key}` must be a table/object"))
+}
+
+fn merge_pairs(spec: &mut Map<String, Value>, key: &str, pairs: &[String], flag: &str) -> anyhow::Result<()> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let mut map: BTreeMap<String, String> = match spec.get(key) {
+        Some(v) => serde_json::from_value(v.clone())
+            .with_context(|| format!("spec.{key} must map names to strings"))?,
+        None => BTreeMap::new(),
+    };
+    for kv in pairs {
+        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("{flag} {kv:?} must be KEY=VALUE"))?;
+        if k.is_empty() {
+            bail!("{flag} {kv:?} has an empty KEY");
+        }
+        map.insert(k.into(), v.into());
+    }
+    spec.insert(key.into(), serde_json::to_value(map)?);
+    Ok(())
+}
+
+fn read_job_file(path: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the job file {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "toml") {
+        let v: toml::Value =
+            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        Ok(serde_json::to_value(v)?)
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+    }
+}
+
+/// `90`, `90s`, `30m`, `2h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 2h, 7d"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown unit in {s:?}; use s, m, h or d")),
+    };
+    n.checked_mul(factor).map(Duration::from_secs).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// `512m`, `2g`, `256` (MiB) → MiB.
+pub fn parse_memory_mb(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let lower = lower.trim_end_matches("ib").trim_end_matches('b');
+    let (num, factor) = match lower.strip_suffix('g') {
+        Some(n) => (n, 1024),
+        None => (lower.strip_suffix('m').unwrap_or(lower), 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a memory size like 512m or 2g"))?;
+    n.checked_mul(factor).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// `0.5`, `2` (cores) → thousandths of a core.
+pub fn parse_cpu_millis(s: &str) -> Result<u64, String> {
+    let cores: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of cores like 0.5 or 2"))?;
+    if !cores.is_finite() || cores <= 0.0 || cores > 1024.0 {
+        return Err(format!("{s:?} must be between 0.001 and 1024 cores"));
+    }
+    Ok(((cores * 1000.0).round() as u64).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command, JobCommand};
+
+    fn args(extra: &[&str]) -> SubmitArgs {
+        let argv = ["outpost-control", "job", "submit"].iter().chain(extra).copied();
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Job(JobCommand::Submit(a)) => a,
+            other => panic!("not a submit: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn durations_sizes_and_cores_take_units() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("2w").is_err());
+        assert!(parse_duration("h").is_err());
+        assert_eq!(parse_memory_mb("512m"), Ok(512));
+        assert_eq!(parse_memory_mb("2G"), Ok(2048));
+        assert_eq!(parse_memory_mb("64"), Ok(64));
+        assert!(parse_memory_mb("lots").is_err());
+        assert_eq!(parse_cpu_millis("0.5"), Ok(500));
+        assert_eq!(parse_cpu_millis("2"), Ok(2000));
+        assert!(parse_cpu_millis("-1").is_err());
+    }
+
+    #[test]
+    fn flags_build_a_submit_request() {
+        let image = format!("sha256:{}", "a".repeat(64));
+        let a = args(&[
+            "--node",
+            "n1",
+            "--image",
+            &image,
+            "--env",
+            "A=1",
+            "--timeout",
+            "30s",
+            "--memory",
+            "64m",
+            "--cpus",
+            "0.25",
+            "--network",
+            "--",
+            "sh",
+            "-c",
+            "echo hi",
+        ]);
+        let req = submit_request(a).expect("request");
+        assert_eq!(req.node_id, "n1");
+        assert_eq!(req.spec.command, ["sh", "-c", "echo hi"]);
+        assert_eq!(req.spec.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(req.spec.timeout_secs, 30);
+        assert_eq!(req.spec.resources.memory_mb, 64);
+        assert_eq!(req.spec.resources.cpu_millis, 250);
+        assert!(req.spec.network);
+    }
+
+    #[test]
+    fn flags_override_a_toml_job_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.toml");
+        let file = format!(
+            "node_id = \"from-file\"\n[spec]\nimage = \"sha256:{}\"\ncommand = [\"true\"]\n[spec.env]\nA = \"file\"\nB = \"kept\"\n",
+            "b".repeat(64)
+        );
+        std::fs::write(&path, file).expect("write");
+        let a = args(&["--file", path.to_str().expect("utf-8 path"), "--node", "n2", "--env", "A=flag"]);
+        let req = submit_request(a).expect("request");
+        assert_eq!(req.node_id, "n2");
+        assert_eq!(req.spec.command, ["true"]);
+        assert_eq!(req.spec.env.get("A").map(String::as_str), Some("flag"));
+        assert_eq!(req.spec.env.get("B").map(String::as_str), Some("kept"));
+    }
+
+    #[test]
+    fn a_submit_without_a_node_or_image_says_what_is_missing() {
+        let err = submit_request(args(&["--image", "sha256:ab"])).expect_err("no node");
+        assert!(err.to_string().contains("--node"), "{err}");
+        let err = submit_request(args(&["--node", "n1"])).expect_err("no image");
+        assert!(err.to_string().contains("--image"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_in_a_job_file_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.json");
+        std::fs::write(&path, r#"{"node_id":"n","spec":{"image":"sha256:00","privileged":true}}"#)
+            .expect("write");
+        let err = submit_request(args(&["--file", path.to_str().expect("utf-8 path")])).expect_err("refused");
+        assert!(format!("{err:#}").contains("privileged"), "{err:#}");
+    }
+}

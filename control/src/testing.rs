@@ -1,0 +1,90 @@
+//! A real control plane for tests: TLS 1.3 on 127.0.0.1 with a fresh port and a temporary
+//! data directory, started in-process. Restarting keeps the directory (CA, admin token,
+//! database), as a restarted production server would.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Client;
+use crate::clock::Clock;
+use crate::server::{RunningServer, ServerConfig, serve};
+
+/// A running server and the temporary data directory it owns (deleted on drop).
+pub struct TestServer {
+    server: RunningServer,
+    dir: TempDir,
+}
+
+/// Starts a server on 127.0.0.1:0 over real TLS with a fresh temporary data directory.
+pub async fn start_test_server() -> anyhow::Result<TestServer> {
+    TestServer::start().await
+}
+
+impl TestServer {
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let server = start_in(dir.path()).await?;
+        Ok(Self { server, dir })
+    }
+
+    /// Stops the server and starts a new one on the same data directory (on a new port).
+    pub async fn restart(self) -> anyhow::Result<Self> {
+        let Self { server, dir } = self;
+        server.stop().await;
+        let server = start_in(dir.path()).await?;
+        Ok(Self { server, dir })
+    }
+
+    /// Stops the server; the data directory is deleted.
+    pub async fn stop(self) {
+        self.server.stop().await;
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.server.ca_pem
+    }
+
+    /// SHA-256 of the CA certificate (DER), lowercase hex.
+    pub fn ca_fingerprint(&self) -> &str {
+        &self.server.ca_fingerprint
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.server.admin_token
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's clock; advancing it expires tokens without waiting.
+    pub fn clock(&self) -> &Clock {
+        self.server.clock()
+    }
+
+    /// The operator client the CLI uses, with the admin token and the CA pinned.
+    pub fn operator(&self) -> anyhow::Result<Client> {
+        Client::new(&self.url(), self.ca_pem(), self.admin_token())
+    }
+}
+
+async fn start_in(dir: &Path) -> anyhow::Result<RunningServer> {
+    let config = ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.to_path_buf(),
+        extra_sans: vec![],
+    };
+    Ok(serve(config, CancellationToken::new()).await?)
+}

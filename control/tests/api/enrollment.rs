@@ -1,0 +1,106 @@
+//! Enrollment: one-time, expiring tokens traded for a client certificate.
+
+use std::time::Duration;
+
+use outpost_control::pki;
+use outpost_control::testing::TestServer;
+use outpost_protocol::paths;
+use reqwest::StatusCode;
+
+use crate::support::{TestNode, assert_error, csr, enroll_request, https, org_and_token, post_json};
+
+#[tokio::test]
+async fn a_node_enrolls_with_a_token_and_gets_a_certificate_naming_it() {
+    let server = TestServer::start().await.expect("server");
+    let (org_id, token) = org_and_token(&server).await;
+    let node = TestNode::enroll(&server, &token).await;
+
+    let e = &node.enrolled;
+    assert_eq!(e.org_id, org_id);
+    assert!(e.node_id.starts_with("node-"));
+    assert_eq!(e.ca_pem, server.ca_pem());
+    let der = pki::pem_to_der(&e.cert_pem, "node certificate").expect("PEM");
+    let peer = pki::peer_cert(&der).expect("a certificate");
+    assert_eq!(peer.node_id, e.node_id, "the CN is the node id, not what the CSR asked for");
+    let op = server.operator().expect("operator");
+    let org = op.list_orgs().await.expect("orgs").into_iter().find(|o| o.id == org_id).expect("the org");
+    assert_eq!(e.org_signing_key, org.signing_key, "the node pins the org's job-signing key");
+
+    let listed = op.node(&e.node_id).await.expect("node listed");
+    assert_eq!(listed.cert_sha256, peer.cert_sha256);
+    assert_eq!(listed.hostname, "edge-1.test");
+    let audit = op.audit(100).await.expect("audit");
+    assert!(audit.entries.iter().any(|a| a.action == "node.enrolled" && a.detail.contains(&e.node_id)));
+
+    // The certificate works: the node can poll.
+    assert!(node.poll(&[], 0).await.jobs.is_empty());
+}
+
+#[tokio::test]
+async fn a_replayed_token_is_refused_and_audited() {
+    let server = TestServer::start().await.expect("server");
+    let (_, token) = org_and_token(&server).await;
+    let _first = TestNode::enroll(&server, &token).await;
+
+    let anonymous = https(server.ca_pem(), None);
+    let url = format!("{}{}", server.url(), paths::ENROLL);
+    let got = post_json(&anonymous, &url, &enroll_request(&token, &csr().0)).await;
+    assert_error(&got, StatusCode::UNAUTHORIZED, "token_used");
+    assert!(got.1["message"].as_str().unwrap_or_default().contains("already used"), "{}", got.1);
+
+    let op = server.operator().expect("operator");
+    assert_eq!(op.nodes().await.expect("nodes").nodes.len(), 1, "the replay registered no node");
+    let audit = op.audit(100).await.expect("audit");
+    assert!(audit.entries.iter().any(|a| a.action == "enroll.rejected" && a.detail.contains("already used")));
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refused_with_its_own_message() {
+    let server = TestServer::start().await.expect("server");
+    let (_, token) = org_and_token(&server).await;
+    server.clock().advance(Duration::from_secs(2 * 3600));
+
+    let anonymous = https(server.ca_pem(), None);
+    let url = format!("{}{}", server.url(), paths::ENROLL);
+    let got = post_json(&anonymous, &url, &enroll_request(&token, &csr().0)).await;
+    assert_error(&got, StatusCode::UNAUTHORIZED, "token_expired");
+    assert!(got.1["message"].as_str().unwrap_or_default().contains("expired"), "{}", got.1);
+    let audit = server.operator().expect("operator").audit(100).await.expect("audit");
+    assert!(audit.entries.iter().any(|a| a.action == "enroll.rejected" && a.detail.contains("expired")));
+}
+
+#[tokio::test]
+async fn an_unknown_token_is_refused() {
+    let server = TestServer::start().await.expect("server");
+    let anonymous = https(server.ca_pem(), None);
+    let url = format!("{}{}", server.url(), paths::ENROLL);
+    let got = post_json(&anonymous, &url, &enroll_request("opt_made_up", &csr().0)).await;
+    assert_error(&got, StatusCode::UNAUTHORIZED, "token_unknown");
+}
+
+#[tokio::test]
+async fn a_bad_csr_is_refused_without_spending_the_token() {
+    let server = TestServer::start().await.expect("server");
+    let (_, token) = org_and_token(&server).await;
+    let anonymous = https(server.ca_pem(), None);
+    let url = format!("{}{}", server.url(), paths::ENROLL);
+    let got = post_json(&anonymous, &url, &enroll_request(&token, "not a CSR")).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "bad_csr");
+    let node = TestNode::enroll(&server, &token).await;
+    assert!(node.id().starts_with("node-"));
+}
+
+#[tokio::test]
+async fn the_server_presents_its_ca_in_the_chain_for_fingerprint_pinning() {
+    let server = TestServer::start().await.expect("server");
+    let config = outpost_control::tls::client_config(server.ca_pem(), None).expect("TLS config");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(server.addr()).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("TLS 1.3 handshake");
+    let (_, conn) = tls.get_ref();
+    assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    let chain = conn.peer_certificates().expect("a chain");
+    assert_eq!(chain.len(), 2, "[leaf, CA]");
+    assert_eq!(pki::sha256_hex(chain[1].as_ref()), server.ca_fingerprint());
+}

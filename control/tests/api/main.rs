@@ -1,0 +1,15 @@
+//! The control plane's HTTP API, tested against a real server started in-process: TLS 1.3 on
+//! 127.0.0.1, a temporary data directory, the sled store. One test binary, one module per
+//! concern.
+
+// Helpers outside #[test] fns panic on purpose: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::panic)]
+
+mod auth;
+mod dispatch;
+mod enrollment;
+mod limits;
+mod openapi;
+mod restart;
+mod results;
+mod support;

@@ -1,0 +1,165 @@
+//! The `outpost-control` binary end to end: `serve` prints its ready line and stops on
+//! SIGTERM; the operator commands drive a real server; a node (speaking HTTP here) runs the
+//! job in between.
+
+// Helpers outside #[test] fns panic on purpose: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::panic)]
+
+#[allow(dead_code)]
+#[path = "api/support.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use outpost_protocol::JobInfo;
+
+const BIN: &str = env!("CARGO_BIN_EXE_outpost-control");
+
+struct Served {
+    child: Child,
+    url: String,
+    fingerprint: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `serve` on a free port and reads its one ready line.
+fn serve(dir: &Path) -> Served {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("outpost-control starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("a ready line");
+    // outpost-control listening on https://127.0.0.1:PORT (CA sha256 HEX)
+    let rest =
+        line.strip_prefix("outpost-control listening on https://").unwrap_or_else(|| panic!("{line:?}"));
+    let (addr, rest) = rest.split_once(" (CA sha256 ").unwrap_or_else(|| panic!("{line:?}"));
+    let fingerprint = rest.strip_suffix(")\n").unwrap_or_else(|| panic!("{line:?}"));
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "{line:?}");
+    assert!(fingerprint.len() == 64 && fingerprint.bytes().all(|b| b.is_ascii_hexdigit()), "{line:?}");
+    Served { child, url: format!("https://{addr}"), fingerprint: fingerprint.to_owned() }
+}
+
+fn ctl(served: &Served, dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["--url", &served.url, "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .env_remove("OUTPOST_ADMIN_TOKEN")
+        .env_remove("OUTPOST_CONTROL_URL")
+        .output()
+        .expect("outpost-control runs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn serve_runs_a_job_submitted_by_the_cli_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut served = serve(d);
+
+    assert_eq!(ok(ctl(&served, d, &["ca", "fingerprint"])).trim(), served.fingerprint);
+    let org = ok(ctl(&served, d, &["org", "create", "clinic-a"])).trim().to_owned();
+    assert!(org.starts_with("org-"), "{org}");
+    assert!(ok(ctl(&served, d, &["org", "list"])).contains("clinic-a"));
+    let token = ok(ctl(&served, d, &["token", "create", "--org", &org, "--ttl", "30m"])).trim().to_owned();
+    assert!(token.starts_with("opt_"), "{token}");
+
+    let ca_pem = std::fs::read_to_string(d.join("ca.crt")).expect("ca.crt");
+    let node = support::TestNode::enroll_at(&served.url, &ca_pem, &token).await;
+    assert!(ok(ctl(&served, d, &["node", "list"])).contains(node.id()));
+
+    let image = format!("sha256:{}", "c".repeat(64));
+    let submit =
+        ["job", "submit", "--node", node.id(), "--image", &image, "--memory", "64m", "--", "echo", "hi"];
+    let job_id = ok(ctl(&served, d, &submit)).trim().to_owned();
+    let waiting = ctl(&served, d, &["job", "wait", &job_id, "--timeout", "1s"]);
+    assert_eq!(waiting.status.code(), Some(1), "no result yet: {}", text(&waiting.stderr));
+
+    let offered = node.poll(&[], 5).await;
+    assert_eq!(offered.jobs.len(), 1);
+    let (status, body) = node.report(&support::succeeded(&job_id, "hi from the node")).await;
+    assert!(status.is_success(), "{body}");
+
+    let shown = ok(ctl(&served, d, &["job", "wait", &job_id, "--timeout", "30s"]));
+    assert!(shown.contains("succeeded") && shown.contains("hi from the node"), "{shown}");
+    let json = ok(ctl(&served, d, &["--json", "job", "get", &job_id]));
+    let info: JobInfo = serde_json::from_str(&json).expect("JobInfo JSON");
+    assert_eq!(info.spec.command, ["echo", "hi"]);
+    assert_eq!(info.spec.resources.memory_mb, 64);
+    assert!(ok(ctl(&served, d, &["job", "list", "--node", node.id()])).contains(&job_id));
+    assert!(ok(ctl(&served, d, &["audit", "list"])).contains("job.submitted"));
+
+    let unknown = ctl(&served, d, &["job", "submit", "--node", "node-nobody", "--image", &image]);
+    assert!(!unknown.status.success());
+    assert!(text(&unknown.stderr).contains("not enrolled"), "{}", text(&unknown.stderr));
+
+    let pid = served.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = served.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn help_shows_examples_and_every_command() {
+    let out = Command::new(BIN).arg("--help").output().expect("runs");
+    let help = ok(out);
+    for word in ["serve", "ca", "org", "token", "job", "node", "audit", "Examples:", "--json", "--data-dir"] {
+        assert!(help.contains(word), "--help lacks {word}:\n{help}");
+    }
+    let submit = ok(Command::new(BIN).args(["job", "submit", "--help"]).output().expect("runs"));
+    for word in
+        ["--node", "--image", "--env", "--timeout", "--memory", "--cpus", "--pids", "--network", "--file"]
+    {
+        assert!(submit.contains(word), "job submit --help lacks {word}:\n{submit}");
+    }
+}
+
+#[test]
+fn operator_commands_without_credentials_say_where_they_looked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(BIN)
+        .args(["--url", "https://127.0.0.1:1", "--data-dir"])
+        .arg(dir.path())
+        .args(["node", "list"])
+        .env_remove("OUTPOST_ADMIN_TOKEN")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("admin.token"), "{}", text(&out.stderr));
+}
