@@ -1,0 +1,129 @@
+//! The `outpost` binary's own commands, run as a process: configuration checks, status of an
+//! unenrolled node, and loading an image tarball into the real Docker engine.
+
+#![allow(clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn outpost(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("OUTPOST_DATA_DIR")
+        .output()
+        .expect("run outpost")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn check_config_prints_the_merged_configuration_with_drop_ins_and_env() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("data_dir = \"{}\"\n[agent]\nmax_concurrent_jobs = 2\n", dir.path().display()),
+    )
+    .expect("write");
+    std::fs::create_dir(dir.path().join("config.d")).expect("mkdir");
+    std::fs::write(dir.path().join("config.d/10-site.toml"), "[agent]\nheartbeat_secs = 7\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .env("OUTPOST_PROFILE", "air-gapped")
+        .output()
+        .expect("run");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("max_concurrent_jobs = 2"), "{t}");
+    assert!(t.contains("heartbeat_secs = 7"), "{t}");
+    assert!(t.contains("air-gapped"), "{t}");
+    assert!(t.contains("10-site.toml") && t.contains("$OUTPOST_PROFILE"), "sources are named: {t}");
+}
+
+#[test]
+fn an_unknown_key_is_an_error_that_names_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[agent]\nmax_concurent_jobs = 2\n").expect("write");
+    let out = outpost(&config, &["check-config"]);
+    let t = text(&out);
+    assert!(!out.status.success());
+    assert!(t.contains("max_concurent_jobs") && t.contains(&config.display().to_string()), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+}
+
+#[test]
+fn a_malformed_config_file_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[agent\nthis is not toml").expect("write");
+    let out = outpost(&config, &["run"]);
+    let t = text(&out);
+    assert!(!out.status.success());
+    assert!(t.contains("not valid TOML"), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+}
+
+#[test]
+fn run_and_status_of_an_unenrolled_node_say_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("data_dir = \"{}\"\n", dir.path().display())).expect("write");
+    let out = outpost(&config, &["run"]);
+    let t = text(&out);
+    assert!(!out.status.success());
+    assert!(t.contains("not enrolled") && t.contains("outpost enroll"), "{t}");
+    let out = outpost(&config, &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("not enrolled"));
+}
+
+#[test]
+fn enroll_refuses_an_unpinned_or_plain_http_control_plane() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("data_dir = \"{}\"\n", dir.path().display())).expect("write");
+    let out = outpost(
+        &config,
+        &["enroll", "--control", "http://x:1", "--token", "t", "--ca-fingerprint", &"ab".repeat(32)],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("https://"), "{}", text(&out));
+    let out =
+        outpost(&config, &["enroll", "--control", "https://x:1", "--token", "t", "--ca-fingerprint", "zz"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--ca-fingerprint"), "{}", text(&out));
+    // A control plane that is not there: a clear error, nothing written.
+    let out = outpost(
+        &config,
+        &["enroll", "--control", "https://127.0.0.1:9", "--token", "t", "--ca-fingerprint", &"ab".repeat(32)],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("enrollment failed"), "{}", text(&out));
+    assert!(!dir.path().join("identity/node.json").exists());
+}
+
+#[test]
+fn images_load_brings_a_tarball_into_the_engine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("data_dir = \"{}\"\n", dir.path().display())).expect("write");
+    let tar = dir.path().join("image.tar");
+    let id = common::build_test_image(Some(&tar));
+    let out = outpost(&config, &["images", "load", tar.to_str().expect("utf8")]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains(&format!("loaded {id}")), "{t}");
+    std::fs::write(dir.path().join("junk.tar"), b"not a tarball").expect("write");
+    let out = outpost(&config, &["images", "load", dir.path().join("junk.tar").to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    assert!(!text(&out).contains("panicked"), "{}", text(&out));
+}
