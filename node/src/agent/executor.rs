@@ -59,6 +59,12 @@ impl<R: Runtime> Agent<R> {
         spec: &ContainerSpec,
         shutdown: &CancellationToken,
     ) -> Result<ResultReport, Stop> {
+        // Launch a few containers at a time: the engine serialises much of create/start, and
+        // twenty creates in flight make every job wait for all of them before any starts.
+        let launch = tokio::select! {
+            p = self.launch.acquire() => p.map_err(|_| Stop::Shutdown)?,
+            _ = shutdown.cancelled() => return Err(Stop::Shutdown),
+        };
         if rec.state == JobState::Staged {
             retry(shutdown, || self.runtime.create(job, spec)).await?;
             rec.state = JobState::Running;
@@ -77,6 +83,7 @@ impl<R: Runtime> Agent<R> {
                 started_unix_ms.unwrap_or_else(now_unix_ms)
             }
         };
+        drop(launch);
         tracing::info!(job = %job.job_id, attempt = job.attempt, "job running");
 
         let deadline_ms = started.saturating_add(spec.timeout_secs.saturating_mul(1000));

@@ -74,6 +74,14 @@ pub struct Agent<R: Runtime> {
     pub(crate) uplink: Uplink,
     pub(crate) verifier: ManifestVerifier,
     pub(crate) shared: Arc<Shared>,
+    /// Containers being created and started at the same moment (see `executor`).
+    pub(crate) launch: Semaphore,
+}
+
+/// How many containers the agent creates and starts at once: one per CPU (at least two), since
+/// the engine's create/start work is CPU- and lock-bound.
+fn launch_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)
 }
 
 impl<R: Runtime> Agent<R> {
@@ -90,6 +98,7 @@ impl<R: Runtime> Agent<R> {
             uplink,
             verifier,
             shared: Arc::default(),
+            launch: Semaphore::new(launch_concurrency()),
         })
     }
 
