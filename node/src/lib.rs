@@ -11,6 +11,7 @@ pub mod identity;
 pub mod inventory;
 pub mod ledger;
 pub mod objstore;
+pub mod relay;
 pub mod runtime;
 pub mod status;
 pub mod store;

@@ -15,16 +15,22 @@ pub enum Tree {
     Meta,
     /// The hash-chained audit log, keyed by big-endian sequence number.
     Audit,
+    /// The relay's bookkeeping: its event counter, a cursor and a key → ETag index per watch.
+    Relay,
+    /// The relay's outbox: events not yet sent, keyed by big-endian event sequence number.
+    Events,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 3] = [Tree::Jobs, Tree::Meta, Tree::Audit];
+    pub const ALL: [Tree; 5] = [Tree::Jobs, Tree::Meta, Tree::Audit, Tree::Relay, Tree::Events];
 
     pub fn name(self) -> &'static str {
         match self {
             Tree::Jobs => "jobs",
             Tree::Meta => "meta",
             Tree::Audit => "audit",
+            Tree::Relay => "relay",
+            Tree::Events => "events",
         }
     }
 }

@@ -12,7 +12,7 @@ use super::{Op, Result, StateStore, StoreError, Tree};
 #[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 3],
+    trees: [sled::Tree; 5],
     path: PathBuf,
 }
 
@@ -29,7 +29,13 @@ impl SledStore {
         };
         let db = sled::Config::new().path(path).cache_capacity(4 * 1024 * 1024).open().map_err(err)?;
         let open = |t: Tree| db.open_tree(t.name()).map_err(err);
-        let trees = [open(Tree::Jobs)?, open(Tree::Meta)?, open(Tree::Audit)?];
+        let trees = [
+            open(Tree::Jobs)?,
+            open(Tree::Meta)?,
+            open(Tree::Audit)?,
+            open(Tree::Relay)?,
+            open(Tree::Events)?,
+        ];
         Ok(Self { db, trees, path: path.to_path_buf() })
     }
 
@@ -38,6 +44,8 @@ impl SledStore {
             Tree::Jobs => &self.trees[0],
             Tree::Meta => &self.trees[1],
             Tree::Audit => &self.trees[2],
+            Tree::Relay => &self.trees[3],
+            Tree::Events => &self.trees[4],
         }
     }
 
@@ -63,9 +71,9 @@ impl StateStore for SledStore {
     }
 
     fn apply(&self, ops: Vec<Op>) -> Result<()> {
-        let (jobs, meta, audit) = (&self.trees[0], &self.trees[1], &self.trees[2]);
-        let res: std::result::Result<(), TransactionError<()>> =
-            (jobs, meta, audit).transaction(|(j, m, a)| {
+        let [jobs, meta, audit, relay, events] = &self.trees;
+        let res: std::result::Result<(), TransactionError<()>> = (jobs, meta, audit, relay, events)
+            .transaction(|(j, m, a, r, e)| {
                 for op in &ops {
                     let (t, key) = match op {
                         Op::Put(t, k, _) | Op::Delete(t, k) => (t, k),
@@ -74,6 +82,8 @@ impl StateStore for SledStore {
                         Tree::Jobs => j,
                         Tree::Meta => m,
                         Tree::Audit => a,
+                        Tree::Relay => r,
+                        Tree::Events => e,
                     };
                     match op {
                         Op::Put(_, _, v) => {

@@ -1,0 +1,193 @@
+//! The relay's settings, shaped to become the `[relay]` section of the agent's config as is.
+//! Plain data with defaults and `deny_unknown_fields`; [`RelayConfig::validate`] refuses what
+//! would make the relay's persisted state ambiguous (duplicate or unsafe watch names).
+//!
+//! ```toml
+//! [relay]
+//! poll_interval_ms = 1000          # pause between scan passes
+//! batch_size = 500                 # objects per listing page and per atomic state batch
+//! reconcile_every = 60             # a reconciliation pass every this many scan passes
+//! outbox_bound = 10000             # unsent events at which scanning pauses (back-pressure)
+//! json_check_cap_bytes = 16777216  # larger objects are refused when a rule must parse them
+//!
+//! [[relay.watches]]
+//! name = "fhir-in"
+//! prefix = "incoming/fhir/"
+//! [relay.watches.rules]
+//! max_size_bytes = 104857600
+//! allowed_suffixes = [".json"]
+//! allowed_content_types = ["application/json"]
+//! json_well_formed = true
+//! fhir_resource_types = ["Patient", "Observation"]
+//! ```
+
+use serde::Deserialize;
+
+/// Largest accepted `batch_size`: one listing page of the object store.
+pub const MAX_BATCH_SIZE: usize = crate::objstore::MAX_LIST_PAGE;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Milliseconds between scan passes when the relay runs as a loop.
+    pub poll_interval_ms: u64,
+    /// Objects listed per page and evaluated per atomic state batch (1..=1000).
+    pub batch_size: usize,
+    /// Run a reconciliation pass (a full listing of each watch) every this many scan passes;
+    /// 0 turns periodic reconciliation off.
+    pub reconcile_every: u32,
+    /// Unsent events at which the relay stops scanning until the uplink catches up. The
+    /// outbox never holds more than this many events.
+    pub outbox_bound: u64,
+    /// Objects larger than this are refused by watches that must parse them (JSON, FHIR):
+    /// the parser holds the whole document in memory.
+    pub json_check_cap_bytes: u64,
+    pub watches: Vec<Watch>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 1000,
+            batch_size: 500,
+            reconcile_every: 60,
+            outbox_bound: 10_000,
+            json_check_cap_bytes: 16 * 1024 * 1024,
+            watches: Vec::new(),
+        }
+    }
+}
+
+/// One watched prefix of the local object store and the rules its objects must pass.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watch {
+    /// Names the watch's persisted cursor and index: 1 to 64 of `A-Z a-z 0-9 _ . -`.
+    /// Renaming a watch starts it over from the beginning of its prefix.
+    pub name: String,
+    /// Key prefix to watch; empty watches the whole store.
+    pub prefix: String,
+    #[serde(default)]
+    pub rules: Rules,
+}
+
+/// What an object must satisfy to be accepted. Every rule that is unset lets everything pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rules {
+    /// Larger objects are rejected without reading their body.
+    pub max_size_bytes: Option<u64>,
+    /// The key must end with one of these (compared ignoring ASCII case); empty allows any.
+    pub allowed_suffixes: Vec<String>,
+    /// The content type, inferred from the key's suffix (the port keeps no content type),
+    /// must be one of these. An object whose type cannot be inferred is then rejected.
+    pub allowed_content_types: Option<Vec<String>>,
+    /// The body must be well-formed JSON.
+    pub json_well_formed: bool,
+    /// The body must be a JSON object whose `resourceType` is one of these.
+    pub fhir_resource_types: Option<Vec<String>>,
+}
+
+impl Rules {
+    /// Whether checking these rules needs the whole body in memory.
+    pub fn parses_json(&self) -> bool {
+        self.json_well_formed || self.fhir_resource_types.is_some()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("relay configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl RelayConfig {
+    /// Refuse settings the relay cannot run with, saying which key to fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return Err(ConfigError(format!(
+                "relay.batch_size = {} is outside 1..={MAX_BATCH_SIZE}",
+                self.batch_size
+            )));
+        }
+        if self.outbox_bound == 0 {
+            return Err(ConfigError("relay.outbox_bound must be at least 1".into()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for w in &self.watches {
+            let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+            if w.name.is_empty() || w.name.len() > 64 || !w.name.chars().all(ok_char) {
+                return Err(ConfigError(format!(
+                    "watch name {:?} must be 1 to 64 of A-Z a-z 0-9 _ . -",
+                    w.name
+                )));
+            }
+            if !seen.insert(w.name.as_str()) {
+                return Err(ConfigError(format!(
+                    "watch name {:?} is used twice; names must be unique",
+                    w.name
+                )));
+            }
+            if let Some(types) = &w.rules.fhir_resource_types
+                && types.is_empty()
+            {
+                return Err(ConfigError(format!(
+                    "watch {:?}: fhir_resource_types is empty, which would reject every object; \
+                     remove it or name the allowed types",
+                    w.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_section_takes_the_defaults_and_validates() {
+        let c: RelayConfig = toml::from_str("").expect("parse");
+        assert_eq!(c, RelayConfig::default());
+        c.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! [relay]"))
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.trim_start_matches("//!").trim_start())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let parsed: toml::Value = toml::from_str(&example).expect("example is TOML");
+        let relay = parsed.get("relay").expect("[relay]").clone();
+        let c: RelayConfig = relay.try_into().expect("example matches the struct");
+        c.validate().expect("example is valid");
+        assert_eq!(
+            c.watches[0].rules.fhir_resource_types.as_deref(),
+            Some(&["Patient".into(), "Observation".into()][..])
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_names_are_refused() {
+        assert!(toml::from_str::<RelayConfig>("poll_interval = 5").is_err(), "typo of poll_interval_ms");
+        let dup = RelayConfig {
+            watches: vec![
+                Watch { name: "a".into(), prefix: "x/".into(), rules: Rules::default() },
+                Watch { name: "a".into(), prefix: "y/".into(), rules: Rules::default() },
+            ],
+            ..RelayConfig::default()
+        };
+        assert!(dup.validate().expect_err("duplicate").0.contains("used twice"));
+        let slash = RelayConfig {
+            watches: vec![Watch { name: "a/b".into(), prefix: String::new(), rules: Rules::default() }],
+            ..RelayConfig::default()
+        };
+        assert!(slash.validate().is_err());
+        let batch = RelayConfig { batch_size: 0, ..RelayConfig::default() };
+        assert!(batch.validate().expect_err("batch").0.contains("batch_size"));
+    }
+}

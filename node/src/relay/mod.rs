@@ -1,0 +1,153 @@
+//! The Relay: turns objects landing in the local object store into validated, numbered
+//! events in a bounded, persisted outbox, for the uplink to send. It owns `Tree::Relay` and
+//! `Tree::Events` of the StateStore and only ever reads the object store: it must never
+//! write, move or delete site data, and never put an object's body into an event.
+//!
+//! A scan pass lists each watch after its persisted cursor in bounded pages; a reconciliation
+//! pass lists whole prefixes to find objects that landed behind the cursor or were
+//! overwritten, and forgets deleted keys. Every page's events, cursor, index and event counter
+//! go into one atomic batch (see `state.rs`), so a kill at any point neither loses nor repeats
+//! an event. Passes stop when the outbox holds `outbox_bound` events (back-pressure).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::objstore::{ObjectStore, ObjectStoreError};
+use crate::store::{Op, StateStore, StoreError, Tree};
+
+pub mod config;
+pub mod event;
+mod run;
+mod scan;
+mod state;
+pub mod validate;
+
+pub use config::{ConfigError, RelayConfig, Rules, Watch};
+pub use event::{PassReport, RelayEvent, RelayMetrics};
+
+use state::State;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("relay watch {watch:?} could not list or read the object store: {source}")]
+    Objects { watch: String, source: ObjectStoreError },
+    #[error("relay watch {watch:?} could not read the body of {key}: {source}")]
+    Read { watch: String, key: String, source: std::io::Error },
+    #[error("relay state: {0}")]
+    State(#[from] StoreError),
+}
+
+impl RelayError {
+    /// Whether the same pass may succeed later (an unreachable store, a cut read): the
+    /// caller backs off and retries. Anything else needs an operator.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RelayError::Objects { source, .. } => source.is_retryable(),
+            RelayError::Read { .. } => true,
+            RelayError::Config(_) | RelayError::State(_) => false,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RelayError>;
+
+type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+#[derive(Default)]
+struct Counters {
+    seen: AtomicU64,
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    backpressure: AtomicBool,
+}
+
+/// The relay over one object store. Build one per node: it assumes it is the only writer of
+/// its two trees.
+pub struct Relay<S: ObjectStore> {
+    objects: S,
+    state: State,
+    config: RelayConfig,
+    counters: Counters,
+    clock: Clock,
+    /// Passes read the event counter and write it back: one pass at a time.
+    pass: tokio::sync::Mutex<()>,
+}
+
+impl<S: ObjectStore> std::fmt::Debug for Relay<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("watches", &self.config.watches.len()).finish()
+    }
+}
+
+impl<S: ObjectStore> Relay<S> {
+    /// Build a relay after checking its configuration.
+    pub fn new(objects: S, state: Arc<dyn StateStore>, config: RelayConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            objects,
+            state: State::new(state),
+            config,
+            counters: Counters::default(),
+            clock: Arc::new(crate::clock::now_unix_ms),
+            pass: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Use another clock for event timestamps and lag (tests).
+    pub fn with_clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Up to `limit` unsent events, oldest first, for the uplink.
+    pub fn pending_events(&self, limit: usize) -> Result<Vec<RelayEvent>> {
+        let mut all = self.state.pending()?;
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// Drop every event up to and including `up_to_seq` from the outbox, once the control
+    /// plane has stored them. Idempotent; returns how many were removed.
+    pub fn mark_sent(&self, up_to_seq: u64) -> Result<usize> {
+        let ops: Vec<Op> = self
+            .state
+            .pending_keys()?
+            .into_iter()
+            .filter(|k| {
+                <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).is_ok_and(|s| s <= up_to_seq)
+            })
+            .map(|k| Op::Delete(Tree::Events, k))
+            .collect();
+        let n = ops.len();
+        if n > 0 {
+            self.state.apply(ops)?;
+        }
+        Ok(n)
+    }
+
+    pub fn metrics(&self) -> Result<RelayMetrics> {
+        let pending = self.state.pending()?;
+        let now = (self.clock)();
+        Ok(RelayMetrics {
+            objects_seen: self.counters.seen.load(Ordering::Relaxed),
+            objects_accepted: self.counters.accepted.load(Ordering::Relaxed),
+            objects_rejected: self.counters.rejected.load(Ordering::Relaxed),
+            pending_depth: pending.len() as u64,
+            lag_ms: pending.first().map(|e| now.saturating_sub(e.observed_unix_ms)),
+            backpressure: self.counters.backpressure.load(Ordering::Relaxed),
+            last_seq: self.state.last_seq()?,
+        })
+    }
+
+    fn count(&self, report: &PassReport) {
+        self.counters.seen.fetch_add(report.events + report.vanished, Ordering::Relaxed);
+        self.counters.accepted.fetch_add(report.accepted, Ordering::Relaxed);
+        self.counters.rejected.fetch_add(report.rejected, Ordering::Relaxed);
+    }
+}
