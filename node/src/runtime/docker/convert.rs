@@ -56,11 +56,20 @@ pub(super) fn container_state(state: Option<&EngineState>) -> ContainerState {
         return ContainerState::Created;
     };
     let started = state.started_at.as_deref().and_then(parse_docker_time);
-    let exited = || ContainerState::Exited {
-        exit_code: state.exit_code.unwrap_or(-1),
-        started_unix_ms: started,
-        finished_unix_ms: state.finished_at.as_deref().and_then(parse_docker_time),
-        oom_killed: state.oom_killed.unwrap_or(false),
+    let exited = || {
+        let finished = state.finished_at.as_deref().and_then(parse_docker_time);
+        // For a process that exits at once the engine can record StartedAt a few milliseconds
+        // after FinishedAt; a job never ends before it starts.
+        let started = match (started, finished) {
+            (Some(s), Some(f)) => Some(s.min(f)),
+            (s, _) => s,
+        };
+        ContainerState::Exited {
+            exit_code: state.exit_code.unwrap_or(-1),
+            started_unix_ms: started,
+            finished_unix_ms: finished,
+            oom_killed: state.oom_killed.unwrap_or(false),
+        }
     };
     match state.status {
         Some(Status::CREATED) => ContainerState::Created,
