@@ -1,0 +1,163 @@
+"""The appliance scenario images/test runs in one virtual machine (qemu, software emulation):
+
+1. first boot from slot A: first-boot enrollment, the agent reports ready on the console; the
+   boot report (printed by outpost-boot-check inside the VM) shows nothing listening on a
+   non-loopback address;
+2. A/B update: a USB stick with a signed bundle of version UPDATE is plugged in; the appliance
+   installs it into slot B, reboots, and slot B comes up good with the new version;
+3. rollback: a stick with a bundle whose agent never becomes ready (version BROKEN) is plugged in;
+   it is installed into slot A, the trial boot fails, the boot check marks it bad and reboots,
+   and systemd-boot falls back to slot B (boot counting), which comes up good again.
+
+usage: abtest.py --disk DISK --workdir DIR --base V --update V --update-stick IMG
+                 --broken V --broken-stick IMG [--skip-ab] [--timeout-scale F]
+Prints progress and one JSON object with the measured figures as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vm import VM, VMError  # noqa: E402
+
+REPORT = (r"outpost-boot: slot=(?P<slot>\S+) version=(?P<version>\S+) assessment=(?P<assessment>\S+) "
+          r"agent=(?P<agent>\S+) ready_s=(?P<ready_s>\S+) uptime_s=(?P<uptime_s>\S+) "
+          r"slots=(?P<slots>\S+) listeners=(?P<listeners>\S+)")
+# DHCP clients (v4 port 68, v6 port 546) hold a UDP socket on the leased address to renew it;
+# they answer no requests. Everything else on a non-loopback address fails the test.
+DHCP_CLIENT = re.compile(r"^udp:.*:(68|546)$")
+
+
+def say(msg: str) -> None:
+    print(f"abtest: {msg}", flush=True)
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise VMError(msg)
+
+
+def exposed(listeners: str) -> list[str]:
+    if listeners == "none":
+        return []
+    return [entry for entry in listeners.split(",") if not DHCP_CLIENT.match(entry)]
+
+
+def boot_report(vm: VM, timeout: float) -> dict:
+    m = vm.wait_for(REPORT, timeout)
+    report = m.groupdict()
+    say(f"boot report at {vm.elapsed():.1f}s: " + " ".join(f"{k}={v}" for k, v in report.items()))
+    return report
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--disk", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--update", required=True)
+    ap.add_argument("--update-stick", type=Path)
+    ap.add_argument("--broken", required=True)
+    ap.add_argument("--broken-stick", type=Path)
+    ap.add_argument("--skip-ab", action="store_true")
+    ap.add_argument("--timeout-scale", type=float, default=1.0)
+    args = ap.parse_args()
+    t = args.timeout_scale
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    figures: dict = {}
+    vm = VM(args.disk, args.workdir)
+    ok = False
+    try:
+        # -------------------------------------------------------------- 1. first boot
+        say("booting the image (slot A), software emulation")
+        vm.start()
+        vm.wait_for(r"outpost-firstboot: enrolled as", 600 * t, fail=r"outpost-firstboot: enrollment failed for")
+        ready = vm.wait_for(r"outpost agent ready", 600 * t, fail=r"outpost-boot: boot BAD")
+        figures["boot_to_ready_s"] = round(vm.elapsed(), 1)
+        say(f"agent ready {figures['boot_to_ready_s']} s after qemu started ({ready.group(0)})")
+        r = boot_report(vm, 300 * t)
+        check(r["slot"] == "A", f"first boot came up from slot {r['slot']}, expected A")
+        check(r["version"] == args.base, f"first boot runs version {r['version']}, expected {args.base}")
+        check(r["agent"] == "ready", f"agent state {r['agent']}")
+        figures["ready_after_kernel_start_s"] = float(r["ready_s"])
+        bad = exposed(r["listeners"])
+        check(not bad, f"listening on non-loopback addresses: {', '.join(bad)}")
+        figures["non_loopback_listeners"] = r["listeners"]
+        say(f"no service listens on a non-loopback address (sockets seen: {r['listeners']})")
+        vm.wait_for(r"outpost-boot: boot GOOD", 60 * t)
+
+        if not args.skip_ab:
+            # ---------------------------------------------------------- 2. A/B update
+            say(f"plugging in a USB stick with the update bundle (version {args.update})")
+            t0 = vm.elapsed()
+            vm.plug_usb(args.update_stick, "upd1")
+            vm.wait_for(rf"outpost-update: installing .*version {re.escape(args.update)}", 300 * t,
+                        fail=r"outpost-update: .*(rejected|failed)")
+            m = vm.wait_for(r"outpost-update: installed version \S+ in (\d+) s", 1200 * t,
+                            fail=r"outpost-update: .*failed")
+            figures["update_install_s"] = int(m.group(1))
+            t_reboot = vm.elapsed()
+            vm.wait_for(r"outpost agent ready", 900 * t, fail=r"outpost-boot: boot BAD")
+            r = boot_report(vm, 300 * t)
+            check(r["slot"] == "B", f"after the update the appliance runs slot {r['slot']}, expected B")
+            check(r["version"] == args.update, f"slot B runs version {r['version']}, expected {args.update}")
+            check(r["assessment"] == "indeterminate",
+                  f"slot B's first boot should be a counted trial boot, assessment is {r['assessment']}")
+            check(not exposed(r["listeners"]), f"slot B listens on: {r['listeners']}")
+            vm.wait_for(r"outpost-boot: boot GOOD", 60 * t)
+            figures["update_reboot_to_ready_s"] = round(vm.elapsed() - t_reboot, 1)
+            figures["ab_update_s"] = round(vm.elapsed() - t0, 1)
+            # The stick is still in: the new slot looks at it once it is blessed, and must skip
+            # the bundle it already runs. Unplug only after that, not while it is being read.
+            vm.wait_for(r"outpost-update: .*(already running|tried before), skipping", 300 * t)
+            vm.wait_for(r"outpost-update: nothing to install from", 120 * t)
+            say(f"A/B update done in {figures['ab_update_s']} s (install {figures['update_install_s']} s, "
+                f"reboot to ready {figures['update_reboot_to_ready_s']} s)")
+            vm.unplug_usb("upd1")
+
+            # ---------------------------------------------------------- 3. rollback
+            say(f"plugging in a USB stick with a broken bundle (version {args.broken}, agent never ready)")
+            t1 = vm.elapsed()
+            vm.plug_usb(args.broken_stick, "upd2")
+            vm.wait_for(rf"outpost-update: installing .*version {re.escape(args.broken)}", 300 * t,
+                        fail=r"outpost-update: .*(rejected|failed)")
+            vm.wait_for(r"outpost-update: installed version", 1200 * t, fail=r"outpost-update: .*failed")
+            r = boot_report(vm, 900 * t)
+            check(r["slot"] == "A" and r["version"] == args.broken,
+                  f"expected the trial boot of slot A with {args.broken}, got slot {r['slot']} {r['version']}")
+            check(r["agent"] != "ready", "the broken agent reported ready")
+            vm.wait_for(r"outpost-boot: boot BAD: trial boot of slot A failed", 60 * t)
+            r = boot_report(vm, 900 * t)
+            check(r["slot"] == "B", f"after the failed trial the appliance runs slot {r['slot']}, expected B")
+            check(r["version"] == args.update, f"slot B runs version {r['version']}, expected {args.update}")
+            check(r["agent"] == "ready", f"agent state after rollback: {r['agent']}")
+            check("A:bad" in r["slots"], f"slot A should be marked bad, slots: {r['slots']}")
+            vm.wait_for(r"outpost-boot: boot GOOD", 60 * t)
+            figures["rollback_s"] = round(vm.elapsed() - t1, 1)
+            vm.wait_for(r"outpost-update: .*tried before, skipping", 300 * t)
+            vm.wait_for(r"outpost-update: nothing to install from", 120 * t)
+            say(f"rolled back to slot B ({args.update}) in {figures['rollback_s']} s after plugging the broken bundle")
+            vm.unplug_usb("upd2")
+
+        say("powering off")
+        vm.stop(180 * t)
+        ok = True
+    except VMError as e:
+        say(f"FAILED: {e}")
+        print("---- last console lines ----\n" + vm.tail(60) + "\n----", flush=True)
+    finally:
+        vm.kill()
+    figures["ok"] = ok
+    figures["vm_seconds"] = round(vm.elapsed(), 1)
+    print(json.dumps(figures), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
