@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for images/build and images/test: logging, stage timing, host packages.
 # Sourced, never executed. Everything here must work on a fresh Debian 12 machine as root.
 
