@@ -380,16 +380,7 @@ impl Drop for Node {
 
 /// `docker rm -f` every container labelled with `node_id`.
 pub fn remove_node_containers(node_id: &str) {
-    let out = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=outpost.node={node_id}")])
-        .output();
-    if let Ok(out) = out {
-        let ids: Vec<String> =
-            String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
-        if !ids.is_empty() {
-            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
-        }
-    }
+    drop(crate::common::RemoveNodeContainers(node_id.to_owned()));
 }
 
 /// How many times the engine started a container of `job_id` since `since_unix_s`.
