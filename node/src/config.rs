@@ -43,6 +43,26 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Watches on the local store that turn new objects into events (see docs/relay.md).
+    /// No watches: the relay does not run.
+    #[serde(default)]
+    pub relay: crate::relay::RelayConfig,
+    /// What may leave the site besides metadata (see docs/storage.md). Default: nothing.
+    #[serde(default)]
+    pub egress: EgressConfig,
+}
+
+/// The node's egress policy. By default only metadata (event fields, output keys, sizes and
+/// SHA-256) leaves the site. A body leaves only when its key is under one of these prefixes
+/// AND the signed job manifest asks for it (`egress_bodies`); every refusal is logged and
+/// audited. Keep it in its own drop-in (`config.d/egress.toml`) so it is reviewed on its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Key prefixes of the local store whose object bodies may be reported to the control
+    /// plane. Empty: none.
+    #[serde(default)]
+    pub allow_body_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,7 +318,16 @@ impl Config {
         if !self.data_dir.is_absolute() {
             return Err(format!("data_dir {:?} must be an absolute path", self.data_dir));
         }
-        self.validate_storage()
+        self.validate_storage()?;
+        self.validate_relay()
+    }
+
+    fn validate_relay(&self) -> Result<(), String> {
+        self.relay.validate().map_err(|e| e.to_string())?;
+        if self.egress.allow_body_prefixes.iter().any(String::is_empty) {
+            return Err("egress.allow_body_prefixes: an empty prefix would allow every body; name the prefixes".into());
+        }
+        Ok(())
     }
 
     fn validate_storage(&self) -> Result<(), String> {

@@ -31,6 +31,21 @@ pub struct ContainerSpec {
     /// Relaxations of the hardened defaults; empty means fully hardened.
     #[serde(default)]
     pub security: SecurityOverrides,
+    /// Keys of the node's local object store (a key ending in `/` names every object under
+    /// that prefix) copied into a read-only mount at `/in` before the container starts, each
+    /// at `/in/<key>`. Bulk data stays on site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+    /// Files the job writes under `/out` are uploaded to the local store under this prefix
+    /// (`<prefix><path under /out>`) when it ends; the result lists their keys, sizes and
+    /// SHA-256, never their bodies. No `/out` mount when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_prefix: Option<String>,
+    /// Output keys (or prefixes ending in `/`) whose bodies the job asks to report to the
+    /// control plane. Granted only where the node's egress policy also allows them; each
+    /// refusal is logged, audited and listed in the result's `egress_denied`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_bodies: Vec<String>,
 }
 
 pub fn default_timeout_secs() -> u64 {

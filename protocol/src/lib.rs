@@ -9,6 +9,7 @@
 
 mod enroll;
 mod error;
+mod event;
 mod job;
 mod node;
 pub mod paths;
@@ -16,6 +17,7 @@ mod report;
 
 pub use enroll::*;
 pub use error::*;
+pub use event::*;
 pub use job::*;
 pub use node::*;
 pub use report::*;

@@ -13,6 +13,14 @@ pub const NODE_POLL: &str = "/v1/node/poll";
 pub const NODE_RESULTS: &str = "/v1/node/results";
 /// Node (mTLS): heartbeat with inventory.
 pub const NODE_HEARTBEAT: &str = "/v1/node/heartbeat";
+/// Node (mTLS): deliver relay events, oldest first (idempotent by node and seq).
+pub const NODE_EVENTS: &str = "/v1/node/events";
+/// Operator: list relay events (`?node_id=&after_seq=&limit=&wait_secs=`).
+pub const EVENTS: &str = "/v1/events";
+/// Operator: create (POST) or list (GET) triggers.
+pub const TRIGGERS: &str = "/v1/triggers";
+/// Operator: one trigger (GET) or remove it (DELETE).
+pub const TRIGGER: &str = "/v1/triggers/{trigger_id}";
 /// Operator: submit (POST) or list (GET) jobs.
 pub const JOBS: &str = "/v1/jobs";
 /// Operator: one job with its result.

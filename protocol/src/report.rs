@@ -40,6 +40,32 @@ pub struct ResultReport {
     #[serde(default)]
     pub output_truncated: bool,
     pub timings: Timings,
+    /// Objects the job wrote to the local store (its `/out` files): metadata only, plus a
+    /// body where the egress policy and the signed manifest both allow it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<OutputObject>,
+    /// Output keys whose body the manifest asked to report and the node's egress policy
+    /// refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_denied: Vec<String>,
+}
+
+/// Largest object body a result may carry (when egress allows it at all).
+pub const MAX_EGRESS_BODY_BYTES: usize = 64 * 1024;
+
+/// One object a job left in the node's local store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct OutputObject {
+    pub key: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the body.
+    pub sha256: String,
+    /// The body as UTF-8 text, only when egress is allowed for this key by both the node's
+    /// policy and the signed manifest (at most [`MAX_EGRESS_BODY_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
 }
 
 impl ResultReport {

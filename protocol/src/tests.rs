@@ -58,6 +58,8 @@ fn result_report_round_trips() {
         stderr_tail: String::new(),
         output_truncated: false,
         timings: Timings { received_unix_ms: 1, started_unix_ms: Some(2), finished_unix_ms: Some(3) },
+        outputs: Vec::new(),
+        egress_denied: Vec::new(),
     };
     let json = serde_json::to_string(&r).expect("serialises");
     assert!(json.contains(r#""outcome":"timed_out""#));

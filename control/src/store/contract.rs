@@ -67,6 +67,8 @@ fn result(job_id: &str) -> ResultReport {
         stderr_tail: String::new(),
         output_truncated: false,
         timings: Timings::default(),
+        outputs: Vec::new(),
+        egress_denied: Vec::new(),
     }
 }
 

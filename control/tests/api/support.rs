@@ -147,5 +147,7 @@ pub fn succeeded(job_id: &str, stdout: &str) -> ResultReport {
         stderr_tail: String::new(),
         output_truncated: false,
         timings: Timings { received_unix_ms: 1, started_unix_ms: Some(2), finished_unix_ms: Some(3) },
+        outputs: Vec::new(),
+        egress_denied: Vec::new(),
     }
 }

@@ -21,12 +21,12 @@
 //! fhir_resource_types = ["Patient", "Observation"]
 //! ```
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Largest accepted `batch_size`: one listing page of the object store.
 pub const MAX_BATCH_SIZE: usize = crate::objstore::MAX_LIST_PAGE;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
     /// Milliseconds between scan passes when the relay runs as a loop.
@@ -59,7 +59,7 @@ impl Default for RelayConfig {
 }
 
 /// One watched prefix of the local object store and the rules its objects must pass.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Watch {
     /// Names the watch's persisted cursor and index: 1 to 64 of `A-Z a-z 0-9 _ . -`.
@@ -72,7 +72,7 @@ pub struct Watch {
 }
 
 /// What an object must satisfy to be accepted. Every rule that is unset lets everything pass.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Rules {
     /// Larger objects are rejected without reading their body.

@@ -185,6 +185,9 @@ mod tests {
             timeout_secs: 10,
             labels: [("team".to_owned(), "x".to_owned())].into(),
             security: SecurityOverrides::default(),
+            inputs: Vec::new(),
+            output_prefix: None,
+            egress_bodies: Vec::new(),
         }
     }
 
