@@ -171,9 +171,13 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
+    let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    let objects = outpost_node::objstore::AnyStore::open(&cfg, &env)
+        .await
+        .context("cannot open the local object store ([storage])")?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    Agent::new(cfg, identity, ledger, runtime)?.run(shutdown).await?;
+    Agent::new(cfg, identity, ledger, runtime, objects)?.run(shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

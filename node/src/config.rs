@@ -364,6 +364,14 @@ impl Config {
         Ok(())
     }
 
+    /// The bucket name events carry: the S3 bucket, or `local` for the fs store.
+    pub fn bucket_name(&self) -> &str {
+        match (&self.storage.backend, &self.storage.s3) {
+            (StorageBackend::S3, Some(s3)) => &s3.bucket,
+            _ => "local",
+        }
+    }
+
     pub fn identity_dir(&self) -> PathBuf {
         self.data_dir.join("identity")
     }

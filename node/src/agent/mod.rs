@@ -22,6 +22,7 @@ use crate::clock::now_unix_ms;
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::ledger::{JobState, Ledger};
+use crate::objstore::AnyStore;
 use crate::runtime::{JobRef, Runtime};
 use crate::status::{self, Status};
 use crate::uplink::Uplink;
@@ -71,6 +72,8 @@ pub struct Agent<R: Runtime> {
     pub(crate) identity: Identity,
     pub(crate) ledger: Ledger,
     pub(crate) runtime: Arc<R>,
+    /// The local object store (`[storage]`): job inputs and outputs, and what the relay watches.
+    pub(crate) objects: Arc<AnyStore>,
     pub(crate) uplink: Uplink,
     pub(crate) verifier: ManifestVerifier,
     pub(crate) shared: Arc<Shared>,
@@ -85,7 +88,13 @@ fn launch_concurrency() -> usize {
 }
 
 impl<R: Runtime> Agent<R> {
-    pub fn new(cfg: Config, identity: Identity, ledger: Ledger, runtime: R) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: Config,
+        identity: Identity,
+        ledger: Ledger,
+        runtime: R,
+        objects: AnyStore,
+    ) -> anyhow::Result<Self> {
         let uplink = identity
             .uplink(cfg.control.url.as_deref(), Duration::from_secs(cfg.control.request_timeout_secs))?;
         let verifier = ManifestVerifier::new(&identity.node.node_id, &identity.node.org_signing_key)
@@ -95,6 +104,7 @@ impl<R: Runtime> Agent<R> {
             identity,
             ledger,
             runtime: Arc::new(runtime),
+            objects: Arc::new(objects),
             uplink,
             verifier,
             shared: Arc::default(),
