@@ -334,6 +334,19 @@ fn show_status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         println!("running:     {}", st.running_jobs.join(", "));
     }
+    match &st.relay {
+        None => println!("relay:       off (no [relay] watches)"),
+        Some(r) => println!(
+            "relay:       {} seen ({} accepted, {} rejected), {} sent, {} waiting{}{}",
+            r.objects_seen,
+            r.objects_accepted,
+            r.objects_rejected,
+            r.events_sent,
+            r.pending_depth,
+            r.lag_ms.map(|l| format!(", oldest {l} ms")).unwrap_or_default(),
+            if r.backpressure { "; PAUSED: outbox full" } else { "" }
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

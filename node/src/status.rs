@@ -22,6 +22,9 @@ pub struct Status {
     pub last_error: Option<String>,
     pub depths: Depths,
     pub running_jobs: Vec<String>,
+    /// The relay's figures, when it runs.
+    #[serde(default)]
+    pub relay: Option<crate::relay::RelayMetrics>,
     pub started_unix_ms: u64,
     pub updated_unix_ms: u64,
 }

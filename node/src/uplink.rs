@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use outpost_protocol::{
-    Ack, EnrollRequest, EnrollResponse, ErrorBody, Heartbeat, PollRequest, PollResponse, ResultReport, paths,
+    Ack, EnrollRequest, EnrollResponse, ErrorBody, EventAck, EventBatch, Heartbeat, PollRequest, PollResponse,
+    ResultReport, paths,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -72,6 +73,11 @@ impl Uplink {
 
     pub async fn report(&self, report: &ResultReport) -> Result<Ack, UplinkError> {
         self.post(paths::NODE_RESULTS, report, self.request_timeout).await
+    }
+
+    /// Deliver relay events, oldest first; the answer says up to which seq they are stored.
+    pub async fn post_events(&self, batch: &EventBatch) -> Result<EventAck, UplinkError> {
+        self.post(paths::NODE_EVENTS, batch, self.request_timeout).await
     }
 
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), UplinkError> {

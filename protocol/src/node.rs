@@ -9,6 +9,32 @@ pub struct Heartbeat {
     pub inventory: Inventory,
     pub running_jobs: u32,
     pub outbox_depth: u64,
+    /// The relay's figures, when the node has watches configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayStats>,
+}
+
+/// What a node's relay has done since the agent started, and how far behind it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RelayStats {
+    pub objects_seen: u64,
+    pub objects_accepted: u64,
+    pub objects_rejected: u64,
+    /// Events waiting in the node's outbox.
+    pub pending_depth: u64,
+    /// Age of the oldest unsent event (ms); absent when the outbox is empty.
+    #[serde(default)]
+    pub lag_ms: Option<u64>,
+    /// Scanning is paused because the outbox is full.
+    pub backpressure: bool,
+    /// The last event number handed out.
+    pub last_seq: u64,
+    /// Object-store listing calls made.
+    pub list_calls: u64,
+    /// Events the control plane has acknowledged.
+    pub events_sent: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -74,6 +74,7 @@ fn heartbeat_and_job_info_round_trip() {
         inventory: Inventory { hostname: "h".into(), cpu_count: 2, ..Inventory::default() },
         running_jobs: 1,
         outbox_depth: 3,
+        relay: None,
     };
     let back: Heartbeat = serde_json::from_str(&serde_json::to_string(&hb).expect("ser")).expect("de");
     assert_eq!(back, hb);

@@ -85,6 +85,7 @@ async fn a_heartbeat_stores_inventory_and_last_seen() {
         inventory: Inventory { hostname: "edge-1".into(), cpu_count: 4, ..Inventory::default() },
         running_jobs: 1,
         outbox_depth: 2,
+        relay: None,
     };
     let (status, body) = node.post(paths::NODE_HEARTBEAT, &hb).await;
     assert_eq!(status, StatusCode::OK, "{body}");

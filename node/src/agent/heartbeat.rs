@@ -26,6 +26,7 @@ impl<R: Runtime> Agent<R> {
                 inventory: inventory::collect(runtime.as_ref()),
                 running_jobs: depths.running as u32,
                 outbox_depth: depths.outbox,
+                relay: self.relay.as_ref().and_then(|r| r.metrics().ok()).map(Into::into),
             };
             tokio::select! {
                 r = self.uplink.heartbeat(&hb) => match r {

@@ -3,6 +3,7 @@
 //! status tasks tell the world how the node is. All state that matters lives in the ledger;
 //! the in-memory parts here can be lost at any moment without losing a job.
 
+mod events;
 mod executor;
 mod heartbeat;
 mod poller;
@@ -23,6 +24,7 @@ use crate::config::Config;
 use crate::identity::Identity;
 use crate::ledger::{JobState, Ledger};
 use crate::objstore::AnyStore;
+use crate::relay::Relay;
 use crate::runtime::{JobRef, Runtime};
 use crate::status::{self, Status};
 use crate::uplink::Uplink;
@@ -74,6 +76,8 @@ pub struct Agent<R: Runtime> {
     pub(crate) runtime: Arc<R>,
     /// The local object store (`[storage]`): job inputs and outputs, and what the relay watches.
     pub(crate) objects: Arc<AnyStore>,
+    /// Present when `[relay]` has watches: turns new objects into events for the uplink.
+    pub(crate) relay: Option<Arc<Relay<AnyStore>>>,
     pub(crate) uplink: Uplink,
     pub(crate) verifier: ManifestVerifier,
     pub(crate) shared: Arc<Shared>,
@@ -99,7 +103,15 @@ impl<R: Runtime> Agent<R> {
             .uplink(cfg.control.url.as_deref(), Duration::from_secs(cfg.control.request_timeout_secs))?;
         let verifier = ManifestVerifier::new(&identity.node.node_id, &identity.node.org_signing_key)
             .map_err(|e| anyhow::anyhow!("pinned org key in the identity is unusable: {e}"))?;
+        let relay = if cfg.relay.watches.is_empty() {
+            None
+        } else {
+            let relay = Relay::new(objects.clone(), Arc::clone(ledger.store()), cfg.relay.clone())
+                .map_err(|e| anyhow::anyhow!("[relay]: {e}"))?;
+            Some(Arc::new(relay))
+        };
         Ok(Self {
+            relay,
             cfg,
             identity,
             ledger,
@@ -129,6 +141,17 @@ impl<R: Runtime> Agent<R> {
         tasks.spawn(Arc::clone(&agent).reporter(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).heartbeat(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).dispatcher(slots, tasks.clone(), shutdown.clone()));
+        if let Some(relay) = &agent.relay {
+            let relay = Arc::clone(relay);
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                // `run` logs why it stopped; an unusable store or corrupt state needs an operator,
+                // and the rest of the agent carries on meanwhile.
+                let _ = relay.run(token).await;
+            });
+            tasks.spawn(Arc::clone(&agent).event_sender(shutdown.clone()));
+            tracing::info!(watches = agent.cfg.relay.watches.len(), bucket = agent.cfg.bucket_name(), "relay started");
+        }
 
         agent.shared.ready.store(true, Ordering::Relaxed);
         agent.write_status(started);
@@ -294,6 +317,7 @@ impl<R: Runtime> Agent<R> {
             last_error: self.shared.last_error.lock().ok().and_then(|e| e.clone()),
             depths,
             running_jobs: self.shared.running.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default(),
+            relay: self.relay.as_ref().and_then(|r| r.metrics().ok()),
             started_unix_ms,
             updated_unix_ms: now_unix_ms(),
         };

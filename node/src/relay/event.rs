@@ -57,7 +57,7 @@ impl PassReport {
 
 /// The relay's figures for status and metrics endpoints. Counters run since the relay was
 /// built; depth and lag are read from the persisted outbox.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayMetrics {
     /// New or changed objects the relay evaluated.
     pub objects_seen: u64,
@@ -71,4 +71,44 @@ pub struct RelayMetrics {
     pub backpressure: bool,
     /// The last event number handed out.
     pub last_seq: u64,
+    /// Object-store listing calls made by scans and reconciliations.
+    pub list_calls: u64,
+    /// Events the control plane acknowledged (`mark_sent`).
+    pub events_sent: u64,
+}
+
+impl From<RelayMetrics> for outpost_protocol::RelayStats {
+    fn from(m: RelayMetrics) -> Self {
+        Self {
+            objects_seen: m.objects_seen,
+            objects_accepted: m.objects_accepted,
+            objects_rejected: m.objects_rejected,
+            pending_depth: m.pending_depth,
+            lag_ms: m.lag_ms,
+            backpressure: m.backpressure,
+            last_seq: m.last_seq,
+            list_calls: m.list_calls,
+            events_sent: m.events_sent,
+        }
+    }
+}
+
+impl RelayEvent {
+    /// The wire form, with the store's bucket name added.
+    pub fn to_wire(&self, bucket: &str) -> outpost_protocol::ObjectEvent {
+        outpost_protocol::ObjectEvent {
+            seq: self.seq,
+            watch: self.watch.clone(),
+            bucket: bucket.to_string(),
+            key: self.key.clone(),
+            size: self.size,
+            etag: self.etag.clone(),
+            sha256: self.sha256.clone(),
+            content_type: self.content_type.clone(),
+            accepted: self.accepted,
+            reason: self.reason.clone(),
+            replaces_etag: self.replaces_etag.clone(),
+            observed_unix_ms: self.observed_unix_ms,
+        }
+    }
 }

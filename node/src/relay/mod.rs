@@ -60,6 +60,8 @@ struct Counters {
     seen: AtomicU64,
     accepted: AtomicU64,
     rejected: AtomicU64,
+    list_calls: AtomicU64,
+    sent: AtomicU64,
     backpressure: AtomicBool,
 }
 
@@ -73,6 +75,8 @@ pub struct Relay<S: ObjectStore> {
     clock: Clock,
     /// Passes read the event counter and write it back: one pass at a time.
     pass: tokio::sync::Mutex<()>,
+    /// Notified when a pass put events in the outbox, so the sender need not poll.
+    ready: tokio::sync::Notify,
 }
 
 impl<S: ObjectStore> std::fmt::Debug for Relay<S> {
@@ -92,6 +96,7 @@ impl<S: ObjectStore> Relay<S> {
             counters: Counters::default(),
             clock: Arc::new(crate::clock::now_unix_ms),
             pass: tokio::sync::Mutex::new(()),
+            ready: tokio::sync::Notify::new(),
         })
     }
 
@@ -107,9 +112,13 @@ impl<S: ObjectStore> Relay<S> {
 
     /// Up to `limit` unsent events, oldest first, for the uplink.
     pub fn pending_events(&self, limit: usize) -> Result<Vec<RelayEvent>> {
-        let mut all = self.state.pending()?;
-        all.truncate(limit);
-        Ok(all)
+        Ok(self.state.pending_first(limit)?)
+    }
+
+    /// Resolves once a pass has put new events in the outbox since the last call (a permit is
+    /// kept when nobody waits, so a wake-up between a look and a wait is not missed).
+    pub async fn events_ready(&self) {
+        self.ready.notified().await;
     }
 
     /// Drop every event up to and including `up_to_seq` from the outbox, once the control
@@ -127,21 +136,25 @@ impl<S: ObjectStore> Relay<S> {
         let n = ops.len();
         if n > 0 {
             self.state.apply(ops)?;
+            self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok(n)
     }
 
     pub fn metrics(&self) -> Result<RelayMetrics> {
-        let pending = self.state.pending()?;
+        let depth = self.state.pending_keys()?.len() as u64;
+        let oldest = self.state.pending_first(1)?;
         let now = (self.clock)();
         Ok(RelayMetrics {
             objects_seen: self.counters.seen.load(Ordering::Relaxed),
             objects_accepted: self.counters.accepted.load(Ordering::Relaxed),
             objects_rejected: self.counters.rejected.load(Ordering::Relaxed),
-            pending_depth: pending.len() as u64,
-            lag_ms: pending.first().map(|e| now.saturating_sub(e.observed_unix_ms)),
+            pending_depth: depth,
+            lag_ms: oldest.first().map(|e| now.saturating_sub(e.observed_unix_ms)),
             backpressure: self.counters.backpressure.load(Ordering::Relaxed),
             last_seq: self.state.last_seq()?,
+            list_calls: self.counters.list_calls.load(Ordering::Relaxed),
+            events_sent: self.counters.sent.load(Ordering::Relaxed),
         })
     }
 
@@ -149,5 +162,6 @@ impl<S: ObjectStore> Relay<S> {
         self.counters.seen.fetch_add(report.events + report.vanished, Ordering::Relaxed);
         self.counters.accepted.fetch_add(report.accepted, Ordering::Relaxed);
         self.counters.rejected.fetch_add(report.rejected, Ordering::Relaxed);
+        self.counters.list_calls.fetch_add(report.list_calls, Ordering::Relaxed);
     }
 }

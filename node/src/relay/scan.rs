@@ -204,6 +204,10 @@ impl<S: ObjectStore> Relay<S> {
         let (ops, events) = batch.finish();
         self.state.apply(ops)?;
         report.batches += 1;
+        if !events.is_empty() {
+            // The sender may ship this page while the pass lists the next one.
+            self.ready.notify_one();
+        }
         for e in &events {
             report.events += 1;
             if e.accepted {

@@ -120,11 +120,12 @@ impl State {
         self.store.apply(ops)
     }
 
-    /// Every event in the outbox, oldest first.
-    pub(crate) fn pending(&self) -> Result<Vec<RelayEvent>, StoreError> {
+    /// The oldest `limit` unsent events (only those are decoded).
+    pub(crate) fn pending_first(&self, limit: usize) -> Result<Vec<RelayEvent>, StoreError> {
         self.store
             .scan(Tree::Events)?
             .into_iter()
+            .take(limit)
             .map(|(k, v)| serde_json::from_slice(&v).map_err(|e| corrupt(Tree::Events, &k, e)))
             .collect()
     }
