@@ -33,6 +33,7 @@ order, then these environment variables. Unknown keys are errors; see `outpost c
   OUTPOST_DOCKER_SOCKET        docker.socket
   OUTPOST_LOG_FORMAT           log.format (text | json)
   OUTPOST_LOG_LEVEL            log.level (RUST_LOG, when set, wins)
+  OUTPOST_STORAGE_BACKEND      storage.backend (fs | s3)
 
 Typical first start:
   outpost enroll --control https://control.example:8443 --token-file /etc/outpost/token \\
@@ -56,6 +57,9 @@ pub enum Command {
     /// Manage container images (no registry is ever used).
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Put, get, list and remove objects in the local object store ([storage]).
+    #[command(subcommand)]
+    Objects(crate::objects_cli::ObjectsCommand),
     /// Inspect the node's tamper-evident audit log (stop the agent first: it holds the ledger).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -130,6 +134,7 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Audit(cmd) => audit_command(&cfg, cmd),
         Command::Enroll(args) => block_on(enroll(&cfg, args)),
         Command::Images(ImagesCommand::Load { file }) => block_on(load_image(&cfg, &file)),
+        Command::Objects(cmd) => block_on(crate::objects_cli::run(&cfg, cmd)),
         Command::Run => block_on(run(cfg)),
     }
 }

@@ -325,7 +325,10 @@ impl Config {
     fn validate_relay(&self) -> Result<(), String> {
         self.relay.validate().map_err(|e| e.to_string())?;
         if self.egress.allow_body_prefixes.iter().any(String::is_empty) {
-            return Err("egress.allow_body_prefixes: an empty prefix would allow every body; name the prefixes".into());
+            return Err(
+                "egress.allow_body_prefixes: an empty prefix would allow every body; name the prefixes"
+                    .into(),
+            );
         }
         Ok(())
     }

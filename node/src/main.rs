@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod objects_cli;
 
 /// Outpost node agent: runs signed container jobs from the control plane and reports each
 /// result exactly once. It only ever dials out; it never listens on a network port.

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use outpost_protocol::{
-    Ack, EnrollRequest, EnrollResponse, ErrorBody, EventAck, EventBatch, Heartbeat, PollRequest, PollResponse,
-    ResultReport, paths,
+    Ack, EnrollRequest, EnrollResponse, ErrorBody, EventAck, EventBatch, Heartbeat, PollRequest,
+    PollResponse, ResultReport, paths,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;

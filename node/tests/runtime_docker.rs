@@ -58,9 +58,9 @@ fn sh(script: &str) -> ContainerSpec {
         timeout_secs: 60,
         labels: BTreeMap::from([("purpose".to_owned(), "runtime-test".to_owned())]),
         security: SecurityOverrides::default(),
-            inputs: Vec::new(),
-            output_prefix: None,
-            egress_bodies: Vec::new(),
+        inputs: Vec::new(),
+        output_prefix: None,
+        egress_bodies: Vec::new(),
     }
 }
 

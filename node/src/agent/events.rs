@@ -80,7 +80,9 @@ impl<R: Runtime> Agent<R> {
                     let msg = e.to_string();
                     if refused_logged.as_deref() != Some(msg.as_str()) {
                         tracing::error!(error = %msg, first_seq = first, "the control plane refused relay events; they stay in the outbox");
-                        if let Err(ae) = self.ledger.audit("events.refused", &format!("from seq {first}: {msg}")) {
+                        if let Err(ae) =
+                            self.ledger.audit("events.refused", &format!("from seq {first}: {msg}"))
+                        {
                             tracing::error!(error = %ae, "cannot write the audit log");
                         }
                         refused_logged = Some(msg);

@@ -153,8 +153,8 @@ impl<R: Runtime> Agent<R> {
                 started_unix_ms: started,
                 finished_unix_ms: finished.or_else(|| (outcome == Outcome::Error).then(now_unix_ms)),
             },
-        outputs: Vec::new(),
-        egress_denied: Vec::new(),
+            outputs: Vec::new(),
+            egress_denied: Vec::new(),
         }
     }
 }

@@ -150,7 +150,11 @@ impl<R: Runtime> Agent<R> {
                 let _ = relay.run(token).await;
             });
             tasks.spawn(Arc::clone(&agent).event_sender(shutdown.clone()));
-            tracing::info!(watches = agent.cfg.relay.watches.len(), bucket = agent.cfg.bucket_name(), "relay started");
+            tracing::info!(
+                watches = agent.cfg.relay.watches.len(),
+                bucket = agent.cfg.bucket_name(),
+                "relay started"
+            );
         }
 
         agent.shared.ready.store(true, Ordering::Relaxed);
