@@ -429,3 +429,37 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl AsyncFnMut
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Relay events and triggers, through the operator API.
+impl Operator {
+    /// One page of a node's stored events after `after_seq`, oldest first.
+    pub async fn events_page(
+        &self,
+        node_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> outpost_protocol::EventList {
+        let path = format!("{}?node_id={node_id}&after_seq={after_seq}&limit={limit}", paths::EVENTS);
+        self.call::<(), _>(reqwest::Method::GET, &path, None).await
+    }
+
+    /// Every stored event of a node, in seq order.
+    pub async fn all_events(&self, node_id: &str) -> Vec<outpost_protocol::StoredEvent> {
+        let mut all: Vec<outpost_protocol::StoredEvent> = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |e| e.event.seq);
+            let page = self.events_page(node_id, after, 1000).await.events;
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
+    }
+
+    pub async fn create_trigger(
+        &self,
+        req: &outpost_protocol::CreateTriggerRequest,
+    ) -> outpost_protocol::Trigger {
+        self.call(reqwest::Method::POST, paths::TRIGGERS, Some(req)).await
+    }
+}

@@ -1,0 +1,144 @@
+//! End to end for the relay: objects land in the node's local store (the fs adapter, the
+//! embedded default), the agent's relay turns them into events, the uplink delivers them, and
+//! the control plane stores each exactly once, in seq order — across a SIGKILL of the agent in
+//! the middle of its work and a control plane that is down while events pile up.
+
+#![allow(clippy::expect_used)]
+
+mod common;
+mod harness;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use harness::{Control, Node, eventually};
+use outpost_node::objstore::ObjectStore;
+use outpost_node::objstore::fs::FsStore;
+
+const EVENTS_WAIT: Duration = Duration::from_secs(120);
+
+fn config(batch_size: usize) -> String {
+    format!(
+        "[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 2\nshutdown_grace_secs = 3\n\
+         [relay]\npoll_interval_ms = 200\nbatch_size = {batch_size}\nreconcile_every = 5\n\
+         [[relay.watches]]\nname = \"fhir\"\nprefix = \"incoming/\"\n\
+         [relay.watches.rules]\njson_well_formed = true\nfhir_resource_types = [\"Patient\"]\n"
+    )
+}
+
+async fn objects(node: &Node) -> FsStore {
+    FsStore::open(node.dir.join("data/objects")).await.expect("the node's fs store")
+}
+
+/// What the node's status file says about its relay.
+fn relay_status(node: &Node) -> Option<serde_json::Value> {
+    let out = node.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let r = v["agent"]["relay"].clone();
+    (!r.is_null()).then_some(r)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_survive_a_sigkill_mid_batch_and_are_stored_once_in_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("relay").await;
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &config(25)).await;
+
+    // 600 objects wait before the agent starts; one in ten is FHIR of the wrong type.
+    let store = objects(&node).await;
+    let n = 600usize;
+    for i in 0..n {
+        let kind = if i % 10 == 3 { "Observation" } else { "Patient" };
+        let body = format!("{{\"resourceType\":\"{kind}\",\"id\":\"{i}\"}}");
+        store.put(&format!("incoming/p-{i:04}.json"), body.as_bytes()).await.expect("put");
+    }
+
+    node.start();
+    // Kill the agent as soon as the first events reached the control plane: it is in the
+    // middle of scanning pages and sending batches.
+    eventually("the first events at the control plane", EVENTS_WAIT, async || {
+        !control.events_page(&node.node_id, 0, 1).await.events.is_empty()
+    })
+    .await;
+    node.kill9();
+    let before = control.all_events(&node.node_id).await.len();
+    assert!(before < n, "the kill came too late to be mid-batch ({before} of {n} already stored)");
+
+    // More objects land while the agent is down, one of them overwriting an evented key.
+    store.put("incoming/zz-late.json", br#"{"resourceType":"Patient"}"#.as_slice()).await.expect("put");
+    store.put("incoming/p-0000.json", br#"{"resourceType":"Patient","v":2}"#.as_slice()).await.expect("put");
+    node.start();
+    let total = n + 2;
+    eventually("every event stored", EVENTS_WAIT, async || {
+        control.all_events(&node.node_id).await.len() >= total
+    })
+    .await;
+    // Let a few more scans and a reconciliation run: nothing more may appear.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = control.all_events(&node.node_id).await;
+    assert_eq!(events.len(), total, "no event lost, none stored twice");
+    let seqs: Vec<u64> = events.iter().map(|e| e.event.seq).collect();
+    assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>(), "seq order with no gap");
+    let keys: BTreeSet<&str> = events.iter().map(|e| e.event.key.as_str()).collect();
+    assert_eq!(keys.len(), n + 1, "each key once, plus one event for the overwrite");
+    let overwrite: Vec<_> = events.iter().filter(|e| e.event.key == "incoming/p-0000.json").collect();
+    assert_eq!(overwrite.len(), 2);
+    assert!(overwrite[1].event.replaces_etag.is_some(), "the second event names the replaced ETag");
+    let rejected: Vec<_> = events.iter().filter(|e| !e.event.accepted).collect();
+    assert_eq!(rejected.len(), n / 10);
+    assert!(rejected.iter().all(|e| e.event.reason.as_deref().is_some_and(|r| r.contains("Observation"))));
+    assert!(events.iter().all(|e| e.node_id == node.node_id && e.event.bucket == "local"));
+    assert!(
+        events.iter().filter(|e| e.event.accepted).all(|e| e
+            .event
+            .sha256
+            .as_deref()
+            .is_some_and(|h| h.len() == 64))
+    );
+
+    eventually("the outbox drained", Duration::from_secs(30), async || {
+        relay_status(&node).is_some_and(|r| r["pending_depth"] == 0 && r["last_seq"] == total as u64)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_wait_in_the_outbox_while_the_control_plane_is_down() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("relay").await;
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &config(10)).await;
+    let store = objects(&node).await;
+    node.start();
+
+    store.put("incoming/a.json", br#"{"resourceType":"Patient"}"#.as_slice()).await.expect("put");
+    eventually("the first event stored", EVENTS_WAIT, async || {
+        control.all_events(&node.node_id).await.len() == 1
+    })
+    .await;
+
+    control.kill();
+    for i in 0..25 {
+        store
+            .put(&format!("incoming/b-{i:02}.json"), br#"{"resourceType":"Patient"}"#.as_slice())
+            .await
+            .expect("put");
+    }
+    eventually("events waiting in the node's outbox", Duration::from_secs(60), async || {
+        relay_status(&node).is_some_and(|r| r["pending_depth"] == 25)
+    })
+    .await;
+
+    control.restart();
+    eventually("the waiting events delivered", EVENTS_WAIT, async || {
+        control.all_events(&node.node_id).await.len() == 26
+    })
+    .await;
+    let events = control.all_events(&node.node_id).await;
+    assert_eq!(events.iter().map(|e| e.event.seq).collect::<Vec<_>>(), (1..=26).collect::<Vec<_>>());
+    eventually("the outbox drained", Duration::from_secs(30), async || {
+        relay_status(&node).is_some_and(|r| r["pending_depth"] == 0)
+    })
+    .await;
+}
