@@ -75,6 +75,7 @@ pub struct Agent<R: Runtime> {
     pub(crate) ledger: Ledger,
     pub(crate) runtime: Arc<R>,
     /// The local object store (`[storage]`): job inputs and outputs, and what the relay watches.
+    #[allow(dead_code)] // used by the job data staging (inputs and outputs)
     pub(crate) objects: Arc<AnyStore>,
     /// Present when `[relay]` has watches: turns new objects into events for the uplink.
     pub(crate) relay: Option<Arc<Relay<AnyStore>>>,

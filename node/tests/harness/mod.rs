@@ -5,7 +5,7 @@
 //! Processes are killed with SIGKILL when their handle drops, so a failing test leaves no
 //! agent behind; containers a test made carry its node id and are removed at drop.
 
-#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+#![allow(dead_code, unused_imports, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
