@@ -42,6 +42,19 @@ pub struct JobRecord {
     /// Kept as received, so the signature can be re-checked later.
     pub envelope: SignedEnvelope,
     pub result: Option<ResultReport>,
+    /// Set for a job a local relay trigger started (no control plane involved): its result
+    /// goes to the local object store instead of the control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalOrigin>,
+}
+
+/// Where a locally triggered job came from and where its result goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalOrigin {
+    pub trigger: String,
+    pub event_seq: u64,
+    /// The key of the local object store the result is written to, as JSON.
+    pub results_key: String,
 }
 
 impl JobRecord {
@@ -198,7 +211,7 @@ impl Ledger {
     }
 }
 
-fn encode(r: &JobRecord) -> Vec<u8> {
+pub(crate) fn encode(r: &JobRecord) -> Vec<u8> {
     // Serialising plain data with owned strings and numbers cannot fail.
     serde_json::to_vec(r).unwrap_or_default()
 }
@@ -227,6 +240,7 @@ mod tests {
             spec: None,
             envelope: SignedEnvelope { payload: "{}".into(), key_id: "k".into(), signature_hex: "00".into() },
             result: None,
+            local: None,
         }
     }
 
@@ -263,6 +277,7 @@ mod tests {
                 spec: None,
                 envelope: envelope.clone(),
                 result: None,
+                local: None,
             };
             ledger.insert(&rec, true, None).expect("insert");
         }

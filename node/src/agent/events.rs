@@ -36,10 +36,16 @@ impl<R: Runtime> Agent<R> {
             if pending.is_empty() {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = relay.events_ready() => {}
+                    () = relay.events_ready() => {
+                        // Local triggers may have staged jobs with these events.
+                        self.shared.work.notify_one();
+                    }
                     () = tokio::time::sleep(IDLE_RECHECK) => {}
                 }
                 continue;
+            }
+            if !self.cfg.relay.triggers.is_empty() {
+                self.shared.work.notify_one();
             }
             let first = pending.first().map_or(0, |e| e.seq);
             let batch = EventBatch { events: pending.iter().map(|e| e.to_wire(&bucket)).collect() };

@@ -6,6 +6,7 @@
 mod events;
 mod executor;
 mod heartbeat;
+mod local_triggers;
 mod poller;
 mod reporter;
 
@@ -75,7 +76,6 @@ pub struct Agent<R: Runtime> {
     pub(crate) ledger: Ledger,
     pub(crate) runtime: Arc<R>,
     /// The local object store (`[storage]`): job inputs and outputs, and what the relay watches.
-    #[allow(dead_code)] // used by the job data staging (inputs and outputs)
     pub(crate) objects: Arc<AnyStore>,
     /// Present when `[relay]` has watches: turns new objects into events for the uplink.
     pub(crate) relay: Option<Arc<Relay<AnyStore>>>,
@@ -107,8 +107,11 @@ impl<R: Runtime> Agent<R> {
         let relay = if cfg.relay.watches.is_empty() {
             None
         } else {
-            let relay = Relay::new(objects.clone(), Arc::clone(ledger.store()), cfg.relay.clone())
+            let mut relay = Relay::new(objects.clone(), Arc::clone(ledger.store()), cfg.relay.clone())
                 .map_err(|e| anyhow::anyhow!("[relay]: {e}"))?;
+            if !cfg.relay.triggers.is_empty() {
+                relay = relay.with_event_hook(local_triggers::hook(cfg.relay.triggers.clone()));
+            }
             Some(Arc::new(relay))
         };
         Ok(Self {

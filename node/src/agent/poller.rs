@@ -112,6 +112,7 @@ impl<R: Runtime> Agent<R> {
             spec: None,
             envelope: a.envelope.clone(),
             result: None,
+            local: None,
         };
         match self.verifier.verify(&a, last_seq, now) {
             Ok(env) => {

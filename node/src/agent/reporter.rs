@@ -37,6 +37,33 @@ impl<R: Runtime> Agent<R> {
             }
             for mut rec in outbox {
                 let Some(report) = rec.result.clone() else { continue };
+                if let Some(local) = rec.local.clone() {
+                    // A local trigger's job: its result stays on site, in the object store.
+                    match self.deliver_local_result(&mut rec, &local, &report).await {
+                        Ok(()) => {
+                            backoff.reset();
+                            self.shared.capacity.notify_waiters();
+                            self.shared.changed.notify_one();
+                            continue;
+                        }
+                        Err(e) if e.is_retryable() => {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(error = %e, retry_in = ?delay, job = %rec.job_id, "local result not stored; retrying");
+                            sleep_or_cancel(&shutdown, delay).await;
+                            break;
+                        }
+                        Err(e) => {
+                            let detail = format!("result of local job {} cannot be stored: {e}", rec.job_id);
+                            tracing::error!("{detail}");
+                            rec.state = JobState::Undeliverable;
+                            if let Err(e) = self.ledger.update_audited(&rec, "result.undeliverable", &detail)
+                            {
+                                tracing::error!(error = %e, "cannot persist the refusal");
+                            }
+                            continue;
+                        }
+                    }
+                }
                 // A report in flight is finished even during shutdown (bounded by the grace period).
                 match self.uplink.report(&report).await {
                     Ok(ack) => {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 /// Largest accepted `batch_size`: one listing page of the object store.
 pub const MAX_BATCH_SIZE: usize = crate::objstore::MAX_LIST_PAGE;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
     /// Milliseconds between scan passes when the relay runs as a loop.
@@ -43,6 +43,38 @@ pub struct RelayConfig {
     /// the parser holds the whole document in memory.
     pub json_check_cap_bytes: u64,
     pub watches: Vec<Watch>,
+    /// Local rules: an event matching one runs a job on this node at once, with no round trip
+    /// to the control plane (air-gapped or latency-sensitive sites). Fires once per event.
+    pub triggers: Vec<LocalTrigger>,
+}
+
+/// `[[relay.triggers]]`: "an event of this watch, under this prefix, with this suffix → run
+/// `job` here with the object mounted at `/in/<key>`". The job is the site's own configuration
+/// (root-owned like the rest of it), so it needs no signature; it is audited when it runs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalTrigger {
+    /// 1 to 64 of `A-Z a-z 0-9 _ . -`, unique among the triggers.
+    pub name: String,
+    /// Only events of this watch; any watch when absent.
+    #[serde(default)]
+    pub watch: Option<String>,
+    #[serde(default)]
+    pub key_prefix: String,
+    #[serde(default)]
+    pub key_suffix: Option<String>,
+    /// Fire on rejected objects too (default: accepted ones only).
+    #[serde(default)]
+    pub include_rejected: bool,
+    /// Each run's result is written to the local store as `<results_prefix><job id>.json`.
+    #[serde(default = "default_results_prefix")]
+    pub results_prefix: String,
+    /// The job to run, in the same form as a job's `spec` (image by id, command, limits, …).
+    pub job: outpost_protocol::ContainerSpec,
+}
+
+pub fn default_results_prefix() -> String {
+    "outpost-results/".into()
 }
 
 impl Default for RelayConfig {
@@ -54,6 +86,7 @@ impl Default for RelayConfig {
             outbox_bound: 10_000,
             json_check_cap_bytes: 16 * 1024 * 1024,
             watches: Vec::new(),
+            triggers: Vec::new(),
         }
     }
 }
@@ -100,6 +133,46 @@ impl Rules {
 pub struct ConfigError(pub String);
 
 impl RelayConfig {
+    fn validate_triggers(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &self.triggers {
+            let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+            if t.name.is_empty() || t.name.len() > 64 || !t.name.chars().all(ok_char) {
+                return Err(ConfigError(format!(
+                    "relay trigger name {:?} must be 1 to 64 of A-Z a-z 0-9 _ . -",
+                    t.name
+                )));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err(ConfigError(format!("relay trigger name {:?} is used twice", t.name)));
+            }
+            if let Some(w) = &t.watch
+                && !self.watches.iter().any(|x| &x.name == w)
+            {
+                return Err(ConfigError(format!(
+                    "relay trigger {:?} names watch {w:?}, which is not configured",
+                    t.name
+                )));
+            }
+            if t.results_prefix.is_empty()
+                || !t.results_prefix.ends_with('/')
+                || t.results_prefix.starts_with('/')
+            {
+                return Err(ConfigError(format!(
+                    "relay trigger {:?}: results_prefix {:?} must be a key prefix ending in '/' (e.g. \"outpost-results/\")",
+                    t.name, t.results_prefix
+                )));
+            }
+            let digest = t.job.image.strip_prefix("sha256:").unwrap_or("");
+            if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError(format!(
+                    "relay trigger {:?}: job.image {:?} must be an image id sha256:<64 hex> (load it with `outpost images load`)",
+                    t.name, t.job.image
+                )));
+            }
+        }
+        Ok(())
+    }
     /// Refuse settings the relay cannot run with, saying which key to fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
@@ -111,6 +184,7 @@ impl RelayConfig {
         if self.outbox_bound == 0 {
             return Err(ConfigError("relay.outbox_bound must be at least 1".into()));
         }
+        self.validate_triggers()?;
         let mut seen = std::collections::BTreeSet::new();
         for w in &self.watches {
             let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');

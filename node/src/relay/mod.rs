@@ -22,7 +22,7 @@ mod scan;
 mod state;
 pub mod validate;
 
-pub use config::{ConfigError, RelayConfig, Rules, Watch};
+pub use config::{ConfigError, LocalTrigger, RelayConfig, Rules, Watch};
 pub use event::{PassReport, RelayEvent, RelayMetrics};
 
 use state::State;
@@ -55,6 +55,10 @@ pub type Result<T> = std::result::Result<T, RelayError>;
 
 type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// Extra state changes for a new event, applied in the same atomic batch as the event itself
+/// (the agent's local triggers stage their jobs this way, so each fires exactly once).
+pub type EventHook = Arc<dyn Fn(&RelayEvent) -> Vec<Op> + Send + Sync>;
+
 #[derive(Default)]
 struct Counters {
     seen: AtomicU64,
@@ -73,6 +77,7 @@ pub struct Relay<S: ObjectStore> {
     config: RelayConfig,
     counters: Counters,
     clock: Clock,
+    hook: Option<EventHook>,
     /// Passes read the event counter and write it back: one pass at a time.
     pass: tokio::sync::Mutex<()>,
     /// Notified when a pass put events in the outbox, so the sender need not poll.
@@ -95,6 +100,7 @@ impl<S: ObjectStore> Relay<S> {
             config,
             counters: Counters::default(),
             clock: Arc::new(crate::clock::now_unix_ms),
+            hook: None,
             pass: tokio::sync::Mutex::new(()),
             ready: tokio::sync::Notify::new(),
         })
@@ -103,6 +109,12 @@ impl<S: ObjectStore> Relay<S> {
     /// Use another clock for event timestamps and lag (tests).
     pub fn with_clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
         self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Add state changes to the batch of every new event (see [`EventHook`]).
+    pub fn with_event_hook(mut self, hook: EventHook) -> Self {
+        self.hook = Some(hook);
         self
     }
 

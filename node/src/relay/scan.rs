@@ -201,7 +201,12 @@ impl<S: ObjectStore> Relay<S> {
         if batch.is_empty() {
             return Ok(());
         }
-        let (ops, events) = batch.finish();
+        let (mut ops, events) = batch.finish();
+        if let Some(hook) = &self.hook {
+            for e in &events {
+                ops.extend(hook(e));
+            }
+        }
         self.state.apply(ops)?;
         report.batches += 1;
         if !events.is_empty() {
