@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod inventory;
+pub mod jobdata;
 pub mod ledger;
 pub mod objstore;
 pub mod relay;

@@ -4,7 +4,13 @@
 //! check is refused with a reason that is reported and audited; it is never retried.
 
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
-use outpost_protocol::{JobAssignment, JobEnvelope, PublicKey};
+use outpost_protocol::{ContainerSpec, JobAssignment, JobEnvelope, PublicKey};
+
+use crate::jobdata::path;
+
+/// Most entries a manifest may list in `inputs`, and in `egress_bodies`.
+pub const MAX_INPUT_ENTRIES: usize = 64;
+pub const MAX_EGRESS_ENTRIES: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Rejection {
@@ -113,6 +119,38 @@ fn check_spec(job: &JobEnvelope) -> Result<(), String> {
     }
     if let Some(k) = s.labels.keys().find(|k| k.starts_with("outpost.")) {
         return Err(format!("label {k:?} uses the reserved outpost. prefix"));
+    }
+    check_job_data(s)
+}
+
+/// Inputs, output prefix and egress requests name objects of the local store that become paths
+/// under `/in` and `/out`: each must be a valid key that maps onto a path safely.
+fn check_job_data(s: &ContainerSpec) -> Result<(), String> {
+    if s.inputs.len() > MAX_INPUT_ENTRIES {
+        return Err(format!(
+            "inputs lists {} entries, more than {MAX_INPUT_ENTRIES}; name a prefix ending in '/' instead",
+            s.inputs.len()
+        ));
+    }
+    for entry in &s.inputs {
+        path::check_entry(entry).map_err(|e| format!("inputs: {e}"))?;
+    }
+    if let Some(prefix) = &s.output_prefix {
+        path::check_entry(prefix).map_err(|e| format!("output_prefix: {e}"))?;
+    }
+    if s.egress_bodies.len() > MAX_EGRESS_ENTRIES {
+        return Err(format!(
+            "egress_bodies lists {} entries, more than {MAX_EGRESS_ENTRIES}; name a prefix ending in '/' instead",
+            s.egress_bodies.len()
+        ));
+    }
+    for entry in &s.egress_bodies {
+        path::check_entry(entry).map_err(|e| format!("egress_bodies: {e}"))?;
+    }
+    if !s.egress_bodies.is_empty() && s.output_prefix.is_none() {
+        return Err(
+            "egress_bodies names output bodies but the spec has no output_prefix, so no outputs".into()
+        );
     }
     Ok(())
 }

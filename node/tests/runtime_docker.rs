@@ -15,7 +15,7 @@ use common::{
 use futures_util::future::join_all;
 use outpost_node::runtime::docker::DockerRuntime;
 use outpost_node::runtime::{
-    ContainerState, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, Runtime, RuntimeError,
+    ContainerState, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, Mounts, Runtime, RuntimeError,
 };
 use outpost_protocol::{ContainerSpec, Resources, SecurityOverrides};
 use serde_json::json;
@@ -73,7 +73,7 @@ async fn within<T>(what: &str, call: impl Future<Output = T>) -> T {
 
 /// Creates, starts and waits for `job`; returns its exit code.
 async fn run(rt: &DockerRuntime, job: &JobRef, spec: &ContainerSpec) -> anyhow::Result<i64> {
-    rt.create(job, spec).await?;
+    rt.create(job, spec, &Mounts::default()).await?;
     rt.start(job).await?;
     Ok(within("waiting for the job", rt.wait(job)).await?)
 }
@@ -129,7 +129,7 @@ async fn a_job_reports_its_exit_code_and_separate_stdout_and_stderr_tails() -> a
 async fn every_container_gets_the_hardened_defaults() -> anyhow::Result<()> {
     let node = node("hardened").await;
     let job = job("hardened");
-    let id = node.rt.create(&job, &sh("true")).await?;
+    let id = node.rt.create(&job, &sh("true"), &Mounts::default()).await?;
 
     let name = job.container_name();
     let c = docker_inspect(&name).unwrap_or_else(|| panic!("docker inspect finds no {name}"));
@@ -195,6 +195,41 @@ async fn the_root_filesystem_is_read_only_and_tmp_is_writable() -> anyhow::Resul
 }
 
 #[tokio::test]
+async fn job_data_is_mounted_input_read_only_and_output_writable() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let node = node("mounts").await;
+    let job = job("mounts");
+    let dir = tempfile::tempdir()?;
+    let (input, output) = (dir.path().join("in"), dir.path().join("out"));
+    std::fs::create_dir_all(input.join("data"))?;
+    std::fs::write(input.join("data/a.txt"), "input bytes\n")?;
+    std::fs::create_dir(&output)?;
+    std::fs::set_permissions(&input, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&output, std::fs::Permissions::from_mode(0o777))?;
+    let spec = sh("cat /in/data/a.txt; touch /in/x 2>/dev/null && echo in-writable; \
+                   echo made > /out/o.txt && echo out-written; touch /x 2>/dev/null || echo rootfs-read-only");
+    let mounts = Mounts { input: Some(input.clone()), output: Some(output.clone()) };
+    node.rt.create(&job, &spec, &mounts).await?;
+    node.rt.start(&job).await?;
+    assert_eq!(within("waiting for the job", node.rt.wait(&job)).await?, 0);
+    let out = node.rt.output(&job, 4096).await?;
+    assert_eq!(out.stdout_tail, "input bytes\nout-written\nrootfs-read-only\n");
+    assert_eq!(std::fs::read_to_string(output.join("o.txt"))?, "made\n");
+    assert!(!input.join("x").exists(), "nothing was written to the input directory");
+
+    let c = docker_inspect(&job.container_name()).unwrap_or_else(|| panic!("no {}", job.container_name()));
+    let mounts = c["Mounts"].as_array().cloned().unwrap_or_default();
+    let find = |dest: &str| mounts.iter().find(|m| m["Destination"] == dest).cloned();
+    let (Some(in_mount), Some(out_mount)) = (find("/in"), find("/out")) else {
+        panic!("both mounts expected: {mounts:?}");
+    };
+    assert_eq!((in_mount["Type"].as_str(), in_mount["RW"].as_bool()), (Some("bind"), Some(false)));
+    assert_eq!((out_mount["Type"].as_str(), out_mount["RW"].as_bool()), (Some("bind"), Some(true)));
+    assert_eq!(c["HostConfig"]["ReadonlyRootfs"], true, "mounting job data relaxes nothing else");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_signed_spec_relaxes_only_what_it_names() -> anyhow::Result<()> {
     let node = node("relaxed").await;
     let job = job("relaxed");
@@ -237,8 +272,8 @@ async fn a_spec_asking_for_network_gets_the_bridge() -> anyhow::Result<()> {
 async fn creating_an_attempt_twice_returns_the_first_container_unchanged() -> anyhow::Result<()> {
     let node = node("twice").await;
     let job = job("twice");
-    let first = node.rt.create(&job, &sh("echo first")).await?;
-    let second = node.rt.create(&job, &sh("echo second")).await?;
+    let first = node.rt.create(&job, &sh("echo first"), &Mounts::default()).await?;
+    let second = node.rt.create(&job, &sh("echo second"), &Mounts::default()).await?;
     assert_eq!(first, second);
     assert_eq!(containers_labelled(LABEL_JOB, &job.job_id), vec![first.clone()]);
     let c = docker_inspect(&first).unwrap_or_else(|| panic!("no container {first}"));
@@ -246,12 +281,12 @@ async fn creating_an_attempt_twice_returns_the_first_container_unchanged() -> an
 
     // Once it has run, creating it again still hands back the same container, never a new run.
     assert_eq!(run(&node.rt, &job, &sh("echo first")).await?, 0);
-    assert_eq!(node.rt.create(&job, &sh("echo third")).await?, first);
+    assert_eq!(node.rt.create(&job, &sh("echo third"), &Mounts::default()).await?, first);
     assert_eq!(node.rt.output(&job, 100).await?.stdout_tail, "first\n");
 
     // Another attempt of the same job is another container.
     let retry = JobRef { job_id: job.job_id.clone(), attempt: 2 };
-    let other = node.rt.create(&retry, &sh("true")).await?;
+    let other = node.rt.create(&retry, &sh("true"), &Mounts::default()).await?;
     assert_ne!(other, first);
     assert_eq!(
         docker_inspect(&other).map(|c| c["Name"].clone()),
@@ -265,7 +300,8 @@ async fn concurrent_creates_of_one_attempt_make_one_container() -> anyhow::Resul
     let node = node("race").await;
     let job = job("race");
     let spec = sh("true");
-    let ids = join_all((0..4).map(|_| node.rt.create(&job, &spec))).await;
+    let mounts = Mounts::default();
+    let ids = join_all((0..4).map(|_| node.rt.create(&job, &spec, &mounts))).await;
     let ids: Vec<String> = ids.into_iter().collect::<Result<_, _>>()?;
     assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
     assert_eq!(containers_labelled(LABEL_JOB, &job.job_id), vec![ids[0].clone()]);
@@ -276,8 +312,8 @@ async fn concurrent_creates_of_one_attempt_make_one_container() -> anyhow::Resul
 async fn a_container_name_held_by_another_node_is_refused() -> anyhow::Result<()> {
     let (mine, theirs) = (node("owner").await, node("intruder").await);
     let job = job("shared");
-    mine.rt.create(&job, &sh("true")).await?;
-    let err = theirs.rt.create(&job, &sh("true")).await.err();
+    mine.rt.create(&job, &sh("true"), &Mounts::default()).await?;
+    let err = theirs.rt.create(&job, &sh("true"), &Mounts::default()).await.err();
     assert!(
         matches!(&err, Some(RuntimeError::Invalid(m)) if m.contains(&mine.id)),
         "expected Invalid naming the owner {}, got {err:?}",
@@ -291,14 +327,14 @@ async fn a_container_name_held_by_another_node_is_refused() -> anyhow::Result<()
 async fn list_managed_finds_only_this_nodes_containers_with_their_states() -> anyhow::Result<()> {
     let (node, other) = (node("list").await, node("list-other").await);
     let (created, running, exited) = (job("list-created"), job("list-running"), job("list-exited"));
-    let created_id = node.rt.create(&created, &sh("true")).await?;
-    let running_id = node.rt.create(&running, &sh("sleep 300")).await?;
+    let created_id = node.rt.create(&created, &sh("true"), &Mounts::default()).await?;
+    let running_id = node.rt.create(&running, &sh("sleep 300"), &Mounts::default()).await?;
     node.rt.start(&running).await?;
     until_running(&node.rt, &running).await?;
-    let exited_id = node.rt.create(&exited, &sh("exit 7")).await?;
+    let exited_id = node.rt.create(&exited, &sh("exit 7"), &Mounts::default()).await?;
     assert_eq!(run(&node.rt, &exited, &sh("exit 7")).await?, 7);
     let foreign = job("list-foreign");
-    other.rt.create(&foreign, &sh("true")).await?;
+    other.rt.create(&foreign, &sh("true"), &Mounts::default()).await?;
 
     let mut managed = node.rt.list_managed().await?;
     managed.sort_by(|a, b| a.container_id.cmp(&b.container_id));
@@ -327,7 +363,7 @@ async fn list_managed_finds_only_this_nodes_containers_with_their_states() -> an
 async fn kill_stops_a_sleeping_job_and_is_harmless_once_it_exited() -> anyhow::Result<()> {
     let node = node("kill").await;
     let job = job("kill");
-    node.rt.create(&job, &sh("sleep 300")).await?;
+    node.rt.create(&job, &sh("sleep 300"), &Mounts::default()).await?;
     // Killing a container that never started is no error either.
     node.rt.kill(&job).await?;
     assert_eq!(node.rt.inspect(&job).await?, Some(ContainerState::Created));
@@ -347,7 +383,7 @@ async fn kill_stops_a_sleeping_job_and_is_harmless_once_it_exited() -> anyhow::R
 async fn a_wait_abandoned_at_a_deadline_leaves_the_job_running_until_killed() -> anyhow::Result<()> {
     let node = node("deadline").await;
     let job = job("deadline");
-    node.rt.create(&job, &sh("echo started; sleep 300")).await?;
+    node.rt.create(&job, &sh("echo started; sleep 300"), &Mounts::default()).await?;
     node.rt.start(&job).await?;
 
     let waited = tokio::time::timeout(Duration::from_secs(1), node.rt.wait(&job)).await;
@@ -380,7 +416,7 @@ async fn a_job_over_its_memory_limit_is_reported_oom_killed() -> anyhow::Result<
 async fn start_never_runs_an_attempt_twice() -> anyhow::Result<()> {
     let node = node("once").await;
     let job = job("once");
-    node.rt.create(&job, &sh("echo ran")).await?;
+    node.rt.create(&job, &sh("echo ran"), &Mounts::default()).await?;
     let err = node.rt.wait(&job).await.err();
     assert!(matches!(err, Some(RuntimeError::Invalid(_))), "waiting for a never-started job: {err:?}");
 
@@ -406,7 +442,10 @@ async fn a_job_without_a_container_is_not_found() -> anyhow::Result<()> {
 
     // A job id that is no safe container name never reaches the engine.
     let evil = JobRef { job_id: "../images/x".into(), attempt: 1 };
-    assert!(matches!(node.rt.create(&evil, &sh("true")).await, Err(RuntimeError::Invalid(_))));
+    assert!(matches!(
+        node.rt.create(&evil, &sh("true"), &Mounts::default()).await,
+        Err(RuntimeError::Invalid(_))
+    ));
     assert!(matches!(node.rt.inspect(&evil).await, Err(RuntimeError::Invalid(_))));
     Ok(())
 }
@@ -420,7 +459,8 @@ async fn an_absent_image_is_image_missing_and_never_pulled() -> anyhow::Result<(
 
     assert!(!node.rt.image_present(&spec.image).await?);
     // No registry is reachable here: a pull attempt would hang or fail slowly, not answer at once.
-    let created = tokio::time::timeout(Duration::from_secs(15), node.rt.create(&job, &spec)).await;
+    let created =
+        tokio::time::timeout(Duration::from_secs(15), node.rt.create(&job, &spec, &Mounts::default())).await;
     match created {
         Ok(Err(RuntimeError::ImageMissing(image))) => assert_eq!(image, spec.image),
         other => panic!("expected ImageMissing({}), got {other:?}", spec.image),
@@ -429,7 +469,7 @@ async fn an_absent_image_is_image_missing_and_never_pulled() -> anyhow::Result<(
 
     // Images are named by id only: a tag is refused before the engine is asked.
     spec.image = "outpost-test-busybox:latest".into();
-    assert!(matches!(node.rt.create(&job, &spec).await, Err(RuntimeError::Invalid(_))));
+    assert!(matches!(node.rt.create(&job, &spec, &Mounts::default()).await, Err(RuntimeError::Invalid(_))));
     assert_eq!(node.rt.inspect(&job).await?, None);
     Ok(())
 }
@@ -557,7 +597,7 @@ async fn remove_is_idempotent_and_takes_a_running_job_with_it() -> anyhow::Resul
     node.rt.remove(&done).await?;
 
     let busy = job("remove-busy");
-    node.rt.create(&busy, &sh("sleep 300")).await?;
+    node.rt.create(&busy, &sh("sleep 300"), &Mounts::default()).await?;
     node.rt.start(&busy).await?;
     until_running(&node.rt, &busy).await?;
     node.rt.remove(&busy).await?;

@@ -2,6 +2,11 @@
 //! Staged → create the container (idempotent by name) and persist Running; Running → inspect
 //! and start the container only if the runtime says it was never started, else adopt it. So a
 //! kill -9 at any point can neither lose the job nor start it twice.
+//!
+//! Job data follows the same states: inputs are staged (from scratch, every time) while the job
+//! is Staged, before its container exists or has started; outputs are uploaded after the
+//! container exited and before the result is persisted (uploads overwrite, so collecting again
+//! after a crash is safe); the job's data directory is removed once the result is persisted.
 
 use std::time::Duration;
 
@@ -11,8 +16,18 @@ use tokio_util::sync::CancellationToken;
 use super::Agent;
 use crate::backoff::Backoff;
 use crate::clock::now_unix_ms;
+use crate::jobdata::{Collected, JobDataError, JobDirs};
 use crate::ledger::{JobRecord, JobState};
 use crate::runtime::{ContainerState, JobRef, Runtime, RuntimeError};
+
+/// Most refused bodies or skipped files named one by one in a result's error or an audit entry.
+const LISTED: usize = 20;
+
+/// A result and, when output bodies were refused, the audit detail that records it.
+struct Finished {
+    report: ResultReport,
+    denied: Option<String>,
+}
 
 /// Why an execution stopped before producing a result.
 enum Stop {
@@ -29,18 +44,27 @@ impl<R: Runtime> Agent<R> {
             tracing::error!(job = %job.job_id, "ledger record without a spec in a runnable state");
             return;
         };
-        let outcome = self.drive(&mut rec, &job, &spec, &shutdown).await;
-        let report = match outcome {
-            Ok(report) => report,
+        let dirs = JobDirs::new(&self.cfg.data_dir, &job);
+        let outcome = match &dirs {
+            Ok(dirs) => self.drive(&mut rec, &job, &spec, dirs, &shutdown).await,
+            Err(e) => Err(Stop::Failed(e.to_string())),
+        };
+        let (report, denied) = match outcome {
+            Ok(Finished { report, denied }) => (report, denied),
             Err(Stop::Shutdown) => return,
             Err(Stop::Failed(msg)) => {
                 tracing::warn!(job = %job.job_id, error = %msg, "job could not run");
-                self.report_for(&rec, Outcome::Error, None, Some(msg), Default::default(), None, None)
+                (self.report_for(&rec, Outcome::Error, None, Some(msg), Default::default(), None, None), None)
             }
         };
         rec.state = JobState::Finished;
         rec.result = Some(report);
-        if let Err(e) = self.ledger.update(&rec) {
+        // The refusal is audited in the same batch as the result it belongs to.
+        let persisted = match &denied {
+            Some(detail) => self.ledger.update_audited(&rec, "egress.denied", detail),
+            None => self.ledger.update(&rec),
+        };
+        if let Err(e) = persisted {
             // Not persisted: the next start finds the job Running and collects it again.
             tracing::error!(job = %job.job_id, error = %e, "cannot persist the result; it will be collected again on restart");
             return;
@@ -50,6 +74,11 @@ impl<R: Runtime> Agent<R> {
         if let Err(e) = self.runtime.remove(&job).await {
             tracing::warn!(job = %job.job_id, error = %e, "could not remove the finished container");
         }
+        if let Ok(dirs) = dirs
+            && let Err(e) = dirs.remove().await
+        {
+            tracing::warn!(job = %job.job_id, error = %e, "could not remove the finished job's data directory");
+        }
     }
 
     async fn drive(
@@ -57,8 +86,13 @@ impl<R: Runtime> Agent<R> {
         rec: &mut JobRecord,
         job: &JobRef,
         spec: &ContainerSpec,
+        dirs: &JobDirs,
         shutdown: &CancellationToken,
-    ) -> Result<ResultReport, Stop> {
+    ) -> Result<Finished, Stop> {
+        if rec.state == JobState::Staged {
+            // No container of ours has started yet: staging from scratch is always safe.
+            retry(shutdown, || dirs.prepare(spec, self.objects.as_ref())).await?;
+        }
         // Launch a few containers at a time: the engine serialises much of create/start, and
         // twenty creates in flight make every job wait for all of them before any starts.
         let launch = tokio::select! {
@@ -66,7 +100,8 @@ impl<R: Runtime> Agent<R> {
             _ = shutdown.cancelled() => return Err(Stop::Shutdown),
         };
         if rec.state == JobState::Staged {
-            retry(shutdown, || self.runtime.create(job, spec)).await?;
+            let mounts = dirs.mounts(spec);
+            retry(shutdown, || self.runtime.create(job, spec, &mounts)).await?;
             rec.state = JobState::Running;
             self.ledger
                 .update(rec)
@@ -123,8 +158,50 @@ impl<R: Runtime> Agent<R> {
         if report.timings.finished_unix_ms.is_none() {
             report.timings.finished_unix_ms = Some(now_unix_ms());
         }
-        tracing::info!(job = %job.job_id, ?outcome, exit_code, "job finished");
-        Ok(report)
+        let mut denied = None;
+        if spec.output_prefix.is_some() {
+            let allowed = &self.cfg.egress.allow_body_prefixes;
+            match retry(shutdown, || dirs.collect(spec, self.objects.as_ref(), allowed)).await {
+                Ok(collected) => denied = self.apply_outputs(job, &mut report, collected),
+                Err(Stop::Shutdown) => return Err(Stop::Shutdown),
+                Err(Stop::Failed(msg)) => {
+                    report.outcome = Outcome::Error;
+                    report.error = Some(format!(
+                        "the job ran (exit code {exit_code}) but its outputs could not be stored: {msg}"
+                    ));
+                }
+            }
+        }
+        tracing::info!(job = %job.job_id, outcome = ?report.outcome, exit_code, outputs = report.outputs.len(), "job finished");
+        Ok(Finished { report, denied })
+    }
+
+    /// Put what collecting found into the report; returns the audit detail of refused bodies.
+    fn apply_outputs(&self, job: &JobRef, report: &mut ResultReport, collected: Collected) -> Option<String> {
+        let Collected { outputs, denied, skipped } = collected;
+        report.outputs = outputs;
+        if !skipped.is_empty() {
+            tracing::warn!(job = %job.job_id, skipped = ?skipped, "some of the job's files under /out were not uploaded");
+            let note = format!("not uploaded from /out: {}", listed(&skipped));
+            report.error = Some(match report.error.take() {
+                Some(e) => format!("{e}; {note}"),
+                None => note,
+            });
+        }
+        if denied.is_empty() {
+            return None;
+        }
+        let reasons: Vec<String> = denied.iter().map(|(key, why)| format!("{key:?}: {why}")).collect();
+        for (key, why) in &denied {
+            tracing::warn!(job = %job.job_id, key = %key, reason = %why, "output body not sent: egress refused");
+        }
+        report.egress_denied = denied.into_iter().map(|(key, _)| key).collect();
+        Some(format!(
+            "job {} attempt {}: output bodies not sent: {}",
+            job.job_id,
+            job.attempt,
+            listed(&reasons)
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -159,19 +236,46 @@ impl<R: Runtime> Agent<R> {
     }
 }
 
-/// Retry a runtime call while the runtime is unavailable; any other error ends the job.
-async fn retry<T, F, Fut>(shutdown: &CancellationToken, mut call: F) -> Result<T, Stop>
+/// The first [`LISTED`] items, then how many more.
+fn listed(items: &[String]) -> String {
+    let mut text = items.iter().take(LISTED).cloned().collect::<Vec<_>>().join("; ");
+    if items.len() > LISTED {
+        text.push_str(&format!("; and {} more", items.len() - LISTED));
+    }
+    text
+}
+
+/// An error that says whether the same call may succeed later.
+trait Retryable: std::fmt::Display {
+    fn retryable(&self) -> bool;
+}
+
+impl Retryable for RuntimeError {
+    fn retryable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
+impl Retryable for JobDataError {
+    fn retryable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
+/// Retry a runtime or object store call while it is unavailable; any other error ends the job.
+async fn retry<T, E, F, Fut>(shutdown: &CancellationToken, mut call: F) -> Result<T, Stop>
 where
+    E: Retryable,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, RuntimeError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         match call().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() => {
+            Err(e) if e.retryable() => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "container runtime call failed; retrying");
+                tracing::warn!(error = %e, retry_in = ?delay, "call failed (runtime or object store unavailable); retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(Stop::Shutdown),
                     _ = tokio::time::sleep(delay) => {}

@@ -23,7 +23,7 @@ use outpost_protocol::ContainerSpec;
 use self::convert::{container_state, engine_error, job_label, status_of};
 use self::spec::{container_name, create_body, validate_image_id};
 use super::{
-    ContainerState, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, Managed, Output, Result, Runtime,
+    ContainerState, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, Managed, Mounts, Output, Result, Runtime,
     RuntimeError, RuntimeInfo,
 };
 
@@ -109,10 +109,10 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn create(&self, job: &JobRef, spec: &ContainerSpec) -> Result<String> {
+    async fn create(&self, job: &JobRef, spec: &ContainerSpec, mounts: &Mounts) -> Result<String> {
         let name = container_name(job)?;
         validate_image_id(&spec.image)?;
-        let body = create_body(&self.node_id, job, spec)?;
+        let body = create_body(&self.node_id, job, spec, mounts)?;
         if !self.image_present(&spec.image).await? {
             return Err(RuntimeError::ImageMissing(spec.image.clone()));
         }

@@ -9,7 +9,7 @@
 //! - every container gets the hardened defaults unless the signed spec relaxes them.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use outpost_protocol::ContainerSpec;
 
@@ -37,6 +37,20 @@ pub const LABEL_ATTEMPT: &str = "outpost.attempt";
 pub const LABEL_NODE: &str = "outpost.node";
 /// Labels under this prefix belong to the agent: a job spec may not set them.
 pub const RESERVED_LABEL_PREFIX: &str = "outpost.";
+
+/// Where the job's container looks inside the container.
+pub const INPUT_MOUNT: &str = "/in";
+/// Where the job writes the files it leaves behind.
+pub const OUTPUT_MOUNT: &str = "/out";
+
+/// Host directories bind-mounted into the job's container: `input` read-only at
+/// [`INPUT_MOUNT`], `output` read-write at [`OUTPUT_MOUNT`]. Both must be absolute paths to
+/// existing directories; everything else about the container stays hardened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mounts {
+    pub input: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+}
 
 /// What the runtime knows about a job's container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,9 +121,14 @@ pub trait Runtime: Send + Sync + 'static {
     /// Engine version and the images present.
     fn info(&self) -> impl Future<Output = Result<RuntimeInfo>> + Send;
     fn image_present(&self, image: &str) -> impl Future<Output = Result<bool>> + Send;
-    /// Create (not start) the job's container with the hardened configuration; if it exists
-    /// already, return the existing one's id without changing it.
-    fn create(&self, job: &JobRef, spec: &ContainerSpec) -> impl Future<Output = Result<String>> + Send;
+    /// Create (not start) the job's container with the hardened configuration and `mounts`; if
+    /// it exists already, return the existing one's id without changing it.
+    fn create(
+        &self,
+        job: &JobRef,
+        spec: &ContainerSpec,
+        mounts: &Mounts,
+    ) -> impl Future<Output = Result<String>> + Send;
     fn start(&self, job: &JobRef) -> impl Future<Output = Result<()>> + Send;
     /// `Ok(None)` when no such container exists.
     fn inspect(&self, job: &JobRef) -> impl Future<Output = Result<Option<ContainerState>>> + Send;

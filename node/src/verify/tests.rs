@@ -115,3 +115,40 @@ fn a_garbage_signature_is_refused_not_panicked_on() {
     a.envelope.signature_hex = "zz".into();
     assert!(matches!(verifier().verify(&a, 0, 50), Err(Rejection::BadSignature { .. })));
 }
+
+fn with_data(inputs: &[&str], output_prefix: Option<&str>, egress: &[&str]) -> JobEnvelope {
+    let mut env = envelope(5, 100);
+    env.spec.inputs = inputs.iter().map(|s| (*s).to_owned()).collect();
+    env.spec.output_prefix = output_prefix.map(str::to_owned);
+    env.spec.egress_bodies = egress.iter().map(|s| (*s).to_owned()).collect();
+    env
+}
+
+#[test]
+fn job_data_keys_that_map_onto_safe_paths_are_accepted() {
+    let env = with_data(&["data/a.csv", "batch/"], Some("results/run-1/"), &["results/run-1/summary.txt"]);
+    assert!(verifier().verify(&sign(&key(), &env), 4, 50).is_ok());
+}
+
+#[test]
+fn hostile_job_data_keys_are_refused_with_the_field_and_the_reason() {
+    for (env, field, why) in [
+        (with_data(&["../etc/passwd"], None, &[]), "inputs", "'..'"),
+        (with_data(&["/abs"], None, &[]), "inputs", "'/'"),
+        (with_data(&["a//b"], None, &[]), "inputs", "empty path segment"),
+        (with_data(&["a\0b"], None, &[]), "inputs", "U+0000"),
+        (with_data(&[], Some("out/../../x/"), &[]), "output_prefix", "'..'"),
+        (with_data(&[], Some(""), &[]), "output_prefix", "empty"),
+        (with_data(&[], Some("o/"), &["o/./x"]), "egress_bodies", "'.'"),
+        (with_data(&[], None, &["o/x"]), "egress_bodies", "no output_prefix"),
+    ] {
+        let err = verifier().verify(&sign(&key(), &env), 4, 50).expect_err(why);
+        let text = err.to_string();
+        assert!(matches!(err, Rejection::BadSpec(_)), "{text}");
+        assert!(text.contains(field) && text.contains(why), "{field}/{why}: {text}");
+    }
+    let many: Vec<String> = (0..=MAX_INPUT_ENTRIES).map(|i| format!("k{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err = verifier().verify(&sign(&key(), &with_data(&many, None, &[])), 4, 50).expect_err("too many");
+    assert!(err.to_string().contains("65 entries"), "{err}");
+}

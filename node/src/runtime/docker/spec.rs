@@ -2,14 +2,17 @@
 //! Everything a job may relax comes from `spec.security`; nothing else can loosen the result.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use bollard::models::{
-    ContainerCreateBody, HostConfig, HostConfigLogConfig, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountBindOptions,
+    MountBindOptionsPropagationEnum, MountType, RestartPolicy, RestartPolicyNameEnum,
 };
 use outpost_protocol::ContainerSpec;
 
 use crate::runtime::{
-    JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, RESERVED_LABEL_PREFIX, Result, RuntimeError,
+    INPUT_MOUNT, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, Mounts, OUTPUT_MOUNT, RESERVED_LABEL_PREFIX,
+    Result, RuntimeError,
 };
 
 /// The unprivileged user (nobody:nogroup) jobs run as unless the spec names another.
@@ -57,9 +60,44 @@ pub(super) fn validate_image_id(image: &str) -> Result<()> {
     }
 }
 
-/// The create request for `job`, labelled as `node_id`'s.
-pub(super) fn create_body(node_id: &str, job: &JobRef, spec: &ContainerSpec) -> Result<ContainerCreateBody> {
+/// A bind mount of the host directory `source` at `target`: private propagation, so nothing
+/// the host mounts later under `source` shows up in the container, and nothing leaks back.
+fn bind(job: &JobRef, source: &Path, target: &str, read_only: bool) -> Result<Mount> {
+    let source = source.to_str().filter(|s| source.is_absolute() && !s.contains('\0')).ok_or_else(|| {
+        RuntimeError::Invalid(format!(
+            "job {}: the host directory for {target} ({}) must be an absolute UTF-8 path",
+            job.job_id,
+            source.display()
+        ))
+    })?;
+    Ok(Mount {
+        target: Some(target.to_owned()),
+        source: Some(source.to_owned()),
+        typ: Some(MountType::BIND),
+        read_only: Some(read_only),
+        bind_options: Some(MountBindOptions {
+            propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// The create request for `job`, labelled as `node_id`'s, with the job's data `mounts`.
+pub(super) fn create_body(
+    node_id: &str,
+    job: &JobRef,
+    spec: &ContainerSpec,
+    mounts: &Mounts,
+) -> Result<ContainerCreateBody> {
     validate_image_id(&spec.image)?;
+    let mut binds = Vec::new();
+    if let Some(input) = &mounts.input {
+        binds.push(bind(job, input, INPUT_MOUNT, true)?);
+    }
+    if let Some(output) = &mounts.output {
+        binds.push(bind(job, output, OUTPUT_MOUNT, false)?);
+    }
     let mut labels: HashMap<String, String> = HashMap::with_capacity(spec.labels.len() + 3);
     for (key, value) in &spec.labels {
         if key.to_ascii_lowercase().starts_with(RESERVED_LABEL_PREFIX) {
@@ -127,6 +165,7 @@ pub(super) fn create_body(node_id: &str, job: &JobRef, spec: &ContainerSpec) -> 
     let host_config = HostConfig {
         readonly_rootfs: Some(!security.writable_rootfs),
         tmpfs: Some(HashMap::from([("/tmp".to_owned(), TMP_MOUNT_OPTIONS.to_owned())])),
+        mounts: (!binds.is_empty()).then_some(binds),
         cap_drop: Some(vec!["ALL".to_owned()]),
         cap_add: (!security.cap_add.is_empty()).then(|| security.cap_add.clone()),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
@@ -193,7 +232,7 @@ mod tests {
 
     #[test]
     fn a_plain_spec_gets_every_hardened_default() -> Result<()> {
-        let body = create_body("node-a", &job(), &spec())?;
+        let body = create_body("node-a", &job(), &spec(), &Mounts::default())?;
         let host = body.host_config.unwrap_or_default();
         assert_eq!(host.readonly_rootfs, Some(true));
         assert_eq!(host.tmpfs.unwrap_or_default().get("/tmp").map(String::as_str), Some(TMP_MOUNT_OPTIONS));
@@ -206,6 +245,7 @@ mod tests {
         assert_eq!(host.nano_cpus, Some(500_000_000));
         assert_eq!(host.pids_limit, Some(32));
         assert_eq!(host.auto_remove, Some(false));
+        assert_eq!(host.mounts, None, "no job data, no mounts");
         let log = host.log_config.unwrap_or_default();
         assert_eq!(log.typ.as_deref(), Some(LOG_DRIVER));
         assert_eq!(log.config.unwrap_or_default().get("max-size").map(String::as_str), Some(LOG_MAX_SIZE));
@@ -230,7 +270,7 @@ mod tests {
             user: Some("1000".into()),
             cap_add: vec!["CHOWN".into()],
         };
-        let body = create_body("n", &job(), &spec)?;
+        let body = create_body("n", &job(), &spec, &Mounts::default())?;
         let host = body.host_config.unwrap_or_default();
         assert_eq!(host.readonly_rootfs, Some(false));
         assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
@@ -243,11 +283,50 @@ mod tests {
     }
 
     #[test]
+    fn job_data_is_bind_mounted_input_read_only_and_output_writable() -> Result<()> {
+        let mounts = Mounts {
+            input: Some("/var/lib/outpost/jobdata/j1/2/in".into()),
+            output: Some("/var/lib/outpost/jobdata/j1/2/out".into()),
+        };
+        let body = create_body("n", &job(), &spec(), &mounts)?;
+        let host = body.host_config.unwrap_or_default();
+        let binds = host.mounts.unwrap_or_default();
+        assert_eq!(binds.len(), 2);
+        let input = &binds[0];
+        assert_eq!(input.target.as_deref(), Some(INPUT_MOUNT));
+        assert_eq!(input.source.as_deref(), Some("/var/lib/outpost/jobdata/j1/2/in"));
+        assert_eq!(input.typ, Some(MountType::BIND));
+        assert_eq!(input.read_only, Some(true));
+        let output = &binds[1];
+        assert_eq!(output.target.as_deref(), Some(OUTPUT_MOUNT));
+        assert_eq!(output.read_only, Some(false));
+        // Mounting job data relaxes nothing else.
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(host.network_mode.as_deref(), Some("none"));
+        assert_eq!(body.user.as_deref(), Some(DEFAULT_USER));
+
+        let only_out = Mounts { input: None, output: Some("/d/out".into()) };
+        let host = create_body("n", &job(), &spec(), &only_out)?.host_config.unwrap_or_default();
+        let binds = host.mounts.unwrap_or_default();
+        assert_eq!(binds.len(), 1);
+        assert_eq!(binds[0].target.as_deref(), Some(OUTPUT_MOUNT));
+        Ok(())
+    }
+
+    #[test]
+    fn a_relative_mount_source_is_refused() {
+        let mounts = Mounts { input: Some("jobdata/in".into()), output: None };
+        let err = create_body("n", &job(), &spec(), &mounts).err();
+        assert!(matches!(err, Some(RuntimeError::Invalid(ref m)) if m.contains("absolute")), "{err:?}");
+    }
+
+    #[test]
     fn a_spec_label_may_not_claim_the_outpost_prefix() {
         for key in ["outpost.node", "outpost.job", "Outpost.anything"] {
             let mut spec = spec();
             spec.labels.insert(key.into(), "other".into());
-            let err = create_body("n", &job(), &spec).err();
+            let err = create_body("n", &job(), &spec, &Mounts::default()).err();
             assert!(matches!(err, Some(RuntimeError::Invalid(ref m)) if m.contains(key)), "{key}: {err:?}");
         }
     }
@@ -258,7 +337,10 @@ mod tests {
         {
             let mut spec = spec();
             spec.image = image.to_owned();
-            assert!(matches!(create_body("n", &job(), &spec), Err(RuntimeError::Invalid(_))), "{image}");
+            assert!(
+                matches!(create_body("n", &job(), &spec, &Mounts::default()), Err(RuntimeError::Invalid(_))),
+                "{image}"
+            );
         }
     }
 
@@ -273,7 +355,7 @@ mod tests {
             let mut spec = spec();
             spec.resources = resources.clone();
             assert!(
-                matches!(create_body("n", &job(), &spec), Err(RuntimeError::Invalid(_))),
+                matches!(create_body("n", &job(), &spec, &Mounts::default()), Err(RuntimeError::Invalid(_))),
                 "{resources:?}"
             );
         }
