@@ -226,6 +226,22 @@ impl<R: Runtime> Agent<R> {
     /// labelled as ours that the ledger does not know are left alone and audited.
     async fn reconcile(&self) -> anyhow::Result<()> {
         let records = self.ledger.all()?;
+        let live: BTreeSet<(String, u32)> = records
+            .iter()
+            .filter(|r| matches!(r.state, JobState::Staged | JobState::Running))
+            .map(|r| (r.job_id.clone(), r.attempt))
+            .collect();
+        match crate::jobdata::sweep(&self.cfg.data_dir, |job, attempt| {
+            live.contains(&(job.to_owned(), attempt))
+        })
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(removed = n, "removed job data left by a crash after its result was persisted")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot sweep leftover job data"),
+        }
         let managed = self.runtime.list_managed().await?;
         for m in &managed {
             match records.iter().find(|r| r.job_id == m.job.job_id && r.attempt == m.job.attempt) {
