@@ -5,12 +5,50 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use outpost_protocol::{
-    AuditList, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, ErrorBody, JobInfo, JobList, JobState,
-    NodeInfo, NodeList, Org, SubmitJobRequest, paths,
+    AuditList, CreateOrgRequest, CreateTokenRequest, CreateTriggerRequest, EnrollmentToken, ErrorBody,
+    EventList, JobInfo, JobList, JobState, NodeInfo, NodeList, Org, SubmitJobRequest, Trigger, TriggerList,
+    paths,
 };
 use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+/// The query of [`Client::events`]; see the `GET /v1/events` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventsQuery {
+    pub org_id: Option<String>,
+    pub node_id: Option<String>,
+    pub after_seq: Option<u64>,
+    pub cursor: Option<u64>,
+    pub newest: bool,
+    pub limit: Option<usize>,
+    pub wait_secs: Option<u64>,
+}
+
+impl EventsQuery {
+    fn to_query(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(o) = &self.org_id {
+            parts.push(format!("org_id={}", enc(o)));
+        }
+        if let Some(n) = &self.node_id {
+            parts.push(format!("node_id={}", enc(n)));
+        }
+        let numbers = [("after_seq", self.after_seq), ("cursor", self.cursor), ("wait_secs", self.wait_secs)];
+        for (name, value) in numbers {
+            if let Some(v) = value {
+                parts.push(format!("{name}={v}"));
+            }
+        }
+        if let Some(l) = self.limit {
+            parts.push(format!("limit={l}"));
+        }
+        if self.newest {
+            parts.push("newest=true".into());
+        }
+        if parts.is_empty() { String::new() } else { format!("?{}", parts.join("&")) }
+    }
+}
 
 pub struct Client {
     http: reqwest::Client,
@@ -99,6 +137,31 @@ impl Client {
 
     pub async fn node(&self, node_id: &str) -> anyhow::Result<NodeInfo> {
         self.call::<(), _>(Method::GET, &paths::fill(paths::NODE, "node_id", &enc(node_id)), None).await
+    }
+
+    /// Stored relay events; with `wait_secs`, held until one matches (long-poll, at most 30 s).
+    pub async fn events(&self, q: &EventsQuery) -> anyhow::Result<EventList> {
+        self.call::<(), _>(Method::GET, &format!("{}{}", paths::EVENTS, q.to_query()), None).await
+    }
+
+    pub async fn create_trigger(&self, req: &CreateTriggerRequest) -> anyhow::Result<Trigger> {
+        self.call(Method::POST, paths::TRIGGERS, Some(req)).await
+    }
+
+    pub async fn triggers(&self, org_id: Option<&str>) -> anyhow::Result<TriggerList> {
+        let query = org_id.map(|o| format!("?org_id={}", enc(o))).unwrap_or_default();
+        self.call::<(), _>(Method::GET, &format!("{}{query}", paths::TRIGGERS), None).await
+    }
+
+    pub async fn trigger(&self, trigger_id: &str) -> anyhow::Result<Trigger> {
+        let path = paths::fill(paths::TRIGGER, "trigger_id", &enc(trigger_id));
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    /// Removes a trigger; answers with what was removed.
+    pub async fn delete_trigger(&self, trigger_id: &str) -> anyhow::Result<Trigger> {
+        let path = paths::fill(paths::TRIGGER, "trigger_id", &enc(trigger_id));
+        self.call::<(), _>(Method::DELETE, &path, None).await
     }
 
     pub async fn audit(&self, limit: usize) -> anyhow::Result<AuditList> {

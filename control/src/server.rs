@@ -113,6 +113,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         wakers: NodeWakers::default(),
         clock: clock.clone(),
         submit_lock: tokio::sync::Mutex::new(()),
+        events_stored: tokio::sync::Notify::new(),
         shutdown: shutdown.clone(),
     });
     let app = api::router(state);

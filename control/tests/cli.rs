@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use outpost_protocol::JobInfo;
+use outpost_protocol::{EventList, JobInfo, TriggerList};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost-control");
 
@@ -135,11 +135,117 @@ async fn serve_runs_a_job_submitted_by_the_cli_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
 }
 
+#[tokio::test]
+async fn triggers_and_events_are_managed_and_followed_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let served = serve(d);
+    let org = ok(ctl(&served, d, &["org", "create", "clinic-a"])).trim().to_owned();
+    let token = ok(ctl(&served, d, &["token", "create", "--org", &org])).trim().to_owned();
+    let ca_pem = std::fs::read_to_string(d.join("ca.crt")).expect("ca.crt");
+    let node = support::TestNode::enroll_at(&served.url, &ca_pem, &token).await;
+
+    let image = format!("sha256:{}", "c".repeat(64));
+    let create = [
+        "trigger",
+        "create",
+        "--org",
+        &org,
+        "--name",
+        "thumbs",
+        "--prefix",
+        "in/",
+        "--suffix",
+        ".jpg",
+        "--image",
+        &image,
+        "--memory",
+        "64m",
+        "--output-prefix",
+        "thumbs/",
+        "--",
+        "/bin/thumb",
+        "-q",
+    ];
+    let trigger_id = ok(ctl(&served, d, &create)).trim().to_owned();
+    assert!(trigger_id.starts_with("trigger-"), "{trigger_id}");
+    let listed = ok(ctl(&served, d, &["trigger", "list", "--org", &org]));
+    assert!(
+        listed.contains(&trigger_id) && listed.contains("thumbs") && listed.contains("in/*.jpg"),
+        "{listed}"
+    );
+    let json: TriggerList =
+        serde_json::from_str(&ok(ctl(&served, d, &["--json", "trigger", "list"]))).expect("TriggerList JSON");
+    assert_eq!(json.triggers.len(), 1);
+    let t = &json.triggers[0];
+    assert_eq!(t.job.command, ["/bin/thumb", "-q"]);
+    assert_eq!(t.job.resources.memory_mb, 64);
+    assert_eq!(t.job.output_prefix.as_deref(), Some("thumbs/"));
+    assert_eq!(t.on.key_suffix.as_deref(), Some(".jpg"));
+    let duplicate = ctl(&served, d, &create);
+    assert!(!duplicate.status.success());
+    assert!(text(&duplicate.stderr).contains("already exists"), "{}", text(&duplicate.stderr));
+
+    node.deliver_ok(&[support::object_event(1, "in/a.jpg"), support::object_event(2, "in/b.txt")]).await;
+    let table = ok(ctl(&served, d, &["events", "list"]));
+    assert!(table.contains("in/a.jpg") && table.contains("in/b.txt") && table.contains("trg-"), "{table}");
+    let after: EventList = serde_json::from_str(&ok(ctl(
+        &served,
+        d,
+        &["--json", "events", "list", "--node", node.id(), "--after", "1"],
+    )))
+    .expect("EventList JSON");
+    assert_eq!(after.events.iter().map(|e| e.event.key.as_str()).collect::<Vec<_>>(), ["in/b.txt"]);
+
+    // `events tail --count 3` prints the two stored events, then waits for a third.
+    let mut tail = Command::new(BIN)
+        .args(["--url", &served.url, "--data-dir"])
+        .arg(d)
+        .args(["events", "tail", "--count", "3"])
+        .env_remove("OUTPOST_ADMIN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tail starts");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(tail.try_wait().expect("try_wait").is_none(), "tail waits for a third event");
+    node.deliver_ok(&[support::object_event(3, "in/c.jpg")]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tail.try_wait().expect("try_wait").is_none() {
+        assert!(Instant::now() < deadline, "tail did not exit after 3 events");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = ok(tail.wait_with_output().expect("tail output"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].contains("in/a.jpg") && lines[0].contains("-> jobs trg-"), "{out}");
+    assert!(lines[2].contains("in/c.jpg") && lines[2].contains("seq 3"), "{out}");
+
+    ok(ctl(&served, d, &["trigger", "delete", &trigger_id]));
+    assert!(!ok(ctl(&served, d, &["trigger", "list"])).contains(&trigger_id));
+    let gone = ctl(&served, d, &["trigger", "delete", &trigger_id]);
+    assert!(!gone.status.success());
+    assert!(ok(ctl(&served, d, &["audit", "list"])).contains("trigger.deleted"));
+}
+
 #[test]
 fn help_shows_examples_and_every_command() {
     let out = Command::new(BIN).arg("--help").output().expect("runs");
     let help = ok(out);
-    for word in ["serve", "ca", "org", "token", "job", "node", "audit", "Examples:", "--json", "--data-dir"] {
+    for word in [
+        "serve",
+        "ca",
+        "org",
+        "token",
+        "job",
+        "node",
+        "events",
+        "trigger",
+        "audit",
+        "Examples:",
+        "--json",
+        "--data-dir",
+    ] {
         assert!(help.contains(word), "--help lacks {word}:\n{help}");
     }
     let submit = ok(Command::new(BIN).args(["job", "submit", "--help"]).output().expect("runs"));
@@ -148,6 +254,25 @@ fn help_shows_examples_and_every_command() {
     {
         assert!(submit.contains(word), "job submit --help lacks {word}:\n{submit}");
     }
+    let create = ok(Command::new(BIN).args(["trigger", "create", "--help"]).output().expect("runs"));
+    for word in [
+        "--org",
+        "--name",
+        "--node",
+        "--watch",
+        "--prefix",
+        "--suffix",
+        "--include-rejected",
+        "--image",
+        "--memory",
+        "--output-prefix",
+        "OUTPOST_EVENT_KEY",
+        "Examples:",
+    ] {
+        assert!(create.contains(word), "trigger create --help lacks {word}:\n{create}");
+    }
+    let tail = ok(Command::new(BIN).args(["events", "tail", "--help"]).output().expect("runs"));
+    assert!(tail.contains("--count") && tail.contains("--node"), "{tail}");
 }
 
 #[test]

@@ -71,6 +71,10 @@ pub struct EventAck {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StoredEvent {
+    /// Global arrival order across every node, starting at 1 and never reused: the `cursor`
+    /// of [`crate::paths::EVENTS`] (list the events after the last one seen).
+    #[serde(default)]
+    pub cursor: u64,
     pub node_id: String,
     pub org_id: String,
     pub received_unix_ms: u64,

@@ -15,7 +15,7 @@ pub const NODE_RESULTS: &str = "/v1/node/results";
 pub const NODE_HEARTBEAT: &str = "/v1/node/heartbeat";
 /// Node (mTLS): deliver relay events, oldest first (idempotent by node and seq).
 pub const NODE_EVENTS: &str = "/v1/node/events";
-/// Operator: list relay events (`?node_id=&after_seq=&limit=&wait_secs=`).
+/// Operator: list relay events (`?org_id=&node_id=&after_seq=&cursor=&newest=&limit=&wait_secs=`).
 pub const EVENTS: &str = "/v1/events";
 /// Operator: create (POST) or list (GET) triggers.
 pub const TRIGGERS: &str = "/v1/triggers";

@@ -1,16 +1,17 @@
-//! Operator job routes: submit (sign with the org key, queue, wake the node's poll), list, get.
+//! Operator job routes: submit (sign with the org key, queue, wake the node's poll), list, get;
+//! and the spec checks and job creation that triggers share with submission.
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
-    ContainerSpec, ErrorBody, JobEnvelope, JobInfo, JobList, JobState, SubmitJobRequest, paths,
+    ContainerSpec, ErrorBody, JobEnvelope, JobInfo, JobList, JobState, NodeInfo, SubmitJobRequest, paths,
 };
 use serde::Deserialize;
 
-use super::{ApiError, ApiResult, Body, OperatorAuth, Params, Shared};
+use super::{ApiError, ApiResult, AppState, Body, OperatorAuth, Params, Shared};
 use crate::signing;
-use crate::store::{JobFilter, JobRecord};
+use crate::store::{JobFilter, JobRecord, StoreError};
 
 const DEFAULT_JOB_EXPIRY_SECS: u64 = 24 * 3600;
 const MAX_JOB_EXPIRY_SECS: u64 = 30 * 24 * 3600;
@@ -29,16 +30,44 @@ pub async fn submit_job(
     Body(req): Body<SubmitJobRequest>,
 ) -> ApiResult<(StatusCode, Json<JobInfo>)> {
     check_spec(&req.spec)?;
-    let expiry = req.expires_in_secs.unwrap_or(DEFAULT_JOB_EXPIRY_SECS);
+    let expiry = check_expiry(req.expires_in_secs)?;
+    let node = st.store.get_node(&req.node_id).await?.ok_or_else(|| {
+        ApiError::not_found(format!("node {} is not enrolled; see `node list`", req.node_id))
+    })?;
+    let info = create_job(&st, &node, req.spec, expiry, None).await?.ok_or_else(|| {
+        ApiError::internal("job_id_taken", "a freshly generated job id is already taken; submit again")
+    })?;
+    let detail = format!(
+        "job {} for node {} (seq {}, image {})",
+        info.job_id, info.node_id, info.seq, info.spec.image
+    );
+    st.audit("operator", "job.submitted", &detail).await;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// `expires_in_secs` of a submission or trigger, defaulted and bounded.
+pub(super) fn check_expiry(expires_in_secs: Option<u64>) -> ApiResult<u64> {
+    let expiry = expires_in_secs.unwrap_or(DEFAULT_JOB_EXPIRY_SECS);
     if expiry == 0 || expiry > MAX_JOB_EXPIRY_SECS {
         return Err(ApiError::bad_request(
             "bad_expiry",
             format!("expires_in_secs must be 1..={MAX_JOB_EXPIRY_SECS}"),
         ));
     }
-    let node = st.store.get_node(&req.node_id).await?.ok_or_else(|| {
-        ApiError::not_found(format!("node {} is not enrolled; see `node list`", req.node_id))
-    })?;
+    Ok(expiry)
+}
+
+/// The one way a job comes to exist, whoever asks (an operator's submission or a trigger):
+/// signed with the org key, given the node's next sequence number under the submit lock,
+/// stored, and the node's held poll woken. With a `job_id`, nothing happens when that job
+/// exists already (`None`), which makes a caller with a deterministic id idempotent.
+pub(super) async fn create_job(
+    st: &AppState,
+    node: &NodeInfo,
+    spec: ContainerSpec,
+    expiry_secs: u64,
+    job_id: Option<String>,
+) -> ApiResult<Option<JobInfo>> {
     let org = st.store.get_org(&node.org_id).await?.ok_or_else(|| {
         ApiError::internal(
             "org_missing",
@@ -49,17 +78,22 @@ pub async fn submit_job(
         .map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
     let info = {
         let _ordered = st.submit_lock.lock().await;
+        if let Some(id) = &job_id
+            && st.store.get_job(id).await?.is_some()
+        {
+            return Ok(None);
+        }
         let now = st.clock.now_ms();
         let seq = st.store.next_job_seq(&node.node_id).await?;
         let envelope = JobEnvelope {
-            job_id: uuid::Uuid::new_v4().simple().to_string(),
+            job_id: job_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
             attempt: 1,
             org_id: org.org.id.clone(),
             node_id: node.node_id.clone(),
             seq,
             issued_unix_ms: now,
-            expires_unix_ms: now.saturating_add(expiry.saturating_mul(1000)),
-            spec: req.spec,
+            expires_unix_ms: now.saturating_add(expiry_secs.saturating_mul(1000)),
+            spec,
         };
         let signed = signing::sign_envelope(&key, &envelope)
             .map_err(|e| ApiError::internal("signing_failed", e.to_string()))?;
@@ -75,20 +109,24 @@ pub async fn submit_job(
             accepted_unix_ms: None,
             result: None,
         };
-        st.store.insert_job(JobRecord { info: info.clone(), envelope: signed }).await?;
+        match st.store.insert_job(JobRecord { info: info.clone(), envelope: signed }).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
         info
     };
     st.wakers.wake(&info.node_id);
-    let detail = format!(
-        "job {} for node {} (seq {}, image {})",
-        info.job_id, info.node_id, info.seq, info.spec.image
-    );
-    st.audit("operator", "job.submitted", &detail).await;
-    Ok((StatusCode::CREATED, Json(info)))
+    Ok(Some(info))
 }
 
+/// Most entries of `inputs` and of `egress_bodies`.
+pub const MAX_SPEC_KEYS: usize = 64;
+/// Longest object key (bytes), as S3 allows.
+pub const MAX_KEY_BYTES: usize = 1024;
+
 /// Refuse what the node would refuse anyway, so the operator hears about it at once.
-fn check_spec(spec: &ContainerSpec) -> ApiResult<()> {
+pub(super) fn check_spec(spec: &ContainerSpec) -> ApiResult<()> {
     let digest = spec.image.strip_prefix("sha256:").unwrap_or("");
     if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::bad_request(
@@ -114,6 +152,47 @@ fn check_spec(spec: &ContainerSpec) -> ApiResult<()> {
             "reserved_label",
             format!("label {label:?} is reserved for the agent"),
         ));
+    }
+    for (field, keys) in [("inputs", &spec.inputs), ("egress_bodies", &spec.egress_bodies)] {
+        if keys.len() > MAX_SPEC_KEYS {
+            return Err(ApiError::bad_request(
+                "bad_object_key",
+                format!("{field} has {} entries; at most {MAX_SPEC_KEYS}", keys.len()),
+            ));
+        }
+        for key in keys {
+            check_object_key(key).map_err(|why| {
+                ApiError::bad_request("bad_object_key", format!("{field} entry {key:?} {why}"))
+            })?;
+        }
+    }
+    if let Some(prefix) = &spec.output_prefix {
+        check_object_key(prefix).map_err(|why| {
+            ApiError::bad_request("bad_object_key", format!("output_prefix {prefix:?} {why}"))
+        })?;
+    }
+    Ok(())
+}
+
+/// An object key (or a prefix ending in `/`) of the node's local store, as a job may name it:
+/// the node maps keys to paths under `/in` and `/out`, so nothing may climb out of them.
+/// The error completes "key … ".
+pub fn check_object_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("is empty".into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!("is {} bytes long; at most {MAX_KEY_BYTES}", key.len()));
+    }
+    if key.starts_with('/') {
+        return Err("starts with '/'; keys are relative to the store's bucket".into());
+    }
+    if key.chars().any(char::is_control) {
+        return Err("holds a NUL or control character".into());
+    }
+    let body = key.strip_suffix('/').unwrap_or(key);
+    if body.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        return Err("has an empty, '.' or '..' path segment".into());
     }
     Ok(())
 }
@@ -160,4 +239,21 @@ pub async fn get_job(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job {job_id} does not exist")))?;
     Ok(Json(job.info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_keys_cannot_climb_out_or_hide_control_characters() {
+        for ok in ["a", "in/photo.jpg", "results/", "a/b/c.txt", "x..y/z"] {
+            assert_eq!(check_object_key(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "/abs", "a//b", "a/./b", "../x", "a/..", "a/../", "nul\0x", "tab\tx", "//"] {
+            assert!(check_object_key(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_object_key(&"k".repeat(MAX_KEY_BYTES)).is_ok());
+        assert!(check_object_key(&"k".repeat(MAX_KEY_BYTES + 1)).is_err());
+    }
 }

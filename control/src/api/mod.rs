@@ -1,14 +1,17 @@
 //! The HTTP API: the router and the state every handler shares. Handlers live in
-//! `operator.rs` and `jobs.rs` (admin bearer token), `enroll.rs` (one-time token) and `node.rs`
-//! (mutual TLS); the extractors that authenticate and parse requests in `extract.rs`.
+//! `operator.rs`, `jobs.rs` and `triggers.rs` (admin bearer token), `enroll.rs` (one-time
+//! token), `node.rs` (mutual TLS) and `events.rs` (node delivery by mutual TLS, operator
+//! listing); the extractors that authenticate and parse requests in `extract.rs`.
 
 mod enroll;
 mod error;
+mod events;
 mod extract;
 mod jobs;
 mod node;
 pub mod openapi;
 mod operator;
+mod triggers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +46,8 @@ pub struct AppState {
     /// become visible to polls in sequence order (a node refuses a sequence number at or below
     /// one it has already accepted).
     pub submit_lock: tokio::sync::Mutex<()>,
+    /// Woken whenever a node's events are stored: held event listings answer at once.
+    pub events_stored: tokio::sync::Notify,
     /// Cancelled when the server shuts down: held polls answer at once.
     pub shutdown: CancellationToken,
 }
@@ -59,6 +64,10 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODE_POLL, post(node::poll))
         .route(paths::NODE_RESULTS, post(node::report))
         .route(paths::NODE_HEARTBEAT, post(node::heartbeat))
+        .route(paths::NODE_EVENTS, post(events::deliver))
+        .route(paths::EVENTS, get(events::list_events))
+        .route(paths::TRIGGERS, post(triggers::create_trigger).get(triggers::list_triggers))
+        .route(paths::TRIGGER, get(triggers::get_trigger).delete(triggers::delete_trigger))
         .route(paths::JOBS, post(jobs::submit_job).get(jobs::list_jobs))
         .route(paths::JOB, get(jobs::get_job))
         .route(paths::NODES, get(operator::list_nodes))

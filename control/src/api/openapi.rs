@@ -5,14 +5,15 @@ use outpost_protocol::paths;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{enroll, jobs, node, operator};
+use super::{enroll, events, jobs, node, operator, triggers};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Outpost control plane API",
         description = "Nodes dial out to this API: they enroll with a one-time token, then long-poll for \
-                       signed jobs and report results over mutual TLS 1.3. Operators use the admin bearer token. \
+                       signed jobs, report results and deliver relay events over mutual TLS 1.3. Operators use the \
+                       admin bearer token; org-level triggers turn matching events into jobs. \
                        Every error answer is an ErrorBody."
     ),
     paths(
@@ -30,6 +31,12 @@ use super::{enroll, jobs, node, operator};
         node::poll,
         node::report,
         node::heartbeat,
+        events::deliver,
+        events::list_events,
+        triggers::create_trigger,
+        triggers::list_triggers,
+        triggers::get_trigger,
+        triggers::delete_trigger,
         document,
     ),
     modifiers(&Security)
@@ -66,9 +73,23 @@ mod tests {
     fn the_document_carries_the_protocol_schemas() {
         let doc = ApiDoc::openapi();
         let schemas = &doc.components.as_ref().expect("components").schemas;
-        for name in
-            ["SubmitJobRequest", "ContainerSpec", "ResultReport", "PollResponse", "ErrorBody", "Heartbeat"]
-        {
+        for name in [
+            "SubmitJobRequest",
+            "ContainerSpec",
+            "ResultReport",
+            "PollResponse",
+            "ErrorBody",
+            "Heartbeat",
+            "EventBatch",
+            "ObjectEvent",
+            "EventAck",
+            "EventList",
+            "StoredEvent",
+            "CreateTriggerRequest",
+            "EventMatch",
+            "Trigger",
+            "TriggerList",
+        ] {
             assert!(schemas.contains_key(name), "schema {name} missing");
         }
     }
@@ -80,5 +101,8 @@ mod tests {
         assert!(security(paths::JOBS, "post").to_string().contains("admin_token"));
         assert!(security(paths::NODE_POLL, "post").to_string().contains("node_certificate"));
         assert!(security(paths::ENROLL, "post").is_null());
+        assert!(security(paths::NODE_EVENTS, "post").to_string().contains("node_certificate"));
+        assert!(security(paths::EVENTS, "get").to_string().contains("admin_token"));
+        assert!(security(paths::TRIGGER, "delete").to_string().contains("admin_token"));
     }
 }

@@ -3,6 +3,7 @@
 //! Human-readable tables by default, `--json` for scripts. `main.rs` only calls [`run`].
 
 mod ops;
+mod relay;
 mod serve;
 mod show;
 mod submit;
@@ -16,7 +17,8 @@ use clap::{Args, Parser, Subcommand};
 use outpost_protocol::JobState;
 
 use crate::data_dir::DataDir;
-pub use submit::SubmitArgs;
+pub use relay::{EventsCommand, TriggerCommand, TriggerCreateArgs};
+pub use submit::{SpecArgs, SubmitArgs};
 
 /// Outpost control plane: enrollment CA, signed job dispatch by long-poll, results and audit.
 ///
@@ -47,6 +49,11 @@ Examples:
   # run a container on a node and wait for its result
   JOB=$(outpost-control job submit --node node-… --image sha256:… --memory 256m -- sh -c 'echo hello')
   outpost-control job wait \"$JOB\" --timeout 10m
+
+  # run a job on the node for every .jpg its relay stores under incoming/, then watch events
+  outpost-control trigger create --org \"$ORG\" --name thumbs --prefix incoming/ --suffix .jpg \\
+      --image sha256:… --output-prefix thumbs/ -- /bin/thumb
+  outpost-control events tail
 
   # scripts: JSON instead of tables
   outpost-control --json node list";
@@ -101,6 +108,12 @@ pub enum Command {
     /// Enrolled nodes and their last heartbeat.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Relay events the nodes delivered: list them or follow them as they arrive.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Org-level triggers: run a job on the node whenever a matching event arrives.
+    #[command(subcommand)]
+    Trigger(TriggerCommand),
     /// The control plane's audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -140,7 +153,7 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
     /// Submit a container job from a TOML/JSON file and/or flags; prints the job id.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Show one job and its result.
     Get { job_id: String },
     /// List jobs, newest first.

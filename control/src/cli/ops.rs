@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use serde::Serialize;
 
+use super::relay::{self, EventsCommand, TriggerCommand};
 use super::{AuditCommand, Command, Global, JobCommand, NodeCommand, OrgCommand, TokenCommand, show, submit};
-use crate::client::Client;
+use crate::client::{Client, EventsQuery};
 use crate::data_dir::DataDir;
 
 /// How often `job wait` asks.
@@ -60,7 +61,7 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
             print(g.json, &t, |t| println!("{}", t.token))?;
         }
         Command::Job(JobCommand::Submit(args)) => {
-            let req = submit::submit_request(args)?;
+            let req = submit::submit_request(*args)?;
             let job = c.submit(&req).await?;
             print(g.json, &job, |j| {
                 eprintln!("queued job for node {} (seq {})", j.node_id, j.seq);
@@ -74,6 +75,41 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
         Command::Job(JobCommand::Wait { job_id, timeout }) => return wait(g, &c, &job_id, timeout).await,
         Command::Node(NodeCommand::List) => print(g.json, &c.nodes().await?, show::nodes)?,
         Command::Node(NodeCommand::Get { node_id }) => print(g.json, &c.node(&node_id).await?, show::node)?,
+        Command::Events(EventsCommand::List { node, org, after, limit }) => {
+            // With a node, --after is its seq; across nodes, the arrival cursor.
+            let (after_seq, cursor) = if node.is_some() { (after, None) } else { (None, after) };
+            let q = EventsQuery {
+                org_id: org,
+                node_id: node,
+                after_seq,
+                cursor,
+                limit: Some(limit),
+                ..EventsQuery::default()
+            };
+            print(g.json, &c.events(&q).await?, relay::events)?;
+        }
+        Command::Events(EventsCommand::Tail { node, count, last }) => {
+            return relay::tail(&c, g.json, node, count, last).await;
+        }
+        Command::Trigger(TriggerCommand::Create(args)) => {
+            let req = relay::trigger_request(*args)?;
+            let t = c.create_trigger(&req).await?;
+            print(g.json, &t, |t| {
+                eprintln!("created trigger {:?} in organisation {}", t.name, t.org_id);
+                println!("{}", t.trigger_id);
+            })?;
+        }
+        Command::Trigger(TriggerCommand::List { org }) => {
+            print(g.json, &c.triggers(org.as_deref()).await?, relay::triggers)?;
+        }
+        Command::Trigger(TriggerCommand::Get { trigger_id }) => {
+            let t = c.trigger(&trigger_id).await?;
+            println!("{}", serde_json::to_string_pretty(&t)?);
+        }
+        Command::Trigger(TriggerCommand::Delete { trigger_id }) => {
+            let t = c.delete_trigger(&trigger_id).await?;
+            print(g.json, &t, |t| eprintln!("deleted trigger {} ({})", t.trigger_id, t.name))?;
+        }
         Command::Audit(AuditCommand::List { limit }) => print(g.json, &c.audit(limit).await?, show::audit)?,
         Command::Serve { .. } | Command::Ca(_) => return Err(anyhow!("not an operator command")),
     }

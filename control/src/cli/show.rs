@@ -171,7 +171,7 @@ pub fn outcome_name(o: Outcome) -> &'static str {
 }
 
 /// Unix milliseconds as RFC 3339 (UTC), or `-`.
-fn when(ms: Option<u64>) -> String {
+pub fn when(ms: Option<u64>) -> String {
     let formatted = ms.and_then(|ms| {
         let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
         t.replace_millisecond(0).ok()?.format(&time::format_description::well_known::Rfc3339).ok()

@@ -1,5 +1,6 @@
-//! `job submit`: builds a `SubmitJobRequest` from a TOML/JSON file and/or flags (flags win),
-//! and the small parsers for durations, memory sizes and CPU counts the flags take.
+//! `job submit`: builds a `SubmitJobRequest` from a TOML/JSON file and/or flags (flags win);
+//! the container flags (`SpecArgs`) that `trigger create` shares; and the small parsers for
+//! durations, memory sizes and CPU counts the flags take.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,13 @@ pub struct SubmitArgs {
     /// The node that runs the job.
     #[arg(long, value_name = "NODE_ID")]
     pub node: Option<String>,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+}
+
+/// The flags that describe a job's container, shared by `job submit` and `trigger create`.
+#[derive(Debug, Args)]
+pub struct SpecArgs {
     /// Image id (`sha256:<64 hex>`); nodes never pull by name, the image must be on the node.
     #[arg(long)]
     pub image: Option<String>,
@@ -56,6 +64,17 @@ pub struct SubmitArgs {
     /// Give the container a network (default: none).
     #[arg(long)]
     pub network: bool,
+    /// Object key of the node's local store to mount read-only at /in/KEY (repeatable; a key
+    /// ending in `/` names every object under it).
+    #[arg(long = "input", value_name = "KEY")]
+    pub inputs: Vec<String>,
+    /// Upload what the job writes under /out to the local store under this key prefix.
+    #[arg(long, value_name = "PREFIX")]
+    pub output_prefix: Option<String>,
+    /// Output key (or prefix ending in `/`) whose body the job asks to report to the control
+    /// plane, where the node's egress policy allows it (repeatable).
+    #[arg(long = "egress-body", value_name = "KEY")]
+    pub egress_bodies: Vec<String>,
     /// How long the signed manifest stays valid while the node is offline (e.g. 1d; default 1d).
     #[arg(long, value_parser = parse_duration)]
     pub expires: Option<Duration>,
@@ -74,13 +93,19 @@ pub fn submit_request(a: SubmitArgs) -> anyhow::Result<SubmitJobRequest> {
     if let Some(node) = a.node {
         obj.insert("node_id".into(), node.into());
     }
-    if let Some(e) = a.expires {
+    if let Some(e) = a.spec.expires {
         obj.insert("expires_in_secs".into(), e.as_secs().into());
     }
     if !obj.contains_key("node_id") {
         bail!("say which node runs the job: --node NODE_ID (or node_id in the file); see `node list`");
     }
-    let spec = object_at(obj, "spec")?;
+    apply_spec_flags(object_at(obj, "spec")?, a.spec)?;
+    serde_json::from_value(base).context("the job is not a valid SubmitJobRequest")
+}
+
+/// Writes the flags into a JSON `spec` object (flags win over what is there), leaving
+/// `expires` to the caller.
+pub fn apply_spec_flags(spec: &mut Map<String, Value>, a: SpecArgs) -> anyhow::Result<()> {
     if let Some(image) = a.image {
         spec.insert("image".into(), image.into());
     }
@@ -103,13 +128,25 @@ pub fn submit_request(a: SubmitArgs) -> anyhow::Result<SubmitJobRequest> {
             }
         }
     }
+    if !a.inputs.is_empty() {
+        spec.insert("inputs".into(), serde_json::to_value(&a.inputs)?);
+    }
+    if let Some(p) = a.output_prefix {
+        spec.insert("output_prefix".into(), p.into());
+    }
+    if !a.egress_bodies.is_empty() {
+        spec.insert("egress_bodies".into(), serde_json::to_value(&a.egress_bodies)?);
+    }
     if !spec.contains_key("image") {
         bail!("say which image runs: --image sha256:… (or spec.image in the file)");
     }
-    serde_json::from_value(base).context("the job is not a valid SubmitJobRequest")
+    Ok(())
 }
 
-fn object_at<'a>(obj: &'a mut Map<String, Value>, key: &str) -> anyhow::Result<&'a mut Map<String, Value>> {
+pub(super) fn object_at<'a>(
+    obj: &'a mut Map<String, Value>,
+    key: &str,
+) -> anyhow::Result<&'a mut Map<String, Value>> {
     obj.entry(key)
         .or_insert_with(|| Value::Object(Map::new()))
         .as_object_mut()
@@ -194,7 +231,7 @@ mod tests {
     fn args(extra: &[&str]) -> SubmitArgs {
         let argv = ["outpost-control", "job", "submit"].iter().chain(extra).copied();
         match Cli::try_parse_from(argv).expect("parses").command {
-            Command::Job(JobCommand::Submit(a)) => a,
+            Command::Job(JobCommand::Submit(a)) => *a,
             other => panic!("not a submit: {other:?}"),
         }
     }

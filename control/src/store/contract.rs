@@ -1,13 +1,13 @@
 //! The contract every `StateStore` adapter keeps, run against each of them.
 
 use outpost_protocol::{
-    ContainerSpec, JobInfo, JobState, NodeInfo, Org, Outcome, PublicKey, ResultReport, SignedEnvelope,
-    Timings,
+    ContainerSpec, EventMatch, JobInfo, JobState, NodeInfo, ObjectEvent, Org, Outcome, PublicKey,
+    ResultReport, SignedEnvelope, Timings, Trigger,
 };
 
 use super::{
-    JobFilter, JobRecord, MemoryStore, OrgRecord, ResultOutcome, SledStore, StateStore, TokenRecord,
-    TokenRefusal,
+    EventFilter, EventOrder, JobFilter, JobRecord, MemoryStore, OrgRecord, ResultOutcome, SeqGap, SledStore,
+    StateStore, StoreError, TokenRecord, TokenRefusal,
 };
 
 fn org(id: &str) -> OrgRecord {
@@ -134,11 +134,141 @@ async fn audit_is_ordered(s: &dyn StateStore) {
     assert_eq!(list.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["x.one", "x.two"]);
 }
 
+fn event(seq: u64, key: &str) -> ObjectEvent {
+    ObjectEvent {
+        seq,
+        watch: "w".into(),
+        bucket: "b".into(),
+        key: key.into(),
+        size: 1,
+        etag: "e".into(),
+        sha256: None,
+        content_type: None,
+        accepted: true,
+        reason: None,
+        replaces_etag: None,
+        observed_unix_ms: 1,
+    }
+}
+
+fn by_seq(node_id: &str, after_seq: u64) -> EventFilter {
+    EventFilter {
+        org_id: None,
+        order: EventOrder::BySeq { node_id: node_id.into(), after_seq },
+        newest: false,
+        limit: 100,
+    }
+}
+
+fn by_cursor(node_id: Option<&str>, after_cursor: u64) -> EventFilter {
+    EventFilter {
+        org_id: None,
+        order: EventOrder::ByCursor { node_id: node_id.map(Into::into), after_cursor },
+        newest: false,
+        limit: 100,
+    }
+}
+
+fn seqs(events: &[outpost_protocol::StoredEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.event.seq).collect()
+}
+
+async fn events_are_stored_once_per_node_and_seq(s: &dyn StateStore) {
+    let first = s.store_events("n1", "o", vec![event(1, "a"), event(2, "b")], 10).await.expect("store");
+    assert_eq!((first.stored, first.duplicates, first.up_to_seq), (2, 0, 2));
+    assert!(first.gaps.is_empty());
+    let again = s.store_events("n1", "o", vec![event(2, "changed"), event(3, "c")], 11).await.expect("store");
+    assert_eq!((again.stored, again.duplicates, again.up_to_seq), (1, 1, 3));
+    // Another node's seq 1 is its own.
+    let other = s.store_events("n2", "o2", vec![event(1, "x")], 12).await.expect("store");
+    assert_eq!((other.stored, other.duplicates), (1, 0));
+    // A gap is reported and still stored; filling it later is not a duplicate.
+    let gap = s.store_events("n1", "o", vec![event(6, "f")], 13).await.expect("store");
+    assert_eq!(gap.gaps, [SeqGap { after: 3, seq: 6 }]);
+    let fill = s.store_events("n1", "o", vec![event(4, "d"), event(5, "e")], 14).await.expect("store");
+    assert_eq!((fill.stored, fill.duplicates, fill.up_to_seq), (2, 0, 5));
+    assert!(fill.gaps.is_empty());
+
+    let n1 = s.list_events(by_seq("n1", 0)).await.expect("list");
+    assert_eq!(seqs(&n1), [1, 2, 3, 4, 5, 6], "per node in seq order");
+    assert_eq!(n1[1].event.key, "b", "a resent event does not replace the stored one");
+    assert_eq!(n1[1].received_unix_ms, 10);
+    assert_eq!(seqs(&s.list_events(by_seq("n1", 4)).await.expect("list")), [5, 6]);
+
+    let all = s.list_events(by_cursor(None, 0)).await.expect("list");
+    let arrival: Vec<(&str, u64)> = all.iter().map(|e| (e.node_id.as_str(), e.event.seq)).collect();
+    assert_eq!(arrival, [("n1", 1), ("n1", 2), ("n1", 3), ("n2", 1), ("n1", 6), ("n1", 4), ("n1", 5)]);
+    let cursors: Vec<u64> = all.iter().map(|e| e.cursor).collect();
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "cursors increase: {cursors:?}");
+    let after = s.list_events(by_cursor(None, all[3].cursor)).await.expect("list");
+    assert_eq!(seqs(&after), [6, 4, 5]);
+    let only_n2 = s.list_events(by_cursor(Some("n2"), 0)).await.expect("list");
+    assert_eq!(only_n2.len(), 1);
+    assert_eq!(only_n2[0].org_id, "o2");
+    let mut org = by_cursor(None, 0);
+    org.org_id = Some("o2".into());
+    assert_eq!(s.list_events(org).await.expect("list").len(), 1);
+
+    let mut limited = by_seq("n1", 0);
+    limited.limit = 2;
+    assert_eq!(seqs(&s.list_events(limited.clone()).await.expect("list")), [1, 2]);
+    limited.newest = true;
+    assert_eq!(seqs(&s.list_events(limited).await.expect("list")), [5, 6], "the newest, in order");
+    let mut newest = by_cursor(None, 0);
+    newest.newest = true;
+    newest.limit = 1;
+    assert_eq!(seqs(&s.list_events(newest).await.expect("list")), [5]);
+}
+
+async fn triggered_jobs_are_recorded_once(s: &dyn StateStore) {
+    s.add_triggered_job("n1", 2, "trg-1").await.expect("add");
+    s.add_triggered_job("n1", 2, "trg-1").await.expect("add again");
+    s.add_triggered_job("n1", 2, "trg-2").await.expect("add");
+    let listed = s.list_events(by_seq("n1", 1)).await.expect("list");
+    assert_eq!(listed[0].triggered_jobs, ["trg-1", "trg-2"]);
+    assert!(listed[1].triggered_jobs.is_empty());
+    assert!(matches!(s.add_triggered_job("n1", 99, "trg-3").await, Err(StoreError::NotFound(_))));
+}
+
+fn trigger(id: &str, org_id: &str, name: &str, created: u64) -> Trigger {
+    Trigger {
+        trigger_id: id.into(),
+        org_id: org_id.into(),
+        name: name.into(),
+        on: EventMatch { key_prefix: "in/".into(), ..EventMatch::default() },
+        job: job("t", "n1", 1).info.spec,
+        expires_in_secs: None,
+        created_unix_ms: created,
+    }
+}
+
+async fn trigger_names_are_unique_per_org(s: &dyn StateStore) {
+    s.insert_trigger(trigger("t1", "o", "resize", 1)).await.expect("insert");
+    s.insert_trigger(trigger("t2", "o2", "resize", 2)).await.expect("same name, other org");
+    s.insert_trigger(trigger("t3", "o", "thumbs", 3)).await.expect("insert");
+    let dup = s.insert_trigger(trigger("t4", "o", "resize", 4)).await;
+    assert!(matches!(dup, Err(StoreError::AlreadyExists(_))), "{dup:?}");
+    let dup_id = s.insert_trigger(trigger("t1", "o", "other", 4)).await;
+    assert!(matches!(dup_id, Err(StoreError::AlreadyExists(_))), "{dup_id:?}");
+
+    let ids = |ts: Vec<Trigger>| ts.into_iter().map(|t| t.trigger_id).collect::<Vec<_>>();
+    assert_eq!(ids(s.list_triggers(Some("o")).await.expect("list")), ["t1", "t3"]);
+    assert_eq!(ids(s.list_triggers(None).await.expect("list")), ["t1", "t2", "t3"]);
+    assert_eq!(s.get_trigger("t2").await.expect("get").expect("t2").org_id, "o2");
+    assert!(s.delete_trigger("t1").await.expect("delete"));
+    assert!(!s.delete_trigger("t1").await.expect("delete again"));
+    assert!(s.get_trigger("t1").await.expect("get").is_none());
+    s.insert_trigger(trigger("t5", "o", "resize", 5)).await.expect("the name is free again");
+}
+
 async fn contract(s: &dyn StateStore) {
     tokens_are_one_time_and_expire(s).await;
     queued_jobs_are_offered_until_acknowledged(s).await;
     results_are_stored_once(s).await;
     audit_is_ordered(s).await;
+    events_are_stored_once_per_node_and_seq(s).await;
+    triggered_jobs_are_recorded_once(s).await;
+    trigger_names_are_unique_per_org(s).await;
 }
 
 #[tokio::test]
@@ -163,4 +293,14 @@ async fn the_sled_store_keeps_everything_across_a_reopen() {
     assert_eq!(s.next_job_seq("n1").await.expect("seq"), 3, "sequence numbers never repeat");
     assert_eq!(s.get_job("r1").await.expect("get").expect("r1").info.state, JobState::Finished);
     assert_eq!(s.list_audit(10).await.expect("audit").len(), 2);
+    let events = s.list_events(by_cursor(None, 0)).await.expect("events");
+    assert_eq!(events.len(), 7);
+    assert_eq!(events[1].triggered_jobs, ["trg-1", "trg-2"]);
+    let next = s.store_events("n1", "o", vec![event(7, "g")], 20).await.expect("store");
+    assert_eq!((next.stored, next.gaps.len()), (1, 0), "the node's last seq survives a reopen");
+    let last = s.list_events(by_cursor(None, events[6].cursor)).await.expect("events");
+    assert_eq!(last.len(), 1, "cursors continue after a reopen");
+    assert!(last[0].cursor > events[6].cursor);
+    assert_eq!(s.store_events("n1", "o", vec![event(3, "c")], 21).await.expect("store").duplicates, 1);
+    assert_eq!(s.list_triggers(None).await.expect("triggers").len(), 3);
 }

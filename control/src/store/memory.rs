@@ -5,11 +5,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use outpost_protocol::{AuditEntry, Heartbeat, JobInfo, JobState, NodeInfo, Org, ResultReport};
+use outpost_protocol::{
+    AuditEntry, Heartbeat, JobInfo, JobState, NodeInfo, ObjectEvent, Org, ResultReport, StoredEvent, Trigger,
+};
 
 use super::{
-    JobFilter, JobRecord, OrgRecord, ResultOutcome, StateStore, StoreError, StoreFuture, TokenRecord,
-    TokenRefusal, accept_job, check_token, finish_job,
+    EventFilter, EventOrder, EventTally, EventsOutcome, JobFilter, JobRecord, OrgRecord, ResultOutcome,
+    StateStore, StoreError, StoreFuture, TokenRecord, TokenRefusal, accept_job, check_token, finish_job,
+    sort_triggers, stored_event, take_window,
 };
 
 #[derive(Default)]
@@ -21,6 +24,12 @@ struct Inner {
     jobs: HashMap<String, JobRecord>,
     results: HashMap<String, ResultReport>,
     audit: Vec<AuditEntry>,
+    /// Cursor → event, in arrival order.
+    events: BTreeMap<u64, StoredEvent>,
+    /// (node, seq) → cursor, in per-node seq order.
+    event_index: BTreeMap<(String, u64), u64>,
+    event_cursor: u64,
+    triggers: BTreeMap<String, Trigger>,
 }
 
 #[derive(Default)]
@@ -194,6 +203,114 @@ impl StateStore for MemoryStore {
             inner.results.insert(report.idempotency_key.clone(), report);
             Ok(ResultOutcome::Stored)
         })
+    }
+
+    fn store_events(
+        &self,
+        node_id: &str,
+        org_id: &str,
+        events: Vec<ObjectEvent>,
+        now_ms: u64,
+    ) -> StoreFuture<'_, EventsOutcome> {
+        let (node_id, org_id) = (node_id.to_owned(), org_id.to_owned());
+        self.with(move |inner| {
+            let range = (node_id.clone(), 0)..=(node_id.clone(), u64::MAX);
+            let last = inner.event_index.range(range).next_back().map_or(0, |((_, seq), _)| *seq);
+            let mut tally = EventTally::new(last);
+            for event in events {
+                let key = (node_id.clone(), event.seq);
+                if inner.event_index.contains_key(&key) {
+                    tally.duplicate(event.seq);
+                    continue;
+                }
+                tally.stored(event.seq);
+                inner.event_cursor += 1;
+                let cursor = inner.event_cursor;
+                inner.event_index.insert(key, cursor);
+                inner.events.insert(cursor, stored_event(cursor, &node_id, &org_id, now_ms, event));
+            }
+            Ok(tally.outcome)
+        })
+    }
+
+    fn list_events(&self, filter: EventFilter) -> StoreFuture<'_, Vec<StoredEvent>> {
+        self.with(move |inner| {
+            let found: Vec<StoredEvent> = match &filter.order {
+                EventOrder::BySeq { node_id, after_seq } => {
+                    let range = (node_id.clone(), after_seq.saturating_add(1))..=(node_id.clone(), u64::MAX);
+                    inner
+                        .event_index
+                        .range(range)
+                        .filter_map(|(_, cursor)| inner.events.get(cursor))
+                        .filter(|e| filter.matches(e))
+                        .cloned()
+                        .collect()
+                }
+                EventOrder::ByCursor { after_cursor, .. } => inner
+                    .events
+                    .range(after_cursor.saturating_add(1)..)
+                    .map(|(_, e)| e)
+                    .filter(|e| filter.matches(e))
+                    .cloned()
+                    .collect(),
+            };
+            Ok(take_window(found, filter.newest, filter.limit))
+        })
+    }
+
+    fn add_triggered_job(&self, node_id: &str, seq: u64, job_id: &str) -> StoreFuture<'_, ()> {
+        let (node_id, job_id) = (node_id.to_owned(), job_id.to_owned());
+        self.with(move |inner| {
+            let event = inner
+                .event_index
+                .get(&(node_id.clone(), seq))
+                .and_then(|cursor| inner.events.get_mut(cursor))
+                .ok_or_else(|| StoreError::NotFound(format!("event {seq} of node {node_id}")))?;
+            if !event.triggered_jobs.contains(&job_id) {
+                event.triggered_jobs.push(job_id);
+            }
+            Ok(())
+        })
+    }
+
+    fn insert_trigger(&self, trigger: Trigger) -> StoreFuture<'_, ()> {
+        self.with(move |inner| {
+            if inner.triggers.contains_key(&trigger.trigger_id) {
+                return Err(StoreError::AlreadyExists(format!("trigger {}", trigger.trigger_id)));
+            }
+            if inner.triggers.values().any(|t| t.org_id == trigger.org_id && t.name == trigger.name) {
+                return Err(StoreError::AlreadyExists(format!(
+                    "trigger named {:?} in org {}",
+                    trigger.name, trigger.org_id
+                )));
+            }
+            inner.triggers.insert(trigger.trigger_id.clone(), trigger);
+            Ok(())
+        })
+    }
+
+    fn list_triggers(&self, org_id: Option<&str>) -> StoreFuture<'_, Vec<Trigger>> {
+        let org_id = org_id.map(str::to_owned);
+        self.with(move |inner| {
+            let mut out: Vec<Trigger> = inner
+                .triggers
+                .values()
+                .filter(|t| org_id.as_deref().is_none_or(|o| o == t.org_id))
+                .cloned()
+                .collect();
+            sort_triggers(&mut out);
+            Ok(out)
+        })
+    }
+
+    fn get_trigger(&self, trigger_id: &str) -> StoreFuture<'_, Option<Trigger>> {
+        let id = trigger_id.to_owned();
+        self.with(move |inner| Ok(inner.triggers.get(&id).cloned()))
+    }
+
+    fn delete_trigger(&self, trigger_id: &str) -> StoreFuture<'_, bool> {
+        let id = trigger_id.to_owned();
+        self.with(move |inner| Ok(inner.triggers.remove(&id).is_some()))
     }
 
     fn append_audit(

@@ -12,7 +12,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use outpost_protocol::{
-    AuditEntry, EnrollmentToken, Heartbeat, JobInfo, JobState, NodeInfo, Org, ResultReport, SignedEnvelope,
+    AuditEntry, EnrollmentToken, Heartbeat, JobInfo, JobState, NodeInfo, ObjectEvent, Org, ResultReport,
+    SignedEnvelope, StoredEvent, Trigger,
 };
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +103,93 @@ pub enum ResultOutcome {
     NotYours,
 }
 
+/// What storing a node's batch of events did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventsOutcome {
+    /// Events stored now.
+    pub stored: u32,
+    /// Events whose (node, seq) was stored before: not stored again.
+    pub duplicates: u32,
+    /// The highest seq of the batch.
+    pub up_to_seq: u64,
+    /// Where a stored seq jumped past the node's highest stored seq + 1.
+    pub gaps: Vec<SeqGap>,
+}
+
+/// The node's highest stored seq was `after` when `seq` (> after + 1) arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqGap {
+    pub after: u64,
+    pub seq: u64,
+}
+
+/// Counts a batch as each adapter walks it, with the rules every adapter shares.
+pub(crate) struct EventTally {
+    /// The node's highest stored seq so far.
+    pub last: u64,
+    pub outcome: EventsOutcome,
+}
+
+impl EventTally {
+    pub fn new(last: u64) -> Self {
+        Self { last, outcome: EventsOutcome::default() }
+    }
+
+    pub fn duplicate(&mut self, seq: u64) {
+        self.outcome.duplicates = self.outcome.duplicates.saturating_add(1);
+        self.outcome.up_to_seq = self.outcome.up_to_seq.max(seq);
+    }
+
+    pub fn stored(&mut self, seq: u64) {
+        if seq > self.last.saturating_add(1) {
+            self.outcome.gaps.push(SeqGap { after: self.last, seq });
+        }
+        self.last = self.last.max(seq);
+        self.outcome.stored = self.outcome.stored.saturating_add(1);
+        self.outcome.up_to_seq = self.outcome.up_to_seq.max(seq);
+    }
+}
+
+/// Which events to list, and in which order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventOrder {
+    /// One node's events by seq, those above `after_seq`.
+    BySeq { node_id: String, after_seq: u64 },
+    /// Events in arrival order (the global cursor), those above `after_cursor`, optionally of
+    /// one node.
+    ByCursor { node_id: Option<String>, after_cursor: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventFilter {
+    pub org_id: Option<String>,
+    pub order: EventOrder,
+    /// The last `limit` matching events instead of the first (still returned in order).
+    pub newest: bool,
+    pub limit: usize,
+}
+
+impl EventFilter {
+    /// The org and node filters (the position is applied by the adapter's range scan).
+    pub fn matches(&self, e: &StoredEvent) -> bool {
+        let node = match &self.order {
+            EventOrder::BySeq { node_id, .. } => Some(node_id),
+            EventOrder::ByCursor { node_id, .. } => node_id.as_ref(),
+        };
+        self.org_id.as_deref().is_none_or(|o| o == e.org_id) && node.is_none_or(|n| *n == e.node_id)
+    }
+}
+
+/// Keeps the first or, for `newest`, the last `limit` of an ordered list of matches.
+pub(crate) fn take_window(mut found: Vec<StoredEvent>, newest: bool, limit: usize) -> Vec<StoredEvent> {
+    if newest {
+        found.drain(..found.len().saturating_sub(limit));
+    } else {
+        found.truncate(limit);
+    }
+    found
+}
+
 /// The control plane's persistence port. Every mutating call is durable when it returns.
 pub trait StateStore: Send + Sync + 'static {
     fn insert_org(&self, org: OrgRecord) -> StoreFuture<'_, ()>;
@@ -136,6 +224,28 @@ pub trait StateStore: Send + Sync + 'static {
     fn ack_jobs(&self, node_id: &str, job_ids: Vec<String>, now_ms: u64) -> StoreFuture<'_, ()>;
     /// Stores the first report per idempotency key and finishes the job.
     fn store_result(&self, node_id: &str, report: ResultReport) -> StoreFuture<'_, ResultOutcome>;
+
+    /// Stores a node's events atomically: an event whose (node, seq) is stored already is a
+    /// duplicate and not stored again; each new one gets the next global cursor.
+    fn store_events(
+        &self,
+        node_id: &str,
+        org_id: &str,
+        events: Vec<ObjectEvent>,
+        now_ms: u64,
+    ) -> StoreFuture<'_, EventsOutcome>;
+    /// Matching events in the filter's order, at most `filter.limit`.
+    fn list_events(&self, filter: EventFilter) -> StoreFuture<'_, Vec<StoredEvent>>;
+    /// Adds `job_id` to the event's `triggered_jobs` (once); `NotFound` without such an event.
+    fn add_triggered_job(&self, node_id: &str, seq: u64, job_id: &str) -> StoreFuture<'_, ()>;
+
+    /// Stores a trigger; `AlreadyExists` when its org has one of that name (or the id is taken).
+    fn insert_trigger(&self, trigger: Trigger) -> StoreFuture<'_, ()>;
+    /// Triggers of `org_id` (all when `None`), oldest first.
+    fn list_triggers(&self, org_id: Option<&str>) -> StoreFuture<'_, Vec<Trigger>>;
+    fn get_trigger(&self, trigger_id: &str) -> StoreFuture<'_, Option<Trigger>>;
+    /// Removes a trigger; false when there was none.
+    fn delete_trigger(&self, trigger_id: &str) -> StoreFuture<'_, bool>;
 
     /// Appends to the audit trail with the next sequence number.
     fn append_audit(
@@ -182,4 +292,29 @@ pub(crate) fn accept_job(job: &mut JobRecord, node_id: &str, now_ms: u64) -> boo
 pub(crate) fn finish_job(job: &mut JobRecord, report: ResultReport) {
     job.info.state = JobState::Finished;
     job.info.result = Some(report);
+}
+
+/// Oldest first; the id breaks ties so the order is stable.
+pub(crate) fn sort_triggers(triggers: &mut [Trigger]) {
+    triggers.sort_by(|a, b| {
+        a.created_unix_ms.cmp(&b.created_unix_ms).then_with(|| a.trigger_id.cmp(&b.trigger_id))
+    });
+}
+
+/// The record of a newly stored event.
+pub(crate) fn stored_event(
+    cursor: u64,
+    node_id: &str,
+    org_id: &str,
+    now_ms: u64,
+    event: ObjectEvent,
+) -> StoredEvent {
+    StoredEvent {
+        cursor,
+        node_id: node_id.to_owned(),
+        org_id: org_id.to_owned(),
+        received_unix_ms: now_ms,
+        event,
+        triggered_jobs: Vec::new(),
+    }
 }

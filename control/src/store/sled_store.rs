@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use outpost_protocol::{AuditEntry, Heartbeat, JobInfo, JobState, NodeInfo, Org, ResultReport};
+use outpost_protocol::{
+    AuditEntry, Heartbeat, JobInfo, JobState, NodeInfo, ObjectEvent, Org, ResultReport, StoredEvent, Trigger,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sled::Transactional;
@@ -12,11 +14,16 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::memory::sort_newest_first;
 use super::{
-    JobFilter, JobRecord, OrgRecord, ResultOutcome, StateStore, StoreError, StoreFuture, TokenRecord,
-    TokenRefusal, accept_job, check_token, finish_job,
+    EventFilter, EventOrder, EventTally, EventsOutcome, JobFilter, JobRecord, OrgRecord, ResultOutcome,
+    StateStore, StoreError, StoreFuture, TokenRecord, TokenRefusal, accept_job, check_token, finish_job,
+    sort_triggers, stored_event,
 };
 
 const AUDIT_SEQ_KEY: &[u8] = b"audit_seq";
+/// The last global event cursor handed out.
+const EVENT_CURSOR_KEY: &[u8] = b"event_cursor";
+/// Followed by the node id: the node's highest stored event seq.
+const EVENT_LAST_PREFIX: &[u8] = b"event_last\0";
 
 pub struct SledStore {
     db: sled::Db,
@@ -30,6 +37,14 @@ pub struct SledStore {
     results: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
+    /// `node_id \0 seq (big endian)` → `StoredEvent`, so one node's events scan in seq order.
+    events: sled::Tree,
+    /// `cursor (big endian)` → the `events` key, for arrival order across nodes.
+    event_cursors: sled::Tree,
+    /// `trigger_id` → `Trigger`.
+    triggers: sled::Tree,
+    /// `org_id \0 name` → `trigger_id`: names are unique per org.
+    trigger_names: sled::Tree,
 }
 
 impl SledStore {
@@ -61,6 +76,10 @@ impl SledStore {
             results: tree("results")?,
             audit: tree("audit")?,
             meta: tree("meta")?,
+            events: tree("events")?,
+            event_cursors: tree("event_cursors")?,
+            triggers: tree("triggers")?,
+            trigger_names: tree("trigger_names")?,
             db,
         })
     }
@@ -71,6 +90,34 @@ impl SledStore {
 
     fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
         tree.get(key.as_bytes()).map_err(backend)?.map(|bytes| decode(key, &bytes)).transpose()
+    }
+
+    /// The first (or, for `newest`, the last) `filter.limit` matching events of a range scan,
+    /// in scan order; `lookup` turns a scanned entry into the `events` entry it names.
+    fn window(
+        &self,
+        iter: sled::Iter,
+        filter: &EventFilter,
+        lookup: impl Fn(sled::IVec, sled::IVec) -> Result<Option<(sled::IVec, sled::IVec)>, StoreError>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let entries: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            if filter.newest { Box::new(iter.rev()) } else { Box::new(iter) };
+        let mut out = Vec::new();
+        for item in entries {
+            if out.len() >= filter.limit {
+                break;
+            }
+            let (k, v) = item.map_err(backend)?;
+            let Some((key, value)) = lookup(k, v)? else { continue };
+            let event: StoredEvent = decode(&hex::encode(&key), &value)?;
+            if filter.matches(&event) {
+                out.push(event);
+            }
+        }
+        if filter.newest {
+            out.reverse();
+        }
+        Ok(out)
     }
 
     fn all<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>, StoreError> {
@@ -105,6 +152,16 @@ fn queued_key(node_id: &str, seq: u64) -> Vec<u8> {
 fn queued_prefix(node_id: &str) -> Vec<u8> {
     let mut key = node_id.as_bytes().to_vec();
     key.push(0);
+    key
+}
+
+fn be_u64(bytes: Option<impl AsRef<[u8]>>) -> u64 {
+    bytes.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(0, u64::from_be_bytes)
+}
+
+fn trigger_name_key(org_id: &str, name: &str) -> Vec<u8> {
+    let mut key = queued_prefix(org_id);
+    key.extend_from_slice(name.as_bytes());
     key
 }
 
@@ -325,6 +382,144 @@ impl StateStore for SledStore {
                 self.flush().await?;
             }
             Ok(outcome)
+        })
+    }
+
+    fn store_events(
+        &self,
+        node_id: &str,
+        org_id: &str,
+        events: Vec<ObjectEvent>,
+        now_ms: u64,
+    ) -> StoreFuture<'_, EventsOutcome> {
+        let (node_id, org_id) = (node_id.to_owned(), org_id.to_owned());
+        Box::pin(async move {
+            let mut last_key = EVENT_LAST_PREFIX.to_vec();
+            last_key.extend_from_slice(node_id.as_bytes());
+            let outcome =
+                (&self.meta, &self.events, &self.event_cursors).transaction(|(meta, stored, cursors)| {
+                    let mut tally = EventTally::new(be_u64(meta.get(&last_key)?));
+                    let mut cursor = be_u64(meta.get(EVENT_CURSOR_KEY)?);
+                    for event in &events {
+                        let key = queued_key(&node_id, event.seq);
+                        if stored.get(&key)?.is_some() {
+                            tally.duplicate(event.seq);
+                            continue;
+                        }
+                        tally.stored(event.seq);
+                        cursor += 1;
+                        let record = stored_event(cursor, &node_id, &org_id, now_ms, event.clone());
+                        stored.insert(key.as_slice(), encode(&record).map_err(abort)?)?;
+                        cursors.insert(&cursor.to_be_bytes(), key)?;
+                    }
+                    meta.insert(EVENT_CURSOR_KEY, &cursor.to_be_bytes())?;
+                    meta.insert(last_key.as_slice(), &tally.last.to_be_bytes())?;
+                    Ok(tally.outcome)
+                });
+            let outcome = settle(outcome)?;
+            if outcome.stored > 0 {
+                self.flush().await?;
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn list_events(&self, filter: EventFilter) -> StoreFuture<'_, Vec<StoredEvent>> {
+        Box::pin(async move {
+            match &filter.order {
+                EventOrder::BySeq { node_id, after_seq } => {
+                    let from = queued_key(node_id, after_seq.saturating_add(1));
+                    let to = queued_key(node_id, u64::MAX);
+                    let iter = self.events.range(from..=to);
+                    self.window(iter, &filter, |key, value| Ok(Some((key, value))))
+                }
+                EventOrder::ByCursor { after_cursor, .. } => {
+                    let iter = self.event_cursors.range(after_cursor.saturating_add(1).to_be_bytes()..);
+                    self.window(iter, &filter, |_, key| {
+                        Ok(self.events.get(&key).map_err(backend)?.map(|value| (key, value)))
+                    })
+                }
+            }
+        })
+    }
+
+    fn add_triggered_job(&self, node_id: &str, seq: u64, job_id: &str) -> StoreFuture<'_, ()> {
+        let (node_id, job_id) = (node_id.to_owned(), job_id.to_owned());
+        Box::pin(async move {
+            let key = queued_key(&node_id, seq);
+            let outcome = self.events.transaction(|events| {
+                let Some(bytes) = events.get(&key)? else {
+                    return Err(abort(StoreError::NotFound(format!("event {seq} of node {node_id}"))));
+                };
+                let mut event: StoredEvent = decode(&hex::encode(&key), &bytes).map_err(abort)?;
+                if event.triggered_jobs.contains(&job_id) {
+                    return Ok(false);
+                }
+                event.triggered_jobs.push(job_id.clone());
+                events.insert(key.as_slice(), encode(&event).map_err(abort)?)?;
+                Ok(true)
+            });
+            if settle(outcome)? {
+                self.flush().await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn insert_trigger(&self, trigger: Trigger) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let value = encode(&trigger)?;
+            let name_key = trigger_name_key(&trigger.org_id, &trigger.name);
+            let outcome = (&self.triggers, &self.trigger_names).transaction(|(triggers, names)| {
+                if triggers.get(trigger.trigger_id.as_bytes())?.is_some() {
+                    return Err(abort(StoreError::AlreadyExists(format!("trigger {}", trigger.trigger_id))));
+                }
+                if names.get(name_key.as_slice())?.is_some() {
+                    return Err(abort(StoreError::AlreadyExists(format!(
+                        "trigger named {:?} in org {}",
+                        trigger.name, trigger.org_id
+                    ))));
+                }
+                triggers.insert(trigger.trigger_id.as_bytes(), value.clone())?;
+                names.insert(name_key.as_slice(), trigger.trigger_id.as_bytes())?;
+                Ok(())
+            });
+            settle(outcome)?;
+            self.flush().await
+        })
+    }
+
+    fn list_triggers(&self, org_id: Option<&str>) -> StoreFuture<'_, Vec<Trigger>> {
+        let org_id = org_id.map(str::to_owned);
+        Box::pin(async move {
+            let mut out: Vec<Trigger> = Self::all::<Trigger>(&self.triggers)?
+                .into_iter()
+                .filter(|t| org_id.as_deref().is_none_or(|o| o == t.org_id))
+                .collect();
+            sort_triggers(&mut out);
+            Ok(out)
+        })
+    }
+
+    fn get_trigger(&self, trigger_id: &str) -> StoreFuture<'_, Option<Trigger>> {
+        let id = trigger_id.to_owned();
+        Box::pin(async move { Self::get(&self.triggers, &id) })
+    }
+
+    fn delete_trigger(&self, trigger_id: &str) -> StoreFuture<'_, bool> {
+        let id = trigger_id.to_owned();
+        Box::pin(async move {
+            let outcome = (&self.triggers, &self.trigger_names).transaction(|(triggers, names)| {
+                let Some(bytes) = triggers.remove(id.as_bytes())? else { return Ok(false) };
+                let trigger: Trigger = decode(&id, &bytes).map_err(abort)?;
+                names.remove(trigger_name_key(&trigger.org_id, &trigger.name))?;
+                Ok(true)
+            });
+            let removed = settle(outcome)?;
+            if removed {
+                self.flush().await?;
+            }
+            Ok(removed)
         })
     }
 

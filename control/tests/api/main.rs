@@ -8,8 +8,10 @@
 mod auth;
 mod dispatch;
 mod enrollment;
+mod events;
 mod limits;
 mod openapi;
 mod restart;
 mod results;
 mod support;
+mod triggers;

@@ -1,10 +1,11 @@
 //! A restarted server (same data directory) keeps its CA, admin token and every record, and
 //! the nodes' certificates keep working.
 
+use outpost_control::client::EventsQuery;
 use outpost_control::testing::TestServer;
 use outpost_protocol::JobState;
 
-use crate::support::{TestNode, https, org_and_token, submit, succeeded};
+use crate::support::{TestNode, https, object_event, org_and_token, submit, succeeded, trigger_request};
 
 #[tokio::test]
 async fn a_restart_keeps_the_ca_orgs_nodes_jobs_and_results() {
@@ -37,5 +38,42 @@ async fn a_restart_keeps_the_ca_orgs_nodes_jobs_and_results() {
     // Sequence numbers continue after the restart.
     let next = submit(&op, node.id()).await;
     assert!(next.seq > pending.seq);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_keeps_events_cursors_and_triggers_and_a_resend_fires_nothing_new() {
+    let server = TestServer::start().await.expect("server");
+    let (org_id, token) = org_and_token(&server).await;
+    let mut node = TestNode::enroll(&server, &token).await;
+    let op = server.operator().expect("operator");
+    let trigger = op.create_trigger(&trigger_request(&org_id, "in", "in/")).await.expect("trigger");
+    let batch = [object_event(1, "in/a"), object_event(2, "skip/b")];
+    assert_eq!(node.deliver_ok(&batch).await, (2, 0, 2));
+    let before = op.events(&EventsQuery::default()).await.expect("events").events;
+
+    let server = server.restart().await.expect("restarted");
+    let op = server.operator().expect("operator");
+    node.base = server.url();
+    node.http = https(&node.enrolled.ca_pem, Some((&node.enrolled.cert_pem, &node.key_pem)));
+    assert_eq!(op.events(&EventsQuery::default()).await.expect("events").events, before);
+    assert_eq!(op.trigger(&trigger.trigger_id).await.expect("trigger"), trigger);
+
+    // The node resends (its ack was lost in the restart) and sends one more.
+    assert_eq!(
+        node.deliver_ok(&[batch[0].clone(), batch[1].clone(), object_event(3, "in/c")]).await,
+        (1, 2, 3)
+    );
+    let jobs = op.jobs(Some(node.id()), None, 100).await.expect("jobs").jobs;
+    assert_eq!(jobs.len(), 2, "one job per matching event: {jobs:?}");
+    let after = op
+        .events(&EventsQuery { cursor: Some(before[1].cursor), ..EventsQuery::default() })
+        .await
+        .expect("events")
+        .events;
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].event.seq, 3);
+    assert!(after[0].cursor > before[1].cursor, "cursors continue after a restart");
+    assert_eq!(after[0].triggered_jobs.len(), 1);
     server.stop().await;
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use outpost_control::client::Client;
 use outpost_control::testing::TestServer;
 use outpost_protocol::{
-    ContainerSpec, EnrollRequest, EnrollResponse, JobInfo, Outcome, PollRequest, PollResponse, ResultReport,
-    SubmitJobRequest, Timings, paths,
+    ContainerSpec, CreateTriggerRequest, EnrollRequest, EnrollResponse, EventAck, EventBatch, EventMatch,
+    JobInfo, ObjectEvent, Outcome, PollRequest, PollResponse, ResultReport, SubmitJobRequest, Timings, paths,
 };
 use reqwest::StatusCode;
 use serde::Serialize;
@@ -149,5 +149,49 @@ pub fn succeeded(job_id: &str, stdout: &str) -> ResultReport {
         timings: Timings { received_unix_ms: 1, started_unix_ms: Some(2), finished_unix_ms: Some(3) },
         outputs: Vec::new(),
         egress_denied: Vec::new(),
+    }
+}
+
+/// An accepted object event of watch `inbox` in bucket `local`.
+pub fn object_event(seq: u64, key: &str) -> ObjectEvent {
+    ObjectEvent {
+        seq,
+        watch: "inbox".into(),
+        bucket: "local".into(),
+        key: key.into(),
+        size: 42,
+        etag: format!("etag-{seq}"),
+        sha256: Some(format!("{:064x}", seq)),
+        content_type: None,
+        accepted: true,
+        reason: None,
+        replaces_etag: None,
+        observed_unix_ms: 1_700_000_000_000 + seq,
+    }
+}
+
+impl TestNode {
+    /// Delivers a batch of events; returns the raw answer.
+    pub async fn deliver(&self, events: &[ObjectEvent]) -> (StatusCode, Value) {
+        self.post(paths::NODE_EVENTS, &EventBatch { events: events.to_vec() }).await
+    }
+
+    /// Delivers a batch that must be acknowledged: `(stored, duplicates, up_to_seq)`.
+    pub async fn deliver_ok(&self, events: &[ObjectEvent]) -> (u32, u32, u64) {
+        let (status, body) = self.deliver(events).await;
+        assert_eq!(status, StatusCode::OK, "delivery: {body}");
+        let ack: EventAck = serde_json::from_value(body).expect("an EventAck");
+        (ack.stored, ack.duplicates, ack.up_to_seq)
+    }
+}
+
+/// A trigger on keys under `prefix` that runs [`spec`].
+pub fn trigger_request(org_id: &str, name: &str, prefix: &str) -> CreateTriggerRequest {
+    CreateTriggerRequest {
+        org_id: org_id.into(),
+        name: name.into(),
+        on: EventMatch { key_prefix: prefix.into(), ..EventMatch::default() },
+        job: spec(),
+        expires_in_secs: None,
     }
 }
