@@ -1,9 +1,12 @@
-//! The `fs` adapter, the embedded default: objects in a local directory, one process at a time.
-//! It owns everything under its root and must never create, read or remove a file outside it,
-//! whatever the key says.
+//! The `fs` adapter, the embedded default: objects in a local directory. Several processes may
+//! open the same root (the agent, `outpost objects put`, a site's loader): commits and deletes
+//! take a cross-process lock, and the crash sweep runs only when a process opens the root
+//! alone. It owns everything under its root and must never create, read or remove a file
+//! outside it, whatever the key says.
 //!
 //! ```text
-//! ROOT/.lock    flock held while a store is open
+//! ROOT/.lock    flock: shared while a store is open, exclusive while one sweeps at open
+//! ROOT/.commit  flock: exclusive around each commit and delete (across processes)
 //! ROOT/blobs/   bodies, one file each, named by a random id and never changed once written
 //! ROOT/keys/    one metadata file per key (see layout.rs): size, SHA-256, ETag, blob id
 //! ROOT/tmp/     metadata being written; emptied on open
@@ -68,8 +71,10 @@ pub struct FsStore {
 struct Inner {
     root: PathBuf,
     /// Serialises commits and deletes, so removing an emptied directory never races a put
-    /// that is about to rename into it. Bodies stream outside it.
+    /// that is about to rename into it. Bodies stream outside it. Taken with `commit_file`'s
+    /// flock, which does the same across processes.
     commit: Mutex<()>,
+    commit_file: File,
     _lock: Flock<File>,
 }
 
@@ -80,8 +85,8 @@ impl std::fmt::Debug for FsStore {
 }
 
 impl FsStore {
-    /// Open (creating if needed) the store at `root`, take its lock, empty `tmp/` and remove
-    /// blobs no key refers to.
+    /// Open (creating if needed) the store at `root`. When no other process has it open, first
+    /// empty `tmp/` and remove blobs no key refers to (what a crash mid-put leaves).
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         let inner = blocking(move || {
@@ -96,15 +101,31 @@ impl FsStore {
                 .write(true)
                 .open(&lock_path)
                 .map_err(|e| ObjectStoreError::io(format!("opening {}", lock_path.display()), e))?;
-            let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-                ObjectStoreError::Config(format!(
-                    "object store {} is in use by another process or store ({errno}); only one may open it",
-                    root.display()
-                ))
-            })?;
-            let inner = Inner { root, commit: Mutex::new(()), _lock: lock };
-            inner.sweep()?;
-            Ok(inner)
+            let commit_path = root.join(".commit");
+            let commit_file = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&commit_path)
+                .map_err(|e| ObjectStoreError::io(format!("opening {}", commit_path.display()), e))?;
+            let lock_err = |errno: nix::errno::Errno| {
+                ObjectStoreError::io(format!("locking {}", lock_path.display()), std::io::Error::from(errno))
+            };
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                // Alone: nobody can be mid-put, so leftovers are a crash's and safe to sweep.
+                Ok(lock) => {
+                    let inner = Inner { root, commit: Mutex::new(()), commit_file, _lock: lock };
+                    inner.sweep()?;
+                    inner._lock.relock(FlockArg::LockShared).map_err(lock_err)?;
+                    Ok(inner)
+                }
+                // Others have it open: join them (waiting out a sweep in progress), no sweep.
+                Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let lock = Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| lock_err(e))?;
+                    Ok(Inner { root, commit: Mutex::new(()), commit_file, _lock: lock })
+                }
+                Err((_, errno)) => Err(lock_err(errno)),
+            }
         })
         .await?;
         Ok(FsStore { inner: Arc::new(inner) })

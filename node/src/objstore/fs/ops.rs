@@ -20,10 +20,25 @@ impl Inner {
         read_record_at(&KeyPath::of(key).meta_under(&self.keys()), Some(key))
     }
 
+    /// Both commit locks: this process's threads, then other processes (the flock is released
+    /// when the returned guard drops).
+    fn commit_guard(&self) -> Result<(std::sync::MutexGuard<'_, ()>, nix::fcntl::Flock<std::fs::File>)> {
+        let local = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        let file = self
+            .commit_file
+            .try_clone()
+            .map_err(|e| ObjectStoreError::io("duplicating the commit lock", e))?;
+        let shared =
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
+                ObjectStoreError::io("taking the commit lock", std::io::Error::from(errno))
+            })?;
+        Ok((local, shared))
+    }
+
     /// Make `record` the object of its key, then remove the blob it replaced.
     pub(super) fn commit(&self, record: &Record) -> Result<()> {
         let path = KeyPath::of(&record.key);
-        let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.commit_guard()?;
         let dir = tree::make_dirs(&self.keys(), &self.root.join("tmp"), &path)?;
         let target = dir.join(&path.meta_name);
         let old = read_record_at(&target, Some(&record.key))?;
@@ -42,7 +57,7 @@ impl Inner {
 
     pub(super) fn delete(&self, key: &str) -> Result<()> {
         let path = KeyPath::of(key);
-        let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.commit_guard()?;
         let dir = path.dir_under(&self.keys());
         let target = dir.join(&path.meta_name);
         let Some(old) = read_record_at(&target, Some(key))? else { return Ok(()) };
