@@ -142,3 +142,117 @@ async fn events_wait_in_the_outbox_while_the_control_plane_is_down() {
     })
     .await;
 }
+
+/// sha256 of `body`, hex.
+fn sha256_hex(body: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(body))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_org_trigger_runs_a_job_on_the_node_with_the_object_mounted_once_per_event() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("relay").await;
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &config(10)).await;
+    let store = objects(&node).await;
+    let trigger = control
+        .create_trigger(&outpost_protocol::CreateTriggerRequest {
+            org_id: org.id.clone(),
+            name: "digest".into(),
+            on: outpost_protocol::EventMatch {
+                key_prefix: "incoming/".into(),
+                key_suffix: Some(".json".into()),
+                ..Default::default()
+            },
+            job: harness::sh("sha256sum \"/in/$OUTPOST_EVENT_KEY\"; echo \"seq=$OUTPOST_EVENT_SEQ\""),
+            expires_in_secs: None,
+        })
+        .await;
+    node.start();
+
+    let body = br#"{"resourceType":"Patient","id":"t1"}"#;
+    store.put("incoming/t1.json", body.as_slice()).await.expect("put");
+    // A rejected object (wrong FHIR type) fires nothing: triggers take accepted objects only.
+    store.put("incoming/t2.json", br#"{"resourceType":"Observation"}"#.as_slice()).await.expect("put");
+    eventually("both events stored", EVENTS_WAIT, async || {
+        control.all_events(&node.node_id).await.len() == 2
+    })
+    .await;
+    let events = control.all_events(&node.node_id).await;
+    assert_eq!(events[0].triggered_jobs.len(), 1, "one job for the accepted object");
+    assert!(events[1].triggered_jobs.is_empty(), "none for the rejected one");
+    let job_id = events[0].triggered_jobs[0].clone();
+    let result = control.wait_result(&job_id, Duration::from_secs(90)).await;
+    assert_eq!(result.outcome, outpost_protocol::Outcome::Succeeded, "{result:?}");
+    assert!(
+        result.stdout_tail.contains(&sha256_hex(body)),
+        "the job read the object: {}",
+        result.stdout_tail
+    );
+    assert!(result.stdout_tail.contains("seq=1"));
+    let job = control.job(&job_id).await;
+    assert_eq!(job.spec.inputs, ["incoming/t1.json"]);
+    assert!(!trigger.trigger_id.is_empty());
+
+    // The agent restarts (events already delivered are not resent, new ones are): still one job.
+    node.kill9();
+    node.start();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fired: usize = control.all_events(&node.node_id).await.iter().map(|e| e.triggered_jobs.len()).sum();
+    assert_eq!(fired, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_local_trigger_runs_the_job_without_the_control_plane_and_keeps_the_result_on_site() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("relay").await;
+    let local = format!(
+        "{}[[relay.triggers]]\nname = \"digest-local\"\nwatch = \"fhir\"\nkey_suffix = \".json\"\n\
+         [relay.triggers.job]\nimage = \"{}\"\ncommand = [\"sh\", \"-c\", \"sha256sum /in/$OUTPOST_EVENT_KEY\"]\n",
+        config(10),
+        harness::test_image()
+    );
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &local).await;
+    let store = objects(&node).await;
+    node.start();
+    // No round trip: the control plane is gone before the objects land.
+    control.kill();
+    let bodies: Vec<Vec<u8>> =
+        (0..3).map(|i| format!("{{\"resourceType\":\"Patient\",\"id\":\"{i}\"}}").into_bytes()).collect();
+    for (i, b) in bodies.iter().enumerate() {
+        store.put(&format!("incoming/l{i}.json"), b.as_slice()).await.expect("put");
+    }
+    eventually("three local results in the store", Duration::from_secs(120), async || {
+        store.list("outpost-results/", None, 100).await.expect("list").objects.len() == 3
+    })
+    .await;
+    // Kill the agent and start it again: no trigger fires twice.
+    node.kill9();
+    node.start();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let results = store.list("outpost-results/", None, 100).await.expect("list").objects;
+    assert_eq!(results.len(), 3, "one result per event, no repeat after a restart");
+    let mut seen = Vec::new();
+    for r in &results {
+        let mut body = Vec::new();
+        let mut rd = store.get(&r.key).await.expect("get");
+        tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut body).await.expect("read");
+        let doc: serde_json::Value = serde_json::from_slice(&body).expect("result JSON");
+        assert_eq!(doc["trigger"], "digest-local");
+        assert_eq!(doc["result"]["outcome"], "succeeded", "{doc}");
+        seen.push(doc["result"]["stdout_tail"].as_str().expect("stdout").to_string());
+    }
+    for b in &bodies {
+        assert!(seen.iter().any(|s| s.contains(&sha256_hex(b))), "a job read each object");
+    }
+    let audit = node.cli(&["status"]);
+    assert!(audit.status.success());
+    // The node audit log records each run (read with the agent stopped: it holds the ledger).
+    node.stop();
+    let out = node.cli(&["audit", "list", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("trigger.local.result").count(), 3, "{text}");
+    control.restart();
+}
