@@ -103,7 +103,12 @@ fn check_spec(job: &JobEnvelope) -> Result<(), String> {
     if !valid_job_id(&job.job_id) {
         return Err(format!("job id {:?} must be 1-64 characters of [A-Za-z0-9-]", job.job_id));
     }
-    let s = &job.spec;
+    check_container_spec(&job.spec)
+}
+
+/// What every container spec must satisfy before the node runs it, whoever wrote it (a signed
+/// manifest, or a local trigger in the site's configuration).
+pub fn check_container_spec(s: &ContainerSpec) -> Result<(), String> {
     let digest = s.image.strip_prefix("sha256:").unwrap_or("");
     if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("image {:?} must be an image id of the form sha256:<64 hex digits>", s.image));

@@ -163,13 +163,8 @@ impl RelayConfig {
                     t.name, t.results_prefix
                 )));
             }
-            let digest = t.job.image.strip_prefix("sha256:").unwrap_or("");
-            if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(ConfigError(format!(
-                    "relay trigger {:?}: job.image {:?} must be an image id sha256:<64 hex> (load it with `outpost images load`)",
-                    t.name, t.job.image
-                )));
-            }
+            crate::verify::check_container_spec(&t.job)
+                .map_err(|e| ConfigError(format!("relay trigger {:?}: job: {e}", t.name)))?;
         }
         Ok(())
     }
@@ -263,5 +258,31 @@ mod tests {
         assert!(slash.validate().is_err());
         let batch = RelayConfig { batch_size: 0, ..RelayConfig::default() };
         assert!(batch.validate().expect_err("batch").0.contains("batch_size"));
+    }
+
+    #[test]
+    fn local_triggers_are_checked_like_any_job() {
+        let cfg = |trigger: &str| {
+            let text = format!(
+                "[[watches]]\nname = \"in\"\nprefix = \"in/\"\n[[triggers]]\nname = \"t\"\n{trigger}"
+            );
+            toml::from_str::<RelayConfig>(&text)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.0))
+        };
+        let image = format!("sha256:{}", "a".repeat(64));
+        cfg(&format!("watch = \"in\"\n[triggers.job]\nimage = \"{image}\"\n")).expect("valid");
+        let err = cfg("[triggers.job]\nimage = \"busybox:latest\"\n").expect_err("tag");
+        assert!(err.contains("relay trigger \"t\"") && err.contains("sha256"), "{err}");
+        let err =
+            cfg(&format!("watch = \"nope\"\n[triggers.job]\nimage = \"{image}\"\n")).expect_err("watch");
+        assert!(err.contains("not configured"), "{err}");
+        let err = cfg(&format!("results_prefix = \"/abs\"\n[triggers.job]\nimage = \"{image}\"\n"))
+            .expect_err("prefix");
+        assert!(err.contains("results_prefix"), "{err}");
+        let err =
+            cfg(&format!("[triggers.job]\nimage = \"{image}\"\ninputs = [\"../etc\"]\n")).expect_err("input");
+        assert!(err.contains("inputs") || err.contains(".."), "{err}");
+        assert!(cfg("[triggers.job]\nimage = \"x\"\nbogus = 1\n").is_err(), "unknown keys refused");
     }
 }
