@@ -1,5 +1,6 @@
-//! The relay over a real Garage that is stopped while the relay polls it and resumed later:
-//! the relay backs off, then carries on where it stopped, with no event lost or repeated.
+//! A real Garage stopped and resumed under the node: while the relay polls it (the relay
+//! backs off, then carries on where it stopped, with no event lost or repeated) and while a
+//! job's outputs are due to be uploaded (the agent retries; the result arrives once, with them).
 //!
 //! The test starts its own Garage in a temp dir with `scripts/s3-server start DIR` (so stopping
 //! it disturbs no other suite) and needs the garage binary that `scripts/test` installs; like
@@ -8,6 +9,7 @@
 #![allow(clippy::expect_used, clippy::panic)]
 
 mod common;
+mod harness;
 mod relay_support;
 
 use std::collections::BTreeMap;
@@ -159,4 +161,56 @@ async fn garage_stopped_mid_poll_then_resumed_loses_and_repeats_nothing() {
     want.sort();
     assert_eq!(keys, want, "every object exactly once (stopped after seq {at_stop})");
     assert!(events.iter().all(|e| e.accepted && e.sha256.is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garage_stopped_while_a_job_finishes_delays_its_upload_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garage = Garage::start(&dir.path().join("garage"));
+    let env: BTreeMap<String, String> = std::fs::read_to_string(dir.path().join("garage/s3.env"))
+        .expect("s3.env")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let storage = format!(
+        "[storage]\nbackend = \"s3\"\n[storage.s3]\nendpoint = \"{}\"\nregion = \"{}\"\nbucket = \"{}\"\n\
+         credentials_file = \"{}\"\n",
+        env["OUTPOST_TEST_S3_ENDPOINT"],
+        env["OUTPOST_TEST_S3_REGION"],
+        env["OUTPOST_TEST_S3_BUCKET"],
+        env["OUTPOST_TEST_S3_CREDENTIALS_FILE"]
+    );
+    let control = harness::Control::start(&dir.path().join("control"), None);
+    let org = control.create_org("s3-faults").await;
+    let config = format!("[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 2\n{storage}");
+    let mut node = harness::Node::enroll(&dir.path().join("node"), &control, &org.id, &config).await;
+    node.start();
+
+    // The job writes its output, then lingers; the store goes away before it exits.
+    let mut spec =
+        harness::sh("echo report > /out/report.txt; mkdir -p /out/d; echo x > /out/d/x.txt; sleep 4");
+    spec.output_prefix = Some("results/fault/".into());
+    let job = control.submit(&node.node_id, spec).await;
+    harness::eventually("the job running", Duration::from_secs(60), async || {
+        control.job(&job.job_id).await.state == outpost_protocol::JobState::Accepted
+    })
+    .await;
+    garage.stop();
+    // The container exits while the store is down; the upload fails and is retried.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(control.job(&job.job_id).await.result.is_none(), "no result before the outputs are stored");
+    assert!(node.log.contains("retrying"), "the agent says it is retrying");
+    garage.resume();
+
+    let result = control.wait_result(&job.job_id, Duration::from_secs(120)).await;
+    assert_eq!(result.outcome, outpost_protocol::Outcome::Succeeded, "{result:?}");
+    let keys: Vec<&str> = result.outputs.iter().map(|o| o.key.as_str()).collect();
+    assert_eq!(keys, ["results/fault/d/x.txt", "results/fault/report.txt"]);
+    let store = garage.store();
+    let meta = store.head("results/fault/report.txt").await.expect("the output is in the store");
+    assert_eq!(meta.size, 7);
+    assert!(result.outputs.iter().all(|o| o.body.is_none()), "no body leaves the site by default");
+    assert_eq!(control.results_recorded(&job.job_id).await, 1);
+    node.stop();
 }
