@@ -60,6 +60,9 @@ pub enum Command {
     /// Put, get, list and remove objects in the local object store ([storage]).
     #[command(subcommand)]
     Objects(crate::objects_cli::ObjectsCommand),
+    /// Import, list, verify and remove signed models in the local model store ([models]).
+    #[command(subcommand)]
+    Models(crate::models_cli::ModelsCommand),
     /// Inspect the node's tamper-evident audit log (stop the agent first: it holds the ledger).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -135,6 +138,7 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Enroll(args) => block_on(enroll(&cfg, args)),
         Command::Images(ImagesCommand::Load { file }) => block_on(load_image(&cfg, &file)),
         Command::Objects(cmd) => block_on(crate::objects_cli::run(&cfg, cmd)),
+        Command::Models(cmd) => crate::models_cli::run(&cfg, cmd),
         Command::Run => block_on(run(cfg)),
     }
 }

@@ -50,6 +50,22 @@ pub struct Config {
     /// What may leave the site besides metadata (see docs/storage.md). Default: nothing.
     #[serde(default)]
     pub egress: EgressConfig,
+    /// The signed model store (see models/README.md).
+    #[serde(default)]
+    pub models: ModelsConfig,
+}
+
+/// The model store: where imported models live and whose signatures the node accepts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// The store's directory; `data_dir/models` when absent.
+    #[serde(default)]
+    pub store_dir: Option<PathBuf>,
+    /// ed25519 public keys (64 hex digits) of model publishers trusted besides the org key
+    /// pinned at enrollment.
+    #[serde(default)]
+    pub trusted_publishers: Vec<String>,
 }
 
 /// The node's egress policy. By default only metadata (event fields, output keys, sizes and
@@ -319,7 +335,24 @@ impl Config {
             return Err(format!("data_dir {:?} must be an absolute path", self.data_dir));
         }
         self.validate_storage()?;
+        self.validate_models()?;
         self.validate_relay()
+    }
+
+    fn validate_models(&self) -> Result<(), String> {
+        if let Some(dir) = &self.models.store_dir
+            && !dir.is_absolute()
+        {
+            return Err(format!("models.store_dir {dir:?} must be an absolute path"));
+        }
+        for key in &self.models.trusted_publishers {
+            if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "models.trusted_publishers: {key:?} is not an ed25519 public key (64 hex digits)"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_relay(&self) -> Result<(), String> {
@@ -383,6 +416,10 @@ impl Config {
     }
     pub fn status_file(&self) -> PathBuf {
         self.data_dir.join("status.json")
+    }
+    /// The model store's directory: `models.store_dir`, or `data_dir/models`.
+    pub fn models_dir(&self) -> PathBuf {
+        self.models.store_dir.clone().unwrap_or_else(|| self.data_dir.join("models"))
     }
     /// The fs object store's directory: `storage.fs.root`, or `data_dir/objects`.
     pub fn objects_root(&self) -> PathBuf {

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod inventory;
 pub mod jobdata;
 pub mod ledger;
+pub mod models;
 pub mod objstore;
 pub mod relay;
 pub mod runtime;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod models_cli;
 mod objects_cli;
 
 /// Outpost node agent: runs signed container jobs from the control plane and reports each

@@ -11,6 +11,7 @@ mod enroll;
 mod error;
 mod event;
 mod job;
+mod model;
 mod node;
 pub mod paths;
 mod report;
@@ -19,6 +20,7 @@ pub use enroll::*;
 pub use error::*;
 pub use event::*;
 pub use job::*;
+pub use model::*;
 pub use node::*;
 pub use report::*;
 

@@ -12,6 +12,9 @@ pub struct Heartbeat {
     /// The relay's figures, when the node has watches configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelayStats>,
+    /// Models in the node's store, by manifest digest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<crate::ModelSummary>,
 }
 
 /// What a node's relay has done since the agent started, and how far behind it is.

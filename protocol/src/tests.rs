@@ -75,9 +75,25 @@ fn heartbeat_and_job_info_round_trip() {
         running_jobs: 1,
         outbox_depth: 3,
         relay: None,
+        models: Vec::new(),
     };
-    let back: Heartbeat = serde_json::from_str(&serde_json::to_string(&hb).expect("ser")).expect("de");
+    let json = serde_json::to_string(&hb).expect("ser");
+    assert!(!json.contains("models"), "an empty model list is left out for older peers: {json}");
+    let back: Heartbeat = serde_json::from_str(&json).expect("de");
     assert_eq!(back, hb);
+    let with_model = Heartbeat {
+        models: vec![ModelSummary {
+            digest: "d".repeat(64),
+            name: "tiny".into(),
+            version: "1".into(),
+            format: ModelFormat::Gguf,
+            engine: "llama".into(),
+        }],
+        ..hb
+    };
+    let json = serde_json::to_string(&with_model).expect("ser");
+    assert!(json.contains(r#""format":"gguf""#), "{json}");
+    assert_eq!(serde_json::from_str::<Heartbeat>(&json).expect("de"), with_model);
     let info = JobInfo {
         job_id: "j".into(),
         attempt: 1,
@@ -98,4 +114,21 @@ fn heartbeat_and_job_info_round_trip() {
 fn path_templates_fill_their_parameter() {
     assert_eq!(paths::fill(paths::JOB, "job_id", "abc"), "/v1/jobs/abc");
     assert_eq!(paths::fill(paths::ORG_TOKENS, "org_id", "o1"), "/v1/orgs/o1/tokens");
+}
+
+#[test]
+fn a_model_manifest_refuses_unknown_fields_and_formats() {
+    let ok = r#"{"name":"m","version":"1","format":"safetensors","engine":"candle","license":"Apache-2.0",
+        "files":[{"path":"model.safetensors","size":3,"sha256":"00"}]}"#;
+    let m: ModelManifest = serde_json::from_str(ok).expect("parses");
+    assert_eq!(m.format, ModelFormat::Safetensors);
+    assert!(
+        serde_json::from_str::<ModelManifest>(&ok.replace(r#""format":"safetensors""#, r#""format":"onnx""#))
+            .is_err()
+    );
+    assert!(
+        serde_json::from_str::<ModelManifest>(&ok.replace(r#""license""#, r#""extra":1,"license""#)).is_err()
+    );
+    let signed = r#"{"payload":"{}","key_id":"k","signature_hex":"00","by":"x"}"#;
+    assert!(serde_json::from_str::<SignedModelManifest>(signed).is_err());
 }

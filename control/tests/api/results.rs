@@ -86,6 +86,13 @@ async fn a_heartbeat_stores_inventory_and_last_seen() {
         running_jobs: 1,
         outbox_depth: 2,
         relay: None,
+        models: vec![outpost_protocol::ModelSummary {
+            digest: "a".repeat(64),
+            name: "minilm".into(),
+            version: "1".into(),
+            format: outpost_protocol::ModelFormat::Safetensors,
+            engine: "candle".into(),
+        }],
     };
     let (status, body) = node.post(paths::NODE_HEARTBEAT, &hb).await;
     assert_eq!(status, StatusCode::OK, "{body}");

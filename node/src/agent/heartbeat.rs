@@ -27,6 +27,8 @@ impl<R: Runtime> Agent<R> {
                 running_jobs: depths.running as u32,
                 outbox_depth: depths.outbox,
                 relay: self.relay.as_ref().and_then(|r| r.metrics().ok()).map(Into::into),
+                // A handful of small manifest files: cheap enough to read every time.
+                models: crate::models::ModelStore::new(self.cfg.models_dir()).summaries(),
             };
             tokio::select! {
                 r = self.uplink.heartbeat(&hb) => match r {

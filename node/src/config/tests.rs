@@ -114,3 +114,24 @@ fn storage_mistakes_are_refused_with_the_key_named() {
         assert!(err.contains(needle), "{text}: {err}");
     }
 }
+
+#[test]
+fn the_model_store_defaults_under_the_data_dir_and_checks_publisher_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("config.toml");
+    std::fs::write(&base, "data_dir = \"/srv/outpost\"\n").expect("write");
+    let c = Config::load_with_env(Some(&base), &env(&[])).expect("loads").config;
+    assert_eq!(c.models_dir(), PathBuf::from("/srv/outpost/models"));
+    assert!(c.models.trusted_publishers.is_empty());
+    let key = "ab".repeat(32);
+    std::fs::write(&base, format!("[models]\nstore_dir = \"/mnt/m\"\ntrusted_publishers = [\"{key}\"]\n"))
+        .expect("write");
+    let c = Config::load_with_env(Some(&base), &env(&[])).expect("loads").config;
+    assert_eq!(c.models_dir(), PathBuf::from("/mnt/m"));
+    assert_eq!(c.models.trusted_publishers, vec![key]);
+    std::fs::write(&base, "[models]\ntrusted_publishers = [\"abcd\"]\n").expect("write");
+    let err = Config::load_with_env(Some(&base), &env(&[])).expect_err("short key").to_string();
+    assert!(err.contains("models.trusted_publishers"), "{err}");
+    std::fs::write(&base, "[models]\nstore = \"/x\"\n").expect("write");
+    assert!(Config::load_with_env(Some(&base), &env(&[])).is_err(), "unknown key in [models]");
+}
