@@ -276,3 +276,38 @@ async fn the_run_loop_events_objects_until_shut_down() {
     task.await.expect("join").expect("a clean stop");
     assert_eq!(keys(&pending(&relay)), ["in/x"]);
 }
+
+#[tokio::test]
+async fn a_key_landing_behind_the_cursor_during_activity_is_found_within_a_few_scans() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = fs_store(&dir).await;
+    // Periodic reconciliation practically off: only the activity rule can find in/a.
+    let cfg = RelayConfig {
+        poll_interval_ms: 20,
+        reconcile_every: 100_000,
+        reconcile_after_activity: 2,
+        ..config(vec![watch("w", "in/", Rules::default())])
+    };
+    let relay = Arc::new(relay(&objects, memory(), cfg));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let (relay, shutdown) = (relay.clone(), shutdown.clone());
+        async move { relay.run(shutdown).await }
+    });
+    let wait_for = async |n: usize, what: &str| {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pending(&relay).len() < n {
+            assert!(tokio::time::Instant::now() < deadline, "never evented {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    put(&objects, "in/b", b"b").await;
+    wait_for(1, "in/b").await;
+    // Lands after the cursor moved past it, as with several puts in flight.
+    put(&objects, "in/a", b"a").await;
+    wait_for(2, "in/a (behind the cursor)").await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    shutdown.cancel();
+    task.await.expect("join").expect("a clean stop");
+    assert_eq!(keys(&pending(&relay)), ["in/b", "in/a"], "each once");
+}

@@ -7,6 +7,7 @@
 //! poll_interval_ms = 1000          # pause between scan passes
 //! batch_size = 500                 # objects per listing page and per atomic state batch
 //! reconcile_every = 60             # a reconciliation pass every this many scan passes
+//! reconcile_after_activity = 3     # and this many scans after a scan found new objects
 //! outbox_bound = 10000             # unsent events at which scanning pauses (back-pressure)
 //! json_check_cap_bytes = 16777216  # larger objects are refused when a rule must parse them
 //!
@@ -36,6 +37,10 @@ pub struct RelayConfig {
     /// Run a reconciliation pass (a full listing of each watch) every this many scan passes;
     /// 0 turns periodic reconciliation off.
     pub reconcile_every: u32,
+    /// After scans found new objects, reconcile once this many scans have passed: writers
+    /// that put several objects at once land keys out of order, and a key that sorts before
+    /// the cursor is only found by reconciliation. 0 leaves it to `reconcile_every`.
+    pub reconcile_after_activity: u32,
     /// Unsent events at which the relay stops scanning until the uplink catches up. The
     /// outbox never holds more than this many events.
     pub outbox_bound: u64,
@@ -83,6 +88,7 @@ impl Default for RelayConfig {
             poll_interval_ms: 1000,
             batch_size: 500,
             reconcile_every: 60,
+            reconcile_after_activity: 3,
             outbox_bound: 10_000,
             json_check_cap_bytes: 16 * 1024 * 1024,
             watches: Vec::new(),
