@@ -68,10 +68,11 @@ pub struct ModelsConfig {
     pub trusted_publishers: Vec<String>,
 }
 
-/// The node's egress policy. By default only metadata (event fields, output keys, sizes and
+/// The node's egress policy. By default only metadata (event metadata, output keys, sizes and
 /// SHA-256) leaves the site. A body leaves only when its key is under one of these prefixes
-/// AND the signed job manifest asks for it (`egress_bodies`); every refusal is logged and
-/// audited. Keep it in its own drop-in (`config.d/egress.toml`) so it is reviewed on its own.
+/// AND the signed job manifest asks for it (`egress_bodies`); a field of an object rides in
+/// its relay event only when named here AND by its watch (`event_fields`). Every refusal is
+/// logged and audited. Keep it in its own drop-in (`config.d/egress.toml`) so it is reviewed on its own.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EgressConfig {
@@ -79,6 +80,10 @@ pub struct EgressConfig {
     /// plane. Empty: none.
     #[serde(default)]
     pub allow_body_prefixes: Vec<String>,
+    /// Top-level JSON fields of accepted objects that relay events may carry, when a watch
+    /// also asks for them (`event_fields`); only short scalars are ever carried. Empty: none.
+    #[serde(default)]
+    pub allow_event_fields: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,6 +367,9 @@ impl Config {
                 "egress.allow_body_prefixes: an empty prefix would allow every body; name the prefixes"
                     .into(),
             );
+        }
+        if self.egress.allow_event_fields.iter().any(String::is_empty) {
+            return Err("egress.allow_event_fields: an empty field name allows nothing; remove it".into());
         }
         Ok(())
     }

@@ -57,7 +57,7 @@ async fn over_garage_objects_are_evented_once_and_reconciliation_finds_late_chan
     let rules = Rules { fhir_resource_types: Some(vec!["Patient".into()]), ..Rules::default() };
     let cfg = RelayConfig {
         batch_size: 2,
-        watches: vec![Watch { name: "fhir".into(), prefix: p.clone(), rules }],
+        watches: vec![Watch { name: "fhir".into(), prefix: p.clone(), rules, event_fields: Vec::new() }],
         ..RelayConfig::default()
     };
     let relay = Relay::new(store.clone(), state, cfg).expect("relay");

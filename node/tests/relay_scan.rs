@@ -129,6 +129,7 @@ async fn rejected_objects_become_events_with_their_reason() {
         allowed_content_types: Some(vec!["application/json".into()]),
         json_well_formed: true,
         fhir_resource_types: Some(vec!["Patient".into()]),
+        json_schema: None,
     };
     let json = Rules { json_well_formed: true, ..Rules::default() };
     let mut cfg = config(vec![watch("fhir", "fhir/", fhir), watch("json", "json/", json)]);
@@ -275,4 +276,140 @@ async fn the_run_loop_events_objects_until_shut_down() {
     shutdown.cancel();
     task.await.expect("join").expect("a clean stop");
     assert_eq!(keys(&pending(&relay)), ["in/x"]);
+}
+
+#[tokio::test]
+async fn a_key_landing_behind_the_cursor_during_activity_is_found_within_a_few_scans() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = fs_store(&dir).await;
+    // Periodic reconciliation practically off: only the activity rule can find in/a.
+    let cfg = RelayConfig {
+        poll_interval_ms: 20,
+        reconcile_every: 100_000,
+        reconcile_after_activity: 2,
+        ..config(vec![watch("w", "in/", Rules::default())])
+    };
+    let relay = Arc::new(relay(&objects, memory(), cfg));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let (relay, shutdown) = (relay.clone(), shutdown.clone());
+        async move { relay.run(shutdown).await }
+    });
+    let wait_for = async |n: usize, what: &str| {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pending(&relay).len() < n {
+            assert!(tokio::time::Instant::now() < deadline, "never evented {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    put(&objects, "in/b", b"b").await;
+    wait_for(1, "in/b").await;
+    // Lands after the cursor moved past it, as with several puts in flight.
+    put(&objects, "in/a", b"a").await;
+    wait_for(2, "in/a (behind the cursor)").await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    shutdown.cancel();
+    task.await.expect("join").expect("a clean stop");
+    assert_eq!(keys(&pending(&relay)), ["in/b", "in/a"], "each once");
+}
+
+#[tokio::test]
+async fn a_json_schema_rule_rejects_objects_that_do_not_match_naming_the_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = fs_store(&dir).await;
+    let schema = dir.path().join("patient.schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "required": ["resourceType", "id"],
+            "properties": {"id": {"type": "string"}, "birthDate": {"type": "string", "pattern": "^[0-9]{4}-"}}}"#,
+    )
+    .expect("write schema");
+    let rules = Rules { json_schema: Some(schema), ..Rules::default() };
+    put(&objects, "in/1-ok.json", br#"{"resourceType":"Patient","id":"p1","birthDate":"1970-01-01"}"#).await;
+    put(&objects, "in/2-bad.json", br#"{"resourceType":"Patient","id":12,"birthDate":"01/01/1970"}"#).await;
+    put(&objects, "in/3-text.json", b"not json").await;
+    let relay = relay(&objects, memory(), config(vec![watch("w", "in/", rules)]));
+    let report = relay.scan_pass().await.expect("scan");
+    assert_eq!((report.accepted, report.rejected), (1, 2));
+    let events = pending(&relay);
+    assert!(events[0].accepted, "{:?}", events[0].reason);
+    let bad = events[1].reason.clone().expect("rejected");
+    assert!(bad.starts_with("does not match the watch's JSON Schema"), "{bad}");
+    assert!(bad.contains("/id") && bad.contains("/birthDate"), "{bad}");
+    assert!(!bad.contains("01/01/1970"), "no value of the object in the reason: {bad}");
+    assert!(events[2].reason.clone().expect("rejected").starts_with("not well-formed JSON"));
+}
+
+/// A watch asking for `resourceType` and `name`, on a node whose egress policy allows
+/// `resourceType` only (or nothing), with audit entries written to a real ledger.
+async fn fields_scenario(
+    allowed: &[&str],
+) -> (Vec<outpost_node::relay::RelayEvent>, Vec<(String, String)>, u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = fs_store(&dir).await;
+    put(&objects, "in/1.json", br#"{"resourceType":"Patient","name":"Alice Example","id":"p1"}"#).await;
+    put(&objects, "in/2.json", br#"{"resourceType":{"nested":true},"name":"Bob Example"}"#).await;
+    put(&objects, "in/3.json", br#"{"resourceType":["Patient"]}"#).await;
+    let state = memory();
+    let ledger = outpost_node::ledger::Ledger::new(state.clone());
+    let mut w = watch("fhir-in", "in/", Rules::default());
+    w.event_fields = vec!["resourceType".into(), "name".into()];
+    let cfg = RelayConfig {
+        allowed_event_fields: allowed.iter().map(|s| s.to_string()).collect(),
+        ..config(vec![w])
+    };
+    let audit_ledger = ledger.clone();
+    let relay =
+        relay(&objects, state.clone(), cfg).with_audit(Arc::new(move |action: &str, detail: &str| {
+            audit_ledger.audit(action, detail).expect("audit");
+        }));
+    relay.scan_pass().await.expect("scan");
+    relay.reconcile_pass().await.expect("reconcile");
+    let audit = outpost_node::audit::entries(state.as_ref())
+        .expect("audit entries")
+        .into_iter()
+        .map(|e| (e.action, e.detail))
+        .collect();
+    outpost_node::audit::verify(state.as_ref()).expect("the audit chain holds");
+    (pending(&relay), audit, relay.metrics().expect("metrics").fields_denied)
+}
+
+#[tokio::test]
+async fn events_carry_only_fields_the_egress_policy_allows_and_every_denial_is_audited() {
+    let (events, audit, denied) = fields_scenario(&["resourceType"]).await;
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| e.accepted));
+    assert_eq!(events[0].fields.len(), 1, "{:?}", events[0].fields);
+    assert_eq!(events[0].fields["resourceType"], serde_json::json!("Patient"));
+    assert_eq!(events[0].fields_denied, ["name"]);
+    assert!(events.iter().all(|e| !e.fields.contains_key("name")), "name never leaves the node");
+    let wire = serde_json::to_string(&events[0].to_wire("local")).expect("wire");
+    assert!(wire.contains(r#""fields":{"resourceType":"Patient"}"#), "{wire}");
+    assert!(!wire.contains("Alice"), "{wire}");
+    assert!(events[1].fields.is_empty() && events[2].fields.is_empty(), "only scalars are carried");
+    assert_eq!(events[1].fields_denied, ["name", "resourceType"]);
+    assert_eq!(denied, 5, "name three times, two non-scalar resourceTypes");
+
+    let denials: Vec<&String> =
+        audit.iter().filter(|(action, _)| action == "egress.denied").map(|(_, d)| d).collect();
+    assert_eq!(denials.len(), 2, "once for the policy, once for the first non-scalar value: {audit:?}");
+    assert!(denials[0].contains(r#""fhir-in""#) && denials[0].contains(r#""name""#), "{}", denials[0]);
+    assert!(denials[0].contains("allow_event_fields"), "{}", denials[0]);
+    assert!(denials[1].contains(r#""resourceType""#) && denials[1].contains("an object"), "{}", denials[1]);
+    assert!(!denials.iter().any(|d| d.contains("Bob") || d.contains("nested")), "no values audited");
+}
+
+#[tokio::test]
+async fn without_an_egress_policy_events_carry_no_fields_at_all() {
+    let (events, audit, denied) = fields_scenario(&[]).await;
+    assert_eq!(events.len(), 3);
+    for e in &events {
+        assert!(e.fields.is_empty(), "{:?}", e.fields);
+        assert_eq!(e.fields_denied, ["resourceType", "name"]);
+        let wire = serde_json::to_string(&e.to_wire("local")).expect("wire");
+        assert!(!wire.contains("Patient") && !wire.contains("Example"), "{wire}");
+    }
+    assert_eq!(denied, 6);
+    assert_eq!(audit.iter().filter(|(a, _)| a == "egress.denied").count(), 2, "{audit:?}");
 }

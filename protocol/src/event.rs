@@ -2,7 +2,10 @@
 //! node, delivered through its outbox, stored once per (node, seq) by the control plane; and
 //! the org-level triggers that turn matching events into jobs on the same node.
 //!
-//! An event carries metadata only. Object bodies never travel in an event.
+//! An event carries metadata only. Object bodies never travel in an event; of an object's
+//! content, only the short scalar fields its node's egress policy allows (`fields`).
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +45,15 @@ pub struct ObjectEvent {
     pub replaces_etag: Option<String>,
     /// When the node saw it (Unix ms).
     pub observed_unix_ms: u64,
+    /// Top-level scalar fields of the object that its watch asked for and the node's egress
+    /// policy (`[egress] allow_event_fields`) allows; absent when none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub fields: BTreeMap<String, serde_json::Value>,
+    /// Names of fields the watch asked for that the node withheld (not allowed by its egress
+    /// policy, or not a short scalar); absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields_denied: Vec<String>,
 }
 
 /// Node → control plane: the oldest unsent events, in seq order. The node is named by its

@@ -184,6 +184,8 @@ mod tests {
             reason: None,
             replaces_etag: None,
             observed_unix_ms: 0,
+            fields: Default::default(),
+            fields_denied: Vec::new(),
         }
     }
 

@@ -148,6 +148,8 @@ fn event(seq: u64, key: &str) -> ObjectEvent {
         reason: None,
         replaces_etag: None,
         observed_unix_ms: 1,
+        fields: Default::default(),
+        fields_denied: Vec::new(),
     }
 }
 

@@ -167,6 +167,8 @@ pub fn object_event(seq: u64, key: &str) -> ObjectEvent {
         reason: None,
         replaces_etag: None,
         observed_unix_ms: 1_700_000_000_000 + seq,
+        fields: Default::default(),
+        fields_denied: Vec::new(),
     }
 }
 

@@ -139,6 +139,8 @@ mod tests {
             reason: None,
             replaces_etag: None,
             observed_unix_ms: 1,
+            fields: Default::default(),
+            fields_denied: Vec::new(),
         }
     }
 

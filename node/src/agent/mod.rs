@@ -107,8 +107,18 @@ impl<R: Runtime> Agent<R> {
         let relay = if cfg.relay.watches.is_empty() {
             None
         } else {
-            let mut relay = Relay::new(objects.clone(), Arc::clone(ledger.store()), cfg.relay.clone())
-                .map_err(|e| anyhow::anyhow!("[relay]: {e}"))?;
+            let relay_cfg = crate::relay::RelayConfig {
+                allowed_event_fields: cfg.egress.allow_event_fields.clone(),
+                ..cfg.relay.clone()
+            };
+            let audit_ledger = ledger.clone();
+            let mut relay = Relay::new(objects.clone(), Arc::clone(ledger.store()), relay_cfg)
+                .map_err(|e| anyhow::anyhow!("[relay]: {e}"))?
+                .with_audit(Arc::new(move |action: &str, detail: &str| {
+                    if let Err(e) = audit_ledger.audit(action, detail) {
+                        tracing::error!(error = %e, action, detail, "cannot write the audit log");
+                    }
+                }));
             if !cfg.relay.triggers.is_empty() {
                 relay = relay.with_event_hook(local_triggers::hook(cfg.relay.triggers.clone()));
             }

@@ -135,3 +135,21 @@ fn the_model_store_defaults_under_the_data_dir_and_checks_publisher_keys() {
     std::fs::write(&base, "[models]\nstore = \"/x\"\n").expect("write");
     assert!(Config::load_with_env(Some(&base), &env(&[])).is_err(), "unknown key in [models]");
 }
+
+#[test]
+fn the_egress_policy_may_name_event_fields_but_never_an_empty_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("config.toml");
+    std::fs::write(&base, "[[relay.watches]]\nname = \"w\"\nprefix = \"in/\"\nevent_fields = [\"id\"]\n")
+        .expect("write");
+    std::fs::create_dir(dir.path().join("config.d")).expect("mkdir");
+    let egress = dir.path().join("config.d/egress.toml");
+    std::fs::write(&egress, "[egress]\nallow_event_fields = [\"id\"]\n").expect("write");
+    let loaded = Config::load_with_env(Some(&base), &env(&[])).expect("loads");
+    assert_eq!(loaded.config.egress.allow_event_fields, ["id"]);
+    assert_eq!(loaded.config.relay.watches[0].event_fields, ["id"]);
+    assert!(loaded.config.relay.allowed_event_fields.is_empty(), "filled by the agent, not the file");
+    std::fs::write(&egress, "[egress]\nallow_event_fields = [\"\"]\n").expect("write");
+    let err = Config::load_with_env(Some(&base), &env(&[])).expect_err("empty name").to_string();
+    assert!(err.contains("allow_event_fields"), "{err}");
+}

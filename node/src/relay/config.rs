@@ -7,6 +7,7 @@
 //! poll_interval_ms = 1000          # pause between scan passes
 //! batch_size = 500                 # objects per listing page and per atomic state batch
 //! reconcile_every = 60             # a reconciliation pass every this many scan passes
+//! reconcile_after_activity = 3     # and this many scans after a scan found new objects
 //! outbox_bound = 10000             # unsent events at which scanning pauses (back-pressure)
 //! json_check_cap_bytes = 16777216  # larger objects are refused when a rule must parse them
 //!
@@ -20,6 +21,8 @@
 //! json_well_formed = true
 //! fhir_resource_types = ["Patient", "Observation"]
 //! ```
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +39,10 @@ pub struct RelayConfig {
     /// Run a reconciliation pass (a full listing of each watch) every this many scan passes;
     /// 0 turns periodic reconciliation off.
     pub reconcile_every: u32,
+    /// After scans found new objects, reconcile once this many scans have passed: writers
+    /// that put several objects at once land keys out of order, and a key that sorts before
+    /// the cursor is only found by reconciliation. 0 leaves it to `reconcile_every`.
+    pub reconcile_after_activity: u32,
     /// Unsent events at which the relay stops scanning until the uplink catches up. The
     /// outbox never holds more than this many events.
     pub outbox_bound: u64,
@@ -46,6 +53,10 @@ pub struct RelayConfig {
     /// Local rules: an event matching one runs a job on this node at once, with no round trip
     /// to the control plane (air-gapped or latency-sensitive sites). Fires once per event.
     pub triggers: Vec<LocalTrigger>,
+    /// The node's egress policy for event fields (`[egress] allow_event_fields`), set by the
+    /// agent, never read from `[relay]`: a watch's `event_fields` outside it never leave.
+    #[serde(skip)]
+    pub allowed_event_fields: Vec<String>,
 }
 
 /// `[[relay.triggers]]`: "an event of this watch, under this prefix, with this suffix → run
@@ -83,10 +94,12 @@ impl Default for RelayConfig {
             poll_interval_ms: 1000,
             batch_size: 500,
             reconcile_every: 60,
+            reconcile_after_activity: 3,
             outbox_bound: 10_000,
             json_check_cap_bytes: 16 * 1024 * 1024,
             watches: Vec::new(),
             triggers: Vec::new(),
+            allowed_event_fields: Vec::new(),
         }
     }
 }
@@ -102,7 +115,15 @@ pub struct Watch {
     pub prefix: String,
     #[serde(default)]
     pub rules: Rules,
+    /// Top-level JSON fields of accepted objects to carry in their events (scalars only).
+    /// Only those also in the node's `[egress] allow_event_fields` are carried; the rest are
+    /// withheld, named in the event's `fields_denied`, logged and audited.
+    #[serde(default)]
+    pub event_fields: Vec<String>,
 }
+
+/// Most `event_fields` one watch may ask for.
+pub const MAX_EVENT_FIELDS: usize = 32;
 
 /// What an object must satisfy to be accepted. Every rule that is unset lets everything pass.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -119,12 +140,16 @@ pub struct Rules {
     pub json_well_formed: bool,
     /// The body must be a JSON object whose `resourceType` is one of these.
     pub fhir_resource_types: Option<Vec<String>>,
+    /// Absolute path of a JSON Schema (draft 2020-12 or 7, as its `$schema` says; 2020-12
+    /// when absent) the body must satisfy. Loaded and compiled once when the relay is built;
+    /// a `$ref` to anything outside the file is refused, never fetched.
+    pub json_schema: Option<PathBuf>,
 }
 
 impl Rules {
     /// Whether checking these rules needs the whole body in memory.
     pub fn parses_json(&self) -> bool {
-        self.json_well_formed || self.fhir_resource_types.is_some()
+        self.json_well_formed || self.fhir_resource_types.is_some() || self.json_schema.is_some()
     }
 }
 
@@ -204,9 +229,41 @@ impl RelayConfig {
                     w.name
                 )));
             }
+            if let Some(path) = &w.rules.json_schema
+                && !path.is_absolute()
+            {
+                return Err(ConfigError(format!(
+                    "watch {:?}: json_schema {path:?} must be an absolute path",
+                    w.name
+                )));
+            }
+            check_event_fields(w)?;
         }
         Ok(())
     }
+}
+
+fn check_event_fields(w: &Watch) -> Result<(), ConfigError> {
+    if w.event_fields.len() > MAX_EVENT_FIELDS {
+        return Err(ConfigError(format!(
+            "watch {:?}: event_fields names {} fields, more than {MAX_EVENT_FIELDS}",
+            w.name,
+            w.event_fields.len()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for f in &w.event_fields {
+        if f.is_empty() || f.len() > 128 || f.chars().any(char::is_control) {
+            return Err(ConfigError(format!(
+                "watch {:?}: event field {f:?} must be 1 to 128 characters with no control character",
+                w.name
+            )));
+        }
+        if !seen.insert(f.as_str()) {
+            return Err(ConfigError(format!("watch {:?}: event field {f:?} is named twice", w.name)));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -245,19 +302,56 @@ mod tests {
         assert!(toml::from_str::<RelayConfig>("poll_interval = 5").is_err(), "typo of poll_interval_ms");
         let dup = RelayConfig {
             watches: vec![
-                Watch { name: "a".into(), prefix: "x/".into(), rules: Rules::default() },
-                Watch { name: "a".into(), prefix: "y/".into(), rules: Rules::default() },
+                Watch {
+                    name: "a".into(),
+                    prefix: "x/".into(),
+                    rules: Rules::default(),
+                    event_fields: vec![],
+                },
+                Watch {
+                    name: "a".into(),
+                    prefix: "y/".into(),
+                    rules: Rules::default(),
+                    event_fields: vec![],
+                },
             ],
             ..RelayConfig::default()
         };
         assert!(dup.validate().expect_err("duplicate").0.contains("used twice"));
         let slash = RelayConfig {
-            watches: vec![Watch { name: "a/b".into(), prefix: String::new(), rules: Rules::default() }],
+            watches: vec![Watch {
+                name: "a/b".into(),
+                prefix: String::new(),
+                rules: Rules::default(),
+                event_fields: vec![],
+            }],
             ..RelayConfig::default()
         };
         assert!(slash.validate().is_err());
         let batch = RelayConfig { batch_size: 0, ..RelayConfig::default() };
         assert!(batch.validate().expect_err("batch").0.contains("batch_size"));
+    }
+
+    #[test]
+    fn schema_paths_must_be_absolute_and_event_fields_well_formed() {
+        let cfg = |watch: &str| {
+            toml::from_str::<RelayConfig>(&format!("[[watches]]\nname = \"w\"\nprefix = \"in/\"\n{watch}"))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.0))
+        };
+        cfg("event_fields = [\"id\", \"resourceType\"]\n[watches.rules]\njson_schema = \"/etc/s.json\"\n")
+            .expect("valid");
+        let err = cfg("[watches.rules]\njson_schema = \"s.json\"\n").expect_err("relative");
+        assert!(err.contains("json_schema") && err.contains("absolute"), "{err}");
+        let err = cfg("event_fields = [\"id\", \"id\"]\n").expect_err("twice");
+        assert!(err.contains("named twice"), "{err}");
+        assert!(cfg("event_fields = [\"\"]\n").is_err(), "empty field name");
+        let many: Vec<String> = (0..=MAX_EVENT_FIELDS).map(|i| format!("\"f{i}\"")).collect();
+        assert!(cfg(&format!("event_fields = [{}]\n", many.join(","))).is_err(), "too many");
+        assert!(
+            toml::from_str::<RelayConfig>("allowed_event_fields = [\"x\"]").is_err(),
+            "the egress policy is not a [relay] key"
+        );
     }
 
     #[test]

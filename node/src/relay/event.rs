@@ -1,5 +1,8 @@
 //! What the relay produces: one event per new or changed object, and the figures it reports.
-//! Events carry metadata only; an object's body never leaves the relay.
+//! Events carry metadata only; an object's body never leaves the relay, and of its content
+//! only the short scalar fields that both its watch and the node's egress policy name.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +28,14 @@ pub struct RelayEvent {
     pub replaces_etag: Option<String>,
     /// When the relay evented the object (Unix ms); the outbox lag is measured from it.
     pub observed_unix_ms: u64,
+    /// Top-level fields of an accepted JSON object that its watch asked for and the node's
+    /// egress policy allows (scalars only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, serde_json::Value>,
+    /// Fields the watch asked for that were withheld: not allowed by the egress policy, or
+    /// not a short scalar in this object. Names only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields_denied: Vec<String>,
 }
 
 /// What one pass did.
@@ -75,6 +86,9 @@ pub struct RelayMetrics {
     pub list_calls: u64,
     /// Events the control plane acknowledged (`mark_sent`).
     pub events_sent: u64,
+    /// Event fields withheld (each field of each event counts once).
+    #[serde(default)]
+    pub fields_denied: u64,
 }
 
 impl From<RelayMetrics> for outpost_protocol::RelayStats {
@@ -109,6 +123,8 @@ impl RelayEvent {
             reason: self.reason.clone(),
             replaces_etag: self.replaces_etag.clone(),
             observed_unix_ms: self.observed_unix_ms,
+            fields: self.fields.clone(),
+            fields_denied: self.fields_denied.clone(),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! go into one atomic batch (see `state.rs`), so a kill at any point neither loses nor repeats
 //! an event. Passes stop when the outbox holds `outbox_bound` events (back-pressure).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -17,13 +18,16 @@ use crate::store::{Op, StateStore, StoreError, Tree};
 
 pub mod config;
 pub mod event;
+pub mod fields;
 mod run;
 mod scan;
+pub mod schema;
 mod state;
 pub mod validate;
 
 pub use config::{ConfigError, LocalTrigger, RelayConfig, Rules, Watch};
 pub use event::{PassReport, RelayEvent, RelayMetrics};
+pub use fields::Denial;
 
 use state::State;
 
@@ -59,6 +63,20 @@ type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 /// (the agent's local triggers stage their jobs this way, so each fires exactly once).
 pub type EventHook = Arc<dyn Fn(&RelayEvent) -> Vec<Op> + Send + Sync>;
 
+/// Writes one entry to the node's audit log: `(action, detail)`. The agent passes one that
+/// goes through the ledger, which serialises the hash chain.
+pub type AuditHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// What a watch needs beyond its configuration, prepared once when the relay is built.
+#[derive(Debug, Default)]
+struct Prepared {
+    schema: Option<schema::Schema>,
+    /// `event_fields` the egress policy allows.
+    fields: Vec<String>,
+    /// `event_fields` it does not: named in every accepted event's `fields_denied`.
+    policy_denied: Vec<String>,
+}
+
 #[derive(Default)]
 struct Counters {
     seen: AtomicU64,
@@ -66,6 +84,7 @@ struct Counters {
     rejected: AtomicU64,
     list_calls: AtomicU64,
     sent: AtomicU64,
+    fields_denied: AtomicU64,
     backpressure: AtomicBool,
 }
 
@@ -78,6 +97,13 @@ pub struct Relay<S: ObjectStore> {
     counters: Counters,
     clock: Clock,
     hook: Option<EventHook>,
+    prepared: BTreeMap<String, Prepared>,
+    /// Event fields the egress policy refuses, found when the relay was built.
+    policy_denials: Vec<Denial>,
+    audit: Option<AuditHook>,
+    /// (watch, field) pairs whose run-time denial was audited already: once per relay is
+    /// enough for the audit log; every denial is still logged and counted.
+    audited: std::sync::Mutex<BTreeSet<(String, String)>>,
     /// Passes read the event counter and write it back: one pass at a time.
     pass: tokio::sync::Mutex<()>,
     /// Notified when a pass put events in the outbox, so the sender need not poll.
@@ -91,9 +117,25 @@ impl<S: ObjectStore> std::fmt::Debug for Relay<S> {
 }
 
 impl<S: ObjectStore> Relay<S> {
-    /// Build a relay after checking its configuration.
+    /// Build a relay after checking its configuration, loading each watch's JSON Schema, and
+    /// splitting each watch's `event_fields` by the egress policy in
+    /// `config.allowed_event_fields` (the refused ones are logged here; see [`Relay::with_audit`]).
     pub fn new(objects: S, state: Arc<dyn StateStore>, config: RelayConfig) -> Result<Self> {
         config.validate()?;
+        let mut prepared = BTreeMap::new();
+        let mut policy_denials = Vec::new();
+        for w in &config.watches {
+            let schema =
+                w.rules.json_schema.as_deref().map(|p| schema::Schema::load(&w.name, p)).transpose()?;
+            let (fields, denied) =
+                fields::split_by_policy(&w.name, &w.event_fields, &config.allowed_event_fields);
+            for d in &denied {
+                tracing::warn!(watch = %d.watch, field = %d.field, reason = %d.reason, "relay event field withheld by the egress policy");
+            }
+            let policy_denied = denied.iter().map(|d| d.field.clone()).collect();
+            policy_denials.extend(denied);
+            prepared.insert(w.name.clone(), Prepared { schema, fields, policy_denied });
+        }
         Ok(Self {
             objects,
             state: State::new(state),
@@ -101,9 +143,29 @@ impl<S: ObjectStore> Relay<S> {
             counters: Counters::default(),
             clock: Arc::new(crate::clock::now_unix_ms),
             hook: None,
+            prepared,
+            policy_denials,
+            audit: None,
+            audited: std::sync::Mutex::default(),
             pass: tokio::sync::Mutex::new(()),
             ready: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Audit egress denials through `hook`: at once an `egress.denied` entry for each event
+    /// field the policy refuses, then one for each (watch, field) first withheld at run time
+    /// because its value is not a short scalar.
+    pub fn with_audit(mut self, hook: AuditHook) -> Self {
+        for d in &self.policy_denials {
+            hook("egress.denied", &d.audit_detail());
+        }
+        self.audit = Some(hook);
+        self
+    }
+
+    /// Event fields that watches ask for and the egress policy refuses.
+    pub fn denied_fields(&self) -> &[Denial] {
+        &self.policy_denials
     }
 
     /// Use another clock for event timestamps and lag (tests).
@@ -167,7 +229,27 @@ impl<S: ObjectStore> Relay<S> {
             last_seq: self.state.last_seq()?,
             list_calls: self.counters.list_calls.load(Ordering::Relaxed),
             events_sent: self.counters.sent.load(Ordering::Relaxed),
+            fields_denied: self.counters.fields_denied.load(Ordering::Relaxed),
         })
+    }
+
+    /// Log, count and (once per watch and field) audit the fields withheld from one event.
+    fn withheld(&self, event: &RelayEvent, by_value: &[(String, String)]) {
+        self.counters.fields_denied.fetch_add(event.fields_denied.len() as u64, Ordering::Relaxed);
+        for (field, reason) in by_value {
+            let key = crate::objstore::key::display(&event.key);
+            tracing::warn!(watch = %event.watch, key = %key, field = %field, reason = %reason, "relay event field withheld");
+            let Some(audit) = &self.audit else { continue };
+            let first = self
+                .audited
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((event.watch.clone(), field.clone()));
+            if first {
+                let d = Denial { watch: event.watch.clone(), field: field.clone(), reason: reason.clone() };
+                audit("egress.denied", &format!("{} (first seen in {key})", d.audit_detail()));
+            }
+        }
     }
 
     fn count(&self, report: &PassReport) {

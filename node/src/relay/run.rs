@@ -1,7 +1,8 @@
 //! The relay as a long-running service: a scan pass every `poll_interval_ms`, a reconciliation
-//! pass every `reconcile_every` scans (and once at start, for objects that landed while the
-//! agent was down behind the cursor), exponential backoff on retryable failures. Not wired
-//! into the agent yet.
+//! pass once at start (objects that landed behind the cursor while the agent was down), every
+//! `reconcile_every` scans, and `reconcile_after_activity` scans after a scan found new objects
+//! (concurrent writers land keys out of order, behind the cursor); exponential backoff on
+//! retryable failures. The agent runs it when `[relay]` has watches.
 
 use std::time::Duration;
 
@@ -17,21 +18,38 @@ impl<S: ObjectStore> Relay<S> {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let interval = Duration::from_millis(self.config.poll_interval_ms);
         let mut backoff = Backoff::new(interval.max(Duration::from_millis(100)), Duration::from_secs(60));
-        let mut scans: u64 = 0;
+        // Scans since the last reconciliation (None: none yet, so reconcile at start), and
+        // whether any of them found new objects.
+        let mut since: Option<u32> = None;
+        let mut active = false;
         loop {
-            let reconcile = self.config.reconcile_every > 0
-                && scans.is_multiple_of(u64::from(self.config.reconcile_every));
+            let due = match since {
+                None => true,
+                Some(n) => {
+                    (self.config.reconcile_every > 0 && n >= self.config.reconcile_every)
+                        || (active
+                            && self.config.reconcile_after_activity > 0
+                            && n >= self.config.reconcile_after_activity)
+                }
+            };
             let outcome = async {
                 let mut report = self.scan_pass().await?;
-                if reconcile {
+                let scanned = report.events;
+                if due {
                     report.add(self.reconcile_pass().await?);
                 }
-                Ok::<_, super::RelayError>(report)
+                Ok::<_, super::RelayError>((report, scanned))
             }
             .await;
             let delay = match outcome {
-                Ok(report) => {
-                    scans += 1;
+                Ok((report, scanned)) => {
+                    if due {
+                        since = Some(0);
+                        active = scanned > 0;
+                    } else {
+                        since = since.map(|n| n.saturating_add(1));
+                        active |= scanned > 0;
+                    }
                     backoff.reset();
                     if report.events > 0 {
                         tracing::debug!(events = report.events, rejected = report.rejected, "relay pass");

@@ -8,13 +8,14 @@ use std::sync::atomic::Ordering;
 use super::config::Watch;
 use super::event::{PassReport, RelayEvent};
 use super::state::{Batch, CursorState};
-use super::validate::{check_body, check_metadata, content_type_of};
+use super::validate::{Checks, check_body, check_metadata, content_type_of};
 use super::{Relay, RelayError, Result};
 use crate::objstore::{ObjectMeta, ObjectStore, ObjectStoreError};
 
 /// What evaluating one object came to.
 enum Outcome {
-    Event(RelayEvent),
+    /// Boxed: an event is large next to `Vanished`.
+    Event(Box<RelayEvent>),
     /// Listed, then gone before its body could be read.
     Vanished,
 }
@@ -103,7 +104,7 @@ impl<S: ObjectStore> Relay<S> {
                     continue;
                 }
                 match self.evaluate(watch, obj, known).await? {
-                    Outcome::Event(e) => batch.event(e),
+                    Outcome::Event(e) => batch.event(*e),
                     Outcome::Vanished => report.vanished += 1,
                 }
             }
@@ -172,7 +173,7 @@ impl<S: ObjectStore> Relay<S> {
                     return Ok(());
                 }
                 match self.evaluate(watch, obj, known.clone()).await? {
-                    Outcome::Event(e) => batch.event(e),
+                    Outcome::Event(e) => batch.event(*e),
                     Outcome::Vanished => {
                         report.vanished += 1;
                         if known.is_some() {
@@ -240,26 +241,43 @@ impl<S: ObjectStore> Relay<S> {
             reason,
             replaces_etag: replaces.clone(),
             observed_unix_ms: (self.clock)(),
+            fields: Default::default(),
+            fields_denied: Vec::new(),
         };
         let content_type = content_type_of(&obj.key).map(str::to_owned);
         if let Some(reason) = check_metadata(&watch.rules, &obj.key, obj.size, cap) {
-            return Ok(Outcome::Event(event(obj.size, None, content_type, Some(reason))));
+            return Ok(Outcome::Event(Box::new(event(obj.size, None, content_type, Some(reason)))));
         }
         let body = match self.objects.get(&obj.key).await {
             Ok(b) => b,
             Err(ObjectStoreError::NotFound { .. }) => return Ok(Outcome::Vanished),
             Err(source) => return Err(RelayError::Objects { watch: watch.name.clone(), source }),
         };
-        match check_body(&watch.rules, &obj.key, body, cap).await {
-            Ok(v) => Ok(Outcome::Event(event(v.size, v.sha256, v.content_type, v.rejection))),
+        let prepared = self.prepared.get(&watch.name);
+        let checks = Checks {
+            rules: &watch.rules,
+            schema: prepared.and_then(|p| p.schema.as_ref()),
+            fields: prepared.map_or(&[][..], |p| &p.fields),
+        };
+        match check_body(&checks, &obj.key, body, cap).await {
+            Ok(v) => {
+                let mut e = event(v.size, v.sha256, v.content_type, v.rejection);
+                if e.accepted {
+                    e.fields = v.fields;
+                    e.fields_denied = prepared.map(|p| p.policy_denied.clone()).unwrap_or_default();
+                    e.fields_denied.extend(v.fields_denied.iter().map(|(name, _)| name.clone()));
+                    self.withheld(&e, &v.fields_denied);
+                }
+                Ok(Outcome::Event(Box::new(e)))
+            }
             // The store's own check found stored bytes that do not match their record: that
             // object will not read better later, so it is refused rather than retried forever.
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Ok(Outcome::Event(event(
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Ok(Outcome::Event(Box::new(event(
                 obj.size,
                 None,
                 content_type,
                 Some(format!("the stored body failed its integrity check: {e}")),
-            ))),
+            )))),
             Err(source) => Err(RelayError::Read { watch: watch.name.clone(), key: obj.key.clone(), source }),
         }
     }

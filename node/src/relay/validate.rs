@@ -3,10 +3,14 @@
 //! and kept in memory only when a JSON rule needs it and it is under the parse cap.
 //! A rejection is an answer, not an error: errors here are only failures to read the body.
 
+use std::collections::BTreeMap;
+
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::config::Rules;
+use super::fields::{self, Extracted};
+use super::schema::Schema;
 
 /// Bytes read from a body per call.
 const CHUNK: usize = 64 * 1024;
@@ -22,6 +26,32 @@ pub struct Verdict {
     pub content_type: Option<String>,
     /// `None` when accepted; otherwise why not, in words for an operator.
     pub rejection: Option<String>,
+    /// Allowed event fields of an accepted JSON object (see `fields.rs`).
+    pub fields: BTreeMap<String, serde_json::Value>,
+    /// Allowed event fields present in the object but withheld: (name, reason).
+    pub fields_denied: Vec<(String, String)>,
+}
+
+/// What the body of one watch's objects is checked against: its rules, its compiled JSON
+/// Schema, and the event fields the node's egress policy lets it carry.
+#[derive(Debug, Clone, Copy)]
+pub struct Checks<'a> {
+    pub rules: &'a Rules,
+    pub schema: Option<&'a Schema>,
+    pub fields: &'a [String],
+}
+
+impl<'a> From<&'a Rules> for Checks<'a> {
+    fn from(rules: &'a Rules) -> Self {
+        Self { rules, schema: None, fields: &[] }
+    }
+}
+
+impl Checks<'_> {
+    /// Whether the body must be kept and parsed: for a JSON rule, or for event fields.
+    fn parses(&self) -> bool {
+        self.rules.parses_json() || !self.fields.is_empty()
+    }
 }
 
 /// The content type implied by a key's suffix. The port stores no content type, so this is
@@ -95,15 +125,16 @@ fn too_big_to_parse(size: u64, cap: u64) -> String {
     )
 }
 
-/// Stream `body` once: hash it, and check the JSON rules on it when it fits under `json_cap`.
-/// `listed_size` is what the listing said; metadata rules must already have passed.
+/// Stream `body` once: hash it, and check the JSON rules on it (and take its event fields)
+/// when it fits under `json_cap`. Metadata rules must already have passed. Event fields alone
+/// reject nothing: a body too big or not JSON just carries none.
 pub async fn check_body<R: AsyncRead + Unpin>(
-    rules: &Rules,
+    checks: &Checks<'_>,
     key: &str,
     mut body: R,
     json_cap: u64,
 ) -> std::io::Result<Verdict> {
-    let parse = rules.parses_json();
+    let parse = checks.parses();
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut kept: Vec<u8> = Vec::new();
@@ -129,14 +160,22 @@ pub async fn check_body<R: AsyncRead + Unpin>(
     }
     let sha256 = Some(hex::encode(hasher.finalize()));
     let content_type = content_type_of(key).map(str::to_owned);
-    let rejection = if !parse {
-        None
+    let (rejection, extracted) = if !parse {
+        (None, Extracted::default())
     } else if over_cap {
-        Some(too_big_to_parse(size, json_cap))
+        let rejection = checks.rules.parses_json().then(|| too_big_to_parse(size, json_cap));
+        (rejection, Extracted::default())
     } else {
-        check_json(rules, &kept)
+        check_json(checks, &kept)
     };
-    Ok(Verdict { sha256, size, content_type, rejection })
+    Ok(Verdict {
+        sha256,
+        size,
+        content_type,
+        rejection,
+        fields: extracted.fields,
+        fields_denied: extracted.denied,
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -145,7 +184,38 @@ struct FhirHead {
     resource_type: Option<serde_json::Value>,
 }
 
-fn check_json(rules: &Rules, body: &[u8]) -> Option<String> {
+/// The JSON rules on a kept body, and the event fields of an accepted one.
+fn check_json(checks: &Checks<'_>, body: &[u8]) -> (Option<String>, Extracted) {
+    let rules = checks.rules;
+    if checks.schema.is_none() && checks.fields.is_empty() {
+        return (check_json_rules(rules, body), Extracted::default());
+    }
+    // A schema or event fields need the whole document as a value.
+    let value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) if rules.parses_json() => {
+            return (Some(format!("not well-formed JSON: {e}")), Extracted::default());
+        }
+        Err(_) => return (None, Extracted::default()),
+    };
+    if let Some(allowed) = &rules.fhir_resource_types {
+        let rejection = if value.is_object() {
+            fhir_verdict(allowed, value.get("resourceType"))
+        } else {
+            Some("not a FHIR resource: the body is not a JSON object".into())
+        };
+        if rejection.is_some() {
+            return (rejection, Extracted::default());
+        }
+    }
+    if let Some(rejection) = checks.schema.and_then(|s| s.check(&value)) {
+        return (Some(rejection), Extracted::default());
+    }
+    (None, fields::extract(&value, checks.fields))
+}
+
+/// The JSON rules without building a value (well-formedness, FHIR resource type).
+fn check_json_rules(rules: &Rules, body: &[u8]) -> Option<String> {
     let Some(allowed) = &rules.fhir_resource_types else {
         return serde_json::from_slice::<serde::de::IgnoredAny>(body)
             .err()
@@ -163,8 +233,12 @@ fn check_json(rules: &Rules, body: &[u8]) -> Option<String> {
         Ok(h) => h,
         Err(e) => return Some(format!("not well-formed JSON: {e}")),
     };
-    match head.resource_type {
-        Some(serde_json::Value::String(t)) if allowed.contains(&t) => None,
+    fhir_verdict(allowed, head.resource_type.as_ref())
+}
+
+fn fhir_verdict(allowed: &[String], resource_type: Option<&serde_json::Value>) -> Option<String> {
+    match resource_type {
+        Some(serde_json::Value::String(t)) if allowed.contains(t) => None,
         Some(serde_json::Value::String(t)) => {
             Some(format!("FHIR resourceType {t:?} is not allowed (allowed: {})", allowed.join(", ")))
         }
@@ -182,7 +256,99 @@ mod tests {
     }
 
     async fn body(rules: &Rules, key: &str, bytes: &[u8], cap: u64) -> Verdict {
-        check_body(rules, key, bytes, cap).await.expect("in-memory read")
+        check_body(&rules.into(), key, bytes, cap).await.expect("in-memory read")
+    }
+
+    fn compiled(doc: serde_json::Value) -> Schema {
+        Schema::compile(&doc).expect("valid schema")
+    }
+
+    async fn checked(checks: Checks<'_>, bytes: &[u8], cap: u64) -> Verdict {
+        check_body(&checks, "o.json", bytes, cap).await.expect("in-memory read")
+    }
+
+    #[tokio::test]
+    async fn a_json_schema_accepts_valid_objects_and_rejects_others_with_their_paths() {
+        let rules = Rules { json_schema: Some("/schemas/patient.json".into()), ..Rules::default() };
+        let schema = compiled(serde_json::json!({
+            "type": "object",
+            "required": ["resourceType", "id"],
+            "properties": {"id": {"type": "string", "maxLength": 8}, "active": {"type": "boolean"}}
+        }));
+        let checks = Checks { rules: &rules, schema: Some(&schema), fields: &[] };
+        let ok = checked(checks, br#"{"resourceType":"Patient","id":"p1","active":true}"#, 1000).await;
+        assert_eq!(ok.rejection, None);
+        assert!(ok.sha256.is_some());
+        let bad = checked(checks, br#"{"resourceType":"Patient","id":"far-too-long","active":"yes"}"#, 1000)
+            .await
+            .rejection
+            .expect("invalid");
+        assert!(bad.starts_with("does not match the watch's JSON Schema"), "{bad}");
+        assert!(bad.contains("/id") && bad.contains("/active"), "{bad}");
+        assert!(!bad.contains("far-too-long"), "the object's values stay on the node: {bad}");
+        let broken = checked(checks, b"{", 1000).await.rejection.expect("broken");
+        assert!(broken.starts_with("not well-formed JSON"), "{broken}");
+        let over = checked(checks, br#"{"resourceType":"Patient","id":"p1"}"#, 8).await;
+        assert!(over.rejection.expect("over cap").contains("json_check_cap_bytes"));
+        let fhir = Rules { fhir_resource_types: Some(vec!["Patient".into()]), ..rules.clone() };
+        let both = Checks { rules: &fhir, schema: Some(&schema), fields: &[] };
+        let wrong = checked(both, br#"{"resourceType":"Observation","id":"o"}"#, 1000).await;
+        assert!(wrong.rejection.expect("type").contains("Observation"), "FHIR is checked first");
+    }
+
+    #[tokio::test]
+    async fn the_relay_refuses_to_start_on_a_missing_or_invalid_schema_file() {
+        use crate::relay::{Relay, RelayConfig, Watch};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let objects = crate::objstore::fs::FsStore::open(dir.path().join("objects")).await.expect("fs store");
+        let build = |schema: std::path::PathBuf| {
+            let rules = Rules { json_schema: Some(schema), ..Rules::default() };
+            let watch = Watch { name: "fhir-in".into(), prefix: "in/".into(), rules, event_fields: vec![] };
+            let config = RelayConfig { watches: vec![watch], ..RelayConfig::default() };
+            let state: std::sync::Arc<dyn crate::store::StateStore> =
+                std::sync::Arc::new(crate::store::memory::MemoryStore::new());
+            Relay::new(objects.clone(), state, config).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let err = build(dir.path().join("absent.json")).expect_err("missing");
+        assert!(
+            err.contains("\"fhir-in\"") && err.contains("absent.json") && err.contains("cannot be read"),
+            "{err}"
+        );
+        let not_json = dir.path().join("not-json.json");
+        std::fs::write(&not_json, "type: object").expect("write");
+        let err = build(not_json).expect_err("not JSON");
+        assert!(err.contains("not-json.json") && err.contains("is not JSON"), "{err}");
+        let invalid = dir.path().join("invalid.json");
+        std::fs::write(&invalid, r#"{"type": "object", "minProperties": "three"}"#).expect("write");
+        let err = build(invalid).expect_err("not a schema");
+        assert!(err.contains("invalid.json") && err.contains("not a usable JSON Schema"), "{err}");
+        let remote = dir.path().join("remote.json");
+        std::fs::write(&remote, r#"{"$ref": "https://schemas.example.invalid/patient.json"}"#)
+            .expect("write");
+        assert!(build(remote).is_err(), "a remote $ref is refused, never fetched");
+        let good = dir.path().join("good.json");
+        std::fs::write(&good, r#"{"type": "object"}"#).expect("write");
+        build(good).expect("a valid schema loads");
+    }
+
+    #[tokio::test]
+    async fn allowed_event_fields_are_taken_from_accepted_json_objects_only() {
+        let plain = Rules::default();
+        let wanted = ["resourceType".to_owned(), "meta".to_owned()];
+        let checks = Checks { rules: &plain, schema: None, fields: &wanted };
+        let v = checked(checks, br#"{"resourceType":"Patient","meta":{"v":1},"name":"x"}"#, 1000).await;
+        assert_eq!((v.rejection, v.fields.len()), (None, 1));
+        assert_eq!(v.fields["resourceType"], serde_json::json!("Patient"));
+        assert_eq!(v.fields_denied.len(), 1);
+        assert_eq!(v.fields_denied[0].0, "meta");
+        let not_json = checked(checks, b"plain text", 1000).await;
+        assert_eq!((not_json.rejection, not_json.fields.len()), (None, 0), "fields alone reject nothing");
+        let big = checked(checks, br#"{"resourceType":"Patient"}"#, 4).await;
+        assert_eq!((big.rejection, big.fields.len()), (None, 0));
+        let fhir = Rules { fhir_resource_types: Some(vec!["Patient".into()]), ..Rules::default() };
+        let rejected = Checks { rules: &fhir, schema: None, fields: &wanted };
+        let v = checked(rejected, br#"{"resourceType":"Observation"}"#, 1000).await;
+        assert!(v.rejection.is_some() && v.fields.is_empty(), "a rejected object carries no fields");
     }
 
     #[tokio::test]

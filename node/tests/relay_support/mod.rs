@@ -17,7 +17,7 @@ pub async fn fs_store(dir: &tempfile::TempDir) -> FsStore {
 }
 
 pub fn watch(name: &str, prefix: &str, rules: Rules) -> Watch {
-    Watch { name: name.into(), prefix: prefix.into(), rules }
+    Watch { name: name.into(), prefix: prefix.into(), rules, event_fields: Vec::new() }
 }
 
 pub fn config(watches: Vec<Watch>) -> RelayConfig {
