@@ -432,6 +432,34 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl AsyncFnMut
 
 /// Relay events and triggers, through the operator API.
 impl Operator {
+    /// GET an operator route and return the body (panics unless 2xx).
+    pub async fn try_get(&self, path: &str) -> String {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .expect("get");
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        resp.text().await.expect("body")
+    }
+
+    /// Submit a job and return the HTTP status and body, refused or not.
+    pub async fn try_submit(&self, node_id: &str, spec: ContainerSpec) -> (u16, String) {
+        let req = SubmitJobRequest { node_id: node_id.into(), spec, expires_in_secs: None };
+        let resp = self
+            .client
+            .post(format!("{}{}", self.url, paths::JOBS))
+            .bearer_auth(&self.admin_token)
+            .json(&req)
+            .send()
+            .await
+            .expect("submit");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("body"))
+    }
+
     /// One page of a node's stored events after `after_seq`, oldest first.
     pub async fn events_page(
         &self,
