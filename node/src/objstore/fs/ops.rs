@@ -20,9 +20,10 @@ impl Inner {
         read_record_at(&KeyPath::of(key).meta_under(&self.keys()), Some(key))
     }
 
-    /// Both commit locks: this process's threads, then other processes (the flock is released
-    /// when the returned guard drops).
-    fn commit_guard(&self) -> Result<(std::sync::MutexGuard<'_, ()>, nix::fcntl::Flock<std::fs::File>)> {
+    /// Both commit locks: this process's threads, then other processes. The flock comes first in
+    /// the returned tuple so it is released first: the next thread of this process locks the
+    /// same open file description, and must not take it before this one's unlock lands.
+    fn commit_guard(&self) -> Result<(nix::fcntl::Flock<std::fs::File>, std::sync::MutexGuard<'_, ()>)> {
         let local = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         let file = self
             .commit_file
@@ -32,7 +33,7 @@ impl Inner {
             nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
                 ObjectStoreError::io("taking the commit lock", std::io::Error::from(errno))
             })?;
-        Ok((local, shared))
+        Ok((shared, local))
     }
 
     /// Make `record` the object of its key, then remove the blob it replaced.
