@@ -8,7 +8,7 @@
 //! relay-load --config node.toml list PREFIX                      {"objects":…,"list_calls":…,"ms":…}
 //! ```
 
-#![allow(clippy::expect_used, clippy::print_stdout)]
+#![allow(clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -48,7 +48,19 @@ async fn main() {
                 let key = format!("{prefix}obj-{i:06}.json");
                 async move {
                     let body = format!("{{\"resourceType\":\"Observation\",\"n\":{i}}}");
-                    store.put(&key, body.as_bytes()).await.expect("put");
+                    // Retry what the store says is worth retrying (Garage on sqlite answers 503
+                    // "database is locked" under many puts in flight), as the agent's callers do.
+                    let mut delay = std::time::Duration::from_millis(20);
+                    for attempt in 1.. {
+                        match store.put(&key, body.as_bytes()).await {
+                            Ok(_) => break,
+                            Err(e) if e.is_retryable() && attempt < 20 => {
+                                tokio::time::sleep(delay).await;
+                                delay = (delay * 2).min(std::time::Duration::from_secs(1));
+                            }
+                            Err(e) => panic!("put {key}: {e}"),
+                        }
+                    }
                     (key, now_ms())
                 }
             }))
