@@ -63,13 +63,18 @@ impl Garage {
         Self::run("resume", &self.dir);
     }
 
-    fn store(&self) -> S3Store {
-        let text = std::fs::read_to_string(self.dir.join("s3.env")).expect("s3.env");
-        let env: BTreeMap<String, String> = text
+    /// The server's `s3.env`: endpoint, region, bucket and credentials file.
+    fn env(&self) -> BTreeMap<String, String> {
+        std::fs::read_to_string(self.dir.join("s3.env"))
+            .expect("s3.env")
             .lines()
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+            .collect()
+    }
+
+    fn store(&self) -> S3Store {
+        let env = self.env();
         let var = |k: &str| env.get(k).cloned().unwrap_or_else(|| panic!("{k} missing from s3.env"));
         S3Store::new(S3Settings {
             endpoint: var("OUTPOST_TEST_S3_ENDPOINT"),
@@ -167,12 +172,7 @@ async fn garage_stopped_mid_poll_then_resumed_loses_and_repeats_nothing() {
 async fn garage_stopped_while_a_job_finishes_delays_its_upload_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let garage = Garage::start(&dir.path().join("garage"));
-    let env: BTreeMap<String, String> = std::fs::read_to_string(dir.path().join("garage/s3.env"))
-        .expect("s3.env")
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let env = garage.env();
     let storage = format!(
         "[storage]\nbackend = \"s3\"\n[storage.s3]\nendpoint = \"{}\"\nregion = \"{}\"\nbucket = \"{}\"\n\
          credentials_file = \"{}\"\n",

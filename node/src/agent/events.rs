@@ -10,6 +10,7 @@ use outpost_protocol::{EventBatch, MAX_EVENTS_PER_BATCH};
 use tokio_util::sync::CancellationToken;
 
 use super::Agent;
+use super::poller::sleep_or_cancel;
 use crate::backoff::Backoff;
 use crate::runtime::Runtime;
 
@@ -27,7 +28,8 @@ impl<R: Runtime> Agent<R> {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the relay outbox");
-                    if sleep_or_stop(&shutdown, backoff.next_delay()).await {
+                    sleep_or_cancel(&shutdown, backoff.next_delay()).await;
+                    if shutdown.is_cancelled() {
                         return;
                     }
                     continue;
@@ -76,7 +78,8 @@ impl<R: Runtime> Agent<R> {
                     self.shared.contact_failed(&e);
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "events not delivered; retrying");
-                    if sleep_or_stop(&shutdown, delay).await {
+                    sleep_or_cancel(&shutdown, delay).await;
+                    if shutdown.is_cancelled() {
                         return;
                     }
                 }
@@ -93,19 +96,12 @@ impl<R: Runtime> Agent<R> {
                         }
                         refused_logged = Some(msg);
                     }
-                    if sleep_or_stop(&shutdown, Duration::from_secs(30)).await {
+                    sleep_or_cancel(&shutdown, Duration::from_secs(30)).await;
+                    if shutdown.is_cancelled() {
                         return;
                     }
                 }
             }
         }
-    }
-}
-
-/// Sleep for `delay`; true when the agent is shutting down instead.
-async fn sleep_or_stop(shutdown: &CancellationToken, delay: Duration) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => true,
-        () = tokio::time::sleep(delay) => false,
     }
 }

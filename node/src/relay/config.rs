@@ -157,12 +157,18 @@ impl Rules {
 #[error("relay configuration: {0}")]
 pub struct ConfigError(pub String);
 
+/// Watch and trigger names name persisted state and job ids: 1 to 64 of `A-Z a-z 0-9 _ . -`.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 impl RelayConfig {
     fn validate_triggers(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::BTreeSet::new();
         for t in &self.triggers {
-            let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-            if t.name.is_empty() || t.name.len() > 64 || !t.name.chars().all(ok_char) {
+            if !valid_name(&t.name) {
                 return Err(ConfigError(format!(
                     "relay trigger name {:?} must be 1 to 64 of A-Z a-z 0-9 _ . -",
                     t.name
@@ -207,8 +213,7 @@ impl RelayConfig {
         self.validate_triggers()?;
         let mut seen = std::collections::BTreeSet::new();
         for w in &self.watches {
-            let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-            if w.name.is_empty() || w.name.len() > 64 || !w.name.chars().all(ok_char) {
+            if !valid_name(&w.name) {
                 return Err(ConfigError(format!(
                     "watch name {:?} must be 1 to 64 of A-Z a-z 0-9 _ . -",
                     w.name
