@@ -1,0 +1,25 @@
+//! Outpost's inference core: the `InferenceEngine` port, the manager that keeps loaded models
+//! within a RAM/VRAM budget (least-recently-used unload) behind a bounded request queue, and
+//! checks on untrusted model files. Engine SDKs live only in their adapter modules (`llama`,
+//! `candle`), each behind a cargo feature; the core never calls them directly.
+
+mod engine;
+mod error;
+pub mod gguf;
+mod manager;
+mod stop;
+
+#[cfg(feature = "candle")]
+pub mod candle;
+#[cfg(feature = "llama")]
+pub mod llama;
+
+pub use engine::{
+    Capabilities, ChatMessage, EmbedOutput, FinishReason, GenerateRequest, GenerateStats, InferenceEngine,
+    LoadOptions, LoadedModel, MemoryEstimate, ModelFiles, TokenSink,
+};
+pub use error::{InferenceError, Result};
+pub use manager::{
+    EngineInfo, GenerateOutcome, EmbedOutcome, InferenceConfig, LoadedInfo, Manager, Metrics, available_engines,
+};
+pub use stop::StopFilter;
