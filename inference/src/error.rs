@@ -20,9 +20,7 @@ pub enum InferenceError {
     OverBudget { model: String, kind: &'static str, needed_mib: u64, budget_mib: u64 },
     #[error("the inference queue is full ({bound} requests waiting); retry later")]
     QueueFull { bound: usize },
-    #[error(
-        "the prompt is {prompt_tokens} tokens but model {model} has a context of {context} tokens"
-    )]
+    #[error("the prompt is {prompt_tokens} tokens but model {model} has a context of {context} tokens")]
     PromptTooLong { model: String, prompt_tokens: usize, context: usize },
     #[error("model {model} cannot {what} (engine {engine})")]
     Unsupported { model: String, engine: String, what: &'static str },
@@ -69,7 +67,8 @@ impl InferenceError {
         matches!(self, Self::QueueFull { .. } | Self::WorkerGone)
     }
 
-    pub(crate) fn engine(engine: &str, message: impl std::fmt::Display) -> Self {
+    /// An engine failure with its message.
+    pub fn engine(engine: &str, message: impl std::fmt::Display) -> Self {
         Self::Engine { engine: engine.to_string(), message: message.to_string() }
     }
 }

@@ -16,10 +16,11 @@ pub mod llama;
 
 pub use engine::{
     Capabilities, ChatMessage, EmbedOutput, FinishReason, GenerateRequest, GenerateStats, InferenceEngine,
-    LoadOptions, LoadedModel, MemoryEstimate, ModelFiles, TokenSink,
+    LoadOptions, LoadedModel, MemoryEstimate, ModelFiles, TokenSink, plain_chat_prompt,
 };
 pub use error::{InferenceError, Result};
 pub use manager::{
-    EngineInfo, GenerateOutcome, EmbedOutcome, InferenceConfig, LoadedInfo, Manager, Metrics, available_engines,
+    EmbedOutcome, EngineInfo, GenerateOutcome, InferenceConfig, LoadedInfo, MAX_EMBED_TEXTS, MAX_TEXT_BYTES,
+    Manager, Metrics, Prompt,
 };
 pub use stop::StopFilter;

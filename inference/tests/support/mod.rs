@@ -3,7 +3,7 @@
 //! target's tmp dir (about 25 s, PyPI packages only), guarded by a lock directory so parallel
 //! test processes build them once.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
