@@ -68,7 +68,7 @@ mod tests {
             seq: 1,
             issued_unix_ms: 1,
             expires_unix_ms: 2,
-            spec,
+            spec: spec.into(),
         };
         let signed = sign_envelope(&key, &envelope).unwrap();
         assert_eq!(signed.key_id, public.key_id);

@@ -113,8 +113,8 @@ async fn serve_runs_a_job_submitted_by_the_cli_and_stops_on_sigterm() {
     assert!(shown.contains("succeeded") && shown.contains("hi from the node"), "{shown}");
     let json = ok(ctl(&served, d, &["--json", "job", "get", &job_id]));
     let info: JobInfo = serde_json::from_str(&json).expect("JobInfo JSON");
-    assert_eq!(info.spec.command, ["echo", "hi"]);
-    assert_eq!(info.spec.resources.memory_mb, 64);
+    assert_eq!(info.spec.container().expect("container").command, ["echo", "hi"]);
+    assert_eq!(info.spec.container().expect("container").resources.memory_mb, 64);
     assert!(ok(ctl(&served, d, &["job", "list", "--node", node.id()])).contains(&job_id));
     assert!(ok(ctl(&served, d, &["audit", "list"])).contains("job.submitted"));
 

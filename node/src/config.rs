@@ -53,6 +53,9 @@ pub struct Config {
     /// The signed model store (see models/README.md).
     #[serde(default)]
     pub models: ModelsConfig,
+    /// Inference: model memory budget, request queue, local endpoint (see docs/inference.md).
+    #[serde(default)]
+    pub inference: crate::inference::InferenceSettings,
 }
 
 /// The model store: where imported models live and whose signatures the node accepts.
@@ -341,6 +344,7 @@ impl Config {
         }
         self.validate_storage()?;
         self.validate_models()?;
+        self.inference.validate()?;
         self.validate_relay()
     }
 

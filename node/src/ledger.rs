@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use outpost_protocol::{ContainerSpec, ResultReport, SignedEnvelope};
+use outpost_protocol::{JobSpec, ResultReport, SignedEnvelope};
 use serde::{Deserialize, Serialize};
 
 use crate::audit;
@@ -38,7 +38,7 @@ pub struct JobRecord {
     pub acked: bool,
     pub received_unix_ms: u64,
     /// The verified spec; `None` for a rejected manifest.
-    pub spec: Option<ContainerSpec>,
+    pub spec: Option<JobSpec>,
     /// Kept as received, so the signature can be re-checked later.
     pub envelope: SignedEnvelope,
     pub result: Option<ResultReport>,

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod identity;
+pub mod inference;
 pub mod inventory;
 pub mod jobdata;
 pub mod ledger;

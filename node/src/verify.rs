@@ -4,7 +4,7 @@
 //! check is refused with a reason that is reported and audited; it is never retried.
 
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
-use outpost_protocol::{ContainerSpec, JobAssignment, JobEnvelope, PublicKey};
+use outpost_protocol::{ContainerSpec, InferenceSpec, JobAssignment, JobEnvelope, JobSpec, PublicKey};
 
 use crate::jobdata::path;
 
@@ -103,7 +103,26 @@ fn check_spec(job: &JobEnvelope) -> Result<(), String> {
     if !valid_job_id(&job.job_id) {
         return Err(format!("job id {:?} must be 1-64 characters of [A-Za-z0-9-]", job.job_id));
     }
-    check_container_spec(&job.spec)
+    match &job.spec {
+        JobSpec::Container(c) => check_container_spec(c),
+        JobSpec::Inference(i) => check_inference_spec(i),
+    }
+}
+
+/// What every inference spec must satisfy: the protocol's checks, and object keys that are
+/// safe keys of the local store.
+pub fn check_inference_spec(s: &InferenceSpec) -> Result<(), String> {
+    s.check()?;
+    for key in s.input_keys() {
+        if key.ends_with('/') {
+            return Err(format!("input key {key:?} names a prefix; name one object"));
+        }
+        path::check_entry(key).map_err(|e| format!("input key: {e}"))?;
+    }
+    if let Some(prefix) = &s.output_prefix {
+        path::check_entry(prefix).map_err(|e| format!("output_prefix: {e}"))?;
+    }
+    Ok(())
 }
 
 /// What every container spec must satisfy before the node runs it, whoever wrote it (a signed

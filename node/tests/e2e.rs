@@ -142,7 +142,7 @@ async fn a_manifest_that_expired_while_the_node_was_offline_is_rejected() {
         .control
         .submit_request(&SubmitJobRequest {
             node_id: s.node.node_id.clone(),
-            spec: sh("echo too-late"),
+            spec: sh("echo too-late").into(),
             expires_in_secs: Some(1),
         })
         .await;

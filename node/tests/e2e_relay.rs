@@ -192,7 +192,7 @@ async fn an_org_trigger_runs_a_job_on_the_node_with_the_object_mounted_once_per_
     );
     assert!(result.stdout_tail.contains("seq=1"));
     let job = control.job(&job_id).await;
-    assert_eq!(job.spec.inputs, ["incoming/t1.json"]);
+    assert_eq!(job.spec.container().expect("container").inputs, ["incoming/t1.json"]);
     assert!(!trigger.trigger_id.is_empty());
 
     // The agent restarts (events already delivered are not resent, new ones are): still one job.

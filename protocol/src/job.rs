@@ -1,8 +1,8 @@
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::ResultReport;
+use crate::{InferenceSpec, ResultReport};
 
 /// What to run: a container job. Everything the node enforces comes from here, and this is
 /// covered by the org's signature, so nothing between operator and node can relax it.
@@ -50,6 +50,75 @@ pub struct ContainerSpec {
 
 pub fn default_timeout_secs() -> u64 {
     600
+}
+
+/// What a job runs: a container, or inference on a model of the node's store. On the wire a
+/// container spec is the `ContainerSpec` object itself (so manifests signed before inference
+/// jobs existed read the same); an inference spec is recognised by its `kind` field.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(untagged)]
+pub enum JobSpec {
+    Container(ContainerSpec),
+    Inference(InferenceSpec),
+}
+
+impl<'de> Deserialize<'de> for JobSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(d)?;
+        if value.get("kind").is_some() {
+            serde_json::from_value(value).map(JobSpec::Inference).map_err(D::Error::custom)
+        } else {
+            serde_json::from_value(value).map(JobSpec::Container).map_err(D::Error::custom)
+        }
+    }
+}
+
+impl From<ContainerSpec> for JobSpec {
+    fn from(spec: ContainerSpec) -> Self {
+        Self::Container(spec)
+    }
+}
+
+impl From<InferenceSpec> for JobSpec {
+    fn from(spec: InferenceSpec) -> Self {
+        Self::Inference(spec)
+    }
+}
+
+impl JobSpec {
+    pub fn container(&self) -> Option<&ContainerSpec> {
+        match self {
+            Self::Container(c) => Some(c),
+            Self::Inference(_) => None,
+        }
+    }
+
+    pub fn inference(&self) -> Option<&InferenceSpec> {
+        match self {
+            Self::Container(_) => None,
+            Self::Inference(i) => Some(i),
+        }
+    }
+
+    pub fn timeout_secs(&self) -> u64 {
+        match self {
+            Self::Container(c) => c.timeout_secs,
+            Self::Inference(i) => i.timeout_secs,
+        }
+    }
+
+    /// `container`, `generate` or `embed`.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::Container(_) => "container",
+            Self::Inference(i) => match i.kind {
+                crate::InferenceKind::Generate => "generate",
+                crate::InferenceKind::Embed => "embed",
+            },
+        }
+    }
 }
 
 /// Resource limits applied to the container (cgroups).
@@ -113,7 +182,7 @@ pub struct JobEnvelope {
     pub seq: u64,
     pub issued_unix_ms: u64,
     pub expires_unix_ms: u64,
-    pub spec: ContainerSpec,
+    pub spec: JobSpec,
 }
 
 /// A payload and an ed25519 signature over exactly its bytes.
@@ -172,7 +241,7 @@ pub struct PollResponse {
 #[serde(deny_unknown_fields)]
 pub struct SubmitJobRequest {
     pub node_id: String,
-    pub spec: ContainerSpec,
+    pub spec: JobSpec,
     /// How long the signed manifest stays valid if the node is offline (default one day).
     #[serde(default)]
     pub expires_in_secs: Option<u64>,
@@ -201,7 +270,7 @@ pub struct JobInfo {
     pub node_id: String,
     pub seq: u64,
     pub state: JobState,
-    pub spec: ContainerSpec,
+    pub spec: JobSpec,
     pub submitted_unix_ms: u64,
     #[serde(default)]
     pub accepted_unix_ms: Option<u64>,

@@ -10,6 +10,7 @@
 mod enroll;
 mod error;
 mod event;
+mod inference;
 mod job;
 mod model;
 mod node;
@@ -19,6 +20,7 @@ mod report;
 pub use enroll::*;
 pub use error::*;
 pub use event::*;
+pub use inference::*;
 pub use job::*;
 pub use model::*;
 pub use node::*;

@@ -48,6 +48,9 @@ pub struct ResultReport {
     /// refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_denied: Vec<String>,
+    /// Inference jobs: the model, engine and token counts the result came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<crate::InferenceStamp>,
 }
 
 /// Largest object body a result may carry (when egress allows it at all).

@@ -37,7 +37,7 @@ fn envelope_round_trips_byte_for_byte() {
         seq: 7,
         issued_unix_ms: 1,
         expires_unix_ms: 2,
-        spec: spec(),
+        spec: spec().into(),
     };
     let bytes = serde_json::to_string(&env).expect("serialises");
     let back: JobEnvelope = serde_json::from_str(&bytes).expect("parses");
@@ -60,6 +60,7 @@ fn result_report_round_trips() {
         timings: Timings { received_unix_ms: 1, started_unix_ms: Some(2), finished_unix_ms: Some(3) },
         outputs: Vec::new(),
         egress_denied: Vec::new(),
+        inference: None,
     };
     let json = serde_json::to_string(&r).expect("serialises");
     assert!(json.contains(r#""outcome":"timed_out""#));
@@ -101,7 +102,7 @@ fn heartbeat_and_job_info_round_trip() {
         node_id: "n".into(),
         seq: 1,
         state: JobState::Queued,
-        spec: spec(),
+        spec: spec().into(),
         submitted_unix_ms: 5,
         accepted_unix_ms: None,
         result: None,
@@ -131,4 +132,44 @@ fn a_model_manifest_refuses_unknown_fields_and_formats() {
     );
     let signed = r#"{"payload":"{}","key_id":"k","signature_hex":"00","by":"x"}"#;
     assert!(serde_json::from_str::<SignedModelManifest>(signed).is_err());
+}
+
+#[test]
+fn a_job_spec_without_kind_is_a_container_spec_and_reads_as_before() {
+    let json = format!(r#"{{"image":"sha256:{}","command":["true"]}}"#, "a".repeat(64));
+    let spec: JobSpec = serde_json::from_str(&json).unwrap();
+    let JobSpec::Container(c) = &spec else { panic!("not a container spec") };
+    assert_eq!(c.command, ["true"]);
+    // Serialised back, it is the container object itself: signatures over old manifests hold.
+    let again: ContainerSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+    assert_eq!(&again, c);
+    assert_eq!(spec.kind_name(), "container");
+}
+
+#[test]
+fn a_job_spec_with_kind_is_an_inference_spec_with_defaults() {
+    let json = format!(r#"{{"kind":"generate","model":"{}","prompt":"hi"}}"#, "b".repeat(64));
+    let spec: JobSpec = serde_json::from_str(&json).unwrap();
+    let i = spec.inference().unwrap();
+    assert_eq!(
+        (i.kind, i.max_tokens, i.temperature, i.timeout_secs),
+        (InferenceKind::Generate, 128, 0.0, 600)
+    );
+    assert_eq!(spec.kind_name(), "generate");
+    let back: JobSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+    assert_eq!(back, spec);
+}
+
+#[test]
+fn a_bad_kind_or_an_unknown_field_is_an_error_that_names_it() {
+    let err = serde_json::from_str::<JobSpec>(r#"{"kind":"train","model":"x"}"#).unwrap_err();
+    assert!(err.to_string().contains("train"), "{err}");
+    let err = serde_json::from_str::<JobSpec>(&format!(
+        r#"{{"kind":"embed","model":"{}","texts":["a"],"colour":1}}"#,
+        "c".repeat(64)
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("colour"), "{err}");
+    let err = serde_json::from_str::<JobSpec>(r#"{"image":"x","colour":1}"#).unwrap_err();
+    assert!(err.to_string().contains("colour"), "{err}");
 }

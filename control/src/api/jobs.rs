@@ -5,7 +5,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
-    ContainerSpec, ErrorBody, JobEnvelope, JobInfo, JobList, JobState, NodeInfo, SubmitJobRequest, paths,
+    ContainerSpec, ErrorBody, InferenceSpec, JobEnvelope, JobInfo, JobList, JobSpec, JobState, NodeInfo,
+    SubmitJobRequest, paths,
 };
 use serde::Deserialize;
 
@@ -29,7 +30,7 @@ pub async fn submit_job(
     State(st): State<Shared>,
     Body(req): Body<SubmitJobRequest>,
 ) -> ApiResult<(StatusCode, Json<JobInfo>)> {
-    check_spec(&req.spec)?;
+    check_job_spec(&req.spec)?;
     let expiry = check_expiry(req.expires_in_secs)?;
     let node = st.store.get_node(&req.node_id).await?.ok_or_else(|| {
         ApiError::not_found(format!("node {} is not enrolled; see `node list`", req.node_id))
@@ -37,10 +38,11 @@ pub async fn submit_job(
     let info = create_job(&st, &node, req.spec, expiry, None).await?.ok_or_else(|| {
         ApiError::internal("job_id_taken", "a freshly generated job id is already taken; submit again")
     })?;
-    let detail = format!(
-        "job {} for node {} (seq {}, image {})",
-        info.job_id, info.node_id, info.seq, info.spec.image
-    );
+    let what = match &info.spec {
+        JobSpec::Container(c) => format!("image {}", c.image),
+        JobSpec::Inference(i) => format!("{}, model {}", info.spec.kind_name(), i.model),
+    };
+    let detail = format!("job {} for node {} (seq {}, {what})", info.job_id, info.node_id, info.seq);
     st.audit("operator", "job.submitted", &detail).await;
     Ok((StatusCode::CREATED, Json(info)))
 }
@@ -64,7 +66,7 @@ pub(super) fn check_expiry(expires_in_secs: Option<u64>) -> ApiResult<u64> {
 pub(super) async fn create_job(
     st: &AppState,
     node: &NodeInfo,
-    spec: ContainerSpec,
+    spec: JobSpec,
     expiry_secs: u64,
     job_id: Option<String>,
 ) -> ApiResult<Option<JobInfo>> {
@@ -126,6 +128,27 @@ pub const MAX_SPEC_KEYS: usize = 64;
 pub const MAX_KEY_BYTES: usize = 1024;
 
 /// Refuse what the node would refuse anyway, so the operator hears about it at once.
+pub(super) fn check_job_spec(spec: &JobSpec) -> ApiResult<()> {
+    match spec {
+        JobSpec::Container(c) => check_spec(c),
+        JobSpec::Inference(i) => check_inference_spec(i),
+    }
+}
+
+fn check_inference_spec(spec: &InferenceSpec) -> ApiResult<()> {
+    spec.check().map_err(|why| ApiError::bad_request("bad_inference_spec", why))?;
+    for (field, key) in spec
+        .input_keys()
+        .map(|k| ("input key", k))
+        .chain(spec.output_prefix.iter().map(|p| ("output_prefix", p)))
+    {
+        check_object_key(key)
+            .map_err(|why| ApiError::bad_request("bad_object_key", format!("{field} {key:?} {why}")))?;
+    }
+    Ok(())
+}
+
+/// The checks of a container spec (also those a trigger's job template must pass).
 pub(super) fn check_spec(spec: &ContainerSpec) -> ApiResult<()> {
     let digest = spec.image.strip_prefix("sha256:").unwrap_or("");
     if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {

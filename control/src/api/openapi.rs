@@ -76,6 +76,9 @@ mod tests {
         for name in [
             "SubmitJobRequest",
             "ContainerSpec",
+            "JobSpec",
+            "InferenceSpec",
+            "InferenceStamp",
             "ResultReport",
             "PollResponse",
             "ErrorBody",

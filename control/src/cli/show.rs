@@ -1,7 +1,9 @@
 //! Human-readable output of the operator commands: aligned tables and detail views. Scripts
 //! use `--json` instead, which prints the API's own types.
 
-use outpost_protocol::{AuditList, JobInfo, JobList, JobState, NodeInfo, NodeList, Org, Outcome};
+use outpost_protocol::{
+    AuditList, InferenceKind, JobInfo, JobList, JobSpec, JobState, NodeInfo, NodeList, Org, Outcome,
+};
 
 /// Prints rows under headers, each column as wide as its widest cell.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
@@ -63,8 +65,16 @@ pub fn jobs(list: &JobList) {
 pub fn job(j: &JobInfo) {
     println!("job:       {} (attempt {}, seq {})", j.job_id, j.attempt, j.seq);
     println!("node:      {} (org {})", j.node_id, j.org_id);
-    println!("image:     {}", j.spec.image);
-    println!("command:   {}", j.spec.command.join(" "));
+    match &j.spec {
+        JobSpec::Container(c) => {
+            println!("image:     {}", c.image);
+            println!("command:   {}", c.command.join(" "));
+        }
+        JobSpec::Inference(i) => {
+            println!("kind:      {}", j.spec.kind_name());
+            println!("model:     {}", i.model);
+        }
+    }
     println!("state:     {}", state_name(j.state));
     println!("submitted: {}", when(Some(j.submitted_unix_ms)));
     if let Some(t) = j.accepted_unix_ms {
@@ -80,6 +90,29 @@ pub fn job(j: &JobInfo) {
     }
     if let (Some(s), Some(f)) = (r.timings.started_unix_ms, r.timings.finished_unix_ms) {
         println!("ran for:   {} ms", f.saturating_sub(s));
+    }
+    if let Some(i) = &r.inference {
+        println!("engine:    {} ({})", i.engine, i.engine_version);
+        println!("model:     {}", i.model_digest);
+        match i.kind {
+            InferenceKind::Generate => println!(
+                "tokens:    {} prompt, {} generated ({}), first token {:.1} ms, {:.1} tokens/s",
+                i.prompt_tokens,
+                i.completion_tokens,
+                i.finish.as_deref().unwrap_or("-"),
+                i.time_to_first_token_us as f64 / 1000.0,
+                i.tokens_per_s()
+            ),
+            InferenceKind::Embed => {
+                println!(
+                    "vectors:   {} of dimension {} ({} tokens)",
+                    i.vectors, i.dimensions, i.prompt_tokens
+                )
+            }
+        }
+    }
+    for o in &r.outputs {
+        println!("output:    {} ({} bytes, sha256 {})", o.key, o.size, o.sha256);
     }
     let tail = if r.output_truncated { " (tail)" } else { "" };
     if !r.stdout_tail.is_empty() {

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
+#[cfg(test)]
+use outpost_protocol::JobSpec;
 use outpost_protocol::SubmitJobRequest;
 use serde_json::{Map, Value};
 
@@ -16,6 +18,8 @@ use serde_json::{Map, Value};
 Examples:
   outpost-control job submit --node node-… --image sha256:… --env GREETING=hi -- sh -c 'echo $GREETING'
   outpost-control job submit --file job.toml --node node-…
+  outpost-control job submit --node node-… --generate <model digest> --prompt 'Hello' --max-tokens 64
+  outpost-control job submit --node node-… --embed <model digest> --text 'first' --text 'second'
 
 A job file holds the SubmitJobRequest, e.g. (TOML):
   node_id = \"node-…\"
@@ -35,6 +39,60 @@ pub struct SubmitArgs {
     pub node: Option<String>,
     #[command(flatten)]
     pub spec: SpecArgs,
+    #[command(flatten)]
+    pub inference: InferenceArgs,
+}
+
+/// The flags of an inference job (`--generate` or `--embed` on a model of the node's store).
+#[derive(Debug, Args)]
+#[group(id = "inference_job")]
+pub struct InferenceArgs {
+    /// Generate text with this model (its digest, see `outpost models list` on the node or the
+    /// node's heartbeat).
+    #[arg(long, value_name = "MODEL_DIGEST", conflicts_with_all = ["image", "embed"])]
+    pub generate: Option<String>,
+    /// Embed texts with this model (its digest).
+    #[arg(long, value_name = "MODEL_DIGEST", conflicts_with = "image")]
+    pub embed: Option<String>,
+    /// The prompt (generate).
+    #[arg(long, conflicts_with = "prompt_key")]
+    pub prompt: Option<String>,
+    /// Key of a local object holding the prompt (generate).
+    #[arg(long, value_name = "KEY")]
+    pub prompt_key: Option<String>,
+    /// Most tokens to generate (default 128).
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature, 0 to 2 (default 0: greedy, deterministic).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sampling seed (default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop generating at this string (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// A text to embed (repeatable).
+    #[arg(long = "text", value_name = "TEXT")]
+    pub texts: Vec<String>,
+    /// Key of a local object with one JSON string per line to embed.
+    #[arg(long, value_name = "KEY")]
+    pub texts_key: Option<String>,
+}
+
+impl InferenceArgs {
+    fn any(&self) -> bool {
+        self.generate.is_some()
+            || self.embed.is_some()
+            || self.prompt.is_some()
+            || self.prompt_key.is_some()
+            || self.max_tokens.is_some()
+            || self.temperature.is_some()
+            || self.seed.is_some()
+            || !self.stop.is_empty()
+            || !self.texts.is_empty()
+            || self.texts_key.is_some()
+    }
 }
 
 /// The flags that describe a job's container, shared by `job submit` and `trigger create`.
@@ -99,8 +157,60 @@ pub fn submit_request(a: SubmitArgs) -> anyhow::Result<SubmitJobRequest> {
     if !obj.contains_key("node_id") {
         bail!("say which node runs the job: --node NODE_ID (or node_id in the file); see `node list`");
     }
-    apply_spec_flags(object_at(obj, "spec")?, a.spec)?;
+    let spec = object_at(obj, "spec")?;
+    if a.inference.any() || spec.contains_key("kind") {
+        apply_inference_flags(spec, a.inference, a.spec)?;
+    } else {
+        apply_spec_flags(spec, a.spec)?;
+    }
     serde_json::from_value(base).context("the job is not a valid SubmitJobRequest")
+}
+
+/// Writes the inference flags into a JSON `spec` object; of the container flags only
+/// `--timeout` and `--output-prefix` apply.
+fn apply_inference_flags(spec: &mut Map<String, Value>, a: InferenceArgs, c: SpecArgs) -> anyhow::Result<()> {
+    if c.image.is_some()
+        || !c.command.is_empty()
+        || !c.env.is_empty()
+        || !c.labels.is_empty()
+        || c.memory.is_some()
+        || c.cpus.is_some()
+        || c.pids.is_some()
+        || c.network
+        || !c.inputs.is_empty()
+        || !c.egress_bodies.is_empty()
+    {
+        bail!("an inference job takes no container flags (--image, --env, --input, --memory, a command, …)");
+    }
+    for (kind, model) in [("generate", a.generate), ("embed", a.embed)] {
+        if let Some(model) = model {
+            spec.insert("kind".into(), kind.into());
+            spec.insert("model".into(), model.into());
+        }
+    }
+    let put = |spec: &mut Map<String, Value>, k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            spec.insert(k.into(), v);
+        }
+    };
+    put(spec, "prompt", a.prompt.map(Value::from));
+    put(spec, "prompt_key", a.prompt_key.map(Value::from));
+    put(spec, "max_tokens", a.max_tokens.map(Value::from));
+    put(spec, "temperature", a.temperature.map(Value::from));
+    put(spec, "seed", a.seed.map(Value::from));
+    put(spec, "texts_key", a.texts_key.map(Value::from));
+    put(spec, "output_prefix", c.output_prefix.map(Value::from));
+    put(spec, "timeout_secs", c.timeout.map(|t| Value::from(t.as_secs())));
+    if !a.stop.is_empty() {
+        spec.insert("stop".into(), serde_json::to_value(&a.stop)?);
+    }
+    if !a.texts.is_empty() {
+        spec.insert("texts".into(), serde_json::to_value(&a.texts)?);
+    }
+    if !spec.contains_key("kind") {
+        bail!("say what to run: --generate MODEL_DIGEST or --embed MODEL_DIGEST (or spec.kind in the file)");
+    }
+    Ok(())
 }
 
 /// Writes the flags into a JSON `spec` object (flags win over what is there), leaving
@@ -275,12 +385,14 @@ mod tests {
         ]);
         let req = submit_request(a).expect("request");
         assert_eq!(req.node_id, "n1");
-        assert_eq!(req.spec.command, ["sh", "-c", "echo hi"]);
-        assert_eq!(req.spec.env.get("A").map(String::as_str), Some("1"));
-        assert_eq!(req.spec.timeout_secs, 30);
-        assert_eq!(req.spec.resources.memory_mb, 64);
-        assert_eq!(req.spec.resources.cpu_millis, 250);
-        assert!(req.spec.network);
+        let JobSpec::Container(spec) = req.spec else { panic!("not a container spec") };
+        let req = (req.node_id, spec);
+        assert_eq!(req.1.command, ["sh", "-c", "echo hi"]);
+        assert_eq!(req.1.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(req.1.timeout_secs, 30);
+        assert_eq!(req.1.resources.memory_mb, 64);
+        assert_eq!(req.1.resources.cpu_millis, 250);
+        assert!(req.1.network);
     }
 
     #[test]
@@ -295,9 +407,54 @@ mod tests {
         let a = args(&["--file", path.to_str().expect("utf-8 path"), "--node", "n2", "--env", "A=flag"]);
         let req = submit_request(a).expect("request");
         assert_eq!(req.node_id, "n2");
-        assert_eq!(req.spec.command, ["true"]);
-        assert_eq!(req.spec.env.get("A").map(String::as_str), Some("flag"));
-        assert_eq!(req.spec.env.get("B").map(String::as_str), Some("kept"));
+        let spec = req.spec.container().expect("a container spec");
+        assert_eq!(spec.command, ["true"]);
+        assert_eq!(spec.env.get("A").map(String::as_str), Some("flag"));
+        assert_eq!(spec.env.get("B").map(String::as_str), Some("kept"));
+    }
+
+    #[test]
+    fn inference_flags_build_generate_and_embed_jobs() {
+        let model = "c".repeat(64);
+        let a = args(&[
+            "--node",
+            "n1",
+            "--generate",
+            &model,
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "7",
+            "--stop",
+            "\n",
+            "--temperature",
+            "0.5",
+            "--seed",
+            "9",
+            "--timeout",
+            "1m",
+        ]);
+        let req = submit_request(a).expect("request");
+        let spec = req.spec.inference().expect("an inference spec");
+        assert_eq!(
+            (spec.kind, spec.model.as_str()),
+            (outpost_protocol::InferenceKind::Generate, model.as_str())
+        );
+        assert_eq!((spec.prompt.as_deref(), spec.max_tokens, spec.seed), (Some("hi"), 7, 9));
+        assert_eq!((spec.temperature, spec.timeout_secs, spec.stop.len()), (0.5, 60, 1));
+        assert_eq!(spec.check(), Ok(()));
+
+        let req = submit_request(args(&["--node", "n1", "--embed", &model, "--text", "a", "--text", "b"]))
+            .expect("request");
+        let spec = req.spec.inference().expect("an inference spec");
+        assert_eq!(spec.texts, ["a", "b"]);
+        assert_eq!(spec.check(), Ok(()));
+
+        let err = submit_request(args(&["--node", "n1", "--prompt", "hi"])).expect_err("no model");
+        assert!(err.to_string().contains("--generate"), "{err}");
+        let err = submit_request(args(&["--node", "n1", "--embed", &model, "--text", "a", "--env", "A=1"]))
+            .expect_err("container flag");
+        assert!(err.to_string().contains("no container flags"), "{err}");
     }
 
     #[test]

@@ -46,7 +46,7 @@ fn job(id: &str, node_id: &str, seq: u64) -> JobRecord {
             node_id: node_id.into(),
             seq,
             state: JobState::Queued,
-            spec,
+            spec: spec.into(),
             submitted_unix_ms: seq,
             accepted_unix_ms: None,
             result: None,
@@ -69,6 +69,7 @@ fn result(job_id: &str) -> ResultReport {
         timings: Timings::default(),
         outputs: Vec::new(),
         egress_denied: Vec::new(),
+        inference: None,
     }
 }
 
@@ -238,7 +239,7 @@ fn trigger(id: &str, org_id: &str, name: &str, created: u64) -> Trigger {
         org_id: org_id.into(),
         name: name.into(),
         on: EventMatch { key_prefix: "in/".into(), ..EventMatch::default() },
-        job: job("t", "n1", 1).info.spec,
+        job: job("t", "n1", 1).info.spec.container().cloned().expect("a container job"),
         expires_in_secs: None,
         created_unix_ms: created,
     }

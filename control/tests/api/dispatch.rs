@@ -59,7 +59,7 @@ async fn envelopes_are_signed_by_the_org_key_with_increasing_sequence_numbers() 
         let env: JobEnvelope = serde_json::from_str(&a.envelope.payload).expect("an envelope");
         assert_eq!(env.job_id, a.job_id);
         assert_eq!(env.node_id, node.id());
-        assert_eq!(env.spec, spec());
+        assert_eq!(env.spec, spec().into());
         assert!(env.expires_unix_ms > env.issued_unix_ms);
     }
 }
@@ -126,14 +126,14 @@ async fn submissions_that_a_node_would_refuse_are_refused_up_front() {
     let url = format!("{}{}", server.url(), paths::JOBS);
     let mut bad = spec();
     bad.image = "alpine:latest".into();
-    let req = SubmitJobRequest { node_id: node.id().into(), spec: bad, expires_in_secs: None };
+    let req = SubmitJobRequest { node_id: node.id().into(), spec: bad.into(), expires_in_secs: None };
     let got = crate::support::answer(
         http.post(&url).bearer_auth(server.admin_token()).json(&req).send().await.expect("sent"),
     )
     .await;
     assert_error(&got, StatusCode::BAD_REQUEST, "bad_image");
 
-    let req = SubmitJobRequest { node_id: "node-nobody".into(), spec: spec(), expires_in_secs: None };
+    let req = SubmitJobRequest { node_id: "node-nobody".into(), spec: spec().into(), expires_in_secs: None };
     let got = crate::support::answer(
         http.post(&url).bearer_auth(server.admin_token()).json(&req).send().await.expect("sent"),
     )

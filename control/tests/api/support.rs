@@ -131,7 +131,7 @@ pub fn spec() -> ContainerSpec {
 }
 
 pub async fn submit(op: &Client, node_id: &str) -> JobInfo {
-    let req = SubmitJobRequest { node_id: node_id.into(), spec: spec(), expires_in_secs: None };
+    let req = SubmitJobRequest { node_id: node_id.into(), spec: spec().into(), expires_in_secs: None };
     op.submit(&req).await.expect("job submitted")
 }
 
@@ -149,6 +149,7 @@ pub fn succeeded(job_id: &str, stdout: &str) -> ResultReport {
         timings: Timings { received_unix_ms: 1, started_unix_ms: Some(2), finished_unix_ms: Some(3) },
         outputs: Vec::new(),
         egress_denied: Vec::new(),
+        inference: None,
     }
 }
 

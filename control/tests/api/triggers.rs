@@ -44,11 +44,12 @@ async fn a_matching_trigger_fires_once_per_event_even_when_the_batch_is_resent()
     assert_eq!(jobs.len(), 1, "exactly one job: {jobs:?}");
     let job = &jobs[0];
     assert!(job.job_id.starts_with("trg-"), "{}", job.job_id);
-    assert_eq!(job.spec.inputs, ["in/a.jpg"]);
-    assert_eq!(job.spec.image, spec().image);
-    assert_eq!(job.spec.env.get("OUTPOST_EVENT_KEY").map(String::as_str), Some("in/a.jpg"));
-    assert_eq!(job.spec.env.get("OUTPOST_EVENT_SEQ").map(String::as_str), Some("1"));
-    assert_eq!(job.spec.env.get("OUTPOST_EVENT_SHA256"), batch[0].sha256.as_ref());
+    let job_spec = job.spec.container().expect("a container job");
+    assert_eq!(job_spec.inputs, ["in/a.jpg"]);
+    assert_eq!(job_spec.image, spec().image);
+    assert_eq!(job_spec.env.get("OUTPOST_EVENT_KEY").map(String::as_str), Some("in/a.jpg"));
+    assert_eq!(job_spec.env.get("OUTPOST_EVENT_SEQ").map(String::as_str), Some("1"));
+    assert_eq!(job_spec.env.get("OUTPOST_EVENT_SHA256"), batch[0].sha256.as_ref());
     assert_eq!(audited(&op, "trigger.fired").await, 1);
 
     // The node's poll sees it, signed with its org's key like any submitted job.
@@ -56,7 +57,7 @@ async fn a_matching_trigger_fires_once_per_event_even_when_the_batch_is_resent()
     assert_eq!(offered.jobs.len(), 1);
     let envelope: JobEnvelope = serde_json::from_str(&offered.jobs[0].envelope.payload).expect("envelope");
     assert_eq!(envelope.job_id, job.job_id);
-    assert_eq!(envelope.spec.inputs, ["in/a.jpg"]);
+    assert_eq!(envelope.spec.container().expect("container").inputs, ["in/a.jpg"]);
     assert_eq!(offered.jobs[0].envelope.key_id, node.enrolled.org_signing_key.key_id);
 
     let events = op.events(&EventsQuery::default()).await.expect("events").events;
@@ -65,7 +66,7 @@ async fn a_matching_trigger_fires_once_per_event_even_when_the_batch_is_resent()
 
     // A later submission still gets a higher job seq than the triggered job.
     let next = op
-        .submit(&SubmitJobRequest { node_id: node.id().into(), spec: spec(), expires_in_secs: None })
+        .submit(&SubmitJobRequest { node_id: node.id().into(), spec: spec().into(), expires_in_secs: None })
         .await
         .expect("submit");
     assert!(next.seq > job.seq);
@@ -106,7 +107,10 @@ async fn rejected_objects_fire_only_triggers_that_include_them() {
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     let events = op.events(&EventsQuery::default()).await.expect("events").events;
     assert_eq!(events[0].triggered_jobs, [jobs[0].job_id.as_str()]);
-    assert_eq!(jobs[0].spec.env.get("OUTPOST_EVENT_SHA256").map(String::as_str), Some(""));
+    assert_eq!(
+        jobs[0].spec.container().expect("container").env.get("OUTPOST_EVENT_SHA256").map(String::as_str),
+        Some("")
+    );
     // Which trigger fired is recorded in the audit trail.
     let audit = op.audit(1000).await.expect("audit");
     let fired: Vec<_> = audit.entries.iter().filter(|e| e.action == "trigger.fired").collect();
@@ -228,7 +232,7 @@ async fn job_submission_checks_inputs_outputs_and_egress_keys() {
     let submit = |f: fn(&mut outpost_protocol::ContainerSpec)| {
         let mut s = spec();
         f(&mut s);
-        let req = SubmitJobRequest { node_id: node.id().into(), spec: s, expires_in_secs: None };
+        let req = SubmitJobRequest { node_id: node.id().into(), spec: s.into(), expires_in_secs: None };
         let op = &op;
         async move { op.submit(&req).await }
     };
@@ -250,5 +254,5 @@ async fn job_submission_checks_inputs_outputs_and_egress_keys() {
     })
     .await
     .expect("valid keys are accepted");
-    assert_eq!(ok.spec.output_prefix.as_deref(), Some("results/"));
+    assert_eq!(ok.spec.container().expect("container").output_prefix.as_deref(), Some("results/"));
 }

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use outpost_protocol::{ContainerSpec, MAX_OUTPUT_TAIL_BYTES, Outcome, ResultReport, Timings};
+use outpost_protocol::{ContainerSpec, JobSpec, MAX_OUTPUT_TAIL_BYTES, Outcome, ResultReport, Timings};
 use tokio_util::sync::CancellationToken;
 
 use super::Agent;
@@ -24,13 +24,13 @@ use crate::runtime::{ContainerState, JobRef, Runtime, RuntimeError};
 const LISTED: usize = 20;
 
 /// A result and, when output bodies were refused, the audit detail that records it.
-struct Finished {
-    report: ResultReport,
-    denied: Option<String>,
+pub(super) struct Finished {
+    pub(super) report: ResultReport,
+    pub(super) denied: Option<String>,
 }
 
 /// Why an execution stopped before producing a result.
-enum Stop {
+pub(super) enum Stop {
     /// The agent is shutting down; the ledger keeps the job for the next start.
     Shutdown,
     /// The job cannot run; this becomes its result.
@@ -44,10 +44,12 @@ impl<R: Runtime> Agent<R> {
             tracing::error!(job = %job.job_id, "ledger record without a spec in a runnable state");
             return;
         };
+        let container = spec.container().is_some();
         let dirs = JobDirs::new(&self.cfg.data_dir, &job);
-        let outcome = match &dirs {
-            Ok(dirs) => self.drive(&mut rec, &job, &spec, dirs, &shutdown).await,
-            Err(e) => Err(Stop::Failed(e.to_string())),
+        let outcome = match (&spec, &dirs) {
+            (JobSpec::Inference(i), _) => self.infer(&rec, &job, i, &shutdown).await,
+            (JobSpec::Container(c), Ok(dirs)) => self.drive(&mut rec, &job, c, dirs, &shutdown).await,
+            (JobSpec::Container(_), Err(e)) => Err(Stop::Failed(e.to_string())),
         };
         let (report, denied) = match outcome {
             Ok(Finished { report, denied }) => (report, denied),
@@ -71,6 +73,9 @@ impl<R: Runtime> Agent<R> {
         }
         self.shared.outbox.notify_one();
         self.shared.changed.notify_one();
+        if !container {
+            return;
+        }
         if let Err(e) = self.runtime.remove(&job).await {
             tracing::warn!(job = %job.job_id, error = %e, "could not remove the finished container");
         }
@@ -232,6 +237,7 @@ impl<R: Runtime> Agent<R> {
             },
             outputs: Vec::new(),
             egress_denied: Vec::new(),
+            inference: None,
         }
     }
 }
@@ -246,7 +252,7 @@ fn listed(items: &[String]) -> String {
 }
 
 /// An error that says whether the same call may succeed later.
-trait Retryable: std::fmt::Display {
+pub(super) trait Retryable: std::fmt::Display {
     fn retryable(&self) -> bool;
 }
 
@@ -263,7 +269,7 @@ impl Retryable for JobDataError {
 }
 
 /// Retry a runtime or object store call while it is unavailable; any other error ends the job.
-async fn retry<T, E, F, Fut>(shutdown: &CancellationToken, mut call: F) -> Result<T, Stop>
+pub(super) async fn retry<T, E, F, Fut>(shutdown: &CancellationToken, mut call: F) -> Result<T, Stop>
 where
     E: Retryable,
     F: FnMut() -> Fut,

@@ -46,7 +46,7 @@ fn record(trigger: &LocalTrigger, event: &RelayEvent) -> JobRecord {
         // Nothing to acknowledge: the control plane never offered it.
         acked: true,
         received_unix_ms: now_unix_ms(),
-        spec: Some(spec),
+        spec: Some(spec.into()),
         // Not signed: the job comes from the site's own configuration, not over the network.
         envelope: SignedEnvelope {
             payload: String::new(),
@@ -166,7 +166,7 @@ mod tests {
         assert_eq!(rec.job_id, job_id(&t, 7));
         assert!(crate::verify::valid_job_id(&rec.job_id));
         assert_eq!(rec.state, JobState::Staged);
-        let spec = rec.spec.expect("spec");
+        let spec = rec.spec.and_then(|s| s.container().cloned()).expect("a container spec");
         assert_eq!(spec.inputs, ["in/a.json"]);
         assert_eq!(spec.env["OUTPOST_EVENT_SEQ"], "7");
         let local = rec.local.expect("local origin");

@@ -6,6 +6,7 @@
 mod events;
 mod executor;
 mod heartbeat;
+mod infer;
 mod local_triggers;
 mod poller;
 mod reporter;
@@ -23,6 +24,7 @@ use crate::backoff::Backoff;
 use crate::clock::now_unix_ms;
 use crate::config::Config;
 use crate::identity::Identity;
+use crate::inference::Inference;
 use crate::ledger::{JobState, Ledger};
 use crate::objstore::AnyStore;
 use crate::relay::Relay;
@@ -81,6 +83,8 @@ pub struct Agent<R: Runtime> {
     pub(crate) relay: Option<Arc<Relay<AnyStore>>>,
     pub(crate) uplink: Uplink,
     pub(crate) verifier: ManifestVerifier,
+    /// Inference jobs and the local endpoint: models load on first use.
+    pub(crate) inference: Arc<Inference>,
     pub(crate) shared: Arc<Shared>,
     /// Containers being created and started at the same moment (see `executor`).
     pub(crate) launch: Semaphore,
@@ -124,8 +128,11 @@ impl<R: Runtime> Agent<R> {
             }
             Some(Arc::new(relay))
         };
+        let inference =
+            Arc::new(Inference::new(&cfg.inference, crate::models::ModelStore::new(cfg.models_dir())));
         Ok(Self {
             relay,
+            inference,
             cfg,
             identity,
             ledger,

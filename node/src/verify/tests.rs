@@ -25,7 +25,8 @@ fn envelope(seq: u64, expires: u64) -> JobEnvelope {
         spec: serde_json::from_value::<ContainerSpec>(
             serde_json::json!({ "image": format!("sha256:{}", "a".repeat(64)) }),
         )
-        .expect("spec"),
+        .expect("spec")
+        .into(),
     }
 }
 
@@ -104,7 +105,7 @@ fn a_manifest_for_another_node_is_refused() {
 #[test]
 fn an_image_by_tag_is_refused() {
     let mut env = envelope(5, 100);
-    env.spec.image = "busybox:latest".into();
+    container(&mut env).image = "busybox:latest".into();
     let err = verifier().verify(&sign(&key(), &env), 0, 50).expect_err("tag");
     assert!(err.to_string().contains("sha256:"), "{err}");
 }
@@ -118,9 +119,9 @@ fn a_garbage_signature_is_refused_not_panicked_on() {
 
 fn with_data(inputs: &[&str], output_prefix: Option<&str>, egress: &[&str]) -> JobEnvelope {
     let mut env = envelope(5, 100);
-    env.spec.inputs = inputs.iter().map(|s| (*s).to_owned()).collect();
-    env.spec.output_prefix = output_prefix.map(str::to_owned);
-    env.spec.egress_bodies = egress.iter().map(|s| (*s).to_owned()).collect();
+    container(&mut env).inputs = inputs.iter().map(|s| (*s).to_owned()).collect();
+    container(&mut env).output_prefix = output_prefix.map(str::to_owned);
+    container(&mut env).egress_bodies = egress.iter().map(|s| (*s).to_owned()).collect();
     env
 }
 
@@ -151,4 +152,52 @@ fn hostile_job_data_keys_are_refused_with_the_field_and_the_reason() {
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     let err = verifier().verify(&sign(&key(), &with_data(&many, None, &[])), 4, 50).expect_err("too many");
     assert!(err.to_string().contains("65 entries"), "{err}");
+}
+
+fn container(env: &mut JobEnvelope) -> &mut ContainerSpec {
+    match &mut env.spec {
+        JobSpec::Container(c) => c,
+        JobSpec::Inference(_) => panic!("not a container spec"),
+    }
+}
+
+fn inference_envelope(spec: serde_json::Value) -> JobEnvelope {
+    let mut env = envelope(1, u64::MAX);
+    env.spec = JobSpec::Inference(serde_json::from_value(spec).expect("inference spec"));
+    env
+}
+
+#[test]
+fn inference_specs_are_checked_like_container_specs() {
+    let model = "b".repeat(64);
+    let ok = inference_envelope(serde_json::json!({"kind": "generate", "model": model, "prompt": "hi"}));
+    assert_eq!(check_spec(&ok), Ok(()));
+    let ok =
+        inference_envelope(serde_json::json!({"kind": "embed", "model": model, "texts_key": "in/t.jsonl"}));
+    assert_eq!(check_spec(&ok), Ok(()));
+    for (spec, want) in [
+        (serde_json::json!({"kind": "generate", "model": "tiny", "prompt": "hi"}), "model digest"),
+        (serde_json::json!({"kind": "generate", "model": model}), "exactly one of prompt"),
+        (
+            serde_json::json!({"kind": "generate", "model": model, "prompt": "x", "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            serde_json::json!({"kind": "generate", "model": model, "prompt": "x", "temperature": 9.0}),
+            "temperature",
+        ),
+        (serde_json::json!({"kind": "generate", "model": model, "prompt_key": "../etc/passwd"}), "input key"),
+        (
+            serde_json::json!({"kind": "embed", "model": model, "texts": ["a"], "output_prefix": "/abs"}),
+            "output_prefix",
+        ),
+        (serde_json::json!({"kind": "embed", "model": model, "texts_key": "dir/"}), "names a prefix"),
+        (
+            serde_json::json!({"kind": "embed", "model": model, "texts": ["a"], "prompt": "x"}),
+            "generate jobs",
+        ),
+    ] {
+        let err = check_spec(&inference_envelope(spec.clone())).expect_err("refused");
+        assert!(err.contains(want), "{spec}: {err}");
+    }
 }
