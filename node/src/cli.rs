@@ -63,6 +63,10 @@ pub enum Command {
     /// Import, list, verify and remove signed models in the local model store ([models]).
     #[command(subcommand)]
     Models(crate::models_cli::ModelsCommand),
+    /// Generate and embed with models of the store, list the engines, or serve the local
+    /// OpenAI-compatible endpoint ([inference]).
+    #[command(subcommand)]
+    Inference(crate::inference_cli::InferenceCommand),
     /// Inspect the node's tamper-evident audit log (stop the agent first: it holds the ledger).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -139,6 +143,7 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Images(ImagesCommand::Load { file }) => block_on(load_image(&cfg, &file)),
         Command::Objects(cmd) => block_on(crate::objects_cli::run(&cfg, cmd)),
         Command::Models(cmd) => crate::models_cli::run(&cfg, cmd),
+        Command::Inference(cmd) => block_on(crate::inference_cli::run(&cfg, cmd)),
         Command::Run => block_on(run(cfg)),
     }
 }

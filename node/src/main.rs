@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod inference_cli;
 mod models_cli;
 mod objects_cli;
 

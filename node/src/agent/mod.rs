@@ -157,6 +157,16 @@ impl<R: Runtime> Agent<R> {
         agent.reconcile().await?;
 
         let tasks = TaskTracker::new();
+        if agent.cfg.inference.api.enabled {
+            let endpoint =
+                crate::inference::api::bind(Arc::clone(&agent.inference), &agent.cfg.inference.api).await?;
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = endpoint.serve(token).await {
+                    tracing::error!(error = %e, "the inference endpoint stopped");
+                }
+            });
+        }
         let slots = Arc::new(Semaphore::new(agent.cfg.agent.max_concurrent_jobs as usize));
         tasks.spawn(Arc::clone(&agent).poller(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).reporter(shutdown.clone()));

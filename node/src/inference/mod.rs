@@ -2,6 +2,7 @@
 //! hands them to the inference manager (budget, LRU, bounded queue), for `generate`/`embed`
 //! jobs and for the local OpenAI-compatible endpoint. Models load on first use, never at start.
 
+pub mod api;
 pub mod config;
 pub mod job;
 

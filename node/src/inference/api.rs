@@ -1,0 +1,486 @@
+//! The local OpenAI-compatible endpoint for on-site applications: `/v1/models`,
+//! `/v1/completions`, `/v1/chat/completions` (both with SSE streaming), `/v1/embeddings` and
+//! Prometheus `/metrics`. It listens on loopback or a unix socket only, and every request needs
+//! an API key. A full queue answers 429 at once; models load on first use.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::stream::{self, Stream};
+use outpost_inference::{
+    ChatMessage, GenerateOutcome, GenerateRequest, InferenceError, Manager, ModelFiles, Prompt,
+};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{ApiSettings, Inference, Listen};
+use crate::inference::job::finish_name;
+
+mod metrics;
+mod wire;
+
+use wire::{ChatRequest, CompletionRequest, EmbeddingsRequest};
+
+/// Largest request body.
+const MAX_BODY_BYTES: usize = 8 << 20;
+
+#[derive(Clone)]
+struct AppState {
+    inference: Arc<Inference>,
+    keys: Arc<Vec<String>>,
+}
+
+/// Reads the API keys: one per line, blank lines and `#` comments ignored.
+pub fn read_keys(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read inference.api.api_key_file {}: {e}", path.display()))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if keys.is_empty() {
+        anyhow::bail!("inference.api.api_key_file {} holds no key", path.display());
+    }
+    if let Some(short) = keys.iter().find(|k| k.len() < 16) {
+        anyhow::bail!(
+            "an API key in {} is {} characters; use at least 16 (e.g. `openssl rand -hex 24`)",
+            path.display(),
+            short.len()
+        );
+    }
+    Ok(keys)
+}
+
+pub fn router(inference: Arc<Inference>, keys: Vec<String>) -> Router {
+    let state = AppState { inference, keys: Arc::new(keys) };
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), require_key))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The endpoint, bound and ready to serve: binding first lets the agent fail at start (a port
+/// taken, a key file missing) rather than run without the endpoint it was configured with.
+pub struct Endpoint {
+    app: Router,
+    listener: Bound,
+    pub address: String,
+}
+
+enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// Reads the keys and binds the listen address (loopback or a unix socket only).
+pub async fn bind(inference: Arc<Inference>, api: &ApiSettings) -> anyhow::Result<Endpoint> {
+    let key_file = api
+        .api_key_file
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("inference.api.api_key_file is not set"))?;
+    let app = router(inference, read_keys(key_file)?);
+    let (listener, address) = match api.listen_addr().map_err(anyhow::Error::msg)? {
+        Listen::Tcp(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("inference endpoint cannot listen on {addr}: {e}"))?;
+            let address = format!("http://{}", l.local_addr()?);
+            (Bound::Tcp(l), address)
+        }
+        Listen::Unix(path) => {
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot replace the old socket {}: {e}", path.display()))?;
+            }
+            let l = tokio::net::UnixListener::bind(&path).map_err(|e| {
+                anyhow::anyhow!("inference endpoint cannot listen on {}: {e}", path.display())
+            })?;
+            (Bound::Unix(l), format!("unix:{}", path.display()))
+        }
+    };
+    Ok(Endpoint { app, listener, address })
+}
+
+impl Endpoint {
+    /// Serves until `shutdown`.
+    pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(address = %self.address, "inference endpoint listening");
+        let done = async move { shutdown.cancelled().await };
+        match self.listener {
+            Bound::Tcp(l) => axum::serve(l, self.app).with_graceful_shutdown(done).await?,
+            Bound::Unix(l) => axum::serve(l, self.app).with_graceful_shutdown(done).await?,
+        }
+        Ok(())
+    }
+}
+
+async fn require_key(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare every key in full so the time taken says nothing about a near miss.
+    let ok = st.keys.iter().fold(false, |acc, k| acc | constant_time_eq(k.as_bytes(), given.as_bytes()));
+    if !ok {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "missing or wrong API key: send `Authorization: Bearer KEY` with a key from inference.api.api_key_file"
+                .into(),
+        );
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An OpenAI-style error body.
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        429 => "rate_limit_error",
+        500..=599 => "server_error",
+        _ => "invalid_request_error",
+    };
+    let mut resp =
+        (status, Json(json!({"error": {"message": message, "type": kind, "code": code, "param": null}})))
+            .into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn inference_error(e: &InferenceError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(status, e.code(), e.to_string())
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid_request", message.into())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn models(State(st): State<AppState>) -> Response {
+    let models = match st.inference.models.list() {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "model_store", e.to_string()),
+    };
+    let data: Vec<Value> = models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": format!("{}@{}", m.manifest.name, m.manifest.version),
+                "object": "model",
+                "created": 0,
+                "owned_by": "outpost",
+                "digest": m.digest,
+                "engine": m.manifest.engine,
+                "format": m.manifest.format.as_str(),
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn metrics_text(State(st): State<AppState>) -> Response {
+    let body = metrics::render(&st.inference.manager.metrics(), &st.inference.manager.engines());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// The model a request names, resolved in the store (off the async workers: it reads files).
+async fn resolve(st: &AppState, selector: &str) -> Result<ModelFiles, Response> {
+    let inference = st.inference.clone();
+    let selector = selector.to_string();
+    tokio::task::spawn_blocking(move || inference.resolve(&selector))
+        .await
+        .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", "model lookup failed".into()))?
+        .map(|(_, files)| files)
+        .map_err(|e| inference_error(&e))
+}
+
+async fn completions(
+    State(st): State<AppState>,
+    body: Result<Json<CompletionRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let prompt = match req.prompt.single() {
+        Ok(p) => p,
+        Err(why) => return bad_request(why),
+    };
+    let params = match req.common.params(16) {
+        Ok(p) => p,
+        Err(why) => return bad_request(why),
+    };
+    let model = match resolve(&st, &req.common.model).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    };
+    let shape = Shape::Completion { id: request_id("cmpl"), model: req.common.model.clone() };
+    generate(st, model, Prompt::Text(prompt), params, req.common.stream, shape).await
+}
+
+async fn chat_completions(
+    State(st): State<AppState>,
+    body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let messages: Vec<ChatMessage> = match req.messages.into_iter().map(|m| m.into_message()).collect() {
+        Ok(m) => m,
+        Err(why) => return bad_request(why),
+    };
+    if messages.is_empty() {
+        return bad_request("messages must not be empty");
+    }
+    let mut common = req.common;
+    if let Some(n) = req.max_completion_tokens {
+        common.max_tokens = Some(n);
+    }
+    let params = match common.params(128) {
+        Ok(p) => p,
+        Err(why) => return bad_request(why),
+    };
+    let model = match resolve(&st, &common.model).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    };
+    let shape = Shape::Chat { id: request_id("chatcmpl"), model: common.model.clone() };
+    generate(st, model, Prompt::Chat(messages), params, common.stream, shape).await
+}
+
+/// How a generation's answer is shaped: text completion or chat completion.
+#[derive(Clone)]
+enum Shape {
+    Completion { id: String, model: String },
+    Chat { id: String, model: String },
+}
+
+impl Shape {
+    fn whole(&self, out: &GenerateOutcome) -> Value {
+        let usage = usage(out);
+        let finish = finish_name(out.stats.finish);
+        let fingerprint = format!("{}:{}", out.engine, out.model_digest);
+        match self {
+            Shape::Completion { id, model } => json!({
+                "id": id, "object": "text_completion", "created": now_secs(), "model": model,
+                "system_fingerprint": fingerprint,
+                "choices": [{"index": 0, "text": out.text, "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Shape::Chat { id, model } => json!({
+                "id": id, "object": "chat.completion", "created": now_secs(), "model": model,
+                "system_fingerprint": fingerprint,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+        }
+    }
+
+    fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+        match self {
+            Shape::Completion { id, model } => json!({
+                "id": id, "object": "text_completion", "created": now_secs(), "model": model,
+                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
+            }),
+            Shape::Chat { id, model } => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), "assistant".into());
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), t.into());
+                }
+                json!({
+                    "id": id, "object": "chat.completion.chunk", "created": now_secs(), "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                })
+            }
+        }
+    }
+}
+
+fn usage(out: &GenerateOutcome) -> Value {
+    let (p, c) = (out.stats.prompt_tokens, out.stats.completion_tokens);
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+}
+
+async fn generate(
+    st: AppState,
+    model: ModelFiles,
+    prompt: Prompt,
+    req: GenerateRequest,
+    stream: bool,
+    shape: Shape,
+) -> Response {
+    if !stream {
+        return match st.inference.manager.generate(&model, prompt, req, None).await {
+            Ok(out) => Json(shape.whole(&out)).into_response(),
+            Err(e) => inference_error(&e),
+        };
+    }
+    let (tx, mut rx) = mpsc::channel::<String>(256);
+    let (done_tx, mut done_rx) = oneshot::channel();
+    let inference = st.inference.clone();
+    tokio::spawn(async move {
+        let out = Manager::generate(&inference.manager, &model, prompt, req, Some(tx)).await;
+        let _ = done_tx.send(out);
+    });
+    // Errors that come before the first token (queue full, prompt too long, model over budget)
+    // get a real HTTP status rather than a 200 stream.
+    let first = tokio::select! {
+        piece = rx.recv() => piece,
+        done = &mut done_rx => match done {
+            Ok(Err(e)) => return inference_error(&e),
+            Ok(Ok(out)) => return sse(shape, None, rx, Some(out), done_rx_closed()),
+            Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", "generation stopped".into()),
+        },
+    };
+    sse(shape, first, rx, None, done_rx)
+}
+
+fn done_rx_closed() -> oneshot::Receiver<Result<GenerateOutcome, InferenceError>> {
+    oneshot::channel().1
+}
+
+/// The SSE stream: a first chunk (with the role, for chat), one chunk per piece, a final chunk
+/// with the finish reason, then `[DONE]`.
+fn sse(
+    shape: Shape,
+    first: Option<String>,
+    rx: mpsc::Receiver<String>,
+    finished: Option<GenerateOutcome>,
+    done_rx: oneshot::Receiver<Result<GenerateOutcome, InferenceError>>,
+) -> Response {
+    struct St {
+        shape: Shape,
+        pending: Option<String>,
+        rx: mpsc::Receiver<String>,
+        finished: Option<GenerateOutcome>,
+        done_rx: Option<oneshot::Receiver<Result<GenerateOutcome, InferenceError>>>,
+        started: bool,
+        over: bool,
+    }
+    let init =
+        St { shape, pending: first, rx, finished, done_rx: Some(done_rx), started: false, over: false };
+    let events = stream::unfold(init, |mut s| async move {
+        if s.over {
+            return None;
+        }
+        let piece = match s.pending.take() {
+            Some(p) => Some(p),
+            None if s.finished.is_none() => s.rx.recv().await,
+            None => None,
+        };
+        let data = if let Some(piece) = piece {
+            let first = !s.started;
+            s.started = true;
+            s.shape.chunk(Some(&piece), None, first).to_string()
+        } else {
+            let out = match s.finished.take() {
+                Some(o) => Ok(o),
+                None => match s.done_rx.take() {
+                    Some(rx) => rx.await.unwrap_or(Err(InferenceError::WorkerGone)),
+                    None => Err(InferenceError::WorkerGone),
+                },
+            };
+            s.over = true;
+            let last = match out {
+                Ok(o) => s.shape.chunk(None, Some(finish_name(o.stats.finish)), !s.started).to_string(),
+                Err(e) => {
+                    json!({"error": {"message": e.to_string(), "type": "server_error", "code": e.code()}})
+                        .to_string()
+                }
+            };
+            let events =
+                vec![Ok::<_, Infallible>(Event::default().data(last)), Ok(Event::default().data("[DONE]"))];
+            return Some((stream::iter(events), s));
+        };
+        Some((stream::iter(vec![Ok(Event::default().data(data))]), s))
+    });
+    let flat: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
+        Box::pin(futures_util::StreamExt::flatten(events));
+    Sse::new(flat).into_response()
+}
+
+async fn embeddings(
+    State(st): State<AppState>,
+    body: Result<Json<EmbeddingsRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let texts = match req.input.texts() {
+        Ok(t) => t,
+        Err(why) => return bad_request(why),
+    };
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => return bad_request(format!("encoding_format {other:?}: use float or base64")),
+    };
+    let model = match resolve(&st, &req.model).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    };
+    let out = match st.inference.manager.embed(&model, texts).await {
+        Ok(o) => o,
+        Err(e) => return inference_error(&e),
+    };
+    let data: Vec<Value> = out
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 { Value::from(wire::f32_base64(v)) } else { json!(v) };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Json(json!({
+        "object": "list", "data": data, "model": req.model,
+        "usage": {"prompt_tokens": out.tokens, "total_tokens": out.tokens},
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests;

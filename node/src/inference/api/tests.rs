@@ -1,0 +1,127 @@
+//! The endpoint's HTTP surface without an engine: keys, errors, metrics. Generation and
+//! embeddings through real engines and the `openai` client are in tests/inference_api.rs.
+
+use axum::body::Body;
+use axum::http::Request;
+use tower::ServiceExt;
+
+use super::*;
+use crate::models::ModelStore;
+
+const KEY: &str = "0123456789abcdef0123";
+
+fn app() -> (Router, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let inference =
+        Arc::new(Inference::new(&super::super::InferenceSettings::default(), ModelStore::new(dir.path())));
+    (router(inference, vec![KEY.into()]), dir)
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, String) {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = match body {
+        Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[tokio::test]
+async fn every_route_needs_the_api_key() {
+    let (app, _d) = app();
+    for (method, path) in
+        [("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/metrics"), ("GET", "/nope")]
+    {
+        let (status, body) = call(&app, method, path, None, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(body.contains("invalid_api_key"), "{body}");
+        let (status, _) = call(&app, method, path, Some("0123456789abcdef0124"), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let (status, body) = call(&app, "GET", "/v1/models", Some(KEY), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"object": "list", "data": []}));
+}
+
+#[tokio::test]
+async fn a_model_not_in_the_store_is_a_404_in_openai_shape() {
+    let (app, _d) = app();
+    let body = json!({"model": "nothing-here", "prompt": "hi"});
+    let (status, text) = call(&app, "POST", "/v1/completions", Some(KEY), Some(body)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found");
+    assert!(v["error"]["message"].as_str().unwrap().contains("outpost models import"), "{text}");
+    let body = json!({"model": "nothing-here", "input": ["a"]});
+    let (status, _) = call(&app, "POST", "/v1/embeddings", Some(KEY), Some(body)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn malformed_and_unsupported_requests_are_400s_that_say_why() {
+    let (app, _d) = app();
+    for (path, body, want) in [
+        ("/v1/completions", json!({"prompt": "x"}), "model"),
+        ("/v1/completions", json!({"model": "m", "prompt": ["a", "b"]}), "one string"),
+        ("/v1/completions", json!({"model": "m", "prompt": "a", "n": 2}), "n must be 1"),
+        ("/v1/completions", json!({"model": "m", "prompt": "a", "temperature": 7}), "temperature"),
+        ("/v1/completions", json!({"model": "m", "prompt": "a", "max_tokens": 0}), "max_tokens"),
+        ("/v1/chat/completions", json!({"model": "m", "messages": []}), "must not be empty"),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}),
+            "role",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            "only text parts",
+        ),
+        ("/v1/embeddings", json!({"model": "m", "input": [[1, 2, 3]]}), "token arrays"),
+        ("/v1/embeddings", json!({"model": "m", "input": "a", "encoding_format": "hex"}), "encoding_format"),
+    ] {
+        let (status, text) = call(&app, "POST", path, Some(KEY), Some(body.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
+        assert!(text.contains(want), "{body}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text() {
+    let (app, _d) = app();
+    let (status, text) = call(&app, "GET", "/metrics", Some(KEY), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("# TYPE outpost_inference_queue_depth gauge"), "{text}");
+    assert!(text.contains("outpost_inference_queue_bound 16"), "{text}");
+}
+
+#[test]
+fn key_files_skip_comments_and_refuse_short_or_missing_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("keys");
+    std::fs::write(&p, format!("# site apps\n\n{KEY}\n")).unwrap();
+    assert_eq!(read_keys(&p).unwrap(), [KEY]);
+    std::fs::write(&p, "short\n").unwrap();
+    assert!(read_keys(&p).unwrap_err().to_string().contains("at least 16"));
+    std::fs::write(&p, "# nothing\n").unwrap();
+    assert!(read_keys(&p).unwrap_err().to_string().contains("holds no key"));
+    assert!(read_keys(&dir.path().join("absent")).is_err());
+}
+
+#[test]
+fn base64_embeddings_are_little_endian_f32() {
+    assert_eq!(wire::f32_base64(&[1.0]), "AACAPw==");
+}
