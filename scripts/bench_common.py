@@ -1,0 +1,94 @@
+"""Helpers the benchmark scripts share: the operator API over pinned TLS, starting and stopping
+the control plane and an agent from release binaries, percentiles."""
+
+import http.client
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "bench"
+
+
+def log(msg):
+    print(f"[{PREFIX}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values, p):
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(p / 100.0 * (len(s) - 1)))))
+    return s[k]
+
+
+class Api:
+    """The operator API over TLS with the CA pinned."""
+
+    def __init__(self, port, data_dir):
+        self.port = port
+        self.token = open(os.path.join(data_dir, "admin.token")).read().strip()
+        self.ctx = ssl.create_default_context(cafile=os.path.join(data_dir, "ca.crt"))
+        self.conn = None
+
+    def call(self, method, path, body=None):
+        for attempt in range(2):
+            if self.conn is None:
+                self.conn = http.client.HTTPSConnection("localhost", self.port, context=self.ctx, timeout=60)
+            try:
+                headers = {"authorization": f"Bearer {self.token}", "content-type": "application/json"}
+                self.conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                                  headers=headers)
+                r = self.conn.getresponse()
+                data = r.read()
+                if r.status >= 300:
+                    raise RuntimeError(f"{method} {path}: HTTP {r.status}: {data[:300]!r}")
+                return json.loads(data) if data else None
+            except (http.client.HTTPException, ConnectionError):
+                self.conn = None
+                if attempt:
+                    raise
+
+
+def target_dir():
+    return os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+
+
+def start_control(bin_dir, data_dir):
+    p = subprocess.Popen([os.path.join(bin_dir, "outpost-control"), "serve", "--listen", "127.0.0.1:0",
+                          "--data-dir", data_dir], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline()
+    m = re.search(r"https://[^ ]*:(\d+) \(CA sha256 ([0-9a-f]+)\)", line)
+    if not m:
+        p.kill()
+        raise RuntimeError(f"unexpected control plane output: {line!r}")
+    return p, int(m.group(1)), m.group(2)
+
+
+def start_node(bin_dir, config):
+    p = subprocess.Popen([os.path.join(bin_dir, "outpost"), "--config", config, "run"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, RUST_LOG="info"))
+    for line in p.stderr:
+        if "outpost agent ready" in line:
+            ready = time.time()
+            break
+    else:
+        raise RuntimeError("the agent exited before it was ready")
+    # Keep draining its log so it never blocks on a full pipe.
+    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
+    return p, ready
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
