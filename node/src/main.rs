@@ -12,7 +12,8 @@ mod models_cli;
 mod objects_cli;
 
 /// Outpost node agent: runs signed container jobs from the control plane and reports each
-/// result exactly once. It only ever dials out; it never listens on a network port.
+/// result exactly once. It only ever dials out; it never listens on a network port (the optional
+/// local inference endpoint binds loopback or a unix socket only).
 #[derive(Debug, Parser)]
 #[command(name = "outpost", version, about, long_about = None, after_help = cli::ENV_HELP)]
 struct Args {

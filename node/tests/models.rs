@@ -490,3 +490,53 @@ fn an_interrupted_import_leaves_nothing_visible_and_the_next_one_cleans_up() {
     assert!(kept.iter().all(|k| site.blobs().contains(k)), "the first model's blobs are kept");
     assert!(site.outpost(&["models", "verify"]).status.success());
 }
+
+#[test]
+fn an_import_killed_with_sigkill_mid_copy_leaves_nothing_visible_and_imports_again() {
+    let site = Site::new();
+    let dir = site.dir.path().join("src/big");
+    write_model(&dir, "big", &GGUF);
+    // A weight file large enough that the copy is still running when the test kills it.
+    let mut weights = std::fs::read(dir.join("model.gguf")).expect("read weights");
+    weights.resize(384 << 20, 7);
+    std::fs::write(dir.join("model.gguf"), &weights).expect("write weights");
+    drop(weights);
+    sign_dir(&dir, &site.key, "big", ModelFormat::Gguf);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--config")
+        .arg(site.config())
+        .args(["models", "import", dir.to_str().expect("utf-8 path")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn outpost models import");
+    // Kill it once part of the weights has been written into tmp/.
+    let started = std::time::Instant::now();
+    let killed_mid_copy = loop {
+        let partial: u64 = std::fs::read_dir(site.store().join("tmp"))
+            .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        if partial > 1 << 20 {
+            child.kill().expect("SIGKILL the import");
+            break true;
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) || started.elapsed() > std::time::Duration::from_secs(120) {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    child.wait().expect("reap");
+    assert!(killed_mid_copy, "the import ended before it could be killed mid-copy");
+    assert!(site.manifests().is_empty(), "no manifest after a killed import: {:?}", site.manifests());
+    let list = site.outpost(&["models", "list", "--json"]);
+    assert!(list.status.success());
+    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "", "nothing is listed");
+
+    // The next import completes, cleans tmp/ and verifies.
+    let out = site.import(&dir);
+    assert!(out.status.success(), "import after the kill: {}", text(&out));
+    assert!(site.tmp().is_empty(), "tmp/ was emptied: {:?}", site.tmp());
+    assert_eq!(site.manifests().len(), 1);
+    assert!(site.outpost(&["models", "verify"]).status.success());
+}

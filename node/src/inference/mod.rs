@@ -19,7 +19,10 @@ pub fn built_in_engines() -> Vec<Arc<dyn outpost_inference::InferenceEngine>> {
     #[allow(unused_mut)]
     let mut engines: Vec<Arc<dyn outpost_inference::InferenceEngine>> = Vec::new();
     #[cfg(feature = "llama")]
-    engines.push(Arc::new(outpost_inference::llama::LlamaEngine::new()));
+    match outpost_inference::llama::LlamaEngine::new() {
+        Ok(e) => engines.push(Arc::new(e)),
+        Err(e) => tracing::error!(error = %e, "the llama engine cannot start; generate jobs will fail"),
+    }
     #[cfg(feature = "candle")]
     engines.push(Arc::new(outpost_inference::candle::CandleEngine::new()));
     engines

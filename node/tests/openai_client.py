@@ -1,0 +1,134 @@
+"""Drives the node's local OpenAI-compatible endpoint with the real `openai` client (PyPI).
+
+    python openai_client.py BASE_URL API_KEY LLM_MODEL EMBED_MODEL
+
+The endpoint must run with [inference] queue_bound = 1 and concurrency = 1. Prints one line per
+check and "ALL OK" at the end; any failed check raises.
+"""
+
+import sys
+import threading
+import time
+
+import urllib.request
+
+import openai
+
+base, key, llm, emb = sys.argv[1:5]
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def metrics():
+    req = urllib.request.Request(base + "/metrics", headers={"authorization": "Bearer " + key})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.read().decode()
+
+
+def check(name):
+    print("ok:", name, flush=True)
+
+
+ids = [m.id for m in client.models.list().data]
+assert llm in ids and emb in ids, ids
+check("models lists both imported models")
+
+a = client.completions.create(model=llm, prompt="Hello", max_tokens=12, temperature=0)
+b = client.completions.create(model=llm, prompt="Hello", max_tokens=12, temperature=0)
+assert a.choices[0].text == b.choices[0].text, (a, b)
+assert 1 <= a.usage.completion_tokens <= 12, a.usage
+assert a.usage.prompt_tokens >= 1
+assert a.choices[0].finish_reason in ("stop", "length"), a.choices[0].finish_reason
+assert a.system_fingerprint.startswith("llama:"), a.system_fingerprint
+check("greedy completions repeat, with usage and the model's digest")
+
+streamed = client.completions.create(model=llm, prompt="Hello", max_tokens=12, temperature=0, stream=True)
+text = "".join(c.choices[0].text for c in streamed if c.choices)
+assert text == a.choices[0].text, (text, a.choices[0].text)
+check("a streamed completion equals the whole one")
+
+msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+chat = client.chat.completions.create(model=llm, messages=msgs, max_tokens=8, temperature=0)
+stream = client.chat.completions.create(model=llm, messages=msgs, max_tokens=8, temperature=0, stream=True)
+roles, parts, finish = [], [], None
+for c in stream:
+    if not c.choices:
+        continue
+    d = c.choices[0].delta
+    roles.append(d.role)
+    parts.append(d.content or "")
+    finish = c.choices[0].finish_reason or finish
+assert roles[0] == "assistant", roles
+assert "".join(parts) == chat.choices[0].message.content, (parts, chat)
+assert finish == chat.choices[0].finish_reason, (finish, chat)
+check("chat completions, whole and streamed, agree")
+
+e = client.embeddings.create(model=emb, input=["a cat sits on the mat", "stock prices fell"])
+assert len(e.data) == 2 and len(e.data[0].embedding) == 384, e
+f = client.embeddings.create(model=emb, input="a cat sits on the mat", encoding_format="float")
+assert max(abs(x - y) for x, y in zip(e.data[0].embedding, f.data[0].embedding)) < 1e-6
+assert abs(sum(x * x for x in f.data[0].embedding) - 1.0) < 1e-4
+assert e.usage.prompt_tokens > 0
+check("embeddings in base64 (the client's default) and float agree and are unit length")
+
+try:
+    openai.OpenAI(base_url=base + "/v1", api_key="wrong-key-0123456789", max_retries=0).models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError:
+    check("a wrong API key is refused (401)")
+
+try:
+    client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    raise AssertionError("an absent model answered")
+except openai.NotFoundError as err:
+    assert "models import" in str(err), err
+    check("a model not in the store is a 404")
+
+try:
+    client.completions.create(model=llm, prompt="x" * 3000, max_tokens=4, temperature=0)
+    raise AssertionError("a prompt longer than the context was accepted")
+except openai.BadRequestError as err:
+    assert "context" in str(err), err
+    check("a prompt longer than the context is a 400")
+
+# Back-pressure: one long embedding computes, one request may wait, the rest get 429 at once.
+blocker = {}
+
+
+def long_embedding():
+    texts = [f"sentence number {i} about the weather and the sea" for i in range(2048)]
+    blocker["r"] = client.embeddings.create(model=emb, input=texts)
+
+
+t = threading.Thread(target=long_embedding)
+t.start()
+deadline = time.time() + 60
+while time.time() < deadline:
+    if "outpost_inference_running 1" in metrics():
+        break
+    time.sleep(0.05)
+outcomes = []
+
+
+def small():
+    try:
+        client.completions.create(model=llm, prompt="Hi", max_tokens=2, temperature=0)
+        outcomes.append("ok")
+    except openai.RateLimitError as err:
+        assert err.response.headers.get("retry-after") == "1", err.response.headers
+        outcomes.append("429")
+
+
+smalls = [threading.Thread(target=small) for _ in range(4)]
+for s in smalls:
+    s.start()
+for s in smalls:
+    s.join()
+t.join()
+assert len(blocker["r"].data) == 2048
+assert outcomes.count("429") >= 2 and "ok" in outcomes, outcomes
+m = metrics()
+refused = [line for line in m.splitlines() if line.startswith("outpost_inference_refused_queue_full_total ")]
+assert refused and float(refused[0].split()[1]) >= 2, refused
+check(f"requests beyond the queue bound get 429 with Retry-After ({outcomes})")
+
+print("ALL OK", flush=True)
