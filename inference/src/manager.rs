@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::{
@@ -55,7 +55,7 @@ pub struct EngineInfo {
 }
 
 /// A model in memory, for metrics and `/v1/models`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadedInfo {
     pub digest: String,
     pub label: String,
@@ -66,7 +66,7 @@ pub struct LoadedInfo {
     pub requests: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
     pub requests_total: u64,
     pub refused_queue_full_total: u64,

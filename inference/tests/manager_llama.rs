@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use outpost_inference::llama::LlamaEngine;
 use outpost_inference::{
-    GenerateRequest, InferenceConfig, InferenceEngine, InferenceError, LoadOptions, Manager, ModelFiles, Prompt,
+    GenerateRequest, InferenceConfig, InferenceEngine, InferenceError, LoadOptions, Manager, ModelFiles,
+    Prompt,
 };
 
 fn manager(ram_budget_mib: u64, queue_bound: usize) -> Manager {
@@ -40,7 +41,8 @@ fn greedy(max_tokens: u32) -> GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_larger_than_the_budget_is_refused_without_loading() {
     let m = manager(4, 4);
-    let err = m.generate(&tiny("a"), Prompt::Text("hi".into()), greedy(4), None).await.expect_err("over budget");
+    let err =
+        m.generate(&tiny("a"), Prompt::Text("hi".into()), greedy(4), None).await.expect_err("over budget");
     match &err {
         InferenceError::OverBudget { kind: "ram", needed_mib, budget_mib: 4, .. } => assert!(*needed_mib > 4),
         other => panic!("expected OverBudget, got {other:?}"),

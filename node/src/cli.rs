@@ -361,6 +361,28 @@ fn show_status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
             if r.backpressure { "; PAUSED: outbox full" } else { "" }
         ),
     }
+    match &st.inference {
+        None => println!("inference:   no engines built in"),
+        Some(m) => {
+            let loaded: Vec<String> = m
+                .loaded
+                .iter()
+                .map(|l| format!("{} ({} MiB)", l.label, (l.ram_bytes + l.vram_bytes) >> 20))
+                .collect();
+            println!(
+                "inference:   {} loaded ({} of {} MiB), queue {}/{}, {} running, {} refused; last {:.1} tokens/s, first token {:.0} ms",
+                if loaded.is_empty() { "none".to_string() } else { loaded.join(", ") },
+                m.ram_used_bytes >> 20,
+                m.ram_budget_bytes >> 20,
+                m.queue_depth,
+                m.queue_bound,
+                m.running,
+                m.refused_queue_full_total,
+                m.last_tokens_per_s,
+                m.last_time_to_first_token_ms
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ledger::Depths;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub pid: u32,
     pub agent_version: String,
@@ -25,6 +25,9 @@ pub struct Status {
     /// The relay's figures, when it runs.
     #[serde(default)]
     pub relay: Option<crate::relay::RelayMetrics>,
+    /// The inference manager's figures, when an engine is built in.
+    #[serde(default)]
+    pub inference: Option<outpost_inference::Metrics>,
     pub started_unix_ms: u64,
     pub updated_unix_ms: u64,
 }

@@ -22,7 +22,8 @@ const RESULT_WAIT: Duration = Duration::from_secs(180);
 
 /// The public half of the test publisher's key, for `[models] trusted_publishers`.
 fn test_publisher() -> String {
-    let seed = std::fs::read_to_string(models::test_models().join("test-publisher.key")).expect("publisher key");
+    let seed =
+        std::fs::read_to_string(models::test_models().join("test-publisher.key")).expect("publisher key");
     let seed: [u8; 32] = hex::decode(seed.trim()).expect("hex seed").try_into().expect("32 bytes");
     hex::encode(ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes())
 }
@@ -66,7 +67,11 @@ fn spec(v: serde_json::Value) -> InferenceSpec {
 
 impl Site {
     async fn run(&self, spec: InferenceSpec) -> ResultReport {
-        let req = SubmitJobRequest { node_id: self.node.node_id.clone(), spec: JobSpec::Inference(spec), expires_in_secs: None };
+        let req = SubmitJobRequest {
+            node_id: self.node.node_id.clone(),
+            spec: JobSpec::Inference(spec),
+            expires_in_secs: None,
+        };
         let job = self.control.submit_request(&req).await;
         self.control.wait_result(&job.job_id, RESULT_WAIT).await
     }
@@ -82,11 +87,15 @@ impl Site {
 async fn generate_and_embed_jobs_report_stamped_results_and_keep_outputs_on_site() {
     let s = site("").await;
 
-    let generate = spec(serde_json::json!({"kind": "generate", "model": s.llm, "prompt": "Hello", "max_tokens": 16}));
+    let generate =
+        spec(serde_json::json!({"kind": "generate", "model": s.llm, "prompt": "Hello", "max_tokens": 16}));
     let r = s.run(generate.clone()).await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
     let stamp = r.inference.clone().expect("an inference stamp");
-    assert_eq!((stamp.kind, stamp.model_digest.as_str(), stamp.engine.as_str()), (InferenceKind::Generate, s.llm.as_str(), "llama"));
+    assert_eq!(
+        (stamp.kind, stamp.model_digest.as_str(), stamp.engine.as_str()),
+        (InferenceKind::Generate, s.llm.as_str(), "llama")
+    );
     assert!(stamp.engine_version.contains("llama.cpp"), "{}", stamp.engine_version);
     assert!(stamp.prompt_tokens >= 1 && (1..=16).contains(&stamp.completion_tokens), "{stamp:?}");
     assert!(stamp.time_to_first_token_us > 0, "{stamp:?}");
@@ -117,10 +126,14 @@ async fn generate_and_embed_jobs_report_stamped_results_and_keep_outputs_on_site
     assert_eq!(r.stdout_tail, "", "vectors of site data never ride in the result");
     assert_eq!(r.outputs[0].key, "vectors/notes-embeddings.jsonl");
     let body = String::from_utf8(s.object("vectors/notes-embeddings.jsonl")).expect("utf-8");
-    let vectors: Vec<Vec<f32>> = body.lines().map(|l| serde_json::from_str(l).expect("a JSON array")).collect();
+    let vectors: Vec<Vec<f32>> =
+        body.lines().map(|l| serde_json::from_str(l).expect("a JSON array")).collect();
     assert_eq!(vectors.len(), 3);
     let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-    assert!(cos(&vectors[0], &vectors[1]) > cos(&vectors[0], &vectors[2]), "a paraphrase is closer than an unrelated text");
+    assert!(
+        cos(&vectors[0], &vectors[1]) > cos(&vectors[0], &vectors[2]),
+        "a paraphrase is closer than an unrelated text"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -140,14 +153,17 @@ async fn bad_inference_jobs_fail_with_a_clear_error() {
     assert_eq!(r.outcome, Outcome::Error, "{r:?}");
     assert!(r.error.as_deref().unwrap_or("").contains("cannot embed"), "{r:?}");
 
-    let r = s.run(spec(serde_json::json!({"kind": "embed", "model": s.embedder, "texts_key": "absent.jsonl"}))).await;
+    let r = s
+        .run(spec(serde_json::json!({"kind": "embed", "model": s.embedder, "texts_key": "absent.jsonl"})))
+        .await;
     assert_eq!(r.outcome, Outcome::Error, "{r:?}");
     assert!(r.error.as_deref().unwrap_or("").contains("absent.jsonl"), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_local_endpoint_serves_the_openai_python_client() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
     let keydir = tempfile::tempdir().expect("tempdir");
     let key = "e2e-inference-key-0123456789";
     let key_file = keydir.path().join("api.key");
@@ -194,7 +210,12 @@ fn openai_python() -> PathBuf {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
     let python = venv.join("bin/python");
     if !python.exists() {
-        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 -m venv").success();
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv")
+            .success();
         assert!(ok, "cannot make a venv");
         let ok = Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check", "openai==3.54.0"])

@@ -521,7 +521,8 @@ fn an_import_killed_with_sigkill_mid_copy_leaves_nothing_visible_and_imports_aga
             child.kill().expect("SIGKILL the import");
             break true;
         }
-        if matches!(child.try_wait(), Ok(Some(_))) || started.elapsed() > std::time::Duration::from_secs(120) {
+        if matches!(child.try_wait(), Ok(Some(_))) || started.elapsed() > std::time::Duration::from_secs(120)
+        {
             break false;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));

@@ -369,6 +369,8 @@ impl<R: Runtime> Agent<R> {
             depths,
             running_jobs: self.shared.running.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default(),
             relay: self.relay.as_ref().and_then(|r| r.metrics().ok()),
+            inference: (!self.inference.manager.engines().is_empty())
+                .then(|| self.inference.manager.metrics()),
             started_unix_ms,
             updated_unix_ms: now_unix_ms(),
         };
