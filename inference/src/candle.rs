@@ -468,12 +468,10 @@ fn weight_prefix(st: &SafetensorsInfo, config: &BertConfig) -> Option<String> {
     prefixes.into_iter().find(|p| st.tensors.contains_key(&format!("{p}embeddings.word_embeddings.weight")))
 }
 
-/// The shapes the forward pass relies on, checked before any tensor is loaded.
-fn check_weights_match(st: &SafetensorsInfo, c: &BertConfig, path: &Path) -> Result<()> {
-    let prefix = weight_prefix(st, c)
-        .ok_or_else(|| invalid_st(path, "no embeddings.word_embeddings.weight tensor: not a BERT model"))?;
+/// Every weight of a BERT encoder with config `c` and its shape, named without the prefix.
+fn bert_weight_shapes(c: &BertConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
-    let mut want: Vec<(String, Vec<usize>)> = vec![
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
         ("embeddings.word_embeddings.weight".into(), vec![c.vocab_size, h]),
         ("embeddings.position_embeddings.weight".into(), vec![c.max_position_embeddings, h]),
         ("embeddings.token_type_embeddings.weight".into(), vec![c.type_vocab_size, h]),
@@ -481,7 +479,6 @@ fn check_weights_match(st: &SafetensorsInfo, c: &BertConfig, path: &Path) -> Res
         ("embeddings.LayerNorm.bias".into(), vec![h]),
     ];
     for l in 0..c.num_hidden_layers {
-        let p = format!("encoder.layer.{l}.");
         for (name, shape) in [
             ("attention.self.query.weight", vec![h, h]),
             ("attention.self.query.bias", vec![h]),
@@ -500,10 +497,17 @@ fn check_weights_match(st: &SafetensorsInfo, c: &BertConfig, path: &Path) -> Res
             ("output.LayerNorm.weight", vec![h]),
             ("output.LayerNorm.bias", vec![h]),
         ] {
-            want.push((format!("{p}{name}"), shape));
+            shapes.push((format!("encoder.layer.{l}.{name}"), shape));
         }
     }
-    for (name, shape) in want {
+    shapes
+}
+
+/// The shapes the forward pass relies on, checked before any tensor is loaded.
+fn check_weights_match(st: &SafetensorsInfo, c: &BertConfig, path: &Path) -> Result<()> {
+    let prefix = weight_prefix(st, c)
+        .ok_or_else(|| invalid_st(path, "no embeddings.word_embeddings.weight tensor: not a BERT model"))?;
+    for (name, shape) in bert_weight_shapes(c) {
         let full = format!("{prefix}{name}");
         match st.tensors.get(&full) {
             None => return Err(invalid_st(path, format!("tensor '{full}' is missing"))),
@@ -968,37 +972,7 @@ mod tests {
     /// A BERT with random weights, as safetensors would name them.
     fn tiny_weights(c: &BertConfig) -> HashMap<String, Tensor> {
         let dev = Device::Cpu;
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            ("embeddings.word_embeddings.weight".into(), vec![c.vocab_size, h]),
-            ("embeddings.position_embeddings.weight".into(), vec![c.max_position_embeddings, h]),
-            ("embeddings.token_type_embeddings.weight".into(), vec![c.type_vocab_size, h]),
-            ("embeddings.LayerNorm.weight".into(), vec![h]),
-            ("embeddings.LayerNorm.bias".into(), vec![h]),
-        ];
-        for l in 0..c.num_hidden_layers {
-            for (n, s) in [
-                ("attention.self.query.weight", vec![h, h]),
-                ("attention.self.query.bias", vec![h]),
-                ("attention.self.key.weight", vec![h, h]),
-                ("attention.self.key.bias", vec![h]),
-                ("attention.self.value.weight", vec![h, h]),
-                ("attention.self.value.bias", vec![h]),
-                ("attention.output.dense.weight", vec![h, h]),
-                ("attention.output.dense.bias", vec![h]),
-                ("attention.output.LayerNorm.weight", vec![h]),
-                ("attention.output.LayerNorm.bias", vec![h]),
-                ("intermediate.dense.weight", vec![i, h]),
-                ("intermediate.dense.bias", vec![i]),
-                ("output.dense.weight", vec![h, i]),
-                ("output.dense.bias", vec![h]),
-                ("output.LayerNorm.weight", vec![h]),
-                ("output.LayerNorm.bias", vec![h]),
-            ] {
-                shapes.push((format!("encoder.layer.{l}.{n}"), s));
-            }
-        }
-        shapes
+        bert_weight_shapes(c)
             .into_iter()
             .map(|(n, s)| {
                 let t = Tensor::randn(0f32, 0.3, s.as_slice(), &dev).expect("randn");

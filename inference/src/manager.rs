@@ -162,6 +162,11 @@ impl Drop for Abandon {
     }
 }
 
+/// Runs engine work on a blocking thread, never on the async runtime's workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| InferenceError::WorkerGone)?
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -275,8 +280,7 @@ impl Manager {
             }
             Ok((text, stats))
         };
-        let (text, stats) =
-            tokio::task::spawn_blocking(run).await.map_err(|_| InferenceError::WorkerGone)??;
+        let (text, stats) = blocking(run).await?;
         Ok(GenerateOutcome {
             text,
             stats,
@@ -308,9 +312,7 @@ impl Manager {
                 });
             }
             let started = Instant::now();
-            let out = tokio::task::spawn_blocking(move || loaded.embed(&texts))
-                .await
-                .map_err(|_| InferenceError::WorkerGone)??;
+            let out = blocking(move || loaded.embed(&texts)).await?;
             Ok(EmbedOutcome {
                 tokens: out.tokens,
                 vectors: out.vectors,
@@ -356,18 +358,13 @@ impl Manager {
         }
         let opts = self.cfg.load.clone();
         let (files, e) = (model.clone(), engine.clone());
-        let estimate = tokio::task::spawn_blocking(move || e.inspect(&files, &opts))
-            .await
-            .map_err(|_| InferenceError::WorkerGone)??;
+        let estimate = blocking(move || e.inspect(&files, &opts)).await?;
         self.check_budget(model, estimate)?;
         self.make_room(estimate);
         let opts = self.cfg.load.clone();
         let (files, e) = (model.clone(), engine.clone());
         let started = Instant::now();
-        let loaded: Arc<dyn LoadedModel> = tokio::task::spawn_blocking(move || e.load(&files, &opts))
-            .await
-            .map_err(|_| InferenceError::WorkerGone)??
-            .into();
+        let loaded: Arc<dyn LoadedModel> = blocking(move || e.load(&files, &opts)).await?.into();
         tracing::info!(
             model = %model.label, digest = %model.digest, engine = engine.name(),
             ram_mib = estimate.ram_bytes >> 20, load_ms = started.elapsed().as_millis() as u64,

@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::Router;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -232,59 +233,45 @@ async fn resolve(st: &AppState, selector: &str) -> Result<ModelFiles, Response> 
         .map_err(|e| inference_error(&e))
 }
 
+type Handled = Result<Response, Response>;
+
+/// A JSON body, or a 400 in OpenAI's shape saying what is wrong with it.
+// The error is the response itself, built once per failed request: boxing it gains nothing.
+#[allow(clippy::result_large_err)]
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
+    body.map(|Json(b)| b).map_err(|e| bad_request(e.body_text()))
+}
+
 async fn completions(
     State(st): State<AppState>,
-    body: Result<Json<CompletionRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return bad_request(e.body_text()),
-    };
-    let prompt = match req.prompt.single() {
-        Ok(p) => p,
-        Err(why) => return bad_request(why),
-    };
-    let params = match req.common.params(16) {
-        Ok(p) => p,
-        Err(why) => return bad_request(why),
-    };
-    let model = match resolve(&st, &req.common.model).await {
-        Ok(m) => m,
-        Err(resp) => return resp,
-    };
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Handled {
+    let req = json_body(body)?;
+    let prompt = req.prompt.single().map_err(bad_request)?;
+    let params = req.common.params(16).map_err(bad_request)?;
+    let model = resolve(&st, &req.common.model).await?;
     let shape = Shape::Completion { id: request_id("cmpl"), model: req.common.model.clone() };
-    generate(st, model, Prompt::Text(prompt), params, req.common.stream, shape).await
+    Ok(generate(st, model, Prompt::Text(prompt), params, req.common.stream, shape).await)
 }
 
 async fn chat_completions(
     State(st): State<AppState>,
-    body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return bad_request(e.body_text()),
-    };
-    let messages: Vec<ChatMessage> = match req.messages.into_iter().map(|m| m.into_message()).collect() {
-        Ok(m) => m,
-        Err(why) => return bad_request(why),
-    };
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Handled {
+    let req = json_body(body)?;
+    let messages: Vec<ChatMessage> =
+        req.messages.into_iter().map(|m| m.into_message()).collect::<Result<_, _>>().map_err(bad_request)?;
     if messages.is_empty() {
-        return bad_request("messages must not be empty");
+        return Err(bad_request("messages must not be empty"));
     }
     let mut common = req.common;
     if let Some(n) = req.max_completion_tokens {
         common.max_tokens = Some(n);
     }
-    let params = match common.params(128) {
-        Ok(p) => p,
-        Err(why) => return bad_request(why),
-    };
-    let model = match resolve(&st, &common.model).await {
-        Ok(m) => m,
-        Err(resp) => return resp,
-    };
+    let params = common.params(128).map_err(bad_request)?;
+    let model = resolve(&st, &common.model).await?;
     let shape = Shape::Chat { id: request_id("chatcmpl"), model: common.model.clone() };
-    generate(st, model, Prompt::Chat(messages), params, common.stream, shape).await
+    Ok(generate(st, model, Prompt::Chat(messages), params, common.stream, shape).await)
 }
 
 /// How a generation's answer is shaped: text completion or chat completion.
@@ -370,15 +357,11 @@ async fn generate(
         piece = rx.recv() => piece,
         done = &mut done_rx => match done {
             Ok(Err(e)) => return inference_error(&e),
-            Ok(Ok(out)) => return sse(shape, None, rx, Some(out), done_rx_closed()),
+            Ok(Ok(out)) => return sse(shape, None, rx, Some(out), None),
             Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", "generation stopped".into()),
         },
     };
-    sse(shape, first, rx, None, done_rx)
-}
-
-fn done_rx_closed() -> oneshot::Receiver<Result<GenerateOutcome, InferenceError>> {
-    oneshot::channel().1
+    sse(shape, first, rx, None, Some(done_rx))
 }
 
 /// The SSE stream: a first chunk (with the role, for chat), one chunk per piece, a final chunk
@@ -388,7 +371,7 @@ fn sse(
     first: Option<String>,
     rx: mpsc::Receiver<String>,
     finished: Option<GenerateOutcome>,
-    done_rx: oneshot::Receiver<Result<GenerateOutcome, InferenceError>>,
+    done_rx: Option<oneshot::Receiver<Result<GenerateOutcome, InferenceError>>>,
 ) -> Response {
     struct St {
         shape: Shape,
@@ -399,8 +382,7 @@ fn sse(
         started: bool,
         over: bool,
     }
-    let init =
-        St { shape, pending: first, rx, finished, done_rx: Some(done_rx), started: false, over: false };
+    let init = St { shape, pending: first, rx, finished, done_rx, started: false, over: false };
     let events = stream::unfold(init, |mut s| async move {
         if s.over {
             return None;
@@ -443,29 +425,17 @@ fn sse(
 
 async fn embeddings(
     State(st): State<AppState>,
-    body: Result<Json<EmbeddingsRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return bad_request(e.body_text()),
-    };
-    let texts = match req.input.texts() {
-        Ok(t) => t,
-        Err(why) => return bad_request(why),
-    };
+    body: Result<Json<EmbeddingsRequest>, JsonRejection>,
+) -> Handled {
+    let req = json_body(body)?;
+    let texts = req.input.texts().map_err(bad_request)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
-        Some(other) => return bad_request(format!("encoding_format {other:?}: use float or base64")),
+        Some(other) => return Err(bad_request(format!("encoding_format {other:?}: use float or base64"))),
     };
-    let model = match resolve(&st, &req.model).await {
-        Ok(m) => m,
-        Err(resp) => return resp,
-    };
-    let out = match st.inference.manager.embed(&model, texts).await {
-        Ok(o) => o,
-        Err(e) => return inference_error(&e),
-    };
+    let model = resolve(&st, &req.model).await?;
+    let out = st.inference.manager.embed(&model, texts).await.map_err(|e| inference_error(&e))?;
     let data: Vec<Value> = out
         .vectors
         .iter()
@@ -475,11 +445,11 @@ async fn embeddings(
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    Json(json!({
+    Ok(Json(json!({
         "object": "list", "data": data, "model": req.model,
         "usage": {"prompt_tokens": out.tokens, "total_tokens": out.tokens},
     }))
-    .into_response()
+    .into_response())
 }
 
 #[cfg(test)]
