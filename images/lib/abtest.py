@@ -28,7 +28,7 @@ from vm import VM, VMError  # noqa: E402
 
 REPORT = (r"outpost-boot: slot=(?P<slot>\S+) version=(?P<version>\S+) assessment=(?P<assessment>\S+) "
           r"agent=(?P<agent>\S+) ready_s=(?P<ready_s>\S+) uptime_s=(?P<uptime_s>\S+) "
-          r"slots=(?P<slots>\S+) listeners=(?P<listeners>\S+)")
+          r"slots=(?P<slots>\S+) listeners=(?P<listeners>\S+)(?: storage=(?P<storage>\S+))?")
 # DHCP clients (v4 port 68, v6 port 546) hold a UDP socket on the leased address to renew it;
 # they answer no requests. Everything else on a non-loopback address fails the test.
 DHCP_CLIENT = re.compile(r"^udp:.*:(68|546)$")
@@ -90,6 +90,8 @@ def main() -> int:
         check(not bad, f"listening on non-loopback addresses: {', '.join(bad)}")
         figures["non_loopback_listeners"] = r["listeners"]
         say(f"no service listens on a non-loopback address (sockets seen: {r['listeners']})")
+        check(r["storage"] == "ready", f"local object store: {r['storage']} (an object put and read back)")
+        say("the local object store (Garage on loopback) stores and returns an object for the agent")
         vm.wait_for(r"outpost-boot: boot GOOD", 60 * t)
 
         if not args.skip_ab:
@@ -110,6 +112,7 @@ def main() -> int:
             check(r["assessment"] == "indeterminate",
                   f"slot B's first boot should be a counted trial boot, assessment is {r['assessment']}")
             check(not exposed(r["listeners"]), f"slot B listens on: {r['listeners']}")
+            check(r["storage"] == "ready", f"slot B's object store: {r['storage']}")
             vm.wait_for(r"outpost-boot: boot GOOD", 60 * t)
             figures["update_reboot_to_ready_s"] = round(vm.elapsed() - t_reboot, 1)
             figures["ab_update_s"] = round(vm.elapsed() - t0, 1)

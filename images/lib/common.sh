@@ -94,6 +94,19 @@ find_agent() {
     echo "$bin"
 }
 
+# find_garage REPO: the Garage binary for the image (OUTPOST_GARAGE, else scripts/s3-server's,
+# which builds it once per machine).
+find_garage() {
+    local repo="$1" tools
+    if [ -n "${OUTPOST_GARAGE:-}" ]; then
+        [ -x "$OUTPOST_GARAGE" ] || die "OUTPOST_GARAGE=$OUTPOST_GARAGE is not an executable"
+        echo "$OUTPOST_GARAGE"; return
+    fi
+    tools="${OUTPOST_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/outpost/tools}"
+    "$repo/scripts/s3-server" install >&2 || die "could not install Garage (scripts/s3-server install)"
+    echo "$tools/bin/garage"
+}
+
 # dev_keys DIR: a development update-signing CA and key pair in DIR, made once. Appliances built
 # with them accept bundles signed by anyone holding DIR: production builds pass their own
 # (OUTPOST_RAUC_KEYRING, OUTPOST_RAUC_CERT, OUTPOST_RAUC_KEY).

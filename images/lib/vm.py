@@ -55,12 +55,14 @@ class VM:
         for p in (self.qmp_path, self.serial_path):
             p.unlink(missing_ok=True)
         cmd = [
-            "qemu-system-x86_64", "-machine", "q35", "-accel", self.accel,
+            # -nodefaults: no empty CD-ROM (the firmware would try to boot it) and no VGA.
+            "qemu-system-x86_64", "-nodefaults", "-machine", "q35", "-accel", self.accel,
             "-smp", str(self.cpus), "-m", str(self.mem_mib),
             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,file={self.vars}",
             "-drive", f"file={self.disk},if=virtio,format={'qcow2' if self.disk.suffix == '.qcow2' else 'raw'},cache=unsafe",
-            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+            # No option ROM on the NIC: the firmware does not try network boot first.
+            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
             "-device", "virtio-rng-pci",
             "-device", "qemu-xhci,id=xhci",
             "-device", "i6300esb", "-action", "watchdog=reset",
