@@ -10,6 +10,7 @@ use std::path::Path;
 mod kernels;
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -841,8 +842,25 @@ fn plan_groups(lens: &[usize]) -> Vec<Group> {
         .collect()
 }
 
+/// Splits `items` (longest first) into at most `parts` non-empty parts of about equal total
+/// `len`: each item goes to the part with the least so far, so that the largest part exceeds
+/// the mean by less than one item. Parts keep the items' order.
+fn split_balanced(items: &[usize], len: impl Fn(usize) -> usize, parts: usize) -> Vec<Vec<usize>> {
+    let n = parts.clamp(1, items.len().max(1));
+    let mut out: Vec<(usize, Vec<usize>)> = (0..n).map(|_| (0, Vec::new())).collect();
+    for &item in items {
+        let least = (1..n).fold(0, |best, p| if out[p].0 < out[best].0 { p } else { best });
+        out[least].0 += len(item);
+        out[least].1.push(item);
+    }
+    out.into_iter().map(|(_, p)| p).filter(|p| !p.is_empty()).collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // The loaded model
+
+/// Pooled vectors of some sequences, each with its index in the request.
+type Pooled = Vec<(usize, Vec<f32>)>;
 
 struct CandleModel {
     label: String,
@@ -893,37 +911,59 @@ impl CandleModel {
         let mut order: Vec<usize> = (0..ids.len()).filter(|&i| !ids[i].is_empty()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
 
+        // Rounds of at most CHUNK_TOKENS tokens (at least one sequence), which bounds the working
+        // memory. On the CPU a round is split into one part per pool thread, balanced by tokens,
+        // and the parts run at once: each thread then runs whole layers on its own sequences
+        // instead of every small matrix product being split between the threads.
+        let parallel = if self.encoder.fused { self.pool.current_num_threads() } else { 1 };
         let mut at = 0;
         while at < order.len() {
-            // A chunk: as many sequences as fit in the token budget (at least one).
             let mut end = at;
-            let mut chunk_tokens = 0;
-            while end < order.len() && (end == at || chunk_tokens + ids[order[end]].len() <= CHUNK_TOKENS) {
-                chunk_tokens += ids[order[end]].len();
+            let mut round_tokens = 0;
+            while end < order.len() && (end == at || round_tokens + ids[order[end]].len() <= CHUNK_TOKENS) {
+                round_tokens += ids[order[end]].len();
                 end += 1;
             }
-            let chunk = &order[at..end];
-            let lens: Vec<usize> = chunk.iter().map(|&i| ids[i].len()).collect();
-            let mut flat = Vec::with_capacity(chunk_tokens);
-            let mut positions = Vec::with_capacity(chunk_tokens);
-            for &i in chunk {
-                flat.extend_from_slice(ids[i]);
-                positions.extend(0..ids[i].len() as u32);
-            }
-            let out = self
-                .encoder
-                .forward_packed(&flat, &positions, &lens)
-                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                .map_err(|e| InferenceError::engine(ENGINE, e))?;
-            let mut row = 0;
-            for (&i, &len) in chunk.iter().zip(&lens) {
-                let seq = &out[row * hidden..(row + len) * hidden];
-                vectors[i] = self.pool_and_normalize(seq, len, hidden);
-                row += len;
+            let parts = split_balanced(&order[at..end], |i| ids[i].len(), parallel);
+            let done: Vec<Result<Pooled>> = if parts.len() == 1 {
+                vec![self.encode_part(&parts[0], &ids)]
+            } else {
+                parts.par_iter().map(|part| self.encode_part(part, &ids)).collect()
+            };
+            for part in done {
+                for (i, v) in part? {
+                    vectors[i] = v;
+                }
             }
             at = end;
         }
         Ok(EmbedOutput { vectors, tokens: u32::try_from(tokens).unwrap_or(u32::MAX) })
+    }
+
+    /// One encoder pass over the sequences `part` (indices into `ids`, longest first), packed;
+    /// returns each sequence's pooled vector.
+    fn encode_part(&self, part: &[usize], ids: &[&[u32]]) -> Result<Pooled> {
+        let hidden = self.encoder.hidden;
+        let lens: Vec<usize> = part.iter().map(|&i| ids[i].len()).collect();
+        let total: usize = lens.iter().sum();
+        let mut flat = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        for &i in part {
+            flat.extend_from_slice(ids[i]);
+            positions.extend(0..ids[i].len() as u32);
+        }
+        let out = self
+            .encoder
+            .forward_packed(&flat, &positions, &lens)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| InferenceError::engine(ENGINE, e))?;
+        let mut row = 0;
+        let mut vectors = Vec::with_capacity(part.len());
+        for (&i, &len) in part.iter().zip(&lens) {
+            vectors.push((i, self.pool_and_normalize(&out[row * hidden..(row + len) * hidden], len, hidden)));
+            row += len;
+        }
+        Ok(vectors)
     }
 
     fn pool_and_normalize(&self, seq: &[f32], len: usize, hidden: usize) -> Vec<f32> {
@@ -1018,5 +1058,22 @@ mod tests {
             assert_eq!(g.max_len, g.lens[0]);
             row += g.rows;
         }
+    }
+
+    #[test]
+    fn parts_are_balanced_and_hold_every_sequence_once_in_order() {
+        let lens = [40usize, 39, 30, 20, 10, 3, 3, 2];
+        let items: Vec<usize> = (0..lens.len()).collect();
+        let parts = split_balanced(&items, |i| lens[i], 2);
+        assert_eq!(parts.len(), 2);
+        let sums: Vec<usize> = parts.iter().map(|p| p.iter().map(|&i| lens[i]).sum()).collect();
+        assert!(sums[0].abs_diff(sums[1]) <= 40, "unbalanced: {sums:?}");
+        let mut all: Vec<usize> = parts.concat();
+        all.sort_unstable();
+        assert_eq!(all, items);
+        assert!(parts.iter().all(|p| p.windows(2).all(|w| w[0] < w[1])), "order kept: {parts:?}");
+        // Fewer sequences than parts: one part each, none empty.
+        assert_eq!(split_balanced(&[7], |_| 5, 4), vec![vec![7]]);
+        assert_eq!(split_balanced(&[1, 2, 3], |_| 5, 1), vec![vec![1, 2, 3]]);
     }
 }
