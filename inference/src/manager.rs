@@ -1,6 +1,6 @@
 //! The manager: admits requests through a bounded queue, keeps loaded models within the RAM and
-//! VRAM budgets (least recently used unload first), and runs every load and every request on
-//! blocking threads, never on the async runtime's workers.
+//! VRAM budgets (least recently used unload first), and runs every load and every request on its
+//! own compute threads (`manager/compute.rs`), never on the async runtime's workers.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
+use self::compute::ComputePool;
 use crate::{
     ChatMessage, GenerateRequest, GenerateStats, InferenceEngine, InferenceError, LoadOptions, LoadedModel,
     MemoryEstimate, ModelFiles, Result, StopFilter,
@@ -146,6 +147,8 @@ pub struct Manager {
     slots: Mutex<Vec<Slot>>,
     load_lock: tokio::sync::Mutex<()>,
     counters: Mutex<Counters>,
+    /// Runs every load and request (`compute.rs` says why not tokio's blocking pool).
+    compute: ComputePool,
 }
 
 impl std::fmt::Debug for Manager {
@@ -160,11 +163,6 @@ impl Drop for Abandon {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
-}
-
-/// Runs engine work on a blocking thread, never on the async runtime's workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|_| InferenceError::WorkerGone)?
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -182,6 +180,10 @@ impl Manager {
             slots: Mutex::new(Vec::new()),
             load_lock: tokio::sync::Mutex::new(()),
             counters: Mutex::new(Counters::default()),
+            // One thread per request computing at once, no more: every thread that runs
+            // llama.cpp keeps an OpenMP team. A load, or a request after an abandoned one that
+            // is still finishing, waits its turn in the channel.
+            compute: ComputePool::new(concurrency, concurrency + 1),
         }
     }
 
@@ -280,7 +282,7 @@ impl Manager {
             }
             Ok((text, stats))
         };
-        let (text, stats) = blocking(run).await?;
+        let (text, stats) = self.compute.run(run).await?;
         Ok(GenerateOutcome {
             text,
             stats,
@@ -312,7 +314,7 @@ impl Manager {
                 });
             }
             let started = Instant::now();
-            let out = blocking(move || loaded.embed(&texts)).await?;
+            let out = self.compute.run(move || loaded.embed(&texts)).await?;
             Ok(EmbedOutcome {
                 tokens: out.tokens,
                 vectors: out.vectors,
@@ -358,13 +360,13 @@ impl Manager {
         }
         let opts = self.cfg.load.clone();
         let (files, e) = (model.clone(), engine.clone());
-        let estimate = blocking(move || e.inspect(&files, &opts)).await?;
+        let estimate = self.compute.run(move || e.inspect(&files, &opts)).await?;
         self.check_budget(model, estimate)?;
         self.make_room(estimate);
         let opts = self.cfg.load.clone();
         let (files, e) = (model.clone(), engine.clone());
         let started = Instant::now();
-        let loaded: Arc<dyn LoadedModel> = blocking(move || e.load(&files, &opts)).await?.into();
+        let loaded: Arc<dyn LoadedModel> = self.compute.run(move || e.load(&files, &opts)).await?.into();
         tracing::info!(
             model = %model.label, digest = %model.digest, engine = engine.name(),
             ram_mib = estimate.ram_bytes >> 20, load_ms = started.elapsed().as_millis() as u64,
@@ -491,6 +493,8 @@ impl Manager {
     }
 }
 
+#[path = "manager/compute.rs"]
+mod compute;
 #[cfg(test)]
 #[path = "manager/tests.rs"]
 mod tests;
