@@ -36,6 +36,7 @@ impl InferenceEngine for Twin {
         Ok(MemoryEstimate { ram_bytes: mib << 20, vram_bytes: 0 })
     }
     fn load(&self, model: &ModelFiles, _: &LoadOptions) -> Result<Box<dyn LoadedModel>> {
+        on_compute_thread()?;
         lock(&self.loads).push(model.digest.clone());
         Ok(Box::new(TwinModel { gate: self.gate.clone() }))
     }
@@ -49,6 +50,7 @@ impl LoadedModel for TwinModel {
         64
     }
     fn generate(&self, req: &GenerateRequest, sink: TokenSink<'_>) -> Result<GenerateStats> {
+        on_compute_thread()?;
         let mut open = lock(&self.gate.open);
         while !*open {
             open = self.gate.cv.wait(open).unwrap_or_else(|p| p.into_inner());
@@ -74,10 +76,20 @@ impl LoadedModel for TwinModel {
         Ok(stats)
     }
     fn embed(&self, texts: &[String]) -> Result<EmbedOutput> {
+        on_compute_thread()?;
         Ok(EmbedOutput {
             vectors: texts.iter().map(|t| vec![t.len() as f32]).collect(),
             tokens: texts.len() as u32,
         })
+    }
+}
+
+/// Engine work must run on the manager's own compute threads (not the runtime's, not tokio's
+/// blocking pool): every test through the twin checks it.
+fn on_compute_thread() -> Result<()> {
+    match std::thread::current().name() {
+        Some(name) if name.starts_with("outpost-infer-") => Ok(()),
+        other => Err(InferenceError::engine("twin", format!("engine work ran on thread {other:?}"))),
     }
 }
 
