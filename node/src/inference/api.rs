@@ -364,8 +364,8 @@ async fn generate(
     sse(shape, first, rx, None, Some(done_rx))
 }
 
-/// The SSE stream: a first chunk (with the role, for chat), one chunk per piece, a final chunk
-/// with the finish reason, then `[DONE]`.
+/// The SSE stream: a first chunk (with the role, for chat), one chunk per piece (or per run of
+/// pieces that arrived together), a final chunk with the finish reason, then `[DONE]`.
 fn sse(
     shape: Shape,
     first: Option<String>,
@@ -392,6 +392,14 @@ fn sse(
             None if s.finished.is_none() => s.rx.recv().await,
             None => None,
         };
+        // Pieces that arrived while the last event was being written go out as one event: a
+        // client that lags gets fewer, larger chunks instead of a backlog of tiny ones.
+        let piece = piece.map(|mut p| {
+            while let Ok(more) = s.rx.try_recv() {
+                p.push_str(&more);
+            }
+            p
+        });
         let data = if let Some(piece) = piece {
             let first = !s.started;
             s.started = true;
