@@ -5,7 +5,7 @@
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
@@ -165,6 +165,30 @@ impl Drop for Abandon {
     }
 }
 
+/// How long a streamed request waits for its client to take the next piece before it stops
+/// (a client that keeps the connection open but reads nothing would hold a compute thread).
+const STREAM_STALL: Duration = Duration::from_secs(60);
+
+/// Sends a streamed piece from a compute thread, waiting at most `stall` while the channel is
+/// full; `Break` when the receiver is gone or stalled.
+fn send_within(tx: &mpsc::Sender<String>, mut piece: String, stall: Duration) -> ControlFlow<()> {
+    let deadline = Instant::now() + stall;
+    loop {
+        match tx.try_send(piece) {
+            Ok(()) => return ControlFlow::Continue(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return ControlFlow::Break(()),
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                if Instant::now() >= deadline {
+                    tracing::warn!("a streaming client took no text for {stall:?}; generation stopped");
+                    return ControlFlow::Break(());
+                }
+                piece = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -256,12 +280,10 @@ impl Manager {
                     return ControlFlow::Continue(());
                 }
                 text.push_str(&piece);
-                if let Some(tx) = &stream
-                    && tx.blocking_send(piece).is_err()
-                {
-                    return ControlFlow::Break(());
+                match &stream {
+                    Some(tx) => send_within(tx, piece, STREAM_STALL),
+                    None => ControlFlow::Continue(()),
                 }
-                ControlFlow::Continue(())
             };
             let mut stats = loaded.generate(&req, &mut |piece| {
                 if abandoned.load(Ordering::Relaxed) {

@@ -58,6 +58,10 @@ impl ComputePool {
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
+            // The caller is gone (its request was dropped while the job waited): skip the work.
+            if tx.is_closed() {
+                return;
+            }
             let _ = tx.send(f());
         });
         self.sender()?.send(job).await.map_err(|_| InferenceError::WorkerGone)?;
@@ -74,8 +78,10 @@ fn serve(rx: &Mutex<mpsc::Receiver<Job>>) {
             Err(_) => None,
         };
         let Some(job) = job else { break };
-        // A panicking engine fails its request (its result sender drops), not the thread: the
-        // pool keeps its size.
+        // Where panics unwind (tests, debug builds), a panicking engine fails its request (its
+        // result sender drops), not the thread. Release builds abort on a panic
+        // (`panic = "abort"`): engines must turn bad input into errors, which is why untrusted
+        // model files are checked before native code sees them.
         let _ = catch_unwind(AssertUnwindSafe(job));
     }
 }
@@ -99,6 +105,42 @@ mod tests {
         assert_eq!(first, again);
         let err = pool.run::<()>(|| Err(InferenceError::BadRequest("no".into()))).await;
         assert!(matches!(err, Err(InferenceError::BadRequest(_))), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_caller_is_gone_before_it_starts_is_skipped() {
+        let pool = Arc::new(ComputePool::new(1, 4));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.run(move || {
+                    let _ = hold.recv();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queued = {
+            let (pool, ran) = (pool.clone(), ran.clone());
+            tokio::spawn(async move {
+                pool.run(move || {
+                    ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        queued.abort();
+        let _ = queued.await;
+        release.send(()).expect("release");
+        busy.await.expect("join").expect("busy job");
+        // The next job runs after the skipped one: the queue moved on without running it.
+        pool.run(|| Ok(())).await.expect("next job");
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "the abandoned job ran");
     }
 
     #[tokio::test]

@@ -250,3 +250,25 @@ async fn unload_frees_the_model() {
     m.embed(&model("a", 10), vec!["x".into()]).await.unwrap();
     assert_eq!(lock(&loads).len(), 2);
 }
+
+#[test]
+fn a_streamed_piece_waits_for_a_slow_client_but_not_for_a_stalled_or_gone_one() {
+    let (tx, mut rx) = mpsc::channel::<String>(1);
+    assert!(send_within(&tx, "a".into(), Duration::from_millis(20)).is_continue());
+    // Full and nobody reading: gives up after the stall time.
+    let started = Instant::now();
+    assert!(send_within(&tx, "b".into(), Duration::from_millis(20)).is_break());
+    assert!(started.elapsed() >= Duration::from_millis(20));
+    // A reader that takes the piece a little later: the send goes through.
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(10));
+        let first = rx.blocking_recv();
+        (first, rx)
+    });
+    assert!(send_within(&tx, "c".into(), Duration::from_secs(10)).is_continue());
+    let (first, mut rx) = reader.join().expect("reader");
+    assert_eq!(first.as_deref(), Some("a"));
+    assert_eq!(rx.try_recv().ok().as_deref(), Some("c"));
+    drop(rx);
+    assert!(send_within(&tx, "d".into(), Duration::from_secs(10)).is_break(), "receiver gone");
+}

@@ -21,7 +21,7 @@ pub struct InferenceSettings {
     /// Requests that compute at the same time.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// Compute threads per request. Default: the number of CPUs.
+    /// Compute threads per request. Default: the number of CPUs divided by `concurrency` (at least 1).
     #[serde(default)]
     pub threads: Option<usize>,
     /// Context window for text generation, in tokens; 0: the model's own, at most 4096.
@@ -156,9 +156,12 @@ impl InferenceSettings {
             queue_bound: self.queue_bound,
             concurrency: self.concurrency,
             load: outpost_inference::LoadOptions {
-                threads: self
-                    .threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                // By default the CPUs are shared between the requests computing at once, so that
+                // their compute threads together do not outnumber the CPUs.
+                threads: self.threads.unwrap_or_else(|| {
+                    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    (cpus / self.concurrency.max(1)).max(1)
+                }),
                 context: self.context,
                 gpu: self.gpu,
             },
