@@ -9,6 +9,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::{Op, Result, StateStore, StoreError, Tree};
 
+/// How long `open` waits for a lock held by a store that is closing.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
@@ -19,15 +22,27 @@ pub struct SledStore {
 impl SledStore {
     /// Open (or create) the store. Fails clearly when another agent holds the same directory.
     pub fn open(path: &Path) -> Result<Self> {
+        let locked = |e: &sled::Error| e.to_string().contains("lock") || e.to_string().contains("WouldBlock");
         let err = |e: sled::Error| {
-            let message = if e.to_string().contains("lock") || e.to_string().contains("WouldBlock") {
+            let message = if locked(&e) {
                 format!("{e}; is another `outpost run` using this data dir?")
             } else {
                 e.to_string()
             };
             StoreError::Backend { path: path.display().to_string(), message }
         };
-        let db = sled::Config::new().path(path).cache_capacity(4 * 1024 * 1024).open().map_err(err)?;
+        // A store closed a moment ago in this process can hold its file lock a little longer,
+        // while sled's background threads finish; another agent holds it for good. Wait briefly.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match sled::Config::new().path(path).cache_capacity(4 * 1024 * 1024).open() {
+                Ok(db) => break db,
+                Err(e) if locked(&e) && started.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        };
         let open = |t: Tree| db.open_tree(t.name()).map_err(err);
         let trees = [
             open(Tree::Jobs)?,
@@ -111,6 +126,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(&dir.path().join("db")).expect("open");
         crate::store::contract::run(&store);
+    }
+
+    #[test]
+    fn a_second_open_while_the_first_is_live_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let _first = SledStore::open(&path).expect("open");
+        let err = SledStore::open(&path).expect_err("the directory is held");
+        assert!(err.to_string().contains("is another `outpost run` using this data dir?"), "{err}");
     }
 
     #[test]
