@@ -22,7 +22,10 @@ pub struct SledStore {
 impl SledStore {
     /// Open (or create) the store. Fails clearly when another agent holds the same directory.
     pub fn open(path: &Path) -> Result<Self> {
-        let locked = |e: &sled::Error| e.to_string().contains("lock") || e.to_string().contains("WouldBlock");
+        let locked = |e: &sled::Error| {
+            let text = e.to_string();
+            text.contains("lock") || text.contains("WouldBlock")
+        };
         let err = |e: sled::Error| {
             let message = if locked(&e) {
                 format!("{e}; is another `outpost run` using this data dir?")
