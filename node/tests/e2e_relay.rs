@@ -179,6 +179,13 @@ async fn an_org_trigger_runs_a_job_on_the_node_with_the_object_mounted_once_per_
         control.all_events(&node.node_id).await.len() == 2
     })
     .await;
+    // The control plane stores a batch, then fires its triggers, then acks: the events can be
+    // listed before their jobs are recorded. The node's outbox empties on the ack (a status
+    // that already counts both events, not one written before them).
+    eventually("the batch acked", EVENTS_WAIT, async || {
+        relay_status(&node).is_some_and(|r| r["pending_depth"] == 0 && r["last_seq"] == 2)
+    })
+    .await;
     let events = control.all_events(&node.node_id).await;
     assert_eq!(events[0].triggered_jobs.len(), 1, "one job for the accepted object");
     assert!(events[1].triggered_jobs.is_empty(), "none for the rejected one");
