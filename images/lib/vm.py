@@ -26,8 +26,10 @@ class VMError(RuntimeError):
 
 class VM:
     def __init__(self, disk: Path, workdir: Path, *, mem_mib: int = 2048, cpus: int = 2,
-                 accel: str = "tcg", echo: bool = True):
+                 accel: str = "tcg", echo: bool = True, net: bool = True):
         self.disk = disk
+        # False: no NIC at all (an air-gapped appliance); read at each start().
+        self.net = net
         self.workdir = workdir
         self.mem_mib = mem_mib
         self.cpus = cpus
@@ -39,6 +41,7 @@ class VM:
         self.vars = workdir / "OVMF_VARS.fd"
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
+        self.first_started_at = 0.0
         self._serial: socket.socket | None = None
         self._qmp: socket.socket | None = None
         self._qmp_buf = b""
@@ -54,6 +57,13 @@ class VM:
             shutil.copy(OVMF_VARS, self.vars)
         for p in (self.qmp_path, self.serial_path):
             p.unlink(missing_ok=True)
+        # A second start (the same disk booted again): new console, earlier lines stay seen.
+        for f in (self._serial, self._qmp, self._log, self._timed):
+            if f:
+                f.close()
+        self._buf = ""
+        self._qmp_buf = b""
+        self._pos = len(self._lines)
         cmd = [
             # -nodefaults: no empty CD-ROM (the firmware would try to boot it) and no VGA.
             "qemu-system-x86_64", "-nodefaults", "-machine", "q35", "-accel", self.accel,
@@ -61,8 +71,6 @@ class VM:
             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,file={self.vars}",
             "-drive", f"file={self.disk},if=virtio,format={'qcow2' if self.disk.suffix == '.qcow2' else 'raw'},cache=unsafe",
-            # No option ROM on the NIC: the firmware does not try network boot first.
-            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
             "-device", "virtio-rng-pci",
             "-device", "qemu-xhci,id=xhci",
             "-device", "i6300esb", "-action", "watchdog=reset",
@@ -71,12 +79,18 @@ class VM:
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
+        if self.net:
+            # No option ROM on the NIC: the firmware does not try network boot first. A fixed
+            # slot apart from the others: with or without the NIC the disk keeps its PCI path,
+            # so the firmware's boot entry from an earlier boot still finds it.
+            cmd += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=,addr=0x10"]
         self._log = open(self.serial_log, "a", encoding="utf-8", errors="replace")
         # The same lines without escape codes, each with the seconds since qemu started.
         self._timed = open(self.workdir / "serial.timed.log", "a", encoding="utf-8")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         self.started_at = time.monotonic()
+        self.first_started_at = self.first_started_at or self.started_at
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -100,7 +114,12 @@ class VM:
         self.qmp("qmp_capabilities")
 
     def elapsed(self) -> float:
+        """Seconds since this boot's qemu started."""
         return time.monotonic() - self.started_at
+
+    def total_elapsed(self) -> float:
+        """Seconds since the first start() of this VM object."""
+        return time.monotonic() - self.first_started_at if self.first_started_at else 0.0
 
     def stop(self, timeout: float = 120) -> None:
         """ACPI power button, then wait for qemu to exit (kill it after timeout)."""
