@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -175,16 +174,9 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
     let store = SledStore::open(&cfg.ledger_dir())?;
     let ledger = Ledger::new(Arc::new(store));
-    let runtime = DockerRuntime::connect(&identity.node.node_id, cfg.docker.socket.as_deref()).await;
-    let runtime = match runtime {
-        Ok(r) => r,
-        // The engine may come up after the agent (boot order); the agent waits for it.
-        Err(e) if e.is_retryable() => {
-            tracing::warn!(error = %e, "Docker engine not reachable yet; retrying");
-            connect_with_retry(&identity.node.node_id, cfg.docker.socket.as_deref()).await?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    // Not dialled yet: the engine may come up after the agent (boot order), and the agent is
+    // ready without it; jobs start once it answers.
+    let runtime = DockerRuntime::new(&identity.node.node_id, cfg.docker.socket.as_deref())?;
     let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
     let objects = outpost_node::objstore::AnyStore::open(&cfg, &env)
         .await
@@ -193,22 +185,6 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     spawn_signal_handler(shutdown.clone())?;
     Agent::new(cfg, identity, ledger, runtime, objects)?.run(shutdown).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn connect_with_retry(node_id: &str, socket: Option<&str>) -> anyhow::Result<DockerRuntime> {
-    let mut backoff =
-        outpost_node::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    loop {
-        match DockerRuntime::connect(node_id, socket).await {
-            Ok(r) => return Ok(r),
-            Err(e) if e.is_retryable() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "Docker engine not reachable yet");
-                tokio::time::sleep(delay).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -334,6 +310,14 @@ fn show_status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         .last_contact_unix_ms
         .map(|t| format!("{} s ago", outpost_node::clock::now_unix_ms().saturating_sub(t) / 1000))
         .unwrap_or_else(|| "never".into());
+    if st.runtime_ready {
+        println!("runtime:     ready");
+    } else {
+        println!(
+            "runtime:     not ready: no job is fetched until it is{}",
+            st.runtime_error.as_deref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+        );
+    }
     println!(
         "connection:  {} (last contact {contact}){}",
         if st.connected { "connected" } else { "disconnected" },

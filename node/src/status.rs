@@ -16,6 +16,13 @@ pub struct Status {
     pub org_id: String,
     pub control_url: String,
     pub ready: bool,
+    /// Whether the container runtime answered and the last run's containers were reconciled:
+    /// jobs are fetched and run only then. A status file of an older agent lacks it.
+    #[serde(default)]
+    pub runtime_ready: bool,
+    /// Why the runtime is not ready, while it is not.
+    #[serde(default)]
+    pub runtime_error: Option<String>,
     /// Whether the last call to the control plane succeeded.
     pub connected: bool,
     pub last_contact_unix_ms: Option<u64>,

@@ -158,7 +158,7 @@ async fn the_agent_starts_while_the_control_plane_is_down_and_catches_up() {
     let mut s = site("").await;
     let port = s.control.port;
     s.control.kill();
-    s.node.start(); // ready means: ledger and runtime up; the uplink retries in the background.
+    s.node.start(); // ready and running jobs; the uplink retries in the background.
     assert!(
         s.node.log.wait_for("unreachable", Duration::from_secs(20))
             || s.node.log.wait_for("connection refused", Duration::from_secs(1)),
@@ -173,6 +173,68 @@ async fn the_agent_starts_while_the_control_plane_is_down_and_catches_up() {
     let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
     assert_eq!(result.stdout_tail.trim(), "back");
     let _ = &s.org_id;
+}
+
+/// Docker comes up after the agent (an appliance's boot, an engine being repaired): the agent
+/// is ready at once, heartbeats and says why jobs wait, fetches no job meanwhile, and runs the
+/// job once the engine answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_is_ready_before_docker_and_runs_jobs_once_it_answers() {
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let socket = sockets.path().join("docker.sock");
+    let mut s = site(&format!("[docker]\nsocket = \"{}\"", socket.display())).await;
+    s.node.start_agent();
+    let job = s.control.submit(&s.node.node_id, sh("echo after-docker")).await;
+
+    // Ready and heartbeating, but saying that jobs wait for the engine, and naming it.
+    let node = &s.node;
+    eventually("the status to show the heartbeat delivered", Duration::from_secs(30), async || {
+        let st: serde_json::Value =
+            serde_json::from_slice(&node.cli(&["status", "--json"]).stdout).expect("status --json");
+        st["agent"]["connected"] == true
+    })
+    .await;
+    let st: serde_json::Value =
+        serde_json::from_slice(&s.node.cli(&["status", "--json"]).stdout).expect("status --json");
+    assert_eq!(st["agent"]["ready"], true);
+    assert_eq!(st["agent"]["runtime_ready"], false);
+    let why = st["agent"]["runtime_error"].as_str().unwrap_or_default();
+    assert!(why.contains(&socket.display().to_string()), "the error names the socket: {why:?}");
+    let text = String::from_utf8_lossy(&s.node.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("runtime:     not ready"), "{text}");
+    let info: outpost_protocol::NodeInfo = serde_json::from_str(
+        &s.control
+            .try_get(&outpost_protocol::paths::fill(
+                outpost_protocol::paths::NODE,
+                "node_id",
+                &s.node.node_id,
+            ))
+            .await,
+    )
+    .expect("node info");
+    let hb = info.last_heartbeat.expect("a heartbeat reached the control plane");
+    assert_eq!(hb.inventory.docker_version, None, "the heartbeat says the engine is not there");
+    assert_eq!(s.control.job(&job.job_id).await.state, JobState::Queued, "no job is fetched meanwhile");
+
+    // The engine appears at the configured socket: the job runs, once.
+    let engine = std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
+        .unwrap_or_else(|| "/var/run/docker.sock".to_owned());
+    let since = unix_now_s();
+    std::os::unix::fs::symlink(&engine, &socket).expect("link the engine's socket");
+    assert!(
+        s.node.log.wait_for("container runtime ready", Duration::from_secs(60)),
+        "the agent notices the engine (it retries at most every 30 s)"
+    );
+    let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(result.outcome, Outcome::Succeeded);
+    assert_eq!(result.stdout_tail.trim(), "after-docker");
+    assert_eq!(container_starts(&job.job_id, since), 1);
+    let st: serde_json::Value =
+        serde_json::from_slice(&s.node.cli(&["status", "--json"]).stdout).expect("status --json");
+    assert_eq!(st["agent"]["runtime_ready"], true);
+    assert_eq!(st["agent"]["runtime_error"], serde_json::Value::Null);
 }
 
 /// SIGKILL while the job is staged (persisted, waiting for a slot): after the restart it runs

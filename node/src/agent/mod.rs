@@ -47,11 +47,22 @@ pub(crate) struct Shared {
     last_error: Mutex<Option<String>>,
     running: Mutex<BTreeSet<String>>,
     ready: AtomicBool,
+    /// The container runtime answered and the last run's containers are reconciled: jobs run.
+    runtime_ready: AtomicBool,
+    /// Why the runtime is not ready, while it is not.
+    runtime_error: Mutex<Option<String>>,
     /// Something `outpost status` shows has changed: rewrite the status file soon.
     changed: Notify,
 }
 
 impl Shared {
+    fn runtime_failed(&self, err: &dyn std::fmt::Display) {
+        if let Ok(mut e) = self.runtime_error.lock() {
+            *e = Some(err.to_string());
+        }
+        self.changed.notify_one();
+    }
+
     fn contact_ok(&self) {
         if !self.connected.swap(true, Ordering::Relaxed) {
             self.changed.notify_one();
@@ -147,14 +158,14 @@ impl<R: Runtime> Agent<R> {
 
     /// Run until `shutdown` is cancelled, then drain: stop fetching, give in-flight reports
     /// the grace period, and leave running containers to be adopted by the next start.
+    ///
+    /// The agent is ready once its own services run (outbox, heartbeat, relay, local endpoint);
+    /// it does not wait for the container runtime. Fetching and running jobs start once the
+    /// runtime answers and the containers of the last run are reconciled with the ledger, so a
+    /// node whose Docker is slow to start, or broken, still reports its health and says why.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let agent = Arc::new(self);
         let started = now_unix_ms();
-        agent.wait_for_runtime(&shutdown).await;
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        agent.reconcile().await?;
 
         let tasks = TaskTracker::new();
         if agent.cfg.inference.api.enabled {
@@ -167,11 +178,8 @@ impl<R: Runtime> Agent<R> {
                 }
             });
         }
-        let slots = Arc::new(Semaphore::new(agent.cfg.agent.max_concurrent_jobs as usize));
-        tasks.spawn(Arc::clone(&agent).poller(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).reporter(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).heartbeat(shutdown.clone()));
-        tasks.spawn(Arc::clone(&agent).dispatcher(slots, tasks.clone(), shutdown.clone()));
         if let Some(relay) = &agent.relay {
             let relay = Arc::clone(relay);
             let token = shutdown.clone();
@@ -187,6 +195,7 @@ impl<R: Runtime> Agent<R> {
                 "relay started"
             );
         }
+        tasks.spawn(Arc::clone(&agent).start_jobs(tasks.clone(), shutdown.clone()));
 
         agent.shared.ready.store(true, Ordering::Relaxed);
         agent.write_status(started);
@@ -230,7 +239,42 @@ impl<R: Runtime> Agent<R> {
         Ok(())
     }
 
-    /// The agent is of no use without its runtime: wait for it with backoff, saying why.
+    /// Jobs need the runtime: wait for it, reconcile the ledger with the containers the last
+    /// run left, and only then start the poller and the dispatcher. Until then no job is
+    /// fetched, so none waits on this node for an engine that may never come.
+    async fn start_jobs(self: Arc<Self>, tasks: TaskTracker, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            self.wait_for_runtime(&shutdown).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match self.reconcile().await {
+                Ok(()) => break,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    let e = format!("cannot reconcile the containers with the ledger: {e:#}");
+                    tracing::error!(error = %e, retry_in = ?delay, "jobs wait");
+                    self.shared.runtime_failed(&e);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        let slots = Arc::new(Semaphore::new(self.cfg.agent.max_concurrent_jobs as usize));
+        tasks.spawn(Arc::clone(&self).poller(shutdown.clone()));
+        tasks.spawn(Arc::clone(&self).dispatcher(slots, tasks.clone(), shutdown));
+        if let Ok(mut e) = self.shared.runtime_error.lock() {
+            *e = None;
+        }
+        self.shared.runtime_ready.store(true, Ordering::Relaxed);
+        self.shared.changed.notify_one();
+        tracing::info!("container runtime ready: fetching and running jobs");
+    }
+
+    /// Wait for the runtime with backoff, saying why it is not there yet.
     async fn wait_for_runtime(&self, shutdown: &CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
@@ -239,6 +283,7 @@ impl<R: Runtime> Agent<R> {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "container runtime not reachable yet");
+                    self.shared.runtime_failed(&e);
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -362,6 +407,8 @@ impl<R: Runtime> Agent<R> {
             org_id: self.identity.node.org_id.clone(),
             control_url: self.uplink.base().into(),
             ready: self.shared.ready.load(Ordering::Relaxed),
+            runtime_ready: self.shared.runtime_ready.load(Ordering::Relaxed),
+            runtime_error: self.shared.runtime_error.lock().ok().and_then(|e| e.clone()),
             connected: self.shared.connected.load(Ordering::Relaxed),
             last_contact_unix_ms: Some(self.shared.last_contact_unix_ms.load(Ordering::Relaxed))
                 .filter(|t| *t > 0),

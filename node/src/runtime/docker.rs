@@ -9,6 +9,7 @@ mod spec;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -19,6 +20,7 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 use outpost_protocol::ContainerSpec;
+use tokio::sync::OnceCell;
 
 use self::convert::{container_state, engine_error, job_label, status_of};
 use self::spec::{container_name, create_body, validate_image_id};
@@ -40,41 +42,78 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 /// sharing the engine.
 #[derive(Debug, Clone)]
 pub struct DockerRuntime {
-    docker: Docker,
-    /// The same connection with a timeout long enough for a large `docker load`.
-    loader: Docker,
+    /// The configured engine address; `None`: `DOCKER_HOST`, else the local default socket.
+    socket: Option<String>,
+    /// The connection at the engine's API version, made by the first call that reaches it.
+    engine: Arc<OnceCell<Engine>>,
     node_id: String,
 }
 
+#[derive(Debug)]
+struct Engine {
+    docker: Docker,
+    /// The same connection with a timeout long enough for a large `docker load`.
+    loader: Docker,
+}
+
 impl DockerRuntime {
-    /// Connects to the engine at `socket` (a unix socket path or a `unix://`, `tcp://`,
-    /// `http://` address), or else at `DOCKER_HOST`, or else at the local default socket, and
-    /// negotiates the API version down to the engine's (Docker 20.10 speaks only 1.41).
-    pub async fn connect(node_id: &str, socket: Option<&str>) -> Result<DockerRuntime> {
+    /// A runtime for the engine at `socket` (a unix socket path or a `unix://`, `tcp://`,
+    /// `http://` address), or else at `DOCKER_HOST`, or else at the local default socket. Nothing
+    /// is dialled yet: the first call negotiates the API version down to the engine's (Docker
+    /// 20.10 speaks only 1.41), and until the engine answers every call fails with a retryable
+    /// [`RuntimeError::Unavailable`]. The agent starts this way, so that it need not wait for
+    /// dockerd.
+    pub fn new(node_id: &str, socket: Option<&str>) -> Result<DockerRuntime> {
         if node_id.trim().is_empty() {
             return Err(RuntimeError::Invalid(
                 "node id is empty: the runtime labels containers with it".into(),
             ));
         }
-        let target = socket.map_or_else(
-            || std::env::var("DOCKER_HOST").unwrap_or_else(|_| "the local Docker socket".into()),
-            str::to_owned,
-        );
-        let client = match socket {
-            Some(address) if address.contains("://") => Docker::connect_with_host(address),
-            Some(path) => Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION),
-            None if std::env::var_os("DOCKER_HOST").is_some() => Docker::connect_with_defaults(),
-            None => Docker::connect_with_local_defaults(),
-        };
-        let unreachable = |e: EngineError| {
-            RuntimeError::Unavailable(format!(
-                "cannot reach the Docker engine at {target}: {e}; is dockerd running and is its socket \
-                 readable by this user?"
-            ))
-        };
-        let docker = client.map_err(unreachable)?.negotiate_version().await.map_err(unreachable)?;
-        let loader = docker.clone().with_timeout(LOAD_TIMEOUT);
-        Ok(DockerRuntime { docker, loader, node_id: node_id.to_owned() })
+        Ok(DockerRuntime {
+            socket: socket.map(str::to_owned),
+            engine: Arc::default(),
+            node_id: node_id.to_owned(),
+        })
+    }
+
+    /// [`DockerRuntime::new`], then reach the engine now: for commands that need it at once.
+    pub async fn connect(node_id: &str, socket: Option<&str>) -> Result<DockerRuntime> {
+        let runtime = DockerRuntime::new(node_id, socket)?;
+        runtime.engine().await?;
+        Ok(runtime)
+    }
+
+    /// The negotiated connection; reaches the engine if no call has yet.
+    async fn engine(&self) -> Result<&Engine> {
+        self.engine
+            .get_or_try_init(|| async {
+                let socket = self.socket.as_deref();
+                let target = socket.map_or_else(
+                    || std::env::var("DOCKER_HOST").unwrap_or_else(|_| "the local Docker socket".into()),
+                    str::to_owned,
+                );
+                let unreachable = |e: EngineError| {
+                    RuntimeError::Unavailable(format!(
+                        "cannot reach the Docker engine at {target}: {e}; is dockerd running and is its \
+                         socket readable by this user?"
+                    ))
+                };
+                let client = match socket {
+                    Some(address) if address.contains("://") => Docker::connect_with_host(address),
+                    Some(path) => {
+                        Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+                    }
+                    None if std::env::var_os("DOCKER_HOST").is_some() => Docker::connect_with_defaults(),
+                    None => Docker::connect_with_local_defaults(),
+                };
+                let docker = client.map_err(unreachable)?.negotiate_version().await.map_err(unreachable)?;
+                Ok(Engine { loader: docker.clone().with_timeout(LOAD_TIMEOUT), docker })
+            })
+            .await
+    }
+
+    async fn docker(&self) -> Result<&Docker> {
+        Ok(&self.engine().await?.docker)
     }
 
     /// The node id this runtime labels its containers with.
@@ -89,9 +128,11 @@ impl DockerRuntime {
 
 impl Runtime for DockerRuntime {
     async fn info(&self) -> Result<RuntimeInfo> {
-        let version = self.docker.version().await.map_err(|e| engine_error("read the engine version", e))?;
+        let version =
+            self.docker().await?.version().await.map_err(|e| engine_error("read the engine version", e))?;
         let images = self
-            .docker
+            .docker()
+            .await?
             .list_images(Some(ListImagesOptions::default()))
             .await
             .map_err(|e| engine_error("list images", e))?;
@@ -102,7 +143,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn image_present(&self, image: &str) -> Result<bool> {
-        match self.docker.inspect_image(image).await {
+        match self.docker().await?.inspect_image(image).await {
             Ok(_) => Ok(true),
             Err(e) if status_of(&e) == Some(404) => Ok(false),
             Err(e) => Err(engine_error(&format!("inspect image {image}"), e)),
@@ -117,7 +158,7 @@ impl Runtime for DockerRuntime {
             return Err(RuntimeError::ImageMissing(spec.image.clone()));
         }
         let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
-        match self.docker.create_container(Some(options), body).await {
+        match self.docker().await?.create_container(Some(options), body).await {
             Ok(created) => Ok(created.id),
             // The name is taken: this attempt was created before (maybe by a previous run of the
             // agent). Hand back that container, never a second one.
@@ -141,7 +182,7 @@ impl Runtime for DockerRuntime {
             Some(ContainerState::Running { .. }) => return Ok(()),
             Some(ContainerState::Created) => {}
         }
-        match self.docker.start_container(&name, None).await {
+        match self.docker().await?.start_container(&name, None).await {
             Ok(()) => Ok(()),
             Err(e) if status_of(&e) == Some(404) => Err(Self::not_found(job)),
             Err(e) => Err(engine_error(&format!("start container {name}"), e)),
@@ -150,7 +191,7 @@ impl Runtime for DockerRuntime {
 
     async fn inspect(&self, job: &JobRef) -> Result<Option<ContainerState>> {
         let name = container_name(job)?;
-        match self.docker.inspect_container(&name, None).await {
+        match self.docker().await?.inspect_container(&name, None).await {
             Ok(container) => Ok(Some(container_state(container.state.as_ref()))),
             Err(e) if status_of(&e) == Some(404) => Ok(None),
             Err(e) => Err(engine_error(&format!("inspect container {name}"), e)),
@@ -171,7 +212,7 @@ impl Runtime for DockerRuntime {
         }
         // "not-running" also answers at once if the container exited since the inspect above.
         let options = WaitContainerOptions { condition: "not-running".into() };
-        let mut waited = self.docker.wait_container(&name, Some(options));
+        let mut waited = self.docker().await?.wait_container(&name, Some(options));
         match waited.next().await {
             Some(Ok(answer)) => Ok(answer.status_code),
             // bollard reports a non-zero exit as an error; for us it is the job's result.
@@ -192,7 +233,7 @@ impl Runtime for DockerRuntime {
     async fn kill(&self, job: &JobRef) -> Result<()> {
         let name = container_name(job)?;
         let options = KillContainerOptions { signal: "SIGKILL".into() };
-        match self.docker.kill_container(&name, Some(options)).await {
+        match self.docker().await?.kill_container(&name, Some(options)).await {
             Ok(()) => Ok(()),
             // 409: the container is not running (exited, or never started).
             Err(e) if status_of(&e) == Some(409) => Ok(()),
@@ -203,7 +244,7 @@ impl Runtime for DockerRuntime {
 
     async fn output(&self, job: &JobRef, max_bytes: usize) -> Result<Output> {
         let name = container_name(job)?;
-        match logs::collect(&self.docker, &name, max_bytes).await {
+        match logs::collect(self.docker().await?, &name, max_bytes).await {
             Ok(output) => Ok(output),
             Err(e) if status_of(&e) == Some(404) => Err(Self::not_found(job)),
             Err(e) => Err(engine_error(&format!("read the logs of container {name}"), e)),
@@ -213,7 +254,7 @@ impl Runtime for DockerRuntime {
     async fn remove(&self, job: &JobRef) -> Result<()> {
         let name = container_name(job)?;
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
-        match self.docker.remove_container(&name, Some(options)).await {
+        match self.docker().await?.remove_container(&name, Some(options)).await {
             Ok(()) => Ok(()),
             // 404: gone already; 409: a removal is already in progress.
             Err(e) if matches!(status_of(&e), Some(404 | 409)) => Ok(()),
@@ -225,7 +266,8 @@ impl Runtime for DockerRuntime {
         let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_NODE}={}", self.node_id)])]);
         let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
         let summaries = self
-            .docker
+            .docker()
+            .await?
             .list_containers(Some(options))
             .await
             .map_err(|e| engine_error("list containers", e))?;
@@ -239,7 +281,7 @@ impl Runtime for DockerRuntime {
                 continue;
             };
             // The summary has no exit code or times: inspect each one.
-            let state = match self.docker.inspect_container(&id, None).await {
+            let state = match self.docker().await?.inspect_container(&id, None).await {
                 Ok(container) => container_state(container.state.as_ref()),
                 Err(e) if status_of(&e) == Some(404) => continue, // removed meanwhile
                 Err(e) => return Err(engine_error(&format!("inspect container {id}"), e)),
@@ -251,7 +293,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn load_image(&self, tar: &Path) -> Result<Vec<String>> {
-        load::load_image(&self.loader, tar).await
+        load::load_image(&self.engine().await?.loader, tar).await
     }
 }
 
@@ -263,7 +305,7 @@ impl DockerRuntime {
         // create racing another one may see the conflict a moment before the container exists.
         let mut attempts = 0;
         let container = loop {
-            match self.docker.inspect_container(name, None).await {
+            match self.docker().await?.inspect_container(name, None).await {
                 Ok(container) => break container,
                 Err(e) if status_of(&e) == Some(404) && attempts < NAME_RESERVED_POLLS => {
                     attempts += 1;

@@ -330,8 +330,18 @@ impl Node {
         Node { dir: dir.to_path_buf(), config, node_id, child: None, log: Lines::default() }
     }
 
-    /// Start `outpost run`; returns once it logged that it is ready.
+    /// Start `outpost run`; returns once it is ready and its container runtime answered (jobs
+    /// are fetched from then on).
     pub fn start(&mut self) {
+        self.start_agent();
+        if !self.log.wait_for("container runtime ready", Duration::from_secs(60)) {
+            self.log.dump("node");
+            panic!("the agent did not reach the Docker engine within 60 s");
+        }
+    }
+
+    /// Start `outpost run`; returns once it logged that it is ready, which it is without Docker.
+    pub fn start_agent(&mut self) {
         assert!(self.child.is_none(), "node already running");
         self.log = Lines::default();
         let mut child = Command::new(node_bin())
