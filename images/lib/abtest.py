@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vm import VM, VMError  # noqa: E402
 
 REPORT = (r"outpost-boot: slot=(?P<slot>\S+) version=(?P<version>\S+) assessment=(?P<assessment>\S+) "
-          r"agent=(?P<agent>\S+) ready_s=(?P<ready_s>\S+) uptime_s=(?P<uptime_s>\S+) "
+          r"agent=(?P<agent>\S+) ready_s=(?P<ready_s>\S+) runtime=(?P<runtime>\S+) "
+          r"runtime_s=(?P<runtime_s>\S+) uptime_s=(?P<uptime_s>\S+) "
           r"slots=(?P<slots>\S+) listeners=(?P<listeners>\S+)(?: storage=(?P<storage>\S+))?")
 # DHCP clients (v4 port 68, v6 port 546) hold a UDP socket on the leased address to renew it;
 # they answer no requests. Everything else on a non-loopback address fails the test.
@@ -94,6 +95,10 @@ def main() -> int:
         check(r["version"] == args.base, f"first boot runs version {r['version']}, expected {args.base}")
         check(r["agent"] == "ready", f"agent state {r['agent']}")
         figures["ready_after_kernel_start_s"] = float(r["ready_s"])
+        check(r["runtime"] == "ready", f"the agent's container runtime: {r['runtime']}")
+        figures["runtime_ready_after_kernel_start_s"] = float(r["runtime_s"])
+        say(f"the agent runs jobs (dockerd answered) {r['runtime_s']} s after kernel start, "
+            f"{float(r['runtime_s']) - float(r['ready_s']):.1f} s after the agent was ready")
         bad = exposed(r["listeners"])
         check(not bad, f"listening on non-loopback addresses: {', '.join(bad)}")
         figures["non_loopback_listeners"] = r["listeners"]
@@ -120,6 +125,7 @@ def main() -> int:
             check(r["assessment"] == "indeterminate",
                   f"slot B's first boot should be a counted trial boot, assessment is {r['assessment']}")
             check(not exposed(r["listeners"]), f"slot B listens on: {r['listeners']}")
+            check(r["runtime"] == "ready", f"slot B's container runtime: {r['runtime']}")
             check(r["storage"] == "ready", f"slot B's object store: {r['storage']}")
             vm.wait_for(r"outpost-boot: boot GOOD", 60 * t)
             figures["update_reboot_to_ready_s"] = round(vm.elapsed() - t_reboot, 1)
@@ -147,7 +153,8 @@ def main() -> int:
             r = boot_report(vm, 900 * t)
             check(r["slot"] == "B", f"after the failed trial the appliance runs slot {r['slot']}, expected B")
             check(r["version"] == args.update, f"slot B runs version {r['version']}, expected {args.update}")
-            check(r["agent"] == "ready", f"agent state after rollback: {r['agent']}")
+            check(r["agent"] == "ready" and r["runtime"] == "ready",
+                  f"agent state after rollback: {r['agent']}, runtime {r['runtime']}")
             check("A:bad" in r["slots"], f"slot A should be marked bad, slots: {r['slots']}")
             vm.wait_for(r"outpost-boot: boot GOOD", 60 * t)
             figures["rollback_s"] = round(vm.elapsed() - t1, 1)
@@ -171,11 +178,14 @@ def main() -> int:
         r = boot_report(vm, 300 * t)
         check(r["agent"] == "ready", f"agent state without network: {r['agent']}")
         figures["offline_ready_after_kernel_start_s"] = float(r["ready_s"])
+        check(r["runtime"] == "ready", f"the agent's container runtime without network: {r['runtime']}")
+        figures["offline_runtime_ready_after_kernel_start_s"] = float(r["runtime_s"])
         check(r["storage"] == "ready", f"local object store without network: {r['storage']}")
         check(r["listeners"] == "none", f"listening without network on: {r['listeners']}")
         vm.wait_for(r"outpost-boot: boot GOOD", 60 * t)
         say(f"agent ready without network {figures['offline_boot_to_ready_s']} s after qemu started "
-            f"({figures['offline_ready_after_kernel_start_s']} s after kernel start)")
+            f"({figures['offline_ready_after_kernel_start_s']} s after kernel start; runs jobs "
+            f"{figures['offline_runtime_ready_after_kernel_start_s']} s after kernel start)")
         say("powering off")
         vm.stop(180 * t)
         ok = True
