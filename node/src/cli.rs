@@ -311,7 +311,10 @@ fn show_status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         .map(|t| format!("{} s ago", outpost_node::clock::now_unix_ms().saturating_sub(t) / 1000))
         .unwrap_or_else(|| "never".into());
     if st.runtime_ready {
-        println!("runtime:     ready");
+        match &st.runtime_error {
+            None => println!("runtime:     ready"),
+            Some(e) => println!("runtime:     jobs started, but the engine is not answering now: {e}"),
+        }
     } else {
         println!(
             "runtime:     not ready: no job is fetched until it is{}",

@@ -20,7 +20,8 @@ pub struct Status {
     /// jobs are fetched and run only then. A status file of an older agent lacks it.
     #[serde(default)]
     pub runtime_ready: bool,
-    /// Why the runtime is not ready, while it is not.
+    /// Why the runtime is not ready, or, once jobs run, why the engine did not answer the last
+    /// heartbeat's query.
     #[serde(default)]
     pub runtime_error: Option<String>,
     /// Whether the last call to the control plane succeeded.

@@ -177,29 +177,35 @@ async fn the_agent_starts_while_the_control_plane_is_down_and_catches_up() {
 
 /// Docker comes up after the agent (an appliance's boot, an engine being repaired): the agent
 /// is ready at once, heartbeats and says why jobs wait, fetches no job meanwhile, and runs the
-/// job once the engine answers.
+/// job once the engine answers. The socket first accepts connections and never answers, as a
+/// socket-activated dockerd does while it starts (or fails to).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_is_ready_before_docker_and_runs_jobs_once_it_answers() {
     let sockets = tempfile::tempdir().expect("tempdir");
     let socket = sockets.path().join("docker.sock");
+    let silent = std::os::unix::net::UnixListener::bind(&socket).expect("bind a silent socket");
     let mut s = site(&format!("[docker]\nsocket = \"{}\"", socket.display())).await;
     s.node.start_agent();
     let job = s.control.submit(&s.node.node_id, sh("echo after-docker")).await;
 
-    // Ready and heartbeating, but saying that jobs wait for the engine, and naming it.
+    // Ready and heartbeating, but saying that jobs wait for the engine.
     let node = &s.node;
-    eventually("the status to show the heartbeat delivered", Duration::from_secs(30), async || {
-        let st: serde_json::Value =
-            serde_json::from_slice(&node.cli(&["status", "--json"]).stdout).expect("status --json");
-        st["agent"]["connected"] == true
-    })
+    eventually(
+        "the status to show a delivered heartbeat and why jobs wait",
+        Duration::from_secs(45),
+        async || {
+            let st: serde_json::Value =
+                serde_json::from_slice(&node.cli(&["status", "--json"]).stdout).expect("status --json");
+            st["agent"]["connected"] == true && st["agent"]["runtime_error"].is_string()
+        },
+    )
     .await;
     let st: serde_json::Value =
         serde_json::from_slice(&s.node.cli(&["status", "--json"]).stdout).expect("status --json");
     assert_eq!(st["agent"]["ready"], true);
     assert_eq!(st["agent"]["runtime_ready"], false);
     let why = st["agent"]["runtime_error"].as_str().unwrap_or_default();
-    assert!(why.contains(&socket.display().to_string()), "the error names the socket: {why:?}");
+    assert!(why.contains("not answer"), "the status says the engine does not answer: {why:?}");
     let text = String::from_utf8_lossy(&s.node.cli(&["status"]).stdout).into_owned();
     assert!(text.contains("runtime:     not ready"), "{text}");
     let info: outpost_protocol::NodeInfo = serde_json::from_str(
@@ -217,11 +223,10 @@ async fn the_agent_is_ready_before_docker_and_runs_jobs_once_it_answers() {
     assert_eq!(s.control.job(&job.job_id).await.state, JobState::Queued, "no job is fetched meanwhile");
 
     // The engine appears at the configured socket: the job runs, once.
-    let engine = std::env::var("DOCKER_HOST")
-        .ok()
-        .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
-        .unwrap_or_else(|| "/var/run/docker.sock".to_owned());
+    let engine = engine_socket();
     let since = unix_now_s();
+    drop(silent);
+    std::fs::remove_file(&socket).expect("remove the silent socket");
     std::os::unix::fs::symlink(&engine, &socket).expect("link the engine's socket");
     assert!(
         s.node.log.wait_for("container runtime ready", Duration::from_secs(60)),
@@ -231,10 +236,95 @@ async fn the_agent_is_ready_before_docker_and_runs_jobs_once_it_answers() {
     assert_eq!(result.outcome, Outcome::Succeeded);
     assert_eq!(result.stdout_tail.trim(), "after-docker");
     assert_eq!(container_starts(&job.job_id, since), 1);
-    let st: serde_json::Value =
-        serde_json::from_slice(&s.node.cli(&["status", "--json"]).stdout).expect("status --json");
-    assert_eq!(st["agent"]["runtime_ready"], true);
-    assert_eq!(st["agent"]["runtime_error"], serde_json::Value::Null);
+    let node = &s.node;
+    eventually("the status to show the runtime ready", Duration::from_secs(10), async || {
+        let st: serde_json::Value =
+            serde_json::from_slice(&node.cli(&["status", "--json"]).stdout).expect("status --json");
+        st["agent"]["runtime_ready"] == true && st["agent"]["runtime_error"].is_null()
+    })
+    .await;
+}
+
+/// The engine's Unix socket: `DOCKER_HOST` when it is one, else the default.
+fn engine_socket() -> std::path::PathBuf {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
+        .unwrap_or_else(|| "/var/run/docker.sock".to_owned())
+        .into()
+}
+
+/// A Unix socket in front of the engine whose connections the test can cut, as a dockerd
+/// restart (or one stopping beside the agent at shutdown) does.
+struct EngineProxy {
+    path: std::path::PathBuf,
+    engine: std::path::PathBuf,
+    /// The acceptor and every connection it made: cutting aborts them all.
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl EngineProxy {
+    fn start(path: &std::path::Path, engine: std::path::PathBuf) -> EngineProxy {
+        let proxy = EngineProxy { path: path.to_owned(), engine, tasks: Default::default() };
+        proxy.listen();
+        proxy
+    }
+
+    fn listen(&self) {
+        let listener = tokio::net::UnixListener::bind(&self.path).expect("bind the proxy socket");
+        let engine = self.engine.clone();
+        let tasks = std::sync::Arc::clone(&self.tasks);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let engine = engine.clone();
+                tasks.lock().expect("lock").push(tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::UnixStream::connect(&engine).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                    }
+                }));
+            }
+        });
+        self.tasks.lock().expect("lock").push(accept);
+    }
+
+    /// Drop every connection and stop listening: calls fail until `listen` again.
+    fn cut(&self) {
+        for task in self.tasks.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+        std::fs::remove_file(&self.path).expect("remove the proxy socket");
+    }
+}
+
+/// The engine's connection drops while a job runs (dockerd restarted, or stopping beside the
+/// agent at shutdown): the wait for the container fails, and the agent waits again instead of
+/// failing the job; the container is not started twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_outlives_the_engine_connection_dropping_while_it_runs() {
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let socket = sockets.path().join("docker.sock");
+    let proxy = EngineProxy::start(&socket, engine_socket());
+    let mut s = site(&format!("[docker]\nsocket = \"{}\"", socket.display())).await;
+    s.node.start();
+    let since = unix_now_s();
+    let job = s.control.submit(&s.node.node_id, sh("sleep 6; echo outlived")).await;
+    let name = format!("outpost-{}-1", job.job_id);
+    eventually("the job's container to run", Duration::from_secs(60), async || {
+        docker_inspect(&name).is_some_and(|c| c["State"]["Running"] == true)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the agent is in its wait now
+    proxy.cut();
+    assert!(
+        s.node.log.wait_for("retrying", Duration::from_secs(20)),
+        "the agent's wait for the container failed and is retried"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.listen();
+    let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(result.outcome, Outcome::Succeeded, "{:?}", result.error);
+    assert_eq!(result.stdout_tail.trim(), "outlived");
+    assert_eq!(container_starts(&job.job_id, since), 1);
 }
 
 /// SIGKILL while the job is staged (persisted, waiting for a slot): after the restart it runs

@@ -129,14 +129,19 @@ impl<R: Runtime> Agent<R> {
         let deadline_ms = started.saturating_add(spec.timeout_secs.saturating_mul(1000));
         let remaining = Duration::from_millis(deadline_ms.saturating_sub(now_unix_ms()));
         let mut timed_out = false;
+        // An engine that goes away (dockerd restarted or stopping) ends the wait with a
+        // retryable error: wait again rather than fail a job whose container may still run.
         let exit = tokio::select! {
-            r = self.runtime.wait(job) => Some(r),
+            r = retry(shutdown, || self.runtime.wait(job)) => Some(r),
             _ = tokio::time::sleep(remaining) => None,
             _ = shutdown.cancelled() => return Err(Stop::Shutdown),
         };
         let exit_code = match exit {
             Some(Ok(code)) => code,
-            Some(Err(e)) => return Err(Stop::Failed(format!("waiting for the container failed: {e}"))),
+            Some(Err(Stop::Failed(e))) => {
+                return Err(Stop::Failed(format!("waiting for the container failed: {e}")));
+            }
+            Some(Err(stop)) => return Err(stop),
             None => {
                 timed_out = true;
                 tracing::warn!(job = %job.job_id, timeout_secs = spec.timeout_secs, "job timed out; killing it");

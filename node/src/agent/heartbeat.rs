@@ -15,11 +15,35 @@ use crate::runtime::Runtime;
 /// older ones are pruned so the ledger stays bounded.
 const SETTLED_KEEP: usize = 1000;
 
+/// How long a heartbeat waits for the container engine's inventory before going without it.
+const ENGINE_WAIT: Duration = Duration::from_secs(5);
+
 impl<R: Runtime> Agent<R> {
     pub(super) async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
         let every = Duration::from_secs(self.cfg.agent.heartbeat_secs);
         loop {
-            let runtime = self.runtime.info().await.ok();
+            // Bounded: behind a socket-activated dockerd that is slow or broken, a call is
+            // accepted and then waits; the heartbeat must still go out, saying there is no engine.
+            let runtime = tokio::select! {
+                r = tokio::time::timeout(ENGINE_WAIT, self.runtime.info()) => match r {
+                    Ok(Ok(info)) => {
+                        self.shared.runtime_answered();
+                        Some(info)
+                    }
+                    Ok(Err(e)) => {
+                        self.shared.runtime_failed(&e);
+                        None
+                    }
+                    Err(_) => {
+                        self.shared.runtime_failed(&format_args!(
+                            "the container engine did not answer within {} s",
+                            ENGINE_WAIT.as_secs()
+                        ));
+                        None
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
             let depths = self.ledger.depths().unwrap_or_default();
             let hb = Heartbeat {
                 agent_version: env!("CARGO_PKG_VERSION").into(),

@@ -63,6 +63,19 @@ impl Shared {
         self.changed.notify_one();
     }
 
+    /// The engine answered. Clears the error only once jobs run: before that, the error may be
+    /// a failed reconciliation, which an answering engine does not fix.
+    fn runtime_answered(&self) {
+        if !self.runtime_ready.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut e) = self.runtime_error.lock()
+            && e.take().is_some()
+        {
+            self.changed.notify_one();
+        }
+    }
+
     fn contact_ok(&self) {
         if !self.connected.swap(true, Ordering::Relaxed) {
             self.changed.notify_one();
@@ -263,6 +276,9 @@ impl<R: Runtime> Agent<R> {
                 }
             }
         }
+        if shutdown.is_cancelled() {
+            return; // stopped while reconciling: the next start fetches and runs
+        }
         let slots = Arc::new(Semaphore::new(self.cfg.agent.max_concurrent_jobs as usize));
         tasks.spawn(Arc::clone(&self).poller(shutdown.clone()));
         tasks.spawn(Arc::clone(&self).dispatcher(slots, tasks.clone(), shutdown));
@@ -278,7 +294,22 @@ impl<R: Runtime> Agent<R> {
     async fn wait_for_runtime(&self, shutdown: &CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
-            match self.runtime.info().await {
+            // A socket-activated engine accepts the call and answers once dockerd is up: keep
+            // waiting for that answer, but say meanwhile that it has not come.
+            let call = self.runtime.info();
+            tokio::pin!(call);
+            let answer = tokio::select! {
+                r = &mut call => r,
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    self.shared.runtime_failed(&"the container engine has not answered yet");
+                    tokio::select! {
+                        r = &mut call => r,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            };
+            match answer {
                 Ok(_) => return,
                 Err(e) => {
                     let delay = backoff.next_delay();
@@ -374,8 +405,9 @@ impl<R: Runtime> Agent<R> {
                     continue;
                 }
                 let permit = tokio::select! {
-                    p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    biased;
                     _ = shutdown.cancelled() => return,
+                    p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
                 };
                 let agent = Arc::clone(&self);
                 let token = shutdown.clone();
