@@ -88,8 +88,7 @@ async fn a_job_runs_hardened_and_its_result_is_stored_once() {
         docker_inspect(&name).is_none()
     })
     .await;
-    let out = s.node.cli(&["status", "--json"]);
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let st = s.node.status_json();
     assert_eq!(st["enrolled"], true);
     assert_eq!(st["agent"]["ready"], true);
     assert_eq!(s.node.stop().code(), Some(0), "SIGTERM drains and exits 0");
@@ -164,8 +163,7 @@ async fn the_agent_starts_while_the_control_plane_is_down_and_catches_up() {
             || s.node.log.wait_for("connection refused", Duration::from_secs(1)),
         "the agent says why it cannot reach the control plane"
     );
-    let out = s.node.cli(&["status", "--json"]);
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
+    let st = s.node.status_json();
     assert_eq!(st["agent"]["connected"], false);
 
     s.control = Control::start(&s.control.dir.clone(), Some(port));
@@ -194,14 +192,12 @@ async fn the_agent_is_ready_before_docker_and_runs_jobs_once_it_answers() {
         "the status to show a delivered heartbeat and why jobs wait",
         Duration::from_secs(45),
         async || {
-            let st: serde_json::Value =
-                serde_json::from_slice(&node.cli(&["status", "--json"]).stdout).expect("status --json");
+            let st = node.status_json();
             st["agent"]["connected"] == true && st["agent"]["runtime_error"].is_string()
         },
     )
     .await;
-    let st: serde_json::Value =
-        serde_json::from_slice(&s.node.cli(&["status", "--json"]).stdout).expect("status --json");
+    let st = s.node.status_json();
     assert_eq!(st["agent"]["ready"], true);
     assert_eq!(st["agent"]["runtime_ready"], false);
     let why = st["agent"]["runtime_error"].as_str().unwrap_or_default();
@@ -238,8 +234,7 @@ async fn the_agent_is_ready_before_docker_and_runs_jobs_once_it_answers() {
     assert_eq!(container_starts(&job.job_id, since), 1);
     let node = &s.node;
     eventually("the status to show the runtime ready", Duration::from_secs(10), async || {
-        let st: serde_json::Value =
-            serde_json::from_slice(&node.cli(&["status", "--json"]).stdout).expect("status --json");
+        let st = node.status_json();
         st["agent"]["runtime_ready"] == true && st["agent"]["runtime_error"].is_null()
     })
     .await;

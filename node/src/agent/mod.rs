@@ -269,10 +269,7 @@ impl<R: Runtime> Agent<R> {
                     let e = format!("cannot reconcile the containers with the ledger: {e:#}");
                     tracing::error!(error = %e, retry_in = ?delay, "jobs wait");
                     self.shared.runtime_failed(&e);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+                    poller::sleep_or_cancel(&shutdown, delay).await;
                 }
             }
         }
@@ -282,10 +279,8 @@ impl<R: Runtime> Agent<R> {
         let slots = Arc::new(Semaphore::new(self.cfg.agent.max_concurrent_jobs as usize));
         tasks.spawn(Arc::clone(&self).poller(shutdown.clone()));
         tasks.spawn(Arc::clone(&self).dispatcher(slots, tasks.clone(), shutdown));
-        if let Ok(mut e) = self.shared.runtime_error.lock() {
-            *e = None;
-        }
         self.shared.runtime_ready.store(true, Ordering::Relaxed);
+        self.shared.runtime_answered();
         self.shared.changed.notify_one();
         tracing::info!("container runtime ready: fetching and running jobs");
     }

@@ -128,11 +128,9 @@ impl DockerRuntime {
 
 impl Runtime for DockerRuntime {
     async fn info(&self) -> Result<RuntimeInfo> {
-        let version =
-            self.docker().await?.version().await.map_err(|e| engine_error("read the engine version", e))?;
-        let images = self
-            .docker()
-            .await?
+        let docker = self.docker().await?;
+        let version = docker.version().await.map_err(|e| engine_error("read the engine version", e))?;
+        let images = docker
             .list_images(Some(ListImagesOptions::default()))
             .await
             .map_err(|e| engine_error("list images", e))?;

@@ -377,6 +377,12 @@ impl Node {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// `outpost status --json` of this node.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.cli(&["status", "--json"]).stdout)
+            .expect("outpost status --json prints JSON")
+    }
+
     /// Run another `outpost` subcommand with this node's config.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(node_bin()).arg("--config").arg(&self.config).args(args).output().expect("run outpost")
