@@ -16,6 +16,7 @@ mod model;
 mod node;
 pub mod paths;
 mod report;
+pub mod selector;
 
 pub use enroll::*;
 pub use error::*;
@@ -25,6 +26,7 @@ pub use job::*;
 pub use model::*;
 pub use node::*;
 pub use report::*;
+pub use selector::{Labels, Selector, SelectorError};
 
 /// The API version every path is prefixed with.
 pub const API_VERSION: &str = "v1";
