@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use outpost_protocol::{
     AuditList, CreateOrgRequest, CreateTokenRequest, CreateTriggerRequest, EnrollmentToken, ErrorBody,
-    EventList, JobInfo, JobList, JobState, NodeInfo, NodeList, Org, SubmitJobRequest, Trigger, TriggerList,
-    paths,
+    EventList, JobGroup, JobInfo, JobList, JobState, LabelNodeRequest, NodeInfo, NodeList, Org,
+    SubmitJobRequest, Trigger, TriggerList, paths,
 };
 use reqwest::Method;
 use serde::Serialize;
@@ -48,6 +48,15 @@ impl EventsQuery {
         }
         if parts.is_empty() { String::new() } else { format!("?{}", parts.join("&")) }
     }
+}
+
+/// Which jobs `job list` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct JobsQuery {
+    pub node_id: Option<String>,
+    pub state: Option<JobState>,
+    pub group_id: Option<String>,
+    pub limit: usize,
 }
 
 pub struct Client {
@@ -114,25 +123,50 @@ impl Client {
         self.call::<(), _>(Method::GET, &paths::fill(paths::JOB, "job_id", &enc(job_id)), None).await
     }
 
-    pub async fn jobs(
-        &self,
-        node_id: Option<&str>,
-        state: Option<JobState>,
-        limit: usize,
-    ) -> anyhow::Result<JobList> {
-        let mut query = format!("?limit={limit}");
-        if let Some(n) = node_id {
+    pub async fn jobs(&self, q: &JobsQuery) -> anyhow::Result<JobList> {
+        let mut query = format!("?limit={}", q.limit);
+        if let Some(n) = &q.node_id {
             query.push_str(&format!("&node_id={}", enc(n)));
         }
-        if let Some(s) = state {
+        if let Some(s) = q.state {
             let s = serde_json::to_value(s)?;
             query.push_str(&format!("&state={}", s.as_str().unwrap_or_default()));
+        }
+        if let Some(g) = &q.group_id {
+            query.push_str(&format!("&group_id={}", enc(g)));
         }
         self.call::<(), _>(Method::GET, &format!("{}{query}", paths::JOBS), None).await
     }
 
-    pub async fn nodes(&self) -> anyhow::Result<NodeList> {
-        self.call::<(), _>(Method::GET, paths::NODES, None).await
+    /// One job on each node a selector matches (`placement: each`).
+    pub async fn submit_group(&self, req: &SubmitJobRequest) -> anyhow::Result<JobGroup> {
+        self.call(Method::POST, paths::JOB_GROUPS, Some(req)).await
+    }
+
+    pub async fn group(&self, group_id: &str) -> anyhow::Result<JobGroup> {
+        self.call::<(), _>(Method::GET, &paths::fill(paths::JOB_GROUP, "group_id", &enc(group_id)), None)
+            .await
+    }
+
+    pub async fn cancel(&self, job_id: &str) -> anyhow::Result<JobInfo> {
+        self.call::<(), _>(Method::POST, &paths::fill(paths::JOB_CANCEL, "job_id", &enc(job_id)), None).await
+    }
+
+    /// Nodes, optionally only those of `org_id` that `selector` matches.
+    pub async fn nodes(&self, selector: Option<&str>, org_id: Option<&str>) -> anyhow::Result<NodeList> {
+        let mut parts = Vec::new();
+        if let Some(s) = selector {
+            parts.push(format!("selector={}", enc(s)));
+        }
+        if let Some(o) = org_id {
+            parts.push(format!("org_id={}", enc(o)));
+        }
+        let query = if parts.is_empty() { String::new() } else { format!("?{}", parts.join("&")) };
+        self.call::<(), _>(Method::GET, &format!("{}{query}", paths::NODES), None).await
+    }
+
+    pub async fn label_node(&self, node_id: &str, req: &LabelNodeRequest) -> anyhow::Result<NodeInfo> {
+        self.call(Method::POST, &paths::fill(paths::NODE_LABELS, "node_id", &enc(node_id)), Some(req)).await
     }
 
     pub async fn node(&self, node_id: &str) -> anyhow::Result<NodeInfo> {

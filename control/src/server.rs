@@ -46,7 +46,12 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Extra DNS names or IP addresses for the server certificate.
     pub extra_sans: Vec<String>,
+    /// A node silent for longer than this is offline (its `any` jobs move to another node).
+    pub lease: Duration,
 }
+
+/// The default node lease: three missed heartbeats at the agent's default 30 s.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(90);
 
 /// A server that is accepting connections. Dropping it does not stop it: cancel the token
 /// given to [`serve`] or call [`RunningServer::stop`].
@@ -115,7 +120,10 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         submit_lock: tokio::sync::Mutex::new(()),
         events_stored: tokio::sync::Notify::new(),
         shutdown: shutdown.clone(),
+        lease: config.lease,
     });
+    let sweep_every = (config.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    tokio::spawn(api::placement::run(state.clone(), sweep_every));
     let app = api::router(state);
     let task = tokio::spawn(accept_loop(listener, acceptor, app, shutdown.clone()));
     tracing::info!(%addr, ca_sha256 = %ca_fingerprint, "control plane listening");

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +17,7 @@ use crate::server::{RunningServer, ServerConfig, serve};
 pub struct TestServer {
     server: RunningServer,
     dir: TempDir,
+    lease: Duration,
 }
 
 /// Starts a server on 127.0.0.1:0 over real TLS with a fresh temporary data directory.
@@ -25,17 +27,22 @@ pub async fn start_test_server() -> anyhow::Result<TestServer> {
 
 impl TestServer {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_lease(crate::server::DEFAULT_LEASE).await
+    }
+
+    /// A server whose node lease is `lease` (the placement sweep runs every quarter of it).
+    pub async fn start_with_lease(lease: Duration) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let server = start_in(dir.path()).await?;
-        Ok(Self { server, dir })
+        let server = start_in(dir.path(), lease).await?;
+        Ok(Self { server, dir, lease })
     }
 
     /// Stops the server and starts a new one on the same data directory (on a new port).
     pub async fn restart(self) -> anyhow::Result<Self> {
-        let Self { server, dir } = self;
+        let Self { server, dir, lease } = self;
         server.stop().await;
-        let server = start_in(dir.path()).await?;
-        Ok(Self { server, dir })
+        let server = start_in(dir.path(), lease).await?;
+        Ok(Self { server, dir, lease })
     }
 
     /// Stops the server; the data directory is deleted.
@@ -80,11 +87,12 @@ impl TestServer {
     }
 }
 
-async fn start_in(dir: &Path) -> anyhow::Result<RunningServer> {
+async fn start_in(dir: &Path, lease: Duration) -> anyhow::Result<RunningServer> {
     let config = ServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: dir.to_path_buf(),
         extra_sans: vec![],
+        lease,
     };
     Ok(serve(config, CancellationToken::new()).await?)
 }

@@ -33,6 +33,9 @@ pub struct Config {
     /// Ledger, identity and status live here.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// What this node says about itself to the fleet (labels).
+    #[serde(default)]
+    pub node: NodeConfig,
     #[serde(default)]
     pub control: ControlConfig,
     #[serde(default)]
@@ -56,6 +59,17 @@ pub struct Config {
     /// Inference: model memory budget, request queue, local endpoint (see docs/inference.md).
     #[serde(default)]
     pub inference: crate::inference::InferenceSettings,
+}
+
+/// The node's own description of itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Labels sent with every heartbeat, e.g. `{ site = "icu", gpu = "l4" }` (Kubernetes label
+    /// rules). Operators' labels on the control plane win where both set a key; deployments and
+    /// jobs choose nodes by selectors over them.
+    #[serde(default)]
+    pub labels: outpost_protocol::Labels,
 }
 
 /// The model store: where imported models live and whose signatures the node accepts.
@@ -342,6 +356,8 @@ impl Config {
         if !self.data_dir.is_absolute() {
             return Err(format!("data_dir {:?} must be an absolute path", self.data_dir));
         }
+        outpost_protocol::selector::check_labels(&self.node.labels)
+            .map_err(|why| format!("node.labels: {why}"))?;
         self.validate_storage()?;
         self.validate_models()?;
         self.inference.validate()?;

@@ -140,9 +140,8 @@ async fn a_manifest_that_expired_while_the_node_was_offline_is_rejected() {
     let job = s
         .control
         .submit_request(&SubmitJobRequest {
-            node_id: s.node.node_id.clone(),
-            spec: sh("echo too-late").into(),
             expires_in_secs: Some(1),
+            ..SubmitJobRequest::for_node(s.node.node_id.clone(), sh("echo too-late"))
         })
         .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -67,11 +67,7 @@ fn spec(v: serde_json::Value) -> InferenceSpec {
 
 impl Site {
     async fn run(&self, spec: InferenceSpec) -> ResultReport {
-        let req = SubmitJobRequest {
-            node_id: self.node.node_id.clone(),
-            spec: JobSpec::Inference(spec),
-            expires_in_secs: None,
-        };
+        let req = SubmitJobRequest::for_node(self.node.node_id.clone(), JobSpec::Inference(spec));
         let job = self.control.submit_request(&req).await;
         self.control.wait_result(&job.job_id, RESULT_WAIT).await
     }

@@ -226,6 +226,9 @@ pub struct PollRequest {
     /// Most jobs to hand out in one answer.
     #[serde(default)]
     pub max_jobs: Option<u32>,
+    /// What the polling agent understands (absent from agents before protocol revision 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<crate::Announce>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,18 +236,115 @@ pub struct PollRequest {
 #[serde(deny_unknown_fields)]
 pub struct PollResponse {
     pub jobs: Vec<JobAssignment>,
+    /// Attempts the node must stop and report as `cancelled` (or leave be, when already
+    /// finished). Sent only to agents that announce the `cancel` capability.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancel: Vec<CancelAttempt>,
 }
 
-/// Operator: run `spec` on `node_id`. The control plane signs it with the org key.
+/// One job attempt to stop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CancelAttempt {
+    pub job_id: String,
+    pub attempt: u32,
+    /// Why: `cancelled by operator` or `superseded by attempt N on node M`.
+    pub reason: String,
+}
+
+/// Operator: run `spec` on `node_id`, or on nodes of `org_id` that `selector` matches (with a
+/// `placement`). The control plane signs each job with the org key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJobRequest {
+    /// The one node to run on; empty when a selector places the job.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node_id: String,
     pub spec: JobSpec,
     /// How long the signed manifest stays valid if the node is offline (default one day).
     #[serde(default)]
     pub expires_in_secs: Option<u64>,
+    /// A label selector (Kubernetes grammar) over the nodes of `org_id`, instead of `node_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The organisation whose nodes a selector chooses from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
+    /// With a selector: `any` (one node, re-placed when it dies; `POST /v1/jobs`) or `each`
+    /// (one job per node, a group; `POST /v1/job-groups`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+impl SubmitJobRequest {
+    /// A job for one named node.
+    pub fn for_node(node_id: impl Into<String>, spec: impl Into<JobSpec>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            spec: spec.into(),
+            expires_in_secs: None,
+            selector: None,
+            org_id: None,
+            placement: None,
+        }
+    }
+
+    /// A job placed by a selector over an organisation's nodes.
+    pub fn for_selector(
+        org_id: impl Into<String>,
+        selector: impl Into<String>,
+        placement: Placement,
+        spec: impl Into<JobSpec>,
+    ) -> Self {
+        Self {
+            node_id: String::new(),
+            spec: spec.into(),
+            expires_in_secs: None,
+            selector: Some(selector.into()),
+            org_id: Some(org_id.into()),
+            placement: Some(placement),
+        }
+    }
+}
+
+/// How a job with a selector is placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// On one matching node that is online, the least loaded; if its lease expires before it
+    /// reports, the job is offered to another matching node as a new attempt.
+    Any,
+    /// One job on every matching node (a job group).
+    Each,
+}
+
+/// A job group: one job per node a selector matched at submission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JobGroup {
+    pub group_id: String,
+    pub org_id: String,
+    pub selector: String,
+    pub jobs: Vec<JobInfo>,
+}
+
+/// An attempt of a job that was replaced by a later one (its node's lease expired): a result
+/// it reports late is kept here and never counted as the job's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SupersededAttempt {
+    pub attempt: u32,
+    pub node_id: String,
+    pub seq: u64,
+    pub superseded_unix_ms: u64,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_result: Option<ResultReport>,
 }
 
 /// Where a job stands, as the control plane sees it.
@@ -258,6 +358,8 @@ pub enum JobState {
     Accepted,
     /// A result is stored.
     Finished,
+    /// Cancelled by an operator: before the node took it, or stopped by the node.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,6 +378,20 @@ pub struct JobInfo {
     pub accepted_unix_ms: Option<u64>,
     #[serde(default)]
     pub result: Option<ResultReport>,
+    /// The job group (`--each`) this job belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// The selector that placed this job, and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// Earlier attempts on nodes whose lease expired (`any` placement), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<SupersededAttempt>,
+    /// When an operator asked to cancel the job while its node had it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_unix_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

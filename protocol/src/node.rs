@@ -15,6 +15,53 @@ pub struct Heartbeat {
     /// Models in the node's store, by manifest digest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<crate::ModelSummary>,
+    /// The labels of the node's own configuration (`[node] labels`). Operator labels set on
+    /// the control plane win over these where both name a key.
+    #[serde(default, skip_serializing_if = "crate::Labels::is_empty")]
+    pub labels: crate::Labels,
+    /// What the agent understands: [`PROTOCOL_REVISION`] and [`capability`] names. Absent
+    /// from agents older than revision 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<Announce>,
+}
+
+/// The additive revision of API v1 a peer speaks. 1: everything before fleet placement;
+/// 2: node labels, capabilities, cancellation, jobs placed by selector.
+pub const PROTOCOL_REVISION: u32 = 2;
+
+/// Capability names an agent announces. The control plane never sends a node a message or a
+/// field that needs a capability the node has not announced.
+pub mod capability {
+    /// Takes `cancel` entries in a poll answer: stops the attempt and reports `cancelled`.
+    pub const CANCEL: &str = "cancel";
+    /// Sends `[node] labels` in heartbeats.
+    pub const LABELS: &str = "labels";
+    /// Every capability this build has.
+    pub const ALL: &[&str] = &[CANCEL, LABELS];
+}
+
+/// A peer's protocol revision and capabilities, sent by the agent in every heartbeat and poll.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Announce {
+    pub protocol: u32,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+impl Announce {
+    /// What this build announces.
+    pub fn this_build() -> Self {
+        Self {
+            protocol: PROTOCOL_REVISION,
+            capabilities: capability::ALL.iter().map(|c| (*c).to_owned()).collect(),
+        }
+    }
+
+    pub fn has(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
+    }
 }
 
 /// What a node's relay has done since the agent started, and how far behind it is.
@@ -96,6 +143,46 @@ pub struct NodeInfo {
     pub last_seen_unix_ms: Option<u64>,
     #[serde(default)]
     pub last_heartbeat: Option<Heartbeat>,
+    /// Labels set by operators (`outpost-control node label`); stored centrally.
+    #[serde(default, skip_serializing_if = "crate::Labels::is_empty")]
+    pub operator_labels: crate::Labels,
+    /// The effective labels selectors match: the node's own, overridden by the operator's.
+    /// Filled in by the control plane on every answer; not stored.
+    #[serde(default, skip_serializing_if = "crate::Labels::is_empty")]
+    pub labels: crate::Labels,
+    /// Whether the node's last heartbeat is within the control plane's lease. Filled in on
+    /// every answer; not stored.
+    #[serde(default)]
+    pub online: bool,
+}
+
+impl NodeInfo {
+    /// The node's own labels (from its last heartbeat) overridden by the operator's.
+    pub fn effective_labels(&self) -> crate::Labels {
+        let mut labels = self.last_heartbeat.as_ref().map(|h| h.labels.clone()).unwrap_or_default();
+        labels.extend(self.operator_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        labels
+    }
+
+    /// What the node announced in its last heartbeat; revision 1 with no capabilities for an
+    /// agent that announced nothing.
+    pub fn announce(&self) -> Announce {
+        self.last_heartbeat
+            .as_ref()
+            .and_then(|h| h.announce.clone())
+            .unwrap_or(Announce { protocol: 1, capabilities: Vec::new() })
+    }
+}
+
+/// Operator: change a node's operator labels. `set` is applied, then `remove`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LabelNodeRequest {
+    #[serde(default)]
+    pub set: crate::Labels,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

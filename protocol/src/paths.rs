@@ -25,10 +25,18 @@ pub const TRIGGER: &str = "/v1/triggers/{trigger_id}";
 pub const JOBS: &str = "/v1/jobs";
 /// Operator: one job with its result.
 pub const JOB: &str = "/v1/jobs/{job_id}";
+/// Operator: cancel a job (POST).
+pub const JOB_CANCEL: &str = "/v1/jobs/{job_id}/cancel";
+/// Operator: submit a job to each node a selector matches (POST).
+pub const JOB_GROUPS: &str = "/v1/job-groups";
+/// Operator: one job group with its jobs.
+pub const JOB_GROUP: &str = "/v1/job-groups/{group_id}";
 /// Operator: list nodes.
 pub const NODES: &str = "/v1/nodes";
 /// Operator: one node.
 pub const NODE: &str = "/v1/nodes/{node_id}";
+/// Operator: set or remove a node's operator labels (POST).
+pub const NODE_LABELS: &str = "/v1/nodes/{node_id}/labels";
 /// Operator: the audit trail.
 pub const AUDIT: &str = "/v1/audit";
 /// Anyone: liveness.

@@ -15,6 +15,8 @@ pub enum Outcome {
     Rejected,
     /// The job could not be started (image absent, runtime error). `error` says why.
     Error,
+    /// Stopped on an operator's cancel (or because a later attempt superseded it).
+    Cancelled,
 }
 
 /// The node's report of one job attempt. `idempotency_key` = `job_id/attempt`: the control

@@ -77,6 +77,8 @@ fn heartbeat_and_job_info_round_trip() {
         outbox_depth: 3,
         relay: None,
         models: Vec::new(),
+        labels: Labels::new(),
+        announce: None,
     };
     let json = serde_json::to_string(&hb).expect("ser");
     assert!(!json.contains("models"), "an empty model list is left out for older peers: {json}");
@@ -106,6 +108,11 @@ fn heartbeat_and_job_info_round_trip() {
         submitted_unix_ms: 5,
         accepted_unix_ms: None,
         result: None,
+        group_id: None,
+        selector: None,
+        placement: None,
+        superseded: Vec::new(),
+        cancel_requested_unix_ms: None,
     };
     let back: JobInfo = serde_json::from_str(&serde_json::to_string(&info).expect("ser")).expect("de");
     assert_eq!(back, info);
@@ -172,4 +179,38 @@ fn a_bad_kind_or_an_unknown_field_is_an_error_that_names_it() {
     assert!(err.to_string().contains("colour"), "{err}");
     let err = serde_json::from_str::<JobSpec>(r#"{"image":"x","colour":1}"#).unwrap_err();
     assert!(err.to_string().contains("colour"), "{err}");
+}
+
+/// Version skew: a control plane is upgraded before its nodes, so what it sends an agent that
+/// announced nothing must read as it did for protocol revision 1, and what such an agent sends
+/// must still parse.
+#[test]
+fn messages_without_the_new_fields_read_and_write_as_revision_1() {
+    let old_poll = r#"{"ack_job_ids":["a"],"wait_secs":25,"max_jobs":4}"#;
+    let poll: PollRequest = serde_json::from_str(old_poll).expect("a revision-1 poll parses");
+    assert_eq!(poll.announce, None);
+    let answer = PollResponse { jobs: Vec::new(), cancel: Vec::new() };
+    assert_eq!(
+        serde_json::to_string(&answer).expect("ser"),
+        r#"{"jobs":[]}"#,
+        "no field an old agent refuses"
+    );
+    let old_hb = r#"{"agent_version":"0.1.0","inventory":{"hostname":"h","os":"","kernel":"","cpu_model":"",
+        "cpu_count":1,"memory_total_bytes":1,"memory_available_bytes":1},"running_jobs":0,"outbox_depth":0}"#;
+    let hb: Heartbeat = serde_json::from_str(old_hb).expect("a revision-1 heartbeat parses");
+    assert!(hb.labels.is_empty() && hb.announce.is_none());
+    let old_submit = r#"{"node_id":"n","spec":{"image":"sha256:00"}}"#;
+    let submit: SubmitJobRequest = serde_json::from_str(old_submit).expect("a revision-1 submission parses");
+    assert_eq!((submit.node_id.as_str(), submit.selector, submit.placement), ("n", None, None));
+    let json = serde_json::to_string(&SubmitJobRequest::for_node("n", spec())).expect("ser");
+    assert!(!json.contains("selector") && !json.contains("placement"), "{json}");
+    // The signed envelope is unchanged by placement: an old agent verifies and runs re-placed
+    // attempts as it always did, and still refuses a field it does not know.
+    assert!(serde_json::from_str::<JobEnvelope>(
+        r#"{"job_id":"j","attempt":2,"org_id":"o","node_id":"n","seq":1,"issued_unix_ms":1,"expires_unix_ms":2,
+            "spec":{"image":"sha256:00"},"placement":"any"}"#
+    )
+    .is_err());
+    let info = Announce::this_build();
+    assert!(info.has(capability::CANCEL) && info.protocol >= 2);
 }

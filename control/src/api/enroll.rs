@@ -60,6 +60,9 @@ pub async fn enroll(
         cert_sha256: cert.sha256.clone(),
         last_seen_unix_ms: None,
         last_heartbeat: None,
+        operator_labels: Default::default(),
+        labels: Default::default(),
+        online: false,
     };
     if let Err(refusal) = st.store.enroll_node(&token_sha, now, node).await? {
         return Err(refuse(&st, refusal, &org.org.id, hostname).await);

@@ -5,14 +5,15 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
-    ContainerSpec, ErrorBody, InferenceSpec, JobEnvelope, JobInfo, JobList, JobSpec, JobState, NodeInfo,
-    SubmitJobRequest, paths,
+    ContainerSpec, ErrorBody, InferenceSpec, JobEnvelope, JobGroup, JobInfo, JobList, JobSpec, JobState,
+    NodeInfo, Placement, Selector, SignedEnvelope, SubmitJobRequest, paths,
 };
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
-use super::{ApiError, ApiResult, AppState, Body, OperatorAuth, Params, Shared};
+use super::{ApiError, ApiResult, AppState, Body, OperatorAuth, Params, Shared, placement};
 use crate::signing;
-use crate::store::{JobFilter, JobRecord, StoreError};
+use crate::store::{CancelOutcome, JobFilter, JobRecord, OrgRecord, StoreError};
 
 const DEFAULT_JOB_EXPIRY_SECS: u64 = 24 * 3600;
 const MAX_JOB_EXPIRY_SECS: u64 = 30 * 24 * 3600;
@@ -21,9 +22,12 @@ const MAX_LIST: usize = 1000;
 
 #[utoipa::path(post, path = paths::JOBS, tag = "jobs", request_body = SubmitJobRequest,
     description = "Sign the job with the node's organisation key and queue it; a poll the node is holding \
-                   is answered at once.",
+                   is answered at once. With `selector`, `org_id` and `placement: any` instead of `node_id`, \
+                   the job goes to the least loaded online node the selector matches, and is offered to \
+                   another one as a new attempt when that node's lease expires before it reports.",
     responses((status = 201, body = JobInfo), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, description = "node not enrolled", body = ErrorBody)),
+        (status = 404, description = "node or organisation unknown", body = ErrorBody),
+        (status = 409, description = "no node matches the selector", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn submit_job(
     _: OperatorAuth,
@@ -32,19 +36,214 @@ pub async fn submit_job(
 ) -> ApiResult<(StatusCode, Json<JobInfo>)> {
     check_job_spec(&req.spec)?;
     let expiry = check_expiry(req.expires_in_secs)?;
-    let node = st.store.get_node(&req.node_id).await?.ok_or_else(|| {
-        ApiError::not_found(format!("node {} is not enrolled; see `node list`", req.node_id))
-    })?;
-    let info = create_job(&st, &node, req.spec, expiry, None).await?.ok_or_else(|| {
+    let (node, origin) = match Target::of(&req)? {
+        Target::Node(node_id) => (find_node(&st, node_id).await?, JobOrigin::default()),
+        Target::Selector { org_id, selector, placement: Placement::Any } => {
+            let candidates = placement::matching_nodes(&st, org_id, &selector).await?;
+            let loads = placement::open_loads(&st).await?;
+            let node = placement::choose(&candidates, &loads, st.clock.now_ms(), st.lease_ms(), None)
+                .or_else(|| placement::most_recently_seen(&candidates))
+                .cloned()
+                .ok_or_else(|| no_match(org_id, &selector))?;
+            let origin = JobOrigin {
+                selector: Some(selector.to_string()),
+                placement: Some(Placement::Any),
+                ..Default::default()
+            };
+            (node, origin)
+        }
+        Target::Selector { placement: Placement::Each, .. } => {
+            return Err(ApiError::bad_request(
+                "use_job_groups",
+                format!("placement `each` makes one job per node: POST it to {}", paths::JOB_GROUPS),
+            ));
+        }
+    };
+    let info = create_job(&st, &node, req.spec, expiry, None, origin).await?.ok_or_else(|| {
         ApiError::internal("job_id_taken", "a freshly generated job id is already taken; submit again")
     })?;
+    st.audit("operator", "job.submitted", &submitted_detail(&info)).await;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+fn submitted_detail(info: &JobInfo) -> String {
     let what = match &info.spec {
         JobSpec::Container(c) => format!("image {}", c.image),
         JobSpec::Inference(i) => format!("{}, model {}", info.spec.kind_name(), i.model),
     };
-    let detail = format!("job {} for node {} (seq {}, {what})", info.job_id, info.node_id, info.seq);
-    st.audit("operator", "job.submitted", &detail).await;
-    Ok((StatusCode::CREATED, Json(info)))
+    let placed = info.selector.as_deref().map(|s| format!(", selector {s}")).unwrap_or_default();
+    format!("job {} for node {} (seq {}, {what}{placed})", info.job_id, info.node_id, info.seq)
+}
+
+/// Where a submission goes.
+enum Target<'a> {
+    Node(&'a str),
+    Selector { org_id: &'a str, selector: Selector, placement: Placement },
+}
+
+impl<'a> Target<'a> {
+    fn of(req: &'a SubmitJobRequest) -> ApiResult<Self> {
+        match (req.node_id.is_empty(), &req.selector) {
+            (false, None) => {
+                if req.org_id.is_some() || req.placement.is_some() {
+                    return Err(ApiError::bad_request(
+                        "bad_target",
+                        "org_id and placement go with a selector, not with node_id",
+                    ));
+                }
+                Ok(Self::Node(&req.node_id))
+            }
+            (true, Some(text)) => {
+                let selector = Selector::parse(text)
+                    .map_err(|e| ApiError::bad_request("bad_selector", e.to_string()))?;
+                let org_id = req.org_id.as_deref().ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad_target",
+                        "a selector needs org_id: the organisation whose nodes it chooses from",
+                    )
+                })?;
+                let placement = req.placement.ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad_target",
+                        "a selector needs placement: `any` (one node) or `each` (every node)",
+                    )
+                })?;
+                Ok(Self::Selector { org_id, selector, placement })
+            }
+            (false, Some(_)) => {
+                Err(ApiError::bad_request("bad_target", "give node_id or selector, not both"))
+            }
+            (true, None) => Err(ApiError::bad_request(
+                "bad_target",
+                "give node_id, or selector with org_id and placement",
+            )),
+        }
+    }
+}
+
+fn no_match(org_id: &str, selector: &Selector) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "no_matching_node",
+        format!(
+            "no enrolled node of organisation {org_id} matches selector `{selector}`; see `node list --selector`"
+        ),
+    )
+}
+
+async fn find_node(st: &AppState, node_id: &str) -> ApiResult<NodeInfo> {
+    st.store
+        .get_node(node_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("node {node_id} is not enrolled; see `node list`")))
+}
+
+#[utoipa::path(post, path = paths::JOB_GROUPS, tag = "jobs", request_body = SubmitJobRequest,
+    description = "One job on each node of `org_id` that `selector` matches now (`placement: each`), as a \
+                   group: every job carries the group id (`GET /v1/jobs?group_id=`).",
+    responses((status = 201, body = JobGroup), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, description = "no node matches the selector", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn submit_group(
+    _: OperatorAuth,
+    State(st): State<Shared>,
+    Body(req): Body<SubmitJobRequest>,
+) -> ApiResult<(StatusCode, Json<JobGroup>)> {
+    check_job_spec(&req.spec)?;
+    let expiry = check_expiry(req.expires_in_secs)?;
+    let Target::Selector { org_id, selector, placement: Placement::Each } = Target::of(&req)? else {
+        return Err(ApiError::bad_request(
+            "bad_target",
+            format!(
+                "{} takes a selector with org_id and placement `each`; other jobs go to {}",
+                paths::JOB_GROUPS,
+                paths::JOBS
+            ),
+        ));
+    };
+    let nodes = placement::matching_nodes(&st, org_id, &selector).await?;
+    if nodes.is_empty() {
+        return Err(no_match(org_id, &selector));
+    }
+    let group_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut jobs = Vec::with_capacity(nodes.len());
+    for node in &nodes {
+        let origin = JobOrigin {
+            group_id: Some(group_id.clone()),
+            selector: Some(selector.to_string()),
+            placement: Some(Placement::Each),
+        };
+        // One id per (group, node): a repeat of this loop creates nothing twice.
+        let job_id = hex::encode(&Sha256::digest(format!("{group_id}/{}", node.node_id))[..16]);
+        if let Some(info) = create_job(&st, node, req.spec.clone(), expiry, Some(job_id), origin).await? {
+            jobs.push(info);
+        }
+    }
+    let detail = format!("group {group_id}: {} jobs, selector {selector}, org {org_id}", jobs.len());
+    st.audit("operator", "job.group_submitted", &detail).await;
+    Ok((
+        StatusCode::CREATED,
+        Json(JobGroup { group_id, org_id: org_id.to_owned(), selector: selector.to_string(), jobs }),
+    ))
+}
+
+#[utoipa::path(get, path = paths::JOB_GROUP, tag = "jobs", params(("group_id" = String, Path, description = "group id")),
+    responses((status = 200, body = JobGroup), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn get_group(
+    _: OperatorAuth,
+    State(st): State<Shared>,
+    Path(group_id): Path<String>,
+) -> ApiResult<Json<JobGroup>> {
+    let filter = JobFilter { group_id: Some(group_id.clone()), limit: usize::MAX, ..Default::default() };
+    let jobs = st.store.list_jobs(filter).await?;
+    let first =
+        jobs.first().ok_or_else(|| ApiError::not_found(format!("job group {group_id} does not exist")))?;
+    let (org_id, selector) = (first.org_id.clone(), first.selector.clone().unwrap_or_default());
+    Ok(Json(JobGroup { group_id, org_id, selector, jobs }))
+}
+
+#[utoipa::path(post, path = paths::JOB_CANCEL, tag = "jobs", params(("job_id" = String, Path, description = "job id")),
+    description = "Cancel a job. A queued one is cancelled at once; one its node has is stopped by the node, \
+                   which reports the outcome `cancelled`. A job that has ended is left as it is (409).",
+    responses((status = 200, body = JobInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "the job has ended", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn cancel_job(
+    _: OperatorAuth,
+    State(st): State<Shared>,
+    Path(job_id): Path<String>,
+) -> ApiResult<Json<JobInfo>> {
+    match st.store.cancel_job(&job_id, st.clock.now_ms()).await? {
+        CancelOutcome::NotFound => Err(ApiError::not_found(format!("job {job_id} does not exist"))),
+        CancelOutcome::AlreadyEnded(state) => {
+            let state = serde_json::to_value(state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "job_ended",
+                format!("job {job_id} has ended ({state}); nothing to cancel and nothing was changed"),
+            ))
+        }
+        outcome => {
+            let job = st
+                .store
+                .get_job(&job_id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("job {job_id} does not exist")))?;
+            let how = if outcome == CancelOutcome::Cancelled {
+                "cancelled while queued"
+            } else {
+                "node asked to stop it"
+            };
+            st.audit("operator", "job.cancel", &format!("job {job_id} on node {}: {how}", job.info.node_id))
+                .await;
+            st.wakers.wake(&job.info.node_id);
+            Ok(Json(job.info))
+        }
+    }
 }
 
 /// `expires_in_secs` of a submission or trigger, defaulted and bounded.
@@ -59,6 +258,14 @@ pub(super) fn check_expiry(expires_in_secs: Option<u64>) -> ApiResult<u64> {
     Ok(expiry)
 }
 
+/// How a job was placed (absent for a job sent to a named node).
+#[derive(Debug, Clone, Default)]
+pub(super) struct JobOrigin {
+    pub group_id: Option<String>,
+    pub selector: Option<String>,
+    pub placement: Option<Placement>,
+}
+
 /// The one way a job comes to exist, whoever asks (an operator's submission or a trigger):
 /// signed with the org key, given the node's next sequence number under the submit lock,
 /// stored, and the node's held poll woken. With a `job_id`, nothing happens when that job
@@ -69,15 +276,9 @@ pub(super) async fn create_job(
     spec: JobSpec,
     expiry_secs: u64,
     job_id: Option<String>,
+    origin: JobOrigin,
 ) -> ApiResult<Option<JobInfo>> {
-    let org = st.store.get_org(&node.org_id).await?.ok_or_else(|| {
-        ApiError::internal(
-            "org_missing",
-            format!("organisation {} of node {} is gone", node.org_id, node.node_id),
-        )
-    })?;
-    let key = signing::signing_key(&org.org.id, &org.signing_secret_hex)
-        .map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
+    let org = org_of(st, node).await?;
     let info = {
         let _ordered = st.submit_lock.lock().await;
         if let Some(id) = &job_id
@@ -97,8 +298,7 @@ pub(super) async fn create_job(
             expires_unix_ms: now.saturating_add(expiry_secs.saturating_mul(1000)),
             spec,
         };
-        let signed = signing::sign_envelope(&key, &envelope)
-            .map_err(|e| ApiError::internal("signing_failed", e.to_string()))?;
+        let signed = sign(&org, &envelope)?;
         let info = JobInfo {
             job_id: envelope.job_id,
             attempt: envelope.attempt,
@@ -110,6 +310,11 @@ pub(super) async fn create_job(
             submitted_unix_ms: now,
             accepted_unix_ms: None,
             result: None,
+            group_id: origin.group_id,
+            selector: origin.selector,
+            placement: origin.placement,
+            superseded: Vec::new(),
+            cancel_requested_unix_ms: None,
         };
         match st.store.insert_job(JobRecord { info: info.clone(), envelope: signed }).await {
             Ok(()) => {}
@@ -120,6 +325,59 @@ pub(super) async fn create_job(
     };
     st.wakers.wake(&info.node_id);
     Ok(Some(info))
+}
+
+/// Offers an unfinished job to `node` as its next attempt (the placement sweep): a new
+/// manifest for that node, signed, with the node's next sequence number. False when the job
+/// moved on meanwhile (finished, cancelled, or re-placed by someone else).
+pub(super) async fn reoffer_job(
+    st: &AppState,
+    job: &JobRecord,
+    node: &NodeInfo,
+    reason: &str,
+) -> ApiResult<bool> {
+    let org = org_of(st, node).await?;
+    let moved = {
+        let _ordered = st.submit_lock.lock().await;
+        let now = st.clock.now_ms();
+        let seq = st.store.next_job_seq(&node.node_id).await?;
+        let envelope = JobEnvelope {
+            job_id: job.info.job_id.clone(),
+            attempt: job.info.attempt.saturating_add(1),
+            org_id: org.org.id.clone(),
+            node_id: node.node_id.clone(),
+            seq,
+            issued_unix_ms: now,
+            // The operator's deadline stands: a re-placed job does not live longer.
+            expires_unix_ms: serde_json::from_str::<JobEnvelope>(&job.envelope.payload)
+                .map(|e| e.expires_unix_ms)
+                .unwrap_or(now),
+            spec: job.info.spec.clone(),
+        };
+        let signed = sign(&org, &envelope)?;
+        let next = crate::store::next_attempt(job, signed, &node.node_id, seq, now, reason);
+        st.store.reassign_job(&job.info.job_id, job.info.attempt, next).await?
+    };
+    if moved {
+        st.wakers.wake(&node.node_id);
+        st.wakers.wake(&job.info.node_id);
+    }
+    Ok(moved)
+}
+
+async fn org_of(st: &AppState, node: &NodeInfo) -> ApiResult<OrgRecord> {
+    st.store.get_org(&node.org_id).await?.ok_or_else(|| {
+        ApiError::internal(
+            "org_missing",
+            format!("organisation {} of node {} is gone", node.org_id, node.node_id),
+        )
+    })
+}
+
+fn sign(org: &OrgRecord, envelope: &JobEnvelope) -> ApiResult<SignedEnvelope> {
+    let key = signing::signing_key(&org.org.id, &org.signing_secret_hex)
+        .map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
+    signing::sign_envelope(&key, envelope).map_err(|e| ApiError::internal("signing_failed", e.to_string()))
 }
 
 /// Most entries of `inputs` and of `egress_bodies`.
@@ -227,6 +485,8 @@ pub struct JobQuery {
     pub node_id: Option<String>,
     /// Only jobs in this state.
     pub state: Option<JobState>,
+    /// Only jobs of this group (`placement: each`).
+    pub group_id: Option<String>,
     /// At most this many, newest first (default 100, at most 1000).
     pub limit: Option<usize>,
 }
@@ -242,6 +502,7 @@ pub async fn list_jobs(
     let filter = JobFilter {
         node_id: q.node_id,
         state: q.state,
+        group_id: q.group_id,
         limit: q.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST),
     };
     Ok(Json(JobList { jobs: st.store.list_jobs(filter).await? }))

@@ -11,6 +11,7 @@ mod jobs;
 mod node;
 pub mod openapi;
 mod operator;
+pub mod placement;
 mod triggers;
 
 use std::sync::Arc;
@@ -50,6 +51,9 @@ pub struct AppState {
     pub events_stored: tokio::sync::Notify,
     /// Cancelled when the server shuts down: held polls answer at once.
     pub shutdown: CancellationToken,
+    /// A node whose last heartbeat is older than this is offline: its `any` jobs are offered
+    /// to another matching node.
+    pub lease: Duration,
 }
 
 pub type Shared = Arc<AppState>;
@@ -70,8 +74,12 @@ pub fn router(state: Shared) -> Router {
         .route(paths::TRIGGER, get(triggers::get_trigger).delete(triggers::delete_trigger))
         .route(paths::JOBS, post(jobs::submit_job).get(jobs::list_jobs))
         .route(paths::JOB, get(jobs::get_job))
+        .route(paths::JOB_CANCEL, post(jobs::cancel_job))
+        .route(paths::JOB_GROUPS, post(jobs::submit_group))
+        .route(paths::JOB_GROUP, get(jobs::get_group))
         .route(paths::NODES, get(operator::list_nodes))
         .route(paths::NODE, get(operator::get_node))
+        .route(paths::NODE_LABELS, post(operator::label_node))
         .route(paths::AUDIT, get(operator::list_audit))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such API route; see /v1/openapi.json")
@@ -88,6 +96,10 @@ pub fn router(state: Shared) -> Router {
 }
 
 impl AppState {
+    pub fn lease_ms(&self) -> u64 {
+        u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Best effort: an audit write failing must not turn a served request into an error, but
     /// it is logged loudly.
     pub async fn audit(&self, actor: &str, action: &str, detail: &str) {

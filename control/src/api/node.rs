@@ -8,7 +8,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use outpost_protocol::{
-    Ack, ErrorBody, Heartbeat, JobAssignment, PollRequest, PollResponse, ResultReport, paths,
+    Ack, ErrorBody, Heartbeat, JobAssignment, PollRequest, PollResponse, ResultReport, capability, paths,
+    selector,
 };
 
 use super::{ApiError, ApiResult, Body, MAX_POLL_WAIT, NodeAuth, Shared};
@@ -45,13 +46,17 @@ pub async fn poll(
     let wait = req.wait_secs.map_or(DEFAULT_POLL_WAIT, Duration::from_secs).min(MAX_POLL_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let waker = st.wakers.waker(&node.node_id);
+    // Only an agent that said it understands cancellation is sent any (version skew).
+    let cancels_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::CANCEL));
     loop {
         // Register interest before looking, so a submit between the look and the wait wakes us.
         let notified = waker.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         let queued = st.store.queued_jobs(&node.node_id, max).await?;
-        if !queued.is_empty() {
+        let cancel =
+            if cancels_understood { st.store.pending_cancels(&node.node_id, max).await? } else { Vec::new() };
+        if !queued.is_empty() || !cancel.is_empty() {
             let jobs = queued
                 .into_iter()
                 .map(|j| JobAssignment {
@@ -60,7 +65,7 @@ pub async fn poll(
                     envelope: j.envelope,
                 })
                 .collect();
-            return Ok(Json(PollResponse { jobs }));
+            return Ok(Json(PollResponse { jobs, cancel }));
         }
         tokio::select! {
             _ = &mut notified => {}
@@ -107,6 +112,11 @@ pub async fn report(
             st.audit(&actor, "job.result", &detail).await;
             Ok(Json(Ack { idempotency_key: key, duplicate: false }))
         }
+        ResultOutcome::Superseded => {
+            let detail = format!("job {key}: a later attempt replaced this one; kept, not counted");
+            st.audit(&actor, "job.result.superseded", &detail).await;
+            Ok(Json(Ack { idempotency_key: key, duplicate: false }))
+        }
         ResultOutcome::Duplicate => {
             tracing::debug!(job = %job_id, node = %node.node_id, "repeated result acknowledged, not stored again");
             Ok(Json(Ack { idempotency_key: key, duplicate: true }))
@@ -137,6 +147,9 @@ pub async fn heartbeat(
     State(st): State<Shared>,
     Body(hb): Body<Heartbeat>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    selector::check_labels(&hb.labels).map_err(|why| {
+        ApiError::bad_request("bad_labels", format!("the node's [node] labels are not valid: {why}"))
+    })?;
     st.store.record_heartbeat(&node.node_id, hb, st.clock.now_ms()).await?;
     Ok(Json(serde_json::json!({})))
 }

@@ -5,12 +5,12 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
-    AuditList, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, ErrorBody, Health, NodeInfo, NodeList,
-    Org, paths,
+    AuditList, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, ErrorBody, Health, LabelNodeRequest,
+    NodeInfo, NodeList, Org, Selector, paths, selector,
 };
 use serde::Deserialize;
 
-use super::{ApiError, ApiResult, Body, OperatorAuth, Params, Shared};
+use super::{ApiError, ApiResult, Body, OperatorAuth, Params, Shared, placement};
 use crate::data_dir::random_hex;
 use crate::signing;
 use crate::store::{OrgRecord, TokenRecord};
@@ -92,14 +92,46 @@ pub async fn create_token(
     Ok((StatusCode::CREATED, Json(token)))
 }
 
-#[utoipa::path(get, path = paths::NODES, tag = "nodes",
-    responses((status = 200, body = NodeList), (status = 401, body = ErrorBody)), security(("admin_token" = [])))]
-pub async fn list_nodes(_: OperatorAuth, State(st): State<Shared>) -> ApiResult<Json<NodeList>> {
-    Ok(Json(NodeList { nodes: st.store.list_nodes().await? }))
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct NodeQuery {
+    /// Only nodes whose effective labels this selector (Kubernetes grammar) matches.
+    pub selector: Option<String>,
+    /// Only nodes of this organisation.
+    pub org_id: Option<String>,
+}
+
+#[utoipa::path(get, path = paths::NODES, tag = "nodes", params(NodeQuery),
+    description = "Enrolled nodes with their effective labels (the node's own, overridden by operator labels) \
+                   and whether their last heartbeat is within the lease.",
+    responses((status = 200, body = NodeList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn list_nodes(
+    _: OperatorAuth,
+    State(st): State<Shared>,
+    Params(q): Params<NodeQuery>,
+) -> ApiResult<Json<NodeList>> {
+    let selector = q
+        .selector
+        .as_deref()
+        .map(Selector::parse)
+        .transpose()
+        .map_err(|e| ApiError::bad_request("bad_selector", e.to_string()))?;
+    let (now, lease) = (st.clock.now_ms(), st.lease_ms());
+    let nodes = st
+        .store
+        .list_nodes()
+        .await?
+        .into_iter()
+        .filter(|n| q.org_id.as_deref().is_none_or(|o| o == n.org_id))
+        .map(|n| placement::present(n, now, lease))
+        .filter(|n| selector.as_ref().is_none_or(|s| s.matches(&n.labels)))
+        .collect();
+    Ok(Json(NodeList { nodes }))
 }
 
 #[utoipa::path(get, path = paths::NODE, tag = "nodes", params(("node_id" = String, Path, description = "node id")),
-    description = "One node with its last heartbeat (inventory) and last-seen time.",
+    description = "One node with its last heartbeat (inventory), last-seen time and effective labels.",
     responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn get_node(
@@ -112,7 +144,44 @@ pub async fn get_node(
         .get_node(&node_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("node {node_id} is not enrolled")))?;
-    Ok(Json(node))
+    Ok(Json(placement::present(node, st.clock.now_ms(), st.lease_ms())))
+}
+
+#[utoipa::path(post, path = paths::NODE_LABELS, tag = "nodes", request_body = LabelNodeRequest,
+    params(("node_id" = String, Path, description = "node id")),
+    description = "Set and remove operator labels of a node (they win over the node's own labels).",
+    responses((status = 200, body = NodeInfo), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn label_node(
+    _: OperatorAuth,
+    State(st): State<Shared>,
+    Path(node_id): Path<String>,
+    Body(req): Body<LabelNodeRequest>,
+) -> ApiResult<Json<NodeInfo>> {
+    selector::check_labels(&req.set).map_err(|why| ApiError::bad_request("bad_labels", why))?;
+    for key in &req.remove {
+        selector::check_label_key(key)
+            .map_err(|why| ApiError::bad_request("bad_labels", format!("label key {why}")))?;
+    }
+    let mut node = st
+        .store
+        .get_node(&node_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("node {node_id} is not enrolled")))?;
+    node.operator_labels.extend(req.set.clone());
+    req.remove.iter().for_each(|k| drop(node.operator_labels.remove(k)));
+    if node.operator_labels.len() > selector::MAX_LABELS {
+        return Err(ApiError::bad_request(
+            "bad_labels",
+            format!("a node carries at most {} operator labels; remove some first", selector::MAX_LABELS),
+        ));
+    }
+    let node = st.store.update_node_labels(&node_id, req.set.clone(), req.remove.clone()).await?;
+    let set = req.set.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let detail = format!("node {node_id}: set [{set}] removed [{}]", req.remove.join(","));
+    st.audit("operator", "node.labelled", &detail).await;
+    Ok(Json(placement::present(node, st.clock.now_ms(), st.lease_ms())))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

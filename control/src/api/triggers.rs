@@ -11,7 +11,9 @@ use outpost_protocol::{
 };
 use serde::Deserialize;
 
-use super::jobs::{MAX_KEY_BYTES, MAX_SPEC_KEYS, check_expiry, check_object_key, check_spec, create_job};
+use super::jobs::{
+    JobOrigin, MAX_KEY_BYTES, MAX_SPEC_KEYS, check_expiry, check_object_key, check_spec, create_job,
+};
 use super::{ApiError, ApiResult, AppState, Body, OperatorAuth, Params, Shared};
 use crate::store::StoreError;
 
@@ -213,7 +215,9 @@ async fn fire_one(st: &AppState, node: &NodeInfo, trigger: &Trigger, event: &Obj
     spec.env.insert("OUTPOST_EVENT_SEQ".into(), event.seq.to_string());
     spec.env.insert("OUTPOST_EVENT_SHA256".into(), event.sha256.clone().unwrap_or_default());
     let expiry = check_expiry(trigger.expires_in_secs)?;
-    if let Some(info) = create_job(st, node, spec.into(), expiry, Some(job_id.clone())).await? {
+    if let Some(info) =
+        create_job(st, node, spec.into(), expiry, Some(job_id.clone()), JobOrigin::default()).await?
+    {
         let detail = format!(
             "{} ({}) started job {} (seq {}) on node {} for event {} ({})",
             trigger.trigger_id, trigger.name, info.job_id, info.seq, node.node_id, event.seq, event.key

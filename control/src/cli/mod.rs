@@ -92,6 +92,10 @@ pub enum Command {
         /// certificate always names localhost, 127.0.0.1, ::1 and the hostname.
         #[arg(long = "san", value_name = "NAME")]
         sans: Vec<String>,
+        /// A node whose last heartbeat is older than this is offline: `node list` says so, and
+        /// its `--any` jobs are offered to another matching node (e.g. 90s, 5m).
+        #[arg(long, value_parser = submit::parse_duration, default_value = "90s", env = "OUTPOST_CONTROL_LEASE")]
+        lease: Duration,
     },
     /// The certificate authority nodes pin.
     #[command(subcommand)]
@@ -161,30 +165,62 @@ pub enum JobCommand {
         /// Only this node's jobs.
         #[arg(long)]
         node: Option<String>,
-        /// Only jobs in this state: queued, accepted or finished.
+        /// Only jobs in this state: queued, accepted, finished or cancelled.
         #[arg(long, value_parser = parse_state)]
         state: Option<JobState>,
+        /// Only the jobs of this group (`job submit --each`).
+        #[arg(long, value_name = "GROUP_ID")]
+        group: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// Wait until the node reports the job's result, then print it.
+    /// Wait until the node reports the job's result (or every job of a group has ended), then
+    /// print it.
     ///
-    /// Exit status 0 once a result is stored (whatever the job's outcome: read it from the
-    /// output or `--json`), 1 when no result arrived within --timeout or the job is unknown.
+    /// Exit status 0 once a result is stored or the job is cancelled (whatever the job's
+    /// outcome: read it from the output or `--json`), 1 when it has not ended within --timeout
+    /// or the job is unknown.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["job_id", "group"])))]
     Wait {
-        job_id: String,
+        job_id: Option<String>,
+        /// Wait for every job of this group instead.
+        #[arg(long, value_name = "GROUP_ID")]
+        group: Option<String>,
         /// Give up after this long (e.g. 90s, 10m).
         #[arg(long, value_parser = submit::parse_duration, default_value = "5m")]
         timeout: Duration,
     },
+    /// Cancel a job: a queued one at once; one a node has is stopped by the node, which
+    /// reports `cancelled`. A job that has ended is left as it is (exit status 1).
+    Cancel { job_id: String },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
-    /// List enrolled nodes with when they were last seen.
-    List,
-    /// Show one node with its inventory.
+    /// List enrolled nodes: labels, whether online (heartbeat within the lease), last seen.
+    List {
+        /// Only nodes whose labels this selector matches, e.g. `site=icu,gpu in (a100,l4),!maintenance`.
+        #[arg(long, value_name = "SELECTOR")]
+        selector: Option<String>,
+        /// Only nodes of this organisation.
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Show one node with its labels and inventory.
     Get { node_id: String },
+    /// Set operator labels of a node (they win over the labels in the node's own config).
+    #[command(
+        after_help = "Examples:\n  outpost-control node label node-… site=icu rack=2\n  outpost-control node label node-… --remove rack"
+    )]
+    Label {
+        node_id: String,
+        /// KEY=VALUE to set (Kubernetes label rules; `KEY=` sets an empty value).
+        #[arg(value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// A label key to remove (repeatable).
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,7 +241,7 @@ fn parse_state(s: &str) -> Result<JobState, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve { listen, sans } => serve::serve(&g, listen, sans).await,
+        Command::Serve { listen, sans, lease } => serve::serve(&g, listen, sans, lease).await,
         Command::Ca(CaCommand::Fingerprint) => {
             let ca = DataDir::new(&g.data_dir).read_ca()?;
             println!("{}", ca.fingerprint());

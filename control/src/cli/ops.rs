@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::relay::{self, EventsCommand, TriggerCommand};
 use super::{AuditCommand, Command, Global, JobCommand, NodeCommand, OrgCommand, TokenCommand, show, submit};
-use crate::client::{Client, EventsQuery};
+use crate::client::{Client, EventsQuery, JobsQuery};
 use crate::data_dir::DataDir;
 
 /// How often `job wait` asks.
@@ -62,18 +62,57 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
         }
         Command::Job(JobCommand::Submit(args)) => {
             let req = submit::submit_request(*args)?;
-            let job = c.submit(&req).await?;
-            print(g.json, &job, |j| {
-                eprintln!("queued job for node {} (seq {})", j.node_id, j.seq);
-                println!("{}", j.job_id);
+            if req.placement == Some(outpost_protocol::Placement::Each) {
+                let group = c.submit_group(&req).await?;
+                print(g.json, &group, |gr| {
+                    eprintln!("queued {} jobs (one per node matching `{}`)", gr.jobs.len(), gr.selector);
+                    println!("{}", gr.group_id);
+                })?;
+            } else {
+                let job = c.submit(&req).await?;
+                print(g.json, &job, |j| {
+                    eprintln!("queued job for node {} (seq {})", j.node_id, j.seq);
+                    println!("{}", j.job_id);
+                })?;
+            }
+        }
+        Command::Job(JobCommand::Cancel { job_id }) => {
+            let job = c.cancel(&job_id).await?;
+            print(g.json, &job, |j| match j.state {
+                outpost_protocol::JobState::Cancelled => {
+                    eprintln!("cancelled job {} (it had not started)", j.job_id)
+                }
+                _ => eprintln!(
+                    "asked node {} to stop job {}; it reports `cancelled` when done",
+                    j.node_id, j.job_id
+                ),
             })?;
         }
         Command::Job(JobCommand::Get { job_id }) => print(g.json, &c.job(&job_id).await?, show::job)?,
-        Command::Job(JobCommand::List { node, state, limit }) => {
-            print(g.json, &c.jobs(node.as_deref(), state, limit).await?, show::jobs)?;
+        Command::Job(JobCommand::List { node, state, group, limit }) => {
+            let q = JobsQuery { node_id: node, state, group_id: group, limit };
+            print(g.json, &c.jobs(&q).await?, show::jobs)?;
         }
-        Command::Job(JobCommand::Wait { job_id, timeout }) => return wait(g, &c, &job_id, timeout).await,
-        Command::Node(NodeCommand::List) => print(g.json, &c.nodes().await?, show::nodes)?,
+        Command::Job(JobCommand::Wait { job_id, group, timeout }) => match (job_id, group) {
+            (_, Some(group)) => return wait_group(g, &c, &group, timeout).await,
+            (Some(job_id), None) => return wait(g, &c, &job_id, timeout).await,
+            (None, None) => return Err(anyhow!("give a JOB_ID or --group GROUP_ID")),
+        },
+        Command::Node(NodeCommand::List { selector, org }) => {
+            print(g.json, &c.nodes(selector.as_deref(), org.as_deref()).await?, show::nodes)?;
+        }
+        Command::Node(NodeCommand::Label { node_id, set, remove }) => {
+            let mut req = outpost_protocol::LabelNodeRequest { remove, ..Default::default() };
+            for pair in &set {
+                let (k, v) =
+                    outpost_protocol::selector::parse_label_assignment(pair).map_err(|e| anyhow!(e))?;
+                req.set.insert(k, v);
+            }
+            if req.set.is_empty() && req.remove.is_empty() {
+                return Err(anyhow!("nothing to do: give KEY=VALUE to set and/or --remove KEY"));
+            }
+            print(g.json, &c.label_node(&node_id, &req).await?, show::node)?;
+        }
         Command::Node(NodeCommand::Get { node_id }) => print(g.json, &c.node(&node_id).await?, show::node)?,
         Command::Events(EventsCommand::List { node, org, after, limit }) => {
             // With a node, --after is its seq; across nodes, the arrival cursor.
@@ -116,12 +155,40 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// Asks until the job has a result; 0 once one is stored, 1 on timeout.
+/// Whether a job has ended: a result is stored, or it was cancelled before its node had it.
+fn ended(job: &outpost_protocol::JobInfo) -> bool {
+    job.result.is_some()
+        || (job.state == outpost_protocol::JobState::Cancelled && job.accepted_unix_ms.is_none())
+}
+
+/// Asks until every job of the group has ended; 0 then, 1 on timeout.
+async fn wait_group(g: &Global, c: &Client, group_id: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let group = c.group(group_id).await?;
+        let open = group.jobs.iter().filter(|j| !ended(j)).count();
+        if open == 0 {
+            print(g.json, &group, |gr| show::jobs(&outpost_protocol::JobList { jobs: gr.jobs.clone() }))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() + WAIT_INTERVAL > deadline {
+            eprintln!(
+                "error: {open} of {} jobs of group {group_id} have not ended within {}s; see `job list --group {group_id}`",
+                group.jobs.len(),
+                timeout.as_secs()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(WAIT_INTERVAL).await;
+    }
+}
+
+/// Asks until the job has ended; 0 once it has, 1 on timeout.
 async fn wait(g: &Global, c: &Client, job_id: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + timeout;
     loop {
         let job = c.job(job_id).await?;
-        if job.result.is_some() {
+        if ended(&job) {
             print(g.json, &job, show::job)?;
             return Ok(ExitCode::SUCCESS);
         }

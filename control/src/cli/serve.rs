@@ -14,12 +14,13 @@ pub(super) async fn serve(
     g: &Global,
     listen: SocketAddr,
     extra_sans: Vec<String>,
+    lease: std::time::Duration,
 ) -> anyhow::Result<ExitCode> {
     // Handlers first, so a signal that arrives right after the ready line is not lost.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = CancellationToken::new();
-    let config = ServerConfig { listen, data_dir: g.data_dir.clone(), extra_sans };
+    let config = ServerConfig { listen, data_dir: g.data_dir.clone(), extra_sans, lease };
     let server = server::serve(config, shutdown.clone()).await?;
     println!("outpost-control listening on https://{} (CA sha256 {})", server.addr, server.ca_fingerprint);
     tokio::select! {

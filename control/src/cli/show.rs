@@ -76,6 +76,22 @@ pub fn job(j: &JobInfo) {
         }
     }
     println!("state:     {}", state_name(j.state));
+    if let Some(sel) = &j.selector {
+        let how = j.placement.map(|p| if p == outpost_protocol::Placement::Any { "any" } else { "each" });
+        println!("placed:    {} node of `{sel}`", how.unwrap_or("-"));
+    }
+    if let Some(g) = &j.group_id {
+        println!("group:     {g}");
+    }
+    for a in &j.superseded {
+        let late = a.late_result.as_ref().map_or("no result".to_owned(), |r| {
+            format!("late result {} (not counted)", outcome_name(r.outcome))
+        });
+        println!("attempt {} on node {} superseded: {} — {late}", a.attempt, a.node_id, a.reason);
+    }
+    if let Some(t) = j.cancel_requested_unix_ms {
+        println!("cancel:    asked {}", when(Some(t)));
+    }
     println!("submitted: {}", when(Some(j.submitted_unix_ms)));
     if let Some(t) = j.accepted_unix_ms {
         println!("accepted:  {}", when(Some(t)));
@@ -129,10 +145,25 @@ pub fn nodes(list: &NodeList) {
         .iter()
         .map(|n| {
             let version = n.last_heartbeat.as_ref().map(|h| h.agent_version.clone()).unwrap_or_default();
-            vec![n.node_id.clone(), n.org_id.clone(), n.hostname.clone(), version, ago(n.last_seen_unix_ms)]
+            vec![
+                n.node_id.clone(),
+                n.org_id.clone(),
+                n.hostname.clone(),
+                version,
+                if n.online { "online" } else { "offline" }.into(),
+                ago(n.last_seen_unix_ms),
+                labels(&n.labels),
+            ]
         })
         .collect::<Vec<_>>();
-    table(&["NODE", "ORG", "HOSTNAME", "AGENT", "LAST SEEN"], &rows);
+    table(&["NODE", "ORG", "HOSTNAME", "AGENT", "STATE", "LAST SEEN", "LABELS"], &rows);
+}
+
+fn labels(l: &outpost_protocol::Labels) -> String {
+    if l.is_empty() {
+        return "-".into();
+    }
+    l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 pub fn node(n: &NodeInfo) {
@@ -140,7 +171,11 @@ pub fn node(n: &NodeInfo) {
     println!("org:       {}", n.org_id);
     println!("enrolled:  {}", when(Some(n.enrolled_unix_ms)));
     println!("cert:      sha256 {}", n.cert_sha256);
-    println!("last seen: {}", ago(n.last_seen_unix_ms));
+    println!("last seen: {} ({})", ago(n.last_seen_unix_ms), if n.online { "online" } else { "offline" });
+    println!("labels:    {}", labels(&n.labels));
+    if !n.operator_labels.is_empty() {
+        println!("           (set by operators: {})", labels(&n.operator_labels));
+    }
     let Some(hb) = &n.last_heartbeat else { return };
     let inv = &hb.inventory;
     println!("agent:     {} ({} running, outbox {})", hb.agent_version, hb.running_jobs, hb.outbox_depth);
@@ -190,6 +225,7 @@ pub fn state_name(s: JobState) -> &'static str {
         JobState::Queued => "queued",
         JobState::Accepted => "accepted",
         JobState::Finished => "finished",
+        JobState::Cancelled => "cancelled",
     }
 }
 
@@ -200,6 +236,7 @@ pub fn outcome_name(o: Outcome) -> &'static str {
         Outcome::TimedOut => "timed_out",
         Outcome::Rejected => "rejected",
         Outcome::Error => "error",
+        Outcome::Cancelled => "cancelled",
     }
 }
 

@@ -20,6 +20,8 @@ Examples:
   outpost-control job submit --file job.toml --node node-…
   outpost-control job submit --node node-… --generate <model digest> --prompt 'Hello' --max-tokens 64
   outpost-control job submit --node node-… --embed <model digest> --text 'first' --text 'second'
+  outpost-control job submit --org ORG --selector 'site=icu' --any --image sha256:… -- sh -c 'date'
+  outpost-control job submit --org ORG --selector 'site=icu,gpu' --each --image sha256:… -- nvidia-smi
 
 A job file holds the SubmitJobRequest, e.g. (TOML):
   node_id = \"node-…\"
@@ -35,8 +37,22 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "FILE")]
     pub file: Option<PathBuf>,
     /// The node that runs the job.
-    #[arg(long, value_name = "NODE_ID")]
+    #[arg(long, value_name = "NODE_ID", conflicts_with = "selector")]
     pub node: Option<String>,
+    /// Choose the node(s) by label selector instead (Kubernetes grammar, e.g.
+    /// `site=icu,gpu in (a100,l4)`); needs --org and --any or --each.
+    #[arg(long, value_name = "SELECTOR", requires = "placement")]
+    pub selector: Option<String>,
+    /// The organisation whose nodes --selector chooses from.
+    #[arg(long, value_name = "ORG_ID")]
+    pub org: Option<String>,
+    /// Run on one matching online node, the least loaded; if it goes silent before it reports,
+    /// another matching node gets the job as a new attempt.
+    #[arg(long, group = "placement", requires = "selector")]
+    pub any: bool,
+    /// Run on every matching node: a job group (prints the group id; see `job wait --group`).
+    #[arg(long, group = "placement", requires = "selector")]
+    pub each: bool,
     #[command(flatten)]
     pub spec: SpecArgs,
     #[command(flatten)]
@@ -151,11 +167,26 @@ pub fn submit_request(a: SubmitArgs) -> anyhow::Result<SubmitJobRequest> {
     if let Some(node) = a.node {
         obj.insert("node_id".into(), node.into());
     }
+    if let Some(selector) = a.selector {
+        obj.insert("selector".into(), selector.into());
+    }
+    if let Some(org) = a.org {
+        obj.insert("org_id".into(), org.into());
+    }
+    if a.any || a.each {
+        obj.insert("placement".into(), if a.any { "any" } else { "each" }.into());
+    }
     if let Some(e) = a.spec.expires {
         obj.insert("expires_in_secs".into(), e.as_secs().into());
     }
-    if !obj.contains_key("node_id") {
-        bail!("say which node runs the job: --node NODE_ID (or node_id in the file); see `node list`");
+    if !obj.contains_key("node_id") && !obj.contains_key("selector") {
+        bail!(
+            "say where the job runs: --node NODE_ID, or --org ORG_ID --selector SELECTOR with --any or --each \
+             (or node_id / selector in the file); see `node list`"
+        );
+    }
+    if obj.contains_key("selector") && !obj.contains_key("org_id") {
+        bail!("--selector chooses among one organisation's nodes: give --org ORG_ID (see `org list`)");
     }
     let spec = object_at(obj, "spec")?;
     if a.inference.any() || spec.contains_key("kind") {

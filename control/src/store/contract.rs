@@ -1,13 +1,13 @@
 //! The contract every `StateStore` adapter keeps, run against each of them.
 
 use outpost_protocol::{
-    ContainerSpec, EventMatch, JobInfo, JobState, NodeInfo, ObjectEvent, Org, Outcome, PublicKey,
+    ContainerSpec, EventMatch, JobInfo, JobState, NodeInfo, ObjectEvent, Org, Outcome, Placement, PublicKey,
     ResultReport, SignedEnvelope, Timings, Trigger,
 };
 
 use super::{
-    EventFilter, EventOrder, JobFilter, JobRecord, MemoryStore, OrgRecord, ResultOutcome, SeqGap, SledStore,
-    StateStore, StoreError, TokenRecord, TokenRefusal,
+    CancelOutcome, EventFilter, EventOrder, JobFilter, JobRecord, MemoryStore, OrgRecord, ResultOutcome,
+    SeqGap, SledStore, StateStore, StoreError, TokenRecord, TokenRefusal, next_attempt,
 };
 
 fn org(id: &str) -> OrgRecord {
@@ -31,6 +31,9 @@ fn node(id: &str, org_id: &str) -> NodeInfo {
         cert_sha256: "c".into(),
         last_seen_unix_ms: None,
         last_heartbeat: None,
+        operator_labels: Default::default(),
+        labels: Default::default(),
+        online: false,
     }
 }
 
@@ -50,16 +53,25 @@ fn job(id: &str, node_id: &str, seq: u64) -> JobRecord {
             submitted_unix_ms: seq,
             accepted_unix_ms: None,
             result: None,
+            group_id: None,
+            selector: None,
+            placement: None,
+            superseded: Vec::new(),
+            cancel_requested_unix_ms: None,
         },
         envelope: SignedEnvelope { payload: "{}".into(), key_id: "k".into(), signature_hex: String::new() },
     }
 }
 
 fn result(job_id: &str) -> ResultReport {
+    attempt_result(job_id, 1)
+}
+
+fn attempt_result(job_id: &str, attempt: u32) -> ResultReport {
     ResultReport {
         job_id: job_id.into(),
-        attempt: 1,
-        idempotency_key: ResultReport::key_for(job_id, 1),
+        attempt,
+        idempotency_key: ResultReport::key_for(job_id, attempt),
         outcome: Outcome::Succeeded,
         exit_code: Some(0),
         error: None,
@@ -108,8 +120,10 @@ async fn queued_jobs_are_offered_until_acknowledged(s: &dyn StateStore) {
     let q = s.queued_jobs("n1", 10).await.expect("queued");
     assert_eq!(q.len(), 1);
     assert_eq!(s.get_job("j1").await.expect("get").expect("j1").info.state, JobState::Accepted);
-    let listed =
-        s.list_jobs(JobFilter { node_id: Some("n1".into()), state: None, limit: 10 }).await.expect("list");
+    let listed = s
+        .list_jobs(JobFilter { node_id: Some("n1".into()), limit: 10, ..Default::default() })
+        .await
+        .expect("list");
     assert_eq!(listed.len(), 2);
 }
 
@@ -264,6 +278,96 @@ async fn trigger_names_are_unique_per_org(s: &dyn StateStore) {
     s.insert_trigger(trigger("t5", "o", "resize", 5)).await.expect("the name is free again");
 }
 
+async fn operator_labels_are_set_and_removed(s: &dyn StateStore) {
+    s.insert_token(TokenRecord {
+        token_sha256: "t-labels".into(),
+        org_id: "o".into(),
+        expires_unix_ms: u64::MAX,
+        used_unix_ms: None,
+        used_by_node: None,
+    })
+    .await
+    .expect("token");
+    s.enroll_node("t-labels", 1, node("nl", "o")).await.expect("enroll").expect("enrolled");
+    let set = [("site".to_owned(), "icu".to_owned()), ("rack".to_owned(), "2".to_owned())].into();
+    let n = s.update_node_labels("nl", set, vec![]).await.expect("label");
+    assert_eq!(n.operator_labels.len(), 2);
+    let n = s.update_node_labels("nl", Default::default(), vec!["rack".into()]).await.expect("unlabel");
+    assert_eq!(n.operator_labels.keys().collect::<Vec<_>>(), ["site"]);
+    assert_eq!(s.get_node("nl").await.expect("get").expect("nl").operator_labels, n.operator_labels);
+    assert!(matches!(
+        s.update_node_labels("nobody", Default::default(), vec![]).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+fn any_job(id: &str, node_id: &str, seq: u64) -> JobRecord {
+    let mut j = job(id, node_id, seq);
+    j.info.placement = Some(Placement::Any);
+    j.info.selector = Some("site=icu".into());
+    j
+}
+
+async fn a_reassigned_job_fences_its_old_attempt(s: &dyn StateStore) {
+    s.insert_job(any_job("h1", "na", 1)).await.expect("insert");
+    s.ack_jobs("na", vec!["h1".into()], 2).await.expect("ack");
+    assert_eq!(s.open_any_jobs().await.expect("open").len(), 1);
+    let old = s.get_job("h1").await.expect("get").expect("h1");
+    let next = next_attempt(&old, old.envelope.clone(), "nb", 1, 3, "node na silent");
+    assert!(s.reassign_job("h1", 1, next.clone()).await.expect("reassign"));
+    assert!(!s.reassign_job("h1", 1, next).await.expect("reassign again"), "the attempt moved on already");
+    let moved = s.get_job("h1").await.expect("get").expect("h1");
+    assert_eq!(
+        (moved.info.attempt, moved.info.node_id.as_str(), moved.info.state),
+        (2, "nb", JobState::Queued)
+    );
+    assert_eq!(s.queued_jobs("nb", 10).await.expect("queued").len(), 1, "offered to the new node");
+    let stops = s.pending_cancels("na", 10).await.expect("cancels");
+    assert_eq!((stops.len(), stops[0].attempt), (1, 1), "the old node is asked to stop attempt 1");
+    // The old node's late result is kept with its attempt, never counted.
+    assert_eq!(s.store_result("na", attempt_result("h1", 1)).await.expect("late"), ResultOutcome::Superseded);
+    assert_eq!(s.store_result("na", attempt_result("h1", 1)).await.expect("late"), ResultOutcome::Duplicate);
+    assert!(s.pending_cancels("na", 10).await.expect("cancels").is_empty(), "answered");
+    let job = s.get_job("h1").await.expect("get").expect("h1");
+    assert_eq!(job.info.state, JobState::Queued);
+    assert!(job.info.result.is_none());
+    assert!(job.info.superseded[0].late_result.is_some());
+    assert_eq!(s.store_result("na", attempt_result("h1", 2)).await.expect("store"), ResultOutcome::NotYours);
+    assert_eq!(s.store_result("nb", attempt_result("h1", 2)).await.expect("store"), ResultOutcome::Stored);
+    assert_eq!(s.get_job("h1").await.expect("get").expect("h1").info.state, JobState::Finished);
+    assert!(s.open_any_jobs().await.expect("open").is_empty(), "a finished job is no longer swept");
+    assert!(s.queued_jobs("nb", 10).await.expect("queued").is_empty());
+}
+
+async fn cancels_end_queued_jobs_and_ask_nodes_for_the_rest(s: &dyn StateStore) {
+    s.insert_job(any_job("c1", "nc", 1)).await.expect("insert");
+    s.insert_job(job("c2", "nc", 2)).await.expect("insert");
+    s.ack_jobs("nc", vec!["c2".into()], 3).await.expect("ack");
+    assert_eq!(s.cancel_job("c1", 4).await.expect("cancel"), CancelOutcome::Cancelled);
+    assert_eq!(s.get_job("c1").await.expect("get").expect("c1").info.state, JobState::Cancelled);
+    assert!(s.queued_jobs("nc", 10).await.expect("queued").is_empty(), "never offered again");
+    assert!(s.open_any_jobs().await.expect("open").is_empty());
+    assert_eq!(s.cancel_job("c2", 5).await.expect("cancel"), CancelOutcome::Requested);
+    assert_eq!(
+        s.cancel_job("c2", 6).await.expect("cancel"),
+        CancelOutcome::Requested,
+        "asking twice is harmless"
+    );
+    let stops = s.pending_cancels("nc", 10).await.expect("cancels");
+    assert_eq!(stops.len(), 2, "the node may have taken c1 without acknowledging it yet: {stops:?}");
+    let mut cancelled = result("c2");
+    cancelled.outcome = Outcome::Cancelled;
+    assert_eq!(s.store_result("nc", cancelled).await.expect("store"), ResultOutcome::Stored);
+    let c2 = s.get_job("c2").await.expect("get").expect("c2");
+    assert_eq!((c2.info.state, c2.info.cancel_requested_unix_ms), (JobState::Cancelled, Some(5)));
+    assert_eq!(s.pending_cancels("nc", 10).await.expect("cancels").len(), 1);
+    assert_eq!(
+        s.cancel_job("c2", 7).await.expect("cancel"),
+        CancelOutcome::AlreadyEnded(JobState::Cancelled)
+    );
+    assert_eq!(s.cancel_job("missing", 7).await.expect("cancel"), CancelOutcome::NotFound);
+}
+
 async fn contract(s: &dyn StateStore) {
     tokens_are_one_time_and_expire(s).await;
     queued_jobs_are_offered_until_acknowledged(s).await;
@@ -272,6 +376,9 @@ async fn contract(s: &dyn StateStore) {
     events_are_stored_once_per_node_and_seq(s).await;
     triggered_jobs_are_recorded_once(s).await;
     trigger_names_are_unique_per_org(s).await;
+    operator_labels_are_set_and_removed(s).await;
+    a_reassigned_job_fences_its_old_attempt(s).await;
+    cancels_end_queued_jobs_and_ask_nodes_for_the_rest(s).await;
 }
 
 #[tokio::test]
@@ -306,4 +413,7 @@ async fn the_sled_store_keeps_everything_across_a_reopen() {
     assert!(last[0].cursor > events[6].cursor);
     assert_eq!(s.store_events("n1", "o", vec![event(3, "c")], 21).await.expect("store").duplicates, 1);
     assert_eq!(s.list_triggers(None).await.expect("triggers").len(), 3);
+    assert_eq!(s.get_node("nl").await.expect("get").expect("nl").operator_labels.len(), 1);
+    assert_eq!(s.get_job("h1").await.expect("get").expect("h1").info.superseded.len(), 1);
+    assert_eq!(s.pending_cancels("nc", 10).await.expect("cancels").len(), 1, "pending cancels survive");
 }

@@ -6,13 +6,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use outpost_protocol::{
-    AuditEntry, Heartbeat, JobInfo, JobState, NodeInfo, ObjectEvent, Org, ResultReport, StoredEvent, Trigger,
+    AuditEntry, CancelAttempt, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent, Org,
+    ResultReport, StoredEvent, Trigger,
 };
 
 use super::{
-    EventFilter, EventOrder, EventTally, EventsOutcome, JobFilter, JobRecord, OrgRecord, ResultOutcome,
-    StateStore, StoreError, StoreFuture, TokenRecord, TokenRefusal, accept_job, check_token, finish_job,
-    sort_triggers, stored_event, take_window,
+    CANCELLED_BY_OPERATOR, CancelOutcome, EventFilter, EventOrder, EventTally, EventsOutcome, JobFilter,
+    JobRecord, OrgRecord, ResultFate, ResultOutcome, StateStore, StoreError, StoreFuture, TokenRecord,
+    TokenRefusal, accept_job, apply_cancel, cancel_of, change_labels, check_token, finish_job, is_open_any,
+    result_fate, sort_triggers, stored_event, take_window,
 };
 
 #[derive(Default)]
@@ -30,6 +32,8 @@ struct Inner {
     event_index: BTreeMap<(String, u64), u64>,
     event_cursor: u64,
     triggers: BTreeMap<String, Trigger>,
+    /// (node, job, attempt) → the stop request the node has not answered yet.
+    cancels: BTreeMap<(String, String, u32), CancelAttempt>,
 }
 
 #[derive(Default)]
@@ -193,15 +197,85 @@ impl StateStore for MemoryStore {
     fn store_result(&self, node_id: &str, report: ResultReport) -> StoreFuture<'_, ResultOutcome> {
         let node_id = node_id.to_owned();
         self.with(move |inner| {
-            let Some(job) = inner.jobs.get_mut(&report.job_id).filter(|j| j.info.node_id == node_id) else {
+            let Some(job) = inner.jobs.get_mut(&report.job_id) else {
                 return Ok(ResultOutcome::NotYours);
             };
+            let fate = result_fate(job, &node_id, &report);
+            if fate == ResultFate::NotYours {
+                return Ok(ResultOutcome::NotYours);
+            }
             if inner.results.contains_key(&report.idempotency_key) {
                 return Ok(ResultOutcome::Duplicate);
             }
-            finish_job(job, report.clone());
+            inner.cancels.remove(&(node_id, report.job_id.clone(), report.attempt));
+            finish_job(job, fate, report.clone());
             inner.results.insert(report.idempotency_key.clone(), report);
-            Ok(ResultOutcome::Stored)
+            Ok(match fate {
+                ResultFate::Current => ResultOutcome::Stored,
+                _ => ResultOutcome::Superseded,
+            })
+        })
+    }
+
+    fn update_node_labels(
+        &self,
+        node_id: &str,
+        set: Labels,
+        remove: Vec<String>,
+    ) -> StoreFuture<'_, NodeInfo> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            let node = inner
+                .nodes
+                .get_mut(&node_id)
+                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
+            change_labels(node, set, &remove);
+            Ok(node.clone())
+        })
+    }
+
+    fn reassign_job(&self, job_id: &str, expected_attempt: u32, next: JobRecord) -> StoreFuture<'_, bool> {
+        let job_id = job_id.to_owned();
+        self.with(move |inner| {
+            let Some(job) = inner.jobs.get_mut(&job_id) else { return Ok(false) };
+            if job.info.attempt != expected_attempt || !is_open_any(&job.info) {
+                return Ok(false);
+            }
+            let reason = format!("superseded by attempt {} on node {}", next.info.attempt, next.info.node_id);
+            let stop = cancel_of(&job.info, &reason);
+            inner.cancels.insert((job.info.node_id.clone(), job_id, stop.attempt), stop);
+            *job = next;
+            Ok(true)
+        })
+    }
+
+    fn open_any_jobs(&self) -> StoreFuture<'_, Vec<JobRecord>> {
+        self.with(|inner| Ok(inner.jobs.values().filter(|j| is_open_any(&j.info)).cloned().collect()))
+    }
+
+    fn cancel_job(&self, job_id: &str, now_ms: u64) -> StoreFuture<'_, CancelOutcome> {
+        let job_id = job_id.to_owned();
+        self.with(move |inner| {
+            let Some(job) = inner.jobs.get_mut(&job_id) else { return Ok(CancelOutcome::NotFound) };
+            let (outcome, ask_node) = apply_cancel(job, now_ms);
+            if ask_node {
+                let stop = cancel_of(&job.info, CANCELLED_BY_OPERATOR);
+                inner.cancels.insert((job.info.node_id.clone(), job_id, stop.attempt), stop);
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn pending_cancels(&self, node_id: &str, max: usize) -> StoreFuture<'_, Vec<CancelAttempt>> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            Ok(inner
+                .cancels
+                .iter()
+                .filter(|((n, _, _), _)| *n == node_id)
+                .take(max)
+                .map(|(_, c)| c.clone())
+                .collect())
         })
     }
 

@@ -12,8 +12,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use outpost_protocol::{
-    AuditEntry, EnrollmentToken, Heartbeat, JobInfo, JobState, NodeInfo, ObjectEvent, Org, ResultReport,
-    SignedEnvelope, StoredEvent, Trigger,
+    AuditEntry, CancelAttempt, EnrollmentToken, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent,
+    Org, Outcome, Placement, ResultReport, SignedEnvelope, StoredEvent, SupersededAttempt, Trigger,
 };
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +84,7 @@ pub struct JobRecord {
 pub struct JobFilter {
     pub node_id: Option<String>,
     pub state: Option<JobState>,
+    pub group_id: Option<String>,
     pub limit: usize,
 }
 
@@ -91,6 +92,7 @@ impl JobFilter {
     pub fn matches(&self, info: &JobInfo) -> bool {
         self.node_id.as_deref().is_none_or(|n| n == info.node_id)
             && self.state.is_none_or(|s| s == info.state)
+            && self.group_id.as_deref().is_none_or(|g| info.group_id.as_deref() == Some(g))
     }
 }
 
@@ -99,8 +101,23 @@ impl JobFilter {
 pub enum ResultOutcome {
     Stored,
     Duplicate,
+    /// A late report of an attempt a later one replaced: kept with that attempt, never counted
+    /// as the job's result.
+    Superseded,
     /// No job with that id belongs to the reporting node.
     NotYours,
+}
+
+/// What an operator's cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was still queued: cancelled at once.
+    Cancelled,
+    /// The node has it: the node is asked to stop it and report `cancelled`.
+    Requested,
+    /// Nothing to do: the job had ended already in this state (or a cancel was asked before).
+    AlreadyEnded(JobState),
+    NotFound,
 }
 
 /// What storing a node's batch of events did.
@@ -222,8 +239,30 @@ pub trait StateStore: Send + Sync + 'static {
     fn queued_jobs(&self, node_id: &str, max: usize) -> StoreFuture<'_, Vec<JobRecord>>;
     /// Moves the listed jobs of this node from `Queued` to `Accepted`; others are ignored.
     fn ack_jobs(&self, node_id: &str, job_ids: Vec<String>, now_ms: u64) -> StoreFuture<'_, ()>;
-    /// Stores the first report per idempotency key and finishes the job.
+    /// Stores the first report per idempotency key and finishes the job; a report of a
+    /// superseded attempt is kept with that attempt and leaves the job as it is. Clears the
+    /// attempt's pending cancel.
     fn store_result(&self, node_id: &str, report: ResultReport) -> StoreFuture<'_, ResultOutcome>;
+
+    /// Replaces the operator labels of a node: `set` applied, then `remove`. The node's record
+    /// as stored afterwards.
+    fn update_node_labels(
+        &self,
+        node_id: &str,
+        set: Labels,
+        remove: Vec<String>,
+    ) -> StoreFuture<'_, NodeInfo>;
+
+    /// Replaces the current attempt of a job still at `expected_attempt` and unfinished with
+    /// `next` (built by [`next_attempt`]), and asks the old attempt's node to stop it. False
+    /// (nothing changed) when the job moved on meanwhile.
+    fn reassign_job(&self, job_id: &str, expected_attempt: u32, next: JobRecord) -> StoreFuture<'_, bool>;
+    /// Unfinished jobs placed with `any`, for the placement sweep.
+    fn open_any_jobs(&self) -> StoreFuture<'_, Vec<JobRecord>>;
+    /// Cancels a job: a queued one at once, one its node has by asking the node.
+    fn cancel_job(&self, job_id: &str, now_ms: u64) -> StoreFuture<'_, CancelOutcome>;
+    /// Attempts `node_id` must stop, at most `max`.
+    fn pending_cancels(&self, node_id: &str, max: usize) -> StoreFuture<'_, Vec<CancelAttempt>>;
 
     /// Stores a node's events atomically: an event whose (node, seq) is stored already is a
     /// duplicate and not stored again; each new one gets the next global cursor.
@@ -288,10 +327,108 @@ pub(crate) fn accept_job(job: &mut JobRecord, node_id: &str, now_ms: u64) -> boo
     true
 }
 
-/// Applies a first result report to a job.
-pub(crate) fn finish_job(job: &mut JobRecord, report: ResultReport) {
-    job.info.state = JobState::Finished;
-    job.info.result = Some(report);
+/// Where a result report belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResultFate {
+    /// The job's current attempt, from its node.
+    Current,
+    /// A superseded attempt (the index into `superseded`), from the node that had it.
+    Superseded(usize),
+    NotYours,
+}
+
+pub(crate) fn result_fate(job: &JobRecord, node_id: &str, report: &ResultReport) -> ResultFate {
+    if job.info.node_id == node_id && job.info.attempt == report.attempt {
+        return ResultFate::Current;
+    }
+    match job.info.superseded.iter().position(|a| a.attempt == report.attempt && a.node_id == node_id) {
+        Some(i) => ResultFate::Superseded(i),
+        None => ResultFate::NotYours,
+    }
+}
+
+/// Applies a first result report of an attempt to its job (see [`result_fate`]).
+pub(crate) fn finish_job(job: &mut JobRecord, fate: ResultFate, report: ResultReport) {
+    match fate {
+        ResultFate::Current => {
+            let cancelled = report.outcome == Outcome::Cancelled || job.info.state == JobState::Cancelled;
+            job.info.state = if cancelled { JobState::Cancelled } else { JobState::Finished };
+            job.info.result = Some(report);
+        }
+        ResultFate::Superseded(i) => {
+            if let Some(a) = job.info.superseded.get_mut(i) {
+                a.late_result = Some(report);
+            }
+        }
+        ResultFate::NotYours => {}
+    }
+}
+
+/// Whether a job is open for the placement sweep (placed with `any`, not ended).
+pub(crate) fn is_open_any(info: &JobInfo) -> bool {
+    info.placement == Some(Placement::Any) && matches!(info.state, JobState::Queued | JobState::Accepted)
+}
+
+/// The record of a job's next attempt on another node: `envelope` is the new signed manifest
+/// (new attempt number, the new node's sequence number); the current attempt moves to
+/// `superseded`.
+pub fn next_attempt(
+    job: &JobRecord,
+    envelope: SignedEnvelope,
+    node_id: &str,
+    seq: u64,
+    now_ms: u64,
+    reason: &str,
+) -> JobRecord {
+    let mut next = job.clone();
+    next.info.superseded.push(SupersededAttempt {
+        attempt: job.info.attempt,
+        node_id: job.info.node_id.clone(),
+        seq: job.info.seq,
+        superseded_unix_ms: now_ms,
+        reason: reason.to_owned(),
+        late_result: None,
+    });
+    next.info.attempt = job.info.attempt.saturating_add(1);
+    next.info.node_id = node_id.to_owned();
+    next.info.seq = seq;
+    next.info.state = JobState::Queued;
+    next.info.accepted_unix_ms = None;
+    next.envelope = envelope;
+    next
+}
+
+/// The stop request for the attempt `job` holds now.
+pub(crate) fn cancel_of(job: &JobInfo, reason: &str) -> CancelAttempt {
+    CancelAttempt { job_id: job.job_id.clone(), attempt: job.attempt, reason: reason.to_owned() }
+}
+
+/// The reason a node hears when an operator cancels.
+pub(crate) const CANCELLED_BY_OPERATOR: &str = "cancelled by an operator";
+
+/// Applies an operator's cancel to a job; returns the outcome and whether the node must be
+/// asked to stop the attempt (it may hold it, even when it had not acknowledged it yet).
+pub(crate) fn apply_cancel(job: &mut JobRecord, now_ms: u64) -> (CancelOutcome, bool) {
+    match job.info.state {
+        JobState::Queued => {
+            job.info.state = JobState::Cancelled;
+            job.info.cancel_requested_unix_ms = Some(now_ms);
+            (CancelOutcome::Cancelled, true)
+        }
+        JobState::Accepted => {
+            job.info.cancel_requested_unix_ms.get_or_insert(now_ms);
+            (CancelOutcome::Requested, true)
+        }
+        state => (CancelOutcome::AlreadyEnded(state), false),
+    }
+}
+
+/// Applies a label change to a node's operator labels.
+pub(crate) fn change_labels(node: &mut NodeInfo, set: Labels, remove: &[String]) {
+    node.operator_labels.extend(set);
+    for key in remove {
+        node.operator_labels.remove(key);
+    }
 }
 
 /// Oldest first; the id breaks ties so the order is stable.

@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use outpost_protocol::{
-    AuditEntry, Heartbeat, JobInfo, JobState, NodeInfo, ObjectEvent, Org, ResultReport, StoredEvent, Trigger,
+    AuditEntry, CancelAttempt, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent, Org,
+    ResultReport, StoredEvent, Trigger,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -14,9 +15,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::memory::sort_newest_first;
 use super::{
-    EventFilter, EventOrder, EventTally, EventsOutcome, JobFilter, JobRecord, OrgRecord, ResultOutcome,
-    StateStore, StoreError, StoreFuture, TokenRecord, TokenRefusal, accept_job, check_token, finish_job,
-    sort_triggers, stored_event,
+    CANCELLED_BY_OPERATOR, CancelOutcome, EventFilter, EventOrder, EventTally, EventsOutcome, JobFilter,
+    JobRecord, OrgRecord, ResultFate, ResultOutcome, StateStore, StoreError, StoreFuture, TokenRecord,
+    TokenRefusal, accept_job, apply_cancel, cancel_of, change_labels, check_token, finish_job, is_open_any,
+    result_fate, sort_triggers, stored_event,
 };
 
 const AUDIT_SEQ_KEY: &[u8] = b"audit_seq";
@@ -45,6 +47,10 @@ pub struct SledStore {
     triggers: sled::Tree,
     /// `org_id \0 name` → `trigger_id`: names are unique per org.
     trigger_names: sled::Tree,
+    /// `node_id \0 job_id \0 attempt (big endian)` → `CancelAttempt` the node has not answered.
+    cancels: sled::Tree,
+    /// `job_id` of every unfinished job placed with `any` (the placement sweep's work list).
+    any_open: sled::Tree,
 }
 
 impl SledStore {
@@ -80,6 +86,8 @@ impl SledStore {
             event_cursors: tree("event_cursors")?,
             triggers: tree("triggers")?,
             trigger_names: tree("trigger_names")?,
+            cancels: tree("cancels")?,
+            any_open: tree("any_open")?,
             db,
         })
     }
@@ -152,6 +160,14 @@ fn queued_key(node_id: &str, seq: u64) -> Vec<u8> {
 fn queued_prefix(node_id: &str) -> Vec<u8> {
     let mut key = node_id.as_bytes().to_vec();
     key.push(0);
+    key
+}
+
+fn cancel_key(node_id: &str, job_id: &str, attempt: u32) -> Vec<u8> {
+    let mut key = queued_prefix(node_id);
+    key.extend_from_slice(job_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&attempt.to_be_bytes());
     key
 }
 
@@ -288,16 +304,20 @@ impl StateStore for SledStore {
         Box::pin(async move {
             let value = encode(&job)?;
             let info = &job.info;
-            let outcome = (&self.jobs, &self.queued).transaction(|(jobs, queued)| {
-                if jobs.get(info.job_id.as_bytes())?.is_some() {
-                    return Err(abort(StoreError::AlreadyExists(format!("job {}", info.job_id))));
-                }
-                jobs.insert(info.job_id.as_bytes(), value.clone())?;
-                if info.state == JobState::Queued {
-                    queued.insert(queued_key(&info.node_id, info.seq), info.job_id.as_bytes())?;
-                }
-                Ok(())
-            });
+            let outcome =
+                (&self.jobs, &self.queued, &self.any_open).transaction(|(jobs, queued, any_open)| {
+                    if jobs.get(info.job_id.as_bytes())?.is_some() {
+                        return Err(abort(StoreError::AlreadyExists(format!("job {}", info.job_id))));
+                    }
+                    jobs.insert(info.job_id.as_bytes(), value.clone())?;
+                    if info.state == JobState::Queued {
+                        queued.insert(queued_key(&info.node_id, info.seq), info.job_id.as_bytes())?;
+                    }
+                    if is_open_any(info) {
+                        any_open.insert(info.job_id.as_bytes(), &[])?;
+                    }
+                    Ok(())
+                });
             settle(outcome)?;
             self.flush().await
         })
@@ -360,28 +380,144 @@ impl StateStore for SledStore {
         Box::pin(async move {
             let report_value = encode(&report)?;
             let key = report.idempotency_key.as_bytes();
-            let outcome = (&self.jobs, &self.results, &self.queued).transaction(|(jobs, results, queued)| {
+            let trees = (&self.jobs, &self.results, &self.queued, &self.cancels, &self.any_open);
+            let outcome = trees.transaction(|(jobs, results, queued, cancels, any_open)| {
                 let Some(bytes) = jobs.get(report.job_id.as_bytes())? else {
                     return Ok(ResultOutcome::NotYours);
                 };
                 let mut job: JobRecord = decode(&report.job_id, &bytes).map_err(abort)?;
-                if job.info.node_id != node_id {
+                let fate = result_fate(&job, &node_id, &report);
+                if fate == ResultFate::NotYours {
                     return Ok(ResultOutcome::NotYours);
                 }
                 if results.get(key)?.is_some() {
                     return Ok(ResultOutcome::Duplicate);
                 }
                 results.insert(key, report_value.clone())?;
-                queued.remove(queued_key(&node_id, job.info.seq))?;
-                finish_job(&mut job, report.clone());
+                cancels.remove(cancel_key(&node_id, &report.job_id, report.attempt))?;
+                if fate == ResultFate::Current {
+                    queued.remove(queued_key(&node_id, job.info.seq))?;
+                    any_open.remove(report.job_id.as_bytes())?;
+                }
+                finish_job(&mut job, fate, report.clone());
                 jobs.insert(report.job_id.as_bytes(), encode(&job).map_err(abort)?)?;
-                Ok(ResultOutcome::Stored)
+                Ok(match fate {
+                    ResultFate::Current => ResultOutcome::Stored,
+                    _ => ResultOutcome::Superseded,
+                })
             });
             let outcome = settle(outcome)?;
-            if outcome == ResultOutcome::Stored {
+            if matches!(outcome, ResultOutcome::Stored | ResultOutcome::Superseded) {
                 self.flush().await?;
             }
             Ok(outcome)
+        })
+    }
+
+    fn update_node_labels(
+        &self,
+        node_id: &str,
+        set: Labels,
+        remove: Vec<String>,
+    ) -> StoreFuture<'_, NodeInfo> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let outcome = self.nodes.transaction(|nodes| {
+                let bytes = nodes.get(node_id.as_bytes())?;
+                let bytes = bytes.ok_or_else(|| abort(StoreError::NotFound(format!("node {node_id}"))))?;
+                let mut node: NodeInfo = decode(&node_id, &bytes).map_err(abort)?;
+                change_labels(&mut node, set.clone(), &remove);
+                nodes.insert(node_id.as_bytes(), encode(&node).map_err(abort)?)?;
+                Ok(node)
+            });
+            let node = settle(outcome)?;
+            self.flush().await?;
+            Ok(node)
+        })
+    }
+
+    fn reassign_job(&self, job_id: &str, expected_attempt: u32, next: JobRecord) -> StoreFuture<'_, bool> {
+        let job_id = job_id.to_owned();
+        Box::pin(async move {
+            let value = encode(&next)?;
+            let trees = (&self.jobs, &self.queued, &self.cancels);
+            let outcome = trees.transaction(|(jobs, queued, cancels)| {
+                let Some(bytes) = jobs.get(job_id.as_bytes())? else { return Ok(false) };
+                let job: JobRecord = decode(&job_id, &bytes).map_err(abort)?;
+                if job.info.attempt != expected_attempt || !is_open_any(&job.info) {
+                    return Ok(false);
+                }
+                let reason =
+                    format!("superseded by attempt {} on node {}", next.info.attempt, next.info.node_id);
+                let stop = cancel_of(&job.info, &reason);
+                cancels.insert(
+                    cancel_key(&job.info.node_id, &job_id, stop.attempt),
+                    encode(&stop).map_err(abort)?,
+                )?;
+                queued.remove(queued_key(&job.info.node_id, job.info.seq))?;
+                queued.insert(queued_key(&next.info.node_id, next.info.seq), job_id.as_bytes())?;
+                jobs.insert(job_id.as_bytes(), value.clone())?;
+                Ok(true)
+            });
+            let moved = settle(outcome)?;
+            if moved {
+                self.flush().await?;
+            }
+            Ok(moved)
+        })
+    }
+
+    fn open_any_jobs(&self) -> StoreFuture<'_, Vec<JobRecord>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for item in self.any_open.iter() {
+                let (job_id, _) = item.map_err(backend)?;
+                let job_id = String::from_utf8_lossy(&job_id).into_owned();
+                if let Some(job) =
+                    Self::get::<JobRecord>(&self.jobs, &job_id)?.filter(|j| is_open_any(&j.info))
+                {
+                    out.push(job);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn cancel_job(&self, job_id: &str, now_ms: u64) -> StoreFuture<'_, CancelOutcome> {
+        let job_id = job_id.to_owned();
+        Box::pin(async move {
+            let trees = (&self.jobs, &self.queued, &self.cancels, &self.any_open);
+            let outcome = trees.transaction(|(jobs, queued, cancels, any_open)| {
+                let Some(bytes) = jobs.get(job_id.as_bytes())? else { return Ok(CancelOutcome::NotFound) };
+                let mut job: JobRecord = decode(&job_id, &bytes).map_err(abort)?;
+                let (outcome, ask_node) = apply_cancel(&mut job, now_ms);
+                if ask_node {
+                    let stop = cancel_of(&job.info, CANCELLED_BY_OPERATOR);
+                    let key = cancel_key(&job.info.node_id, &job_id, stop.attempt);
+                    cancels.insert(key, encode(&stop).map_err(abort)?)?;
+                    jobs.insert(job_id.as_bytes(), encode(&job).map_err(abort)?)?;
+                }
+                if outcome == CancelOutcome::Cancelled {
+                    queued.remove(queued_key(&job.info.node_id, job.info.seq))?;
+                    any_open.remove(job_id.as_bytes())?;
+                }
+                Ok(outcome)
+            });
+            let outcome = settle(outcome)?;
+            self.flush().await?;
+            Ok(outcome)
+        })
+    }
+
+    fn pending_cancels(&self, node_id: &str, max: usize) -> StoreFuture<'_, Vec<CancelAttempt>> {
+        let prefix = queued_prefix(node_id);
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for item in self.cancels.scan_prefix(&prefix).take(max) {
+                let (key, value) = item.map_err(backend)?;
+                out.push(decode(&String::from_utf8_lossy(&key), &value)?);
+            }
+            Ok(out)
         })
     }
 

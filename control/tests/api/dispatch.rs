@@ -101,7 +101,7 @@ async fn a_node_is_offered_only_its_own_jobs_and_cannot_ack_others() {
 async fn a_poll_with_no_room_answers_at_once() {
     let (server, node) = server_with_node().await;
     submit(&server.operator().expect("operator"), node.id()).await;
-    let req = PollRequest { ack_job_ids: vec![], wait_secs: Some(25), max_jobs: Some(0) };
+    let req = PollRequest { ack_job_ids: vec![], wait_secs: Some(25), max_jobs: Some(0), announce: None };
     let started = Instant::now();
     let (status, body) = node.post(paths::NODE_POLL, &req).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -126,14 +126,14 @@ async fn submissions_that_a_node_would_refuse_are_refused_up_front() {
     let url = format!("{}{}", server.url(), paths::JOBS);
     let mut bad = spec();
     bad.image = "alpine:latest".into();
-    let req = SubmitJobRequest { node_id: node.id().into(), spec: bad.into(), expires_in_secs: None };
+    let req = SubmitJobRequest::for_node(node.id(), bad);
     let got = crate::support::answer(
         http.post(&url).bearer_auth(server.admin_token()).json(&req).send().await.expect("sent"),
     )
     .await;
     assert_error(&got, StatusCode::BAD_REQUEST, "bad_image");
 
-    let req = SubmitJobRequest { node_id: "node-nobody".into(), spec: spec().into(), expires_in_secs: None };
+    let req = SubmitJobRequest::for_node("node-nobody", spec());
     let got = crate::support::answer(
         http.post(&url).bearer_auth(server.admin_token()).json(&req).send().await.expect("sent"),
     )

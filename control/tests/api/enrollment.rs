@@ -49,7 +49,7 @@ async fn a_replayed_token_is_refused_and_audited() {
     assert!(got.1["message"].as_str().unwrap_or_default().contains("already used"), "{}", got.1);
 
     let op = server.operator().expect("operator");
-    assert_eq!(op.nodes().await.expect("nodes").nodes.len(), 1, "the replay registered no node");
+    assert_eq!(op.nodes(None, None).await.expect("nodes").nodes.len(), 1, "the replay registered no node");
     let audit = op.audit(100).await.expect("audit");
     assert!(audit.entries.iter().any(|a| a.action == "enroll.rejected" && a.detail.contains("already used")));
 }

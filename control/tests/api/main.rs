@@ -9,6 +9,7 @@ mod auth;
 mod dispatch;
 mod enrollment;
 mod events;
+mod fleet;
 mod limits;
 mod openapi;
 mod restart;

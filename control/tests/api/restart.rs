@@ -64,7 +64,15 @@ async fn a_restart_keeps_events_cursors_and_triggers_and_a_resend_fires_nothing_
         node.deliver_ok(&[batch[0].clone(), batch[1].clone(), object_event(3, "in/c")]).await,
         (1, 2, 3)
     );
-    let jobs = op.jobs(Some(node.id()), None, 100).await.expect("jobs").jobs;
+    let jobs = op
+        .jobs(&outpost_control::client::JobsQuery {
+            node_id: Some(node.id().into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("jobs")
+        .jobs;
     assert_eq!(jobs.len(), 2, "one job per matching event: {jobs:?}");
     let after = op
         .events(&EventsQuery { cursor: Some(before[1].cursor), ..EventsQuery::default() })

@@ -93,6 +93,8 @@ async fn a_heartbeat_stores_inventory_and_last_seen() {
             format: outpost_protocol::ModelFormat::Safetensors,
             engine: "candle".into(),
         }],
+        labels: Default::default(),
+        announce: None,
     };
     let (status, body) = node.post(paths::NODE_HEARTBEAT, &hb).await;
     assert_eq!(status, StatusCode::OK, "{body}");

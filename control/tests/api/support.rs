@@ -111,6 +111,7 @@ impl TestNode {
             ack_job_ids: acks.iter().map(|s| s.to_string()).collect(),
             wait_secs: Some(wait_secs),
             max_jobs: None,
+            announce: Some(outpost_protocol::Announce::this_build()),
         };
         let (status, body) = self.post(paths::NODE_POLL, &req).await;
         assert_eq!(status, StatusCode::OK, "poll: {body}");
@@ -131,8 +132,17 @@ pub fn spec() -> ContainerSpec {
 }
 
 pub async fn submit(op: &Client, node_id: &str) -> JobInfo {
-    let req = SubmitJobRequest { node_id: node_id.into(), spec: spec().into(), expires_in_secs: None };
+    let req = SubmitJobRequest::for_node(node_id, spec());
     op.submit(&req).await.expect("job submitted")
+}
+
+/// The report of the attempt a node was handed, with `outcome`.
+pub fn report_for(a: &outpost_protocol::JobAssignment, outcome: Outcome) -> ResultReport {
+    let mut r = succeeded(&a.job_id, "");
+    r.attempt = a.attempt;
+    r.idempotency_key = ResultReport::key_for(&a.job_id, a.attempt);
+    r.outcome = outcome;
+    r
 }
 
 pub fn succeeded(job_id: &str, stdout: &str) -> ResultReport {

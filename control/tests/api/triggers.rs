@@ -18,7 +18,14 @@ async fn server_with_node() -> (TestServer, String, TestNode) {
 }
 
 async fn jobs_of(op: &Client, node_id: &str) -> Vec<JobInfo> {
-    op.jobs(Some(node_id), None, 100).await.expect("jobs").jobs
+    op.jobs(&outpost_control::client::JobsQuery {
+        node_id: Some(node_id.into()),
+        limit: 100,
+        ..Default::default()
+    })
+    .await
+    .expect("jobs")
+    .jobs
 }
 
 async fn audited(op: &Client, action: &str) -> usize {
@@ -65,10 +72,7 @@ async fn a_matching_trigger_fires_once_per_event_even_when_the_batch_is_resent()
     assert!(events[1].triggered_jobs.is_empty() && events[2].triggered_jobs.is_empty());
 
     // A later submission still gets a higher job seq than the triggered job.
-    let next = op
-        .submit(&SubmitJobRequest { node_id: node.id().into(), spec: spec().into(), expires_in_secs: None })
-        .await
-        .expect("submit");
+    let next = op.submit(&SubmitJobRequest::for_node(node.id(), spec())).await.expect("submit");
     assert!(next.seq > job.seq);
 }
 
@@ -232,7 +236,7 @@ async fn job_submission_checks_inputs_outputs_and_egress_keys() {
     let submit = |f: fn(&mut outpost_protocol::ContainerSpec)| {
         let mut s = spec();
         f(&mut s);
-        let req = SubmitJobRequest { node_id: node.id().into(), spec: s.into(), expires_in_secs: None };
+        let req = SubmitJobRequest::for_node(node.id(), s);
         let op = &op;
         async move { op.submit(&req).await }
     };

@@ -35,6 +35,8 @@ pub(super) enum Stop {
     Shutdown,
     /// The job cannot run; this becomes its result.
     Failed(String),
+    /// The control plane asked to stop it before its container started.
+    Cancelled,
 }
 
 impl<R: Runtime> Agent<R> {
@@ -46,9 +48,14 @@ impl<R: Runtime> Agent<R> {
         };
         let container = spec.container().is_some();
         let dirs = JobDirs::new(&self.cfg.data_dir, &job);
+        let stop = self.shared.cancel_signal(&job.job_id, job.attempt);
         let outcome = match (&spec, &dirs) {
-            (JobSpec::Inference(i), _) => self.infer(&rec, &job, i, &shutdown).await,
-            (JobSpec::Container(c), Ok(dirs)) => self.drive(&mut rec, &job, c, dirs, &shutdown).await,
+            (JobSpec::Inference(i), _) => tokio::select! {
+                r = self.infer(&rec, &job, i, &shutdown) => r,
+                // Dropping the request stops generation at its next token.
+                _ = stop.cancelled() => Err(Stop::Cancelled),
+            },
+            (JobSpec::Container(c), Ok(dirs)) => self.drive(&mut rec, &job, c, dirs, &stop, &shutdown).await,
             (JobSpec::Container(_), Err(e)) => Err(Stop::Failed(e.to_string())),
         };
         let (report, denied) = match outcome {
@@ -58,13 +65,36 @@ impl<R: Runtime> Agent<R> {
                 tracing::warn!(job = %job.job_id, error = %msg, "job could not run");
                 (self.report_for(&rec, Outcome::Error, None, Some(msg), Default::default(), None, None), None)
             }
+            Err(Stop::Cancelled) => {
+                let why = self.cancelled_because(&job);
+                let mut report = self.report_for(
+                    &rec,
+                    Outcome::Cancelled,
+                    None,
+                    Some(why),
+                    Default::default(),
+                    None,
+                    None,
+                );
+                report.timings.finished_unix_ms = Some(now_unix_ms());
+                (report, None)
+            }
         };
         rec.state = JobState::Finished;
+        let cancelled = (report.outcome == Outcome::Cancelled).then(|| {
+            format!(
+                "job {} attempt {}: {}",
+                job.job_id,
+                job.attempt,
+                report.error.clone().unwrap_or_default()
+            )
+        });
         rec.result = Some(report);
         // The refusal is audited in the same batch as the result it belongs to.
-        let persisted = match &denied {
-            Some(detail) => self.ledger.update_audited(&rec, "egress.denied", detail),
-            None => self.ledger.update(&rec),
+        let persisted = match (&denied, &cancelled) {
+            (Some(detail), _) => self.ledger.update_audited(&rec, "egress.denied", detail),
+            (None, Some(detail)) => self.ledger.update_audited(&rec, "job.cancelled", detail),
+            (None, None) => self.ledger.update(&rec),
         };
         if let Err(e) = persisted {
             // Not persisted: the next start finds the job Running and collects it again.
@@ -86,14 +116,23 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
+    fn cancelled_because(&self, job: &JobRef) -> String {
+        let why = self.shared.cancel_reason(&job.job_id, job.attempt);
+        if why.is_empty() { "cancelled".into() } else { why }
+    }
+
     async fn drive(
         &self,
         rec: &mut JobRecord,
         job: &JobRef,
         spec: &ContainerSpec,
         dirs: &JobDirs,
+        stop: &CancellationToken,
         shutdown: &CancellationToken,
     ) -> Result<Finished, Stop> {
+        if stop.is_cancelled() && rec.state == JobState::Staged {
+            return Err(Stop::Cancelled);
+        }
         if rec.state == JobState::Staged {
             // No container of ours has started yet: staging from scratch is always safe.
             retry(shutdown, || dirs.prepare(spec, self.objects.as_ref())).await?;
@@ -114,6 +153,8 @@ impl<R: Runtime> Agent<R> {
         }
         let mut started = match retry(shutdown, || self.runtime.inspect(job)).await? {
             None => return Err(Stop::Failed("the job's container disappeared before it finished".into())),
+            // Never started: stopping it is not starting it (the container is removed below).
+            Some(ContainerState::Created) if stop.is_cancelled() => return Err(Stop::Cancelled),
             Some(ContainerState::Created) => {
                 retry(shutdown, || self.runtime.start(job)).await?;
                 now_unix_ms()
@@ -129,11 +170,16 @@ impl<R: Runtime> Agent<R> {
         let deadline_ms = started.saturating_add(spec.timeout_secs.saturating_mul(1000));
         let remaining = Duration::from_millis(deadline_ms.saturating_sub(now_unix_ms()));
         let mut timed_out = false;
+        let mut cancelled = false;
         // An engine that goes away (dockerd restarted or stopping) ends the wait with a
         // retryable error: wait again rather than fail a job whose container may still run.
         let exit = tokio::select! {
             r = retry(shutdown, || self.runtime.wait(job)) => Some(r),
             _ = tokio::time::sleep(remaining) => None,
+            _ = stop.cancelled() => {
+                cancelled = true;
+                None
+            }
             _ = shutdown.cancelled() => return Err(Stop::Shutdown),
         };
         let exit_code = match exit {
@@ -143,8 +189,12 @@ impl<R: Runtime> Agent<R> {
             }
             Some(Err(stop)) => return Err(stop),
             None => {
-                timed_out = true;
-                tracing::warn!(job = %job.job_id, timeout_secs = spec.timeout_secs, "job timed out; killing it");
+                if cancelled {
+                    tracing::info!(job = %job.job_id, "job cancelled; killing it");
+                } else {
+                    timed_out = true;
+                    tracing::warn!(job = %job.job_id, timeout_secs = spec.timeout_secs, "job timed out; killing it");
+                }
                 retry(shutdown, || self.runtime.kill(job)).await?;
                 retry(shutdown, || self.runtime.wait(job)).await?
             }
@@ -157,12 +207,17 @@ impl<R: Runtime> Agent<R> {
             finished = finished_unix_ms;
         }
         let output = retry(shutdown, || self.runtime.output(job, MAX_OUTPUT_TAIL_BYTES)).await?;
-        let outcome = match (timed_out, exit_code) {
-            (true, _) => Outcome::TimedOut,
-            (false, 0) => Outcome::Succeeded,
-            (false, _) => Outcome::Failed,
+        let outcome = match (cancelled, timed_out, exit_code) {
+            (true, _, _) => Outcome::Cancelled,
+            (_, true, _) => Outcome::TimedOut,
+            (_, false, 0) => Outcome::Succeeded,
+            (_, false, _) => Outcome::Failed,
         };
-        let error = timed_out.then(|| format!("killed after the {} s timeout", spec.timeout_secs));
+        let error = if cancelled {
+            Some(format!("stopped: {}", self.cancelled_because(job)))
+        } else {
+            timed_out.then(|| format!("killed after the {} s timeout", spec.timeout_secs))
+        };
         let mut report =
             self.report_for(rec, outcome, Some(exit_code), error, output, Some(started), finished);
         if report.timings.finished_unix_ms.is_none() {
@@ -173,7 +228,7 @@ impl<R: Runtime> Agent<R> {
             let allowed = &self.cfg.egress.allow_body_prefixes;
             match retry(shutdown, || dirs.collect(spec, self.objects.as_ref(), allowed)).await {
                 Ok(collected) => denied = self.apply_outputs(job, &mut report, collected),
-                Err(Stop::Shutdown) => return Err(Stop::Shutdown),
+                Err(stop @ (Stop::Shutdown | Stop::Cancelled)) => return Err(stop),
                 Err(Stop::Failed(msg)) => {
                     report.outcome = Outcome::Error;
                     report.error = Some(format!(

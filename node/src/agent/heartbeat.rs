@@ -53,6 +53,8 @@ impl<R: Runtime> Agent<R> {
                 relay: self.relay.as_ref().and_then(|r| r.metrics().ok()).map(Into::into),
                 // A handful of small manifest files: cheap enough to read every time.
                 models: crate::models::ModelStore::new(self.cfg.models_dir()).summaries(),
+                labels: self.cfg.node.labels.clone(),
+                announce: Some(outpost_protocol::Announce::this_build()),
             };
             tokio::select! {
                 r = self.uplink.heartbeat(&hb) => match r {

@@ -53,9 +53,46 @@ pub(crate) struct Shared {
     runtime_error: Mutex<Option<String>>,
     /// Something `outpost status` shows has changed: rewrite the status file soon.
     changed: Notify,
+    /// Stop signals of attempts the control plane asked to cancel, with the reason; an entry
+    /// lives until the attempt's executor ends (bounded by the queue limit).
+    cancels: Mutex<std::collections::HashMap<String, (CancellationToken, String)>>,
 }
 
 impl Shared {
+    /// Signals the attempt's executor to stop; false when it was signalled before.
+    fn request_cancel(&self, job_id: &str, attempt: u32, reason: &str) -> bool {
+        let Ok(mut map) = self.cancels.lock() else { return false };
+        let (token, why) = map.entry(format!("{job_id}/{attempt}")).or_default();
+        if token.is_cancelled() {
+            return false;
+        }
+        *why = reason.to_owned();
+        token.cancel();
+        true
+    }
+
+    /// The stop signal of an attempt (created on first use) and the reason once signalled.
+    fn cancel_signal(&self, job_id: &str, attempt: u32) -> CancellationToken {
+        self.cancels
+            .lock()
+            .map(|mut map| map.entry(format!("{job_id}/{attempt}")).or_default().0.clone())
+            .unwrap_or_default()
+    }
+
+    fn cancel_reason(&self, job_id: &str, attempt: u32) -> String {
+        self.cancels
+            .lock()
+            .ok()
+            .and_then(|map| map.get(&format!("{job_id}/{attempt}")).map(|(_, why)| why.clone()))
+            .unwrap_or_default()
+    }
+
+    fn forget_cancel(&self, job_id: &str, attempt: u32) {
+        if let Ok(mut map) = self.cancels.lock() {
+            map.remove(&format!("{job_id}/{attempt}"));
+        }
+    }
+
     fn runtime_failed(&self, err: &dyn std::fmt::Display) {
         if let Ok(mut e) = self.runtime_error.lock() {
             *e = Some(err.to_string());
@@ -409,6 +446,7 @@ impl<R: Runtime> Agent<R> {
                 tasks.spawn(async move {
                     let job = JobRef { job_id: rec.job_id.clone(), attempt: rec.attempt };
                     agent.execute(rec, token).await;
+                    agent.shared.forget_cancel(&job.job_id, job.attempt);
                     if let Ok(mut r) = agent.shared.running.lock() {
                         r.remove(&format!("{}/{}", job.job_id, job.attempt));
                     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_protocol::{JobAssignment, Outcome, PollRequest};
+use outpost_protocol::{CancelAttempt, JobAssignment, Outcome, PollRequest, SignedEnvelope};
 use tokio_util::sync::CancellationToken;
 
 use super::Agent;
@@ -41,6 +41,7 @@ impl<R: Runtime> Agent<R> {
                 ack_job_ids: acks.iter().map(|(id, _)| id.clone()).collect(),
                 wait_secs: Some(if room == 0 { 0 } else { wait.as_secs() }),
                 max_jobs: Some(room),
+                announce: Some(outpost_protocol::Announce::this_build()),
             };
             let result = tokio::select! {
                 r = self.uplink.poll(&req, wait) => r,
@@ -52,6 +53,12 @@ impl<R: Runtime> Agent<R> {
                     backoff.reset();
                     if let Err(e) = self.ledger.mark_acked(&acks) {
                         tracing::error!(error = %e, "cannot record acknowledgements; they will be sent again");
+                    }
+                    // Stops first: an attempt cancelled before it arrives must never start.
+                    for c in resp.cancel {
+                        if let Err(e) = self.cancel(&c) {
+                            tracing::error!(error = %e, job = %c.job_id, "cannot record a cancellation; the control plane will ask again");
+                        }
                     }
                     for a in resp.jobs {
                         if let Err(e) = self.accept(a) {
@@ -83,6 +90,63 @@ impl<R: Runtime> Agent<R> {
         let a = &self.cfg.agent;
         let room = if outbox >= a.outbox_limit { 0 } else { a.queue_limit.saturating_sub(queued) };
         Ok((acks, room))
+    }
+
+    /// The control plane asks to stop an attempt (an operator's cancel, or a later attempt on
+    /// another node replaced it). It asks again on every poll until the attempt's result
+    /// arrives, so this only has to act once per ask: a running attempt is stopped by its
+    /// executor, one we never received is recorded as cancelled (so it can never start) and
+    /// reported, and one that has ended already has its result on the way.
+    fn cancel(&self, c: &CancelAttempt) -> Result<(), crate::store::StoreError> {
+        if !valid_job_id(&c.job_id) {
+            return Ok(());
+        }
+        match self.ledger.get(&c.job_id, c.attempt)? {
+            Some(rec) if matches!(rec.state, JobState::Staged | JobState::Running) => {
+                if self.shared.request_cancel(&c.job_id, c.attempt, &c.reason) {
+                    tracing::info!(job = %c.job_id, attempt = c.attempt, reason = %c.reason, "stopping the job");
+                }
+                self.shared.work.notify_one();
+            }
+            Some(_) => {}
+            None => {
+                let now = now_unix_ms();
+                let mut rec = JobRecord {
+                    job_id: c.job_id.clone(),
+                    attempt: c.attempt,
+                    seq: 0,
+                    state: JobState::Finished,
+                    // Nothing to acknowledge: the control plane never saw us take it.
+                    acked: true,
+                    received_unix_ms: now,
+                    spec: None,
+                    envelope: SignedEnvelope {
+                        payload: String::new(),
+                        key_id: String::new(),
+                        signature_hex: String::new(),
+                    },
+                    result: None,
+                    local: None,
+                };
+                let why = format!("cancelled before this node received it: {}", c.reason);
+                let mut report = self.report_for(
+                    &rec,
+                    Outcome::Cancelled,
+                    None,
+                    Some(why.clone()),
+                    Default::default(),
+                    None,
+                    None,
+                );
+                report.timings.finished_unix_ms = Some(now);
+                rec.result = Some(report);
+                let detail = format!("job {} attempt {}: {why}", c.job_id, c.attempt);
+                self.ledger.insert(&rec, false, Some(("job.cancelled", &detail)))?;
+                self.shared.outbox.notify_one();
+                self.shared.changed.notify_one();
+            }
+        }
+        Ok(())
     }
 
     /// Persist one assignment: a job we already hold is only re-acknowledged; a new one is

@@ -235,12 +235,7 @@ impl Operator {
     }
 
     pub async fn submit(&self, node_id: &str, spec: ContainerSpec) -> JobInfo {
-        self.submit_request(&SubmitJobRequest {
-            node_id: node_id.into(),
-            spec: spec.into(),
-            expires_in_secs: None,
-        })
-        .await
+        self.submit_request(&SubmitJobRequest::for_node(node_id, spec)).await
     }
 
     pub async fn submit_request(&self, req: &SubmitJobRequest) -> JobInfo {
@@ -468,7 +463,7 @@ impl Operator {
 
     /// Submit a job and return the HTTP status and body, refused or not.
     pub async fn try_submit(&self, node_id: &str, spec: ContainerSpec) -> (u16, String) {
-        let req = SubmitJobRequest { node_id: node_id.into(), spec: spec.into(), expires_in_secs: None };
+        let req = SubmitJobRequest::for_node(node_id, spec);
         let resp = self
             .client
             .post(format!("{}{}", self.url, paths::JOBS))

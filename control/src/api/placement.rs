@@ -1,0 +1,138 @@
+//! Placement of jobs by label selector, and the sweep that keeps `any` jobs alive (site HA): a
+//! job whose node's lease expired before it reported is offered to another matching node that
+//! is online, as a new attempt. The sweep never runs a job twice by itself: the old attempt is
+//! fenced by its number (a late result is kept as superseded) and its node is asked to stop it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outpost_protocol::{JobState, NodeInfo, Selector};
+
+use super::jobs::reoffer_job;
+use super::{ApiResult, AppState, Shared};
+
+/// Whether a node's last heartbeat is within the lease.
+pub fn is_online(node: &NodeInfo, now_ms: u64, lease_ms: u64) -> bool {
+    node.last_seen_unix_ms.is_some_and(|seen| now_ms.saturating_sub(seen) <= lease_ms)
+}
+
+/// A node as operators see it: effective labels and whether it is online filled in.
+pub fn present(mut node: NodeInfo, now_ms: u64, lease_ms: u64) -> NodeInfo {
+    node.labels = node.effective_labels();
+    node.online = is_online(&node, now_ms, lease_ms);
+    node
+}
+
+/// The enrolled nodes of `org_id` whose effective labels `selector` matches, by node id.
+pub async fn matching_nodes(st: &AppState, org_id: &str, selector: &Selector) -> ApiResult<Vec<NodeInfo>> {
+    let mut nodes: Vec<NodeInfo> = st
+        .store
+        .list_nodes()
+        .await?
+        .into_iter()
+        .filter(|n| n.org_id == org_id && selector.matches(&n.effective_labels()))
+        .collect();
+    nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    Ok(nodes)
+}
+
+/// Per node, the `any` jobs queued on it that it has not taken yet: load its last heartbeat
+/// cannot show.
+pub async fn open_loads(st: &AppState) -> ApiResult<HashMap<String, u32>> {
+    let mut loads = HashMap::new();
+    for job in st.store.open_any_jobs().await? {
+        if job.info.state == JobState::Queued {
+            *loads.entry(job.info.node_id).or_insert(0u32) += 1;
+        }
+    }
+    Ok(loads)
+}
+
+/// The online candidate with the least load (running jobs by its last heartbeat plus `any`
+/// jobs queued on it), other than `except`; ties go to the node seen most recently, then by id.
+pub fn choose<'a>(
+    candidates: &'a [NodeInfo],
+    loads: &HashMap<String, u32>,
+    now_ms: u64,
+    lease_ms: u64,
+    except: Option<&str>,
+) -> Option<&'a NodeInfo> {
+    candidates
+        .iter()
+        .filter(|n| is_online(n, now_ms, lease_ms) && Some(n.node_id.as_str()) != except)
+        .min_by_key(|n| {
+            let running = n.last_heartbeat.as_ref().map_or(0, |h| h.running_jobs);
+            let queued = loads.get(&n.node_id).copied().unwrap_or(0);
+            (running.saturating_add(queued), std::cmp::Reverse(n.last_seen_unix_ms), n.node_id.clone())
+        })
+}
+
+/// With no candidate online: the one seen last (the job waits for it, and moves when another
+/// comes online).
+pub fn most_recently_seen(candidates: &[NodeInfo]) -> Option<&NodeInfo> {
+    candidates.iter().max_by_key(|n| (n.last_seen_unix_ms, std::cmp::Reverse(n.node_id.clone())))
+}
+
+/// One pass over the open `any` jobs; returns how many were re-placed.
+pub async fn sweep(st: &AppState) -> ApiResult<usize> {
+    let open = st.store.open_any_jobs().await?;
+    if open.is_empty() {
+        return Ok(0);
+    }
+    let (now, lease) = (st.clock.now_ms(), st.lease_ms());
+    let nodes: HashMap<String, NodeInfo> =
+        st.store.list_nodes().await?.into_iter().map(|n| (n.node_id.clone(), n)).collect();
+    let mut loads = open_loads(st).await?;
+    let mut moved = 0;
+    for job in open {
+        let holder = nodes.get(&job.info.node_id);
+        if holder.is_some_and(|n| is_online(n, now, lease)) {
+            continue;
+        }
+        let Some(selector) = job.info.selector.as_deref().and_then(|s| Selector::parse(s).ok()) else {
+            tracing::warn!(job = %job.info.job_id, "an `any` job without a usable selector cannot be re-placed");
+            continue;
+        };
+        let mut candidates: Vec<NodeInfo> = nodes
+            .values()
+            .filter(|n| n.org_id == job.info.org_id && selector.matches(&n.effective_labels()))
+            .cloned()
+            .collect();
+        candidates.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let Some(target) = choose(&candidates, &loads, now, lease, Some(&job.info.node_id)).cloned() else {
+            continue;
+        };
+        let silent =
+            holder.and_then(|n| n.last_seen_unix_ms).map_or("never heartbeated".to_owned(), |seen| {
+                format!("silent for {} s", now.saturating_sub(seen) / 1000)
+            });
+        let reason = format!("node {} {silent} (lease {} s)", job.info.node_id, lease / 1000);
+        if reoffer_job(st, &job, &target, &reason).await? {
+            moved += 1;
+            *loads.entry(target.node_id.clone()).or_insert(0) += 1;
+            let detail = format!(
+                "job {} attempt {} moved from node {} to node {} as attempt {}: {reason}",
+                job.info.job_id,
+                job.info.attempt,
+                job.info.node_id,
+                target.node_id,
+                job.info.attempt.saturating_add(1)
+            );
+            st.audit("control", "job.replaced", &detail).await;
+        }
+    }
+    Ok(moved)
+}
+
+/// Sweeps every `interval` until shutdown. A failing pass is logged and retried next time.
+pub async fn run(st: Shared, interval: Duration) {
+    loop {
+        tokio::select! {
+            _ = st.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = sweep(&st).await {
+            tracing::warn!(error = %e.body.message, "placement sweep failed; retrying");
+        }
+    }
+}
