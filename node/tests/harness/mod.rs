@@ -128,6 +128,8 @@ pub struct Control {
     child: Option<Child>,
     pub log: Lines,
     pub op: Operator,
+    /// `serve --lease` (a node silent for longer is offline), when not the default.
+    lease: Option<String>,
 }
 
 impl std::ops::Deref for Control {
@@ -148,10 +150,18 @@ pub struct Operator {
 impl Control {
     /// Start on a fresh port (`port` = None) or on the port of an earlier run.
     pub fn start(dir: &Path, port: Option<u16>) -> Control {
+        Self::start_with_lease(dir, port, None)
+    }
+
+    /// Start with `serve --lease LEASE` (e.g. `3s`) when given.
+    pub fn start_with_lease(dir: &Path, port: Option<u16>, lease: Option<&str>) -> Control {
         let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
-        let mut child = Command::new(control_bin())
-            .args(["serve", "--listen", &listen, "--data-dir"])
-            .arg(dir)
+        let mut command = Command::new(control_bin());
+        command.args(["serve", "--listen", &listen, "--data-dir"]).arg(dir);
+        if let Some(lease) = lease {
+            command.args(["--lease", lease]);
+        }
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -174,7 +184,15 @@ impl Control {
             line.rsplit("sha256 ").next().map(|s| s.trim_end_matches(')').to_string()).expect("fp");
         let port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
         let op = Operator::for_data_dir(&format!("https://localhost:{port}"), dir);
-        Control { dir: dir.to_path_buf(), port, fingerprint, child: Some(child), log, op }
+        Control {
+            dir: dir.to_path_buf(),
+            port,
+            fingerprint,
+            child: Some(child),
+            log,
+            op,
+            lease: lease.map(str::to_owned),
+        }
     }
 
     /// SIGKILL: no chance to flush anything the store had not made durable.
@@ -187,7 +205,7 @@ impl Control {
     /// Start again on the same port and data dir.
     pub fn restart(&mut self) {
         self.kill();
-        let again = Control::start(&self.dir, Some(self.port));
+        let again = Control::start_with_lease(&self.dir, Some(self.port), self.lease.as_deref());
         *self = again;
     }
 }
@@ -240,6 +258,48 @@ impl Operator {
 
     pub async fn submit_request(&self, req: &SubmitJobRequest) -> JobInfo {
         self.call(reqwest::Method::POST, paths::JOBS, Some(req)).await
+    }
+
+    /// One job on each node of `org_id` that `selector` matches.
+    pub async fn submit_group(&self, req: &SubmitJobRequest) -> outpost_protocol::JobGroup {
+        self.call(reqwest::Method::POST, paths::JOB_GROUPS, Some(req)).await
+    }
+
+    pub async fn group(&self, group_id: &str) -> outpost_protocol::JobGroup {
+        let path = paths::fill(paths::JOB_GROUP, "group_id", group_id);
+        self.call::<(), _>(reqwest::Method::GET, &path, None).await
+    }
+
+    pub async fn cancel(&self, job_id: &str) -> JobInfo {
+        let path = paths::fill(paths::JOB_CANCEL, "job_id", job_id);
+        self.call::<(), _>(reqwest::Method::POST, &path, None).await
+    }
+
+    /// Nodes whose labels `selector` matches (all with `None`).
+    pub async fn nodes(&self, selector: Option<&str>) -> outpost_protocol::NodeList {
+        let query = selector
+            .map(|s| {
+                format!(
+                    "?selector={}",
+                    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                )
+            })
+            .unwrap_or_default();
+        self.call::<(), _>(reqwest::Method::GET, &format!("{}{query}", paths::NODES), None).await
+    }
+
+    pub async fn label(
+        &self,
+        node_id: &str,
+        set: &[(&str, &str)],
+        remove: &[&str],
+    ) -> outpost_protocol::NodeInfo {
+        let req = outpost_protocol::LabelNodeRequest {
+            set: set.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            remove: remove.iter().map(|k| (*k).to_owned()).collect(),
+        };
+        let path = paths::fill(paths::NODE_LABELS, "node_id", node_id);
+        self.call(reqwest::Method::POST, &path, Some(&req)).await
     }
 
     pub async fn job(&self, job_id: &str) -> JobInfo {

@@ -1,0 +1,156 @@
+//! Fleet placement end to end: several real agents (own identities and data dirs) and the real
+//! control plane over TLS on loopback, jobs in the real Docker engine. A job placed on `any`
+//! node of a selector survives the SIGKILL of its node (site HA); `each` reaches every
+//! matching node; a cancel stops a running container.
+
+#![allow(clippy::expect_used)]
+
+mod common;
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{Control, Node, eventually, sh};
+use outpost_protocol::{JobState, Outcome, Placement, SubmitJobRequest};
+
+const RESULT_WAIT: Duration = Duration::from_secs(120);
+
+/// Fast heartbeats so a 3 s lease notices a dead node quickly.
+fn config(labels: &str) -> String {
+    format!(
+        "[node]\nlabels = {{ {labels} }}\n[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n"
+    )
+}
+
+struct Fleet {
+    _tmp: tempfile::TempDir,
+    control: Control,
+    nodes: Vec<Node>,
+    org_id: String,
+}
+
+/// A control plane with a 3 s lease and one started agent per label set.
+async fn fleet(label_sets: &[&str]) -> Fleet {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start_with_lease(&tmp.path().join("control"), None, Some("3s"));
+    let org = control.create_org("fleet").await;
+    let mut nodes = Vec::new();
+    for (i, labels) in label_sets.iter().enumerate() {
+        let mut node =
+            Node::enroll(&tmp.path().join(format!("node{i}")), &control, &org.id, &config(labels)).await;
+        node.start();
+        nodes.push(node);
+    }
+    let f = Fleet { _tmp: tmp, control, nodes, org_id: org.id };
+    let want = f.nodes.len();
+    eventually("every agent to heartbeat its labels", Duration::from_secs(30), async || {
+        let list = f.control.nodes(None).await;
+        list.nodes.iter().filter(|n| n.online && !n.labels.is_empty()).count() == want
+    })
+    .await;
+    f
+}
+
+/// Containers of `job_id` that the engine runs now.
+fn running_containers(job_id: &str) -> usize {
+    let out = Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=outpost.job={job_id}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_any_job_moves_to_another_node_when_its_node_is_killed_mid_job() {
+    let mut f = fleet(&["rack = \"r1\"", "rack = \"r1\"", "rack = \"r2\""]).await;
+    let spec = sh("sleep 12; echo finished");
+    let req = SubmitJobRequest::for_selector(&f.org_id, "rack=r1", Placement::Any, spec);
+    let job = f.control.submit_request(&req).await;
+    let first = f.nodes.iter().position(|n| n.node_id == job.node_id).expect("placed on a fleet node");
+    assert_ne!(first, 2, "never on a node the selector does not match");
+
+    eventually("attempt 1 to run", Duration::from_secs(60), async || running_containers(&job.job_id) == 1)
+        .await;
+    f.nodes[first].kill9();
+
+    let moved = {
+        let mut moved = None;
+        eventually("the job to move to the other r1 node", Duration::from_secs(60), async || {
+            let now = f.control.job(&job.job_id).await;
+            let done = now.attempt == 2;
+            moved = Some(now);
+            done
+        })
+        .await;
+        moved.expect("moved")
+    };
+    let second = 1 - first;
+    assert_eq!(moved.node_id, f.nodes[second].node_id);
+    assert_eq!(moved.superseded[0].node_id, f.nodes[first].node_id);
+
+    let result = f.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!((result.attempt, result.outcome), (2, Outcome::Succeeded), "{result:?}");
+    assert!(result.stdout_tail.contains("finished"));
+
+    // The killed node comes back: it adopts its old container, is told to stop it, and its
+    // report is kept as the superseded attempt's, never as the job's.
+    f.nodes[first].start();
+    let mut late = None;
+    eventually("the old attempt's late report", Duration::from_secs(60), async || {
+        late = f.control.job(&job.job_id).await.superseded[0].late_result.clone();
+        late.is_some()
+    })
+    .await;
+    let late = late.expect("late");
+    assert_eq!(late.attempt, 1);
+    assert!(matches!(late.outcome, Outcome::Cancelled | Outcome::Succeeded), "{late:?}");
+    let job_now = f.control.job(&job.job_id).await;
+    assert_eq!((job_now.state, job_now.result.map(|r| r.attempt)), (JobState::Finished, Some(2)));
+    eventually("no container of the job left running", Duration::from_secs(30), async || {
+        running_containers(&job.job_id) == 0
+    })
+    .await;
+    let audit = f.control.audit().await;
+    let counted =
+        audit.entries.iter().filter(|e| e.action == "job.result" && e.detail.contains(&job.job_id)).count();
+    assert_eq!(counted, 1, "one counted result");
+    assert!(audit.entries.iter().any(|e| e.action == "job.replaced" && e.detail.contains(&job.job_id)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_reaches_every_matching_node_and_a_cancel_stops_a_running_container() {
+    let f = fleet(&["site = \"icu\"", "site = \"icu\"", "site = \"lab\""]).await;
+    // The operator's label wins over the node's own.
+    let relabelled = f.control.label(&f.nodes[2].node_id, &[("site", "icu")], &[]).await;
+    assert_eq!(relabelled.labels.get("site").map(String::as_str), Some("icu"));
+    assert_eq!(f.control.nodes(Some("site=icu")).await.nodes.len(), 3);
+
+    let req = SubmitJobRequest::for_selector(&f.org_id, "site=icu", Placement::Each, sh("echo each"));
+    let group = f.control.submit_group(&req).await;
+    assert_eq!(group.jobs.len(), 3);
+    for job in &group.jobs {
+        let r = f.control.wait_result(&job.job_id, RESULT_WAIT).await;
+        assert_eq!(r.outcome, Outcome::Succeeded);
+        assert!(r.stdout_tail.contains("each"));
+    }
+    let mut ran_on: Vec<String> =
+        f.control.group(&group.group_id).await.jobs.into_iter().map(|j| j.node_id).collect();
+    ran_on.sort();
+    let mut all: Vec<String> = f.nodes.iter().map(|n| n.node_id.clone()).collect();
+    all.sort();
+    assert_eq!(ran_on, all, "one job on each node");
+
+    let long = f.control.submit(&f.nodes[0].node_id, sh("sleep 300")).await;
+    eventually("the long job to run", Duration::from_secs(60), async || {
+        running_containers(&long.job_id) == 1
+    })
+    .await;
+    let asked = f.control.cancel(&long.job_id).await;
+    assert!(asked.cancel_requested_unix_ms.is_some());
+    let r = f.control.wait_result(&long.job_id, Duration::from_secs(60)).await;
+    assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
+    assert!(r.error.as_deref().is_some_and(|e| e.contains("cancelled by an operator")), "{r:?}");
+    assert_eq!(f.control.job(&long.job_id).await.state, JobState::Cancelled);
+    assert_eq!(running_containers(&long.job_id), 0, "the container was stopped");
+}
