@@ -36,6 +36,9 @@ pub struct Config {
     /// What this node says about itself to the fleet (labels).
     #[serde(default)]
     pub node: NodeConfig,
+    /// What services from the control plane may do on this node (see docs/fleet.md).
+    #[serde(default)]
+    pub services: ServicesConfig,
     #[serde(default)]
     pub control: ControlConfig,
     #[serde(default)]
@@ -70,6 +73,43 @@ pub struct NodeConfig {
     /// jobs choose nodes by selectors over them.
     #[serde(default)]
     pub labels: outpost_protocol::Labels,
+}
+
+/// The node's own limits on services: nothing the control plane signs can widen them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicesConfig {
+    /// Host addresses and ports a service may publish, as `IP:PORT` or `IP:FIRST-LAST`
+    /// (e.g. `127.0.0.1:8000-8100`). Empty: no service publishes a port.
+    #[serde(default)]
+    pub publish_allow: Vec<String>,
+}
+
+impl ServicesConfig {
+    /// Whether `ip:port` may be published; the error of an entry that does not parse.
+    pub fn allows(&self, ip: &str, port: u16) -> bool {
+        self.publish_allow.iter().filter_map(|e| parse_publish_allow(e).ok()).any(|(a, lo, hi)| {
+            a == ip && (lo..=hi).contains(&port)
+        })
+    }
+}
+
+/// `IP:PORT` or `IP:FIRST-LAST` → (ip, first, last).
+pub fn parse_publish_allow(entry: &str) -> Result<(String, u16, u16), String> {
+    let bad = || format!("services.publish_allow entry {entry:?} must be IP:PORT or IP:FIRST-LAST");
+    let (ip, ports) = entry.rsplit_once(':').ok_or_else(bad)?;
+    ip.parse::<std::net::IpAddr>().map_err(|_| bad())?;
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (a.parse::<u16>().map_err(|_| bad())?, b.parse::<u16>().map_err(|_| bad())?),
+        None => {
+            let p = ports.parse::<u16>().map_err(|_| bad())?;
+            (p, p)
+        }
+    };
+    if lo == 0 || hi < lo {
+        return Err(bad());
+    }
+    Ok((ip.to_owned(), lo, hi))
 }
 
 /// The model store: where imported models live and whose signatures the node accepts.

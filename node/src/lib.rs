@@ -16,6 +16,7 @@ pub mod models;
 pub mod objstore;
 pub mod relay;
 pub mod runtime;
+pub mod services;
 pub mod status;
 pub mod store;
 pub mod tls;

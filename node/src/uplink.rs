@@ -80,6 +80,14 @@ impl Uplink {
         self.post(paths::NODE_EVENTS, batch, self.request_timeout).await
     }
 
+    /// Deliver service status reports, oldest first; the answer says up to which seq they are stored.
+    pub async fn post_service_reports(
+        &self,
+        batch: &outpost_protocol::ServiceReportBatch,
+    ) -> Result<outpost_protocol::ServiceReportAck, UplinkError> {
+        self.post(paths::NODE_SERVICES, batch, self.request_timeout).await
+    }
+
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), UplinkError> {
         let _: serde_json::Value = self.post(paths::NODE_HEARTBEAT, hb, self.request_timeout).await?;
         Ok(())

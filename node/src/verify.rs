@@ -4,7 +4,9 @@
 //! check is refused with a reason that is reported and audited; it is never retried.
 
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
-use outpost_protocol::{ContainerSpec, InferenceSpec, JobAssignment, JobEnvelope, JobSpec, PublicKey};
+use outpost_protocol::{
+    ContainerSpec, InferenceSpec, JobAssignment, JobEnvelope, JobSpec, PublicKey, ServiceEnvelope, SignedEnvelope,
+};
 
 use crate::jobdata::path;
 
@@ -54,14 +56,8 @@ impl ManifestVerifier {
         Ok(Self { node_id: node_id.into(), key_id: org_key.key_id.clone(), key })
     }
 
-    /// Check signature first (nothing unsigned is even parsed), then the payload's claims.
-    pub fn verify(
-        &self,
-        a: &JobAssignment,
-        last_seq: u64,
-        now_unix_ms: u64,
-    ) -> Result<JobEnvelope, Rejection> {
-        let env = &a.envelope;
+    /// The org's signature over exactly the payload bytes; nothing unsigned is parsed.
+    fn check_signature(&self, env: &SignedEnvelope) -> Result<(), Rejection> {
         if env.key_id != self.key_id {
             return Err(Rejection::UnknownKey { got: env.key_id.clone(), want: self.key_id.clone() });
         }
@@ -71,7 +67,40 @@ impl ManifestVerifier {
             .ok_or_else(|| Rejection::BadSignature { key_id: self.key_id.clone() })?;
         self.key
             .verify(env.payload.as_bytes(), &Signature::from_bytes(&sig))
-            .map_err(|_| Rejection::BadSignature { key_id: self.key_id.clone() })?;
+            .map_err(|_| Rejection::BadSignature { key_id: self.key_id.clone() })
+    }
+
+    /// A service's signed desired state: signature, then this node, then a usable spec. Replay
+    /// and revision order are the caller's (it knows what it runs).
+    pub fn verify_service(&self, env: &SignedEnvelope) -> Result<ServiceEnvelope, Rejection> {
+        self.check_signature(env)?;
+        let svc: ServiceEnvelope =
+            serde_json::from_str(&env.payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        if svc.node_id != self.node_id {
+            return Err(Rejection::WrongNode { got: svc.node_id, want: self.node_id.clone() });
+        }
+        outpost_protocol::check_service_name(&svc.service)
+            .map_err(|why| Rejection::BadSpec(format!("service name {why}")))?;
+        if let Some(spec) = &svc.spec {
+            spec.check().map_err(Rejection::BadSpec)?;
+            if spec.resources.memory_mb < 6 || spec.resources.cpu_millis == 0 || spec.resources.pids == 0 {
+                return Err(Rejection::BadSpec(
+                    "resources.memory_mb must be at least 6, cpu_millis and pids at least 1".into(),
+                ));
+            }
+        }
+        Ok(svc)
+    }
+
+    /// Check signature first (nothing unsigned is even parsed), then the payload's claims.
+    pub fn verify(
+        &self,
+        a: &JobAssignment,
+        last_seq: u64,
+        now_unix_ms: u64,
+    ) -> Result<JobEnvelope, Rejection> {
+        let env = &a.envelope;
+        self.check_signature(env)?;
         let job: JobEnvelope =
             serde_json::from_str(&env.payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
         if job.node_id != self.node_id {

@@ -229,6 +229,9 @@ pub struct PollRequest {
     /// What the polling agent understands (absent from agents before protocol revision 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce: Option<crate::Announce>,
+    /// Service desired states the node has persisted since its last poll.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_acks: Vec<crate::ServiceAck>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +243,10 @@ pub struct PollResponse {
     /// finished). Sent only to agents that announce the `cancel` capability.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cancel: Vec<CancelAttempt>,
+    /// Signed [`crate::ServiceEnvelope`]s: the desired state of the node's services, offered
+    /// until acknowledged. Sent only to agents that announce the `services` capability.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<SignedEnvelope>,
 }
 
 /// One job attempt to stop.

@@ -17,6 +17,7 @@ mod node;
 pub mod paths;
 mod report;
 pub mod selector;
+mod service;
 
 pub use enroll::*;
 pub use error::*;
@@ -27,6 +28,7 @@ pub use model::*;
 pub use node::*;
 pub use report::*;
 pub use selector::{Labels, Selector, SelectorError};
+pub use service::*;
 
 /// The API version every path is prefixed with.
 pub const API_VERSION: &str = "v1";

@@ -36,8 +36,10 @@ pub mod capability {
     pub const CANCEL: &str = "cancel";
     /// Sends `[node] labels` in heartbeats.
     pub const LABELS: &str = "labels";
+    /// Runs services: takes `services` in a poll answer, reports to `/v1/node/services`.
+    pub const SERVICES: &str = "services";
     /// Every capability this build has.
-    pub const ALL: &[&str] = &[CANCEL, LABELS];
+    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES];
 }
 
 /// A peer's protocol revision and capabilities, sent by the agent in every heartbeat and poll.

@@ -15,6 +15,14 @@ pub const NODE_RESULTS: &str = "/v1/node/results";
 pub const NODE_HEARTBEAT: &str = "/v1/node/heartbeat";
 /// Node (mTLS): deliver relay events, oldest first (idempotent by node and seq).
 pub const NODE_EVENTS: &str = "/v1/node/events";
+/// Node (mTLS): service status reports, oldest first (idempotent by node and seq).
+pub const NODE_SERVICES: &str = "/v1/node/services";
+/// Operator: create a deployment or a new revision of one (POST), list them (GET).
+pub const DEPLOYMENTS: &str = "/v1/orgs/{org_id}/deployments";
+/// Operator: a deployment with its per-node status.
+pub const DEPLOYMENT: &str = "/v1/orgs/{org_id}/deployments/{name}";
+/// Operator: pause, resume, abort or roll back a deployment (POST).
+pub const DEPLOYMENT_ACTION: &str = "/v1/orgs/{org_id}/deployments/{name}/action";
 /// Operator: list relay events (`?org_id=&node_id=&after_seq=&cursor=&newest=&limit=&wait_secs=`).
 pub const EVENTS: &str = "/v1/events";
 /// Operator: create (POST) or list (GET) triggers.

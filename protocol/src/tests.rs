@@ -189,7 +189,7 @@ fn messages_without_the_new_fields_read_and_write_as_revision_1() {
     let old_poll = r#"{"ack_job_ids":["a"],"wait_secs":25,"max_jobs":4}"#;
     let poll: PollRequest = serde_json::from_str(old_poll).expect("a revision-1 poll parses");
     assert_eq!(poll.announce, None);
-    let answer = PollResponse { jobs: Vec::new(), cancel: Vec::new() };
+    let answer = PollResponse::default();
     assert_eq!(
         serde_json::to_string(&answer).expect("ser"),
         r#"{"jobs":[]}"#,

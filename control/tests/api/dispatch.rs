@@ -101,7 +101,7 @@ async fn a_node_is_offered_only_its_own_jobs_and_cannot_ack_others() {
 async fn a_poll_with_no_room_answers_at_once() {
     let (server, node) = server_with_node().await;
     submit(&server.operator().expect("operator"), node.id()).await;
-    let req = PollRequest { ack_job_ids: vec![], wait_secs: Some(25), max_jobs: Some(0), announce: None };
+    let req = PollRequest { wait_secs: Some(25), max_jobs: Some(0), ..Default::default() };
     let started = Instant::now();
     let (status, body) = node.post(paths::NODE_POLL, &req).await;
     assert_eq!(status, StatusCode::OK, "{body}");

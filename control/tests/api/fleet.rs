@@ -254,7 +254,7 @@ async fn cancel_ends_a_queued_job_at_once_and_asks_the_node_for_a_running_one() 
     assert!(asked.cancel_requested_unix_ms.is_some());
 
     // An agent that did not announce `cancel` is never sent one (version skew).
-    let old = PollRequest { ack_job_ids: vec![], wait_secs: Some(0), max_jobs: None, announce: None };
+    let old = PollRequest { wait_secs: Some(0), ..Default::default() };
     let (status, body) = node.post(paths::NODE_POLL, &old).await;
     assert_eq!(status, StatusCode::OK);
     let body: PollResponse = serde_json::from_value(body).expect("poll response");

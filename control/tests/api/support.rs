@@ -112,6 +112,7 @@ impl TestNode {
             wait_secs: Some(wait_secs),
             max_jobs: None,
             announce: Some(outpost_protocol::Announce::this_build()),
+            ..Default::default()
         };
         let (status, body) = self.post(paths::NODE_POLL, &req).await;
         assert_eq!(status, StatusCode::OK, "poll: {body}");

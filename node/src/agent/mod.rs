@@ -10,6 +10,7 @@ mod infer;
 mod local_triggers;
 mod poller;
 mod reporter;
+mod service_reports;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -149,6 +150,12 @@ pub struct Agent<R: Runtime> {
     pub(crate) shared: Arc<Shared>,
     /// Containers being created and started at the same moment (see `executor`).
     pub(crate) launch: Semaphore,
+    /// The services' desired state and report outbox.
+    pub(crate) services: crate::services::book::ServiceBook,
+    /// Wakes the service reconciler: a desired state changed.
+    pub(crate) service_wake: Arc<Notify>,
+    /// Wakes the service report sender: a report was written.
+    pub(crate) service_reported: Arc<Notify>,
 }
 
 /// How many containers the agent creates and starts at once: one per CPU (at least two), since
@@ -196,13 +203,16 @@ impl<R: Runtime> Agent<R> {
             inference,
             cfg,
             identity,
-            ledger,
             runtime: Arc::new(runtime),
             objects: Arc::new(objects),
             uplink,
             verifier,
             shared: Arc::default(),
             launch: Semaphore::new(launch_concurrency()),
+            services: crate::services::book::ServiceBook::new(Arc::clone(ledger.store())),
+            service_wake: Arc::default(),
+            service_reported: Arc::default(),
+            ledger,
         })
     }
 
@@ -229,6 +239,7 @@ impl<R: Runtime> Agent<R> {
             });
         }
         tasks.spawn(Arc::clone(&agent).reporter(shutdown.clone()));
+        tasks.spawn(Arc::clone(&agent).service_report_sender(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).heartbeat(shutdown.clone()));
         if let Some(relay) = &agent.relay {
             let relay = Arc::clone(relay);
@@ -315,6 +326,7 @@ impl<R: Runtime> Agent<R> {
         }
         let slots = Arc::new(Semaphore::new(self.cfg.agent.max_concurrent_jobs as usize));
         tasks.spawn(Arc::clone(&self).poller(shutdown.clone()));
+        tasks.spawn(self.service_reconciler().run(shutdown.clone()));
         tasks.spawn(Arc::clone(&self).dispatcher(slots, tasks.clone(), shutdown));
         self.shared.runtime_ready.store(true, Ordering::Relaxed);
         self.shared.runtime_answered();

@@ -37,11 +37,16 @@ impl<R: Runtime> Agent<R> {
                 }
                 continue;
             }
+            let service_acks = self.services.acks().unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot read the service book");
+                Vec::new()
+            });
             let req = PollRequest {
                 ack_job_ids: acks.iter().map(|(id, _)| id.clone()).collect(),
                 wait_secs: Some(if room == 0 { 0 } else { wait.as_secs() }),
                 max_jobs: Some(room),
                 announce: Some(outpost_protocol::Announce::this_build()),
+                service_acks: service_acks.clone(),
             };
             let result = tokio::select! {
                 r = self.uplink.poll(&req, wait) => r,
@@ -54,6 +59,22 @@ impl<R: Runtime> Agent<R> {
                     if let Err(e) = self.ledger.mark_acked(&acks) {
                         tracing::error!(error = %e, "cannot record acknowledgements; they will be sent again");
                     }
+                    if let Err(e) = self.services.acked(&service_acks) {
+                        tracing::error!(error = %e, "cannot record service acknowledgements; they will be sent again");
+                    }
+                    let mut desired_changed = false;
+                    for env in &resp.services {
+                        let now = now_unix_ms();
+                        match crate::services::receive(&self.services, &self.ledger, &self.verifier, &self.cfg, env, now) {
+                            Ok(crate::services::Received::Accepted) => desired_changed = true,
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(error = %e, "cannot persist a service's desired state; the control plane will offer it again"),
+                        }
+                    }
+                    if desired_changed {
+                        self.service_wake.notify_one();
+                    }
+                    self.service_reported.notify_one();
                     // Stops first: an attempt cancelled before it arrives must never start.
                     for c in resp.cancel {
                         if let Err(e) = self.cancel(&c) {

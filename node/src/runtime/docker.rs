@@ -5,6 +5,7 @@
 mod convert;
 mod load;
 mod logs;
+mod service;
 mod spec;
 
 use std::collections::HashMap;
@@ -25,8 +26,8 @@ use tokio::sync::OnceCell;
 use self::convert::{container_state, engine_error, job_label, status_of};
 use self::spec::{container_name, create_body, validate_image_id};
 use super::{
-    ContainerState, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, Managed, Mounts, Output, Result, Runtime,
-    RuntimeError, RuntimeInfo,
+    ContainerState, ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, LABEL_SERVICE, Managed,
+    ManagedService, Mounts, Output, Result, Runtime, RuntimeError, RuntimeInfo, ServiceRef,
 };
 
 /// Seconds to wait for the engine's answer to an ordinary request.
@@ -272,6 +273,9 @@ impl Runtime for DockerRuntime {
         let mut managed = Vec::with_capacity(summaries.len());
         for summary in summaries {
             let (Some(id), Some(labels)) = (summary.id, summary.labels) else { continue };
+            if labels.contains_key(LABEL_SERVICE) {
+                continue; // a service's container: the service reconciler's, not a job's
+            }
             let job_id = labels.get(LABEL_JOB).cloned();
             let attempt = labels.get(LABEL_ATTEMPT).and_then(|a| a.parse::<u32>().ok());
             let (Some(job_id), Some(attempt)) = (job_id, attempt) else {
@@ -292,6 +296,36 @@ impl Runtime for DockerRuntime {
 
     async fn load_image(&self, tar: &Path) -> Result<Vec<String>> {
         load::load_image(&self.engine().await?.loader, tar).await
+    }
+
+    async fn service_create(&self, svc: &ServiceRef, spec: &outpost_protocol::ServiceSpec) -> Result<String> {
+        self.create_service(svc, spec).await
+    }
+
+    async fn service_start(&self, svc: &ServiceRef) -> Result<()> {
+        self.start_service(svc).await
+    }
+
+    async fn service_list(&self) -> Result<Vec<ManagedService>> {
+        self.list_services().await
+    }
+
+    async fn service_remove(&self, svc: &ServiceRef) -> Result<()> {
+        self.remove_service(svc).await
+    }
+
+    async fn service_forget(&self, name: &str, volume: bool) -> Result<()> {
+        self.forget_service(name, volume).await
+    }
+
+    async fn service_exec(
+        &self,
+        svc: &ServiceRef,
+        cmd: &[String],
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<ExecOutcome> {
+        self.exec_service(svc, cmd, timeout, max_bytes).await
     }
 }
 

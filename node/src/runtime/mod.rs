@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
-use outpost_protocol::ContainerSpec;
+use outpost_protocol::{ContainerSpec, ServiceSpec};
 
 pub mod docker;
 
@@ -35,6 +35,10 @@ pub const LABEL_JOB: &str = "outpost.job";
 pub const LABEL_ATTEMPT: &str = "outpost.attempt";
 /// Label carrying the id of the node whose agent made the container.
 pub const LABEL_NODE: &str = "outpost.node";
+/// Label carrying the service name on a service's container.
+pub const LABEL_SERVICE: &str = "outpost.service";
+/// Label carrying the service revision on a service's container.
+pub const LABEL_REVISION: &str = "outpost.revision";
 /// Labels under this prefix belong to the agent: a job spec may not set them.
 pub const RESERVED_LABEL_PREFIX: &str = "outpost.";
 
@@ -92,6 +96,30 @@ pub struct RuntimeInfo {
     pub images: Vec<String>,
 }
 
+/// One revision of one service on this node: at most one container exists for it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub name: String,
+    pub revision: u64,
+}
+
+/// A service container this node's agent made, found by label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedService {
+    pub service: ServiceRef,
+    pub state: ContainerState,
+    /// The container's address on its service network, when it has one.
+    pub address: Option<std::net::IpAddr>,
+}
+
+/// What a command run inside a container answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    pub exit_code: i64,
+    /// The end of its combined output (bounded by the caller's limit).
+    pub output: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// The engine could not be reached or answered with a server error: retry later.
@@ -144,4 +172,26 @@ pub trait Runtime: Send + Sync + 'static {
     fn list_managed(&self) -> impl Future<Output = Result<Vec<Managed>>> + Send;
     /// `docker load` a tarball; returns the ids of the images it brought.
     fn load_image(&self, tar: &Path) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Create (not start) the container of a service revision, hardened like a job's, with the
+    /// service's network and named volume; if it exists already, return it unchanged.
+    fn service_create(&self, svc: &ServiceRef, spec: &ServiceSpec) -> impl Future<Output = Result<String>> + Send;
+    /// Start the service revision's container, also after it exited (a restart).
+    fn service_start(&self, svc: &ServiceRef) -> impl Future<Output = Result<()>> + Send;
+    /// Every service container labelled as this node's.
+    fn service_list(&self) -> impl Future<Output = Result<Vec<ManagedService>>> + Send;
+    /// Kill and remove the revision's container (no error if it is gone).
+    fn service_remove(&self, svc: &ServiceRef) -> impl Future<Output = Result<()>> + Send;
+    /// Remove what the service keeps besides containers (its network; its volume when
+    /// `volume` is set): once the service is gone from the node.
+    fn service_forget(&self, name: &str, volume: bool) -> impl Future<Output = Result<()>> + Send;
+    /// Run `cmd` inside the running container, at most `timeout`; the output's last
+    /// `max_bytes`.
+    fn service_exec(
+        &self,
+        svc: &ServiceRef,
+        cmd: &[String],
+        timeout: std::time::Duration,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<ExecOutcome>> + Send;
 }

@@ -19,10 +19,15 @@ pub enum Tree {
     Relay,
     /// The relay's outbox: events not yet sent, keyed by big-endian event sequence number.
     Events,
+    /// The signed desired state of each service, keyed by service name.
+    Services,
+    /// Service status reports not yet acknowledged, keyed by big-endian report sequence number.
+    ServiceReports,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 5] = [Tree::Jobs, Tree::Meta, Tree::Audit, Tree::Relay, Tree::Events];
+    pub const ALL: [Tree; 7] =
+        [Tree::Jobs, Tree::Meta, Tree::Audit, Tree::Relay, Tree::Events, Tree::Services, Tree::ServiceReports];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -31,6 +36,8 @@ impl Tree {
             Tree::Audit => "audit",
             Tree::Relay => "relay",
             Tree::Events => "events",
+            Tree::Services => "services",
+            Tree::ServiceReports => "service_reports",
         }
     }
 }

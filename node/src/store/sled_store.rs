@@ -15,7 +15,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 #[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 5],
+    trees: [sled::Tree; 7],
     path: PathBuf,
 }
 
@@ -53,6 +53,8 @@ impl SledStore {
             open(Tree::Audit)?,
             open(Tree::Relay)?,
             open(Tree::Events)?,
+            open(Tree::Services)?,
+            open(Tree::ServiceReports)?,
         ];
         Ok(Self { db, trees, path: path.to_path_buf() })
     }
@@ -64,6 +66,8 @@ impl SledStore {
             Tree::Audit => &self.trees[2],
             Tree::Relay => &self.trees[3],
             Tree::Events => &self.trees[4],
+            Tree::Services => &self.trees[5],
+            Tree::ServiceReports => &self.trees[6],
         }
     }
 
@@ -89,9 +93,9 @@ impl StateStore for SledStore {
     }
 
     fn apply(&self, ops: Vec<Op>) -> Result<()> {
-        let [jobs, meta, audit, relay, events] = &self.trees;
-        let res: std::result::Result<(), TransactionError<()>> = (jobs, meta, audit, relay, events)
-            .transaction(|(j, m, a, r, e)| {
+        let [jobs, meta, audit, relay, events, services, reports] = &self.trees;
+        let res: std::result::Result<(), TransactionError<()>> = (jobs, meta, audit, relay, events, services, reports)
+            .transaction(|(j, m, a, r, e, s, sr)| {
                 for op in &ops {
                     let (t, key) = match op {
                         Op::Put(t, k, _) | Op::Delete(t, k) => (t, k),
@@ -102,6 +106,8 @@ impl StateStore for SledStore {
                         Tree::Audit => a,
                         Tree::Relay => r,
                         Tree::Events => e,
+                        Tree::Services => s,
+                        Tree::ServiceReports => sr,
                     };
                     match op {
                         Op::Put(_, _, v) => {

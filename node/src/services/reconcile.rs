@@ -1,0 +1,355 @@
+//! The service reconciler: one loop that compares the desired state in the book with the
+//! containers the engine has, and converges, whether or not the control plane is reachable.
+//! It removes every container that is not the target revision of a service (so a removed or
+//! replaced revision never lingers), creates and starts the target, restarts it by its policy
+//! with exponential backoff, probes its health, and rolls a new revision that does not become
+//! healthy in time back to the last one that was. Each change of state becomes a report.
+//!
+//! It never runs two containers of one revision: a revision's container has a fixed name, and
+//! a restart starts that same container again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_protocol::{RestartMode, ServiceState};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::book::{Draft, HealthyRevision, ServiceBook, ServiceRecord, Target};
+use super::health::probe;
+use crate::clock::now_unix_ms;
+use crate::ledger::Ledger;
+use crate::runtime::{ContainerState, ManagedService, Runtime, RuntimeError, ServiceRef};
+
+/// How often the loop looks when nothing wakes it.
+const PASS_EVERY: Duration = Duration::from_millis(250);
+/// Healthy this long, and the restart backoff starts over from its first step.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
+
+/// What the reconciler knows about a service beyond the book (lost on restart, rebuilt from
+/// the engine).
+#[derive(Debug, Clone)]
+struct Live {
+    revision: u64,
+    deployment: String,
+    /// When this revision became the target: its health gate counts from here.
+    since: Instant,
+    started: Option<Instant>,
+    restarts: u32,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+    failures: u32,
+    healthy: bool,
+    ever_healthy: bool,
+    healthy_since: Option<Instant>,
+    next_probe: Instant,
+    last_exit: Option<i64>,
+    health_output: String,
+    message: Option<String>,
+    state: ServiceState,
+    reported: Option<(ServiceState, u64, u32)>,
+    gate_reported: bool,
+}
+
+impl Live {
+    fn new(t: &Target, now: Instant) -> Self {
+        Self::of(&t.deployment, t.revision, t.spec.restart.backoff_initial_ms, now)
+    }
+
+    fn of(deployment: &str, revision: u64, backoff_initial_ms: u64, now: Instant) -> Self {
+        Self {
+            revision,
+            deployment: deployment.to_owned(),
+            since: now,
+            started: None,
+            restarts: 0,
+            backoff: Duration::from_millis(backoff_initial_ms),
+            restart_at: None,
+            failures: 0,
+            healthy: false,
+            ever_healthy: false,
+            healthy_since: None,
+            next_probe: now,
+            last_exit: None,
+            health_output: String::new(),
+            message: None,
+            state: ServiceState::Pending,
+            reported: None,
+            gate_reported: false,
+        }
+    }
+}
+
+pub struct Reconciler<R: Runtime> {
+    runtime: Arc<R>,
+    book: ServiceBook,
+    ledger: Ledger,
+    live: HashMap<String, Live>,
+    /// Woken when the desired state changes.
+    wake: Arc<Notify>,
+    /// Notified when a report was written.
+    reported: Arc<Notify>,
+}
+
+impl<R: Runtime> Reconciler<R> {
+    pub fn new(runtime: Arc<R>, book: ServiceBook, ledger: Ledger, wake: Arc<Notify>, reported: Arc<Notify>) -> Self {
+        Self { runtime, book, ledger, live: HashMap::new(), wake, reported }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "service reconciliation failed; retrying");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(PASS_EVERY) => {}
+            }
+        }
+    }
+
+    /// One comparison of desired with current state, and the steps that converge them.
+    pub async fn pass(&mut self) -> anyhow::Result<()> {
+        let records = self.book.all()?;
+        let containers = self.runtime.service_list().await?;
+        let targets: HashMap<String, Option<Target>> =
+            records.iter().map(|r| (r.service.clone(), r.target())).collect();
+        for c in &containers {
+            let wanted = targets.get(&c.service.name).and_then(Option::as_ref);
+            if wanted.is_none_or(|t| t.revision != c.service.revision) {
+                tracing::info!(service = %c.service.name, revision = c.service.revision, "removing a container that is not the service's target");
+                self.runtime.service_remove(&c.service).await?;
+            }
+        }
+        for rec in records {
+            match rec.target() {
+                Some(t) => {
+                    let container = containers
+                        .iter()
+                        .find(|c| c.service.name == rec.service && c.service.revision == t.revision);
+                    self.converge(&rec, t, container).await?;
+                }
+                None => self.removed(&rec).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The control plane removed the service (or refused its only desired state): nothing runs.
+    async fn removed(&mut self, rec: &ServiceRecord) -> anyhow::Result<()> {
+        let Some(d) = &rec.desired else { return Ok(()) };
+        if d.body.spec.is_some() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let live = self
+            .live
+            .entry(rec.service.clone())
+            .or_insert_with(|| Live::of(&d.body.deployment, d.body.revision, 1, now));
+        if live.reported.is_some_and(|(s, _, _)| s == ServiceState::Removed) {
+            return Ok(());
+        }
+        self.runtime.service_forget(&rec.service, false).await?;
+        live.state = ServiceState::Removed;
+        live.revision = d.body.revision;
+        live.deployment = d.body.deployment.clone();
+        live.message = Some("removed by the control plane; its volume is kept".into());
+        self.ledger.audit("service.removed", &format!("service {}", rec.service))?;
+        self.report(&rec.service)
+    }
+
+    async fn converge(&mut self, rec: &ServiceRecord, t: Target, container: Option<&ManagedService>) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let name = rec.service.clone();
+        let live = self.live.entry(name.clone()).or_insert_with(|| Live::new(&t, now));
+        if live.revision != t.revision || live.deployment != t.deployment {
+            *live = Live::new(&t, now);
+        }
+        let svc = ServiceRef { name: name.clone(), revision: t.revision };
+        let policy = t.spec.restart;
+        let max_backoff = Duration::from_millis(policy.backoff_max_ms);
+        match container.map(|c| &c.state) {
+            None | Some(ContainerState::Created) => {
+                if live.restart_at.is_some_and(|at| now < at) {
+                    live.state = ServiceState::Restarting;
+                } else {
+                    let fresh = container.is_none();
+                    let created = if fresh { self.runtime.service_create(&svc, &t.spec).await.map(|_| ()) } else { Ok(()) };
+                    match created {
+                        Ok(()) => match self.runtime.service_start(&svc).await {
+                            Ok(()) => {
+                                if live.started.is_some() || live.restart_at.is_some() {
+                                    live.restarts = live.restarts.saturating_add(1);
+                                }
+                                started(live, now);
+                            }
+                            Err(e) => not_started(live, e, now, max_backoff)?,
+                        },
+                        Err(e) => not_started(live, e, now, max_backoff)?,
+                    }
+                }
+            }
+            Some(ContainerState::Running { .. }) => {
+                if live.started.is_none() {
+                    // Adopted: running since before this agent started.
+                    started(live, now);
+                }
+                if now >= live.next_probe {
+                    live.next_probe = now + t.spec.health.as_ref().map_or(Duration::from_millis(500), |h| Duration::from_millis(h.interval_ms));
+                    let (ok, output) = match &t.spec.health {
+                        Some(check) => probe(self.runtime.as_ref(), &svc, check, container.and_then(|c| c.address)).await,
+                        None => (true, String::new()),
+                    };
+                    let in_start_period = t.spec.health.as_ref().is_some_and(|h| {
+                        live.started.is_some_and(|s| now.duration_since(s) < Duration::from_millis(h.start_period_ms))
+                    });
+                    live.health_output = output;
+                    if ok {
+                        live.failures = 0;
+                        if !live.healthy {
+                            live.healthy = true;
+                            live.healthy_since = Some(now);
+                        }
+                        live.ever_healthy = true;
+                        live.state = ServiceState::Healthy;
+                        live.message = None;
+                    } else if !in_start_period {
+                        live.failures = live.failures.saturating_add(1);
+                        let retries = t.spec.health.as_ref().map_or(1, |h| h.retries);
+                        if live.failures >= retries {
+                            live.healthy = false;
+                            live.healthy_since = None;
+                            live.state = ServiceState::Unhealthy;
+                        }
+                    }
+                }
+                if live.healthy_since.is_some_and(|s| now.duration_since(s) >= BACKOFF_RESET_AFTER) {
+                    live.backoff = Duration::from_millis(policy.backoff_initial_ms);
+                }
+            }
+            Some(ContainerState::Exited { exit_code, oom_killed, .. }) => {
+                let (exit_code, oom) = (*exit_code, *oom_killed);
+                live.last_exit = Some(exit_code);
+                live.healthy = false;
+                live.healthy_since = None;
+                let restart = match policy.mode {
+                    RestartMode::Always => true,
+                    RestartMode::OnFailure => exit_code != 0,
+                    RestartMode::Never => false,
+                };
+                let why = if oom { "OOM-killed".to_owned() } else { format!("exited with code {exit_code}") };
+                if !restart {
+                    live.state = if exit_code == 0 { ServiceState::Stopped } else { ServiceState::Failed };
+                    live.message = Some(format!("{why}; restart policy {:?} does not restart it", policy.mode));
+                } else if live.restart_at.is_none() {
+                    live.restart_at = Some(now + live.backoff);
+                    live.message = Some(format!("{why}; restarting in {} ms", live.backoff.as_millis()));
+                    live.backoff = (live.backoff * 2).min(max_backoff);
+                    live.state = ServiceState::Restarting;
+                } else if live.restart_at.is_some_and(|at| now >= at) {
+                    self.runtime.service_start(&svc).await?;
+                    live.restarts = live.restarts.saturating_add(1);
+                    started(live, now);
+                }
+            }
+        }
+        let live_now = live.clone();
+        // The health gate of a new revision: not healthy in time → back to the last healthy one.
+        let desired_rev = rec.desired.as_ref().map(|d| d.body.revision);
+        let gate = Duration::from_secs(t.spec.health_timeout_secs);
+        if !live_now.ever_healthy && now.duration_since(live_now.since) > gate && desired_rev == Some(t.revision) {
+            match &rec.last_healthy {
+                Some(h) if h.revision != t.revision || h.deployment != t.deployment => {
+                    let mut updated = rec.clone();
+                    updated.rolled_back_from = Some(t.revision);
+                    self.book.put(&updated)?;
+                    let detail = format!(
+                        "service {name}: revision {} not healthy within {} s; back to revision {}",
+                        t.revision, t.spec.health_timeout_secs, h.revision
+                    );
+                    tracing::warn!("{detail}");
+                    self.ledger.audit("service.rolled_back", &detail)?;
+                    if let Some(l) = self.live.get_mut(&name) {
+                        l.state = ServiceState::RolledBack;
+                        l.message = Some(detail);
+                    }
+                    self.report(&name)?;
+                    self.live.remove(&name);
+                    self.wake.notify_one();
+                    return Ok(());
+                }
+                _ if !live_now.gate_reported => {
+                    if let Some(l) = self.live.get_mut(&name) {
+                        l.gate_reported = true;
+                        l.message = Some(format!(
+                            "not healthy within {} s and no earlier healthy revision to go back to",
+                            t.spec.health_timeout_secs
+                        ));
+                        if l.state == ServiceState::Starting {
+                            l.state = ServiceState::Unhealthy;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if live_now.state == ServiceState::Healthy && desired_rev == Some(t.revision) {
+            let known = rec.last_healthy.as_ref().is_some_and(|h| h.revision == t.revision && h.deployment == t.deployment);
+            if !known {
+                let mut updated = rec.clone();
+                updated.last_healthy = Some(HealthyRevision { deployment: t.deployment.clone(), revision: t.revision, spec: t.spec.clone() });
+                self.book.put(&updated)?;
+            }
+        }
+        self.report(&name)
+    }
+
+    /// Writes a report when the state, revision or restart count changed since the last one.
+    fn report(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(live) = self.live.get_mut(name) else { return Ok(()) };
+        let key = (live.state, live.revision, live.restarts);
+        if live.reported == Some(key) {
+            return Ok(());
+        }
+        let draft = Draft {
+            service: name.to_owned(),
+            deployment: live.deployment.clone(),
+            revision: live.revision,
+            state: live.state,
+            restarts: live.restarts,
+            last_exit: live.last_exit,
+            health_output: live.health_output.clone(),
+            message: live.message.clone(),
+        };
+        let r = self.book.report(draft, now_unix_ms())?;
+        tracing::info!(service = %name, revision = r.revision, state = ?r.state, restarts = r.restarts, "service state");
+        live.reported = Some(key);
+        self.reported.notify_one();
+        Ok(())
+    }
+}
+
+fn started(live: &mut Live, now: Instant) {
+    live.started = Some(now);
+    live.restart_at = None;
+    live.failures = 0;
+    live.healthy = false;
+    live.state = ServiceState::Starting;
+    live.next_probe = now;
+    live.message = None;
+}
+
+/// A create or start that failed: retryable engine trouble is the pass's error; a refusal
+/// (image missing, bad spec) fails the service and is tried again after the backoff.
+fn not_started(live: &mut Live, e: RuntimeError, now: Instant, max_backoff: Duration) -> anyhow::Result<()> {
+    if e.is_retryable() {
+        return Err(e.into());
+    }
+    live.state = ServiceState::Failed;
+    live.message = Some(e.to_string());
+    live.restart_at = Some(now + live.backoff);
+    live.backoff = (live.backoff * 2).min(max_backoff);
+    Ok(())
+}
