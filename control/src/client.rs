@@ -165,6 +165,38 @@ impl Client {
         self.call::<(), _>(Method::GET, &format!("{}{query}", paths::NODES), None).await
     }
 
+    pub async fn deploy(
+        &self,
+        org_id: &str,
+        req: &outpost_protocol::DeployRequest,
+    ) -> anyhow::Result<outpost_protocol::DeploymentInfo> {
+        self.call(Method::POST, &paths::fill(paths::DEPLOYMENTS, "org_id", &enc(org_id)), Some(req)).await
+    }
+
+    pub async fn deployments(&self, org_id: &str) -> anyhow::Result<outpost_protocol::DeploymentList> {
+        self.call::<(), _>(Method::GET, &paths::fill(paths::DEPLOYMENTS, "org_id", &enc(org_id)), None).await
+    }
+
+    pub async fn deployment(
+        &self,
+        org_id: &str,
+        name: &str,
+    ) -> anyhow::Result<outpost_protocol::DeploymentInfo> {
+        let path = paths::fill(&paths::fill(paths::DEPLOYMENT, "org_id", &enc(org_id)), "name", &enc(name));
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn deploy_action(
+        &self,
+        org_id: &str,
+        name: &str,
+        action: outpost_protocol::DeployAction,
+    ) -> anyhow::Result<outpost_protocol::DeploymentInfo> {
+        let path =
+            paths::fill(&paths::fill(paths::DEPLOYMENT_ACTION, "org_id", &enc(org_id)), "name", &enc(name));
+        self.call(Method::POST, &path, Some(&outpost_protocol::DeployActionRequest { action })).await
+    }
+
     pub async fn label_node(&self, node_id: &str, req: &LabelNodeRequest) -> anyhow::Result<NodeInfo> {
         self.call(Method::POST, &paths::fill(paths::NODE_LABELS, "node_id", &enc(node_id)), Some(req)).await
     }

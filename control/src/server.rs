@@ -121,9 +121,11 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         events_stored: tokio::sync::Notify::new(),
         shutdown: shutdown.clone(),
         lease: config.lease,
+        fleet_changed: tokio::sync::Notify::new(),
     });
     let sweep_every = (config.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
     tokio::spawn(api::placement::run(state.clone(), sweep_every));
+    tokio::spawn(api::rollout::run(state.clone(), Duration::from_millis(500)));
     let app = api::router(state);
     let task = tokio::spawn(accept_loop(listener, acceptor, app, shutdown.clone()));
     tracing::info!(%addr, ca_sha256 = %ca_fingerprint, "control plane listening");

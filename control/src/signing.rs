@@ -38,6 +38,14 @@ pub fn signing_key(org_id: &str, secret_hex: &str) -> Result<SigningKey, Signing
 
 /// Serializes `envelope` and signs exactly those bytes.
 pub fn sign_envelope(key: &SigningKey, envelope: &JobEnvelope) -> Result<SignedEnvelope, SigningError> {
+    sign_payload(key, envelope)
+}
+
+/// Serializes any signed statement (a job or a service's desired state) and signs those bytes.
+pub fn sign_payload<T: serde::Serialize>(
+    key: &SigningKey,
+    envelope: &T,
+) -> Result<SignedEnvelope, SigningError> {
     let payload = serde_json::to_string(envelope)?;
     let signature = key.sign(payload.as_bytes());
     Ok(SignedEnvelope {

@@ -88,9 +88,10 @@ pub struct ServicesConfig {
 impl ServicesConfig {
     /// Whether `ip:port` may be published; the error of an entry that does not parse.
     pub fn allows(&self, ip: &str, port: u16) -> bool {
-        self.publish_allow.iter().filter_map(|e| parse_publish_allow(e).ok()).any(|(a, lo, hi)| {
-            a == ip && (lo..=hi).contains(&port)
-        })
+        self.publish_allow
+            .iter()
+            .filter_map(|e| parse_publish_allow(e).ok())
+            .any(|(a, lo, hi)| a == ip && (lo..=hi).contains(&port))
     }
 }
 

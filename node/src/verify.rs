@@ -5,7 +5,8 @@
 
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 use outpost_protocol::{
-    ContainerSpec, InferenceSpec, JobAssignment, JobEnvelope, JobSpec, PublicKey, ServiceEnvelope, SignedEnvelope,
+    ContainerSpec, InferenceSpec, JobAssignment, JobEnvelope, JobSpec, PublicKey, ServiceEnvelope,
+    SignedEnvelope,
 };
 
 use crate::jobdata::path;

@@ -180,7 +180,9 @@ impl ServiceSpec {
             ));
         }
         if let Some(h) = &self.health {
-            let probes = usize::from(!h.exec.is_empty()) + usize::from(h.tcp_port.is_some()) + usize::from(h.http.is_some());
+            let probes = usize::from(!h.exec.is_empty())
+                + usize::from(h.tcp_port.is_some())
+                + usize::from(h.http.is_some());
             if probes != 1 {
                 return Err("health needs exactly one of exec, tcp_port or http".into());
             }
@@ -188,7 +190,9 @@ impl ServiceSpec {
                 return Err("health.interval_ms, timeout_ms and retries must be at least 1".into());
             }
             if (h.tcp_port.is_some() || h.http.is_some()) && self.network == ServiceNetwork::None {
-                return Err("a tcp_port or http health check needs network = \"internal\" or \"bridge\"".into());
+                return Err(
+                    "a tcp_port or http health check needs network = \"internal\" or \"bridge\"".into()
+                );
             }
             if let Some(http) = &h.http
                 && !http.path.starts_with('/')
@@ -204,7 +208,9 @@ impl ServiceSpec {
         {
             return Err(format!("volume {v:?} must be an absolute mount point inside the container"));
         }
-        if self.restart.backoff_initial_ms == 0 || self.restart.backoff_max_ms < self.restart.backoff_initial_ms {
+        if self.restart.backoff_initial_ms == 0
+            || self.restart.backoff_max_ms < self.restart.backoff_initial_ms
+        {
             return Err("restart.backoff_initial_ms must be at least 1 and at most backoff_max_ms".into());
         }
         if self.health_timeout_secs == 0 {

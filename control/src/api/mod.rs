@@ -3,6 +3,7 @@
 //! token), `node.rs` (mutual TLS) and `events.rs` (node delivery by mutual TLS, operator
 //! listing); the extractors that authenticate and parse requests in `extract.rs`.
 
+mod deploy;
 mod enroll;
 mod error;
 mod events;
@@ -12,6 +13,7 @@ mod node;
 pub mod openapi;
 mod operator;
 pub mod placement;
+pub mod rollout;
 mod triggers;
 
 use std::sync::Arc;
@@ -54,6 +56,9 @@ pub struct AppState {
     /// A node whose last heartbeat is older than this is offline: its `any` jobs are offered
     /// to another matching node.
     pub lease: Duration,
+    /// Woken when a deployment changes or a node reports on its services: the rollout
+    /// controller passes at once.
+    pub fleet_changed: tokio::sync::Notify,
 }
 
 pub type Shared = Arc<AppState>;
@@ -69,6 +74,10 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODE_RESULTS, post(node::report))
         .route(paths::NODE_HEARTBEAT, post(node::heartbeat))
         .route(paths::NODE_EVENTS, post(events::deliver))
+        .route(paths::NODE_SERVICES, post(deploy::node_reports))
+        .route(paths::DEPLOYMENTS, post(deploy::create).get(deploy::list))
+        .route(paths::DEPLOYMENT, get(deploy::get))
+        .route(paths::DEPLOYMENT_ACTION, post(deploy::act))
         .route(paths::EVENTS, get(events::list_events))
         .route(paths::TRIGGERS, post(triggers::create_trigger).get(triggers::list_triggers))
         .route(paths::TRIGGER, get(triggers::get_trigger).delete(triggers::delete_trigger))

@@ -39,6 +39,11 @@ pub async fn poll(
     if !req.ack_job_ids.is_empty() {
         st.store.ack_jobs(&node.node_id, req.ack_job_ids, st.clock.now_ms()).await?;
     }
+    let runs_services = req.announce.as_ref().is_some_and(|a| a.has(capability::SERVICES));
+    if !req.service_acks.is_empty() {
+        st.store.ack_node_services(&node.node_id, req.service_acks).await?;
+        st.fleet_changed.notify_one();
+    }
     let max = req.max_jobs.unwrap_or(DEFAULT_MAX_JOBS).min(MAX_JOBS_CAP) as usize;
     if max == 0 {
         return Ok(Json(PollResponse::default()));
@@ -56,7 +61,21 @@ pub async fn poll(
         let queued = st.store.queued_jobs(&node.node_id, max).await?;
         let cancel =
             if cancels_understood { st.store.pending_cancels(&node.node_id, max).await? } else { Vec::new() };
-        if !queued.is_empty() || !cancel.is_empty() {
+        let services: Vec<_> = if runs_services {
+            let mut pending: Vec<_> = st
+                .store
+                .list_node_services(Some(&node.node_id))
+                .await?
+                .into_iter()
+                .filter(|r| r.unacknowledged())
+                .filter_map(|r| r.desired)
+                .collect();
+            pending.sort_by_key(|d| d.seq);
+            pending.into_iter().take(max).map(|d| d.envelope).collect()
+        } else {
+            Vec::new()
+        };
+        if !queued.is_empty() || !cancel.is_empty() || !services.is_empty() {
             let jobs = queued
                 .into_iter()
                 .map(|j| JobAssignment {
@@ -65,7 +84,7 @@ pub async fn poll(
                     envelope: j.envelope,
                 })
                 .collect();
-            return Ok(Json(PollResponse { jobs, cancel }));
+            return Ok(Json(PollResponse { jobs, cancel, services }));
         }
         tokio::select! {
             _ = &mut notified => {}

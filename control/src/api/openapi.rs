@@ -5,7 +5,7 @@ use outpost_protocol::paths;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{enroll, events, jobs, node, operator, triggers};
+use super::{deploy, enroll, events, jobs, node, operator, triggers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -36,6 +36,11 @@ use super::{enroll, events, jobs, node, operator, triggers};
         node::report,
         node::heartbeat,
         events::deliver,
+        deploy::node_reports,
+        deploy::create,
+        deploy::list,
+        deploy::get,
+        deploy::act,
         events::list_events,
         triggers::create_trigger,
         triggers::list_triggers,

@@ -2,6 +2,7 @@
 //! running server (they read the admin token and CA from the data directory unless given).
 //! Human-readable tables by default, `--json` for scripts. `main.rs` only calls [`run`].
 
+mod deploy;
 mod ops;
 mod relay;
 mod serve;
@@ -121,6 +122,9 @@ pub enum Command {
     /// The control plane's audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Services kept running on the nodes a selector matches, rolled out in batches.
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
 }
 
 #[derive(Debug, Subcommand)]

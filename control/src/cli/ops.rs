@@ -150,6 +150,7 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
             print(g.json, &t, |t| eprintln!("deleted trigger {} ({})", t.trigger_id, t.name))?;
         }
         Command::Audit(AuditCommand::List { limit }) => print(g.json, &c.audit(limit).await?, show::audit)?,
+        Command::Deploy(d) => return super::deploy::run(&c, g.json, d).await,
         Command::Serve { .. } | Command::Ca(_) => return Err(anyhow!("not an operator command")),
     }
     Ok(ExitCode::SUCCESS)

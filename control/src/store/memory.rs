@@ -34,6 +34,10 @@ struct Inner {
     triggers: BTreeMap<String, Trigger>,
     /// (node, job, attempt) → the stop request the node has not answered yet.
     cancels: BTreeMap<(String, String, u32), CancelAttempt>,
+    deployments: BTreeMap<String, super::DeploymentRecord>,
+    node_services: BTreeMap<String, super::NodeServiceRecord>,
+    /// node → its last stored service report seq.
+    service_report_last: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -263,6 +267,79 @@ impl StateStore for MemoryStore {
                 inner.cancels.insert((job.info.node_id.clone(), job_id, stop.attempt), stop);
             }
             Ok(outcome)
+        })
+    }
+
+    fn put_deployment(&self, d: super::DeploymentRecord) -> StoreFuture<'_, ()> {
+        self.with(move |inner| {
+            inner.deployments.insert(d.key(), d);
+            Ok(())
+        })
+    }
+
+    fn get_deployment(&self, org_id: &str, name: &str) -> StoreFuture<'_, Option<super::DeploymentRecord>> {
+        let key = super::deployment_key(org_id, name);
+        self.with(move |inner| Ok(inner.deployments.get(&key).cloned()))
+    }
+
+    fn list_deployments(&self) -> StoreFuture<'_, Vec<super::DeploymentRecord>> {
+        self.with(|inner| Ok(inner.deployments.values().cloned().collect()))
+    }
+
+    fn put_node_service(&self, r: super::NodeServiceRecord) -> StoreFuture<'_, ()> {
+        self.with(move |inner| {
+            inner.node_services.insert(r.key(), r);
+            Ok(())
+        })
+    }
+
+    fn list_node_services(&self, node_id: Option<&str>) -> StoreFuture<'_, Vec<super::NodeServiceRecord>> {
+        let node_id = node_id.map(str::to_owned);
+        self.with(move |inner| {
+            Ok(inner
+                .node_services
+                .values()
+                .filter(|r| node_id.as_deref().is_none_or(|n| n == r.node_id))
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn ack_node_services(
+        &self,
+        node_id: &str,
+        acks: Vec<outpost_protocol::ServiceAck>,
+    ) -> StoreFuture<'_, ()> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            for a in acks {
+                if let Some(r) = inner.node_services.get_mut(&super::node_service_key(&node_id, &a.service)) {
+                    r.acked_seq = r.acked_seq.max(a.seq);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn store_service_reports(
+        &self,
+        node_id: &str,
+        reports: Vec<outpost_protocol::ServiceReport>,
+    ) -> StoreFuture<'_, u64> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            let last = inner.service_report_last.get(&node_id).copied().unwrap_or(0);
+            let (fresh, last) = super::fresh_service_reports(last, reports);
+            for r in fresh {
+                let key = super::node_service_key(&node_id, &r.service);
+                let rec = inner
+                    .node_services
+                    .entry(key)
+                    .or_insert_with(|| super::NodeServiceRecord::new(&node_id, &r.service));
+                rec.report = Some(r);
+            }
+            inner.service_report_last.insert(node_id, last);
+            Ok(last)
         })
     }
 

@@ -108,6 +108,107 @@ pub enum ResultOutcome {
     NotYours,
 }
 
+/// A deployment as stored: its public view (without the per-node table) and its history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub info: outpost_protocol::DeploymentInfo,
+    /// The specs of recent revisions, oldest first (bounded by [`MAX_REVISIONS_KEPT`]).
+    pub revisions: Vec<(u64, outpost_protocol::ServiceSpec)>,
+    /// Revisions whose rollout completed, oldest first: where a rollback goes.
+    pub completed: Vec<u64>,
+    /// When each node of the rollout was given the new revision (its health gate counts from
+    /// there).
+    pub batch_started: std::collections::BTreeMap<String, u64>,
+}
+
+/// Revisions whose spec a deployment keeps.
+pub const MAX_REVISIONS_KEPT: usize = 20;
+
+impl DeploymentRecord {
+    pub fn key(&self) -> String {
+        deployment_key(&self.info.org_id, &self.info.name)
+    }
+
+    pub fn spec_of(&self, revision: u64) -> Option<&outpost_protocol::ServiceSpec> {
+        self.revisions.iter().find(|(r, _)| *r == revision).map(|(_, s)| s)
+    }
+}
+
+pub fn deployment_key(org_id: &str, name: &str) -> String {
+    format!("{org_id}\0{name}")
+}
+
+/// The desired state of one service on one node, as last signed for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredService {
+    pub deployment: String,
+    pub revision: u64,
+    /// `None`: the service is to be removed.
+    pub removal: bool,
+    pub rollback: bool,
+    pub seq: u64,
+    pub envelope: SignedEnvelope,
+    pub since_unix_ms: u64,
+}
+
+/// One service on one node: what it is told, what it acknowledged, what it last reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeServiceRecord {
+    pub node_id: String,
+    pub service: String,
+    #[serde(default)]
+    pub desired: Option<DesiredService>,
+    #[serde(default)]
+    pub acked_seq: u64,
+    #[serde(default)]
+    pub report: Option<outpost_protocol::ServiceReport>,
+}
+
+impl NodeServiceRecord {
+    pub fn new(node_id: &str, service: &str) -> Self {
+        Self {
+            node_id: node_id.to_owned(),
+            service: service.to_owned(),
+            desired: None,
+            acked_seq: 0,
+            report: None,
+        }
+    }
+
+    pub fn key(&self) -> String {
+        node_service_key(&self.node_id, &self.service)
+    }
+
+    /// Whether the node still has to be sent its desired state.
+    pub fn unacknowledged(&self) -> bool {
+        self.desired.as_ref().is_some_and(|d| d.seq > self.acked_seq)
+    }
+}
+
+pub fn node_service_key(node_id: &str, service: &str) -> String {
+    format!("{node_id}\0{service}")
+}
+
+/// The reports of a node's batch that are new (seq above the node's last stored one), the
+/// newest per service, and the node's new last seq.
+pub(crate) fn fresh_service_reports(
+    last: u64,
+    reports: Vec<outpost_protocol::ServiceReport>,
+) -> (Vec<outpost_protocol::ServiceReport>, u64) {
+    let mut newest: std::collections::BTreeMap<String, outpost_protocol::ServiceReport> = Default::default();
+    let mut up_to = last;
+    for r in reports.into_iter().filter(|r| r.seq > last) {
+        up_to = up_to.max(r.seq);
+        match newest.get(&r.service) {
+            Some(have) if have.seq > r.seq => {}
+            _ => {
+                newest.insert(r.service.clone(), r);
+            }
+        }
+    }
+    (newest.into_values().collect(), up_to)
+}
+
 /// What an operator's cancel did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -263,6 +364,27 @@ pub trait StateStore: Send + Sync + 'static {
     fn cancel_job(&self, job_id: &str, now_ms: u64) -> StoreFuture<'_, CancelOutcome>;
     /// Attempts `node_id` must stop, at most `max`.
     fn pending_cancels(&self, node_id: &str, max: usize) -> StoreFuture<'_, Vec<CancelAttempt>>;
+
+    /// Stores a deployment (create or replace) under its org and name.
+    fn put_deployment(&self, d: DeploymentRecord) -> StoreFuture<'_, ()>;
+    fn get_deployment(&self, org_id: &str, name: &str) -> StoreFuture<'_, Option<DeploymentRecord>>;
+    fn list_deployments(&self) -> StoreFuture<'_, Vec<DeploymentRecord>>;
+    /// Stores a node's service record (create or replace).
+    fn put_node_service(&self, r: NodeServiceRecord) -> StoreFuture<'_, ()>;
+    /// The service records of one node, or of every node.
+    fn list_node_services(&self, node_id: Option<&str>) -> StoreFuture<'_, Vec<NodeServiceRecord>>;
+    /// Records that the node persisted these desired states (the highest seq wins).
+    fn ack_node_services(
+        &self,
+        node_id: &str,
+        acks: Vec<outpost_protocol::ServiceAck>,
+    ) -> StoreFuture<'_, ()>;
+    /// Stores a node's service reports once each (by node and seq); the node's last stored seq.
+    fn store_service_reports(
+        &self,
+        node_id: &str,
+        reports: Vec<outpost_protocol::ServiceReport>,
+    ) -> StoreFuture<'_, u64>;
 
     /// Stores a node's events atomically: an event whose (node, seq) is stored already is a
     /// duplicate and not stored again; each new one gets the next global cursor.

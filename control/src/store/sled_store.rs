@@ -51,7 +51,14 @@ pub struct SledStore {
     cancels: sled::Tree,
     /// `job_id` of every unfinished job placed with `any` (the placement sweep's work list).
     any_open: sled::Tree,
+    /// `org_id \0 name` → `DeploymentRecord`.
+    deployments: sled::Tree,
+    /// `node_id \0 service` → `NodeServiceRecord`.
+    node_services: sled::Tree,
 }
+
+/// Followed by the node id: the node's last stored service report seq (in `meta`).
+const SERVICE_REPORT_LAST_PREFIX: &[u8] = b"service_report_last\0";
 
 impl SledStore {
     /// Opens (or creates) the database in `dir`. Fails when another process holds it.
@@ -88,6 +95,8 @@ impl SledStore {
             trigger_names: tree("trigger_names")?,
             cancels: tree("cancels")?,
             any_open: tree("any_open")?,
+            deployments: tree("deployments")?,
+            node_services: tree("node_services")?,
             db,
         })
     }
@@ -506,6 +515,105 @@ impl StateStore for SledStore {
             let outcome = settle(outcome)?;
             self.flush().await?;
             Ok(outcome)
+        })
+    }
+
+    fn put_deployment(&self, d: super::DeploymentRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.deployments.insert(d.key().as_bytes(), encode(&d)?).map_err(backend)?;
+            self.flush().await
+        })
+    }
+
+    fn get_deployment(&self, org_id: &str, name: &str) -> StoreFuture<'_, Option<super::DeploymentRecord>> {
+        let key = super::deployment_key(org_id, name);
+        Box::pin(async move { Self::get(&self.deployments, &key) })
+    }
+
+    fn list_deployments(&self) -> StoreFuture<'_, Vec<super::DeploymentRecord>> {
+        Box::pin(async move { Self::all(&self.deployments) })
+    }
+
+    fn put_node_service(&self, r: super::NodeServiceRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.node_services.insert(r.key().as_bytes(), encode(&r)?).map_err(backend)?;
+            self.flush().await
+        })
+    }
+
+    fn list_node_services(&self, node_id: Option<&str>) -> StoreFuture<'_, Vec<super::NodeServiceRecord>> {
+        let prefix = node_id.map(queued_prefix).unwrap_or_default();
+        Box::pin(async move {
+            self.node_services
+                .scan_prefix(&prefix)
+                .map(|item| {
+                    let (k, v) = item.map_err(backend)?;
+                    decode(&String::from_utf8_lossy(&k), &v)
+                })
+                .collect()
+        })
+    }
+
+    fn ack_node_services(
+        &self,
+        node_id: &str,
+        acks: Vec<outpost_protocol::ServiceAck>,
+    ) -> StoreFuture<'_, ()> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let mut changed = false;
+            for a in acks {
+                let key = super::node_service_key(&node_id, &a.service);
+                let outcome = self.node_services.transaction(|tree| {
+                    let Some(bytes) = tree.get(key.as_bytes())? else { return Ok(false) };
+                    let mut r: super::NodeServiceRecord = decode(&key, &bytes).map_err(abort)?;
+                    if a.seq <= r.acked_seq {
+                        return Ok(false);
+                    }
+                    r.acked_seq = a.seq;
+                    tree.insert(key.as_bytes(), encode(&r).map_err(abort)?)?;
+                    Ok(true)
+                });
+                changed |= settle(outcome)?;
+            }
+            if changed {
+                self.flush().await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn store_service_reports(
+        &self,
+        node_id: &str,
+        reports: Vec<outpost_protocol::ServiceReport>,
+    ) -> StoreFuture<'_, u64> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let mut last_key = SERVICE_REPORT_LAST_PREFIX.to_vec();
+            last_key.extend_from_slice(node_id.as_bytes());
+            let outcome = (&self.meta, &self.node_services).transaction(|(meta, services)| {
+                let last = be_u64(meta.get(&last_key)?);
+                let (fresh, up_to) = super::fresh_service_reports(last, reports.clone());
+                for r in fresh {
+                    let key = super::node_service_key(&node_id, &r.service);
+                    let mut rec = match services.get(key.as_bytes())? {
+                        Some(bytes) => decode::<super::NodeServiceRecord>(&key, &bytes).map_err(abort)?,
+                        None => super::NodeServiceRecord::new(&node_id, &r.service),
+                    };
+                    rec.report = Some(r);
+                    services.insert(key.as_bytes(), encode(&rec).map_err(abort)?)?;
+                }
+                if up_to > last {
+                    meta.insert(last_key.as_slice(), &up_to.to_be_bytes())?;
+                }
+                Ok((up_to, up_to > last))
+            });
+            let (up_to, stored) = settle(outcome)?;
+            if stored {
+                self.flush().await?;
+            }
+            Ok(up_to)
         })
     }
 

@@ -65,10 +65,19 @@ impl<R: Runtime> Agent<R> {
                     let mut desired_changed = false;
                     for env in &resp.services {
                         let now = now_unix_ms();
-                        match crate::services::receive(&self.services, &self.ledger, &self.verifier, &self.cfg, env, now) {
+                        match crate::services::receive(
+                            &self.services,
+                            &self.ledger,
+                            &self.verifier,
+                            &self.cfg,
+                            env,
+                            now,
+                        ) {
                             Ok(crate::services::Received::Accepted) => desired_changed = true,
                             Ok(_) => {}
-                            Err(e) => tracing::error!(error = %e, "cannot persist a service's desired state; the control plane will offer it again"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot persist a service's desired state; the control plane will offer it again")
+                            }
                         }
                     }
                     if desired_changed {

@@ -175,7 +175,11 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Create (not start) the container of a service revision, hardened like a job's, with the
     /// service's network and named volume; if it exists already, return it unchanged.
-    fn service_create(&self, svc: &ServiceRef, spec: &ServiceSpec) -> impl Future<Output = Result<String>> + Send;
+    fn service_create(
+        &self,
+        svc: &ServiceRef,
+        spec: &ServiceSpec,
+    ) -> impl Future<Output = Result<String>> + Send;
     /// Start the service revision's container, also after it exited (a restart).
     fn service_start(&self, svc: &ServiceRef) -> impl Future<Output = Result<()>> + Send;
     /// Every service container labelled as this node's.

@@ -99,7 +99,11 @@ impl std::fmt::Debug for ServiceBook {
 }
 
 fn corrupt(tree: Tree, key: &[u8], e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt { tree: tree.name(), key: String::from_utf8_lossy(key).into_owned(), message: e.to_string() }
+    StoreError::Corrupt {
+        tree: tree.name(),
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    }
 }
 
 impl ServiceBook {
@@ -179,7 +183,11 @@ impl ServiceBook {
         };
         let mut ops = vec![
             Op::Put(Tree::Meta, REPORT_SEQ.to_vec(), seq.to_be_bytes().to_vec()),
-            Op::Put(Tree::ServiceReports, seq.to_be_bytes().to_vec(), serde_json::to_vec(&report).unwrap_or_default()),
+            Op::Put(
+                Tree::ServiceReports,
+                seq.to_be_bytes().to_vec(),
+                serde_json::to_vec(&report).unwrap_or_default(),
+            ),
         ];
         let pending = self.store.scan(Tree::ServiceReports)?;
         if pending.len() >= MAX_PENDING_REPORTS {
@@ -211,7 +219,9 @@ impl ServiceBook {
             .store
             .scan(Tree::ServiceReports)?
             .into_iter()
-            .filter(|(k, _)| <[u8; 8]>::try_from(k.as_slice()).map_or(false, |b| u64::from_be_bytes(b) <= up_to_seq))
+            .filter(|(k, _)| {
+                <[u8; 8]>::try_from(k.as_slice()).is_ok_and(|b| u64::from_be_bytes(b) <= up_to_seq)
+            })
             .map(|(k, _)| Op::Delete(Tree::ServiceReports, k))
             .collect();
         if ops.is_empty() {

@@ -52,7 +52,11 @@ async fn http_get(ip: IpAddr, port: u16, path: &str) -> std::io::Result<u16> {
         IpAddr::V4(v4) => format!("{v4}:{port}"),
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
     };
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: outpost-health\r\n\r\n").as_bytes()).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: outpost-health\r\n\r\n").as_bytes(),
+        )
+        .await?;
     let mut head = vec![0u8; 1024];
     let mut filled = 0;
     while filled < head.len() {

@@ -75,7 +75,9 @@ pub fn receive(
         return Ok(Received::Refused(why));
     }
     let what = match &svc.spec {
-        Some(spec) => format!("revision {} of deployment {} (image {})", svc.revision, svc.deployment, spec.image),
+        Some(spec) => {
+            format!("revision {} of deployment {} (image {})", svc.revision, svc.deployment, spec.image)
+        }
         None => format!("removal (deployment {})", svc.deployment),
     };
     let rollback = if svc.rollback { ", a rollback" } else { "" };
@@ -118,14 +120,23 @@ fn refusal(rec: &ServiceRecord, svc: &ServiceEnvelope, cfg: &Config) -> Option<S
                  host ports services may use",
                 p.host_ip,
                 p.host_port,
-                if cfg.services.publish_allow.is_empty() { "empty".to_owned() } else { cfg.services.publish_allow.join(", ") }
+                if cfg.services.publish_allow.is_empty() {
+                    "empty".to_owned()
+                } else {
+                    cfg.services.publish_allow.join(", ")
+                }
             ));
         }
     }
     None
 }
 
-fn refused_report(book: &ServiceBook, svc: &ServiceEnvelope, why: &str, now_ms: u64) -> Result<(), StoreError> {
+fn refused_report(
+    book: &ServiceBook,
+    svc: &ServiceEnvelope,
+    why: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
     book.report(
         Draft {
             service: svc.service.clone(),

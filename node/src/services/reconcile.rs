@@ -93,7 +93,13 @@ pub struct Reconciler<R: Runtime> {
 }
 
 impl<R: Runtime> Reconciler<R> {
-    pub fn new(runtime: Arc<R>, book: ServiceBook, ledger: Ledger, wake: Arc<Notify>, reported: Arc<Notify>) -> Self {
+    pub fn new(
+        runtime: Arc<R>,
+        book: ServiceBook,
+        ledger: Ledger,
+        wake: Arc<Notify>,
+        reported: Arc<Notify>,
+    ) -> Self {
         Self { runtime, book, ledger, live: HashMap::new(), wake, reported }
     }
 
@@ -160,7 +166,12 @@ impl<R: Runtime> Reconciler<R> {
         self.report(&rec.service)
     }
 
-    async fn converge(&mut self, rec: &ServiceRecord, t: Target, container: Option<&ManagedService>) -> anyhow::Result<()> {
+    async fn converge(
+        &mut self,
+        rec: &ServiceRecord,
+        t: Target,
+        container: Option<&ManagedService>,
+    ) -> anyhow::Result<()> {
         let now = Instant::now();
         let name = rec.service.clone();
         let live = self.live.entry(name.clone()).or_insert_with(|| Live::new(&t, now));
@@ -176,7 +187,11 @@ impl<R: Runtime> Reconciler<R> {
                     live.state = ServiceState::Restarting;
                 } else {
                     let fresh = container.is_none();
-                    let created = if fresh { self.runtime.service_create(&svc, &t.spec).await.map(|_| ()) } else { Ok(()) };
+                    let created = if fresh {
+                        self.runtime.service_create(&svc, &t.spec).await.map(|_| ())
+                    } else {
+                        Ok(())
+                    };
                     match created {
                         Ok(()) => match self.runtime.service_start(&svc).await {
                             Ok(()) => {
@@ -197,13 +212,20 @@ impl<R: Runtime> Reconciler<R> {
                     started(live, now);
                 }
                 if now >= live.next_probe {
-                    live.next_probe = now + t.spec.health.as_ref().map_or(Duration::from_millis(500), |h| Duration::from_millis(h.interval_ms));
+                    live.next_probe = now
+                        + t.spec
+                            .health
+                            .as_ref()
+                            .map_or(Duration::from_millis(500), |h| Duration::from_millis(h.interval_ms));
                     let (ok, output) = match &t.spec.health {
-                        Some(check) => probe(self.runtime.as_ref(), &svc, check, container.and_then(|c| c.address)).await,
+                        Some(check) => {
+                            probe(self.runtime.as_ref(), &svc, check, container.and_then(|c| c.address)).await
+                        }
                         None => (true, String::new()),
                     };
                     let in_start_period = t.spec.health.as_ref().is_some_and(|h| {
-                        live.started.is_some_and(|s| now.duration_since(s) < Duration::from_millis(h.start_period_ms))
+                        live.started
+                            .is_some_and(|s| now.duration_since(s) < Duration::from_millis(h.start_period_ms))
                     });
                     live.health_output = output;
                     if ok {
@@ -242,7 +264,8 @@ impl<R: Runtime> Reconciler<R> {
                 let why = if oom { "OOM-killed".to_owned() } else { format!("exited with code {exit_code}") };
                 if !restart {
                     live.state = if exit_code == 0 { ServiceState::Stopped } else { ServiceState::Failed };
-                    live.message = Some(format!("{why}; restart policy {:?} does not restart it", policy.mode));
+                    live.message =
+                        Some(format!("{why}; restart policy {:?} does not restart it", policy.mode));
                 } else if live.restart_at.is_none() {
                     live.restart_at = Some(now + live.backoff);
                     live.message = Some(format!("{why}; restarting in {} ms", live.backoff.as_millis()));
@@ -259,7 +282,10 @@ impl<R: Runtime> Reconciler<R> {
         // The health gate of a new revision: not healthy in time → back to the last healthy one.
         let desired_rev = rec.desired.as_ref().map(|d| d.body.revision);
         let gate = Duration::from_secs(t.spec.health_timeout_secs);
-        if !live_now.ever_healthy && now.duration_since(live_now.since) > gate && desired_rev == Some(t.revision) {
+        if !live_now.ever_healthy
+            && now.duration_since(live_now.since) > gate
+            && desired_rev == Some(t.revision)
+        {
             match &rec.last_healthy {
                 Some(h) if h.revision != t.revision || h.deployment != t.deployment => {
                     let mut updated = rec.clone();
@@ -296,10 +322,17 @@ impl<R: Runtime> Reconciler<R> {
             }
         }
         if live_now.state == ServiceState::Healthy && desired_rev == Some(t.revision) {
-            let known = rec.last_healthy.as_ref().is_some_and(|h| h.revision == t.revision && h.deployment == t.deployment);
+            let known = rec
+                .last_healthy
+                .as_ref()
+                .is_some_and(|h| h.revision == t.revision && h.deployment == t.deployment);
             if !known {
                 let mut updated = rec.clone();
-                updated.last_healthy = Some(HealthyRevision { deployment: t.deployment.clone(), revision: t.revision, spec: t.spec.clone() });
+                updated.last_healthy = Some(HealthyRevision {
+                    deployment: t.deployment.clone(),
+                    revision: t.revision,
+                    spec: t.spec.clone(),
+                });
                 self.book.put(&updated)?;
             }
         }

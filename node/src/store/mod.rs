@@ -26,8 +26,15 @@ pub enum Tree {
 }
 
 impl Tree {
-    pub const ALL: [Tree; 7] =
-        [Tree::Jobs, Tree::Meta, Tree::Audit, Tree::Relay, Tree::Events, Tree::Services, Tree::ServiceReports];
+    pub const ALL: [Tree; 7] = [
+        Tree::Jobs,
+        Tree::Meta,
+        Tree::Audit,
+        Tree::Relay,
+        Tree::Events,
+        Tree::Services,
+        Tree::ServiceReports,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -94,8 +94,8 @@ impl StateStore for SledStore {
 
     fn apply(&self, ops: Vec<Op>) -> Result<()> {
         let [jobs, meta, audit, relay, events, services, reports] = &self.trees;
-        let res: std::result::Result<(), TransactionError<()>> = (jobs, meta, audit, relay, events, services, reports)
-            .transaction(|(j, m, a, r, e, s, sr)| {
+        let res: std::result::Result<(), TransactionError<()>> =
+            (jobs, meta, audit, relay, events, services, reports).transaction(|(j, m, a, r, e, s, sr)| {
                 for op in &ops {
                     let (t, key) = match op {
                         Op::Put(t, k, _) | Op::Delete(t, k) => (t, k),

@@ -15,12 +15,12 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use outpost_protocol::{ContainerSpec, ServiceNetwork, ServiceSpec};
 
+use super::DockerRuntime;
 use super::convert::{container_state, engine_error, status_of};
 use super::spec::{create_body, validate_image_id};
-use super::DockerRuntime;
 use crate::runtime::{
-    ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, LABEL_REVISION, LABEL_SERVICE,
-    ManagedService, Result, Runtime, RuntimeError, ServiceRef,
+    ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, LABEL_REVISION, LABEL_SERVICE, ManagedService,
+    Result, Runtime, RuntimeError, ServiceRef,
 };
 
 impl DockerRuntime {
@@ -74,7 +74,10 @@ impl DockerRuntime {
                 let key = format!("{}/tcp", p.container_port);
                 exposed.push(key.clone());
                 bindings.entry(key).or_insert_with(|| Some(Vec::new())).get_or_insert_with(Vec::new).push(
-                    PortBinding { host_ip: Some(p.host_ip.clone()), host_port: Some(p.host_port.to_string()) },
+                    PortBinding {
+                        host_ip: Some(p.host_ip.clone()),
+                        host_port: Some(p.host_port.to_string()),
+                    },
                 );
             }
             host.port_bindings = Some(bindings);
@@ -238,7 +241,10 @@ impl DockerRuntime {
         let exec = docker.create_exec(&name, options).await.map_err(|e| engine_error(&what, e))?;
         let run = async {
             let started = docker
-                .start_exec(&exec.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: None }))
+                .start_exec(
+                    &exec.id,
+                    Some(StartExecOptions { detach: false, tty: false, output_capacity: None }),
+                )
                 .await
                 .map_err(|e| engine_error(&what, e))?;
             let mut text = Vec::new();
