@@ -154,3 +154,163 @@ async fn each_reaches_every_matching_node_and_a_cancel_stops_a_running_container
     assert_eq!(f.control.job(&long.job_id).await.state, JobState::Cancelled);
     assert_eq!(running_containers(&long.job_id), 0, "the container was stopped");
 }
+
+/// The service spec of the e2e deployments: healthy once `/tmp/ready` exists.
+fn service(ready: &str) -> outpost_protocol::ServiceSpec {
+    serde_json::from_value(serde_json::json!({
+        "image": common::test_image(),
+        "command": ["sh", "-c", format!("{ready}; exec sleep 3600")],
+        "health": { "exec": ["/bin/busybox", "test", "-f", "/tmp/ready"], "interval_ms": 200, "timeout_ms": 2000, "retries": 2 },
+        "restart": { "mode": "always", "backoff_initial_ms": 100 },
+        "health_timeout_secs": 4,
+    }))
+    .expect("service spec")
+}
+
+fn deploy_request(org_id: &str, spec: outpost_protocol::ServiceSpec) -> outpost_protocol::DeployRequest {
+    outpost_protocol::DeployRequest {
+        name: "web".into(),
+        org_id: org_id.into(),
+        selector: "site=icu".into(),
+        service: None,
+        spec,
+        priority: 0,
+        rollout: outpost_protocol::RolloutPolicy {
+            batch: outpost_protocol::BatchSize::Nodes(1),
+            health_timeout_secs: 30,
+            abort_on_failures: 1,
+        },
+    }
+}
+
+/// (node id, revision, running) of every service container of `service` on the engine.
+fn service_containers(service: &str) -> Vec<(String, u64, bool)> {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=outpost.service={service}"),
+            "--format",
+            "{{.Label \"outpost.node\"}} {{.Label \"outpost.revision\"}} {{.State}}",
+        ])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            Some((parts.next()?.to_owned(), parts.next()?.parse().ok()?, parts.next()? == "running"))
+        })
+        .collect()
+}
+
+fn mine(f: &Fleet, all: Vec<(String, u64, bool)>) -> Vec<(String, u64, bool)> {
+    all.into_iter().filter(|(n, _, _)| f.nodes.iter().any(|x| &x.node_id == n)).collect()
+}
+
+async fn wait_status(
+    f: &Fleet,
+    what: &str,
+    cond: impl Fn(&outpost_protocol::DeploymentInfo) -> bool,
+) -> outpost_protocol::DeploymentInfo {
+    let mut last = None;
+    eventually(what, Duration::from_secs(90), async || {
+        let d = f.control.deployment(&f.org_id, "web").await;
+        let ok = cond(&d);
+        last = Some(d);
+        ok
+    })
+    .await;
+    last.expect("status")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_deployment_reaches_every_node_and_a_broken_revision_is_rolled_back() {
+    let mut f = fleet(&["site = \"icu\"", "site = \"icu\"", "site = \"icu\""]).await;
+    let d = f.control.deploy(&f.org_id, &deploy_request(&f.org_id, service("touch /tmp/ready"))).await;
+    assert_eq!(d.revision, 1);
+    let done =
+        wait_status(&f, "revision 1 complete", |d| d.status == outpost_protocol::RolloutStatus::Complete)
+            .await;
+    assert!(done.nodes.iter().all(|n| n.phase == outpost_protocol::NodePhase::Healthy), "{:#?}", done.nodes);
+    let running = mine(&f, service_containers("web"));
+    assert_eq!(running.len(), 3, "one container per node: {running:?}");
+    assert!(running.iter().all(|(_, rev, up)| *rev == 1 && *up));
+
+    // A container dies: the agent restarts it (its own policy, not the engine's).
+    let victim = &f.nodes[0].node_id;
+    let name = format!("outpost-svc-{victim}-web-r1");
+    assert!(Command::new("docker").args(["kill", &name]).status().expect("docker kill").success());
+    wait_status(&f, "the killed container restarted and healthy", |d| {
+        d.nodes.iter().any(|n| {
+            &n.node_id == victim
+                && n.phase == outpost_protocol::NodePhase::Healthy
+                && n.report.as_ref().is_some_and(|r| r.restarts >= 1)
+        })
+    })
+    .await;
+
+    // kill -9 of an agent: the service keeps running, and the restarted agent adopts it.
+    f.nodes[1].kill9();
+    assert_eq!(mine(&f, service_containers("web")).iter().filter(|(_, _, up)| *up).count(), 3);
+    f.nodes[1].start();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = mine(&f, service_containers("web"));
+    assert_eq!(after.len(), 3, "adopted, not duplicated: {after:?}");
+
+    // Revision 2 never becomes healthy: its node goes back to revision 1 by itself, and the
+    // rollout stops after that first batch.
+    let broken = f.control.deploy(&f.org_id, &deploy_request(&f.org_id, service("true"))).await;
+    assert_eq!(broken.revision, 2);
+    let stopped = wait_status(&f, "the rollout rolled back", |d| {
+        d.status == outpost_protocol::RolloutStatus::RolledBack
+    })
+    .await;
+    assert!(stopped.reason.as_deref().is_some_and(|r| r.contains("failed")), "{:?}", stopped.reason);
+    eventually("every node back on revision 1", Duration::from_secs(60), async || {
+        let c = mine(&f, service_containers("web"));
+        c.len() == 3 && c.iter().all(|(_, rev, up)| *rev == 1 && *up)
+    })
+    .await;
+    let audit = f.control.audit().await;
+    assert!(audit.entries.iter().any(|e| e.action == "service.report" && e.detail.contains("rolled_back")));
+    let touched: Vec<&String> = stopped
+        .nodes
+        .iter()
+        .filter(|n| n.report.as_ref().is_some_and(|r| r.revision == 2))
+        .map(|n| &n.node_id)
+        .collect();
+    assert!(touched.len() <= 1, "only the first batch saw revision 2: {touched:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_offline_during_a_rollout_converges_when_it_comes_back() {
+    let mut f = fleet(&["site = \"icu\"", "site = \"icu\""]).await;
+    f.control.deploy(&f.org_id, &deploy_request(&f.org_id, service("touch /tmp/ready"))).await;
+    wait_status(&f, "revision 1 complete", |d| d.status == outpost_protocol::RolloutStatus::Complete).await;
+    f.nodes[1].kill9();
+    let away = f.nodes[1].node_id.clone();
+    wait_status(&f, "the node offline", |d| {
+        d.nodes.iter().any(|n| n.node_id == away && n.phase == outpost_protocol::NodePhase::Offline)
+    })
+    .await;
+    f.control.deploy(&f.org_id, &deploy_request(&f.org_id, service("touch /tmp/ready; echo v2"))).await;
+    let done = wait_status(&f, "revision 2 complete without the offline node", |d| {
+        d.status == outpost_protocol::RolloutStatus::Complete
+    })
+    .await;
+    assert!(done.nodes.iter().any(|n| n.node_id == away && n.phase == outpost_protocol::NodePhase::Offline));
+    f.nodes[1].start();
+    eventually("the returning node on revision 2", Duration::from_secs(60), async || {
+        let c = mine(&f, service_containers("web"));
+        c.iter().any(|(n, rev, up)| *n == away && *rev == 2 && *up) && !c.iter().any(|(_, rev, _)| *rev == 1)
+    })
+    .await;
+    wait_status(&f, "every node healthy on revision 2", |d| {
+        d.nodes
+            .iter()
+            .all(|n| n.phase == outpost_protocol::NodePhase::Healthy && n.desired_revision == Some(2))
+    })
+    .await;
+}

@@ -289,14 +289,16 @@ pub async fn node_reports(
             matches!(r.state, ServiceState::Failed | ServiceState::RolledBack | ServiceState::Refused)
         })
         .map(|r| {
+            let state = serde_json::to_value(r.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
             format!(
-                "service {} revision {}: {:?}: {}",
+                "service {} revision {}: {state}: {}",
                 r.service,
                 r.revision,
-                r.state,
                 r.message.clone().unwrap_or_default()
             )
-            .to_lowercase()
         })
         .collect();
     let up_to_seq = st.store.store_service_reports(&node.node_id, batch.reports).await?;

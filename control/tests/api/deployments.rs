@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use outpost_control::testing::TestServer;
 use outpost_protocol::{
-    Announce, BatchSize, DeployAction, DeployRequest, DeploymentInfo, Heartbeat, Inventory, LabelNodeRequest, NodePhase,
-    PollRequest, PollResponse, RolloutPolicy, RolloutStatus, ServiceAck, ServiceEnvelope, ServiceReport,
-    ServiceReportAck, ServiceReportBatch, ServiceSpec, ServiceState, paths,
+    Announce, BatchSize, DeployAction, DeployRequest, DeploymentInfo, Heartbeat, Inventory, LabelNodeRequest,
+    NodePhase, PollRequest, PollResponse, RolloutPolicy, RolloutStatus, ServiceAck, ServiceEnvelope,
+    ServiceReport, ServiceReportAck, ServiceReportBatch, ServiceSpec, ServiceState, paths,
 };
 use reqwest::StatusCode;
 
@@ -35,14 +35,22 @@ impl Sim {
             relay: None,
             models: Vec::new(),
             labels: [("site".to_owned(), site.to_owned())].into(),
-            announce: Some(if self.services { Announce::this_build() } else { Announce { protocol: 1, capabilities: vec![] } }),
+            announce: Some(if self.services {
+                Announce::this_build()
+            } else {
+                Announce { protocol: 1, capabilities: vec![] }
+            }),
         };
         assert_eq!(self.node.post(paths::NODE_HEARTBEAT, &hb).await.0, StatusCode::OK);
     }
 
     /// One poll: acknowledges what it holds, takes what is offered.
     async fn poll(&mut self) -> Vec<ServiceEnvelope> {
-        let announce = if self.services { Announce::this_build() } else { Announce { protocol: 1, capabilities: vec![] } };
+        let announce = if self.services {
+            Announce::this_build()
+        } else {
+            Announce { protocol: 1, capabilities: vec![] }
+        };
         let req = PollRequest {
             wait_secs: Some(0),
             announce: Some(announce),
@@ -78,7 +86,8 @@ impl Sim {
             message: message.map(str::to_owned),
             unix_ms: 1,
         };
-        let (status, body) = self.node.post(paths::NODE_SERVICES, &ServiceReportBatch { reports: vec![r] }).await;
+        let (status, body) =
+            self.node.post(paths::NODE_SERVICES, &ServiceReportBatch { reports: vec![r] }).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let ack: ServiceReportAck = serde_json::from_value(body).expect("ack");
         assert_eq!(ack.up_to_seq, self.report_seq);
@@ -167,10 +176,12 @@ async fn a_rollout_moves_batch_by_batch_on_health_and_a_failed_revision_is_rolle
             s.poll().await;
         }
         assert_eq!(count(&sims, "web", 1), healthy, "no new batch before this one is healthy");
-        let idx = sims.iter().position(|s| s.revision("web") == Some(1) && s.report_seq == 0).expect("updated");
+        let idx =
+            sims.iter().position(|s| s.revision("web") == Some(1) && s.report_seq == 0).expect("updated");
         sims[idx].report("web", ServiceState::Healthy, None).await;
     }
-    let done = until(&server, &org, "web", &mut sims, "complete", |d, _| d.status == RolloutStatus::Complete).await;
+    let done =
+        until(&server, &org, "web", &mut sims, "complete", |d, _| d.status == RolloutStatus::Complete).await;
     assert_eq!(done.stable_revision, Some(1));
     assert!(done.nodes.iter().all(|n| n.phase == NodePhase::Healthy), "{:?}", done.nodes);
 
@@ -179,11 +190,21 @@ async fn a_rollout_moves_batch_by_batch_on_health_and_a_failed_revision_is_rolle
     assert_eq!(d2.revision, 2);
     until(&server, &org, "web", &mut sims, "revision 2 on one node", |_, s| count(s, "web", 2) == 1).await;
     let bad = sims.iter().position(|s| s.revision("web") == Some(2)).expect("updated");
-    sims[bad].report("web", ServiceState::RolledBack, Some("not healthy within 30 s; back to revision 1")).await;
-    let stopped =
-        until(&server, &org, "web", &mut sims, "the rollout rolled back", |d, _| d.status == RolloutStatus::RolledBack).await;
-    assert!(stopped.reason.as_deref().is_some_and(|r| r.contains("back to revision 1")), "{:?}", stopped.reason);
-    let back = until(&server, &org, "web", &mut sims, "the failed node back on 1", |_, s| count(s, "web", 1) == 3).await;
+    sims[bad]
+        .report("web", ServiceState::RolledBack, Some("not healthy within 30 s; back to revision 1"))
+        .await;
+    let stopped = until(&server, &org, "web", &mut sims, "the rollout rolled back", |d, _| {
+        d.status == RolloutStatus::RolledBack
+    })
+    .await;
+    assert!(
+        stopped.reason.as_deref().is_some_and(|r| r.contains("back to revision 1")),
+        "{:?}",
+        stopped.reason
+    );
+    let back =
+        until(&server, &org, "web", &mut sims, "the failed node back on 1", |_, s| count(s, "web", 1) == 3)
+            .await;
     assert!(sims[bad].desired["web"].rollback, "the way back is a signed rollback");
     assert_eq!(count(&sims, "web", 2), 0, "no node went on to revision 2");
     let row = back.nodes.iter().find(|n| n.node_id == sims[bad].node.id()).expect("row");
@@ -200,7 +221,8 @@ async fn a_rollout_moves_batch_by_batch_on_health_and_a_failed_revision_is_rolle
             s.report("web", ServiceState::Healthy, None).await;
         }
     }
-    until(&server, &org, "web", &mut sims, "revision 3 complete", |d, _| d.status == RolloutStatus::Complete).await;
+    until(&server, &org, "web", &mut sims, "revision 3 complete", |d, _| d.status == RolloutStatus::Complete)
+        .await;
     let rolled = op.deploy_action(&org, "web", DeployAction::Rollback).await.expect("rollback");
     assert_eq!(rolled.stable_revision, Some(1));
     until(&server, &org, "web", &mut sims, "everyone on 1", |_, s| count(s, "web", 1) == 3).await;
@@ -224,17 +246,23 @@ async fn layering_removal_and_old_agents_each_get_the_right_answer() {
     special.priority = 10;
     special.rollout.batch = BatchSize::Percent(100);
     op.deploy(&org, &special).await.expect("special");
-    op.label_node(sims[1].node.id(), &LabelNodeRequest { set: [("rack".into(), "2".into())].into(), remove: vec![] })
-        .await
-        .expect("label");
+    op.label_node(
+        sims[1].node.id(),
+        &LabelNodeRequest { set: [("rack".into(), "2".into())].into(), remove: vec![] },
+    )
+    .await
+    .expect("label");
 
-    let status = until(&server, &org, "base", &mut sims, "base on node 0", |_, s| s[0].revision("web") == Some(1)).await;
+    let status =
+        until(&server, &org, "base", &mut sims, "base on node 0", |_, s| s[0].revision("web") == Some(1))
+            .await;
     until(&server, &org, "base", &mut sims, "special on node 1", |_, s| {
         s[1].desired.get("web").is_some_and(|d| d.deployment == "special")
     })
     .await;
     assert!(sims[2].desired.is_empty(), "an agent without the services capability is sent none");
-    let phases: HashMap<&str, NodePhase> = status.nodes.iter().map(|n| (n.node_id.as_str(), n.phase)).collect();
+    let phases: HashMap<&str, NodePhase> =
+        status.nodes.iter().map(|n| (n.node_id.as_str(), n.phase)).collect();
     assert_eq!(phases[sims[2].node.id()], NodePhase::AgentTooOld);
     let status = op.deployment(&org, "base").await.expect("status");
     let overridden = status.nodes.iter().find(|n| n.node_id == sims[1].node.id()).expect("row");
@@ -259,7 +287,10 @@ async fn bad_deployments_are_refused_with_a_reason() {
         let http = http.clone();
         let url = format!("{}{}", server.url(), paths::fill(paths::DEPLOYMENTS, "org_id", &org));
         let token = server.admin_token().to_owned();
-        async move { super::support::answer(http.post(url).bearer_auth(token).json(&body).send().await.expect("sent")).await }
+        async move {
+            super::support::answer(http.post(url).bearer_auth(token).json(&body).send().await.expect("sent"))
+                .await
+        }
     };
     let good = serde_json::to_value(request(&org, "web", "site=icu", "v1")).expect("json");
     let mut v = good.clone();
@@ -269,7 +300,8 @@ async fn bad_deployments_are_refused_with_a_reason() {
     v["spec"]["image"] = "busybox:latest".into();
     assert_error(&post(v).await, StatusCode::BAD_REQUEST, "bad_service_spec");
     let mut v = good.clone();
-    v["spec"]["publish"] = serde_json::json!([{ "host_ip": "127.0.0.1", "host_port": 8080, "container_port": 80 }]);
+    v["spec"]["publish"] =
+        serde_json::json!([{ "host_ip": "127.0.0.1", "host_port": 8080, "container_port": 80 }]);
     assert_error(&post(v).await, StatusCode::BAD_REQUEST, "bad_service_spec");
     let mut v = good.clone();
     v["spec"]["health"] = serde_json::json!({ "exec": ["true"], "tcp_port": 80 });

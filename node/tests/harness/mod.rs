@@ -302,6 +302,20 @@ impl Operator {
         self.call(reqwest::Method::POST, &path, Some(&req)).await
     }
 
+    pub async fn deploy(
+        &self,
+        org_id: &str,
+        req: &outpost_protocol::DeployRequest,
+    ) -> outpost_protocol::DeploymentInfo {
+        let path = paths::fill(paths::DEPLOYMENTS, "org_id", org_id);
+        self.call(reqwest::Method::POST, &path, Some(req)).await
+    }
+
+    pub async fn deployment(&self, org_id: &str, name: &str) -> outpost_protocol::DeploymentInfo {
+        let path = paths::fill(&paths::fill(paths::DEPLOYMENT, "org_id", org_id), "name", name);
+        self.call::<(), _>(reqwest::Method::GET, &path, None).await
+    }
+
     pub async fn job(&self, job_id: &str) -> JobInfo {
         self.call::<(), _>(reqwest::Method::GET, &paths::fill(paths::JOB, "job_id", job_id), None).await
     }
