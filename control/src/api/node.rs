@@ -44,11 +44,15 @@ pub async fn poll(
         st.store.ack_node_services(&node.node_id, req.service_acks).await?;
         st.fleet_changed.notify_one();
     }
-    let max = req.max_jobs.unwrap_or(DEFAULT_MAX_JOBS).min(MAX_JOBS_CAP) as usize;
-    if max == 0 {
-        return Ok(Json(PollResponse::default()));
-    }
-    let wait = req.wait_secs.map_or(DEFAULT_POLL_WAIT, Duration::from_secs).min(MAX_POLL_WAIT);
+    let max_jobs = req.max_jobs.unwrap_or(DEFAULT_MAX_JOBS).min(MAX_JOBS_CAP) as usize;
+    // A node with no room for jobs still takes stops and service changes (which free room or
+    // do not need it), answered at once.
+    let max = max_jobs.max(1);
+    let wait = if max_jobs == 0 {
+        Duration::ZERO
+    } else {
+        req.wait_secs.map_or(DEFAULT_POLL_WAIT, Duration::from_secs).min(MAX_POLL_WAIT)
+    };
     let deadline = tokio::time::Instant::now() + wait;
     let waker = st.wakers.waker(&node.node_id);
     // Only an agent that said it understands cancellation is sent any (version skew).
@@ -58,7 +62,8 @@ pub async fn poll(
         let notified = waker.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let queued = st.store.queued_jobs(&node.node_id, max).await?;
+        let queued =
+            if max_jobs == 0 { Vec::new() } else { st.store.queued_jobs(&node.node_id, max_jobs).await? };
         let cancel =
             if cancels_understood { st.store.pending_cancels(&node.node_id, max).await? } else { Vec::new() };
         let services: Vec<_> = if runs_services {

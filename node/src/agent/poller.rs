@@ -15,6 +15,10 @@ use crate::ledger::{JobRecord, JobState};
 use crate::runtime::Runtime;
 use crate::verify::valid_job_id;
 
+/// While the queue or outbox is full, how often the poller still asks for stops and service
+/// changes.
+const FULL_RECHECK: Duration = Duration::from_secs(5);
+
 impl<R: Runtime> Agent<R> {
     pub(super) async fn poller(self: Arc<Self>, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
@@ -28,19 +32,22 @@ impl<R: Runtime> Agent<R> {
                     continue;
                 }
             };
-            if room == 0 && acks.is_empty() {
-                // Full: wait until a job finishes or the outbox drains.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = self.shared.capacity.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                continue;
-            }
             let service_acks = self.services.acks().unwrap_or_else(|e| {
                 tracing::error!(error = %e, "cannot read the service book");
                 Vec::new()
             });
+            if room == 0 && acks.is_empty() && service_acks.is_empty() {
+                // Full: wait until a job finishes or the outbox drains; meanwhile ask now and
+                // then, with room for no job, for stops and service changes.
+                let room_made = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.shared.capacity.notified() => true,
+                    _ = tokio::time::sleep(FULL_RECHECK) => false,
+                };
+                if room_made {
+                    continue;
+                }
+            }
             let req = PollRequest {
                 ack_job_ids: acks.iter().map(|(id, _)| id.clone()).collect(),
                 wait_secs: Some(if room == 0 { 0 } else { wait.as_secs() }),
