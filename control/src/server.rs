@@ -122,6 +122,10 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         shutdown: shutdown.clone(),
         lease: config.lease,
         fleet_changed: tokio::sync::Notify::new(),
+        fleet_lock: tokio::sync::Mutex::new(()),
+        contact: Default::default(),
+        started_unix_ms: clock.now_ms(),
+        sent: Default::default(),
     });
     let sweep_every = (config.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
     tokio::spawn(api::placement::run(state.clone(), sweep_every));

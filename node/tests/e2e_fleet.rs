@@ -240,7 +240,7 @@ async fn a_rolling_deployment_reaches_every_node_and_a_broken_revision_is_rolled
 
     // A container dies: the agent restarts it (its own policy, not the engine's).
     let victim = &f.nodes[0].node_id;
-    let name = format!("outpost-svc-{victim}-web-r1");
+    let name = format!("outpost-svc-{victim}-web-web-r1");
     assert!(Command::new("docker").args(["kill", &name]).status().expect("docker kill").success());
     wait_status(&f, "the killed container restarted and healthy", |d| {
         d.nodes.iter().any(|n| {

@@ -9,6 +9,10 @@ use crate::{Resources, SecurityOverrides};
 
 /// Longest service or deployment name.
 pub const MAX_SERVICE_NAME: usize = 48;
+/// Longest a health probe may take (the node's reconciler waits for it).
+pub const MAX_PROBE_TIMEOUT_MS: u64 = 30_000;
+/// Longest pause between health probes.
+pub const MAX_PROBE_INTERVAL_MS: u64 = 3_600_000;
 /// Most bytes of health-check output a status report carries.
 pub const MAX_HEALTH_OUTPUT_BYTES: usize = 4096;
 
@@ -188,6 +192,11 @@ impl ServiceSpec {
             }
             if h.interval_ms == 0 || h.timeout_ms == 0 || h.retries == 0 {
                 return Err("health.interval_ms, timeout_ms and retries must be at least 1".into());
+            }
+            if h.timeout_ms > MAX_PROBE_TIMEOUT_MS || h.interval_ms > MAX_PROBE_INTERVAL_MS {
+                return Err(format!(
+                    "health.timeout_ms is at most {MAX_PROBE_TIMEOUT_MS} and interval_ms at most {MAX_PROBE_INTERVAL_MS}"
+                ));
             }
             if (h.tcp_port.is_some() || h.http.is_some()) && self.network == ServiceNetwork::None {
                 return Err(

@@ -62,6 +62,7 @@ pub async fn create(
         ));
     }
     let (service, selector) = check_request(&req)?;
+    let _exclusive = st.fleet_lock.lock().await;
     st.store.get_org(&org_id).await?.ok_or_else(|| {
         ApiError::not_found(format!("organisation {org_id} does not exist; see `org list`"))
     })?;
@@ -174,7 +175,7 @@ async fn status(st: &AppState, org_id: &str, name: &str) -> ApiResult<Deployment
     let d = all.iter().find(|d| d.info.org_id == org_id && d.info.name == name).ok_or_else(|| {
         ApiError::not_found(format!("deployment {name} does not exist in organisation {org_id}"))
     })?;
-    let nodes = st.store.list_nodes().await?;
+    let nodes = st.fleet().await?;
     let records: HashMap<String, NodeServiceRecord> =
         st.store.list_node_services(None).await?.into_iter().map(|r| (r.key(), r)).collect();
     let mut info = d.info.clone();
@@ -195,6 +196,7 @@ pub async fn act(
     Path((org_id, name)): Path<(String, String)>,
     Body(req): Body<DeployActionRequest>,
 ) -> ApiResult<Json<DeploymentInfo>> {
+    let exclusive = st.fleet_lock.lock().await;
     let mut d = st.store.get_deployment(&org_id, &name).await?.ok_or_else(|| {
         ApiError::not_found(format!("deployment {name} does not exist in organisation {org_id}"))
     })?;
@@ -236,6 +238,11 @@ pub async fn act(
             if target >= d.info.revision {
                 return Err(conflict(format!("deployment {name} already runs revision {target}")));
             }
+            if d.spec_of(target).is_none() {
+                return Err(conflict(format!(
+                    "deployment {name}: the spec of revision {target} is no longer kept; create it again as a new revision"
+                )));
+            }
             d.completed.retain(|r| *r <= target);
             d.info.stable_revision = Some(target);
             d.info.status = RolloutStatus::RolledBack;
@@ -249,6 +256,7 @@ pub async fn act(
     }
     d.info.updated_unix_ms = st.clock.now_ms();
     st.store.put_deployment(d.clone()).await?;
+    drop(exclusive);
     let detail = format!("deployment {name}: {:?} (was {state})", req.action).to_lowercase();
     st.audit("operator", "deploy.action", &detail).await;
     st.fleet_changed.notify_one();

@@ -41,7 +41,7 @@ pub async fn submit_job(
         Target::Selector { org_id, selector, placement: Placement::Any } => {
             let candidates = placement::matching_nodes(&st, org_id, &selector).await?;
             let loads = placement::open_loads(&st).await?;
-            let node = placement::choose(&candidates, &loads, st.clock.now_ms(), st.lease_ms(), None)
+            let node = placement::choose(&candidates, &loads, st.clock.now_ms(), st.lease_ms(), &[])
                 .or_else(|| placement::most_recently_seen(&candidates))
                 .cloned()
                 .ok_or_else(|| no_match(org_id, &selector))?;
@@ -214,6 +214,21 @@ pub async fn cancel_job(
     State(st): State<Shared>,
     Path(job_id): Path<String>,
 ) -> ApiResult<Json<JobInfo>> {
+    if let Some(job) = st.store.get_job(&job_id).await?
+        && job.info.state == JobState::Accepted
+        && let Some(node) = st.store.get_node(&job.info.node_id).await?
+        && !node.announce().has(outpost_protocol::capability::CANCEL)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cannot_cancel",
+            format!(
+                "job {job_id} runs on node {}, whose agent is too old to be told to stop it; upgrade the agent \
+                 or let the job finish (its timeout bounds it)",
+                node.node_id
+            ),
+        ));
+    }
     match st.store.cancel_job(&job_id, st.clock.now_ms()).await? {
         CancelOutcome::NotFound => Err(ApiError::not_found(format!("job {job_id} does not exist"))),
         CancelOutcome::AlreadyEnded(state) => {

@@ -59,6 +59,18 @@ pub struct AppState {
     /// Woken when a deployment changes or a node reports on its services: the rollout
     /// controller passes at once.
     pub fleet_changed: tokio::sync::Notify,
+    /// Held by whatever reads, changes and writes deployments (the rollout pass, create,
+    /// actions), so none of them overwrites another's change.
+    pub fleet_lock: tokio::sync::Mutex<()>,
+    /// When each node last polled (memory only; heartbeats are stored): a node holding a poll
+    /// is alive even between heartbeats.
+    pub contact: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// When this process started: after a restart every node counts as seen then, so a
+    /// control-plane outage longer than the lease does not make the whole fleet look dead.
+    pub started_unix_ms: u64,
+    /// Per node, the cancel and service entries its last poll answer carried: a held poll is
+    /// answered early only for entries it has not been sent yet.
+    pub sent: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -105,6 +117,27 @@ pub fn router(state: Shared) -> Router {
 }
 
 impl AppState {
+    /// Records that `node_id` is talking to us now.
+    pub fn touch(&self, node_id: &str) {
+        if let Ok(mut map) = self.contact.lock() {
+            map.insert(node_id.to_owned(), self.clock.now_ms());
+        }
+    }
+
+    /// The node with its last-seen time as the fleet logic uses it: the latest of its stored
+    /// heartbeat, its last poll and this process's start.
+    pub fn seen(&self, mut node: outpost_protocol::NodeInfo) -> outpost_protocol::NodeInfo {
+        let polled = self.contact.lock().ok().and_then(|m| m.get(&node.node_id).copied());
+        let seen = [node.last_seen_unix_ms, polled, Some(self.started_unix_ms)].into_iter().flatten().max();
+        node.last_seen_unix_ms = seen;
+        node
+    }
+
+    /// Every enrolled node, seen as [`AppState::seen`] says.
+    pub async fn fleet(&self) -> Result<Vec<outpost_protocol::NodeInfo>, crate::store::StoreError> {
+        Ok(self.store.list_nodes().await?.into_iter().map(|n| self.seen(n)).collect())
+    }
+
     pub fn lease_ms(&self) -> u64 {
         u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)
     }

@@ -36,6 +36,7 @@ pub async fn poll(
     State(st): State<Shared>,
     Body(req): Body<PollRequest>,
 ) -> ApiResult<Json<PollResponse>> {
+    st.touch(&node.node_id);
     if !req.ack_job_ids.is_empty() {
         st.store.ack_jobs(&node.node_id, req.ack_job_ids, st.clock.now_ms()).await?;
     }
@@ -66,7 +67,7 @@ pub async fn poll(
             if max_jobs == 0 { Vec::new() } else { st.store.queued_jobs(&node.node_id, max_jobs).await? };
         let cancel =
             if cancels_understood { st.store.pending_cancels(&node.node_id, max).await? } else { Vec::new() };
-        let services: Vec<_> = if runs_services {
+        let services: Vec<(u64, outpost_protocol::SignedEnvelope)> = if runs_services {
             let mut pending: Vec<_> = st
                 .store
                 .list_node_services(Some(&node.node_id))
@@ -76,11 +77,31 @@ pub async fn poll(
                 .filter_map(|r| r.desired)
                 .collect();
             pending.sort_by_key(|d| d.seq);
-            pending.into_iter().take(max).map(|d| d.envelope).collect()
+            pending.into_iter().take(max).map(|d| (d.seq, d.envelope)).collect()
         } else {
             Vec::new()
         };
-        if !queued.is_empty() || !cancel.is_empty() || !services.is_empty() {
+        // Stops and service changes stay pending until the node's result or acknowledgement
+        // arrives; the held poll ends early only for ones this node has not been sent yet, so a
+        // node working through a stop does not spin on its polls.
+        let pending: std::collections::BTreeSet<String> = cancel
+            .iter()
+            .map(|c| format!("c:{}/{}", c.job_id, c.attempt))
+            .chain(services.iter().map(|(seq, _)| format!("s:{seq}")))
+            .collect();
+        let unsent = st.sent.lock().map_or(true, |sent| {
+            let before = sent.get(&node.node_id);
+            pending.iter().any(|k| before.is_none_or(|b| !b.contains(k)))
+        });
+        let answer = |queued: Vec<crate::store::JobRecord>| {
+            if let Ok(mut sent) = st.sent.lock() {
+                if pending.is_empty() {
+                    sent.remove(&node.node_id);
+                } else {
+                    sent.insert(node.node_id.clone(), pending.clone());
+                }
+            }
+            st.touch(&node.node_id);
             let jobs = queued
                 .into_iter()
                 .map(|j| JobAssignment {
@@ -89,12 +110,19 @@ pub async fn poll(
                     envelope: j.envelope,
                 })
                 .collect();
-            return Ok(Json(PollResponse { jobs, cancel, services }));
+            Ok(Json(PollResponse {
+                jobs,
+                cancel: cancel.clone(),
+                services: services.iter().map(|(_, e)| e.clone()).collect(),
+            }))
+        };
+        if !queued.is_empty() || unsent {
+            return answer(queued);
         }
         tokio::select! {
             _ = &mut notified => {}
-            _ = tokio::time::sleep_until(deadline) => return Ok(Json(PollResponse::default())),
-            _ = st.shutdown.cancelled() => return Ok(Json(PollResponse::default())),
+            _ = tokio::time::sleep_until(deadline) => return answer(Vec::new()),
+            _ = st.shutdown.cancelled() => return answer(Vec::new()),
         }
     }
 }

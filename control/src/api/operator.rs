@@ -117,14 +117,13 @@ pub async fn list_nodes(
         .map(Selector::parse)
         .transpose()
         .map_err(|e| ApiError::bad_request("bad_selector", e.to_string()))?;
-    let (now, lease) = (st.clock.now_ms(), st.lease_ms());
     let nodes = st
         .store
         .list_nodes()
         .await?
         .into_iter()
         .filter(|n| q.org_id.as_deref().is_none_or(|o| o == n.org_id))
-        .map(|n| placement::present(n, now, lease))
+        .map(|n| placement::present(&st, n))
         .filter(|n| selector.as_ref().is_none_or(|s| s.matches(&n.labels)))
         .collect();
     Ok(Json(NodeList { nodes }))
@@ -144,7 +143,7 @@ pub async fn get_node(
         .get_node(&node_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("node {node_id} is not enrolled")))?;
-    Ok(Json(placement::present(node, st.clock.now_ms(), st.lease_ms())))
+    Ok(Json(placement::present(&st, node)))
 }
 
 #[utoipa::path(post, path = paths::NODE_LABELS, tag = "nodes", request_body = LabelNodeRequest,
@@ -181,7 +180,7 @@ pub async fn label_node(
     let set = req.set.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
     let detail = format!("node {node_id}: set [{set}] removed [{}]", req.remove.join(","));
     st.audit("operator", "node.labelled", &detail).await;
-    Ok(Json(placement::present(node, st.clock.now_ms(), st.lease_ms())))
+    Ok(Json(placement::present(&st, node)))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -16,18 +16,18 @@ pub fn is_online(node: &NodeInfo, now_ms: u64, lease_ms: u64) -> bool {
     node.last_seen_unix_ms.is_some_and(|seen| now_ms.saturating_sub(seen) <= lease_ms)
 }
 
-/// A node as operators see it: effective labels and whether it is online filled in.
-pub fn present(mut node: NodeInfo, now_ms: u64, lease_ms: u64) -> NodeInfo {
+/// A node as operators see it: effective labels and whether it is online filled in (its
+/// stored last-seen time is shown as stored).
+pub fn present(st: &AppState, mut node: NodeInfo) -> NodeInfo {
     node.labels = node.effective_labels();
-    node.online = is_online(&node, now_ms, lease_ms);
+    node.online = is_online(&st.seen(node.clone()), st.clock.now_ms(), st.lease_ms());
     node
 }
 
 /// The enrolled nodes of `org_id` whose effective labels `selector` matches, by node id.
 pub async fn matching_nodes(st: &AppState, org_id: &str, selector: &Selector) -> ApiResult<Vec<NodeInfo>> {
     let mut nodes: Vec<NodeInfo> = st
-        .store
-        .list_nodes()
+        .fleet()
         .await?
         .into_iter()
         .filter(|n| n.org_id == org_id && selector.matches(&n.effective_labels()))
@@ -49,21 +49,28 @@ pub async fn open_loads(st: &AppState) -> ApiResult<HashMap<String, u32>> {
 }
 
 /// The online candidate with the least load (running jobs by its last heartbeat plus `any`
-/// jobs queued on it), other than `except`; ties go to the node seen most recently, then by id.
+/// jobs queued on it), other than those in `except`. Agents that can be told to stop a
+/// superseded attempt come first; ties go to the node seen most recently, then by id.
 pub fn choose<'a>(
     candidates: &'a [NodeInfo],
     loads: &HashMap<String, u32>,
     now_ms: u64,
     lease_ms: u64,
-    except: Option<&str>,
+    except: &[&str],
 ) -> Option<&'a NodeInfo> {
     candidates
         .iter()
-        .filter(|n| is_online(n, now_ms, lease_ms) && Some(n.node_id.as_str()) != except)
+        .filter(|n| is_online(n, now_ms, lease_ms) && !except.contains(&n.node_id.as_str()))
         .min_by_key(|n| {
             let running = n.last_heartbeat.as_ref().map_or(0, |h| h.running_jobs);
             let queued = loads.get(&n.node_id).copied().unwrap_or(0);
-            (running.saturating_add(queued), std::cmp::Reverse(n.last_seen_unix_ms), n.node_id.clone())
+            let cannot_cancel = !n.announce().has(outpost_protocol::capability::CANCEL);
+            (
+                cannot_cancel,
+                running.saturating_add(queued),
+                std::cmp::Reverse(n.last_seen_unix_ms),
+                n.node_id.clone(),
+            )
         })
 }
 
@@ -81,7 +88,7 @@ pub async fn sweep(st: &AppState) -> ApiResult<usize> {
     }
     let (now, lease) = (st.clock.now_ms(), st.lease_ms());
     let nodes: HashMap<String, NodeInfo> =
-        st.store.list_nodes().await?.into_iter().map(|n| (n.node_id.clone(), n)).collect();
+        st.fleet().await?.into_iter().map(|n| (n.node_id.clone(), n)).collect();
     let mut loads = open_loads(st).await?;
     let mut moved = 0;
     for job in open {
@@ -99,7 +106,11 @@ pub async fn sweep(st: &AppState) -> ApiResult<usize> {
             .cloned()
             .collect();
         candidates.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        let Some(target) = choose(&candidates, &loads, now, lease, Some(&job.info.node_id)).cloned() else {
+        // Not back to a node that held an earlier attempt: its acknowledgements name the job, not
+        // the attempt, so a late one could claim the new attempt.
+        let mut except: Vec<&str> = job.info.superseded.iter().map(|a| a.node_id.as_str()).collect();
+        except.push(&job.info.node_id);
+        let Some(target) = choose(&candidates, &loads, now, lease, &except).cloned() else {
             continue;
         };
         let silent =

@@ -27,17 +27,39 @@ fn selects(d: &DeploymentInfo, node: &NodeInfo) -> bool {
     node.org_id == d.org_id && Selector::parse(&d.selector).is_ok_and(|s| s.matches(&node.effective_labels()))
 }
 
-/// The deployment of `service` that governs `node`: the highest priority among those whose
-/// selector matches, the newest on a tie.
+/// The deployments of `service` whose selector matches `node`, the one that wins first: the
+/// highest priority, the newest on a tie.
+fn ranked<'a>(
+    deployments: &'a [DeploymentRecord],
+    node: &NodeInfo,
+    service: &str,
+) -> Vec<&'a DeploymentRecord> {
+    let mut found: Vec<&DeploymentRecord> =
+        deployments.iter().filter(|d| d.info.service == service && selects(&d.info, node)).collect();
+    found.sort_by_key(|d| std::cmp::Reverse((d.info.priority, d.info.created_unix_ms, d.info.name.clone())));
+    found
+}
+
+/// The deployment of `service` that rolls out to `node`: the winner among those that match.
 pub fn winner<'a>(
     deployments: &'a [DeploymentRecord],
     node: &NodeInfo,
     service: &str,
 ) -> Option<&'a DeploymentRecord> {
-    deployments
-        .iter()
-        .filter(|d| d.info.service == service && selects(&d.info, node))
-        .max_by_key(|d| (d.info.priority, d.info.created_unix_ms, d.info.name.clone()))
+    ranked(deployments, node, service).into_iter().next()
+}
+
+/// What `node` runs of `service`: the winning deployment that has a revision for it (one whose
+/// rollout has not reached the node yet leaves it on the next one down, never on nothing).
+pub fn effective<'a>(
+    deployments: &'a [DeploymentRecord],
+    node: &NodeInfo,
+    service: &str,
+) -> Option<(&'a DeploymentRecord, u64, &'a outpost_protocol::ServiceSpec)> {
+    ranked(deployments, node, service).into_iter().find_map(|d| {
+        let revision = desired_revision(d, &node.node_id)?;
+        d.spec_of(revision).map(|spec| (d, revision, spec))
+    })
 }
 
 /// The revision a node governed by `d` is to run, if any.
@@ -61,14 +83,19 @@ fn report_of<'a>(
     d: &DeploymentInfo,
     revision: u64,
 ) -> Option<&'a ServiceReport> {
-    rec.and_then(|r| r.report.as_ref()).filter(|r| r.deployment == d.name && r.revision == revision)
+    // A failure of that revision wins over later reports: after a rollback the node reports
+    // about the revision it went back to.
+    let of = |r: &&ServiceReport| r.deployment == d.name && r.revision == revision;
+    let rec = rec?;
+    rec.failure.as_ref().filter(of).or_else(|| rec.report.as_ref().filter(of))
 }
 
 /// One pass: rollouts first, then every node's desired state.
 pub async fn pass(st: &AppState) -> ApiResult<()> {
     let now = st.clock.now_ms();
     let lease = st.lease_ms();
-    let nodes = st.store.list_nodes().await?;
+    let _exclusive = st.fleet_lock.lock().await;
+    let nodes = st.fleet().await?;
     let mut deployments = st.store.list_deployments().await?;
     let records: HashMap<String, NodeServiceRecord> =
         st.store.list_node_services(None).await?.into_iter().map(|r| (r.key(), r)).collect();
@@ -110,10 +137,8 @@ async fn converge(
     rec: Option<&NodeServiceRecord>,
     now: u64,
 ) -> ApiResult<()> {
-    let want = winner(deployments, node, service).and_then(|d| {
-        let revision = desired_revision(d, &node.node_id)?;
-        d.spec_of(revision).map(|spec| (d.info.name.clone(), revision, spec.clone()))
-    });
+    let want = effective(deployments, node, service)
+        .map(|(d, revision, spec)| (d.info.name.clone(), revision, spec.clone()));
     let current = rec.and_then(|r| r.desired.as_ref());
     let (deployment, revision, spec) = match (&want, current) {
         (Some((dep, rev, _)), Some(c)) if !c.removal && c.deployment == *dep && c.revision == *rev => {
@@ -134,7 +159,6 @@ async fn converge(
     })?;
     let key = signing::signing_key(&org.org.id, &org.signing_secret_hex)
         .map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
-    let mut next = rec.cloned().unwrap_or_else(|| NodeServiceRecord::new(&node.node_id, service));
     {
         let _ordered = st.submit_lock.lock().await;
         let seq = st.store.next_job_seq(&node.node_id).await?;
@@ -151,7 +175,7 @@ async fn converge(
         };
         let envelope = signing::sign_payload(&key, &body)
             .map_err(|e| ApiError::internal("signing_failed", e.to_string()))?;
-        next.desired = Some(DesiredService {
+        let desired = DesiredService {
             deployment: deployment.clone(),
             revision,
             removal: spec.is_none(),
@@ -159,8 +183,8 @@ async fn converge(
             seq,
             envelope,
             since_unix_ms: now,
-        });
-        st.store.put_node_service(next).await?;
+        };
+        st.store.set_service_desired(&node.node_id, service, desired).await?;
     }
     let what = if spec.is_none() {
         "removal".to_owned()
@@ -283,7 +307,11 @@ pub fn node_table(
                 NodePhase::AgentTooOld,
                 Some("agent too old: it does not announce the `services` capability".to_owned()),
             )
-        } else if let Some(w) = winner(all, node, &d.info.service).filter(|w| w.key() != d.key()) {
+        } else if let Some(w) = effective(all, node, &d.info.service)
+            .map(|(w, _, _)| w)
+            .or_else(|| winner(all, node, &d.info.service))
+            .filter(|w| w.key() != d.key())
+        {
             (
                 NodePhase::Overridden,
                 Some(format!("deployment {} (priority {}) wins", w.info.name, w.info.priority)),

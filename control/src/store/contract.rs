@@ -366,6 +366,15 @@ async fn cancels_end_queued_jobs_and_ask_nodes_for_the_rest(s: &dyn StateStore) 
         CancelOutcome::AlreadyEnded(JobState::Cancelled)
     );
     assert_eq!(s.cancel_job("missing", 7).await.expect("cancel"), CancelOutcome::NotFound);
+    // A cancelled `any` job its node holds is never re-placed, even if its node goes silent.
+    s.insert_job(any_job("c3", "nc", 3)).await.expect("insert");
+    s.ack_jobs("nc", vec!["c3".into()], 8).await.expect("ack");
+    assert_eq!(s.open_any_jobs().await.expect("open").len(), 1);
+    assert_eq!(s.cancel_job("c3", 9).await.expect("cancel"), CancelOutcome::Requested);
+    assert!(s.open_any_jobs().await.expect("open").is_empty(), "out of the placement sweep");
+    let old = s.get_job("c3").await.expect("get").expect("c3");
+    let next = next_attempt(&old, old.envelope.clone(), "nd", 1, 10, "silent");
+    assert!(!s.reassign_job("c3", 1, next).await.expect("reassign"), "a cancelled job is not moved");
 }
 
 async fn contract(s: &dyn StateStore) {
@@ -415,5 +424,5 @@ async fn the_sled_store_keeps_everything_across_a_reopen() {
     assert_eq!(s.list_triggers(None).await.expect("triggers").len(), 3);
     assert_eq!(s.get_node("nl").await.expect("get").expect("nl").operator_labels.len(), 1);
     assert_eq!(s.get_job("h1").await.expect("get").expect("h1").info.superseded.len(), 1);
-    assert_eq!(s.pending_cancels("nc", 10).await.expect("cancels").len(), 1, "pending cancels survive");
+    assert_eq!(s.pending_cancels("nc", 10).await.expect("cancels").len(), 2, "pending cancels survive");
 }

@@ -286,9 +286,19 @@ impl StateStore for MemoryStore {
         self.with(|inner| Ok(inner.deployments.values().cloned().collect()))
     }
 
-    fn put_node_service(&self, r: super::NodeServiceRecord) -> StoreFuture<'_, ()> {
+    fn set_service_desired(
+        &self,
+        node_id: &str,
+        service: &str,
+        desired: super::DesiredService,
+    ) -> StoreFuture<'_, ()> {
+        let (node_id, service) = (node_id.to_owned(), service.to_owned());
         self.with(move |inner| {
-            inner.node_services.insert(r.key(), r);
+            let rec = inner
+                .node_services
+                .entry(super::node_service_key(&node_id, &service))
+                .or_insert_with(|| super::NodeServiceRecord::new(&node_id, &service));
+            rec.desired = Some(desired);
             Ok(())
         })
     }
@@ -336,7 +346,7 @@ impl StateStore for MemoryStore {
                     .node_services
                     .entry(key)
                     .or_insert_with(|| super::NodeServiceRecord::new(&node_id, &r.service));
-                rec.report = Some(r);
+                super::apply_service_report(rec, r);
             }
             inner.service_report_last.insert(node_id, last);
             Ok(last)

@@ -162,6 +162,9 @@ pub struct NodeServiceRecord {
     pub acked_seq: u64,
     #[serde(default)]
     pub report: Option<outpost_protocol::ServiceReport>,
+    /// The newest report of a failure (failed, refused, rolled back).
+    #[serde(default)]
+    pub failure: Option<outpost_protocol::ServiceReport>,
 }
 
 impl NodeServiceRecord {
@@ -172,6 +175,7 @@ impl NodeServiceRecord {
             desired: None,
             acked_seq: 0,
             report: None,
+            failure: None,
         }
     }
 
@@ -189,24 +193,26 @@ pub fn node_service_key(node_id: &str, service: &str) -> String {
     format!("{node_id}\0{service}")
 }
 
-/// The reports of a node's batch that are new (seq above the node's last stored one), the
-/// newest per service, and the node's new last seq.
+/// The reports of a node's batch that are new (seq above the node's last stored one), in seq
+/// order, and the node's new last seq.
 pub(crate) fn fresh_service_reports(
     last: u64,
-    reports: Vec<outpost_protocol::ServiceReport>,
+    mut reports: Vec<outpost_protocol::ServiceReport>,
 ) -> (Vec<outpost_protocol::ServiceReport>, u64) {
-    let mut newest: std::collections::BTreeMap<String, outpost_protocol::ServiceReport> = Default::default();
-    let mut up_to = last;
-    for r in reports.into_iter().filter(|r| r.seq > last) {
-        up_to = up_to.max(r.seq);
-        match newest.get(&r.service) {
-            Some(have) if have.seq > r.seq => {}
-            _ => {
-                newest.insert(r.service.clone(), r);
-            }
-        }
+    reports.retain(|r| r.seq > last);
+    reports.sort_by_key(|r| r.seq);
+    let up_to = reports.last().map_or(last, |r| r.seq.max(last));
+    (reports, up_to)
+}
+
+/// Applies one new report to its record: the newest report, and the newest failure (so a
+/// failure followed at once by the state after it is still seen).
+pub(crate) fn apply_service_report(rec: &mut NodeServiceRecord, r: outpost_protocol::ServiceReport) {
+    use outpost_protocol::ServiceState::{Failed, Refused, RolledBack};
+    if matches!(r.state, Failed | Refused | RolledBack) {
+        rec.failure = Some(r.clone());
     }
-    (newest.into_values().collect(), up_to)
+    rec.report = Some(r);
 }
 
 /// What an operator's cancel did.
@@ -369,8 +375,14 @@ pub trait StateStore: Send + Sync + 'static {
     fn put_deployment(&self, d: DeploymentRecord) -> StoreFuture<'_, ()>;
     fn get_deployment(&self, org_id: &str, name: &str) -> StoreFuture<'_, Option<DeploymentRecord>>;
     fn list_deployments(&self) -> StoreFuture<'_, Vec<DeploymentRecord>>;
-    /// Stores a node's service record (create or replace).
-    fn put_node_service(&self, r: NodeServiceRecord) -> StoreFuture<'_, ()>;
+    /// Sets the desired state of a service on a node (creating its record), keeping what the
+    /// node acknowledged and reported.
+    fn set_service_desired(
+        &self,
+        node_id: &str,
+        service: &str,
+        desired: DesiredService,
+    ) -> StoreFuture<'_, ()>;
     /// The service records of one node, or of every node.
     fn list_node_services(&self, node_id: Option<&str>) -> StoreFuture<'_, Vec<NodeServiceRecord>>;
     /// Records that the node persisted these desired states (the highest seq wins).
@@ -488,7 +500,10 @@ pub(crate) fn finish_job(job: &mut JobRecord, fate: ResultFate, report: ResultRe
 
 /// Whether a job is open for the placement sweep (placed with `any`, not ended).
 pub(crate) fn is_open_any(info: &JobInfo) -> bool {
-    info.placement == Some(Placement::Any) && matches!(info.state, JobState::Queued | JobState::Accepted)
+    // A job an operator cancelled is never offered to another node.
+    info.placement == Some(Placement::Any)
+        && matches!(info.state, JobState::Queued | JobState::Accepted)
+        && info.cancel_requested_unix_ms.is_none()
 }
 
 /// The record of a job's next attempt on another node: `envelope` is the new signed manifest

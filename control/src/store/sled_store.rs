@@ -534,9 +534,25 @@ impl StateStore for SledStore {
         Box::pin(async move { Self::all(&self.deployments) })
     }
 
-    fn put_node_service(&self, r: super::NodeServiceRecord) -> StoreFuture<'_, ()> {
+    fn set_service_desired(
+        &self,
+        node_id: &str,
+        service: &str,
+        desired: super::DesiredService,
+    ) -> StoreFuture<'_, ()> {
+        let key = super::node_service_key(node_id, service);
+        let (node_id, service) = (node_id.to_owned(), service.to_owned());
         Box::pin(async move {
-            self.node_services.insert(r.key().as_bytes(), encode(&r)?).map_err(backend)?;
+            let outcome = self.node_services.transaction(|tree| {
+                let mut rec = match tree.get(key.as_bytes())? {
+                    Some(bytes) => decode::<super::NodeServiceRecord>(&key, &bytes).map_err(abort)?,
+                    None => super::NodeServiceRecord::new(&node_id, &service),
+                };
+                rec.desired = Some(desired.clone());
+                tree.insert(key.as_bytes(), encode(&rec).map_err(abort)?)?;
+                Ok(())
+            });
+            settle(outcome)?;
             self.flush().await
         })
     }
@@ -601,7 +617,7 @@ impl StateStore for SledStore {
                         Some(bytes) => decode::<super::NodeServiceRecord>(&key, &bytes).map_err(abort)?,
                         None => super::NodeServiceRecord::new(&node_id, &r.service),
                     };
-                    rec.report = Some(r);
+                    super::apply_service_report(&mut rec, r);
                     services.insert(key.as_bytes(), encode(&rec).map_err(abort)?)?;
                 }
                 if up_to > last {

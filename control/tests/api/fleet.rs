@@ -240,6 +240,7 @@ async fn cancel_ends_a_queued_job_at_once_and_asks_the_node_for_a_running_one() 
     let op = server.operator().expect("operator");
     let (_, nodes) = fleet(&server, 1).await;
     let node = &nodes[0];
+    heartbeat(node, 0, &[]).await;
     let queued = super::support::submit(&op, node.id()).await;
     let cancelled = op.cancel(&queued.job_id).await.expect("cancel");
     assert_eq!(cancelled.state, JobState::Cancelled);
@@ -267,6 +268,27 @@ async fn cancel_ends_a_queued_job_at_once_and_asks_the_node_for_a_running_one() 
     assert_eq!(node.report(&report).await.0, StatusCode::OK);
     let ended = op.job(&running.job_id).await.expect("job");
     assert_eq!(ended.state, JobState::Cancelled);
+
+    // An agent that never announced `cancel` cannot be told to stop a job it runs: 409, no change.
+    let stuck = super::support::submit(&op, node.id()).await;
+    node.poll(&[], 1).await;
+    node.poll(&[&stuck.job_id], 0).await;
+    let mut old_hb_node = Heartbeat {
+        agent_version: "old".into(),
+        inventory: Inventory::default(),
+        running_jobs: 1,
+        outbox_depth: 0,
+        relay: None,
+        models: Vec::new(),
+        labels: Labels::new(),
+        announce: None,
+    };
+    assert_eq!(node.post(paths::NODE_HEARTBEAT, &old_hb_node).await.0, StatusCode::OK);
+    let refused = op_post(&server, &paths::fill(paths::JOB_CANCEL, "job_id", &stuck.job_id), &()).await;
+    assert_error(&refused, StatusCode::CONFLICT, "cannot_cancel");
+    assert!(op.job(&stuck.job_id).await.expect("job").cancel_requested_unix_ms.is_none());
+    old_hb_node.announce = Some(Announce::this_build());
+    assert_eq!(node.post(paths::NODE_HEARTBEAT, &old_hb_node).await.0, StatusCode::OK);
 
     let again = op_post(&server, &paths::fill(paths::JOB_CANCEL, "job_id", &running.job_id), &()).await;
     assert_error(&again, StatusCode::CONFLICT, "job_ended");

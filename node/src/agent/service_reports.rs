@@ -24,6 +24,7 @@ impl<R: Runtime> Agent<R> {
             Arc::clone(&self.runtime),
             self.services.clone(),
             self.ledger.clone(),
+            self.cfg.services.clone(),
             Arc::clone(&self.service_wake),
             Arc::clone(&self.service_reported),
         )

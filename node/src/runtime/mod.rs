@@ -39,6 +39,8 @@ pub const LABEL_NODE: &str = "outpost.node";
 pub const LABEL_SERVICE: &str = "outpost.service";
 /// Label carrying the service revision on a service's container.
 pub const LABEL_REVISION: &str = "outpost.revision";
+/// Label carrying the deployment a service container's revision belongs to.
+pub const LABEL_DEPLOYMENT: &str = "outpost.deployment";
 /// Labels under this prefix belong to the agent: a job spec may not set them.
 pub const RESERVED_LABEL_PREFIX: &str = "outpost.";
 
@@ -96,10 +98,12 @@ pub struct RuntimeInfo {
     pub images: Vec<String>,
 }
 
-/// One revision of one service on this node: at most one container exists for it.
+/// One revision of one deployment of a service on this node: at most one container exists
+/// for it. (Revisions count per deployment, so the deployment is part of the identity.)
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceRef {
     pub name: String,
+    pub deployment: String,
     pub revision: u64,
 }
 

@@ -53,6 +53,17 @@ pub struct Target {
 }
 
 impl ServiceRecord {
+    pub fn empty(service: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            desired: None,
+            last_seq: 0,
+            ack_seq: None,
+            last_healthy: None,
+            rolled_back_from: None,
+        }
+    }
+
     pub fn target(&self) -> Option<Target> {
         let d = self.desired.as_ref()?;
         let spec = d.body.spec.as_ref()?;
@@ -88,8 +99,9 @@ pub struct Draft {
 #[derive(Clone)]
 pub struct ServiceBook {
     store: Arc<dyn StateStore>,
-    /// Serialises report numbering.
-    seq_lock: Arc<Mutex<()>>,
+    /// Serialises every read-modify-write of a record and report numbering: the poller and the
+    /// reconciler both change records, and neither may write back a stale copy.
+    lock: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for ServiceBook {
@@ -108,7 +120,7 @@ fn corrupt(tree: Tree, key: &[u8], e: impl std::fmt::Display) -> StoreError {
 
 impl ServiceBook {
     pub fn new(store: Arc<dyn StateStore>) -> Self {
-        Self { store, seq_lock: Arc::default() }
+        Self { store, lock: Arc::default() }
     }
 
     pub fn all(&self) -> Result<Vec<ServiceRecord>, StoreError> {
@@ -126,8 +138,31 @@ impl ServiceBook {
             .transpose()
     }
 
-    pub fn put(&self, record: &ServiceRecord) -> Result<(), StoreError> {
-        self.store.apply(vec![Op::Put(Tree::Services, record.service.as_bytes().to_vec(), encode(record))])
+    /// Changes one record under the book's lock: `change` gets the stored record (a new empty
+    /// one when there is none) and says whether to write it; `report`, when given, is appended
+    /// in the same durable batch, only when the record is written.
+    pub fn update(
+        &self,
+        service: &str,
+        change: impl FnOnce(&mut ServiceRecord) -> bool,
+        report: Option<(Draft, u64)>,
+    ) -> Result<Option<ServiceReport>, StoreError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rec = self.get(service)?.unwrap_or_else(|| ServiceRecord::empty(service));
+        if !change(&mut rec) {
+            return Ok(None);
+        }
+        let mut ops = vec![Op::Put(Tree::Services, rec.service.as_bytes().to_vec(), encode(&rec))];
+        let written = match report {
+            Some((draft, now_ms)) => {
+                let (report, report_ops) = self.report_ops(draft, now_ms)?;
+                ops.extend(report_ops);
+                Some(report)
+            }
+            None => None,
+        };
+        self.store.apply(ops)?;
+        Ok(written)
     }
 
     /// The acknowledgements to send with the next poll.
@@ -142,19 +177,34 @@ impl ServiceBook {
     /// After a poll carried these acknowledgements: clear them (unless a newer one arrived).
     pub fn acked(&self, acks: &[outpost_protocol::ServiceAck]) -> Result<(), StoreError> {
         for a in acks {
-            if let Some(mut r) = self.get(&a.service)?
-                && r.ack_seq == Some(a.seq)
-            {
-                r.ack_seq = None;
-                self.put(&r)?;
-            }
+            self.update(
+                &a.service,
+                |r| {
+                    let mine = r.ack_seq == Some(a.seq);
+                    if mine {
+                        r.ack_seq = None;
+                    }
+                    mine
+                },
+                None,
+            )?;
         }
         Ok(())
     }
 
-    /// Appends a report with the next seq; when the outbox is full the oldest one goes.
+    /// Appends a report with the next seq.
     pub fn report(&self, d: Draft, now_ms: u64) -> Result<ServiceReport, StoreError> {
-        let _guard = self.seq_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (report, ops) = self.report_ops(d, now_ms)?;
+        self.store.apply(ops)?;
+        Ok(report)
+    }
+
+    /// The ops that append a report (caller holds the lock). When the outbox is full, the
+    /// oldest report that a newer one of the same service supersedes goes first, so the newest
+    /// state of every service is kept; only when every report is a service's newest does the
+    /// oldest go.
+    fn report_ops(&self, d: Draft, now_ms: u64) -> Result<(ServiceReport, Vec<Op>), StoreError> {
         let seq = self
             .store
             .get(Tree::Meta, REPORT_SEQ)?
@@ -191,12 +241,20 @@ impl ServiceBook {
         ];
         let pending = self.store.scan(Tree::ServiceReports)?;
         if pending.len() >= MAX_PENDING_REPORTS {
-            let excess = pending.len() + 1 - MAX_PENDING_REPORTS;
-            ops.extend(pending.into_iter().take(excess).map(|(k, _)| Op::Delete(Tree::ServiceReports, k)));
-            tracing::warn!(excess, "service report outbox full: the oldest state snapshots were dropped");
+            let services: Vec<String> = pending
+                .iter()
+                .map(|(_, v)| {
+                    serde_json::from_slice::<ServiceReport>(v).map(|r| r.service).unwrap_or_default()
+                })
+                .collect();
+            let superseded = (0..pending.len()).find(|&i| {
+                services[i] == report.service || services[i + 1..].iter().any(|s| *s == services[i])
+            });
+            let victim = superseded.unwrap_or(0);
+            ops.push(Op::Delete(Tree::ServiceReports, pending[victim].0.clone()));
+            tracing::warn!("service report outbox full: an older state snapshot was dropped");
         }
-        self.store.apply(ops)?;
-        Ok(report)
+        Ok((report, ops))
     }
 
     /// The oldest `max` unacknowledged reports.
@@ -262,12 +320,14 @@ mod tests {
         assert_eq!(book.pending(10).expect("pending").len(), 2);
         book.delivered(1).expect("delivered");
         assert_eq!(book.pending(10).expect("pending")[0].seq, 2);
+        book.report(draft("db", ServiceState::Healthy), 3).expect("report");
         for _ in 0..MAX_PENDING_REPORTS + 5 {
             book.report(draft("web", ServiceState::Restarting), 3).expect("report");
         }
         let left = book.pending(usize::MAX).expect("pending");
         assert_eq!(left.len(), MAX_PENDING_REPORTS, "bounded");
-        assert_eq!(left.last().expect("newest").seq, MAX_PENDING_REPORTS as u64 + 7, "the newest is kept");
+        assert_eq!(left.last().expect("newest").seq, MAX_PENDING_REPORTS as u64 + 8, "the newest is kept");
+        assert!(left.iter().any(|r| r.service == "db"), "a quiet service's only report is not pushed out");
         let long = Draft { health_output: "é".repeat(5000), ..draft("web", ServiceState::Unhealthy) };
         let r = book.report(long, 4).expect("report");
         assert!(r.health_output.len() <= outpost_protocol::MAX_HEALTH_OUTPUT_BYTES);

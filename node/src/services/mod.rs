@@ -12,7 +12,7 @@ pub mod reconcile;
 use outpost_protocol::{ServiceEnvelope, ServiceState, SignedEnvelope};
 
 use self::book::{Desired, Draft, ServiceBook, ServiceRecord};
-use crate::config::Config;
+use crate::config::{Config, ServicesConfig};
 use crate::ledger::Ledger;
 use crate::store::StoreError;
 use crate::verify::ManifestVerifier;
@@ -40,7 +40,8 @@ pub fn receive(
     let svc = match verifier.verify_service(env) {
         Ok(svc) => svc,
         Err(rejection) => {
-            // Unverified, so only used to say which service it claimed to be.
+            // Unverified, so only used to say which service it claimed to be, and to acknowledge
+            // it (else the control plane would offer it for ever).
             let claimed: Option<ServiceEnvelope> = serde_json::from_str(&env.payload).ok();
             let why = rejection.to_string();
             let detail = format!(
@@ -50,53 +51,64 @@ pub fn receive(
             tracing::warn!("{detail}");
             ledger.audit("service.refused", &detail)?;
             if let Some(c) = claimed.filter(|c| outpost_protocol::check_service_name(&c.service).is_ok()) {
-                let mut rec = book.get(&c.service)?.unwrap_or_else(|| empty(&c.service));
-                rec.ack_seq = Some(c.seq);
-                book.put(&rec)?;
-                refused_report(book, &c, &why, now_ms)?;
+                book.update(
+                    &c.service,
+                    |rec| {
+                        rec.ack_seq = Some(c.seq);
+                        true
+                    },
+                    Some((refused_draft(&c, &why), now_ms)),
+                )?;
             }
             return Ok(Received::Refused(why));
         }
     };
-    let mut rec = book.get(&svc.service)?.unwrap_or_else(|| empty(&svc.service));
-    if svc.seq <= rec.last_seq {
-        rec.ack_seq = Some(svc.seq);
-        book.put(&rec)?;
-        return Ok(Received::Duplicate);
+    let mut outcome = Received::Accepted;
+    let mut report = None;
+    let mut audit = None;
+    book.update(
+        &svc.service,
+        |rec| {
+            rec.ack_seq = Some(svc.seq);
+            if svc.seq <= rec.last_seq {
+                outcome = Received::Duplicate;
+                return true;
+            }
+            rec.last_seq = svc.seq;
+            if let Some(why) = refusal(rec, &svc, cfg) {
+                audit = Some((
+                    "service.refused",
+                    format!("service {} revision {}: {why}", svc.service, svc.revision),
+                ));
+                report = Some(refused_draft(&svc, &why));
+                outcome = Received::Refused(why);
+                return true;
+            }
+            let what = match &svc.spec {
+                Some(spec) => format!(
+                    "revision {} of deployment {} (image {})",
+                    svc.revision, svc.deployment, spec.image
+                ),
+                None => format!("removal (deployment {})", svc.deployment),
+            };
+            let rollback = if svc.rollback { ", a rollback" } else { "" };
+            audit = Some(("service.desired", format!("service {}: {what}{rollback}", svc.service)));
+            rec.desired = Some(Desired { envelope: env.clone(), body: svc.clone() });
+            rec.rolled_back_from = None;
+            true
+        },
+        None,
+    )?;
+    if let Some(draft) = report {
+        book.report(draft, now_ms)?;
     }
-    rec.last_seq = svc.seq;
-    rec.ack_seq = Some(svc.seq);
-    if let Some(why) = refusal(&rec, &svc, cfg) {
-        book.put(&rec)?;
-        let detail = format!("service {} revision {}: {why}", svc.service, svc.revision);
-        tracing::warn!("refused: {detail}");
-        ledger.audit("service.refused", &detail)?;
-        refused_report(book, &svc, &why, now_ms)?;
-        return Ok(Received::Refused(why));
-    }
-    let what = match &svc.spec {
-        Some(spec) => {
-            format!("revision {} of deployment {} (image {})", svc.revision, svc.deployment, spec.image)
+    if let Some((action, detail)) = audit {
+        if action == "service.refused" {
+            tracing::warn!("refused: {detail}");
         }
-        None => format!("removal (deployment {})", svc.deployment),
-    };
-    let rollback = if svc.rollback { ", a rollback" } else { "" };
-    ledger.audit("service.desired", &format!("service {}: {what}{rollback}", svc.service))?;
-    rec.desired = Some(Desired { envelope: env.clone(), body: svc });
-    rec.rolled_back_from = None;
-    book.put(&rec)?;
-    Ok(Received::Accepted)
-}
-
-fn empty(service: &str) -> ServiceRecord {
-    ServiceRecord {
-        service: service.to_owned(),
-        desired: None,
-        last_seq: 0,
-        ack_seq: None,
-        last_healthy: None,
-        rolled_back_from: None,
+        ledger.audit(action, &detail)?;
     }
+    Ok(outcome)
 }
 
 /// Why this node will not take `svc`, if it will not.
@@ -112,43 +124,32 @@ fn refusal(rec: &ServiceRecord, svc: &ServiceEnvelope, cfg: &Config) -> Option<S
             svc.revision, current.body.revision
         ));
     }
-    let spec = svc.spec.as_ref()?;
-    for p in &spec.publish {
-        if !cfg.services.allows(&p.host_ip, p.host_port) {
-            return Some(format!(
-                "publishing {}:{} is outside this node's services.publish_allow ({}); the site decides which \
-                 host ports services may use",
-                p.host_ip,
-                p.host_port,
-                if cfg.services.publish_allow.is_empty() {
-                    "empty".to_owned()
-                } else {
-                    cfg.services.publish_allow.join(", ")
-                }
-            ));
-        }
-    }
-    None
+    publish_refusal(svc.spec.as_ref()?, &cfg.services)
 }
 
-fn refused_report(
-    book: &ServiceBook,
-    svc: &ServiceEnvelope,
-    why: &str,
-    now_ms: u64,
-) -> Result<(), StoreError> {
-    book.report(
-        Draft {
-            service: svc.service.clone(),
-            deployment: svc.deployment.clone(),
-            revision: svc.revision,
-            state: ServiceState::Refused,
-            restarts: 0,
-            last_exit: None,
-            health_output: String::new(),
-            message: Some(why.to_owned()),
-        },
-        now_ms,
-    )
-    .map(|_| ())
+/// Why the node's own `[services] publish_allow` forbids `spec`, if it does. Checked when a
+/// desired state arrives and again before every container is made (the site may have narrowed
+/// it since).
+pub fn publish_refusal(spec: &outpost_protocol::ServiceSpec, allow: &ServicesConfig) -> Option<String> {
+    let p = spec.publish.iter().find(|p| !allow.allows(&p.host_ip, p.host_port))?;
+    Some(format!(
+        "publishing {}:{} is outside this node's services.publish_allow ({}); the site decides which host \
+         ports services may use",
+        p.host_ip,
+        p.host_port,
+        if allow.publish_allow.is_empty() { "empty".to_owned() } else { allow.publish_allow.join(", ") }
+    ))
+}
+
+fn refused_draft(svc: &ServiceEnvelope, why: &str) -> Draft {
+    Draft {
+        service: svc.service.clone(),
+        deployment: svc.deployment.clone(),
+        revision: svc.revision,
+        state: ServiceState::Refused,
+        restarts: 0,
+        last_exit: None,
+        health_output: String::new(),
+        message: Some(why.to_owned()),
+    }
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::book::{Draft, HealthyRevision, ServiceBook, ServiceRecord, Target};
 use super::health::probe;
 use crate::clock::now_unix_ms;
+use crate::config::ServicesConfig;
 use crate::ledger::Ledger;
 use crate::runtime::{ContainerState, ManagedService, Runtime, RuntimeError, ServiceRef};
 
@@ -90,6 +91,8 @@ pub struct Reconciler<R: Runtime> {
     wake: Arc<Notify>,
     /// Notified when a report was written.
     reported: Arc<Notify>,
+    /// The node's own limits on published ports, checked again before every create.
+    allow: ServicesConfig,
 }
 
 impl<R: Runtime> Reconciler<R> {
@@ -97,10 +100,11 @@ impl<R: Runtime> Reconciler<R> {
         runtime: Arc<R>,
         book: ServiceBook,
         ledger: Ledger,
+        allow: ServicesConfig,
         wake: Arc<Notify>,
         reported: Arc<Notify>,
     ) -> Self {
-        Self { runtime, book, ledger, live: HashMap::new(), wake, reported }
+        Self { runtime, book, ledger, live: HashMap::new(), wake, reported, allow }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -116,7 +120,9 @@ impl<R: Runtime> Reconciler<R> {
         }
     }
 
-    /// One comparison of desired with current state, and the steps that converge them.
+    /// One comparison of desired with current state, and the steps that converge them. A
+    /// service whose step fails is logged and tried again next pass; it never holds up the
+    /// others.
     pub async fn pass(&mut self) -> anyhow::Result<()> {
         let records = self.book.all()?;
         let containers = self.runtime.service_list().await?;
@@ -124,20 +130,28 @@ impl<R: Runtime> Reconciler<R> {
             records.iter().map(|r| (r.service.clone(), r.target())).collect();
         for c in &containers {
             let wanted = targets.get(&c.service.name).and_then(Option::as_ref);
-            if wanted.is_none_or(|t| t.revision != c.service.revision) {
-                tracing::info!(service = %c.service.name, revision = c.service.revision, "removing a container that is not the service's target");
-                self.runtime.service_remove(&c.service).await?;
+            if wanted.is_none_or(|t| t.revision != c.service.revision || t.deployment != c.service.deployment)
+            {
+                tracing::info!(service = %c.service.name, deployment = %c.service.deployment, revision = c.service.revision, "removing a container that is not the service's target");
+                if let Err(e) = self.runtime.service_remove(&c.service).await {
+                    tracing::warn!(service = %c.service.name, error = %e, "cannot remove a stale service container; trying again");
+                }
             }
         }
         for rec in records {
-            match rec.target() {
+            let done = match rec.target() {
                 Some(t) => {
-                    let container = containers
-                        .iter()
-                        .find(|c| c.service.name == rec.service && c.service.revision == t.revision);
-                    self.converge(&rec, t, container).await?;
+                    let container = containers.iter().find(|c| {
+                        c.service.name == rec.service
+                            && c.service.revision == t.revision
+                            && c.service.deployment == t.deployment
+                    });
+                    self.converge(&rec, t, container).await
                 }
-                None => self.removed(&rec).await?,
+                None => self.removed(&rec).await,
+            };
+            if let Err(e) = done {
+                tracing::warn!(service = %rec.service, error = %e, "service step failed; trying again");
             }
         }
         Ok(())
@@ -178,7 +192,7 @@ impl<R: Runtime> Reconciler<R> {
         if live.revision != t.revision || live.deployment != t.deployment {
             *live = Live::new(&t, now);
         }
-        let svc = ServiceRef { name: name.clone(), revision: t.revision };
+        let svc = ServiceRef { name: name.clone(), deployment: t.deployment.clone(), revision: t.revision };
         let policy = t.spec.restart;
         let max_backoff = Duration::from_millis(policy.backoff_max_ms);
         match container.map(|c| &c.state) {
@@ -187,10 +201,11 @@ impl<R: Runtime> Reconciler<R> {
                     live.state = ServiceState::Restarting;
                 } else {
                     let fresh = container.is_none();
-                    let created = if fresh {
-                        self.runtime.service_create(&svc, &t.spec).await.map(|_| ())
-                    } else {
-                        Ok(())
+                    let created = match super::publish_refusal(&t.spec, &self.allow) {
+                        // The site narrowed publish_allow since this desired state arrived.
+                        Some(why) if fresh => Err(RuntimeError::Invalid(why)),
+                        _ if fresh => self.runtime.service_create(&svc, &t.spec).await.map(|_| ()),
+                        _ => Ok(()),
                     };
                     match created {
                         Ok(()) => match self.runtime.service_start(&svc).await {
@@ -279,29 +294,48 @@ impl<R: Runtime> Reconciler<R> {
             }
         }
         let live_now = live.clone();
+        // Changes to the record below apply only if no newer desired state arrived meanwhile.
+        let desired = rec.desired.as_ref().map(|d| (d.body.deployment.clone(), d.body.revision, d.body.seq));
+        let seq = desired.as_ref().map(|d| d.2);
+        let is_desired =
+            desired.as_ref().is_some_and(|(dep, rev, _)| *dep == t.deployment && *rev == t.revision);
         // The health gate of a new revision: not healthy in time → back to the last healthy one.
-        let desired_rev = rec.desired.as_ref().map(|d| d.body.revision);
         let gate = Duration::from_secs(t.spec.health_timeout_secs);
-        if !live_now.ever_healthy
-            && now.duration_since(live_now.since) > gate
-            && desired_rev == Some(t.revision)
-        {
+        if !live_now.ever_healthy && now.duration_since(live_now.since) > gate && is_desired {
             match &rec.last_healthy {
                 Some(h) if h.revision != t.revision || h.deployment != t.deployment => {
-                    let mut updated = rec.clone();
-                    updated.rolled_back_from = Some(t.revision);
-                    self.book.put(&updated)?;
                     let detail = format!(
-                        "service {name}: revision {} not healthy within {} s; back to revision {}",
-                        t.revision, t.spec.health_timeout_secs, h.revision
+                        "service {name}: revision {} not healthy within {} s; back to revision {} of deployment {}",
+                        t.revision, t.spec.health_timeout_secs, h.revision, h.deployment
                     );
-                    tracing::warn!("{detail}");
-                    self.ledger.audit("service.rolled_back", &detail)?;
-                    if let Some(l) = self.live.get_mut(&name) {
-                        l.state = ServiceState::RolledBack;
-                        l.message = Some(detail);
+                    let draft = Draft {
+                        service: name.clone(),
+                        deployment: t.deployment.clone(),
+                        revision: t.revision,
+                        state: ServiceState::RolledBack,
+                        restarts: live_now.restarts,
+                        last_exit: live_now.last_exit,
+                        health_output: live_now.health_output.clone(),
+                        message: Some(detail.clone()),
+                    };
+                    // The decision and its report are one durable batch: a kill -9 between them
+                    // can lose neither.
+                    let written = self.book.update(
+                        &name,
+                        |r| {
+                            let current = r.desired.as_ref().map(|d| d.body.seq) == seq;
+                            if current {
+                                r.rolled_back_from = Some(t.revision);
+                            }
+                            current
+                        },
+                        Some((draft, now_unix_ms())),
+                    )?;
+                    if written.is_some() {
+                        tracing::warn!("{detail}");
+                        self.ledger.audit("service.rolled_back", &detail)?;
+                        self.reported.notify_one();
                     }
-                    self.report(&name)?;
                     self.live.remove(&name);
                     self.wake.notify_one();
                     return Ok(());
@@ -321,19 +355,28 @@ impl<R: Runtime> Reconciler<R> {
                 _ => {}
             }
         }
-        if live_now.state == ServiceState::Healthy && desired_rev == Some(t.revision) {
+        if live_now.state == ServiceState::Healthy && is_desired {
             let known = rec
                 .last_healthy
                 .as_ref()
                 .is_some_and(|h| h.revision == t.revision && h.deployment == t.deployment);
             if !known {
-                let mut updated = rec.clone();
-                updated.last_healthy = Some(HealthyRevision {
+                let healthy = HealthyRevision {
                     deployment: t.deployment.clone(),
                     revision: t.revision,
                     spec: t.spec.clone(),
-                });
-                self.book.put(&updated)?;
+                };
+                self.book.update(
+                    &name,
+                    |r| {
+                        let current = r.desired.as_ref().map(|d| d.body.seq) == seq;
+                        if current {
+                            r.last_healthy = Some(healthy);
+                        }
+                        current
+                    },
+                    None,
+                )?;
             }
         }
         self.report(&name)
@@ -374,12 +417,10 @@ fn started(live: &mut Live, now: Instant) {
     live.message = None;
 }
 
-/// A create or start that failed: retryable engine trouble is the pass's error; a refusal
-/// (image missing, bad spec) fails the service and is tried again after the backoff.
+/// A create or start that failed (image missing, a refused spec, a port already taken): the
+/// service is failed with the engine's reason and tried again after its backoff. (An engine that
+/// does not answer at all fails the whole pass before this, at the listing.)
 fn not_started(live: &mut Live, e: RuntimeError, now: Instant, max_backoff: Duration) -> anyhow::Result<()> {
-    if e.is_retryable() {
-        return Err(e.into());
-    }
     live.state = ServiceState::Failed;
     live.message = Some(e.to_string());
     live.restart_at = Some(now + live.backoff);

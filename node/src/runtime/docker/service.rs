@@ -19,20 +19,23 @@ use super::DockerRuntime;
 use super::convert::{container_state, engine_error, status_of};
 use super::spec::{create_body, validate_image_id};
 use crate::runtime::{
-    ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, LABEL_REVISION, LABEL_SERVICE, ManagedService,
-    Result, Runtime, RuntimeError, ServiceRef,
+    ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_DEPLOYMENT, LABEL_JOB, LABEL_NODE, LABEL_REVISION,
+    LABEL_SERVICE, ManagedService, Result, Runtime, RuntimeError, ServiceRef,
 };
 
 impl DockerRuntime {
-    /// `outpost-svc-<node>-<service>-r<revision>`: unique per engine even when several nodes
-    /// share it.
+    /// `outpost-svc-<node>-<service>-<deployment>-r<revision>`: unique per engine even when
+    /// several nodes share it.
     pub(super) fn service_container(&self, svc: &ServiceRef) -> Result<String> {
         check_name(&svc.name)?;
-        Ok(format!("outpost-svc-{}-{}-r{}", self.node_id, svc.name, svc.revision))
+        check_name(&svc.deployment)?;
+        Ok(format!("outpost-svc-{}-{}-{}-r{}", self.node_id, svc.name, svc.deployment, svc.revision))
     }
 
-    fn service_network(&self, name: &str) -> String {
-        format!("outpost-svc-{}-{name}", self.node_id)
+    /// One network per service and kind: a revision signed `internal` never lands on a
+    /// network with a route out that an earlier `bridge` revision made.
+    fn service_network(&self, name: &str, internal: bool) -> String {
+        format!("outpost-svc-{}-{name}-{}", self.node_id, if internal { "internal" } else { "bridge" })
     }
 
     fn service_volume(&self, name: &str) -> String {
@@ -62,10 +65,12 @@ impl DockerRuntime {
         labels.remove(LABEL_ATTEMPT);
         labels.insert(LABEL_SERVICE.to_owned(), svc.name.clone());
         labels.insert(LABEL_REVISION.to_owned(), svc.revision.to_string());
+        labels.insert(LABEL_DEPLOYMENT.to_owned(), svc.deployment.clone());
         labels.insert(LABEL_NODE.to_owned(), self.node_id.clone());
         let host = body.host_config.get_or_insert_with(Default::default);
         if spec.network != ServiceNetwork::None {
-            host.network_mode = Some(self.service_network(&svc.name));
+            host.network_mode =
+                Some(self.service_network(&svc.name, spec.network == ServiceNetwork::Internal));
         }
         if !spec.publish.is_empty() {
             let mut bindings = HashMap::new();
@@ -96,7 +101,7 @@ impl DockerRuntime {
     }
 
     async fn ensure_network(&self, name: &str, internal: bool) -> Result<()> {
-        let network = self.service_network(name);
+        let network = self.service_network(name, internal);
         let docker = self.docker().await?;
         if docker.inspect_network(&network, None).await.is_ok() {
             return Ok(());
@@ -165,6 +170,7 @@ impl DockerRuntime {
             let name = labels.get(LABEL_SERVICE).cloned();
             let revision = labels.get(LABEL_REVISION).and_then(|r| r.parse::<u64>().ok());
             let (Some(name), Some(revision)) = (name, revision) else { continue };
+            let deployment = labels.get(LABEL_DEPLOYMENT).cloned().unwrap_or_default();
             let container = match docker.inspect_container(&id, None).await {
                 Ok(c) => c,
                 Err(e) if status_of(&e) == Some(404) => continue,
@@ -176,7 +182,7 @@ impl DockerRuntime {
                 .and_then(|nets| nets.into_values().find_map(|e| e.ip_address.filter(|a| !a.is_empty())))
                 .and_then(|a| a.parse().ok());
             out.push(ManagedService {
-                service: ServiceRef { name, revision },
+                service: ServiceRef { name, deployment, revision },
                 state: container_state(container.state.as_ref()),
                 address,
             });
@@ -205,11 +211,13 @@ impl DockerRuntime {
     pub(super) async fn forget_service(&self, name: &str, volume: bool) -> Result<()> {
         check_name(name)?;
         let docker = self.docker().await?;
-        let network = self.service_network(name);
-        match docker.remove_network(&network).await {
-            Ok(()) => {}
-            Err(e) if status_of(&e) == Some(404) => {}
-            Err(e) => return Err(engine_error(&format!("remove network {network}"), e)),
+        for internal in [true, false] {
+            let network = self.service_network(name, internal);
+            match docker.remove_network(&network).await {
+                Ok(()) => {}
+                Err(e) if status_of(&e) == Some(404) => {}
+                Err(e) => return Err(engine_error(&format!("remove network {network}"), e)),
+            }
         }
         if volume {
             let v = self.service_volume(name);
