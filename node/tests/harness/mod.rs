@@ -365,11 +365,24 @@ pub struct Node {
     pub node_id: String,
     child: Option<Child>,
     pub log: Lines,
+    /// The agent binary: this build's, or another one (version-skew tests).
+    bin: PathBuf,
 }
 
 impl Node {
     /// Write a config under `dir` and enroll against `control`.
     pub async fn enroll(dir: &Path, control: &Control, org_id: &str, extra_config: &str) -> Node {
+        Self::enroll_with(&node_bin(), dir, control, org_id, extra_config).await
+    }
+
+    /// [`Node::enroll`] with the agent binary `bin`.
+    pub async fn enroll_with(
+        bin: &Path,
+        dir: &Path,
+        control: &Control,
+        org_id: &str,
+        extra_config: &str,
+    ) -> Node {
         std::fs::create_dir_all(dir).expect("node dir");
         let config = dir.join("config.toml");
         std::fs::write(
@@ -378,7 +391,7 @@ impl Node {
         )
         .expect("write config");
         let token = control.create_token(org_id).await;
-        let out = Command::new(node_bin())
+        let out = Command::new(bin)
             .arg("--config")
             .arg(&config)
             .args(["enroll", "--control", &control.url, "--token", &token.token, "--ca-fingerprint"])
@@ -396,7 +409,14 @@ impl Node {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&node_json).expect("node.json"))
             .expect("node.json is JSON");
         let node_id = v["node_id"].as_str().expect("node_id").to_string();
-        Node { dir: dir.to_path_buf(), config, node_id, child: None, log: Lines::default() }
+        Node {
+            dir: dir.to_path_buf(),
+            config,
+            node_id,
+            child: None,
+            log: Lines::default(),
+            bin: bin.to_path_buf(),
+        }
     }
 
     /// Start `outpost run`; returns once it is ready and its container runtime answered (jobs
@@ -413,7 +433,7 @@ impl Node {
     pub fn start_agent(&mut self) {
         assert!(self.child.is_none(), "node already running");
         self.log = Lines::default();
-        let mut child = Command::new(node_bin())
+        let mut child = Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config)
             .arg("run")
@@ -454,7 +474,7 @@ impl Node {
 
     /// Run another `outpost` subcommand with this node's config.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(node_bin()).arg("--config").arg(&self.config).args(args).output().expect("run outpost")
+        Command::new(&self.bin).arg("--config").arg(&self.config).args(args).output().expect("run outpost")
     }
 }
 
@@ -533,6 +553,19 @@ impl Operator {
             .expect("get");
         assert!(resp.status().is_success(), "{path}: {}", resp.status());
         resp.text().await.expect("body")
+    }
+
+    /// POST an operator route with no body; the HTTP status and body, refused or not.
+    pub async fn try_post(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .expect("post");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("body"))
     }
 
     /// Submit a job and return the HTTP status and body, refused or not.
