@@ -101,7 +101,6 @@ pub async fn poll(
                     sent.insert(node.node_id.clone(), pending.clone());
                 }
             }
-            st.touch(&node.node_id);
             let jobs = queued
                 .into_iter()
                 .map(|j| JobAssignment {
