@@ -306,6 +306,10 @@ impl Runtime for DockerRuntime {
         self.start_service(svc).await
     }
 
+    async fn service_wait(&self, svc: &ServiceRef) -> Result<()> {
+        self.wait_service(svc).await
+    }
+
     async fn service_list(&self) -> Result<Vec<ManagedService>> {
         self.list_services().await
     }

@@ -186,6 +186,8 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<String>> + Send;
     /// Start the service revision's container, also after it exited (a restart).
     fn service_start(&self, svc: &ServiceRef) -> impl Future<Output = Result<()>> + Send;
+    /// Returns once the revision's container is not running (exited, or gone).
+    fn service_wait(&self, svc: &ServiceRef) -> impl Future<Output = Result<()>> + Send;
     /// Every service container labelled as this node's.
     fn service_list(&self) -> impl Future<Output = Result<Vec<ManagedService>>> + Send;
     /// Kill and remove the revision's container (no error if it is gone).

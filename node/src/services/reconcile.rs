@@ -23,8 +23,9 @@ use crate::config::ServicesConfig;
 use crate::ledger::Ledger;
 use crate::runtime::{ContainerState, ManagedService, Runtime, RuntimeError, ServiceRef};
 
-/// How often the loop looks when nothing wakes it.
-const PASS_EVERY: Duration = Duration::from_millis(250);
+/// How often the loop looks when nothing wakes it. Exits wake it at once (a watcher per
+/// running container), and restarts and probes wake it when they are due.
+const PASS_EVERY: Duration = Duration::from_secs(1);
 /// Healthy this long, and the restart backoff starts over from its first step.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
 
@@ -93,6 +94,8 @@ pub struct Reconciler<R: Runtime> {
     reported: Arc<Notify>,
     /// The node's own limits on published ports, checked again before every create.
     allow: ServicesConfig,
+    /// Engine waits on running service containers.
+    watchers: HashMap<ServiceRef, tokio::task::JoinHandle<()>>,
 }
 
 impl<R: Runtime> Reconciler<R> {
@@ -104,7 +107,7 @@ impl<R: Runtime> Reconciler<R> {
         wake: Arc<Notify>,
         reported: Arc<Notify>,
     ) -> Self {
-        Self { runtime, book, ledger, live: HashMap::new(), wake, reported, allow }
+        Self { runtime, book, ledger, live: HashMap::new(), wake, reported, allow, watchers: HashMap::new() }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -112,12 +115,39 @@ impl<R: Runtime> Reconciler<R> {
             if let Err(e) = self.pass().await {
                 tracing::warn!(error = %e, "service reconciliation failed; retrying");
             }
+            let next =
+                self.next_due().map_or(PASS_EVERY, |due| due.saturating_duration_since(Instant::now()));
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    self.watchers.drain().for_each(|(_, w)| w.abort());
+                    return;
+                }
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(PASS_EVERY) => {}
+                _ = tokio::time::sleep(next.min(PASS_EVERY)) => {}
             }
         }
+    }
+
+    /// The soonest restart or probe that is due.
+    fn next_due(&self) -> Option<Instant> {
+        self.live.values().flat_map(|l| [l.restart_at, l.started.map(|_| l.next_probe)]).flatten().min()
+    }
+
+    /// Wakes the loop the moment the container exits (one engine wait per running container).
+    fn watch(&mut self, svc: &ServiceRef) {
+        self.watchers.retain(|_, w| !w.is_finished());
+        if self.watchers.contains_key(svc) {
+            return;
+        }
+        let (runtime, wake, target) = (Arc::clone(&self.runtime), Arc::clone(&self.wake), svc.clone());
+        let watcher = tokio::spawn(async move {
+            if runtime.service_wait(&target).await.is_err() {
+                // The engine is in trouble: no faster than the idle pass.
+                tokio::time::sleep(PASS_EVERY).await;
+            }
+            wake.notify_one();
+        });
+        self.watchers.insert(svc.clone(), watcher);
     }
 
     /// One comparison of desired with current state, and the steps that converge them. A
@@ -193,6 +223,8 @@ impl<R: Runtime> Reconciler<R> {
             *live = Live::new(&t, now);
         }
         let svc = ServiceRef { name: name.clone(), deployment: t.deployment.clone(), revision: t.revision };
+        let probe_after =
+            t.spec.health.as_ref().map_or(Duration::ZERO, |h| Duration::from_millis(h.interval_ms));
         let policy = t.spec.restart;
         let max_backoff = Duration::from_millis(policy.backoff_max_ms);
         match container.map(|c| &c.state) {
@@ -213,7 +245,7 @@ impl<R: Runtime> Reconciler<R> {
                                 if live.started.is_some() || live.restart_at.is_some() {
                                     live.restarts = live.restarts.saturating_add(1);
                                 }
-                                started(live, now);
+                                started(live, now, probe_after);
                             }
                             Err(e) => not_started(live, e, now, max_backoff)?,
                         },
@@ -224,8 +256,9 @@ impl<R: Runtime> Reconciler<R> {
             Some(ContainerState::Running { .. }) => {
                 if live.started.is_none() {
                     // Adopted: running since before this agent started.
-                    started(live, now);
+                    started(live, now, probe_after);
                 }
+
                 if now >= live.next_probe {
                     live.next_probe = now
                         + t.spec
@@ -289,11 +322,16 @@ impl<R: Runtime> Reconciler<R> {
                 } else if live.restart_at.is_some_and(|at| now >= at) {
                     self.runtime.service_start(&svc).await?;
                     live.restarts = live.restarts.saturating_add(1);
-                    started(live, now);
+                    started(live, now, probe_after);
                 }
             }
         }
         let live_now = live.clone();
+        if matches!(container.map(|c| &c.state), Some(ContainerState::Running { .. }))
+            || live_now.state == ServiceState::Starting
+        {
+            self.watch(&svc);
+        }
         // Changes to the record below apply only if no newer desired state arrived meanwhile.
         let desired = rec.desired.as_ref().map(|d| (d.body.deployment.clone(), d.body.revision, d.body.seq));
         let seq = desired.as_ref().map(|d| d.2);
@@ -407,13 +445,14 @@ impl<R: Runtime> Reconciler<R> {
     }
 }
 
-fn started(live: &mut Live, now: Instant) {
+/// A container (re)started now; as Docker does, its first probe is one interval later.
+fn started(live: &mut Live, now: Instant, probe_after: Duration) {
     live.started = Some(now);
     live.restart_at = None;
     live.failures = 0;
     live.healthy = false;
     live.state = ServiceState::Starting;
-    live.next_probe = now;
+    live.next_probe = now + probe_after;
     live.message = None;
 }
 

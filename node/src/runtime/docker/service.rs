@@ -10,7 +10,7 @@ use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, Mount, MountType, NetworkCreateRequest, PortBinding};
 use bollard::query_parameters::{
     CreateContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
-    RemoveVolumeOptions,
+    RemoveVolumeOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
 use outpost_protocol::{ContainerSpec, ServiceNetwork, ServiceSpec};
@@ -189,6 +189,19 @@ impl DockerRuntime {
         }
         out.sort_by(|a, b| a.service.cmp(&b.service));
         Ok(out)
+    }
+
+    pub(super) async fn wait_service(&self, svc: &ServiceRef) -> Result<()> {
+        let name = self.service_container(svc)?;
+        let options = WaitContainerOptions { condition: "not-running".into() };
+        let mut waited = self.docker().await?.wait_container(&name, Some(options));
+        match waited.next().await {
+            Some(Ok(_)) | None => Ok(()),
+            // A non-zero exit is reported as an error by bollard; either way it has stopped.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => Ok(()),
+            Some(Err(e)) if status_of(&e) == Some(404) => Ok(()),
+            Some(Err(e)) => Err(engine_error(&format!("wait for container {name}"), e)),
+        }
     }
 
     pub(super) async fn remove_service(&self, svc: &ServiceRef) -> Result<()> {
