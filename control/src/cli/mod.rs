@@ -21,7 +21,7 @@ use crate::data_dir::DataDir;
 pub use relay::{EventsCommand, TriggerCommand, TriggerCreateArgs};
 pub use submit::{SpecArgs, SubmitArgs};
 
-/// Outpost control plane: enrollment CA, signed job dispatch by long-poll, results and audit.
+/// Outpost control plane: enrollment CA, signed jobs by long-poll, fleet deployments, results, audit.
 ///
 /// `serve` runs the API (TLS 1.3 only; nodes authenticate with the client certificate they got
 /// at enrollment). Every other command is an operator client of a running server: it reads the
@@ -110,7 +110,7 @@ pub enum Command {
     /// Submit jobs, read and wait for their results.
     #[command(subcommand)]
     Job(JobCommand),
-    /// Enrolled nodes and their last heartbeat.
+    /// Enrolled nodes: labels, online or not, last heartbeat; operator labels.
     #[command(subcommand)]
     Node(NodeCommand),
     /// Relay events the nodes delivered: list them or follow them as they arrive.
