@@ -203,7 +203,12 @@ async fn main() -> anyhow::Result<()> {
         service: None,
         spec,
         priority: 0,
-        rollout: RolloutPolicy { batch, health_timeout_secs: 60, abort_on_failures: 1 },
+        rollout: RolloutPolicy {
+            batch,
+            health_timeout_secs: 60,
+            abort_on_failures: 1,
+            max_unavailable: None,
+        },
     };
     eprintln!("[sim] deploying to {n} nodes in batches of {batch}");
     let started = Instant::now();

@@ -179,6 +179,7 @@ fn deploy_request(org_id: &str, spec: outpost_protocol::ServiceSpec) -> outpost_
             batch: outpost_protocol::BatchSize::Nodes(1),
             health_timeout_secs: 30,
             abort_on_failures: 1,
+            max_unavailable: None,
         },
     }
 }

@@ -398,6 +398,10 @@ pub struct RolloutPolicy {
     /// Failed nodes in one batch that stop the rollout and roll the updated nodes back.
     #[serde(default = "default_abort_on_failures")]
     pub abort_on_failures: u32,
+    /// Most nodes that may be updating (not yet healthy on the new revision) at once; caps the
+    /// batch. None: the batch alone decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<u32>,
 }
 
 fn default_batch() -> BatchSize {
@@ -416,6 +420,7 @@ impl Default for RolloutPolicy {
             batch: default_batch(),
             health_timeout_secs: default_rollout_health_timeout(),
             abort_on_failures: default_abort_on_failures(),
+            max_unavailable: None,
         }
     }
 }

@@ -26,6 +26,15 @@ fn check_request(req: &DeployRequest) -> ApiResult<(String, Selector)> {
     let selector =
         Selector::parse(&req.selector).map_err(|e| ApiError::bad_request("bad_selector", e.to_string()))?;
     req.spec.check().map_err(|why| ApiError::bad_request("bad_service_spec", why))?;
+    if req.rollout.max_unavailable == Some(0)
+        || req.rollout.abort_on_failures == 0
+        || req.rollout.health_timeout_secs == 0
+    {
+        return Err(ApiError::bad_request(
+            "bad_rollout",
+            "rollout.max_unavailable, abort_on_failures and health_timeout_secs must be at least 1",
+        ));
+    }
     let r = &req.spec.resources;
     if r.memory_mb < 6 || r.cpu_millis == 0 || r.pids == 0 {
         return Err(ApiError::bad_request(

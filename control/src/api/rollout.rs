@@ -276,7 +276,8 @@ fn advance(
     // comes back.
     let mut next: Vec<&&NodeInfo> = remaining;
     next.sort_by_key(|n| (!is_online(n, now, lease), n.node_id.clone()));
-    let size = d.info.rollout.batch.of(targets.len());
+    let cap = d.info.rollout.max_unavailable.map_or(usize::MAX, |m| m as usize);
+    let size = d.info.rollout.batch.of(targets.len()).min(cap).max(1);
     let batch: Vec<String> = next.into_iter().take(size).map(|n| n.node_id.clone()).collect();
     for n in &batch {
         d.batch_started.insert(n.clone(), now);

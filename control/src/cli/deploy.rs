@@ -60,7 +60,7 @@ pub enum DeployCommand {
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Example:
-  outpost-control deploy create --org ORG --name dicom --selector 'site=icu' --service dicom.toml --batch 10%
+  outpost-control deploy create --org ORG --name dicom --selector 'site=icu' --service dicom.toml --batch 10% --max-unavailable 1
 
 A service file holds the ServiceSpec (TOML or JSON), e.g.:
   image = \"sha256:…\"
@@ -101,6 +101,9 @@ pub struct DeployCreateArgs {
     /// Failed nodes that stop the rollout and roll the updated ones back.
     #[arg(long, default_value_t = 1)]
     pub abort_on_failures: u32,
+    /// Most nodes updating (not yet healthy on the new revision) at once; caps --batch.
+    #[arg(long, value_name = "N")]
+    pub max_unavailable: Option<u32>,
 }
 
 fn read_spec(path: &PathBuf) -> anyhow::Result<ServiceSpec> {
@@ -128,8 +131,8 @@ pub(super) async fn run(c: &Client, json: bool, command: DeployCommand) -> anyho
     match command {
         DeployCommand::Create(a) => {
             let spec = read_spec(&a.service_file)?;
-            if a.abort_on_failures == 0 {
-                anyhow::bail!("--abort-on-failures must be at least 1");
+            if a.abort_on_failures == 0 || a.max_unavailable == Some(0) {
+                anyhow::bail!("--abort-on-failures and --max-unavailable must be at least 1");
             }
             let req = DeployRequest {
                 name: a.name,
@@ -142,6 +145,7 @@ pub(super) async fn run(c: &Client, json: bool, command: DeployCommand) -> anyho
                     batch: a.batch,
                     health_timeout_secs: a.health_timeout.as_secs().max(1),
                     abort_on_failures: a.abort_on_failures,
+                    max_unavailable: a.max_unavailable,
                 },
             };
             let d = c.deploy(&a.org, &req).await?;

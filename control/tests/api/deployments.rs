@@ -114,7 +114,12 @@ fn request(org_id: &str, name: &str, selector: &str, tag: &str) -> DeployRequest
         service: None,
         spec: spec(tag),
         priority: 0,
-        rollout: RolloutPolicy { batch: BatchSize::Nodes(1), health_timeout_secs: 30, abort_on_failures: 1 },
+        rollout: RolloutPolicy {
+            batch: BatchSize::Nodes(1),
+            health_timeout_secs: 30,
+            abort_on_failures: 1,
+            max_unavailable: None,
+        },
     }
 }
 
@@ -312,6 +317,9 @@ async fn bad_deployments_are_refused_with_a_reason() {
     v["spec"]["health"] = serde_json::json!({ "exec": ["true"], "tcp_port": 80 });
     assert_error(&post(v).await, StatusCode::BAD_REQUEST, "bad_service_spec");
     let mut v = good.clone();
+    v["rollout"]["max_unavailable"] = 0.into();
+    assert_error(&post(v).await, StatusCode::BAD_REQUEST, "bad_rollout");
+    let mut v = good.clone();
     v["name"] = "Web_1".into();
     assert_error(&post(v).await, StatusCode::BAD_REQUEST, "bad_name");
     let mut v = good.clone();
@@ -322,4 +330,24 @@ async fn bad_deployments_are_refused_with_a_reason() {
     assert!(err.to_string().contains("404"), "{err}");
     let err = op.deploy_action(&org, "nope", DeployAction::Pause).await.expect_err("unknown");
     assert!(err.to_string().contains("404"), "{err}");
+}
+
+#[tokio::test]
+async fn max_unavailable_caps_a_batch() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org, mut sims) = sims(&server, 3).await;
+    let mut req = request(&org, "web", "site=icu", "v1");
+    req.rollout.batch = BatchSize::Percent(100);
+    req.rollout.max_unavailable = Some(1);
+    op.deploy(&org, &req).await.expect("deploy");
+    until(&server, &org, "web", &mut sims, "the first node", |_, s| count(s, "web", 1) == 1).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for s in sims.iter_mut() {
+        s.poll().await;
+    }
+    assert_eq!(count(&sims, "web", 1), 1, "one node updating at a time, whatever the batch");
+    let first = sims.iter().position(|s| s.revision("web") == Some(1)).expect("updated");
+    sims[first].report("web", ServiceState::Healthy, None).await;
+    until(&server, &org, "web", &mut sims, "the second node", |_, s| count(s, "web", 1) == 2).await;
 }
