@@ -30,6 +30,16 @@ pub use report::*;
 pub use selector::{Labels, Selector, SelectorError};
 pub use service::*;
 
+/// The name a value of a wire enum has on the wire (`timed_out`, `rolled_back`): the one
+/// operators see in JSON, and so in messages, audit entries and tables. Empty for a value that
+/// is not a string on the wire.
+pub fn wire_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
 /// The API version every path is prefixed with.
 pub const API_VERSION: &str = "v1";
 

@@ -214,3 +214,11 @@ fn messages_without_the_new_fields_read_and_write_as_revision_1() {
     let info = Announce::this_build();
     assert!(info.has(capability::CANCEL) && info.protocol >= 2);
 }
+
+#[test]
+fn wire_names_are_the_json_names() {
+    assert_eq!(wire_name(&Outcome::TimedOut), "timed_out");
+    assert_eq!(wire_name(&ServiceState::RolledBack), "rolled_back");
+    assert_eq!(wire_name(&NodePhase::AgentTooOld), "agent_too_old");
+    assert_eq!(wire_name(&7u32), "", "not a string on the wire");
+}

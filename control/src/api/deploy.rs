@@ -306,10 +306,7 @@ pub async fn node_reports(
             matches!(r.state, ServiceState::Failed | ServiceState::RolledBack | ServiceState::Refused)
         })
         .map(|r| {
-            let state = serde_json::to_value(r.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
+            let state = outpost_protocol::wire_name(&r.state);
             format!(
                 "service {} revision {}: {state}: {}",
                 r.service,

@@ -232,10 +232,7 @@ pub async fn cancel_job(
     match st.store.cancel_job(&job_id, st.clock.now_ms()).await? {
         CancelOutcome::NotFound => Err(ApiError::not_found(format!("job {job_id} does not exist"))),
         CancelOutcome::AlreadyEnded(state) => {
-            let state = serde_json::to_value(state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
+            let state = outpost_protocol::wire_name(&state);
             Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "job_ended",
@@ -380,7 +377,8 @@ pub(super) async fn reoffer_job(
     Ok(moved)
 }
 
-async fn org_of(st: &AppState, node: &NodeInfo) -> ApiResult<OrgRecord> {
+/// The organisation of `node`, whose key signs what the node is sent.
+pub(super) async fn org_of(st: &AppState, node: &NodeInfo) -> ApiResult<OrgRecord> {
     st.store.get_org(&node.org_id).await?.ok_or_else(|| {
         ApiError::internal(
             "org_missing",
@@ -389,10 +387,11 @@ async fn org_of(st: &AppState, node: &NodeInfo) -> ApiResult<OrgRecord> {
     })
 }
 
-fn sign(org: &OrgRecord, envelope: &JobEnvelope) -> ApiResult<SignedEnvelope> {
+/// Signs a statement for a node of `org` (a job, a service's desired state) with the org key.
+pub(super) fn sign<T: serde::Serialize>(org: &OrgRecord, payload: &T) -> ApiResult<SignedEnvelope> {
     let key = signing::signing_key(&org.org.id, &org.signing_secret_hex)
         .map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
-    signing::sign_envelope(&key, envelope).map_err(|e| ApiError::internal("signing_failed", e.to_string()))
+    signing::sign_payload(&key, payload).map_err(|e| ApiError::internal("signing_failed", e.to_string()))
 }
 
 /// Most entries of `inputs` and of `egress_bodies`.

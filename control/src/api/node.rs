@@ -158,8 +158,7 @@ pub async fn report(
     let actor = format!("node:{}", node.node_id);
     match st.store.store_result(&node.node_id, report).await? {
         ResultOutcome::Stored => {
-            let outcome = serde_json::to_value(outcome).ok().and_then(|v| v.as_str().map(str::to_owned));
-            let detail = format!("job {key}: {}", outcome.unwrap_or_default());
+            let detail = format!("job {key}: {}", outpost_protocol::wire_name(&outcome));
             st.audit(&actor, "job.result", &detail).await;
             Ok(Json(Ack { idempotency_key: key, duplicate: false }))
         }

@@ -13,9 +13,9 @@ use outpost_protocol::{
     ServiceState, capability,
 };
 
+use super::jobs::{org_of, sign};
 use super::placement::is_online;
-use super::{ApiError, ApiResult, AppState, Shared};
-use crate::signing;
+use super::{ApiResult, AppState, Shared};
 use crate::store::{DeploymentRecord, DesiredService, NodeServiceRecord, node_service_key};
 
 /// Whether the node's agent runs services.
@@ -151,14 +151,7 @@ async fn converge(
     };
     let rollback =
         spec.is_some() && current.is_some_and(|c| c.deployment == deployment && revision < c.revision);
-    let org = st.store.get_org(&node.org_id).await?.ok_or_else(|| {
-        ApiError::internal(
-            "org_missing",
-            format!("organisation {} of node {} is gone", node.org_id, node.node_id),
-        )
-    })?;
-    let key = signing::signing_key(&org.org.id, &org.signing_secret_hex)
-        .map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
+    let org = org_of(st, node).await?;
     {
         let _ordered = st.submit_lock.lock().await;
         let seq = st.store.next_job_seq(&node.node_id).await?;
@@ -173,8 +166,7 @@ async fn converge(
             rollback,
             spec: spec.clone(),
         };
-        let envelope = signing::sign_payload(&key, &body)
-            .map_err(|e| ApiError::internal("signing_failed", e.to_string()))?;
+        let envelope = sign(&org, &body)?;
         let desired = DesiredService {
             deployment: deployment.clone(),
             revision,

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use outpost_protocol::{
     BatchSize, DeployAction, DeployRequest, DeploymentInfo, DeploymentList, RolloutPolicy, ServiceSpec,
+    wire_name,
 };
 
 use super::show::table;
@@ -181,18 +182,6 @@ pub(super) async fn run(c: &Client, json: bool, command: DeployCommand) -> anyho
     Ok(ExitCode::SUCCESS)
 }
 
-fn lower<T: std::fmt::Debug>(v: T) -> String {
-    let s = format!("{v:?}");
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if ch.is_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.extend(ch.to_lowercase());
-    }
-    out
-}
-
 fn deployments(list: &DeploymentList) {
     let rows: Vec<Vec<String>> = list
         .deployments
@@ -203,7 +192,7 @@ fn deployments(list: &DeploymentList) {
                 d.service.clone(),
                 d.revision.to_string(),
                 d.stable_revision.map_or("-".into(), |r| r.to_string()),
-                lower(d.status),
+                wire_name(&d.status),
                 d.priority.to_string(),
                 d.selector.clone(),
             ]
@@ -217,7 +206,7 @@ fn status(d: &DeploymentInfo) {
     println!(
         "revision:   {} ({}), stable {}",
         d.revision,
-        lower(d.status),
+        wire_name(&d.status),
         d.stable_revision.map_or("-".into(), |r| r.to_string())
     );
     println!("selector:   {}  priority {}  batch {}", d.selector, d.priority, d.rollout.batch);
@@ -227,7 +216,7 @@ fn status(d: &DeploymentInfo) {
     }
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
     for n in &d.nodes {
-        *counts.entry(lower(n.phase)).or_default() += 1;
+        *counts.entry(wire_name(&n.phase)).or_default() += 1;
     }
     let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
     println!("nodes:      {}", if summary.is_empty() { "none selected".into() } else { summary.join(", ") });
@@ -236,11 +225,11 @@ fn status(d: &DeploymentInfo) {
         .iter()
         .map(|n| {
             let reported = n.report.as_ref().map_or("-".into(), |r| {
-                format!("r{} {} (restarts {})", r.revision, lower(r.state), r.restarts)
+                format!("r{} {} (restarts {})", r.revision, wire_name(&r.state), r.restarts)
             });
             vec![
                 n.node_id.clone(),
-                lower(n.phase),
+                wire_name(&n.phase),
                 n.desired_revision.map_or("-".into(), |r| r.to_string()),
                 reported,
                 n.reason.clone().unwrap_or_default(),

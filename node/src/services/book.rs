@@ -76,11 +76,6 @@ impl ServiceRecord {
         }
         Some(Target { deployment: d.body.deployment.clone(), revision: d.body.revision, spec: spec.clone() })
     }
-
-    /// The deployment named by the desired state (for reports of a removed service).
-    pub fn deployment(&self) -> String {
-        self.desired.as_ref().map(|d| d.body.deployment.clone()).unwrap_or_default()
-    }
 }
 
 /// A report before it gets its seq.
@@ -265,10 +260,6 @@ impl ServiceBook {
             .take(max)
             .map(|(k, v)| serde_json::from_slice(&v).map_err(|e| corrupt(Tree::ServiceReports, &k, e)))
             .collect()
-    }
-
-    pub fn pending_count(&self) -> Result<usize, StoreError> {
-        Ok(self.store.scan(Tree::ServiceReports)?.len())
     }
 
     /// Drops every report up to `up_to_seq` (acknowledged).
