@@ -210,7 +210,7 @@ pub async fn act(
         ApiError::not_found(format!("deployment {name} does not exist in organisation {org_id}"))
     })?;
     let conflict = |why: String| ApiError::new(StatusCode::CONFLICT, "bad_state", why);
-    let state = format!("{:?}", d.info.status).to_lowercase();
+    let state = outpost_protocol::wire_name(&d.info.status);
     match (req.action, d.info.status) {
         (DeployAction::Pause, RolloutStatus::InProgress) => d.info.status = RolloutStatus::Paused,
         (DeployAction::Resume, RolloutStatus::Paused) => d.info.status = RolloutStatus::InProgress,
@@ -258,15 +258,14 @@ pub async fn act(
             d.info.reason = Some(format!("rolled back by an operator to revision {target}"));
         }
         (action, _) => {
-            return Err(conflict(
-                format!("cannot {action:?} deployment {name}: its rollout is {state}").to_lowercase(),
-            ));
+            let action = outpost_protocol::wire_name(&action);
+            return Err(conflict(format!("cannot {action} deployment {name}: its rollout is {state}")));
         }
     }
     d.info.updated_unix_ms = st.clock.now_ms();
     st.store.put_deployment(d.clone()).await?;
     drop(exclusive);
-    let detail = format!("deployment {name}: {:?} (was {state})", req.action).to_lowercase();
+    let detail = format!("deployment {name}: {} (was {state})", outpost_protocol::wire_name(&req.action));
     st.audit("operator", "deploy.action", &detail).await;
     st.fleet_changed.notify_one();
     Ok(Json(status(&st, &org_id, &name).await?))

@@ -325,7 +325,7 @@ pub fn node_table(
                     Some((ServiceState::Failed | ServiceState::Refused, why)) => (NodePhase::Failed, why),
                     Some((ServiceState::RolledBack, why)) => (NodePhase::RolledBack, why),
                     Some((state, why)) => {
-                        (NodePhase::Updating, why.or_else(|| Some(format!("{state:?}").to_lowercase())))
+                        (NodePhase::Updating, why.or_else(|| Some(outpost_protocol::wire_name(&state))))
                     }
                     None => (NodePhase::Updating, None),
                 },

@@ -237,7 +237,10 @@ async fn a_rollout_moves_batch_by_batch_on_health_and_a_failed_revision_is_rolle
     assert_eq!(rolled.stable_revision, Some(1));
     until(&server, &org, "web", &mut sims, "everyone on 1", |_, s| count(s, "web", 1) == 3).await;
     let err = op.deploy_action(&org, "web", DeployAction::Resume).await.expect_err("nothing to resume");
-    assert!(err.to_string().contains("409"), "{err}");
+    assert!(
+        err.to_string().contains("409") && err.to_string().contains("its rollout is rolled_back"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
