@@ -148,6 +148,21 @@ impl Client {
             .await
     }
 
+    /// The job's output from byte `after` on (see `GET /v1/jobs/{job_id}/logs`).
+    pub async fn logs(
+        &self,
+        job_id: &str,
+        after: u64,
+        follow: bool,
+        wait_secs: u64,
+    ) -> anyhow::Result<outpost_protocol::JobLogs> {
+        let path = format!(
+            "{}?after={after}&follow={follow}&wait_secs={wait_secs}",
+            paths::fill(paths::JOB_LOGS, "job_id", &enc(job_id))
+        );
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
     pub async fn cancel(&self, job_id: &str) -> anyhow::Result<JobInfo> {
         self.call::<(), _>(Method::POST, &paths::fill(paths::JOB_CANCEL, "job_id", &enc(job_id)), None).await
     }

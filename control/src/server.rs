@@ -126,6 +126,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         contact: Default::default(),
         started_unix_ms: clock.now_ms(),
         sent: Default::default(),
+        logs: Default::default(),
     });
     let sweep_every = (config.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
     tokio::spawn(api::placement::run(state.clone(), sweep_every));

@@ -142,6 +142,11 @@ pub struct EgressConfig {
     /// also asks for them (`event_fields`); only short scalars are ever carried. Empty: none.
     #[serde(default)]
     pub allow_event_fields: Vec<String>,
+    /// Whether a running job's container output may be streamed to the control plane when an
+    /// operator asks (`outpost-control job logs`). Off: only the result's output tails leave
+    /// the site, and each request is refused and audited.
+    #[serde(default)]
+    pub allow_logs: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

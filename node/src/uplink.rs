@@ -2,6 +2,8 @@
 //! the routes and turns every failure into retryable (network, 5xx) or refused (4xx) so the
 //! callers can back off or give up; it never listens on anything.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use outpost_protocol::{
@@ -34,6 +36,11 @@ impl UplinkError {
             UplinkError::Unreachable { .. } | UplinkError::Server { .. } | UplinkError::Decode { .. }
         )
     }
+
+    /// A control plane older than this agent refused a field it does not know.
+    fn is_unknown_field(&self) -> bool {
+        matches!(self, UplinkError::Refused { status: 400, message, .. } if message.contains("unknown field"))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +48,9 @@ pub struct Uplink {
     client: reqwest::Client,
     base: String,
     request_timeout: Duration,
+    /// The control plane's protocol revision as last seen: 0 until known, 1 for a control plane
+    /// that states none (older than revision 2), else what its `outpost-protocol` header says.
+    peer_revision: Arc<AtomicU32>,
 }
 
 impl Uplink {
@@ -55,7 +65,12 @@ impl Uplink {
             .pool_idle_timeout(Duration::from_secs(50))
             .build()
             .map_err(|e| UplinkError::Tls(e.to_string()))?;
-        Ok(Self { client, base: base.trim_end_matches('/').to_string(), request_timeout })
+        Ok(Self {
+            client,
+            base: base.trim_end_matches('/').to_string(),
+            request_timeout,
+            peer_revision: Arc::new(AtomicU32::new(0)),
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -68,7 +83,18 @@ impl Uplink {
 
     /// Long-poll: the server holds the request up to `wait`; allow a margin on top.
     pub async fn poll(&self, req: &PollRequest, wait: Duration) -> Result<PollResponse, UplinkError> {
-        self.post(paths::NODE_POLL, req, wait + self.request_timeout).await
+        let timeout = wait + self.request_timeout;
+        let legacy = || PollRequest { announce: None, service_acks: Vec::new(), ..req.clone() };
+        if self.peer_is_legacy() {
+            return self.post(paths::NODE_POLL, &legacy(), timeout).await;
+        }
+        match self.post(paths::NODE_POLL, req, timeout).await {
+            Err(e) if e.is_unknown_field() => {
+                self.legacy_peer(&e);
+                self.post(paths::NODE_POLL, &legacy(), timeout).await
+            }
+            r => r,
+        }
     }
 
     pub async fn report(&self, report: &ResultReport) -> Result<Ack, UplinkError> {
@@ -88,9 +114,52 @@ impl Uplink {
         self.post(paths::NODE_SERVICES, batch, self.request_timeout).await
     }
 
+    /// A piece of a log stream the control plane asked for.
+    pub async fn post_logs(
+        &self,
+        chunk: &outpost_protocol::LogChunk,
+    ) -> Result<outpost_protocol::LogChunkAck, UplinkError> {
+        self.post(paths::NODE_LOGS, chunk, self.request_timeout).await
+    }
+
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), UplinkError> {
-        let _: serde_json::Value = self.post(paths::NODE_HEARTBEAT, hb, self.request_timeout).await?;
-        Ok(())
+        let legacy = || Heartbeat { labels: Default::default(), announce: None, ..hb.clone() };
+        let t = self.request_timeout;
+        let r: Result<serde_json::Value, _> = if self.peer_is_legacy() {
+            self.post(paths::NODE_HEARTBEAT, &legacy(), t).await
+        } else {
+            match self.post(paths::NODE_HEARTBEAT, hb, t).await {
+                Err(e) if e.is_unknown_field() => {
+                    self.legacy_peer(&e);
+                    self.post(paths::NODE_HEARTBEAT, &legacy(), t).await
+                }
+                r => r,
+            }
+        };
+        r.map(drop)
+    }
+
+    /// The control plane's protocol revision, once an answer told it (0 before).
+    pub fn peer_revision(&self) -> u32 {
+        self.peer_revision.load(Ordering::Relaxed)
+    }
+
+    /// A control plane before revision 2 refuses what it does not know: the agent's
+    /// announcement and labels are left out for it, and come back as soon as an answer states
+    /// revision 2 or later (the control plane was upgraded).
+    fn peer_is_legacy(&self) -> bool {
+        self.peer_revision() == 1
+    }
+
+    fn legacy_peer(&self, refusal: &UplinkError) {
+        if self.peer_revision.swap(1, Ordering::Relaxed) != 1 {
+            tracing::warn!(
+                error = %refusal,
+                "the control plane is older than this agent (protocol revision 1): labels and \
+                 capabilities are not sent, and it cannot deploy services or cancel jobs here, \
+                 until it is upgraded"
+            );
+        }
     }
 
     async fn post<B: Serialize, R: DeserializeOwned>(
@@ -109,6 +178,14 @@ impl Uplink {
             .await
             .map_err(|e| UplinkError::Unreachable { url: url.clone(), message: error_chain(&e) })?;
         let status = resp.status();
+        if let Some(rev) = resp
+            .headers()
+            .get(outpost_protocol::PROTOCOL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            self.peer_revision.store(rev.max(2), Ordering::Relaxed);
+        }
         let bytes = resp
             .bytes()
             .await

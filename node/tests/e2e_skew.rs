@@ -1,11 +1,14 @@
-//! Version skew: a control plane is upgraded before its nodes. The agent built from the commit
-//! before protocol revision 2 (fleet: labels, cancellation, services) runs against this control
-//! plane: it must keep running jobs, including jobs placed by selector, and must never be sent a
-//! message or a field it would refuse (its wire types refuse unknown fields), while operators
-//! are told clearly what it cannot do.
+//! Version skew between the build of the commit before protocol revision 2 (fleet: labels,
+//! cancellation, services) and this one, both ways:
+//! - a control plane is upgraded before its nodes: the previous agent against this control
+//!   plane must keep running jobs, including jobs placed by selector, and must never be sent a
+//!   message or a field it would refuse (its wire types refuse unknown fields), while operators
+//!   are told clearly what it cannot do;
+//! - this agent against the previous control plane (which refuses fields it does not know) runs
+//!   jobs, and gains labels and cancellation once that control plane is upgraded in place.
 //!
-//! The previous agent is built by `scripts/test` (stage "previous agent") into the cache and
-//! named by `OUTPOST_PREVIOUS_AGENT`.
+//! The previous binaries are built by `scripts/test` (stage "previous release") into the cache
+//! and named by `OUTPOST_PREVIOUS_AGENT` and `OUTPOST_PREVIOUS_CONTROL`.
 
 #![allow(clippy::expect_used)]
 
@@ -20,15 +23,20 @@ use outpost_protocol::{NodePhase, Outcome, Placement, SubmitJobRequest};
 
 const CONFIG: &str = "[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n";
 
-fn previous_agent() -> PathBuf {
-    let path = std::env::var_os("OUTPOST_PREVIOUS_AGENT").map(PathBuf::from).unwrap_or_else(|| {
+/// A binary of the previous release named by the environment variable `var`.
+fn previous(var: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
         panic!(
-            "OUTPOST_PREVIOUS_AGENT is not set: it names the agent built from the commit before protocol \
-             revision 2; scripts/test builds it (stage \"previous agent\")"
+            "{var} is not set: it names a binary built from the commit before protocol revision 2; \
+             scripts/test builds it (stage \"previous release\")"
         )
     });
-    assert!(path.is_file(), "OUTPOST_PREVIOUS_AGENT={} is not a file", path.display());
+    assert!(path.is_file(), "{var}={} is not a file", path.display());
     path
+}
+
+fn previous_agent() -> PathBuf {
+    previous("OUTPOST_PREVIOUS_AGENT")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -92,4 +100,56 @@ async fn an_agent_from_before_fleet_keeps_working_and_is_sent_nothing_it_cannot_
         .await;
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("cannot_cancel"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn this_agent_works_with_a_control_plane_from_before_fleet_and_after_its_upgrade() {
+    let old = previous("OUTPOST_PREVIOUS_CONTROL");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut control = Control::start_bin(&old, &tmp.path().join("control"), None, None);
+    let org = control.create_org("reverse-skew").await;
+    let config = format!("{CONFIG}[node]\nlabels = {{ site = \"icu\" }}\n");
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &config).await;
+    node.start();
+
+    // The old control plane refuses the agent's announcement and labels; the agent notices,
+    // says so once, and leaves them out: jobs run and heartbeats are stored.
+    let before = control.submit(&node.node_id, sh("echo from-the-new-agent")).await;
+    let r = control.wait_result(&before.job_id, Duration::from_secs(90)).await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert!(r.stdout_tail.contains("from-the-new-agent"));
+    assert!(
+        node.log.wait_for("older than this agent", Duration::from_secs(30)),
+        "the agent did not say that the control plane is older"
+    );
+    eventually("a heartbeat stored by the old control plane", Duration::from_secs(30), async || {
+        control
+            .nodes(None)
+            .await
+            .nodes
+            .iter()
+            .any(|n| n.node_id == node.node_id && n.last_heartbeat.is_some())
+    })
+    .await;
+
+    // Upgraded in place (same data dir and port): the new control plane reads the old one's
+    // store, the agent sees the new revision on the next answer and sends what it left out.
+    control.replace_with(&harness::control_bin());
+    eventually("the node's own labels arrive after the upgrade", Duration::from_secs(60), async || {
+        control.nodes(Some("site=icu")).await.nodes.iter().any(|n| n.node_id == node.node_id)
+    })
+    .await;
+    assert_eq!(control.results_recorded(&before.job_id).await, 1, "the earlier result is stored once");
+
+    // Now it announces cancellation: a running job is stopped on request.
+    let long = control.submit(&node.node_id, sh("sleep 60")).await;
+    eventually("the long job accepted", Duration::from_secs(60), async || {
+        control.job(&long.job_id).await.accepted_unix_ms.is_some()
+    })
+    .await;
+    let cancelled = control.cancel(&long.job_id).await;
+    assert!(cancelled.cancel_requested_unix_ms.is_some(), "{cancelled:?}");
+    let r = control.wait_result(&long.job_id, Duration::from_secs(60)).await;
+    assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
+    assert!(!node.log.contains("panicked"), "the agent panicked");
 }

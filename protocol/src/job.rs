@@ -247,6 +247,10 @@ pub struct PollResponse {
     /// until acknowledged. Sent only to agents that announce the `services` capability.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<SignedEnvelope>,
+    /// Job output the control plane asks the node to send (`/v1/node/logs`). Sent only to
+    /// agents that announce the `logs` capability.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<crate::LogRequest>,
 }
 
 /// One job attempt to stop.

@@ -29,6 +29,11 @@ pub struct Heartbeat {
 /// 2: node labels, capabilities, cancellation, jobs placed by selector.
 pub const PROTOCOL_REVISION: u32 = 2;
 
+/// The response header in which a control plane of revision 2 or later states its
+/// [`PROTOCOL_REVISION`] on every answer. A control plane older than that sends none, and an
+/// agent then leaves out what such a control plane would refuse (announce, labels).
+pub const PROTOCOL_HEADER: &str = "outpost-protocol";
+
 /// Capability names an agent announces. The control plane never sends a node a message or a
 /// field that needs a capability the node has not announced.
 pub mod capability {
@@ -38,8 +43,10 @@ pub mod capability {
     pub const LABELS: &str = "labels";
     /// Runs services: takes `services` in a poll answer, reports to `/v1/node/services`.
     pub const SERVICES: &str = "services";
+    /// Takes `logs` requests in a poll answer and answers on `/v1/node/logs`.
+    pub const LOGS: &str = "logs";
     /// Every capability this build has.
-    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES];
+    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES, LOGS];
 }
 
 /// A peer's protocol revision and capabilities, sent by the agent in every heartbeat and poll.

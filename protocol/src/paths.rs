@@ -35,6 +35,10 @@ pub const JOBS: &str = "/v1/jobs";
 pub const JOB: &str = "/v1/jobs/{job_id}";
 /// Operator: cancel a job (POST).
 pub const JOB_CANCEL: &str = "/v1/jobs/{job_id}/cancel";
+/// Operator: a job's output, live from its node or the result's tails (GET).
+pub const JOB_LOGS: &str = "/v1/jobs/{job_id}/logs";
+/// Node (mTLS): a piece of a job's log stream the control plane asked for.
+pub const NODE_LOGS: &str = "/v1/node/logs";
 /// Operator: submit a job to each node a selector matches (POST).
 pub const JOB_GROUPS: &str = "/v1/job-groups";
 /// Operator: one job group with its jobs.

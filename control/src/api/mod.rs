@@ -9,6 +9,7 @@ mod error;
 mod events;
 mod extract;
 mod jobs;
+pub mod logs;
 mod node;
 pub mod openapi;
 mod operator;
@@ -68,6 +69,8 @@ pub struct AppState {
     /// When this process started: after a restart every node counts as seen then, so a
     /// control-plane outage longer than the lease does not make the whole fleet look dead.
     pub started_unix_ms: u64,
+    /// Open live log streams (memory only).
+    pub logs: logs::LogHub,
     /// Per node, the cancel and service entries its last poll answer carried: a held poll is
     /// answered early only for entries it has not been sent yet.
     pub sent: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
@@ -96,6 +99,8 @@ pub fn router(state: Shared) -> Router {
         .route(paths::JOBS, post(jobs::submit_job).get(jobs::list_jobs))
         .route(paths::JOB, get(jobs::get_job))
         .route(paths::JOB_CANCEL, post(jobs::cancel_job))
+        .route(paths::JOB_LOGS, get(logs::job_logs))
+        .route(paths::NODE_LOGS, post(logs::node_logs))
         .route(paths::JOB_GROUPS, post(jobs::submit_group))
         .route(paths::JOB_GROUP, get(jobs::get_group))
         .route(paths::NODES, get(operator::list_nodes))
@@ -113,7 +118,18 @@ pub fn router(state: Shared) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(outpost_protocol::MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(state_revision))
         .with_state(state)
+}
+
+/// Every answer states the protocol revision this control plane speaks, so an agent knows what
+/// it may send (see [`outpost_protocol::PROTOCOL_HEADER`]).
+async fn state_revision(mut resp: axum::response::Response) -> axum::response::Response {
+    resp.headers_mut().insert(
+        outpost_protocol::PROTOCOL_HEADER,
+        axum::http::HeaderValue::from(outpost_protocol::PROTOCOL_REVISION),
+    );
+    resp
 }
 
 impl AppState {

@@ -58,6 +58,7 @@ pub async fn poll(
     let waker = st.wakers.waker(&node.node_id);
     // Only an agent that said it understands cancellation is sent any (version skew).
     let cancels_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::CANCEL));
+    let logs_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::LOGS));
     loop {
         // Register interest before looking, so a submit between the look and the wait wakes us.
         let notified = waker.notified();
@@ -81,6 +82,7 @@ pub async fn poll(
         } else {
             Vec::new()
         };
+        let logs = if logs_understood { st.logs.pending_for(&node.node_id) } else { Vec::new() };
         // Stops and service changes stay pending until the node's result or acknowledgement
         // arrives; the held poll ends early only for ones this node has not been sent yet, so a
         // node working through a stop does not spin on its polls.
@@ -88,6 +90,7 @@ pub async fn poll(
             .iter()
             .map(|c| format!("c:{}/{}", c.job_id, c.attempt))
             .chain(services.iter().map(|(seq, _)| format!("s:{seq}")))
+            .chain(logs.iter().map(|l| format!("l:{}", l.request_id)))
             .collect();
         let unsent = st.sent.lock().map_or(true, |sent| {
             let before = sent.get(&node.node_id);
@@ -113,6 +116,7 @@ pub async fn poll(
                 jobs,
                 cancel: cancel.clone(),
                 services: services.iter().map(|(_, e)| e.clone()).collect(),
+                logs: logs.clone(),
             }))
         };
         if !queued.is_empty() || unsent {

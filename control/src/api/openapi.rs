@@ -5,7 +5,7 @@ use outpost_protocol::paths;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{deploy, enroll, events, jobs, node, operator, triggers};
+use super::{deploy, enroll, events, jobs, logs, node, operator, triggers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,10 +31,12 @@ use super::{deploy, enroll, events, jobs, node, operator, triggers};
         jobs::cancel_job,
         jobs::submit_group,
         jobs::get_group,
+        logs::job_logs,
         enroll::enroll,
         node::poll,
         node::report,
         node::heartbeat,
+        logs::node_logs,
         events::deliver,
         deploy::node_reports,
         deploy::create,

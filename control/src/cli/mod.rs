@@ -194,6 +194,19 @@ pub enum JobCommand {
         #[arg(long, value_parser = submit::parse_duration, default_value = "5m")]
         timeout: Duration,
     },
+    /// Print a job's output: live from its node while it runs (only where the node's egress
+    /// policy allows log egress, `[egress] allow_logs`), else the result's output tails once
+    /// the job has ended.
+    ///
+    /// Without --follow: what the container has written so far (its last 1000 lines). With
+    /// --follow: then everything it writes until the job ends. Logs are not stored anywhere;
+    /// a refusal by the node is audited on both sides.
+    Logs {
+        job_id: String,
+        /// Keep printing until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Cancel a job: a queued one at once; one a node has is stopped by the node, which
     /// reports `cancelled`. A job that has ended is left as it is (exit status 1).
     Cancel { job_id: String },

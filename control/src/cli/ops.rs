@@ -88,6 +88,7 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
                 ),
             })?;
         }
+        Command::Job(JobCommand::Logs { job_id, follow }) => return logs(g, &c, &job_id, follow).await,
         Command::Job(JobCommand::Get { job_id }) => print(g.json, &c.job(&job_id).await?, show::job)?,
         Command::Job(JobCommand::List { node, state, group, limit }) => {
             let q = JobsQuery { node_id: node, state, group_id: group, limit };
@@ -181,6 +182,67 @@ async fn wait_group(g: &Global, c: &Client, group_id: &str, timeout: Duration) -
             return Ok(ExitCode::FAILURE);
         }
         tokio::time::sleep(WAIT_INTERVAL).await;
+    }
+}
+
+/// How long `job logs` without --follow waits for a node that does not answer.
+const LOGS_ANSWER_WAIT: Duration = Duration::from_secs(60);
+
+/// Prints the job's output as it arrives; 0 once the stream is complete, 1 when the node did
+/// not answer (without --follow) within [`LOGS_ANSWER_WAIT`].
+async fn logs(g: &Global, c: &Client, job_id: &str, follow: bool) -> anyhow::Result<ExitCode> {
+    use outpost_protocol::LogSource;
+    use std::io::Write;
+    let started = Instant::now();
+    let mut after = 0u64;
+    let mut told_refused = false;
+    let mut told_tail = false;
+    loop {
+        let l = c.logs(job_id, after, follow, 20).await?;
+        if g.json {
+            println!("{}", serde_json::to_string(&l)?);
+        } else {
+            if l.offset > after {
+                eprintln!(
+                    "[... {} bytes dropped: the control plane keeps the last 1 MiB ...]",
+                    l.offset - after
+                );
+            }
+            if let Some(why) = &l.refused
+                && !told_refused
+            {
+                told_refused = true;
+                eprintln!("node {} does not send live logs: {why}", l.node_id);
+                if !l.done {
+                    eprintln!("waiting for the job to end to show its result's output tails");
+                }
+            }
+            if l.source == LogSource::ResultTail && !told_tail {
+                told_tail = true;
+                eprintln!("(job {} attempt {} has ended: its result's output tails)", l.job_id, l.attempt);
+            }
+            let mut out = std::io::stdout().lock();
+            out.write_all(l.data.as_bytes())?;
+            out.flush()?;
+        }
+        after = l.next;
+        if l.done {
+            if let Some(note) = &l.note
+                && !g.json
+            {
+                eprintln!("({note})");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if !follow && l.source == LogSource::Pending && started.elapsed() > LOGS_ANSWER_WAIT {
+            eprintln!(
+                "node {} has not answered within {} s; is it online? (`outpost-control node get {}`)",
+                l.node_id,
+                LOGS_ANSWER_WAIT.as_secs(),
+                l.node_id
+            );
+            return Ok(ExitCode::FAILURE);
+        }
     }
 }
 

@@ -12,6 +12,7 @@ mod enrollment;
 mod events;
 mod fleet;
 mod limits;
+mod logs;
 mod openapi;
 mod restart;
 mod results;

@@ -8,6 +8,7 @@ mod executor;
 mod heartbeat;
 mod infer;
 mod local_triggers;
+mod logs;
 mod poller;
 mod reporter;
 mod service_reports;
@@ -57,6 +58,8 @@ pub(crate) struct Shared {
     /// Stop signals of attempts the control plane asked to cancel, with the reason; an entry
     /// lives until the attempt's executor ends (bounded by the queue limit).
     cancels: Mutex<std::collections::HashMap<String, (CancellationToken, String)>>,
+    /// Log requests being served (bounded by `logs::MAX_STREAMS`).
+    log_streams: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {

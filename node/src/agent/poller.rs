@@ -91,6 +91,9 @@ impl<R: Runtime> Agent<R> {
                         self.service_wake.notify_one();
                     }
                     self.service_reported.notify_one();
+                    if !resp.logs.is_empty() {
+                        self.request_logs(resp.logs, &shutdown);
+                    }
                     // Stops first: an attempt cancelled before it arrives must never start.
                     for c in resp.cancel {
                         if let Err(e) = self.cancel(&c) {

@@ -26,8 +26,8 @@ use tokio::sync::OnceCell;
 use self::convert::{container_state, engine_error, job_label, status_of};
 use self::spec::{container_name, create_body, validate_image_id};
 use super::{
-    ContainerState, ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, LABEL_SERVICE, Managed,
-    ManagedService, Mounts, Output, Result, Runtime, RuntimeError, RuntimeInfo, ServiceRef,
+    ContainerState, ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, LABEL_SERVICE, LogStream,
+    Managed, ManagedService, Mounts, Output, Result, Runtime, RuntimeError, RuntimeInfo, ServiceRef,
 };
 
 /// Seconds to wait for the engine's answer to an ordinary request.
@@ -248,6 +248,18 @@ impl Runtime for DockerRuntime {
             Err(e) if status_of(&e) == Some(404) => Err(Self::not_found(job)),
             Err(e) => Err(engine_error(&format!("read the logs of container {name}"), e)),
         }
+    }
+
+    async fn log_stream(&self, job: &JobRef, follow: bool, tail_lines: u64) -> Result<LogStream> {
+        let name = container_name(job)?;
+        let docker = self.docker().await?.clone();
+        // A missing container shows only as the stream's first error: look first.
+        match docker.inspect_container(&name, None).await {
+            Ok(_) => {}
+            Err(e) if status_of(&e) == Some(404) => return Err(Self::not_found(job)),
+            Err(e) => return Err(engine_error(&format!("inspect container {name}"), e)),
+        }
+        Ok(logs::stream(docker, name, follow, tail_lines))
     }
 
     async fn remove(&self, job: &JobRef) -> Result<()> {

@@ -148,6 +148,9 @@ impl RuntimeError {
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;
 
+/// A container's output, piece by piece, as the engine hands it over.
+pub type LogStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Vec<u8>>> + Send>>;
+
 /// The compute port. Methods return `Send` futures so the agent can drive them from spawned tasks.
 pub trait Runtime: Send + Sync + 'static {
     /// Engine version and the images present.
@@ -170,6 +173,14 @@ pub trait Runtime: Send + Sync + 'static {
     fn kill(&self, job: &JobRef) -> impl Future<Output = Result<()>> + Send;
     /// The last `max_bytes` of stdout and of stderr.
     fn output(&self, job: &JobRef, max_bytes: usize) -> impl Future<Output = Result<Output>> + Send;
+    /// The container's output as written (stdout and stderr interleaved) from its last
+    /// `tail_lines` lines on; with `follow`, everything it writes until it exits.
+    fn log_stream(
+        &self,
+        job: &JobRef,
+        follow: bool,
+        tail_lines: u64,
+    ) -> impl Future<Output = Result<LogStream>> + Send;
     /// Remove the container (no error if it is gone).
     fn remove(&self, job: &JobRef) -> impl Future<Output = Result<()>> + Send;
     /// Every container labelled as this node's.

@@ -130,6 +130,8 @@ pub struct Control {
     pub op: Operator,
     /// `serve --lease` (a node silent for longer is offline), when not the default.
     lease: Option<String>,
+    /// The control plane binary: this build's, or another one (version-skew tests).
+    bin: PathBuf,
 }
 
 impl std::ops::Deref for Control {
@@ -155,8 +157,13 @@ impl Control {
 
     /// Start with `serve --lease LEASE` (e.g. `3s`) when given.
     pub fn start_with_lease(dir: &Path, port: Option<u16>, lease: Option<&str>) -> Control {
+        Self::start_bin(&control_bin(), dir, port, lease)
+    }
+
+    /// [`Control::start_with_lease`] with the control plane binary `bin`.
+    pub fn start_bin(bin: &Path, dir: &Path, port: Option<u16>, lease: Option<&str>) -> Control {
         let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
-        let mut command = Command::new(control_bin());
+        let mut command = Command::new(bin);
         command.args(["serve", "--listen", &listen, "--data-dir"]).arg(dir);
         if let Some(lease) = lease {
             command.args(["--lease", lease]);
@@ -192,6 +199,7 @@ impl Control {
             log,
             op,
             lease: lease.map(str::to_owned),
+            bin: bin.to_path_buf(),
         }
     }
 
@@ -205,7 +213,17 @@ impl Control {
     /// Start again on the same port and data dir.
     pub fn restart(&mut self) {
         self.kill();
-        let again = Control::start_with_lease(&self.dir, Some(self.port), self.lease.as_deref());
+        let again = Control::start_bin(&self.bin, &self.dir, Some(self.port), self.lease.as_deref());
+        *self = again;
+    }
+
+    /// Stop this control plane (SIGTERM) and start `bin` on the same port and data dir: an
+    /// upgrade in place.
+    pub fn replace_with(&mut self, bin: &Path) {
+        if let Some(mut c) = self.child.take() {
+            sigterm(&mut c);
+        }
+        let again = Control::start_bin(bin, &self.dir, Some(self.port), self.lease.as_deref());
         *self = again;
     }
 }

@@ -96,6 +96,36 @@ pub(super) async fn collect(
     Ok(Output { stdout_tail, stderr_tail, truncated: out_cut || err_cut })
 }
 
+/// The container's output as the engine hands it over, stdout and stderr interleaved, from its
+/// last `tail_lines` lines on (and everything after, with `follow`).
+pub(super) fn stream(
+    docker: Docker,
+    name: String,
+    follow: bool,
+    tail_lines: u64,
+) -> crate::runtime::LogStream {
+    let options = LogsOptions {
+        stdout: true,
+        stderr: true,
+        follow,
+        tail: tail_lines.to_string(),
+        ..Default::default()
+    };
+    let what = format!("read the logs of container {name}");
+    Box::pin(docker.logs(&name, Some(options)).filter_map(move |item| {
+        let out = match item {
+            Ok(
+                LogOutput::StdOut { message }
+                | LogOutput::StdErr { message }
+                | LogOutput::Console { message },
+            ) => Some(Ok(message.to_vec())),
+            Ok(LogOutput::StdIn { .. }) => None,
+            Err(e) => Some(Err(super::convert::engine_error(&what, e))),
+        };
+        std::future::ready(out)
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
