@@ -26,6 +26,9 @@ use crate::runtime::{ContainerState, ManagedService, Runtime, RuntimeError, Serv
 /// How often the loop looks when nothing wakes it. Exits wake it at once (a watcher per
 /// running container), and restarts and probes wake it when they are due.
 const PASS_EVERY: Duration = Duration::from_secs(1);
+/// The least time between passes: a restart or probe that is overdue because its step failed
+/// must not turn the loop into a busy one.
+const PASS_GAP_MIN: Duration = Duration::from_millis(50);
 /// Healthy this long, and the restart backoff starts over from its first step.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
 
@@ -112,18 +115,24 @@ impl<R: Runtime> Reconciler<R> {
 
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
-            if let Err(e) = self.pass().await {
-                tracing::warn!(error = %e, "service reconciliation failed; retrying");
-            }
-            let next =
-                self.next_due().map_or(PASS_EVERY, |due| due.saturating_duration_since(Instant::now()));
+            let next = match self.pass().await {
+                Ok(()) => {
+                    self.next_due().map_or(PASS_EVERY, |due| due.saturating_duration_since(Instant::now()))
+                }
+                Err(e) => {
+                    // The engine does not answer: its restarts and probes stay overdue until it
+                    // does, so they do not set the pace.
+                    tracing::warn!(error = %e, "service reconciliation failed; retrying");
+                    PASS_EVERY
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     self.watchers.drain().for_each(|(_, w)| w.abort());
                     return;
                 }
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(next.min(PASS_EVERY)) => {}
+                _ = tokio::time::sleep(next.clamp(PASS_GAP_MIN, PASS_EVERY)) => {}
             }
         }
     }
@@ -155,7 +164,13 @@ impl<R: Runtime> Reconciler<R> {
     /// others.
     pub async fn pass(&mut self) -> anyhow::Result<()> {
         let records = self.book.all()?;
-        let containers = self.runtime.service_list().await?;
+        let containers = match self.runtime.service_list().await {
+            Ok(containers) => containers,
+            Err(e) => {
+                self.engine_lost(&e);
+                return Err(e.into());
+            }
+        };
         let targets: HashMap<String, Option<Target>> =
             records.iter().map(|r| (r.service.clone(), r.target())).collect();
         for c in &containers {
@@ -185,6 +200,29 @@ impl<R: Runtime> Reconciler<R> {
             }
         }
         Ok(())
+    }
+
+    /// The engine does not answer, so nothing is known of the containers: a service reported
+    /// healthy is reported unhealthy until the engine answers and a probe passes again.
+    fn engine_lost(&mut self, e: &RuntimeError) {
+        let healthy: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.state == ServiceState::Healthy)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in healthy {
+            if let Some(l) = self.live.get_mut(&name) {
+                l.healthy = false;
+                l.healthy_since = None;
+                l.state = ServiceState::Unhealthy;
+                l.message =
+                    Some(format!("the container engine does not answer, so its health is unknown: {e}"));
+            }
+            if let Err(e) = self.report(&name) {
+                tracing::warn!(service = %name, error = %e, "cannot write a service report");
+            }
+        }
     }
 
     /// The control plane removed the service (or refused its only desired state): nothing runs.
