@@ -315,3 +315,58 @@ async fn a_node_offline_during_a_rollout_converges_when_it_comes_back() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_reads_its_inputs_from_the_local_store_read_only_and_a_missing_one_is_named() {
+    let f = fleet(&["site = \"icu\""]).await;
+    let node = &f.nodes[0];
+    let src = node.dir.join("greeting.txt");
+    std::fs::write(&src, "hello from the store\n").expect("write");
+    let put = node.cli(&["objects", "put", "config/greeting.txt", src.to_str().expect("utf8")]);
+    assert!(put.status.success(), "objects put: {}", String::from_utf8_lossy(&put.stderr));
+
+    // Healthy only if it read the input and could not write next to it.
+    let reads = serde_json::from_value(serde_json::json!({
+        "image": common::test_image(),
+        "command": ["sh", "-c", "cat /in/config/greeting.txt > /tmp/seen; \
+            if touch /in/config/mine 2>/dev/null; then echo writable > /tmp/seen; fi; exec sleep 3600"],
+        "inputs": ["config/"],
+        "health": { "exec": ["/bin/busybox", "grep", "-q", "hello from the store", "/tmp/seen"],
+                    "interval_ms": 200, "timeout_ms": 2000, "retries": 2 },
+        "restart": { "mode": "always", "backoff_initial_ms": 100 },
+        "health_timeout_secs": 10,
+    }))
+    .expect("spec");
+    f.control.deploy(&f.org_id, &deploy_request(&f.org_id, reads)).await;
+    let done =
+        wait_status(&f, "revision 1 complete", |d| d.status == outpost_protocol::RolloutStatus::Complete)
+            .await;
+    assert_eq!(done.nodes[0].phase, outpost_protocol::NodePhase::Healthy, "{:#?}", done.nodes);
+    let staged = node.dir.join("data/services/web/web-r1/in/config/greeting.txt");
+    assert!(staged.is_file(), "inputs staged under the data dir");
+
+    // Revision 2 names an object the store lacks: it never starts, the node says which, goes
+    // back to revision 1, and revision 2's staging is cleaned up.
+    let missing = serde_json::from_value(serde_json::json!({
+        "image": common::test_image(),
+        "command": ["sh", "-c", "exec sleep 3600"],
+        "inputs": ["models/absent.bin"],
+        "restart": { "mode": "always", "backoff_initial_ms": 100 },
+        "health_timeout_secs": 3,
+    }))
+    .expect("spec");
+    f.control.deploy(&f.org_id, &deploy_request(&f.org_id, missing)).await;
+    let stopped = wait_status(&f, "the rollout rolled back", |d| {
+        d.status == outpost_protocol::RolloutStatus::RolledBack
+    })
+    .await;
+    let row = &stopped.nodes[0];
+    let said = format!("{:?} {:?}", row.reason, row.report.as_ref().and_then(|r| r.message.clone()));
+    assert!(said.contains("models/absent.bin") && said.contains("not in the local object store"), "{said}");
+    eventually("back on revision 1, healthy", Duration::from_secs(60), async || {
+        let c = mine(&f, service_containers("web"));
+        c.len() == 1 && c[0].1 == 1 && c[0].2
+    })
+    .await;
+    assert!(!node.dir.join("data/services/web/web-r2").exists(), "revision 2's staging removed");
+}

@@ -45,8 +45,10 @@ pub mod capability {
     pub const SERVICES: &str = "services";
     /// Takes `logs` requests in a poll answer and answers on `/v1/node/logs`.
     pub const LOGS: &str = "logs";
+    /// Runs services whose spec names `inputs` from the local object store.
+    pub const SERVICE_INPUTS: &str = "service-inputs";
     /// Every capability this build has.
-    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES, LOGS];
+    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES, LOGS, SERVICE_INPUTS];
 }
 
 /// A peer's protocol revision and capabilities, sent by the agent in every heartbeat and poll.

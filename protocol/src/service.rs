@@ -46,6 +46,11 @@ pub struct ServiceSpec {
     /// Mount point of the service's named volume, which survives updates and restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
+    /// Objects of the node's local store, copied out for each revision and mounted read-only
+    /// at `/in`, as a job's: exact keys, or prefixes ending in `/`. Only sent to agents that
+    /// announce the `service-inputs` capability.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
     /// A new revision that is not healthy within this many seconds is rolled back on the node
     /// to the last healthy one.
     #[serde(default = "default_health_timeout_secs")]
@@ -225,8 +230,39 @@ impl ServiceSpec {
         if self.health_timeout_secs == 0 {
             return Err("health_timeout_secs must be at least 1".into());
         }
+        if self.inputs.len() > MAX_SERVICE_INPUTS {
+            return Err(format!(
+                "inputs lists {} entries, more than {MAX_SERVICE_INPUTS}; name a prefix ending in '/' instead",
+                self.inputs.len()
+            ));
+        }
+        for entry in &self.inputs {
+            check_input_entry(entry).map_err(|why| format!("inputs entry {entry:?} {why}"))?;
+        }
         Ok(())
     }
+}
+
+/// Most entries a service's `inputs` may list.
+pub const MAX_SERVICE_INPUTS: usize = 256;
+
+/// An object key or a prefix ending in '/': relative, no empty, `.` or `..` segment, no control
+/// character, at most 1024 bytes. The error completes "entry … ".
+fn check_input_entry(entry: &str) -> Result<(), String> {
+    if entry.is_empty() || entry.len() > 1024 {
+        return Err("must be 1 to 1024 bytes".into());
+    }
+    if entry.starts_with('/') {
+        return Err("must not start with '/'".into());
+    }
+    if entry.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    let body = entry.strip_suffix('/').unwrap_or(entry);
+    if body.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err("must not have an empty, '.' or '..' path segment".into());
+    }
+    Ok(())
 }
 
 /// A service or deployment name: 1-48 characters, lowercase letters, digits and '-', starting

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use outpost_protocol::{
     DeploymentInfo, NodeInfo, NodePhase, RolloutStatus, Selector, ServiceEnvelope, ServiceReport,
-    ServiceState, capability,
+    ServiceSpec, ServiceState, capability,
 };
 
 use super::jobs::{org_of, sign};
@@ -21,6 +21,20 @@ use crate::store::{DeploymentRecord, DesiredService, NodeServiceRecord, node_ser
 /// Whether the node's agent runs services.
 pub fn capable(node: &NodeInfo) -> bool {
     node.announce().has(capability::SERVICES)
+}
+
+/// Why the node's agent cannot run `spec`, if it cannot (version skew).
+fn too_old_for(node: &NodeInfo, spec: &ServiceSpec) -> Option<&'static str> {
+    let announce = node.announce();
+    if !announce.has(capability::SERVICES) {
+        Some("agent too old: it does not announce the `services` capability")
+    } else if !spec.inputs.is_empty() && !announce.has(capability::SERVICE_INPUTS) {
+        Some(
+            "agent too old: the service names inputs and it does not announce the `service-inputs` capability",
+        )
+    } else {
+        None
+    }
 }
 
 fn selects(d: &DeploymentInfo, node: &NodeInfo) -> bool {
@@ -149,6 +163,10 @@ async fn converge(
         (None, Some(c)) => (c.deployment.clone(), c.revision, None),
         (Some((dep, rev, spec)), _) => (dep.clone(), *rev, Some(spec.clone())),
     };
+    if spec.as_ref().is_some_and(|s| too_old_for(node, s).is_some()) {
+        // Never sent what it would refuse; `deploy status` says why.
+        return Ok(());
+    }
     let rollback =
         spec.is_some() && current.is_some_and(|c| c.deployment == deployment && revision < c.revision);
     let org = org_of(st, node).await?;
@@ -211,7 +229,10 @@ fn advance(
     let targets: Vec<&NodeInfo> = {
         let mut t: Vec<&NodeInfo> = nodes
             .iter()
-            .filter(|n| capable(n) && winner(all, n, &d.info.service).is_some_and(|w| w.key() == d.key()))
+            .filter(|n| {
+                too_old_for(n, &d.info.spec).is_none()
+                    && winner(all, n, &d.info.service).is_some_and(|w| w.key() == d.key())
+            })
             .collect();
         t.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         t
@@ -295,11 +316,8 @@ pub fn node_table(
         let desired =
             rec.and_then(|r| r.desired.as_ref()).filter(|x| x.deployment == d.info.name && !x.removal);
         let report = rec.and_then(|r| r.report.clone());
-        let (phase, reason) = if !capable(node) {
-            (
-                NodePhase::AgentTooOld,
-                Some("agent too old: it does not announce the `services` capability".to_owned()),
-            )
+        let (phase, reason) = if let Some(why) = too_old_for(node, &d.info.spec) {
+            (NodePhase::AgentTooOld, Some(why.to_owned()))
         } else if let Some(w) = effective(all, node, &d.info.service)
             .map(|(w, _, _)| w)
             .or_else(|| winner(all, node, &d.info.service))

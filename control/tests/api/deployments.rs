@@ -23,9 +23,17 @@ struct Sim {
     acks: Vec<ServiceAck>,
     report_seq: u64,
     services: bool,
+    /// Announce every capability but these (an agent of an earlier revision 2 build).
+    lacks: Vec<&'static str>,
 }
 
 impl Sim {
+    fn announce(&self) -> Announce {
+        let mut a = Announce::this_build();
+        a.capabilities.retain(|c| !self.lacks.contains(&c.as_str()));
+        a
+    }
+
     async fn heartbeat(&self, site: &str) {
         let hb = Heartbeat {
             agent_version: "test".into(),
@@ -36,7 +44,7 @@ impl Sim {
             models: Vec::new(),
             labels: [("site".to_owned(), site.to_owned())].into(),
             announce: Some(if self.services {
-                Announce::this_build()
+                self.announce()
             } else {
                 Announce { protocol: 1, capabilities: vec![] }
             }),
@@ -46,11 +54,8 @@ impl Sim {
 
     /// One poll: acknowledges what it holds, takes what is offered.
     async fn poll(&mut self) -> Vec<ServiceEnvelope> {
-        let announce = if self.services {
-            Announce::this_build()
-        } else {
-            Announce { protocol: 1, capabilities: vec![] }
-        };
+        let announce =
+            if self.services { self.announce() } else { Announce { protocol: 1, capabilities: vec![] } };
         let req = PollRequest {
             wait_secs: Some(0),
             announce: Some(announce),
@@ -130,7 +135,14 @@ async fn sims(server: &TestServer, n: usize) -> (String, Vec<Sim>) {
     for _ in 0..n {
         let token = op.create_token(&org_id, None).await.expect("token");
         let node = TestNode::enroll(server, &token.token).await;
-        let sim = Sim { node, desired: HashMap::new(), acks: Vec::new(), report_seq: 0, services: true };
+        let sim = Sim {
+            node,
+            desired: HashMap::new(),
+            acks: Vec::new(),
+            report_seq: 0,
+            services: true,
+            lacks: Vec::new(),
+        };
         sim.heartbeat("icu").await;
         out.push(sim);
     }
@@ -353,4 +365,30 @@ async fn max_unavailable_caps_a_batch() {
     let first = sims.iter().position(|s| s.revision("web") == Some(1)).expect("updated");
     sims[first].report("web", ServiceState::Healthy, None).await;
     until(&server, &org, "web", &mut sims, "the second node", |_, s| count(s, "web", 1) == 2).await;
+}
+
+#[tokio::test]
+async fn a_service_with_inputs_goes_only_to_agents_that_announce_service_inputs() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org, mut sims) = sims(&server, 2).await;
+    sims[1].lacks = vec![outpost_protocol::capability::SERVICE_INPUTS];
+    sims[1].heartbeat("icu").await;
+    let mut req = request(&org, "reader", "site=icu", "reads");
+    req.spec.inputs = vec!["config/".into()];
+    req.rollout.batch = BatchSize::Percent(100);
+    op.deploy(&org, &req).await.expect("deploy");
+    let status =
+        until(&server, &org, "reader", &mut sims, "node 0 told", |_, s| s[0].revision("reader") == Some(1))
+            .await;
+    assert!(sims[1].desired.is_empty(), "never sent a spec it would refuse");
+    let row = status.nodes.iter().find(|n| n.node_id == sims[1].node.id()).expect("row");
+    assert_eq!(row.phase, NodePhase::AgentTooOld);
+    assert!(row.reason.as_deref().is_some_and(|r| r.contains("service-inputs")), "{row:?}");
+
+    // Bad entries are refused at create, naming the entry.
+    let mut bad = request(&org, "bad", "site=icu", "bad");
+    bad.spec.inputs = vec!["../secrets".into()];
+    let err = op.deploy(&org, &bad).await.expect_err("refused");
+    assert!(err.to_string().contains("../secrets"), "{err}");
 }

@@ -27,6 +27,10 @@ impl<R: Runtime> Agent<R> {
             self.cfg.services.clone(),
             Arc::clone(&self.service_wake),
             Arc::clone(&self.service_reported),
+            crate::services::reconcile::InputSource {
+                objects: Arc::clone(&self.objects),
+                root: crate::services::inputs::root(&self.cfg.data_dir),
+            },
         )
     }
 

@@ -310,8 +310,13 @@ impl Runtime for DockerRuntime {
         load::load_image(&self.engine().await?.loader, tar).await
     }
 
-    async fn service_create(&self, svc: &ServiceRef, spec: &outpost_protocol::ServiceSpec) -> Result<String> {
-        self.create_service(svc, spec).await
+    async fn service_create(
+        &self,
+        svc: &ServiceRef,
+        spec: &outpost_protocol::ServiceSpec,
+        input: Option<&Path>,
+    ) -> Result<String> {
+        self.create_service(svc, spec, input).await
     }
 
     async fn service_start(&self, svc: &ServiceRef) -> Result<()> {

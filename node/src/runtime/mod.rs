@@ -189,11 +189,13 @@ pub trait Runtime: Send + Sync + 'static {
     fn load_image(&self, tar: &Path) -> impl Future<Output = Result<Vec<String>>> + Send;
 
     /// Create (not start) the container of a service revision, hardened like a job's, with the
-    /// service's network and named volume; if it exists already, return it unchanged.
+    /// service's network and named volume, and `input` (its staged inputs) read-only at
+    /// [`INPUT_MOUNT`]; if it exists already, return it unchanged.
     fn service_create(
         &self,
         svc: &ServiceRef,
         spec: &ServiceSpec,
+        input: Option<&Path>,
     ) -> impl Future<Output = Result<String>> + Send;
     /// Start the service revision's container, also after it exited (a restart).
     fn service_start(&self, svc: &ServiceRef) -> impl Future<Output = Result<()>> + Send;

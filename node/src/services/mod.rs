@@ -7,6 +7,7 @@
 
 pub mod book;
 pub mod health;
+pub mod inputs;
 pub mod reconcile;
 
 use outpost_protocol::{ServiceEnvelope, ServiceState, SignedEnvelope};

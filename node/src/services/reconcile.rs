@@ -8,7 +8,8 @@
 //! It never runs two containers of one revision: a revision's container has a fixed name, and
 //! a restart starts that same container again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::book::{Draft, HealthyRevision, ServiceBook, ServiceRecord, Target};
 use super::health::probe;
+use super::inputs;
 use crate::clock::now_unix_ms;
 use crate::config::ServicesConfig;
 use crate::ledger::Ledger;
+use crate::objstore::AnyStore;
 use crate::runtime::{ContainerState, ManagedService, Runtime, RuntimeError, ServiceRef};
 
 /// How often the loop looks when nothing wakes it. Exits wake it at once (a watcher per
@@ -99,6 +102,15 @@ pub struct Reconciler<R: Runtime> {
     allow: ServicesConfig,
     /// Engine waits on running service containers.
     watchers: HashMap<ServiceRef, tokio::task::JoinHandle<()>>,
+    /// Where services' `inputs` come from and are staged.
+    inputs: InputSource,
+}
+
+/// The local object store services' `inputs` are copied from, and the directory they are
+/// staged under ([`inputs::root`]).
+pub struct InputSource {
+    pub objects: Arc<AnyStore>,
+    pub root: PathBuf,
 }
 
 impl<R: Runtime> Reconciler<R> {
@@ -109,8 +121,19 @@ impl<R: Runtime> Reconciler<R> {
         allow: ServicesConfig,
         wake: Arc<Notify>,
         reported: Arc<Notify>,
+        inputs: InputSource,
     ) -> Self {
-        Self { runtime, book, ledger, live: HashMap::new(), wake, reported, allow, watchers: HashMap::new() }
+        Self {
+            runtime,
+            book,
+            ledger,
+            live: HashMap::new(),
+            wake,
+            reported,
+            allow,
+            watchers: HashMap::new(),
+            inputs,
+        }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -199,6 +222,19 @@ impl<R: Runtime> Reconciler<R> {
                 tracing::warn!(service = %rec.service, error = %e, "service step failed; trying again");
             }
         }
+        // Inputs of revisions that are neither wanted nor have a container any more.
+        let keep: HashSet<(String, String, u64)> = targets
+            .iter()
+            .filter_map(|(name, t)| t.as_ref().map(|t| (name.clone(), t.deployment.clone(), t.revision)))
+            .chain(
+                containers
+                    .iter()
+                    .map(|c| (c.service.name.clone(), c.service.deployment.clone(), c.service.revision)),
+            )
+            .collect();
+        if let Err(e) = inputs::sweep(&self.inputs.root, &keep).await {
+            tracing::warn!(error = %e, "cannot remove the inputs of old service revisions");
+        }
         Ok(())
     }
 
@@ -274,7 +310,12 @@ impl<R: Runtime> Reconciler<R> {
                     let created = match super::publish_refusal(&t.spec, &self.allow) {
                         // The site narrowed publish_allow since this desired state arrived.
                         Some(why) if fresh => Err(RuntimeError::Invalid(why)),
-                        _ if fresh => self.runtime.service_create(&svc, &t.spec).await.map(|_| ()),
+                        _ if fresh => match stage_inputs(&self.inputs, &svc, &t.spec.inputs).await {
+                            Ok(input) => {
+                                self.runtime.service_create(&svc, &t.spec, input.as_deref()).await.map(|_| ())
+                            }
+                            Err(e) => Err(e),
+                        },
                         _ => Ok(()),
                     };
                     match created {
@@ -380,10 +421,13 @@ impl<R: Runtime> Reconciler<R> {
         if !live_now.ever_healthy && now.duration_since(live_now.since) > gate && is_desired {
             match &rec.last_healthy {
                 Some(h) if h.revision != t.revision || h.deployment != t.deployment => {
-                    let detail = format!(
+                    let mut detail = format!(
                         "service {name}: revision {} not healthy within {} s; back to revision {} of deployment {}",
                         t.revision, t.spec.health_timeout_secs, h.revision, h.deployment
                     );
+                    if let Some(why) = &live_now.message {
+                        detail.push_str(&format!(" (last: {why})"));
+                    }
                     let draft = Draft {
                         service: name.clone(),
                         deployment: t.deployment.clone(),
@@ -503,4 +547,24 @@ fn not_started(live: &mut Live, e: RuntimeError, now: Instant, max_backoff: Dura
     live.restart_at = Some(now + live.backoff);
     live.backoff = (live.backoff * 2).min(max_backoff);
     Ok(())
+}
+
+/// Copy the revision's inputs out of the local object store (none: nothing to mount). A
+/// missing object is the service's failure, retried with its restart backoff: the object
+/// may be put there later.
+async fn stage_inputs(
+    source: &InputSource,
+    svc: &ServiceRef,
+    entries: &[String],
+) -> Result<Option<PathBuf>, RuntimeError> {
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    match inputs::stage(source.objects.as_ref(), &source.root, svc, entries).await {
+        Ok(dir) => Ok(Some(dir)),
+        Err(e) if e.is_retryable() => {
+            Err(RuntimeError::Unavailable(format!("cannot stage the service's inputs: {e}")))
+        }
+        Err(e) => Err(RuntimeError::Invalid(format!("cannot stage the service's inputs: {e}"))),
+    }
 }

@@ -44,7 +44,12 @@ impl DockerRuntime {
 
     /// The create request: a job's hardened body with the service's labels, network, ports and
     /// volume.
-    fn service_body(&self, svc: &ServiceRef, spec: &ServiceSpec) -> Result<ContainerCreateBody> {
+    fn service_body(
+        &self,
+        svc: &ServiceRef,
+        spec: &ServiceSpec,
+        input: Option<&std::path::Path>,
+    ) -> Result<ContainerCreateBody> {
         let as_job = ContainerSpec {
             image: spec.image.clone(),
             command: spec.command.clone(),
@@ -59,7 +64,8 @@ impl DockerRuntime {
             egress_bodies: Vec::new(),
         };
         let job = JobRef { job_id: format!("svc-{}", svc.name), attempt: 0 };
-        let mut body = create_body(&self.node_id, &job, &as_job, &Default::default())?;
+        let mounts = crate::runtime::Mounts { input: input.map(std::path::Path::to_path_buf), output: None };
+        let mut body = create_body(&self.node_id, &job, &as_job, &mounts)?;
         let labels = body.labels.get_or_insert_with(HashMap::new);
         labels.remove(LABEL_JOB);
         labels.remove(LABEL_ATTEMPT);
@@ -124,11 +130,16 @@ impl DockerRuntime {
         }
     }
 
-    pub(super) async fn create_service(&self, svc: &ServiceRef, spec: &ServiceSpec) -> Result<String> {
+    pub(super) async fn create_service(
+        &self,
+        svc: &ServiceRef,
+        spec: &ServiceSpec,
+        input: Option<&std::path::Path>,
+    ) -> Result<String> {
         let name = self.service_container(svc)?;
         validate_image_id(&spec.image)?;
         spec.check().map_err(|why| RuntimeError::Invalid(format!("service {}: {why}", svc.name)))?;
-        let body = self.service_body(svc, spec)?;
+        let body = self.service_body(svc, spec, input)?;
         if !self.image_present(&spec.image).await? {
             return Err(RuntimeError::ImageMissing(spec.image.clone()));
         }
