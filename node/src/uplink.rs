@@ -89,7 +89,7 @@ impl Uplink {
             return self.post(paths::NODE_POLL, &legacy(), timeout).await;
         }
         match self.post(paths::NODE_POLL, req, timeout).await {
-            Err(e) if e.is_unknown_field() => {
+            Err(e) if e.is_unknown_field() && self.peer_revision() < 2 => {
                 self.legacy_peer(&e);
                 self.post(paths::NODE_POLL, &legacy(), timeout).await
             }
@@ -129,7 +129,7 @@ impl Uplink {
             self.post(paths::NODE_HEARTBEAT, &legacy(), t).await
         } else {
             match self.post(paths::NODE_HEARTBEAT, hb, t).await {
-                Err(e) if e.is_unknown_field() => {
+                Err(e) if e.is_unknown_field() && self.peer_revision() < 2 => {
                     self.legacy_peer(&e);
                     self.post(paths::NODE_HEARTBEAT, &legacy(), t).await
                 }
@@ -152,12 +152,17 @@ impl Uplink {
     }
 
     fn legacy_peer(&self, refusal: &UplinkError) {
+        tracing::debug!(error = %refusal, "an older control plane refused a field; sending the older form");
+        self.older_peer();
+    }
+
+    /// The control plane states no protocol revision: it is older than revision 2.
+    fn older_peer(&self) {
         if self.peer_revision.swap(1, Ordering::Relaxed) != 1 {
             tracing::warn!(
-                error = %refusal,
                 "the control plane is older than this agent (protocol revision 1): labels and \
-                 capabilities are not sent, and it cannot deploy services or cancel jobs here, \
-                 until it is upgraded"
+                 capabilities are not sent, and it cannot deploy services, cancel jobs or stream \
+                 logs here, until it is upgraded"
             );
         }
     }
@@ -178,13 +183,17 @@ impl Uplink {
             .await
             .map_err(|e| UplinkError::Unreachable { url: url.clone(), message: error_chain(&e) })?;
         let status = resp.status();
-        if let Some(rev) = resp
+        match resp
             .headers()
             .get(outpost_protocol::PROTOCOL_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u32>().ok())
         {
-            self.peer_revision.store(rev.max(2), Ordering::Relaxed);
+            Some(rev) => self.peer_revision.store(rev.max(2), Ordering::Relaxed),
+            // Every answer of a control plane of revision 2 or later states it; one without is
+            // older (or was rolled back). A 5xx may come from something in between: no sign.
+            None if !status.is_server_error() => self.older_peer(),
+            None => {}
         }
         let bytes = resp
             .bytes()

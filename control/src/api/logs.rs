@@ -30,6 +30,12 @@ pub const WINDOW_BYTES: usize = 1024 * 1024;
 pub const IDLE: Duration = Duration::from_secs(60);
 /// Longest an operator's request is held while there is nothing new.
 const MAX_WAIT: Duration = Duration::from_secs(30);
+/// A node that answered a request and then sent nothing (not even its keep-alive, every
+/// 15 s) for this long has stopped (it restarted, or lost its link): the stream ends, saying so.
+pub const NODE_SILENCE: Duration = Duration::from_secs(45);
+/// Largest jump forward a chunk may make past the end of its stream (the node's own bound on
+/// one stream is 16 MiB).
+const MAX_GAP: u64 = 64 * 1024 * 1024;
 
 struct Session {
     request: LogRequest,
@@ -43,12 +49,18 @@ struct Session {
     refused: Option<String>,
     note: Option<String>,
     last_read: Instant,
+    /// When the node last sent a chunk (or the request was made).
+    last_chunk: Instant,
+    /// Ended because the node went silent, not by its word.
+    silent: bool,
+    /// A reader has been given its end (`done`).
+    finished_read: bool,
     changed: Arc<Notify>,
 }
 
 impl Session {
     fn end(&self) -> u64 {
-        self.base + self.buf.len() as u64
+        self.base.saturating_add(self.buf.len() as u64)
     }
 
     /// Append what lies past the end of the stream so far (a repeated chunk adds nothing),
@@ -76,12 +88,13 @@ impl Session {
                 cut += 1;
             }
             self.buf.drain(..cut);
-            self.base += cut as u64;
+            self.base = self.base.saturating_add(cut as u64);
         }
     }
 }
 
-/// Every open log stream, keyed by `job_id/attempt`.
+/// Every open log stream, keyed by `job_id/attempt/follow|once`: a reader that follows and one
+/// that does not never share a stream.
 #[derive(Default)]
 pub struct LogHub {
     sessions: Mutex<HashMap<String, Session>>,
@@ -94,8 +107,9 @@ impl LogHub {
 
     /// Requests the node has not answered yet (offered in its polls until it does).
     pub fn pending_for(&self, node_id: &str) -> Vec<LogRequest> {
-        let mut out: Vec<LogRequest> = self
-            .lock()
+        let mut sessions = self.lock();
+        Self::sweep(&mut sessions, Instant::now());
+        let mut out: Vec<LogRequest> = sessions
             .values()
             .filter(|s| s.node_id == node_id && !s.answered && !s.done)
             .map(|s| s.request.clone())
@@ -104,13 +118,25 @@ impl LogHub {
         out
     }
 
+    /// Drops sessions nobody read for [`IDLE`], and ends those whose node went silent.
     fn sweep(sessions: &mut HashMap<String, Session>, now: Instant) {
         sessions.retain(|_, s| now.duration_since(s.last_read) < IDLE);
+        for s in sessions.values_mut() {
+            if s.answered && !s.done && now.duration_since(s.last_chunk) > NODE_SILENCE {
+                s.done = true;
+                s.silent = true;
+                s.note = Some(format!(
+                    "node {} stopped sending (it restarted or lost its link); ask again",
+                    s.node_id
+                ));
+                s.changed.notify_waiters();
+            }
+        }
     }
 }
 
-fn key(job_id: &str, attempt: u32) -> String {
-    format!("{job_id}/{attempt}")
+fn key(job_id: &str, attempt: u32, follow: bool) -> String {
+    format!("{job_id}/{attempt}/{}", if follow { "follow" } else { "once" })
 }
 
 /// The result's tails as one text: stdout, then stderr.
@@ -169,14 +195,22 @@ pub async fn job_logs(
     let follow = q.follow.unwrap_or(false);
     let wait = q.wait_secs.map_or(Duration::ZERO, Duration::from_secs).min(MAX_WAIT);
     let ended = matches!(info.state, JobState::Finished | JobState::Cancelled);
-    let k = key(&info.job_id, info.attempt);
+    let k = key(&info.job_id, info.attempt, follow);
     let now = Instant::now();
 
     // What the node has streamed, if it has.
     let changed = {
         let mut sessions = st.logs.lock();
         LogHub::sweep(&mut sessions, now);
-        let stale = sessions.get(&k).is_some_and(|s| s.done && follow && !s.request.follow && !ended);
+        // A new read of a job that still runs gets a new stream rather than the end of one
+        // that is complete (a read without --follow) or whose node went silent; a refusal stands.
+        let stale = sessions.get(&k).is_some_and(|s| {
+            after == 0
+                && !ended
+                && s.done
+                && s.refused.is_none()
+                && ((s.finished_read && !s.request.follow) || s.silent)
+        });
         if stale {
             sessions.remove(&k);
         }
@@ -209,8 +243,7 @@ pub async fn job_logs(
                 ));
                 return Ok(Json(a));
             }
-            let changed = Arc::new(Notify::new());
-            {
+            let changed = {
                 let mut sessions = st.logs.lock();
                 if !sessions.contains_key(&k) && sessions.len() >= MAX_SESSIONS {
                     return Err(ApiError::new(
@@ -225,7 +258,8 @@ pub async fn job_logs(
                     attempt: info.attempt,
                     follow,
                 };
-                sessions.entry(k.clone()).or_insert_with(|| Session {
+                // Another reader may have opened it meanwhile: wait on the one in the map.
+                let s = sessions.entry(k.clone()).or_insert_with(|| Session {
                     request,
                     node_id: info.node_id.clone(),
                     answered: false,
@@ -235,9 +269,13 @@ pub async fn job_logs(
                     refused: None,
                     note: None,
                     last_read: now,
-                    changed: changed.clone(),
+                    last_chunk: now,
+                    silent: false,
+                    finished_read: false,
+                    changed: Arc::new(Notify::new()),
                 });
-            }
+                s.changed.clone()
+            };
             st.wakers.wake(&info.node_id);
             changed
         }
@@ -249,14 +287,16 @@ pub async fn job_logs(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let view = {
-            let sessions = st.logs.lock();
+            let mut sessions = st.logs.lock();
+            LogHub::sweep(&mut sessions, Instant::now());
             sessions.get(&k).map(|s| {
-                let from = after.max(s.base);
+                let mut from = after.max(s.base);
                 let data = if from < s.end() {
                     let mut start = (from - s.base) as usize;
                     while !s.buf.is_char_boundary(start) {
                         start += 1;
                     }
+                    from = s.base + start as u64;
                     s.buf[start..].to_owned()
                 } else {
                     String::new()
@@ -304,6 +344,9 @@ pub async fn job_logs(
             }
         } else if !data.is_empty() || done || tokio::time::Instant::now() >= deadline {
             let source = if answered { LogSource::Live } else { LogSource::Pending };
+            if done && let Some(s) = st.logs.lock().get_mut(&k) {
+                s.finished_read = true;
+            }
             let mut a = answer(&info, source, from, data, done);
             a.note = note;
             return Ok(Json(a));
@@ -336,13 +379,25 @@ pub async fn node_logs(
             format!("a log chunk carries at most {MAX_LOG_CHUNK_BYTES} bytes"),
         ));
     }
-    let k = key(&chunk.job_id, chunk.attempt);
+    let k = format!("{}/{}", chunk.job_id, chunk.attempt);
     let mut refused = None;
     let keep = {
         let mut sessions = st.logs.lock();
-        match sessions.get_mut(&k) {
-            Some(s) if s.request.request_id == chunk.request_id && s.node_id == node.node_id => {
+        let session = sessions.values_mut().find(|s| {
+            s.request.request_id == chunk.request_id
+                && s.request.job_id == chunk.job_id
+                && s.request.attempt == chunk.attempt
+        });
+        match session {
+            Some(s) if s.node_id == node.node_id => {
+                if chunk.offset > s.end().saturating_add(MAX_GAP) {
+                    return Err(ApiError::bad_request(
+                        "bad_offset",
+                        format!("offset {} is far past the end of the stream ({})", chunk.offset, s.end()),
+                    ));
+                }
                 s.answered = true;
+                s.last_chunk = Instant::now();
                 if !s.done {
                     s.append(chunk.offset, &chunk.data);
                     if let Some(why) = &chunk.refused {
@@ -384,6 +439,9 @@ mod tests {
             refused: None,
             note: None,
             last_read: Instant::now(),
+            last_chunk: Instant::now(),
+            silent: false,
+            finished_read: false,
             changed: Arc::new(Notify::new()),
         }
     }
@@ -406,6 +464,24 @@ mod tests {
         assert!(s.buf.len() <= WINDOW_BYTES);
         assert_eq!(s.end(), big.len() as u64, "offsets keep counting what was dropped");
         assert!(s.buf.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_node_gone_silent_ends_its_stream_and_an_unread_one_is_dropped() {
+        let now = Instant::now();
+        let mut sessions = HashMap::new();
+        let mut silent = session();
+        silent.last_chunk = now.checked_sub(NODE_SILENCE + Duration::from_secs(1)).expect("instant");
+        sessions.insert("silent".to_owned(), silent);
+        let mut unread = session();
+        unread.last_read = now.checked_sub(IDLE + Duration::from_secs(1)).expect("instant");
+        sessions.insert("unread".to_owned(), unread);
+        sessions.insert("fine".to_owned(), session());
+        LogHub::sweep(&mut sessions, now);
+        assert!(!sessions.contains_key("unread"));
+        let s = &sessions["silent"];
+        assert!(s.done && s.note.as_deref().is_some_and(|n| n.contains("stopped sending")));
+        assert!(!sessions["fine"].done);
     }
 
     #[test]

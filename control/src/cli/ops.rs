@@ -197,8 +197,19 @@ async fn logs(g: &Global, c: &Client, job_id: &str, follow: bool) -> anyhow::Res
     let mut after = 0u64;
     let mut told_refused = false;
     let mut told_tail = false;
+    let mut attempt = None;
     loop {
         let l = c.logs(job_id, after, follow, 20).await?;
+        if attempt.is_some_and(|a| a != l.attempt) {
+            // Placed again (its node died): the new attempt's output starts from its beginning.
+            if !g.json {
+                eprintln!("(job {} moved to attempt {} on node {})", l.job_id, l.attempt, l.node_id);
+            }
+            attempt = Some(l.attempt);
+            after = 0;
+            continue;
+        }
+        attempt = Some(l.attempt);
         if g.json {
             println!("{}", serde_json::to_string(&l)?);
         } else {

@@ -112,9 +112,9 @@ async fn an_operator_reads_a_running_jobs_output_as_the_node_streams_it() {
     // A repeated chunk adds nothing; an overlapping one only its new part.
     send(&node, &chunk(&req, 0, "line 1\n")).await;
     send(&node, &chunk(&req, 0, "line 1\nline 2\n")).await;
-    let all = logs_ok(&server, &job_id, "after=0").await;
+    let all = logs_ok(&server, &job_id, "after=0&follow=true").await;
     assert_eq!(all.data, "line 1\nline 2\n");
-    let rest = logs_ok(&server, &job_id, "after=7").await;
+    let rest = logs_ok(&server, &job_id, "after=7&follow=true").await;
     assert_eq!((rest.offset, rest.data.as_str(), rest.next), (7, "line 2\n", 14));
 
     // The end of the stream ends the read; later chunks are told to stop.
@@ -132,7 +132,7 @@ async fn an_operator_reads_a_running_jobs_output_as_the_node_streams_it() {
     // Another node cannot write into this stream.
     let (other, _) = running_job(&server, Some(Announce::this_build())).await;
     assert!(!send(&other, &chunk(&req, 18, "forged")).await.keep);
-    assert!(!logs_ok(&server, &job_id, "after=0").await.data.contains("forged"));
+    assert!(!logs_ok(&server, &job_id, "after=0&follow=true").await.data.contains("forged"));
 
     // Once the job has ended, a reader at the end is done at once.
     let (status, _) = node.report(&succeeded(&job_id, "the tail\n")).await;
@@ -233,4 +233,30 @@ async fn a_job_that_ended_before_its_stream_began_shows_its_result_tails() {
         (tails.source, tails.data.as_str(), tails.done),
         (LogSource::ResultTail, "all it said\n", true)
     );
+}
+
+#[tokio::test]
+async fn a_new_read_without_follow_asks_the_node_again_and_never_joins_a_followed_stream() {
+    let server = TestServer::start().await.expect("server");
+    let (node, job_id) = running_job(&server, Some(Announce::this_build())).await;
+    logs_ok(&server, &job_id, "").await;
+    let first = node.poll(&[], 0).await.logs.remove(0);
+    assert!(!first.follow);
+    let mut all = chunk(&first, 0, "so far\n");
+    all.eof = true;
+    send(&node, &all).await;
+    let read = logs_ok(&server, &job_id, "").await;
+    assert_eq!((read.data.as_str(), read.done), ("so far\n", true));
+
+    // Read again later: a new request, not the old answer.
+    logs_ok(&server, &job_id, "").await;
+    let again = node.poll(&[], 0).await.logs;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_ne!(again[0].request_id, first.request_id);
+
+    // A follower gets its own stream, which the completed one-off read does not end.
+    let f = logs_ok(&server, &job_id, "follow=true").await;
+    assert!(!f.done, "{f:?}");
+    let offered = node.poll(&[], 0).await.logs;
+    assert!(offered.iter().any(|r| r.follow), "{offered:?}");
 }

@@ -32,6 +32,11 @@ const FLUSH_BYTES: usize = 32 * 1024;
 const START_WAIT: Duration = Duration::from_secs(60);
 /// Sends of one chunk that fail before the stream is given up.
 const SEND_TRIES: u32 = 5;
+/// While the container writes nothing, an empty chunk this often tells the control plane the
+/// stream is alive and tells us whether anyone still reads it.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Longest one stream runs.
+const MAX_STREAM_TIME: Duration = Duration::from_secs(6 * 3600);
 
 /// Why a stream ended early, for the operator.
 const NOT_RUNNING: &str = "the job is not running on this node (it has ended or not arrived)";
@@ -44,18 +49,29 @@ impl<R: Runtime> Agent<R> {
                 tracing::warn!(job = %req.job_id, "log request with an unusable id ignored");
                 continue;
             }
-            {
+            let full = {
                 let Ok(mut streams) = self.shared.log_streams.lock() else { continue };
-                if streams.contains(&req.request_id) || streams.len() >= MAX_STREAMS {
+                if streams.contains(&req.request_id) {
                     continue;
                 }
+                let full = streams.len() >= MAX_STREAMS;
+                // A refusal for lack of room is sent once too.
                 streams.insert(req.request_id.clone());
-            }
+                full
+            };
             let agent = Arc::clone(self);
             let token = shutdown.clone();
             tokio::spawn(async move {
                 let id = req.request_id.clone();
-                agent.stream_logs(req, token).await;
+                if full {
+                    let note =
+                        format!("this node is sending {MAX_STREAMS} log streams already; ask again later");
+                    let _ = Sender { agent: &agent, req: &req, offset: 0 }
+                        .send(String::new(), true, None, Some(note))
+                        .await;
+                } else {
+                    agent.stream_logs(req, token).await;
+                }
                 // Forget it only after a while: the control plane may offer the request once
                 // more before our last chunk reached it.
                 tokio::time::sleep(Duration::from_secs(30)).await;
@@ -138,7 +154,17 @@ impl<R: Runtime> Agent<R> {
         let mut sent: u64 = 0;
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started = tokio::time::Instant::now();
+        let mut last_send = started;
         loop {
+            if started.elapsed() > MAX_STREAM_TIME {
+                let text = take_text(&mut pending, true);
+                let _ = out.send(text, false, None, None).await;
+                return Some(format!(
+                    "the stream stopped after {} h (this node's bound)",
+                    MAX_STREAM_TIME.as_secs() / 3600
+                ));
+            }
             let (piece, ended) = tokio::select! {
                 _ = shutdown.cancelled() => return Some("the agent is shutting down".into()),
                 item = stream.next() => match item {
@@ -154,14 +180,29 @@ impl<R: Runtime> Agent<R> {
             };
             pending.extend_from_slice(&piece);
             let full = pending.len() >= FLUSH_BYTES;
-            if ended || full || (piece.is_empty() && !pending.is_empty()) {
+            if piece.is_empty() && pending.is_empty() && !ended {
+                if last_send.elapsed() >= KEEPALIVE {
+                    last_send = tokio::time::Instant::now();
+                    match out.send(String::new(), false, None, None).await {
+                        Ok(true) => {}
+                        Ok(false) | Err(()) => return None,
+                    }
+                }
+                continue;
+            }
+            if ended || full || piece.is_empty() {
                 let room = MAX_STREAM_BYTES.saturating_sub(sent);
                 let capped = pending.len() as u64 > room;
                 if capped {
                     pending.truncate(room as usize);
                 }
                 let text = take_text(&mut pending, ended || capped);
+                if text.is_empty() && !ended && !capped {
+                    // Only part of a character so far: wait for the rest.
+                    continue;
+                }
                 sent += text.len() as u64;
+                last_send = tokio::time::Instant::now();
                 if capped {
                     let _ = out.send(text, false, None, None).await;
                     return Some(format!(
@@ -187,19 +228,29 @@ impl<R: Runtime> Agent<R> {
 /// The text of the bytes gathered so far; an incomplete character at the end waits for the
 /// rest unless `all`.
 fn take_text(pending: &mut Vec<u8>, all: bool) -> String {
-    let cut = if all {
-        pending.len()
-    } else {
-        match std::str::from_utf8(pending) {
-            Ok(_) => pending.len(),
-            // `error_len` None: the input ends inside a character.
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => pending.len(),
-        }
-    };
+    let cut = if all { pending.len() } else { pending.len() - incomplete_tail(pending) };
     let text = String::from_utf8_lossy(&pending[..cut]).into_owned();
     pending.drain(..cut);
     text
+}
+
+/// How many bytes at the end of `bytes` are the start of a character whose rest has not come
+/// yet (0 to 3), whatever comes before them.
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte: look further back for the lead byte
+        }
+        let needs = match b {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return 0,
+        };
+        return if needs > back { back } else { 0 };
+    }
+    0
 }
 
 /// Posts one request's chunks in order, each split to fit a chunk's bound.
@@ -291,6 +342,11 @@ mod tests {
         assert_eq!(take_text(&mut bad, false), "x\u{fffd}y");
         let mut cut = vec![b'z', 0xc3];
         assert_eq!(take_text(&mut cut, true), "z\u{fffd}");
+        // An invalid byte earlier does not spoil a character split at the end.
+        let mut mixed = vec![0xff, b'a', 0xe2, 0x82];
+        assert_eq!(take_text(&mut mixed, false), "\u{fffd}a");
+        mixed.push(0xac);
+        assert_eq!(take_text(&mut mixed, false), "€");
     }
 
     #[test]

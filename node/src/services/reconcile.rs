@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use outpost_protocol::{RestartMode, ServiceState};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -104,6 +105,8 @@ pub struct Reconciler<R: Runtime> {
     watchers: HashMap<ServiceRef, tokio::task::JoinHandle<()>>,
     /// Where services' `inputs` come from and are staged.
     inputs: InputSource,
+    /// Inputs being copied, per revision.
+    staging: HashMap<ServiceRef, tokio::task::JoinHandle<Result<PathBuf, RuntimeError>>>,
 }
 
 /// The local object store services' `inputs` are copied from, and the directory they are
@@ -133,6 +136,7 @@ impl<R: Runtime> Reconciler<R> {
             allow,
             watchers: HashMap::new(),
             inputs,
+            staging: HashMap::new(),
         }
     }
 
@@ -232,6 +236,13 @@ impl<R: Runtime> Reconciler<R> {
                     .map(|c| (c.service.name.clone(), c.service.deployment.clone(), c.service.revision)),
             )
             .collect();
+        self.staging.retain(|svc, handle| {
+            let wanted = keep.contains(&(svc.name.clone(), svc.deployment.clone(), svc.revision));
+            if !wanted {
+                handle.abort();
+            }
+            wanted
+        });
         if let Err(e) = inputs::sweep(&self.inputs.root, &keep).await {
             tracing::warn!(error = %e, "cannot remove the inputs of old service revisions");
         }
@@ -310,16 +321,30 @@ impl<R: Runtime> Reconciler<R> {
                     let created = match super::publish_refusal(&t.spec, &self.allow) {
                         // The site narrowed publish_allow since this desired state arrived.
                         Some(why) if fresh => Err(RuntimeError::Invalid(why)),
-                        _ if fresh => match stage_inputs(&self.inputs, &svc, &t.spec.inputs).await {
-                            Ok(input) => {
-                                self.runtime.service_create(&svc, &t.spec, input.as_deref()).await.map(|_| ())
+                        _ if fresh => {
+                            match staged(&mut self.staging, &self.inputs, &self.wake, &svc, &t.spec.inputs) {
+                                Staged::Ready(input) => self
+                                    .runtime
+                                    .service_create(&svc, &t.spec, input.as_deref())
+                                    .await
+                                    .map(|_| true),
+                                Staged::Copying => Ok(false),
+                                Staged::Failed(e) => Err(e),
                             }
-                            Err(e) => Err(e),
-                        },
-                        _ => Ok(()),
+                        }
+                        _ => Ok(true),
                     };
                     match created {
-                        Ok(()) => match self.runtime.service_start(&svc).await {
+                        // Copying again after a failure: the failure stays what is reported.
+                        Ok(false) if live.restart_at.is_some() => {}
+                        Ok(false) => {
+                            live.state = ServiceState::Pending;
+                            live.message = Some(format!(
+                                "copying {} input entries from the local object store",
+                                t.spec.inputs.len()
+                            ));
+                        }
+                        Ok(true) => match self.runtime.service_start(&svc).await {
                             Ok(()) => {
                                 if live.started.is_some() || live.restart_at.is_some() {
                                     live.restarts = live.restarts.saturating_add(1);
@@ -399,9 +424,15 @@ impl<R: Runtime> Reconciler<R> {
                     live.backoff = (live.backoff * 2).min(max_backoff);
                     live.state = ServiceState::Restarting;
                 } else if live.restart_at.is_some_and(|at| now >= at) {
-                    self.runtime.service_start(&svc).await?;
-                    live.restarts = live.restarts.saturating_add(1);
-                    started(live, now, probe_after);
+                    match self.runtime.service_start(&svc).await {
+                        Ok(()) => {
+                            live.restarts = live.restarts.saturating_add(1);
+                            started(live, now, probe_after);
+                        }
+                        // Failed like a first start: reported, and tried again after the
+                        // backoff (never at once: the loop would spin).
+                        Err(e) => not_started(live, e, now, max_backoff)?,
+                    }
                 }
             }
         }
@@ -549,22 +580,63 @@ fn not_started(live: &mut Live, e: RuntimeError, now: Instant, max_backoff: Dura
     Ok(())
 }
 
-/// Copy the revision's inputs out of the local object store (none: nothing to mount). A
-/// missing object is the service's failure, retried with its restart backoff: the object
-/// may be put there later.
-async fn stage_inputs(
+/// Where a fresh revision's inputs stand.
+enum Staged {
+    /// Staged (or none named): the directory to mount.
+    Ready(Option<PathBuf>),
+    /// Being copied by a task of its own, which wakes the loop when done.
+    Copying,
+    /// Could not be staged: the revision fails and is retried after its backoff (a missing
+    /// object may be put there later).
+    Failed(RuntimeError),
+}
+
+/// The revision's inputs, copied once per revision out of the local object store by a task of
+/// its own, so that a large copy never holds up the other services. A directory that exists is
+/// complete (staging renames it into place).
+fn staged(
+    staging: &mut HashMap<ServiceRef, tokio::task::JoinHandle<Result<PathBuf, RuntimeError>>>,
     source: &InputSource,
+    wake: &Arc<Notify>,
     svc: &ServiceRef,
     entries: &[String],
-) -> Result<Option<PathBuf>, RuntimeError> {
+) -> Staged {
     if entries.is_empty() {
-        return Ok(None);
+        return Staged::Ready(None);
     }
-    match inputs::stage(source.objects.as_ref(), &source.root, svc, entries).await {
-        Ok(dir) => Ok(Some(dir)),
-        Err(e) if e.is_retryable() => {
-            Err(RuntimeError::Unavailable(format!("cannot stage the service's inputs: {e}")))
+    if let Some(handle) = staging.remove(svc) {
+        if !handle.is_finished() {
+            staging.insert(svc.clone(), handle);
+            return Staged::Copying;
         }
-        Err(e) => Err(RuntimeError::Invalid(format!("cannot stage the service's inputs: {e}"))),
+        return match handle.now_or_never() {
+            Some(Ok(Ok(dir))) => Staged::Ready(Some(dir)),
+            Some(Ok(Err(e))) => Staged::Failed(e),
+            Some(Err(e)) => Staged::Failed(RuntimeError::Invalid(format!("staging the inputs stopped: {e}"))),
+            None => Staged::Copying,
+        };
     }
+    match inputs::dir(&source.root, svc) {
+        Ok(dir) if dir.is_dir() => return Staged::Ready(Some(dir)),
+        Ok(_) => {}
+        Err(e) => {
+            return Staged::Failed(RuntimeError::Invalid(format!("cannot stage the service's inputs: {e}")));
+        }
+    }
+    let (objects, root, svc_owned, entries) =
+        (Arc::clone(&source.objects), source.root.clone(), svc.clone(), entries.to_vec());
+    let wake = Arc::clone(wake);
+    let handle = tokio::spawn(async move {
+        let r = match inputs::stage(objects.as_ref(), &root, &svc_owned, &entries).await {
+            Ok(dir) => Ok(dir),
+            Err(e) if e.is_retryable() => {
+                Err(RuntimeError::Unavailable(format!("cannot stage the service's inputs: {e}")))
+            }
+            Err(e) => Err(RuntimeError::Invalid(format!("cannot stage the service's inputs: {e}"))),
+        };
+        wake.notify_one();
+        r
+    });
+    staging.insert(svc.clone(), handle);
+    Staged::Copying
 }
