@@ -67,8 +67,10 @@ impl PrivateEngine {
         .expect("write containerd.toml");
         // containerd runs on its own, as under an init system: a dockerd that dies leaves it and
         // the containers' shims behind, and the next dockerd finds them there.
-        let containerd = Command::new("containerd")
-            .arg("--config")
+        // In a network namespace of its own, as dockerd: nothing of the machine's network (the
+        // shared engine's docker0 bridge above all) can be touched by this engine.
+        let containerd = Command::new("unshare")
+            .args(["--net", "--", "containerd", "--config"])
             .arg(engine.dir.join("containerd.toml"))
             .stdin(Stdio::null())
             .stdout(log_file(&engine.dir.join("containerd.log")))
@@ -108,8 +110,11 @@ impl PrivateEngine {
     /// [`PrivateEngine::start_dockerd`] that says why instead of panicking (for the drop).
     fn try_start_dockerd(&mut self) -> Result<(), String> {
         let dir = &self.dir;
-        let dockerd = Command::new("dockerd")
-            .arg("--config-file")
+        // `unshare` execs dockerd in a new network namespace (same pid): a dockerd, even with
+        // `--bridge none`, removes a `docker0` it finds at start, which would cut the shared
+        // engine's default bridge from under every other test.
+        let dockerd = Command::new("unshare")
+            .args(["--net", "--", "dockerd", "--config-file"])
             .arg(dir.join("daemon.json"))
             .arg("--containerd")
             .arg(dir.join("c.sock"))
@@ -325,7 +330,19 @@ fn seen(d: &DeploymentInfo, node_id: &str) -> (NodePhase, Option<ServiceState>, 
 
 /// Deploys one service to an agent on a private engine, restarts that engine's dockerd by
 /// `signal` (SIGTERM: a clean stop; SIGKILL: a crash), and checks what the agent makes of it.
+/// Whether the machine has the shared engine's default bridge.
+fn has_docker0() -> bool {
+    Path::new("/sys/class/net/docker0").exists()
+}
+
 async fn service_survives_a_dockerd_restart(signal: Signal) {
+    let bridge_before = has_docker0();
+    service_survives_a_dockerd_restart_inner(signal).await;
+    // The private engine is gone: the shared engine's network must be as it was.
+    assert_eq!(has_docker0(), bridge_before, "the private engine changed the machine's docker0 bridge");
+}
+
+async fn service_survives_a_dockerd_restart_inner(signal: Signal) {
     // Declared first, dropped last: the agent is gone before its engine is torn down.
     let mut engine = PrivateEngine::start();
     let image = engine.load_test_image();
