@@ -148,6 +148,23 @@ impl Client {
             .await
     }
 
+    /// Sign a bundle for air-gapped nodes of `org_id`.
+    pub async fn bundle(
+        &self,
+        org_id: &str,
+        req: &outpost_protocol::BundleRequest,
+    ) -> anyhow::Result<outpost_protocol::BundleResponse> {
+        self.call(Method::POST, &paths::fill(paths::ORG_BUNDLES, "org_id", &enc(org_id)), Some(req)).await
+    }
+
+    /// Import a node's results bundle; the answer carries the acknowledgement bundle.
+    pub async fn import_results(
+        &self,
+        bundle: &outpost_protocol::ResultsBundle,
+    ) -> anyhow::Result<outpost_protocol::ResultsImport> {
+        self.call(Method::POST, paths::BUNDLE_RESULTS, Some(bundle)).await
+    }
+
     /// The job's output from byte `after` on (see `GET /v1/jobs/{job_id}/logs`).
     pub async fn logs(
         &self,

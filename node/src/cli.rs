@@ -59,6 +59,10 @@ pub enum Command {
     /// Put, get, list and remove objects in the local object store ([storage]).
     #[command(subcommand)]
     Objects(crate::objects_cli::ObjectsCommand),
+    /// Air-gapped bundles: inspect and import signed bundles from the control plane, export
+    /// this node's results for it (see docs/air-gap.md).
+    #[command(subcommand)]
+    Bundle(crate::bundle_cli::BundleCommand),
     /// Import, list, verify and remove signed models in the local model store ([models]).
     #[command(subcommand)]
     Models(crate::models_cli::ModelsCommand),
@@ -142,6 +146,7 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Images(ImagesCommand::Load { file }) => block_on(load_image(&cfg, &file)),
         Command::Objects(cmd) => block_on(crate::objects_cli::run(&cfg, cmd)),
         Command::Models(cmd) => crate::models_cli::run(&cfg, cmd),
+        Command::Bundle(cmd) => block_on(crate::bundle_cli::run(&cfg, cmd)),
         Command::Inference(cmd) => block_on(crate::inference_cli::run(&cfg, cmd)),
         Command::Run => block_on(run(cfg)),
     }

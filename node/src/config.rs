@@ -39,6 +39,9 @@ pub struct Config {
     /// What services from the control plane may do on this node (see docs/fleet.md).
     #[serde(default)]
     pub services: ServicesConfig,
+    /// Air-gapped bundles (see docs/air-gap.md).
+    #[serde(default)]
+    pub bundles: BundlesConfig,
     #[serde(default)]
     pub control: ControlConfig,
     #[serde(default)]
@@ -73,6 +76,16 @@ pub struct NodeConfig {
     /// jobs choose nodes by selectors over them.
     #[serde(default)]
     pub labels: outpost_protocol::Labels,
+}
+
+/// Air-gapped bundles: a directory the agent watches (a mounted USB disk, say) for `*.bundle`
+/// files to import, besides its own inbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundlesConfig {
+    /// Absolute path of a directory to watch (it may come and go).
+    #[serde(default)]
+    pub watch: Option<PathBuf>,
 }
 
 /// The node's own limits on services: nothing the control plane signs can widen them.
@@ -428,6 +441,9 @@ impl Config {
 
     fn validate_relay(&self) -> Result<(), String> {
         self.relay.validate().map_err(|e| e.to_string())?;
+        if self.bundles.watch.as_ref().is_some_and(|w| !w.is_absolute()) {
+            return Err("bundles.watch must be an absolute path".into());
+        }
         if self.egress.allow_body_prefixes.iter().any(String::is_empty) {
             return Err(
                 "egress.allow_body_prefixes: an empty prefix would allow every body; name the prefixes"

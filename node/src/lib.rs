@@ -5,10 +5,12 @@
 pub mod agent;
 pub mod audit;
 pub mod backoff;
+pub mod bundle;
 pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod inference;
+pub mod intake;
 pub mod inventory;
 pub mod jobdata;
 pub mod ledger;

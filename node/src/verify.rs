@@ -71,6 +71,13 @@ impl ManifestVerifier {
             .map_err(|_| Rejection::BadSignature { key_id: self.key_id.clone() })
     }
 
+    /// The org's signature over any signed statement (a bundle's manifest, an
+    /// acknowledgement): the payload, once it verified.
+    pub fn verify_payload<'e>(&self, env: &'e SignedEnvelope) -> Result<&'e str, Rejection> {
+        self.check_signature(env)?;
+        Ok(&env.payload)
+    }
+
     /// A service's signed desired state: signature, then this node, then a usable spec. Replay
     /// and revision order are the caller's (it knows what it runs).
     pub fn verify_service(&self, env: &SignedEnvelope) -> Result<ServiceEnvelope, Rejection> {

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bundle;
 mod enroll;
 mod error;
 mod event;
@@ -20,6 +21,7 @@ mod report;
 pub mod selector;
 mod service;
 
+pub use bundle::*;
 pub use enroll::*;
 pub use error::*;
 pub use event::*;

@@ -23,6 +23,10 @@ pub const DEPLOYMENTS: &str = "/v1/orgs/{org_id}/deployments";
 pub const DEPLOYMENT: &str = "/v1/orgs/{org_id}/deployments/{name}";
 /// Operator: pause, resume, abort or roll back a deployment (POST).
 pub const DEPLOYMENT_ACTION: &str = "/v1/orgs/{org_id}/deployments/{name}/action";
+/// Operator: sign a bundle for air-gapped nodes (POST).
+pub const ORG_BUNDLES: &str = "/v1/orgs/{org_id}/bundles";
+/// Operator: import a node's signed results bundle; answers with its acknowledgement (POST).
+pub const BUNDLE_RESULTS: &str = "/v1/bundles/results";
 /// Operator: list relay events (`?org_id=&node_id=&after_seq=&cursor=&newest=&limit=&wait_secs=`).
 pub const EVENTS: &str = "/v1/events";
 /// Operator: create (POST) or list (GET) triggers.

@@ -3,6 +3,7 @@
 //! token), `node.rs` (mutual TLS) and `events.rs` (node delivery by mutual TLS, operator
 //! listing); the extractors that authenticate and parse requests in `extract.rs`.
 
+mod bundles;
 mod deploy;
 mod enroll;
 mod error;
@@ -90,6 +91,11 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODE_HEARTBEAT, post(node::heartbeat))
         .route(paths::NODE_EVENTS, post(events::deliver))
         .route(paths::NODE_SERVICES, post(deploy::node_reports))
+        .route(paths::ORG_BUNDLES, post(bundles::create))
+        .route(
+            paths::BUNDLE_RESULTS,
+            post(bundles::import_results).layer(DefaultBodyLimit::max(bundles::MAX_RESULTS_BUNDLE_BYTES)),
+        )
         .route(paths::DEPLOYMENTS, post(deploy::create).get(deploy::list))
         .route(paths::DEPLOYMENT, get(deploy::get))
         .route(paths::DEPLOYMENT_ACTION, post(deploy::act))

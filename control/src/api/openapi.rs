@@ -5,7 +5,7 @@ use outpost_protocol::paths;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{deploy, enroll, events, jobs, logs, node, operator, triggers};
+use super::{bundles, deploy, enroll, events, jobs, logs, node, operator, triggers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -39,6 +39,8 @@ use super::{deploy, enroll, events, jobs, logs, node, operator, triggers};
         logs::node_logs,
         events::deliver,
         deploy::node_reports,
+        bundles::create,
+        bundles::import_results,
         deploy::create,
         deploy::list,
         deploy::get,

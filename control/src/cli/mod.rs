@@ -2,6 +2,7 @@
 //! running server (they read the admin token and CA from the data directory unless given).
 //! Human-readable tables by default, `--json` for scripts. `main.rs` only calls [`run`].
 
+mod bundle;
 mod deploy;
 mod ops;
 mod relay;
@@ -125,6 +126,9 @@ pub enum Command {
     /// Services kept running on the nodes a selector matches, rolled out in batches.
     #[command(subcommand)]
     Deploy(deploy::DeployCommand),
+    /// Air-gapped sites: build signed bundles for nodes, import their results bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
 }
 
 #[derive(Debug, Subcommand)]

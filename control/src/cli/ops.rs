@@ -152,6 +152,7 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
         }
         Command::Audit(AuditCommand::List { limit }) => print(g.json, &c.audit(limit).await?, show::audit)?,
         Command::Deploy(d) => return super::deploy::run(&c, g.json, d).await,
+        Command::Bundle(b) => return super::bundle::run(&c, g.json, b).await,
         Command::Serve { .. } | Command::Ca(_) => return Err(anyhow!("not an operator command")),
     }
     Ok(ExitCode::SUCCESS)

@@ -314,7 +314,7 @@ fn merge_pairs(spec: &mut Map<String, Value>, key: &str, pairs: &[String], flag:
     Ok(())
 }
 
-fn read_job_file(path: &Path) -> anyhow::Result<Value> {
+pub(crate) fn read_job_file(path: &Path) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the job file {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "toml") {

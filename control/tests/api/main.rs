@@ -6,6 +6,7 @@
 #![allow(clippy::expect_used, clippy::panic)]
 
 mod auth;
+mod bundles;
 mod deployments;
 mod dispatch;
 mod enrollment;

@@ -3,6 +3,7 @@
 //! status tasks tell the world how the node is. All state that matters lives in the ledger;
 //! the in-memory parts here can be lost at any moment without losing a job.
 
+mod bundles;
 mod events;
 mod executor;
 mod heartbeat;
@@ -259,6 +260,7 @@ impl<R: Runtime> Agent<R> {
                 "relay started"
             );
         }
+        tasks.spawn(Arc::clone(&agent).bundle_watcher(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).start_jobs(tasks.clone(), shutdown.clone()));
 
         agent.shared.ready.store(true, Ordering::Relaxed);

@@ -189,69 +189,18 @@ impl<R: Runtime> Agent<R> {
         Ok(())
     }
 
-    /// Persist one assignment: a job we already hold is only re-acknowledged; a new one is
-    /// verified and stored as Staged, or stored as Finished with a Rejected result.
+    /// Persist one assignment (see [`crate::intake`]) and wake whoever has work from it.
     fn accept(&self, a: JobAssignment) -> Result<(), crate::store::StoreError> {
-        if !valid_job_id(&a.job_id) {
-            let detail = format!("assignment with unusable job id {:?} ignored", a.job_id);
-            tracing::warn!("{detail}");
-            return self.ledger.audit("job.refused", &detail);
-        }
-        if let Some(mut existing) = self.ledger.get(&a.job_id, a.attempt)? {
-            if existing.acked {
-                existing.acked = false;
-                self.ledger.update(&existing)?;
-            }
-            return Ok(());
-        }
-        let now = now_unix_ms();
-        let last_seq = self.ledger.last_seq()?;
-        let mut rec = JobRecord {
-            job_id: a.job_id.clone(),
-            attempt: a.attempt,
-            seq: 0,
-            state: JobState::Staged,
-            acked: false,
-            received_unix_ms: now,
-            spec: None,
-            envelope: a.envelope.clone(),
-            result: None,
-            local: None,
-        };
-        match self.verifier.verify(&a, last_seq, now) {
-            Ok(env) => {
-                rec.seq = env.seq;
-                rec.spec = Some(env.spec);
-                self.ledger.insert(&rec, true, None)?;
-                tracing::info!(job = %rec.job_id, seq = rec.seq, "job accepted");
+        match crate::intake::take_job(&self.ledger, &self.verifier, &a, now_unix_ms())? {
+            crate::intake::Intake::Accepted { .. } => {
                 self.shared.work.notify_one();
                 self.shared.changed.notify_one();
             }
-            Err(rejection) => {
-                let msg = rejection.to_string();
-                tracing::warn!(job = %a.job_id, reason = %msg, "job rejected");
-                rec.state = JobState::Finished;
-                rec.seq = last_seq;
-                rec.result = Some(self.report_for(
-                    &rec,
-                    Outcome::Rejected,
-                    None,
-                    Some(msg.clone()),
-                    Default::default(),
-                    None,
-                    None,
-                ));
-                if let Some(r) = rec.result.as_mut() {
-                    r.timings.finished_unix_ms = Some(now);
-                }
-                self.ledger.insert(
-                    &rec,
-                    false,
-                    Some(("job.rejected", &format!("job {}: {msg}", a.job_id))),
-                )?;
+            crate::intake::Intake::Rejected(_) => {
                 self.shared.outbox.notify_one();
                 self.shared.changed.notify_one();
             }
+            crate::intake::Intake::Known | crate::intake::Intake::Unusable => {}
         }
         Ok(())
     }

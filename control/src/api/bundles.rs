@@ -1,0 +1,365 @@
+//! Air-gapped bundles (the control plane's side). `POST /v1/orgs/{org_id}/bundles` signs a
+//! bundle's manifest: the operator's machine sends the size and digest of each file it will
+//! pack (images, models: they never cross the API), the control plane creates each job for
+//! each target node exactly as a submission would (queued, signed, the node's next sequence
+//! number), gives every target node a new counter (from the same per-node sequence, so it only
+//! grows) and answers with the signed manifest and the bytes of the parts it made.
+//! `POST /v1/bundles/results` takes a node's signed results bundle, stores each result
+//! exactly as the network path does (idempotent by `job_id/attempt`) and answers with the
+//! acknowledgement bundle for the node.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use outpost_protocol::{
+    BUNDLE_FORMAT, BundleFile, BundleManifest, BundlePart, BundleRequest, BundleResponse, ErrorBody,
+    JobAssignment, NodeInfo, PartKind, ResultReport, ResultsAck, ResultsBundle, ResultsImport,
+    ResultsPayload, Selector, paths,
+};
+use sha2::{Digest, Sha256};
+
+use super::jobs::{JobOrigin, check_job_spec, create_job, sign};
+use super::{ApiError, ApiResult, Body, OperatorAuth, Shared};
+use crate::store::ResultOutcome;
+
+/// Default lifetime of a bundle and its jobs.
+pub const DEFAULT_BUNDLE_EXPIRY_SECS: u64 = 30 * 24 * 3600;
+/// Longest lifetime a bundle may have.
+pub const MAX_BUNDLE_EXPIRY_SECS: u64 = 365 * 24 * 3600;
+/// Most target nodes of one bundle.
+const MAX_BUNDLE_NODES: usize = 1000;
+/// Largest results bundle the API takes (it carries at most the node's outbox of results).
+pub const MAX_RESULTS_BUNDLE_BYTES: usize = 256 * 1024 * 1024;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[utoipa::path(post, path = paths::ORG_BUNDLES, tag = "bundles", request_body = BundleRequest,
+    params(("org_id" = String, Path, description = "organisation id")),
+    description = "Sign a bundle for air-gapped nodes: each job is created for each target node (queued, \
+                   signed), every target node gets a new counter, and the answer carries the signed manifest \
+                   and the parts the control plane made, in manifest order (`null` for the request's files, \
+                   which the caller packs itself).",
+    responses((status = 201, body = BundleResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "no node matches the selector", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn create(
+    _: OperatorAuth,
+    State(st): State<Shared>,
+    Path(org_id): Path<String>,
+    Body(req): Body<BundleRequest>,
+) -> ApiResult<(StatusCode, Json<BundleResponse>)> {
+    if st.store.get_org(&org_id).await?.is_none() {
+        return Err(ApiError::not_found(format!("organisation {org_id} does not exist")));
+    }
+    let expiry = req.expires_in_secs.unwrap_or(DEFAULT_BUNDLE_EXPIRY_SECS);
+    if expiry == 0 || expiry > MAX_BUNDLE_EXPIRY_SECS {
+        return Err(ApiError::bad_request(
+            "bad_expiry",
+            format!("expires_in_secs must be 1..={MAX_BUNDLE_EXPIRY_SECS}"),
+        ));
+    }
+    for f in &req.files {
+        if !matches!(f.kind, PartKind::Image | PartKind::Model) {
+            return Err(ApiError::bad_request("bad_file", "files are images or models"));
+        }
+        if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(ApiError::bad_request(
+                "bad_file",
+                format!("file {:?}: sha256 must be 64 lowercase hex", f.label),
+            ));
+        }
+    }
+    for spec in &req.jobs {
+        check_job_spec(spec)?;
+    }
+    let nodes = targets(&st, &org_id, &req).await?;
+    let mut jobs = Vec::new();
+    let mut job_parts: Vec<(String, String, String)> = Vec::new();
+    for node in &nodes {
+        for spec in &req.jobs {
+            let origin = JobOrigin { selector: req.selector.clone(), ..Default::default() };
+            let info = create_job(&st, node, spec.clone(), expiry, None, origin).await?.ok_or_else(|| {
+                ApiError::internal("job_id_taken", "a freshly generated job id is already taken; try again")
+            })?;
+            let rec = st
+                .store
+                .get_job(&info.job_id)
+                .await?
+                .ok_or_else(|| ApiError::internal("job_missing", "a job just created is gone"))?;
+            let a =
+                JobAssignment { job_id: info.job_id.clone(), attempt: info.attempt, envelope: rec.envelope };
+            let text = serde_json::to_string(&a).map_err(|e| ApiError::internal("encode", e.to_string()))?;
+            job_parts.push((node.node_id.clone(), info.job_id.clone(), text));
+            jobs.push(info);
+        }
+    }
+    let (manifest, parts) =
+        sign_manifest(&st, &org_id, &nodes, req.selector.clone(), &req.files, job_parts, expiry).await?;
+    let detail = format!(
+        "bundle {} for {} node(s): {} file(s), {} job(s)",
+        manifest.1,
+        nodes.len(),
+        req.files.len(),
+        jobs.len()
+    );
+    st.audit("operator", "bundle.created", &detail).await;
+    Ok((StatusCode::CREATED, Json(BundleResponse { manifest: manifest.0, parts, jobs })))
+}
+
+/// The nodes a bundle is for: named ones of the org, or those its selector matches now.
+async fn targets(st: &Shared, org_id: &str, req: &BundleRequest) -> ApiResult<Vec<NodeInfo>> {
+    let mut nodes = Vec::new();
+    match (&req.selector, req.nodes.is_empty()) {
+        (Some(_), false) => {
+            return Err(ApiError::bad_request("bad_target", "give nodes or a selector, not both"));
+        }
+        (None, true) => {
+            return Err(ApiError::bad_request("bad_target", "give the target nodes or a selector"));
+        }
+        (Some(s), true) => {
+            let selector =
+                Selector::parse(s).map_err(|e| ApiError::bad_request("bad_selector", e.to_string()))?;
+            nodes = super::placement::matching_nodes(st, org_id, &selector).await?;
+            if nodes.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "no_matching_node",
+                    format!("no enrolled node of organisation {org_id} matches selector `{selector}`"),
+                ));
+            }
+        }
+        (None, false) => {
+            for id in &req.nodes {
+                let node = st.store.get_node(id).await?.ok_or_else(|| {
+                    ApiError::not_found(format!("node {id} is not enrolled; see `node list`"))
+                })?;
+                if node.org_id != org_id {
+                    return Err(ApiError::not_found(format!(
+                        "node {id} is not a node of organisation {org_id}"
+                    )));
+                }
+                nodes.push(node);
+            }
+        }
+    }
+    nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    nodes.dedup_by(|a, b| a.node_id == b.node_id);
+    if nodes.len() > MAX_BUNDLE_NODES {
+        return Err(ApiError::bad_request(
+            "too_many_nodes",
+            format!("a bundle targets at most {MAX_BUNDLE_NODES} nodes"),
+        ));
+    }
+    Ok(nodes)
+}
+
+/// Gives each node its next counter and signs the manifest over `files` (first, in order) and
+/// the made parts `(node, label, bytes)`. Returns ((signed manifest, bundle id), parts).
+async fn sign_manifest(
+    st: &Shared,
+    org_id: &str,
+    nodes: &[NodeInfo],
+    selector: Option<String>,
+    files: &[BundleFile],
+    made: Vec<(String, String, String)>,
+    expiry_secs: u64,
+) -> ApiResult<((outpost_protocol::SignedEnvelope, String), Vec<Option<String>>)> {
+    let org = st
+        .store
+        .get_org(org_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("organisation {org_id} does not exist")))?;
+    let mut counters = BTreeMap::new();
+    {
+        let _ordered = st.submit_lock.lock().await;
+        for node in nodes {
+            counters.insert(node.node_id.clone(), st.store.next_job_seq(&node.node_id).await?);
+        }
+    }
+    let mut parts = Vec::new();
+    let mut bodies = Vec::new();
+    for f in files {
+        let i = parts.len();
+        parts.push(BundlePart {
+            name: BundleManifest::part_name(i, f.kind),
+            kind: f.kind,
+            size: f.size,
+            sha256: f.sha256.clone(),
+            node_id: None,
+            label: f.label.clone(),
+        });
+        bodies.push(None);
+    }
+    for (node_id, label, text) in made {
+        let i = parts.len();
+        let kind = if label.starts_with("ack:") { PartKind::ResultsAck } else { PartKind::Job };
+        parts.push(BundlePart {
+            name: BundleManifest::part_name(i, kind),
+            kind,
+            size: text.len() as u64,
+            sha256: sha256_hex(text.as_bytes()),
+            node_id: Some(node_id),
+            label,
+        });
+        bodies.push(Some(text));
+    }
+    let now = st.clock.now_ms();
+    let manifest = BundleManifest {
+        format: BUNDLE_FORMAT,
+        bundle_id: uuid::Uuid::new_v4().simple().to_string(),
+        org_id: org_id.to_owned(),
+        counters,
+        selector,
+        created_unix_ms: now,
+        expires_unix_ms: now.saturating_add(expiry_secs.saturating_mul(1000)),
+        parts,
+    };
+    manifest.check().map_err(|e| ApiError::bad_request("bad_bundle", e))?;
+    let signed = sign(&org, &manifest)?;
+    Ok(((signed, manifest.bundle_id), bodies))
+}
+
+#[utoipa::path(post, path = paths::BUNDLE_RESULTS, tag = "bundles", request_body = ResultsBundle,
+    description = "Import a node's signed results bundle: the signature must verify against the node's \
+                   enrolled certificate; each result is stored exactly once (as over the network), and the \
+                   answer carries the acknowledgement bundle to carry back to the node.",
+    responses((status = 200, body = ResultsImport), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "not signed by an enrolled node's certificate", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn import_results(
+    _: OperatorAuth,
+    State(st): State<Shared>,
+    Body(bundle): Body<ResultsBundle>,
+) -> ApiResult<Json<ResultsImport>> {
+    let payload: ResultsPayload = serde_json::from_str(&bundle.payload).map_err(|e| {
+        ApiError::bad_request("bad_bundle", format!("the results payload does not parse: {e}"))
+    })?;
+    let node = st
+        .store
+        .get_node(&payload.node_id)
+        .await?
+        .ok_or_else(|| forbidden(format!("node {} is not enrolled here", payload.node_id)))?;
+    verify_node_signature(&node, &bundle).map_err(forbidden)?;
+    if payload.org_id != node.org_id {
+        return Err(forbidden(format!(
+            "the bundle names organisation {}, the node is in {}",
+            payload.org_id, node.org_id
+        )));
+    }
+    let actor = format!("node:{}", node.node_id);
+    let mut out = ResultsImport {
+        node_id: node.node_id.clone(),
+        results_bundle_id: payload.bundle_id.clone(),
+        stored: Vec::new(),
+        duplicates: Vec::new(),
+        superseded: Vec::new(),
+        refused: Vec::new(),
+        ack: BundleResponse { manifest: empty_envelope(), parts: Vec::new(), jobs: Vec::new() },
+    };
+    let mut acked = Vec::new();
+    for report in payload.results {
+        let key = ResultReport::key_for(&report.job_id, report.attempt);
+        if report.idempotency_key != key {
+            out.refused.push((report.idempotency_key.clone(), format!("idempotency_key must be {key}")));
+            continue;
+        }
+        let outcome = report.outcome;
+        match st.store.store_result(&node.node_id, report).await? {
+            ResultOutcome::Stored => {
+                let detail = format!(
+                    "job {key}: {} (from results bundle {})",
+                    outpost_protocol::wire_name(&outcome),
+                    payload.bundle_id
+                );
+                st.audit(&actor, "job.result", &detail).await;
+                out.stored.push(key.clone());
+                acked.push(key);
+            }
+            ResultOutcome::Superseded => {
+                st.audit(
+                    &actor,
+                    "job.result.superseded",
+                    &format!("job {key}: a later attempt replaced this one"),
+                )
+                .await;
+                out.superseded.push(key.clone());
+                acked.push(key);
+            }
+            ResultOutcome::Duplicate => {
+                out.duplicates.push(key.clone());
+                acked.push(key);
+            }
+            ResultOutcome::NotYours => {
+                out.refused.push((key, "the job was not sent to this node, or does not exist here".into()));
+            }
+        }
+    }
+    let ack = ResultsAck {
+        node_id: node.node_id.clone(),
+        results_bundle_id: payload.bundle_id.clone(),
+        results: acked,
+        events_up_to_seq: 0,
+        service_reports_up_to_seq: 0,
+    };
+    let org = super::jobs::org_of(&st, &node).await?;
+    let signed_ack = sign(&org, &ack)?;
+    let text = serde_json::to_string(&signed_ack).map_err(|e| ApiError::internal("encode", e.to_string()))?;
+    let made = vec![(node.node_id.clone(), format!("ack:{}", payload.bundle_id), text)];
+    let ((manifest, bundle_id), parts) = sign_manifest(
+        &st,
+        &node.org_id,
+        std::slice::from_ref(&node),
+        None,
+        &[],
+        made,
+        DEFAULT_BUNDLE_EXPIRY_SECS,
+    )
+    .await?;
+    let detail = format!(
+        "results bundle {} of node {}: {} stored, {} duplicate, {} superseded, {} refused; acknowledgement bundle {bundle_id}",
+        payload.bundle_id,
+        node.node_id,
+        out.stored.len(),
+        out.duplicates.len(),
+        out.superseded.len(),
+        out.refused.len()
+    );
+    st.audit("operator", "bundle.results_imported", &detail).await;
+    out.ack = BundleResponse { manifest, parts, jobs: Vec::new() };
+    Ok(Json(out))
+}
+
+fn forbidden(why: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "not_signed_by_node", why)
+}
+
+fn empty_envelope() -> outpost_protocol::SignedEnvelope {
+    outpost_protocol::SignedEnvelope {
+        payload: String::new(),
+        key_id: String::new(),
+        signature_hex: String::new(),
+    }
+}
+
+/// The bundle's certificate must be the one the node enrolled with, and its key must have
+/// signed the payload (ECDSA P-256, SHA-256).
+fn verify_node_signature(node: &NodeInfo, bundle: &ResultsBundle) -> Result<(), String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(bundle.cert_pem.as_bytes())
+        .map_err(|e| format!("the bundle's certificate is not PEM: {e}"))?;
+    if sha256_hex(&pem.contents) != node.cert_sha256 {
+        return Err(format!("the bundle is not signed with node {}'s enrolled certificate", node.node_id));
+    }
+    let cert = pem.parse_x509().map_err(|e| format!("the bundle's certificate does not parse: {e}"))?;
+    let key = cert.public_key().subject_public_key.data.to_vec();
+    let sig = hex::decode(&bundle.signature_hex).map_err(|_| "the signature is not hex".to_owned())?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
+        .verify(bundle.payload.as_bytes(), &sig)
+        .map_err(|_| format!("the signature does not verify with node {}'s key", node.node_id))
+}

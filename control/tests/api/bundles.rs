@@ -1,0 +1,187 @@
+//! Bundles for air-gapped nodes: the signed manifest names each target node with a counter
+//! that only grows, each job is created once per node (queued, as if submitted); a node's
+//! signed results are stored exactly once however often they are imported, and only when the
+//! node's own enrolled key signed them.
+
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use outpost_control::testing::TestServer;
+use outpost_protocol::{
+    BundleFile, BundleManifest, BundleRequest, BundleResponse, JobState, PartKind, ResultsAck, ResultsBundle,
+    ResultsImport, ResultsPayload, SignedEnvelope, paths,
+};
+use reqwest::StatusCode;
+
+use super::support::{TestNode, org_and_token, spec, succeeded};
+
+async fn post(
+    server: &TestServer,
+    path: &str,
+    body: &impl serde::Serialize,
+) -> (StatusCode, serde_json::Value) {
+    let http = super::support::https(server.ca_pem(), None);
+    let resp = http
+        .post(format!("{}{path}", server.url()))
+        .bearer_auth(server.admin_token())
+        .json(body)
+        .send()
+        .await
+        .expect("POST");
+    super::support::answer(resp).await
+}
+
+fn request(nodes: &[&str]) -> BundleRequest {
+    BundleRequest {
+        nodes: nodes.iter().map(|s| (*s).to_owned()).collect(),
+        selector: None,
+        files: vec![BundleFile {
+            kind: PartKind::Image,
+            size: 10,
+            sha256: "ab".repeat(32),
+            label: "img.tar".into(),
+        }],
+        jobs: vec![spec().into()],
+        expires_in_secs: Some(3600),
+    }
+}
+
+fn verify(node: &TestNode, env: &SignedEnvelope) -> String {
+    let key = &node.enrolled.org_signing_key;
+    assert_eq!(env.key_id, key.key_id);
+    let bytes: [u8; 32] = hex::decode(&key.ed25519_hex).expect("hex").try_into().expect("32");
+    let sig: [u8; 64] = hex::decode(&env.signature_hex).expect("hex").try_into().expect("64");
+    VerifyingKey::from_bytes(&bytes)
+        .expect("key")
+        .verify(env.payload.as_bytes(), &Signature::from_bytes(&sig))
+        .expect("the org key signed it");
+    env.payload.clone()
+}
+
+async fn bundle(server: &TestServer, org: &str, req: &BundleRequest) -> BundleResponse {
+    let (status, body) = post(server, &paths::fill(paths::ORG_BUNDLES, "org_id", org), req).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    serde_json::from_value(body).expect("BundleResponse")
+}
+
+#[tokio::test]
+async fn a_bundle_is_signed_for_its_nodes_with_growing_counters_and_queued_jobs() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org, token) = org_and_token(&server).await;
+    let a = TestNode::enroll(&server, &token).await;
+    let token2 = op.create_token(&org, None).await.expect("token");
+    let b = TestNode::enroll(&server, &token2.token).await;
+
+    let first = bundle(&server, &org, &request(&[a.id(), b.id()])).await;
+    let m: BundleManifest = serde_json::from_str(&verify(&a, &first.manifest)).expect("manifest");
+    m.check().expect("a well-formed manifest");
+    assert_eq!(m.counters.len(), 2);
+    assert_eq!(m.parts.len(), 3, "one file, one job per node");
+    assert_eq!(first.parts[0], None, "the caller packs its own files");
+    assert_eq!(first.jobs.len(), 2);
+    for (part, body) in m.parts.iter().zip(&first.parts).skip(1) {
+        let body = body.as_ref().expect("a made part");
+        assert_eq!(part.kind, PartKind::Job);
+        assert_eq!(part.size, body.len() as u64);
+        let a: outpost_protocol::JobAssignment = serde_json::from_str(body).expect("an assignment");
+        let job = op.job(&a.job_id).await.expect("job");
+        assert_eq!(job.state, JobState::Queued);
+        assert_eq!(Some(&job.node_id), part.node_id.as_ref());
+    }
+
+    let second = bundle(&server, &org, &request(&[a.id()])).await;
+    let m2: BundleManifest = serde_json::from_str(&second.manifest.payload).expect("manifest");
+    assert!(m2.counters[a.id()] > m.counters[a.id()], "counters only grow");
+}
+
+#[tokio::test]
+async fn bad_bundle_requests_are_refused_with_a_reason() {
+    let server = TestServer::start().await.expect("server");
+    let (org, token) = org_and_token(&server).await;
+    let a = TestNode::enroll(&server, &token).await;
+    let path = paths::fill(paths::ORG_BUNDLES, "org_id", &org);
+    let mut none = request(&[]);
+    none.nodes.clear();
+    assert_eq!(post(&server, &path, &none).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(post(&server, &path, &request(&["node-unknown"])).await.0, StatusCode::NOT_FOUND);
+    let mut bad_digest = request(&[a.id()]);
+    bad_digest.files[0].sha256 = "XYZ".into();
+    assert_eq!(post(&server, &path, &bad_digest).await.0, StatusCode::BAD_REQUEST);
+    let mut forever = request(&[a.id()]);
+    forever.expires_in_secs = Some(10 * 365 * 24 * 3600);
+    assert_eq!(post(&server, &path, &forever).await.0, StatusCode::BAD_REQUEST);
+    let other = paths::fill(paths::ORG_BUNDLES, "org_id", "org-nope");
+    assert_eq!(post(&server, &other, &request(&[a.id()])).await.0, StatusCode::NOT_FOUND);
+}
+
+/// A results bundle signed with `key_pem` (PKCS#8 P-256), as `outpost bundle export-results` writes it.
+fn results_bundle(node: &TestNode, key_pem: &str, cert_pem: &str, payload: &ResultsPayload) -> ResultsBundle {
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+    let text = serde_json::to_string(payload).expect("payload");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(key_pem.as_bytes()).expect("pem");
+    let der = pem.contents;
+    let rng = ring::rand::SystemRandom::new();
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &der, &rng).expect("key");
+    let sig = key.sign(&rng, text.as_bytes()).expect("sign");
+    let _ = node;
+    ResultsBundle { payload: text, cert_pem: cert_pem.to_owned(), signature_hex: hex::encode(sig.as_ref()) }
+}
+
+#[tokio::test]
+async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_own_node() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org, token) = org_and_token(&server).await;
+    let node = TestNode::enroll(&server, &token).await;
+    let token2 = op.create_token(&org, None).await.expect("token");
+    let other = TestNode::enroll(&server, &token2.token).await;
+    let made = bundle(&server, &org, &request(&[node.id()])).await;
+    let job_id = made.jobs[0].job_id.clone();
+
+    let payload = ResultsPayload {
+        format: outpost_protocol::BUNDLE_FORMAT,
+        bundle_id: "r1".into(),
+        node_id: node.id().to_owned(),
+        org_id: org.clone(),
+        created_unix_ms: 1,
+        results: vec![succeeded(&job_id, "carried by hand\n")],
+        events: Vec::new(),
+        service_reports: Vec::new(),
+    };
+    let signed = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &payload);
+    let (status, body) = post(&server, paths::BUNDLE_RESULTS, &signed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let got: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
+    assert_eq!(got.stored, vec![format!("{job_id}/1")]);
+    let job = op.job(&job_id).await.expect("job");
+    assert_eq!(job.state, JobState::Finished);
+    assert_eq!(job.result.expect("result").stdout_tail, "carried by hand\n");
+
+    // The acknowledgement: a bundle for this node alone, carrying the signed receipt.
+    let ack_manifest: BundleManifest =
+        serde_json::from_str(&verify(&node, &got.ack.manifest)).expect("manifest");
+    assert_eq!(ack_manifest.counters.keys().collect::<Vec<_>>(), [node.id()]);
+    assert_eq!(ack_manifest.parts[0].kind, PartKind::ResultsAck);
+    let env: SignedEnvelope =
+        serde_json::from_str(got.ack.parts[0].as_ref().expect("ack")).expect("envelope");
+    let ack: ResultsAck = serde_json::from_str(&verify(&node, &env)).expect("ack");
+    assert_eq!(ack.results, vec![format!("{job_id}/1")]);
+
+    // Again: nothing new is stored, and it is acknowledged again.
+    let (status, body) = post(&server, paths::BUNDLE_RESULTS, &signed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let again: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
+    assert!(again.stored.is_empty());
+    assert_eq!(again.duplicates, vec![format!("{job_id}/1")]);
+    let audit = op.audit(200).await.expect("audit");
+    let stored =
+        audit.entries.iter().filter(|e| e.action == "job.result" && e.detail.contains(&job_id)).count();
+    assert_eq!(stored, 1, "stored once");
+
+    // Signed by another node's key, or claiming to be another node: refused.
+    let forged = results_bundle(&other, &other.key_pem, &other.enrolled.cert_pem, &payload);
+    let (status, body) = post(&server, paths::BUNDLE_RESULTS, &forged).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let mut tampered = signed.clone();
+    tampered.payload = tampered.payload.replace("carried by hand", "carried by some");
+    assert_eq!(post(&server, paths::BUNDLE_RESULTS, &tampered).await.0, StatusCode::FORBIDDEN);
+}

@@ -1,0 +1,132 @@
+//! The agent's side of the air-gapped uplink: every few seconds it looks in its inbox (where
+//! `outpost bundle import` leaves bundles while the agent owns the ledger) and in the watched
+//! directory (`[bundles] watch`, e.g. a mounted USB disk) for `*.bundle` files, and imports each
+//! through the same verification and intake as everything else. An inbox file is removed once
+//! handled and its outcome left for the command that brought it; a watched file is left where it
+//! is (the medium may be read-only) and not tried again while it is unchanged.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Agent;
+use crate::bundle::{self, apply};
+use crate::clock::now_unix_ms;
+use crate::models::{ModelStore, Publishers};
+use crate::runtime::Runtime;
+
+const SCAN_EVERY: Duration = Duration::from_secs(2);
+
+/// A watched file as seen: name, size, modification time.
+type Seen = (PathBuf, u64, Option<std::time::SystemTime>);
+
+impl<R: Runtime> Agent<R> {
+    pub(super) async fn bundle_watcher(self: Arc<Self>, shutdown: CancellationToken) {
+        let inbox = bundle::inbox_dir(&self.cfg);
+        let mut seen: HashSet<Seen> = HashSet::new();
+        loop {
+            for file in bundles_in(&inbox) {
+                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let outcome = self.import_bundle(&file).await;
+                let out = bundle::outcome_path(&self.cfg, &name);
+                if let Err(e) = write_outcome(&out, &outcome) {
+                    tracing::error!(error = %e, "cannot leave the bundle's outcome");
+                }
+                let _ = std::fs::remove_file(&file);
+            }
+            if let Some(dir) = &self.cfg.bundles.watch {
+                for file in bundles_in(dir) {
+                    let meta = std::fs::metadata(&file).ok();
+                    let key = (
+                        file.clone(),
+                        meta.as_ref().map_or(0, |m| m.len()),
+                        meta.and_then(|m| m.modified().ok()),
+                    );
+                    if seen.contains(&key) {
+                        continue;
+                    }
+                    let _ = self.import_bundle(&file).await;
+                    seen.insert(key);
+                }
+                // Forget files that are gone (the disk was unplugged), bounded either way.
+                seen.retain(|(p, _, _)| p.exists());
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SCAN_EVERY) => {}
+            }
+        }
+    }
+
+    async fn import_bundle(&self, file: &Path) -> Result<bundle::Outcome, bundle::BundleError> {
+        let models = ModelStore::new(self.cfg.models_dir());
+        let publishers = match Publishers::new(
+            Some(&self.identity.node.org_signing_key),
+            &self.cfg.models.trusted_publishers,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                return Err(bundle::BundleError::Apply { part: "(models)".into(), reason: e });
+            }
+        };
+        let node = apply::Node {
+            cfg: &self.cfg,
+            ledger: &self.ledger,
+            verifier: &self.verifier,
+            runtime: self.runtime.as_ref(),
+            models: &models,
+            publishers: &publishers,
+            services: &self.services,
+            node_id: &self.identity.node.node_id,
+        };
+        tracing::info!(file = %file.display(), "importing a bundle");
+        let outcome = bundle::import_file(
+            &node,
+            &self.identity.node.org_signing_key,
+            &self.identity.node.org_id,
+            &bundle::staging_dir(&self.cfg),
+            file,
+            now_unix_ms(),
+            Arc::new(|_| {}),
+        )
+        .await;
+        if let Ok(bundle::Outcome::Imported(a)) = &outcome {
+            tracing::info!(bundle = %a.bundle_id, jobs = a.jobs_accepted.len(), "bundle imported");
+            self.shared.work.notify_one();
+            self.shared.changed.notify_one();
+            self.shared.outbox.notify_one();
+            self.service_wake.notify_one();
+        }
+        outcome
+    }
+}
+
+/// `*.bundle` regular files of `dir`, oldest name first (none when it is absent).
+fn bundles_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    files.sort();
+    files
+}
+
+fn write_outcome(path: &Path, outcome: &Result<bundle::Outcome, bundle::BundleError>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let v = match outcome {
+        Ok(o) => serde_json::to_value(o).unwrap_or_default(),
+        Err(e) => serde_json::json!({ "outcome": "refused", "error": e.to_string() }),
+    };
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, v.to_string())?;
+    std::fs::rename(tmp, path)
+}

@@ -1,0 +1,193 @@
+//! Applying a verified bundle: images into the engine, models into the signed model store, jobs
+//! and services into the ledger through the same intake as the network's, acknowledgements
+//! against the outbox; then the bundle's counter, so the same bundle (or an older one) is never
+//! applied again. Every step is idempotent, so an import interrupted by a crash is completed
+//! by importing the bundle again.
+
+use std::path::Path;
+
+use outpost_protocol::{JobAssignment, PartKind, ResultsAck, SignedEnvelope};
+use serde::{Deserialize, Serialize};
+
+use super::BundleError;
+use super::read::Verified;
+use crate::config::Config;
+use crate::intake::{Intake, take_job};
+use crate::ledger::{JobState, Ledger};
+use crate::models::{ModelStore, Publishers};
+use crate::runtime::Runtime;
+use crate::services::book::ServiceBook;
+use crate::store::{Op, StateStore, StoreError, Tree};
+use crate::verify::ManifestVerifier;
+
+/// Key of the last imported bundle in the ledger's `meta` tree.
+const LAST: &[u8] = b"bundle.last";
+
+/// Bundle ids remembered as imported (so importing one again is a no-op that says so).
+const REMEMBERED: usize = 256;
+
+/// The last bundle this node imported, and the ids of the most recent ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastBundle {
+    pub bundle_id: String,
+    pub counter: u64,
+    pub imported_unix_ms: u64,
+    #[serde(default)]
+    pub recent: Vec<String>,
+}
+
+/// The last bundle imported (counter 0: none yet).
+pub fn last_bundle(store: &dyn StateStore) -> Result<LastBundle, StoreError> {
+    match store.get(Tree::Meta, LAST)? {
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            tree: "meta",
+            key: "bundle.last".into(),
+            message: e.to_string(),
+        }),
+        None => Ok(LastBundle::default()),
+    }
+}
+
+/// What an import did, part by part, for the operator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub bundle_id: String,
+    pub counter: u64,
+    pub images: Vec<String>,
+    pub models: Vec<String>,
+    pub jobs_accepted: Vec<String>,
+    pub jobs_known: Vec<String>,
+    pub jobs_rejected: Vec<(String, String)>,
+    pub services: Vec<(String, String)>,
+    pub results_acknowledged: usize,
+}
+
+/// What applying needs of the node.
+pub struct Node<'a, R: Runtime> {
+    pub cfg: &'a Config,
+    pub ledger: &'a Ledger,
+    pub verifier: &'a ManifestVerifier,
+    pub runtime: &'a R,
+    pub models: &'a ModelStore,
+    pub publishers: &'a Publishers,
+    pub services: &'a ServiceBook,
+    pub node_id: &'a str,
+}
+
+/// Apply every staged part, then record the bundle as imported.
+pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Result<Applied, BundleError> {
+    let mut out =
+        Applied { bundle_id: v.manifest.bundle_id.clone(), counter: v.counter, ..Applied::default() };
+    // Content first (idempotent by digest), so jobs never arrive before what they need.
+    for (part, file) in v.parts.iter().filter(|(p, _)| p.kind == PartKind::Image) {
+        let ids = node.runtime.load_image(file).await.map_err(|e| BundleError::Apply {
+            part: part.name.clone(),
+            reason: format!("image not loaded: {e}"),
+        })?;
+        out.images.extend(ids);
+    }
+    for (part, file) in v.parts.iter().filter(|(p, _)| p.kind == PartKind::Model) {
+        let model = import_model(node, file)
+            .map_err(|reason| BundleError::Apply { part: part.name.clone(), reason })?;
+        out.models.push(model);
+    }
+    let store_err =
+        |part: &str, e: StoreError| BundleError::Apply { part: part.to_owned(), reason: e.to_string() };
+    for (part, file) in &v.parts {
+        match part.kind {
+            PartKind::Image | PartKind::Model => {}
+            PartKind::Job => {
+                let a: JobAssignment = read_json(file, &part.name)?;
+                match take_job(node.ledger, node.verifier, &a, now).map_err(|e| store_err(&part.name, e))? {
+                    Intake::Accepted { .. } => out.jobs_accepted.push(a.job_id),
+                    Intake::Known => out.jobs_known.push(a.job_id),
+                    Intake::Rejected(why) => out.jobs_rejected.push((a.job_id, why)),
+                    Intake::Unusable => out.jobs_rejected.push((a.job_id, "unusable job id".into())),
+                }
+            }
+            PartKind::Service => {
+                let env: SignedEnvelope = read_json(file, &part.name)?;
+                let got =
+                    crate::services::receive(node.services, node.ledger, node.verifier, node.cfg, &env, now)
+                        .map_err(|e| store_err(&part.name, e))?;
+                out.services.push((part.label.clone(), format!("{got:?}").to_lowercase()));
+            }
+            PartKind::ResultsAck => {
+                let env: SignedEnvelope = read_json(file, &part.name)?;
+                out.results_acknowledged += acknowledge(node, &env, &part.name)?;
+            }
+        }
+    }
+    let mut recent =
+        last_bundle(node.ledger.store().as_ref()).map_err(|e| store_err("(bundle record)", e))?.recent;
+    recent.push(v.manifest.bundle_id.clone());
+    if recent.len() > REMEMBERED {
+        recent.drain(..recent.len() - REMEMBERED);
+    }
+    let last = LastBundle {
+        bundle_id: v.manifest.bundle_id.clone(),
+        counter: v.counter,
+        imported_unix_ms: now,
+        recent,
+    };
+    let bytes = serde_json::to_vec(&last).map_err(|e| BundleError::Corrupt(e.to_string()))?;
+    node.ledger
+        .store()
+        .apply(vec![Op::Put(Tree::Meta, LAST.to_vec(), bytes)])
+        .map_err(|e| store_err("(bundle record)", e))?;
+    let detail = format!(
+        "bundle {} (counter {}): {} image(s), {} model(s), {} job(s) accepted, {} known, {} rejected, {} service state(s), {} result(s) acknowledged",
+        out.bundle_id,
+        out.counter,
+        out.images.len(),
+        out.models.len(),
+        out.jobs_accepted.len(),
+        out.jobs_known.len(),
+        out.jobs_rejected.len(),
+        out.services.len(),
+        out.results_acknowledged
+    );
+    node.ledger.audit("bundle.imported", &detail).map_err(|e| store_err("(audit)", e))?;
+    Ok(out)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(file: &Path, part: &str) -> Result<T, BundleError> {
+    let bytes = std::fs::read(file)
+        .map_err(|e| BundleError::Io { context: format!("read {}", file.display()), source: e })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| BundleError::Apply { part: part.to_owned(), reason: format!("does not parse: {e}") })
+}
+
+fn import_model<R: Runtime>(node: &Node<'_, R>, file: &Path) -> Result<String, String> {
+    let writer = node.models.writer().map_err(|e| e.to_string())?;
+    let model = writer.import(file, node.publishers, &mut |_| {}).map_err(|e| e.to_string())?;
+    Ok(format!("{}@{}", model.manifest.name, model.manifest.version))
+}
+
+/// Marks the results the control plane acknowledged as reported; returns how many it cleared.
+fn acknowledge<R: Runtime>(
+    node: &Node<'_, R>,
+    env: &SignedEnvelope,
+    part: &str,
+) -> Result<usize, BundleError> {
+    let apply_err = |reason: String| BundleError::Apply { part: part.to_owned(), reason };
+    let payload = node.verifier.verify_payload(env).map_err(|e| apply_err(e.to_string()))?;
+    let ack: ResultsAck =
+        serde_json::from_str(payload).map_err(|e| apply_err(format!("does not parse: {e}")))?;
+    if ack.node_id != node.node_id {
+        return Err(apply_err(format!("the acknowledgement is for node {}, not this one", ack.node_id)));
+    }
+    let mut cleared = 0;
+    for key in &ack.results {
+        let Some((job_id, attempt)) = key.rsplit_once('/') else { continue };
+        let Ok(attempt) = attempt.parse::<u32>() else { continue };
+        if let Some(mut rec) = node.ledger.get(job_id, attempt).map_err(|e| apply_err(e.to_string()))?
+            && rec.state == JobState::Finished
+        {
+            rec.state = JobState::Reported;
+            node.ledger.update(&rec).map_err(|e| apply_err(e.to_string()))?;
+            cleared += 1;
+        }
+    }
+    Ok(cleared)
+}

@@ -1,0 +1,180 @@
+//! Air-gapped bundles (the node's side): `outpost bundle inspect|import|export-results`, and the
+//! agent's watched directory. A bundle is just another uplink: the jobs and services inside are
+//! verified and persisted by the same code as those that arrive over the network, and the
+//! results a node carries out are the ones its outbox holds for the network.
+//!
+//! Import is all or nothing: the whole file is verified and its parts staged
+//! ([`read::verify_and_stage`]) before anything is applied, and the bundle's counter is
+//! recorded only after every part is applied, in the same ledger batch as the jobs (so a
+//! kill -9 midway leaves the node as before; importing again then applies it, and parts already
+//! applied are recognised: images and models by digest, jobs and services by id and seq).
+
+pub mod apply;
+pub mod read;
+pub mod results;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+
+/// `data_dir/bundles/staging`: where parts wait until the whole bundle verified.
+pub fn staging_dir(cfg: &Config) -> PathBuf {
+    cfg.data_dir.join("bundles").join("staging")
+}
+
+/// `data_dir/bundles/inbox`: bundles `outpost bundle import` hands to the running agent.
+pub fn inbox_dir(cfg: &Config) -> PathBuf {
+    cfg.data_dir.join("bundles").join("inbox")
+}
+
+/// Where the agent leaves the outcome of an inbox bundle for the command that handed it over.
+pub fn outcome_path(cfg: &Config, name: &str) -> PathBuf {
+    cfg.data_dir.join("bundles").join("outcomes").join(format!("{name}.json"))
+}
+
+/// Why a bundle was refused or could not be applied. Nothing was changed on the node.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("not a readable bundle: {0}")]
+    Corrupt(String),
+    #[error("the manifest's signature does not verify: {0}")]
+    Signature(String),
+    #[error("wrong target: {0}")]
+    WrongTarget(String),
+    #[error("the bundle expired at {expires_unix_ms} (Unix ms); ask for a new one")]
+    Expired { expires_unix_ms: u64 },
+    #[error(
+        "replayed or older bundle: its counter {counter} is not above {last}, the last this node imported"
+    )]
+    Replayed { counter: u64, last: u64 },
+    #[error("truncated: {0}")]
+    Truncated(String),
+    #[error("member {member}: {reason}")]
+    BadMember { member: String, reason: String },
+    #[error("part {part} ({label}): its SHA-256 differs from the signed manifest (damaged or altered)")]
+    Digest { part: String, label: String },
+    #[error("not enough free space in {dir}: {needed} bytes needed, {available} available")]
+    NoSpace { dir: String, needed: u64, available: u64 },
+    #[error("part {part}: {reason}")]
+    Apply { part: String, reason: String },
+}
+
+/// Staging needs the parts' size plus a margin, on the filesystem that holds `dir` (or its
+/// nearest existing parent).
+pub fn check_free_space(dir: &Path, needed: u64) -> Result<(), BundleError> {
+    let mut probe = dir;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) => probe = p,
+            None => break,
+        }
+    }
+    let stat = nix::sys::statvfs::statvfs(probe).map_err(|e| BundleError::Io {
+        context: format!("free space of {}", probe.display()),
+        source: std::io::Error::from(e),
+    })?;
+    let available = (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64);
+    let wanted = needed.saturating_add(needed / 20).saturating_add(16 * 1024 * 1024);
+    if wanted > available {
+        return Err(BundleError::NoSpace { dir: probe.display().to_string(), needed: wanted, available });
+    }
+    Ok(())
+}
+
+/// Told the bytes verified so far.
+pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+/// What importing a bundle did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Imported(apply::Applied),
+    /// The last bundle imported is this one: nothing to do.
+    AlreadyImported {
+        bundle_id: String,
+        counter: u64,
+    },
+}
+
+/// Verify `file` completely, stage its parts under `staging_root`, apply them and record it;
+/// or change nothing and say why (audited). The staging directory is removed either way.
+pub async fn import_file<R: crate::runtime::Runtime>(
+    node: &apply::Node<'_, R>,
+    org_key: &outpost_protocol::PublicKey,
+    org_id: &str,
+    staging_root: &Path,
+    file: &Path,
+    now: u64,
+    progress: Progress,
+) -> Result<Outcome, BundleError> {
+    let result = import_inner(node, org_key, org_id, staging_root, file, now, progress).await;
+    match &result {
+        Ok(Outcome::Imported(_)) => {}
+        Ok(Outcome::AlreadyImported { bundle_id, .. }) => {
+            tracing::info!(bundle = %bundle_id, file = %file.display(), "bundle already imported; nothing to do");
+        }
+        Err(e) => {
+            let detail = format!("{}: {e}", file.display());
+            tracing::warn!("bundle refused: {detail}");
+            if let Err(e) = node.ledger.audit("bundle.refused", &detail) {
+                tracing::error!(error = %e, "cannot write the audit log");
+            }
+        }
+    }
+    result
+}
+
+async fn import_inner<R: crate::runtime::Runtime>(
+    node: &apply::Node<'_, R>,
+    org_key: &outpost_protocol::PublicKey,
+    org_id: &str,
+    staging_root: &Path,
+    file: &Path,
+    now: u64,
+    progress: Progress,
+) -> Result<Outcome, BundleError> {
+    let store_err =
+        |e: crate::store::StoreError| BundleError::Apply { part: "(ledger)".into(), reason: e.to_string() };
+    let last = apply::last_bundle(node.ledger.store().as_ref()).map_err(store_err)?;
+    let expect = read::Expect { org_id, org_key, node_id: node.node_id, now_unix_ms: now };
+    let manifest = read::manifest(file, &expect)?;
+    if manifest.bundle_id == last.bundle_id || last.recent.contains(&manifest.bundle_id) {
+        let counter = manifest.counters.get(node.node_id).copied().unwrap_or_default();
+        return Ok(Outcome::AlreadyImported { bundle_id: manifest.bundle_id, counter });
+    }
+    if !manifest.bundle_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        || manifest.bundle_id.is_empty()
+    {
+        return Err(BundleError::Corrupt("the bundle id is not a plain name".into()));
+    }
+    let staging = staging_root.join(&manifest.bundle_id);
+    let _ = std::fs::remove_dir_all(&staging);
+    // Reading and hashing gigabytes is blocking work: off the async thread.
+    let verified = {
+        let (file, staging, org_id, org_key, node_id) = (
+            file.to_path_buf(),
+            staging.clone(),
+            org_id.to_owned(),
+            org_key.clone(),
+            node.node_id.to_owned(),
+        );
+        let last = last.counter;
+        tokio::task::spawn_blocking(move || {
+            let expect =
+                read::Expect { org_id: &org_id, org_key: &org_key, node_id: &node_id, now_unix_ms: now };
+            read::verify_and_stage(&file, &expect, last, Some(&staging), &*progress)
+        })
+        .await
+        .map_err(|e| BundleError::Corrupt(format!("verification stopped: {e}")))?
+    };
+    let result = match verified {
+        Ok(v) => apply::apply(node, &v, now).await.map(Outcome::Imported),
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}

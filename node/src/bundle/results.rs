@@ -1,0 +1,94 @@
+//! Results out: every result in the node's outbox (not yet acknowledged by the control plane)
+//! as one file signed by the node's own key, for `outpost-control bundle import-results`. The
+//! egress policy applies exactly as on the network: the results are the very reports the
+//! reporter would send (bodies only where the policy and the signed job allowed them). The
+//! outbox is cleared only by the control plane's acknowledgement, which comes back in a bundle.
+
+use std::io::Write;
+use std::path::Path;
+
+use outpost_protocol::{BUNDLE_FORMAT, ResultReport, ResultsBundle, ResultsPayload};
+
+use super::BundleError;
+use crate::identity::Identity;
+use crate::ledger::{JobState, Ledger};
+
+/// What went into a results bundle.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Exported {
+    pub bundle_id: String,
+    pub results: Vec<String>,
+    pub bytes: u64,
+}
+
+/// The results waiting in the outbox (local triggers' results stay on site).
+pub fn pending(ledger: &Ledger) -> Result<Vec<ResultReport>, BundleError> {
+    let records = ledger
+        .in_state(JobState::Finished)
+        .map_err(|e| BundleError::Apply { part: "(outbox)".into(), reason: e.to_string() })?;
+    Ok(records.into_iter().filter(|r| r.local.is_none()).filter_map(|r| r.result).collect())
+}
+
+/// Write the outbox's results to `out` (via a temporary file renamed into place).
+pub fn export(identity: &Identity, ledger: &Ledger, out: &Path, now: u64) -> Result<Exported, BundleError> {
+    let results = pending(ledger)?;
+    let payload = ResultsPayload {
+        format: BUNDLE_FORMAT,
+        bundle_id: uuid::Uuid::new_v4().to_string(),
+        node_id: identity.node.node_id.clone(),
+        org_id: identity.node.org_id.clone(),
+        created_unix_ms: now,
+        results,
+        events: Vec::new(),
+        service_reports: Vec::new(),
+    };
+    let text = serde_json::to_string(&payload).map_err(|e| BundleError::Corrupt(e.to_string()))?;
+    let signature_hex = sign(&identity.key_pem, text.as_bytes())?;
+    let bundle = ResultsBundle { payload: text, cert_pem: identity.cert_pem.clone(), signature_hex };
+    let tmp = out.with_extension("partial");
+    let io = |context: String| move |e: std::io::Error| BundleError::Io { context, source: e };
+    {
+        let file = std::fs::File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+        let mut enc = zstd::stream::write::Encoder::new(file, 3).map_err(io("compress".into()))?;
+        enc.include_checksum(true).map_err(io("compress".into()))?;
+        serde_json::to_writer(&mut enc, &bundle).map_err(|e| BundleError::Corrupt(e.to_string()))?;
+        let mut file = enc.finish().map_err(io(format!("write {}", tmp.display())))?;
+        file.flush().map_err(io(format!("write {}", tmp.display())))?;
+        file.sync_all().map_err(io(format!("sync {}", tmp.display())))?;
+    }
+    std::fs::rename(&tmp, out).map_err(io(format!("rename {} to {}", tmp.display(), out.display())))?;
+    let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    let detail =
+        format!("results bundle {} with {} result(s) written", payload.bundle_id, payload.results.len());
+    ledger
+        .audit("bundle.results_exported", &detail)
+        .map_err(|e| BundleError::Apply { part: "(audit)".into(), reason: e.to_string() })?;
+    Ok(Exported {
+        bundle_id: payload.bundle_id,
+        results: payload.results.iter().map(|r| r.idempotency_key.clone()).collect(),
+        bytes,
+    })
+}
+
+/// ECDSA P-256 / SHA-256 (ASN.1 DER) with the node's key (PKCS#8 PEM), hex.
+fn sign(key_pem: &str, msg: &[u8]) -> Result<String, BundleError> {
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+    let der = pem_body(key_pem).ok_or_else(|| BundleError::Signature("the node key is not PEM".into()))?;
+    let rng = ring::rand::SystemRandom::new();
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &der, &rng)
+        .map_err(|e| BundleError::Signature(format!("the node key is not a P-256 PKCS#8 key: {e}")))?;
+    let sig = key.sign(&rng, msg).map_err(|e| BundleError::Signature(format!("cannot sign: {e}")))?;
+    Ok(hex::encode(sig.as_ref()))
+}
+
+/// The DER bytes of the first PEM block.
+fn pem_body(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}

@@ -1,0 +1,280 @@
+//! `outpost bundle …`: the air-gapped uplink by hand. `import` applies a signed bundle from
+//! the control plane (images, models, jobs, acknowledgements); while the agent runs it hands
+//! the file to the agent (its inbox) and waits for the outcome, since the ledger has one owner.
+//! `export-results` writes the outbox's results, signed by this node, for the control plane.
+//! `inspect` verifies a bundle completely and prints what it holds, changing nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use outpost_node::bundle::{self, BundleError, Outcome, apply, read};
+use outpost_node::clock::now_unix_ms;
+use outpost_node::config::Config;
+use outpost_node::identity::Identity;
+use outpost_node::ledger::Ledger;
+use outpost_node::models::{ModelStore, Publishers};
+use outpost_node::runtime::docker::DockerRuntime;
+use outpost_node::services::book::ServiceBook;
+use outpost_node::store::sled_store::SledStore;
+use outpost_node::verify::ManifestVerifier;
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Verify a bundle completely (signature, target, counter, expiry, every part's digest)
+    /// and print what it holds; changes nothing.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify and apply a bundle from the control plane: all or nothing. Importing the same
+    /// bundle again is a no-op that says so; an older one is refused as a replay.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// While the agent runs, how long to wait for it to import the bundle.
+        #[arg(long, value_parser = parse_secs, default_value = "600")]
+        wait: Duration,
+    },
+    /// Write every result the control plane has not acknowledged, signed by this node, for
+    /// `outpost-control bundle import-results`. The results stay in the outbox until the
+    /// acknowledgement bundle comes back.
+    ExportResults {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.trim_end_matches('s')
+        .parse()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("{s:?} is not a number of seconds"))
+}
+
+pub async fn run(cfg: &Config, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
+    let identity = Identity::load(&cfg.identity_dir()).context(
+        "this node is not enrolled: bundles are verified against the organisation key pinned at enrollment",
+    )?;
+    match cmd {
+        BundleCommand::Inspect { file, json } => inspect(cfg, &identity, &file, json),
+        BundleCommand::Import { file, json, wait } => match SledStore::open(&cfg.ledger_dir()) {
+            Ok(store) => import_here(cfg, &identity, Ledger::new(Arc::new(store)), &file, json).await,
+            Err(e) if e.to_string().contains("another `outpost run`") => {
+                hand_to_agent(cfg, &file, json, wait).await
+            }
+            Err(e) => Err(e.into()),
+        },
+        BundleCommand::ExportResults { out, json } => {
+            let store = SledStore::open(&cfg.ledger_dir()).map_err(|e| {
+                anyhow::anyhow!("{e}\n(stop the agent to export results: the ledger has one owner at a time)")
+            })?;
+            let ledger = Ledger::new(Arc::new(store));
+            let exported = bundle::results::export(&identity, &ledger, &out, now_unix_ms())?;
+            if json {
+                println!("{}", serde_json::to_string(&exported)?);
+            } else {
+                println!(
+                    "{} result(s) written to {} ({} bytes); take it to `outpost-control bundle import-results`",
+                    exported.results.len(),
+                    out.display(),
+                    exported.bytes
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn inspect(cfg: &Config, identity: &Identity, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let last = SledStore::open(&cfg.ledger_dir())
+        .ok()
+        .and_then(|s| apply::last_bundle(&s).ok())
+        .map(|l| l.counter)
+        .unwrap_or(0);
+    let expect = read::Expect {
+        org_id: &identity.node.org_id,
+        org_key: &identity.node.org_signing_key,
+        node_id: &identity.node.node_id,
+        now_unix_ms: now_unix_ms(),
+    };
+    let result = read::verify_and_stage(file, &expect, last, None, &|_| {});
+    let manifest = match &result {
+        Ok(v) => Some(v.manifest.clone()),
+        Err(_) => read::manifest(file, &expect).ok(),
+    };
+    if json {
+        let v = serde_json::json!({
+            "manifest": manifest,
+            "verified": result.is_ok(),
+            "error": result.as_ref().err().map(ToString::to_string),
+        });
+        println!("{v}");
+    } else {
+        if let Some(m) = &manifest {
+            println!("bundle {} of organisation {}", m.bundle_id, m.org_id);
+            println!("  created {} (Unix ms), expires {}", m.created_unix_ms, m.expires_unix_ms);
+            println!(
+                "  for {} node(s); this node's counter {:?}",
+                m.counters.len(),
+                m.counters.get(&identity.node.node_id)
+            );
+            for p in &m.parts {
+                let node = p.node_id.as_deref().map(|n| format!(" for {n}")).unwrap_or_default();
+                println!("  {:<22} {:>12} bytes  {}{}", p.name, p.size, p.label, node);
+            }
+        }
+        match &result {
+            Ok(_) => println!("verified: every part matches the signed manifest; importable here"),
+            Err(e) => println!("NOT importable here: {e}"),
+        }
+    }
+    Ok(if result.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn import_here(
+    cfg: &Config,
+    identity: &Identity,
+    ledger: Ledger,
+    file: &Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let verifier = ManifestVerifier::new(&identity.node.node_id, &identity.node.org_signing_key)
+        .map_err(anyhow::Error::msg)?;
+    let runtime = DockerRuntime::new(&identity.node.node_id, cfg.docker.socket.as_deref())?;
+    let models = ModelStore::new(cfg.models_dir());
+    let publishers = Publishers::new(Some(&identity.node.org_signing_key), &cfg.models.trusted_publishers)
+        .map_err(anyhow::Error::msg)?;
+    let services = ServiceBook::new(Arc::clone(ledger.store()));
+    let node = apply::Node {
+        cfg,
+        ledger: &ledger,
+        verifier: &verifier,
+        runtime: &runtime,
+        models: &models,
+        publishers: &publishers,
+        services: &services,
+        node_id: &identity.node.node_id,
+    };
+    let outcome = bundle::import_file(
+        &node,
+        &identity.node.org_signing_key,
+        &identity.node.org_id,
+        &bundle::staging_dir(cfg),
+        file,
+        now_unix_ms(),
+        Arc::new(|_| {}),
+    )
+    .await;
+    report(outcome, json)
+}
+
+fn report(outcome: Result<Outcome, BundleError>, json: bool) -> anyhow::Result<ExitCode> {
+    match outcome {
+        Ok(o) => {
+            if json {
+                println!("{}", serde_json::to_string(&o)?);
+            } else {
+                print_outcome(&o);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({ "outcome": "refused", "error": e.to_string() }));
+                Ok(ExitCode::FAILURE)
+            } else {
+                bail!("bundle not imported (nothing changed): {e}")
+            }
+        }
+    }
+}
+
+fn print_outcome(o: &Outcome) {
+    match o {
+        Outcome::AlreadyImported { bundle_id, counter } => {
+            println!("bundle {bundle_id} (counter {counter}) was imported already: nothing to do");
+        }
+        Outcome::Imported(a) => {
+            println!("imported bundle {} (counter {})", a.bundle_id, a.counter);
+            for i in &a.images {
+                println!("  image loaded    {i}");
+            }
+            for m in &a.models {
+                println!("  model imported  {m}");
+            }
+            for j in &a.jobs_accepted {
+                println!("  job accepted    {j}");
+            }
+            for j in &a.jobs_known {
+                println!("  job known       {j} (received before)");
+            }
+            for (j, why) in &a.jobs_rejected {
+                println!("  job rejected    {j}: {why}");
+            }
+            for (s, what) in &a.services {
+                println!("  service         {s}: {what}");
+            }
+            if a.results_acknowledged > 0 {
+                println!("  {} result(s) acknowledged: cleared from the outbox", a.results_acknowledged);
+            }
+        }
+    }
+}
+
+/// The agent owns the ledger: leave the file in its inbox and wait for its outcome.
+async fn hand_to_agent(cfg: &Config, file: &Path, json: bool, wait: Duration) -> anyhow::Result<ExitCode> {
+    let inbox = bundle::inbox_dir(cfg);
+    std::fs::create_dir_all(&inbox).with_context(|| format!("cannot create {}", inbox.display()))?;
+    let name = format!("{}-{}.bundle", now_unix_ms(), std::process::id());
+    let tmp = inbox.join(format!(".{name}.partial"));
+    std::fs::copy(file, &tmp)
+        .with_context(|| format!("cannot copy {} to {}", file.display(), tmp.display()))?;
+    std::fs::rename(&tmp, inbox.join(&name))?;
+    eprintln!("the agent is running: handed {} to it; waiting for its outcome", file.display());
+    let outcome_file = bundle::outcome_path(cfg, &name);
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&outcome_file) {
+            let _ = std::fs::remove_file(&outcome_file);
+            let v: serde_json::Value =
+                serde_json::from_str(&text).context("the agent's outcome does not parse")?;
+            if json {
+                println!("{v}");
+            }
+            return match v.get("error").and_then(|e| e.as_str()) {
+                Some(err) => {
+                    if json {
+                        Ok(ExitCode::FAILURE)
+                    } else {
+                        bail!("bundle not imported (nothing changed): {err}")
+                    }
+                }
+                None => {
+                    if !json {
+                        match serde_json::from_value::<Outcome>(v.clone()) {
+                            Ok(o) => print_outcome(&o),
+                            Err(_) => println!("{v}"),
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+            };
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent has not imported the bundle within {} s; it stays in {} and is imported when the agent gets to it",
+                wait.as_secs(),
+                inbox.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,104 @@
+//! How a job offered to this node enters its ledger, whichever way it came (a poll answer or a
+//! bundle): verified first, then persisted as Staged, or persisted as Finished with a Rejected
+//! result that goes out like any other. A job the ledger already holds is only marked for a new
+//! acknowledgement.
+
+use outpost_protocol::{JobAssignment, Outcome, ResultReport, SignedEnvelope, Timings};
+
+use crate::ledger::{JobRecord, JobState, Ledger};
+use crate::store::StoreError;
+use crate::verify::{ManifestVerifier, valid_job_id};
+
+/// What became of an offered job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intake {
+    /// Verified and persisted: an executor will run it.
+    Accepted { seq: u64 },
+    /// Already in the ledger.
+    Known,
+    /// Refused (the reason); persisted with a Rejected result for the outbox.
+    Rejected(String),
+    /// Its id cannot name anything here: refused and audited, nothing persisted.
+    Unusable,
+}
+
+/// Verify and persist one assignment.
+pub fn take_job(
+    ledger: &Ledger,
+    verifier: &ManifestVerifier,
+    a: &JobAssignment,
+    now: u64,
+) -> Result<Intake, StoreError> {
+    if !valid_job_id(&a.job_id) {
+        let detail = format!("assignment with unusable job id {:?} ignored", a.job_id);
+        tracing::warn!("{detail}");
+        ledger.audit("job.refused", &detail)?;
+        return Ok(Intake::Unusable);
+    }
+    if let Some(mut existing) = ledger.get(&a.job_id, a.attempt)? {
+        if existing.acked {
+            existing.acked = false;
+            ledger.update(&existing)?;
+        }
+        return Ok(Intake::Known);
+    }
+    let last_seq = ledger.last_seq()?;
+    let mut rec = JobRecord {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        seq: 0,
+        state: JobState::Staged,
+        acked: false,
+        received_unix_ms: now,
+        spec: None,
+        envelope: a.envelope.clone(),
+        result: None,
+        local: None,
+    };
+    match verifier.verify(a, last_seq, now) {
+        Ok(env) => {
+            rec.seq = env.seq;
+            rec.spec = Some(env.spec);
+            ledger.insert(&rec, true, None)?;
+            tracing::info!(job = %rec.job_id, seq = rec.seq, "job accepted");
+            Ok(Intake::Accepted { seq: rec.seq })
+        }
+        Err(rejection) => {
+            let msg = rejection.to_string();
+            tracing::warn!(job = %a.job_id, reason = %msg, "job rejected");
+            rec.state = JobState::Finished;
+            rec.seq = last_seq;
+            rec.result = Some(rejected_report(&rec, &msg, now));
+            ledger.insert(&rec, false, Some(("job.rejected", &format!("job {}: {msg}", a.job_id))))?;
+            Ok(Intake::Rejected(msg))
+        }
+    }
+}
+
+/// The result of a job refused before it ran.
+pub fn rejected_report(rec: &JobRecord, why: &str, now: u64) -> ResultReport {
+    ResultReport {
+        job_id: rec.job_id.clone(),
+        attempt: rec.attempt,
+        idempotency_key: ResultReport::key_for(&rec.job_id, rec.attempt),
+        outcome: Outcome::Rejected,
+        exit_code: None,
+        error: Some(why.to_owned()),
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+        output_truncated: false,
+        timings: Timings {
+            received_unix_ms: rec.received_unix_ms,
+            started_unix_ms: None,
+            finished_unix_ms: Some(now),
+        },
+        outputs: Vec::new(),
+        egress_denied: Vec::new(),
+        inference: None,
+    }
+}
+
+/// An empty envelope, for records of attempts this node never received.
+pub fn no_envelope() -> SignedEnvelope {
+    SignedEnvelope { payload: String::new(), key_id: String::new(), signature_hex: String::new() }
+}

@@ -1,0 +1,191 @@
+//! The sneakernet end to end, with the real control plane, agent and Docker engine: a node that
+//! never reaches the control plane after enrollment runs a job from a signed bundle, its result
+//! reaches the control plane through a results bundle exactly once (however often it is
+//! imported), the acknowledgement bundle clears the node's outbox, and when the node later gets
+//! a network link nothing is duplicated; a bundle handed over while the agent runs goes through
+//! the agent. Damaged and replayed bundles change nothing and say why.
+
+#![allow(clippy::expect_used)]
+
+mod common;
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use harness::{Control, Node, control_bin, eventually};
+use outpost_protocol::{JobState, Outcome};
+
+const CONFIG: &str = "[control]\npoll_wait_secs = 5\nrequest_timeout_secs = 3\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n";
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn operator(control: &Control, args: &[&str]) -> Output {
+    Command::new(control_bin())
+        .args(["--url", &control.url, "--data-dir"])
+        .arg(&control.dir)
+        .args(args)
+        .output()
+        .expect("run outpost-control")
+}
+
+fn job_file(dir: &Path, name: &str, script: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.json"));
+    let spec =
+        serde_json::json!({ "spec": { "image": common::test_image(), "command": ["sh", "-c", script] } });
+    std::fs::write(&path, spec.to_string()).expect("write job file");
+    path
+}
+
+fn build(control: &Control, org: &str, node: &str, extra: &[&str], out: &Path) -> String {
+    let mut args = vec![
+        "bundle",
+        "build",
+        "--org",
+        org,
+        "--node",
+        node,
+        "--out",
+        out.to_str().expect("utf8"),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    let o = operator(control, &args);
+    assert!(o.status.success(), "bundle build: {}", text(&o));
+    // stdout: `JOB_ID<TAB>NODE_ID` per job.
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Points the node at an address where nothing listens: the site has no link.
+fn cut_off(node: &Node) {
+    let text = std::fs::read_to_string(&node.config).expect("config");
+    std::fs::write(&node.config, text.replace("[control]\n", "[control]\nurl = \"https://127.0.0.1:9\"\n"))
+        .expect("write config");
+}
+
+fn reconnect(node: &Node) {
+    let text = std::fs::read_to_string(&node.config).expect("config");
+    std::fs::write(&node.config, text.replace("url = \"https://127.0.0.1:9\"\n", "")).expect("write config");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let image_tar = tmp.path().join("image.tar");
+    common::build_test_image(Some(&image_tar));
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("airgap").await;
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, CONFIG).await;
+    cut_off(&node);
+
+    let bundle = tmp.path().join("site.bundle");
+    let job = job_file(tmp.path(), "job", "echo carried-by-hand");
+    let job_id = build(
+        &control,
+        &org.id,
+        &node.node_id,
+        &["--image", image_tar.to_str().expect("utf8"), "--job", job.to_str().expect("utf8")],
+        &bundle,
+    );
+    assert!(!job_id.is_empty());
+    assert_eq!(control.job(&job_id).await.state, JobState::Queued);
+
+    // Damaged copies are refused, naming what is wrong, and change nothing.
+    let bytes = std::fs::read(&bundle).expect("read");
+    let truncated = tmp.path().join("truncated.bundle");
+    std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).expect("write");
+    let out = node.cli(&["bundle", "import", truncated.to_str().expect("utf8")]);
+    assert!(!out.status.success(), "a truncated bundle was imported: {}", text(&out));
+    assert!(text(&out).contains("nothing changed"), "{}", text(&out));
+
+    // Inspect verifies everything and changes nothing; import applies it.
+    let out = node.cli(&["bundle", "inspect", bundle.to_str().expect("utf8")]);
+    assert!(out.status.success(), "inspect: {}", text(&out));
+    assert!(text(&out).contains("importable here"), "{}", text(&out));
+    let out = node.cli(&["bundle", "import", bundle.to_str().expect("utf8")]);
+    assert!(out.status.success(), "import: {}", text(&out));
+    assert!(text(&out).contains(&format!("job accepted    {job_id}")), "{}", text(&out));
+    let again = node.cli(&["bundle", "import", bundle.to_str().expect("utf8")]);
+    assert!(again.status.success() && text(&again).contains("imported already"), "{}", text(&again));
+
+    // The agent runs it without any link; the result waits in the outbox.
+    node.start();
+    eventually("the result in the outbox", Duration::from_secs(90), async || {
+        node.status_json()["agent"]["depths"]["outbox"].as_u64() == Some(1)
+    })
+    .await;
+    node.stop();
+
+    let results = tmp.path().join("results.bundle");
+    let out = node.cli(&["bundle", "export-results", "--out", results.to_str().expect("utf8")]);
+    assert!(out.status.success() && text(&out).contains("1 result(s)"), "{}", text(&out));
+
+    let ack = tmp.path().join("ack.bundle");
+    let args =
+        ["bundle", "import-results", results.to_str().expect("utf8"), "--out", ack.to_str().expect("utf8")];
+    let out = operator(&control, &args);
+    assert!(out.status.success() && text(&out).contains("1 result(s) stored"), "{}", text(&out));
+    let r = control.job(&job_id).await.result.expect("result stored");
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert!(r.stdout_tail.contains("carried-by-hand"));
+    let out = operator(&control, &args);
+    assert!(
+        out.status.success() && text(&out).contains("0 result(s) stored, 1 already stored"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(control.results_recorded(&job_id).await, 1, "stored once");
+
+    // The acknowledgement clears the outbox; the first bundle is now an older one.
+    let out = node.cli(&["bundle", "import", ack.to_str().expect("utf8")]);
+    assert!(out.status.success() && text(&out).contains("1 result(s) acknowledged"), "{}", text(&out));
+    let out = node.cli(&["bundle", "export-results", "--out", results.to_str().expect("utf8")]);
+    assert!(text(&out).contains("0 result(s)"), "{}", text(&out));
+    let out = node.cli(&["bundle", "import", bundle.to_str().expect("utf8")]);
+    assert!(text(&out).contains("imported already"), "{}", text(&out));
+
+    // The site gets a link: nothing is run or stored twice.
+    reconnect(&node);
+    node.start();
+    let second = tmp.path().join("second.bundle");
+    let job2 = job_file(tmp.path(), "job2", "echo through-the-agent");
+    let job2_id = build(&control, &org.id, &node.node_id, &["--job", job2.to_str().expect("utf8")], &second);
+    // While the agent runs, the command hands the bundle to it. The connected node may have
+    // been offered the job over the network first: either way it holds it once.
+    let out = node.cli(&["bundle", "import", second.to_str().expect("utf8")]);
+    assert!(out.status.success(), "import via the agent: {}", text(&out));
+    assert!(text(&out).contains("handed") && text(&out).contains("imported bundle"), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("job accepted    {job2_id}"))
+            || text(&out).contains(&format!("job known       {job2_id}")),
+        "{}",
+        text(&out)
+    );
+    let r = control.wait_result(&job2_id, Duration::from_secs(90)).await;
+    assert!(r.stdout_tail.contains("through-the-agent"), "{r:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(control.results_recorded(&job_id).await, 1, "the first job's result is not stored again");
+    assert_eq!(control.results_recorded(&job2_id).await, 1);
+    assert_eq!(common_runs(&job_id), 0, "the first job did not run again");
+    node.stop();
+    let audit = node.cli(&["audit", "list"]);
+    let log = String::from_utf8_lossy(&audit.stdout);
+    assert!(log.contains("bundle.imported") && log.contains("bundle.refused"), "{log}");
+}
+
+/// Containers of `job_id` that exist now (a finished job's container is removed).
+fn common_runs(job_id: &str) -> usize {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=outpost.job={job_id}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}

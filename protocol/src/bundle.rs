@@ -1,0 +1,237 @@
+//! Signed bundles: the sneakernet uplink of an air-gapped site. What the control plane would
+//! send a node over the network travels as one file (a zstd-compressed tar whose first member
+//! is `manifest.json`, a [`crate::SignedEnvelope`] of a [`BundleManifest`] signed by the
+//! organisation's key, followed by its parts in the manifest's order); what the node would
+//! report comes back as a [`ResultsBundle`] signed by the node's own key, and its receipt goes
+//! to the node as a bundle carrying a [`ResultsAck`]. Jobs and services inside are the same
+//! signed envelopes as on the network, so the node verifies them with the same code.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The bundle format this build writes and reads.
+pub const BUNDLE_FORMAT: u32 = 1;
+/// The first member of every bundle.
+pub const MANIFEST_MEMBER: &str = "manifest.json";
+/// Largest `manifest.json` a reader accepts.
+pub const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+/// Most parts one bundle may carry.
+pub const MAX_BUNDLE_PARTS: usize = 4096;
+/// Largest job, service or acknowledgement part (a signed envelope); images and models may be
+/// as large as the bundle.
+pub const MAX_ENVELOPE_PART_BYTES: u64 = 1024 * 1024;
+
+/// What a part is, and so what the node does with it once everything verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum PartKind {
+    /// An image tarball (`docker save`), loaded into the engine.
+    Image,
+    /// A model directory as an uncompressed tar, imported into the signed model store.
+    Model,
+    /// A [`crate::JobAssignment`] (JSON) for the part's node, handed to its ledger.
+    Job,
+    /// A signed [`crate::ServiceEnvelope`] (a [`crate::SignedEnvelope`], JSON) for the part's node.
+    Service,
+    /// A [`crate::SignedEnvelope`] of a [`ResultsAck`]: clears the node's outbox up to it.
+    ResultsAck,
+}
+
+/// One part: a tar member after the manifest, in this order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundlePart {
+    /// The member's path in the tar: `parts/<index>-<kind>`, nothing else.
+    pub name: String,
+    pub kind: PartKind,
+    /// Exact size in bytes.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the member's bytes.
+    pub sha256: String,
+    /// The node a job, service or acknowledgement part is for (others skip it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// For the operator: the file or name it was built from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label: String,
+}
+
+/// The signed table of contents of a bundle for nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleManifest {
+    pub format: u32,
+    pub bundle_id: String,
+    pub org_id: String,
+    /// Per target node, a counter higher than that of every earlier bundle for it: a node
+    /// refuses a bundle whose counter is at or below the last it imported (a replay).
+    pub counters: BTreeMap<String, u64>,
+    /// The selector the nodes were chosen by, when one was (for the operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    pub created_unix_ms: u64,
+    pub expires_unix_ms: u64,
+    pub parts: Vec<BundlePart>,
+}
+
+impl BundleManifest {
+    /// The part member name for index `i`.
+    pub fn part_name(i: usize, kind: PartKind) -> String {
+        format!("parts/{i:04}-{}", crate::wire_name(&kind))
+    }
+
+    /// The checks every reader makes before trusting anything else in the manifest.
+    pub fn check(&self) -> Result<(), String> {
+        if self.format != BUNDLE_FORMAT {
+            return Err(format!("bundle format {} (this build reads format {BUNDLE_FORMAT})", self.format));
+        }
+        if self.counters.is_empty() {
+            return Err("the manifest names no target node".into());
+        }
+        if self.parts.len() > MAX_BUNDLE_PARTS {
+            return Err(format!("{} parts, more than {MAX_BUNDLE_PARTS}", self.parts.len()));
+        }
+        for (i, p) in self.parts.iter().enumerate() {
+            if p.name != Self::part_name(i, p.kind) {
+                return Err(format!(
+                    "part {i} is named {:?}; expected {:?}",
+                    p.name,
+                    Self::part_name(i, p.kind)
+                ));
+            }
+            if p.sha256.len() != 64
+                || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return Err(format!("part {}: sha256 is not 64 lowercase hex digits", p.name));
+            }
+            let per_node = matches!(p.kind, PartKind::Job | PartKind::Service | PartKind::ResultsAck);
+            if per_node != p.node_id.is_some() {
+                return Err(format!(
+                    "part {}: a node id is required for job, service and ack parts only",
+                    p.name
+                ));
+            }
+            if per_node && p.size > MAX_ENVELOPE_PART_BYTES {
+                return Err(format!(
+                    "part {}: {} bytes, more than {MAX_ENVELOPE_PART_BYTES}",
+                    p.name, p.size
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The control plane's receipt of a results bundle, for one node: everything listed is stored,
+/// so the node may drop it from its outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultsAck {
+    pub node_id: String,
+    /// The results bundle this answers.
+    pub results_bundle_id: String,
+    /// `job_id/attempt` of every result stored (now or before).
+    pub results: Vec<String>,
+    /// Relay events stored up to this seq.
+    #[serde(default)]
+    pub events_up_to_seq: u64,
+    /// Service reports stored up to this seq.
+    #[serde(default)]
+    pub service_reports_up_to_seq: u64,
+}
+
+/// What a node carries out: every result, relay event and service report its outbox holds
+/// that the control plane has not acknowledged. Signed by the node's key ([`ResultsBundle`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultsPayload {
+    pub format: u32,
+    pub bundle_id: String,
+    pub node_id: String,
+    pub org_id: String,
+    pub created_unix_ms: u64,
+    #[serde(default)]
+    pub results: Vec<crate::ResultReport>,
+    #[serde(default)]
+    pub events: Vec<crate::ObjectEvent>,
+    #[serde(default)]
+    pub service_reports: Vec<crate::ServiceReport>,
+}
+
+/// A results bundle (zstd-compressed JSON): the payload exactly as signed, the node's
+/// certificate and its signature (ECDSA P-256 with SHA-256, ASN.1 DER, hex) over the payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResultsBundle {
+    pub payload: String,
+    pub cert_pem: String,
+    pub signature_hex: String,
+}
+
+/// A file the operator's machine puts in a bundle (an image tarball, a model tar): only its
+/// size and digest travel to the control plane, which signs them into the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BundleFile {
+    pub kind: PartKind,
+    pub size: u64,
+    pub sha256: String,
+    #[serde(default)]
+    pub label: String,
+}
+
+/// Operator (`POST /v1/orgs/{org_id}/bundles`): sign a bundle for `nodes`, or for the org's
+/// nodes that `selector` matches. Each job is created for each target node as if submitted
+/// (queued, so a node that later connects is offered it too and knows it already).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BundleRequest {
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default)]
+    pub files: Vec<BundleFile>,
+    #[serde(default)]
+    pub jobs: Vec<crate::JobSpec>,
+    /// How long the bundle (and its jobs) stay valid; default 30 days.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// The signed manifest and the bytes of the parts the control plane made (jobs,
+/// acknowledgements), in manifest order; `None` where the part is one of the request's files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BundleResponse {
+    pub manifest: crate::SignedEnvelope,
+    pub parts: Vec<Option<String>>,
+    /// The jobs created, per node.
+    #[serde(default)]
+    pub jobs: Vec<crate::JobInfo>,
+}
+
+/// Operator (`POST /v1/bundles/results`): what a results bundle brought.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResultsImport {
+    pub node_id: String,
+    pub results_bundle_id: String,
+    /// `job_id/attempt` stored now.
+    pub stored: Vec<String>,
+    /// Stored before (this bundle, or the network, brought them already).
+    pub duplicates: Vec<String>,
+    /// Late results of attempts a later one replaced: kept, not counted.
+    pub superseded: Vec<String>,
+    /// Refused, with the reason (a job not sent to this node, unknown).
+    pub refused: Vec<(String, String)>,
+    /// The acknowledgement bundle to carry back to the node.
+    pub ack: BundleResponse,
+}
