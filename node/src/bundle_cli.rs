@@ -65,13 +65,13 @@ pub async fn run(cfg: &Config, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
     )?;
     match cmd {
         BundleCommand::Inspect { file, json } => inspect(cfg, &identity, &file, json),
-        BundleCommand::Import { file, json, wait } => match SledStore::open(&cfg.ledger_dir()) {
-            Ok(store) => import_here(cfg, &identity, Ledger::new(Arc::new(store)), &file, json).await,
-            Err(e) if e.to_string().contains("another `outpost run`") => {
-                hand_to_agent(cfg, &file, json, wait).await
+        BundleCommand::Import { file, json, wait } => {
+            if agent_running(cfg) {
+                return hand_to_agent(cfg, &file, json, wait).await;
             }
-            Err(e) => Err(e.into()),
-        },
+            let store = SledStore::open(&cfg.ledger_dir())?;
+            import_here(cfg, &identity, Ledger::new(Arc::new(store)), &file, json).await
+        }
         BundleCommand::ExportResults { out, json } => {
             let store = SledStore::open(&cfg.ledger_dir()).map_err(|e| {
                 anyhow::anyhow!("{e}\n(stop the agent to export results: the ledger has one owner at a time)")
@@ -87,18 +87,33 @@ pub async fn run(cfg: &Config, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
                     out.display(),
                     exported.bytes
                 );
+                if exported.remaining > 0 {
+                    println!(
+                        "{} more result(s) did not fit this bundle: they go in the next export, once this one's \
+                         acknowledgement bundle has been imported here",
+                        exported.remaining
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
+/// Whether `outpost run` is up on this data dir (its status file names a live process).
+fn agent_running(cfg: &Config) -> bool {
+    outpost_node::status::read(&cfg.status_file()).ok().is_some_and(|s| outpost_node::status::is_alive(s.pid))
+}
+
 fn inspect(cfg: &Config, identity: &Identity, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let last = SledStore::open(&cfg.ledger_dir())
-        .ok()
-        .and_then(|s| apply::last_bundle(&s).ok())
-        .map(|l| l.counter)
-        .unwrap_or(0);
+    // The running agent owns the ledger: then the counter cannot be compared here.
+    let last = if agent_running(cfg) {
+        None
+    } else {
+        SledStore::open(&cfg.ledger_dir()).ok().and_then(|s| apply::last_bundle(&s).ok()).map(|l| l.counter)
+    };
+    let counter_checked = last.is_some();
+    let last = last.unwrap_or(0);
     let expect = read::Expect {
         org_id: &identity.node.org_id,
         org_key: &identity.node.org_signing_key,
@@ -114,6 +129,7 @@ fn inspect(cfg: &Config, identity: &Identity, file: &Path, json: bool) -> anyhow
         let v = serde_json::json!({
             "manifest": manifest,
             "verified": result.is_ok(),
+            "counter_checked": counter_checked,
             "error": result.as_ref().err().map(ToString::to_string),
         });
         println!("{v}");
@@ -132,7 +148,13 @@ fn inspect(cfg: &Config, identity: &Identity, file: &Path, json: bool) -> anyhow
             }
         }
         match &result {
-            Ok(_) => println!("verified: every part matches the signed manifest; importable here"),
+            Ok(_) if counter_checked => {
+                println!("verified: every part matches the signed manifest; importable here")
+            }
+            Ok(_) => println!(
+                "verified: every part matches the signed manifest (the counter was not compared: the \
+                 agent is running and holds the ledger; it refuses a replay on import)"
+            ),
             Err(e) => println!("NOT importable here: {e}"),
         }
     }
@@ -188,10 +210,15 @@ fn report(outcome: Result<Outcome, BundleError>, json: bool) -> anyhow::Result<E
         }
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({ "outcome": "refused", "error": e.to_string() }));
+                let v = serde_json::json!({ "outcome": "refused", "error": e.to_string(), "changed_nothing": e.changed_nothing() });
+                println!("{v}");
                 Ok(ExitCode::FAILURE)
-            } else {
+            } else if e.changed_nothing() {
                 bail!("bundle not imported (nothing changed): {e}")
+            } else {
+                bail!(
+                    "bundle only partly imported: {e}; import it again to finish (every step is idempotent)"
+                )
             }
         }
     }
@@ -234,6 +261,8 @@ async fn hand_to_agent(cfg: &Config, file: &Path, json: bool, wait: Duration) ->
     let inbox = bundle::inbox_dir(cfg);
     std::fs::create_dir_all(&inbox).with_context(|| format!("cannot create {}", inbox.display()))?;
     let name = format!("{}-{}.bundle", now_unix_ms(), std::process::id());
+    let size = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
+    bundle::check_free_space(&inbox, size)?;
     let tmp = inbox.join(format!(".{name}.partial"));
     std::fs::copy(file, &tmp)
         .with_context(|| format!("cannot copy {} to {}", file.display(), tmp.display()))?;
@@ -269,10 +298,14 @@ async fn hand_to_agent(cfg: &Config, file: &Path, json: bool, wait: Duration) ->
             };
         }
         if Instant::now() > deadline {
+            // Take it back unless the agent has started on it: no import is left pending
+            // behind the operator's back.
+            if std::fs::remove_file(inbox.join(&name)).is_ok() {
+                bail!("the agent did not take the bundle within {} s; nothing was imported", wait.as_secs());
+            }
             bail!(
-                "the agent has not imported the bundle within {} s; it stays in {} and is imported when the agent gets to it",
-                wait.as_secs(),
-                inbox.display()
+                "the agent is still importing the bundle after {} s; see `outpost audit list` for its outcome",
+                wait.as_secs()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -134,6 +134,10 @@ pub struct ResultsAck {
     pub results_bundle_id: String,
     /// `job_id/attempt` of every result stored (now or before).
     pub results: Vec<String>,
+    /// `job_id/attempt` of results refused for good (not this node's job): the node drops them
+    /// from its outbox as undeliverable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
     /// Relay events stored up to this seq.
     #[serde(default)]
     pub events_up_to_seq: u64,

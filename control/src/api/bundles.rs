@@ -30,6 +30,9 @@ pub const DEFAULT_BUNDLE_EXPIRY_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_BUNDLE_EXPIRY_SECS: u64 = 365 * 24 * 3600;
 /// Most target nodes of one bundle.
 const MAX_BUNDLE_NODES: usize = 1000;
+/// Held while a bundle is built (see `create`).
+static BUILD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Largest results bundle the API takes (it carries at most the node's outbox of results).
 pub const MAX_RESULTS_BUNDLE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -78,7 +81,24 @@ pub async fn create(
     for spec in &req.jobs {
         check_job_spec(spec)?;
     }
+    // One build at a time: its jobs' sequence numbers and its counters (drawn after them) then
+    // rise together from one bundle to the next, so importing bundles in the order they were
+    // built never meets a job numbered below one already taken.
+    let _one_build = BUILD_LOCK.lock().await;
     let nodes = targets(&st, &org_id, &req).await?;
+    let parts = req.files.len().saturating_add(nodes.len().saturating_mul(req.jobs.len()));
+    if parts > outpost_protocol::MAX_BUNDLE_PARTS {
+        return Err(ApiError::bad_request(
+            "too_many_parts",
+            format!(
+                "{} file(s) and {} job(s) for {} node(s) make {parts} parts, more than {}; split the bundle",
+                req.files.len(),
+                req.jobs.len(),
+                nodes.len(),
+                outpost_protocol::MAX_BUNDLE_PARTS
+            ),
+        ));
+    }
     let mut jobs = Vec::new();
     let mut job_parts: Vec<(String, String, String)> = Vec::new();
     for node in &nodes {
@@ -176,7 +196,13 @@ async fn sign_manifest(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("organisation {org_id} does not exist")))?;
     let mut counters = BTreeMap::new();
-    {
+    let acks_only =
+        files.is_empty() && !made.is_empty() && made.iter().all(|(_, label, _)| label.starts_with("ack:"));
+    if acks_only {
+        // An acknowledgement does not take part in the counter order (the node accepts it
+        // whenever it comes, and a replay of one clears nothing new).
+        counters.extend(nodes.iter().map(|n| (n.node_id.clone(), 0)));
+    } else {
         let _ordered = st.submit_lock.lock().await;
         for node in nodes {
             counters.insert(node.node_id.clone(), st.store.next_job_seq(&node.node_id).await?);
@@ -264,10 +290,12 @@ pub async fn import_results(
         ack: BundleResponse { manifest: empty_envelope(), parts: Vec::new(), jobs: Vec::new() },
     };
     let mut acked = Vec::new();
+    let mut refused_keys = Vec::new();
     for report in payload.results {
         let key = ResultReport::key_for(&report.job_id, report.attempt);
         if report.idempotency_key != key {
-            out.refused.push((report.idempotency_key.clone(), format!("idempotency_key must be {key}")));
+            out.refused.push((key.clone(), format!("idempotency_key must be {key}")));
+            refused_keys.push(key);
             continue;
         }
         let outcome = report.outcome;
@@ -297,7 +325,11 @@ pub async fn import_results(
                 acked.push(key);
             }
             ResultOutcome::NotYours => {
-                out.refused.push((key, "the job was not sent to this node, or does not exist here".into()));
+                st.audit(&actor, "report.refused", &format!("job {key}: not sent to this node, or unknown"))
+                    .await;
+                out.refused
+                    .push((key.clone(), "the job was not sent to this node, or does not exist here".into()));
+                refused_keys.push(key);
             }
         }
     }
@@ -305,6 +337,7 @@ pub async fn import_results(
         node_id: node.node_id.clone(),
         results_bundle_id: payload.bundle_id.clone(),
         results: acked,
+        refused: refused_keys,
         events_up_to_seq: 0,
         service_reports_up_to_seq: 0,
     };

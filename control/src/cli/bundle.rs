@@ -104,6 +104,15 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
                 expires_in_secs: expires.map(|d| d.as_secs()),
             };
             let resp = c.bundle(&org, &req).await?;
+            if !json && !resp.jobs.is_empty() {
+                // Said before the file is written: should writing fail, these jobs exist (queued)
+                // and can be cancelled with `job cancel`.
+                eprintln!(
+                    "created {} job(s) (queued): {}",
+                    resp.jobs.len(),
+                    resp.jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>().join(" ")
+                );
+            }
             let written = write_bundle(&out, &resp, &sources, progress)?;
             if json {
                 println!("{}", serde_json::to_string(&resp)?);
@@ -241,7 +250,23 @@ fn write_bundle(out: &Path, resp: &BundleResponse, files: &[PathBuf], progress: 
         bail!("the control plane's answer does not match its manifest");
     }
     let tmp = out.with_extension("partial");
-    let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let written = write_parts(&tmp, &manifest, resp, files, progress);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let written = written?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot move the bundle to {}", out.display()))?;
+    Ok(written)
+}
+
+fn write_parts(
+    tmp: &Path,
+    manifest: &outpost_protocol::BundleManifest,
+    resp: &BundleResponse,
+    files: &[PathBuf],
+    progress: bool,
+) -> anyhow::Result<u64> {
+    let file = File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut enc = zstd::stream::write::Encoder::new(BufWriter::with_capacity(1024 * 1024, file), 3)?;
     enc.include_checksum(true)?;
     let total: u64 = manifest.parts.iter().map(|p| p.size).sum();
@@ -250,11 +275,18 @@ fn write_bundle(out: &Path, resp: &BundleResponse, files: &[PathBuf], progress: 
     {
         let mut tar = tar::Builder::new(&mut enc);
         let manifest_bytes = serde_json::to_vec(&resp.manifest)?;
-        append(&mut tar, MANIFEST_MEMBER, manifest_bytes.len() as u64, &mut manifest_bytes.as_slice())?;
+        let digest = hex::encode(Sha256::digest(&manifest_bytes));
+        append(
+            &mut tar,
+            MANIFEST_MEMBER,
+            manifest_bytes.len() as u64,
+            &digest,
+            &mut manifest_bytes.as_slice(),
+        )?;
         let mut next_file = files.iter();
         for (part, body) in manifest.parts.iter().zip(&resp.parts) {
             match body {
-                Some(text) => append(&mut tar, &part.name, part.size, &mut text.as_bytes())?,
+                Some(text) => append(&mut tar, &part.name, part.size, &part.sha256, &mut text.as_bytes())?,
                 None => {
                     let path = next_file.next().ok_or_else(|| anyhow!("more file parts than files"))?;
                     let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -263,7 +295,8 @@ fn write_bundle(out: &Path, resp: &BundleResponse, files: &[PathBuf], progress: 
                         done: &mut done,
                         bar: &mut bar,
                     };
-                    append(&mut tar, &part.name, part.size, &mut reader)?;
+                    append(&mut tar, &part.name, part.size, &part.sha256, &mut reader)
+                        .with_context(|| format!("{} ({})", path.display(), part.label))?;
                 }
             }
         }
@@ -274,15 +307,16 @@ fn write_bundle(out: &Path, resp: &BundleResponse, files: &[PathBuf], progress: 
     w.flush()?;
     let file = w.into_inner().map_err(|e| anyhow!("cannot write {}: {}", tmp.display(), e.error()))?;
     file.sync_all()?;
-    let written = file.metadata().map(|m| m.len()).unwrap_or(0);
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot move the bundle to {}", out.display()))?;
-    Ok(written)
+    Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
 }
 
+/// Appends one member of exactly `size` bytes whose SHA-256 must be `sha256`: a file that
+/// changed since it was hashed fails the build instead of making a bundle every node refuses.
 fn append<W: Write>(
     tar: &mut tar::Builder<W>,
     name: &str,
     size: u64,
+    sha256: &str,
     data: &mut dyn Read,
 ) -> anyhow::Result<()> {
     let mut header = tar::Header::new_gnu();
@@ -291,8 +325,31 @@ fn append<W: Write>(
     header.set_mtime(0);
     header.set_entry_type(tar::EntryType::Regular);
     header.set_cksum();
-    tar.append_data(&mut header, name, data.take(size)).with_context(|| format!("cannot write {name}"))?;
+    let mut checked = Checked { inner: data.take(size), hash: Sha256::new(), seen: 0 };
+    tar.append_data(&mut header, name, &mut checked).with_context(|| format!("cannot write {name}"))?;
+    if checked.seen != size || hex::encode(checked.hash.finalize()) != sha256 {
+        bail!(
+            "{name} changed since it was hashed ({} of {size} bytes read, or different bytes); build the bundle again",
+            checked.seen
+        );
+    }
     Ok(())
+}
+
+/// Counts and hashes what goes through it.
+struct Checked<R> {
+    inner: R,
+    hash: Sha256,
+    seen: u64,
+}
+
+impl<R: Read> Read for Checked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.seen += n as u64;
+        Ok(n)
+    }
 }
 
 struct ProgressReader<'a, R> {

@@ -165,6 +165,7 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
         serde_json::from_str(got.ack.parts[0].as_ref().expect("ack")).expect("envelope");
     let ack: ResultsAck = serde_json::from_str(&verify(&node, &env)).expect("ack");
     assert_eq!(ack.results, vec![format!("{job_id}/1")]);
+    assert_eq!(ack_manifest.counters[node.id()], 0, "an acknowledgement takes no counter: any order works");
 
     // Again: nothing new is stored, and it is acknowledged again.
     let (status, body) = post(&server, paths::BUNDLE_RESULTS, &signed).await;
@@ -176,6 +177,20 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
     let stored =
         audit.entries.iter().filter(|e| e.action == "job.result" && e.detail.contains(&job_id)).count();
     assert_eq!(stored, 1, "stored once");
+
+    // A result for a job this node never had is refused, and acknowledged as refused so that
+    // the node drops it instead of carrying it for ever.
+    let mut stray = payload.clone();
+    stray.bundle_id = "r2".into();
+    stray.results = vec![succeeded("job-that-never-was", "")];
+    let signed_stray = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &stray);
+    let (status, body) = post(&server, paths::BUNDLE_RESULTS, &signed_stray).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let got: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
+    assert_eq!(got.refused.len(), 1, "{got:?}");
+    let env: SignedEnvelope = serde_json::from_str(got.ack.parts[0].as_ref().expect("ack")).expect("envelope");
+    let ack: ResultsAck = serde_json::from_str(&verify(&node, &env)).expect("ack");
+    assert_eq!(ack.refused, vec!["job-that-never-was/1".to_owned()]);
 
     // Signed by another node's key, or claiming to be another node: refused.
     let forged = results_bundle(&other, &other.key_pem, &other.enrolled.cert_pem, &payload);

@@ -19,6 +19,11 @@ use crate::models::{ModelStore, Publishers};
 use crate::runtime::Runtime;
 
 const SCAN_EVERY: Duration = Duration::from_secs(2);
+/// Prefix of an inbox bundle the agent is importing.
+const PROCESSING: &str = ".processing-";
+/// A watched file whose import failed for a passing reason (the engine, the disk) is tried
+/// again after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// A watched file as seen: name, size, modification time.
 type Seen = (PathBuf, u64, Option<std::time::SystemTime>);
@@ -26,10 +31,27 @@ type Seen = (PathBuf, u64, Option<std::time::SystemTime>);
 impl<R: Runtime> Agent<R> {
     pub(super) async fn bundle_watcher(self: Arc<Self>, shutdown: CancellationToken) {
         let inbox = bundle::inbox_dir(&self.cfg);
+        // A bundle taken by an agent that died before it finished goes back in the queue.
+        if let Ok(entries) = std::fs::read_dir(&inbox) {
+            for e in entries.filter_map(Result::ok) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(original) = name.strip_prefix(PROCESSING) {
+                    let _ = std::fs::rename(e.path(), inbox.join(original));
+                }
+            }
+        }
         let mut seen: HashSet<Seen> = HashSet::new();
+        let mut retry: std::collections::HashMap<Seen, tokio::time::Instant> =
+            std::collections::HashMap::new();
         loop {
-            for file in bundles_in(&inbox) {
+            for file in self.in_counter_order(bundles_in(&inbox)) {
                 let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                // Taken: the command that left it can no longer take it back.
+                let taken = inbox.join(format!("{PROCESSING}{name}"));
+                if std::fs::rename(&file, &taken).is_err() {
+                    continue;
+                }
+                let file = taken;
                 let outcome = self.import_bundle(&file).await;
                 let out = bundle::outcome_path(&self.cfg, &name);
                 if let Err(e) = write_outcome(&out, &outcome) {
@@ -38,27 +60,61 @@ impl<R: Runtime> Agent<R> {
                 let _ = std::fs::remove_file(&file);
             }
             if let Some(dir) = &self.cfg.bundles.watch {
-                for file in bundles_in(dir) {
+                for file in self.in_counter_order(bundles_in(dir)) {
                     let meta = std::fs::metadata(&file).ok();
                     let key = (
                         file.clone(),
                         meta.as_ref().map_or(0, |m| m.len()),
                         meta.and_then(|m| m.modified().ok()),
                     );
-                    if seen.contains(&key) {
+                    if seen.contains(&key)
+                        || retry.get(&key).is_some_and(|at| tokio::time::Instant::now() < *at)
+                    {
                         continue;
                     }
-                    let _ = self.import_bundle(&file).await;
-                    seen.insert(key);
+                    match self.import_bundle(&file).await {
+                        Err(e) if e.is_transient() => {
+                            retry.insert(key, tokio::time::Instant::now() + RETRY_AFTER);
+                        }
+                        _ => {
+                            retry.remove(&key);
+                            seen.insert(key);
+                        }
+                    }
                 }
                 // Forget files that are gone (the disk was unplugged), bounded either way.
                 seen.retain(|(p, _, _)| p.exists());
+                retry.retain(|(p, _, _), _| p.exists());
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(SCAN_EVERY) => {}
             }
         }
+    }
+
+    /// Bundles in the order their counters say they were built (unreadable ones last, by
+    /// name), so that an older bundle is never refused as a replay for coming second.
+    fn in_counter_order(&self, files: Vec<PathBuf>) -> Vec<PathBuf> {
+        let node_id = &self.identity.node.node_id;
+        let expect = crate::bundle::read::Expect {
+            org_id: &self.identity.node.org_id,
+            org_key: &self.identity.node.org_signing_key,
+            node_id,
+            now_unix_ms: 0,
+        };
+        let mut keyed: Vec<(u64, PathBuf)> = files
+            .into_iter()
+            .map(|f| {
+                let counter = crate::bundle::read::manifest(&f, &expect)
+                    .ok()
+                    .and_then(|m| m.counters.get(node_id).copied())
+                    .unwrap_or(u64::MAX);
+                (counter, f)
+            })
+            .collect();
+        keyed.sort();
+        keyed.into_iter().map(|(_, f)| f).collect()
     }
 
     async fn import_bundle(&self, file: &Path) -> Result<bundle::Outcome, bundle::BundleError> {

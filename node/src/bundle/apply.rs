@@ -74,30 +74,76 @@ pub struct Node<'a, R: Runtime> {
     pub node_id: &'a str,
 }
 
-/// Apply every staged part, then record the bundle as imported.
+/// A part read and checked before anything is applied.
+enum Checked {
+    Job(JobAssignment),
+    Service(SignedEnvelope),
+    Ack(ResultsAck),
+}
+
+/// Whether the bundle holds only acknowledgements: those do not take part in the counter order
+/// (an acknowledgement replayed clears nothing that was not cleared already).
+pub fn ack_only(parts: &[outpost_protocol::BundlePart]) -> bool {
+    !parts.is_empty() && parts.iter().all(|p| p.kind == PartKind::ResultsAck)
+}
+
+/// Apply every staged part, then record the bundle as imported. Every job, service and
+/// acknowledgement part is read and its signature checked first, so a bad one fails the import
+/// before anything changed; images and models go next (idempotent by digest), then the ledger.
 pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Result<Applied, BundleError> {
     let mut out =
         Applied { bundle_id: v.manifest.bundle_id.clone(), counter: v.counter, ..Applied::default() };
+    let mut checked = Vec::new();
+    for (part, file) in &v.parts {
+        let bad =
+            |reason: String| BundleError::BadPart { part: format!("{} ({})", part.name, part.label), reason };
+        match part.kind {
+            PartKind::Image | PartKind::Model => {}
+            PartKind::Job => {
+                let a: JobAssignment = read_json(file, part)?;
+                node.verifier.verify_payload(&a.envelope).map_err(|e| bad(e.to_string()))?;
+                checked.push((part, Checked::Job(a)));
+            }
+            PartKind::Service => {
+                let env: SignedEnvelope = read_json(file, part)?;
+                node.verifier.verify_payload(&env).map_err(|e| bad(e.to_string()))?;
+                checked.push((part, Checked::Service(env)));
+            }
+            PartKind::ResultsAck => {
+                let env: SignedEnvelope = read_json(file, part)?;
+                let payload = node.verifier.verify_payload(&env).map_err(|e| bad(e.to_string()))?;
+                let ack: ResultsAck =
+                    serde_json::from_str(payload).map_err(|e| bad(format!("does not parse: {e}")))?;
+                if ack.node_id != node.node_id {
+                    return Err(bad(format!(
+                        "the acknowledgement is for node {}, not this one",
+                        ack.node_id
+                    )));
+                }
+                checked.push((part, Checked::Ack(ack)));
+            }
+        }
+    }
     // Content first (idempotent by digest), so jobs never arrive before what they need.
     for (part, file) in v.parts.iter().filter(|(p, _)| p.kind == PartKind::Image) {
         let ids = node.runtime.load_image(file).await.map_err(|e| BundleError::Apply {
-            part: part.name.clone(),
+            part: format!("{} ({})", part.name, part.label),
             reason: format!("image not loaded: {e}"),
         })?;
         out.images.extend(ids);
     }
     for (part, file) in v.parts.iter().filter(|(p, _)| p.kind == PartKind::Model) {
-        let model = import_model(node, file)
-            .map_err(|reason| BundleError::Apply { part: part.name.clone(), reason })?;
+        let model = import_model(node, file).map_err(|reason| BundleError::Apply {
+            part: format!("{} ({})", part.name, part.label),
+            reason,
+        })?;
         out.models.push(model);
     }
     let store_err =
         |part: &str, e: StoreError| BundleError::Apply { part: part.to_owned(), reason: e.to_string() };
-    for (part, file) in &v.parts {
-        match part.kind {
-            PartKind::Image | PartKind::Model => {}
-            PartKind::Job => {
-                let a: JobAssignment = read_json(file, &part.name)?;
+    for (part, c) in checked {
+        match c {
+            Checked::Job(a) => {
                 match take_job(node.ledger, node.verifier, &a, now).map_err(|e| store_err(&part.name, e))? {
                     Intake::Accepted { .. } => out.jobs_accepted.push(a.job_id),
                     Intake::Known => out.jobs_known.push(a.job_id),
@@ -105,30 +151,33 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
                     Intake::Unusable => out.jobs_rejected.push((a.job_id, "unusable job id".into())),
                 }
             }
-            PartKind::Service => {
-                let env: SignedEnvelope = read_json(file, &part.name)?;
+            Checked::Service(env) => {
                 let got =
                     crate::services::receive(node.services, node.ledger, node.verifier, node.cfg, &env, now)
                         .map_err(|e| store_err(&part.name, e))?;
                 out.services.push((part.label.clone(), format!("{got:?}").to_lowercase()));
             }
-            PartKind::ResultsAck => {
-                let env: SignedEnvelope = read_json(file, &part.name)?;
-                out.results_acknowledged += acknowledge(node, &env, &part.name)?;
+            Checked::Ack(ack) => {
+                out.results_acknowledged += acknowledge(node, &ack).map_err(|e| store_err(&part.name, e))?;
             }
         }
     }
-    let mut recent =
-        last_bundle(node.ledger.store().as_ref()).map_err(|e| store_err("(bundle record)", e))?.recent;
+    let previous = last_bundle(node.ledger.store().as_ref()).map_err(|e| store_err("(bundle record)", e))?;
+    let mut recent = previous.recent.clone();
     recent.push(v.manifest.bundle_id.clone());
     if recent.len() > REMEMBERED {
         recent.drain(..recent.len() - REMEMBERED);
     }
-    let last = LastBundle {
-        bundle_id: v.manifest.bundle_id.clone(),
-        counter: v.counter,
-        imported_unix_ms: now,
-        recent,
+    // An acknowledgement-only bundle leaves the counter where it was.
+    let last = if ack_only(&v.manifest.parts) {
+        LastBundle { recent, ..previous }
+    } else {
+        LastBundle {
+            bundle_id: v.manifest.bundle_id.clone(),
+            counter: v.counter,
+            imported_unix_ms: now,
+            recent,
+        }
     };
     let bytes = serde_json::to_vec(&last).map_err(|e| BundleError::Corrupt(e.to_string()))?;
     node.ledger
@@ -151,11 +200,18 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
     Ok(out)
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(file: &Path, part: &str) -> Result<T, BundleError> {
-    let bytes = std::fs::read(file)
-        .map_err(|e| BundleError::Io { context: format!("read {}", file.display()), source: e })?;
+/// A staged envelope part (at most `MAX_ENVELOPE_PART_BYTES`, as the manifest checked).
+fn read_json<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    part: &outpost_protocol::BundlePart,
+) -> Result<T, BundleError> {
+    let name = format!("{} ({})", part.name, part.label);
+    let bytes = std::fs::read(file).map_err(|e| BundleError::BadPart {
+        part: name.clone(),
+        reason: format!("cannot read its staged copy: {e}"),
+    })?;
     serde_json::from_slice(&bytes)
-        .map_err(|e| BundleError::Apply { part: part.to_owned(), reason: format!("does not parse: {e}") })
+        .map_err(|e| BundleError::BadPart { part: name, reason: format!("does not parse: {e}") })
 }
 
 fn import_model<R: Runtime>(node: &Node<'_, R>, file: &Path) -> Result<String, String> {
@@ -164,28 +220,31 @@ fn import_model<R: Runtime>(node: &Node<'_, R>, file: &Path) -> Result<String, S
     Ok(format!("{}@{}", model.manifest.name, model.manifest.version))
 }
 
-/// Marks the results the control plane acknowledged as reported; returns how many it cleared.
-fn acknowledge<R: Runtime>(
-    node: &Node<'_, R>,
-    env: &SignedEnvelope,
-    part: &str,
-) -> Result<usize, BundleError> {
-    let apply_err = |reason: String| BundleError::Apply { part: part.to_owned(), reason };
-    let payload = node.verifier.verify_payload(env).map_err(|e| apply_err(e.to_string()))?;
-    let ack: ResultsAck =
-        serde_json::from_str(payload).map_err(|e| apply_err(format!("does not parse: {e}")))?;
-    if ack.node_id != node.node_id {
-        return Err(apply_err(format!("the acknowledgement is for node {}, not this one", ack.node_id)));
-    }
+/// Marks the results the control plane stored as reported, and those it refused for good as
+/// undeliverable (as a 4xx answer on the network would); returns how many left the outbox.
+fn acknowledge<R: Runtime>(node: &Node<'_, R>, ack: &ResultsAck) -> Result<usize, StoreError> {
     let mut cleared = 0;
-    for key in &ack.results {
+    let keys = ack
+        .results
+        .iter()
+        .map(|k| (k, JobState::Reported))
+        .chain(ack.refused.iter().map(|k| (k, JobState::Undeliverable)));
+    for (key, state) in keys {
         let Some((job_id, attempt)) = key.rsplit_once('/') else { continue };
         let Ok(attempt) = attempt.parse::<u32>() else { continue };
-        if let Some(mut rec) = node.ledger.get(job_id, attempt).map_err(|e| apply_err(e.to_string()))?
+        if let Some(mut rec) = node.ledger.get(job_id, attempt)?
             && rec.state == JobState::Finished
         {
-            rec.state = JobState::Reported;
-            node.ledger.update(&rec).map_err(|e| apply_err(e.to_string()))?;
+            rec.state = state;
+            if state == JobState::Undeliverable {
+                let detail = format!(
+                    "result of job {key} refused by the control plane (results bundle {})",
+                    ack.results_bundle_id
+                );
+                node.ledger.update_audited(&rec, "result.undeliverable", &detail)?;
+            } else {
+                node.ledger.update(&rec)?;
+            }
             cleared += 1;
         }
     }

@@ -3,11 +3,14 @@
 //! verified and persisted by the same code as those that arrive over the network, and the
 //! results a node carries out are the ones its outbox holds for the network.
 //!
-//! Import is all or nothing: the whole file is verified and its parts staged
-//! ([`read::verify_and_stage`]) before anything is applied, and the bundle's counter is
-//! recorded only after every part is applied, in the same ledger batch as the jobs (so a
-//! kill -9 midway leaves the node as before; importing again then applies it, and parts already
-//! applied are recognised: images and models by digest, jobs and services by id and seq).
+//! Import verifies before it changes anything: the whole file is verified and its parts
+//! staged ([`read::verify_and_stage`]), then every job, service and acknowledgement part is
+//! read and its signature checked, and only then are images loaded, models imported and the
+//! ledger changed; the bundle's counter is recorded last. A refusal before that point changes
+//! nothing (but the audit log). A crash or an engine failure while applying can leave part of
+//! it applied; importing the same bundle again completes it, since every step is idempotent
+//! (images and models by digest, jobs by id and attempt, services by seq) and the counter is
+//! not recorded yet.
 
 pub mod apply;
 pub mod read;
@@ -59,8 +62,25 @@ pub enum BundleError {
     Digest { part: String, label: String },
     #[error("not enough free space in {dir}: {needed} bytes needed, {available} available")]
     NoSpace { dir: String, needed: u64, available: u64 },
+    /// A part that verified against the manifest but cannot be used (checked before anything
+    /// is applied).
+    #[error("part {part}: {reason}")]
+    BadPart { part: String, reason: String },
+    /// Applying failed midway: what came before it is applied; importing again finishes it.
     #[error("part {part}: {reason}")]
     Apply { part: String, reason: String },
+}
+
+impl BundleError {
+    /// Whether the node is exactly as before (else: partly applied, import again to finish).
+    pub fn changed_nothing(&self) -> bool {
+        !matches!(self, BundleError::Apply { .. })
+    }
+
+    /// Whether trying the same file again later may succeed (the engine, the disk, the ledger).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BundleError::Io { .. } | BundleError::NoSpace { .. } | BundleError::Apply { .. })
+    }
 }
 
 /// Staging needs the parts' size plus a margin, on the filesystem that holds `dir` (or its
@@ -151,8 +171,9 @@ async fn import_inner<R: crate::runtime::Runtime>(
     {
         return Err(BundleError::Corrupt("the bundle id is not a plain name".into()));
     }
+    // One import at a time owns the ledger: whatever an interrupted one left staged goes.
+    let _ = std::fs::remove_dir_all(staging_root);
     let staging = staging_root.join(&manifest.bundle_id);
-    let _ = std::fs::remove_dir_all(&staging);
     // Reading and hashing gigabytes is blocking work: off the async thread.
     let verified = {
         let (file, staging, org_id, org_key, node_id) = (

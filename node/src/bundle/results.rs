@@ -19,7 +19,13 @@ pub struct Exported {
     pub bundle_id: String,
     pub results: Vec<String>,
     pub bytes: u64,
+    /// Results left in the outbox for the next bundle (over this one's size budget).
+    pub remaining: usize,
 }
+
+/// Most bytes of results (as JSON) one bundle carries, well under what the control plane
+/// takes; the oldest go first and the rest wait for the next bundle.
+pub const MAX_EXPORT_BYTES: usize = 128 * 1024 * 1024;
 
 /// The results waiting in the outbox (local triggers' results stay on site).
 pub fn pending(ledger: &Ledger) -> Result<Vec<ResultReport>, BundleError> {
@@ -31,7 +37,20 @@ pub fn pending(ledger: &Ledger) -> Result<Vec<ResultReport>, BundleError> {
 
 /// Write the outbox's results to `out` (via a temporary file renamed into place).
 pub fn export(identity: &Identity, ledger: &Ledger, out: &Path, now: u64) -> Result<Exported, BundleError> {
-    let results = pending(ledger)?;
+    let mut all = pending(ledger)?;
+    all.sort_by_key(|r| r.timings.finished_unix_ms.unwrap_or(r.timings.received_unix_ms));
+    let mut results = Vec::new();
+    let mut size = 0usize;
+    let total = all.len();
+    for r in all {
+        let one = serde_json::to_vec(&r).map(|v| v.len()).unwrap_or(usize::MAX);
+        if !results.is_empty() && size.saturating_add(one) > MAX_EXPORT_BYTES {
+            break;
+        }
+        size = size.saturating_add(one);
+        results.push(r);
+    }
+    let remaining = total - results.len();
     let payload = ResultsPayload {
         format: BUNDLE_FORMAT,
         bundle_id: uuid::Uuid::new_v4().to_string(),
@@ -67,6 +86,7 @@ pub fn export(identity: &Identity, ledger: &Ledger, out: &Path, now: u64) -> Res
         bundle_id: payload.bundle_id,
         results: payload.results.iter().map(|r| r.idempotency_key.clone()).collect(),
         bytes,
+        remaining,
     })
 }
 
