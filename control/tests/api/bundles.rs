@@ -188,7 +188,8 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
     assert_eq!(status, StatusCode::OK, "{body}");
     let got: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
     assert_eq!(got.refused.len(), 1, "{got:?}");
-    let env: SignedEnvelope = serde_json::from_str(got.ack.parts[0].as_ref().expect("ack")).expect("envelope");
+    let env: SignedEnvelope =
+        serde_json::from_str(got.ack.parts[0].as_ref().expect("ack")).expect("envelope");
     let ack: ResultsAck = serde_json::from_str(&verify(&node, &env)).expect("ack");
     assert_eq!(ack.refused, vec!["job-that-never-was/1".to_owned()]);
 
