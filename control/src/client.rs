@@ -148,6 +148,16 @@ impl Client {
             .await
     }
 
+    /// Enroll a node from its offline request; the answer is the enrollment file's content.
+    pub async fn enroll_offline(
+        &self,
+        org_id: &str,
+        params: &outpost_protocol::OfflineEnrollParams,
+    ) -> anyhow::Result<outpost_protocol::SignedEnvelope> {
+        self.call(Method::POST, &paths::fill(paths::ORG_ENROLL_OFFLINE, "org_id", &enc(org_id)), Some(params))
+            .await
+    }
+
     /// Sign a bundle for air-gapped nodes of `org_id`.
     pub async fn bundle(
         &self,

@@ -78,17 +78,27 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct EnrollArgs {
     /// The control plane's URL, e.g. https://control.example:8443
-    #[arg(long, value_name = "URL")]
-    control: String,
+    #[arg(long, value_name = "URL", required_unless_present_any = ["offline", "from"])]
+    control: Option<String>,
     /// The one-time enrollment token (prefer --token-file: arguments are visible in `ps`).
-    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file", required_unless_present = "token_file")]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        conflicts_with = "token_file",
+        required_unless_present_any = ["token_file", "offline", "from"]
+    )]
     token: Option<String>,
     /// A file holding the one-time enrollment token.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// SHA-256 of the control plane's CA certificate (hex, colons allowed), as printed by
     /// `outpost-control ca fingerprint`.
-    #[arg(long, value_name = "SHA256", conflicts_with = "ca_file", required_unless_present = "ca_file")]
+    #[arg(
+        long,
+        value_name = "SHA256",
+        conflicts_with = "ca_file",
+        required_unless_present_any = ["ca_file", "offline", "from"]
+    )]
     ca_fingerprint: Option<String>,
     /// The control plane's CA certificate (PEM), copied over out of band.
     #[arg(long, value_name = "FILE")]
@@ -99,6 +109,17 @@ pub struct EnrollArgs {
     /// Replace an existing identity with a new one.
     #[arg(long)]
     force: bool,
+    /// No link to the control plane: make this node's key and write an enrollment request to
+    /// --out, for `outpost-control node enroll-offline` (then `outpost enroll --from`).
+    #[arg(long, requires = "out", conflicts_with_all = ["control", "token", "token_file", "from"])]
+    offline: bool,
+    /// Where `--offline` writes the request.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Enroll from the enrollment file the operator made for this node's offline request
+    /// (pin its CA with --ca-fingerprint).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["control", "token", "token_file"])]
+    from: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +228,59 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
 }
 
 async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
+    let hostname = args.hostname.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "outpost-node".into())
+    });
+    let dir = cfg.identity_dir();
+    if args.offline {
+        let out = args.out.as_deref().context("--offline needs --out FILE")?;
+        let req = outpost_node::offline_enroll::request(&dir, &hostname, args.force)?;
+        let tmp = out.with_extension("partial");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&req)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+        println!(
+            "wrote enrollment request {} to {}; the operator runs `outpost-control node enroll-offline --org ORG \
+             --request FILE --out FILE`, then run `outpost enroll --from FILE --ca-fingerprint SHA256` here",
+            req.request_id,
+            out.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(from) = &args.from {
+        let fp = match &args.ca_fingerprint {
+            Some(fp) => {
+                let clean = fp.to_lowercase().replace(':', "");
+                if clean.len() != 64 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
+                    bail!(
+                        "--ca-fingerprint must be a SHA-256 in hex (64 digits, colons allowed), got {fp:?}"
+                    );
+                }
+                Some(clean)
+            }
+            None => None,
+        };
+        let id = outpost_node::offline_enroll::complete(&dir, from, fp.as_deref())?;
+        println!(
+            "enrolled as node {} in org {} from {} (identity in {})",
+            id.node.node_id,
+            id.node.org_id,
+            from.display(),
+            dir.display()
+        );
+        if fp.is_none() {
+            println!(
+                "note: the CA was not pinned by fingerprint (--ca-fingerprint); it is the one the file carries"
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(control) = args.control.clone() else {
+        bail!("give --control URL (or --offline, or --from FILE)")
+    };
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.trim().to_string(),
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -231,18 +305,10 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
         ),
         (None, None) => bail!("pin the control plane's CA with --ca-fingerprint or --ca-file"),
     };
-    if !args.control.starts_with("https://") {
-        bail!("--control {:?} must start with https:// (the agent speaks TLS 1.3 only)", args.control);
+    if !control.starts_with("https://") {
+        bail!("--control {control:?} must start with https:// (the agent speaks TLS 1.3 only)");
     }
-    let hostname = match args.hostname {
-        Some(h) => h,
-        None => nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "outpost-node".into()),
-    };
-    let opts = EnrollOptions { control_url: args.control, token, trust, hostname, force: args.force };
-    let dir = cfg.identity_dir();
+    let opts = EnrollOptions { control_url: control, token, trust, hostname, force: args.force };
     let id = identity::enroll(&dir, &opts).await?;
     println!(
         "enrolled as node {} in org {} (identity in {})",

@@ -139,7 +139,7 @@ pub async fn enroll(dir: &Path, opts: &EnrollOptions) -> Result<Identity, Identi
     Ok(identity)
 }
 
-fn write_atomically(dir: &Path, id: &Identity) -> Result<(), IdentityError> {
+pub(crate) fn write_atomically(dir: &Path, id: &Identity) -> Result<(), IdentityError> {
     let file_err =
         |p: &Path, e: std::io::Error| IdentityError::File { path: p.into(), message: e.to_string() };
     let parent = dir.parent().unwrap_or(Path::new("."));
@@ -171,7 +171,7 @@ fn write_atomically(dir: &Path, id: &Identity) -> Result<(), IdentityError> {
 
 /// Create with the final mode from the start (no window where the key is world-readable),
 /// and fsync so the identity survives a power cut right after enrollment.
-fn write_file(p: &Path, body: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_file(p: &Path, body: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(p)?;
@@ -179,7 +179,7 @@ fn write_file(p: &Path, body: &[u8], mode: u32) -> std::io::Result<()> {
     f.sync_all()
 }
 
-fn set_mode(p: &Path, mode: u32) -> std::io::Result<()> {
+pub(crate) fn set_mode(p: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
 }

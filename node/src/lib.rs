@@ -16,6 +16,7 @@ pub mod jobdata;
 pub mod ledger;
 pub mod models;
 pub mod objstore;
+pub mod offline_enroll;
 pub mod relay;
 pub mod runtime;
 pub mod services;

@@ -1,5 +1,6 @@
-//! The sneakernet end to end, with the real control plane, agent and Docker engine: a node that
-//! never reaches the control plane after enrollment runs a job from a signed bundle, its result
+//! The sneakernet end to end, with the real control plane, agent and Docker engine: a node
+//! enrolled offline (request file, enrollment file) that never reaches the control plane runs a
+//! job from a signed bundle, its result
 //! reaches the control plane through a results bundle exactly once (however often it is
 //! imported), the acknowledgement bundle clears the node's outbox, and when the node later gets
 //! a network link nothing is duplicated; a bundle handed over while the agent runs goes through
@@ -71,6 +72,37 @@ fn cut_off(node: &Node) {
         .expect("write config");
 }
 
+/// A node's enrollment file is for that node's request only.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_enrollment_file_for_another_nodes_request_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("airgap").await;
+    let other = Node::enroll_offline(&tmp.path().join("other"), &control, &org.id, CONFIG).await;
+    let dir = tmp.path().join("node");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("config.toml");
+    std::fs::write(&config, format!("data_dir = \"{}\"\n", dir.join("data").display())).expect("config");
+    let outpost = |args: &[&str]| {
+        Command::new(harness::node_bin()).arg("--config").arg(&config).args(args).output().expect("outpost")
+    };
+    let none = outpost(&["enroll", "--from", other.dir.join("enrollment.json").to_str().expect("utf8")]);
+    assert!(
+        !none.status.success() && text(&none).contains("no offline enrollment request is pending"),
+        "{}",
+        text(&none)
+    );
+    let req = dir.join("request.json");
+    assert!(outpost(&["enroll", "--offline", "--out", req.to_str().expect("utf8")]).status.success());
+    let wrong = outpost(&["enroll", "--from", other.dir.join("enrollment.json").to_str().expect("utf8")]);
+    assert!(
+        !wrong.status.success() && text(&wrong).contains("not this node's pending request"),
+        "{}",
+        text(&wrong)
+    );
+    assert!(!dir.join("data/identity/node.json").exists(), "no identity written");
+}
+
 fn reconnect(node: &Node) {
     let text = std::fs::read_to_string(&node.config).expect("config");
     std::fs::write(&node.config, text.replace("url = \"https://127.0.0.1:9\"\n", "")).expect("write config");
@@ -83,7 +115,8 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     common::build_test_image(Some(&image_tar));
     let control = Control::start(&tmp.path().join("control"), None);
     let org = control.create_org("airgap").await;
-    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, CONFIG).await;
+    // Enrolled without a link, and kept without one.
+    let mut node = Node::enroll_offline(&tmp.path().join("node"), &control, &org.id, CONFIG).await;
     cut_off(&node);
 
     let bundle = tmp.path().join("site.bundle");

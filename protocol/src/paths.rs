@@ -23,6 +23,8 @@ pub const DEPLOYMENTS: &str = "/v1/orgs/{org_id}/deployments";
 pub const DEPLOYMENT: &str = "/v1/orgs/{org_id}/deployments/{name}";
 /// Operator: pause, resume, abort or roll back a deployment (POST).
 pub const DEPLOYMENT_ACTION: &str = "/v1/orgs/{org_id}/deployments/{name}/action";
+/// Operator: enroll a node from its offline request file (POST).
+pub const ORG_ENROLL_OFFLINE: &str = "/v1/orgs/{org_id}/enroll-offline";
 /// Operator: sign a bundle for air-gapped nodes (POST).
 pub const ORG_BUNDLES: &str = "/v1/orgs/{org_id}/bundles";
 /// Operator: import a node's signed results bundle; answers with its acknowledgement (POST).

@@ -20,19 +20,31 @@ pub async fn enroll(
     State(st): State<Shared>,
     Body(req): Body<EnrollRequest>,
 ) -> ApiResult<Json<EnrollResponse>> {
-    let hostname = req.hostname.trim();
+    let token_sha = sha256_hex(req.token.trim().as_bytes());
+    Ok(Json(enroll_core(&st, &token_sha, &req.csr_pem, &req.hostname, &req.agent_version).await?))
+}
+
+/// Spends the token (by its SHA-256) and registers the node with a certificate for `csr_pem`:
+/// the one way a node is enrolled, online or from an offline request.
+pub(super) async fn enroll_core(
+    st: &Shared,
+    token_sha: &str,
+    csr_pem: &str,
+    hostname: &str,
+    agent_version: &str,
+) -> ApiResult<EnrollResponse> {
+    let hostname = hostname.trim();
     if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
         return Err(ApiError::bad_request("bad_hostname", "hostname must be 1-253 printable characters"));
     }
-    let token_sha = sha256_hex(req.token.trim().as_bytes());
     let now = st.clock.now_ms();
-    let Some(token) = st.store.get_token(&token_sha).await? else {
-        return Err(refuse(&st, TokenRefusal::Unknown, "-", hostname).await);
+    let Some(token) = st.store.get_token(token_sha).await? else {
+        return Err(refuse(st, TokenRefusal::Unknown, "-", hostname).await);
     };
     // Answer a spent or expired token before doing any work for it. `enroll_node` checks again
     // atomically, so two nodes racing with one token still get one enrollment.
     if let Err(refusal) = check_token(Some(&token), &token.org_id, now) {
-        return Err(refuse(&st, refusal, &token.org_id, hostname).await);
+        return Err(refuse(st, refusal, &token.org_id, hostname).await);
     }
     let org = st.store.get_org(&token.org_id).await?.ok_or_else(|| {
         ApiError::internal(
@@ -41,7 +53,7 @@ pub async fn enroll(
         )
     })?;
     let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
-    let cert = match st.ca.issue_client_cert(&req.csr_pem, &node_id) {
+    let cert = match st.ca.issue_client_cert(csr_pem, &node_id) {
         Ok(cert) => cert,
         Err(e) => {
             let detail = format!("unusable CSR from {hostname:?} (org {}): {e}", org.org.id);
@@ -64,18 +76,18 @@ pub async fn enroll(
         labels: Default::default(),
         online: false,
     };
-    if let Err(refusal) = st.store.enroll_node(&token_sha, now, node).await? {
-        return Err(refuse(&st, refusal, &org.org.id, hostname).await);
+    if let Err(refusal) = st.store.enroll_node(token_sha, now, node).await? {
+        return Err(refuse(st, refusal, &org.org.id, hostname).await);
     }
-    let detail = format!("{node_id} ({hostname}, agent {}) in org {}", req.agent_version, org.org.id);
+    let detail = format!("{node_id} ({hostname}, agent {agent_version}) in org {}", org.org.id);
     st.audit(&format!("node:{node_id}"), "node.enrolled", &detail).await;
-    Ok(Json(EnrollResponse {
+    Ok(EnrollResponse {
         node_id,
         org_id: org.org.id,
         cert_pem: cert.pem,
         ca_pem: st.ca.cert_pem().to_owned(),
         org_signing_key: org.org.signing_key,
-    }))
+    })
 }
 
 /// Audits a refused enrollment and builds its 401.

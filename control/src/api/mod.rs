@@ -12,6 +12,7 @@ mod extract;
 mod jobs;
 pub mod logs;
 mod node;
+mod offline;
 pub mod openapi;
 mod operator;
 pub mod placement;
@@ -92,6 +93,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODE_EVENTS, post(events::deliver))
         .route(paths::NODE_SERVICES, post(deploy::node_reports))
         .route(paths::ORG_BUNDLES, post(bundles::create))
+        .route(paths::ORG_ENROLL_OFFLINE, post(offline::enroll_offline))
         .route(
             paths::BUNDLE_RESULTS,
             post(bundles::import_results).layer(DefaultBodyLimit::max(bundles::MAX_RESULTS_BUNDLE_BYTES)),

@@ -5,7 +5,7 @@ use outpost_protocol::paths;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{bundles, deploy, enroll, events, jobs, logs, node, operator, triggers};
+use super::{bundles, deploy, enroll, events, jobs, logs, node, offline, operator, triggers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -40,6 +40,7 @@ use super::{bundles, deploy, enroll, events, jobs, logs, node, operator, trigger
         events::deliver,
         deploy::node_reports,
         bundles::create,
+        offline::enroll_offline,
         bundles::import_results,
         deploy::create,
         deploy::list,

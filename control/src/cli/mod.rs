@@ -242,6 +242,23 @@ pub enum NodeCommand {
         #[arg(long = "remove", value_name = "KEY")]
         remove: Vec<String>,
     },
+    /// Enroll a node that cannot reach the control plane, from the request file its
+    /// `outpost enroll --offline` wrote; writes the enrollment file for `outpost enroll --from`.
+    /// Each request enrolls once.
+    EnrollOffline {
+        /// The organisation the node joins.
+        #[arg(long)]
+        org: String,
+        /// The node's request file.
+        #[arg(long, value_name = "FILE")]
+        request: PathBuf,
+        /// Where to write the enrollment file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The URL the node is to use should it ever get a link (default: --url).
+        #[arg(long, value_name = "URL")]
+        control_url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

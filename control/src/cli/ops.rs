@@ -114,6 +114,30 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
             }
             print(g.json, &c.label_node(&node_id, &req).await?, show::node)?;
         }
+        Command::Node(NodeCommand::EnrollOffline { org, request, out, control_url }) => {
+            let text = std::fs::read_to_string(&request)
+                .with_context(|| format!("cannot read the request file {}", request.display()))?;
+            let request: outpost_protocol::OfflineEnrollRequest = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an offline enrollment request", request.display()))?;
+            let params = outpost_protocol::OfflineEnrollParams {
+                request,
+                control_url: control_url.unwrap_or_else(|| g.url.clone()),
+            };
+            let signed = c.enroll_offline(&org, &params).await?;
+            let enrollment: outpost_protocol::OfflineEnrollment = serde_json::from_str(&signed.payload)?;
+            let tmp = out.with_extension("partial");
+            std::fs::write(&tmp, serde_json::to_string_pretty(&signed)?)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &out).with_context(|| format!("cannot write {}", out.display()))?;
+            print(g.json, &enrollment.enrollment.node_id, |id| {
+                println!("{id}");
+                eprintln!(
+                    "enrolled node {id} in org {}; carry {} to the node: `outpost enroll --from FILE --ca-fingerprint SHA256`",
+                    enrollment.enrollment.org_id,
+                    out.display()
+                );
+            })?;
+        }
         Command::Node(NodeCommand::Get { node_id }) => print(g.json, &c.node(&node_id).await?, show::node)?,
         Command::Events(EventsCommand::List { node, org, after, limit }) => {
             // With a node, --after is its seq; across nodes, the arrival cursor.

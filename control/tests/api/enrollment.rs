@@ -104,3 +104,47 @@ async fn the_server_presents_its_ca_in_the_chain_for_fingerprint_pinning() {
     assert_eq!(chain.len(), 2, "[leaf, CA]");
     assert_eq!(pki::sha256_hex(chain[1].as_ref()), server.ca_fingerprint());
 }
+
+fn offline_request(id: &str) -> outpost_protocol::OfflineEnrollRequest {
+    let (csr_pem, _) = csr();
+    outpost_protocol::OfflineEnrollRequest {
+        format: outpost_protocol::OFFLINE_FORMAT,
+        request_id: id.into(),
+        csr_pem,
+        hostname: "air-1.test".into(),
+        agent_version: "0.0.0-test".into(),
+        created_unix_ms: 1,
+    }
+}
+
+#[tokio::test]
+async fn an_offline_request_enrolls_its_node_once_and_the_file_is_signed_by_the_org() {
+    let server = TestServer::start().await.expect("server");
+    let (org_id, _) = org_and_token(&server).await;
+    let op = server.operator().expect("operator");
+    let params = outpost_protocol::OfflineEnrollParams {
+        request: offline_request("0123456789abcdef0123456789abcdef"),
+        control_url: "https://control.test:8443".into(),
+    };
+    let signed = op.enroll_offline(&org_id, &params).await.expect("enrolled");
+    let offline: outpost_protocol::OfflineEnrollment =
+        serde_json::from_str(&signed.payload).expect("payload");
+    assert_eq!(offline.request_id, params.request.request_id);
+    assert_eq!(offline.control_url, "https://control.test:8443");
+    let e = &offline.enrollment;
+    assert_eq!(signed.key_id, e.org_signing_key.key_id, "signed by the org key it carries");
+    let listed = op.node(&e.node_id).await.expect("node listed");
+    assert_eq!(listed.hostname, "air-1.test");
+
+    let again = op.enroll_offline(&org_id, &params).await.expect_err("a request is usable once");
+    assert!(again.to_string().contains("request_used"), "{again}");
+    let mut bad = params.clone();
+    bad.request.request_id = "../../x".into();
+    assert!(op.enroll_offline(&org_id, &bad).await.is_err());
+    let mut unknown_org = params.clone();
+    unknown_org.request.request_id = "fedcba9876543210fedcba9876543210".into();
+    assert!(op.enroll_offline("org-nope", &unknown_org).await.is_err());
+    let audit = op.audit(100).await.expect("audit");
+    assert!(audit.entries.iter().any(|a| a.action == "node.enrolled" && a.detail.contains(&e.node_id)));
+    assert!(audit.entries.iter().any(|a| a.action == "enroll.rejected" && a.detail.contains("used again")));
+}

@@ -437,6 +437,54 @@ impl Node {
         }
     }
 
+    /// A node enrolled without a link: `outpost enroll --offline`, the operator's
+    /// `node enroll-offline`, then `outpost enroll --from` with the CA pinned.
+    pub async fn enroll_offline(dir: &Path, control: &Control, org_id: &str, extra_config: &str) -> Node {
+        std::fs::create_dir_all(dir).expect("node dir");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!("profile = \"on-prem\"\ndata_dir = \"{}\"\n{extra_config}\n", dir.join("data").display()),
+        )
+        .expect("write config");
+        let bin = node_bin();
+        let run = |args: &[&str]| {
+            let out =
+                Command::new(&bin).arg("--config").arg(&config).args(args).output().expect("run outpost");
+            assert!(
+                out.status.success(),
+                "outpost {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let request = dir.join("request.json");
+        let enrollment = dir.join("enrollment.json");
+        run(&["enroll", "--offline", "--out", request.to_str().expect("utf8"), "--hostname", "air-node"]);
+        let out = Command::new(control_bin())
+            .args(["--url", &control.url, "--data-dir"])
+            .arg(&control.dir)
+            .args(["node", "enroll-offline", "--org", org_id, "--request"])
+            .arg(&request)
+            .arg("--out")
+            .arg(&enrollment)
+            .output()
+            .expect("run outpost-control");
+        assert!(out.status.success(), "node enroll-offline: {}", String::from_utf8_lossy(&out.stderr));
+        run(&[
+            "enroll",
+            "--from",
+            enrollment.to_str().expect("utf8"),
+            "--ca-fingerprint",
+            &control.fingerprint,
+        ]);
+        let node_json = dir.join("data/identity/node.json");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&node_json).expect("node.json"))
+            .expect("node.json is JSON");
+        let node_id = v["node_id"].as_str().expect("node_id").to_string();
+        Node { dir: dir.to_path_buf(), config, node_id, child: None, log: Lines::default(), bin }
+    }
+
     /// Start `outpost run`; returns once it is ready and its container runtime answered (jobs
     /// are fetched from then on).
     pub fn start(&mut self) {
