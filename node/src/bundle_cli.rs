@@ -184,6 +184,7 @@ async fn import_here(
         publishers: &publishers,
         services: &services,
         node_id: &identity.node.node_id,
+        enrolled_unix_ms: identity.node.enrolled_unix_ms,
     };
     let outcome = bundle::import_file(
         &node,

@@ -401,6 +401,17 @@ fn show_status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         "queue:       {} staged, {} running, {} in outbox",
         st.depths.staged, st.depths.running, st.depths.outbox
     );
+    if let Some(t) = &st.trust {
+        let ago = st.updated_unix_ms.saturating_sub(t.last_heard_unix_ms) / 1000;
+        match t.window_secs {
+            None => println!("trust:       last heard from the control plane {ago} s ago; no window"),
+            Some(w) if t.expired => println!(
+                "trust:       EXPIRED: last heard from the control plane {ago} s ago, more than [trust] max_offline \
+                 ({w} s); only bundles signed within the window are accepted: ask for a new bundle or reconnect"
+            ),
+            Some(w) => println!("trust:       last heard from the control plane {ago} s ago (window {w} s)"),
+        }
+    }
     if st.running_jobs.is_empty() {
         println!("running:     none");
     } else {

@@ -42,6 +42,9 @@ pub struct Config {
     /// Air-gapped bundles (see docs/air-gap.md).
     #[serde(default)]
     pub bundles: BundlesConfig,
+    /// How long the node trusts what its control plane signed without hearing from it.
+    #[serde(default)]
+    pub trust: TrustConfig,
     #[serde(default)]
     pub control: ControlConfig,
     #[serde(default)]
@@ -76,6 +79,26 @@ pub struct NodeConfig {
     /// jobs choose nodes by selectors over them.
     #[serde(default)]
     pub labels: outpost_protocol::Labels,
+}
+
+/// The trust window (see docs/air-gap.md, "Trust that expires").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// After this long without hearing from the control plane (network or bundle), accept only
+    /// bundles signed within it: `90d`, `36h`, …; `off` for no window.
+    #[serde(default = "default_max_offline")]
+    pub max_offline: String,
+}
+
+fn default_max_offline() -> String {
+    "90d".into()
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        Self { max_offline: default_max_offline() }
+    }
 }
 
 /// Air-gapped bundles: a directory the agent watches (a mounted USB disk, say) for `*.bundle`
@@ -441,6 +464,7 @@ impl Config {
 
     fn validate_relay(&self) -> Result<(), String> {
         self.relay.validate().map_err(|e| e.to_string())?;
+        crate::trust::parse_window(&self.trust.max_offline).map_err(|e| format!("trust.max_offline: {e}"))?;
         if self.bundles.watch.as_ref().is_some_and(|w| !w.is_absolute()) {
             return Err("bundles.watch must be an absolute path".into());
         }
@@ -508,6 +532,11 @@ impl Config {
         self.data_dir.join("status.json")
     }
     /// The model store's directory: `models.store_dir`, or `data_dir/models`.
+    /// The trust window (`[trust] max_offline`), checked at load.
+    pub fn trust_window(&self) -> Option<std::time::Duration> {
+        crate::trust::parse_window(&self.trust.max_offline).ok().flatten()
+    }
+
     pub fn models_dir(&self) -> PathBuf {
         self.models.store_dir.clone().unwrap_or_else(|| self.data_dir.join("models"))
     }

@@ -23,5 +23,6 @@ pub mod services;
 pub mod status;
 pub mod store;
 pub mod tls;
+pub mod trust;
 pub mod uplink;
 pub mod verify;

@@ -38,6 +38,10 @@ pub struct Status {
     pub inference: Option<outpost_inference::Metrics>,
     pub started_unix_ms: u64,
     pub updated_unix_ms: u64,
+    /// The trust window: when the node last heard from its control plane, and whether the
+    /// window has expired. A status file of an older agent lacks it.
+    #[serde(default)]
+    pub trust: Option<crate::trust::TrustState>,
 }
 
 pub fn write(path: &Path, status: &Status) -> std::io::Result<()> {

@@ -222,3 +222,30 @@ fn common_runs(job_id: &str) -> usize {
         .expect("docker ps");
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
+
+/// Past `[trust] max_offline` without word from the control plane, a bundle signed before the
+/// window is refused and says why; nothing changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_signed_before_an_expired_trust_window_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("airgap").await;
+    let config = format!("{CONFIG}[trust]\nmax_offline = \"2s\"\n");
+    let node = Node::enroll_offline(&tmp.path().join("node"), &control, &org.id, &config).await;
+    let bundle = tmp.path().join("old.bundle");
+    let job = job_file(tmp.path(), "job", "echo too-late");
+    let job_id = build(&control, &org.id, &node.node_id, &["--job", job.to_str().expect("utf8")], &bundle);
+    // Longer than the window since enrollment (the last word) and since the bundle was signed.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let out = node.cli(&["bundle", "import", bundle.to_str().expect("utf8")]);
+    assert!(!out.status.success(), "imported past the trust window: {}", text(&out));
+    assert!(
+        text(&out).contains("trust window has expired") && text(&out).contains("nothing changed"),
+        "{}",
+        text(&out)
+    );
+    let audit = node.cli(&["audit", "list"]);
+    let log = String::from_utf8_lossy(&audit.stdout);
+    assert!(log.contains("bundle.refused") && log.contains("trust window"), "{log}");
+    assert!(!log.contains(&job_id), "the job never reached the ledger: {log}");
+}

@@ -137,6 +137,7 @@ impl<R: Runtime> Agent<R> {
             publishers: &publishers,
             services: &self.services,
             node_id: &self.identity.node.node_id,
+            enrolled_unix_ms: self.identity.node.enrolled_unix_ms,
         };
         tracing::info!(file = %file.display(), "importing a bundle");
         let outcome = bundle::import_file(

@@ -19,6 +19,19 @@ const SETTLED_KEEP: usize = 1000;
 const ENGINE_WAIT: Duration = Duration::from_secs(5);
 
 impl<R: Runtime> Agent<R> {
+    /// Word from the control plane (the trust window): written to the ledger now and then.
+    fn note_heard(&self) {
+        use std::sync::atomic::Ordering;
+        let now = crate::clock::now_unix_ms();
+        if now.saturating_sub(self.shared.trust_written.load(Ordering::Relaxed)) < 60_000 {
+            return;
+        }
+        match crate::trust::heard(self.ledger.store().as_ref(), now) {
+            Ok(()) => self.shared.trust_written.store(now, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "cannot record contact with the control plane"),
+        }
+    }
+
     pub(super) async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
         let every = Duration::from_secs(self.cfg.agent.heartbeat_secs);
         loop {
@@ -58,7 +71,10 @@ impl<R: Runtime> Agent<R> {
             };
             tokio::select! {
                 r = self.uplink.heartbeat(&hb) => match r {
-                    Ok(()) => self.shared.contact_ok(),
+                    Ok(()) => {
+                        self.shared.contact_ok();
+                        self.note_heard();
+                    }
                     Err(e) => {
                         self.shared.contact_failed(&e);
                         tracing::debug!(error = %e, "heartbeat not delivered");

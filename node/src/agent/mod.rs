@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     cancels: Mutex<std::collections::HashMap<String, (CancellationToken, String)>>,
     /// Log requests being served (bounded by `logs::MAX_STREAMS`).
     log_streams: Mutex<std::collections::HashSet<String>>,
+    /// When contact with the control plane was last written to the ledger (trust window).
+    trust_written: AtomicU64,
 }
 
 impl Shared {
@@ -502,6 +504,12 @@ impl<R: Runtime> Agent<R> {
                 .then(|| self.inference.manager.metrics()),
             started_unix_ms,
             updated_unix_ms: now_unix_ms(),
+            trust: crate::trust::last_heard(
+                self.ledger.store().as_ref(),
+                self.identity.node.enrolled_unix_ms,
+            )
+            .ok()
+            .map(|heard| crate::trust::state(heard, self.cfg.trust_window(), now_unix_ms())),
         };
         if let Err(e) = status::write(&self.cfg.status_file(), &s) {
             tracing::warn!(error = %e, "cannot write the status file");

@@ -72,6 +72,8 @@ pub struct Node<'a, R: Runtime> {
     pub publishers: &'a Publishers,
     pub services: &'a ServiceBook,
     pub node_id: &'a str,
+    /// When the node enrolled: it has heard from its control plane since then at least.
+    pub enrolled_unix_ms: u64,
 }
 
 /// A part read and checked before anything is applied.

@@ -50,6 +50,8 @@ pub enum BundleError {
     WrongTarget(String),
     #[error("the bundle expired at {expires_unix_ms} (Unix ms); ask for a new one")]
     Expired { expires_unix_ms: u64 },
+    #[error("{0}")]
+    Trust(String),
     #[error(
         "replayed or older bundle: its counter {counter} is not above {last}, the last this node imported"
     )]
@@ -166,6 +168,10 @@ async fn import_inner<R: crate::runtime::Runtime>(
         let counter = manifest.counters.get(node.node_id).copied().unwrap_or_default();
         return Ok(Outcome::AlreadyImported { bundle_id: manifest.bundle_id, counter });
     }
+    let heard =
+        crate::trust::last_heard(node.ledger.store().as_ref(), node.enrolled_unix_ms).map_err(store_err)?;
+    crate::trust::check(heard, node.cfg.trust_window(), manifest.created_unix_ms, now)
+        .map_err(BundleError::Trust)?;
     if !manifest.bundle_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         || manifest.bundle_id.is_empty()
     {
@@ -196,6 +202,11 @@ async fn import_inner<R: crate::runtime::Runtime>(
         Ok(v) => apply::apply(node, &v, now).await.map(Outcome::Imported),
         Err(e) => Err(e),
     };
+    if result.is_ok() {
+        // A bundle is word from the control plane, as of when it was signed.
+        crate::trust::heard(node.ledger.store().as_ref(), manifest.created_unix_ms.min(now))
+            .map_err(store_err)?;
+    }
     let _ = std::fs::remove_dir_all(&staging);
     result
 }
