@@ -77,13 +77,16 @@ pub async fn run(cfg: &Config, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
                 anyhow::anyhow!("{e}\n(stop the agent to export results: the ledger has one owner at a time)")
             })?;
             let ledger = Ledger::new(Arc::new(store));
-            let exported = bundle::results::export(&identity, &ledger, &out, now_unix_ms())?;
+            let exported = bundle::results::export(cfg, &identity, &ledger, &out, now_unix_ms())?;
             if json {
                 println!("{}", serde_json::to_string(&exported)?);
             } else {
                 println!(
-                    "{} result(s) written to {} ({} bytes); take it to `outpost-control bundle import-results`",
+                    "{} result(s), {} relay event(s) and {} service report(s) written to {} ({} bytes); take it \
+                     to `outpost-control bundle import-results`",
                     exported.results.len(),
+                    exported.events,
+                    exported.service_reports,
                     out.display(),
                     exported.bytes
                 );
@@ -252,6 +255,12 @@ fn print_outcome(o: &Outcome) {
             }
             if a.results_acknowledged > 0 {
                 println!("  {} result(s) acknowledged: cleared from the outbox", a.results_acknowledged);
+            }
+            if a.events_acknowledged > 0 {
+                println!("  {} relay event(s) acknowledged: cleared from the outbox", a.events_acknowledged);
+            }
+            if a.service_reports_acknowledged {
+                println!("  service reports acknowledged: cleared from the outbox");
             }
         }
     }

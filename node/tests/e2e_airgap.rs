@@ -115,9 +115,14 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     common::build_test_image(Some(&image_tar));
     let control = Control::start(&tmp.path().join("control"), None);
     let org = control.create_org("airgap").await;
-    // Enrolled without a link, and kept without one.
-    let mut node = Node::enroll_offline(&tmp.path().join("node"), &control, &org.id, CONFIG).await;
+    // Enrolled without a link, and kept without one; its relay watches `incoming/`.
+    let config = format!("{CONFIG}[[relay.watches]]\nname = \"in\"\nprefix = \"incoming/\"\n");
+    let mut node = Node::enroll_offline(&tmp.path().join("node"), &control, &org.id, &config).await;
     cut_off(&node);
+    let object = tmp.path().join("scan.txt");
+    std::fs::write(&object, "an object the relay reports").expect("write");
+    let put = node.cli(&["objects", "put", "incoming/scan-1.txt", object.to_str().expect("utf8")]);
+    assert!(put.status.success(), "objects put: {}", text(&put));
 
     let bundle = tmp.path().join("site.bundle");
     let job = job_file(tmp.path(), "job", "echo carried-by-hand");
@@ -151,21 +156,27 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
 
     // The agent runs it without any link; the result waits in the outbox.
     node.start();
-    eventually("the result in the outbox", Duration::from_secs(90), async || {
-        node.status_json()["agent"]["depths"]["outbox"].as_u64() == Some(1)
+    eventually("the result and the relay event in the outbox", Duration::from_secs(90), async || {
+        let st = node.status_json();
+        st["agent"]["depths"]["outbox"].as_u64() == Some(1)
+            && st["agent"]["relay"]["pending_depth"].as_u64() == Some(1)
     })
     .await;
     node.stop();
 
     let results = tmp.path().join("results.bundle");
     let out = node.cli(&["bundle", "export-results", "--out", results.to_str().expect("utf8")]);
-    assert!(out.status.success() && text(&out).contains("1 result(s)"), "{}", text(&out));
+    assert!(out.status.success() && text(&out).contains("1 result(s), 1 relay event(s)"), "{}", text(&out));
 
     let ack = tmp.path().join("ack.bundle");
     let args =
         ["bundle", "import-results", results.to_str().expect("utf8"), "--out", ack.to_str().expect("utf8")];
     let out = operator(&control, &args);
     assert!(out.status.success() && text(&out).contains("1 result(s) stored"), "{}", text(&out));
+    assert!(text(&out).contains("1 relay event(s) stored"), "{}", text(&out));
+    let events = control.all_events(&node.node_id).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].event.key, "incoming/scan-1.txt");
     let r = control.job(&job_id).await.result.expect("result stored");
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
     assert!(r.stdout_tail.contains("carried-by-hand"));
@@ -180,8 +191,9 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     // The acknowledgement clears the outbox; the first bundle is now an older one.
     let out = node.cli(&["bundle", "import", ack.to_str().expect("utf8")]);
     assert!(out.status.success() && text(&out).contains("1 result(s) acknowledged"), "{}", text(&out));
+    assert!(text(&out).contains("1 relay event(s) acknowledged"), "{}", text(&out));
     let out = node.cli(&["bundle", "export-results", "--out", results.to_str().expect("utf8")]);
-    assert!(text(&out).contains("0 result(s)"), "{}", text(&out));
+    assert!(text(&out).contains("0 result(s), 0 relay event(s)"), "{}", text(&out));
     let out = node.cli(&["bundle", "import", bundle.to_str().expect("utf8")]);
     assert!(text(&out).contains("imported already"), "{}", text(&out));
 
@@ -207,6 +219,7 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(control.results_recorded(&job_id).await, 1, "the first job's result is not stored again");
     assert_eq!(control.results_recorded(&job2_id).await, 1);
+    assert_eq!(control.all_events(&node.node_id).await.len(), 1, "the event is not stored twice");
     assert_eq!(common_runs(&job_id), 0, "the first job did not run again");
     node.stop();
     let audit = node.cli(&["audit", "list"]);

@@ -236,6 +236,14 @@ pub struct ResultsImport {
     pub superseded: Vec<String>,
     /// Refused, with the reason (a job not sent to this node, unknown).
     pub refused: Vec<(String, String)>,
+    /// Relay events stored now, and the seq up to which all are stored.
+    #[serde(default)]
+    pub events_stored: u32,
+    #[serde(default)]
+    pub events_up_to_seq: u64,
+    /// Service reports stored up to this seq.
+    #[serde(default)]
+    pub service_reports_up_to_seq: u64,
     /// The acknowledgement bundle to carry back to the node.
     pub ack: BundleResponse,
 }

@@ -287,6 +287,9 @@ pub async fn import_results(
         duplicates: Vec::new(),
         superseded: Vec::new(),
         refused: Vec::new(),
+        events_stored: 0,
+        events_up_to_seq: 0,
+        service_reports_up_to_seq: 0,
         ack: BundleResponse { manifest: empty_envelope(), parts: Vec::new(), jobs: Vec::new() },
     };
     let mut acked = Vec::new();
@@ -333,13 +336,42 @@ pub async fn import_results(
             }
         }
     }
+    // Relay events and service reports, through the same store calls (and triggers) as their
+    // network routes, in the batch sizes those take.
+    let mut events = payload.events;
+    events.sort_by_key(|e| e.seq);
+    for chunk in events.chunks(outpost_protocol::MAX_EVENTS_PER_BATCH) {
+        let batch = outpost_protocol::EventBatch { events: chunk.to_vec() };
+        match super::events::store_node_events(&st, &node, batch).await {
+            Ok(ack) => {
+                out.events_stored += ack.stored;
+                out.events_up_to_seq = out.events_up_to_seq.max(ack.up_to_seq);
+            }
+            Err(e) => {
+                out.refused.push((format!("events from seq {}", chunk[0].seq), e.body.message));
+                break;
+            }
+        }
+    }
+    let mut reports = payload.service_reports;
+    reports.sort_by_key(|r| r.seq);
+    for chunk in reports.chunks(super::deploy::MAX_REPORTS_PER_BATCH) {
+        let batch = outpost_protocol::ServiceReportBatch { reports: chunk.to_vec() };
+        match super::deploy::store_node_reports(&st, &node, batch).await {
+            Ok(ack) => out.service_reports_up_to_seq = out.service_reports_up_to_seq.max(ack.up_to_seq),
+            Err(e) => {
+                out.refused.push((format!("service reports from seq {}", chunk[0].seq), e.body.message));
+                break;
+            }
+        }
+    }
     let ack = ResultsAck {
         node_id: node.node_id.clone(),
         results_bundle_id: payload.bundle_id.clone(),
         results: acked,
         refused: refused_keys,
-        events_up_to_seq: 0,
-        service_reports_up_to_seq: 0,
+        events_up_to_seq: out.events_up_to_seq,
+        service_reports_up_to_seq: out.service_reports_up_to_seq,
     };
     let org = super::jobs::org_of(&st, &node).await?;
     let signed_ack = sign(&org, &ack)?;

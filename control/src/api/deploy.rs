@@ -282,6 +282,16 @@ pub async fn node_reports(
     State(st): State<Shared>,
     Body(batch): Body<ServiceReportBatch>,
 ) -> ApiResult<Json<ServiceReportAck>> {
+    Ok(Json(store_node_reports(&st, &node, batch).await?))
+}
+
+/// Stores a node's service reports once each (by node and seq): whether they came over the
+/// network or in a results bundle.
+pub(super) async fn store_node_reports(
+    st: &Shared,
+    node: &outpost_protocol::NodeInfo,
+    batch: ServiceReportBatch,
+) -> ApiResult<ServiceReportAck> {
     if batch.reports.len() > MAX_REPORTS_PER_BATCH {
         return Err(ApiError::bad_request(
             "batch_too_large",
@@ -319,5 +329,5 @@ pub async fn node_reports(
         st.audit(&format!("node:{}", node.node_id), "service.report", &detail).await;
     }
     st.fleet_changed.notify_one();
-    Ok(Json(ServiceReportAck { up_to_seq }))
+    Ok(ServiceReportAck { up_to_seq })
 }

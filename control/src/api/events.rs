@@ -35,6 +35,16 @@ pub async fn deliver(
     State(st): State<Shared>,
     Body(batch): Body<EventBatch>,
 ) -> ApiResult<Json<EventAck>> {
+    Ok(Json(store_node_events(&st, &node, batch).await?))
+}
+
+/// Stores a node's events once each (by node and seq) and fires the org's triggers: whether
+/// they came over the network or in a results bundle.
+pub(super) async fn store_node_events(
+    st: &Shared,
+    node: &outpost_protocol::NodeInfo,
+    batch: EventBatch,
+) -> ApiResult<EventAck> {
     check_batch(&batch)?;
     let outcome =
         st.store.store_events(&node.node_id, &node.org_id, batch.events.clone(), st.clock.now_ms()).await?;
@@ -45,15 +55,11 @@ pub async fn deliver(
     }
     tracing::debug!(node = %node.node_id, stored = outcome.stored, duplicates = outcome.duplicates,
         up_to_seq = outcome.up_to_seq, "events delivered");
-    let fired = triggers::fire(&st, &node, &batch.events).await;
+    let fired = triggers::fire(st, node, &batch.events).await;
     // Wake listings even when firing failed: the events themselves are stored.
     st.events_stored.notify_waiters();
     fired?;
-    Ok(Json(EventAck {
-        up_to_seq: outcome.up_to_seq,
-        stored: outcome.stored,
-        duplicates: outcome.duplicates,
-    }))
+    Ok(EventAck { up_to_seq: outcome.up_to_seq, stored: outcome.stored, duplicates: outcome.duplicates })
 }
 
 /// Refuses a batch the node should never have sent, naming the first bad event.

@@ -142,12 +142,16 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
                 println!("{}", serde_json::to_string(&got)?);
             } else {
                 println!(
-                    "node {}: {} result(s) stored, {} already stored, {} superseded, {} refused",
+                    "node {}: {} result(s) stored, {} already stored, {} superseded, {} refused; {} relay event(s) \
+                     stored (all up to seq {}); service reports stored up to seq {}",
                     got.node_id,
                     got.stored.len(),
                     got.duplicates.len(),
                     got.superseded.len(),
-                    got.refused.len()
+                    got.refused.len(),
+                    got.events_stored,
+                    got.events_up_to_seq,
+                    got.service_reports_up_to_seq
                 );
                 for key in &got.stored {
                     println!("stored\t{key}");

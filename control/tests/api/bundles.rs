@@ -201,3 +201,53 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
     tampered.payload = tampered.payload.replace("carried by hand", "carried by some");
     assert_eq!(post(&server, paths::BUNDLE_RESULTS, &tampered).await.0, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn relay_events_and_service_reports_from_a_bundle_are_stored_once_and_acknowledged_by_seq() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org, token) = org_and_token(&server).await;
+    let node = TestNode::enroll(&server, &token).await;
+    let report = outpost_protocol::ServiceReport {
+        seq: 1,
+        service: "web".into(),
+        deployment: "web".into(),
+        revision: 1,
+        state: outpost_protocol::ServiceState::Healthy,
+        restarts: 0,
+        last_exit: None,
+        health_output: String::new(),
+        message: None,
+        unix_ms: 1,
+    };
+    let payload = ResultsPayload {
+        format: outpost_protocol::BUNDLE_FORMAT,
+        bundle_id: "r-events".into(),
+        node_id: node.id().to_owned(),
+        org_id: org.clone(),
+        created_unix_ms: 1,
+        results: Vec::new(),
+        events: vec![
+            super::support::object_event(2, "in/b.json"),
+            super::support::object_event(1, "in/a.json"),
+        ],
+        service_reports: vec![report],
+    };
+    let signed = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &payload);
+    for round in 0..2 {
+        let (status, body) = post(&server, paths::BUNDLE_RESULTS, &signed).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let got: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
+        assert_eq!(got.events_stored, if round == 0 { 2 } else { 0 }, "stored once: {got:?}");
+        assert_eq!((got.events_up_to_seq, got.service_reports_up_to_seq), (2, 1));
+        let env: SignedEnvelope =
+            serde_json::from_str(got.ack.parts[0].as_ref().expect("ack")).expect("envelope");
+        let ack: ResultsAck = serde_json::from_str(&verify(&node, &env)).expect("ack");
+        assert_eq!((ack.events_up_to_seq, ack.service_reports_up_to_seq), (2, 1));
+    }
+    let q =
+        outpost_control::client::EventsQuery { node_id: Some(node.id().to_owned()), ..Default::default() };
+    let listed = op.events(&q).await.expect("events");
+    let keys: Vec<&str> = listed.events.iter().map(|e| e.event.key.as_str()).collect();
+    assert_eq!(keys, ["in/a.json", "in/b.json"]);
+}

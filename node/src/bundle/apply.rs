@@ -60,6 +60,10 @@ pub struct Applied {
     pub jobs_rejected: Vec<(String, String)>,
     pub services: Vec<(String, String)>,
     pub results_acknowledged: usize,
+    #[serde(default)]
+    pub events_acknowledged: usize,
+    #[serde(default)]
+    pub service_reports_acknowledged: bool,
 }
 
 /// What applying needs of the node.
@@ -161,6 +165,18 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
             }
             Checked::Ack(ack) => {
                 out.results_acknowledged += acknowledge(node, &ack).map_err(|e| store_err(&part.name, e))?;
+                let store = node.ledger.store();
+                if ack.events_up_to_seq > 0 {
+                    out.events_acknowledged +=
+                        crate::relay::outbox_mark_sent(std::sync::Arc::clone(store), ack.events_up_to_seq)
+                            .map_err(|e| store_err(&part.name, e))?;
+                }
+                if ack.service_reports_up_to_seq > 0 {
+                    node.services
+                        .delivered(ack.service_reports_up_to_seq)
+                        .map_err(|e| store_err(&part.name, e))?;
+                    out.service_reports_acknowledged = true;
+                }
             }
         }
     }

@@ -18,6 +18,8 @@ use crate::ledger::{JobState, Ledger};
 pub struct Exported {
     pub bundle_id: String,
     pub results: Vec<String>,
+    pub events: usize,
+    pub service_reports: usize,
     pub bytes: u64,
     /// Results left in the outbox for the next bundle (over this one's size budget).
     pub remaining: usize,
@@ -35,8 +37,32 @@ pub fn pending(ledger: &Ledger) -> Result<Vec<ResultReport>, BundleError> {
     Ok(records.into_iter().filter(|r| r.local.is_none()).filter_map(|r| r.result).collect())
 }
 
-/// Write the outbox's results to `out` (via a temporary file renamed into place).
-pub fn export(identity: &Identity, ledger: &Ledger, out: &Path, now: u64) -> Result<Exported, BundleError> {
+/// Most relay events and service reports one results bundle carries (each outbox is bounded
+/// anyway; what does not fit goes in the next bundle).
+pub const MAX_EXPORT_EVENTS: usize = 10_000;
+pub const MAX_EXPORT_SERVICE_REPORTS: usize = 1_000;
+
+/// Write the outbox's results, relay events and service reports to `out` (via a temporary file
+/// renamed into place).
+pub fn export(
+    cfg: &crate::config::Config,
+    identity: &Identity,
+    ledger: &Ledger,
+    out: &Path,
+    now: u64,
+) -> Result<Exported, BundleError> {
+    let store_err =
+        |e: crate::store::StoreError| BundleError::Apply { part: "(outbox)".into(), reason: e.to_string() };
+    let bucket = cfg.bucket_name();
+    let events: Vec<outpost_protocol::ObjectEvent> =
+        crate::relay::outbox_events(std::sync::Arc::clone(ledger.store()), MAX_EXPORT_EVENTS)
+            .map_err(store_err)?
+            .iter()
+            .map(|e| e.to_wire(bucket))
+            .collect();
+    let service_reports = crate::services::book::ServiceBook::new(std::sync::Arc::clone(ledger.store()))
+        .pending(MAX_EXPORT_SERVICE_REPORTS)
+        .map_err(store_err)?;
     let mut all = pending(ledger)?;
     all.sort_by_key(|r| r.timings.finished_unix_ms.unwrap_or(r.timings.received_unix_ms));
     let mut results = Vec::new();
@@ -58,8 +84,8 @@ pub fn export(identity: &Identity, ledger: &Ledger, out: &Path, now: u64) -> Res
         org_id: identity.node.org_id.clone(),
         created_unix_ms: now,
         results,
-        events: Vec::new(),
-        service_reports: Vec::new(),
+        events,
+        service_reports,
     };
     let text = serde_json::to_string(&payload).map_err(|e| BundleError::Corrupt(e.to_string()))?;
     let signature_hex = sign(&identity.key_pem, text.as_bytes())?;
@@ -77,14 +103,21 @@ pub fn export(identity: &Identity, ledger: &Ledger, out: &Path, now: u64) -> Res
     }
     std::fs::rename(&tmp, out).map_err(io(format!("rename {} to {}", tmp.display(), out.display())))?;
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-    let detail =
-        format!("results bundle {} with {} result(s) written", payload.bundle_id, payload.results.len());
+    let detail = format!(
+        "results bundle {} with {} result(s), {} event(s), {} service report(s) written",
+        payload.bundle_id,
+        payload.results.len(),
+        payload.events.len(),
+        payload.service_reports.len()
+    );
     ledger
         .audit("bundle.results_exported", &detail)
         .map_err(|e| BundleError::Apply { part: "(audit)".into(), reason: e.to_string() })?;
     Ok(Exported {
         bundle_id: payload.bundle_id,
         results: payload.results.iter().map(|r| r.idempotency_key.clone()).collect(),
+        events: payload.events.len(),
+        service_reports: payload.service_reports.len(),
         bytes,
         remaining,
     })

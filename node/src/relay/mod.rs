@@ -57,6 +57,35 @@ impl RelayError {
 
 pub type Result<T> = std::result::Result<T, RelayError>;
 
+/// Up to `limit` events waiting in the relay outbox kept in `store`, oldest first, without a
+/// running relay (a results bundle is written while the agent is stopped).
+pub fn outbox_events(
+    store: Arc<dyn StateStore>,
+    limit: usize,
+) -> std::result::Result<Vec<RelayEvent>, StoreError> {
+    State::new(store).pending_first(limit)
+}
+
+/// Drops every event up to and including `up_to_seq` from the relay outbox kept in `store`
+/// (the control plane acknowledged them in a bundle). Returns how many went.
+pub fn outbox_mark_sent(
+    store: Arc<dyn StateStore>,
+    up_to_seq: u64,
+) -> std::result::Result<usize, StoreError> {
+    let state = State::new(store);
+    let ops: Vec<Op> = state
+        .pending_keys()?
+        .into_iter()
+        .filter(|k| <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).is_ok_and(|s| s <= up_to_seq))
+        .map(|k| Op::Delete(Tree::Events, k))
+        .collect();
+    let n = ops.len();
+    if n > 0 {
+        state.apply(ops)?;
+    }
+    Ok(n)
+}
+
 type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Extra state changes for a new event, applied in the same atomic batch as the event itself
