@@ -265,3 +265,25 @@ fn an_empty_or_foreign_file_is_not_a_bundle() {
     let err = verify_and_stage(&path, &expect, 0, None, &|_| {}).expect_err("refused").to_string();
     assert!(err.contains("not a readable bundle"), "{err}");
 }
+
+#[test]
+fn a_part_of_an_unknown_kind_is_refused() {
+    // A manifest from a newer control plane with a part this build cannot apply: refused as a
+    // whole (never applied in part), saying what it did not understand.
+    let (k, public) = key(7);
+    let mut m = serde_json::to_value(manifest(vec![part(0, PartKind::Image, b"x", None)], 5)).expect("json");
+    m["parts"][0]["kind"] = "firmware".into();
+    m["parts"][0]["name"] = "parts/0000-firmware".into();
+    let payload = m.to_string();
+    let env = SignedEnvelope {
+        signature_hex: hex::encode(k.sign(payload.as_bytes()).to_bytes()),
+        payload,
+        key_id: public.key_id.clone(),
+    };
+    let members = vec![
+        file(MANIFEST_MEMBER, &serde_json::to_vec(&env).expect("env")),
+        file("parts/0000-firmware", b"x"),
+    ];
+    let err = refused(&members, 0, 100);
+    assert!(err.contains("firmware"), "{err}");
+}
