@@ -287,3 +287,39 @@ fn a_part_of_an_unknown_kind_is_refused() {
     let err = refused(&members, 0, 100);
     assert!(err.contains("firmware"), "{err}");
 }
+
+#[test]
+fn a_flipped_byte_in_a_part_of_every_kind_is_refused_naming_it() {
+    let kinds = [PartKind::Image, PartKind::Model, PartKind::Job, PartKind::Service, PartKind::ResultsAck];
+    let bodies: Vec<Vec<u8>> =
+        kinds.iter().map(|k| format!("the body of a {k:?} part").into_bytes()).collect();
+    let parts: Vec<BundlePart> = kinds
+        .iter()
+        .zip(&bodies)
+        .enumerate()
+        .map(|(i, (k, b))| {
+            let node = matches!(k, PartKind::Job | PartKind::Service | PartKind::ResultsAck).then_some(NODE);
+            part(i, *k, b, node)
+        })
+        .collect();
+    let m = manifest(parts, 5);
+    let (k, public) = key(7);
+    let signed = sign(&k, &public.key_id, &m);
+    for (flip, kind) in kinds.iter().enumerate() {
+        let mut members = vec![file(MANIFEST_MEMBER, &signed)];
+        for (i, (p, b)) in m.parts.iter().zip(&bodies).enumerate() {
+            let mut body = b.clone();
+            if i == flip {
+                body[3] ^= 0x20;
+            }
+            members.push(file(&p.name, &body));
+        }
+        let err = refused(&members, 0, 100);
+        assert!(err.contains(&m.parts[flip].name) && err.contains("SHA-256"), "{kind:?}: {err}");
+    }
+    // Unflipped, every kind verifies.
+    let mut members = vec![file(MANIFEST_MEMBER, &signed)];
+    members.extend(m.parts.iter().zip(&bodies).map(|(p, b)| file(&p.name, b)));
+    let c = case(&members);
+    assert_eq!(check(&c, 0, 100).expect("verified").parts.len(), kinds.len());
+}
