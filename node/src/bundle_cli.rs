@@ -73,11 +73,13 @@ pub async fn run(cfg: &Config, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
             import_here(cfg, &identity, Ledger::new(Arc::new(store)), &file, json).await
         }
         BundleCommand::ExportResults { out, json } => {
-            let store = SledStore::open(&cfg.ledger_dir()).map_err(|e| {
-                anyhow::anyhow!("{e}\n(stop the agent to export results: the ledger has one owner at a time)")
-            })?;
-            let ledger = Ledger::new(Arc::new(store));
-            let exported = bundle::results::export(cfg, &identity, &ledger, &out, now_unix_ms())?;
+            let out = absolute(&out)?;
+            let exported = if agent_running(cfg) {
+                export_by_agent(cfg, &out).await?
+            } else {
+                let ledger = Ledger::new(Arc::new(SledStore::open(&cfg.ledger_dir())?));
+                bundle::results::export(cfg, &identity, &ledger, &out, now_unix_ms())?
+            };
             if json {
                 println!("{}", serde_json::to_string(&exported)?);
             } else {
@@ -100,6 +102,46 @@ pub async fn run(cfg: &Config, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `path` made absolute (the agent may write it, from another working directory).
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    Ok(std::env::current_dir().context("cannot read the working directory")?.join(path))
+}
+
+/// The agent owns the ledger: ask it (a request in its inbox) to write the results bundle.
+async fn export_by_agent(cfg: &Config, out: &Path) -> anyhow::Result<bundle::results::Exported> {
+    let inbox = bundle::inbox_dir(cfg);
+    std::fs::create_dir_all(&inbox).with_context(|| format!("cannot create {}", inbox.display()))?;
+    let name = format!("{}-{}.export", now_unix_ms(), std::process::id());
+    let tmp = inbox.join(format!(".{name}.partial"));
+    std::fs::write(&tmp, serde_json::to_vec(&bundle::ExportRequest { out: out.to_path_buf() })?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, inbox.join(&name))?;
+    eprintln!("the agent is running: asked it to write the results bundle");
+    let outcome_file = bundle::outcome_path(cfg, &name);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&outcome_file) {
+            let _ = std::fs::remove_file(&outcome_file);
+            let v: serde_json::Value =
+                serde_json::from_str(&text).context("the agent's outcome does not parse")?;
+            if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+                bail!("no results bundle written: {err}");
+            }
+            return serde_json::from_value(v).context("the agent's outcome does not parse");
+        }
+        if Instant::now() > deadline {
+            if std::fs::remove_file(inbox.join(&name)).is_ok() {
+                bail!("the agent did not take the request within 600 s; nothing was written");
+            }
+            bail!("the agent is still writing the results bundle after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -162,11 +162,12 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
             && st["agent"]["relay"]["pending_depth"].as_u64() == Some(1)
     })
     .await;
-    node.stop();
-
+    // Exported while the agent runs: it writes the bundle on the command's behalf.
     let results = tmp.path().join("results.bundle");
     let out = node.cli(&["bundle", "export-results", "--out", results.to_str().expect("utf8")]);
     assert!(out.status.success() && text(&out).contains("1 result(s), 1 relay event(s)"), "{}", text(&out));
+    assert!(text(&out).contains("asked it to write"), "{}", text(&out));
+    node.stop();
 
     let ack = tmp.path().join("ack.bundle");
     let args =

@@ -44,6 +44,19 @@ impl<R: Runtime> Agent<R> {
         let mut retry: std::collections::HashMap<Seen, tokio::time::Instant> =
             std::collections::HashMap::new();
         loop {
+            for request in files_in(&inbox, "export") {
+                let name = request.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let outcome = self.export_results(&request);
+                let out = bundle::outcome_path(&self.cfg, &name);
+                let v = match &outcome {
+                    Ok(e) => serde_json::to_value(e).unwrap_or_default(),
+                    Err(e) => serde_json::json!({ "error": e }),
+                };
+                if let Err(e) = write_value(&out, &v) {
+                    tracing::error!(error = %e, "cannot leave the export's outcome");
+                }
+                let _ = std::fs::remove_file(&request);
+            }
             for file in self.in_counter_order(bundles_in(&inbox)) {
                 let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 // Taken: the command that left it can no longer take it back.
@@ -117,6 +130,21 @@ impl<R: Runtime> Agent<R> {
         keyed.into_iter().map(|(_, f)| f).collect()
     }
 
+    /// Writes the results bundle an `*.export` request asks for.
+    fn export_results(&self, request: &Path) -> Result<bundle::results::Exported, String> {
+        let text = std::fs::read_to_string(request).map_err(|e| format!("cannot read the request: {e}"))?;
+        let req: bundle::ExportRequest =
+            serde_json::from_str(&text).map_err(|e| format!("the request does not parse: {e}"))?;
+        if !req.out.is_absolute() {
+            return Err("the results bundle's path must be absolute".into());
+        }
+        let exported =
+            bundle::results::export(&self.cfg, &self.identity, &self.ledger, &req.out, now_unix_ms())
+                .map_err(|e| e.to_string())?;
+        tracing::info!(out = %req.out.display(), results = exported.results.len(), "results bundle written");
+        Ok(exported)
+    }
+
     async fn import_bundle(&self, file: &Path) -> Result<bundle::Outcome, bundle::BundleError> {
         let models = ModelStore::new(self.cfg.models_dir());
         let publishers = match Publishers::new(
@@ -163,12 +191,17 @@ impl<R: Runtime> Agent<R> {
 
 /// `*.bundle` regular files of `dir`, oldest name first (none when it is absent).
 fn bundles_in(dir: &Path) -> Vec<PathBuf> {
+    files_in(dir, "bundle")
+}
+
+/// Regular files of `dir` with extension `ext`, by name, dot-files left out.
+fn files_in(dir: &Path, ext: &str) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
         .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .collect();
     files.sort();
@@ -176,13 +209,18 @@ fn bundles_in(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn write_outcome(path: &Path, outcome: &Result<bundle::Outcome, bundle::BundleError>) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let v = match outcome {
         Ok(o) => serde_json::to_value(o).unwrap_or_default(),
         Err(e) => serde_json::json!({ "outcome": "refused", "error": e.to_string() }),
     };
+    write_value(path, &v)
+}
+
+/// Leaves `v` at `path` (via a temporary file renamed into place).
+fn write_value(path: &Path, v: &serde_json::Value) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, v.to_string())?;
     std::fs::rename(tmp, path)

@@ -107,6 +107,15 @@ pub fn check_free_space(dir: &Path, needed: u64) -> Result<(), BundleError> {
     Ok(())
 }
 
+/// What `outpost bundle export-results` asks the running agent to do (a `*.export` file in
+/// its inbox).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// Absolute path of the results bundle to write.
+    pub out: PathBuf,
+}
+
 /// Told the bytes verified so far.
 pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
 

@@ -14,7 +14,7 @@ use crate::identity::Identity;
 use crate::ledger::{JobState, Ledger};
 
 /// What went into a results bundle.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Exported {
     pub bundle_id: String,
     pub results: Vec<String>,
