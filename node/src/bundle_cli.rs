@@ -115,31 +115,49 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
 
 /// The agent owns the ledger: ask it (a request in its inbox) to write the results bundle.
 async fn export_by_agent(cfg: &Config, out: &Path) -> anyhow::Result<bundle::results::Exported> {
+    let request = serde_json::to_vec(&bundle::ExportRequest { out: out.to_path_buf() })?;
+    eprintln!("the agent is running: asked it to write the results bundle");
+    let v = ask_agent(cfg, "export", Duration::from_secs(600), |tmp| {
+        std::fs::write(tmp, &request).with_context(|| format!("cannot write {}", tmp.display()))
+    })
+    .await?;
+    if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("no results bundle written: {err}");
+    }
+    serde_json::from_value(v).context("the agent's outcome does not parse")
+}
+
+/// Leaves an item for the running agent in its inbox (`put` writes it at the temporary path it
+/// is given; it is renamed into place after) and waits up to `wait` for the agent's outcome.
+/// An item the agent has not started on by then is taken back: nothing is left pending behind
+/// the operator's back.
+async fn ask_agent(
+    cfg: &Config,
+    ext: &str,
+    wait: Duration,
+    put: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<serde_json::Value> {
     let inbox = bundle::inbox_dir(cfg);
     std::fs::create_dir_all(&inbox).with_context(|| format!("cannot create {}", inbox.display()))?;
-    let name = format!("{}-{}.export", now_unix_ms(), std::process::id());
+    let name = format!("{}-{}.{ext}", now_unix_ms(), std::process::id());
     let tmp = inbox.join(format!(".{name}.partial"));
-    std::fs::write(&tmp, serde_json::to_vec(&bundle::ExportRequest { out: out.to_path_buf() })?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    put(&tmp)?;
     std::fs::rename(&tmp, inbox.join(&name))?;
-    eprintln!("the agent is running: asked it to write the results bundle");
     let outcome_file = bundle::outcome_path(cfg, &name);
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + wait;
     loop {
         if let Ok(text) = std::fs::read_to_string(&outcome_file) {
             let _ = std::fs::remove_file(&outcome_file);
-            let v: serde_json::Value =
-                serde_json::from_str(&text).context("the agent's outcome does not parse")?;
-            if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
-                bail!("no results bundle written: {err}");
-            }
-            return serde_json::from_value(v).context("the agent's outcome does not parse");
+            return serde_json::from_str(&text).context("the agent's outcome does not parse");
         }
         if Instant::now() > deadline {
             if std::fs::remove_file(inbox.join(&name)).is_ok() {
-                bail!("the agent did not take the request within 600 s; nothing was written");
+                bail!("the agent did not take it within {} s; nothing was done", wait.as_secs());
             }
-            bail!("the agent is still writing the results bundle after 600 s");
+            bail!(
+                "the agent is still working on it after {} s; see `outpost audit list` for its outcome",
+                wait.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -310,56 +328,29 @@ fn print_outcome(o: &Outcome) {
 
 /// The agent owns the ledger: leave the file in its inbox and wait for its outcome.
 async fn hand_to_agent(cfg: &Config, file: &Path, json: bool, wait: Duration) -> anyhow::Result<ExitCode> {
-    let inbox = bundle::inbox_dir(cfg);
-    std::fs::create_dir_all(&inbox).with_context(|| format!("cannot create {}", inbox.display()))?;
-    let name = format!("{}-{}.bundle", now_unix_ms(), std::process::id());
     let size = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
-    bundle::check_free_space(&inbox, size)?;
-    let tmp = inbox.join(format!(".{name}.partial"));
-    std::fs::copy(file, &tmp)
-        .with_context(|| format!("cannot copy {} to {}", file.display(), tmp.display()))?;
-    std::fs::rename(&tmp, inbox.join(&name))?;
+    bundle::check_free_space(&bundle::inbox_dir(cfg), size)?;
     eprintln!("the agent is running: handed {} to it; waiting for its outcome", file.display());
-    let outcome_file = bundle::outcome_path(cfg, &name);
-    let deadline = Instant::now() + wait;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&outcome_file) {
-            let _ = std::fs::remove_file(&outcome_file);
-            let v: serde_json::Value =
-                serde_json::from_str(&text).context("the agent's outcome does not parse")?;
-            if json {
-                println!("{v}");
-            }
-            return match v.get("error").and_then(|e| e.as_str()) {
-                Some(err) => {
-                    if json {
-                        Ok(ExitCode::FAILURE)
-                    } else {
-                        bail!("bundle not imported (nothing changed): {err}")
-                    }
+    let v = ask_agent(cfg, "bundle", wait, |tmp| {
+        std::fs::copy(file, tmp)
+            .map(drop)
+            .with_context(|| format!("cannot copy {} to {}", file.display(), tmp.display()))
+    })
+    .await?;
+    if json {
+        println!("{v}");
+    }
+    match v.get("error").and_then(|e| e.as_str()) {
+        Some(_) if json => Ok(ExitCode::FAILURE),
+        Some(err) => bail!("bundle not imported (nothing changed): {err}"),
+        None => {
+            if !json {
+                match serde_json::from_value::<Outcome>(v.clone()) {
+                    Ok(o) => print_outcome(&o),
+                    Err(_) => println!("{v}"),
                 }
-                None => {
-                    if !json {
-                        match serde_json::from_value::<Outcome>(v.clone()) {
-                            Ok(o) => print_outcome(&o),
-                            Err(_) => println!("{v}"),
-                        }
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-            };
-        }
-        if Instant::now() > deadline {
-            // Take it back unless the agent has started on it: no import is left pending
-            // behind the operator's back.
-            if std::fs::remove_file(inbox.join(&name)).is_ok() {
-                bail!("the agent did not take the bundle within {} s; nothing was imported", wait.as_secs());
             }
-            bail!(
-                "the agent is still importing the bundle after {} s; see `outpost audit list` for its outcome",
-                wait.as_secs()
-            );
+            Ok(ExitCode::SUCCESS)
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

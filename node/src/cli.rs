@@ -227,6 +227,15 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--ca-fingerprint`: a SHA-256 in hex, colons allowed; lowercase, without colons.
+fn parse_fingerprint(fp: &str) -> anyhow::Result<String> {
+    let clean = fp.to_lowercase().replace(':', "");
+    if clean.len() != 64 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("--ca-fingerprint must be a SHA-256 in hex (64 digits, colons allowed), got {fp:?}");
+    }
+    Ok(clean)
+}
+
 async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
     let hostname = args.hostname.clone().unwrap_or_else(|| {
         nix::unistd::gethostname()
@@ -251,18 +260,7 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(from) = &args.from {
-        let fp = match &args.ca_fingerprint {
-            Some(fp) => {
-                let clean = fp.to_lowercase().replace(':', "");
-                if clean.len() != 64 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
-                    bail!(
-                        "--ca-fingerprint must be a SHA-256 in hex (64 digits, colons allowed), got {fp:?}"
-                    );
-                }
-                Some(clean)
-            }
-            None => None,
-        };
+        let fp = args.ca_fingerprint.as_deref().map(parse_fingerprint).transpose()?;
         let id = outpost_node::offline_enroll::complete(&dir, from, fp.as_deref())?;
         println!(
             "enrolled as node {} in org {} from {} (identity in {})",
@@ -293,13 +291,7 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
         bail!("the enrollment token is empty");
     }
     let trust = match (&args.ca_fingerprint, &args.ca_file) {
-        (Some(fp), _) => {
-            let clean = fp.to_lowercase().replace(':', "");
-            if clean.len() != 64 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
-                bail!("--ca-fingerprint must be a SHA-256 in hex (64 digits, colons allowed), got {fp:?}");
-            }
-            CaTrust::Fingerprint(clean)
-        }
+        (Some(fp), _) => CaTrust::Fingerprint(parse_fingerprint(fp)?),
         (None, Some(f)) => CaTrust::Pem(
             std::fs::read_to_string(f).with_context(|| format!("cannot read the CA file {}", f.display()))?,
         ),

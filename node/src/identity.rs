@@ -113,15 +113,13 @@ pub async fn enroll(dir: &Path, opts: &EnrollOptions) -> Result<Identity, Identi
         .map_err(|e| enroll_err(&e))?;
 
     // The CA the control plane returns must be the one we decided to trust.
-    if let CaTrust::Fingerprint(fp) = &opts.trust {
-        let ca =
-            tls::certs_from_pem(&resp.ca_pem, "CA in the enrollment answer").map_err(|e| enroll_err(&e))?;
-        let want = fp.to_lowercase().replace(':', "");
-        if !ca.iter().any(|c| tls::fingerprint(c) == want) {
-            return Err(IdentityError::Enroll(format!(
-                "the CA in the enrollment answer does not have fingerprint {want}"
-            )));
-        }
+    if let CaTrust::Fingerprint(fp) = &opts.trust
+        && !tls::pem_has_fingerprint(&resp.ca_pem, "CA in the enrollment answer", fp)
+            .map_err(|e| enroll_err(&e))?
+    {
+        return Err(IdentityError::Enroll(format!(
+            "the CA in the enrollment answer does not have fingerprint {fp}"
+        )));
     }
     let identity = Identity {
         node: NodeFile {

@@ -127,12 +127,10 @@ pub fn complete(
             "the certificate in the enrollment file is for another key: it was made for another node's request",
         ));
     }
-    if let Some(fp) = ca_fingerprint {
-        let want = fp.to_lowercase().replace(':', "");
-        let ca = tls::certs_from_pem(&e.ca_pem, "CA in the enrollment file").map_err(err)?;
-        if !ca.iter().any(|c| tls::fingerprint(c) == want) {
-            return Err(err(format!("the CA in the enrollment file does not have fingerprint {want}")));
-        }
+    if let Some(fp) = ca_fingerprint
+        && !tls::pem_has_fingerprint(&e.ca_pem, "CA in the enrollment file", fp).map_err(err)?
+    {
+        return Err(err(format!("the CA in the enrollment file does not have fingerprint {fp}")));
     }
     let identity = Identity {
         node: NodeFile {

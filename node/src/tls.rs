@@ -35,7 +35,7 @@ pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'stati
     Ok(certs)
 }
 
-fn key_from_pem(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn key_from_pem(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     rustls_pemfile::private_key(&mut pem.as_bytes())
         .map_err(|e| TlsError::Invalid { what: what.into(), message: e.to_string() })?
         .ok_or_else(|| TlsError::NoKey { what: what.into() })
@@ -44,6 +44,13 @@ fn key_from_pem(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsErro
 /// SHA-256 of a certificate's DER, lowercase hex: how operators name a CA.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     hex::encode(Sha256::digest(cert.as_ref()))
+}
+
+/// Whether a certificate in `pem` (`what` it is, for errors) has the fingerprint `want` (hex,
+/// either case, colons allowed).
+pub fn pem_has_fingerprint(pem: &str, what: &str, want: &str) -> Result<bool, TlsError> {
+    let want = want.to_lowercase().replace(':', "");
+    Ok(certs_from_pem(pem, what)?.iter().any(|c| fingerprint(c) == want))
 }
 
 fn roots(ca: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {

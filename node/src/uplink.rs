@@ -83,18 +83,8 @@ impl Uplink {
 
     /// Long-poll: the server holds the request up to `wait`; allow a margin on top.
     pub async fn poll(&self, req: &PollRequest, wait: Duration) -> Result<PollResponse, UplinkError> {
-        let timeout = wait + self.request_timeout;
         let legacy = || PollRequest { announce: None, service_acks: Vec::new(), ..req.clone() };
-        if self.peer_is_legacy() {
-            return self.post(paths::NODE_POLL, &legacy(), timeout).await;
-        }
-        match self.post(paths::NODE_POLL, req, timeout).await {
-            Err(e) if e.is_unknown_field() && self.peer_revision() < 2 => {
-                self.legacy_peer(&e);
-                self.post(paths::NODE_POLL, &legacy(), timeout).await
-            }
-            r => r,
-        }
+        self.post_compat(paths::NODE_POLL, req, legacy, wait + self.request_timeout).await
     }
 
     pub async fn report(&self, report: &ResultReport) -> Result<Ack, UplinkError> {
@@ -124,19 +114,30 @@ impl Uplink {
 
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), UplinkError> {
         let legacy = || Heartbeat { labels: Default::default(), announce: None, ..hb.clone() };
-        let t = self.request_timeout;
-        let r: Result<serde_json::Value, _> = if self.peer_is_legacy() {
-            self.post(paths::NODE_HEARTBEAT, &legacy(), t).await
-        } else {
-            match self.post(paths::NODE_HEARTBEAT, hb, t).await {
-                Err(e) if e.is_unknown_field() && self.peer_revision() < 2 => {
-                    self.legacy_peer(&e);
-                    self.post(paths::NODE_HEARTBEAT, &legacy(), t).await
-                }
-                r => r,
+        self.post_compat::<_, serde_json::Value>(paths::NODE_HEARTBEAT, hb, legacy, self.request_timeout)
+            .await
+            .map(drop)
+    }
+
+    /// Posts `body`, or its older form (without what a control plane before protocol revision
+    /// 2 refuses) to such a control plane: known as one, or found to be one by its refusal.
+    async fn post_compat<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        legacy: impl FnOnce() -> B,
+        timeout: Duration,
+    ) -> Result<R, UplinkError> {
+        if self.peer_is_legacy() {
+            return self.post(path, &legacy(), timeout).await;
+        }
+        match self.post(path, body, timeout).await {
+            Err(e) if e.is_unknown_field() && self.peer_revision() < 2 => {
+                self.legacy_peer(&e);
+                self.post(path, &legacy(), timeout).await
             }
-        };
-        r.map(drop)
+            r => r,
+        }
     }
 
     /// The control plane's protocol revision, once an answer told it (0 before).

@@ -18,10 +18,10 @@ use outpost_protocol::{
     JobAssignment, NodeInfo, PartKind, ResultReport, ResultsAck, ResultsBundle, ResultsImport,
     ResultsPayload, Selector, paths,
 };
-use sha2::{Digest, Sha256};
 
 use super::jobs::{JobOrigin, check_job_spec, create_job, sign};
 use super::{ApiError, ApiResult, Body, OperatorAuth, Shared};
+use crate::pki::sha256_hex;
 use crate::store::ResultOutcome;
 
 /// Default lifetime of a bundle and its jobs.
@@ -35,10 +35,6 @@ static BUILD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Largest results bundle the API takes (it carries at most the node's outbox of results).
 pub const MAX_RESULTS_BUNDLE_BYTES: usize = 256 * 1024 * 1024;
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
 
 #[utoipa::path(post, path = paths::ORG_BUNDLES, tag = "bundles", request_body = BundleRequest,
     params(("org_id" = String, Path, description = "organisation id")),

@@ -126,22 +126,11 @@ pub fn export(
 /// ECDSA P-256 / SHA-256 (ASN.1 DER) with the node's key (PKCS#8 PEM), hex.
 fn sign(key_pem: &str, msg: &[u8]) -> Result<String, BundleError> {
     use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
-    let der = pem_body(key_pem).ok_or_else(|| BundleError::Signature("the node key is not PEM".into()))?;
+    let der =
+        crate::tls::key_from_pem(key_pem, "node key").map_err(|e| BundleError::Signature(e.to_string()))?;
     let rng = ring::rand::SystemRandom::new();
-    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &der, &rng)
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der.secret_der(), &rng)
         .map_err(|e| BundleError::Signature(format!("the node key is not a P-256 PKCS#8 key: {e}")))?;
     let sig = key.sign(&rng, msg).map_err(|e| BundleError::Signature(format!("cannot sign: {e}")))?;
     Ok(hex::encode(sig.as_ref()))
-}
-
-/// The DER bytes of the first PEM block.
-fn pem_body(pem: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    base64::engine::general_purpose::STANDARD.decode(body).ok()
 }
