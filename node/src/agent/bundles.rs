@@ -73,18 +73,28 @@ impl<R: Runtime> Agent<R> {
                 let _ = std::fs::remove_file(&file);
             }
             if let Some(dir) = &self.cfg.bundles.watch {
-                for file in self.in_counter_order(bundles_in(dir)) {
-                    let meta = std::fs::metadata(&file).ok();
-                    let key = (
-                        file.clone(),
-                        meta.as_ref().map_or(0, |m| m.len()),
-                        meta.and_then(|m| m.modified().ok()),
-                    );
-                    if seen.contains(&key)
-                        || retry.get(&key).is_some_and(|at| tokio::time::Instant::now() < *at)
-                    {
-                        continue;
-                    }
+                // Only files not handled yet (nor waiting for a retry) have their manifests
+                // read to order them: a disk full of imported bundles costs a stat each scan.
+                let due: Vec<(PathBuf, Seen)> = bundles_in(dir)
+                    .into_iter()
+                    .map(|file| {
+                        let meta = std::fs::metadata(&file).ok();
+                        let key = (
+                            file.clone(),
+                            meta.as_ref().map_or(0, |m| m.len()),
+                            meta.and_then(|m| m.modified().ok()),
+                        );
+                        (file, key)
+                    })
+                    .filter(|(_, key)| {
+                        !seen.contains(key)
+                            && retry.get(key).is_none_or(|at| tokio::time::Instant::now() >= *at)
+                    })
+                    .collect();
+                let mut keys: std::collections::HashMap<PathBuf, Seen> = due.into_iter().collect();
+                let ordered = self.in_counter_order(keys.keys().cloned().collect());
+                for file in ordered {
+                    let Some(key) = keys.remove(&file) else { continue };
                     match self.import_bundle(&file).await {
                         Err(e) if e.is_transient() => {
                             retry.insert(key, tokio::time::Instant::now() + RETRY_AFTER);
