@@ -288,35 +288,6 @@ struct EngineContainer {
     running: bool,
 }
 
-/// A service healthy once `/tmp/ready` exists; restarted by the agent whenever it stops.
-fn service() -> outpost_protocol::ServiceSpec {
-    serde_json::from_value(serde_json::json!({
-        "image": common::test_image(),
-        "command": ["sh", "-c", "touch /tmp/ready; exec sleep 3600"],
-        "health": { "exec": ["/bin/busybox", "test", "-f", "/tmp/ready"], "interval_ms": 200, "timeout_ms": 2000, "retries": 2 },
-        "restart": { "mode": "always", "backoff_initial_ms": 100 },
-        "health_timeout_secs": 30,
-    }))
-    .expect("service spec")
-}
-
-fn deploy_request(org_id: &str) -> outpost_protocol::DeployRequest {
-    outpost_protocol::DeployRequest {
-        name: "web".into(),
-        org_id: org_id.into(),
-        selector: "site=edge".into(),
-        service: None,
-        spec: service(),
-        priority: 0,
-        rollout: outpost_protocol::RolloutPolicy {
-            batch: outpost_protocol::BatchSize::Nodes(1),
-            health_timeout_secs: 60,
-            abort_on_failures: 1,
-            max_unavailable: None,
-        },
-    }
-}
-
 /// The deployment's row for `node_id`.
 fn row<'a>(d: &'a DeploymentInfo, node_id: &str) -> &'a DeploymentNode {
     d.nodes.iter().find(|n| n.node_id == node_id).unwrap_or_else(|| panic!("{node_id} not in {d:#?}"))
@@ -364,7 +335,12 @@ async fn service_survives_a_dockerd_restart_inner(signal: Signal) {
     })
     .await;
 
-    control.deploy(&org.id, &deploy_request(&org.id)).await;
+    control
+        .deploy(
+            &org.id,
+            &common::web_deployment(&org.id, "site=edge", common::ready_service("touch /tmp/ready", 30), 60),
+        )
+        .await;
     let mut last = None;
     eventually("the deployment complete and healthy", WAIT, async || {
         let d = control.deployment(&org.id, "web").await;

@@ -155,35 +155,6 @@ async fn each_reaches_every_matching_node_and_a_cancel_stops_a_running_container
     assert_eq!(running_containers(&long.job_id), 0, "the container was stopped");
 }
 
-/// The service spec of the e2e deployments: healthy once `/tmp/ready` exists.
-fn service(ready: &str) -> outpost_protocol::ServiceSpec {
-    serde_json::from_value(serde_json::json!({
-        "image": common::test_image(),
-        "command": ["sh", "-c", format!("{ready}; exec sleep 3600")],
-        "health": { "exec": ["/bin/busybox", "test", "-f", "/tmp/ready"], "interval_ms": 200, "timeout_ms": 2000, "retries": 2 },
-        "restart": { "mode": "always", "backoff_initial_ms": 100 },
-        "health_timeout_secs": 4,
-    }))
-    .expect("service spec")
-}
-
-fn deploy_request(org_id: &str, spec: outpost_protocol::ServiceSpec) -> outpost_protocol::DeployRequest {
-    outpost_protocol::DeployRequest {
-        name: "web".into(),
-        org_id: org_id.into(),
-        selector: "site=icu".into(),
-        service: None,
-        spec,
-        priority: 0,
-        rollout: outpost_protocol::RolloutPolicy {
-            batch: outpost_protocol::BatchSize::Nodes(1),
-            health_timeout_secs: 30,
-            abort_on_failures: 1,
-            max_unavailable: None,
-        },
-    }
-}
-
 /// (node id, revision, running) of every service container of `service` on the engine.
 fn service_containers(service: &str) -> Vec<(String, u64, bool)> {
     let out = Command::new("docker")
@@ -229,7 +200,13 @@ async fn wait_status(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_deployment_reaches_every_node_and_a_broken_revision_is_rolled_back() {
     let mut f = fleet(&["site = \"icu\"", "site = \"icu\"", "site = \"icu\""]).await;
-    let d = f.control.deploy(&f.org_id, &deploy_request(&f.org_id, service("touch /tmp/ready"))).await;
+    let d = f
+        .control
+        .deploy(
+            &f.org_id,
+            &common::web_deployment(&f.org_id, "site=icu", common::ready_service("touch /tmp/ready", 4), 30),
+        )
+        .await;
     assert_eq!(d.revision, 1);
     let done =
         wait_status(&f, "revision 1 complete", |d| d.status == outpost_protocol::RolloutStatus::Complete)
@@ -262,7 +239,13 @@ async fn a_rolling_deployment_reaches_every_node_and_a_broken_revision_is_rolled
 
     // Revision 2 never becomes healthy: its node goes back to revision 1 by itself, and the
     // rollout stops after that first batch.
-    let broken = f.control.deploy(&f.org_id, &deploy_request(&f.org_id, service("true"))).await;
+    let broken = f
+        .control
+        .deploy(
+            &f.org_id,
+            &common::web_deployment(&f.org_id, "site=icu", common::ready_service("true", 4), 30),
+        )
+        .await;
     assert_eq!(broken.revision, 2);
     let stopped = wait_status(&f, "the rollout rolled back", |d| {
         d.status == outpost_protocol::RolloutStatus::RolledBack
@@ -288,7 +271,12 @@ async fn a_rolling_deployment_reaches_every_node_and_a_broken_revision_is_rolled
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_offline_during_a_rollout_converges_when_it_comes_back() {
     let mut f = fleet(&["site = \"icu\"", "site = \"icu\""]).await;
-    f.control.deploy(&f.org_id, &deploy_request(&f.org_id, service("touch /tmp/ready"))).await;
+    f.control
+        .deploy(
+            &f.org_id,
+            &common::web_deployment(&f.org_id, "site=icu", common::ready_service("touch /tmp/ready", 4), 30),
+        )
+        .await;
     wait_status(&f, "revision 1 complete", |d| d.status == outpost_protocol::RolloutStatus::Complete).await;
     f.nodes[1].kill9();
     let away = f.nodes[1].node_id.clone();
@@ -296,7 +284,17 @@ async fn a_node_offline_during_a_rollout_converges_when_it_comes_back() {
         d.nodes.iter().any(|n| n.node_id == away && n.phase == outpost_protocol::NodePhase::Offline)
     })
     .await;
-    f.control.deploy(&f.org_id, &deploy_request(&f.org_id, service("touch /tmp/ready; echo v2"))).await;
+    f.control
+        .deploy(
+            &f.org_id,
+            &common::web_deployment(
+                &f.org_id,
+                "site=icu",
+                common::ready_service("touch /tmp/ready; echo v2", 4),
+                30,
+            ),
+        )
+        .await;
     let done = wait_status(&f, "revision 2 complete without the offline node", |d| {
         d.status == outpost_protocol::RolloutStatus::Complete
     })
@@ -337,7 +335,7 @@ async fn a_service_reads_its_inputs_from_the_local_store_read_only_and_a_missing
         "health_timeout_secs": 10,
     }))
     .expect("spec");
-    f.control.deploy(&f.org_id, &deploy_request(&f.org_id, reads)).await;
+    f.control.deploy(&f.org_id, &common::web_deployment(&f.org_id, "site=icu", reads, 30)).await;
     let done =
         wait_status(&f, "revision 1 complete", |d| d.status == outpost_protocol::RolloutStatus::Complete)
             .await;
@@ -355,7 +353,7 @@ async fn a_service_reads_its_inputs_from_the_local_store_read_only_and_a_missing
         "health_timeout_secs": 3,
     }))
     .expect("spec");
-    f.control.deploy(&f.org_id, &deploy_request(&f.org_id, missing)).await;
+    f.control.deploy(&f.org_id, &common::web_deployment(&f.org_id, "site=icu", missing, 30)).await;
     let stopped = wait_status(&f, "the rollout rolled back", |d| {
         d.status == outpost_protocol::RolloutStatus::RolledBack
     })

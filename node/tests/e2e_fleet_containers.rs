@@ -498,36 +498,6 @@ fn running_containers(job_id: &str) -> usize {
     docker(&["ps", "-q", "--filter", &format!("label=outpost.job={job_id}")]).lines().count()
 }
 
-/// The service of the deployments: healthy once `/tmp/ready` exists (an exec health check run
-/// by the agent, through the engine, in a busybox-only image).
-fn service(ready: &str) -> outpost_protocol::ServiceSpec {
-    serde_json::from_value(serde_json::json!({
-        "image": common::test_image(),
-        "command": ["sh", "-c", format!("{ready}; exec sleep 3600")],
-        "health": { "exec": ["/bin/busybox", "test", "-f", "/tmp/ready"], "interval_ms": 200, "timeout_ms": 2000, "retries": 2 },
-        "restart": { "mode": "always", "backoff_initial_ms": 100 },
-        "health_timeout_secs": 4,
-    }))
-    .expect("service spec")
-}
-
-fn deploy_request(org_id: &str, spec: outpost_protocol::ServiceSpec) -> outpost_protocol::DeployRequest {
-    outpost_protocol::DeployRequest {
-        name: "web".into(),
-        org_id: org_id.into(),
-        selector: "site=icu".into(),
-        service: None,
-        spec,
-        priority: 0,
-        rollout: outpost_protocol::RolloutPolicy {
-            batch: outpost_protocol::BatchSize::Nodes(1),
-            health_timeout_secs: 60,
-            abort_on_failures: 1,
-            max_unavailable: None,
-        },
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollout_reaches_every_agent_container_and_one_cut_off_from_the_network_catches_up() {
     let f = fleet(&["site = \"icu\""; 3]).await;
@@ -543,7 +513,12 @@ async fn a_rollout_reaches_every_agent_container_and_one_cut_off_from_the_networ
         assert_eq!(networks, f.world.network, "{}", agent.container);
     }
 
-    let first = f.op.deploy(&f.org_id, &deploy_request(&f.org_id, service("touch /tmp/ready"))).await;
+    let first =
+        f.op.deploy(
+            &f.org_id,
+            &common::web_deployment(&f.org_id, "site=icu", common::ready_service("touch /tmp/ready", 4), 60),
+        )
+        .await;
     assert_eq!(first.revision, 1);
     let done = f
         .wait_deployment("revision 1 complete", |d| d.revision == 1 && d.status == RolloutStatus::Complete)
@@ -561,7 +536,16 @@ async fn a_rollout_reaches_every_agent_container_and_one_cut_off_from_the_networ
     let away = f.agents[cut].node_id.clone();
     f.disconnect(cut);
     let second =
-        f.op.deploy(&f.org_id, &deploy_request(&f.org_id, service("touch /tmp/ready; echo v2"))).await;
+        f.op.deploy(
+            &f.org_id,
+            &common::web_deployment(
+                &f.org_id,
+                "site=icu",
+                common::ready_service("touch /tmp/ready; echo v2", 4),
+                60,
+            ),
+        )
+        .await;
     assert_eq!((second.revision, second.status), (2, RolloutStatus::InProgress));
     let converged = f
         .wait_deployment("the reachable agents healthy on revision 2, the cut-off one offline", |d| {

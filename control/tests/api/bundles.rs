@@ -11,23 +11,7 @@ use outpost_protocol::{
 };
 use reqwest::StatusCode;
 
-use super::support::{TestNode, org_and_token, spec, succeeded};
-
-async fn post(
-    server: &TestServer,
-    path: &str,
-    body: &impl serde::Serialize,
-) -> (StatusCode, serde_json::Value) {
-    let http = super::support::https(server.ca_pem(), None);
-    let resp = http
-        .post(format!("{}{path}", server.url()))
-        .bearer_auth(server.admin_token())
-        .json(body)
-        .send()
-        .await
-        .expect("POST");
-    super::support::answer(resp).await
-}
+use super::support::{TestNode, op_post, org_and_token, spec, succeeded};
 
 fn request(nodes: &[&str]) -> BundleRequest {
     BundleRequest {
@@ -57,7 +41,7 @@ fn verify(node: &TestNode, env: &SignedEnvelope) -> String {
 }
 
 async fn bundle(server: &TestServer, org: &str, req: &BundleRequest) -> BundleResponse {
-    let (status, body) = post(server, &paths::fill(paths::ORG_BUNDLES, "org_id", org), req).await;
+    let (status, body) = op_post(server, &paths::fill(paths::ORG_BUNDLES, "org_id", org), req).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     serde_json::from_value(body).expect("BundleResponse")
 }
@@ -101,16 +85,16 @@ async fn bad_bundle_requests_are_refused_with_a_reason() {
     let path = paths::fill(paths::ORG_BUNDLES, "org_id", &org);
     let mut none = request(&[]);
     none.nodes.clear();
-    assert_eq!(post(&server, &path, &none).await.0, StatusCode::BAD_REQUEST);
-    assert_eq!(post(&server, &path, &request(&["node-unknown"])).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(op_post(&server, &path, &none).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(op_post(&server, &path, &request(&["node-unknown"])).await.0, StatusCode::NOT_FOUND);
     let mut bad_digest = request(&[a.id()]);
     bad_digest.files[0].sha256 = "XYZ".into();
-    assert_eq!(post(&server, &path, &bad_digest).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(op_post(&server, &path, &bad_digest).await.0, StatusCode::BAD_REQUEST);
     let mut forever = request(&[a.id()]);
     forever.expires_in_secs = Some(10 * 365 * 24 * 3600);
-    assert_eq!(post(&server, &path, &forever).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(op_post(&server, &path, &forever).await.0, StatusCode::BAD_REQUEST);
     let other = paths::fill(paths::ORG_BUNDLES, "org_id", "org-nope");
-    assert_eq!(post(&server, &other, &request(&[a.id()])).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(op_post(&server, &other, &request(&[a.id()])).await.0, StatusCode::NOT_FOUND);
 }
 
 /// A results bundle signed with `key_pem` (PKCS#8 P-256), as `outpost bundle export-results` writes it.
@@ -148,7 +132,7 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
         service_reports: Vec::new(),
     };
     let signed = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &payload);
-    let (status, body) = post(&server, paths::BUNDLE_RESULTS, &signed).await;
+    let (status, body) = op_post(&server, paths::BUNDLE_RESULTS, &signed).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let got: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
     assert_eq!(got.stored, vec![format!("{job_id}/1")]);
@@ -168,7 +152,7 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
     assert_eq!(ack_manifest.counters[node.id()], 0, "an acknowledgement takes no counter: any order works");
 
     // Again: nothing new is stored, and it is acknowledged again.
-    let (status, body) = post(&server, paths::BUNDLE_RESULTS, &signed).await;
+    let (status, body) = op_post(&server, paths::BUNDLE_RESULTS, &signed).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let again: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
     assert!(again.stored.is_empty());
@@ -184,7 +168,7 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
     stray.bundle_id = "r2".into();
     stray.results = vec![succeeded("job-that-never-was", "")];
     let signed_stray = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &stray);
-    let (status, body) = post(&server, paths::BUNDLE_RESULTS, &signed_stray).await;
+    let (status, body) = op_post(&server, paths::BUNDLE_RESULTS, &signed_stray).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let got: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
     assert_eq!(got.refused.len(), 1, "{got:?}");
@@ -195,11 +179,11 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
 
     // Signed by another node's key, or claiming to be another node: refused.
     let forged = results_bundle(&other, &other.key_pem, &other.enrolled.cert_pem, &payload);
-    let (status, body) = post(&server, paths::BUNDLE_RESULTS, &forged).await;
+    let (status, body) = op_post(&server, paths::BUNDLE_RESULTS, &forged).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let mut tampered = signed.clone();
     tampered.payload = tampered.payload.replace("carried by hand", "carried by some");
-    assert_eq!(post(&server, paths::BUNDLE_RESULTS, &tampered).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(op_post(&server, paths::BUNDLE_RESULTS, &tampered).await.0, StatusCode::FORBIDDEN);
 }
 
 #[tokio::test]
@@ -235,7 +219,7 @@ async fn relay_events_and_service_reports_from_a_bundle_are_stored_once_and_ackn
     };
     let signed = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &payload);
     for round in 0..2 {
-        let (status, body) = post(&server, paths::BUNDLE_RESULTS, &signed).await;
+        let (status, body) = op_post(&server, paths::BUNDLE_RESULTS, &signed).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let got: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
         assert_eq!(got.events_stored, if round == 0 { 2 } else { 0 }, "stored once: {got:?}");

@@ -13,7 +13,7 @@ use outpost_protocol::{
 };
 use reqwest::StatusCode;
 
-use super::support::{TestNode, assert_error, org_and_token, report_for, spec};
+use super::support::{TestNode, assert_error, op_post, org_and_token, report_for, spec};
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
@@ -44,22 +44,6 @@ async fn fleet(server: &TestServer, n: usize) -> (String, Vec<TestNode>) {
         nodes.push(TestNode::enroll(server, &token.token).await);
     }
     (org_id, nodes)
-}
-
-async fn op_post(
-    server: &TestServer,
-    path: &str,
-    body: &impl serde::Serialize,
-) -> (StatusCode, serde_json::Value) {
-    let http = super::support::https(server.ca_pem(), None);
-    let resp = http
-        .post(format!("{}{path}", server.url()))
-        .bearer_auth(server.admin_token())
-        .json(body)
-        .send()
-        .await
-        .expect("request sent");
-    super::support::answer(resp).await
 }
 
 fn any_request(org_id: &str, selector: &str) -> SubmitJobRequest {

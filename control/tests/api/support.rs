@@ -29,6 +29,18 @@ pub async fn post_json(http: &reqwest::Client, url: &str, body: &impl Serialize)
     answer(resp).await
 }
 
+/// POST `body` to `path` as the operator (the admin token).
+pub async fn op_post(server: &TestServer, path: &str, body: &impl Serialize) -> (StatusCode, Value) {
+    let resp = https(server.ca_pem(), None)
+        .post(format!("{}{path}", server.url()))
+        .bearer_auth(server.admin_token())
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    answer(resp).await
+}
+
 pub async fn answer(resp: reqwest::Response) -> (StatusCode, Value) {
     let status = resp.status();
     let bytes = resp.bytes().await.expect("body read");

@@ -93,3 +93,41 @@ impl Drop for RemoveNodeContainers {
         }
     }
 }
+
+/// A service that is healthy once `/tmp/ready` exists: its command runs `ready`, then sleeps;
+/// an exec health check (the image is busybox only) looks for the file every 200 ms. A revision
+/// not healthy within `health_timeout_secs` is rolled back on the node.
+pub fn ready_service(ready: &str, health_timeout_secs: u64) -> outpost_protocol::ServiceSpec {
+    serde_json::from_value(serde_json::json!({
+        "image": test_image(),
+        "command": ["sh", "-c", format!("{ready}; exec sleep 3600")],
+        "health": { "exec": ["/bin/busybox", "test", "-f", "/tmp/ready"], "interval_ms": 200, "timeout_ms": 2000, "retries": 2 },
+        "restart": { "mode": "always", "backoff_initial_ms": 100 },
+        "health_timeout_secs": health_timeout_secs,
+    }))
+    .expect("service spec")
+}
+
+/// Deployment `web` of `spec` to the nodes of `org_id` that `selector` matches: one node per
+/// batch, each given `health_timeout_secs`, stopped at the first failure.
+pub fn web_deployment(
+    org_id: &str,
+    selector: &str,
+    spec: outpost_protocol::ServiceSpec,
+    health_timeout_secs: u64,
+) -> outpost_protocol::DeployRequest {
+    outpost_protocol::DeployRequest {
+        name: "web".into(),
+        org_id: org_id.into(),
+        selector: selector.into(),
+        service: None,
+        spec,
+        priority: 0,
+        rollout: outpost_protocol::RolloutPolicy {
+            batch: outpost_protocol::BatchSize::Nodes(1),
+            health_timeout_secs,
+            abort_on_failures: 1,
+            max_unavailable: None,
+        },
+    }
+}

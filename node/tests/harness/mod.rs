@@ -376,6 +376,18 @@ impl Drop for Control {
     }
 }
 
+/// A node config under `dir` (data in `dir/data`) with `extra_config` appended; its path.
+fn write_config(dir: &Path, extra_config: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("node dir");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!("profile = \"on-prem\"\ndata_dir = \"{}\"\n{extra_config}\n", dir.join("data").display()),
+    )
+    .expect("write config");
+    config
+}
+
 /// An enrolled node agent with its own data dir and config.
 pub struct Node {
     pub dir: PathBuf,
@@ -401,13 +413,7 @@ impl Node {
         org_id: &str,
         extra_config: &str,
     ) -> Node {
-        std::fs::create_dir_all(dir).expect("node dir");
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!("profile = \"on-prem\"\ndata_dir = \"{}\"\n{extra_config}\n", dir.join("data").display()),
-        )
-        .expect("write config");
+        let config = write_config(dir, extra_config);
         let token = control.create_token(org_id).await;
         let out = Command::new(bin)
             .arg("--config")
@@ -423,30 +429,13 @@ impl Node {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let node_json = dir.join("data/identity/node.json");
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&node_json).expect("node.json"))
-            .expect("node.json is JSON");
-        let node_id = v["node_id"].as_str().expect("node_id").to_string();
-        Node {
-            dir: dir.to_path_buf(),
-            config,
-            node_id,
-            child: None,
-            log: Lines::default(),
-            bin: bin.to_path_buf(),
-        }
+        Node::enrolled(dir, config, bin.to_path_buf())
     }
 
     /// A node enrolled without a link: `outpost enroll --offline`, the operator's
     /// `node enroll-offline`, then `outpost enroll --from` with the CA pinned.
     pub async fn enroll_offline(dir: &Path, control: &Control, org_id: &str, extra_config: &str) -> Node {
-        std::fs::create_dir_all(dir).expect("node dir");
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!("profile = \"on-prem\"\ndata_dir = \"{}\"\n{extra_config}\n", dir.join("data").display()),
-        )
-        .expect("write config");
+        let config = write_config(dir, extra_config);
         let bin = node_bin();
         let run = |args: &[&str]| {
             let out =
@@ -478,6 +467,11 @@ impl Node {
             "--ca-fingerprint",
             &control.fingerprint,
         ]);
+        Node::enrolled(dir, config, bin)
+    }
+
+    /// The node whose identity enrollment wrote under `dir`.
+    fn enrolled(dir: &Path, config: PathBuf, bin: PathBuf) -> Node {
         let node_json = dir.join("data/identity/node.json");
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&node_json).expect("node.json"))
             .expect("node.json is JSON");
