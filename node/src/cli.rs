@@ -404,6 +404,10 @@ fn show_status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
             Some(w) => println!("trust:       last heard from the control plane {ago} s ago (window {w} s)"),
         }
     }
+    if let Some(b) = &st.bundle {
+        let ago = st.updated_unix_ms.saturating_sub(b.imported_unix_ms) / 1000;
+        println!("bundles:     last imported {} (counter {}) {ago} s ago", b.bundle_id, b.counter);
+    }
     if st.running_jobs.is_empty() {
         println!("running:     none");
     } else {

@@ -42,6 +42,9 @@ pub struct Status {
     /// window has expired. A status file of an older agent lacks it.
     #[serde(default)]
     pub trust: Option<crate::trust::TrustState>,
+    /// The last bundle imported (air-gapped sites); absent before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<crate::bundle::apply::LastBundle>,
 }
 
 pub fn write(path: &Path, status: &Status) -> std::io::Result<()> {

@@ -263,3 +263,96 @@ async fn a_bundle_signed_before_an_expired_trust_window_is_refused() {
     assert!(log.contains("bundle.refused") && log.contains("trust window"), "{log}");
     assert!(!log.contains(&job_id), "the job never reached the ledger: {log}");
 }
+
+/// A `kill -9` at any moment of `outpost bundle import` leaves the node, once it starts again,
+/// as before the import or as after it: never some of the bundle's jobs without the rest or
+/// without its counter. The kills are spread over the length of one whole import, measured
+/// first, from before it starts to after it ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_killed_at_any_moment_leaves_the_node_as_before_or_as_after() {
+    const JOBS: usize = 30;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let image_tar = tmp.path().join("image.tar");
+    common::build_test_image(Some(&image_tar));
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("airgap").await;
+    let config = CONFIG.replace("[agent]\n", "[agent]\nmax_concurrent_jobs = 1\n");
+    let mut node = Node::enroll_offline(&tmp.path().join("node"), &control, &org.id, &config).await;
+    cut_off(&node);
+    let mut args = vec!["--image".to_owned(), image_tar.display().to_string()];
+    for i in 0..JOBS {
+        args.push("--job".into());
+        args.push(job_file(tmp.path(), &format!("job{i}"), "true").display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let bundle = tmp.path().join("many.bundle");
+    build(&control, &org.id, &node.node_id, &args, &bundle);
+    let data = node.dir.join("data");
+    let pristine = tmp.path().join("pristine");
+    let copy = |from: &Path, to: &Path| {
+        let _ = std::fs::remove_dir_all(to);
+        let ok = Command::new("cp").arg("-a").arg(from).arg(to).status().expect("cp").success();
+        assert!(ok, "copy {} to {}", from.display(), to.display());
+    };
+    copy(&data, &pristine);
+    let node_config = node.config.clone();
+    let import = || {
+        Command::new(harness::node_bin())
+            .arg("--config")
+            .arg(&node_config)
+            .args(["bundle", "import", bundle.to_str().expect("utf8")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn outpost bundle import")
+    };
+    // One whole import, to know how long one takes.
+    let started = std::time::Instant::now();
+    assert!(import().wait().expect("wait").success(), "an uninterrupted import fails");
+    let whole = started.elapsed();
+    let mut delays: Vec<Duration> = (0..=6).map(|i| whole * i / 6).collect();
+    delays.push(whole * 3);
+    let mut seen = Vec::new();
+    for delay in delays {
+        copy(&pristine, &data);
+        let mut child = import();
+        tokio::time::sleep(delay).await;
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        // The agent's start finishes an interrupted import before it runs anything.
+        node.start();
+        let mut state = String::new();
+        let mut found = None;
+        for _ in 0..100 {
+            let st = node.status_json();
+            let d = &st["agent"]["depths"];
+            let held = ["staged", "running", "outbox"].iter().filter_map(|k| d[*k].as_u64()).sum::<u64>();
+            let counter = st["agent"]["bundle"]["counter"].as_u64();
+            state = format!("counter {counter:?}, {held} job(s) held");
+            match (counter, held) {
+                (None, 0) => {
+                    found = Some("before");
+                    break;
+                }
+                (Some(c), h) if c > 0 && h == JOBS as u64 => {
+                    found = Some("after");
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        let finished = node.log.contains("finished the bundle import a restart interrupted");
+        node.stop();
+        harness::remove_node_containers(&node.node_id);
+        let Some(found) = found else {
+            panic!(
+                "killed {delay:?} into an import of {whole:?}: the node is between before and after ({state})"
+            )
+        };
+        let by = if finished { " (finished from its journal on restart)" } else { "" };
+        eprintln!("killed {delay:?} into an import of {whole:?}: as {found} it{by}");
+        seen.push(found);
+    }
+    assert_eq!(seen.first(), Some(&"before"), "killed at once, nothing was imported: {seen:?}");
+    assert_eq!(seen.last(), Some(&"after"), "killed after it ended, all was imported: {seen:?}");
+}

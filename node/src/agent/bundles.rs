@@ -156,6 +156,7 @@ impl<R: Runtime> Agent<R> {
     }
 
     async fn import_bundle(&self, file: &Path) -> Result<bundle::Outcome, bundle::BundleError> {
+        let _one = self.bundle_lock.lock().await;
         let models = ModelStore::new(self.cfg.models_dir());
         let publishers = match Publishers::new(
             Some(&self.identity.node.org_signing_key),
@@ -166,17 +167,7 @@ impl<R: Runtime> Agent<R> {
                 return Err(bundle::BundleError::Apply { part: "(models)".into(), reason: e });
             }
         };
-        let node = apply::Node {
-            cfg: &self.cfg,
-            ledger: &self.ledger,
-            verifier: &self.verifier,
-            runtime: self.runtime.as_ref(),
-            models: &models,
-            publishers: &publishers,
-            services: &self.services,
-            node_id: &self.identity.node.node_id,
-            enrolled_unix_ms: self.identity.node.enrolled_unix_ms,
-        };
+        let node = self.apply_node(&models, &publishers);
         tracing::info!(file = %file.display(), "importing a bundle");
         let outcome = bundle::import_file(
             &node,
@@ -196,6 +187,48 @@ impl<R: Runtime> Agent<R> {
             self.service_wake.notify_one();
         }
         outcome
+    }
+}
+
+impl<R: Runtime> Agent<R> {
+    /// Finishes a bundle import a crash interrupted (see `bundle::apply::recover`); a failure is
+    /// logged and audited, and the next import tries again.
+    pub(super) async fn finish_interrupted_import(&self) {
+        let _one = self.bundle_lock.lock().await;
+        let models = ModelStore::new(self.cfg.models_dir());
+        let publishers = match Publishers::new(
+            Some(&self.identity.node.org_signing_key),
+            &self.cfg.models.trusted_publishers,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot check for an interrupted bundle import");
+                return;
+            }
+        };
+        let node = self.apply_node(&models, &publishers);
+        match apply::recover(&node, now_unix_ms()).await {
+            Ok(None) => {}
+            Ok(Some(a)) => {
+                tracing::info!(bundle = %a.bundle_id, "finished the bundle import a restart interrupted");
+                self.service_wake.notify_one();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot finish an interrupted bundle import"),
+        }
+    }
+
+    fn apply_node<'a>(&'a self, models: &'a ModelStore, publishers: &'a Publishers) -> apply::Node<'a, R> {
+        apply::Node {
+            cfg: &self.cfg,
+            ledger: &self.ledger,
+            verifier: &self.verifier,
+            runtime: self.runtime.as_ref(),
+            models,
+            publishers,
+            services: &self.services,
+            node_id: &self.identity.node.node_id,
+            enrolled_unix_ms: self.identity.node.enrolled_unix_ms,
+        }
     }
 }
 

@@ -162,6 +162,8 @@ pub struct Agent<R: Runtime> {
     pub(crate) service_wake: Arc<Notify>,
     /// Wakes the service report sender: a report was written.
     pub(crate) service_reported: Arc<Notify>,
+    /// One bundle import (or the finishing of an interrupted one) at a time.
+    pub(crate) bundle_lock: tokio::sync::Mutex<()>,
 }
 
 /// How many containers the agent creates and starts at once: one per CPU (at least two), since
@@ -217,6 +219,7 @@ impl<R: Runtime> Agent<R> {
             launch: Semaphore::new(launch_concurrency()),
             services: crate::services::book::ServiceBook::new(Arc::clone(ledger.store())),
             service_wake: Arc::default(),
+            bundle_lock: tokio::sync::Mutex::new(()),
             service_reported: Arc::default(),
             ledger,
         })
@@ -331,6 +334,8 @@ impl<R: Runtime> Agent<R> {
         if shutdown.is_cancelled() {
             return; // stopped while reconciling: the next start fetches and runs
         }
+        // A bundle whose import was interrupted is finished before any job runs.
+        self.finish_interrupted_import().await;
         let slots = Arc::new(Semaphore::new(self.cfg.agent.max_concurrent_jobs as usize));
         tasks.spawn(Arc::clone(&self).poller(shutdown.clone()));
         tasks.spawn(self.service_reconciler().run(shutdown.clone()));
@@ -510,6 +515,10 @@ impl<R: Runtime> Agent<R> {
             )
             .ok()
             .map(|heard| crate::trust::state(heard, self.cfg.trust_window(), now_unix_ms())),
+            bundle: crate::bundle::apply::last_bundle(self.ledger.store().as_ref())
+                .ok()
+                .filter(|b| b.counter > 0)
+                .map(|b| crate::bundle::apply::LastBundle { recent: Vec::new(), ..b }),
         };
         if let Err(e) = status::write(&self.cfg.status_file(), &s) {
             tracing::warn!(error = %e, "cannot write the status file");

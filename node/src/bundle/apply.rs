@@ -1,8 +1,15 @@
 //! Applying a verified bundle: images into the engine, models into the signed model store, jobs
 //! and services into the ledger through the same intake as the network's, acknowledgements
 //! against the outbox; then the bundle's counter, so the same bundle (or an older one) is never
-//! applied again. Every step is idempotent, so an import interrupted by a crash is completed
-//! by importing the bundle again.
+//! applied again.
+//!
+//! All or nothing across a crash: before the first change the ledger gets a journal entry
+//! naming the verified bundle and its staged parts (which stay until the end), and the entry
+//! goes in the same write as the bundle's counter. A node killed in between finishes the
+//! bundle from its staged parts ([`recover`]) before it runs any job or imports anything else,
+//! so it comes back as before the import or as after it, never between. Every step is
+//! idempotent (images and models by digest, jobs by id and attempt, services by seq), so
+//! doing one again on recovery changes nothing.
 
 use std::path::Path;
 
@@ -22,6 +29,31 @@ use crate::verify::ManifestVerifier;
 
 /// Key of the last imported bundle in the ledger's `meta` tree.
 const LAST: &[u8] = b"bundle.last";
+/// Key of the journal of a bundle being applied (see the module's documentation).
+const APPLYING: &[u8] = b"bundle.applying";
+
+/// A verified bundle whose parts are being applied: enough to finish it after a crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    pub manifest: outpost_protocol::BundleManifest,
+    pub counter: u64,
+    /// The parts this node applies and their staged copies, in manifest order.
+    pub parts: Vec<(outpost_protocol::BundlePart, std::path::PathBuf)>,
+}
+
+/// The bundle an interrupted import was applying, if one was.
+pub fn journal(store: &dyn StateStore) -> Result<Option<Journal>, StoreError> {
+    store
+        .get(Tree::Meta, APPLYING)?
+        .map(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                tree: "meta",
+                key: "bundle.applying".into(),
+                message: e.to_string(),
+            })
+        })
+        .transpose()
+}
 
 /// Bundle ids remembered as imported (so importing one again is a no-op that says so).
 const REMEMBERED: usize = 256;
@@ -130,6 +162,13 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
             }
         }
     }
+    // From here on the node changes: journal first, so a crash here is finished on restart.
+    let journal = Journal { manifest: v.manifest.clone(), counter: v.counter, parts: v.parts.clone() };
+    let bytes = serde_json::to_vec(&journal).map_err(|e| BundleError::Corrupt(e.to_string()))?;
+    node.ledger
+        .store()
+        .apply(vec![Op::Put(Tree::Meta, APPLYING.to_vec(), bytes)])
+        .map_err(|e| BundleError::Apply { part: "(bundle journal)".into(), reason: e.to_string() })?;
     // Content first (idempotent by digest), so jobs never arrive before what they need.
     for (part, file) in v.parts.iter().filter(|(p, _)| p.kind == PartKind::Image) {
         let ids = node.runtime.load_image(file).await.map_err(|e| BundleError::Apply {
@@ -198,9 +237,10 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
         }
     };
     let bytes = serde_json::to_vec(&last).map_err(|e| BundleError::Corrupt(e.to_string()))?;
+    // The counter and the end of the journal in one write: the bundle is applied.
     node.ledger
         .store()
-        .apply(vec![Op::Put(Tree::Meta, LAST.to_vec(), bytes)])
+        .apply(vec![Op::Put(Tree::Meta, LAST.to_vec(), bytes), Op::Delete(Tree::Meta, APPLYING.to_vec())])
         .map_err(|e| store_err("(bundle record)", e))?;
     let detail = format!(
         "bundle {} (counter {}): {} image(s), {} model(s), {} job(s) accepted, {} known, {} rejected, {} service state(s), {} result(s) acknowledged",
@@ -216,6 +256,69 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
     );
     node.ledger.audit("bundle.imported", &detail).map_err(|e| store_err("(audit)", e))?;
     Ok(out)
+}
+
+/// Finishes the bundle an interrupted import was applying, from its staged parts (each checked
+/// against the signed manifest's size and digest again, in case the disk lost them). `None`:
+/// nothing was interrupted. The staged parts are removed once it is applied; a damaged staged
+/// copy ends the journal and says to import the bundle again (which finishes it the same way).
+pub async fn recover<R: Runtime>(node: &Node<'_, R>, now: u64) -> Result<Option<Applied>, BundleError> {
+    let store = node.ledger.store();
+    let Some(j) = journal(store.as_ref())
+        .map_err(|e| BundleError::Apply { part: "(bundle journal)".into(), reason: e.to_string() })?
+    else {
+        return Ok(None);
+    };
+    tracing::warn!(bundle = %j.manifest.bundle_id, "an import was interrupted; finishing it");
+    let parts = j.parts.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        parts
+            .iter()
+            .find_map(|(part, file)| staged_copy_differs(part, file).map(|why| (part.name.clone(), why)))
+    })
+    .await
+    .map_err(|e| BundleError::Corrupt(format!("checking the staged parts stopped: {e}")))?;
+    let staging = j.parts.first().and_then(|(_, f)| f.parent().map(Path::to_path_buf));
+    if let Some((part, why)) = checked {
+        let reason = format!(
+            "bundle {}: the staged copy of an interrupted import is unusable ({why}); import the bundle again to finish it",
+            j.manifest.bundle_id
+        );
+        let end = store.apply(vec![Op::Delete(Tree::Meta, APPLYING.to_vec())]);
+        let audit = node.ledger.audit("bundle.recovery_failed", &format!("{part}: {reason}"));
+        if let Some(dir) = staging {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        end.and(audit)
+            .map_err(|e| BundleError::Apply { part: "(bundle journal)".into(), reason: e.to_string() })?;
+        return Err(BundleError::Apply { part, reason });
+    }
+    let v = super::read::Verified { manifest: j.manifest, counter: j.counter, parts: j.parts };
+    let applied = apply(node, &v, now).await?;
+    crate::trust::heard(store.as_ref(), v.manifest.created_unix_ms.min(now))
+        .map_err(|e| BundleError::Apply { part: "(trust)".into(), reason: e.to_string() })?;
+    if let Some(dir) = staging {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(Some(applied))
+}
+
+/// Why a staged part no longer matches the manifest, if it does not.
+fn staged_copy_differs(part: &outpost_protocol::BundlePart, file: &Path) -> Option<String> {
+    use sha2::Digest;
+    let mut f = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) => return Some(format!("cannot open {}: {e}", file.display())),
+    };
+    let mut hash = sha2::Sha256::new();
+    let n = match std::io::copy(&mut f, &mut hash) {
+        Ok(n) => n,
+        Err(e) => return Some(format!("cannot read {}: {e}", file.display())),
+    };
+    if n != part.size {
+        return Some(format!("{n} bytes, the manifest says {}", part.size));
+    }
+    (hex::encode(hash.finalize()) != part.sha256).then(|| "its SHA-256 differs from the manifest".to_owned())
 }
 
 /// A staged envelope part (at most `MAX_ENVELOPE_PART_BYTES`, as the manifest checked).

@@ -7,10 +7,9 @@
 //! staged ([`read::verify_and_stage`]), then every job, service and acknowledgement part is
 //! read and its signature checked, and only then are images loaded, models imported and the
 //! ledger changed; the bundle's counter is recorded last. A refusal before that point changes
-//! nothing (but the audit log). A crash or an engine failure while applying can leave part of
-//! it applied; importing the same bundle again completes it, since every step is idempotent
-//! (images and models by digest, jobs by id and attempt, services by seq) and the counter is
-//! not recorded yet.
+//! nothing (but the audit log). From the first change on, a journal in the ledger names the
+//! bundle and its staged parts: a crash (or an engine failure) midway is finished from them on
+//! the next start, or by the next import, before anything else ([`apply::recover`]).
 
 pub mod apply;
 pub mod read;
@@ -68,7 +67,7 @@ pub enum BundleError {
     /// is applied).
     #[error("part {part}: {reason}")]
     BadPart { part: String, reason: String },
-    /// Applying failed midway: what came before it is applied; importing again finishes it.
+    /// Applying failed midway: the journal finishes it on the next start or import.
     #[error("part {part}: {reason}")]
     Apply { part: String, reason: String },
 }
@@ -170,6 +169,10 @@ async fn import_inner<R: crate::runtime::Runtime>(
 ) -> Result<Outcome, BundleError> {
     let store_err =
         |e: crate::store::StoreError| BundleError::Apply { part: "(ledger)".into(), reason: e.to_string() };
+    // An import that was interrupted is finished first: it came before this one.
+    if let Some(applied) = apply::recover(node, now).await? {
+        tracing::info!(bundle = %applied.bundle_id, "the interrupted import is finished");
+    }
     let last = apply::last_bundle(node.ledger.store().as_ref()).map_err(store_err)?;
     let expect = read::Expect { org_id, org_key, node_id: node.node_id, now_unix_ms: now };
     let manifest = read::manifest(file, &expect)?;
@@ -216,6 +219,9 @@ async fn import_inner<R: crate::runtime::Runtime>(
         crate::trust::heard(node.ledger.store().as_ref(), manifest.created_unix_ms.min(now))
             .map_err(store_err)?;
     }
-    let _ = std::fs::remove_dir_all(&staging);
+    // A bundle applied partly keeps its staged parts: its journal finishes it from them.
+    if !matches!(result, Err(BundleError::Apply { .. })) {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
     result
 }
