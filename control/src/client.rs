@@ -275,6 +275,15 @@ impl Client {
     pub async fn audit(&self, limit: usize) -> anyhow::Result<AuditList> {
         self.call::<(), _>(Method::GET, &format!("{}?limit={limit}", paths::AUDIT), None).await
     }
+
+    pub async fn node_audit(
+        &self,
+        node_id: &str,
+        after: u64,
+    ) -> anyhow::Result<outpost_protocol::NodeAuditList> {
+        let path = paths::NODE_AUDIT.replace("{node_id}", &enc(node_id));
+        self.call::<(), _>(Method::GET, &format!("{path}?after={after}"), None).await
+    }
 }
 
 /// Ids are `[A-Za-z0-9-]`; anything else is percent-encoded so it cannot change the path.

@@ -2,52 +2,24 @@
 //! editing or deleting an entry breaks the chain and `verify` finds where. Entries are written
 //! in the same durable batch as the state change they describe.
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-
 use crate::clock::now_unix_ms;
 use crate::store::{Op, StateStore, StoreError, Tree};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    pub seq: u64,
-    pub unix_ms: u64,
-    pub action: String,
-    pub detail: String,
-    /// Hash of the previous entry (64 zeros for the first).
-    pub prev_sha256: String,
-    /// Hash of this entry's other fields.
-    pub sha256: String,
-}
-
-fn digest(seq: u64, unix_ms: u64, action: &str, detail: &str, prev: &str) -> String {
-    let mut h = Sha256::new();
-    for part in [seq.to_string().as_str(), unix_ms.to_string().as_str(), action, detail, prev] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part.as_bytes());
-    }
-    hex::encode(h.finalize())
-}
+/// One entry: the wire type, so the control plane checks the chain with the same code.
+pub type AuditEntry = outpost_protocol::AuditRecord;
 
 /// Build the op that appends an entry after the current last one. Callers include it in the
 /// batch that makes the audited change, and only one task writes at a time per batch.
 pub fn entry_op(store: &dyn StateStore, action: &str, detail: &str) -> Result<Op, StoreError> {
-    let (seq, prev) = match store.last(Tree::Audit)? {
+    let (prev_seq, prev) = match store.last(Tree::Audit)? {
         Some((_, v)) => {
             let last: AuditEntry = decode(&v)?;
-            (last.seq + 1, last.sha256)
+            (last.seq, last.sha256)
         }
-        None => (1, "0".repeat(64)),
+        None => (0, outpost_protocol::AUDIT_GENESIS.to_owned()),
     };
-    let unix_ms = now_unix_ms();
-    let entry = AuditEntry {
-        seq,
-        unix_ms,
-        action: action.into(),
-        detail: detail.into(),
-        sha256: digest(seq, unix_ms, action, detail, &prev),
-        prev_sha256: prev,
-    };
+    let entry = AuditEntry::after(prev_seq, &prev, now_unix_ms(), action, detail);
+    let seq = entry.seq;
     tracing::info!(target: "audit", seq, action, detail, "audit");
     Ok(Op::Put(Tree::Audit, seq.to_be_bytes().to_vec(), serde_json::to_vec(&entry).unwrap_or_default()))
 }
@@ -67,20 +39,32 @@ pub fn entries(store: &dyn StateStore) -> Result<Vec<AuditEntry>, StoreError> {
 /// Check the whole chain; `Err` names the first entry that does not fit.
 pub fn verify(store: &dyn StateStore) -> Result<usize, String> {
     let list = entries(store).map_err(|e| e.to_string())?;
-    let mut prev = "0".repeat(64);
-    for (i, e) in list.iter().enumerate() {
-        if e.seq != i as u64 + 1 {
-            return Err(format!("audit entry {} is missing (found seq {} in its place)", i + 1, e.seq));
-        }
-        if e.prev_sha256 != prev {
-            return Err(format!("audit entry {} does not follow entry {}: the chain was edited", e.seq, i));
-        }
-        if digest(e.seq, e.unix_ms, &e.action, &e.detail, &e.prev_sha256) != e.sha256 {
-            return Err(format!("audit entry {} was modified after it was written", e.seq));
-        }
-        prev = e.sha256.clone();
-    }
+    outpost_protocol::check_audit_chain(0, outpost_protocol::AUDIT_GENESIS, &list)?;
     Ok(list.len())
+}
+
+/// Entries after `after_seq`, at most `max`, in order (a missing one ends the list early, and
+/// the chain check on the other side says so).
+pub fn entries_after(
+    store: &dyn StateStore,
+    after_seq: u64,
+    max: usize,
+) -> Result<Vec<AuditEntry>, StoreError> {
+    let last = match store.last(Tree::Audit)? {
+        Some((_, v)) => decode(&v)?.seq,
+        None => return Ok(Vec::new()),
+    };
+    let mut out = Vec::new();
+    for seq in after_seq.saturating_add(1)..=last {
+        if out.len() >= max {
+            break;
+        }
+        match store.get(Tree::Audit, &seq.to_be_bytes())? {
+            Some(v) => out.push(decode(&v)?),
+            None => break,
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -41,12 +41,16 @@ pub enum BundleCommand {
         #[arg(long, value_parser = parse_secs, default_value = "600")]
         wait: Duration,
     },
-    /// Write every result the control plane has not acknowledged, signed by this node, for
-    /// `outpost-control bundle import-results`. The results stay in the outbox until the
-    /// acknowledgement bundle comes back.
+    /// Write every result, relay event, service report and audit entry the control plane has
+    /// not acknowledged, signed by this node, for `outpost-control bundle import-results`. They
+    /// stay in the outbox until the acknowledgement bundle comes back.
     ExportResults {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Only what no results bundle written since the last acknowledgement carried: `last`
+        /// (or that bundle's id). Without it, everything not acknowledged goes again.
+        #[arg(long, value_name = "LAST")]
+        since: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -72,23 +76,24 @@ pub async fn run(cfg: &Config, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
             let store = SledStore::open(&cfg.ledger_dir())?;
             import_here(cfg, &identity, Ledger::new(Arc::new(store)), &file, json).await
         }
-        BundleCommand::ExportResults { out, json } => {
+        BundleCommand::ExportResults { out, since, json } => {
             let out = absolute(&out)?;
             let exported = if agent_running(cfg) {
-                export_by_agent(cfg, &out).await?
+                export_by_agent(cfg, &out, since).await?
             } else {
                 let ledger = Ledger::new(Arc::new(SledStore::open(&cfg.ledger_dir())?));
-                bundle::results::export(cfg, &identity, &ledger, &out, now_unix_ms())?
+                bundle::results::export(cfg, &identity, &ledger, &out, now_unix_ms(), since.as_deref())?
             };
             if json {
                 println!("{}", serde_json::to_string(&exported)?);
             } else {
                 println!(
-                    "{} result(s), {} relay event(s) and {} service report(s) written to {} ({} bytes); take it \
-                     to `outpost-control bundle import-results`",
+                    "{} result(s), {} relay event(s), {} service report(s) and {} audit entr(ies) written to {} \
+                     ({} bytes); take it to `outpost-control bundle import-results`",
                     exported.results.len(),
                     exported.events,
                     exported.service_reports,
+                    exported.audit_entries,
                     out.display(),
                     exported.bytes
                 );
@@ -114,8 +119,12 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// The agent owns the ledger: ask it (a request in its inbox) to write the results bundle.
-async fn export_by_agent(cfg: &Config, out: &Path) -> anyhow::Result<bundle::results::Exported> {
-    let request = serde_json::to_vec(&bundle::ExportRequest { out: out.to_path_buf() })?;
+async fn export_by_agent(
+    cfg: &Config,
+    out: &Path,
+    since: Option<String>,
+) -> anyhow::Result<bundle::results::Exported> {
+    let request = serde_json::to_vec(&bundle::ExportRequest { out: out.to_path_buf(), since })?;
     eprintln!("the agent is running: asked it to write the results bundle");
     let v = ask_agent(cfg, "export", Duration::from_secs(600), |tmp| {
         std::fs::write(tmp, &request).with_context(|| format!("cannot write {}", tmp.display()))
@@ -321,6 +330,12 @@ fn print_outcome(o: &Outcome) {
             }
             if a.service_reports_acknowledged {
                 println!("  service reports acknowledged: cleared from the outbox");
+            }
+            if a.audit_acknowledged_up_to > 0 {
+                println!(
+                    "  audit log stored on the control plane up to entry {}",
+                    a.audit_acknowledged_up_to
+                );
             }
         }
     }

@@ -246,7 +246,9 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
     let dir = cfg.identity_dir();
     if args.offline {
         let out = args.out.as_deref().context("--offline needs --out FILE")?;
-        let req = outpost_node::offline_enroll::request(&dir, &hostname, args.force)?;
+        // What the box is (labels, capabilities), so the operator's selectors see it at once.
+        let facts = outpost_node::inventory::heartbeat(cfg, None, Default::default());
+        let req = outpost_node::offline_enroll::request(&dir, &hostname, args.force, Some(facts))?;
         let tmp = out.with_extension("partial");
         std::fs::write(&tmp, serde_json::to_string_pretty(&req)?)
             .with_context(|| format!("cannot write {}", tmp.display()))?;

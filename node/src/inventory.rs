@@ -63,6 +63,27 @@ fn gpus() -> Vec<Gpu> {
     out
 }
 
+/// The node as a heartbeat describes it (inventory, labels, models, capabilities), for the
+/// agent's heartbeats and for the uplinks that are files: an offline enrollment request and a
+/// results bundle.
+pub fn heartbeat(
+    cfg: &crate::config::Config,
+    runtime: Option<&RuntimeInfo>,
+    depths: crate::ledger::Depths,
+) -> outpost_protocol::Heartbeat {
+    outpost_protocol::Heartbeat {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        inventory: collect(runtime),
+        running_jobs: u32::try_from(depths.running).unwrap_or(u32::MAX),
+        outbox_depth: depths.outbox,
+        relay: None,
+        // A handful of small manifest files: cheap enough to read every time.
+        models: crate::models::ModelStore::new(cfg.models_dir()).summaries(),
+        labels: cfg.node.labels.clone(),
+        announce: Some(outpost_protocol::Announce::this_build()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

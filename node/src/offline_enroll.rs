@@ -40,6 +40,7 @@ pub fn request(
     identity_dir: &Path,
     hostname: &str,
     force: bool,
+    heartbeat: Option<outpost_protocol::Heartbeat>,
 ) -> Result<OfflineEnrollRequest, IdentityError> {
     if let Ok(existing) = Identity::load(identity_dir)
         && !force
@@ -60,6 +61,7 @@ pub fn request(
         hostname: hostname.to_owned(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         created_unix_ms: now_unix_ms(),
+        heartbeat,
     };
     let dir = pending_dir(identity_dir);
     let _ = std::fs::remove_dir_all(&dir);

@@ -115,10 +115,16 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     common::build_test_image(Some(&image_tar));
     let control = Control::start(&tmp.path().join("control"), None);
     let org = control.create_org("airgap").await;
-    // Enrolled without a link, and kept without one; its relay watches `incoming/`.
-    let config = format!("{CONFIG}[[relay.watches]]\nname = \"in\"\nprefix = \"incoming/\"\n");
+    // Enrolled without a link, and kept without one; its relay watches `incoming/`. Its labels
+    // travel in the enrollment request, so the deployment's selector finds it.
+    let config = format!(
+        "{CONFIG}[node]\nlabels = {{ site = \"icu\" }}\n[[relay.watches]]\nname = \"in\"\nprefix = \"incoming/\"\n"
+    );
     let mut node = Node::enroll_offline(&tmp.path().join("node"), &control, &org.id, &config).await;
+    let _containers = common::RemoveNodeContainers(node.node_id.clone());
     cut_off(&node);
+    let spec = common::ready_service("touch /tmp/ready", 60);
+    control.deploy(&org.id, &common::web_deployment(&org.id, "site=icu", spec, 60)).await;
     let object = tmp.path().join("scan.txt");
     std::fs::write(&object, "an object the relay reports").expect("write");
     let put = node.cli(&["objects", "put", "incoming/scan-1.txt", object.to_str().expect("utf8")]);
@@ -130,7 +136,14 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
         &control,
         &org.id,
         &node.node_id,
-        &["--image", image_tar.to_str().expect("utf8"), "--job", job.to_str().expect("utf8")],
+        &[
+            "--image",
+            image_tar.to_str().expect("utf8"),
+            "--job",
+            job.to_str().expect("utf8"),
+            "--deployment",
+            "web",
+        ],
         &bundle,
     );
     assert!(!job_id.is_empty());
@@ -151,10 +164,11 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     let out = node.cli(&["bundle", "import", bundle.to_str().expect("utf8")]);
     assert!(out.status.success(), "import: {}", text(&out));
     assert!(text(&out).contains(&format!("job accepted    {job_id}")), "{}", text(&out));
+    assert!(text(&out).contains("service         web revision 1"), "{}", text(&out));
     let again = node.cli(&["bundle", "import", bundle.to_str().expect("utf8")]);
     assert!(again.status.success() && text(&again).contains("imported already"), "{}", text(&again));
 
-    // The agent runs it without any link; the result waits in the outbox.
+    // The agent runs the job and the service without any link; the result waits in the outbox.
     node.start();
     eventually("the result and the relay event in the outbox", Duration::from_secs(90), async || {
         let st = node.status_json();
@@ -162,11 +176,26 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
             && st["agent"]["relay"]["pending_depth"].as_u64() == Some(1)
     })
     .await;
+    eventually("the service healthy", Duration::from_secs(90), async || {
+        node.log.snapshot().iter().any(|l| l.contains("service state") && l.contains("Healthy"))
+    })
+    .await;
     // Exported while the agent runs: it writes the bundle on the command's behalf.
     let results = tmp.path().join("results.bundle");
     let out = node.cli(&["bundle", "export-results", "--out", results.to_str().expect("utf8")]);
     assert!(out.status.success() && text(&out).contains("1 result(s), 1 relay event(s)"), "{}", text(&out));
     assert!(text(&out).contains("asked it to write"), "{}", text(&out));
+    // `--since last` carries only what that export did not: no result, no event again.
+    let since = tmp.path().join("since.bundle");
+    let out =
+        node.cli(&["bundle", "export-results", "--out", since.to_str().expect("utf8"), "--since", "last"]);
+    assert!(out.status.success() && text(&out).contains("0 result(s), 0 relay event(s)"), "{}", text(&out));
+    let out = node.cli(&["bundle", "export-results", "--out", "/dev/null", "--since", "some-other-id"]);
+    assert!(
+        !out.status.success() && text(&out).contains("the last results bundle written is"),
+        "{}",
+        text(&out)
+    );
     node.stop();
 
     let ack = tmp.path().join("ack.bundle");
@@ -175,6 +204,26 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     let out = operator(&control, &args);
     assert!(out.status.success() && text(&out).contains("1 result(s) stored"), "{}", text(&out));
     assert!(text(&out).contains("1 relay event(s) stored"), "{}", text(&out));
+    // The node's service reports and audit log came with it.
+    let web = control.deployment(&org.id, "web").await;
+    let row = web.nodes.iter().find(|n| n.node_id == node.node_id).expect("the node in the deployment");
+    assert_eq!(row.phase, outpost_protocol::NodePhase::Healthy, "{row:?}");
+    let verify = operator(&control, &["audit", "verify", "--node", &node.node_id]);
+    assert!(
+        verify.status.success() && text(&verify).contains("each following the one before"),
+        "{}",
+        text(&verify)
+    );
+    let ack_since = tmp.path().join("ack-since.bundle");
+    let since_args = [
+        "bundle",
+        "import-results",
+        since.to_str().expect("utf8"),
+        "--out",
+        ack_since.to_str().expect("utf8"),
+    ];
+    let out = operator(&control, &since_args);
+    assert!(out.status.success() && text(&out).contains("0 result(s) stored"), "{}", text(&out));
     let events = control.all_events(&node.node_id).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].event.key, "incoming/scan-1.txt");

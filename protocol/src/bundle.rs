@@ -144,6 +144,16 @@ pub struct ResultsAck {
     /// Service reports stored up to this seq.
     #[serde(default)]
     pub service_reports_up_to_seq: u64,
+    /// The node's acknowledgements of desired service states that were recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_acks: Vec<crate::ServiceAck>,
+    /// Audit entries stored up to this seq (the node may then forget which it carried).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub audit_up_to_seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a node carries out: every result, relay event and service report its outbox holds
@@ -162,6 +172,17 @@ pub struct ResultsPayload {
     pub events: Vec<crate::ObjectEvent>,
     #[serde(default)]
     pub service_reports: Vec<crate::ServiceReport>,
+    /// The desired service states the node persisted (as a poll would acknowledge them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_acks: Vec<crate::ServiceAck>,
+    /// What the box has and says about itself now, as a heartbeat would (labels, models,
+    /// capabilities); the control plane keeps it as the node's last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<crate::Heartbeat>,
+    /// The node's audit log from the entry after the last one the control plane stored, in
+    /// order: each links to the one before by its hash.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audit: Vec<crate::AuditRecord>,
 }
 
 /// A results bundle (zstd-compressed JSON): the payload exactly as signed, the node's
@@ -203,6 +224,10 @@ pub struct BundleRequest {
     pub files: Vec<BundleFile>,
     #[serde(default)]
     pub jobs: Vec<crate::JobSpec>,
+    /// Deployments (by name) whose desired state for each target node goes in the bundle, as
+    /// the rollout signed it for that node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deployments: Vec<String>,
     /// How long the bundle (and its jobs) stay valid; default 30 days.
     #[serde(default)]
     pub expires_in_secs: Option<u64>,
@@ -244,6 +269,11 @@ pub struct ResultsImport {
     /// Service reports stored up to this seq.
     #[serde(default)]
     pub service_reports_up_to_seq: u64,
+    /// Audit entries stored now, and the seq up to which the node's audit log is stored.
+    #[serde(default)]
+    pub audit_stored: u32,
+    #[serde(default)]
+    pub audit_up_to_seq: u64,
     /// The acknowledgement bundle to carry back to the node.
     pub ack: BundleResponse,
 }

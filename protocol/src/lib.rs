@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod bundle;
 mod enroll;
 mod error;
@@ -22,6 +23,7 @@ mod report;
 pub mod selector;
 mod service;
 
+pub use audit::*;
 pub use bundle::*;
 pub use enroll::*;
 pub use error::*;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub const OFFLINE_FORMAT: u32 = 1;
 
 /// What `outpost enroll --offline --out FILE` writes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OfflineEnrollRequest {
@@ -21,10 +21,15 @@ pub struct OfflineEnrollRequest {
     pub hostname: String,
     pub agent_version: String,
     pub created_unix_ms: u64,
+    /// What the box has and says about itself (labels, capabilities), as a heartbeat would: the
+    /// control plane keeps it as the node's last heartbeat, so selectors and deployments see the
+    /// node before any other word from it. Absent from older agents' requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<crate::Heartbeat>,
 }
 
 /// Operator (`POST /v1/orgs/{org_id}/enroll-offline`): enroll the node that wrote `request`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OfflineEnrollParams {

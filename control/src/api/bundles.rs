@@ -77,26 +77,34 @@ pub async fn create(
     for spec in &req.jobs {
         check_job_spec(spec)?;
     }
+    let mut deployments = Vec::new();
+    for name in &req.deployments {
+        let d = st.store.get_deployment(&org_id, name).await?.ok_or_else(|| {
+            ApiError::not_found(format!("organisation {org_id} has no deployment {name}; see `deploy list`"))
+        })?;
+        deployments.push(d);
+    }
     // One build at a time: its jobs' sequence numbers and its counters (drawn after them) then
     // rise together from one bundle to the next, so importing bundles in the order they were
     // built never meets a job numbered below one already taken.
     let _one_build = BUILD_LOCK.lock().await;
     let nodes = targets(&st, &org_id, &req).await?;
-    let parts = req.files.len().saturating_add(nodes.len().saturating_mul(req.jobs.len()));
+    let per_node = req.jobs.len().saturating_add(deployments.len());
+    let parts = req.files.len().saturating_add(nodes.len().saturating_mul(per_node));
     if parts > outpost_protocol::MAX_BUNDLE_PARTS {
         return Err(ApiError::bad_request(
             "too_many_parts",
             format!(
-                "{} file(s) and {} job(s) for {} node(s) make {parts} parts, more than {}; split the bundle",
+                "{} file(s) and {per_node} job(s) and deployment(s) for {} node(s) make {parts} parts, more \
+                 than {}; split the bundle",
                 req.files.len(),
-                req.jobs.len(),
                 nodes.len(),
                 outpost_protocol::MAX_BUNDLE_PARTS
             ),
         ));
     }
     let mut jobs = Vec::new();
-    let mut job_parts: Vec<(String, String, String)> = Vec::new();
+    let mut job_parts: Vec<Made> = deployment_parts(&st, &nodes, &deployments).await?;
     for node in &nodes {
         for spec in &req.jobs {
             let origin = JobOrigin { selector: req.selector.clone(), ..Default::default() };
@@ -111,21 +119,115 @@ pub async fn create(
             let a =
                 JobAssignment { job_id: info.job_id.clone(), attempt: info.attempt, envelope: rec.envelope };
             let text = serde_json::to_string(&a).map_err(|e| ApiError::internal("encode", e.to_string()))?;
-            job_parts.push((node.node_id.clone(), info.job_id.clone(), text));
+            job_parts.push(Made {
+                node_id: node.node_id.clone(),
+                kind: PartKind::Job,
+                label: info.job_id.clone(),
+                text,
+            });
             jobs.push(info);
         }
     }
     let (manifest, parts) =
         sign_manifest(&st, &org_id, &nodes, req.selector.clone(), &req.files, job_parts, expiry).await?;
     let detail = format!(
-        "bundle {} for {} node(s): {} file(s), {} job(s)",
+        "bundle {} for {} node(s): {} file(s), {} job(s), deployment(s) {}",
         manifest.1,
         nodes.len(),
         req.files.len(),
-        jobs.len()
+        jobs.len(),
+        if req.deployments.is_empty() { "none".to_owned() } else { req.deployments.join(", ") }
     );
     st.audit("operator", "bundle.created", &detail).await;
     Ok((StatusCode::CREATED, Json(BundleResponse { manifest: manifest.0, parts, jobs })))
+}
+
+/// A part the control plane makes for one node: a job, a service's desired state, an
+/// acknowledgement (its signed JSON).
+struct Made {
+    node_id: String,
+    kind: PartKind,
+    label: String,
+    text: String,
+}
+
+/// Most rollout passes a build runs to let a deployment's batches reach its offline targets.
+const MAX_BUILD_PASSES: usize = 64;
+
+/// The desired state each deployment's rollout signed for each node, as a part: exactly the
+/// envelope the node would get in a poll answer. Rollout passes run first (an air-gapped node
+/// never holds a batch: it is offline), so a new deployment reaches every target; a node the
+/// rollout has not given a desired state is refused with the reason.
+async fn deployment_parts(
+    st: &Shared,
+    nodes: &[NodeInfo],
+    deployments: &[crate::store::DeploymentRecord],
+) -> ApiResult<Vec<Made>> {
+    if deployments.is_empty() {
+        return Ok(Vec::new());
+    }
+    let desired =
+        |records: &[crate::store::NodeServiceRecord], node: &str, d: &crate::store::DeploymentRecord| {
+            records
+                .iter()
+                .find(|r| r.node_id == node && r.service == d.info.service)
+                .and_then(|r| r.desired.clone())
+                .filter(|x| x.deployment == d.info.name && !x.removal)
+        };
+    let mut missing = usize::MAX;
+    let mut records = Vec::new();
+    for _ in 0..MAX_BUILD_PASSES {
+        super::rollout::pass(st).await?;
+        records = st.store.list_node_services(None).await?;
+        let now_missing = nodes
+            .iter()
+            .flat_map(|n| deployments.iter().map(move |d| (n, d)))
+            .filter(|(n, d)| desired(&records, &n.node_id, d).is_none())
+            .count();
+        if now_missing == 0 || now_missing >= missing {
+            break;
+        }
+        missing = now_missing;
+    }
+    let mut out = Vec::new();
+    for node in nodes {
+        for d in deployments {
+            let Some(x) = desired(&records, &node.node_id, d) else {
+                let all = st.store.list_deployments().await?;
+                let by_key: std::collections::HashMap<String, crate::store::NodeServiceRecord> =
+                    records.iter().map(|r| (r.key(), r.clone())).collect();
+                let why = super::rollout::node_table(
+                    d,
+                    &all,
+                    std::slice::from_ref(node),
+                    &by_key,
+                    st.clock.now_ms(),
+                    st.lease_ms(),
+                )
+                .into_iter()
+                .next()
+                .and_then(|row| row.reason)
+                .unwrap_or_else(|| "its selector does not match the node".into());
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "no_desired_state",
+                    format!(
+                        "deployment {} has no desired state for node {} ({why}); see `deploy status {}`",
+                        d.info.name, node.node_id, d.info.name
+                    ),
+                ));
+            };
+            let text = serde_json::to_string(&x.envelope)
+                .map_err(|e| ApiError::internal("encode", e.to_string()))?;
+            out.push(Made {
+                node_id: node.node_id.clone(),
+                kind: PartKind::Service,
+                label: format!("{} revision {} ({})", d.info.name, x.revision, d.info.service),
+                text,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The nodes a bundle is for: named ones of the org, or those its selector matches now.
@@ -176,14 +278,14 @@ async fn targets(st: &Shared, org_id: &str, req: &BundleRequest) -> ApiResult<Ve
 }
 
 /// Gives each node its next counter and signs the manifest over `files` (first, in order) and
-/// the made parts `(node, label, bytes)`. Returns ((signed manifest, bundle id), parts).
+/// the made parts. Returns ((signed manifest, bundle id), parts).
 async fn sign_manifest(
     st: &Shared,
     org_id: &str,
     nodes: &[NodeInfo],
     selector: Option<String>,
     files: &[BundleFile],
-    made: Vec<(String, String, String)>,
+    made: Vec<Made>,
     expiry_secs: u64,
 ) -> ApiResult<((outpost_protocol::SignedEnvelope, String), Vec<Option<String>>)> {
     let org = st
@@ -193,7 +295,7 @@ async fn sign_manifest(
         .ok_or_else(|| ApiError::not_found(format!("organisation {org_id} does not exist")))?;
     let mut counters = BTreeMap::new();
     let acks_only =
-        files.is_empty() && !made.is_empty() && made.iter().all(|(_, label, _)| label.starts_with("ack:"));
+        files.is_empty() && !made.is_empty() && made.iter().all(|m| m.kind == PartKind::ResultsAck);
     if acks_only {
         // An acknowledgement does not take part in the counter order (the node accepts it
         // whenever it comes, and a replay of one clears nothing new).
@@ -218,18 +320,17 @@ async fn sign_manifest(
         });
         bodies.push(None);
     }
-    for (node_id, label, text) in made {
+    for m in made {
         let i = parts.len();
-        let kind = if label.starts_with("ack:") { PartKind::ResultsAck } else { PartKind::Job };
         parts.push(BundlePart {
-            name: BundleManifest::part_name(i, kind),
-            kind,
-            size: text.len() as u64,
-            sha256: sha256_hex(text.as_bytes()),
-            node_id: Some(node_id),
-            label,
+            name: BundleManifest::part_name(i, m.kind),
+            kind: m.kind,
+            size: m.text.len() as u64,
+            sha256: sha256_hex(m.text.as_bytes()),
+            node_id: Some(m.node_id),
+            label: m.label,
         });
-        bodies.push(Some(text));
+        bodies.push(Some(m.text));
     }
     let now = st.clock.now_ms();
     let manifest = BundleManifest {
@@ -286,6 +387,8 @@ pub async fn import_results(
         events_stored: 0,
         events_up_to_seq: 0,
         service_reports_up_to_seq: 0,
+        audit_stored: 0,
+        audit_up_to_seq: 0,
         ack: BundleResponse { manifest: empty_envelope(), parts: Vec::new(), jobs: Vec::new() },
     };
     let mut acked = Vec::new();
@@ -361,6 +464,31 @@ pub async fn import_results(
             }
         }
     }
+    // The desired service states the node persisted, as a poll would acknowledge them.
+    if !payload.service_acks.is_empty() {
+        st.store.ack_node_services(&node.node_id, payload.service_acks.clone()).await?;
+    }
+    // The node's own description, as of when it wrote the bundle (never older than what the
+    // network brought): labels, models and capabilities for selectors and rollouts.
+    if let Some(hb) = payload.heartbeat
+        && node.last_seen_unix_ms.is_none_or(|seen| seen < payload.created_unix_ms)
+        && outpost_protocol::selector::check_labels(&hb.labels).is_ok()
+    {
+        let seen = payload.created_unix_ms.min(st.clock.now_ms());
+        st.store.record_heartbeat(&node.node_id, hb, seen).await?;
+        st.fleet_changed.notify_one();
+    }
+    // The node's audit log, checked link by link against what is stored of it.
+    if !payload.audit.is_empty() {
+        let got = st.store.append_node_audit(&node.node_id, payload.audit).await?;
+        out.audit_stored = got.stored;
+        out.audit_up_to_seq = got.up_to_seq;
+        if let Some(why) = got.refused {
+            st.audit(&actor, "node.audit.refused", &format!("results bundle {}: {why}", payload.bundle_id))
+                .await;
+            out.refused.push(("audit".into(), why));
+        }
+    }
     let ack = ResultsAck {
         node_id: node.node_id.clone(),
         results_bundle_id: payload.bundle_id.clone(),
@@ -368,11 +496,18 @@ pub async fn import_results(
         refused: refused_keys,
         events_up_to_seq: out.events_up_to_seq,
         service_reports_up_to_seq: out.service_reports_up_to_seq,
+        service_acks: payload.service_acks,
+        audit_up_to_seq: out.audit_up_to_seq,
     };
     let org = super::jobs::org_of(&st, &node).await?;
     let signed_ack = sign(&org, &ack)?;
     let text = serde_json::to_string(&signed_ack).map_err(|e| ApiError::internal("encode", e.to_string()))?;
-    let made = vec![(node.node_id.clone(), format!("ack:{}", payload.bundle_id), text)];
+    let made = vec![Made {
+        node_id: node.node_id.clone(),
+        kind: PartKind::ResultsAck,
+        label: format!("ack:{}", payload.bundle_id),
+        text,
+    }];
     let ((manifest, bundle_id), parts) = sign_manifest(
         &st,
         &node.org_id,

@@ -21,7 +21,7 @@ pub async fn enroll(
     Body(req): Body<EnrollRequest>,
 ) -> ApiResult<Json<EnrollResponse>> {
     let token_sha = sha256_hex(req.token.trim().as_bytes());
-    Ok(Json(enroll_core(&st, &token_sha, &req.csr_pem, &req.hostname, &req.agent_version).await?))
+    Ok(Json(enroll_core(&st, &token_sha, &req.csr_pem, &req.hostname, &req.agent_version, None).await?))
 }
 
 /// Spends the token (by its SHA-256) and registers the node with a certificate for `csr_pem`:
@@ -32,6 +32,7 @@ pub(super) async fn enroll_core(
     csr_pem: &str,
     hostname: &str,
     agent_version: &str,
+    facts: Option<outpost_protocol::Heartbeat>,
 ) -> ApiResult<EnrollResponse> {
     let hostname = hostname.trim();
     if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
@@ -71,7 +72,7 @@ pub(super) async fn enroll_core(
         enrolled_unix_ms: now,
         cert_sha256: cert.sha256.clone(),
         last_seen_unix_ms: None,
-        last_heartbeat: None,
+        last_heartbeat: facts,
         operator_labels: Default::default(),
         labels: Default::default(),
         online: false,

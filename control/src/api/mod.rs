@@ -115,6 +115,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODE, get(operator::get_node))
         .route(paths::NODE_LABELS, post(operator::label_node))
         .route(paths::AUDIT, get(operator::list_audit))
+        .route(paths::NODE_AUDIT, get(operator::node_audit))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such API route; see /v1/openapi.json")
         })

@@ -52,6 +52,11 @@ pub async fn enroll_offline(
     }
     // The request's own one-time token: a second use of the request finds it spent.
     let token = format!("offline-{}", req.request_id);
+    if let Some(hb) = &req.heartbeat {
+        outpost_protocol::selector::check_labels(&hb.labels).map_err(|why| {
+            ApiError::bad_request("bad_labels", format!("the node's [node] labels are not valid: {why}"))
+        })?;
+    }
     let token_sha = sha256_hex(token.as_bytes());
     if st.store.get_token(&token_sha).await?.is_some() {
         st.audit("operator", "enroll.rejected", &format!("offline request {} used again", req.request_id))
@@ -72,8 +77,11 @@ pub async fn enroll_offline(
             used_by_node: None,
         })
         .await?;
+    // The node's facts stand for its first heartbeat (never seen online: it stays offline).
+    let facts = req.heartbeat.clone();
     let enrollment =
-        super::enroll::enroll_core(&st, &token_sha, &req.csr_pem, &req.hostname, &req.agent_version).await?;
+        super::enroll::enroll_core(&st, &token_sha, &req.csr_pem, &req.hostname, &req.agent_version, facts)
+            .await?;
     let offline = OfflineEnrollment {
         format: OFFLINE_FORMAT,
         request_id: req.request_id.clone(),

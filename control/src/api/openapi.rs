@@ -25,6 +25,7 @@ use super::{bundles, deploy, enroll, events, jobs, logs, node, offline, operator
         operator::get_node,
         operator::label_node,
         operator::list_audit,
+        operator::node_audit,
         jobs::submit_job,
         jobs::list_jobs,
         jobs::get_job,

@@ -202,3 +202,36 @@ pub async fn list_audit(
     let limit = q.limit.unwrap_or(DEFAULT_AUDIT_LIST).min(MAX_AUDIT_LIST);
     Ok(Json(AuditList { entries: st.store.list_audit(limit).await? }))
 }
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAuditQuery {
+    /// Entries after this seq (default 0: from the first).
+    pub after: Option<u64>,
+    /// At most this many (default and most 10000).
+    pub limit: Option<usize>,
+}
+
+/// Most entries of a node's audit log one page holds.
+const MAX_NODE_AUDIT_PAGE: usize = 10_000;
+
+#[utoipa::path(get, path = paths::NODE_AUDIT, tag = "audit",
+    params(("node_id" = String, Path, description = "node id"), NodeAuditQuery),
+    description = "The node's own hash-chained audit log, as far as its results bundles brought it; each entry \
+                   was checked to follow the one before when it was stored.",
+    responses((status = 200, body = outpost_protocol::NodeAuditList), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn node_audit(
+    _: OperatorAuth,
+    State(st): State<Shared>,
+    Path(node_id): Path<String>,
+    Params(q): Params<NodeAuditQuery>,
+) -> ApiResult<Json<outpost_protocol::NodeAuditList>> {
+    if st.store.get_node(&node_id).await?.is_none() {
+        return Err(ApiError::not_found(format!("node {node_id} is not enrolled")));
+    }
+    let limit = q.limit.unwrap_or(MAX_NODE_AUDIT_PAGE).clamp(1, MAX_NODE_AUDIT_PAGE);
+    let entries = st.store.node_audit(&node_id, q.after.unwrap_or(0), limit).await?;
+    Ok(Json(outpost_protocol::NodeAuditList { node_id, entries }))
+}

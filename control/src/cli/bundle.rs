@@ -20,11 +20,12 @@ use crate::client::Client;
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
-    /// Build a signed bundle for air-gapped nodes: images, models and jobs in one file
-    /// (zstd-compressed tar) that `outpost bundle import` verifies and applies.
+    /// Build a signed bundle for air-gapped nodes: images, models, jobs and deployments in one
+    /// file (zstd-compressed tar) that `outpost bundle import` verifies and applies.
     ///
     /// Each job is created for each target node as if submitted (it shows in `job list`, and a
-    /// node that later connects is offered it too, and knows it already).
+    /// node that later connects is offered it too, and knows it already). Each deployment
+    /// carries the desired state its rollout signed for each target node.
     Build {
         /// Organisation of the target nodes.
         #[arg(long)]
@@ -44,6 +45,9 @@ pub enum BundleCommand {
         /// A job file (TOML or JSON, as for `job submit`: its `spec`, or a bare spec).
         #[arg(long = "job", value_name = "FILE")]
         jobs: Vec<PathBuf>,
+        /// A deployment (by name, see `deploy list`) whose service each target node runs.
+        #[arg(long = "deployment", value_name = "NAME")]
+        deployments: Vec<String>,
         /// How long the bundle and its jobs stay valid (e.g. 7d; default 30d).
         #[arg(long, value_parser = super::submit::parse_duration)]
         expires: Option<Duration>,
@@ -70,7 +74,18 @@ const MAX_RESULTS_BYTES: u64 = 256 * 1024 * 1024;
 
 pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        BundleCommand::Build { org, nodes, selector, images, models, jobs, expires, out, quiet } => {
+        BundleCommand::Build {
+            org,
+            nodes,
+            selector,
+            images,
+            models,
+            jobs,
+            deployments,
+            expires,
+            out,
+            quiet,
+        } => {
             let progress = !quiet && std::io::stderr().is_terminal();
             let tmp_dir = tempdir_near(&out)?;
             let mut sources = Vec::new();
@@ -101,6 +116,7 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
                 selector,
                 files,
                 jobs: specs,
+                deployments,
                 expires_in_secs: expires.map(|d| d.as_secs()),
             };
             let resp = c.bundle(&org, &req).await?;
@@ -143,7 +159,8 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
             } else {
                 println!(
                     "node {}: {} result(s) stored, {} already stored, {} superseded, {} refused; {} relay event(s) \
-                     stored (all up to seq {}); service reports stored up to seq {}",
+                     stored (all up to seq {}); service reports stored up to seq {}; {} audit entr(ies) stored (the \
+                     node's log up to seq {})",
                     got.node_id,
                     got.stored.len(),
                     got.duplicates.len(),
@@ -151,7 +168,9 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
                     got.refused.len(),
                     got.events_stored,
                     got.events_up_to_seq,
-                    got.service_reports_up_to_seq
+                    got.service_reports_up_to_seq,
+                    got.audit_stored,
+                    got.audit_up_to_seq
                 );
                 for key in &got.stored {
                     println!("stored\t{key}");

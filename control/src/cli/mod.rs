@@ -263,10 +263,19 @@ pub enum NodeCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// The most recent audit entries, oldest first.
+    /// The most recent audit entries, oldest first; with --node, that node's own audit log
+    /// (as its results bundles brought it).
     List {
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        #[arg(long, value_name = "NODE_ID")]
+        node: Option<String>,
+    },
+    /// Check a node's audit log as stored here, link by link from its first entry; names the
+    /// first entry that does not follow the one before (exit 1).
+    Verify {
+        #[arg(long, value_name = "NODE_ID")]
+        node: String,
     },
 }
 

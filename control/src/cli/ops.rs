@@ -174,7 +174,19 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
             let t = c.delete_trigger(&trigger_id).await?;
             print(g.json, &t, |t| eprintln!("deleted trigger {} ({})", t.trigger_id, t.name))?;
         }
-        Command::Audit(AuditCommand::List { limit }) => print(g.json, &c.audit(limit).await?, show::audit)?,
+        Command::Audit(AuditCommand::List { limit, node: None }) => {
+            print(g.json, &c.audit(limit).await?, show::audit)?;
+        }
+        Command::Audit(AuditCommand::List { limit, node: Some(node) }) => {
+            let entries = node_audit_tail(&c, &node, limit).await?;
+            let list = outpost_protocol::NodeAuditList { node_id: node, entries };
+            print(g.json, &list, |l| {
+                for e in &l.entries {
+                    println!("{:>6}  {}  {:<24} {}", e.seq, e.unix_ms, e.action, e.detail);
+                }
+            })?;
+        }
+        Command::Audit(AuditCommand::Verify { node }) => return verify_node_audit(&c, &node, g.json).await,
         Command::Deploy(d) => return super::deploy::run(&c, g.json, d).await,
         Command::Bundle(b) => return super::bundle::run(&c, g.json, b).await,
         Command::Serve { .. } | Command::Ca(_) => return Err(anyhow!("not an operator command")),
@@ -303,4 +315,50 @@ async fn wait(g: &Global, c: &Client, job_id: &str, timeout: Duration) -> anyhow
         }
         tokio::time::sleep(WAIT_INTERVAL).await;
     }
+}
+
+/// The last `limit` entries of a node's stored audit log.
+async fn node_audit_tail(
+    c: &Client,
+    node: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<outpost_protocol::AuditRecord>> {
+    let mut tail = std::collections::VecDeque::new();
+    let mut after = 0;
+    loop {
+        let page = c.node_audit(node, after).await?.entries;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        tail.extend(page);
+        while tail.len() > limit {
+            tail.pop_front();
+        }
+    }
+    Ok(tail.into())
+}
+
+/// `audit verify --node`: the whole stored chain, page by page.
+async fn verify_node_audit(c: &Client, node: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let (mut seq, mut sha) = (0u64, outpost_protocol::AUDIT_GENESIS.to_owned());
+    let broken = loop {
+        let page = c.node_audit(node, seq).await?.entries;
+        let Some(last) = page.last().cloned() else { break None };
+        if let Err(why) = outpost_protocol::check_audit_chain(seq, &sha, &page) {
+            break Some(why);
+        }
+        (seq, sha) = (last.seq, last.sha256);
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "node_id": node, "entries": seq, "whole": broken.is_none(), "error": broken })
+        );
+    } else if let Some(why) = &broken {
+        println!("node {node}: the audit log is broken after entry {seq}: {why}");
+    } else if seq == 0 {
+        println!("node {node}: no audit entries stored yet (they arrive with its results bundles)");
+    } else {
+        println!("node {node}: {seq} audit entries, each following the one before from the first");
+    }
+    Ok(if broken.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

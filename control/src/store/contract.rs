@@ -377,6 +377,52 @@ async fn cancels_end_queued_jobs_and_ask_nodes_for_the_rest(s: &dyn StateStore) 
     assert!(!s.reassign_job("c3", 1, next).await.expect("reassign"), "a cancelled job is not moved");
 }
 
+fn audit_chain(n: u64) -> Vec<outpost_protocol::AuditRecord> {
+    let mut out: Vec<outpost_protocol::AuditRecord> = Vec::new();
+    for i in 0..n {
+        let (seq, prev) =
+            out.last().map_or((0, outpost_protocol::AUDIT_GENESIS.to_owned()), |e| (e.seq, e.sha256.clone()));
+        out.push(outpost_protocol::AuditRecord::after(
+            seq,
+            &prev,
+            100 + i,
+            "job.accepted",
+            &format!("job {i}"),
+        ));
+    }
+    out
+}
+
+async fn node_audit_logs_only_grow_link_by_link(s: &dyn StateStore) {
+    let chain = audit_chain(6);
+    let got = s.append_node_audit("na", chain[..3].to_vec()).await.expect("append");
+    assert_eq!((got.stored, got.up_to_seq, got.refused), (3, 3, None));
+    // Overlapping (entries 2..=4): only entry 4 is new.
+    let got = s.append_node_audit("na", chain[1..4].to_vec()).await.expect("append");
+    assert_eq!((got.stored, got.up_to_seq, got.refused), (1, 4, None));
+    // A gap (entry 6 without 5) stores nothing and says which are missing.
+    let got = s.append_node_audit("na", chain[5..].to_vec()).await.expect("append");
+    assert_eq!((got.stored, got.up_to_seq), (0, 4));
+    assert!(got.refused.as_deref().is_some_and(|w| w.contains("5..5 are missing")), "{got:?}");
+    // An edited entry 5 stores nothing either.
+    let mut edited = chain[4..].to_vec();
+    edited[0].detail = "something else".into();
+    let got = s.append_node_audit("na", edited).await.expect("append");
+    assert_eq!(got.stored, 0);
+    assert!(got.refused.as_deref().is_some_and(|w| w.contains("entry 5 was modified")), "{got:?}");
+    // A rewritten copy of a stored entry is found too.
+    let mut rewritten = chain[3..5].to_vec();
+    rewritten[0].sha256 = "f".repeat(64);
+    let got = s.append_node_audit("na", rewritten).await.expect("append");
+    assert!(got.refused.as_deref().is_some_and(|w| w.contains("was rewritten")), "{got:?}");
+    let got = s.append_node_audit("na", chain[4..].to_vec()).await.expect("append");
+    assert_eq!((got.stored, got.up_to_seq, got.refused), (2, 6, None));
+    let stored = s.node_audit("na", 0, 100).await.expect("list");
+    assert_eq!(stored, chain);
+    assert_eq!(s.node_audit("na", 4, 1).await.expect("list"), chain[4..5].to_vec());
+    assert!(s.node_audit("other", 0, 100).await.expect("list").is_empty(), "per node");
+}
+
 async fn contract(s: &dyn StateStore) {
     tokens_are_one_time_and_expire(s).await;
     queued_jobs_are_offered_until_acknowledged(s).await;
@@ -388,6 +434,7 @@ async fn contract(s: &dyn StateStore) {
     operator_labels_are_set_and_removed(s).await;
     a_reassigned_job_fences_its_old_attempt(s).await;
     cancels_end_queued_jobs_and_ask_nodes_for_the_rest(s).await;
+    node_audit_logs_only_grow_link_by_link(s).await;
 }
 
 #[tokio::test]
@@ -425,4 +472,7 @@ async fn the_sled_store_keeps_everything_across_a_reopen() {
     assert_eq!(s.get_node("nl").await.expect("get").expect("nl").operator_labels.len(), 1);
     assert_eq!(s.get_job("h1").await.expect("get").expect("h1").info.superseded.len(), 1);
     assert_eq!(s.pending_cancels("nc", 10).await.expect("cancels").len(), 2, "pending cancels survive");
+    assert_eq!(s.node_audit("na", 0, 100).await.expect("audit").len(), 6, "a node's audit log survives");
+    let more = audit_chain(7).pop().expect("entry 7");
+    assert_eq!(s.append_node_audit("na", vec![more]).await.expect("append").up_to_seq, 7, "its head too");
 }

@@ -38,6 +38,8 @@ struct Inner {
     node_services: BTreeMap<String, super::NodeServiceRecord>,
     /// node → its last stored service report seq.
     service_report_last: HashMap<String, u64>,
+    /// (node, seq) → the node's audit entry.
+    node_audit: BTreeMap<(String, u64), outpost_protocol::AuditRecord>,
 }
 
 #[derive(Default)]
@@ -328,6 +330,50 @@ impl StateStore for MemoryStore {
                 }
             }
             Ok(())
+        })
+    }
+
+    fn append_node_audit(
+        &self,
+        node_id: &str,
+        entries: Vec<outpost_protocol::AuditRecord>,
+    ) -> StoreFuture<'_, super::NodeAuditOutcome> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            let head = inner
+                .node_audit
+                .range((node_id.clone(), 0)..=(node_id.clone(), u64::MAX))
+                .next_back()
+                .map(|(_, e)| (e.seq, e.sha256.clone()))
+                .unwrap_or((0, outpost_protocol::AUDIT_GENESIS.to_owned()));
+            match super::continue_node_audit((head.0, &head.1), entries) {
+                Err(why) => Ok(super::NodeAuditOutcome { stored: 0, up_to_seq: head.0, refused: Some(why) }),
+                Ok(fresh) => {
+                    let up_to_seq = fresh.last().map_or(head.0, |e| e.seq);
+                    let stored = fresh.len() as u32;
+                    for e in fresh {
+                        inner.node_audit.insert((node_id.clone(), e.seq), e);
+                    }
+                    Ok(super::NodeAuditOutcome { stored, up_to_seq, refused: None })
+                }
+            }
+        })
+    }
+
+    fn node_audit(
+        &self,
+        node_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<outpost_protocol::AuditRecord>> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            Ok(inner
+                .node_audit
+                .range((node_id.clone(), after_seq.saturating_add(1))..=(node_id, u64::MAX))
+                .take(limit)
+                .map(|(_, e)| e.clone())
+                .collect())
         })
     }
 

@@ -227,6 +227,46 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// What appending to a node's audit log did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAuditOutcome {
+    /// Entries stored now.
+    pub stored: u32,
+    /// The seq up to which the node's log is stored (whole, from its first entry).
+    pub up_to_seq: u64,
+    /// Why nothing was stored: the entries do not continue the stored chain.
+    pub refused: Option<String>,
+}
+
+/// The entries of `entries` after the stored head `(seq, sha256)`, checked to continue the
+/// chain from it; `Err` says where they do not. Entries at or below the head are dropped, once
+/// the head's own hash (when the batch holds it) agrees with what is stored.
+pub(crate) fn continue_node_audit(
+    head: (u64, &str),
+    entries: Vec<outpost_protocol::AuditRecord>,
+) -> Result<Vec<outpost_protocol::AuditRecord>, String> {
+    let (seq, sha) = head;
+    if let Some(same) = entries.iter().find(|e| e.seq == seq)
+        && same.sha256 != sha
+    {
+        return Err(format!(
+            "audit entry {seq} differs from the copy stored before: the node's log was rewritten"
+        ));
+    }
+    let fresh: Vec<_> = entries.into_iter().filter(|e| e.seq > seq).collect();
+    if let Some(first) = fresh.first()
+        && first.seq > seq + 1
+    {
+        return Err(format!(
+            "audit entries {}..{} are missing: they are in a results bundle not imported yet; import it first",
+            seq + 1,
+            first.seq - 1
+        ));
+    }
+    outpost_protocol::check_audit_chain(seq, sha, &fresh)?;
+    Ok(fresh)
+}
+
 /// What storing a node's batch of events did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventsOutcome {
@@ -397,6 +437,21 @@ pub trait StateStore: Send + Sync + 'static {
         node_id: &str,
         reports: Vec<outpost_protocol::ServiceReport>,
     ) -> StoreFuture<'_, u64>;
+
+    /// Appends what of `entries` continues the node's stored audit log (see
+    /// [`continue_node_audit`]), atomically; a batch that does not continue it stores nothing.
+    fn append_node_audit(
+        &self,
+        node_id: &str,
+        entries: Vec<outpost_protocol::AuditRecord>,
+    ) -> StoreFuture<'_, NodeAuditOutcome>;
+    /// The node's stored audit entries after `after_seq`, in order, at most `limit`.
+    fn node_audit(
+        &self,
+        node_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<outpost_protocol::AuditRecord>>;
 
     /// Stores a node's events atomically: an event whose (node, seq) is stored already is a
     /// duplicate and not stored again; each new one gets the next global cursor.

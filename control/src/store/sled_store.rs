@@ -55,10 +55,14 @@ pub struct SledStore {
     deployments: sled::Tree,
     /// `node_id \0 service` → `NodeServiceRecord`.
     node_services: sled::Tree,
+    /// `node_id \0 seq (big endian)` → the node's audit entry.
+    node_audit: sled::Tree,
 }
 
 /// Followed by the node id: the node's last stored service report seq (in `meta`).
 const SERVICE_REPORT_LAST_PREFIX: &[u8] = b"service_report_last\0";
+/// `meta` key prefix of a node's stored audit head (seq and hash, JSON).
+const NODE_AUDIT_HEAD_PREFIX: &[u8] = b"node_audit_head\0";
 
 impl SledStore {
     /// Opens (or creates) the database in `dir`. Fails when another process holds it.
@@ -97,6 +101,7 @@ impl SledStore {
             any_open: tree("any_open")?,
             deployments: tree("deployments")?,
             node_services: tree("node_services")?,
+            node_audit: tree("node_audit")?,
             db,
         })
     }
@@ -596,6 +601,76 @@ impl StateStore for SledStore {
                 self.flush().await?;
             }
             Ok(())
+        })
+    }
+
+    fn append_node_audit(
+        &self,
+        node_id: &str,
+        entries: Vec<outpost_protocol::AuditRecord>,
+    ) -> StoreFuture<'_, super::NodeAuditOutcome> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let mut head_key = NODE_AUDIT_HEAD_PREFIX.to_vec();
+            head_key.extend_from_slice(node_id.as_bytes());
+            let outcome = (&self.meta, &self.node_audit).transaction(|(meta, audit)| {
+                let head: (u64, String) = match meta.get(&head_key)? {
+                    Some(b) => decode("node audit head", &b).map_err(abort)?,
+                    None => (0, outpost_protocol::AUDIT_GENESIS.to_owned()),
+                };
+                let fresh = match super::continue_node_audit((head.0, &head.1), entries.clone()) {
+                    Ok(fresh) => fresh,
+                    Err(why) => {
+                        return Ok(super::NodeAuditOutcome {
+                            stored: 0,
+                            up_to_seq: head.0,
+                            refused: Some(why),
+                        });
+                    }
+                };
+                let Some(last) = fresh.last() else {
+                    return Ok(super::NodeAuditOutcome { stored: 0, up_to_seq: head.0, refused: None });
+                };
+                let new_head = (last.seq, last.sha256.clone());
+                for e in &fresh {
+                    let mut key = queued_prefix(&node_id);
+                    key.extend_from_slice(&e.seq.to_be_bytes());
+                    audit.insert(key, encode(e).map_err(abort)?)?;
+                }
+                meta.insert(head_key.as_slice(), encode(&new_head).map_err(abort)?)?;
+                Ok(super::NodeAuditOutcome {
+                    stored: fresh.len() as u32,
+                    up_to_seq: new_head.0,
+                    refused: None,
+                })
+            });
+            let outcome = settle(outcome)?;
+            if outcome.stored > 0 {
+                self.flush().await?;
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn node_audit(
+        &self,
+        node_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<outpost_protocol::AuditRecord>> {
+        let mut from = queued_prefix(node_id);
+        let mut to = from.clone();
+        from.extend_from_slice(&after_seq.saturating_add(1).to_be_bytes());
+        to.extend_from_slice(&u64::MAX.to_be_bytes());
+        Box::pin(async move {
+            self.node_audit
+                .range(from..=to)
+                .take(limit)
+                .map(|item| {
+                    let (k, v) = item.map_err(backend)?;
+                    decode(&String::from_utf8_lossy(&k), &v)
+                })
+                .collect()
         })
     }
 

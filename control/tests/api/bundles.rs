@@ -24,6 +24,7 @@ fn request(nodes: &[&str]) -> BundleRequest {
             label: "img.tar".into(),
         }],
         jobs: vec![spec().into()],
+        deployments: Vec::new(),
         expires_in_secs: Some(3600),
     }
 }
@@ -130,6 +131,9 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
         results: vec![succeeded(&job_id, "carried by hand\n")],
         events: Vec::new(),
         service_reports: Vec::new(),
+        service_acks: Vec::new(),
+        heartbeat: None,
+        audit: Vec::new(),
     };
     let signed = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &payload);
     let (status, body) = op_post(&server, paths::BUNDLE_RESULTS, &signed).await;
@@ -186,6 +190,26 @@ async fn results_from_a_bundle_are_stored_once_and_acknowledged_only_for_their_o
     assert_eq!(op_post(&server, paths::BUNDLE_RESULTS, &tampered).await.0, StatusCode::FORBIDDEN);
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn audit_chain(n: u64) -> Vec<outpost_protocol::AuditRecord> {
+    let mut out: Vec<outpost_protocol::AuditRecord> = Vec::new();
+    for i in 0..n {
+        let (seq, prev) =
+            out.last().map_or((0, outpost_protocol::AUDIT_GENESIS.to_owned()), |e| (e.seq, e.sha256.clone()));
+        out.push(outpost_protocol::AuditRecord::after(
+            seq,
+            &prev,
+            10 + i,
+            "job.accepted",
+            &format!("job {i}"),
+        ));
+    }
+    out
+}
+
 #[tokio::test]
 async fn relay_events_and_service_reports_from_a_bundle_are_stored_once_and_acknowledged_by_seq() {
     let server = TestServer::start().await.expect("server");
@@ -209,13 +233,25 @@ async fn relay_events_and_service_reports_from_a_bundle_are_stored_once_and_ackn
         bundle_id: "r-events".into(),
         node_id: node.id().to_owned(),
         org_id: org.clone(),
-        created_unix_ms: 1,
+        created_unix_ms: now_ms(),
         results: Vec::new(),
         events: vec![
             super::support::object_event(2, "in/b.json"),
             super::support::object_event(1, "in/a.json"),
         ],
         service_reports: vec![report],
+        service_acks: vec![outpost_protocol::ServiceAck { service: "web".into(), seq: 7 }],
+        heartbeat: Some(outpost_protocol::Heartbeat {
+            agent_version: "0.0.0-test".into(),
+            inventory: Default::default(),
+            running_jobs: 0,
+            outbox_depth: 0,
+            relay: None,
+            models: Vec::new(),
+            labels: [("ward".to_owned(), "b".to_owned())].into_iter().collect(),
+            announce: Some(outpost_protocol::Announce::this_build()),
+        }),
+        audit: audit_chain(3),
     };
     let signed = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &payload);
     for round in 0..2 {
@@ -228,10 +264,122 @@ async fn relay_events_and_service_reports_from_a_bundle_are_stored_once_and_ackn
             serde_json::from_str(got.ack.parts[0].as_ref().expect("ack")).expect("envelope");
         let ack: ResultsAck = serde_json::from_str(&verify(&node, &env)).expect("ack");
         assert_eq!((ack.events_up_to_seq, ack.service_reports_up_to_seq), (2, 1));
+        assert_eq!((got.audit_stored, got.audit_up_to_seq), (if round == 0 { 3 } else { 0 }, 3));
+        assert_eq!(ack.audit_up_to_seq, 3);
+        assert_eq!(ack.service_acks, payload.service_acks, "the node's acknowledgements are echoed");
     }
+    // The node's audit log is kept, link by link; a bundle that skips entries adds none.
+    let log = op.node_audit(node.id(), 0).await.expect("node audit");
+    assert_eq!(log.entries, payload.audit);
+    let mut gap = payload.clone();
+    gap.bundle_id = "r-gap".into();
+    gap.audit = audit_chain(6)[4..].to_vec();
+    let signed_gap = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &gap);
+    let (status, body) = op_post(&server, paths::BUNDLE_RESULTS, &signed_gap).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let got: ResultsImport = serde_json::from_value(body).expect("ResultsImport");
+    assert_eq!((got.audit_stored, got.audit_up_to_seq), (0, 3));
+    assert!(
+        got.refused.iter().any(|(what, why)| what == "audit" && why.contains("4..4 are missing")),
+        "{got:?}"
+    );
+    // The node's description came with it (a bundle from before an online heartbeat would not).
+    let listed = op.node(node.id()).await.expect("node");
+    assert_eq!(listed.effective_labels().get("ward").map(String::as_str), Some("b"));
     let q =
         outpost_control::client::EventsQuery { node_id: Some(node.id().to_owned()), ..Default::default() };
     let listed = op.events(&q).await.expect("events");
     let keys: Vec<&str> = listed.events.iter().map(|e| e.event.key.as_str()).collect();
     assert_eq!(keys, ["in/a.json", "in/b.json"]);
+}
+
+/// A deployment travels as the desired state its rollout signed for each target node: for a
+/// node enrolled offline (its request's facts announce what its agent runs) the rollout reaches
+/// it without waiting, since an offline node never holds a batch; a node whose agent has not
+/// said it runs services gets no bundle, and the error says why.
+#[tokio::test]
+async fn a_deployment_travels_as_the_desired_state_signed_for_each_node() {
+    use outpost_protocol::{BatchSize, DeployRequest, RolloutPolicy, ServiceEnvelope};
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org, token) = org_and_token(&server).await;
+    let mute = TestNode::enroll(&server, &token).await;
+    let (csr_pem, _) = super::support::csr();
+    let hb = outpost_protocol::Heartbeat {
+        agent_version: "test".into(),
+        inventory: Default::default(),
+        running_jobs: 0,
+        outbox_depth: 0,
+        relay: None,
+        models: Vec::new(),
+        labels: [("site".to_owned(), "icu".to_owned())].into_iter().collect(),
+        announce: Some(outpost_protocol::Announce::this_build()),
+    };
+    let params = outpost_protocol::OfflineEnrollParams {
+        request: outpost_protocol::OfflineEnrollRequest {
+            format: outpost_protocol::OFFLINE_FORMAT,
+            request_id: "00112233445566778899aabbccddeeff".into(),
+            csr_pem,
+            hostname: "air.test".into(),
+            agent_version: "test".into(),
+            created_unix_ms: now_ms(),
+            heartbeat: Some(hb),
+        },
+        control_url: String::new(),
+    };
+    let signed = op.enroll_offline(&org, &params).await.expect("offline enrollment");
+    let air: outpost_protocol::OfflineEnrollment = serde_json::from_str(&signed.payload).expect("payload");
+    let air_id = air.enrollment.node_id;
+    let spec = serde_json::from_value(serde_json::json!({
+        "image": format!("sha256:{}", "cd".repeat(32)),
+        "command": ["sh", "-c", "sleep 3600"],
+    }))
+    .expect("spec");
+    let deploy = DeployRequest {
+        name: "viewer".into(),
+        org_id: org.clone(),
+        selector: "site=icu".into(),
+        service: None,
+        spec,
+        priority: 0,
+        rollout: RolloutPolicy {
+            batch: BatchSize::Nodes(1),
+            health_timeout_secs: 30,
+            abort_on_failures: 1,
+            max_unavailable: None,
+        },
+    };
+    op.deploy(&org, &deploy).await.expect("deploy");
+
+    let req = BundleRequest {
+        nodes: vec![air_id.clone()],
+        selector: None,
+        files: Vec::new(),
+        jobs: Vec::new(),
+        deployments: vec!["viewer".into()],
+        expires_in_secs: None,
+    };
+    let made = bundle(&server, &org, &req).await;
+    let m: BundleManifest = serde_json::from_str(&made.manifest.payload).expect("manifest");
+    assert_eq!(m.parts.len(), 1, "{m:?}");
+    assert_eq!((m.parts[0].kind, m.parts[0].node_id.as_deref()), (PartKind::Service, Some(air_id.as_str())));
+    let env: SignedEnvelope = serde_json::from_str(made.parts[0].as_ref().expect("made")).expect("envelope");
+    assert_eq!(env.key_id, air.enrollment.org_signing_key.key_id);
+    let desired: ServiceEnvelope = serde_json::from_str(&env.payload).expect("service envelope");
+    assert_eq!(
+        (desired.node_id.as_str(), desired.deployment.as_str(), desired.revision),
+        (air_id.as_str(), "viewer", 1)
+    );
+    assert!(desired.spec.is_some());
+
+    // The online-enrolled node never announced services: no desired state, and why.
+    let mut other = req.clone();
+    other.nodes = vec![mute.id().to_owned()];
+    let (status, body) = op_post(&server, &paths::fill(paths::ORG_BUNDLES, "org_id", &org), &other).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.to_string().contains("no_desired_state"), "{body}");
+    let mut unknown = req.clone();
+    unknown.deployments = vec!["nope".into()];
+    let (status, _) = op_post(&server, &paths::fill(paths::ORG_BUNDLES, "org_id", &org), &unknown).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

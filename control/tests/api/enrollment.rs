@@ -114,6 +114,16 @@ fn offline_request(id: &str) -> outpost_protocol::OfflineEnrollRequest {
         hostname: "air-1.test".into(),
         agent_version: "0.0.0-test".into(),
         created_unix_ms: 1,
+        heartbeat: Some(outpost_protocol::Heartbeat {
+            agent_version: "0.0.0-test".into(),
+            inventory: Default::default(),
+            running_jobs: 0,
+            outbox_depth: 0,
+            relay: None,
+            models: Vec::new(),
+            labels: [("site".to_owned(), "icu".to_owned())].into_iter().collect(),
+            announce: Some(outpost_protocol::Announce::this_build()),
+        }),
     }
 }
 
@@ -135,6 +145,18 @@ async fn an_offline_request_enrolls_its_node_once_and_the_file_is_signed_by_the_
     assert_eq!(signed.key_id, e.org_signing_key.key_id, "signed by the org key it carries");
     let listed = op.node(&e.node_id).await.expect("node listed");
     assert_eq!(listed.hostname, "air-1.test");
+    // Its facts stand for a first heartbeat: selectors and deployments see it, offline.
+    assert!(listed.announce().has(outpost_protocol::capability::SERVICES));
+    assert!(listed.last_seen_unix_ms.is_none(), "never seen online");
+    let icu = op.nodes(Some("site=icu"), Some(&org_id)).await.expect("nodes");
+    assert_eq!(icu.nodes.iter().map(|n| n.node_id.as_str()).collect::<Vec<_>>(), [e.node_id.as_str()]);
+    let mut bad_labels = params.clone();
+    bad_labels.request.request_id = "abcdefabcdefabcdefabcdefabcdef00".into();
+    if let Some(hb) = bad_labels.request.heartbeat.as_mut() {
+        hb.labels.insert("not a key!".into(), "x".into());
+    }
+    let refused = op.enroll_offline(&org_id, &bad_labels).await.expect_err("bad labels");
+    assert!(refused.to_string().contains("bad_labels"), "{refused}");
 
     let again = op.enroll_offline(&org_id, &params).await.expect_err("a request is usable once");
     assert!(again.to_string().contains("request_used"), "{again}");

@@ -148,9 +148,15 @@ impl<R: Runtime> Agent<R> {
         if !req.out.is_absolute() {
             return Err("the results bundle's path must be absolute".into());
         }
-        let exported =
-            bundle::results::export(&self.cfg, &self.identity, &self.ledger, &req.out, now_unix_ms())
-                .map_err(|e| e.to_string())?;
+        let exported = bundle::results::export(
+            &self.cfg,
+            &self.identity,
+            &self.ledger,
+            &req.out,
+            now_unix_ms(),
+            req.since.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
         tracing::info!(out = %req.out.display(), results = exported.results.len(), "results bundle written");
         Ok(exported)
     }

@@ -59,15 +59,8 @@ impl<R: Runtime> Agent<R> {
             };
             let depths = self.ledger.depths().unwrap_or_default();
             let hb = Heartbeat {
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-                inventory: inventory::collect(runtime.as_ref()),
-                running_jobs: depths.running as u32,
-                outbox_depth: depths.outbox,
                 relay: self.relay.as_ref().and_then(|r| r.metrics().ok()).map(Into::into),
-                // A handful of small manifest files: cheap enough to read every time.
-                models: crate::models::ModelStore::new(self.cfg.models_dir()).summaries(),
-                labels: self.cfg.node.labels.clone(),
-                announce: Some(outpost_protocol::Announce::this_build()),
+                ..inventory::heartbeat(&self.cfg, runtime.as_ref(), depths)
             };
             tokio::select! {
                 r = self.uplink.heartbeat(&hb) => match r {

@@ -96,6 +96,9 @@ pub struct Applied {
     pub events_acknowledged: usize,
     #[serde(default)]
     pub service_reports_acknowledged: bool,
+    /// The node's audit log is stored on the control plane up to this seq (0: not told).
+    #[serde(default)]
+    pub audit_acknowledged_up_to: u64,
 }
 
 /// What applying needs of the node.
@@ -215,6 +218,12 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
                         .delivered(ack.service_reports_up_to_seq)
                         .map_err(|e| store_err(&part.name, e))?;
                     out.service_reports_acknowledged = true;
+                }
+                node.services.acked(&ack.service_acks).map_err(|e| store_err(&part.name, e))?;
+                if ack.audit_up_to_seq > 0 {
+                    super::results::audit_acknowledged(store.as_ref(), ack.audit_up_to_seq)
+                        .map_err(|e| store_err(&part.name, e))?;
+                    out.audit_acknowledged_up_to = out.audit_acknowledged_up_to.max(ack.audit_up_to_seq);
                 }
             }
         }

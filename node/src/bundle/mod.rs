@@ -113,6 +113,9 @@ pub fn check_free_space(dir: &Path, needed: u64) -> Result<(), BundleError> {
 pub struct ExportRequest {
     /// Absolute path of the results bundle to write.
     pub out: PathBuf,
+    /// Only what no earlier export carried (`last`, or the last export's id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
 }
 
 /// Told the bytes verified so far.

@@ -1,0 +1,120 @@
+//! A node's audit log as it travels: each entry carries the SHA-256 of the one before it, so an
+//! entry edited, removed or moved breaks the chain wherever it is checked (on the node, and on
+//! the control plane that keeps a copy).
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The `prev_sha256` of the first entry.
+pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One entry of a node's hash-chained audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecord {
+    /// 1 for the first entry, then one more for each.
+    pub seq: u64,
+    pub unix_ms: u64,
+    pub action: String,
+    pub detail: String,
+    /// `sha256` of the entry before ([`AUDIT_GENESIS`] for the first).
+    pub prev_sha256: String,
+    /// [`AuditRecord::digest`] of this entry's other fields.
+    pub sha256: String,
+}
+
+impl AuditRecord {
+    /// SHA-256 over the length-prefixed seq, time, action, detail and previous hash.
+    pub fn digest(seq: u64, unix_ms: u64, action: &str, detail: &str, prev_sha256: &str) -> String {
+        let mut h = Sha256::new();
+        for part in [seq.to_string().as_str(), unix_ms.to_string().as_str(), action, detail, prev_sha256] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// A new entry after the one whose seq and hash are given (`0` and [`AUDIT_GENESIS`]: first).
+    pub fn after(prev_seq: u64, prev_sha256: &str, unix_ms: u64, action: &str, detail: &str) -> Self {
+        let seq = prev_seq + 1;
+        Self {
+            seq,
+            unix_ms,
+            action: action.to_owned(),
+            detail: detail.to_owned(),
+            sha256: Self::digest(seq, unix_ms, action, detail, prev_sha256),
+            prev_sha256: prev_sha256.to_owned(),
+        }
+    }
+}
+
+/// Operator: a page of a node's audit log, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NodeAuditList {
+    pub node_id: String,
+    pub entries: Vec<AuditRecord>,
+}
+
+/// Checks that `entries` continue the chain after the entry `prev_seq` whose hash is
+/// `prev_sha256` (`0` and [`AUDIT_GENESIS`] for a chain from its start), each following the
+/// one before; `Err` names the first entry that does not fit and why.
+pub fn check_audit_chain(prev_seq: u64, prev_sha256: &str, entries: &[AuditRecord]) -> Result<(), String> {
+    let (mut seq, mut prev) = (prev_seq, prev_sha256.to_owned());
+    for e in entries {
+        if e.seq != seq + 1 {
+            return Err(format!("audit entry {} is missing (found seq {} in its place)", seq + 1, e.seq));
+        }
+        if e.prev_sha256 != prev {
+            return Err(format!("audit entry {} does not follow entry {seq}: the chain was edited", e.seq));
+        }
+        if AuditRecord::digest(e.seq, e.unix_ms, &e.action, &e.detail, &e.prev_sha256) != e.sha256 {
+            return Err(format!("audit entry {} was modified after it was written", e.seq));
+        }
+        seq = e.seq;
+        prev = e.sha256.clone();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: u64) -> Vec<AuditRecord> {
+        let mut out: Vec<AuditRecord> = Vec::new();
+        for i in 0..n {
+            let (seq, prev) = out.last().map_or((0, AUDIT_GENESIS.to_owned()), |e| (e.seq, e.sha256.clone()));
+            out.push(AuditRecord::after(seq, &prev, 1000 + i, "job.accepted", &format!("job {i}")));
+        }
+        out
+    }
+
+    #[test]
+    fn a_whole_chain_checks_and_so_does_its_tail() {
+        let c = chain(5);
+        assert_eq!(check_audit_chain(0, AUDIT_GENESIS, &c), Ok(()));
+        assert_eq!(check_audit_chain(2, &c[1].sha256, &c[2..]), Ok(()));
+    }
+
+    #[test]
+    fn edited_removed_and_reordered_entries_are_found() {
+        let c = chain(5);
+        let mut edited = c.clone();
+        edited[2].detail = "nothing happened".into();
+        let err = check_audit_chain(0, AUDIT_GENESIS, &edited).expect_err("edited");
+        assert!(err.contains("entry 3 was modified"), "{err}");
+        let mut removed = c.clone();
+        removed.remove(1);
+        let err = check_audit_chain(0, AUDIT_GENESIS, &removed).expect_err("removed");
+        assert!(err.contains("entry 2 is missing"), "{err}");
+        let mut reordered = c.clone();
+        reordered.swap(1, 2);
+        assert!(check_audit_chain(0, AUDIT_GENESIS, &reordered).is_err());
+        // A tail that does not follow what the checker holds.
+        let err = check_audit_chain(2, &c[0].sha256, &c[2..]).expect_err("wrong link");
+        assert!(err.contains("does not follow entry 2"), "{err}");
+    }
+}
