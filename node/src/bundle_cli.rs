@@ -322,6 +322,12 @@ fn print_outcome(o: &Outcome) {
             for (s, what) in &a.services {
                 println!("  service         {s}: {what}");
             }
+            if let Some(path) = &a.config {
+                println!(
+                    "  configuration   written to {path}; it applies when the agent next starts (e.g. `systemctl \
+                     restart outpost`), under this node's own files, which win"
+                );
+            }
             if a.results_acknowledged > 0 {
                 println!("  {} result(s) acknowledged: cleared from the outbox", a.results_acknowledged);
             }

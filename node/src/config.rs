@@ -10,6 +10,38 @@ use serde::{Deserialize, Serialize};
 /// Where the base file is looked for when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/outpost/config.toml";
 
+/// The configuration the last bundle brought, in the data directory.
+pub const BUNDLE_CONFIG_FILE: &str = "bundle-config.toml";
+
+/// The top-level tables a bundle's configuration may set: what the node says about itself
+/// (`node`), how much work it takes (`agent`), what its relay watches (`relay`) and how it
+/// serves models (`inference`). Never where it keeps data, whom it talks to, what may leave the
+/// site, which services may publish, what it trusts or the log: those stay the site's own.
+pub const BUNDLE_CONFIG_KEYS: &[&str] = outpost_protocol::BUNDLE_CONFIG_KEYS;
+
+/// Parses a bundle's configuration part and checks it names only [`BUNDLE_CONFIG_KEYS`].
+pub fn parse_bundle_config(text: &str) -> Result<toml::Table, String> {
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| format!("not TOML: {}", e.message()))?;
+    check_bundle_table(&table)?;
+    Ok(table)
+}
+
+fn check_bundle_table(table: &toml::Table) -> Result<(), String> {
+    for (k, v) in table {
+        if !BUNDLE_CONFIG_KEYS.contains(&k.as_str()) {
+            return Err(format!(
+                "a bundle may not set `{k}` (only {}: the rest of the configuration is the site's own)",
+                BUNDLE_CONFIG_KEYS.join(", ")
+            ));
+        }
+        if !v.is_table() {
+            return Err(format!("`{k}` must be a table"));
+        }
+    }
+    Ok(())
+}
+
 /// Environment variables that override a config key (and nothing else is read from the env).
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("OUTPOST_PROFILE", "profile"),
@@ -68,6 +100,9 @@ pub struct Config {
     /// Inference: model memory budget, request queue, local endpoint (see docs/inference.md).
     #[serde(default)]
     pub inference: crate::inference::InferenceSettings,
+    /// The base file given with `--config` (none: the default path); not a key.
+    #[serde(skip)]
+    pub base_file: Option<PathBuf>,
 }
 
 /// The node's own description of itself.
@@ -382,14 +417,33 @@ impl Config {
     }
 
     pub fn load_with_env(path: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Loaded, ConfigError> {
+        Self::load_layers(path, env, None)
+    }
+
+    /// Loads as [`Config::load_with_env`] would with `bundle` (a bundle's configuration part)
+    /// in place of the one the node holds: whether the node would start with it.
+    pub fn load_with_bundle(
+        path: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        bundle: toml::Table,
+    ) -> Result<Loaded, ConfigError> {
+        Self::load_layers(path, env, Some(bundle))
+    }
+
+    /// Layers, each over the one before: the base file; the configuration the last bundle
+    /// brought (`data_dir/bundle-config.toml`, only [`BUNDLE_CONFIG_KEYS`]); `config.d/*.toml`
+    /// in name order; the environment. Local files and the environment always win.
+    fn load_layers(
+        path: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        bundle_override: Option<toml::Table>,
+    ) -> Result<Loaded, ConfigError> {
         let explicit = path.is_some();
         let base = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-        let mut merged = toml::Table::new();
-        let mut sources = Vec::new();
+        let mut local: Vec<(String, toml::Table)> = Vec::new();
 
         if base.exists() || explicit {
-            merge(&mut merged, read_table(&base)?);
-            sources.push(base.display().to_string());
+            local.push((base.display().to_string(), read_table(&base)?));
         }
         let dropins = base.parent().map(|p| p.join("config.d"));
         if let Some(dir) = dropins.filter(|d| d.is_dir()) {
@@ -400,21 +454,68 @@ impl Config {
                 .collect();
             files.sort();
             for f in files {
-                merge(&mut merged, read_table(&f)?);
-                sources.push(f.display().to_string());
+                local.push((f.display().to_string(), read_table(&f)?));
             }
         }
+        let mut env_layer = toml::Table::new();
+        let mut env_sources = Vec::new();
         for (var, key) in ENV_OVERRIDES {
             if let Some(value) = env.get(*var) {
-                set_dotted(&mut merged, key, env_value(value));
-                sources.push(format!("${var}"));
+                set_dotted(&mut env_layer, key, env_value(value));
+                env_sources.push(format!("${var}"));
             }
+        }
+        let stack = |bundle: Option<(String, toml::Table)>| {
+            let mut merged = toml::Table::new();
+            let mut sources = Vec::new();
+            let mut layers = local.iter().cloned();
+            if (explicit || base.exists())
+                && let Some((source, table)) = layers.next()
+            {
+                merge(&mut merged, table);
+                sources.push(source);
+            }
+            if let Some((source, table)) = bundle {
+                merge(&mut merged, table);
+                sources.push(source);
+            }
+            for (source, table) in layers {
+                merge(&mut merged, table);
+                sources.push(source);
+            }
+            merge(&mut merged, env_layer.clone());
+            sources.extend(env_sources.iter().cloned());
+            (merged, sources)
+        };
+        let (mut merged, mut sources) = stack(None);
+        // Where the data directory is decides whether a bundle's configuration applies.
+        let data_dir = merged
+            .get("data_dir")
+            .and_then(toml::Value::as_str)
+            .map(PathBuf::from)
+            .unwrap_or_else(default_data_dir);
+        let bundle_file = data_dir.join(BUNDLE_CONFIG_FILE);
+        let bundle = match bundle_override {
+            Some(table) => Some(("(the bundle's configuration)".to_owned(), table)),
+            None if bundle_file.is_file() => {
+                let table = read_table(&bundle_file)?;
+                check_bundle_table(&table).map_err(|message| ConfigError::Invalid {
+                    sources: bundle_file.display().to_string(),
+                    message,
+                })?;
+                Some((format!("{} (from a bundle)", bundle_file.display()), table))
+            }
+            None => None,
+        };
+        if bundle.is_some() {
+            (merged, sources) = stack(bundle);
         }
         let describe = if sources.is_empty() { "built-in defaults".to_string() } else { sources.join(", ") };
         let config: Config = toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| {
             ConfigError::Invalid { sources: describe.clone(), message: e.message().to_string() }
         })?;
         config.validate().map_err(|message| ConfigError::Invalid { sources: describe, message })?;
+        let config = Config { base_file: path.map(Path::to_path_buf), ..config };
         Ok(Loaded { config, sources })
     }
 

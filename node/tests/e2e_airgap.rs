@@ -132,6 +132,8 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
 
     let bundle = tmp.path().join("site.bundle");
     let job = job_file(tmp.path(), "job", "echo carried-by-hand");
+    let site_config = tmp.path().join("site.toml");
+    std::fs::write(&site_config, "[node]\nlabels = { site = \"icu\", ward = \"7\" }\n").expect("write");
     let job_id = build(
         &control,
         &org.id,
@@ -143,6 +145,8 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
             job.to_str().expect("utf8"),
             "--deployment",
             "web",
+            "--config",
+            site_config.to_str().expect("utf8"),
         ],
         &bundle,
     );
@@ -157,6 +161,23 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     assert!(!out.status.success(), "a truncated bundle was imported: {}", text(&out));
     assert!(text(&out).contains("nothing changed"), "{}", text(&out));
 
+    // A configuration the node would not start with is refused before anything changes.
+    let bad_config = tmp.path().join("bad.toml");
+    std::fs::write(&bad_config, "[agent]\nmax_concurrent_jobs = 0\n").expect("write");
+    let bad = tmp.path().join("bad-config.bundle");
+    build(&control, &org.id, &node.node_id, &["--config", bad_config.to_str().expect("utf8")], &bad);
+    let out = node.cli(&["bundle", "import", bad.to_str().expect("utf8")]);
+    assert!(!out.status.success() && text(&out).contains("would not load"), "{}", text(&out));
+    assert!(text(&out).contains("nothing changed"), "{}", text(&out));
+    let foreign = tmp.path().join("foreign.toml");
+    std::fs::write(&foreign, "[egress]\nallow_logs = true\n").expect("write");
+    let never = tmp.path().join("never.bundle");
+    let (never, foreign) = (never.to_str().expect("utf8"), foreign.to_str().expect("utf8"));
+    let args =
+        ["bundle", "build", "--org", &org.id, "--node", &node.node_id, "--out", never, "--config", foreign];
+    let out = operator(&control, &args);
+    assert!(!out.status.success() && text(&out).contains("is the site's own"), "{}", text(&out));
+
     // Inspect verifies everything and changes nothing; import applies it.
     let out = node.cli(&["bundle", "inspect", bundle.to_str().expect("utf8")]);
     assert!(out.status.success(), "inspect: {}", text(&out));
@@ -165,6 +186,13 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     assert!(out.status.success(), "import: {}", text(&out));
     assert!(text(&out).contains(&format!("job accepted    {job_id}")), "{}", text(&out));
     assert!(text(&out).contains("service         web revision 1"), "{}", text(&out));
+    assert!(text(&out).contains("configuration   written"), "{}", text(&out));
+    let merged = node.cli(&["check-config"]);
+    assert!(
+        text(&merged).contains("(from a bundle)") && text(&merged).contains("ward = \"7\""),
+        "{}",
+        text(&merged)
+    );
     let again = node.cli(&["bundle", "import", bundle.to_str().expect("utf8")]);
     assert!(again.status.success() && text(&again).contains("imported already"), "{}", text(&again));
 
@@ -205,6 +233,9 @@ async fn a_site_without_a_link_runs_a_bundled_job_and_its_result_comes_back_once
     assert!(out.status.success() && text(&out).contains("1 result(s) stored"), "{}", text(&out));
     assert!(text(&out).contains("1 relay event(s) stored"), "{}", text(&out));
     // The node's service reports and audit log came with it.
+    // The configuration from the bundle is in force: the node's description says so.
+    let ward = control.nodes(Some("ward=7")).await;
+    assert_eq!(ward.nodes.len(), 1, "{ward:?}");
     let web = control.deployment(&org.id, "web").await;
     let row = web.nodes.iter().find(|n| n.node_id == node.node_id).expect("the node in the deployment");
     assert_eq!(row.phase, outpost_protocol::NodePhase::Healthy, "{row:?}");

@@ -37,7 +37,18 @@ pub enum PartKind {
     Service,
     /// A [`crate::SignedEnvelope`] of a [`ResultsAck`]: clears the node's outbox up to it.
     ResultsAck,
+    /// A TOML drop-in for every target node, naming only [`BUNDLE_CONFIG_KEYS`]; it sits
+    /// under the node's own configuration files, which win where both set a key.
+    Config,
 }
+
+/// The top-level tables a bundle's configuration part may set: what the node says about itself
+/// (`node`), how much work it takes (`agent`), what its relay watches (`relay`), how it serves
+/// models (`inference`). Where it keeps data, whom it talks to, what may leave the site, which
+/// ports services publish and what it trusts stay the site's own.
+pub const BUNDLE_CONFIG_KEYS: &[&str] = &["node", "agent", "relay", "inference"];
+/// Largest configuration part.
+pub const MAX_CONFIG_PART_BYTES: u64 = 64 * 1024;
 
 /// One part: a tar member after the manifest, in this order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +130,12 @@ impl BundleManifest {
                     p.name, p.size
                 ));
             }
+            if p.kind == PartKind::Config && p.size > MAX_CONFIG_PART_BYTES {
+                return Err(format!("part {}: {} bytes, more than {MAX_CONFIG_PART_BYTES}", p.name, p.size));
+            }
+        }
+        if self.parts.iter().filter(|p| p.kind == PartKind::Config).count() > 1 {
+            return Err("more than one configuration part".into());
         }
         Ok(())
     }

@@ -63,8 +63,8 @@ pub async fn create(
         ));
     }
     for f in &req.files {
-        if !matches!(f.kind, PartKind::Image | PartKind::Model) {
-            return Err(ApiError::bad_request("bad_file", "files are images or models"));
+        if !matches!(f.kind, PartKind::Image | PartKind::Model | PartKind::Config) {
+            return Err(ApiError::bad_request("bad_file", "files are images, models or one configuration"));
         }
         if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {

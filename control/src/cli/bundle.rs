@@ -45,6 +45,11 @@ pub enum BundleCommand {
         /// A job file (TOML or JSON, as for `job submit`: its `spec`, or a bare spec).
         #[arg(long = "job", value_name = "FILE")]
         jobs: Vec<PathBuf>,
+        /// A configuration drop-in (TOML) for every target node: only the tables `node`,
+        /// `agent`, `relay` and `inference`; the node's own files win where both set a key, and
+        /// it applies when the agent next starts.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// A deployment (by name, see `deploy list`) whose service each target node runs.
         #[arg(long = "deployment", value_name = "NAME")]
         deployments: Vec<String>,
@@ -81,6 +86,7 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
             images,
             models,
             jobs,
+            config,
             deployments,
             expires,
             out,
@@ -106,6 +112,12 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
                 let (size, sha256) = digest_file(&tar, progress)?;
                 files.push(BundleFile { kind: PartKind::Model, size, sha256, label: label_of(path) });
                 sources.push(tar);
+            }
+            if let Some(path) = &config {
+                check_config_file(path)?;
+                let (size, sha256) = digest_file(path, false)?;
+                files.push(BundleFile { kind: PartKind::Config, size, sha256, label: label_of(path) });
+                sources.push(path.clone());
             }
             let mut specs = Vec::new();
             for path in &jobs {
@@ -183,6 +195,29 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
             Ok(if got.refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
+}
+
+/// A configuration part must be small TOML naming only what a bundle may set; the node checks
+/// again that it would still start with it.
+fn check_config_file(path: &Path) -> anyhow::Result<()> {
+    let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+    if size > outpost_protocol::MAX_CONFIG_PART_BYTES {
+        bail!("{}: {size} bytes, more than {}", path.display(), outpost_protocol::MAX_CONFIG_PART_BYTES);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| anyhow!("{} is not TOML: {}", path.display(), e.message()))?;
+    for (key, value) in &table {
+        if !outpost_protocol::BUNDLE_CONFIG_KEYS.contains(&key.as_str()) || !value.is_table() {
+            bail!(
+                "{}: a bundle may set only the tables {} (`{key}` is the site's own)",
+                path.display(),
+                outpost_protocol::BUNDLE_CONFIG_KEYS.join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 fn label_of(path: &Path) -> String {

@@ -91,6 +91,9 @@ pub struct Applied {
     pub jobs_known: Vec<String>,
     pub jobs_rejected: Vec<(String, String)>,
     pub services: Vec<(String, String)>,
+    /// The bundle's configuration was written (it applies when the agent next starts).
+    #[serde(default)]
+    pub config: Option<String>,
     pub results_acknowledged: usize,
     #[serde(default)]
     pub events_acknowledged: usize,
@@ -120,6 +123,7 @@ enum Checked {
     Job(JobAssignment),
     Service(SignedEnvelope),
     Ack(ResultsAck),
+    Config(String),
 }
 
 /// Whether the bundle holds only acknowledgements: those do not take part in the counter order
@@ -140,6 +144,16 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
             |reason: String| BundleError::BadPart { part: format!("{} ({})", part.name, part.label), reason };
         match part.kind {
             PartKind::Image | PartKind::Model => {}
+            PartKind::Config => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| bad(format!("cannot read its staged copy: {e}")))?;
+                let table = crate::config::parse_bundle_config(&text).map_err(bad)?;
+                // The node must still start with it, under its own files (which win).
+                let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+                crate::config::Config::load_with_bundle(node.cfg.base_file.as_deref(), &env, table)
+                    .map_err(|e| bad(format!("the node's configuration would not load with it: {e}")))?;
+                checked.push((part, Checked::Config(text)));
+            }
             PartKind::Job => {
                 let a: JobAssignment = read_json(file, part)?;
                 node.verifier.verify_payload(&a.envelope).map_err(|e| bad(e.to_string()))?;
@@ -205,6 +219,14 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
                         .map_err(|e| store_err(&part.name, e))?;
                 out.services.push((part.label.clone(), format!("{got:?}").to_lowercase()));
             }
+            Checked::Config(text) => {
+                let path = node.cfg.data_dir.join(crate::config::BUNDLE_CONFIG_FILE);
+                write_durably(&path, text.as_bytes()).map_err(|e| BundleError::Apply {
+                    part: part.name.clone(),
+                    reason: format!("cannot write {}: {e}", path.display()),
+                })?;
+                out.config = Some(path.display().to_string());
+            }
             Checked::Ack(ack) => {
                 out.results_acknowledged += acknowledge(node, &ack).map_err(|e| store_err(&part.name, e))?;
                 let store = node.ledger.store();
@@ -252,7 +274,7 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
         .apply(vec![Op::Put(Tree::Meta, LAST.to_vec(), bytes), Op::Delete(Tree::Meta, APPLYING.to_vec())])
         .map_err(|e| store_err("(bundle record)", e))?;
     let detail = format!(
-        "bundle {} (counter {}): {} image(s), {} model(s), {} job(s) accepted, {} known, {} rejected, {} service state(s), {} result(s) acknowledged",
+        "bundle {} (counter {}): {} image(s), {} model(s), {} job(s) accepted, {} known, {} rejected, {} service state(s), {} result(s) acknowledged{}",
         out.bundle_id,
         out.counter,
         out.images.len(),
@@ -261,7 +283,8 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
         out.jobs_known.len(),
         out.jobs_rejected.len(),
         out.services.len(),
-        out.results_acknowledged
+        out.results_acknowledged,
+        if out.config.is_some() { ", configuration written (applies at the next agent start)" } else { "" }
     );
     node.ledger.audit("bundle.imported", &detail).map_err(|e| store_err("(audit)", e))?;
     Ok(out)
@@ -328,6 +351,20 @@ fn staged_copy_differs(part: &outpost_protocol::BundlePart, file: &Path) -> Opti
         return Some(format!("{n} bytes, the manifest says {}", part.size));
     }
     (hex::encode(hash.finalize()) != part.sha256).then(|| "its SHA-256 differs from the manifest".to_owned())
+}
+
+/// Writes `bytes` to `path` through a synced temporary file renamed into place.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("partial");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A staged envelope part (at most `MAX_ENVELOPE_PART_BYTES`, as the manifest checked).

@@ -153,3 +153,38 @@ fn the_egress_policy_may_name_event_fields_but_never_an_empty_one() {
     let err = Config::load_with_env(Some(&base), &env(&[])).expect_err("empty name").to_string();
     assert!(err.contains("allow_event_fields"), "{err}");
 }
+
+#[test]
+fn a_bundles_configuration_sits_under_the_nodes_own_files_and_sets_only_what_it_may() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let base = dir.path().join("config.toml");
+    std::fs::write(&base, format!("data_dir = \"{}\"\n[agent]\nmax_concurrent_jobs = 2\n", data.display()))
+        .expect("write");
+    std::fs::create_dir(dir.path().join("config.d")).expect("mkdir");
+    std::fs::write(dir.path().join("config.d/10-site.toml"), "[agent]\nheartbeat_secs = 7\n").expect("write");
+    std::fs::write(
+        data.join(BUNDLE_CONFIG_FILE),
+        "[agent]\nheartbeat_secs = 30\nmax_concurrent_jobs = 4\n[node]\nlabels = { ward = \"7\" }\n",
+    )
+    .expect("write");
+    let loaded = Config::load_with_env(Some(&base), &env(&[])).expect("loads");
+    let c = &loaded.config;
+    assert_eq!(c.agent.max_concurrent_jobs, 4, "the bundle's value over the base file");
+    assert_eq!(c.agent.heartbeat_secs, 7, "config.d wins over the bundle");
+    assert_eq!(c.node.labels.get("ward").map(String::as_str), Some("7"));
+    assert!(loaded.sources.iter().any(|s| s.ends_with("(from a bundle)")), "{:?}", loaded.sources);
+
+    // What a bundle may not set is refused when the part is read, and if the file was edited.
+    for text in ["[egress]\nallow_logs = true\n", "data_dir = \"/tmp\"\n", "[trust]\nmax_offline = \"off\"\n"] {
+        assert!(parse_bundle_config(text).is_err(), "{text}");
+    }
+    std::fs::write(data.join(BUNDLE_CONFIG_FILE), "[control]\nurl = \"https://elsewhere\"\n").expect("write");
+    let err = Config::load_with_env(Some(&base), &env(&[])).expect_err("refused").to_string();
+    assert!(err.contains("may not set `control`"), "{err}");
+
+    // One the node would not start with fails the trial load.
+    let bad = parse_bundle_config("[agent]\nmax_concurrent_jobs = 0\n").expect("parses");
+    assert!(Config::load_with_bundle(Some(&base), &env(&[]), bad).is_err());
+}
