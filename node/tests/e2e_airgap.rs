@@ -436,3 +436,46 @@ async fn an_import_killed_at_any_moment_leaves_the_node_as_before_or_as_after() 
     assert_eq!(seen.first(), Some(&"before"), "killed at once, nothing was imported: {seen:?}");
     assert_eq!(seen.last(), Some(&"after"), "killed after it ended, all was imported: {seen:?}");
 }
+
+/// Bundles dropped on the watched directory (a USB disk, say) are imported by the running
+/// agent in the order they were built, whatever their names, and left where they are.
+#[tokio::test(flavor = "multi_thread")]
+async fn bundles_in_the_watched_directory_are_imported_in_the_order_they_were_built() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("airgap").await;
+    let usb = tmp.path().join("usb");
+    std::fs::create_dir(&usb).expect("mkdir");
+    let config = format!("{CONFIG}[bundles]\nwatch = \"{}\"\n", usb.display());
+    let mut node = Node::enroll_offline(&tmp.path().join("node"), &control, &org.id, &config).await;
+    let _containers = common::RemoveNodeContainers(node.node_id.clone());
+    cut_off(&node);
+    // Built first, named last: a scan by name alone would refuse it as older.
+    let first = job_file(tmp.path(), "first", "echo first");
+    let first = build(
+        &control,
+        &org.id,
+        &node.node_id,
+        &["--job", first.to_str().expect("utf8")],
+        &usb.join("z.bundle"),
+    );
+    let second = job_file(tmp.path(), "second", "echo second");
+    let second = build(
+        &control,
+        &org.id,
+        &node.node_id,
+        &["--job", second.to_str().expect("utf8")],
+        &usb.join("a.bundle"),
+    );
+    node.start();
+    eventually("both results in the outbox", Duration::from_secs(90), async || {
+        node.status_json()["agent"]["depths"]["outbox"].as_u64() == Some(2)
+    })
+    .await;
+    assert!(usb.join("z.bundle").exists() && usb.join("a.bundle").exists(), "the medium is left as it was");
+    node.stop();
+    let audit = node.cli(&["audit", "list"]);
+    let log = String::from_utf8_lossy(&audit.stdout);
+    assert_eq!(log.matches("bundle.imported").count(), 2, "{log}");
+    assert!(!log.contains("bundle.refused"), "{log}");
+}
