@@ -1,5 +1,5 @@
 //! `outpost bundle …`: the air-gapped uplink by hand. `import` applies a signed bundle from
-//! the control plane (images, models, jobs, acknowledgements); while the agent runs it hands
+//! the control plane (images, models, configuration, jobs, services, acknowledgements); while the agent runs it hands
 //! the file to the agent (its inbox) and waits for the outcome, since the ledger has one owner.
 //! `export-results` writes the outbox's results, signed by this node, for the control plane.
 //! `inspect` verifies a bundle completely and prints what it holds, changing nothing.
