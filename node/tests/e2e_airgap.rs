@@ -452,15 +452,9 @@ async fn bundles_in_the_watched_directory_are_imported_in_the_order_they_were_bu
     cut_off(&node);
     // Built first, named last: a scan by name alone would refuse it as older.
     let first = job_file(tmp.path(), "first", "echo first");
-    let first = build(
-        &control,
-        &org.id,
-        &node.node_id,
-        &["--job", first.to_str().expect("utf8")],
-        &usb.join("z.bundle"),
-    );
+    build(&control, &org.id, &node.node_id, &["--job", first.to_str().expect("utf8")], &usb.join("z.bundle"));
     let second = job_file(tmp.path(), "second", "echo second");
-    let second = build(
+    build(
         &control,
         &org.id,
         &node.node_id,
