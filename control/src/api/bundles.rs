@@ -469,13 +469,13 @@ pub async fn import_results(
         st.store.ack_node_services(&node.node_id, payload.service_acks.clone()).await?;
     }
     // The node's own description, as of when it wrote the bundle (never older than what the
-    // network brought): labels, models and capabilities for selectors and rollouts.
+    // network brought): labels, models and capabilities for selectors and rollouts. Not a
+    // sign of life: the node is no more reachable than before.
     if let Some(hb) = payload.heartbeat
         && node.last_seen_unix_ms.is_none_or(|seen| seen < payload.created_unix_ms)
         && outpost_protocol::selector::check_labels(&hb.labels).is_ok()
     {
-        let seen = payload.created_unix_ms.min(st.clock.now_ms());
-        st.store.record_heartbeat(&node.node_id, hb, seen).await?;
+        st.store.record_description(&node.node_id, hb).await?;
         st.fleet_changed.notify_one();
     }
     // The node's audit log, checked link by link against what is stored of it.

@@ -327,16 +327,20 @@ pub fn node_table(
                 NodePhase::Overridden,
                 Some(format!("deployment {} (priority {}) wins", w.info.name, w.info.priority)),
             )
-        } else if !is_online(node, now, lease)
-            && desired.is_none_or(|x| report_of(rec, &d.info, x.revision).is_none())
-        {
+        } else if !is_online(node, now, lease) {
+            // An air-gapped node is always offline: its results bundle's report says more.
+            let last = desired.and_then(|x| report_of(rec, &d.info, x.revision)).map_or(String::new(), |r| {
+                format!(
+                    "; its last report: {} on revision {}",
+                    outpost_protocol::wire_name(&r.state),
+                    r.revision
+                )
+            });
             (
                 NodePhase::Offline,
-                Some("silent past its lease; gets its desired state when it is back".to_owned()),
+                Some(format!("silent past its lease; gets its desired state when it is back{last}")),
             )
         } else {
-            // Online, or offline with a report on what it was told (an air-gapped node's
-            // results bundle): as its last report says.
             match desired {
                 None => (NodePhase::Pending, Some("waiting for its batch".to_owned())),
                 Some(x) if rec.is_some_and(NodeServiceRecord::unacknowledged) => {

@@ -139,6 +139,18 @@ impl StateStore for MemoryStore {
         })
     }
 
+    fn record_description(&self, node_id: &str, heartbeat: Heartbeat) -> StoreFuture<'_, ()> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            let node = inner
+                .nodes
+                .get_mut(&node_id)
+                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
+            node.last_heartbeat = Some(heartbeat);
+            Ok(())
+        })
+    }
+
     fn next_job_seq(&self, node_id: &str) -> StoreFuture<'_, u64> {
         let node_id = node_id.to_owned();
         self.with(move |inner| {

@@ -295,6 +295,22 @@ impl StateStore for SledStore {
         })
     }
 
+    fn record_description(&self, node_id: &str, heartbeat: Heartbeat) -> StoreFuture<'_, ()> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let outcome = self.nodes.transaction(|nodes| {
+                let bytes = nodes.get(node_id.as_bytes())?;
+                let bytes = bytes.ok_or_else(|| abort(StoreError::NotFound(format!("node {node_id}"))))?;
+                let mut node: NodeInfo = decode(&node_id, &bytes).map_err(abort)?;
+                node.last_heartbeat = Some(heartbeat.clone());
+                nodes.insert(node_id.as_bytes(), encode(&node).map_err(abort)?)?;
+                Ok(())
+            });
+            settle(outcome)?;
+            self.flush().await
+        })
+    }
+
     fn next_job_seq(&self, node_id: &str) -> StoreFuture<'_, u64> {
         let node_id = node_id.to_owned();
         Box::pin(async move {
