@@ -77,6 +77,7 @@ mod tests {
             issued_unix_ms: 1,
             expires_unix_ms: 2,
             spec: spec.into(),
+            submitter: None,
         };
         let signed = sign_envelope(&key, &envelope).unwrap();
         assert_eq!(signed.key_id, public.key_id);

@@ -73,6 +73,10 @@ pub enum Command {
     /// Inspect the node's tamper-evident audit log (stop the agent first: it holds the ledger).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The site policy: what may run on this node's data, whoever signed it; check, show,
+    /// explain a spec, print a template (see docs/site-policy.md).
+    #[command(subcommand)]
+    Policy(crate::policy_cli::PolicyCommand),
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +173,7 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Models(cmd) => crate::models_cli::run(&cfg, cmd),
         Command::Bundle(cmd) => block_on(crate::bundle_cli::run(&cfg, cmd)),
         Command::Inference(cmd) => block_on(crate::inference_cli::run(&cfg, cmd)),
+        Command::Policy(cmd) => crate::policy_cli::run(&cfg, &loaded.sources, cmd),
         Command::Run => block_on(run(cfg)),
     }
 }

@@ -100,6 +100,10 @@ pub struct Config {
     /// Inference: model memory budget, request queue, local endpoint (see docs/inference.md).
     #[serde(default)]
     pub inference: crate::inference::InferenceSettings,
+    /// The site policy: what may run here, whoever signed it (see docs/site-policy.md). Only
+    /// the node's own files set it; never a bundle.
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
     /// The base file given with `--config` (none: the default path); not a key.
     #[serde(skip)]
     pub base_file: Option<PathBuf>,
@@ -543,6 +547,7 @@ impl Config {
             .map_err(|why| format!("node.labels: {why}"))?;
         self.validate_storage()?;
         self.validate_models()?;
+        self.policy.validate()?;
         self.inference.validate()?;
         self.validate_relay()
     }

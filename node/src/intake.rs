@@ -1,7 +1,7 @@
 //! How a job offered to this node enters its ledger, whichever way it came (a poll answer or a
-//! bundle): verified first, then persisted as Staged, or persisted as Finished with a Rejected
-//! result that goes out like any other. A job the ledger already holds is only marked for a new
-//! acknowledgement.
+//! bundle): verified first, then held to the site policy, then persisted as Staged, or persisted
+//! as Finished with a Rejected (bad manifest) or Refused (site policy) result that goes out like
+//! any other. A job the ledger already holds is only marked for a new acknowledgement.
 
 use outpost_protocol::{JobAssignment, Outcome, ResultReport, SignedEnvelope, Timings};
 
@@ -18,6 +18,8 @@ pub enum Intake {
     Known,
     /// Refused (the reason); persisted with a Rejected result for the outbox.
     Rejected(String),
+    /// Refused by the site policy (the rule and value); persisted with a Refused result.
+    Refused(String),
     /// Its id cannot name anything here: refused and audited, nothing persisted.
     Unusable,
 }
@@ -26,6 +28,7 @@ pub enum Intake {
 pub fn take_job(
     ledger: &Ledger,
     verifier: &ManifestVerifier,
+    policy: &crate::policy::Policy,
     a: &JobAssignment,
     now: u64,
 ) -> Result<Intake, StoreError> {
@@ -58,6 +61,17 @@ pub fn take_job(
     match verifier.verify(a, last_seq, now) {
         Ok(env) => {
             rec.seq = env.seq;
+            let work = crate::policy::Work::job(&env.spec, env.submitter.clone());
+            if let crate::policy::Decision::Refuse(r) = policy.evaluate(&work, true) {
+                let msg = r.to_string();
+                tracing::warn!(job = %a.job_id, reason = %msg, "job refused by the site policy");
+                rec.spec = Some(env.spec);
+                rec.state = JobState::Finished;
+                rec.result = Some(refused_report(&rec, &msg, now));
+                let detail = format!("job {}: {msg}", a.job_id);
+                ledger.insert(&rec, true, Some(("job.refused", &detail)))?;
+                return Ok(Intake::Refused(msg));
+            }
             rec.spec = Some(env.spec);
             ledger.insert(&rec, true, None)?;
             tracing::info!(job = %rec.job_id, seq = rec.seq, "job accepted");
@@ -96,6 +110,11 @@ pub fn rejected_report(rec: &JobRecord, why: &str, now: u64) -> ResultReport {
         egress_denied: Vec::new(),
         inference: None,
     }
+}
+
+/// The result of a job the site policy refused: never run, never retried on this node.
+pub fn refused_report(rec: &JobRecord, why: &str, now: u64) -> ResultReport {
+    ResultReport { outcome: Outcome::Refused, ..rejected_report(rec, why, now) }
 }
 
 /// An empty envelope, for records of attempts this node never received.

@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod models;
 pub mod objstore;
 pub mod offline_enroll;
+pub mod policy;
 pub mod relay;
 pub mod runtime;
 pub mod services;

@@ -11,6 +11,7 @@ mod cli;
 mod inference_cli;
 mod models_cli;
 mod objects_cli;
+mod policy_cli;
 
 /// Outpost node agent: runs signed container jobs from the control plane and reports each
 /// result exactly once. It only ever dials out; it never listens on a network port (the optional

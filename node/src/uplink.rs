@@ -88,6 +88,16 @@ impl Uplink {
     }
 
     pub async fn report(&self, report: &ResultReport) -> Result<Ack, UplinkError> {
+        // A control plane before revision 3 knows no `refused` or `not_approved`: it gets
+        // `rejected` with the same error, which it stores and shows.
+        if matches!(
+            report.outcome,
+            outpost_protocol::Outcome::Refused | outpost_protocol::Outcome::NotApproved
+        ) && self.peer_revision() < 3
+        {
+            let legacy = ResultReport { outcome: outpost_protocol::Outcome::Rejected, ..report.clone() };
+            return self.post(paths::NODE_RESULTS, &legacy, self.request_timeout).await;
+        }
         self.post(paths::NODE_RESULTS, report, self.request_timeout).await
     }
 

@@ -183,6 +183,51 @@ pub struct JobEnvelope {
     pub issued_unix_ms: u64,
     pub expires_unix_ms: u64,
     pub spec: JobSpec,
+    /// Who asked for the job, for the site's policy. Sent only to agents that announce the
+    /// `site-policy` capability (an older agent refuses fields it does not know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitter: Option<Submitter>,
+}
+
+/// Who asked for a piece of work: stamped by the control plane into the signed envelope (so the
+/// site's policy can allow by organisation, role or name), or made by the node for work it
+/// starts itself (a local trigger) or from a deployment (a service).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Submitter {
+    pub org_id: String,
+    /// The operator's token name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The operator's role (`owner` for the bootstrap admin token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The deployment a service revision comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// The trigger (an org trigger on the control plane, or a local one) that made the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+}
+
+impl Submitter {
+    /// The ways a site policy can name this submitter: `org:ID`, `role:NAME`, `name:TOKEN`,
+    /// `deployment:NAME`, `trigger:NAME`.
+    pub fn identities(&self) -> Vec<String> {
+        let mut out = vec![format!("org:{}", self.org_id)];
+        for (k, v) in [
+            ("role", &self.role),
+            ("name", &self.name),
+            ("deployment", &self.deployment),
+            ("trigger", &self.trigger),
+        ] {
+            if let Some(v) = v {
+                out.push(format!("{k}:{v}"));
+            }
+        }
+        out
+    }
 }
 
 /// A payload and an ed25519 signature over exactly its bytes.

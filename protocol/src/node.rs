@@ -26,8 +26,9 @@ pub struct Heartbeat {
 }
 
 /// The additive revision of API v1 a peer speaks. 1: everything before fleet placement;
-/// 2: node labels, capabilities, cancellation, jobs placed by selector.
-pub const PROTOCOL_REVISION: u32 = 2;
+/// 2: node labels, capabilities, cancellation, jobs placed by selector; 3: site policy
+/// (outcomes `refused` and `not_approved`, the job's submitter).
+pub const PROTOCOL_REVISION: u32 = 3;
 
 /// The response header in which a control plane of revision 2 or later states its
 /// [`PROTOCOL_REVISION`] on every answer. A control plane older than that sends none, and an
@@ -47,8 +48,10 @@ pub mod capability {
     pub const LOGS: &str = "logs";
     /// Runs services whose spec names `inputs` from the local object store.
     pub const SERVICE_INPUTS: &str = "service-inputs";
+    /// Holds work to a site policy: takes a job envelope's `submitter`.
+    pub const SITE_POLICY: &str = "site-policy";
     /// Every capability this build has.
-    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES, LOGS, SERVICE_INPUTS];
+    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES, LOGS, SERVICE_INPUTS, SITE_POLICY];
 }
 
 /// A peer's protocol revision and capabilities, sent by the agent in every heartbeat and poll.

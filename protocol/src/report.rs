@@ -17,6 +17,13 @@ pub enum Outcome {
     Error,
     /// Stopped on an operator's cancel (or because a later attempt superseded it).
     Cancelled,
+    /// The site's policy refused the job (`error` names the rule and the value); it is never
+    /// retried on that node. Sent only to a control plane of protocol revision 3 or later
+    /// (older ones get `rejected` with the same error).
+    Refused,
+    /// It waited for the site's approval until it expired, or an approver denied it (`error`
+    /// says which, with the reason). Sent to older control planes as `rejected`.
+    NotApproved,
 }
 
 /// The node's report of one job attempt. `idempotency_key` = `job_id/attempt`: the control

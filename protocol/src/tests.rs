@@ -38,8 +38,10 @@ fn envelope_round_trips_byte_for_byte() {
         issued_unix_ms: 1,
         expires_unix_ms: 2,
         spec: spec().into(),
+        submitter: None,
     };
     let bytes = serde_json::to_string(&env).expect("serialises");
+    assert!(!bytes.contains("submitter"), "an envelope without a submitter is the older form: {bytes}");
     let back: JobEnvelope = serde_json::from_str(&bytes).expect("parses");
     assert_eq!(back, env);
     assert_eq!(serde_json::to_string(&back).expect("serialises"), bytes, "canonical form is stable");

@@ -172,6 +172,7 @@ pub async fn submit_group(
             group_id: Some(group_id.clone()),
             selector: Some(selector.to_string()),
             placement: Some(Placement::Each),
+            trigger: None,
         };
         // One id per (group, node): a repeat of this loop creates nothing twice.
         let job_id = hex::encode(&Sha256::digest(format!("{group_id}/{}", node.node_id))[..16]);
@@ -276,6 +277,32 @@ pub(super) struct JobOrigin {
     pub group_id: Option<String>,
     pub selector: Option<String>,
     pub placement: Option<Placement>,
+    /// The org trigger that made the job (none: an operator's submission).
+    pub trigger: Option<String>,
+}
+
+/// Who asked for a job, as the node's site policy sees it: an operator (today the one admin
+/// token: `name:admin`, `role:owner`) or a trigger. Only for agents that take it.
+fn submitter_for(node: &NodeInfo, org_id: &str, origin: &JobOrigin) -> Option<outpost_protocol::Submitter> {
+    if !node.announce().has(outpost_protocol::capability::SITE_POLICY) {
+        return None;
+    }
+    Some(match &origin.trigger {
+        Some(t) => outpost_protocol::Submitter {
+            org_id: org_id.to_owned(),
+            name: None,
+            role: None,
+            deployment: None,
+            trigger: Some(t.clone()),
+        },
+        None => outpost_protocol::Submitter {
+            org_id: org_id.to_owned(),
+            name: Some("admin".into()),
+            role: Some("owner".into()),
+            deployment: None,
+            trigger: None,
+        },
+    })
 }
 
 /// The one way a job comes to exist, whoever asks (an operator's submission or a trigger):
@@ -309,6 +336,7 @@ pub(super) async fn create_job(
             issued_unix_ms: now,
             expires_unix_ms: now.saturating_add(expiry_secs.saturating_mul(1000)),
             spec,
+            submitter: submitter_for(node, &org.org.id, &origin),
         };
         let signed = sign(&org, &envelope)?;
         let info = JobInfo {
@@ -353,6 +381,7 @@ pub(super) async fn reoffer_job(
         let _ordered = st.submit_lock.lock().await;
         let now = st.clock.now_ms();
         let seq = st.store.next_job_seq(&node.node_id).await?;
+        let before = serde_json::from_str::<JobEnvelope>(&job.envelope.payload).ok();
         let envelope = JobEnvelope {
             job_id: job.info.job_id.clone(),
             attempt: job.info.attempt.saturating_add(1),
@@ -361,10 +390,12 @@ pub(super) async fn reoffer_job(
             seq,
             issued_unix_ms: now,
             // The operator's deadline stands: a re-placed job does not live longer.
-            expires_unix_ms: serde_json::from_str::<JobEnvelope>(&job.envelope.payload)
-                .map(|e| e.expires_unix_ms)
-                .unwrap_or(now),
+            expires_unix_ms: before.as_ref().map_or(now, |e| e.expires_unix_ms),
             spec: job.info.spec.clone(),
+            // Whoever asked for it still did; only an agent that takes it is told.
+            submitter: before
+                .and_then(|e| e.submitter)
+                .filter(|_| node.announce().has(outpost_protocol::capability::SITE_POLICY)),
         };
         let signed = sign(&org, &envelope)?;
         let next = crate::store::next_attempt(job, signed, &node.node_id, seq, now, reason);

@@ -215,8 +215,15 @@ async fn fire_one(st: &AppState, node: &NodeInfo, trigger: &Trigger, event: &Obj
     spec.env.insert("OUTPOST_EVENT_SEQ".into(), event.seq.to_string());
     spec.env.insert("OUTPOST_EVENT_SHA256".into(), event.sha256.clone().unwrap_or_default());
     let expiry = check_expiry(trigger.expires_in_secs)?;
-    if let Some(info) =
-        create_job(st, node, spec.into(), expiry, Some(job_id.clone()), JobOrigin::default()).await?
+    if let Some(info) = create_job(
+        st,
+        node,
+        spec.into(),
+        expiry,
+        Some(job_id.clone()),
+        JobOrigin { trigger: Some(trigger.name.clone()), ..JobOrigin::default() },
+    )
+    .await?
     {
         let detail = format!(
             "{} ({}) started job {} (seq {}) on node {} for event {} ({})",

@@ -237,6 +237,8 @@ pub fn outcome_name(o: Outcome) -> &'static str {
         Outcome::Rejected => "rejected",
         Outcome::Error => "error",
         Outcome::Cancelled => "cancelled",
+        Outcome::Refused => "refused",
+        Outcome::NotApproved => "not_approved",
     }
 }
 

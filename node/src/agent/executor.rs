@@ -37,6 +37,9 @@ pub(super) enum Stop {
     Failed(String),
     /// The control plane asked to stop it before its container started.
     Cancelled,
+    /// The site policy refuses it (checked again before every run: the policy may have been
+    /// narrowed since the job arrived, and a local trigger's job is checked only here).
+    Refused(String),
 }
 
 impl<R: Runtime> Agent<R> {
@@ -49,7 +52,9 @@ impl<R: Runtime> Agent<R> {
         let container = spec.container().is_some();
         let dirs = JobDirs::new(&self.cfg.data_dir, &job);
         let stop = self.shared.cancel_signal(&job.job_id, job.attempt);
+        let refused = if rec.state == JobState::Staged { self.policy_refusal(&rec, &spec) } else { None };
         let outcome = match (&spec, &dirs) {
+            _ if refused.is_some() => Err(Stop::Refused(refused.unwrap_or_default())),
             (JobSpec::Inference(i), _) => tokio::select! {
                 r = self.infer(&rec, &job, i, &shutdown) => r,
                 // Dropping the request stops generation at its next token.
@@ -64,6 +69,13 @@ impl<R: Runtime> Agent<R> {
             Err(Stop::Failed(msg)) => {
                 tracing::warn!(job = %job.job_id, error = %msg, "job could not run");
                 (self.report_for(&rec, Outcome::Error, None, Some(msg), Default::default(), None, None), None)
+            }
+            Err(Stop::Refused(why)) => {
+                tracing::warn!(job = %job.job_id, reason = %why, "job refused by the site policy");
+                let mut report =
+                    self.report_for(&rec, Outcome::Refused, None, Some(why), Default::default(), None, None);
+                report.timings.finished_unix_ms = Some(now_unix_ms());
+                (report, None)
             }
             Err(Stop::Cancelled) => {
                 let why = self.cancelled_because(&job);
@@ -91,10 +103,19 @@ impl<R: Runtime> Agent<R> {
         });
         rec.result = Some(report);
         // The refusal is audited in the same batch as the result it belongs to.
-        let persisted = match (&denied, &cancelled) {
-            (Some(detail), _) => self.ledger.update_audited(&rec, "egress.denied", detail),
-            (None, Some(detail)) => self.ledger.update_audited(&rec, "job.cancelled", detail),
-            (None, None) => self.ledger.update(&rec),
+        let refused = (report_outcome(&rec) == Some(Outcome::Refused)).then(|| {
+            format!(
+                "job {} attempt {}: {}",
+                job.job_id,
+                job.attempt,
+                rec.result.as_ref().and_then(|r| r.error.clone()).unwrap_or_default()
+            )
+        });
+        let persisted = match (&denied, &cancelled, &refused) {
+            (Some(detail), _, _) => self.ledger.update_audited(&rec, "egress.denied", detail),
+            (None, Some(detail), _) => self.ledger.update_audited(&rec, "job.cancelled", detail),
+            (None, None, Some(detail)) => self.ledger.update_audited(&rec, "job.refused", detail),
+            (None, None, None) => self.ledger.update(&rec),
         };
         if let Err(e) = persisted {
             // Not persisted: the next start finds the job Running and collects it again.
@@ -228,7 +249,7 @@ impl<R: Runtime> Agent<R> {
             let allowed = &self.cfg.egress.allow_body_prefixes;
             match retry(shutdown, || dirs.collect(spec, self.objects.as_ref(), allowed)).await {
                 Ok(collected) => denied = self.apply_outputs(job, &mut report, collected),
-                Err(stop @ (Stop::Shutdown | Stop::Cancelled)) => return Err(stop),
+                Err(stop @ (Stop::Shutdown | Stop::Cancelled | Stop::Refused(_))) => return Err(stop),
                 Err(Stop::Failed(msg)) => {
                     report.outcome = Outcome::Error;
                     report.error = Some(format!(
@@ -267,6 +288,31 @@ impl<R: Runtime> Agent<R> {
             job.attempt,
             listed(&reasons)
         ))
+    }
+
+    /// Why the site policy refuses to run `rec` now, if it does. A local trigger's job is
+    /// submitted by its trigger in this node's organisation; a network job by whoever its
+    /// signed envelope names.
+    fn policy_refusal(&self, rec: &JobRecord, spec: &JobSpec) -> Option<String> {
+        if self.cfg.policy.is_open() {
+            return None;
+        }
+        let submitter = match &rec.local {
+            Some(local) => Some(outpost_protocol::Submitter {
+                org_id: self.identity.node.org_id.clone(),
+                name: None,
+                role: None,
+                deployment: None,
+                trigger: Some(local.trigger.clone()),
+            }),
+            None => serde_json::from_str::<outpost_protocol::JobEnvelope>(&rec.envelope.payload)
+                .ok()
+                .and_then(|e| e.submitter),
+        };
+        match self.cfg.policy.evaluate(&crate::policy::Work::job(spec, submitter), true) {
+            crate::policy::Decision::Refuse(r) => Some(r.to_string()),
+            _ => None,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -350,4 +396,8 @@ where
             Err(e) => return Err(Stop::Failed(e.to_string())),
         }
     }
+}
+
+fn report_outcome(rec: &JobRecord) -> Option<Outcome> {
+    rec.result.as_ref().map(|r| r.outcome)
 }

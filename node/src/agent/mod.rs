@@ -235,6 +235,7 @@ impl<R: Runtime> Agent<R> {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let agent = Arc::new(self);
         let started = now_unix_ms();
+        agent.record_policy()?;
 
         let tasks = TaskTracker::new();
         if agent.cfg.inference.api.enabled {
@@ -485,6 +486,31 @@ impl<R: Runtime> Agent<R> {
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
+    }
+
+    /// Writes the site policy's hash to the audit chain when it differs from the one in force
+    /// at the last start, so the log shows which policy governed what.
+    fn record_policy(&self) -> anyhow::Result<()> {
+        const KEY: &[u8] = b"policy.hash";
+        let store = self.ledger.store();
+        let hash = self.cfg.policy.digest();
+        let before = store.get(crate::store::Tree::Meta, KEY)?;
+        if before.as_deref() == Some(hash.as_bytes()) {
+            return Ok(());
+        }
+        let detail = if self.cfg.policy.is_open() {
+            format!("no site policy: every rule open (hash {hash})")
+        } else {
+            format!("site policy in force, hash {hash} (see `outpost policy show`)")
+        };
+        self.ledger.audit("policy.loaded", &detail)?;
+        store.apply(vec![crate::store::Op::Put(
+            crate::store::Tree::Meta,
+            KEY.to_vec(),
+            hash.into_bytes(),
+        )])?;
+        tracing::info!("{detail}");
+        Ok(())
     }
 
     fn write_status(&self, started_unix_ms: u64) {

@@ -191,12 +191,12 @@ impl<R: Runtime> Agent<R> {
 
     /// Persist one assignment (see [`crate::intake`]) and wake whoever has work from it.
     fn accept(&self, a: JobAssignment) -> Result<(), crate::store::StoreError> {
-        match crate::intake::take_job(&self.ledger, &self.verifier, &a, now_unix_ms())? {
+        match crate::intake::take_job(&self.ledger, &self.verifier, &self.cfg.policy, &a, now_unix_ms())? {
             crate::intake::Intake::Accepted { .. } => {
                 self.shared.work.notify_one();
                 self.shared.changed.notify_one();
             }
-            crate::intake::Intake::Rejected(_) => {
+            crate::intake::Intake::Rejected(_) | crate::intake::Intake::Refused(_) => {
                 self.shared.outbox.notify_one();
                 self.shared.changed.notify_one();
             }

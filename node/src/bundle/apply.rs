@@ -206,10 +206,12 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
     for (part, c) in checked {
         match c {
             Checked::Job(a) => {
-                match take_job(node.ledger, node.verifier, &a, now).map_err(|e| store_err(&part.name, e))? {
+                match take_job(node.ledger, node.verifier, &node.cfg.policy, &a, now)
+                    .map_err(|e| store_err(&part.name, e))?
+                {
                     Intake::Accepted { .. } => out.jobs_accepted.push(a.job_id),
                     Intake::Known => out.jobs_known.push(a.job_id),
-                    Intake::Rejected(why) => out.jobs_rejected.push((a.job_id, why)),
+                    Intake::Rejected(why) | Intake::Refused(why) => out.jobs_rejected.push((a.job_id, why)),
                     Intake::Unusable => out.jobs_rejected.push((a.job_id, "unusable job id".into())),
                 }
             }

@@ -125,7 +125,30 @@ fn refusal(rec: &ServiceRecord, svc: &ServiceEnvelope, cfg: &Config) -> Option<S
             svc.revision, current.body.revision
         ));
     }
-    publish_refusal(svc.spec.as_ref()?, &cfg.services)
+    let spec = svc.spec.as_ref()?;
+    publish_refusal(spec, &cfg.services)
+        .or_else(|| policy_refusal(spec, &svc.deployment, &svc.org_id, &cfg.policy))
+}
+
+/// Why the site policy refuses a service revision, if it does: its submitter is its
+/// deployment, in the organisation that signed it.
+pub fn policy_refusal(
+    spec: &outpost_protocol::ServiceSpec,
+    deployment: &str,
+    org_id: &str,
+    policy: &crate::policy::Policy,
+) -> Option<String> {
+    let by = outpost_protocol::Submitter {
+        org_id: org_id.to_owned(),
+        name: None,
+        role: None,
+        deployment: Some(deployment.to_owned()),
+        trigger: None,
+    };
+    match policy.evaluate(&crate::policy::Work::service(spec, Some(by)), true) {
+        crate::policy::Decision::Refuse(r) => Some(r.to_string()),
+        _ => None,
+    }
 }
 
 /// Why the node's own `[services] publish_allow` forbids `spec`, if it does. Checked when a

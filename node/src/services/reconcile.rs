@@ -101,6 +101,9 @@ pub struct Reconciler<R: Runtime> {
     reported: Arc<Notify>,
     /// The node's own limits on published ports, checked again before every create.
     allow: ServicesConfig,
+    /// The site policy and this node's organisation, checked again before every create.
+    policy: crate::policy::Policy,
+    org_id: String,
     /// Engine waits on running service containers.
     watchers: HashMap<ServiceRef, tokio::task::JoinHandle<()>>,
     /// Where services' `inputs` come from and are staged.
@@ -117,6 +120,13 @@ pub struct InputSource {
 }
 
 impl<R: Runtime> Reconciler<R> {
+    /// Holds every container it makes to the site policy (none: any).
+    pub fn with_policy(mut self, policy: crate::policy::Policy, org_id: &str) -> Self {
+        self.policy = policy;
+        self.org_id = org_id.to_owned();
+        self
+    }
+
     pub fn new(
         runtime: Arc<R>,
         book: ServiceBook,
@@ -132,6 +142,8 @@ impl<R: Runtime> Reconciler<R> {
             ledger,
             live: HashMap::new(),
             wake,
+            policy: crate::policy::Policy::default(),
+            org_id: String::new(),
             reported,
             allow,
             watchers: HashMap::new(),
@@ -318,8 +330,12 @@ impl<R: Runtime> Reconciler<R> {
                     live.state = ServiceState::Restarting;
                 } else {
                     let fresh = container.is_none();
-                    let created = match super::publish_refusal(&t.spec, &self.allow) {
-                        // The site narrowed publish_allow since this desired state arrived.
+                    let refusal = super::publish_refusal(&t.spec, &self.allow).or_else(|| {
+                        super::policy_refusal(&t.spec, &t.deployment, &self.org_id, &self.policy)
+                    });
+                    let created = match refusal {
+                        // The site narrowed publish_allow or its policy since this desired state
+                        // arrived.
                         Some(why) if fresh => Err(RuntimeError::Invalid(why)),
                         _ if fresh => {
                             match staged(&mut self.staging, &self.inputs, &self.wake, &svc, &t.spec.inputs) {

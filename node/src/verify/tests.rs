@@ -27,6 +27,7 @@ fn envelope(seq: u64, expires: u64) -> JobEnvelope {
         )
         .expect("spec")
         .into(),
+        submitter: None,
     }
 }
 

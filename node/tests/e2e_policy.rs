@@ -1,0 +1,157 @@
+//! The site policy end to end, with the real control plane, agent and Docker engine: a job the
+//! policy allows runs; jobs with an image, a relaxation, an input or a submitter it does not
+//! allow end as `refused` with the rule and the value, are audited on the node and never run; a
+//! service revision and a local trigger's job are held to the same policy; a policy that cannot
+//! apply as written stops the agent.
+
+#![allow(clippy::expect_used)]
+
+mod common;
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{Control, Node, eventually, sh};
+use outpost_protocol::Outcome;
+
+const RESULT_WAIT: Duration = Duration::from_secs(120);
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn config(policy: &str) -> String {
+    format!(
+        "[node]\nlabels = {{ site = \"icu\" }}\n[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n\
+         [[relay.watches]]\nname = \"in\"\nprefix = \"scans/\"\n\
+         [[relay.triggers]]\nname = \"net\"\nwatch = \"in\"\nkey_prefix = \"scans/\"\nresults_prefix = \"results/\"\n\
+         [relay.triggers.job]\nimage = \"{image}\"\ncommand = [\"true\"]\nnetwork = true\n{policy}",
+        image = common::test_image()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn work_the_site_policy_does_not_allow_is_refused_on_every_path_and_never_runs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("hospital").await;
+    let image = common::test_image();
+    let policy = format!(
+        "[policy]\nimages = [ {{ digest = \"{image}\", name = \"busybox\", input_prefixes = [\"scans/\"] }} ]\n\
+         relaxations = []\nsubmitters = [\"role:owner\", \"deployment:viewer\", \"trigger:net\"]\nmax_timeout_secs = 300\n"
+    );
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &config(&policy)).await;
+    let _containers = common::RemoveNodeContainers(node.node_id.clone());
+
+    // What the site's IT team sees before anything runs.
+    let out = node.cli(&["policy", "check"]);
+    assert!(out.status.success() && text(&out).contains("policy OK"), "{}", text(&out));
+    let out = node.cli(&["policy", "show"]);
+    assert!(text(&out).contains("images") && text(&out).contains("busybox"), "{}", text(&out));
+    let spec_file = tmp.path().join("net.json");
+    std::fs::write(
+        &spec_file,
+        serde_json::json!({ "spec": { "image": image, "network": true } }).to_string(),
+    )
+    .expect("write");
+    let out =
+        node.cli(&["policy", "explain", spec_file.to_str().expect("utf8"), "--submitter", "role:owner"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("refused: policy.relaxations does not allow network"), "{}", text(&out));
+    let template = node.cli(&["policy", "template", "strict"]);
+    assert!(text(&template).contains("images = []"), "{}", text(&template));
+
+    node.start();
+    // Allowed: the listed image, reading an allowed prefix, submitted by the admin (owner).
+    let ok = control.submit(&node.node_id, sh("echo allowed")).await;
+    let r = control.wait_result(&ok.job_id, RESULT_WAIT).await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+
+    // Refused, each naming its rule: a relaxation, an input, a ceiling, an unlisted image.
+    let mut net = sh("echo never");
+    net.network = true;
+    let mut notes = sh("echo never");
+    notes.inputs = vec!["notes/a.txt".into()];
+    let mut sneaky = sh("echo never");
+    sneaky.inputs = vec!["scans/%2e%2e/notes/a.txt".into()];
+    let mut long = sh("echo never");
+    long.timeout_secs = 3600;
+    let mut other = sh("echo never");
+    other.image = format!("sha256:{}", "0".repeat(64));
+    let cases = [
+        (net, "policy.relaxations does not allow network"),
+        (notes, "policy.images[busybox].input_prefixes does not allow input \"notes/a.txt\""),
+        (sneaky, "percent-encoded"),
+        (long, "policy.max_timeout_secs does not allow timeout_secs = 3600"),
+        (other, "policy.images does not allow image sha256:0000"),
+    ];
+    let mut refused = Vec::new();
+    for (spec, _) in &cases {
+        refused.push(control.submit(&node.node_id, spec.clone()).await.job_id);
+    }
+    for (job_id, (_, why)) in refused.iter().zip(&cases) {
+        let r = control.wait_result(job_id, RESULT_WAIT).await;
+        assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
+        let error = r.error.clone().unwrap_or_default();
+        assert!(error.contains("refused by the site policy") && error.contains(why), "{why}: {error}");
+        assert!(r.timings.started_unix_ms.is_none(), "never started: {r:?}");
+        assert!(common::containers_labelled("outpost.job", job_id).is_empty(), "no container for {job_id}");
+    }
+
+    // A service revision asking for a network: refused on the node, reported with the rule
+    // (the deployment is not a submitter the policy names either; the first rule that fails is
+    // the one named).
+    control.deploy(&org.id, &common::web_deployment(&org.id, "site=icu", bridged(), 30)).await;
+    eventually("the service revision refused", Duration::from_secs(60), async || {
+        let d = control.deployment(&org.id, "web").await;
+        d.status == outpost_protocol::RolloutStatus::RolledBack
+            && d.reason.as_deref().is_some_and(|r| r.contains("policy.relaxations does not allow network"))
+    })
+    .await;
+
+    // A local trigger whose job asks for a network: its job is refused before it runs.
+    let object = tmp.path().join("scan.dcm");
+    std::fs::write(&object, "a scan").expect("write");
+    let put = node.cli(&["objects", "put", "scans/1.dcm", object.to_str().expect("utf8")]);
+    assert!(put.status.success(), "{}", text(&put));
+    eventually("the trigger's job refused", Duration::from_secs(60), async || {
+        let got = node.cli(&["objects", "ls", "results/", "--json"]);
+        !String::from_utf8_lossy(&got.stdout).trim().is_empty()
+    })
+    .await;
+    node.stop();
+    let audit = node.cli(&["audit", "list"]);
+    let log = String::from_utf8_lossy(&audit.stdout);
+    assert!(log.contains("policy.loaded"), "{log}");
+    assert_eq!(log.matches("job.refused").count(), cases.len() + 1, "{log}");
+    assert!(log.contains("service.refused") && log.contains("trigger.local.result"), "{log}");
+    let results = node.cli(&["objects", "ls", "results/", "--json"]);
+    let first: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&results.stdout).lines().next().expect("a result object"),
+    )
+    .expect("json");
+    let key = first["key"].as_str().expect("key").to_owned();
+    let body = node.cli(&["objects", "get", &key]);
+    assert!(text(&body).contains("\"refused\""), "{}", text(&body));
+
+    // A policy that cannot apply as written stops the agent, naming the key.
+    let dir = node.config.parent().expect("dir").join("config.d");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("policy.toml"), "[policy]\ninput_prefixes = [\"\"]\n").expect("write");
+    let run = Command::new(harness::node_bin())
+        .arg("--config")
+        .arg(&node.config)
+        .arg("run")
+        .output()
+        .expect("outpost run");
+    assert!(!run.status.success(), "the agent started on a broken policy");
+    assert!(text(&run).contains("policy.input_prefixes"), "{}", text(&run));
+}
+
+/// A service asking for a bridge network, deployed as `web` (not a submitter the policy names).
+fn bridged() -> outpost_protocol::ServiceSpec {
+    let mut spec = common::ready_service("touch /tmp/ready", 30);
+    spec.network = outpost_protocol::ServiceNetwork::Bridge;
+    spec
+}
