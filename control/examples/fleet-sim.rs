@@ -51,6 +51,7 @@ impl SimNode {
             models: Vec::new(),
             labels: [("sim".to_owned(), "yes".to_owned())].into(),
             announce: Some(Announce::this_build()),
+            awaiting_approval: Vec::new(),
         };
         let _: serde_json::Value = self.post(paths::NODE_HEARTBEAT, &hb).await?;
         Ok(())

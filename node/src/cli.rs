@@ -77,6 +77,10 @@ pub enum Command {
     /// explain a spec, print a template (see docs/site-policy.md).
     #[command(subcommand)]
     Policy(crate::policy_cli::PolicyCommand),
+    /// The site's approval queue: list, show, approve or deny the jobs the site policy holds
+    /// for a person (root and [policy] approvers_group; the agent must run).
+    #[command(subcommand)]
+    Approvals(crate::approvals_cli::ApprovalsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -174,6 +178,7 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Bundle(cmd) => block_on(crate::bundle_cli::run(&cfg, cmd)),
         Command::Inference(cmd) => block_on(crate::inference_cli::run(&cfg, cmd)),
         Command::Policy(cmd) => crate::policy_cli::run(&cfg, &loaded.sources, cmd),
+        Command::Approvals(cmd) => crate::approvals_cli::run(&cfg, cmd),
         Command::Run => block_on(run(cfg)),
     }
 }
@@ -397,8 +402,8 @@ fn show_status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         st.last_error.as_deref().map(|e| format!("; last error: {e}")).unwrap_or_default()
     );
     println!(
-        "queue:       {} staged, {} running, {} in outbox",
-        st.depths.staged, st.depths.running, st.depths.outbox
+        "queue:       {} staged, {} running, {} in outbox, {} awaiting the site's approval",
+        st.depths.staged, st.depths.running, st.depths.outbox, st.depths.awaiting_approval
     );
     if let Some(t) = &st.trust {
         let ago = st.updated_unix_ms.saturating_sub(t.last_heard_unix_ms) / 1000;

@@ -20,6 +20,8 @@ pub enum Intake {
     Rejected(String),
     /// Refused by the site policy (the rule and value); persisted with a Refused result.
     Refused(String),
+    /// Verified and persisted, held by the site policy until an approver decides.
+    AwaitingApproval,
     /// Its id cannot name anything here: refused and audited, nothing persisted.
     Unusable,
 }
@@ -62,7 +64,25 @@ pub fn take_job(
         Ok(env) => {
             rec.seq = env.seq;
             let work = crate::policy::Work::job(&env.spec, env.submitter.clone());
-            if let crate::policy::Decision::Refuse(r) = policy.evaluate(&work, true) {
+            let remembered = match &work.image {
+                Some(image) if policy.approval != crate::policy::Approval::Off || policy.images.is_some() => {
+                    crate::approvals::remembered(ledger.store().as_ref())?.contains(image)
+                }
+                _ => false,
+            };
+            let decision = policy.evaluate(&work, remembered);
+            if decision == crate::policy::Decision::NeedsApproval {
+                rec.spec = Some(env.spec);
+                rec.state = JobState::AwaitingApproval;
+                let detail = format!(
+                    "job {} waits for the site's approval (`outpost approvals show {}`)",
+                    a.job_id, a.job_id
+                );
+                tracing::info!(job = %a.job_id, "job waits for the site's approval");
+                ledger.insert(&rec, true, Some(("job.awaiting_approval", &detail)))?;
+                return Ok(Intake::AwaitingApproval);
+            }
+            if let crate::policy::Decision::Refuse(r) = decision {
                 let msg = r.to_string();
                 tracing::warn!(job = %a.job_id, reason = %msg, "job refused by the site policy");
                 rec.spec = Some(env.spec);

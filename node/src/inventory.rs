@@ -81,6 +81,7 @@ pub fn heartbeat(
         models: crate::models::ModelStore::new(cfg.models_dir()).summaries(),
         labels: cfg.node.labels.clone(),
         announce: Some(outpost_protocol::Announce::this_build()),
+        awaiting_approval: Vec::new(),
     }
 }
 

@@ -16,6 +16,9 @@ const LAST_SEQ: &[u8] = b"last_seq";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
+    /// Verified and persisted; held by the site policy until an approver at the site approves
+    /// or denies it (`outpost approvals`), or its manifest expires.
+    AwaitingApproval,
     /// Verified and persisted; no container started by us yet.
     Staged,
     /// The container was created; it may or may not have started (the runtime knows).
@@ -73,6 +76,9 @@ pub struct Depths {
     pub staged: u64,
     pub running: u64,
     pub outbox: u64,
+    /// Jobs the site policy holds for an approver.
+    #[serde(default)]
+    pub awaiting_approval: u64,
 }
 
 #[derive(Clone)]
@@ -124,6 +130,7 @@ impl Ledger {
         for r in self.all()? {
             match r.state {
                 JobState::Staged => d.staged += 1,
+                JobState::AwaitingApproval => d.awaiting_approval += 1,
                 JobState::Running => d.running += 1,
                 JobState::Finished => d.outbox += 1,
                 JobState::Reported | JobState::Undeliverable => {}
@@ -165,6 +172,22 @@ impl Ledger {
     }
 
     /// Update a record and append an audit entry in one batch.
+    /// Update a record, apply `extra` ops and append an audit entry, all in one batch.
+    pub fn update_audited_with(
+        &self,
+        record: &JobRecord,
+        action: &str,
+        detail: &str,
+        extra: Vec<Op>,
+    ) -> Result<(), StoreError> {
+        let _guard = self.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let audit = audit::entry_op(self.store.as_ref(), action, detail)?;
+        let mut ops = vec![Op::Put(Tree::Jobs, record.key(), encode(record))];
+        ops.extend(extra);
+        ops.push(audit);
+        self.store.apply(ops)
+    }
+
     pub fn update_audited(&self, record: &JobRecord, action: &str, detail: &str) -> Result<(), StoreError> {
         let _guard = self.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let audit = audit::entry_op(self.store.as_ref(), action, detail)?;

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod approvals;
 pub mod audit;
 pub mod backoff;
 pub mod bundle;

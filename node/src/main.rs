@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod approvals_cli;
 mod bundle_cli;
 mod cli;
 mod inference_cli;

@@ -102,6 +102,9 @@ pub struct Policy {
     /// Whether work waits for a person at the site.
     #[serde(default)]
     pub approval: Approval,
+    /// Besides root, the members of this group may approve and deny (`outpost approvals`).
+    #[serde(default)]
+    pub approvers_group: Option<String>,
 }
 
 /// A piece of work as the policy sees it.
@@ -303,14 +306,9 @@ impl Policy {
         if self.approval == Approval::Always {
             return Err("policy.approval: \"always\" is per image; use \"every-job\" here".into());
         }
-        // Never fail open: a policy that asks for approvals this build cannot hold is refused.
-        let per_image = self.images.iter().flatten().any(|r| r.approval.is_some());
-        if self.approval != Approval::Off || per_image {
-            return Err(
-                "policy.approval: this version has no approval queue yet; leave `approval` out (work the policy \
-                 allows runs without a person's approval)"
-                    .into(),
-            );
+        if self.approvers_group.as_deref().is_some_and(|g| g.is_empty() || g.chars().any(char::is_whitespace))
+        {
+            return Err("policy.approvers_group must be a group name".into());
         }
         if let Some(subs) = &self.submitters {
             for s in subs {
@@ -451,7 +449,8 @@ impl Policy {
 }
 
 /// The strict template for hospitals (`outpost policy template strict`): nothing runs until an
-/// image is listed by digest, no relaxation, no store prefix readable until one is listed.
+/// image is listed by digest, no relaxation, no store prefix readable until one is listed, every
+/// new image approved at the site first.
 pub const STRICT_TEMPLATE: &str = r#"# Outpost site policy: the strict template. Install as config.d/policy.toml, owned by
 # root and not writable by anyone else; `outpost policy check` validates it and
 # `outpost policy explain JOB.json` says what it does to a job. Nothing the control plane,
@@ -474,6 +473,10 @@ input_prefixes = []
 max_memory_mb = 16384
 max_cpu_millis = 8000
 max_timeout_secs = 86400
+# Every image the site has not approved before waits for a person (`outpost approvals`);
+# root and the members of approvers_group may approve.
+approval = "new-image"
+# approvers_group = "outpost-approvers"
 "#;
 
 #[cfg(test)]

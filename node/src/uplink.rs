@@ -123,6 +123,14 @@ impl Uplink {
     }
 
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), UplinkError> {
+        // Jobs held for approval are news only to a control plane of revision 3 or later.
+        let stripped;
+        let hb = if self.peer_revision() < 3 && !hb.awaiting_approval.is_empty() {
+            stripped = Heartbeat { awaiting_approval: Vec::new(), ..hb.clone() };
+            &stripped
+        } else {
+            hb
+        };
         let legacy = || Heartbeat { labels: Default::default(), announce: None, ..hb.clone() };
         self.post_compat::<_, serde_json::Value>(paths::NODE_HEARTBEAT, hb, legacy, self.request_timeout)
             .await

@@ -448,6 +448,9 @@ pub struct JobInfo {
     /// When an operator asked to cancel the job while its node had it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_requested_unix_ms: Option<u64>,
+    /// The node holds the job for its site's approval, since then (as its last heartbeat said).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting_site_approval_since_unix_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -23,6 +23,23 @@ pub struct Heartbeat {
     /// from agents older than revision 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce: Option<Announce>,
+    /// Jobs the node's site policy holds for an approver (at most [`MAX_AWAITING_LISTED`]),
+    /// sent to control planes of protocol revision 3 or later.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaiting_approval: Vec<AwaitingApproval>,
+}
+
+/// Most jobs awaiting approval one heartbeat lists.
+pub const MAX_AWAITING_LISTED: usize = 256;
+
+/// A job held at the site for an approver, as a heartbeat reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AwaitingApproval {
+    pub job_id: String,
+    pub attempt: u32,
+    pub since_unix_ms: u64,
 }
 
 /// The additive revision of API v1 a peer speaks. 1: everything before fleet placement;

@@ -81,8 +81,10 @@ fn heartbeat_and_job_info_round_trip() {
         models: Vec::new(),
         labels: Labels::new(),
         announce: None,
+        awaiting_approval: Vec::new(),
     };
     let json = serde_json::to_string(&hb).expect("ser");
+    assert!(!json.contains("awaiting_approval"), "left out when empty, for older control planes: {json}");
     assert!(!json.contains("models"), "an empty model list is left out for older peers: {json}");
     let back: Heartbeat = serde_json::from_str(&json).expect("de");
     assert_eq!(back, hb);
@@ -115,6 +117,7 @@ fn heartbeat_and_job_info_round_trip() {
         placement: None,
         superseded: Vec::new(),
         cancel_requested_unix_ms: None,
+        awaiting_site_approval_since_unix_ms: None,
     };
     let back: JobInfo = serde_json::from_str(&serde_json::to_string(&info).expect("ser")).expect("de");
     assert_eq!(back, info);

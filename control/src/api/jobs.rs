@@ -355,6 +355,7 @@ pub(super) async fn create_job(
             placement: origin.placement,
             superseded: Vec::new(),
             cancel_requested_unix_ms: None,
+            awaiting_site_approval_since_unix_ms: None,
         };
         match st.store.insert_job(JobRecord { info: info.clone(), envelope: signed }).await {
             Ok(()) => {}
@@ -567,7 +568,19 @@ pub async fn get_job(
         .get_job(&job_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job {job_id} does not exist")))?;
-    Ok(Json(job.info))
+    let mut info = job.info;
+    // Held at its site for an approver, as the node's last heartbeat said.
+    if info.state == JobState::Accepted
+        && let Some(node) = st.store.get_node(&info.node_id).await?
+    {
+        info.awaiting_site_approval_since_unix_ms = node.last_heartbeat.as_ref().and_then(|hb| {
+            hb.awaiting_approval
+                .iter()
+                .find(|a| a.job_id == info.job_id && a.attempt == info.attempt)
+                .map(|a| a.since_unix_ms)
+        });
+    }
+    Ok(Json(info))
 }
 
 #[cfg(test)]

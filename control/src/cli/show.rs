@@ -96,6 +96,9 @@ pub fn job(j: &JobInfo) {
     if let Some(t) = j.accepted_unix_ms {
         println!("accepted:  {}", when(Some(t)));
     }
+    if let Some(t) = j.awaiting_site_approval_since_unix_ms {
+        println!("waiting:   for site approval since {} (`outpost approvals` on the node)", when(Some(t)));
+    }
     let Some(r) = &j.result else { return };
     println!("outcome:   {}", outcome_name(r.outcome));
     if let Some(code) = r.exit_code {

@@ -58,6 +58,7 @@ fn job(id: &str, node_id: &str, seq: u64) -> JobRecord {
             placement: None,
             superseded: Vec::new(),
             cancel_requested_unix_ms: None,
+            awaiting_site_approval_since_unix_ms: None,
         },
         envelope: SignedEnvelope { payload: "{}".into(), key_id: "k".into(), signature_hex: String::new() },
     }

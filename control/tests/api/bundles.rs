@@ -250,6 +250,7 @@ async fn relay_events_and_service_reports_from_a_bundle_are_stored_once_and_ackn
             models: Vec::new(),
             labels: [("ward".to_owned(), "b".to_owned())].into_iter().collect(),
             announce: Some(outpost_protocol::Announce::this_build()),
+            awaiting_approval: Vec::new(),
         }),
         audit: audit_chain(3),
     };
@@ -314,6 +315,7 @@ async fn a_deployment_travels_as_the_desired_state_signed_for_each_node() {
         models: Vec::new(),
         labels: [("site".to_owned(), "icu".to_owned())].into_iter().collect(),
         announce: Some(outpost_protocol::Announce::this_build()),
+        awaiting_approval: Vec::new(),
     };
     let params = outpost_protocol::OfflineEnrollParams {
         request: outpost_protocol::OfflineEnrollRequest {

@@ -48,6 +48,7 @@ impl Sim {
             } else {
                 Announce { protocol: 1, capabilities: vec![] }
             }),
+            awaiting_approval: Vec::new(),
         };
         assert_eq!(self.node.post(paths::NODE_HEARTBEAT, &hb).await.0, StatusCode::OK);
     }

@@ -123,6 +123,7 @@ fn offline_request(id: &str) -> outpost_protocol::OfflineEnrollRequest {
             models: Vec::new(),
             labels: [("site".to_owned(), "icu".to_owned())].into_iter().collect(),
             announce: Some(outpost_protocol::Announce::this_build()),
+            awaiting_approval: Vec::new(),
         }),
     }
 }

@@ -29,6 +29,7 @@ async fn heartbeat(node: &TestNode, running_jobs: u32, own: &[(&str, &str)]) {
         models: Vec::new(),
         labels: labels(own),
         announce: Some(Announce::this_build()),
+        awaiting_approval: Vec::new(),
     };
     let (status, body) = node.post(paths::NODE_HEARTBEAT, &hb).await;
     assert_eq!(status, StatusCode::OK, "heartbeat: {body}");
@@ -96,6 +97,7 @@ async fn operator_labels_win_over_the_nodes_own_and_selectors_filter_the_node_li
         models: Vec::new(),
         labels: labels(&[("site", "bad value")]),
         announce: None,
+        awaiting_approval: Vec::new(),
     };
     assert_error(&nodes[2].post(paths::NODE_HEARTBEAT, &hb).await, StatusCode::BAD_REQUEST, "bad_labels");
     hb.labels.clear();
@@ -266,6 +268,7 @@ async fn cancel_ends_a_queued_job_at_once_and_asks_the_node_for_a_running_one() 
         models: Vec::new(),
         labels: Labels::new(),
         announce: None,
+        awaiting_approval: Vec::new(),
     };
     assert_eq!(node.post(paths::NODE_HEARTBEAT, &old_hb_node).await.0, StatusCode::OK);
     let refused = op_post(&server, &paths::fill(paths::JOB_CANCEL, "job_id", &stuck.job_id), &()).await;

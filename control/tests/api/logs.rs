@@ -22,6 +22,7 @@ async fn heartbeat(node: &TestNode, announce: Option<Announce>) {
         models: Vec::new(),
         labels: Default::default(),
         announce,
+        awaiting_approval: Vec::new(),
     };
     let (status, body) = node.post(paths::NODE_HEARTBEAT, &hb).await;
     assert_eq!(status, StatusCode::OK, "heartbeat: {body}");

@@ -95,6 +95,7 @@ async fn a_heartbeat_stores_inventory_and_last_seen() {
         }],
         labels: Default::default(),
         announce: None,
+        awaiting_approval: Vec::new(),
     };
     let (status, body) = node.post(paths::NODE_HEARTBEAT, &hb).await;
     assert_eq!(status, StatusCode::OK, "{body}");

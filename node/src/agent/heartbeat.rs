@@ -60,6 +60,7 @@ impl<R: Runtime> Agent<R> {
             let depths = self.ledger.depths().unwrap_or_default();
             let hb = Heartbeat {
                 relay: self.relay.as_ref().and_then(|r| r.metrics().ok()).map(Into::into),
+                awaiting_approval: self.awaiting_approval(),
                 ..inventory::heartbeat(&self.cfg, runtime.as_ref(), depths)
             };
             tokio::select! {
@@ -85,5 +86,24 @@ impl<R: Runtime> Agent<R> {
                 _ = tokio::time::sleep(every) => {}
             }
         }
+    }
+}
+
+impl<R: crate::runtime::Runtime> super::Agent<R> {
+    /// The jobs the site policy holds for an approver, oldest first, for the control plane.
+    fn awaiting_approval(&self) -> Vec<outpost_protocol::AwaitingApproval> {
+        let Ok(all) = self.ledger.all() else { return Vec::new() };
+        let mut out: Vec<outpost_protocol::AwaitingApproval> = all
+            .into_iter()
+            .filter(|r| r.state == crate::ledger::JobState::AwaitingApproval)
+            .map(|r| outpost_protocol::AwaitingApproval {
+                job_id: r.job_id,
+                attempt: r.attempt,
+                since_unix_ms: r.received_unix_ms,
+            })
+            .collect();
+        out.sort_by_key(|a| a.since_unix_ms);
+        out.truncate(outpost_protocol::MAX_AWAITING_LISTED);
+        out
     }
 }

@@ -3,6 +3,7 @@
 //! status tasks tell the world how the node is. All state that matters lives in the ledger;
 //! the in-memory parts here can be lost at any moment without losing a job.
 
+mod approvals;
 mod bundles;
 mod events;
 mod executor;
@@ -267,6 +268,7 @@ impl<R: Runtime> Agent<R> {
             );
         }
         tasks.spawn(Arc::clone(&agent).bundle_watcher(shutdown.clone()));
+        tasks.spawn(Arc::clone(&agent).approvals(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).start_jobs(tasks.clone(), shutdown.clone()));
 
         agent.shared.ready.store(true, Ordering::Relaxed);

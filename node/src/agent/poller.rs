@@ -148,6 +148,26 @@ impl<R: Runtime> Agent<R> {
                 }
                 self.shared.work.notify_one();
             }
+            // Held for the site's approval, never started: it ends cancelled at once.
+            Some(mut rec) if rec.state == JobState::AwaitingApproval => {
+                let why = format!("cancelled while it waited for the site's approval: {}", c.reason);
+                let mut report = self.report_for(
+                    &rec,
+                    Outcome::Cancelled,
+                    None,
+                    Some(why.clone()),
+                    Default::default(),
+                    None,
+                    None,
+                );
+                report.timings.finished_unix_ms = Some(now_unix_ms());
+                rec.state = JobState::Finished;
+                rec.result = Some(report);
+                let detail = format!("job {} attempt {}: {why}", c.job_id, c.attempt);
+                self.ledger.update_audited(&rec, "job.cancelled", &detail)?;
+                self.shared.outbox.notify_one();
+                self.shared.changed.notify_one();
+            }
             Some(_) => {}
             None => {
                 let now = now_unix_ms();
@@ -200,6 +220,7 @@ impl<R: Runtime> Agent<R> {
                 self.shared.outbox.notify_one();
                 self.shared.changed.notify_one();
             }
+            crate::intake::Intake::AwaitingApproval => self.shared.changed.notify_one(),
             crate::intake::Intake::Known | crate::intake::Intake::Unusable => {}
         }
         Ok(())

@@ -90,6 +90,9 @@ pub struct Applied {
     pub jobs_accepted: Vec<String>,
     pub jobs_known: Vec<String>,
     pub jobs_rejected: Vec<(String, String)>,
+    /// Held by the site policy for an approver (`outpost approvals`).
+    #[serde(default)]
+    pub jobs_awaiting_approval: Vec<String>,
     pub services: Vec<(String, String)>,
     /// The bundle's configuration was written (it applies when the agent next starts).
     #[serde(default)]
@@ -211,6 +214,7 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
                 {
                     Intake::Accepted { .. } => out.jobs_accepted.push(a.job_id),
                     Intake::Known => out.jobs_known.push(a.job_id),
+                    Intake::AwaitingApproval => out.jobs_awaiting_approval.push(a.job_id),
                     Intake::Rejected(why) | Intake::Refused(why) => out.jobs_rejected.push((a.job_id, why)),
                     Intake::Unusable => out.jobs_rejected.push((a.job_id, "unusable job id".into())),
                 }

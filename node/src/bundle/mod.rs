@@ -125,7 +125,7 @@ pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    Imported(apply::Applied),
+    Imported(Box<apply::Applied>),
     /// The last bundle imported is this one: nothing to do.
     AlreadyImported {
         bundle_id: String,
@@ -214,7 +214,7 @@ async fn import_inner<R: crate::runtime::Runtime>(
         .map_err(|e| BundleError::Corrupt(format!("verification stopped: {e}")))?
     };
     let result = match verified {
-        Ok(v) => apply::apply(node, &v, now).await.map(Outcome::Imported),
+        Ok(v) => apply::apply(node, &v, now).await.map(|a| Outcome::Imported(Box::new(a))),
         Err(e) => Err(e),
     };
     if result.is_ok() {

@@ -143,16 +143,31 @@ fn relaxations_ceilings_and_submitters_are_checked() {
 }
 
 #[test]
-fn approval_settings_are_refused_until_the_queue_exists() {
-    // The decision logic is ready; the queue that would hold the work is not, so a policy that
-    // asks for approval must not load (it would otherwise run work nobody approved).
-    let mut p = Policy { approval: Approval::NewImage, ..Policy::default() };
-    assert!(p.validate().expect_err("refused").contains("no approval queue"));
+fn approval_is_asked_for_new_images_every_job_or_per_image() {
+    let p = policy(&format!(
+        r#"[policy]
+        approval = "new-image"
+        approvers_group = "outpost-approvers"
+        images = [ {{ digest = "{DIGEST}" }}, {{ digest = "{OTHER}", approval = "always" }} ]"#
+    ));
     let w = job(serde_json::json!({ "image": DIGEST }));
     assert_eq!(p.evaluate(&w, false), Decision::NeedsApproval);
-    assert_eq!(p.evaluate(&w, true), Decision::Allow);
-    p.approval = Approval::EveryJob;
+    assert_eq!(p.evaluate(&w, true), Decision::Allow, "approved before, with --remember");
+    let always = job(serde_json::json!({ "image": OTHER }));
+    assert_eq!(p.evaluate(&always, true), Decision::NeedsApproval);
+    let p = policy(
+        r#"[policy]
+        approval = "every-job""#,
+    );
     assert_eq!(p.evaluate(&w, true), Decision::NeedsApproval);
+    // A refusal wins over asking: nobody is asked to approve what the policy forbids.
+    let p = policy(
+        r#"[policy]
+        approval = "every-job"
+        relaxations = []"#,
+    );
+    let net = job(serde_json::json!({ "image": DIGEST, "network": true }));
+    assert!(matches!(p.evaluate(&net, false), Decision::Refuse(_)));
 }
 
 #[test]
@@ -189,4 +204,5 @@ fn the_strict_template_is_a_valid_policy_that_runs_nothing_unlisted() {
     let p = policy(STRICT_TEMPLATE);
     let r = refused(&p, &job(serde_json::json!({ "image": DIGEST })));
     assert_eq!(r.rule, "policy.images");
+    assert_eq!(p.approval, Approval::NewImage);
 }

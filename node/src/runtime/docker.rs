@@ -141,6 +141,20 @@ impl Runtime for DockerRuntime {
         Ok(RuntimeInfo { version: version.version.unwrap_or_default(), images })
     }
 
+    async fn image_facts(&self, image: &str) -> Result<super::ImageFacts> {
+        validate_image_id(image)?;
+        let i = self
+            .docker()
+            .await?
+            .inspect_image(image)
+            .await
+            .map_err(|e| engine_error(&format!("inspect image {image}"), e))?;
+        Ok(super::ImageFacts {
+            size_bytes: i.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+            created: i.created.unwrap_or_default(),
+        })
+    }
+
     async fn image_present(&self, image: &str) -> Result<bool> {
         match self.docker().await?.inspect_image(image).await {
             Ok(_) => Ok(true),

@@ -187,6 +187,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn list_managed(&self) -> impl Future<Output = Result<Vec<Managed>>> + Send;
     /// `docker load` a tarball; returns the ids of the images it brought.
     fn load_image(&self, tar: &Path) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// What the engine knows of a loaded image, for an approver.
+    fn image_facts(&self, image: &str) -> impl Future<Output = Result<ImageFacts>> + Send;
 
     /// Create (not start) the container of a service revision, hardened like a job's, with the
     /// service's network and named volume, and `input` (its staged inputs) read-only at
@@ -217,4 +219,12 @@ pub trait Runtime: Send + Sync + 'static {
         timeout: std::time::Duration,
         max_bytes: usize,
     ) -> impl Future<Output = Result<ExecOutcome>> + Send;
+}
+
+/// An image as an approver is shown it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFacts {
+    pub size_bytes: u64,
+    /// As the engine states it (RFC 3339).
+    pub created: String,
 }
