@@ -306,9 +306,14 @@ impl Policy {
         if self.approval == Approval::Always {
             return Err("policy.approval: \"always\" is per image; use \"every-job\" here".into());
         }
-        if self.approvers_group.as_deref().is_some_and(|g| g.is_empty() || g.chars().any(char::is_whitespace))
-        {
-            return Err("policy.approvers_group must be a group name".into());
+        if let Some(g) = &self.approvers_group {
+            if g.is_empty() || g.chars().any(char::is_whitespace) {
+                return Err("policy.approvers_group must be a group name".into());
+            }
+            // The approval socket is given to this group: it must exist, or nobody could approve.
+            if !matches!(nix::unistd::Group::from_name(g), Ok(Some(_))) {
+                return Err(format!("policy.approvers_group: there is no group {g:?} on this machine"));
+            }
         }
         if let Some(subs) = &self.submitters {
             for s in subs {

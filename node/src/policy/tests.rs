@@ -147,7 +147,7 @@ fn approval_is_asked_for_new_images_every_job_or_per_image() {
     let p = policy(&format!(
         r#"[policy]
         approval = "new-image"
-        approvers_group = "outpost-approvers"
+        approvers_group = "root"
         images = [ {{ digest = "{DIGEST}" }}, {{ digest = "{OTHER}", approval = "always" }} ]"#
     ));
     let w = job(serde_json::json!({ "image": DIGEST }));
@@ -179,6 +179,7 @@ fn a_policy_that_cannot_apply_as_written_is_refused() {
         ("submitters = [\"alice\"]", "must be org:ID"),
         ("max_memory_mb = 0", "at least 1"),
         ("approval = \"always\"", "per image"),
+        ("approvers_group = \"no-such-group-here\"", "there is no group"),
     ] {
         #[derive(Deserialize)]
         struct Doc {
