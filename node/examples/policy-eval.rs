@@ -4,6 +4,8 @@
 //!
 //! Usage: cargo run --release --example policy-eval [-- ITERATIONS]
 
+#![allow(clippy::expect_used)]
+
 use std::time::Instant;
 
 use outpost_node::policy::{Policy, Work};
