@@ -35,6 +35,7 @@ fn main() {
         role: Some("owner".into()),
         deployment: None,
         trigger: None,
+        local_trigger: None,
     };
     let started = Instant::now();
     let mut allowed = 0u32;

@@ -39,6 +39,12 @@ fn check_bundle_table(table: &toml::Table) -> Result<(), String> {
             return Err(format!("`{k}` must be a table"));
         }
     }
+    // A local trigger starts work as the site's own: only the site's files may define one.
+    if table.get("relay").and_then(toml::Value::as_table).is_some_and(|r| r.contains_key("triggers")) {
+        return Err(
+            "a bundle may not set `relay.triggers`: local triggers start work as the site's own".into()
+        );
+    }
     Ok(())
 }
 

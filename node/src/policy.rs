@@ -90,7 +90,7 @@ pub struct Policy {
     #[serde(default)]
     pub input_prefixes: Option<Vec<String>>,
     /// Who may submit: `org:ID`, `role:NAME`, `name:TOKEN_NAME`, `deployment:NAME` (services),
-    /// `trigger:NAME` (local triggers).
+    /// `trigger:NAME` (the control plane's org triggers), `local-trigger:NAME` (this node's).
     #[serde(default)]
     pub submitters: Option<Vec<String>>,
     #[serde(default)]
@@ -159,10 +159,11 @@ impl Work {
                 },
                 image: None,
                 relaxations: Vec::new(),
-                inputs: i.prompt_key.iter().cloned().collect(),
+                // Every key of the store it reads: a prompt, or the texts to embed.
+                inputs: i.prompt_key.iter().chain(i.texts_key.iter()).cloned().collect(),
                 memory_mb: 0,
                 cpu_millis: 0,
-                timeout_secs: None,
+                timeout_secs: Some(i.timeout_secs),
                 submitter,
             },
         }
@@ -214,10 +215,20 @@ fn security_relaxations(s: &outpost_protocol::SecurityOverrides) -> Vec<(Relaxat
     if s.writable_rootfs {
         out.push((Relaxation::WritableRootfs, "writable_rootfs = true".into()));
     }
-    if let Some(user) = &s.user
-        && user.split(':').next().is_some_and(|uid| uid.trim() == "0" || uid.trim() == "root")
-    {
-        out.push((Relaxation::Root, format!("user = {user:?}")));
+    if let Some(user) = &s.user {
+        // Only a plain decimal uid can be judged: a name is mapped by the image's own
+        // /etc/passwd, and the runtime reads "00" or "+0" as 0 too. Anything else counts as
+        // asking for root.
+        let uid = user.split(':').next().unwrap_or_default();
+        let plain = !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_digit());
+        match uid.parse::<u32>() {
+            Ok(n) if plain && n != 0 => {}
+            Ok(_) if plain => out.push((Relaxation::Root, format!("user = {user:?}"))),
+            _ => out.push((
+                Relaxation::Root,
+                format!("user = {user:?} (not a numeric uid: it cannot be judged)"),
+            )),
+        }
     }
     for cap in &s.cap_add {
         out.push((Relaxation::CapAdd, format!("cap_add {cap}")));
@@ -318,12 +329,13 @@ impl Policy {
         if let Some(subs) = &self.submitters {
             for s in subs {
                 let ok = s.split_once(':').is_some_and(|(k, v)| {
-                    ["org", "role", "name", "deployment", "trigger"].contains(&k) && !v.is_empty()
+                    ["org", "role", "name", "deployment", "trigger", "local-trigger"].contains(&k)
+                        && !v.is_empty()
                 });
                 if !ok {
                     return Err(format!(
-                        "policy.submitters: {s:?} must be org:ID, role:NAME, name:TOKEN_NAME, deployment:NAME or \
-                         trigger:NAME"
+                        "policy.submitters: {s:?} must be org:ID, role:NAME, name:TOKEN_NAME, deployment:NAME, \
+                         trigger:NAME or local-trigger:NAME"
                     ));
                 }
             }

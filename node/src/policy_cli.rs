@@ -28,7 +28,7 @@ pub enum PolicyCommand {
         #[arg(long)]
         service: bool,
         /// Who submits it, as the control plane would say: `org:ID`, `role:NAME`, `name:TOKEN`,
-        /// `deployment:NAME`, `trigger:NAME` (repeatable).
+        /// `deployment:NAME`, `trigger:NAME`, `local-trigger:NAME` (repeatable).
         #[arg(long, value_name = "KIND:VALUE")]
         submitter: Vec<String>,
     },
@@ -154,6 +154,7 @@ fn parse_submitter(parts: &[String]) -> anyhow::Result<Option<outpost_protocol::
         role: None,
         deployment: None,
         trigger: None,
+        local_trigger: None,
     };
     for p in parts {
         let Some((kind, value)) = p.split_once(':') else {
@@ -165,7 +166,10 @@ fn parse_submitter(parts: &[String]) -> anyhow::Result<Option<outpost_protocol::
             "name" => s.name = Some(value.to_owned()),
             "deployment" => s.deployment = Some(value.to_owned()),
             "trigger" => s.trigger = Some(value.to_owned()),
-            _ => bail!("--submitter {p:?}: {kind:?} is not org, role, name, deployment or trigger"),
+            "local-trigger" => s.local_trigger = Some(value.to_owned()),
+            _ => bail!(
+                "--submitter {p:?}: {kind:?} is not org, role, name, deployment, trigger or local-trigger"
+            ),
         }
     }
     Ok(Some(s))

@@ -37,6 +37,11 @@ impl UplinkError {
         )
     }
 
+    /// A control plane older than this agent refused a value it does not know (an outcome).
+    fn is_unknown_variant(&self) -> bool {
+        matches!(self, UplinkError::Refused { status: 400, message, .. } if message.contains("unknown variant"))
+    }
+
     /// A control plane older than this agent refused a field it does not know.
     fn is_unknown_field(&self) -> bool {
         matches!(self, UplinkError::Refused { status: 400, message, .. } if message.contains("unknown field"))
@@ -90,15 +95,22 @@ impl Uplink {
     pub async fn report(&self, report: &ResultReport) -> Result<Ack, UplinkError> {
         // A control plane before revision 3 knows no `refused` or `not_approved`: it gets
         // `rejected` with the same error, which it stores and shows.
-        if matches!(
+        let new = matches!(
             report.outcome,
             outpost_protocol::Outcome::Refused | outpost_protocol::Outcome::NotApproved
-        ) && self.peer_revision() < 3
-        {
-            let legacy = ResultReport { outcome: outpost_protocol::Outcome::Rejected, ..report.clone() };
-            return self.post(paths::NODE_RESULTS, &legacy, self.request_timeout).await;
+        );
+        let legacy = || ResultReport { outcome: outpost_protocol::Outcome::Rejected, ..report.clone() };
+        match self.peer_revision() {
+            1 | 2 if new => self.post(paths::NODE_RESULTS, &legacy(), self.request_timeout).await,
+            // Not known yet (no answer since the start): try, and learn from a refusal.
+            0 if new => match self.post(paths::NODE_RESULTS, report, self.request_timeout).await {
+                Err(e) if e.is_unknown_variant() => {
+                    self.post(paths::NODE_RESULTS, &legacy(), self.request_timeout).await
+                }
+                r => r,
+            },
+            _ => self.post(paths::NODE_RESULTS, report, self.request_timeout).await,
         }
-        self.post(paths::NODE_RESULTS, report, self.request_timeout).await
     }
 
     /// Deliver relay events, oldest first; the answer says up to which seq they are stored.

@@ -39,7 +39,7 @@ async fn work_the_site_policy_does_not_allow_is_refused_on_every_path_and_never_
     let image = common::test_image();
     let policy = format!(
         "[policy]\nimages = [ {{ digest = \"{image}\", name = \"busybox\", input_prefixes = [\"scans/\"] }} ]\n\
-         relaxations = []\nsubmitters = [\"role:owner\", \"deployment:viewer\", \"trigger:net\"]\nmax_timeout_secs = 300\n"
+         relaxations = []\nsubmitters = [\"role:owner\", \"deployment:viewer\", \"local-trigger:net\"]\nmax_timeout_secs = 300\n"
     );
     let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &config(&policy)).await;
     let _containers = common::RemoveNodeContainers(node.node_id.clone());

@@ -206,14 +206,17 @@ pub struct Submitter {
     /// The deployment a service revision comes from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
-    /// The trigger (an org trigger on the control plane, or a local one) that made the job.
+    /// The control plane's org trigger that made the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
+    /// The node's own local relay trigger that made the job (never sent by a control plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_trigger: Option<String>,
 }
 
 impl Submitter {
     /// The ways a site policy can name this submitter: `org:ID`, `role:NAME`, `name:TOKEN`,
-    /// `deployment:NAME`, `trigger:NAME`.
+    /// `deployment:NAME`, `trigger:NAME`, `local-trigger:NAME`.
     pub fn identities(&self) -> Vec<String> {
         let mut out = vec![format!("org:{}", self.org_id)];
         for (k, v) in [
@@ -221,6 +224,7 @@ impl Submitter {
             ("name", &self.name),
             ("deployment", &self.deployment),
             ("trigger", &self.trigger),
+            ("local-trigger", &self.local_trigger),
         ] {
             if let Some(v) = v {
                 out.push(format!("{k}:{v}"));

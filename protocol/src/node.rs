@@ -67,8 +67,10 @@ pub mod capability {
     pub const SERVICE_INPUTS: &str = "service-inputs";
     /// Holds work to a site policy: takes a job envelope's `submitter`.
     pub const SITE_POLICY: &str = "site-policy";
+    /// Takes a configuration part in a bundle.
+    pub const BUNDLE_CONFIG: &str = "bundle-config";
     /// Every capability this build has.
-    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES, LOGS, SERVICE_INPUTS, SITE_POLICY];
+    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES, LOGS, SERVICE_INPUTS, SITE_POLICY, BUNDLE_CONFIG];
 }
 
 /// A peer's protocol revision and capabilities, sent by the agent in every heartbeat and poll.

@@ -89,6 +89,21 @@ pub async fn create(
     // built never meets a job numbered below one already taken.
     let _one_build = BUILD_LOCK.lock().await;
     let nodes = targets(&st, &org_id, &req).await?;
+    // An older agent refuses a part kind it does not know (the whole bundle): say so here.
+    if req.files.iter().any(|f| f.kind == PartKind::Config)
+        && let Some(old) =
+            nodes.iter().find(|n| !n.announce().has(outpost_protocol::capability::BUNDLE_CONFIG))
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "agent_too_old",
+            format!(
+                "node {}'s agent has not announced the `bundle-config` capability: it would refuse a bundle with a \
+                 configuration part; leave --config out for it",
+                old.node_id
+            ),
+        ));
+    }
     let per_node = req.jobs.len().saturating_add(deployments.len());
     let parts = req.files.len().saturating_add(nodes.len().saturating_mul(per_node));
     if parts > outpost_protocol::MAX_BUNDLE_PARTS {

@@ -294,6 +294,7 @@ fn submitter_for(node: &NodeInfo, org_id: &str, origin: &JobOrigin) -> Option<ou
             role: None,
             deployment: None,
             trigger: Some(t.clone()),
+            local_trigger: None,
         },
         None => outpost_protocol::Submitter {
             org_id: org_id.to_owned(),
@@ -301,6 +302,7 @@ fn submitter_for(node: &NodeInfo, org_id: &str, origin: &JobOrigin) -> Option<ou
             role: Some("owner".into()),
             deployment: None,
             trigger: None,
+            local_trigger: None,
         },
     })
 }
@@ -393,9 +395,11 @@ pub(super) async fn reoffer_job(
             // The operator's deadline stands: a re-placed job does not live longer.
             expires_unix_ms: before.as_ref().map_or(now, |e| e.expires_unix_ms),
             spec: job.info.spec.clone(),
-            // Whoever asked for it still did; only an agent that takes it is told.
+            // Whoever asked for it still did (a re-placed job is an operator's: triggers name
+            // their node); only an agent that takes it is told.
             submitter: before
                 .and_then(|e| e.submitter)
+                .or_else(|| submitter_for(node, &org.org.id, &JobOrigin::default()))
                 .filter(|_| node.announce().has(outpost_protocol::capability::SITE_POLICY)),
         };
         let signed = sign(&org, &envelope)?;

@@ -19,10 +19,24 @@ use crate::runtime::Runtime;
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// Most objects counted per input when `show` says what a job would read.
 const COUNT_LIMIT: usize = 10_000;
+/// How long a client may take to send its request: one that sends nothing holds no one up.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
 
 impl<R: Runtime> Agent<R> {
     /// Serves the approval socket until shutdown, and sweeps expired waiting jobs.
     pub(super) async fn approvals(self: Arc<Self>, shutdown: CancellationToken) {
+        // The sweep runs whatever becomes of the socket: waiting jobs always expire.
+        let sweeper = Arc::clone(&self);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = sweep.tick() => sweeper.expire_waiting(),
+                }
+            }
+        });
         let path = approvals::socket_path(&self.cfg);
         let _ = std::fs::remove_file(&path);
         let listener = match tokio::net::UnixListener::bind(&path) {
@@ -38,11 +52,9 @@ impl<R: Runtime> Agent<R> {
             let _ = std::fs::remove_file(&path);
             return;
         }
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = sweep.tick() => self.expire_waiting(),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         if let Err(e) = self.answer(stream).await {
@@ -75,7 +87,9 @@ impl<R: Runtime> Agent<R> {
         let (read, mut write) = stream.into_split();
         let mut line = String::new();
         let mut reader = BufReader::new(read).take(approvals::MAX_REQUEST_BYTES as u64);
-        reader.read_line(&mut line).await?;
+        tokio::time::timeout(REQUEST_WAIT, reader.read_line(&mut line))
+            .await
+            .map_err(|_| anyhow::anyhow!("no request within {} s", REQUEST_WAIT.as_secs()))??;
         let response = match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::Error { error: format!("the request does not parse: {e}") },
             Ok(req) => match approvals::may_approve(cred.uid(), self.cfg.policy.approvers_group.as_deref()) {
@@ -115,6 +129,8 @@ impl<R: Runtime> Agent<R> {
                 Ok(serde_json::to_value(self.details(&rec).await).unwrap_or_default())
             }
             Request::Approve { id, remember } => {
+                // Decided under the lock a cancel takes too: never both.
+                let _one = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
                 let mut rec = self.waiting_record(&id)?;
                 if expired(&rec, now_unix_ms()) {
                     self.end_waiting(&mut rec, "its manifest expired while it waited for approval")
@@ -142,6 +158,7 @@ impl<R: Runtime> Agent<R> {
                         "a denial needs a reason of 1 to 1000 characters: it reaches the operator".into()
                     );
                 }
+                let _one = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
                 let mut rec = self.waiting_record(&id)?;
                 self.end_waiting(&mut rec, &format!("denied at the site by {user}: {reason}"))
                     .map_err(err)?;
@@ -185,6 +202,7 @@ impl<R: Runtime> Agent<R> {
     }
 
     fn expire_waiting(&self) {
+        let _one = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_unix_ms();
         let Ok(all) = self.ledger.all() else { return };
         for mut rec in all.into_iter().filter(|r| r.state == JobState::AwaitingApproval && expired(r, now)) {

@@ -303,7 +303,8 @@ impl<R: Runtime> Agent<R> {
                 name: None,
                 role: None,
                 deployment: None,
-                trigger: Some(local.trigger.clone()),
+                trigger: None,
+                local_trigger: Some(local.trigger.clone()),
             }),
             None => serde_json::from_str::<outpost_protocol::JobEnvelope>(&rec.envelope.payload)
                 .ok()

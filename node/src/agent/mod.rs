@@ -165,6 +165,8 @@ pub struct Agent<R: Runtime> {
     pub(crate) service_reported: Arc<Notify>,
     /// One bundle import (or the finishing of an interrupted one) at a time.
     pub(crate) bundle_lock: tokio::sync::Mutex<()>,
+    /// Held while a waiting job is approved, denied, expired or cancelled: one decision each.
+    pub(crate) decisions: std::sync::Mutex<()>,
 }
 
 /// How many containers the agent creates and starts at once: one per CPU (at least two), since
@@ -221,6 +223,7 @@ impl<R: Runtime> Agent<R> {
             services: crate::services::book::ServiceBook::new(Arc::clone(ledger.store())),
             service_wake: Arc::default(),
             bundle_lock: tokio::sync::Mutex::new(()),
+            decisions: std::sync::Mutex::new(()),
             service_reported: Arc::default(),
             ledger,
         })

@@ -124,8 +124,11 @@ impl<R: Runtime> Agent<R> {
     fn poll_plan(&self) -> Result<(Vec<(String, u32)>, u32), crate::store::StoreError> {
         let all = self.ledger.all()?;
         let acks = all.iter().filter(|r| !r.acked).map(|r| (r.job_id.clone(), r.attempt)).collect();
-        let queued =
-            all.iter().filter(|r| matches!(r.state, JobState::Staged | JobState::Running)).count() as u32;
+        // Jobs held for approval take room too: nobody approving must not grow the ledger.
+        let queued = all
+            .iter()
+            .filter(|r| matches!(r.state, JobState::Staged | JobState::Running | JobState::AwaitingApproval))
+            .count() as u32;
         let outbox = all.iter().filter(|r| r.state == JobState::Finished).count() as u32;
         let a = &self.cfg.agent;
         let room = if outbox >= a.outbox_limit { 0 } else { a.queue_limit.saturating_sub(queued) };
@@ -148,8 +151,15 @@ impl<R: Runtime> Agent<R> {
                 }
                 self.shared.work.notify_one();
             }
-            // Held for the site's approval, never started: it ends cancelled at once.
-            Some(mut rec) if rec.state == JobState::AwaitingApproval => {
+            // Held for the site's approval, never started: it ends cancelled at once (unless an
+            // approver decided first: read again under the decision lock).
+            Some(rec) if rec.state == JobState::AwaitingApproval => {
+                let _one = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(mut rec) = self.ledger.get(&c.job_id, c.attempt)?.filter(|r| r.state == rec.state)
+                else {
+                    self.shared.work.notify_one();
+                    return Ok(());
+                };
                 let why = format!("cancelled while it waited for the site's approval: {}", c.reason);
                 let mut report = self.report_for(
                     &rec,

@@ -39,7 +39,13 @@ pub struct Journal {
     pub counter: u64,
     /// The parts this node applies and their staged copies, in manifest order.
     pub parts: Vec<(outpost_protocol::BundlePart, std::path::PathBuf)>,
+    /// How often finishing it was tried after an interruption.
+    #[serde(default)]
+    pub attempts: u32,
 }
+
+/// Tries to finish an interrupted import before it is given up (the engine down for good, say).
+pub const MAX_RECOVERY_ATTEMPTS: u32 = 5;
 
 /// The bundle an interrupted import was applying, if one was.
 pub fn journal(store: &dyn StateStore) -> Result<Option<Journal>, StoreError> {
@@ -183,7 +189,13 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
         }
     }
     // From here on the node changes: journal first, so a crash here is finished on restart.
-    let journal = Journal { manifest: v.manifest.clone(), counter: v.counter, parts: v.parts.clone() };
+    let attempts = journal(node.ledger.store().as_ref())
+        .ok()
+        .flatten()
+        .filter(|j| j.manifest.bundle_id == v.manifest.bundle_id)
+        .map_or(0, |j| j.attempts);
+    let journal =
+        Journal { manifest: v.manifest.clone(), counter: v.counter, parts: v.parts.clone(), attempts };
     let bytes = serde_json::to_vec(&journal).map_err(|e| BundleError::Corrupt(e.to_string()))?;
     node.ledger
         .store()
@@ -331,8 +343,36 @@ pub async fn recover<R: Runtime>(node: &Node<'_, R>, now: u64) -> Result<Option<
             .map_err(|e| BundleError::Apply { part: "(bundle journal)".into(), reason: e.to_string() })?;
         return Err(BundleError::Apply { part, reason });
     }
+    // Counted before trying, so a crash while trying counts too.
+    let attempts = j.attempts.saturating_add(1);
+    let counted = Journal { attempts, ..j.clone() };
+    let bytes = serde_json::to_vec(&counted).map_err(|e| BundleError::Corrupt(e.to_string()))?;
+    store
+        .apply(vec![Op::Put(Tree::Meta, APPLYING.to_vec(), bytes)])
+        .map_err(|e| BundleError::Apply { part: "(bundle journal)".into(), reason: e.to_string() })?;
     let v = super::read::Verified { manifest: j.manifest, counter: j.counter, parts: j.parts };
-    let applied = apply(node, &v, now).await?;
+    let applied = match apply(node, &v, now).await {
+        Ok(a) => a,
+        // One that cannot succeed (a part no longer verifies), or has failed too often (the
+        // engine refuses an image), is given up, so that later bundles are not held behind it.
+        Err(e) if !e.is_transient() || attempts >= MAX_RECOVERY_ATTEMPTS => {
+            let detail = format!(
+                "bundle {}: finishing the interrupted import failed ({e}) after {attempts} attempt(s); given up, \
+                 it may be partly applied: import a new bundle",
+                v.manifest.bundle_id
+            );
+            tracing::error!("{detail}");
+            let end = store.apply(vec![Op::Delete(Tree::Meta, APPLYING.to_vec())]);
+            let audit = node.ledger.audit("bundle.recovery_abandoned", &detail);
+            if let Some(dir) = &staging {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            end.and(audit)
+                .map_err(|e| BundleError::Apply { part: "(bundle journal)".into(), reason: e.to_string() })?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     crate::trust::heard(store.as_ref(), v.manifest.created_unix_ms.min(now))
         .map_err(|e| BundleError::Apply { part: "(trust)".into(), reason: e.to_string() })?;
     if let Some(dir) = staging {

@@ -177,8 +177,13 @@ fn a_bundles_configuration_sits_under_the_nodes_own_files_and_sets_only_what_it_
     assert!(loaded.sources.iter().any(|s| s.ends_with("(from a bundle)")), "{:?}", loaded.sources);
 
     // What a bundle may not set is refused when the part is read, and if the file was edited.
-    for text in ["[egress]\nallow_logs = true\n", "data_dir = \"/tmp\"\n", "[trust]\nmax_offline = \"off\"\n"]
-    {
+    for text in [
+        "[egress]\nallow_logs = true\n",
+        "data_dir = \"/tmp\"\n",
+        "[trust]\nmax_offline = \"off\"\n",
+        "[policy]\nkinds = []\n",
+        "[[relay.triggers]]\nname = \"x\"\n",
+    ] {
         assert!(parse_bundle_config(text).is_err(), "{text}");
     }
     std::fs::write(data.join(BUNDLE_CONFIG_FILE), "[control]\nurl = \"https://elsewhere\"\n").expect("write");

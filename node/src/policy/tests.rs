@@ -25,6 +25,7 @@ fn submitter() -> Submitter {
         role: Some("operator".into()),
         deployment: None,
         trigger: None,
+        local_trigger: None,
     }
 }
 
@@ -96,9 +97,11 @@ fn inputs_outside_the_prefixes_never_slip_through() {
     }
     let ok = job(serde_json::json!({ "image": DIGEST, "inputs": ["scans/2026/a.dcm", "scans/2027/"] }));
     assert_eq!(p.evaluate(&ok, false), Decision::Allow);
-    // An inference job's prompt key is an input too.
+    // An inference job's prompt key, or the texts it embeds, are inputs too.
     let generate = job(serde_json::json!({ "kind": "generate", "model": "m", "prompt_key": "notes/x.txt" }));
     assert_eq!(refused(&p, &generate).rule, "policy.input_prefixes");
+    let embed = job(serde_json::json!({ "kind": "embed", "model": "m", "texts_key": "notes/secret.jsonl" }));
+    assert_eq!(refused(&p, &embed).rule, "policy.input_prefixes");
 }
 
 #[test]
@@ -112,6 +115,14 @@ fn relaxations_ceilings_and_submitters_are_checked() {
     );
     let root = job(serde_json::json!({ "image": DIGEST, "security": { "user": "0:0" } }));
     assert_eq!(refused(&p, &root).value, "root (user = \"0:0\")");
+    // Spellings the runtime reads as uid 0, and names the image maps, cannot be judged: root.
+    for user in ["00", "+0", "-0", "root", "nobody", "0x0"] {
+        let w = job(serde_json::json!({ "image": DIGEST, "timeout_secs": 30, "security": { "user": user } }));
+        assert_eq!(refused(&p, &w).rule, "policy.relaxations", "{user}");
+    }
+    let plain =
+        job(serde_json::json!({ "image": DIGEST, "timeout_secs": 30, "security": { "user": "1000:1000" } }));
+    assert_eq!(p.evaluate(&plain, false), Decision::Allow);
     let caps = job(serde_json::json!({ "image": DIGEST, "security": { "cap_add": ["SYS_ADMIN"] } }));
     assert_eq!(refused(&p, &caps).value, "cap-add (cap_add SYS_ADMIN)");
     let big = job(serde_json::json!({ "image": DIGEST, "resources": { "memory_mb": 4096 } }));
@@ -137,6 +148,7 @@ fn relaxations_ceilings_and_submitters_are_checked() {
         role: None,
         deployment: Some("viewer".into()),
         trigger: None,
+        local_trigger: None,
     };
     let r = refused(&p, &Work::service(&service, Some(by)));
     assert_eq!(r.value, "publish (publish 127.0.0.1:8080)");

@@ -144,6 +144,7 @@ pub fn policy_refusal(
         role: None,
         deployment: Some(deployment.to_owned()),
         trigger: None,
+        local_trigger: None,
     };
     match policy.evaluate(&crate::policy::Work::service(spec, Some(by)), true) {
         crate::policy::Decision::Refuse(r) => Some(r.to_string()),
