@@ -87,7 +87,7 @@ pub fn take_job(
                 tracing::warn!(job = %a.job_id, reason = %msg, "job refused by the site policy");
                 rec.spec = Some(env.spec);
                 rec.state = JobState::Finished;
-                rec.result = Some(refused_report(&rec, &msg, now));
+                rec.result = Some(unrun_report(&rec, Outcome::Refused, &msg, now));
                 let detail = format!("job {}: {msg}", a.job_id);
                 ledger.insert(&rec, true, Some(("job.refused", &detail)))?;
                 return Ok(Intake::Refused(msg));
@@ -102,20 +102,21 @@ pub fn take_job(
             tracing::warn!(job = %a.job_id, reason = %msg, "job rejected");
             rec.state = JobState::Finished;
             rec.seq = last_seq;
-            rec.result = Some(rejected_report(&rec, &msg, now));
+            rec.result = Some(unrun_report(&rec, Outcome::Rejected, &msg, now));
             ledger.insert(&rec, false, Some(("job.rejected", &format!("job {}: {msg}", a.job_id))))?;
             Ok(Intake::Rejected(msg))
         }
     }
 }
 
-/// The result of a job refused before it ran.
-pub fn rejected_report(rec: &JobRecord, why: &str, now: u64) -> ResultReport {
+/// The result of an attempt that ended before it ran: rejected (its manifest), refused (the
+/// site policy), not approved, or cancelled while it waited. `why` is its error.
+pub fn unrun_report(rec: &JobRecord, outcome: Outcome, why: &str, now: u64) -> ResultReport {
     ResultReport {
         job_id: rec.job_id.clone(),
         attempt: rec.attempt,
         idempotency_key: ResultReport::key_for(&rec.job_id, rec.attempt),
-        outcome: Outcome::Rejected,
+        outcome,
         exit_code: None,
         error: Some(why.to_owned()),
         stdout_tail: String::new(),
@@ -130,11 +131,6 @@ pub fn rejected_report(rec: &JobRecord, why: &str, now: u64) -> ResultReport {
         egress_denied: Vec::new(),
         inference: None,
     }
-}
-
-/// The result of a job the site policy refused: never run, never retried on this node.
-pub fn refused_report(rec: &JobRecord, why: &str, now: u64) -> ResultReport {
-    ResultReport { outcome: Outcome::Refused, ..rejected_report(rec, why, now) }
 }
 
 /// An empty envelope, for records of attempts this node never received.

@@ -189,10 +189,8 @@ impl<R: Runtime> Agent<R> {
     /// Ends a waiting job as `not_approved` (denied, or expired), reported and audited.
     fn end_waiting(&self, rec: &mut JobRecord, why: &str) -> Result<(), crate::store::StoreError> {
         let now = now_unix_ms();
-        let mut report = crate::intake::rejected_report(rec, why, now);
-        report.outcome = Outcome::NotApproved;
         rec.state = JobState::Finished;
-        rec.result = Some(report);
+        rec.result = Some(crate::intake::unrun_report(rec, Outcome::NotApproved, why, now));
         let detail = format!("job {}/{}: {why}", rec.job_id, rec.attempt);
         self.ledger.update_audited(rec, "job.not_approved", &detail)?;
         tracing::info!("{detail}");

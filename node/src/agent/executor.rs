@@ -72,10 +72,7 @@ impl<R: Runtime> Agent<R> {
             }
             Err(Stop::Refused(why)) => {
                 tracing::warn!(job = %job.job_id, reason = %why, "job refused by the site policy");
-                let mut report =
-                    self.report_for(&rec, Outcome::Refused, None, Some(why), Default::default(), None, None);
-                report.timings.finished_unix_ms = Some(now_unix_ms());
-                (report, None)
+                (crate::intake::unrun_report(&rec, Outcome::Refused, &why, now_unix_ms()), None)
             }
             Err(Stop::Cancelled) => {
                 let why = self.cancelled_because(&job);

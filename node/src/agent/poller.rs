@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_protocol::{CancelAttempt, JobAssignment, Outcome, PollRequest, SignedEnvelope};
+use outpost_protocol::{CancelAttempt, JobAssignment, Outcome, PollRequest};
 use tokio_util::sync::CancellationToken;
 
 use super::Agent;
@@ -161,18 +161,8 @@ impl<R: Runtime> Agent<R> {
                     return Ok(());
                 };
                 let why = format!("cancelled while it waited for the site's approval: {}", c.reason);
-                let mut report = self.report_for(
-                    &rec,
-                    Outcome::Cancelled,
-                    None,
-                    Some(why.clone()),
-                    Default::default(),
-                    None,
-                    None,
-                );
-                report.timings.finished_unix_ms = Some(now_unix_ms());
                 rec.state = JobState::Finished;
-                rec.result = Some(report);
+                rec.result = Some(crate::intake::unrun_report(&rec, Outcome::Cancelled, &why, now_unix_ms()));
                 let detail = format!("job {} attempt {}: {why}", c.job_id, c.attempt);
                 self.ledger.update_audited(&rec, "job.cancelled", &detail)?;
                 self.shared.outbox.notify_one();
@@ -190,26 +180,12 @@ impl<R: Runtime> Agent<R> {
                     acked: true,
                     received_unix_ms: now,
                     spec: None,
-                    envelope: SignedEnvelope {
-                        payload: String::new(),
-                        key_id: String::new(),
-                        signature_hex: String::new(),
-                    },
+                    envelope: crate::intake::no_envelope(),
                     result: None,
                     local: None,
                 };
                 let why = format!("cancelled before this node received it: {}", c.reason);
-                let mut report = self.report_for(
-                    &rec,
-                    Outcome::Cancelled,
-                    None,
-                    Some(why.clone()),
-                    Default::default(),
-                    None,
-                    None,
-                );
-                report.timings.finished_unix_ms = Some(now);
-                rec.result = Some(report);
+                rec.result = Some(crate::intake::unrun_report(&rec, Outcome::Cancelled, &why, now));
                 let detail = format!("job {} attempt {}: {why}", c.job_id, c.attempt);
                 self.ledger.insert(&rec, false, Some(("job.cancelled", &detail)))?;
                 self.shared.outbox.notify_one();
