@@ -490,7 +490,7 @@ pub async fn import_results(
         && node.last_seen_unix_ms.is_none_or(|seen| seen < payload.created_unix_ms)
         && outpost_protocol::selector::check_labels(&hb.labels).is_ok()
     {
-        st.store.record_description(&node.node_id, hb).await?;
+        st.store.record_heartbeat(&node.node_id, hb, None).await?;
         st.fleet_changed.notify_one();
     }
     // The node's audit log, checked link by link against what is stored of it.

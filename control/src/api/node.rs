@@ -204,6 +204,6 @@ pub async fn heartbeat(
     selector::check_labels(&hb.labels).map_err(|why| {
         ApiError::bad_request("bad_labels", format!("the node's [node] labels are not valid: {why}"))
     })?;
-    st.store.record_heartbeat(&node.node_id, hb, st.clock.now_ms()).await?;
+    st.store.record_heartbeat(&node.node_id, hb, Some(st.clock.now_ms())).await?;
     Ok(Json(serde_json::json!({})))
 }

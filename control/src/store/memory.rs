@@ -126,26 +126,21 @@ impl StateStore for MemoryStore {
         self.with(|inner| Ok(inner.nodes.values().cloned().collect()))
     }
 
-    fn record_heartbeat(&self, node_id: &str, heartbeat: Heartbeat, now_ms: u64) -> StoreFuture<'_, ()> {
+    fn record_heartbeat(
+        &self,
+        node_id: &str,
+        heartbeat: Heartbeat,
+        seen_ms: Option<u64>,
+    ) -> StoreFuture<'_, ()> {
         let node_id = node_id.to_owned();
         self.with(move |inner| {
             let node = inner
                 .nodes
                 .get_mut(&node_id)
                 .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
-            node.last_seen_unix_ms = Some(now_ms);
-            node.last_heartbeat = Some(heartbeat);
-            Ok(())
-        })
-    }
-
-    fn record_description(&self, node_id: &str, heartbeat: Heartbeat) -> StoreFuture<'_, ()> {
-        let node_id = node_id.to_owned();
-        self.with(move |inner| {
-            let node = inner
-                .nodes
-                .get_mut(&node_id)
-                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
+            if seen_ms.is_some() {
+                node.last_seen_unix_ms = seen_ms;
+            }
             node.last_heartbeat = Some(heartbeat);
             Ok(())
         })

@@ -373,10 +373,15 @@ pub trait StateStore: Send + Sync + 'static {
 
     fn get_node(&self, node_id: &str) -> StoreFuture<'_, Option<NodeInfo>>;
     fn list_nodes(&self) -> StoreFuture<'_, Vec<NodeInfo>>;
-    fn record_heartbeat(&self, node_id: &str, heartbeat: Heartbeat, now_ms: u64) -> StoreFuture<'_, ()>;
-    /// Keeps `heartbeat` as the node's description without counting it as a sign of life (it
-    /// came in a results bundle: the node is no more reachable than before).
-    fn record_description(&self, node_id: &str, heartbeat: Heartbeat) -> StoreFuture<'_, ()>;
+    /// Keeps `heartbeat` as the node's last, and `seen_ms` as when it was last seen; `None`:
+    /// the heartbeat is no sign of life (it came in a results bundle: the node is no more
+    /// reachable than before).
+    fn record_heartbeat(
+        &self,
+        node_id: &str,
+        heartbeat: Heartbeat,
+        seen_ms: Option<u64>,
+    ) -> StoreFuture<'_, ()>;
 
     /// The next per-node job sequence number (1, 2, ...); never handed out twice.
     fn next_job_seq(&self, node_id: &str) -> StoreFuture<'_, u64>;

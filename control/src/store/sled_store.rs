@@ -106,6 +106,26 @@ impl SledStore {
         })
     }
 
+    /// Changes one node's record in a transaction (`change` may run again on a conflict) and
+    /// flushes; the record as stored afterwards.
+    async fn modify_node(
+        &self,
+        node_id: &str,
+        change: impl Fn(&mut NodeInfo),
+    ) -> Result<NodeInfo, StoreError> {
+        let outcome = self.nodes.transaction(|nodes| {
+            let bytes = nodes.get(node_id.as_bytes())?;
+            let bytes = bytes.ok_or_else(|| abort(StoreError::NotFound(format!("node {node_id}"))))?;
+            let mut node: NodeInfo = decode(node_id, &bytes).map_err(abort)?;
+            change(&mut node);
+            nodes.insert(node_id.as_bytes(), encode(&node).map_err(abort)?)?;
+            Ok(node)
+        });
+        let node = settle(outcome)?;
+        self.flush().await?;
+        Ok(node)
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await.map(|_| ()).map_err(backend)
     }
@@ -278,36 +298,22 @@ impl StateStore for SledStore {
         Box::pin(async move { Self::all(&self.nodes) })
     }
 
-    fn record_heartbeat(&self, node_id: &str, heartbeat: Heartbeat, now_ms: u64) -> StoreFuture<'_, ()> {
+    fn record_heartbeat(
+        &self,
+        node_id: &str,
+        heartbeat: Heartbeat,
+        seen_ms: Option<u64>,
+    ) -> StoreFuture<'_, ()> {
         let node_id = node_id.to_owned();
         Box::pin(async move {
-            let outcome = self.nodes.transaction(|nodes| {
-                let bytes = nodes.get(node_id.as_bytes())?;
-                let bytes = bytes.ok_or_else(|| abort(StoreError::NotFound(format!("node {node_id}"))))?;
-                let mut node: NodeInfo = decode(&node_id, &bytes).map_err(abort)?;
-                node.last_seen_unix_ms = Some(now_ms);
+            self.modify_node(&node_id, |node| {
+                if seen_ms.is_some() {
+                    node.last_seen_unix_ms = seen_ms;
+                }
                 node.last_heartbeat = Some(heartbeat.clone());
-                nodes.insert(node_id.as_bytes(), encode(&node).map_err(abort)?)?;
-                Ok(())
-            });
-            settle(outcome)?;
-            self.flush().await
-        })
-    }
-
-    fn record_description(&self, node_id: &str, heartbeat: Heartbeat) -> StoreFuture<'_, ()> {
-        let node_id = node_id.to_owned();
-        Box::pin(async move {
-            let outcome = self.nodes.transaction(|nodes| {
-                let bytes = nodes.get(node_id.as_bytes())?;
-                let bytes = bytes.ok_or_else(|| abort(StoreError::NotFound(format!("node {node_id}"))))?;
-                let mut node: NodeInfo = decode(&node_id, &bytes).map_err(abort)?;
-                node.last_heartbeat = Some(heartbeat.clone());
-                nodes.insert(node_id.as_bytes(), encode(&node).map_err(abort)?)?;
-                Ok(())
-            });
-            settle(outcome)?;
-            self.flush().await
+            })
+            .await
+            .map(drop)
         })
     }
 
@@ -451,19 +457,9 @@ impl StateStore for SledStore {
         remove: Vec<String>,
     ) -> StoreFuture<'_, NodeInfo> {
         let node_id = node_id.to_owned();
-        Box::pin(async move {
-            let outcome = self.nodes.transaction(|nodes| {
-                let bytes = nodes.get(node_id.as_bytes())?;
-                let bytes = bytes.ok_or_else(|| abort(StoreError::NotFound(format!("node {node_id}"))))?;
-                let mut node: NodeInfo = decode(&node_id, &bytes).map_err(abort)?;
-                change_labels(&mut node, set.clone(), &remove);
-                nodes.insert(node_id.as_bytes(), encode(&node).map_err(abort)?)?;
-                Ok(node)
-            });
-            let node = settle(outcome)?;
-            self.flush().await?;
-            Ok(node)
-        })
+        Box::pin(
+            async move { self.modify_node(&node_id, |node| change_labels(node, set.clone(), &remove)).await },
+        )
     }
 
     fn reassign_job(&self, job_id: &str, expected_attempt: u32, next: JobRecord) -> StoreFuture<'_, bool> {
