@@ -11,14 +11,8 @@ pub type AuditEntry = outpost_protocol::AuditRecord;
 /// Build the op that appends an entry after the current last one. Callers include it in the
 /// batch that makes the audited change, and only one task writes at a time per batch.
 pub fn entry_op(store: &dyn StateStore, action: &str, detail: &str) -> Result<Op, StoreError> {
-    let (prev_seq, prev) = match store.last(Tree::Audit)? {
-        Some((_, v)) => {
-            let last: AuditEntry = decode(&v)?;
-            (last.seq, last.sha256)
-        }
-        None => (0, outpost_protocol::AUDIT_GENESIS.to_owned()),
-    };
-    let entry = AuditEntry::after(prev_seq, &prev, now_unix_ms(), action, detail);
+    let last = store.last(Tree::Audit)?.map(|(_, v)| decode(&v)).transpose()?;
+    let entry = AuditEntry::following(last.as_ref(), now_unix_ms(), action, detail);
     let seq = entry.seq;
     tracing::info!(target: "audit", seq, action, detail, "audit");
     Ok(Op::Put(Tree::Audit, seq.to_be_bytes().to_vec(), serde_json::to_vec(&entry).unwrap_or_default()))

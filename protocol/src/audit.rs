@@ -35,8 +35,9 @@ impl AuditRecord {
         hex::encode(h.finalize())
     }
 
-    /// A new entry after the one whose seq and hash are given (`0` and [`AUDIT_GENESIS`]: first).
-    pub fn after(prev_seq: u64, prev_sha256: &str, unix_ms: u64, action: &str, detail: &str) -> Self {
+    /// The entry that follows `prev` (`None`: the first of a log).
+    pub fn following(prev: Option<&AuditRecord>, unix_ms: u64, action: &str, detail: &str) -> Self {
+        let (prev_seq, prev_sha256) = prev.map_or((0, AUDIT_GENESIS), |p| (p.seq, p.sha256.as_str()));
         let seq = prev_seq + 1;
         Self {
             seq,
@@ -86,8 +87,7 @@ mod tests {
     fn chain(n: u64) -> Vec<AuditRecord> {
         let mut out: Vec<AuditRecord> = Vec::new();
         for i in 0..n {
-            let (seq, prev) = out.last().map_or((0, AUDIT_GENESIS.to_owned()), |e| (e.seq, e.sha256.clone()));
-            out.push(AuditRecord::after(seq, &prev, 1000 + i, "job.accepted", &format!("job {i}")));
+            out.push(AuditRecord::following(out.last(), 1000 + i, "job.accepted", &format!("job {i}")));
         }
         out
     }

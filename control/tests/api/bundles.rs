@@ -197,11 +197,8 @@ fn now_ms() -> u64 {
 fn audit_chain(n: u64) -> Vec<outpost_protocol::AuditRecord> {
     let mut out: Vec<outpost_protocol::AuditRecord> = Vec::new();
     for i in 0..n {
-        let (seq, prev) =
-            out.last().map_or((0, outpost_protocol::AUDIT_GENESIS.to_owned()), |e| (e.seq, e.sha256.clone()));
-        out.push(outpost_protocol::AuditRecord::after(
-            seq,
-            &prev,
+        out.push(outpost_protocol::AuditRecord::following(
+            out.last(),
             10 + i,
             "job.accepted",
             &format!("job {i}"),
