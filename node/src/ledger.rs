@@ -64,6 +64,12 @@ impl JobRecord {
     pub fn key(&self) -> Vec<u8> {
         key(&self.job_id, self.attempt)
     }
+
+    /// The signed envelope's body as received (its signature was checked at intake); `None`
+    /// for records the control plane never signed (local triggers, unreceived attempts).
+    pub fn signed_body(&self) -> Option<outpost_protocol::JobEnvelope> {
+        serde_json::from_str(&self.envelope.payload).ok()
+    }
 }
 
 pub fn key(job_id: &str, attempt: u32) -> Vec<u8> {

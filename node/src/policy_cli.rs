@@ -148,14 +148,7 @@ fn parse_submitter(parts: &[String]) -> anyhow::Result<Option<outpost_protocol::
     if parts.is_empty() {
         return Ok(None);
     }
-    let mut s = outpost_protocol::Submitter {
-        org_id: String::new(),
-        name: None,
-        role: None,
-        deployment: None,
-        trigger: None,
-        local_trigger: None,
-    };
+    let mut s = outpost_protocol::Submitter::in_org("");
     for p in parts {
         let Some((kind, value)) = p.split_once(':') else {
             bail!("--submitter {p:?} must be KIND:VALUE (org, role, name, deployment, trigger)");

@@ -215,6 +215,18 @@ pub struct Submitter {
 }
 
 impl Submitter {
+    /// Someone of `org_id`, nothing more said yet (fill the rest with struct update syntax).
+    pub fn in_org(org_id: &str) -> Self {
+        Self {
+            org_id: org_id.to_owned(),
+            name: None,
+            role: None,
+            deployment: None,
+            trigger: None,
+            local_trigger: None,
+        }
+    }
+
     /// The ways a site policy can name this submitter: `org:ID`, `role:NAME`, `name:TOKEN`,
     /// `deployment:NAME`, `trigger:NAME`, `local-trigger:NAME`.
     pub fn identities(&self) -> Vec<String> {

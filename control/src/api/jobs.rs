@@ -287,23 +287,10 @@ fn submitter_for(node: &NodeInfo, org_id: &str, origin: &JobOrigin) -> Option<ou
     if !node.announce().has(outpost_protocol::capability::SITE_POLICY) {
         return None;
     }
+    let org = outpost_protocol::Submitter::in_org(org_id);
     Some(match &origin.trigger {
-        Some(t) => outpost_protocol::Submitter {
-            org_id: org_id.to_owned(),
-            name: None,
-            role: None,
-            deployment: None,
-            trigger: Some(t.clone()),
-            local_trigger: None,
-        },
-        None => outpost_protocol::Submitter {
-            org_id: org_id.to_owned(),
-            name: Some("admin".into()),
-            role: Some("owner".into()),
-            deployment: None,
-            trigger: None,
-            local_trigger: None,
-        },
+        Some(t) => outpost_protocol::Submitter { trigger: Some(t.clone()), ..org },
+        None => outpost_protocol::Submitter { name: Some("admin".into()), role: Some("owner".into()), ..org },
     })
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_protocol::{JobEnvelope, JobSpec, Outcome};
+use outpost_protocol::{JobSpec, Outcome};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
@@ -278,16 +278,12 @@ impl<R: Runtime> Agent<R> {
     }
 }
 
-fn envelope(rec: &JobRecord) -> Option<JobEnvelope> {
-    serde_json::from_str(&rec.envelope.payload).ok()
-}
-
 fn expired(rec: &JobRecord, now: u64) -> bool {
-    envelope(rec).is_some_and(|e| e.expires_unix_ms <= now)
+    rec.signed_body().is_some_and(|e| e.expires_unix_ms <= now)
 }
 
 fn waiting(rec: &JobRecord) -> Waiting {
-    let env = envelope(rec);
+    let env = rec.signed_body();
     Waiting {
         id: format!("{}/{}", rec.job_id, rec.attempt),
         since_unix_ms: rec.received_unix_ms,

@@ -163,16 +163,9 @@ impl<R: Runtime> Agent<R> {
 
     async fn import_bundle(&self, file: &Path) -> Result<bundle::Outcome, bundle::BundleError> {
         let _one = self.bundle_lock.lock().await;
-        let models = ModelStore::new(self.cfg.models_dir());
-        let publishers = match Publishers::new(
-            Some(&self.identity.node.org_signing_key),
-            &self.cfg.models.trusted_publishers,
-        ) {
-            Ok(p) => p,
-            Err(e) => {
-                return Err(bundle::BundleError::Apply { part: "(models)".into(), reason: e });
-            }
-        };
+        let (models, publishers) = self
+            .model_trust()
+            .map_err(|reason| bundle::BundleError::Apply { part: "(models)".into(), reason })?;
         let node = self.apply_node(&models, &publishers);
         tracing::info!(file = %file.display(), "importing a bundle");
         let outcome = bundle::import_file(
@@ -201,12 +194,8 @@ impl<R: Runtime> Agent<R> {
     /// logged and audited, and the next import tries again.
     pub(super) async fn finish_interrupted_import(&self) {
         let _one = self.bundle_lock.lock().await;
-        let models = ModelStore::new(self.cfg.models_dir());
-        let publishers = match Publishers::new(
-            Some(&self.identity.node.org_signing_key),
-            &self.cfg.models.trusted_publishers,
-        ) {
-            Ok(p) => p,
+        let (models, publishers) = match self.model_trust() {
+            Ok(trust) => trust,
             Err(e) => {
                 tracing::error!(error = %e, "cannot check for an interrupted bundle import");
                 return;
@@ -221,6 +210,13 @@ impl<R: Runtime> Agent<R> {
             }
             Err(e) => tracing::error!(error = %e, "cannot finish an interrupted bundle import"),
         }
+    }
+
+    /// The model store bundles import into, and whom it trusts to sign models.
+    fn model_trust(&self) -> Result<(ModelStore, Publishers), String> {
+        let publishers =
+            Publishers::new(Some(&self.identity.node.org_signing_key), &self.cfg.models.trusted_publishers)?;
+        Ok((ModelStore::new(self.cfg.models_dir()), publishers))
     }
 
     fn apply_node<'a>(&'a self, models: &'a ModelStore, publishers: &'a Publishers) -> apply::Node<'a, R> {

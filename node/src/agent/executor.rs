@@ -296,16 +296,10 @@ impl<R: Runtime> Agent<R> {
         }
         let submitter = match &rec.local {
             Some(local) => Some(outpost_protocol::Submitter {
-                org_id: self.identity.node.org_id.clone(),
-                name: None,
-                role: None,
-                deployment: None,
-                trigger: None,
                 local_trigger: Some(local.trigger.clone()),
+                ..outpost_protocol::Submitter::in_org(&self.identity.node.org_id)
             }),
-            None => serde_json::from_str::<outpost_protocol::JobEnvelope>(&rec.envelope.payload)
-                .ok()
-                .and_then(|e| e.submitter),
+            None => rec.signed_body().and_then(|e| e.submitter),
         };
         match self.cfg.policy.evaluate(&crate::policy::Work::job(spec, submitter), true) {
             crate::policy::Decision::Refuse(r) => Some(r.to_string()),

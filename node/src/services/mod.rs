@@ -139,12 +139,8 @@ pub fn policy_refusal(
     policy: &crate::policy::Policy,
 ) -> Option<String> {
     let by = outpost_protocol::Submitter {
-        org_id: org_id.to_owned(),
-        name: None,
-        role: None,
         deployment: Some(deployment.to_owned()),
-        trigger: None,
-        local_trigger: None,
+        ..outpost_protocol::Submitter::in_org(org_id)
     };
     match policy.evaluate(&crate::policy::Work::service(spec, Some(by)), true) {
         crate::policy::Decision::Refuse(r) => Some(r.to_string()),
