@@ -13,13 +13,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/outpost/config.toml";
 /// The configuration the last bundle brought, in the data directory.
 pub const BUNDLE_CONFIG_FILE: &str = "bundle-config.toml";
 
-/// The top-level tables a bundle's configuration may set: what the node says about itself
-/// (`node`), how much work it takes (`agent`), what its relay watches (`relay`) and how it
-/// serves models (`inference`). Never where it keeps data, whom it talks to, what may leave the
-/// site, which services may publish, what it trusts or the log: those stay the site's own.
-pub const BUNDLE_CONFIG_KEYS: &[&str] = outpost_protocol::BUNDLE_CONFIG_KEYS;
-
-/// Parses a bundle's configuration part and checks it names only [`BUNDLE_CONFIG_KEYS`].
+/// Parses a bundle's configuration part and checks it names only [`outpost_protocol::BUNDLE_CONFIG_KEYS`].
 pub fn parse_bundle_config(text: &str) -> Result<toml::Table, String> {
     let table: toml::Table =
         text.parse().map_err(|e: toml::de::Error| format!("not TOML: {}", e.message()))?;
@@ -28,24 +22,7 @@ pub fn parse_bundle_config(text: &str) -> Result<toml::Table, String> {
 }
 
 fn check_bundle_table(table: &toml::Table) -> Result<(), String> {
-    for (k, v) in table {
-        if !BUNDLE_CONFIG_KEYS.contains(&k.as_str()) {
-            return Err(format!(
-                "a bundle may not set `{k}` (only {}: the rest of the configuration is the site's own)",
-                BUNDLE_CONFIG_KEYS.join(", ")
-            ));
-        }
-        if !v.is_table() {
-            return Err(format!("`{k}` must be a table"));
-        }
-    }
-    // A local trigger starts work as the site's own: only the site's files may define one.
-    if table.get("relay").and_then(toml::Value::as_table).is_some_and(|r| r.contains_key("triggers")) {
-        return Err(
-            "a bundle may not set `relay.triggers`: local triggers start work as the site's own".into()
-        );
-    }
-    Ok(())
+    outpost_protocol::check_bundle_config(&serde_json::to_value(table).map_err(|e| e.to_string())?)
 }
 
 /// Environment variables that override a config key (and nothing else is read from the env).
@@ -441,7 +418,7 @@ impl Config {
     }
 
     /// Layers, each over the one before: the base file; the configuration the last bundle
-    /// brought (`data_dir/bundle-config.toml`, only [`BUNDLE_CONFIG_KEYS`]); `config.d/*.toml`
+    /// brought (`data_dir/bundle-config.toml`, only [`outpost_protocol::BUNDLE_CONFIG_KEYS`]); `config.d/*.toml`
     /// in name order; the environment. Local files and the environment always win.
     fn load_layers(
         path: Option<&Path>,

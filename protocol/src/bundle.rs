@@ -50,6 +50,30 @@ pub const BUNDLE_CONFIG_KEYS: &[&str] = &["node", "agent", "relay", "inference"]
 /// Largest configuration part.
 pub const MAX_CONFIG_PART_BYTES: u64 = 64 * 1024;
 
+/// Whether a configuration part (its TOML as a JSON value) sets only what a bundle may: the
+/// tables [`BUNDLE_CONFIG_KEYS`], without `relay.triggers` (a local trigger starts work as the
+/// site's own). The operator's CLI and the node both ask this.
+pub fn check_bundle_config(doc: &serde_json::Value) -> Result<(), String> {
+    let Some(doc) = doc.as_object() else { return Err("the configuration is not a table".into()) };
+    for (k, v) in doc {
+        if !BUNDLE_CONFIG_KEYS.contains(&k.as_str()) {
+            return Err(format!(
+                "a bundle may not set `{k}` (only {}: the rest of the configuration is the site's own)",
+                BUNDLE_CONFIG_KEYS.join(", ")
+            ));
+        }
+        if !v.is_object() {
+            return Err(format!("`{k}` must be a table"));
+        }
+    }
+    if doc.get("relay").and_then(serde_json::Value::as_object).is_some_and(|r| r.contains_key("triggers")) {
+        return Err(
+            "a bundle may not set `relay.triggers`: local triggers start work as the site's own".into()
+        );
+    }
+    Ok(())
+}
+
 /// One part: a tar member after the manifest, in this order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

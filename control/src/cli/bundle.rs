@@ -208,21 +208,8 @@ fn check_config_file(path: &Path) -> anyhow::Result<()> {
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| anyhow!("{} is not TOML: {}", path.display(), e.message()))?;
-    if table.get("relay").and_then(toml::Value::as_table).is_some_and(|r| r.contains_key("triggers")) {
-        bail!(
-            "{}: a bundle may not set `relay.triggers` (local triggers are the site's own)",
-            path.display()
-        );
-    }
-    for (key, value) in &table {
-        if !outpost_protocol::BUNDLE_CONFIG_KEYS.contains(&key.as_str()) || !value.is_table() {
-            bail!(
-                "{}: a bundle may set only the tables {} (`{key}` is the site's own)",
-                path.display(),
-                outpost_protocol::BUNDLE_CONFIG_KEYS.join(", ")
-            );
-        }
-    }
+    outpost_protocol::check_bundle_config(&serde_json::to_value(&table)?)
+        .map_err(|why| anyhow!("{}: {why}", path.display()))?;
     Ok(())
 }
 
