@@ -238,17 +238,7 @@ async fn relay_events_and_service_reports_from_a_bundle_are_stored_once_and_ackn
         ],
         service_reports: vec![report],
         service_acks: vec![outpost_protocol::ServiceAck { service: "web".into(), seq: 7 }],
-        heartbeat: Some(outpost_protocol::Heartbeat {
-            agent_version: "0.0.0-test".into(),
-            inventory: Default::default(),
-            running_jobs: 0,
-            outbox_depth: 0,
-            relay: None,
-            models: Vec::new(),
-            labels: [("ward".to_owned(), "b".to_owned())].into_iter().collect(),
-            announce: Some(outpost_protocol::Announce::this_build()),
-            awaiting_approval: Vec::new(),
-        }),
+        heartbeat: Some(super::support::description(("ward", "b"))),
         audit: audit_chain(3),
     };
     let signed = results_bundle(&node, &node.key_pem, &node.enrolled.cert_pem, &payload);
@@ -303,17 +293,7 @@ async fn a_deployment_travels_as_the_desired_state_signed_for_each_node() {
     let (org, token) = org_and_token(&server).await;
     let mute = TestNode::enroll(&server, &token).await;
     let (csr_pem, _) = super::support::csr();
-    let hb = outpost_protocol::Heartbeat {
-        agent_version: "test".into(),
-        inventory: Default::default(),
-        running_jobs: 0,
-        outbox_depth: 0,
-        relay: None,
-        models: Vec::new(),
-        labels: [("site".to_owned(), "icu".to_owned())].into_iter().collect(),
-        announce: Some(outpost_protocol::Announce::this_build()),
-        awaiting_approval: Vec::new(),
-    };
+    let hb = super::support::description(("site", "icu"));
     let params = outpost_protocol::OfflineEnrollParams {
         request: outpost_protocol::OfflineEnrollRequest {
             format: outpost_protocol::OFFLINE_FORMAT,

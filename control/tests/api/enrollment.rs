@@ -114,17 +114,7 @@ fn offline_request(id: &str) -> outpost_protocol::OfflineEnrollRequest {
         hostname: "air-1.test".into(),
         agent_version: "0.0.0-test".into(),
         created_unix_ms: 1,
-        heartbeat: Some(outpost_protocol::Heartbeat {
-            agent_version: "0.0.0-test".into(),
-            inventory: Default::default(),
-            running_jobs: 0,
-            outbox_depth: 0,
-            relay: None,
-            models: Vec::new(),
-            labels: [("site".to_owned(), "icu".to_owned())].into_iter().collect(),
-            announce: Some(outpost_protocol::Announce::this_build()),
-            awaiting_approval: Vec::new(),
-        }),
+        heartbeat: Some(super::support::description(("site", "icu"))),
     }
 }
 

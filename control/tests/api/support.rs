@@ -221,3 +221,19 @@ pub fn trigger_request(org_id: &str, name: &str, prefix: &str) -> CreateTriggerR
         expires_in_secs: None,
     }
 }
+
+/// A node's description as this build's agent gives it (its capabilities, these labels), for
+/// the files an air-gapped node writes: an offline enrollment request, a results bundle.
+pub fn description(label: (&str, &str)) -> outpost_protocol::Heartbeat {
+    outpost_protocol::Heartbeat {
+        agent_version: "0.0.0-test".into(),
+        inventory: Default::default(),
+        running_jobs: 0,
+        outbox_depth: 0,
+        relay: None,
+        models: Vec::new(),
+        labels: [(label.0.to_owned(), label.1.to_owned())].into_iter().collect(),
+        announce: Some(outpost_protocol::Announce::this_build()),
+        awaiting_approval: Vec::new(),
+    }
+}
