@@ -120,6 +120,7 @@ impl SimNode {
                     outputs: Vec::new(),
                     egress_denied: Vec::new(),
                     inference: None,
+                    sealed: None,
                 };
                 let _: anyhow::Result<serde_json::Value> = self.post(paths::NODE_RESULTS, &report).await;
             }
@@ -174,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
             csr_pem,
             hostname: format!("sim-{i}"),
             agent_version: "fleet-sim".into(),
+            announce: None,
         };
         let resp = anonymous.post(format!("{url}{}", paths::ENROLL)).json(&req).send().await?;
         anyhow::ensure!(resp.status().is_success(), "enroll: HTTP {}", resp.status());

@@ -78,6 +78,7 @@ mod tests {
             expires_unix_ms: 2,
             spec: spec.into(),
             submitter: None,
+            recipients: Vec::new(),
         };
         let signed = sign_envelope(&key, &envelope).unwrap();
         assert_eq!(signed.key_id, public.key_id);

@@ -108,6 +108,7 @@ pub async fn enroll(dir: &Path, opts: &EnrollOptions) -> Result<Identity, Identi
             csr_pem,
             hostname: opts.hostname.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            announce: Some(outpost_protocol::Announce::this_build()),
         })
         .await
         .map_err(|e| enroll_err(&e))?;

@@ -63,7 +63,8 @@ pub fn take_job(
     match verifier.verify(a, last_seq, now) {
         Ok(env) => {
             rec.seq = env.seq;
-            let work = crate::policy::Work::job(&env.spec, env.submitter.clone());
+            let work = crate::policy::Work::job(&env.spec, env.submitter.clone())
+                .unsealed(env.recipients.is_empty());
             let remembered = match &work.image {
                 Some(image) if policy.approval != crate::policy::Approval::Off || policy.images.is_some() => {
                     crate::approvals::remembered(ledger.store().as_ref())?.contains(image)
@@ -130,6 +131,7 @@ pub fn unrun_report(rec: &JobRecord, outcome: Outcome, why: &str, now: u64) -> R
         outputs: Vec::new(),
         egress_denied: Vec::new(),
         inference: None,
+        sealed: None,
     }
 }
 

@@ -105,6 +105,14 @@ pub struct Policy {
     /// Besides root, the members of this group may approve and deny (`outpost approvals`).
     #[serde(default)]
     pub approvers_group: Option<String>,
+    /// Refuse jobs whose result would reach the control plane in clear: a job from the
+    /// control plane or a bundle must name recipients to seal it for.
+    #[serde(default)]
+    pub require_sealed: bool,
+    /// The site's own age recipients (`age1…`), added to every sealed result so the site can
+    /// read what it sends out.
+    #[serde(default)]
+    pub seal_also_to: Vec<String>,
 }
 
 /// A piece of work as the policy sees it.
@@ -121,6 +129,9 @@ pub struct Work {
     pub timeout_secs: Option<u64>,
     /// Who asked for it (`None`: not stated, e.g. by an older control plane).
     pub submitter: Option<Submitter>,
+    /// A job whose result leaves the site in clear: from the control plane or a bundle, with
+    /// no recipients to seal it for. (A local trigger's result and a service stay on site.)
+    pub unsealed_result: bool,
 }
 
 /// Why the policy refuses work: the rule and the value that did not match.
@@ -165,8 +176,14 @@ impl Work {
                 cpu_millis: 0,
                 timeout_secs: Some(i.timeout_secs),
                 submitter,
+                unsealed_result: false,
             },
         }
+    }
+
+    /// Marks a job whose result would leave the site in clear (see [`Work::unsealed_result`]).
+    pub fn unsealed(self, unsealed_result: bool) -> Self {
+        Work { unsealed_result, ..self }
     }
 
     fn container(c: &ContainerSpec, submitter: Option<Submitter>) -> Self {
@@ -183,6 +200,7 @@ impl Work {
             cpu_millis: c.resources.cpu_millis,
             timeout_secs: Some(c.timeout_secs),
             submitter,
+            unsealed_result: false,
         }
     }
 
@@ -206,6 +224,7 @@ impl Work {
             cpu_millis: spec.resources.cpu_millis,
             timeout_secs: None,
             submitter,
+            unsealed_result: false,
         }
     }
 }
@@ -340,6 +359,8 @@ impl Policy {
                 }
             }
         }
+        outpost_protocol::seal::check_recipients(&self.seal_also_to)
+            .map_err(|why| format!("policy.seal_also_to: {why}"))?;
         for (key, v) in [
             ("max_memory_mb", self.max_memory_mb),
             ("max_cpu_millis", self.max_cpu_millis),
@@ -442,11 +463,19 @@ impl Policy {
                 return refuse(rule, format!("{what} = {asked} (at most {max})"));
             }
         }
+        if self.require_sealed && work.unsealed_result {
+            return refuse(
+                "policy.require_sealed",
+                "a job without recipients (its result would reach the control plane in clear)".into(),
+            );
+        }
         if let Some(allowed) = &self.submitters {
             let Some(s) = &work.submitter else {
                 return refuse(
                     "policy.submitters",
-                    "work that does not say who submitted it (a control plane older than this agent)".into(),
+                    "work that does not say who submitted it (sent by a control plane older than revision 3, or \
+                     one that did not yet know this agent reads submitters)"
+                        .into(),
                 );
             };
             let ids = s.identities();
@@ -494,6 +523,11 @@ max_timeout_secs = 86400
 # root and the members of approvers_group may approve.
 approval = "new-image"
 # approvers_group = "outpost-approvers"
+# Results: require every job from the control plane or a bundle to name the recipients its
+# result is sealed for (`job submit --recipient age1...`), so output tails and bodies never
+# reach the control plane in clear; add the site's own age key to read what leaves.
+require_sealed = true
+# seal_also_to = ["age1..."]
 "#;
 
 #[cfg(test)]

@@ -83,7 +83,8 @@ impl Uplink {
     }
 
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, UplinkError> {
-        self.post(paths::ENROLL, req, self.request_timeout).await
+        let legacy = || EnrollRequest { announce: None, ..req.clone() };
+        self.post_compat(paths::ENROLL, req, legacy, self.request_timeout).await
     }
 
     /// Long-poll: the server holds the request up to `wait`; allow a margin on top.

@@ -140,6 +140,7 @@ fn check_spec(job: &JobEnvelope) -> Result<(), String> {
     if !valid_job_id(&job.job_id) {
         return Err(format!("job id {:?} must be 1-64 characters of [A-Za-z0-9-]", job.job_id));
     }
+    outpost_protocol::seal::check_recipients(&job.recipients).map_err(|why| format!("recipients: {why}"))?;
     match &job.spec {
         JobSpec::Container(c) => check_container_spec(c),
         JobSpec::Inference(i) => check_inference_spec(i),

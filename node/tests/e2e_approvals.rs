@@ -111,12 +111,8 @@ async fn a_held_job_waits_for_the_site_and_runs_or_ends_as_the_approver_says() {
     let mut brief = sh("echo too-late");
     brief.image = format!("sha256:{}", "2".repeat(64));
     let req = outpost_protocol::SubmitJobRequest {
-        node_id: node.node_id.clone(),
-        spec: brief.into(),
         expires_in_secs: Some(3),
-        selector: None,
-        org_id: None,
-        placement: None,
+        ..outpost_protocol::SubmitJobRequest::for_node(node.node_id.clone(), brief)
     };
     let fourth = control.submit_request(&req).await;
     eventually("the brief job waiting", Duration::from_secs(30), async || {

@@ -57,6 +57,11 @@ pub struct EnrollRequest {
     pub csr_pem: String,
     pub hostname: String,
     pub agent_version: String,
+    /// What the agent understands, so that work submitted before its first heartbeat is
+    /// already shaped for it (e.g. carries the submitter a site policy checks). Absent from
+    /// agents before revision 3; an agent leaves it out for a control plane that refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<crate::Announce>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -187,6 +187,10 @@ pub struct JobEnvelope {
     /// `site-policy` capability (an older agent refuses fields it does not know).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitter: Option<Submitter>,
+    /// age X25519 public keys the result is sealed for (see [`crate::seal`]). Sent only to
+    /// agents that announce the `sealed-results` capability.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
 }
 
 /// Who asked for a piece of work: stamped by the control plane into the signed envelope (so the
@@ -348,6 +352,10 @@ pub struct SubmitJobRequest {
     /// (one job per node, a group; `POST /v1/job-groups`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// age X25519 public keys (`age1…`) to seal the result for: the control plane then sees
+    /// only bookkeeping (see [`crate::seal`]). Only nodes announcing `sealed-results` take it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
 }
 
 impl SubmitJobRequest {
@@ -360,6 +368,7 @@ impl SubmitJobRequest {
             selector: None,
             org_id: None,
             placement: None,
+            recipients: Vec::new(),
         }
     }
 
@@ -377,6 +386,7 @@ impl SubmitJobRequest {
             selector: Some(selector.into()),
             org_id: Some(org_id.into()),
             placement: Some(placement),
+            recipients: Vec::new(),
         }
     }
 }

@@ -20,6 +20,7 @@ mod node;
 mod offline;
 pub mod paths;
 mod report;
+pub mod seal;
 pub mod selector;
 mod service;
 

@@ -69,8 +69,11 @@ pub mod capability {
     pub const SITE_POLICY: &str = "site-policy";
     /// Takes a configuration part in a bundle.
     pub const BUNDLE_CONFIG: &str = "bundle-config";
+    /// Takes a job envelope's `recipients` and seals the result for them.
+    pub const SEALED_RESULTS: &str = "sealed-results";
     /// Every capability this build has.
-    pub const ALL: &[&str] = &[CANCEL, LABELS, SERVICES, LOGS, SERVICE_INPUTS, SITE_POLICY, BUNDLE_CONFIG];
+    pub const ALL: &[&str] =
+        &[CANCEL, LABELS, SERVICES, LOGS, SERVICE_INPUTS, SITE_POLICY, BUNDLE_CONFIG, SEALED_RESULTS];
 }
 
 /// A peer's protocol revision and capabilities, sent by the agent in every heartbeat and poll.
@@ -176,6 +179,9 @@ pub struct NodeInfo {
     pub last_seen_unix_ms: Option<u64>,
     #[serde(default)]
     pub last_heartbeat: Option<Heartbeat>,
+    /// What the agent announced when it enrolled; the announcement of its heartbeats wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled_announce: Option<Announce>,
     /// Labels set by operators (`outpost-control node label`); stored centrally.
     #[serde(default, skip_serializing_if = "crate::Labels::is_empty")]
     pub operator_labels: crate::Labels,
@@ -197,12 +203,13 @@ impl NodeInfo {
         labels
     }
 
-    /// What the node announced in its last heartbeat; revision 1 with no capabilities for an
-    /// agent that announced nothing.
+    /// What the node announced in its last heartbeat, else when it enrolled; revision 1 with
+    /// no capabilities for an agent that announced nothing.
     pub fn announce(&self) -> Announce {
         self.last_heartbeat
             .as_ref()
             .and_then(|h| h.announce.clone())
+            .or_else(|| self.enrolled_announce.clone())
             .unwrap_or(Announce { protocol: 1, capabilities: Vec::new() })
     }
 }

@@ -60,6 +60,10 @@ pub struct ResultReport {
     /// Inference jobs: the model, engine and token counts the result came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inference: Option<crate::InferenceStamp>,
+    /// For a job that named recipients: an ASCII-armoured age file holding a
+    /// [`crate::seal::SealedPart`] (the tails and output bodies, which are then empty here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
 }
 
 /// Largest object body a result may carry (when egress allows it at all).

@@ -39,6 +39,7 @@ fn envelope_round_trips_byte_for_byte() {
         expires_unix_ms: 2,
         spec: spec().into(),
         submitter: None,
+        recipients: Vec::new(),
     };
     let bytes = serde_json::to_string(&env).expect("serialises");
     assert!(!bytes.contains("submitter"), "an envelope without a submitter is the older form: {bytes}");
@@ -63,6 +64,7 @@ fn result_report_round_trips() {
         outputs: Vec::new(),
         egress_denied: Vec::new(),
         inference: None,
+        sealed: None,
     };
     let json = serde_json::to_string(&r).expect("serialises");
     assert!(json.contains(r#""outcome":"timed_out""#));

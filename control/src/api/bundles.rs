@@ -410,8 +410,8 @@ pub async fn import_results(
     let mut refused_keys = Vec::new();
     for report in payload.results {
         let key = ResultReport::key_for(&report.job_id, report.attempt);
-        if report.idempotency_key != key {
-            out.refused.push((key.clone(), format!("idempotency_key must be {key}")));
+        if let Some((_, why)) = super::node::report_problem(&report) {
+            out.refused.push((key.clone(), why));
             refused_keys.push(key);
             continue;
         }

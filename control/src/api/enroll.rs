@@ -21,7 +21,8 @@ pub async fn enroll(
     Body(req): Body<EnrollRequest>,
 ) -> ApiResult<Json<EnrollResponse>> {
     let token_sha = sha256_hex(req.token.trim().as_bytes());
-    Ok(Json(enroll_core(&st, &token_sha, &req.csr_pem, &req.hostname, &req.agent_version, None).await?))
+    let agent = &req.agent_version;
+    Ok(Json(enroll_core(&st, &token_sha, &req.csr_pem, &req.hostname, agent, None, req.announce).await?))
 }
 
 /// Spends the token (by its SHA-256) and registers the node with a certificate for `csr_pem`:
@@ -33,6 +34,7 @@ pub(super) async fn enroll_core(
     hostname: &str,
     agent_version: &str,
     facts: Option<outpost_protocol::Heartbeat>,
+    announce: Option<outpost_protocol::Announce>,
 ) -> ApiResult<EnrollResponse> {
     let hostname = hostname.trim();
     if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
@@ -73,6 +75,7 @@ pub(super) async fn enroll_core(
         cert_sha256: cert.sha256.clone(),
         last_seen_unix_ms: None,
         last_heartbeat: facts,
+        enrolled_announce: announce,
         operator_labels: Default::default(),
         labels: Default::default(),
         online: false,

@@ -35,11 +35,27 @@ pub async fn submit_job(
     Body(req): Body<SubmitJobRequest>,
 ) -> ApiResult<(StatusCode, Json<JobInfo>)> {
     check_job_spec(&req.spec)?;
+    check_recipients(&req.recipients)?;
     let expiry = check_expiry(req.expires_in_secs)?;
+    let sealed = !req.recipients.is_empty();
     let (node, origin) = match Target::of(&req)? {
-        Target::Node(node_id) => (find_node(&st, node_id).await?, JobOrigin::default()),
+        Target::Node(node_id) => {
+            let node = find_node(&st, node_id).await?;
+            if sealed && !can_seal(&node) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "cannot_seal",
+                    format!(
+                        "node {node_id}'s agent does not announce `{}`: it cannot seal a result, and the job \
+                         was not queued; upgrade the agent or submit without recipients",
+                        outpost_protocol::capability::SEALED_RESULTS
+                    ),
+                ));
+            }
+            (node, JobOrigin::default())
+        }
         Target::Selector { org_id, selector, placement: Placement::Any } => {
-            let candidates = placement::matching_nodes(&st, org_id, &selector).await?;
+            let candidates = sealing_nodes(placement::matching_nodes(&st, org_id, &selector).await?, sealed);
             let loads = placement::open_loads(&st).await?;
             let node = placement::choose(&candidates, &loads, st.clock.now_ms(), st.lease_ms(), &[])
                 .or_else(|| placement::most_recently_seen(&candidates))
@@ -59,6 +75,7 @@ pub async fn submit_job(
             ));
         }
     };
+    let origin = JobOrigin { recipients: req.recipients, ..origin };
     let info = create_job(&st, &node, req.spec, expiry, None, origin).await?.ok_or_else(|| {
         ApiError::internal("job_id_taken", "a freshly generated job id is already taken; submit again")
     })?;
@@ -150,6 +167,7 @@ pub async fn submit_group(
     Body(req): Body<SubmitJobRequest>,
 ) -> ApiResult<(StatusCode, Json<JobGroup>)> {
     check_job_spec(&req.spec)?;
+    check_recipients(&req.recipients)?;
     let expiry = check_expiry(req.expires_in_secs)?;
     let Target::Selector { org_id, selector, placement: Placement::Each } = Target::of(&req)? else {
         return Err(ApiError::bad_request(
@@ -161,7 +179,8 @@ pub async fn submit_group(
             ),
         ));
     };
-    let nodes = placement::matching_nodes(&st, org_id, &selector).await?;
+    let nodes =
+        sealing_nodes(placement::matching_nodes(&st, org_id, &selector).await?, !req.recipients.is_empty());
     if nodes.is_empty() {
         return Err(no_match(org_id, &selector));
     }
@@ -173,6 +192,7 @@ pub async fn submit_group(
             selector: Some(selector.to_string()),
             placement: Some(Placement::Each),
             trigger: None,
+            recipients: req.recipients.clone(),
         };
         // One id per (group, node): a repeat of this loop creates nothing twice.
         let job_id = hex::encode(&Sha256::digest(format!("{group_id}/{}", node.node_id))[..16]);
@@ -279,6 +299,27 @@ pub(super) struct JobOrigin {
     pub placement: Option<Placement>,
     /// The org trigger that made the job (none: an operator's submission).
     pub trigger: Option<String>,
+    /// Whom the result is sealed for (checked; only for nodes that [`can_seal`]).
+    pub recipients: Vec<String>,
+}
+
+/// Whether `node`'s agent seals results for a job's recipients.
+pub(super) fn can_seal(node: &NodeInfo) -> bool {
+    node.announce().has(outpost_protocol::capability::SEALED_RESULTS)
+}
+
+/// The candidates a job may be placed on: all of them, or for a sealed job those that can seal.
+pub(super) fn sealing_nodes(mut nodes: Vec<NodeInfo>, sealed: bool) -> Vec<NodeInfo> {
+    if sealed {
+        nodes.retain(can_seal);
+    }
+    nodes
+}
+
+/// A submission's recipients: well-formed age X25519 keys, at most a few.
+fn check_recipients(recipients: &[String]) -> ApiResult<()> {
+    outpost_protocol::seal::check_recipients(recipients)
+        .map_err(|why| ApiError::bad_request("bad_recipient", why))
 }
 
 /// Who asked for a job, as the node's site policy sees it: an operator (today the one admin
@@ -326,6 +367,7 @@ pub(super) async fn create_job(
             expires_unix_ms: now.saturating_add(expiry_secs.saturating_mul(1000)),
             spec,
             submitter: submitter_for(node, &org.org.id, &origin),
+            recipients: origin.recipients,
         };
         let signed = sign(&org, &envelope)?;
         let info = JobInfo {
@@ -385,9 +427,12 @@ pub(super) async fn reoffer_job(
             // Whoever asked for it still did (a re-placed job is an operator's: triggers name
             // their node); only an agent that takes it is told.
             submitter: before
-                .and_then(|e| e.submitter)
+                .as_ref()
+                .and_then(|e| e.submitter.clone())
                 .or_else(|| submitter_for(node, &org.org.id, &JobOrigin::default()))
                 .filter(|_| node.announce().has(outpost_protocol::capability::SITE_POLICY)),
+            // The sweep offers a sealed job only to nodes that can seal it.
+            recipients: before.as_ref().map(|e| e.recipients.clone()).unwrap_or_default(),
         };
         let signed = sign(&org, &envelope)?;
         let next = crate::store::next_attempt(job, signed, &node.node_id, seq, now, reason);

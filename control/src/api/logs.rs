@@ -142,6 +142,13 @@ fn key(job_id: &str, attempt: u32, follow: bool) -> String {
 /// The result's tails as one text: stdout, then stderr.
 fn result_tail(info: &JobInfo) -> String {
     let Some(r) = &info.result else { return String::new() };
+    if r.sealed.is_some() {
+        return format!(
+            "[job {}: the output is sealed for the job's recipients; open it with `outpost-control job result {} \
+             --identity FILE`]\n",
+            info.job_id, info.job_id
+        );
+    }
     let mut text = r.stdout_tail.clone();
     if !r.stderr_tail.is_empty() {
         if !text.is_empty() && !text.ends_with('\n') {

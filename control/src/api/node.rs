@@ -130,6 +130,25 @@ pub async fn poll(
     }
 }
 
+/// What makes a result unstorable, whichever way it came (a report, a results bundle).
+pub(super) fn report_problem(report: &ResultReport) -> Option<(&'static str, String)> {
+    let key = ResultReport::key_for(&report.job_id, report.attempt);
+    if report.idempotency_key != key {
+        let why =
+            format!("idempotency_key is {:?} but must be {key:?} (job_id/attempt)", report.idempotency_key);
+        return Some(("bad_idempotency_key", why));
+    }
+    let limit = outpost_protocol::MAX_OUTPUT_TAIL_BYTES;
+    if report.stdout_tail.len() > limit || report.stderr_tail.len() > limit {
+        return Some(("tail_too_long", format!("output tails are at most {limit} bytes each")));
+    }
+    if report.sealed.as_ref().is_some_and(|s| !s.starts_with("-----BEGIN AGE ENCRYPTED FILE-----")) {
+        let why = "sealed must be an ASCII-armoured age file (-----BEGIN AGE ENCRYPTED FILE-----)";
+        return Some(("bad_sealed_result", why.into()));
+    }
+    None
+}
+
 #[utoipa::path(post, path = paths::NODE_RESULTS, tag = "node", request_body = ResultReport,
     description = "Report a job result. Idempotent by `idempotency_key` (`job_id/attempt`): the first report \
                    is stored, a repeat is acknowledged with `duplicate: true` and not stored again.",
@@ -144,18 +163,8 @@ pub async fn report(
     Body(report): Body<ResultReport>,
 ) -> ApiResult<Json<Ack>> {
     let key = ResultReport::key_for(&report.job_id, report.attempt);
-    if report.idempotency_key != key {
-        return Err(ApiError::bad_request(
-            "bad_idempotency_key",
-            format!("idempotency_key is {:?} but must be {key:?} (job_id/attempt)", report.idempotency_key),
-        ));
-    }
-    let limit = outpost_protocol::MAX_OUTPUT_TAIL_BYTES;
-    if report.stdout_tail.len() > limit || report.stderr_tail.len() > limit {
-        return Err(ApiError::bad_request(
-            "tail_too_long",
-            format!("output tails are at most {limit} bytes each"),
-        ));
+    if let Some((code, why)) = report_problem(&report) {
+        return Err(ApiError::bad_request(code, why));
     }
     let job_id = report.job_id.clone();
     let outcome = report.outcome;

@@ -79,9 +79,16 @@ pub async fn enroll_offline(
         .await?;
     // The node's facts stand for its first heartbeat (never seen online: it stays offline).
     let facts = req.heartbeat.clone();
-    let enrollment =
-        super::enroll::enroll_core(&st, &token_sha, &req.csr_pem, &req.hostname, &req.agent_version, facts)
-            .await?;
+    let enrollment = super::enroll::enroll_core(
+        &st,
+        &token_sha,
+        &req.csr_pem,
+        &req.hostname,
+        &req.agent_version,
+        facts,
+        None,
+    )
+    .await?;
     let offline = OfflineEnrollment {
         format: OFFLINE_FORMAT,
         request_id: req.request_id.clone(),

@@ -100,11 +100,14 @@ pub async fn sweep(st: &AppState) -> ApiResult<usize> {
             tracing::warn!(job = %job.info.job_id, "an `any` job without a usable selector cannot be re-placed");
             continue;
         };
-        let mut candidates: Vec<NodeInfo> = nodes
+        let candidates: Vec<NodeInfo> = nodes
             .values()
             .filter(|n| n.org_id == job.info.org_id && selector.matches(&n.effective_labels()))
             .cloned()
             .collect();
+        let sealed = serde_json::from_str::<outpost_protocol::JobEnvelope>(&job.envelope.payload)
+            .is_ok_and(|e| !e.recipients.is_empty());
+        let mut candidates = super::jobs::sealing_nodes(candidates, sealed);
         candidates.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         // Not back to a node that held an earlier attempt: its acknowledgements name the job, not
         // the attempt, so a late one could claim the new attempt.

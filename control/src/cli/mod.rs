@@ -168,6 +168,21 @@ pub enum JobCommand {
     Submit(Box<SubmitArgs>),
     /// Show one job and its result.
     Get { job_id: String },
+    /// Show a job's result, opening a sealed one (a job submitted with --recipient).
+    ///
+    /// The control plane holds a sealed result's output tails and bodies only as an age file
+    /// for the job's recipients; this opens it on this machine with --identity (a file as
+    /// age-keygen writes it). With --sealed, prints that age file as it is stored, for
+    /// `age -d -i KEY`. Exit status 1 when the job has no result yet.
+    Result {
+        job_id: String,
+        /// The age identity file (`AGE-SECRET-KEY-1…`) of one of the job's recipients.
+        #[arg(long, value_name = "FILE", conflicts_with = "sealed")]
+        identity: Option<PathBuf>,
+        /// Print the sealed part as stored (ASCII-armoured age), nothing else.
+        #[arg(long)]
+        sealed: bool,
+    },
     /// List jobs, newest first.
     List {
         /// Only this node's jobs.

@@ -90,6 +90,9 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
         }
         Command::Job(JobCommand::Logs { job_id, follow }) => return logs(g, &c, &job_id, follow).await,
         Command::Job(JobCommand::Get { job_id }) => print(g.json, &c.job(&job_id).await?, show::job)?,
+        Command::Job(JobCommand::Result { job_id, identity, sealed }) => {
+            return result(g, &c, &job_id, identity.as_deref(), sealed).await;
+        }
         Command::Job(JobCommand::List { node, state, group, limit }) => {
             let q = JobsQuery { node_id: node, state, group_id: group, limit };
             print(g.json, &c.jobs(&q).await?, show::jobs)?;
@@ -315,6 +318,50 @@ async fn wait(g: &Global, c: &Client, job_id: &str, timeout: Duration) -> anyhow
         }
         tokio::time::sleep(WAIT_INTERVAL).await;
     }
+}
+
+/// `job result`: the job with its result, a sealed one opened with `identity` (or printed as
+/// stored with `sealed`); 1 when there is no result yet.
+async fn result(
+    g: &Global,
+    c: &Client,
+    job_id: &str,
+    identity: Option<&std::path::Path>,
+    sealed: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut job = c.job(job_id).await?;
+    let Some(report) = &job.result else {
+        eprintln!(
+            "error: job {job_id} has no result yet (state: {}); see `job wait {job_id}`",
+            show::state_name(job.state)
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    if sealed {
+        let Some(armoured) = &report.sealed else {
+            return Err(anyhow!(
+                "job {job_id}'s result is not sealed (it was submitted without --recipient)"
+            ));
+        };
+        print!("{armoured}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    match (identity, &report.sealed) {
+        (Some(path), Some(_)) => {
+            let keys = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the identity file {}", path.display()))?;
+            let clear = outpost_protocol::seal::open_report(report, &keys)
+                .with_context(|| format!("job {job_id}: with identity {}", path.display()))?;
+            job.result = Some(clear);
+        }
+        (Some(_), None) => eprintln!("note: job {job_id}'s result is not sealed; --identity is not needed"),
+        (None, Some(_)) => eprintln!(
+            "note: job {job_id}'s output is sealed for its recipients; give --identity FILE to open it here"
+        ),
+        (None, None) => {}
+    }
+    print(g.json, &job, show::job)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The last `limit` entries of a node's stored audit log.

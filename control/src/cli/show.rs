@@ -133,6 +133,12 @@ pub fn job(j: &JobInfo) {
     for o in &r.outputs {
         println!("output:    {} ({} bytes, sha256 {})", o.key, o.size, o.sha256);
     }
+    if r.sealed.is_some() {
+        println!(
+            "sealed:    output tails and bodies, for the job's recipients only (`job result {} --identity FILE`)",
+            j.job_id
+        );
+    }
     let tail = if r.output_truncated { " (tail)" } else { "" };
     if !r.stdout_tail.is_empty() {
         println!("--- stdout{tail} ---\n{}", r.stdout_tail.trim_end());

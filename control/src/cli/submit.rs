@@ -53,6 +53,15 @@ pub struct SubmitArgs {
     /// Run on every matching node: a job group (prints the group id; see `job wait --group`).
     #[arg(long, group = "placement", requires = "selector")]
     pub each: bool,
+    /// Seal the result for this age X25519 public key (`age1…`, from `age-keygen`;
+    /// repeatable): the control plane then stores only ciphertext for the output tails and
+    /// bodies; open it with `job result JOB --identity FILE` or `age -d`.
+    #[arg(long = "recipient", value_name = "AGE_PUBLIC_KEY")]
+    pub recipients: Vec<String>,
+    /// Read recipients from a file, one `age1…` key per line (`#` comments and blank lines
+    /// skipped), like `age -R`.
+    #[arg(long, value_name = "FILE")]
+    pub recipients_file: Option<PathBuf>,
     #[command(flatten)]
     pub spec: SpecArgs,
     #[command(flatten)]
@@ -178,6 +187,18 @@ pub fn submit_request(a: SubmitArgs) -> anyhow::Result<SubmitJobRequest> {
     }
     if let Some(e) = a.spec.expires {
         obj.insert("expires_in_secs".into(), e.as_secs().into());
+    }
+    let mut recipients = a.recipients;
+    if let Some(path) = &a.recipients_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        recipients.extend(
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from),
+        );
+    }
+    if !recipients.is_empty() {
+        outpost_protocol::seal::check_recipients(&recipients).map_err(|why| anyhow!("--recipient: {why}"))?;
+        obj.insert("recipients".into(), recipients.into());
     }
     if !obj.contains_key("node_id") && !obj.contains_key("selector") {
         bail!(

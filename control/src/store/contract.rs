@@ -31,6 +31,7 @@ fn node(id: &str, org_id: &str) -> NodeInfo {
         cert_sha256: "c".into(),
         last_seen_unix_ms: None,
         last_heartbeat: None,
+        enrolled_announce: None,
         operator_labels: Default::default(),
         labels: Default::default(),
         online: false,
@@ -83,6 +84,7 @@ fn attempt_result(job_id: &str, attempt: u32) -> ResultReport {
         outputs: Vec::new(),
         egress_denied: Vec::new(),
         inference: None,
+        sealed: None,
     }
 }
 

@@ -7,7 +7,7 @@ use outpost_control::testing::TestServer;
 use outpost_protocol::paths;
 use reqwest::StatusCode;
 
-use crate::support::{TestNode, assert_error, csr, enroll_request, https, org_and_token, post_json};
+use crate::support::{TestNode, assert_error, csr, enroll_request, https, org_and_token, post_json, submit};
 
 #[tokio::test]
 async fn a_node_enrolls_with_a_token_and_gets_a_certificate_naming_it() {
@@ -34,6 +34,37 @@ async fn a_node_enrolls_with_a_token_and_gets_a_certificate_naming_it() {
 
     // The certificate works: the node can poll.
     assert!(node.poll(&[], 0).await.jobs.is_empty());
+}
+
+/// Work submitted between enrollment and the first heartbeat is shaped by what the agent
+/// announced when it enrolled: a site-policy agent gets the submitter its policy checks, an
+/// agent that announced nothing gets nothing it might refuse.
+#[tokio::test]
+async fn what_an_agent_announces_at_enrollment_shapes_work_sent_before_its_first_heartbeat() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org_id, token) = org_and_token(&server).await;
+    let announcing = Some(outpost_protocol::Announce::this_build());
+    let new = TestNode::enroll_announcing(&server.url(), server.ca_pem(), &token, announcing).await;
+    let older_token = op.create_token(&org_id, None).await.expect("token").token;
+    let older = TestNode::enroll(&server, &older_token).await;
+
+    for (node, stamped) in [(&new, true), (&older, false)] {
+        let listed = op.node(node.id()).await.expect("node");
+        assert!(listed.last_heartbeat.is_none(), "no heartbeat yet");
+        assert_eq!(listed.announce().has(outpost_protocol::capability::SITE_POLICY), stamped);
+        let job = submit(&op, node.id()).await;
+        let offered = node.poll(&[], 0).await;
+        let a = offered.jobs.iter().find(|a| a.job_id == job.job_id).expect("the job offered");
+        let env: outpost_protocol::JobEnvelope = serde_json::from_str(&a.envelope.payload).expect("envelope");
+        match env.submitter {
+            Some(s) if stamped => {
+                assert_eq!((s.role.as_deref(), s.org_id.as_str()), (Some("owner"), org_id.as_str()), "{s:?}")
+            }
+            None if !stamped => {}
+            other => panic!("submitter {other:?} for a node that announced site-policy: {stamped}"),
+        }
+    }
 }
 
 #[tokio::test]

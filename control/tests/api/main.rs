@@ -17,5 +17,6 @@ mod logs;
 mod openapi;
 mod restart;
 mod results;
+mod sealed;
 mod support;
 mod triggers;

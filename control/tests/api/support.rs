@@ -81,6 +81,7 @@ pub fn enroll_request(token: &str, csr_pem: &str) -> EnrollRequest {
         csr_pem: csr_pem.into(),
         hostname: "edge-1.test".into(),
         agent_version: "0.0.0-test".into(),
+        announce: None,
     }
 }
 
@@ -99,10 +100,21 @@ impl TestNode {
 
     /// Enrolls with the server at `base` whose CA is `ca_pem`.
     pub async fn enroll_at(base: &str, ca_pem: &str, token: &str) -> TestNode {
+        Self::enroll_announcing(base, ca_pem, token, None).await
+    }
+
+    /// Enrolls as an agent that announces `announce` in its enrollment request.
+    pub async fn enroll_announcing(
+        base: &str,
+        ca_pem: &str,
+        token: &str,
+        announce: Option<outpost_protocol::Announce>,
+    ) -> TestNode {
         let (csr_pem, key_pem) = csr();
         let anonymous = https(ca_pem, None);
         let url = format!("{base}{}", paths::ENROLL);
-        let (status, body) = post_json(&anonymous, &url, &enroll_request(token, &csr_pem)).await;
+        let req = EnrollRequest { announce, ..enroll_request(token, &csr_pem) };
+        let (status, body) = post_json(&anonymous, &url, &req).await;
         assert_eq!(status, StatusCode::OK, "enrollment: {body}");
         let enrolled: EnrollResponse = serde_json::from_value(body).expect("an EnrollResponse");
         let http = https(&enrolled.ca_pem, Some((&enrolled.cert_pem, &key_pem)));
@@ -173,6 +185,7 @@ pub fn succeeded(job_id: &str, stdout: &str) -> ResultReport {
         outputs: Vec::new(),
         egress_denied: Vec::new(),
         inference: None,
+        sealed: None,
     }
 }
 

@@ -89,6 +89,7 @@ impl<R: Runtime> Agent<R> {
                 (report, None)
             }
         };
+        let report = self.sealed(&rec, report);
         rec.state = JobState::Finished;
         let cancelled = (report.outcome == Outcome::Cancelled).then(|| {
             format!(
@@ -132,6 +133,34 @@ impl<R: Runtime> Agent<R> {
         {
             tracing::warn!(job = %job.job_id, error = %e, "could not remove the finished job's data directory");
         }
+    }
+
+    /// The result as it may leave the site: for a job that names recipients, its tails and
+    /// output bodies sealed for them and for the site's own (`[policy] seal_also_to`). Sealing
+    /// cannot fail for recipients that passed intake; if it does anyway, the result keeps only
+    /// its bookkeeping and says why (fail closed: nothing goes out in clear).
+    fn sealed(&self, rec: &JobRecord, mut report: ResultReport) -> ResultReport {
+        if rec.local.is_some() {
+            return report;
+        }
+        let Some(env) = rec.signed_body().filter(|e| !e.recipients.is_empty()) else {
+            return report;
+        };
+        let mut to = env.recipients.clone();
+        to.extend(self.cfg.policy.seal_also_to.iter().filter(|r| !env.recipients.contains(r)).cloned());
+        if let Err(e) = outpost_protocol::seal::seal_report(&mut report, &to) {
+            tracing::error!(job = %rec.job_id, error = %e, "cannot seal the result; only its bookkeeping is reported");
+            report.stdout_tail.clear();
+            report.stderr_tail.clear();
+            for o in &mut report.outputs {
+                o.body = None;
+            }
+            report.outcome = Outcome::Error;
+            report.error = Some(format!(
+                "the result could not be sealed for its recipients ({e}); its output stays on the node"
+            ));
+        }
+        report
     }
 
     fn cancelled_because(&self, job: &JobRef) -> String {
@@ -294,14 +323,24 @@ impl<R: Runtime> Agent<R> {
         if self.cfg.policy.is_open() {
             return None;
         }
-        let submitter = match &rec.local {
-            Some(local) => Some(outpost_protocol::Submitter {
-                local_trigger: Some(local.trigger.clone()),
-                ..outpost_protocol::Submitter::in_org(&self.identity.node.org_id)
-            }),
-            None => rec.signed_body().and_then(|e| e.submitter),
+        // A local trigger's result stays on site; a job from the control plane or a bundle
+        // without recipients would send its result out in clear.
+        let (submitter, unsealed) = match &rec.local {
+            Some(local) => {
+                let by = outpost_protocol::Submitter {
+                    local_trigger: Some(local.trigger.clone()),
+                    ..outpost_protocol::Submitter::in_org(&self.identity.node.org_id)
+                };
+                (Some(by), false)
+            }
+            None => {
+                let body = rec.signed_body();
+                let unsealed = body.as_ref().is_none_or(|e| e.recipients.is_empty());
+                (body.and_then(|e| e.submitter), unsealed)
+            }
         };
-        match self.cfg.policy.evaluate(&crate::policy::Work::job(spec, submitter), true) {
+        let work = crate::policy::Work::job(spec, submitter).unsealed(unsealed);
+        match self.cfg.policy.evaluate(&work, true) {
             crate::policy::Decision::Refuse(r) => Some(r.to_string()),
             _ => None,
         }
@@ -336,6 +375,7 @@ impl<R: Runtime> Agent<R> {
             outputs: Vec::new(),
             egress_denied: Vec::new(),
             inference: None,
+            sealed: None,
         }
     }
 }

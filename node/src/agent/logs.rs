@@ -84,9 +84,24 @@ impl<R: Runtime> Agent<R> {
 
     async fn stream_logs(&self, req: LogRequest, shutdown: CancellationToken) {
         let mut out = Sender { agent: self, req: &req, offset: 0 };
-        if !self.cfg.egress.allow_logs {
-            let why = "this node's egress policy does not allow live logs ([egress] allow_logs = false); \
-                       only the result's output tails leave the site";
+        let sealed = matches!(
+            self.ledger.get(&req.job_id, req.attempt),
+            Ok(Some(rec)) if rec.signed_body().is_some_and(|e| !e.recipients.is_empty())
+        );
+        let refusal = if !self.cfg.egress.allow_logs {
+            Some(
+                "this node's egress policy does not allow live logs ([egress] allow_logs = false); \
+                 only the result's output tails leave the site",
+            )
+        } else if sealed {
+            Some(
+                "this job's result is sealed for its recipients, and live logs would leave the site in \
+                 clear; its output tails come sealed with the result (`job result JOB --identity FILE`)",
+            )
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
             let detail = format!("job {}/{}: live logs refused: {why}", req.job_id, req.attempt);
             tracing::info!("{detail}");
             if let Err(e) = self.ledger.audit("logs.refused", &detail) {

@@ -219,3 +219,37 @@ fn the_strict_template_is_a_valid_policy_that_runs_nothing_unlisted() {
     assert_eq!(r.rule, "policy.images");
     assert_eq!(p.approval, Approval::NewImage);
 }
+
+#[test]
+fn require_sealed_refuses_results_that_would_leave_in_clear_and_nothing_else() {
+    let p = policy("[policy]\nrequire_sealed = true\n");
+    let spec = serde_json::json!({ "image": DIGEST });
+    let r = refused(&p, &job(spec.clone()).unsealed(true));
+    assert_eq!(r.rule, "policy.require_sealed");
+    assert!(r.value.contains("without recipients"), "{r}");
+    // Sealed, or a result that stays on site (a local trigger's): allowed.
+    assert_eq!(p.evaluate(&job(spec), false), Decision::Allow);
+    assert!(!p.is_open(), "require_sealed is a restriction");
+}
+
+#[test]
+fn the_sites_own_recipients_must_be_age_public_keys() {
+    #[derive(Deserialize)]
+    struct Doc {
+        policy: Policy,
+    }
+    let key = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+    let good: Doc = toml::from_str(&format!("[policy]\nseal_also_to = [\"{key}\"]\n")).expect("parses");
+    good.policy.validate().expect("a real age key is accepted");
+    for (bad, says) in [
+        ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5", "not an age X25519 public key"),
+        ("age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8q", "not an age X25519 public key"),
+    ] {
+        let doc: Doc = toml::from_str(&format!("[policy]\nseal_also_to = [\"{bad}\"]\n")).expect("parses");
+        let err = doc.policy.validate().expect_err("refused");
+        assert!(err.starts_with("policy.seal_also_to: ") && err.contains(says), "{err}");
+    }
+    let doc: Doc =
+        toml::from_str(&format!("[policy]\nseal_also_to = [\"{key}\", \"{key}\"]\n")).expect("parses");
+    assert!(doc.policy.validate().expect_err("twice").contains("named twice"));
+}

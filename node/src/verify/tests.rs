@@ -28,6 +28,7 @@ fn envelope(seq: u64, expires: u64) -> JobEnvelope {
         .expect("spec")
         .into(),
         submitter: None,
+        recipients: Vec::new(),
     }
 }
 

@@ -203,6 +203,17 @@ impl Control {
         }
     }
 
+    /// Run an `outpost-control` operator subcommand against this control plane (its admin
+    /// token and CA from the data dir).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.bin)
+            .args(["--url", &self.url, "--data-dir"])
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("run outpost-control")
+    }
+
     /// SIGKILL: no chance to flush anything the store had not made durable.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1,0 +1,71 @@
+//! Results sealed for their requesters: recipients checked at submission, sent only to agents
+//! that can seal, the sealed part stored and returned byte for byte.
+
+use outpost_control::testing::TestServer;
+use outpost_protocol::{Announce, JobEnvelope, Outcome, SubmitJobRequest, paths};
+use reqwest::StatusCode;
+
+use crate::support::{TestNode, assert_error, op_post, org_and_token, report_for, spec};
+
+/// A public key as `age-keygen` prints it.
+const RECIPIENT: &str = "age1zlha77mzg93n59zgj4wgy6xmyvtanyrtfgp5lta5t7mlfpmary7sst2mzg";
+
+#[tokio::test]
+async fn a_sealed_job_goes_only_to_an_agent_that_seals_and_its_result_is_kept_as_sealed() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org_id, token) = org_and_token(&server).await;
+    let sealing =
+        TestNode::enroll_announcing(&server.url(), server.ca_pem(), &token, Some(Announce::this_build()))
+            .await;
+    let older = TestNode::enroll(&server, &op.create_token(&org_id, None).await.expect("token").token).await;
+
+    // Malformed recipients: refused before anything is queued.
+    for (bad, says) in [
+        ("age1notakey", "not an age X25519 public key"),
+        (&RECIPIENT[..RECIPIENT.len() - 1], "not an age X25519 public key"),
+    ] {
+        let req = SubmitJobRequest {
+            recipients: vec![bad.to_owned()],
+            ..SubmitJobRequest::for_node(sealing.id(), spec())
+        };
+        let got = op_post(&server, paths::JOBS, &req).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "bad_recipient");
+        assert!(got.1["message"].as_str().unwrap_or_default().contains(says), "{}", got.1);
+    }
+    // An agent that does not announce sealed-results is not sent a sealed job.
+    let req = SubmitJobRequest {
+        recipients: vec![RECIPIENT.into()],
+        ..SubmitJobRequest::for_node(older.id(), spec())
+    };
+    let got = op_post(&server, paths::JOBS, &req).await;
+    assert_error(&got, StatusCode::CONFLICT, "cannot_seal");
+    // Placed by selector: only agents that seal are candidates.
+    let by_selector = SubmitJobRequest {
+        recipients: vec![RECIPIENT.into()],
+        ..SubmitJobRequest::for_selector(&org_id, "!maintenance", outpost_protocol::Placement::Each, spec())
+    };
+    let group = op.submit_group(&by_selector).await.expect("group");
+    assert_eq!(group.jobs.iter().map(|j| j.node_id.as_str()).collect::<Vec<_>>(), [sealing.id()]);
+    assert!(older.poll(&[], 0).await.jobs.is_empty(), "nothing for the agent that cannot seal");
+
+    // The signed envelope carries the recipients.
+    let offered = sealing.poll(&[], 0).await;
+    let a = &offered.jobs[0];
+    let env: JobEnvelope = serde_json::from_str(&a.envelope.payload).expect("envelope");
+    assert_eq!(env.recipients, [RECIPIENT]);
+
+    // A report whose sealed part is not an age file is refused; a real one is stored as sent.
+    let mut report = report_for(a, Outcome::Succeeded);
+    report.sealed = Some("patient 42: benign".into());
+    let got = sealing.post(paths::NODE_RESULTS, &report).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "bad_sealed_result");
+    report.sealed = None;
+    report.stdout_tail = "patient 42: benign\n".into();
+    outpost_protocol::seal::seal_report(&mut report, &[RECIPIENT.into()]).expect("sealed");
+    let (status, body) = sealing.report(&report).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let stored = op.job(&a.job_id).await.expect("job").result.expect("a result");
+    assert_eq!(stored.sealed, report.sealed, "the age file byte for byte");
+    assert!(stored.stdout_tail.is_empty(), "nothing in clear");
+}
