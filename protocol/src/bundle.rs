@@ -272,6 +272,10 @@ pub struct BundleRequest {
     /// How long the bundle (and its jobs) stay valid; default 30 days.
     #[serde(default)]
     pub expires_in_secs: Option<u64>,
+    /// age X25519 public keys every job of the bundle seals its result for (see
+    /// [`crate::seal`]); every target node must announce `sealed-results`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
 }
 
 /// The signed manifest and the bytes of the parts the control plane made (jobs,

@@ -77,6 +77,8 @@ pub async fn create(
     for spec in &req.jobs {
         check_job_spec(spec)?;
     }
+    outpost_protocol::seal::check_recipients(&req.recipients)
+        .map_err(|why| ApiError::bad_request("bad_recipient", why))?;
     let mut deployments = Vec::new();
     for name in &req.deployments {
         let d = st.store.get_deployment(&org_id, name).await?.ok_or_else(|| {
@@ -104,6 +106,20 @@ pub async fn create(
             ),
         ));
     }
+    if !req.recipients.is_empty()
+        && let Some(old) = nodes.iter().find(|n| !super::jobs::can_seal(n))
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cannot_seal",
+            format!(
+                "node {}'s agent has not announced the `{}` capability: it cannot seal its results; leave \
+                 --recipient out for it",
+                old.node_id,
+                outpost_protocol::capability::SEALED_RESULTS
+            ),
+        ));
+    }
     let per_node = req.jobs.len().saturating_add(deployments.len());
     let parts = req.files.len().saturating_add(nodes.len().saturating_mul(per_node));
     if parts > outpost_protocol::MAX_BUNDLE_PARTS {
@@ -122,7 +138,11 @@ pub async fn create(
     let mut job_parts: Vec<Made> = deployment_parts(&st, &nodes, &deployments).await?;
     for node in &nodes {
         for spec in &req.jobs {
-            let origin = JobOrigin { selector: req.selector.clone(), ..Default::default() };
+            let origin = JobOrigin {
+                selector: req.selector.clone(),
+                recipients: req.recipients.clone(),
+                ..Default::default()
+            };
             let info = create_job(&st, node, spec.clone(), expiry, None, origin).await?.ok_or_else(|| {
                 ApiError::internal("job_id_taken", "a freshly generated job id is already taken; try again")
             })?;

@@ -53,6 +53,10 @@ pub enum BundleCommand {
         /// A deployment (by name, see `deploy list`) whose service each target node runs.
         #[arg(long = "deployment", value_name = "NAME")]
         deployments: Vec<String>,
+        /// Seal the results of the bundle's jobs for this age X25519 public key (`age1…`;
+        /// repeatable), as `job submit --recipient` does.
+        #[arg(long = "recipient", value_name = "AGE_PUBLIC_KEY")]
+        recipients: Vec<String>,
         /// How long the bundle and its jobs stay valid (e.g. 7d; default 30d).
         #[arg(long, value_parser = super::submit::parse_duration)]
         expires: Option<Duration>,
@@ -88,10 +92,13 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
             jobs,
             config,
             deployments,
+            recipients,
             expires,
             out,
             quiet,
         } => {
+            outpost_protocol::seal::check_recipients(&recipients)
+                .map_err(|why| anyhow!("--recipient: {why}"))?;
             let progress = !quiet && std::io::stderr().is_terminal();
             let tmp_dir = tempdir_near(&out)?;
             let mut sources = Vec::new();
@@ -130,6 +137,7 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
                 jobs: specs,
                 deployments,
                 expires_in_secs: expires.map(|d| d.as_secs()),
+                recipients,
             };
             let resp = c.bundle(&org, &req).await?;
             if !json && !resp.jobs.is_empty() {

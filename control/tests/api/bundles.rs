@@ -26,6 +26,7 @@ fn request(nodes: &[&str]) -> BundleRequest {
         jobs: vec![spec().into()],
         deployments: Vec::new(),
         expires_in_secs: Some(3600),
+        recipients: Vec::new(),
     }
 }
 
@@ -96,6 +97,41 @@ async fn bad_bundle_requests_are_refused_with_a_reason() {
     assert_eq!(op_post(&server, &path, &forever).await.0, StatusCode::BAD_REQUEST);
     let other = paths::fill(paths::ORG_BUNDLES, "org_id", "org-nope");
     assert_eq!(op_post(&server, &other, &request(&[a.id()])).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_bundles_jobs_seal_for_its_recipients_and_only_agents_that_seal_get_them() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org, token) = org_and_token(&server).await;
+    let announce = Some(outpost_protocol::Announce::this_build());
+    let sealing = TestNode::enroll_announcing(&server.url(), server.ca_pem(), &token, announce).await;
+    let older = TestNode::enroll(&server, &op.create_token(&org, None).await.expect("token").token).await;
+    let path = paths::fill(paths::ORG_BUNDLES, "org_id", &org);
+    let recipient = "age1zlha77mzg93n59zgj4wgy6xmyvtanyrtfgp5lta5t7mlfpmary7sst2mzg";
+
+    let bad = BundleRequest { recipients: vec!["age1nope".into()], ..request(&[sealing.id()]) };
+    let got = op_post(&server, &path, &bad).await;
+    assert_eq!(got.0, StatusCode::BAD_REQUEST, "{}", got.1);
+    assert_eq!(got.1["code"], "bad_recipient", "{}", got.1);
+    let to_older =
+        BundleRequest { recipients: vec![recipient.into()], ..request(&[sealing.id(), older.id()]) };
+    let got = op_post(&server, &path, &to_older).await;
+    assert_eq!(got.0, StatusCode::CONFLICT, "{}", got.1);
+    assert!(got.1["message"].as_str().unwrap_or_default().contains(older.id()), "{}", got.1);
+    let all = outpost_control::client::JobsQuery { node_id: None, state: None, group_id: None, limit: 100 };
+    assert!(op.jobs(&all).await.expect("jobs").jobs.is_empty(), "nothing queued");
+
+    let made = bundle(
+        &server,
+        &org,
+        &BundleRequest { recipients: vec![recipient.into()], ..request(&[sealing.id()]) },
+    )
+    .await;
+    let a: outpost_protocol::JobAssignment =
+        serde_json::from_str(made.parts[1].as_ref().expect("the job part")).expect("assignment");
+    let env: outpost_protocol::JobEnvelope = serde_json::from_str(&a.envelope.payload).expect("envelope");
+    assert_eq!(env.recipients, [recipient]);
 }
 
 /// A results bundle signed with `key_pem` (PKCS#8 P-256), as `outpost bundle export-results` writes it.
@@ -337,6 +373,7 @@ async fn a_deployment_travels_as_the_desired_state_signed_for_each_node() {
         jobs: Vec::new(),
         deployments: vec!["viewer".into()],
         expires_in_secs: None,
+        recipients: Vec::new(),
     };
     let made = bundle(&server, &org, &req).await;
     let m: BundleManifest = serde_json::from_str(&made.manifest.payload).expect("manifest");
