@@ -249,6 +249,7 @@ async fn import_here(
     let services = ServiceBook::new(Arc::clone(ledger.store()));
     let node = apply::Node {
         cfg,
+        policy: Arc::new(cfg.policy.clone()),
         ledger: &ledger,
         verifier: &verifier,
         runtime: &runtime,

@@ -179,7 +179,7 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Inference(cmd) => block_on(crate::inference_cli::run(&cfg, cmd)),
         Command::Policy(cmd) => crate::policy_cli::run(&cfg, &loaded.sources, cmd),
         Command::Approvals(cmd) => crate::approvals_cli::run(&cfg, cmd),
-        Command::Run => block_on(run(cfg)),
+        Command::Run => block_on(run(cfg, config.map(Path::to_path_buf))),
     }
 }
 
@@ -204,7 +204,7 @@ fn init_tracing(cfg: &Config) {
     };
 }
 
-async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
+async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<ExitCode> {
     let identity = Identity::load(&cfg.identity_dir())?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
@@ -219,7 +219,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         .context("cannot open the local object store ([storage])")?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    Agent::new(cfg, identity, ledger, runtime, objects)?.run(shutdown).await?;
+    Agent::new(cfg, identity, ledger, runtime, objects)?.reloading_from(config_path).run(shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -115,6 +115,34 @@ pub struct Policy {
     pub seal_also_to: Vec<String>,
 }
 
+/// The policy in force, shared by every gate of a running agent and replaced whole when the
+/// agent reloads it (SIGHUP): a gate reads one consistent policy per decision.
+#[derive(Debug, Clone, Default)]
+pub struct Current(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Policy>>>);
+
+impl Current {
+    pub fn new(policy: Policy) -> Self {
+        Current(std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(policy))))
+    }
+
+    /// The policy in force now.
+    pub fn get(&self) -> std::sync::Arc<Policy> {
+        match self.0.read() {
+            Ok(p) => std::sync::Arc::clone(&p),
+            Err(poisoned) => std::sync::Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Puts `policy` in force (it was validated when its configuration loaded).
+    pub fn set(&self, policy: Policy) {
+        let policy = std::sync::Arc::new(policy);
+        match self.0.write() {
+            Ok(mut p) => *p = policy,
+            Err(poisoned) => *poisoned.into_inner() = policy,
+        }
+    }
+}
+
 /// A piece of work as the policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Work {

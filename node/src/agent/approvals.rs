@@ -230,7 +230,7 @@ impl<R: Runtime> Agent<R> {
         let work = rec.spec.as_ref().map(|s| crate::policy::Work::job(s, None));
         Details {
             waiting: waiting(rec),
-            image_name: image.as_deref().and_then(|d| self.cfg.policy.image(d)).map(|r| r.name.clone()),
+            image_name: image.as_deref().and_then(|d| self.policy.get().image(d).map(|r| r.name.clone())),
             image_size_bytes: facts.as_ref().map(|f| f.size_bytes),
             image_created: facts.map(|f| f.created),
             command: c.map(|c| c.command.clone()).unwrap_or_default(),

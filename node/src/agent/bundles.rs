@@ -222,6 +222,7 @@ impl<R: Runtime> Agent<R> {
     fn apply_node<'a>(&'a self, models: &'a ModelStore, publishers: &'a Publishers) -> apply::Node<'a, R> {
         apply::Node {
             cfg: &self.cfg,
+            policy: self.policy.get(),
             ledger: &self.ledger,
             verifier: &self.verifier,
             runtime: self.runtime.as_ref(),

@@ -147,7 +147,7 @@ impl<R: Runtime> Agent<R> {
             return report;
         };
         let mut to = env.recipients.clone();
-        to.extend(self.cfg.policy.seal_also_to.iter().filter(|r| !env.recipients.contains(r)).cloned());
+        to.extend(self.policy.get().seal_also_to.iter().filter(|r| !env.recipients.contains(r)).cloned());
         if let Err(e) = outpost_protocol::seal::seal_report(&mut report, &to) {
             tracing::error!(job = %rec.job_id, error = %e, "cannot seal the result; only its bookkeeping is reported");
             report.stdout_tail.clear();
@@ -320,7 +320,8 @@ impl<R: Runtime> Agent<R> {
     /// submitted by its trigger in this node's organisation; a network job by whoever its
     /// signed envelope names.
     fn policy_refusal(&self, rec: &JobRecord, spec: &JobSpec) -> Option<String> {
-        if self.cfg.policy.is_open() {
+        let policy = self.policy.get();
+        if policy.is_open() {
             return None;
         }
         // A local trigger's result stays on site; a job from the control plane or a bundle
@@ -340,7 +341,7 @@ impl<R: Runtime> Agent<R> {
             }
         };
         let work = crate::policy::Work::job(spec, submitter).unsealed(unsealed);
-        match self.cfg.policy.evaluate(&work, true) {
+        match policy.evaluate(&work, true) {
             crate::policy::Decision::Refuse(r) => Some(r.to_string()),
             _ => None,
         }

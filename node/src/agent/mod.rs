@@ -167,6 +167,10 @@ pub struct Agent<R: Runtime> {
     pub(crate) bundle_lock: tokio::sync::Mutex<()>,
     /// Held while a waiting job is approved, denied, expired or cancelled: one decision each.
     pub(crate) decisions: std::sync::Mutex<()>,
+    /// The site policy in force: `cfg.policy` at start, replaced on SIGHUP.
+    pub(crate) policy: crate::policy::Current,
+    /// The configuration file the agent was started with (`--config`), reloaded on SIGHUP.
+    pub(crate) config_path: Option<std::path::PathBuf>,
 }
 
 /// How many containers the agent creates and starts at once: one per CPU (at least two), since
@@ -212,6 +216,8 @@ impl<R: Runtime> Agent<R> {
         Ok(Self {
             relay,
             inference,
+            policy: crate::policy::Current::new(cfg.policy.clone()),
+            config_path: None,
             cfg,
             identity,
             runtime: Arc::new(runtime),
@@ -227,6 +233,12 @@ impl<R: Runtime> Agent<R> {
             service_reported: Arc::default(),
             ledger,
         })
+    }
+
+    /// Reload the site policy from `path` (what `--config` named; none: the default path) when
+    /// the agent gets SIGHUP.
+    pub fn reloading_from(self, path: Option<std::path::PathBuf>) -> Self {
+        Self { config_path: path, ..self }
     }
 
     /// Run until `shutdown` is cancelled, then drain: stop fetching, give in-flight reports
@@ -272,6 +284,7 @@ impl<R: Runtime> Agent<R> {
         }
         tasks.spawn(Arc::clone(&agent).bundle_watcher(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).approvals(shutdown.clone()));
+        tasks.spawn(Arc::clone(&agent).policy_reloader(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).start_jobs(tasks.clone(), shutdown.clone()));
 
         agent.shared.ready.store(true, Ordering::Relaxed);
@@ -495,15 +508,58 @@ impl<R: Runtime> Agent<R> {
 
     /// Writes the site policy's hash to the audit chain when it differs from the one in force
     /// at the last start, so the log shows which policy governed what.
+    /// On SIGHUP: load the configuration again and put its `[policy]` in force, writing the
+    /// new hash to the audit chain. A configuration that does not load keeps the policy in
+    /// force (never fail open) and says why, in the log and the audit chain. Only the policy
+    /// changes; every other setting applies at the next start.
+    async fn policy_reloader(self: Arc<Self>, shutdown: CancellationToken) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGHUP handler: the policy reloads only at start");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            match Config::load(self.config_path.as_deref()) {
+                Ok(loaded) => {
+                    self.policy.set(loaded.config.policy);
+                    match self.record_policy() {
+                        Ok(()) => tracing::info!(
+                            "SIGHUP: [policy] reloaded; other settings apply at the next start (approvers_group included)"
+                        ),
+                        Err(e) => {
+                            tracing::error!(error = %e, "the reloaded policy is in force but not recorded in the audit chain")
+                        }
+                    }
+                }
+                Err(e) => {
+                    let detail =
+                        format!("SIGHUP: the configuration does not load, the policy in force stays: {e}");
+                    tracing::error!("{detail}");
+                    if let Err(e) = self.ledger.audit("policy.reload_refused", &detail) {
+                        tracing::error!(error = %e, "cannot write the audit log");
+                    }
+                }
+            }
+        }
+    }
+
     fn record_policy(&self) -> anyhow::Result<()> {
         const KEY: &[u8] = b"policy.hash";
         let store = self.ledger.store();
-        let hash = self.cfg.policy.digest();
+        let policy = self.policy.get();
+        let hash = policy.digest();
         let before = store.get(crate::store::Tree::Meta, KEY)?;
         if before.as_deref() == Some(hash.as_bytes()) {
             return Ok(());
         }
-        let detail = if self.cfg.policy.is_open() {
+        let detail = if policy.is_open() {
             format!("no site policy: every rule open (hash {hash})")
         } else {
             format!("site policy in force, hash {hash} (see `outpost policy show`)")

@@ -77,6 +77,7 @@ impl<R: Runtime> Agent<R> {
                             &self.ledger,
                             &self.verifier,
                             &self.cfg,
+                            &self.policy.get(),
                             env,
                             now,
                         ) {
@@ -197,7 +198,7 @@ impl<R: Runtime> Agent<R> {
 
     /// Persist one assignment (see [`crate::intake`]) and wake whoever has work from it.
     fn accept(&self, a: JobAssignment) -> Result<(), crate::store::StoreError> {
-        match crate::intake::take_job(&self.ledger, &self.verifier, &self.cfg.policy, &a, now_unix_ms())? {
+        match crate::intake::take_job(&self.ledger, &self.verifier, &self.policy.get(), &a, now_unix_ms())? {
             crate::intake::Intake::Accepted { .. } => {
                 self.shared.work.notify_one();
                 self.shared.changed.notify_one();

@@ -32,7 +32,7 @@ impl<R: Runtime> Agent<R> {
                 root: crate::services::inputs::root(&self.cfg.data_dir),
             },
         )
-        .with_policy(self.cfg.policy.clone(), &self.identity.node.org_id)
+        .with_policy(self.policy.clone(), &self.identity.node.org_id)
     }
 
     pub(super) async fn service_report_sender(self: Arc<Self>, shutdown: CancellationToken) {

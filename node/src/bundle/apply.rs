@@ -116,6 +116,8 @@ pub struct Applied {
 /// What applying needs of the node.
 pub struct Node<'a, R: Runtime> {
     pub cfg: &'a Config,
+    /// The site policy in force: the gate for the bundle's jobs and services.
+    pub policy: std::sync::Arc<crate::policy::Policy>,
     pub ledger: &'a Ledger,
     pub verifier: &'a ManifestVerifier,
     pub runtime: &'a R,
@@ -221,7 +223,7 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
     for (part, c) in checked {
         match c {
             Checked::Job(a) => {
-                match take_job(node.ledger, node.verifier, &node.cfg.policy, &a, now)
+                match take_job(node.ledger, node.verifier, &node.policy, &a, now)
                     .map_err(|e| store_err(&part.name, e))?
                 {
                     Intake::Accepted { .. } => out.jobs_accepted.push(a.job_id),
@@ -232,9 +234,16 @@ pub async fn apply<R: Runtime>(node: &Node<'_, R>, v: &Verified, now: u64) -> Re
                 }
             }
             Checked::Service(env) => {
-                let got =
-                    crate::services::receive(node.services, node.ledger, node.verifier, node.cfg, &env, now)
-                        .map_err(|e| store_err(&part.name, e))?;
+                let got = crate::services::receive(
+                    node.services,
+                    node.ledger,
+                    node.verifier,
+                    node.cfg,
+                    &node.policy,
+                    &env,
+                    now,
+                )
+                .map_err(|e| store_err(&part.name, e))?;
                 out.services.push((part.label.clone(), format!("{got:?}").to_lowercase()));
             }
             Checked::Config(text) => {

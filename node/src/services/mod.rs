@@ -35,6 +35,7 @@ pub fn receive(
     ledger: &Ledger,
     verifier: &ManifestVerifier,
     cfg: &Config,
+    policy: &crate::policy::Policy,
     env: &SignedEnvelope,
     now_ms: u64,
 ) -> Result<Received, StoreError> {
@@ -76,7 +77,7 @@ pub fn receive(
                 return true;
             }
             rec.last_seq = svc.seq;
-            if let Some(why) = refusal(rec, &svc, cfg) {
+            if let Some(why) = refusal(rec, &svc, cfg, policy) {
                 audit = Some((
                     "service.refused",
                     format!("service {} revision {}: {why}", svc.service, svc.revision),
@@ -113,7 +114,12 @@ pub fn receive(
 }
 
 /// Why this node will not take `svc`, if it will not.
-fn refusal(rec: &ServiceRecord, svc: &ServiceEnvelope, cfg: &Config) -> Option<String> {
+fn refusal(
+    rec: &ServiceRecord,
+    svc: &ServiceEnvelope,
+    cfg: &Config,
+    policy: &crate::policy::Policy,
+) -> Option<String> {
     if let Some(current) = &rec.desired
         && current.body.deployment == svc.deployment
         && svc.revision < current.body.revision
@@ -127,7 +133,7 @@ fn refusal(rec: &ServiceRecord, svc: &ServiceEnvelope, cfg: &Config) -> Option<S
     }
     let spec = svc.spec.as_ref()?;
     publish_refusal(spec, &cfg.services)
-        .or_else(|| policy_refusal(spec, &svc.deployment, &svc.org_id, &cfg.policy))
+        .or_else(|| policy_refusal(spec, &svc.deployment, &svc.org_id, policy))
 }
 
 /// Why the site policy refuses a service revision, if it does: its submitter is its

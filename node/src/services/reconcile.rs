@@ -102,7 +102,7 @@ pub struct Reconciler<R: Runtime> {
     /// The node's own limits on published ports, checked again before every create.
     allow: ServicesConfig,
     /// The site policy and this node's organisation, checked again before every create.
-    policy: crate::policy::Policy,
+    policy: crate::policy::Current,
     org_id: String,
     /// Engine waits on running service containers.
     watchers: HashMap<ServiceRef, tokio::task::JoinHandle<()>>,
@@ -121,7 +121,7 @@ pub struct InputSource {
 
 impl<R: Runtime> Reconciler<R> {
     /// Holds every container it makes to the site policy (none: any).
-    pub fn with_policy(mut self, policy: crate::policy::Policy, org_id: &str) -> Self {
+    pub fn with_policy(mut self, policy: crate::policy::Current, org_id: &str) -> Self {
         self.policy = policy;
         self.org_id = org_id.to_owned();
         self
@@ -142,7 +142,7 @@ impl<R: Runtime> Reconciler<R> {
             ledger,
             live: HashMap::new(),
             wake,
-            policy: crate::policy::Policy::default(),
+            policy: crate::policy::Current::default(),
             org_id: String::new(),
             reported,
             allow,
@@ -331,7 +331,7 @@ impl<R: Runtime> Reconciler<R> {
                 } else {
                     let fresh = container.is_none();
                     let refusal = super::publish_refusal(&t.spec, &self.allow).or_else(|| {
-                        super::policy_refusal(&t.spec, &t.deployment, &self.org_id, &self.policy)
+                        super::policy_refusal(&t.spec, &t.deployment, &self.org_id, &self.policy.get())
                     });
                     let created = match refusal {
                         // The site narrowed publish_allow or its policy since this desired state

@@ -538,6 +538,13 @@ impl Node {
     }
 
     /// `outpost status --json` of this node.
+    /// SIGHUP to the running agent: it reloads its site policy.
+    pub fn sighup(&self) {
+        let child = self.child.as_ref().expect("the agent runs");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.cli(&["status", "--json"]).stdout)
             .expect("outpost status --json prints JSON")
