@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 
 use crate::client::Client;
 
+// Parsed once per process from the command line: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
     /// Build a signed bundle for air-gapped nodes: images, models, jobs and deployments in one
