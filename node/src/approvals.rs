@@ -3,10 +3,11 @@
 //! at the site approves or denies them with `outpost approvals`, or until their manifest
 //! expires. The running agent answers on a unix socket in its data directory that only root and
 //! `[policy] approvers_group` can open; who asked (SO_PEERCRED) goes into the audit entry.
-//! `--remember` keeps the image's digest in a local allowlist, so its next jobs run without
-//! asking (under `approval = "new-image"`).
+//! `--remember` keeps the image's digest in a local allowlist with the store prefixes its job
+//! read from, so its next jobs reading from those prefixes run without asking (under
+//! `approval = "new-image"`); `outpost policy show` lists it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -86,23 +87,98 @@ pub struct InputCover {
     pub more: bool,
 }
 
-/// Images approved with `--remember`.
-pub fn remembered(store: &dyn StateStore) -> Result<BTreeSet<String>, StoreError> {
-    match store.get(Tree::Meta, REMEMBERED)? {
-        Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
-            tree: "meta",
-            key: "approvals.images".into(),
-            message: e.to_string(),
-        }),
-        None => Ok(BTreeSet::new()),
+/// An image approved with `--remember`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Remembered {
+    /// Prefixes of the local store its later jobs may read without asking: the folders of the
+    /// inputs of the jobs approved with `--remember`. Absent for an image remembered before
+    /// inputs were (any input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_prefixes: Option<BTreeSet<String>>,
+    /// Who approved it last, and when.
+    #[serde(default)]
+    pub by: String,
+    #[serde(default)]
+    pub approved_unix_ms: u64,
+}
+
+impl Remembered {
+    /// Whether every input of a job lies under what was approved.
+    pub fn covers(&self, inputs: &[String]) -> bool {
+        match &self.input_prefixes {
+            None => true,
+            Some(prefixes) => inputs.iter().all(|i| prefixes.iter().any(|p| i.starts_with(p.as_str()))),
+        }
     }
 }
 
-/// The op that adds `digest` to the remembered images (in the approval's own batch).
-pub fn remember_op(store: &dyn StateStore, digest: &str) -> Result<Op, StoreError> {
-    let mut set = remembered(store)?;
-    set.insert(digest.to_owned());
-    Ok(Op::Put(Tree::Meta, REMEMBERED.to_vec(), serde_json::to_vec(&set).unwrap_or_default()))
+/// The folder an input key was read from (through its last `/`); a key without one stands
+/// for itself.
+pub fn input_prefix(key: &str) -> String {
+    match key.rfind('/') {
+        Some(i) => key[..=i].to_owned(),
+        None => key.to_owned(),
+    }
+}
+
+/// Images approved with `--remember`, by digest. The form before inputs were remembered (a
+/// list of digests) reads as images with any input.
+pub fn remembered(store: &dyn StateStore) -> Result<BTreeMap<String, Remembered>, StoreError> {
+    let Some(b) = store.get(Tree::Meta, REMEMBERED)? else { return Ok(BTreeMap::new()) };
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt {
+        tree: "meta",
+        key: "approvals.images".into(),
+        message: e.to_string(),
+    };
+    match serde_json::from_slice::<BTreeMap<String, Remembered>>(&b) {
+        Ok(map) => Ok(map),
+        Err(e) => match serde_json::from_slice::<BTreeSet<String>>(&b) {
+            Ok(older) => Ok(older
+                .into_iter()
+                .map(|d| (d, Remembered { input_prefixes: None, by: String::new(), approved_unix_ms: 0 }))
+                .collect()),
+            Err(_) => Err(corrupt(e)),
+        },
+    }
+}
+
+/// The op that remembers `digest` with the folders of `inputs` (added to what was remembered
+/// for it before), in the approval's own batch; and the list as it then stands.
+pub fn remember_op(
+    store: &dyn StateStore,
+    digest: &str,
+    inputs: &[String],
+    by: &str,
+    now_unix_ms: u64,
+) -> Result<(Op, BTreeMap<String, Remembered>), StoreError> {
+    let mut all = remembered(store)?;
+    let entry = all.entry(digest.to_owned()).or_insert(Remembered {
+        input_prefixes: Some(BTreeSet::new()),
+        by: String::new(),
+        approved_unix_ms: 0,
+    });
+    if let Some(prefixes) = &mut entry.input_prefixes {
+        prefixes.extend(inputs.iter().map(|k| input_prefix(k)));
+    }
+    entry.by = by.to_owned();
+    entry.approved_unix_ms = now_unix_ms;
+    let op = Op::Put(Tree::Meta, REMEMBERED.to_vec(), serde_json::to_vec(&all).unwrap_or_default());
+    Ok((op, all))
+}
+
+/// The copy of the remembered list `outpost policy show` reads (the ledger is the running
+/// agent's alone): `data_dir/approvals-remembered.json`.
+pub fn remembered_file(cfg: &Config) -> PathBuf {
+    cfg.data_dir.join("approvals-remembered.json")
+}
+
+/// Writes [`remembered_file`] whole (a new file renamed over the old one).
+pub fn write_remembered_file(cfg: &Config, all: &BTreeMap<String, Remembered>) -> std::io::Result<()> {
+    let path = remembered_file(cfg);
+    let tmp = path.with_extension("json.new");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(all).unwrap_or_default())?;
+    std::fs::rename(&tmp, &path)
 }
 
 /// Whether the user `uid` may approve: root, or a member of `group`.
@@ -128,4 +204,44 @@ pub fn may_approve(uid: u32, group: Option<&str>) -> Result<String, String> {
                 .is_some_and(|gs| gs.contains(&g.gid))
     });
     if member { Ok(name) } else { Err(format!("{name} may not approve: not in group {group:?}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    #[test]
+    fn remembering_keeps_the_folders_of_the_inputs_and_covers_only_those() {
+        let store = MemoryStore::new();
+        let inputs = vec!["scans/2026/a.dcm".to_owned(), "notes.txt".to_owned()];
+        let (op, all) = remember_op(&store, "sha256:aa", &inputs, "root", 5).expect("op");
+        store.apply(vec![op]).expect("apply");
+        assert_eq!(remembered(&store).expect("read"), all);
+        let r = &all["sha256:aa"];
+        assert_eq!(
+            r.input_prefixes.as_ref().map(|p| p.iter().cloned().collect::<Vec<_>>()),
+            Some(vec!["notes.txt".to_owned(), "scans/2026/".to_owned()])
+        );
+        assert!(r.covers(&["scans/2026/b.dcm".into()]));
+        assert!(r.covers(&[]));
+        assert!(!r.covers(&["scans/2025/a.dcm".into()]));
+        assert!(!r.covers(&["other.txt".into()]));
+        // Approving again with other inputs widens what is remembered.
+        let (op, _) = remember_op(&store, "sha256:aa", &["lab/x.csv".into()], "alice", 6).expect("op");
+        store.apply(vec![op]).expect("apply");
+        let r = remembered(&store).expect("read").remove("sha256:aa").expect("kept");
+        assert!(r.covers(&["lab/y.csv".into(), "scans/2026/c.dcm".into()]) && r.by == "alice");
+    }
+
+    #[test]
+    fn the_list_of_digests_an_older_agent_kept_reads_as_images_with_any_input() {
+        let store = MemoryStore::new();
+        let older = serde_json::to_vec(&["sha256:bb"]).expect("json");
+        store.apply(vec![Op::Put(Tree::Meta, REMEMBERED.to_vec(), older)]).expect("apply");
+        let all = remembered(&store).expect("read");
+        assert!(all["sha256:bb"].covers(&["anything/at/all".into()]));
+        store.apply(vec![Op::Put(Tree::Meta, REMEMBERED.to_vec(), b"{not json".to_vec())]).expect("apply");
+        assert!(matches!(remembered(&store), Err(StoreError::Corrupt { .. })));
+    }
 }

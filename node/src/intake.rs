@@ -67,7 +67,9 @@ pub fn take_job(
                 .unsealed(env.recipients.is_empty());
             let remembered = match &work.image {
                 Some(image) if policy.approval != crate::policy::Approval::Off || policy.images.is_some() => {
-                    crate::approvals::remembered(ledger.store().as_ref())?.contains(image)
+                    crate::approvals::remembered(ledger.store().as_ref())?
+                        .get(image)
+                        .is_some_and(|r| r.covers(&work.inputs))
                 }
                 _ => false,
             };

@@ -99,6 +99,9 @@ pub struct Policy {
     pub max_cpu_millis: Option<u64>,
     #[serde(default)]
     pub max_timeout_secs: Option<u64>,
+    /// Jobs of one submitter running at once on this node; more wait their turn (in order).
+    #[serde(default)]
+    pub max_jobs_per_submitter: Option<u64>,
     /// Whether work waits for a person at the site.
     #[serde(default)]
     pub approval: Approval,
@@ -141,6 +144,12 @@ impl Current {
             Err(poisoned) => *poisoned.into_inner() = policy,
         }
     }
+}
+
+/// Whom `max_jobs_per_submitter` counts a job against: the most specific thing its submitter
+/// says (token name, trigger, local trigger; else role, else organisation).
+pub fn submitter_key(submitter: Option<&Submitter>) -> String {
+    submitter.and_then(|s| s.identities().pop()).unwrap_or_else(|| "unstated".into())
 }
 
 /// A piece of work as the policy sees it.
@@ -393,6 +402,7 @@ impl Policy {
             ("max_memory_mb", self.max_memory_mb),
             ("max_cpu_millis", self.max_cpu_millis),
             ("max_timeout_secs", self.max_timeout_secs),
+            ("max_jobs_per_submitter", self.max_jobs_per_submitter),
         ] {
             if v == Some(0) {
                 return Err(format!("policy.{key} must be at least 1 (leave it out for no ceiling)"));
@@ -547,6 +557,8 @@ input_prefixes = []
 max_memory_mb = 16384
 max_cpu_millis = 8000
 max_timeout_secs = 86400
+# Jobs of one submitter running at once; more wait their turn.
+max_jobs_per_submitter = 4
 # Every image the site has not approved before waits for a person (`outpost approvals`);
 # root and the members of approvers_group may approve.
 approval = "new-image"

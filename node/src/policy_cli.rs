@@ -76,6 +76,7 @@ pub fn run(cfg: &Config, sources: &[String], cmd: PolicyCommand) -> anyhow::Resu
                 "{}",
                 toml::to_string_pretty(&Doc { policy: &cfg.policy }).context("cannot render the policy")?
             );
+            print_remembered(cfg);
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Explain { file, service, submitter } => {
@@ -166,4 +167,29 @@ fn parse_submitter(parts: &[String]) -> anyhow::Result<Option<outpost_protocol::
         }
     }
     Ok(Some(s))
+}
+
+/// The images approved at this site with `--remember`, as comments after the policy.
+fn print_remembered(cfg: &outpost_node::config::Config) {
+    let path = outpost_node::approvals::remembered_file(cfg);
+    let Ok(text) = std::fs::read(&path) else { return };
+    let Ok(all) = serde_json::from_slice::<
+        std::collections::BTreeMap<String, outpost_node::approvals::Remembered>,
+    >(&text) else {
+        println!("# {} is unreadable; the agent rewrites it at the next --remember", path.display());
+        return;
+    };
+    if all.is_empty() {
+        return;
+    }
+    println!("# approved at this site with `outpost approvals approve --remember` (run without asking):");
+    for (digest, r) in &all {
+        let inputs = match &r.input_prefixes {
+            None => "any input".to_owned(),
+            Some(p) if p.is_empty() => "no inputs".to_owned(),
+            Some(p) => format!("inputs under {}", p.iter().cloned().collect::<Vec<_>>().join(", ")),
+        };
+        let by = if r.by.is_empty() { String::new() } else { format!(", by {}", r.by) };
+        println!("#   {digest}: {inputs}{by}");
+    }
 }

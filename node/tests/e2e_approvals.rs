@@ -91,6 +91,24 @@ async fn a_held_job_waits_for_the_site_and_runs_or_ends_as_the_approver_says() {
     let second = control.submit(&node.node_id, sh("echo no-question")).await;
     let r = control.wait_result(&second.job_id, RESULT_WAIT).await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    let show = node.cli(&["policy", "show"]);
+    let image = common::test_image();
+    assert!(
+        text(&show).contains("approved at this site") && text(&show).contains(&format!("{image}: no inputs")),
+        "{}",
+        text(&show)
+    );
+    // Its approval covered no inputs: the same image reading the store asks again.
+    let mut reads = sh("cat /in/scans/a.dcm");
+    reads.inputs = vec!["scans/a.dcm".into()];
+    let reading = control.submit(&node.node_id, reads).await;
+    eventually("the job reading an input waiting", Duration::from_secs(60), async || {
+        waiting(&node).iter().any(|w| w["id"] == format!("{}/1", reading.job_id))
+    })
+    .await;
+    let deny = node.cli(&["approvals", "deny", &reading.job_id, "--reason", "inputs not reviewed"]);
+    assert!(deny.status.success(), "{}", text(&deny));
+    assert_eq!(control.wait_result(&reading.job_id, RESULT_WAIT).await.outcome, Outcome::NotApproved);
 
     // A job with another image waits; denied, it reaches the operator with the reason.
     let mut other = sh("echo never");

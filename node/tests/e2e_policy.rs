@@ -201,3 +201,34 @@ async fn sighup_reloads_the_policy_and_a_broken_one_keeps_the_policy_in_force() 
     assert_eq!(log.matches("policy.loaded").count(), 2, "at start and on the first SIGHUP: {log}");
     assert!(log.contains("policy.reload_refused") && log.contains("policy.images[0].digest"), "{log}");
 }
+
+/// `max_jobs_per_submitter`: one submitter's jobs beyond the ceiling wait their turn (they are
+/// not refused), so with a ceiling of one they run one after the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_submitters_jobs_beyond_the_ceiling_wait_their_turn() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("hospital").await;
+    let conf = "[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n\
+                max_concurrent_jobs = 4\n[policy]\nmax_jobs_per_submitter = 1\n";
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, conf).await;
+    let _containers = common::RemoveNodeContainers(node.node_id.clone());
+    node.start();
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        jobs.push(control.submit(&node.node_id, sh(&format!("sleep 1; echo {i}"))).await.job_id);
+    }
+    let mut ran = Vec::new();
+    for id in &jobs {
+        let r = control.wait_result(id, RESULT_WAIT).await;
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+        ran.push((
+            r.timings.started_unix_ms.expect("started"),
+            r.timings.finished_unix_ms.expect("finished"),
+        ));
+    }
+    ran.sort();
+    for pair in ran.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "two jobs of one submitter overlapped: {ran:?}");
+    }
+}

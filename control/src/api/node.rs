@@ -169,6 +169,8 @@ pub async fn report(
     let job_id = report.job_id.clone();
     let outcome = report.outcome;
     let actor = format!("node:{}", node.node_id);
+    // A refused `any` job gets another node first; the refusal then stays with its attempt.
+    super::placement::place_elsewhere_after_refusal(&st, &node.node_id, &report).await?;
     match st.store.store_result(&node.node_id, report).await? {
         ResultOutcome::Stored => {
             let detail = format!("job {key}: {}", outpost_protocol::wire_name(&outcome));

@@ -10,6 +10,7 @@ use outpost_protocol::{JobState, NodeInfo, Selector};
 
 use super::jobs::reoffer_job;
 use super::{ApiResult, AppState, Shared};
+use crate::store::JobRecord;
 
 /// Whether a node's last heartbeat is within the lease.
 pub fn is_online(node: &NodeInfo, now_ms: u64, lease_ms: u64) -> bool {
@@ -96,24 +97,7 @@ pub async fn sweep(st: &AppState) -> ApiResult<usize> {
         if holder.is_some_and(|n| is_online(n, now, lease)) {
             continue;
         }
-        let Some(selector) = job.info.selector.as_deref().and_then(|s| Selector::parse(s).ok()) else {
-            tracing::warn!(job = %job.info.job_id, "an `any` job without a usable selector cannot be re-placed");
-            continue;
-        };
-        let candidates: Vec<NodeInfo> = nodes
-            .values()
-            .filter(|n| n.org_id == job.info.org_id && selector.matches(&n.effective_labels()))
-            .cloned()
-            .collect();
-        let sealed = serde_json::from_str::<outpost_protocol::JobEnvelope>(&job.envelope.payload)
-            .is_ok_and(|e| !e.recipients.is_empty());
-        let mut candidates = super::jobs::sealing_nodes(candidates, sealed);
-        candidates.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        // Not back to a node that held an earlier attempt: its acknowledgements name the job, not
-        // the attempt, so a late one could claim the new attempt.
-        let mut except: Vec<&str> = job.info.superseded.iter().map(|a| a.node_id.as_str()).collect();
-        except.push(&job.info.node_id);
-        let Some(target) = choose(&candidates, &loads, now, lease, &except).cloned() else {
+        let Some(target) = next_node(&job, nodes.values(), &loads, now, lease) else {
             continue;
         };
         let silent =
@@ -121,21 +105,88 @@ pub async fn sweep(st: &AppState) -> ApiResult<usize> {
                 format!("silent for {} s", now.saturating_sub(seen) / 1000)
             });
         let reason = format!("node {} {silent} (lease {} s)", job.info.node_id, lease / 1000);
-        if reoffer_job(st, &job, &target, &reason).await? {
+        if move_job(st, &job, &target, &reason).await? {
             moved += 1;
             *loads.entry(target.node_id.clone()).or_insert(0) += 1;
-            let detail = format!(
-                "job {} attempt {} moved from node {} to node {} as attempt {}: {reason}",
-                job.info.job_id,
-                job.info.attempt,
-                job.info.node_id,
-                target.node_id,
-                job.info.attempt.saturating_add(1)
-            );
-            st.audit("control", "job.replaced", &detail).await;
         }
     }
     Ok(moved)
+}
+
+/// Where an open `any` job may go next: the least loaded online node its selector matches
+/// (of those that can seal it, for a sealed job) that has not held an attempt of it. Not back
+/// to such a node: its acknowledgements name the job, not the attempt, so a late one could
+/// claim the new attempt.
+fn next_node<'a>(
+    job: &JobRecord,
+    nodes: impl Iterator<Item = &'a NodeInfo>,
+    loads: &HashMap<String, u32>,
+    now: u64,
+    lease: u64,
+) -> Option<NodeInfo> {
+    let Some(selector) = job.info.selector.as_deref().and_then(|s| Selector::parse(s).ok()) else {
+        tracing::warn!(job = %job.info.job_id, "an `any` job without a usable selector cannot be re-placed");
+        return None;
+    };
+    let candidates: Vec<NodeInfo> = nodes
+        .filter(|n| n.org_id == job.info.org_id && selector.matches(&n.effective_labels()))
+        .cloned()
+        .collect();
+    let sealed = serde_json::from_str::<outpost_protocol::JobEnvelope>(&job.envelope.payload)
+        .is_ok_and(|e| !e.recipients.is_empty());
+    let mut candidates = super::jobs::sealing_nodes(candidates, sealed);
+    candidates.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    let mut except: Vec<&str> = job.info.superseded.iter().map(|a| a.node_id.as_str()).collect();
+    except.push(&job.info.node_id);
+    choose(&candidates, loads, now, lease, &except).cloned()
+}
+
+/// Offers `job` to `target` as its next attempt and audits the move; false when the job
+/// moved on meanwhile.
+async fn move_job(st: &AppState, job: &JobRecord, target: &NodeInfo, reason: &str) -> ApiResult<bool> {
+    if !reoffer_job(st, job, target, reason).await? {
+        return Ok(false);
+    }
+    let detail = format!(
+        "job {} attempt {} moved from node {} to node {} as attempt {}: {reason}",
+        job.info.job_id,
+        job.info.attempt,
+        job.info.node_id,
+        target.node_id,
+        job.info.attempt.saturating_add(1)
+    );
+    st.audit("control", "job.replaced", &detail).await;
+    Ok(true)
+}
+
+/// An `any` job that its node's site policy refused goes to another matching node, as a new
+/// attempt, before the refusal is stored (it is then kept as the superseded attempt's late
+/// result). True when it moved; with no other node to go to, the refusal is the job's result.
+pub async fn place_elsewhere_after_refusal(
+    st: &AppState,
+    node_id: &str,
+    report: &outpost_protocol::ResultReport,
+) -> ApiResult<bool> {
+    if report.outcome != outpost_protocol::Outcome::Refused {
+        return Ok(false);
+    }
+    let Some(job) = st.store.get_job(&report.job_id).await? else { return Ok(false) };
+    let open = matches!(job.info.state, JobState::Queued | JobState::Accepted);
+    if job.info.placement != Some(outpost_protocol::Placement::Any)
+        || !open
+        || job.info.attempt != report.attempt
+        || job.info.node_id != node_id
+        || job.info.cancel_requested_unix_ms.is_some()
+    {
+        return Ok(false);
+    }
+    let (now, lease) = (st.clock.now_ms(), st.lease_ms());
+    let nodes = st.fleet().await?;
+    let loads = open_loads(st).await?;
+    let Some(target) = next_node(&job, nodes.iter(), &loads, now, lease) else { return Ok(false) };
+    let why = report.error.as_deref().unwrap_or("refused by the site policy");
+    let reason = format!("node {node_id} refused it: {why}");
+    move_job(st, &job, &target, &reason).await
 }
 
 /// Sweeps every `interval` until shutdown. A failing pass is logged and retried next time.

@@ -295,3 +295,43 @@ fn poll_assignment(job: &JobInfo) -> outpost_protocol::JobAssignment {
         },
     }
 }
+
+/// A node's site policy has the last word on that node, not on the job: an `any` job it refuses
+/// goes to another matching node as a new attempt; with no node left, the refusal is the result.
+#[tokio::test]
+async fn an_any_job_a_site_policy_refuses_moves_on_and_ends_refused_when_no_node_is_left() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let (org_id, nodes) = fleet(&server, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    heartbeat(a, 0, &[("rack", "r1")]).await;
+    heartbeat(b, 2, &[("rack", "r1")]).await;
+    let job: JobInfo = op.submit(&any_request(&org_id, "rack=r1")).await.expect("submit");
+    assert_eq!(job.node_id, a.id(), "the least loaded matching node first");
+
+    let first = a.poll(&[], 1).await;
+    let mut refused = report_for(&first.jobs[0], Outcome::Refused);
+    refused.error = Some("refused by the site policy: policy.images does not allow image sha256:ab".into());
+    assert_eq!(a.report(&refused).await.0, StatusCode::OK);
+    let moved = op.job(&job.job_id).await.expect("job");
+    assert_eq!(
+        (moved.attempt, moved.node_id.as_str(), moved.state),
+        (2, b.id(), JobState::Queued),
+        "{moved:?}"
+    );
+    assert!(moved.superseded[0].reason.contains("refused it: refused by the site policy"), "{moved:?}");
+    assert_eq!(moved.superseded[0].late_result.as_ref().map(|r| r.outcome), Some(Outcome::Refused));
+    assert!(moved.result.is_none());
+
+    // b refuses too, and a held it already: the refusal is the job's result.
+    let second = b.poll(&[], 1).await;
+    assert_eq!((second.jobs.len(), second.jobs[0].attempt), (1, 2));
+    let mut refused = report_for(&second.jobs[0], Outcome::Refused);
+    refused.error = Some("refused by the site policy: policy.kinds does not allow kind container".into());
+    assert_eq!(b.report(&refused).await.0, StatusCode::OK);
+    let done = op.job(&job.job_id).await.expect("job");
+    assert_eq!(done.state, JobState::Finished, "{done:?}");
+    assert_eq!(done.result.map(|r| (r.attempt, r.outcome)), Some((2, Outcome::Refused)));
+    let audit = op.audit(100).await.expect("audit");
+    assert!(audit.entries.iter().any(|e| e.action == "job.replaced" && e.detail.contains("refused it")));
+}

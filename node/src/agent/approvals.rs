@@ -138,14 +138,32 @@ impl<R: Runtime> Agent<R> {
                     return Err(format!("job {id} expired while it waited; it ends as not_approved"));
                 }
                 let image = rec.spec.as_ref().and_then(JobSpec::container).map(|c| c.image.clone());
+                let inputs =
+                    rec.spec.as_ref().map(|s| crate::policy::Work::job(s, None).inputs).unwrap_or_default();
                 rec.state = JobState::Staged;
                 let mut detail = format!("job {id} approved by {user} (uid {uid})");
                 let mut extra = Vec::new();
+                let mut now_remembered = None;
                 if remember && let Some(image) = &image {
-                    extra.push(approvals::remember_op(self.ledger.store().as_ref(), image).map_err(err)?);
-                    detail.push_str(&format!("; image {image} remembered"));
+                    let (op, all) = approvals::remember_op(
+                        self.ledger.store().as_ref(),
+                        image,
+                        &inputs,
+                        user,
+                        now_unix_ms(),
+                    )
+                    .map_err(err)?;
+                    extra.push(op);
+                    now_remembered = Some(all);
+                    let read: Vec<String> = inputs.iter().map(|k| approvals::input_prefix(k)).collect();
+                    detail.push_str(&format!("; image {image} remembered with inputs under {read:?}"));
                 }
                 self.ledger.update_audited_with(&rec, "job.approved", &detail, extra).map_err(err)?;
+                if let Some(all) = &now_remembered
+                    && let Err(e) = approvals::write_remembered_file(&self.cfg, all)
+                {
+                    tracing::warn!(error = %e, "cannot write the copy of the remembered images `policy show` reads");
+                }
                 tracing::info!("{detail}");
                 self.shared.work.notify_one();
                 self.shared.changed.notify_one();

@@ -50,6 +50,9 @@ pub(crate) struct Shared {
     last_contact_unix_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
     running: Mutex<BTreeSet<String>>,
+    /// Jobs started per submitter ([`crate::policy::submitter_key`]), for
+    /// `[policy] max_jobs_per_submitter`; an entry leaves with its last job.
+    per_submitter: Mutex<std::collections::HashMap<String, u64>>,
     ready: AtomicBool,
     /// The container runtime answered and the last run's containers are reconciled: jobs run.
     runtime_ready: AtomicBool,
@@ -451,6 +454,41 @@ impl<R: Runtime> Agent<R> {
         Ok(())
     }
 
+    /// Whom `[policy] max_jobs_per_submitter` counts `rec` against.
+    fn submitter_key(&self, rec: &crate::ledger::JobRecord) -> String {
+        match &rec.local {
+            Some(local) => format!("local-trigger:{}", local.trigger),
+            None => crate::policy::submitter_key(rec.signed_body().and_then(|e| e.submitter).as_ref()),
+        }
+    }
+
+    /// Counts a job of `submitter` as started; false (nothing counted) when it must wait, which
+    /// only a job that has not started yet (`waits_its_turn`) ever does.
+    fn take_submitter_turn(&self, submitter: &str, waits_its_turn: bool) -> bool {
+        let Ok(mut counts) = self.shared.per_submitter.lock() else { return false };
+        let n = counts.entry(submitter.to_owned()).or_insert(0);
+        let max = self.policy.get().max_jobs_per_submitter;
+        if waits_its_turn && max.is_some_and(|max| *n >= max) {
+            if *n == 0 {
+                counts.remove(submitter);
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn end_submitter_turn(&self, submitter: &str) {
+        if let Ok(mut counts) = self.shared.per_submitter.lock()
+            && let Some(n) = counts.get_mut(submitter)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(submitter);
+            }
+        }
+    }
+
     /// Starts an executor for each staged or running job, at most `max_concurrent_jobs` at once.
     async fn dispatcher(
         self: Arc<Self>,
@@ -472,11 +510,21 @@ impl<R: Runtime> Agent<R> {
             };
             for rec in todo {
                 let key = format!("{}/{}", rec.job_id, rec.attempt);
+                if self.shared.running.lock().map(|r| r.contains(&key)).unwrap_or(true) {
+                    continue;
+                }
+                // One submitter's jobs beyond the policy's ceiling wait (staged) for one of its
+                // running jobs to end; a job already running (adopted after a restart) counts.
+                let submitter = self.submitter_key(&rec);
+                if !self.take_submitter_turn(&submitter, rec.state == JobState::Staged) {
+                    continue;
+                }
                 let inserted = match self.shared.running.lock() {
                     Ok(mut running) => running.insert(key),
                     Err(_) => return,
                 };
                 if !inserted {
+                    self.end_submitter_turn(&submitter);
                     continue;
                 }
                 let permit = tokio::select! {
@@ -489,6 +537,7 @@ impl<R: Runtime> Agent<R> {
                 tasks.spawn(async move {
                     let job = JobRef { job_id: rec.job_id.clone(), attempt: rec.attempt };
                     agent.execute(rec, token).await;
+                    agent.end_submitter_turn(&submitter);
                     agent.shared.forget_cancel(&job.job_id, job.attempt);
                     if let Ok(mut r) = agent.shared.running.lock() {
                         r.remove(&format!("{}/{}", job.job_id, job.attempt));
