@@ -18,7 +18,8 @@ use harness::{Control, Node, sh};
 use outpost_protocol::Outcome;
 
 const RESULT_WAIT: Duration = Duration::from_secs(120);
-const CONFIG: &str = "[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n";
+const CONFIG: &str = "[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n\
+                      [egress]\nallow_logs = true\n";
 
 fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
@@ -156,10 +157,40 @@ async fn a_sealed_result_opens_for_its_requester_the_site_and_debians_age_and_is
         Command::new("age").arg("-d").arg("-i").arg(&requester_key).arg(&file).output().expect("run age");
     assert!(!age.status.success() && !age.stderr.is_empty(), "a flipped byte opened: {}", text(&age));
 
-    // Live logs of a sealed job would leave in clear: the job's own tails are sealed instead.
+    // After the end, `job logs` has only the sealed tails: closed without the identity.
     let logs = control.cli(&["job", "logs", &job_id]);
     assert!(!text(&logs).contains("patient-4711"), "{}", text(&logs));
     assert!(text(&logs).contains("sealed"), "{}", text(&logs));
+    let logs = control.cli(&["job", "logs", &job_id, "--identity", requester_key.to_str().expect("utf8")]);
+    assert!(text(&logs).contains("patient-4711 benign"), "{}", text(&logs));
+
+    // Live output of a sealed job leaves sealed too, piece by piece, and opens as it arrives.
+    let live = control
+        .submit_request(&outpost_protocol::SubmitJobRequest {
+            recipients: vec![requester.clone()],
+            ..outpost_protocol::SubmitJobRequest::for_node(
+                &node.node_id,
+                sh("echo live-$((40 + 2))-secret; sleep 4; echo done-$((1 + 1))"),
+            )
+        })
+        .await;
+    let (ctl, key, id) = (control.cli_command(), requester_key.clone(), live.job_id.clone());
+    let followed = tokio::task::spawn_blocking(move || {
+        let mut c = ctl;
+        c.args(["job", "logs", &id, "--follow", "--identity"]).arg(&key).output().expect("job logs")
+    })
+    .await
+    .expect("join");
+    assert!(followed.status.success(), "{}", text(&followed));
+    let out = String::from_utf8_lossy(&followed.stdout);
+    assert!(out.contains("live-42-secret") && out.contains("done-2"), "{}", text(&followed));
+    assert!(!out.contains("BEGIN AGE"), "ciphertext printed: {out}");
+    assert_eq!(control.wait_result(&live.job_id, RESULT_WAIT).await.outcome, Outcome::Succeeded);
+    for secret in ["live-42-secret", "done-2"] {
+        let found = files_holding(&control.dir, secret.as_bytes());
+        assert!(found.is_empty(), "{secret} in clear in {found:?}");
+        assert!(!control.log.contains(secret), "{secret} in the control plane's log");
+    }
 
     // The node's ledger keeps the sealed result it sent, and its audit says nothing in clear.
     node.stop();

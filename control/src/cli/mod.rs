@@ -220,11 +220,17 @@ pub enum JobCommand {
     /// Without --follow: what the container has written so far (its last 1000 lines). With
     /// --follow: then everything it writes until the job ends. Logs are not stored anywhere;
     /// a refusal by the node is audited on both sides.
+    ///
+    /// A sealed job's output (submitted with --recipient) arrives sealed, live or as its
+    /// result's tails: --identity opens it here.
     Logs {
         job_id: String,
         /// Keep printing until the job ends.
         #[arg(long, short)]
         follow: bool,
+        /// The age identity file of one of a sealed job's recipients.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
     /// Cancel a job: a queued one at once; one a node has is stopped by the node, which
     /// reports `cancelled`. A job that has ended is left as it is (exit status 1).

@@ -88,7 +88,16 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
                 ),
             })?;
         }
-        Command::Job(JobCommand::Logs { job_id, follow }) => return logs(g, &c, &job_id, follow).await,
+        Command::Job(JobCommand::Logs { job_id, follow, identity }) => {
+            let keys = match &identity {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read the identity file {}", path.display()))?,
+                ),
+                None => None,
+            };
+            return logs(g, &c, &job_id, follow, keys).await;
+        }
         Command::Job(JobCommand::Get { job_id }) => print(g.json, &c.job(&job_id).await?, show::job)?,
         Command::Job(JobCommand::Result { job_id, identity, sealed }) => {
             return result(g, &c, &job_id, identity.as_deref(), sealed).await;
@@ -230,13 +239,21 @@ const LOGS_ANSWER_WAIT: Duration = Duration::from_secs(60);
 
 /// Prints the job's output as it arrives; 0 once the stream is complete, 1 when the node did
 /// not answer (without --follow) within [`LOGS_ANSWER_WAIT`].
-async fn logs(g: &Global, c: &Client, job_id: &str, follow: bool) -> anyhow::Result<ExitCode> {
+async fn logs(
+    g: &Global,
+    c: &Client,
+    job_id: &str,
+    follow: bool,
+    keys: Option<String>,
+) -> anyhow::Result<ExitCode> {
     use outpost_protocol::LogSource;
     use std::io::Write;
     let started = Instant::now();
     let mut after = 0u64;
     let mut told_refused = false;
     let mut told_tail = false;
+    let mut told_sealed = false;
+    let mut opener = keys.map(|keys| Opener { keys, pending: String::new() });
     let mut attempt = None;
     loop {
         let l = c.logs(job_id, after, follow, 20).await?;
@@ -272,8 +289,22 @@ async fn logs(g: &Global, c: &Client, job_id: &str, follow: bool) -> anyhow::Res
                 told_tail = true;
                 eprintln!("(job {} attempt {} has ended: its result's output tails)", l.job_id, l.attempt);
             }
+            let text = match (&mut opener, l.source) {
+                (Some(o), LogSource::ResultTail) => o.result_tails(c, job_id, &l.data).await?,
+                (Some(o), _) => o.feed(&l.data)?,
+                (None, _) if l.data.contains(SEALED_BEGIN) => {
+                    if !told_sealed {
+                        told_sealed = true;
+                        eprintln!(
+                            "(job {job_id}'s output is sealed for its recipients: give --identity FILE to read it)"
+                        );
+                    }
+                    String::new()
+                }
+                (None, _) => l.data.clone(),
+            };
             let mut out = std::io::stdout().lock();
-            out.write_all(l.data.as_bytes())?;
+            out.write_all(text.as_bytes())?;
             out.flush()?;
         }
         after = l.next;
@@ -317,6 +348,60 @@ async fn wait(g: &Global, c: &Client, job_id: &str, timeout: Duration) -> anyhow
             return Ok(ExitCode::FAILURE);
         }
         tokio::time::sleep(WAIT_INTERVAL).await;
+    }
+}
+
+const SEALED_BEGIN: &str = "-----BEGIN AGE ENCRYPTED FILE-----";
+const SEALED_END: &str = "-----END AGE ENCRYPTED FILE-----";
+
+/// Opens a sealed job's output as it arrives: live, a run of ASCII-armoured age files (one per
+/// piece the node sent); ended, the sealed result's tails.
+struct Opener {
+    /// The identity file's text.
+    keys: String,
+    /// Received text not yet part of a whole age file.
+    pending: String,
+}
+
+impl Opener {
+    /// The plaintext of every age file `text` completes. Text before the first file's start
+    /// (the control plane's window may begin mid-file) is skipped.
+    fn feed(&mut self, text: &str) -> anyhow::Result<String> {
+        self.pending.push_str(text);
+        let mut out = String::new();
+        while let Some(start) = self.pending.find(SEALED_BEGIN) {
+            let Some(len) = self.pending[start..].find(SEALED_END) else {
+                self.pending.drain(..start);
+                return Ok(out);
+            };
+            let stop = start + len + SEALED_END.len();
+            let plain = outpost_protocol::seal::open(&self.pending[start..stop], &self.keys)?;
+            out.push_str(&String::from_utf8_lossy(&plain));
+            self.pending.drain(..stop);
+        }
+        // No start of a file in what is left: keep only what could be the start of a marker.
+        let keep = self.pending.len().saturating_sub(SEALED_BEGIN.len());
+        let cut = (keep..=self.pending.len()).find(|&i| self.pending.is_char_boundary(i)).unwrap_or(0);
+        self.pending.drain(..cut);
+        Ok(out)
+    }
+
+    /// An ended job's output: its sealed result's tails opened, or `data` as the control plane
+    /// sent it when the result is not sealed.
+    async fn result_tails(&self, c: &Client, job_id: &str, data: &str) -> anyhow::Result<String> {
+        let job = c.job(job_id).await?;
+        match job.result.filter(|r| r.sealed.is_some()) {
+            Some(r) => {
+                let r = outpost_protocol::seal::open_report(&r, &self.keys)?;
+                let mut text = r.stdout_tail;
+                if !r.stderr_tail.is_empty() && !text.is_empty() && !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text.push_str(&r.stderr_tail);
+                Ok(text)
+            }
+            None => Ok(data.to_owned()),
+        }
     }
 }
 

@@ -140,14 +140,7 @@ impl<R: Runtime> Agent<R> {
     /// cannot fail for recipients that passed intake; if it does anyway, the result keeps only
     /// its bookkeeping and says why (fail closed: nothing goes out in clear).
     fn sealed(&self, rec: &JobRecord, mut report: ResultReport) -> ResultReport {
-        if rec.local.is_some() {
-            return report;
-        }
-        let Some(env) = rec.signed_body().filter(|e| !e.recipients.is_empty()) else {
-            return report;
-        };
-        let mut to = env.recipients.clone();
-        to.extend(self.policy.get().seal_also_to.iter().filter(|r| !env.recipients.contains(r)).cloned());
+        let Some(to) = self.seal_recipients(rec) else { return report };
         if let Err(e) = outpost_protocol::seal::seal_report(&mut report, &to) {
             tracing::error!(job = %rec.job_id, error = %e, "cannot seal the result; only its bookkeeping is reported");
             report.stdout_tail.clear();
@@ -161,6 +154,18 @@ impl<R: Runtime> Agent<R> {
             ));
         }
         report
+    }
+
+    /// Whom what `rec` sends out is sealed for: its envelope's recipients and the site's own
+    /// (`[policy] seal_also_to`); `None` for a job that names none (or a local trigger's).
+    pub(super) fn seal_recipients(&self, rec: &JobRecord) -> Option<Vec<String>> {
+        if rec.local.is_some() {
+            return None;
+        }
+        let env = rec.signed_body().filter(|e| !e.recipients.is_empty())?;
+        let mut to = env.recipients.clone();
+        to.extend(self.policy.get().seal_also_to.iter().filter(|r| !env.recipients.contains(r)).cloned());
+        Some(to)
     }
 
     fn cancelled_because(&self, job: &JobRef) -> String {

@@ -66,7 +66,7 @@ impl<R: Runtime> Agent<R> {
                 if full {
                     let note =
                         format!("this node is sending {MAX_STREAMS} log streams already; ask again later");
-                    let _ = Sender { agent: &agent, req: &req, offset: 0 }
+                    let _ = Sender { agent: &agent, req: &req, offset: 0, seal_to: None }
                         .send(String::new(), true, None, Some(note))
                         .await;
                 } else {
@@ -83,25 +83,15 @@ impl<R: Runtime> Agent<R> {
     }
 
     async fn stream_logs(&self, req: LogRequest, shutdown: CancellationToken) {
-        let mut out = Sender { agent: self, req: &req, offset: 0 };
-        let sealed = matches!(
-            self.ledger.get(&req.job_id, req.attempt),
-            Ok(Some(rec)) if rec.signed_body().is_some_and(|e| !e.recipients.is_empty())
-        );
-        let refusal = if !self.cfg.egress.allow_logs {
-            Some(
-                "this node's egress policy does not allow live logs ([egress] allow_logs = false); \
-                 only the result's output tails leave the site",
-            )
-        } else if sealed {
-            Some(
-                "this job's result is sealed for its recipients, and live logs would leave the site in \
-                 clear; its output tails come sealed with the result (`job result JOB --identity FILE`)",
-            )
-        } else {
-            None
+        // A sealed job's output leaves only sealed, live too: each piece its own age file.
+        let seal_to = match self.ledger.get(&req.job_id, req.attempt) {
+            Ok(Some(rec)) => self.seal_recipients(&rec),
+            _ => None,
         };
-        if let Some(why) = refusal {
+        let mut out = Sender { agent: self, req: &req, offset: 0, seal_to };
+        if !self.cfg.egress.allow_logs {
+            let why = "this node's egress policy does not allow live logs ([egress] allow_logs = false); \
+                       only the result's output tails leave the site";
             let detail = format!("job {}/{}: live logs refused: {why}", req.job_id, req.attempt);
             tracing::info!("{detail}");
             if let Err(e) = self.ledger.audit("logs.refused", &detail) {
@@ -273,6 +263,9 @@ struct Sender<'a, R: Runtime> {
     agent: &'a Agent<R>,
     req: &'a LogRequest,
     offset: u64,
+    /// For a sealed job: whom each piece of output is sealed for (an ASCII-armoured age file
+    /// per piece, self-delimited, which `outpost-control job logs --identity` opens).
+    seal_to: Option<Vec<String>>,
 }
 
 impl<R: Runtime> Sender<'_, R> {
@@ -284,7 +277,21 @@ impl<R: Runtime> Sender<'_, R> {
         refused: Option<String>,
         note: Option<String>,
     ) -> Result<bool, ()> {
-        let mut pieces = split(&text, MAX_LOG_CHUNK_BYTES);
+        let sealed_pieces;
+        let mut pieces = match &self.seal_to {
+            Some(to) if !text.is_empty() => {
+                sealed_pieces = split(&text, SEALED_PIECE_BYTES)
+                    .into_iter()
+                    .map(|p| outpost_protocol::seal::seal(p.as_bytes(), to).map(|mut a| {
+                        a.push('\n');
+                        a
+                    }))
+                    .collect::<Result<Vec<String>, _>>()
+                    .map_err(|e| tracing::error!(error = %e, "cannot seal a piece of live output; the stream stops"))?;
+                sealed_pieces.iter().map(String::as_str).collect()
+            }
+            _ => split(&text, MAX_LOG_CHUNK_BYTES),
+        };
         if pieces.is_empty() {
             pieces.push("");
         }
@@ -328,6 +335,10 @@ impl<R: Runtime> Sender<'_, R> {
 }
 
 /// `text` in pieces of at most `max` bytes, cut at character boundaries.
+/// Most plaintext one sealed piece holds: its armoured age file (4/3 of it, plus a header)
+/// stays within one [`MAX_LOG_CHUNK_BYTES`] chunk.
+const SEALED_PIECE_BYTES: usize = MAX_LOG_CHUNK_BYTES / 2;
+
 fn split(text: &str, max: usize) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = text;

@@ -206,12 +206,14 @@ impl Control {
     /// Run an `outpost-control` operator subcommand against this control plane (its admin
     /// token and CA from the data dir).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(&self.bin)
-            .args(["--url", &self.url, "--data-dir"])
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .expect("run outpost-control")
+        self.cli_command().args(args).output().expect("run outpost-control")
+    }
+
+    /// `outpost-control` with this control plane's URL and data dir, to add a subcommand to.
+    pub fn cli_command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(["--url", &self.url, "--data-dir"]).arg(&self.dir);
+        c
     }
 
     /// SIGKILL: no chance to flush anything the store had not made durable.
