@@ -151,3 +151,47 @@ async fn a_held_job_waits_for_the_site_and_runs_or_ends_as_the_approver_says() {
     );
     assert!(log.contains("job.not_approved") && log.contains("denied at the site by root"), "{log}");
 }
+
+/// An approval is one ledger batch: a kill -9 of the agent at any moment of it leaves the job
+/// either still waiting or approved, never lost, never run twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_9_during_an_approval_leaves_the_job_waiting_or_approved_and_it_runs_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("hospital").await;
+    let config = "[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n\
+                  [policy]\napproval = \"every-job\"\n";
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, config).await;
+    let _containers = common::RemoveNodeContainers(node.node_id.clone());
+    node.start();
+    let since = harness::unix_now_s();
+    let mut still_waiting = 0;
+    for i in 0..4u64 {
+        let job = control.submit(&node.node_id, sh(&format!("echo run-{i}"))).await;
+        eventually("the job waiting", Duration::from_secs(60), async || {
+            waiting(&node).iter().any(|w| w["id"] == format!("{}/1", job.job_id))
+        })
+        .await;
+        // Approve, and kill the agent at a different moment each time.
+        let mut approve = Command::new(harness::node_bin())
+            .arg("--config")
+            .arg(&node.config)
+            .args(["approvals", "approve", &job.job_id])
+            .spawn()
+            .expect("outpost approvals approve");
+        std::thread::sleep(Duration::from_millis(15 * i));
+        node.kill9();
+        let _ = approve.wait();
+        node.start();
+        if waiting(&node).iter().any(|w| w["id"] == format!("{}/1", job.job_id)) {
+            still_waiting += 1;
+            let again = node.cli(&["approvals", "approve", &job.job_id]);
+            assert!(again.status.success(), "{}", text(&again));
+        }
+        let r = control.wait_result(&job.job_id, RESULT_WAIT).await;
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+        assert_eq!(control.results_recorded(&job.job_id).await, 1, "one result for {}", job.job_id);
+        assert_eq!(harness::container_starts(&job.job_id, since), 1, "{} ran once", job.job_id);
+    }
+    eprintln!("{still_waiting} of 4 approvals were cut off by the kill and given again");
+}
