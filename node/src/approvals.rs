@@ -108,7 +108,12 @@ impl Remembered {
     pub fn covers(&self, inputs: &[String]) -> bool {
         match &self.input_prefixes {
             None => true,
-            Some(prefixes) => inputs.iter().all(|i| prefixes.iter().any(|p| i.starts_with(p.as_str()))),
+            Some(prefixes) => inputs.iter().all(|i| {
+                crate::policy::plain_key(i).is_ok()
+                    && prefixes
+                        .iter()
+                        .any(|p| if p.ends_with('/') { i.starts_with(p.as_str()) } else { i == p })
+            }),
         }
     }
 }

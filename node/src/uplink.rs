@@ -83,8 +83,16 @@ impl Uplink {
     }
 
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, UplinkError> {
-        let legacy = || EnrollRequest { announce: None, ..req.clone() };
-        self.post_compat(paths::ENROLL, req, legacy, self.request_timeout).await
+        // A control plane from before the announcement at enrollment refuses the field whatever
+        // revision it states: enroll without it (the first heartbeat announces).
+        match self.post(paths::ENROLL, req, self.request_timeout).await {
+            Err(e) if e.is_unknown_field() && req.announce.is_some() => {
+                tracing::debug!(error = %e, "the control plane refused the announcement at enrollment; enrolling without it");
+                let legacy = EnrollRequest { announce: None, ..req.clone() };
+                self.post(paths::ENROLL, &legacy, self.request_timeout).await
+            }
+            r => r,
+        }
     }
 
     /// Long-poll: the server holds the request up to `wait`; allow a margin on top.

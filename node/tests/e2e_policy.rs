@@ -231,4 +231,25 @@ async fn one_submitters_jobs_beyond_the_ceiling_wait_their_turn() {
     for pair in ran.windows(2) {
         assert!(pair[1].0 >= pair[0].1, "two jobs of one submitter overlapped: {ran:?}");
     }
+
+    // A job waiting its turn is not stuck there for a cancel: it ends before the running one.
+    let long = control.submit(&node.node_id, sh("sleep 8")).await;
+    eventually("the long job running", Duration::from_secs(60), async || {
+        control.job(&long.job_id).await.accepted_unix_ms.is_some()
+    })
+    .await;
+    let waiting = control.submit(&node.node_id, sh("echo never")).await;
+    eventually("the waiting job on the node", Duration::from_secs(60), async || {
+        control.job(&waiting.job_id).await.accepted_unix_ms.is_some()
+    })
+    .await;
+    control.cancel(&waiting.job_id).await;
+    let cancelled = control.wait_result(&waiting.job_id, RESULT_WAIT).await;
+    assert_eq!(cancelled.outcome, Outcome::Cancelled, "{cancelled:?}");
+    let finished = control.wait_result(&long.job_id, RESULT_WAIT).await;
+    assert_eq!(finished.outcome, Outcome::Succeeded, "{finished:?}");
+    assert!(
+        cancelled.timings.finished_unix_ms < finished.timings.finished_unix_ms,
+        "the cancel waited for the running job: {cancelled:?} {finished:?}"
+    );
 }

@@ -319,3 +319,29 @@ async fn kill_9_while_running_still_collects_the_outputs_once() {
     assert_eq!(container_starts(&job.job_id, since), 1, "the job ran once");
     assert_eq!(s.control.results_recorded(&job.job_id).await, 1);
 }
+
+/// One result carries at most MAX_RESULT_BODIES_BYTES of bodies in all, so it always fits
+/// the control plane's request limit: bodies beyond are withheld, named, and audited.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_beyond_the_results_total_are_withheld_and_the_result_is_delivered() {
+    let mut s = site("[egress]\nallow_body_prefixes = [\"res/\"]").await;
+    s.node.start();
+    let each = MAX_EGRESS_BODY_BYTES - 1;
+    let count = outpost_protocol::MAX_RESULT_BODIES_BYTES / each + 2;
+    let script = format!(
+        "for i in $(seq -w 1 {count}); do head -c {each} /dev/zero | tr '\\0' b > /out/part-$i.txt; done"
+    );
+    let spec = with_data(&script, &[], Some("res/"), &["res/"]);
+    let job = s.control.submit(&s.node.node_id, spec).await;
+    let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(result.outcome, Outcome::Succeeded, "{result:?}");
+    assert_eq!(result.outputs.len(), count, "{result:?}");
+    let sent: usize = result.outputs.iter().filter_map(|o| o.body.as_ref()).map(String::len).sum();
+    assert!(sent > 0 && sent <= outpost_protocol::MAX_RESULT_BODIES_BYTES, "{sent} bytes of bodies");
+    let withheld = result.outputs.iter().filter(|o| o.body.is_none()).count();
+    assert!(withheld >= 2, "{withheld} withheld");
+    assert_eq!(result.egress_denied.len(), withheld, "{:?}", result.egress_denied);
+    s.node.stop();
+    let audit = node_audit(&s.node);
+    assert!(audit.contains("bodies would pass"), "{audit}");
+}

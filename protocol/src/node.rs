@@ -203,14 +203,14 @@ impl NodeInfo {
         labels
     }
 
-    /// What the node announced in its last heartbeat, else when it enrolled; revision 1 with
-    /// no capabilities for an agent that announced nothing.
+    /// What the node announced in its last heartbeat (before the first one: when it
+    /// enrolled); revision 1 with no capabilities for an agent that announced nothing.
     pub fn announce(&self) -> Announce {
-        self.last_heartbeat
-            .as_ref()
-            .and_then(|h| h.announce.clone())
-            .or_else(|| self.enrolled_announce.clone())
-            .unwrap_or(Announce { protocol: 1, capabilities: Vec::new() })
+        match &self.last_heartbeat {
+            Some(h) => h.announce.clone(),
+            None => self.enrolled_announce.clone(),
+        }
+        .unwrap_or(Announce { protocol: 1, capabilities: Vec::new() })
     }
 }
 

@@ -69,6 +69,10 @@ pub struct ResultReport {
 /// Largest object body a result may carry (when egress allows it at all).
 pub const MAX_EGRESS_BODY_BYTES: usize = 64 * 1024;
 
+/// Most bytes of output bodies one result carries in all: sealed (age armour adds about a
+/// third) and JSON-escaped, a result still fits [`crate::MAX_BODY_BYTES`].
+pub const MAX_RESULT_BODIES_BYTES: usize = 384 * 1024;
+
 /// One object a job left in the node's local store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

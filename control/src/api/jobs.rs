@@ -42,20 +42,19 @@ pub async fn submit_job(
         Target::Node(node_id) => {
             let node = find_node(&st, node_id).await?;
             if sealed && !can_seal(&node) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "cannot_seal",
-                    format!(
-                        "node {node_id}'s agent does not announce `{}`: it cannot seal a result, and the job \
-                         was not queued; upgrade the agent or submit without recipients",
-                        outpost_protocol::capability::SEALED_RESULTS
-                    ),
-                ));
+                return Err(cannot_seal(node_id));
             }
             (node, JobOrigin::default())
         }
         Target::Selector { org_id, selector, placement: Placement::Any } => {
-            let candidates = sealing_nodes(placement::matching_nodes(&st, org_id, &selector).await?, sealed);
+            let matching = placement::matching_nodes(&st, org_id, &selector).await?;
+            if let [only_old, ..] = matching.as_slice()
+                && sealed
+                && !matching.iter().any(can_seal)
+            {
+                return Err(cannot_seal(&only_old.node_id));
+            }
+            let candidates = sealing_nodes(matching, sealed);
             let loads = placement::open_loads(&st).await?;
             let node = placement::choose(&candidates, &loads, st.clock.now_ms(), st.lease_ms(), &[])
                 .or_else(|| placement::most_recently_seen(&candidates))
@@ -179,10 +178,15 @@ pub async fn submit_group(
             ),
         ));
     };
-    let nodes =
-        sealing_nodes(placement::matching_nodes(&st, org_id, &selector).await?, !req.recipients.is_empty());
+    let nodes = placement::matching_nodes(&st, org_id, &selector).await?;
     if nodes.is_empty() {
         return Err(no_match(org_id, &selector));
+    }
+    // Every matching node, or the group is not what the operator asked for.
+    if !req.recipients.is_empty()
+        && let Some(old) = nodes.iter().find(|n| !can_seal(n))
+    {
+        return Err(cannot_seal(&old.node_id));
     }
     let group_id = uuid::Uuid::new_v4().simple().to_string();
     let mut jobs = Vec::with_capacity(nodes.len());
@@ -314,6 +318,18 @@ pub(super) fn sealing_nodes(mut nodes: Vec<NodeInfo>, sealed: bool) -> Vec<NodeI
         nodes.retain(can_seal);
     }
     nodes
+}
+
+fn cannot_seal(node_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "cannot_seal",
+        format!(
+            "node {node_id}'s agent does not announce `{}`: it cannot seal a result, and nothing was queued; \
+             upgrade the agent or submit without recipients",
+            outpost_protocol::capability::SEALED_RESULTS
+        ),
+    )
 }
 
 /// A submission's recipients: well-formed age X25519 keys, at most a few.

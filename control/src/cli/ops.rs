@@ -292,7 +292,9 @@ async fn logs(
             let text = match (&mut opener, l.source) {
                 (Some(o), LogSource::ResultTail) => o.result_tails(c, job_id, &l.data).await?,
                 (Some(o), _) => o.feed(&l.data)?,
-                (None, _) if l.data.contains(SEALED_BEGIN) => {
+                (None, LogSource::Live)
+                    if told_sealed || l.data.contains(SEALED_BEGIN) || l.data.contains(SEALED_END) =>
+                {
                     if !told_sealed {
                         told_sealed = true;
                         eprintln!(

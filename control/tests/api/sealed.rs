@@ -40,13 +40,21 @@ async fn a_sealed_job_goes_only_to_an_agent_that_seals_and_its_result_is_kept_as
     };
     let got = op_post(&server, paths::JOBS, &req).await;
     assert_error(&got, StatusCode::CONFLICT, "cannot_seal");
-    // Placed by selector: only agents that seal are candidates.
-    let by_selector = SubmitJobRequest {
+    // A group is every matching node, so one that cannot seal refuses the whole group.
+    let each = SubmitJobRequest {
         recipients: vec![RECIPIENT.into()],
         ..SubmitJobRequest::for_selector(&org_id, "!maintenance", outpost_protocol::Placement::Each, spec())
     };
-    let group = op.submit_group(&by_selector).await.expect("group");
-    assert_eq!(group.jobs.iter().map(|j| j.node_id.as_str()).collect::<Vec<_>>(), [sealing.id()]);
+    let got = op_post(&server, paths::JOB_GROUPS, &each).await;
+    assert_error(&got, StatusCode::CONFLICT, "cannot_seal");
+    assert!(got.1["message"].as_str().unwrap_or_default().contains(older.id()), "{}", got.1);
+    // One node of a selector: only agents that seal are candidates.
+    let any = SubmitJobRequest {
+        recipients: vec![RECIPIENT.into()],
+        ..SubmitJobRequest::for_selector(&org_id, "!maintenance", outpost_protocol::Placement::Any, spec())
+    };
+    let placed = op.submit(&any).await.expect("placed");
+    assert_eq!(placed.node_id, sealing.id());
     assert!(older.poll(&[], 0).await.jobs.is_empty(), "nothing for the agent that cannot seal");
 
     // The signed envelope carries the recipients.

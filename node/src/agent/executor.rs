@@ -295,8 +295,26 @@ impl<R: Runtime> Agent<R> {
 
     /// Put what collecting found into the report; returns the audit detail of refused bodies.
     fn apply_outputs(&self, job: &JobRef, report: &mut ResultReport, collected: Collected) -> Option<String> {
-        let Collected { outputs, denied, skipped } = collected;
+        let Collected { outputs, mut denied, skipped } = collected;
         report.outputs = outputs;
+        // One result carries at most MAX_RESULT_BODIES_BYTES of bodies (sealed, about 4/3 of
+        // that): the report always fits the control plane's request limit, so it is delivered.
+        let mut budget = outpost_protocol::MAX_RESULT_BODIES_BYTES;
+        for o in &mut report.outputs {
+            let Some(body) = &o.body else { continue };
+            if body.len() > budget {
+                o.body = None;
+                denied.push((
+                    o.key.clone(),
+                    format!(
+                        "the result's output bodies would pass {} bytes in all",
+                        outpost_protocol::MAX_RESULT_BODIES_BYTES
+                    ),
+                ));
+            } else {
+                budget -= body.len();
+            }
+        }
         if !skipped.is_empty() {
             tracing::warn!(job = %job.job_id, skipped = ?skipped, "some of the job's files under /out were not uploaded");
             let note = format!("not uploaded from /out: {}", listed(&skipped));
@@ -324,7 +342,7 @@ impl<R: Runtime> Agent<R> {
     /// Why the site policy refuses to run `rec` now, if it does. A local trigger's job is
     /// submitted by its trigger in this node's organisation; a network job by whoever its
     /// signed envelope names.
-    fn policy_refusal(&self, rec: &JobRecord, spec: &JobSpec) -> Option<String> {
+    pub(super) fn policy_refusal(&self, rec: &JobRecord, spec: &JobSpec) -> Option<String> {
         let policy = self.policy.get();
         if policy.is_open() {
             return None;

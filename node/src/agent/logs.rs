@@ -83,12 +83,7 @@ impl<R: Runtime> Agent<R> {
     }
 
     async fn stream_logs(&self, req: LogRequest, shutdown: CancellationToken) {
-        // A sealed job's output leaves only sealed, live too: each piece its own age file.
-        let seal_to = match self.ledger.get(&req.job_id, req.attempt) {
-            Ok(Some(rec)) => self.seal_recipients(&rec),
-            _ => None,
-        };
-        let mut out = Sender { agent: self, req: &req, offset: 0, seal_to };
+        let mut out = Sender { agent: self, req: &req, offset: 0, seal_to: None };
         if !self.cfg.egress.allow_logs {
             let why = "this node's egress policy does not allow live logs ([egress] allow_logs = false); \
                        only the result's output tails leave the site";
@@ -102,7 +97,12 @@ impl<R: Runtime> Agent<R> {
         }
         let job = JobRef { job_id: req.job_id.clone(), attempt: req.attempt };
         let stream = match self.open_log_stream(&job, req.follow, &shutdown).await {
-            Ok(s) => s,
+            // A sealed job's output leaves only sealed, live too: each piece its own age file
+            // (decided on the record the stream was opened for).
+            Ok((s, rec)) => {
+                out.seal_to = self.seal_recipients(&rec);
+                s
+            }
             Err(why) => {
                 let _ = out.send(String::new(), true, None, Some(why)).await;
                 return;
@@ -121,22 +121,23 @@ impl<R: Runtime> Agent<R> {
         job: &JobRef,
         follow: bool,
         shutdown: &CancellationToken,
-    ) -> Result<crate::runtime::LogStream, String> {
+    ) -> Result<(crate::runtime::LogStream, crate::ledger::JobRecord), String> {
         let deadline = tokio::time::Instant::now() + START_WAIT;
         loop {
-            match self.ledger.get(&job.job_id, job.attempt) {
+            let rec = match self.ledger.get(&job.job_id, job.attempt) {
                 Ok(Some(rec)) if matches!(rec.state, JobState::Staged | JobState::Running) => {
                     if rec.spec.as_ref().is_some_and(|s| s.container().is_none()) {
                         return Err(
                             "this job runs no container (inference): its output is in its result".into()
                         );
                     }
+                    rec
                 }
                 Ok(_) => return Err(NOT_RUNNING.into()),
                 Err(e) => return Err(format!("cannot read the ledger: {e}")),
-            }
+            };
             match self.runtime.log_stream(job, follow, TAIL_LINES).await {
-                Ok(s) => return Ok(s),
+                Ok(s) => return Ok((s, rec)),
                 Err(RuntimeError::NotFound(_)) if tokio::time::Instant::now() < deadline => {}
                 Err(RuntimeError::NotFound(_)) => return Err(NOT_RUNNING.into()),
                 Err(e) => return Err(format!("cannot read the container's output: {e}")),

@@ -90,6 +90,14 @@ impl Shared {
             .unwrap_or_default()
     }
 
+    /// Whether a stop was asked for this attempt (without making an entry for it).
+    fn cancel_requested(&self, job_id: &str, attempt: u32) -> bool {
+        self.cancels
+            .lock()
+            .map(|map| map.get(&format!("{job_id}/{attempt}")).is_some_and(|(t, _)| t.is_cancelled()))
+            .unwrap_or(false)
+    }
+
     fn cancel_reason(&self, job_id: &str, attempt: u32) -> String {
         self.cancels
             .lock()
@@ -255,6 +263,16 @@ impl<R: Runtime> Agent<R> {
         let agent = Arc::new(self);
         let started = now_unix_ms();
         agent.record_policy()?;
+        // The copy of the remembered images `outpost policy show` reads, current from the start.
+        match crate::approvals::remembered(agent.ledger.store().as_ref()) {
+            Ok(all) if !all.is_empty() => {
+                if let Err(e) = crate::approvals::write_remembered_file(&agent.cfg, &all) {
+                    tracing::warn!(error = %e, "cannot write the copy of the remembered images `policy show` reads");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the remembered images"),
+        }
 
         let tasks = TaskTracker::new();
         if agent.cfg.inference.api.enabled {
@@ -515,8 +533,12 @@ impl<R: Runtime> Agent<R> {
                 }
                 // One submitter's jobs beyond the policy's ceiling wait (staged) for one of its
                 // running jobs to end; a job already running (adopted after a restart) counts.
+                // A job to be cancelled or refused does not wait: it ends without running.
                 let submitter = self.submitter_key(&rec);
-                if !self.take_submitter_turn(&submitter, rec.state == JobState::Staged) {
+                let waits = rec.state == JobState::Staged
+                    && !self.shared.cancel_requested(&rec.job_id, rec.attempt)
+                    && rec.spec.as_ref().is_none_or(|spec| self.policy_refusal(&rec, spec).is_none());
+                if !self.take_submitter_turn(&submitter, waits) {
                     continue;
                 }
                 let inserted = match self.shared.running.lock() {
