@@ -38,7 +38,20 @@ async fn a_held_job_waits_for_the_site_and_runs_or_ends_as_the_approver_says() {
     let _containers = common::RemoveNodeContainers(node.node_id.clone());
     node.start();
 
-    let first = control.submit(&node.node_id, sh("echo approved-run")).await;
+    // Sealed for the operator who asks: the whole way is the issue's, from submit to `age -d`.
+    let keys = tmp.path().join("operator.key");
+    let made = Command::new("age-keygen").arg("-o").arg(&keys).output().unwrap_or_else(|e| {
+        panic!("Debian's age-keygen is needed (apt-get install age; scripts/test installs it): {e}")
+    });
+    assert!(made.status.success(), "{}", text(&made));
+    let public = Command::new("age-keygen").arg("-y").arg(&keys).output().expect("age-keygen -y");
+    let recipient = String::from_utf8_lossy(&public.stdout).trim().to_owned();
+    let first = control
+        .submit_request(&outpost_protocol::SubmitJobRequest {
+            recipients: vec![recipient],
+            ..outpost_protocol::SubmitJobRequest::for_node(&node.node_id, sh("echo approved-$((1 + 1))-run"))
+        })
+        .await;
     eventually("the job waiting for approval", Duration::from_secs(60), async || {
         waiting(&node).iter().any(|w| w["id"] == format!("{}/1", first.job_id))
     })
@@ -62,7 +75,7 @@ async fn a_held_job_waits_for_the_site_and_runs_or_ends_as_the_approver_says() {
         "image:",
         "bytes, created",
         "relaxations:   none",
-        "echo approved-run",
+        "echo approved-$((1 + 1))-run",
     ] {
         assert!(text(&show).contains(needle), "{needle}: {}", text(&show));
     }
@@ -86,6 +99,11 @@ async fn a_held_job_waits_for_the_site_and_runs_or_ends_as_the_approver_says() {
     assert!(!twice.status.success() && text(&twice).contains("not waiting for approval"), "{}", text(&twice));
     let r = control.wait_result(&first.job_id, RESULT_WAIT).await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    let sealed = tmp.path().join("result.age");
+    std::fs::write(&sealed, r.sealed.as_deref().expect("a sealed result")).expect("write");
+    let opened = Command::new("age").arg("-d").arg("-i").arg(&keys).arg(&sealed).output().expect("run age");
+    assert!(opened.status.success(), "age -d: {}", text(&opened));
+    assert!(String::from_utf8_lossy(&opened.stdout).contains("approved-2-run"), "{}", text(&opened));
 
     // The image is remembered: the next job runs without asking.
     let second = control.submit(&node.node_id, sh("echo no-question")).await;
