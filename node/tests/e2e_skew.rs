@@ -7,8 +7,11 @@
 //! - this agent against the previous control plane (which refuses fields it does not know) runs
 //!   jobs, and gains labels and cancellation once that control plane is upgraded in place.
 //!
+//! - this agent enrolls with a control plane of revision 3 from before agents announced
+//!   themselves at enrollment (it refuses that field).
+//!
 //! The previous binaries are built by `scripts/test` (stage "previous release") into the cache
-//! and named by `OUTPOST_PREVIOUS_AGENT` and `OUTPOST_PREVIOUS_CONTROL`.
+//! and named by `OUTPOST_PREVIOUS_AGENT`, `OUTPOST_PREVIOUS_CONTROL` and `OUTPOST_REV3_CONTROL`.
 
 #![allow(clippy::expect_used)]
 
@@ -27,8 +30,8 @@ const CONFIG: &str = "[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 1
 fn previous(var: &str) -> PathBuf {
     let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
         panic!(
-            "{var} is not set: it names a binary built from the commit before protocol revision 2; \
-             scripts/test builds it (stage \"previous release\")"
+            "{var} is not set: it names a binary built from an earlier commit; scripts/test builds it \
+             (stage \"previous release\")"
         )
     });
     assert!(path.is_file(), "{var}={} is not a file", path.display());
@@ -152,4 +155,34 @@ async fn this_agent_works_with_a_control_plane_from_before_fleet_and_after_its_u
     let r = control.wait_result(&long.job_id, Duration::from_secs(60)).await;
     assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
     assert!(!node.log.contains("panicked"), "the agent panicked");
+}
+
+/// This agent against a control plane of protocol revision 3 from before agents announced
+/// themselves at enrollment (it refuses the field while stating a revision that knows
+/// announcements): the agent enrolls without it, then announces in its heartbeats, and its
+/// jobs run with the submitter its site policy checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn this_agent_enrolls_with_a_revision_3_control_plane_that_refuses_the_announcement() {
+    let rev3 = previous("OUTPOST_REV3_CONTROL");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start_bin(&rev3, &tmp.path().join("control"), None, None);
+    let org = control.create_org("skew").await;
+    let policy = "[policy]\nsubmitters = [\"role:owner\"]\n";
+    let mut node =
+        Node::enroll(&tmp.path().join("node"), &control, &org.id, &format!("{CONFIG}{policy}")).await;
+    let _containers = common::RemoveNodeContainers(node.node_id.clone());
+    node.start();
+    eventually("the agent's announcement heard", Duration::from_secs(30), async || {
+        control
+            .nodes(None)
+            .await
+            .nodes
+            .iter()
+            .any(|n| n.node_id == node.node_id && n.announce().has(outpost_protocol::capability::SITE_POLICY))
+    })
+    .await;
+    let job = control.submit(&node.node_id, sh("echo with-a-revision-3-control-plane")).await;
+    let r = control.wait_result(&job.job_id, Duration::from_secs(90)).await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert!(r.stdout_tail.contains("with-a-revision-3-control-plane"), "{r:?}");
 }
