@@ -178,12 +178,16 @@ pub fn remembered_file(cfg: &Config) -> PathBuf {
     cfg.data_dir.join("approvals-remembered.json")
 }
 
-/// Writes [`remembered_file`] whole (a new file renamed over the old one).
-pub fn write_remembered_file(cfg: &Config, all: &BTreeMap<String, Remembered>) -> std::io::Result<()> {
+/// Writes [`remembered_file`] whole (a new file renamed over the old one); a failure is
+/// logged (the ledger holds the truth, only `policy show` misses it).
+pub fn write_remembered_file(cfg: &Config, all: &BTreeMap<String, Remembered>) {
     let path = remembered_file(cfg);
     let tmp = path.with_extension("json.new");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(all).unwrap_or_default())?;
-    std::fs::rename(&tmp, &path)
+    let written = std::fs::write(&tmp, serde_json::to_vec_pretty(all).unwrap_or_default())
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot write the copy of the remembered images `policy show` reads");
+    }
 }
 
 /// Whether the user `uid` may approve: root, or a member of `group`.

@@ -39,13 +39,7 @@ async fn a_held_job_waits_for_the_site_and_runs_or_ends_as_the_approver_says() {
     node.start();
 
     // Sealed for the operator who asks: the whole way is the issue's, from submit to `age -d`.
-    let keys = tmp.path().join("operator.key");
-    let made = Command::new("age-keygen").arg("-o").arg(&keys).output().unwrap_or_else(|e| {
-        panic!("Debian's age-keygen is needed (apt-get install age; scripts/test installs it): {e}")
-    });
-    assert!(made.status.success(), "{}", text(&made));
-    let public = Command::new("age-keygen").arg("-y").arg(&keys).output().expect("age-keygen -y");
-    let recipient = String::from_utf8_lossy(&public.stdout).trim().to_owned();
+    let (recipient, keys) = common::age_keygen(tmp.path(), "operator");
     let first = control
         .submit_request(&outpost_protocol::SubmitJobRequest {
             recipients: vec![recipient],

@@ -25,17 +25,6 @@ fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// A key pair made by Debian's `age-keygen`: (public key, identity file).
-fn keygen(dir: &Path, name: &str) -> (String, PathBuf) {
-    let file = dir.join(format!("{name}.key"));
-    let made = Command::new("age-keygen").arg("-o").arg(&file).output().unwrap_or_else(|e| {
-        panic!("Debian's age-keygen is needed (apt-get install age; scripts/test installs it): {e}")
-    });
-    assert!(made.status.success(), "age-keygen: {}", text(&made));
-    let public = Command::new("age-keygen").arg("-y").arg(&file).output().expect("age-keygen -y");
-    (String::from_utf8_lossy(&public.stdout).trim().to_owned(), file)
-}
-
 /// Every file under `dir` that holds `needle` byte for byte.
 fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -58,9 +47,9 @@ async fn a_sealed_result_opens_for_its_requester_the_site_and_debians_age_and_is
     let tmp = tempfile::tempdir().expect("tempdir");
     let keys = tmp.path().join("keys");
     std::fs::create_dir_all(&keys).expect("mkdir");
-    let (requester, requester_key) = keygen(&keys, "requester");
-    let (site, site_key) = keygen(&keys, "site");
-    let (_, stranger_key) = keygen(&keys, "stranger");
+    let (requester, requester_key) = common::age_keygen(&keys, "requester");
+    let (site, site_key) = common::age_keygen(&keys, "site");
+    let (_, stranger_key) = common::age_keygen(&keys, "stranger");
 
     let control = Control::start(&tmp.path().join("control"), None);
     let org = control.create_org("hospital").await;

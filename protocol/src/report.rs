@@ -92,6 +92,15 @@ impl ResultReport {
     pub fn key_for(job_id: &str, attempt: u32) -> String {
         format!("{job_id}/{attempt}")
     }
+
+    /// Empties what the job itself wrote (its output tails and bodies), keeping bookkeeping.
+    pub fn withhold_output(&mut self) {
+        self.stdout_tail.clear();
+        self.stderr_tail.clear();
+        for o in &mut self.outputs {
+            o.body = None;
+        }
+    }
 }
 
 /// When things happened on the node (Unix ms); absent where the step never happened.

@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 /// Most recipients one job may name.
 pub const MAX_RECIPIENTS: usize = 16;
 
+/// The first and last lines of an ASCII-armoured age file: a sealed result starts with the
+/// first; a sealed live log is a run of such files.
+pub const ARMOUR_BEGIN: &str = "-----BEGIN AGE ENCRYPTED FILE-----";
+pub const ARMOUR_END: &str = "-----END AGE ENCRYPTED FILE-----";
+
 /// What a sealed result hides, as the plaintext of its age file (JSON). The clear report keeps
 /// outcome, exit code, error, timings and each output's key, size and SHA-256.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,11 +132,7 @@ mod sealing {
         };
         let plaintext = serde_json::to_vec(&part).map_err(|e| SealError::Encrypt(e.to_string()))?;
         report.sealed = Some(seal(&plaintext, recipients)?);
-        report.stdout_tail.clear();
-        report.stderr_tail.clear();
-        for o in &mut report.outputs {
-            o.body = None;
-        }
+        report.withhold_output();
         Ok(())
     }
 
@@ -224,9 +225,7 @@ mod tests {
         }
         assert_eq!((sealed.outcome, sealed.exit_code), (Outcome::Succeeded, Some(0)));
         assert_eq!(sealed.outputs.iter().map(|o| o.size).collect::<Vec<_>>(), [9, 4], "sizes stay in clear");
-        assert!(
-            sealed.sealed.as_deref().is_some_and(|s| s.starts_with("-----BEGIN AGE ENCRYPTED FILE-----"))
-        );
+        assert!(sealed.sealed.as_deref().is_some_and(|s| s.starts_with(ARMOUR_BEGIN)));
         for key in [&alice_key, &site_key] {
             assert_eq!(open_report(&sealed, key).expect("opened"), clear);
         }

@@ -77,8 +77,7 @@ pub async fn create(
     for spec in &req.jobs {
         check_job_spec(spec)?;
     }
-    outpost_protocol::seal::check_recipients(&req.recipients)
-        .map_err(|why| ApiError::bad_request("bad_recipient", why))?;
+    super::jobs::check_recipients(&req.recipients)?;
     let mut deployments = Vec::new();
     for name in &req.deployments {
         let d = st.store.get_deployment(&org_id, name).await?.ok_or_else(|| {
@@ -109,16 +108,7 @@ pub async fn create(
     if !req.recipients.is_empty()
         && let Some(old) = nodes.iter().find(|n| !super::jobs::can_seal(n))
     {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "cannot_seal",
-            format!(
-                "node {}'s agent has not announced the `{}` capability: it cannot seal its results; leave \
-                 --recipient out for it",
-                old.node_id,
-                outpost_protocol::capability::SEALED_RESULTS
-            ),
-        ));
+        return Err(super::jobs::cannot_seal(&old.node_id));
     }
     let per_node = req.jobs.len().saturating_add(deployments.len());
     let parts = req.files.len().saturating_add(nodes.len().saturating_mul(per_node));

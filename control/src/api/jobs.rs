@@ -320,7 +320,7 @@ pub(super) fn sealing_nodes(mut nodes: Vec<NodeInfo>, sealed: bool) -> Vec<NodeI
     nodes
 }
 
-fn cannot_seal(node_id: &str) -> ApiError {
+pub(super) fn cannot_seal(node_id: &str) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
         "cannot_seal",
@@ -333,7 +333,7 @@ fn cannot_seal(node_id: &str) -> ApiError {
 }
 
 /// A submission's recipients: well-formed age X25519 keys, at most a few.
-fn check_recipients(recipients: &[String]) -> ApiResult<()> {
+pub(super) fn check_recipients(recipients: &[String]) -> ApiResult<()> {
     outpost_protocol::seal::check_recipients(recipients)
         .map_err(|why| ApiError::bad_request("bad_recipient", why))
 }

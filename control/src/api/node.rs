@@ -142,9 +142,9 @@ pub(super) fn report_problem(report: &ResultReport) -> Option<(&'static str, Str
     if report.stdout_tail.len() > limit || report.stderr_tail.len() > limit {
         return Some(("tail_too_long", format!("output tails are at most {limit} bytes each")));
     }
-    if report.sealed.as_ref().is_some_and(|s| !s.starts_with("-----BEGIN AGE ENCRYPTED FILE-----")) {
-        let why = "sealed must be an ASCII-armoured age file (-----BEGIN AGE ENCRYPTED FILE-----)";
-        return Some(("bad_sealed_result", why.into()));
+    let begin = outpost_protocol::seal::ARMOUR_BEGIN;
+    if report.sealed.as_ref().is_some_and(|s| !s.starts_with(begin)) {
+        return Some(("bad_sealed_result", format!("sealed must be an ASCII-armoured age file ({begin})")));
     }
     None
 }

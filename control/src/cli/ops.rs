@@ -89,13 +89,7 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
             })?;
         }
         Command::Job(JobCommand::Logs { job_id, follow, identity }) => {
-            let keys = match &identity {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("cannot read the identity file {}", path.display()))?,
-                ),
-                None => None,
-            };
+            let keys = identity.as_deref().map(read_identity).transpose()?;
             return logs(g, &c, &job_id, follow, keys).await;
         }
         Command::Job(JobCommand::Get { job_id }) => print(g.json, &c.job(&job_id).await?, show::job)?,
@@ -353,8 +347,12 @@ async fn wait(g: &Global, c: &Client, job_id: &str, timeout: Duration) -> anyhow
     }
 }
 
-const SEALED_BEGIN: &str = "-----BEGIN AGE ENCRYPTED FILE-----";
-const SEALED_END: &str = "-----END AGE ENCRYPTED FILE-----";
+use outpost_protocol::seal::{ARMOUR_BEGIN as SEALED_BEGIN, ARMOUR_END as SEALED_END};
+
+/// The text of an age identity file (`--identity`).
+fn read_identity(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read the identity file {}", path.display()))
+}
 
 /// Opens a sealed job's output as it arrives: live, a run of ASCII-armoured age files (one per
 /// piece the node sent); ended, the sealed result's tails.
@@ -435,8 +433,7 @@ async fn result(
     }
     match (identity, &report.sealed) {
         (Some(path), Some(_)) => {
-            let keys = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the identity file {}", path.display()))?;
+            let keys = read_identity(path)?;
             let clear = outpost_protocol::seal::open_report(report, &keys)
                 .with_context(|| format!("job {job_id}: with identity {}", path.display()))?;
             job.result = Some(clear);

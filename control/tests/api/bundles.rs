@@ -108,7 +108,7 @@ async fn a_bundles_jobs_seal_for_its_recipients_and_only_agents_that_seal_get_th
     let sealing = TestNode::enroll_announcing(&server.url(), server.ca_pem(), &token, announce).await;
     let older = TestNode::enroll(&server, &op.create_token(&org, None).await.expect("token").token).await;
     let path = paths::fill(paths::ORG_BUNDLES, "org_id", &org);
-    let recipient = "age1zlha77mzg93n59zgj4wgy6xmyvtanyrtfgp5lta5t7mlfpmary7sst2mzg";
+    let recipient = super::support::AGE_RECIPIENT;
 
     let bad = BundleRequest { recipients: vec!["age1nope".into()], ..request(&[sealing.id()]) };
     let got = op_post(&server, &path, &bad).await;

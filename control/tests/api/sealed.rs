@@ -7,8 +7,7 @@ use reqwest::StatusCode;
 
 use crate::support::{TestNode, assert_error, op_post, org_and_token, report_for, spec};
 
-/// A public key as `age-keygen` prints it.
-const RECIPIENT: &str = "age1zlha77mzg93n59zgj4wgy6xmyvtanyrtfgp5lta5t7mlfpmary7sst2mzg";
+use crate::support::AGE_RECIPIENT as RECIPIENT;
 
 #[tokio::test]
 async fn a_sealed_job_goes_only_to_an_agent_that_seals_and_its_result_is_kept_as_sealed() {

@@ -250,3 +250,6 @@ pub fn description(label: (&str, &str)) -> outpost_protocol::Heartbeat {
         awaiting_approval: Vec::new(),
     }
 }
+
+/// An age X25519 public key as `age-keygen` prints it (no test here needs its identity).
+pub const AGE_RECIPIENT: &str = "age1zlha77mzg93n59zgj4wgy6xmyvtanyrtfgp5lta5t7mlfpmary7sst2mzg";

@@ -159,10 +159,8 @@ impl<R: Runtime> Agent<R> {
                     detail.push_str(&format!("; image {image} remembered with inputs under {read:?}"));
                 }
                 self.ledger.update_audited_with(&rec, "job.approved", &detail, extra).map_err(err)?;
-                if let Some(all) = &now_remembered
-                    && let Err(e) = approvals::write_remembered_file(&self.cfg, all)
-                {
-                    tracing::warn!(error = %e, "cannot write the copy of the remembered images `policy show` reads");
+                if let Some(all) = &now_remembered {
+                    approvals::write_remembered_file(&self.cfg, all);
                 }
                 tracing::info!("{detail}");
                 self.shared.work.notify_one();

@@ -143,11 +143,7 @@ impl<R: Runtime> Agent<R> {
         let Some(to) = self.seal_recipients(rec) else { return report };
         if let Err(e) = outpost_protocol::seal::seal_report(&mut report, &to) {
             tracing::error!(job = %rec.job_id, error = %e, "cannot seal the result; only its bookkeeping is reported");
-            report.stdout_tail.clear();
-            report.stderr_tail.clear();
-            for o in &mut report.outputs {
-                o.body = None;
-            }
+            report.withhold_output();
             report.outcome = Outcome::Error;
             report.error = Some(format!(
                 "the result could not be sealed for its recipients ({e}); its output stays on the node"

@@ -265,11 +265,7 @@ impl<R: Runtime> Agent<R> {
         agent.record_policy()?;
         // The copy of the remembered images `outpost policy show` reads, current from the start.
         match crate::approvals::remembered(agent.ledger.store().as_ref()) {
-            Ok(all) if !all.is_empty() => {
-                if let Err(e) = crate::approvals::write_remembered_file(&agent.cfg, &all) {
-                    tracing::warn!(error = %e, "cannot write the copy of the remembered images `policy show` reads");
-                }
-            }
+            Ok(all) if !all.is_empty() => crate::approvals::write_remembered_file(&agent.cfg, &all),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot read the remembered images"),
         }
@@ -481,12 +477,18 @@ impl<R: Runtime> Agent<R> {
     }
 
     /// Counts a job of `submitter` as started; false (nothing counted) when it must wait, which
-    /// only a job that has not started yet (`waits_its_turn`) ever does.
-    fn take_submitter_turn(&self, submitter: &str, waits_its_turn: bool) -> bool {
+    /// only a job that has not started yet (`staged`) and will not end without running ever
+    /// does.
+    fn take_submitter_turn(
+        &self,
+        submitter: &str,
+        staged: bool,
+        ends_without_running: impl FnOnce() -> bool,
+    ) -> bool {
         let Ok(mut counts) = self.shared.per_submitter.lock() else { return false };
         let n = counts.entry(submitter.to_owned()).or_insert(0);
         let max = self.policy.get().max_jobs_per_submitter;
-        if waits_its_turn && max.is_some_and(|max| *n >= max) {
+        if staged && max.is_some_and(|max| *n >= max) && !ends_without_running() {
             if *n == 0 {
                 counts.remove(submitter);
             }
@@ -533,12 +535,15 @@ impl<R: Runtime> Agent<R> {
                 }
                 // One submitter's jobs beyond the policy's ceiling wait (staged) for one of its
                 // running jobs to end; a job already running (adopted after a restart) counts.
-                // A job to be cancelled or refused does not wait: it ends without running.
+                // A job to be cancelled or refused does not wait: it ends without running. (Asked
+                // only of a job that would wait: the policy's check parses its envelope.)
                 let submitter = self.submitter_key(&rec);
-                let waits = rec.state == JobState::Staged
-                    && !self.shared.cancel_requested(&rec.job_id, rec.attempt)
-                    && rec.spec.as_ref().is_none_or(|spec| self.policy_refusal(&rec, spec).is_none());
-                if !self.take_submitter_turn(&submitter, waits) {
+                let ends_without_running = || {
+                    self.shared.cancel_requested(&rec.job_id, rec.attempt)
+                        || rec.spec.as_ref().is_some_and(|spec| self.policy_refusal(&rec, spec).is_some())
+                };
+                if !self.take_submitter_turn(&submitter, rec.state == JobState::Staged, ends_without_running)
+                {
                     continue;
                 }
                 let inserted = match self.shared.running.lock() {

@@ -131,3 +131,14 @@ pub fn web_deployment(
         },
     }
 }
+
+/// A key pair made by Debian's `age-keygen` as `dir/NAME.key`: (public key, identity file).
+pub fn age_keygen(dir: &Path, name: &str) -> (String, PathBuf) {
+    let file = dir.join(format!("{name}.key"));
+    let made = Command::new("age-keygen").arg("-o").arg(&file).output().unwrap_or_else(|e| {
+        panic!("Debian's age-keygen is needed (apt-get install age; scripts/test installs it): {e}")
+    });
+    assert!(made.status.success(), "age-keygen: {}", String::from_utf8_lossy(&made.stderr));
+    let public = Command::new("age-keygen").arg("-y").arg(&file).output().expect("age-keygen -y");
+    (String::from_utf8_lossy(&public.stdout).trim().to_owned(), file)
+}
