@@ -86,6 +86,15 @@ def start_node(bin_dir, config):
     return p, ready
 
 
+def smaps_mb(pid, field):
+    """A field of /proc/PID/smaps_rollup (Pss, Anonymous, ...) in MB."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def stop(p):
     p.send_signal(signal.SIGTERM)
     try:

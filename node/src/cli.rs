@@ -167,7 +167,8 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
                 }
             );
             print!("{}", toml::to_string_pretty(&cfg).context("cannot render the configuration")?);
-            Ok(ExitCode::SUCCESS)
+            // Not a configuration error, but what a new install most often lacks: say so.
+            block_on(check_engine(&cfg))
         }
         Command::Status { json } => show_status(&cfg, json),
         Command::Audit(cmd) => audit_command(&cfg, cmd),
@@ -181,6 +182,22 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Approvals(cmd) => crate::approvals_cli::run(&cfg, cmd),
         Command::Run => block_on(run(cfg, config.map(Path::to_path_buf))),
     }
+}
+
+/// `check-config`'s word on the container engine, on stderr (the merged configuration on stdout
+/// stays valid TOML): its version, or exactly what is missing. Never a failure: a node can be
+/// configured before Docker is installed.
+async fn check_engine(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let probe = DockerRuntime::connect("check-config", cfg.docker.socket.as_deref());
+    match tokio::time::timeout(std::time::Duration::from_secs(5), probe).await {
+        Ok(Ok(runtime)) => match runtime.info().await {
+            Ok(info) => eprintln!("# Docker engine {} reachable; container jobs can run", info.version),
+            Err(e) => eprintln!("warning: the Docker engine answered but not its version: {e}"),
+        },
+        Ok(Err(e)) => eprintln!("warning: {e}\nwarning: container jobs and services cannot run until it is"),
+        Err(_) => eprintln!("warning: the Docker engine did not answer within 5 s; container jobs cannot run"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One thread: the agent spends its life waiting on the network and the engine, and a single
@@ -197,7 +214,9 @@ fn init_tracing(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: under systemd stderr is the journal, which would keep the escapes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     let _ = match cfg.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -263,6 +282,7 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(&tmp, serde_json::to_string_pretty(&req)?)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+        give_to_agent_user(cfg)?;
         println!(
             "wrote enrollment request {} to {}; the operator runs `outpost-control node enroll-offline --org ORG \
              --request FILE --out FILE`, then run `outpost enroll --from FILE --ca-fingerprint SHA256` here",
@@ -274,6 +294,7 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
     if let Some(from) = &args.from {
         let fp = args.ca_fingerprint.as_deref().map(parse_fingerprint).transpose()?;
         let id = outpost_node::offline_enroll::complete(&dir, from, fp.as_deref())?;
+        give_to_agent_user(cfg)?;
         println!(
             "enrolled as node {} in org {} from {} (identity in {})",
             id.node.node_id,
@@ -314,6 +335,7 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
     }
     let opts = EnrollOptions { control_url: control, token, trust, hostname, force: args.force };
     let id = identity::enroll(&dir, &opts).await?;
+    give_to_agent_user(cfg)?;
     println!(
         "enrolled as node {} in org {} (identity in {})",
         id.node.node_id,
@@ -324,6 +346,45 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
         println!("the token is spent; you may delete the token file");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `sudo outpost enroll` on a packaged install: root made the identity, but the agent runs as
+/// the user that owns `data_dir` (the packages' `outpost`), which must read it. Hand what
+/// enrollment wrote to that user; nothing to do when not root or when root owns `data_dir`.
+fn give_to_agent_user(cfg: &Config) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let owner = std::fs::metadata(&cfg.data_dir)
+        .with_context(|| format!("cannot read the owner of data_dir {}", cfg.data_dir.display()))?;
+    if owner.uid() == 0 {
+        return Ok(());
+    }
+    let identity = cfg.identity_dir();
+    let pending = outpost_node::offline_enroll::pending_dir(&identity);
+    for top in [identity, pending] {
+        if top.exists() {
+            chown_tree(&top, owner.uid(), owner.gid())?;
+        }
+    }
+    println!(
+        "identity handed to uid {} (the owner of {}), who runs the agent",
+        owner.uid(),
+        cfg.data_dir.display()
+    );
+    Ok(())
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .with_context(|| format!("cannot give {} to uid {uid}", path.display()))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 async fn load_image(cfg: &Config, file: &Path) -> anyhow::Result<ExitCode> {

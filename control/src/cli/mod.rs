@@ -40,6 +40,8 @@ const EXAMPLES: &str = "\
 Examples:
   # run the server (creates the CA, server certificate and admin token on first start)
   outpost-control serve --data-dir /var/lib/outpost-control --listen 0.0.0.0:8443 --san control.example
+  # ... or with the settings in a file, as the packaged unit does
+  outpost-control serve --config /etc/outpost-control/config.toml
 
   # what a node pins when it enrolls
   outpost-control ca fingerprint
@@ -87,17 +89,22 @@ pub enum Command {
     /// `outpost-control listening on https://ADDR (CA sha256 HEX)`. Logs go to stderr
     /// (RUST_LOG sets the level).
     Serve {
-        /// Address and port to listen on.
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        listen: SocketAddr,
-        /// Extra DNS name or IP address for the server certificate (repeatable); the
-        /// certificate always names localhost, 127.0.0.1, ::1 and the hostname.
+        /// A TOML file with the settings below (`listen`, `san`, `lease`); flags given on the
+        /// command line win over it. Unknown keys are errors. The packages install a commented
+        /// one at /etc/outpost-control/config.toml.
+        #[arg(long, value_name = "FILE", env = "OUTPOST_CONTROL_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address and port to listen on [default: 127.0.0.1:8443].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Extra DNS name or IP address for the server certificate (repeatable; adds to the
+        /// file's); the certificate always names localhost, 127.0.0.1, ::1 and the hostname.
         #[arg(long = "san", value_name = "NAME")]
         sans: Vec<String>,
         /// A node whose last heartbeat is older than this is offline: `node list` says so, and
-        /// its `--any` jobs are offered to another matching node (e.g. 90s, 5m).
-        #[arg(long, value_parser = submit::parse_duration, default_value = "90s", env = "OUTPOST_CONTROL_LEASE")]
-        lease: Duration,
+        /// its `--any` jobs are offered to another matching node (e.g. 90s, 5m) [default: 90s].
+        #[arg(long, value_parser = submit::parse_duration, env = "OUTPOST_CONTROL_LEASE")]
+        lease: Option<Duration>,
     },
     /// The certificate authority nodes pin.
     #[command(subcommand)]
@@ -309,7 +316,10 @@ fn parse_state(s: &str) -> Result<JobState, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve { listen, sans, lease } => serve::serve(&g, listen, sans, lease).await,
+        Command::Serve { config, listen, sans, lease } => {
+            let settings = serve::Settings::resolve(config.as_deref(), listen, sans, lease)?;
+            serve::serve(&g, settings).await
+        }
         Command::Ca(CaCommand::Fingerprint) => {
             let ca = DataDir::new(&g.data_dir).read_ca()?;
             println!("{}", ca.fingerprint());

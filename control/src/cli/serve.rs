@@ -2,25 +2,89 @@
 //! gracefully on SIGTERM or SIGINT (held polls are answered, connections drained).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::Context;
+use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::Global;
 use crate::server::{self, ServerConfig};
 
-pub(super) async fn serve(
-    g: &Global,
-    listen: SocketAddr,
-    extra_sans: Vec<String>,
-    lease: std::time::Duration,
-) -> anyhow::Result<ExitCode> {
+const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+const DEFAULT_LEASE: Duration = Duration::from_secs(90);
+
+/// What `serve --config FILE` may set: the same names as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<String>,
+    #[serde(default)]
+    san: Vec<String>,
+    lease: Option<String>,
+}
+
+/// The server's settings: flags over the file over the defaults; `san` from both.
+#[derive(Debug, PartialEq)]
+pub(super) struct Settings {
+    pub listen: SocketAddr,
+    pub sans: Vec<String>,
+    pub lease: Duration,
+}
+
+impl Settings {
+    pub(super) fn resolve(
+        config: Option<&Path>,
+        listen: Option<SocketAddr>,
+        sans: Vec<String>,
+        lease: Option<Duration>,
+    ) -> anyhow::Result<Settings> {
+        let (file_listen, file_sans, file_lease) = match config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+                Self::parse(&text).with_context(|| format!("invalid configuration {}", path.display()))?
+            }
+            None => (None, vec![], None),
+        };
+        let listen = match listen.or(file_listen) {
+            Some(addr) => addr,
+            None => DEFAULT_LISTEN.parse().context("the default listen address")?,
+        };
+        let mut all = file_sans;
+        all.extend(sans);
+        Ok(Settings { listen, sans: all, lease: lease.or(file_lease).unwrap_or(DEFAULT_LEASE) })
+    }
+
+    /// The file's values, each checked (the error names the key and the value).
+    fn parse(text: &str) -> anyhow::Result<(Option<SocketAddr>, Vec<String>, Option<Duration>)> {
+        let file: File = toml::from_str(text)?;
+        let listen = file
+            .listen
+            .map(|t| t.parse().map_err(|e| anyhow::anyhow!("listen = {t:?} is not an address and port: {e}")))
+            .transpose()?;
+        let lease = file
+            .lease
+            .map(|t| super::submit::parse_duration(&t).map_err(|e| anyhow::anyhow!("lease = {t:?}: {e}")))
+            .transpose()?;
+        Ok((listen, file.san, lease))
+    }
+}
+
+pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<ExitCode> {
     // Handlers first, so a signal that arrives right after the ready line is not lost.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = CancellationToken::new();
-    let config = ServerConfig { listen, data_dir: g.data_dir.clone(), extra_sans, lease };
+    let config = ServerConfig {
+        listen: settings.listen,
+        data_dir: g.data_dir.clone(),
+        extra_sans: settings.sans,
+        lease: settings.lease,
+    };
     let server = server::serve(config, shutdown.clone()).await?;
     println!("outpost-control listening on https://{} (CA sha256 {})", server.addr, server.ca_fingerprint);
     tokio::select! {
@@ -29,4 +93,61 @@ pub(super) async fn serve(
     }
     server.stop().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn without_a_file_or_flags_the_defaults_apply() {
+        let s = Settings::resolve(None, None, vec![], None).unwrap();
+        assert_eq!(s, Settings { listen: DEFAULT_LISTEN.parse().unwrap(), sans: vec![], lease: DEFAULT_LEASE });
+    }
+
+    #[test]
+    fn the_file_sets_what_flags_leave_out_and_names_add_up() {
+        let f = file("listen = \"0.0.0.0:9443\"\nsan = [\"control.example\"]\nlease = \"5m\"\n");
+        let s = Settings::resolve(Some(f.path()), None, vec!["10.0.0.5".into()], None).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:9443".parse().unwrap());
+        assert_eq!(s.sans, vec!["control.example".to_string(), "10.0.0.5".to_string()]);
+        assert_eq!(s.lease, Duration::from_secs(300));
+        let flags = Settings::resolve(
+            Some(f.path()),
+            Some("127.0.0.1:1".parse().unwrap()),
+            vec![],
+            Some(Duration::from_secs(7)),
+        )
+        .unwrap();
+        assert_eq!((flags.listen, flags.lease), ("127.0.0.1:1".parse().unwrap(), Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn a_commented_file_is_the_defaults() {
+        let f = file("# listen = \"0.0.0.0:8443\"\n# san = []\n");
+        assert_eq!(Settings::resolve(Some(f.path()), None, vec![], None).unwrap().listen, DEFAULT_LISTEN.parse().unwrap());
+    }
+
+    #[test]
+    fn bad_files_are_refused_naming_the_key() {
+        for (text, says) in [
+            ("listn = \"0.0.0.0:1\"", "unknown field `listn`"),
+            ("listen = \"everywhere\"", "listen = \"everywhere\""),
+            ("lease = \"soon\"", "lease = \"soon\""),
+            ("san = \"one\"", "san"),
+        ] {
+            let f = file(text);
+            let err = format!("{:#}", Settings::resolve(Some(f.path()), None, vec![], None).unwrap_err());
+            assert!(err.contains(says), "{text}: {err}");
+            assert!(err.contains(&f.path().display().to_string()), "{err}");
+        }
+        let missing = Settings::resolve(Some(Path::new("/nonexistent/outpost-control.toml")), None, vec![], None);
+        assert!(format!("{:#}", missing.unwrap_err()).contains("cannot read the configuration"));
+    }
 }
