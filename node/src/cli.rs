@@ -195,7 +195,9 @@ async fn check_engine(cfg: &Config) -> anyhow::Result<ExitCode> {
             Err(e) => eprintln!("warning: the Docker engine answered but not its version: {e}"),
         },
         Ok(Err(e)) => eprintln!("warning: {e}\nwarning: container jobs and services cannot run until it is"),
-        Err(_) => eprintln!("warning: the Docker engine did not answer within 5 s; container jobs cannot run"),
+        Err(_) => {
+            eprintln!("warning: the Docker engine did not answer within 5 s; container jobs cannot run")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -216,7 +218,8 @@ fn init_tracing(cfg: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: under systemd stderr is the journal, which would keep the escapes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     let _ = match cfg.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),

@@ -108,7 +108,10 @@ mod tests {
     #[test]
     fn without_a_file_or_flags_the_defaults_apply() {
         let s = Settings::resolve(None, None, vec![], None).unwrap();
-        assert_eq!(s, Settings { listen: DEFAULT_LISTEN.parse().unwrap(), sans: vec![], lease: DEFAULT_LEASE });
+        assert_eq!(
+            s,
+            Settings { listen: DEFAULT_LISTEN.parse().unwrap(), sans: vec![], lease: DEFAULT_LEASE }
+        );
     }
 
     #[test]
@@ -131,7 +134,10 @@ mod tests {
     #[test]
     fn a_commented_file_is_the_defaults() {
         let f = file("# listen = \"0.0.0.0:8443\"\n# san = []\n");
-        assert_eq!(Settings::resolve(Some(f.path()), None, vec![], None).unwrap().listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(
+            Settings::resolve(Some(f.path()), None, vec![], None).unwrap().listen,
+            DEFAULT_LISTEN.parse().unwrap()
+        );
     }
 
     #[test]
@@ -147,7 +153,8 @@ mod tests {
             assert!(err.contains(says), "{text}: {err}");
             assert!(err.contains(&f.path().display().to_string()), "{err}");
         }
-        let missing = Settings::resolve(Some(Path::new("/nonexistent/outpost-control.toml")), None, vec![], None);
+        let missing =
+            Settings::resolve(Some(Path::new("/nonexistent/outpost-control.toml")), None, vec![], None);
         assert!(format!("{:#}", missing.unwrap_err()).contains("cannot read the configuration"));
     }
 }
