@@ -81,6 +81,9 @@ pub struct GenerateRequest {
     pub temperature: f32,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Refuse (`ContextExceeded`) a prompt whose `max_tokens` would not fit in the context,
+    /// instead of stopping at the end of the context with finish reason `length` (what jobs do).
+    pub whole_completion: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,6 +22,13 @@ pub enum InferenceError {
     QueueFull { bound: usize },
     #[error("the prompt is {prompt_tokens} tokens but model {model} has a context of {context} tokens")]
     PromptTooLong { model: String, prompt_tokens: usize, context: usize },
+    #[error(
+        "model {model} has a context of {context} tokens, but {} were asked for ({prompt_tokens} in the \
+         prompt, {max_tokens} for the completion): shorten the prompt or lower max_tokens, or send \
+         \"truncate\": true to stop at the end of the context instead",
+        .prompt_tokens + *.max_tokens as usize
+    )]
+    ContextExceeded { model: String, prompt_tokens: usize, max_tokens: u32, context: usize },
     #[error("model {model} cannot {what} (engine {engine})")]
     Unsupported { model: String, engine: String, what: &'static str },
     #[error("model file {path} is not a valid {format} file: {reason}")]
@@ -41,7 +48,10 @@ impl InferenceError {
             Self::ModelNotPresent(_) => 404,
             Self::QueueFull { .. } => 429,
             Self::OverBudget { .. } | Self::EngineUnavailable { .. } => 503,
-            Self::PromptTooLong { .. } | Self::Unsupported { .. } | Self::BadRequest(_) => 400,
+            Self::PromptTooLong { .. }
+            | Self::ContextExceeded { .. }
+            | Self::Unsupported { .. }
+            | Self::BadRequest(_) => 400,
             Self::InvalidModel { .. } => 422,
             Self::Engine { .. } | Self::WorkerGone => 500,
         }
@@ -54,7 +64,7 @@ impl InferenceError {
             Self::QueueFull { .. } => "queue_full",
             Self::OverBudget { .. } => "model_over_budget",
             Self::EngineUnavailable { .. } => "engine_unavailable",
-            Self::PromptTooLong { .. } => "context_length_exceeded",
+            Self::PromptTooLong { .. } | Self::ContextExceeded { .. } => "context_length_exceeded",
             Self::Unsupported { .. } => "unsupported",
             Self::InvalidModel { .. } => "invalid_model",
             Self::BadRequest(_) => "invalid_request",

@@ -305,6 +305,14 @@ impl LoadedModel for LlamaLoaded {
         if prompt.is_empty() {
             return Err(InferenceError::BadRequest("the prompt is empty".into()));
         }
+        if req.whole_completion && prompt.len() + req.max_tokens as usize > n_ctx {
+            return Err(InferenceError::ContextExceeded {
+                model: self.label.clone(),
+                prompt_tokens: prompt.len(),
+                max_tokens: req.max_tokens,
+                context: n_ctx,
+            });
+        }
         let mut stats = GenerateStats {
             prompt_tokens: to_u32(prompt.len()),
             completion_tokens: 0,

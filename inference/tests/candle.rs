@@ -131,7 +131,14 @@ fn generate_is_unsupported() {
     assert!(m.capabilities().embed);
     assert!(!m.capabilities().generate);
     assert_eq!(m.context_length(), 0);
-    let req = GenerateRequest { prompt: "hi".into(), max_tokens: 4, temperature: 0.0, seed: 1, stop: vec![] };
+    let req = GenerateRequest {
+        prompt: "hi".into(),
+        max_tokens: 4,
+        temperature: 0.0,
+        seed: 1,
+        stop: vec![],
+        whole_completion: false,
+    };
     let err = m.generate(&req, &mut |_| std::ops::ControlFlow::Continue(())).expect_err("embedding model");
     assert!(matches!(err, InferenceError::Unsupported { .. }), "{err}");
     assert_eq!(err.status(), 400);

@@ -30,7 +30,14 @@ fn load(context: u32) -> Box<dyn LoadedModel> {
 }
 
 fn req(prompt: &str, max_tokens: u32, temperature: f32, seed: u64) -> GenerateRequest {
-    GenerateRequest { prompt: prompt.into(), max_tokens, temperature, seed, stop: vec![] }
+    GenerateRequest {
+        prompt: prompt.into(),
+        max_tokens,
+        temperature,
+        seed,
+        stop: vec![],
+        whole_completion: false,
+    }
 }
 
 /// Generates, collecting the pieces the sink received.
@@ -134,6 +141,28 @@ fn a_prompt_longer_than_the_context_is_refused_with_its_counts() {
         }
         other => panic!("expected PromptTooLong, got {other:?}"),
     }
+}
+
+#[test]
+fn a_whole_completion_that_cannot_fit_is_refused_with_both_numbers_before_any_token() {
+    let model = load(64);
+    let mut pieces = 0;
+    let fits = req("abc", 40, 0.0, 0);
+    let over = GenerateRequest { max_tokens: 70, whole_completion: true, ..fits.clone() };
+    let err = model.generate(&over, &mut |_| {
+        pieces += 1;
+        ControlFlow::Continue(())
+    });
+    match err.unwrap_err() {
+        InferenceError::ContextExceeded { prompt_tokens, max_tokens, context, .. } => {
+            assert_eq!((max_tokens, context), (70, 64));
+            assert!(prompt_tokens >= 3, "{prompt_tokens}");
+        }
+        other => panic!("expected ContextExceeded, got {other:?}"),
+    }
+    assert_eq!(pieces, 0, "refused before generating");
+    let fine = GenerateRequest { whole_completion: true, ..fits };
+    assert!(model.generate(&fine, &mut |_| ControlFlow::Continue(())).is_ok(), "a completion that fits runs");
 }
 
 #[test]

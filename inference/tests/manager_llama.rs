@@ -35,7 +35,14 @@ fn tiny(as_digest: &str) -> ModelFiles {
 }
 
 fn greedy(max_tokens: u32) -> GenerateRequest {
-    GenerateRequest { prompt: String::new(), max_tokens, temperature: 0.0, seed: 0, stop: vec![] }
+    GenerateRequest {
+        prompt: String::new(),
+        max_tokens,
+        temperature: 0.0,
+        seed: 0,
+        stop: vec![],
+        whole_completion: false,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,14 @@ pub async fn run(cfg: &Config, cmd: InferenceCommand) -> anyhow::Result<ExitCode
         }
         InferenceCommand::Generate { model, prompt, max_tokens, temperature, seed, stop, json } => {
             let (_, files) = inference.resolve(&model)?;
-            let req = GenerateRequest { prompt: String::new(), max_tokens, temperature, seed, stop };
+            let req = GenerateRequest {
+                prompt: String::new(),
+                max_tokens,
+                temperature,
+                seed,
+                stop,
+                whole_completion: false,
+            };
             let (tx, mut rx) = mpsc::channel::<String>(256);
             let printer = tokio::spawn(async move {
                 let mut out = std::io::stdout();

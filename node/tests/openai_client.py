@@ -31,6 +31,19 @@ def check(name):
 ids = [m.id for m in client.models.list().data]
 assert llm in ids and emb in ids, ids
 check("models lists both imported models")
+assert client.models.retrieve(llm).id == llm
+try:
+    client.models.retrieve("no-such-model@1")
+    raise AssertionError("an absent model was retrieved")
+except openai.NotFoundError:
+    check("GET /v1/models/{id} answers one model, 404 for another")
+
+with urllib.request.urlopen(base + "/health", timeout=30) as resp:
+    assert resp.status == 200 and b"ok" in resp.read()
+req = urllib.request.Request(base + "/v1/models", headers={"authorization": "bearer " + key})
+with urllib.request.urlopen(req, timeout=30) as resp:
+    assert resp.status == 200
+check("/health answers without a key; the bearer scheme is case-insensitive")
 
 a = client.completions.create(model=llm, prompt="Hello", max_tokens=12, temperature=0)
 b = client.completions.create(model=llm, prompt="Hello", max_tokens=12, temperature=0)
@@ -62,6 +75,31 @@ assert "".join(parts) == chat.choices[0].message.content, (parts, chat)
 assert finish == chat.choices[0].finish_reason, (finish, chat)
 check("chat completions, whole and streamed, agree")
 
+stream = client.chat.completions.create(model=llm, messages=msgs, max_tokens=8, temperature=0, stream=True,
+                                        stream_options={"include_usage": True})
+chunks = list(stream)
+assert chunks[-1].choices == [] and chunks[-1].usage is not None, chunks[-1]
+assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens, (chunks[-1].usage, chat.usage)
+assert chunks[-1].usage.prompt_tokens == chat.usage.prompt_tokens
+check("stream_options.include_usage ends the stream with the usage")
+
+for kwargs, field in (
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+):
+    try:
+        client.chat.completions.create(model=llm, messages=msgs, max_tokens=4, **kwargs)
+        raise AssertionError(f"{field} was silently ignored")
+    except openai.BadRequestError as err:
+        assert err.body["param"] == field, err.body
+try:
+    client.embeddings.create(model=emb, input="x", dimensions=64)
+    raise AssertionError("dimensions was silently ignored")
+except openai.BadRequestError as err:
+    assert err.body["param"] == "dimensions", err.body
+check("fields the endpoint cannot honour are 400s naming them (tools, response_format, logprobs, dimensions)")
+
 e = client.embeddings.create(model=emb, input=["a cat sits on the mat", "stock prices fell"])
 assert len(e.data) == 2 and len(e.data[0].embedding) == 384, e
 f = client.embeddings.create(model=emb, input="a cat sits on the mat", encoding_format="float")
@@ -83,12 +121,30 @@ except openai.NotFoundError as err:
     assert "models import" in str(err), err
     check("a model not in the store is a 404")
 
-try:
-    client.completions.create(model=llm, prompt="x" * 3000, max_tokens=4, temperature=0)
-    raise AssertionError("a prompt longer than the context was accepted")
-except openai.BadRequestError as err:
-    assert "context" in str(err), err
-    check("a prompt longer than the context is a 400")
+for stream in (False, True):
+    try:
+        r = client.completions.create(model=llm, prompt="x" * 3000, max_tokens=4, temperature=0, stream=stream)
+        list(r) if stream else None
+        raise AssertionError("a prompt longer than the context was accepted")
+    except openai.BadRequestError as err:
+        assert "context" in str(err), err
+        assert err.body["code"] == "context_length_exceeded", err.body
+check("a prompt longer than the context is a 400, streamed or not")
+
+# The test model's context is 512 tokens: a short prompt with max_tokens 600 does not fit.
+for stream in (False, True):
+    try:
+        r = client.completions.create(model=llm, prompt="Hello", max_tokens=600, temperature=0, stream=stream)
+        list(r) if stream else None
+        raise AssertionError("a prompt and max_tokens over the context were accepted")
+    except openai.BadRequestError as err:
+        assert err.body["code"] == "context_length_exceeded", err.body
+        assert "512" in err.body["message"] and "600" in err.body["message"], err.body
+cut = client.completions.create(model=llm, prompt="Hello", max_tokens=600, temperature=0, extra_body={"truncate": True})
+# The last token sampled needs no slot in the context: 513 tokens at most in all.
+assert cut.usage.prompt_tokens + cut.usage.completion_tokens <= 513, cut.usage
+assert cut.choices[0].finish_reason in ("length", "stop"), cut.choices[0]
+check("prompt + max_tokens over the context is a 400 naming both numbers; \"truncate\": true stops at the context")
 
 # Back-pressure: one long embedding computes, one request may wait, the rest get 429 at once.
 blocker = {}
@@ -109,22 +165,27 @@ while time.time() < deadline:
 outcomes = []
 
 
-def small():
+def small(stream):
+    # Streamed or not, a refusal before the first token is an HTTP 429 the SDK raises as such
+    # (and would retry after Retry-After), never a 200 with an error inside the stream.
     try:
-        client.completions.create(model=llm, prompt="Hi", max_tokens=2, temperature=0)
+        r = client.completions.create(model=llm, prompt="Hi", max_tokens=2, temperature=0, stream=stream)
+        if stream:
+            assert "".join(c.choices[0].text for c in r if c.choices) is not None
         outcomes.append("ok")
     except openai.RateLimitError as err:
         assert err.response.headers.get("retry-after") == "1", err.response.headers
         outcomes.append("429")
 
 
-smalls = [threading.Thread(target=small) for _ in range(4)]
+smalls = [threading.Thread(target=small, args=(i % 2 == 1,)) for i in range(8)]
 for s in smalls:
     s.start()
 for s in smalls:
     s.join()
 t.join()
 assert len(blocker["r"].data) == 2048
+assert len(outcomes) == 8, outcomes  # a thread that raised anything else left no outcome
 assert outcomes.count("429") >= 2 and "ok" in outcomes, outcomes
 m = metrics()
 refused = [line for line in m.splitlines() if line.startswith("outpost_inference_refused_queue_full_total ")]

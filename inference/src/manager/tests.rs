@@ -121,6 +121,7 @@ fn req(max_tokens: u32, stop: &[&str]) -> GenerateRequest {
         temperature: 0.0,
         seed: 0,
         stop: stop.iter().map(|s| s.to_string()).collect(),
+        whole_completion: false,
     }
 }
 

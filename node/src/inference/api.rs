@@ -1,7 +1,8 @@
-//! The local OpenAI-compatible endpoint for on-site applications: `/v1/models`,
-//! `/v1/completions`, `/v1/chat/completions` (both with SSE streaming), `/v1/embeddings` and
-//! Prometheus `/metrics`. It listens on loopback or a unix socket only, and every request needs
-//! an API key. A full queue answers 429 at once; models load on first use.
+//! The local OpenAI-compatible endpoint for on-site applications: `/v1/models` (and
+//! `/v1/models/{id}`), `/v1/completions`, `/v1/chat/completions` (both with SSE streaming),
+//! `/v1/embeddings`, Prometheus `/metrics`, and `/health` for load balancers. It listens on
+//! loopback or a unix socket only, and every request but `/health` needs an API key. A full
+//! queue answers 429 at once, streamed or not; models load on first use.
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::Router;
+use axum::extract::Path as UrlPath;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
@@ -31,7 +33,7 @@ use crate::inference::job::finish_name;
 mod metrics;
 mod wire;
 
-use wire::{ChatRequest, CompletionRequest, EmbeddingsRequest};
+use wire::{ChatRequest, CompletionRequest, EmbeddingsRequest, Refused};
 
 /// Largest request body.
 const MAX_BODY_BYTES: usize = 8 << 20;
@@ -67,14 +69,20 @@ pub fn read_keys(path: &Path) -> anyhow::Result<Vec<String>> {
 
 pub fn router(inference: Arc<Inference>, keys: Vec<String>) -> Router {
     let state = AppState { inference, keys: Arc::new(keys) };
-    Router::new()
+    let keyed = Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
-        .layer(middleware::from_fn_with_state(state.clone(), require_key))
+        .layer(middleware::from_fn_with_state(state.clone(), require_key));
+    // Load balancers and app front ends ask whether the endpoint answers, without a key: the
+    // answer says nothing about the models.
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .merge(keyed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -135,12 +143,8 @@ impl Endpoint {
 }
 
 async fn require_key(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
     // Compare every key in full so the time taken says nothing about a near miss.
     let ok = st.keys.iter().fold(false, |acc, k| acc | constant_time_eq(k.as_bytes(), given.as_bytes()));
     if !ok {
@@ -154,6 +158,13 @@ async fn require_key(State(st): State<AppState>, req: Request, next: Next) -> Re
     next.run(req).await
 }
 
+/// The credentials of an `Authorization: Bearer …` header; the scheme is case-insensitive, as
+/// every HTTP authentication scheme is.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -161,16 +172,26 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// An OpenAI-style error body.
-fn error(status: StatusCode, code: &str, message: String) -> Response {
-    let kind = match status.as_u16() {
+/// The OpenAI error type of a status: what the SDKs tell client errors from server errors by.
+fn error_type(status: u16) -> &'static str {
+    match status {
         401 => "authentication_error",
+        404 => "not_found_error",
         429 => "rate_limit_error",
         500..=599 => "server_error",
         _ => "invalid_request_error",
-    };
+    }
+}
+
+/// An OpenAI-style error body.
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    error_for(status, code, message, None)
+}
+
+fn error_for(status: StatusCode, code: &str, message: String, param: Option<&str>) -> Response {
+    let kind = error_type(status.as_u16());
     let mut resp =
-        (status, Json(json!({"error": {"message": message, "type": kind, "code": code, "param": null}})))
+        (status, Json(json!({"error": {"message": message, "type": kind, "code": code, "param": param}})))
             .into_response();
     if status == StatusCode::TOO_MANY_REQUESTS {
         resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
@@ -187,6 +208,10 @@ fn bad_request(message: impl Into<String>) -> Response {
     error(StatusCode::BAD_REQUEST, "invalid_request", message.into())
 }
 
+fn refused(r: Refused) -> Response {
+    error_for(StatusCode::BAD_REQUEST, r.code, r.message, Some(&r.param))
+}
+
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -200,21 +225,36 @@ async fn models(State(st): State<AppState>) -> Response {
         Ok(m) => m,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "model_store", e.to_string()),
     };
-    let data: Vec<Value> = models
-        .iter()
-        .map(|m| {
-            json!({
-                "id": format!("{}@{}", m.manifest.name, m.manifest.version),
-                "object": "model",
-                "created": 0,
-                "owned_by": "outpost",
-                "digest": m.digest,
-                "engine": m.manifest.engine,
-                "format": m.manifest.format.as_str(),
-            })
-        })
-        .collect();
+    let data: Vec<Value> = models.iter().map(model_object).collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+fn model_object(m: &crate::models::InstalledModel) -> Value {
+    json!({
+        "id": format!("{}@{}", m.manifest.name, m.manifest.version),
+        "object": "model",
+        "created": 0,
+        "owned_by": "outpost",
+        "digest": m.digest,
+        "engine": m.manifest.engine,
+        "format": m.manifest.format.as_str(),
+    })
+}
+
+/// `GET /v1/models/{id}`: one model as the list shows it.
+async fn model(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    let models = match st.inference.models.list() {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "model_store", e.to_string()),
+    };
+    match models.iter().map(model_object).find(|m| m["id"] == id.as_str()) {
+        Some(m) => Json(m).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model {id:?} is not in this node's model store (GET /v1/models lists what is)"),
+        ),
+    }
 }
 
 async fn metrics_text(State(st): State<AppState>) -> Response {
@@ -238,27 +278,36 @@ type Handled = Result<Response, Response>;
 /// A JSON body, or a 400 in OpenAI's shape saying what is wrong with it.
 // The error is the response itself, built once per failed request: boxing it gains nothing.
 #[allow(clippy::result_large_err)]
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
-    body.map(|Json(b)| b).map_err(|e| bad_request(e.body_text()))
+fn json_body<T>(
+    body: Result<Json<Value>, JsonRejection>,
+    parse: fn(Value) -> Result<T, Refused>,
+) -> Result<T, Response> {
+    let value = body.map(|Json(b)| b).map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!("the request body is larger than {} MiB", MAX_BODY_BYTES >> 20),
+            )
+        } else {
+            bad_request(e.body_text())
+        }
+    })?;
+    parse(value).map_err(refused)
 }
 
-async fn completions(
-    State(st): State<AppState>,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
-) -> Handled {
-    let req = json_body(body)?;
+async fn completions(State(st): State<AppState>, body: Result<Json<Value>, JsonRejection>) -> Handled {
+    let req = json_body(body, CompletionRequest::from_body)?;
     let prompt = req.prompt.single().map_err(bad_request)?;
     let params = req.common.params(16).map_err(bad_request)?;
+    let stream = Streaming::of(&req.common)?;
     let model = resolve(&st, &req.common.model).await?;
     let shape = Shape::Completion { id: request_id("cmpl"), model: req.common.model.clone() };
-    Ok(generate(st, model, Prompt::Text(prompt), params, req.common.stream, shape).await)
+    Ok(generate(st, model, Prompt::Text(prompt), params, stream, shape).await)
 }
 
-async fn chat_completions(
-    State(st): State<AppState>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
-) -> Handled {
-    let req = json_body(body)?;
+async fn chat_completions(State(st): State<AppState>, body: Result<Json<Value>, JsonRejection>) -> Handled {
+    let req = json_body(body, ChatRequest::from_body)?;
     let messages: Vec<ChatMessage> =
         req.messages.into_iter().map(|m| m.into_message()).collect::<Result<_, _>>().map_err(bad_request)?;
     if messages.is_empty() {
@@ -269,9 +318,25 @@ async fn chat_completions(
         common.max_tokens = Some(n);
     }
     let params = common.params(128).map_err(bad_request)?;
+    let stream = Streaming::of(&common)?;
     let model = resolve(&st, &common.model).await?;
     let shape = Shape::Chat { id: request_id("chatcmpl"), model: common.model.clone() };
-    Ok(generate(st, model, Prompt::Chat(messages), params, common.stream, shape).await)
+    Ok(generate(st, model, Prompt::Chat(messages), params, stream, shape).await)
+}
+
+/// Whether the answer streams, and whether the stream ends with a usage chunk.
+#[derive(Clone, Copy)]
+enum Streaming {
+    No,
+    Yes { usage: bool },
+}
+
+impl Streaming {
+    #[allow(clippy::result_large_err)]
+    fn of(common: &wire::Common) -> Result<Streaming, Response> {
+        let usage = common.include_usage().map_err(refused)?;
+        Ok(if common.streaming() { Streaming::Yes { usage } } else { Streaming::No })
+    }
 }
 
 /// How a generation's answer is shaped: text completion or chat completion.
@@ -300,6 +365,15 @@ impl Shape {
                 "usage": usage,
             }),
         }
+    }
+
+    /// The chunk `stream_options.include_usage` asks for: no choices, the usage.
+    fn usage_chunk(&self, out: &GenerateOutcome) -> Value {
+        let (id, model, object) = match self {
+            Shape::Completion { id, model } => (id, model, "text_completion"),
+            Shape::Chat { id, model } => (id, model, "chat.completion.chunk"),
+        };
+        json!({"id": id, "object": object, "created": now_secs(), "model": model, "choices": [], "usage": usage(out)})
     }
 
     fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
@@ -335,15 +409,15 @@ async fn generate(
     model: ModelFiles,
     prompt: Prompt,
     req: GenerateRequest,
-    stream: bool,
+    stream: Streaming,
     shape: Shape,
 ) -> Response {
-    if !stream {
+    let Streaming::Yes { usage } = stream else {
         return match st.inference.manager.generate(&model, prompt, req, None).await {
             Ok(out) => Json(shape.whole(&out)).into_response(),
             Err(e) => inference_error(&e),
         };
-    }
+    };
     let (tx, mut rx) = mpsc::channel::<String>(256);
     let (done_tx, mut done_rx) = oneshot::channel();
     let inference = st.inference.clone();
@@ -352,16 +426,32 @@ async fn generate(
         let _ = done_tx.send(out);
     });
     // Errors that come before the first token (queue full, prompt too long, model over budget)
-    // get a real HTTP status rather than a 200 stream.
+    // get their HTTP status, as without streaming: nothing is sent until a token exists or the
+    // generation has ended. The piece channel closes before the outcome is sent, so a closed
+    // channel means "wait for the outcome", never "stream".
     let first = tokio::select! {
         piece = rx.recv() => piece,
-        done = &mut done_rx => match done {
-            Ok(Err(e)) => return inference_error(&e),
-            Ok(Ok(out)) => return sse(shape, None, rx, Some(out), None),
-            Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", "generation stopped".into()),
-        },
+        done = &mut done_rx => return ended_before_streaming(shape, rx, done, usage),
     };
-    sse(shape, first, rx, None, Some(done_rx))
+    match first {
+        Some(piece) => sse(shape, Some(piece), rx, None, Some(done_rx), usage),
+        None => ended_before_streaming(shape, rx, done_rx.await, usage),
+    }
+}
+
+/// A streamed generation that ended before its first piece: an error gets its status; a
+/// success (no text at all) is streamed as its final chunk.
+fn ended_before_streaming(
+    shape: Shape,
+    rx: mpsc::Receiver<String>,
+    done: Result<Result<GenerateOutcome, InferenceError>, oneshot::error::RecvError>,
+    usage: bool,
+) -> Response {
+    match done {
+        Ok(Err(e)) => inference_error(&e),
+        Ok(Ok(out)) => sse(shape, None, rx, Some(out), None, usage),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", "generation stopped".into()),
+    }
 }
 
 /// The SSE stream: a first chunk (with the role, for chat), one chunk per piece (or per run of
@@ -372,6 +462,7 @@ fn sse(
     rx: mpsc::Receiver<String>,
     finished: Option<GenerateOutcome>,
     done_rx: Option<oneshot::Receiver<Result<GenerateOutcome, InferenceError>>>,
+    usage: bool,
 ) -> Response {
     struct St {
         shape: Shape,
@@ -379,10 +470,11 @@ fn sse(
         rx: mpsc::Receiver<String>,
         finished: Option<GenerateOutcome>,
         done_rx: Option<oneshot::Receiver<Result<GenerateOutcome, InferenceError>>>,
+        usage: bool,
         started: bool,
         over: bool,
     }
-    let init = St { shape, pending: first, rx, finished, done_rx, started: false, over: false };
+    let init = St { shape, pending: first, rx, finished, done_rx, usage, started: false, over: false };
     let events = stream::unfold(init, |mut s| async move {
         if s.over {
             return None;
@@ -413,15 +505,24 @@ fn sse(
                 },
             };
             s.over = true;
-            let last = match out {
-                Ok(o) => s.shape.chunk(None, Some(finish_name(o.stats.finish)), !s.started).to_string(),
-                Err(e) => {
-                    json!({"error": {"message": e.to_string(), "type": "server_error", "code": e.code()}})
-                        .to_string()
+            let mut events = Vec::with_capacity(3);
+            match out {
+                Ok(o) => {
+                    events.push(s.shape.chunk(None, Some(finish_name(o.stats.finish)), !s.started).to_string());
+                    if s.usage {
+                        events.push(s.shape.usage_chunk(&o).to_string());
+                    }
                 }
-            };
-            let events =
-                vec![Ok::<_, Infallible>(Event::default().data(last)), Ok(Event::default().data("[DONE]"))];
+                // After the first token the status is sent: the error travels in the stream,
+                // typed by its cause.
+                Err(e) => events.push(
+                    json!({"error": {"message": e.to_string(), "type": error_type(e.status()), "code": e.code(), "param": null}})
+                        .to_string(),
+                ),
+            }
+            events.push("[DONE]".into());
+            let events: Vec<Result<Event, Infallible>> =
+                events.into_iter().map(|d| Ok(Event::default().data(d))).collect();
             return Some((stream::iter(events), s));
         };
         Some((stream::iter(vec![Ok(Event::default().data(data))]), s))
@@ -431,11 +532,8 @@ fn sse(
     Sse::new(flat).into_response()
 }
 
-async fn embeddings(
-    State(st): State<AppState>,
-    body: Result<Json<EmbeddingsRequest>, JsonRejection>,
-) -> Handled {
-    let req = json_body(body)?;
+async fn embeddings(State(st): State<AppState>, body: Result<Json<Value>, JsonRejection>) -> Handled {
+    let req = json_body(body, EmbeddingsRequest::from_body)?;
     let texts = req.input.texts().map_err(bad_request)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,

@@ -131,6 +131,8 @@ pub async fn run(
                 temperature: spec.temperature,
                 seed: spec.seed,
                 stop: spec.stop.clone(),
+                // A job stops at the end of the context (finish reason `length`).
+                whole_completion: false,
             };
             let out = wait_turn(|| manager.generate(model, Prompt::Text(prompt.clone()), req.clone(), None))
                 .await?;

@@ -100,6 +100,133 @@ async fn malformed_and_unsupported_requests_are_400s_that_say_why() {
 }
 
 #[tokio::test]
+async fn health_answers_without_a_key_and_one_model_is_looked_up_by_id() {
+    let (app, _d) = app();
+    let (status, body) = call(&app, "GET", "/health", None, None).await;
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).unwrap()),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let (status, _) = call(&app, "GET", "/v1/models/tiny@1", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a model's details need the key");
+    let (status, body) = call(&app, "GET", "/v1/models/tiny@1", Some(KEY), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["error"]["code"].as_str(), v["error"]["type"].as_str()),
+        (Some("model_not_found"), Some("not_found_error"))
+    );
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let (app, _d) = app();
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let req = Request::builder()
+            .uri("/v1/models")
+            .header("authorization", format!("{scheme} {KEY}"))
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK, "{scheme}");
+    }
+    let req = Request::builder()
+        .uri("/v1/models")
+        .header("authorization", format!("Basic {KEY}"))
+        .body(Body::empty());
+    assert_eq!(app.clone().oneshot(req.unwrap()).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_a_413() {
+    let (app, _d) = app();
+    let body = json!({"model": "m", "prompt": "x".repeat(MAX_BODY_BYTES + 1)});
+    let (status, text) = call(&app, "POST", "/v1/completions", Some(KEY), Some(body)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+}
+
+#[tokio::test]
+async fn every_field_is_honoured_or_refused_by_name() {
+    let (app, _d) = app();
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "absent", "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    // Refused, naming the field (param) and why.
+    for (extra, param, says) in [
+        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools", "tool calling"),
+        (json!({"tool_choice": "required"}), "tool_choice", "tool calling"),
+        (json!({"response_format": {"type": "json_object"}}), "response_format", "structured outputs"),
+        (json!({"logprobs": true}), "logprobs", "log probabilities"),
+        (json!({"top_logprobs": 3}), "top_logprobs", "log probabilities"),
+        (json!({"top_p": 0.5}), "top_p", "top_p = 1"),
+        (json!({"frequency_penalty": 0.4}), "frequency_penalty", "penalties"),
+        (json!({"logit_bias": {"50256": -100}}), "logit_bias", "logit_bias"),
+        (json!({"stream_options": {"include_usage": true}}), "stream_options", "only allowed when stream"),
+        (json!({"frobnicate": 1}), "frobnicate", "unrecognized"),
+    ] {
+        let (status, text) =
+            call(&app, "POST", "/v1/chat/completions", Some(KEY), Some(chat(extra.clone()))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{extra}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["param"], param, "{extra}: {text}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(says), "{extra}: {text}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{text}");
+    }
+    // Accepted: nulls, values that ask for what the endpoint does anyway, bookkeeping. They
+    // pass every check and reach the model lookup (absent: 404).
+    for extra in [
+        json!({"stream": null, "temperature": null, "stop": null, "max_tokens": null, "seed": null}),
+        json!({"tools": [], "tool_choice": "none", "parallel_tool_calls": false, "user": "ward-3"}),
+        json!({"response_format": {"type": "text"}, "logprobs": false, "top_logprobs": null}),
+        json!({"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}),
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+        json!({"metadata": {"app": "x"}, "store": false, "max_completion_tokens": 5}),
+    ] {
+        let (status, text) =
+            call(&app, "POST", "/v1/chat/completions", Some(KEY), Some(chat(extra.clone()))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{extra}: {text}");
+    }
+    let body = json!({"model": "absent", "prompt": "x", "echo": true});
+    let (status, text) = call(&app, "POST", "/v1/completions", Some(KEY), Some(body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("\"param\":\"echo\""), "{text}");
+    // Embeddings: a vector of another size would break the client's index; refused.
+    let body = json!({"model": "absent", "input": "x", "dimensions": 64});
+    let (status, text) = call(&app, "POST", "/v1/embeddings", Some(KEY), Some(body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("\"param\":\"dimensions\""), "{text}");
+    let body = json!({"model": "absent", "input": "x", "dimensions": null, "user": "u"});
+    let (status, _) = call(&app, "POST", "/v1/embeddings", Some(KEY), Some(body)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_malformed_field_is_named_in_the_error() {
+    let (app, _d) = app();
+    for (body, field) in [
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+            "temperature",
+        ),
+        (json!({"model": "m", "messages": [{"role": "user", "content": 5}]}), "messages"),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
+            "max_tokens",
+        ),
+    ] {
+        let (status, text) = call(&app, "POST", "/v1/chat/completions", Some(KEY), Some(body.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["param"], field, "{body}: {text}");
+        assert!(v["error"]["message"].as_str().unwrap().starts_with(&format!("{field}: ")), "{text}");
+    }
+}
+
+#[tokio::test]
 async fn metrics_are_prometheus_text() {
     let (app, _d) = app();
     let (status, text) = call(&app, "GET", "/metrics", Some(KEY), None).await;

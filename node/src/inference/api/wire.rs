@@ -1,27 +1,169 @@
-//! Request bodies of the OpenAI-compatible API, as clients send them. Fields this endpoint
-//! does not use are ignored (clients send many); values it cannot honour are refused.
+//! Request bodies of the OpenAI-compatible API, as clients send them. Every field is either
+//! honoured or refused with a 400 that names it ([`check_rest`]): nothing a client asks for is
+//! silently ignored. A null is the same as an absent field, as OpenAI takes it.
 
 use base64::Engine as _;
 use outpost_inference::{ChatMessage, GenerateRequest};
 use outpost_protocol::{MAX_GENERATE_TOKENS, MAX_STOP_BYTES, MAX_STOP_STRINGS};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+/// A field the endpoint refuses: the field, an OpenAI-style code, and why.
+#[derive(Debug, PartialEq)]
+pub struct Refused {
+    pub param: String,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// A request body's fields, taken one by one so that a wrong one is named in the error; what
+/// is left at the end goes through [`check_rest`].
+pub struct Fields(Map<String, Value>);
+
+impl Fields {
+    pub fn of(body: Value) -> Result<Fields, Refused> {
+        match body {
+            Value::Object(map) => Ok(Fields(map)),
+            _ => Err(Refused {
+                param: String::new(),
+                code: "invalid_request",
+                message: "the request body must be a JSON object".into(),
+            }),
+        }
+    }
+
+    /// An optional field (null is absent).
+    pub fn opt<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, Refused> {
+        match self.0.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value(v).map(Some).map_err(|e| Refused {
+                param: name.into(),
+                code: "invalid_type",
+                message: format!("{name}: {e}"),
+            }),
+        }
+    }
+
+    pub fn required<T: DeserializeOwned>(&mut self, name: &str) -> Result<T, Refused> {
+        self.opt(name)?.ok_or_else(|| Refused {
+            param: name.into(),
+            code: "missing_required_parameter",
+            message: format!("{name} is required"),
+        })
+    }
+
+    /// Every field not taken: accepted or refused by name.
+    pub fn finish(self) -> Result<(), Refused> {
+        check_rest(&self.0)
+    }
+}
 
 /// Fields completions and chat completions share.
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct Common {
     pub model: String,
-    #[serde(default)]
     pub max_tokens: Option<u32>,
-    #[serde(default)]
     pub temperature: Option<f32>,
-    #[serde(default)]
     pub seed: Option<u64>,
-    #[serde(default)]
     pub stop: Option<OneOrMany>,
-    #[serde(default)]
-    pub stream: bool,
-    #[serde(default)]
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
+    /// Outpost's own: stop at the end of the context (finish reason `length`) rather than
+    /// refusing a prompt and max_tokens that do not fit.
+    pub truncate: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+impl Common {
+    fn take(f: &mut Fields) -> Result<Common, Refused> {
+        Ok(Common {
+            model: f.required("model")?,
+            max_tokens: f.opt("max_tokens")?,
+            temperature: f.opt("temperature")?,
+            seed: f.opt("seed")?,
+            stop: f.opt("stop")?,
+            stream: f.opt("stream")?,
+            stream_options: f.opt("stream_options")?,
+            n: f.opt("n")?,
+            truncate: f.opt("truncate")?,
+        })
+    }
+
+    pub fn streaming(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// Whether a streamed answer ends with a usage chunk; stream_options without a stream is
+    /// refused, as OpenAI does.
+    pub fn include_usage(&self) -> Result<bool, Refused> {
+        match &self.stream_options {
+            None => Ok(false),
+            Some(_) if !self.streaming() => Err(Refused {
+                param: "stream_options".into(),
+                code: "invalid_value",
+                message: "stream_options is only allowed when stream is true".into(),
+            }),
+            Some(o) => Ok(o.include_usage.unwrap_or(false)),
+        }
+    }
+}
+
+/// Fields a client may send that change nothing here: identifiers and bookkeeping.
+const ACCEPTED: &[&str] = &["user", "metadata", "store", "service_tier", "parallel_tool_calls"];
+
+/// The fields of a request no named field took (`rest`): each is accepted (null, a value that
+/// asks for what the endpoint does anyway, or bookkeeping) or refused with the field's name.
+pub fn check_rest(rest: &Map<String, Value>) -> Result<(), Refused> {
+    for (param, value) in rest {
+        if value.is_null() || ACCEPTED.contains(&param.as_str()) {
+            continue;
+        }
+        let default = match param.as_str() {
+            "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
+            "tool_choice" | "function_call" => value == "none",
+            "response_format" => value.get("type").is_some_and(|t| t == "text"),
+            "logprobs" | "echo" => value == &Value::Bool(false),
+            "top_p" | "best_of" => value.as_f64() == Some(1.0),
+            "presence_penalty" | "frequency_penalty" => value.as_f64() == Some(0.0),
+            "logit_bias" => value.as_object().is_some_and(Map::is_empty),
+            "modalities" => value.as_array().is_some_and(|m| m.iter().all(|x| x == "text")),
+            _ => false,
+        };
+        if default {
+            continue;
+        }
+        let (code, why) = match param.as_str() {
+            "tools" | "tool_choice" | "functions" | "function_call" => {
+                ("unsupported_parameter", "tool calling is not supported by this endpoint yet")
+            }
+            "response_format" => (
+                "unsupported_parameter",
+                "structured outputs (json_object, json_schema) are not supported yet; only {\"type\": \"text\"}",
+            ),
+            "logprobs" | "top_logprobs" => ("unsupported_parameter", "log probabilities are not returned"),
+            "top_p" => ("unsupported_parameter", "only top_p = 1 (no nucleus sampling); use temperature"),
+            "presence_penalty" | "frequency_penalty" => ("unsupported_parameter", "only 0 (no penalties)"),
+            "logit_bias" => ("unsupported_parameter", "logit_bias is not supported"),
+            "echo" | "best_of" | "suffix" => ("unsupported_parameter", "not supported for completions here"),
+            "dimensions" => (
+                "unsupported_parameter",
+                "the model's manifest does not declare truncated embeddings; its vectors have their full size",
+            ),
+            "modalities" | "audio" | "prediction" | "reasoning_effort" | "web_search_options" => {
+                ("unsupported_parameter", "text generation only")
+            }
+            _ => ("unknown_parameter", "unrecognized request argument"),
+        };
+        return Err(Refused { param: param.clone(), code, message: format!("{param}: {why}") });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,15 +210,26 @@ impl Common {
             temperature,
             seed: self.seed.unwrap_or(0),
             stop,
+            // OpenAI's answer to a prompt and max_tokens over the context is a 400, unless the
+            // client opts into stopping at the end of the context.
+            whole_completion: !self.truncate.unwrap_or(false),
         })
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct CompletionRequest {
-    #[serde(flatten)]
-    pub common: Common,
     pub prompt: OneOrMany,
+    pub common: Common,
+}
+
+impl CompletionRequest {
+    pub fn from_body(body: Value) -> Result<CompletionRequest, Refused> {
+        let mut f = Fields::of(body)?;
+        let req = CompletionRequest { prompt: f.required("prompt")?, common: Common::take(&mut f)? };
+        f.finish()?;
+        Ok(req)
+    }
 }
 
 impl OneOrMany {
@@ -90,13 +243,24 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct ChatRequest {
-    #[serde(flatten)]
-    pub common: Common,
     pub messages: Vec<WireMessage>,
-    #[serde(default)]
     pub max_completion_tokens: Option<u32>,
+    pub common: Common,
+}
+
+impl ChatRequest {
+    pub fn from_body(body: Value) -> Result<ChatRequest, Refused> {
+        let mut f = Fields::of(body)?;
+        let req = ChatRequest {
+            messages: f.required("messages")?,
+            max_completion_tokens: f.opt("max_completion_tokens")?,
+            common: Common::take(&mut f)?,
+        };
+        f.finish()?;
+        Ok(req)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,12 +315,24 @@ impl WireMessage {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct EmbeddingsRequest {
     pub model: String,
     pub input: EmbedInput,
-    #[serde(default)]
     pub encoding_format: Option<String>,
+}
+
+impl EmbeddingsRequest {
+    pub fn from_body(body: Value) -> Result<EmbeddingsRequest, Refused> {
+        let mut f = Fields::of(body)?;
+        let req = EmbeddingsRequest {
+            model: f.required("model")?,
+            input: f.required("input")?,
+            encoding_format: f.opt("encoding_format")?,
+        };
+        f.finish()?;
+        Ok(req)
+    }
 }
 
 #[derive(Debug, Deserialize)]
