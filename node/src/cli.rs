@@ -280,12 +280,14 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
         let out = args.out.as_deref().context("--offline needs --out FILE")?;
         // What the box is (labels, capabilities), so the operator's selectors see it at once.
         let facts = outpost_node::inventory::heartbeat(cfg, None, Default::default());
-        let req = outpost_node::offline_enroll::request(&dir, &hostname, args.force, Some(facts))?;
+        let req = {
+            let _owner = AsDataDirOwner::enter(cfg)?;
+            outpost_node::offline_enroll::request(&dir, &hostname, args.force, Some(facts))?
+        };
         let tmp = out.with_extension("partial");
         std::fs::write(&tmp, serde_json::to_string_pretty(&req)?)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
-        give_to_agent_user(cfg)?;
         println!(
             "wrote enrollment request {} to {}; the operator runs `outpost-control node enroll-offline --org ORG \
              --request FILE --out FILE`, then run `outpost enroll --from FILE --ca-fingerprint SHA256` here",
@@ -296,8 +298,13 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(from) = &args.from {
         let fp = args.ca_fingerprint.as_deref().map(parse_fingerprint).transpose()?;
-        let id = outpost_node::offline_enroll::complete(&dir, from, fp.as_deref())?;
-        give_to_agent_user(cfg)?;
+        // Read here, with the caller's rights: the file may be where only they can read it.
+        let text =
+            std::fs::read_to_string(from).with_context(|| format!("cannot read {}", from.display()))?;
+        let id = {
+            let _owner = AsDataDirOwner::enter(cfg)?;
+            outpost_node::offline_enroll::complete(&dir, from, &text, fp.as_deref())?
+        };
         println!(
             "enrolled as node {} in org {} from {} (identity in {})",
             id.node.node_id,
@@ -337,8 +344,10 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
         bail!("--control {control:?} must start with https:// (the agent speaks TLS 1.3 only)");
     }
     let opts = EnrollOptions { control_url: control, token, trust, hostname, force: args.force };
-    let id = identity::enroll(&dir, &opts).await?;
-    give_to_agent_user(cfg)?;
+    let id = {
+        let _owner = AsDataDirOwner::enter(cfg)?;
+        identity::enroll(&dir, &opts).await?
+    };
     println!(
         "enrolled as node {} in org {} (identity in {})",
         id.node.node_id,
@@ -351,43 +360,47 @@ async fn enroll(cfg: &Config, args: EnrollArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `sudo outpost enroll` on a packaged install: root made the identity, but the agent runs as
-/// the user that owns `data_dir` (the packages' `outpost`), which must read it. Hand what
-/// enrollment wrote to that user; nothing to do when not root or when root owns `data_dir`.
-fn give_to_agent_user(cfg: &Config) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    let owner = std::fs::metadata(&cfg.data_dir)
-        .with_context(|| format!("cannot read the owner of data_dir {}", cfg.data_dir.display()))?;
-    if owner.uid() == 0 {
-        return Ok(());
-    }
-    let identity = cfg.identity_dir();
-    let pending = outpost_node::offline_enroll::pending_dir(&identity);
-    for top in [identity, pending] {
-        if top.exists() {
-            chown_tree(&top, owner.uid(), owner.gid())?;
-        }
-    }
-    println!(
-        "identity handed to uid {} (the owner of {}), who runs the agent",
-        owner.uid(),
-        cfg.data_dir.display()
-    );
-    Ok(())
+/// `sudo outpost enroll` on a packaged install: the agent runs as the user that owns `data_dir`
+/// (the packages' `outpost`) and must own its identity. While this guard lives, root acts with
+/// that user's effective ids, so what enrollment writes is theirs from the start, and root
+/// never writes into (or follows links in) a directory another user controls. Nothing changes
+/// when not root, or when root owns `data_dir` (or it does not exist yet).
+struct AsDataDirOwner {
+    switched: bool,
 }
 
-fn chown_tree(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-        .with_context(|| format!("cannot give {} to uid {uid}", path.display()))?;
-    if std::fs::symlink_metadata(path)?.is_dir() {
-        for entry in std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))? {
-            chown_tree(&entry?.path(), uid, gid)?;
+impl AsDataDirOwner {
+    fn enter(cfg: &Config) -> anyhow::Result<AsDataDirOwner> {
+        use std::os::unix::fs::MetadataExt;
+        let keep = AsDataDirOwner { switched: false };
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(keep);
+        }
+        let Ok(owner) = std::fs::metadata(&cfg.data_dir) else { return Ok(keep) };
+        if owner.uid() == 0 {
+            return Ok(keep);
+        }
+        nix::unistd::setegid(nix::unistd::Gid::from_raw(owner.gid())).with_context(|| {
+            format!("cannot act as group {} (the owner of {})", owner.gid(), cfg.data_dir.display())
+        })?;
+        if let Err(e) = nix::unistd::seteuid(nix::unistd::Uid::from_raw(owner.uid())) {
+            let _ = nix::unistd::setegid(nix::unistd::Gid::from_raw(0));
+            return Err(e).with_context(|| {
+                format!("cannot act as uid {} (the owner of {})", owner.uid(), cfg.data_dir.display())
+            });
+        }
+        Ok(AsDataDirOwner { switched: true })
+    }
+}
+
+impl Drop for AsDataDirOwner {
+    fn drop(&mut self) {
+        if self.switched {
+            // Back to root: the saved set-user-ID is still 0.
+            let _ = nix::unistd::seteuid(nix::unistd::Uid::from_raw(0));
+            let _ = nix::unistd::setegid(nix::unistd::Gid::from_raw(0));
         }
     }
-    Ok(())
 }
 
 async fn load_image(cfg: &Config, file: &Path) -> anyhow::Result<ExitCode> {

@@ -82,10 +82,12 @@ fn file_err(p: &Path, e: std::io::Error) -> IdentityError {
     IdentityError::File { path: p.into(), message: e.to_string() }
 }
 
-/// Enroll from the operator's enrollment file; `ca_fingerprint` pins the CA it carries.
+/// Enroll from the operator's enrollment file (`text`, read from `file`); `ca_fingerprint` pins
+/// the CA it carries.
 pub fn complete(
     identity_dir: &Path,
     file: &Path,
+    text: &str,
     ca_fingerprint: Option<&str>,
 ) -> Result<Identity, IdentityError> {
     let dir = pending_dir(identity_dir);
@@ -98,8 +100,7 @@ pub fn complete(
     })?)
     .map_err(|e| err(format!("{}: {e}", dir.join(PENDING_JSON).display())))?;
     let key_pem = read(&dir.join(PENDING_KEY))?;
-    let text = std::fs::read_to_string(file).map_err(|e| file_err(file, e))?;
-    let env: SignedEnvelope = serde_json::from_str(&text)
+    let env: SignedEnvelope = serde_json::from_str(text)
         .map_err(|e| err(format!("{} is not an enrollment file: {e}", file.display())))?;
     let offline: OfflineEnrollment = serde_json::from_str(&env.payload)
         .map_err(|e| err(format!("{} does not hold an enrollment: {e}", file.display())))?;

@@ -430,6 +430,8 @@ async fn generate(
     // generation has ended. The piece channel closes before the outcome is sent, so a closed
     // channel means "wait for the outcome", never "stream".
     let first = tokio::select! {
+        // Pieces first: an outcome that is ready with pieces still queued streams them.
+        biased;
         piece = rx.recv() => piece,
         done = &mut done_rx => return ended_before_streaming(shape, rx, done, usage),
     };
@@ -439,17 +441,23 @@ async fn generate(
     }
 }
 
-/// A streamed generation that ended before its first piece: an error gets its status; a
-/// success (no text at all) is streamed as its final chunk.
+/// A streamed generation that ended before its first piece was taken: an error gets its status;
+/// a success is streamed, with whatever pieces are still queued, then its final chunk.
 fn ended_before_streaming(
     shape: Shape,
-    rx: mpsc::Receiver<String>,
+    mut rx: mpsc::Receiver<String>,
     done: Result<Result<GenerateOutcome, InferenceError>, oneshot::error::RecvError>,
     usage: bool,
 ) -> Response {
     match done {
         Ok(Err(e)) => inference_error(&e),
-        Ok(Ok(out)) => sse(shape, None, rx, Some(out), None, usage),
+        Ok(Ok(out)) => {
+            let mut text = String::new();
+            while let Ok(piece) = rx.try_recv() {
+                text.push_str(&piece);
+            }
+            sse(shape, (!text.is_empty()).then_some(text), rx, Some(out), None, usage)
+        }
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", "generation stopped".into()),
     }
 }

@@ -167,6 +167,16 @@ async fn every_field_is_honoured_or_refused_by_name() {
         (json!({"logit_bias": {"50256": -100}}), "logit_bias", "logit_bias"),
         (json!({"stream_options": {"include_usage": true}}), "stream_options", "only allowed when stream"),
         (json!({"frobnicate": 1}), "frobnicate", "unrecognized"),
+        (
+            json!({"stream": true, "stream_options": {"include_usage": true, "x": 1}}),
+            "stream_options",
+            "unknown field",
+        ),
+        (
+            json!({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]}]}),
+            "messages",
+            "tool_calls",
+        ),
     ] {
         let (status, text) =
             call(&app, "POST", "/v1/chat/completions", Some(KEY), Some(chat(extra.clone()))).await;
@@ -185,6 +195,7 @@ async fn every_field_is_honoured_or_refused_by_name() {
         json!({"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}),
         json!({"stream": true, "stream_options": {"include_usage": true}}),
         json!({"metadata": {"app": "x"}, "store": false, "max_completion_tokens": 5}),
+        json!({"messages": [{"role": "user", "content": "hi", "name": "nurse-station-2"}]}),
     ] {
         let (status, text) =
             call(&app, "POST", "/v1/chat/completions", Some(KEY), Some(chat(extra.clone()))).await;

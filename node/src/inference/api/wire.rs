@@ -76,6 +76,7 @@ pub struct Common {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
@@ -210,9 +211,10 @@ impl Common {
             temperature,
             seed: self.seed.unwrap_or(0),
             stop,
-            // OpenAI's answer to a prompt and max_tokens over the context is a 400, unless the
-            // client opts into stopping at the end of the context.
-            whole_completion: !self.truncate.unwrap_or(false),
+            // OpenAI's answer to a prompt and an explicit max_tokens over the context is a 400,
+            // unless the client opts into stopping at the end of the context; without
+            // max_tokens the completion may use what the context has left.
+            whole_completion: self.max_tokens.is_some() && !self.truncate.unwrap_or(false),
         })
     }
 }
@@ -263,11 +265,17 @@ impl ChatRequest {
     }
 }
 
+/// A chat message: a field it does not know (`tool_calls`, `tool_call_id`, `audio`, …) is
+/// refused by name, like the request's own.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WireMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// The participant's name: accepted; the chat template has no place for it.
+    #[serde(default, rename = "name")]
+    _name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
