@@ -32,6 +32,7 @@ ids = [m.id for m in client.models.list().data]
 assert llm in ids and emb in ids, ids
 check("models lists both imported models")
 assert client.models.retrieve(llm).id == llm
+assert client.models.retrieve(llm.split("@")[0]).id == llm, "by name, as requests may name it"
 try:
     client.models.retrieve("no-such-model@1")
     raise AssertionError("an absent model was retrieved")

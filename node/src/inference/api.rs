@@ -241,19 +241,14 @@ fn model_object(m: &crate::models::InstalledModel) -> Value {
     })
 }
 
-/// `GET /v1/models/{id}`: one model as the list shows it.
+/// `GET /v1/models/{id}`: one model as the list shows it, found the way requests name it
+/// (`NAME@VERSION`, `NAME` or digest).
 async fn model(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
-    let models = match st.inference.models.list() {
-        Ok(m) => m,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "model_store", e.to_string()),
-    };
-    match models.iter().map(model_object).find(|m| m["id"] == id.as_str()) {
-        Some(m) => Json(m).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("model {id:?} is not in this node's model store (GET /v1/models lists what is)"),
-        ),
+    let inference = st.inference.clone();
+    match tokio::task::spawn_blocking(move || inference.resolve(&id)).await {
+        Ok(Ok((m, _))) => Json(model_object(&m)).into_response(),
+        Ok(Err(e)) => inference_error(&e),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "model_store", "model lookup failed".into()),
     }
 }
 
