@@ -22,7 +22,7 @@ pub struct Refused {
 pub struct Fields(Map<String, Value>);
 
 impl Fields {
-    pub fn of(body: Value) -> Result<Fields, Refused> {
+    fn of(body: Value) -> Result<Fields, Refused> {
         match body {
             Value::Object(map) => Ok(Fields(map)),
             _ => Err(Refused {
@@ -53,9 +53,13 @@ impl Fields {
         })
     }
 
-    /// Every field not taken: accepted or refused by name.
-    pub fn finish(self) -> Result<(), Refused> {
-        check_rest(&self.0)
+    /// A request from `body`: `take` takes the fields it knows, then every field left is
+    /// accepted or refused by name ([`check_rest`]), so no request type can skip that step.
+    fn parse<T>(body: Value, take: impl FnOnce(&mut Fields) -> Result<T, Refused>) -> Result<T, Refused> {
+        let mut f = Fields::of(body)?;
+        let req = take(&mut f)?;
+        check_rest(&f.0)?;
+        Ok(req)
     }
 }
 
@@ -227,10 +231,9 @@ pub struct CompletionRequest {
 
 impl CompletionRequest {
     pub fn from_body(body: Value) -> Result<CompletionRequest, Refused> {
-        let mut f = Fields::of(body)?;
-        let req = CompletionRequest { prompt: f.required("prompt")?, common: Common::take(&mut f)? };
-        f.finish()?;
-        Ok(req)
+        Fields::parse(body, |f| {
+            Ok(CompletionRequest { prompt: f.required("prompt")?, common: Common::take(f)? })
+        })
     }
 }
 
@@ -254,14 +257,13 @@ pub struct ChatRequest {
 
 impl ChatRequest {
     pub fn from_body(body: Value) -> Result<ChatRequest, Refused> {
-        let mut f = Fields::of(body)?;
-        let req = ChatRequest {
-            messages: f.required("messages")?,
-            max_completion_tokens: f.opt("max_completion_tokens")?,
-            common: Common::take(&mut f)?,
-        };
-        f.finish()?;
-        Ok(req)
+        Fields::parse(body, |f| {
+            Ok(ChatRequest {
+                messages: f.required("messages")?,
+                max_completion_tokens: f.opt("max_completion_tokens")?,
+                common: Common::take(f)?,
+            })
+        })
     }
 }
 
@@ -332,14 +334,13 @@ pub struct EmbeddingsRequest {
 
 impl EmbeddingsRequest {
     pub fn from_body(body: Value) -> Result<EmbeddingsRequest, Refused> {
-        let mut f = Fields::of(body)?;
-        let req = EmbeddingsRequest {
-            model: f.required("model")?,
-            input: f.required("input")?,
-            encoding_format: f.opt("encoding_format")?,
-        };
-        f.finish()?;
-        Ok(req)
+        Fields::parse(body, |f| {
+            Ok(EmbeddingsRequest {
+                model: f.required("model")?,
+                input: f.required("input")?,
+                encoding_format: f.opt("encoding_format")?,
+            })
+        })
     }
 }
 
