@@ -2,7 +2,9 @@
 """Write a tiny llama-architecture GGUF with fixed-seed random F32 weights (meaningless text,
 but it loads in llama.cpp and generates): tests check plumbing, determinism and limits.
 
-  tiny_llama.py OUT.gguf [--embd 256] [--blocks 4]
+  tiny_llama.py OUT.gguf [--embd 256] [--blocks 4] [--context 512] [--name NAME] [--chat-template FILE]
+
+--chat-template stores a Jinja chat template (tokenizer.chat_template), e.g. one with tools.
 """
 
 import argparse
@@ -14,6 +16,9 @@ p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--embd", type=int, default=256)
 p.add_argument("--blocks", type=int, default=4)
+p.add_argument("--context", type=int, default=512)
+p.add_argument("--name", default="tiny-llama")
+p.add_argument("--chat-template")
 a = p.parse_args()
 
 rng = np.random.default_rng(20240601)
@@ -22,8 +27,8 @@ types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.B
 n_vocab, n_embd, n_ff, n_head = len(tokens), a.embd, a.embd * 2, max(1, a.embd // 64)
 
 w = GGUFWriter(a.out, "llama")
-w.add_name("tiny-llama")
-w.add_context_length(512)
+w.add_name(a.name)
+w.add_context_length(a.context)
 w.add_embedding_length(n_embd)
 w.add_block_count(a.blocks)
 w.add_feed_forward_length(n_ff)
@@ -39,6 +44,9 @@ w.add_token_types(types)
 w.add_bos_token_id(1)
 w.add_eos_token_id(2)
 w.add_unk_token_id(0)
+if a.chat_template:
+    with open(a.chat_template, encoding="utf-8") as f:
+        w.add_chat_template(f.read())
 
 
 def t(name, *shape):

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::tools::{Constraint, ToolCall, ToolFormat, ToolSpec};
+use crate::{InferenceError, Result};
 
 /// A model's files as the model store holds them: the manifest's relative paths mapped to the
 /// verified blobs on disk. The digest names the model everywhere (results, metrics, LRU).
@@ -69,6 +70,18 @@ pub struct Capabilities {
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The calls an assistant turn made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` turn answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+    }
 }
 
 /// A generation request as the engine sees it. Stop strings are applied by the core
@@ -84,6 +97,30 @@ pub struct GenerateRequest {
     /// Refuse (`ContextExceeded`) a prompt whose `max_tokens` would not fit in the context,
     /// instead of stopping at the end of the context with finish reason `length` (what jobs do).
     pub whole_completion: bool,
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches this (1 = off).
+    pub top_p: f32,
+    /// OpenAI's penalties on tokens already generated (0 = off), -2 to 2.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// What the text must be (JSON, a schema, a tool call), enforced by a grammar.
+    pub constraint: Option<Constraint>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            max_tokens: 128,
+            temperature: 0.0,
+            seed: 0,
+            stop: Vec::new(),
+            whole_completion: false,
+            top_p: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            constraint: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +132,8 @@ pub enum FinishReason {
     Length,
     /// The caller stopped listening (e.g. the client disconnected).
     Cancelled,
+    /// The answer is a tool call.
+    ToolCalls,
 }
 
 /// Figures of one generation, measured by the adapter around its own compute.
@@ -148,9 +187,19 @@ pub trait LoadedModel: Send + Sync {
     fn capabilities(&self) -> Capabilities;
     /// Context window in tokens (0 when it does not generate).
     fn context_length(&self) -> u32;
-    /// The prompt for a chat: the model's own template where it has one.
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String> {
+    /// The prompt for a chat: the model's own template where it has one. With `tools` the
+    /// template must know how to show them ([`Self::tool_format`]).
+    fn chat_prompt(&self, messages: &[ChatMessage], tools: Option<&[ToolSpec]>) -> Result<String> {
+        if tools.is_some() {
+            return Err(InferenceError::BadRequest(
+                "this model has no chat template with tool support".into(),
+            ));
+        }
         Ok(plain_chat_prompt(messages))
+    }
+    /// How the model writes a tool call; None when its chat template has no tool support.
+    fn tool_format(&self) -> Option<ToolFormat> {
+        None
     }
     fn generate(&self, req: &GenerateRequest, sink: TokenSink<'_>) -> Result<GenerateStats>;
     fn embed(&self, texts: &[String]) -> Result<EmbedOutput>;
@@ -176,10 +225,7 @@ mod tests {
 
     #[test]
     fn plain_chat_prompt_ends_with_the_assistant_turn() {
-        let msgs = vec![
-            ChatMessage { role: "system".into(), content: "be brief".into() },
-            ChatMessage { role: "user".into(), content: "hi".into() },
-        ];
+        let msgs = vec![ChatMessage::new("system", "be brief"), ChatMessage::new("user", "hi")];
         assert_eq!(plain_chat_prompt(&msgs), "system: be brief\nuser: hi\nassistant:");
     }
 

@@ -8,6 +8,7 @@ mod error;
 pub mod gguf;
 mod manager;
 mod stop;
+pub mod tools;
 
 #[cfg(feature = "candle")]
 pub mod candle;
@@ -24,3 +25,4 @@ pub use manager::{
     Manager, Metrics, Prompt,
 };
 pub use stop::StopFilter;
+pub use tools::{Constraint, ToolCall, ToolChoice, ToolFormat, ToolSpec};

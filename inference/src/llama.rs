@@ -20,6 +20,7 @@ use llama_cpp_2::{LogOptions, send_logs_to_tracing};
 
 use crate::engine::plain_chat_prompt;
 use crate::gguf::{self, GgufInfo};
+use crate::tools::{Constraint, ToolFormat, ToolSpec};
 use crate::{
     Capabilities, ChatMessage, EmbedOutput, FinishReason, GenerateRequest, GenerateStats, InferenceEngine,
     InferenceError, LoadOptions, LoadedModel, MemoryEstimate, ModelFiles, Result, TokenSink,
@@ -98,11 +99,20 @@ impl InferenceEngine for LlamaEngine {
         })?;
         // Without a template in the file the plain prompt is used.
         let template = llama.chat_template(None).ok();
+        let jinja = template.as_ref().and_then(|t| t.to_str().ok()).and_then(|source| {
+            let vocab = llama.vocab();
+            let text = |t| vocab.text(t).and_then(|c| c.to_str().ok()).unwrap_or("").to_string();
+            let bos = if vocab.should_add_bos() { text(vocab.bos()) } else { String::new() };
+            Jinja::new(source, bos, text(vocab.eos()))
+                .map_err(|e| tracing::debug!(model = %model.label, error = %e, "chat template is not Jinja minijinja reads"))
+                .ok()
+        });
         tracing::debug!(
             model = %model.label,
             n_ctx,
             gpu_layers,
             chat_template = template.is_some(),
+            tool_format = ?jinja.as_ref().and_then(|j| j.tool_format),
             ms = started.elapsed().as_secs_f64() * 1e3,
             "llama model loaded"
         );
@@ -113,7 +123,9 @@ impl InferenceEngine for LlamaEngine {
             n_ctx,
             threads: threads(opts.threads),
             template,
+            jinja,
             new_context: Mutex::new(()),
+            token_utf8: OnceLock::new(),
         }))
     }
 }
@@ -197,8 +209,65 @@ struct LlamaLoaded {
     n_ctx: u32,
     threads: i32,
     template: Option<LlamaChatTemplate>,
+    /// The same template as Jinja: for tools, tool calls in the history, and templates
+    /// llama.cpp's own formatter does not know.
+    jinja: Option<Jinja>,
     /// llama.cpp may write to the model while it creates a context: one at a time.
     new_context: Mutex<()>,
+    /// Each token's text as UTF-8, made on the first constrained request.
+    token_utf8: OnceLock<Vec<TokenUtf8>>,
+}
+
+/// What a token's bytes are as UTF-8.
+enum TokenUtf8 {
+    Empty,
+    /// Whole characters.
+    Valid,
+    /// Part of a character, or bytes that are no UTF-8 at all.
+    Bytes(Box<[u8]>),
+}
+
+impl LlamaLoaded {
+    /// Takes out (logit −∞) every candidate whose bytes, after `pending` (the start of a
+    /// character the text so far ends with), cannot be the start of valid UTF-8.
+    fn utf8_only(
+        &self,
+        candidates: &mut llama_cpp_2::token::data_array::LlamaTokenDataArray,
+        pending: &[u8],
+    ) {
+        let table = self.token_utf8.get_or_init(|| {
+            let vocab = self.model.vocab();
+            let mut piece = Vec::with_capacity(32);
+            vocab
+                .tokens()
+                .map(|t| {
+                    piece.clear();
+                    vocab.token_to_piece_into(t, &mut piece, false, None);
+                    match std::str::from_utf8(&piece) {
+                        _ if piece.is_empty() => TokenUtf8::Empty,
+                        Ok(_) => TokenUtf8::Valid,
+                        Err(_) => TokenUtf8::Bytes(piece.as_slice().into()),
+                    }
+                })
+                .collect()
+        });
+        let mut joined = Vec::with_capacity(8);
+        for c in candidates.data.iter_mut() {
+            let ok = match usize::try_from(c.id().0).ok().and_then(|i| table.get(i)) {
+                None | Some(TokenUtf8::Empty) => true,
+                Some(TokenUtf8::Valid) => pending.is_empty(),
+                Some(TokenUtf8::Bytes(b)) => {
+                    joined.clear();
+                    joined.extend_from_slice(pending);
+                    joined.extend_from_slice(b);
+                    std::str::from_utf8(&joined).map_or_else(|e| e.error_len().is_none(), |_| true)
+                }
+            };
+            if !ok {
+                c.set_logit(f32::NEG_INFINITY);
+            }
+        }
+    }
 }
 
 impl LlamaLoaded {
@@ -231,12 +300,168 @@ impl LlamaLoaded {
     }
 }
 
-fn sampler(req: &GenerateRequest) -> LlamaSampler {
-    if req.temperature <= 0.0 {
-        LlamaSampler::greedy()
-    } else {
-        LlamaSampler::chain([LlamaSampler::temp(req.temperature), LlamaSampler::dist(seed32(req.seed))], true)
+impl LlamaLoaded {
+    /// The sampler chain: the constraint's grammar first (it removes every token the grammar
+    /// forbids), then penalties, nucleus, temperature and the draw (or the most likely token).
+    fn sampler(&self, req: &GenerateRequest) -> Result<LlamaSampler> {
+        let mut chain = Vec::with_capacity(5);
+        if let Some(c) = &req.constraint {
+            chain.push(self.grammar(c)?);
+        }
+        if req.presence_penalty != 0.0 || req.frequency_penalty != 0.0 {
+            let last_n = i32::try_from(req.max_tokens).unwrap_or(i32::MAX);
+            chain.push(LlamaSampler::penalties(
+                self.model.n_vocab(),
+                last_n,
+                1.0,
+                req.frequency_penalty,
+                req.presence_penalty,
+            ));
+        }
+        if req.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if req.top_p < 1.0 {
+                chain.push(LlamaSampler::top_p(req.top_p.max(0.0), 1));
+            }
+            chain.push(LlamaSampler::temp(req.temperature));
+            chain.push(LlamaSampler::dist(seed32(req.seed)));
+        }
+        Ok(if chain.len() == 1 { chain.remove(0) } else { LlamaSampler::chain(chain, true) })
     }
+
+    /// llama.cpp's grammar for a constraint, from its JSON schema (llama.cpp's own converter).
+    fn grammar(&self, c: &Constraint) -> Result<LlamaSampler> {
+        let schema = c.schema().to_string();
+        let gbnf = llama_cpp_2::json_schema_to_grammar(&schema).map_err(|e| {
+            InferenceError::BadRequest(format!("the JSON schema cannot be turned into a grammar ({e})"))
+        })?;
+        let gbnf = match c.around() {
+            None => gbnf,
+            Some((open, close)) => wrap_grammar(&gbnf, open, close),
+        };
+        let sampler = match c.triggers() {
+            Some(words) => LlamaSampler::grammar_lazy(&self.model, &gbnf, "root", words, &[]),
+            None => LlamaSampler::grammar(&self.model, &gbnf, "root"),
+        };
+        sampler.map_err(|e| InferenceError::BadRequest(format!("the request's grammar is not valid: {e}")))
+    }
+}
+
+/// A schema grammar between two literals: its root becomes a rule of its own.
+fn wrap_grammar(gbnf: &str, open: &str, close: &str) -> String {
+    const INNER: &str = "outpost-wrapped-root";
+    let mut out = format!("root ::= {} {INNER} {}\n", gbnf_literal(open), gbnf_literal(close));
+    for line in gbnf.lines() {
+        match line.strip_prefix("root ::=") {
+            Some(rest) => out.push_str(&format!("{INNER} ::={rest}")),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn gbnf_literal(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A chat template run as Jinja (minijinja with Python's string methods), as the model's
+/// authors wrote it for Hugging Face's tokenizer.
+struct Jinja {
+    env: minijinja::Environment<'static>,
+    bos: String,
+    eos: String,
+    /// How the template writes tool calls; None when it leaves tools out.
+    tool_format: Option<ToolFormat>,
+}
+
+/// Fuel for one rendering (minijinja's instruction budget): a template that loops without end
+/// fails instead of holding a compute thread.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
+impl Jinja {
+    fn new(source: &str, bos: String, eos: String) -> std::result::Result<Jinja, minijinja::Error> {
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        // As Hugging Face's tokenizer (and llama.cpp) run chat templates.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |_fmt: String| String::new());
+        env.add_template_owned("chat", source.to_string())?;
+        let mut jinja = Jinja { env, bos, eos, tool_format: None };
+        // Whether the template shows tools: render a chat with one and look for its name.
+        const PROBE: &str = "outpost_probe_function";
+        let probe = ToolSpec {
+            name: PROBE.into(),
+            description: Some("probe".into()),
+            parameters: serde_json::json!({"type": "object", "properties": {}}),
+        };
+        let shown =
+            jinja.render(&[ChatMessage::new("user", "hi")], Some(&[probe])).is_ok_and(|p| p.contains(PROBE));
+        jinja.tool_format = shown.then(|| {
+            if source.contains(crate::tools::CALL_OPEN) { ToolFormat::Tagged } else { ToolFormat::Json }
+        });
+        Ok(jinja)
+    }
+
+    fn render(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[ToolSpec]>,
+    ) -> std::result::Result<String, minijinja::Error> {
+        let messages: Vec<serde_json::Value> = messages.iter().map(message_value).collect();
+        let tools: Option<Vec<serde_json::Value>> =
+            tools.map(|t| t.iter().map(ToolSpec::template_value).collect());
+        let ctx = minijinja::context! {
+            messages => messages,
+            tools => tools,
+            add_generation_prompt => true,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        };
+        let prompt = self.env.get_template("chat")?.render(ctx)?;
+        // The tokenizer adds BOS itself.
+        Ok(match prompt.strip_prefix(self.bos.as_str()) {
+            Some(rest) if !self.bos.is_empty() => rest.to_string(),
+            _ => prompt,
+        })
+    }
+}
+
+/// A message as Hugging Face templates read it: a call's arguments as an object.
+fn message_value(m: &ChatMessage) -> serde_json::Value {
+    let mut v = serde_json::json!({"role": m.role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        let calls: Vec<serde_json::Value> = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let arguments = serde_json::from_str::<serde_json::Value>(&c.arguments)
+                    .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
+                serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+            })
+            .collect();
+        v["tool_calls"] = calls.into();
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = id.clone().into();
+    }
+    v
 }
 
 /// Folds the request's 64-bit seed into llama.cpp's 32 bits, avoiding `u32::MAX`, which
@@ -264,16 +489,52 @@ impl LoadedModel for LlamaLoaded {
         self.n_ctx
     }
 
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String> {
-        let Some(template) = &self.template else {
-            return Ok(plain_chat_prompt(messages));
-        };
-        // llama-cpp-2 sizes its buffer as an i32 of twice the text: keep well inside that.
+    fn chat_prompt(&self, messages: &[ChatMessage], tools: Option<&[ToolSpec]>) -> Result<String> {
         let bytes =
             messages.iter().map(|m| m.role.len() + m.content.len()).fold(0usize, usize::saturating_add);
+        // llama-cpp-2 sizes its buffer as an i32 of twice the text: keep well inside that.
         if bytes > (i32::MAX / 4) as usize {
             return Err(InferenceError::BadRequest(format!("the chat is {bytes} bytes long")));
         }
+        if messages.iter().any(|m| m.content.contains('\0') || m.role.contains('\0')) {
+            return Err(InferenceError::BadRequest("a chat message contains a NUL character".into()));
+        }
+        let jinja = |tools| -> Result<Option<String>> {
+            let Some(j) = &self.jinja else { return Ok(None) };
+            match j.render(messages, tools) {
+                Ok(p) => Ok(Some(p)),
+                // The template itself refused the chat (raise_exception): the caller's to fix.
+                Err(e) if e.kind() == minijinja::ErrorKind::InvalidOperation => Err(
+                    InferenceError::BadRequest(format!("the model's chat template refused the chat: {e}")),
+                ),
+                Err(e) => {
+                    tracing::warn!(model = %self.label, error = %e, "chat template failed as Jinja");
+                    Ok(None)
+                }
+            }
+        };
+        if let Some(tools) = tools {
+            if self.jinja.as_ref().and_then(|j| j.tool_format).is_none() {
+                return Err(InferenceError::BadRequest(format!(
+                    "model {} has no chat template with tool support",
+                    self.label
+                )));
+            }
+            return jinja(Some(tools))?.ok_or_else(|| {
+                InferenceError::BadRequest(format!(
+                    "model {}: its chat template cannot show these tools",
+                    self.label
+                ))
+            });
+        }
+        // Calls and their results in the history need the template's own Jinja.
+        let history_has_tools = messages.iter().any(|m| !m.tool_calls.is_empty() || m.tool_call_id.is_some());
+        if history_has_tools && let Some(p) = jinja(None)? {
+            return Ok(p);
+        }
+        let Some(template) = &self.template else {
+            return Ok(plain_chat_prompt(messages));
+        };
         let chat = messages
             .iter()
             .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
@@ -282,11 +543,20 @@ impl LoadedModel for LlamaLoaded {
         match self.model.apply_chat_template(template, &chat, true) {
             Ok(prompt) => Ok(prompt),
             Err(e) => {
-                // A template llama.cpp cannot interpret (e.g. unusual Jinja): the plain prompt.
+                // A template llama.cpp's formatter does not know: the Jinja itself, where it
+                // renders the last message; else the plain prompt.
+                let last = messages.last().map_or("", |m| m.content.as_str());
+                if let Some(p) = jinja(None)?.filter(|p| p.contains(last) && !p.trim().is_empty()) {
+                    return Ok(p);
+                }
                 tracing::warn!(model = %self.label, error = %e, "chat template not usable; plain prompt");
                 Ok(plain_chat_prompt(messages))
             }
         }
+    }
+
+    fn tool_format(&self) -> Option<ToolFormat> {
+        self.jinja.as_ref().and_then(|j| j.tool_format)
     }
 
     fn generate(&self, req: &GenerateRequest, sink: TokenSink<'_>) -> Result<GenerateStats> {
@@ -329,7 +599,7 @@ impl LoadedModel for LlamaLoaded {
         let chunk = ctx.n_batch().clamp(1, PROMPT_BATCH) as usize;
         let mut batch = LlamaBatch::new(chunk, 1);
         let vocab = self.model.vocab();
-        let mut sampler = sampler(req);
+        let mut sampler = self.sampler(req)?;
 
         let start = Instant::now();
         let last = prompt.len() - 1;
@@ -354,7 +624,19 @@ impl LoadedModel for LlamaLoaded {
         let mut last_token = start;
         let max_tokens = req.max_tokens;
         let finish = loop {
-            let token = sampler.sample(&ctx, logits);
+            let token = if req.constraint.is_some() {
+                // A grammar reads bytes as characters, but lets through byte tokens that
+                // make no valid UTF-8 (surrogates, overlong forms): those are taken out first,
+                // so constrained text is exactly the characters the grammar counted.
+                let mut candidates = ctx.token_data_array_ith(logits);
+                self.utf8_only(&mut candidates, &text.pending);
+                candidates.apply_sampler(&mut sampler);
+                let token = candidates.selected_token().ok_or_else(|| fail(&"no token could be sampled"))?;
+                sampler.accept(token);
+                token
+            } else {
+                sampler.sample(&ctx, logits)
+            };
             let now = Instant::now();
             if first.is_none() {
                 first = Some(now);

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
 use self::compute::ComputePool;
+use crate::tools::{Constraint, ToolCall, ToolCallFilter, ToolChoice, ToolFormat, ToolSpec};
 use crate::{
     ChatMessage, GenerateRequest, GenerateStats, InferenceEngine, InferenceError, LoadOptions, LoadedModel,
     MemoryEstimate, ModelFiles, Result, StopFilter,
@@ -91,7 +92,10 @@ pub struct Metrics {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GenerateOutcome {
+    /// The text, without the tool calls.
     pub text: String,
+    /// The tool calls the answer made (finish reason `tool_calls`).
+    pub tool_calls: Vec<ToolCall>,
     pub stats: GenerateStats,
     pub model_digest: String,
     pub engine: String,
@@ -113,6 +117,12 @@ pub struct EmbedOutcome {
 pub enum Prompt {
     Text(String),
     Chat(Vec<ChatMessage>),
+    /// A chat with functions the model may call (tool_choice `none` is a plain chat).
+    Tools {
+        messages: Vec<ChatMessage>,
+        tools: Vec<ToolSpec>,
+        choice: ToolChoice,
+    },
 }
 
 struct Slot {
@@ -230,7 +240,7 @@ impl Manager {
     ) -> Result<GenerateOutcome> {
         let text_len = match &prompt {
             Prompt::Text(t) => t.len(),
-            Prompt::Chat(m) => m.iter().map(|m| m.content.len()).sum(),
+            Prompt::Chat(m) | Prompt::Tools { messages: m, .. } => m.iter().map(|m| m.content.len()).sum(),
         };
         if text_len > MAX_TEXT_BYTES {
             return Err(InferenceError::BadRequest(format!("the prompt is over {MAX_TEXT_BYTES} bytes")));
@@ -264,14 +274,44 @@ impl Manager {
                 what: "generate text",
             });
         }
+        let model_label = model.label.clone();
         let abandoned = Arc::new(AtomicBool::new(false));
         let _guard = Abandon(abandoned.clone());
-        let run = move || -> Result<(String, GenerateStats)> {
-            let prompt = match prompt {
+        let run = move || -> Result<(String, Vec<ToolCall>, GenerateStats)> {
+            let mut req = req;
+            let mut calls = None;
+            req.prompt = match prompt {
                 Prompt::Text(t) => t,
-                Prompt::Chat(m) => loaded.chat_prompt(&m)?,
+                Prompt::Chat(m) => loaded.chat_prompt(&m, None)?,
+                Prompt::Tools { messages, tools, choice } => {
+                    let Some(format) = loaded.tool_format() else {
+                        return Err(InferenceError::BadRequest(format!(
+                            "model {} has no chat template with tool support: send the request without tools",
+                            model_label
+                        )));
+                    };
+                    if req.constraint.is_some() {
+                        return Err(InferenceError::BadRequest(
+                            "response_format and tools cannot be used together".into(),
+                        ));
+                    }
+                    let prompt = loaded.chat_prompt(&messages, Some(&tools))?;
+                    let (constrained, lazy) = match &choice {
+                        ToolChoice::Auto => (tools.clone(), true),
+                        ToolChoice::Required => (tools.clone(), false),
+                        ToolChoice::Named(n) => {
+                            (tools.iter().filter(|t| &t.name == n).cloned().collect(), false)
+                        }
+                    };
+                    // A JSON-format call cannot be told from an answer that starts with JSON
+                    // until it is whole, so `auto` leaves such a model's text free.
+                    if !(lazy && format == ToolFormat::Json) {
+                        req.constraint = Some(Constraint::ToolCall { format, tools: constrained, lazy });
+                    }
+                    calls = Some(ToolCallFilter::new(format, &tools));
+                    prompt
+                }
             };
-            let req = GenerateRequest { prompt, ..req };
             let mut filter = StopFilter::new(&req.stop);
             let mut text = String::new();
             let mut gone = false;
@@ -290,23 +330,39 @@ impl Manager {
                     gone = true;
                     return ControlFlow::Break(());
                 }
-                let out = filter.push(piece);
+                let mut out = filter.push(piece);
+                if let Some(c) = &mut calls {
+                    out = c.push(&out);
+                }
                 if emit(out, &mut text).is_break() {
                     gone = true;
                     return ControlFlow::Break(());
                 }
                 if filter.stopped() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
             })?;
+            let mut made = Vec::new();
             if filter.stopped() && !gone {
                 stats.finish = crate::FinishReason::Stop;
-            } else if !gone {
-                let _ = emit(filter.finish(), &mut text);
             }
-            Ok((text, stats))
+            if !gone {
+                let mut rest = filter.finish();
+                if let Some(c) = &mut calls {
+                    rest = c.push(&rest);
+                    let (tail, found) = c.finish();
+                    rest.push_str(&tail);
+                    made = found;
+                }
+                let _ = emit(rest, &mut text);
+                if !made.is_empty() && stats.finish == crate::FinishReason::Stop {
+                    stats.finish = crate::FinishReason::ToolCalls;
+                }
+            }
+            Ok((text, made, stats))
         };
-        let (text, stats) = self.compute.run(run).await?;
+        let (text, tool_calls, stats) = self.compute.run(run).await?;
         Ok(GenerateOutcome {
             text,
+            tool_calls,
             stats,
             model_digest: model.digest.clone(),
             engine: engine.name().into(),

@@ -138,6 +138,7 @@ fn generate_is_unsupported() {
         seed: 1,
         stop: vec![],
         whole_completion: false,
+        ..GenerateRequest::default()
     };
     let err = m.generate(&req, &mut |_| std::ops::ControlFlow::Continue(())).expect_err("embedding model");
     assert!(matches!(err, InferenceError::Unsupported { .. }), "{err}");

@@ -9,8 +9,8 @@ use std::ops::ControlFlow;
 
 use outpost_inference::llama::LlamaEngine;
 use outpost_inference::{
-    ChatMessage, FinishReason, GenerateRequest, GenerateStats, InferenceEngine, InferenceError, LoadOptions,
-    LoadedModel, ModelFiles,
+    ChatMessage, Constraint, FinishReason, GenerateRequest, GenerateStats, InferenceEngine, InferenceError,
+    LoadOptions, LoadedModel, ModelFiles, ToolCall, ToolFormat, ToolSpec,
 };
 
 fn engine() -> LlamaEngine {
@@ -37,6 +37,7 @@ fn req(prompt: &str, max_tokens: u32, temperature: f32, seed: u64) -> GenerateRe
         seed,
         stop: vec![],
         whole_completion: false,
+        ..GenerateRequest::default()
     }
 }
 
@@ -206,11 +207,8 @@ fn the_engine_reports_embed_as_unsupported() {
 #[test]
 fn chat_prompt_without_a_template_is_the_plain_prompt_and_generates() {
     let model = load(0);
-    let messages = [
-        ChatMessage { role: "system".into(), content: "be brief".into() },
-        ChatMessage { role: "user".into(), content: "hi".into() },
-    ];
-    let prompt = model.chat_prompt(&messages).expect("chat prompt");
+    let messages = [ChatMessage::new("system", "be brief"), ChatMessage::new("user", "hi")];
+    let prompt = model.chat_prompt(&messages, None).expect("chat prompt");
     assert_eq!(prompt, "system: be brief\nuser: hi\nassistant:");
     let (_, stats) = run(model.as_ref(), &req(&prompt, 4, 0.0, 0));
     assert!(stats.completion_tokens > 0);
@@ -248,16 +246,13 @@ fn chat_prompt_uses_the_models_own_template() {
     let chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}\
                   {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
     let model = engine().load(&tiny_with_template(dir.path(), chatml), &opts(0)).expect("load");
-    let messages = [
-        ChatMessage { role: "system".into(), content: "be brief".into() },
-        ChatMessage { role: "user".into(), content: "hi".into() },
-    ];
+    let messages = [ChatMessage::new("system", "be brief"), ChatMessage::new("user", "hi")];
     assert_eq!(
-        model.chat_prompt(&messages).expect("chat prompt"),
+        model.chat_prompt(&messages, None).expect("chat prompt"),
         "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let nul = [ChatMessage { role: "user".into(), content: "a\0b".into() }];
-    assert!(matches!(model.chat_prompt(&nul), Err(InferenceError::BadRequest(_))));
+    let nul = [ChatMessage::new("user", "a\0b")];
+    assert!(matches!(model.chat_prompt(&nul, None), Err(InferenceError::BadRequest(_))));
 }
 
 #[test]
@@ -265,8 +260,8 @@ fn a_template_llama_cpp_cannot_interpret_falls_back_to_the_plain_prompt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model =
         engine().load(&tiny_with_template(dir.path(), "{{ no_known_format }}"), &opts(0)).expect("load");
-    let messages = [ChatMessage { role: "user".into(), content: "hi".into() }];
-    assert_eq!(model.chat_prompt(&messages).expect("chat prompt"), "user: hi\nassistant:");
+    let messages = [ChatMessage::new("user", "hi")];
+    assert_eq!(model.chat_prompt(&messages, None).expect("chat prompt"), "user: hi\nassistant:");
 }
 
 #[test]
@@ -322,4 +317,126 @@ fn a_model_without_a_gguf_file_is_an_invalid_model() {
     model.files.clear();
     let err = engine().inspect(&model, &opts(0)).unwrap_err();
     assert!(matches!(err, InferenceError::InvalidModel { .. }), "{err:?}");
+}
+
+const TOOLS_TEMPLATE: &str = include_str!("../../models/tools-chat-template.jinja");
+
+fn weather() -> ToolSpec {
+    ToolSpec {
+        name: "get_weather".into(),
+        description: Some("The weather in a city".into()),
+        parameters: serde_json::json!({
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": false,
+        }),
+    }
+}
+
+#[test]
+fn a_template_that_shows_tools_is_found_and_renders_them_and_the_calls_in_the_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = engine().load(&tiny_with_template(dir.path(), TOOLS_TEMPLATE), &opts(0)).expect("load");
+    assert_eq!(model.tool_format(), Some(ToolFormat::Tagged));
+    let mut call = ChatMessage::new("assistant", "");
+    call.tool_calls.push(ToolCall {
+        id: "call_1".into(),
+        name: "get_weather".into(),
+        arguments: r#"{"city":"Oslo"}"#.into(),
+    });
+    let mut result = ChatMessage::new("tool", "sunny");
+    result.tool_call_id = Some("call_1".into());
+    let chat = [ChatMessage::new("user", "weather?"), call, result];
+    let prompt = model.chat_prompt(&chat, Some(&[weather()])).expect("prompt");
+    assert!(prompt.contains(r#""name":"get_weather""#), "{prompt}");
+    assert!(
+        prompt.contains(r#"<tool_call>{"name": "get_weather", "arguments": {"city":"Oslo"}}</tool_call>"#),
+        "{prompt}"
+    );
+    assert!(prompt.contains("<|tool|>\nsunny\n") && prompt.ends_with("<|assistant|>\n"), "{prompt}");
+    // The same history without tools still renders the call (llama.cpp's own formatter would
+    // drop it).
+    let prompt = model.chat_prompt(&chat, None).expect("prompt");
+    assert!(prompt.contains("<tool_call>") && !prompt.contains("Functions you may call"), "{prompt}");
+
+    // A template without tools, and no template: no tool support, and a clear refusal.
+    let chatml =
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}";
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let plain = engine().load(&tiny_with_template(dir2.path(), chatml), &opts(0)).expect("load");
+    for m in [plain, load(0)] {
+        assert_eq!(m.tool_format(), None);
+        let err = m.chat_prompt(&chat[..1], Some(&[weather()])).expect_err("no tool support");
+        assert!(err.to_string().contains("tool support"), "{err}");
+    }
+}
+
+/// The generated text of a constrained request.
+fn constrained(
+    model: &dyn LoadedModel,
+    constraint: Constraint,
+    temperature: f32,
+    seed: u64,
+    max_tokens: u32,
+) -> (String, GenerateStats) {
+    let r =
+        GenerateRequest { constraint: Some(constraint), ..req("a person: ", max_tokens, temperature, seed) };
+    let (pieces, stats) = run(model, &r);
+    (pieces.concat(), stats)
+}
+
+#[test]
+fn a_json_schema_constraint_gives_valid_json_at_any_temperature() {
+    let model = load(0);
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 10},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "member": {"type": "boolean"},
+        },
+        "required": ["name", "age", "member"],
+        "additionalProperties": false,
+    });
+    for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (1.5, 3), (2.0, 4)] {
+        let (text, stats) =
+            constrained(model.as_ref(), Constraint::JsonSchema(schema.clone()), temperature, seed, 300);
+        assert_eq!(stats.finish, FinishReason::Stop, "{text:?}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        let o = v.as_object().expect("object");
+        assert_eq!(o.len(), 3, "{text}");
+        assert!(o["name"].as_str().is_some_and(|n| n.chars().count() <= 10), "{text}");
+        assert!(o["age"].as_i64().is_some_and(|a| (0..=120).contains(&a)), "{text}");
+        assert!(o["member"].is_boolean(), "{text}");
+    }
+    let (text, stats) = constrained(model.as_ref(), Constraint::JsonObject, 1.0, 9, 300);
+    if stats.finish == FinishReason::Stop {
+        assert!(serde_json::from_str::<serde_json::Value>(&text).expect("JSON").is_object(), "{text}");
+    }
+    // Cut short: finish reason length.
+    let (_, stats) = constrained(model.as_ref(), Constraint::JsonSchema(schema), 0.0, 0, 4);
+    assert_eq!(stats.finish, FinishReason::Length);
+}
+
+#[test]
+fn a_forced_tool_call_is_the_whole_answer_in_the_templates_format() {
+    let model = load(0);
+    let c = Constraint::ToolCall { format: ToolFormat::Tagged, tools: vec![weather()], lazy: false };
+    let (text, stats) = constrained(model.as_ref(), c, 1.0, 3, 300);
+    assert_eq!(stats.finish, FinishReason::Stop, "{text:?}");
+    let inner =
+        text.strip_prefix("<tool_call>\n").and_then(|t| t.strip_suffix("\n</tool_call>")).expect("tags");
+    let v: serde_json::Value = serde_json::from_str(inner).expect("JSON");
+    assert_eq!(v["name"], "get_weather");
+    assert!(["c", "f"].contains(&v["arguments"]["unit"].as_str().expect("unit")), "{v}");
+}
+
+#[test]
+fn a_schema_llama_cpp_cannot_convert_is_a_bad_request() {
+    let model = load(0);
+    let bad = serde_json::json!({"$ref": "#/$defs/missing"});
+    let r = GenerateRequest { constraint: Some(Constraint::JsonSchema(bad)), ..req("x", 4, 0.0, 0) };
+    let err = model.generate(&r, &mut |_| ControlFlow::Continue(())).expect_err("bad schema");
+    assert_eq!(err.status(), 400, "{err}");
 }

@@ -42,6 +42,7 @@ fn greedy(max_tokens: u32) -> GenerateRequest {
         seed: 0,
         stop: vec![],
         whole_completion: false,
+        ..GenerateRequest::default()
     }
 }
 

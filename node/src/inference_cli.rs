@@ -75,6 +75,7 @@ pub async fn run(cfg: &Config, cmd: InferenceCommand) -> anyhow::Result<ExitCode
                 seed,
                 stop,
                 whole_completion: false,
+                ..GenerateRequest::default()
             };
             let (tx, mut rx) = mpsc::channel::<String>(256);
             let printer = tokio::spawn(async move {

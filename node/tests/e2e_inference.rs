@@ -48,7 +48,7 @@ async fn site(extra: &str) -> Site {
     );
     let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &config).await;
     let mut digests = Vec::new();
-    for name in ["tiny-llama", "all-minilm-l6-v2"] {
+    for name in ["tiny-llama-tools", "tiny-llama", "all-minilm-l6-v2"] {
         let tar = models::test_models().join(format!("{name}.tar"));
         let out = node.cli(&["models", "import", tar.to_str().expect("utf-8"), "--json"]);
         assert!(out.status.success(), "import {name}: {}", String::from_utf8_lossy(&out.stderr));
@@ -185,6 +185,35 @@ async fn the_local_endpoint_serves_the_openai_python_client() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn tool_calls_and_structured_outputs_serve_the_openai_sdk_and_langchain() {
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+    let keydir = tempfile::tempdir().expect("tempdir");
+    let key = "e2e-inference-tools-key-0123456789";
+    let key_file = keydir.path().join("api.key");
+    std::fs::write(&key_file, format!("{key}\n")).expect("key file");
+    let s = site(&format!(
+        "[inference.api]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\napi_key_file = \"{}\"\n",
+        key_file.display()
+    ))
+    .await;
+    let tools = model_id(&s, "tiny-llama-tools");
+    let plain = model_id(&s, "tiny-llama");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_tools.py");
+    let out = Command::new(openai_python())
+        .arg(script)
+        .args([&format!("http://127.0.0.1:{port}"), key, &tools, &plain])
+        .output()
+        .expect("run the tool-calling client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "tool-calling client checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `name@version` as `/v1/models` lists it.
 fn model_id(s: &Site, name: &str) -> String {
     let out = s.node.cli(&["models", "list", "--json"]);
@@ -197,28 +226,36 @@ fn model_id(s: &Site, name: &str) -> String {
     format!("{}@{}", v["name"].as_str().expect("name"), v["version"].as_str().expect("version"))
 }
 
-/// A Python with the `openai` client: `OUTPOST_OPENAI_PYTHON`, or a venv made once under the
-/// cargo target's tmp dir (PyPI only).
+/// A Python with the `openai` client, LangChain's `langchain-openai` and `jsonschema`:
+/// `OUTPOST_OPENAI_PYTHON`, or a venv made once under the cargo target's tmp dir (PyPI only).
 fn openai_python() -> PathBuf {
     if let Some(p) = std::env::var_os("OUTPOST_OPENAI_PYTHON") {
         return PathBuf::from(p);
     }
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv-2");
     let python = venv.join("bin/python");
     if !python.exists() {
+        // Built beside it and renamed into place: tests that run at once each get a whole one.
+        let building = venv.with_extension(format!("building-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&building);
         let ok = Command::new("python3")
             .args(["-m", "venv"])
-            .arg(&venv)
+            .arg(&building)
             .status()
             .expect("python3 -m venv")
             .success();
         assert!(ok, "cannot make a venv");
-        let ok = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check", "openai==3.54.0"])
+        let ok = Command::new(building.join("bin/python"))
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(["openai==3.54.0", "langchain-openai==1.8.1", "jsonschema==4.26.0"])
             .status()
-            .expect("pip install openai")
+            .expect("pip install")
             .success();
-        assert!(ok, "pip install openai failed");
+        assert!(ok, "pip install of the Python clients failed");
+        if std::fs::rename(&building, &venv).is_err() {
+            // Another test got there first.
+            let _ = std::fs::remove_dir_all(&building);
+        }
     }
     python
 }

@@ -85,9 +85,8 @@ assert chunks[-1].usage.prompt_tokens == chat.usage.prompt_tokens
 check("stream_options.include_usage ends the stream with the usage")
 
 for kwargs, field in (
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"logprobs": True}, "logprobs"),
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
 ):
     try:
         client.chat.completions.create(model=llm, messages=msgs, max_tokens=4, **kwargs)
@@ -99,7 +98,7 @@ try:
     raise AssertionError("dimensions was silently ignored")
 except openai.BadRequestError as err:
     assert err.body["param"] == "dimensions", err.body
-check("fields the endpoint cannot honour are 400s naming them (tools, response_format, logprobs, dimensions)")
+check("fields the endpoint cannot honour are 400s naming them (logprobs, functions, dimensions)")
 
 e = client.embeddings.create(model=emb, input=["a cat sits on the mat", "stock prices fell"])
 assert len(e.data) == 2 and len(e.data[0].embedding) == 384, e

@@ -49,6 +49,13 @@ impl LoadedModel for TwinModel {
     fn context_length(&self) -> u32 {
         64
     }
+    /// The chat's last message, so a test decides what is "generated".
+    fn chat_prompt(&self, messages: &[ChatMessage], _: Option<&[ToolSpec]>) -> Result<String> {
+        Ok(messages.last().map(|m| m.content.clone()).unwrap_or_default())
+    }
+    fn tool_format(&self) -> Option<ToolFormat> {
+        Some(ToolFormat::Tagged)
+    }
     fn generate(&self, req: &GenerateRequest, sink: TokenSink<'_>) -> Result<GenerateStats> {
         on_compute_thread()?;
         let mut open = lock(&self.gate.open);
@@ -122,6 +129,7 @@ fn req(max_tokens: u32, stop: &[&str]) -> GenerateRequest {
         seed: 0,
         stop: stop.iter().map(|s| s.to_string()).collect(),
         whole_completion: false,
+        ..GenerateRequest::default()
     }
 }
 
@@ -272,4 +280,41 @@ fn a_streamed_piece_waits_for_a_slow_client_but_not_for_a_stalled_or_gone_one() 
     assert_eq!(rx.try_recv().ok().as_deref(), Some("c"));
     drop(rx);
     assert!(send_within(&tx, "d".into(), Duration::from_secs(10)).is_break(), "receiver gone");
+}
+
+#[tokio::test]
+async fn tool_calls_are_taken_out_of_the_text_and_the_rest_streams() {
+    let (m, _, _) = manager(100, 4);
+    let tools = vec![ToolSpec {
+        name: "f".into(),
+        description: None,
+        parameters: serde_json::json!({"type": "object"}),
+    }];
+    let said = r#"ok <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>"#;
+    let prompt = Prompt::Tools {
+        messages: vec![ChatMessage::new("user", said)],
+        tools: tools.clone(),
+        choice: ToolChoice::Auto,
+    };
+    let (tx, mut rx) = mpsc::channel(256);
+    let out = m.generate(&model("t", 1), prompt, req(200, &[]), Some(tx)).await.expect("generate");
+    assert_eq!(out.text, "ok ");
+    assert_eq!(
+        out.tool_calls,
+        [ToolCall { id: String::new(), name: "f".into(), arguments: r#"{"a":1}"#.into() }]
+    );
+    assert_eq!(out.stats.finish, FinishReason::ToolCalls);
+    let mut streamed = String::new();
+    while let Some(p) = rx.recv().await {
+        streamed.push_str(&p);
+    }
+    assert_eq!(streamed, "ok ");
+
+    // Cut short inside the call: no call, the text as it is, finish reason length.
+    let prompt =
+        Prompt::Tools { messages: vec![ChatMessage::new("user", said)], tools, choice: ToolChoice::Required };
+    let out = m.generate(&model("t", 1), prompt, req(20, &[]), None).await.expect("generate");
+    assert!(out.tool_calls.is_empty());
+    assert_eq!(out.text, said.chars().take(20).collect::<String>());
+    assert_eq!(out.stats.finish, FinishReason::Length);
 }

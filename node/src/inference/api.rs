@@ -20,9 +20,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::stream::{self, Stream};
-use outpost_inference::{
-    ChatMessage, GenerateOutcome, GenerateRequest, InferenceError, Manager, ModelFiles, Prompt,
-};
+use outpost_inference::{GenerateOutcome, GenerateRequest, InferenceError, Manager, ModelFiles, Prompt};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -303,20 +301,28 @@ async fn completions(State(st): State<AppState>, body: Result<Json<Value>, JsonR
 
 async fn chat_completions(State(st): State<AppState>, body: Result<Json<Value>, JsonRejection>) -> Handled {
     let req = json_body(body, ChatRequest::from_body)?;
-    let messages: Vec<ChatMessage> =
-        req.messages.into_iter().map(|m| m.into_message()).collect::<Result<_, _>>().map_err(bad_request)?;
-    if messages.is_empty() {
-        return Err(bad_request("messages must not be empty"));
-    }
     let mut common = req.common;
     if let Some(n) = req.max_completion_tokens {
         common.max_tokens = Some(n);
     }
-    let params = common.params(128).map_err(bad_request)?;
+    let mut params = common.params(128).map_err(bad_request)?;
+    params.constraint = req.constraint;
+    if params.constraint.is_some() && req.tools.is_some() {
+        return Err(refused(Refused {
+            param: "response_format".into(),
+            code: "unsupported_parameter",
+            message: "response_format: not supported together with tools (a tool's arguments already follow its schema)"
+                .into(),
+        }));
+    }
     let stream = Streaming::of(&common)?;
     let model = resolve(&st, &common.model).await?;
     let shape = Shape::Chat { id: request_id("chatcmpl"), model: common.model.clone() };
-    Ok(generate(st, model, Prompt::Chat(messages), params, stream, shape).await)
+    let prompt = match req.tools {
+        None => Prompt::Chat(req.messages),
+        Some((tools, choice)) => Prompt::Tools { messages: req.messages, tools, choice },
+    };
+    Ok(generate(st, model, prompt, params, stream, shape).await)
 }
 
 /// Whether the answer streams, and whether the stream ends with a usage chunk.
@@ -353,13 +359,35 @@ impl Shape {
                 "choices": [{"index": 0, "text": out.text, "logprobs": null, "finish_reason": finish}],
                 "usage": usage,
             }),
-            Shape::Chat { id, model } => json!({
-                "id": id, "object": "chat.completion", "created": now_secs(), "model": model,
-                "system_fingerprint": fingerprint,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null, "finish_reason": finish}],
-                "usage": usage,
-            }),
+            Shape::Chat { id, model } => {
+                let mut message = json!({"role": "assistant", "content": out.text});
+                if !out.tool_calls.is_empty() {
+                    if out.text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = tool_calls_value(out, false);
+                }
+                json!({
+                    "id": id, "object": "chat.completion", "created": now_secs(), "model": model,
+                    "system_fingerprint": fingerprint,
+                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+                    "usage": usage,
+                })
+            }
         }
+    }
+
+    /// The chunk with the answer's tool calls, each whole (streamed once the calls are parsed).
+    fn tool_calls_chunk(&self, out: &GenerateOutcome, first: bool) -> Option<Value> {
+        let Shape::Chat { id, model } = self else { return None };
+        let mut delta = json!({"tool_calls": tool_calls_value(out, true)});
+        if first {
+            delta["role"] = "assistant".into();
+        }
+        Some(json!({
+            "id": id, "object": "chat.completion.chunk", "created": now_secs(), "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}],
+        }))
     }
 
     /// The chunk `stream_options.include_usage` asks for: no choices, the usage.
@@ -392,6 +420,29 @@ impl Shape {
             }
         }
     }
+}
+
+/// The tool calls in OpenAI's shape, each with an id of its own (and its index, in a stream).
+fn tool_calls_value(out: &GenerateOutcome, indexed: bool) -> Value {
+    let calls: Vec<Value> = out
+        .tool_calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let id = if c.id.is_empty() {
+                format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
+            } else {
+                c.id.clone()
+            };
+            let mut v =
+                json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}});
+            if indexed {
+                v["index"] = i.into();
+            }
+            v
+        })
+        .collect();
+    Value::Array(calls)
 }
 
 fn usage(out: &GenerateOutcome) -> Value {
@@ -511,6 +562,12 @@ fn sse(
             let mut events = Vec::with_capacity(3);
             match out {
                 Ok(o) => {
+                    if !o.tool_calls.is_empty()
+                        && let Some(chunk) = s.shape.tool_calls_chunk(&o, !s.started)
+                    {
+                        events.push(chunk.to_string());
+                        s.started = true;
+                    }
                     events.push(s.shape.chunk(None, Some(finish_name(o.stats.finish)), !s.started).to_string());
                     if s.usage {
                         events.push(s.shape.usage_chunk(&o).to_string());

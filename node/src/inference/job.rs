@@ -133,6 +133,7 @@ pub async fn run(
                 stop: spec.stop.clone(),
                 // A job stops at the end of the context (finish reason `length`).
                 whole_completion: false,
+                ..GenerateRequest::default()
             };
             let out = wait_turn(|| manager.generate(model, Prompt::Text(prompt.clone()), req.clone(), None))
                 .await?;
@@ -208,6 +209,7 @@ pub fn finish_name(f: FinishReason) -> &'static str {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         FinishReason::Cancelled => "cancelled",
+        FinishReason::ToolCalls => "tool_calls",
     }
 }
 

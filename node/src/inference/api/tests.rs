@@ -157,13 +157,41 @@ async fn every_field_is_honoured_or_refused_by_name() {
     };
     // Refused, naming the field (param) and why.
     for (extra, param, says) in [
-        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools", "tool calling"),
-        (json!({"tool_choice": "required"}), "tool_choice", "tool calling"),
-        (json!({"response_format": {"type": "json_object"}}), "response_format", "structured outputs"),
+        (
+            json!({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}),
+            "tools[0].type",
+            "not a tool type",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f g"}}]}),
+            "tools[0].function.name",
+            "letters",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "patternProperties": {}}}}]}),
+            "tools[0].function.parameters",
+            "\"patternProperties\" is not supported",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice", "no tools"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice",
+            "not in tools",
+        ),
+        (json!({"functions": [{"name": "f"}]}), "functions", "legacy"),
+        (json!({"response_format": {"type": "xml"}}), "response_format.type", "json_schema"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}}),
+            "response_format.json_schema.schema",
+            "#: the JSON schema keyword \"not\"",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c9", "content": "y"}]}),
+            "messages[1].tool_call_id",
+            "answers no call",
+        ),
         (json!({"logprobs": true}), "logprobs", "log probabilities"),
         (json!({"top_logprobs": 3}), "top_logprobs", "log probabilities"),
-        (json!({"top_p": 0.5}), "top_p", "top_p = 1"),
-        (json!({"frequency_penalty": 0.4}), "frequency_penalty", "penalties"),
         (json!({"logit_bias": {"50256": -100}}), "logit_bias", "logit_bias"),
         (json!({"stream_options": {"include_usage": true}}), "stream_options", "only allowed when stream"),
         (json!({"frobnicate": 1}), "frobnicate", "unrecognized"),
@@ -175,7 +203,7 @@ async fn every_field_is_honoured_or_refused_by_name() {
         (
             json!({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]}]}),
             "messages",
-            "tool_calls",
+            "function",
         ),
     ] {
         let (status, text) =
@@ -192,7 +220,14 @@ async fn every_field_is_honoured_or_refused_by_name() {
         json!({"stream": null, "temperature": null, "stop": null, "max_tokens": null, "seed": null}),
         json!({"tools": [], "tool_choice": "none", "parallel_tool_calls": false, "user": "ward-3"}),
         json!({"response_format": {"type": "text"}, "logprobs": false, "top_logprobs": null}),
-        json!({"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}),
+        json!({"top_p": 0.5, "presence_penalty": -1, "frequency_penalty": 0.4, "logit_bias": {}}),
+        json!({"tools": [{"type": "function", "function": {"name": "f", "strict": true}}], "tool_choice": "required"}),
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "strict": true, "schema": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}}}}),
+        json!({"messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": null, "refusal": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "y"},
+        ]}),
         json!({"stream": true, "stream_options": {"include_usage": true}}),
         json!({"metadata": {"app": "x"}, "store": false, "max_completion_tokens": 5}),
         json!({"messages": [{"role": "user", "content": "hi", "name": "nurse-station-2"}]}),

@@ -3,7 +3,8 @@
 //! silently ignored. A null is the same as an absent field, as OpenAI takes it.
 
 use base64::Engine as _;
-use outpost_inference::{ChatMessage, GenerateRequest};
+use outpost_inference::tools::check_schema;
+use outpost_inference::{ChatMessage, Constraint, GenerateRequest, ToolCall, ToolChoice, ToolSpec};
 use outpost_protocol::{MAX_GENERATE_TOKENS, MAX_STOP_BYTES, MAX_STOP_STRINGS};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -74,6 +75,9 @@ pub struct Common {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
+    pub top_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
     /// Outpost's own: stop at the end of the context (finish reason `length`) rather than
     /// refusing a prompt and max_tokens that do not fit.
     pub truncate: Option<bool>,
@@ -97,6 +101,9 @@ impl Common {
             stream: f.opt("stream")?,
             stream_options: f.opt("stream_options")?,
             n: f.opt("n")?,
+            top_p: f.opt("top_p")?,
+            presence_penalty: f.opt("presence_penalty")?,
+            frequency_penalty: f.opt("frequency_penalty")?,
             truncate: f.opt("truncate")?,
         })
     }
@@ -135,8 +142,7 @@ pub fn check_rest(rest: &Map<String, Value>) -> Result<(), Refused> {
             "tool_choice" | "function_call" => value == "none",
             "response_format" => value.get("type").is_some_and(|t| t == "text"),
             "logprobs" | "echo" => value == &Value::Bool(false),
-            "top_p" | "best_of" => value.as_f64() == Some(1.0),
-            "presence_penalty" | "frequency_penalty" => value.as_f64() == Some(0.0),
+            "best_of" => value.as_f64() == Some(1.0),
             "logit_bias" => value.as_object().is_some_and(Map::is_empty),
             "modalities" => value.as_array().is_some_and(|m| m.iter().all(|x| x == "text")),
             _ => false,
@@ -145,16 +151,14 @@ pub fn check_rest(rest: &Map<String, Value>) -> Result<(), Refused> {
             continue;
         }
         let (code, why) = match param.as_str() {
-            "tools" | "tool_choice" | "functions" | "function_call" => {
-                ("unsupported_parameter", "tool calling is not supported by this endpoint yet")
+            "tools" | "tool_choice" | "response_format" => {
+                ("unsupported_parameter", "only on /v1/chat/completions")
             }
-            "response_format" => (
+            "functions" | "function_call" => (
                 "unsupported_parameter",
-                "structured outputs (json_object, json_schema) are not supported yet; only {\"type\": \"text\"}",
+                "the legacy function calling API is not supported; use tools and tool_choice",
             ),
             "logprobs" | "top_logprobs" => ("unsupported_parameter", "log probabilities are not returned"),
-            "top_p" => ("unsupported_parameter", "only top_p = 1 (no nucleus sampling); use temperature"),
-            "presence_penalty" | "frequency_penalty" => ("unsupported_parameter", "only 0 (no penalties)"),
             "logit_bias" => ("unsupported_parameter", "logit_bias is not supported"),
             "echo" | "best_of" | "suffix" => ("unsupported_parameter", "not supported for completions here"),
             "dimensions" => (
@@ -201,6 +205,18 @@ impl Common {
         if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
             return Err("temperature must be between 0 and 2".into());
         }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !top_p.is_finite() || !(0.0..=1.0).contains(&top_p) {
+            return Err("top_p must be between 0 and 1".into());
+        }
+        let penalty = |name: &str, v: Option<f32>| match v {
+            Some(p) if !p.is_finite() || !(-2.0..=2.0).contains(&p) => {
+                Err(format!("{name} must be between -2 and 2"))
+            }
+            v => Ok(v.unwrap_or(0.0)),
+        };
+        let presence_penalty = penalty("presence_penalty", self.presence_penalty)?;
+        let frequency_penalty = penalty("frequency_penalty", self.frequency_penalty)?;
         let stop = match &self.stop {
             None => Vec::new(),
             Some(OneOrMany::One(s)) => vec![s.clone()],
@@ -219,6 +235,10 @@ impl Common {
             // unless the client opts into stopping at the end of the context; without
             // max_tokens the completion may use what the context has left.
             whole_completion: self.max_tokens.is_some() && !self.truncate.unwrap_or(false),
+            top_p,
+            presence_penalty,
+            frequency_penalty,
+            constraint: None,
         })
     }
 }
@@ -250,7 +270,12 @@ impl OneOrMany {
 
 #[derive(Debug)]
 pub struct ChatRequest {
-    pub messages: Vec<WireMessage>,
+    pub messages: Vec<ChatMessage>,
+    /// The functions the model may call and how much it should; None without tools (or with
+    /// tool_choice `none`).
+    pub tools: Option<(Vec<ToolSpec>, ToolChoice)>,
+    /// What `response_format` asks of the text.
+    pub constraint: Option<Constraint>,
     pub max_completion_tokens: Option<u32>,
     pub common: Common,
 }
@@ -258,8 +283,14 @@ pub struct ChatRequest {
 impl ChatRequest {
     pub fn from_body(body: Value) -> Result<ChatRequest, Refused> {
         Fields::parse(body, |f| {
+            let messages: Vec<WireMessage> = f.required("messages")?;
+            let tools: Option<Vec<WireTool>> = f.opt("tools")?;
+            let tool_choice: Option<Value> = f.opt("tool_choice")?;
+            let response_format: Option<Value> = f.opt("response_format")?;
             Ok(ChatRequest {
-                messages: f.required("messages")?,
+                messages: into_messages(messages)?,
+                tools: tools_and_choice(tools.unwrap_or_default(), tool_choice)?,
+                constraint: response_format.map(constraint).transpose()?.flatten(),
                 max_completion_tokens: f.opt("max_completion_tokens")?,
                 common: Common::take(f)?,
             })
@@ -267,8 +298,157 @@ impl ChatRequest {
     }
 }
 
-/// A chat message: a field it does not know (`tool_calls`, `tool_call_id`, `audio`, …) is
-/// refused by name, like the request's own.
+fn invalid(param: impl Into<String>, message: impl Into<String>) -> Refused {
+    let param = param.into();
+    Refused { message: format!("{param}: {}", message.into()), param, code: "invalid_value" }
+}
+
+/// A tool definition as OpenAI's API takes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireTool {
+    #[serde(rename = "type")]
+    kind: String,
+    function: WireFunction,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireFunction {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<Value>,
+    /// A call's arguments always follow the schema (a grammar enforces it): accepted either way.
+    #[serde(default, rename = "strict")]
+    _strict: Option<bool>,
+}
+
+/// Tools, checked one by one (each error names the tool's field), and the tool_choice.
+fn tools_and_choice(
+    tools: Vec<WireTool>,
+    choice: Option<Value>,
+) -> Result<Option<(Vec<ToolSpec>, ToolChoice)>, Refused> {
+    let mut specs: Vec<ToolSpec> = Vec::with_capacity(tools.len());
+    for (i, t) in tools.into_iter().enumerate() {
+        if t.kind != "function" {
+            return Err(invalid(
+                format!("tools[{i}].type"),
+                format!("{:?} is not a tool type; use \"function\"", t.kind),
+            ));
+        }
+        let name = t.function.name;
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(invalid(
+                format!("tools[{i}].function.name"),
+                format!("{name:?} must be 1 to 64 letters, digits, underscores or dashes"),
+            ));
+        }
+        if specs.iter().any(|s| s.name == name) {
+            return Err(invalid(format!("tools[{i}].function.name"), format!("{name:?} is defined twice")));
+        }
+        let param = format!("tools[{i}].function.parameters");
+        let parameters =
+            t.function.parameters.unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
+        if !parameters.is_object() || parameters.get("type").is_some_and(|t| t != "object") {
+            return Err(invalid(param, "must be a JSON schema of type \"object\""));
+        }
+        check_schema(&parameters).map_err(|e| invalid(param, e))?;
+        specs.push(ToolSpec { name, description: t.function.description, parameters });
+    }
+    let choice = match choice {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => return Ok(None),
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(invalid(
+                    "tool_choice",
+                    format!("{other:?} is not none, auto, required or a function"),
+                ));
+            }
+        },
+        Some(v) => {
+            let name = (v.get("type") == Some(&Value::from("function")))
+                .then(|| v.pointer("/function/name").and_then(Value::as_str))
+                .flatten()
+                .ok_or_else(|| {
+                    invalid(
+                        "tool_choice",
+                        "must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}",
+                    )
+                })?;
+            if !specs.iter().any(|s| s.name == name) {
+                return Err(invalid(
+                    "tool_choice",
+                    format!("names the function {name:?}, which is not in tools"),
+                ));
+            }
+            ToolChoice::Named(name.to_string())
+        }
+    };
+    if specs.is_empty() {
+        return match choice {
+            ToolChoice::Auto => Ok(None),
+            _ => Err(invalid("tool_choice", "a function must be called, but the request has no tools")),
+        };
+    }
+    Ok(Some((specs, choice)))
+}
+
+/// `response_format`: text (no constraint), any JSON object, or JSON valid for a schema.
+fn constraint(format: Value) -> Result<Option<Constraint>, Refused> {
+    match format.get("type").and_then(Value::as_str).unwrap_or("") {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(Constraint::JsonObject)),
+        "json_schema" => {
+            let schema = format
+                .pointer("/json_schema/schema")
+                .cloned()
+                .ok_or_else(|| invalid("response_format.json_schema.schema", "is required"))?;
+            check_schema(&schema).map_err(|e| invalid("response_format.json_schema.schema", e))?;
+            Ok(Some(Constraint::JsonSchema(schema)))
+        }
+        other => {
+            Err(invalid("response_format.type", format!("{other:?} is not text, json_object or json_schema")))
+        }
+    }
+}
+
+/// Chat messages, checked: every tool result answers a call an earlier assistant turn made.
+fn into_messages(messages: Vec<WireMessage>) -> Result<Vec<ChatMessage>, Refused> {
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        let msg = m.into_message().map_err(|e| invalid(format!("messages[{i}]"), e))?;
+        if msg.role == "tool" {
+            let Some(id) = &msg.tool_call_id else {
+                return Err(invalid(
+                    format!("messages[{i}].tool_call_id"),
+                    "a tool message needs the id of the call it answers",
+                ));
+            };
+            if !out.iter().any(|p| p.tool_calls.iter().any(|c| &c.id == id)) {
+                return Err(invalid(
+                    format!("messages[{i}].tool_call_id"),
+                    format!("{id:?} answers no call an earlier assistant message made"),
+                ));
+            }
+        }
+        out.push(msg);
+    }
+    if out.is_empty() {
+        return Err(invalid("messages", "must not be empty"));
+    }
+    Ok(out)
+}
+
+/// A chat message: a field it does not know (`audio`, …) is refused by name, like the
+/// request's own.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireMessage {
@@ -278,6 +458,29 @@ pub struct WireMessage {
     /// The participant's name: accepted; the chat template has no place for it.
     #[serde(default, rename = "name")]
     _name: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireToolCall>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    /// An assistant turn's refusal, as the SDKs send the history back: accepted.
+    #[serde(default, rename = "refusal")]
+    _refusal: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireToolCall {
+    id: String,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    function: WireCall,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireCall {
+    name: String,
+    arguments: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -321,7 +524,20 @@ impl WireMessage {
                 text
             }
         };
-        Ok(ChatMessage { role: self.role, content })
+        let mut tool_calls = Vec::new();
+        for c in self.tool_calls.unwrap_or_default() {
+            if self.role != "assistant" {
+                return Err("only assistant messages have tool_calls".into());
+            }
+            if c.kind.as_deref().is_some_and(|k| k != "function") {
+                return Err(format!("tool call {:?} is not of type function", c.id));
+            }
+            tool_calls.push(ToolCall { id: c.id, name: c.function.name, arguments: c.function.arguments });
+        }
+        if self.tool_call_id.is_some() && self.role != "tool" {
+            return Err("only tool messages have a tool_call_id".into());
+        }
+        Ok(ChatMessage { role: self.role, content, tool_calls, tool_call_id: self.tool_call_id })
     }
 }
 
