@@ -104,6 +104,8 @@ pub struct GenerateRequest {
     pub frequency_penalty: f32,
     /// What the text must be (JSON, a schema, a tool call), enforced by a grammar.
     pub constraint: Option<Constraint>,
+    /// Report each token's log probability, with this many alternatives (0 to 20).
+    pub logprobs: Option<u8>,
 }
 
 impl Default for GenerateRequest {
@@ -119,6 +121,7 @@ impl Default for GenerateRequest {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             constraint: None,
+            logprobs: None,
         }
     }
 }
@@ -167,8 +170,33 @@ pub struct EmbedOutput {
     pub tokens: u32,
 }
 
-/// Receives each generated piece of text; `Break` stops generation (finish = cancelled).
-pub type TokenSink<'a> = &'a mut dyn FnMut(&str) -> ControlFlow<()>;
+/// A generated token's log probability (natural log, of the model's distribution before any
+/// sampling step), and the most likely alternatives when asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Logprob {
+    /// The token's bytes (a token may be part of a character).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// The `n` most likely tokens at that step, most likely first.
+    pub top: Vec<(Vec<u8>, f32)>,
+}
+
+/// A generated piece of text: one token's, or the rest of a character held over from earlier
+/// tokens. `logprob` is there when the request asked for log probabilities.
+#[derive(Debug)]
+pub struct Piece<'a> {
+    pub text: &'a str,
+    pub logprob: Option<Logprob>,
+}
+
+impl<'a> Piece<'a> {
+    pub fn text(text: &'a str) -> Self {
+        Self { text, logprob: None }
+    }
+}
+
+/// Receives each generated piece; `Break` stops generation (finish = cancelled).
+pub type TokenSink<'a> = &'a mut dyn FnMut(Piece<'_>) -> ControlFlow<()>;
 
 /// An engine adapter: loads models of its format.
 pub trait InferenceEngine: Send + Sync {

@@ -17,7 +17,7 @@ pub mod llama;
 
 pub use engine::{
     Capabilities, ChatMessage, EmbedOutput, FinishReason, GenerateRequest, GenerateStats, InferenceEngine,
-    LoadOptions, LoadedModel, MemoryEstimate, ModelFiles, TokenSink, plain_chat_prompt,
+    LoadOptions, LoadedModel, Logprob, MemoryEstimate, ModelFiles, Piece, TokenSink, plain_chat_prompt,
 };
 pub use error::{InferenceError, Result};
 pub use manager::{

@@ -23,7 +23,7 @@ use crate::gguf::{self, GgufInfo};
 use crate::tools::{Constraint, ToolFormat, ToolSpec};
 use crate::{
     Capabilities, ChatMessage, EmbedOutput, FinishReason, GenerateRequest, GenerateStats, InferenceEngine,
-    InferenceError, LoadOptions, LoadedModel, MemoryEstimate, ModelFiles, Result, TokenSink,
+    InferenceError, LoadOptions, LoadedModel, Logprob, MemoryEstimate, ModelFiles, Piece, Result, TokenSink,
 };
 
 const ENGINE: &str = "llama";
@@ -216,6 +216,41 @@ struct LlamaLoaded {
     new_context: Mutex<()>,
     /// Each token's text as UTF-8, made on the first constrained request.
     token_utf8: OnceLock<Vec<TokenUtf8>>,
+}
+
+impl LlamaLoaded {
+    /// The log probability of `token` in the model's distribution (`logits`, before any sampling
+    /// step) and the `top` most likely tokens.
+    fn logprob(&self, logits: &[f32], token: LlamaToken, bytes: &[u8], top: u8) -> Logprob {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        #[allow(clippy::cast_possible_truncation)]
+        let lse = max + sum.ln() as f32;
+        let at = |t: usize| logits.get(t).map_or(f32::NEG_INFINITY, |l| l - lse);
+        let mut best: Vec<(usize, f32)> = Vec::with_capacity(usize::from(top) + 1);
+        if top > 0 {
+            for (i, &l) in logits.iter().enumerate() {
+                if best.len() < usize::from(top) || l > best[best.len() - 1].1 {
+                    let pos = best.partition_point(|&(_, b)| b >= l);
+                    best.insert(pos, (i, l));
+                    best.truncate(usize::from(top));
+                }
+            }
+        }
+        let vocab = self.model.vocab();
+        let mut piece = Vec::new();
+        let top = best
+            .into_iter()
+            .map(|(i, _)| {
+                piece.clear();
+                #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+                vocab.token_to_piece_into(LlamaToken::new(i as i32), &mut piece, false, None);
+                (piece.clone(), at(i))
+            })
+            .collect();
+        let index = usize::try_from(token.0).unwrap_or(usize::MAX);
+        Logprob { bytes: bytes.to_vec(), logprob: at(index), top }
+    }
 }
 
 /// What a token's bytes are as UTF-8.
@@ -648,7 +683,9 @@ impl LoadedModel for LlamaLoaded {
             stats.completion_tokens += 1;
             piece.clear();
             vocab.token_to_piece_into(token, &mut piece, false, None);
-            if sink(text.push(&piece)).is_break() {
+            let logprob =
+                req.logprobs.map(|top| self.logprob(ctx.get_logits_ith(logits), token, &piece, top));
+            if sink(Piece { text: text.push(&piece), logprob }).is_break() {
                 break FinishReason::Cancelled;
             }
             if stats.completion_tokens >= max_tokens || n_past >= n_ctx {
@@ -663,7 +700,7 @@ impl LoadedModel for LlamaLoaded {
         if finish != FinishReason::Cancelled
             && let Some(rest) = text.finish()
         {
-            let _ = sink(&rest);
+            let _ = sink(Piece::text(&rest));
         }
         if let Some(first) = first {
             stats.time_to_first_token_ms = ms(start, first);

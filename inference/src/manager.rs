@@ -14,7 +14,7 @@ use self::compute::ComputePool;
 use crate::tools::{Constraint, ToolCall, ToolCallFilter, ToolChoice, ToolFormat, ToolSpec};
 use crate::{
     ChatMessage, GenerateRequest, GenerateStats, InferenceEngine, InferenceError, LoadOptions, LoadedModel,
-    MemoryEstimate, ModelFiles, Result, StopFilter,
+    Logprob, MemoryEstimate, ModelFiles, Result, StopFilter,
 };
 
 /// Most texts in one embedding request.
@@ -96,6 +96,8 @@ pub struct GenerateOutcome {
     pub text: String,
     /// The tool calls the answer made (finish reason `tool_calls`).
     pub tool_calls: Vec<ToolCall>,
+    /// Each token's log probability, when the request asked for them.
+    pub logprobs: Option<Vec<Logprob>>,
     pub stats: GenerateStats,
     pub model_digest: String,
     pub engine: String,
@@ -277,7 +279,9 @@ impl Manager {
         let model_label = model.label.clone();
         let abandoned = Arc::new(AtomicBool::new(false));
         let _guard = Abandon(abandoned.clone());
-        let run = move || -> Result<(String, Vec<ToolCall>, GenerateStats)> {
+        let (model_digest, engine_name, engine_version) =
+            (model.digest.clone(), engine.name().to_string(), engine.version());
+        let run = move || -> Result<GenerateOutcome> {
             let mut req = req;
             let mut calls = None;
             req.prompt = match prompt {
@@ -325,12 +329,16 @@ impl Manager {
                     None => ControlFlow::Continue(()),
                 }
             };
+            let mut logprobs = req.logprobs.map(|_| Vec::new());
             let mut stats = loaded.generate(&req, &mut |piece| {
                 if abandoned.load(Ordering::Relaxed) {
                     gone = true;
                     return ControlFlow::Break(());
                 }
-                let mut out = filter.push(piece);
+                if let (Some(all), Some(lp)) = (&mut logprobs, piece.logprob) {
+                    all.push(lp);
+                }
+                let mut out = filter.push(piece.text);
                 if let Some(c) = &mut calls {
                     out = c.push(&out);
                 }
@@ -357,17 +365,29 @@ impl Manager {
                     stats.finish = crate::FinishReason::ToolCalls;
                 }
             }
-            Ok((text, made, stats))
+            // Tokens past the text (a stop string, held back) are not part of the answer.
+            if let Some(all) = &mut logprobs {
+                let mut bytes = 0;
+                let keep = all
+                    .iter()
+                    .take_while(|lp| {
+                        bytes += lp.bytes.len();
+                        bytes <= text.len()
+                    })
+                    .count();
+                all.truncate(keep);
+            }
+            Ok(GenerateOutcome {
+                text,
+                tool_calls: made,
+                logprobs,
+                stats,
+                model_digest,
+                engine: engine_name,
+                engine_version,
+            })
         };
-        let (text, tool_calls, stats) = self.compute.run(run).await?;
-        Ok(GenerateOutcome {
-            text,
-            tool_calls,
-            stats,
-            model_digest: model.digest.clone(),
-            engine: engine.name().into(),
-            engine_version: engine.version(),
-        })
+        self.compute.run(run).await
     }
 
     /// Embeds texts, one vector each, in order.

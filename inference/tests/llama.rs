@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 use outpost_inference::llama::LlamaEngine;
 use outpost_inference::{
     ChatMessage, Constraint, FinishReason, GenerateRequest, GenerateStats, InferenceEngine, InferenceError,
-    LoadOptions, LoadedModel, ModelFiles, ToolCall, ToolFormat, ToolSpec,
+    LoadOptions, LoadedModel, ModelFiles, Piece, ToolCall, ToolFormat, ToolSpec,
 };
 
 fn engine() -> LlamaEngine {
@@ -45,8 +45,8 @@ fn req(prompt: &str, max_tokens: u32, temperature: f32, seed: u64) -> GenerateRe
 fn run(model: &dyn LoadedModel, req: &GenerateRequest) -> (Vec<String>, GenerateStats) {
     let mut pieces = Vec::new();
     let stats = model
-        .generate(req, &mut |p: &str| {
-            pieces.push(p.to_string());
+        .generate(req, &mut |p: Piece<'_>| {
+            pieces.push(p.text.to_string());
             ControlFlow::Continue(())
         })
         .expect("generate");

@@ -84,8 +84,26 @@ assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens, (chun
 assert chunks[-1].usage.prompt_tokens == chat.usage.prompt_tokens
 check("stream_options.include_usage ends the stream with the usage")
 
+lp = client.chat.completions.create(model=llm, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                    top_logprobs=3)
+content = lp.choices[0].logprobs.content
+# Tokens may split a character: their bytes, joined, are the text.
+assert bytes(b for t in content for b in t.bytes).decode(errors="replace") == lp.choices[0].message.content, lp
+assert lp.choices[0].message.content == chat.choices[0].message.content, (lp, chat)
+assert len(content) == lp.usage.completion_tokens, (len(content), lp.usage)
+for t in content:
+    assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
+    assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True), t
+    # Greedy: the token taken is the most likely one.
+    assert t.top_logprobs[0].token == t.token and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-6, t
+legacy = client.completions.create(model=llm, prompt="Hello", max_tokens=12, temperature=0, logprobs=2)
+assert len(legacy.choices[0].logprobs.tokens) == legacy.usage.completion_tokens, legacy
+assert legacy.choices[0].text == a.choices[0].text, legacy
+assert all(len(t) == 2 for t in legacy.choices[0].logprobs.top_logprobs), legacy
+check("logprobs and top_logprobs (chat) and logprobs (completions) match the text, greedy takes the top token")
+
 for kwargs, field in (
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": True, "stream": True}, "logprobs"),
     ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
 ):
     try:
@@ -98,7 +116,7 @@ try:
     raise AssertionError("dimensions was silently ignored")
 except openai.BadRequestError as err:
     assert err.body["param"] == "dimensions", err.body
-check("fields the endpoint cannot honour are 400s naming them (logprobs, functions, dimensions)")
+check("fields the endpoint cannot honour are 400s naming them (streamed logprobs, functions, dimensions)")
 
 e = client.embeddings.create(model=emb, input=["a cat sits on the mat", "stock prices fell"])
 assert len(e.data) == 2 and len(e.data[0].embedding) == 384, e

@@ -6,7 +6,7 @@ use std::sync::Condvar;
 use std::time::Duration;
 
 use super::*;
-use crate::{Capabilities, EmbedOutput, FinishReason, TokenSink};
+use crate::{Capabilities, EmbedOutput, FinishReason, Piece, TokenSink};
 
 #[derive(Default)]
 struct Gate {
@@ -72,7 +72,7 @@ impl LoadedModel for TwinModel {
         };
         for ch in req.prompt.chars().take(req.max_tokens as usize) {
             stats.completion_tokens += 1;
-            if sink(&ch.to_string()).is_break() {
+            if sink(Piece::text(&ch.to_string())).is_break() {
                 stats.finish = FinishReason::Cancelled;
                 return Ok(stats);
             }

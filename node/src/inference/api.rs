@@ -292,7 +292,8 @@ fn json_body<T>(
 async fn completions(State(st): State<AppState>, body: Result<Json<Value>, JsonRejection>) -> Handled {
     let req = json_body(body, CompletionRequest::from_body)?;
     let prompt = req.prompt.single().map_err(bad_request)?;
-    let params = req.common.params(16).map_err(bad_request)?;
+    let mut params = req.common.params(16).map_err(bad_request)?;
+    params.logprobs = req.logprobs;
     let stream = Streaming::of(&req.common)?;
     let model = resolve(&st, &req.common.model).await?;
     let shape = Shape::Completion { id: request_id("cmpl"), model: req.common.model.clone() };
@@ -307,6 +308,7 @@ async fn chat_completions(State(st): State<AppState>, body: Result<Json<Value>, 
     }
     let mut params = common.params(128).map_err(bad_request)?;
     params.constraint = req.constraint;
+    params.logprobs = req.logprobs;
     if params.constraint.is_some() && req.tools.is_some() {
         return Err(refused(Refused {
             param: "response_format".into(),
@@ -356,7 +358,7 @@ impl Shape {
             Shape::Completion { id, model } => json!({
                 "id": id, "object": "text_completion", "created": now_secs(), "model": model,
                 "system_fingerprint": fingerprint,
-                "choices": [{"index": 0, "text": out.text, "logprobs": null, "finish_reason": finish}],
+                "choices": [{"index": 0, "text": out.text, "logprobs": completion_logprobs(out), "finish_reason": finish}],
                 "usage": usage,
             }),
             Shape::Chat { id, model } => {
@@ -370,7 +372,7 @@ impl Shape {
                 json!({
                     "id": id, "object": "chat.completion", "created": now_secs(), "model": model,
                     "system_fingerprint": fingerprint,
-                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+                    "choices": [{"index": 0, "message": message, "logprobs": chat_logprobs(out), "finish_reason": finish}],
                     "usage": usage,
                 })
             }
@@ -420,6 +422,46 @@ impl Shape {
             }
         }
     }
+}
+
+/// A token's text (lossy where it is part of a character).
+fn token_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Chat log probabilities: `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`.
+fn chat_logprobs(out: &GenerateOutcome) -> Value {
+    let Some(all) = &out.logprobs else { return Value::Null };
+    let entry =
+        |bytes: &[u8], logprob: f32| json!({"token": token_text(bytes), "logprob": logprob, "bytes": bytes});
+    let content: Vec<Value> = all
+        .iter()
+        .map(|lp| {
+            let mut e = entry(&lp.bytes, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|(b, l)| entry(b, *l)).collect::<Vec<_>>().into();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Legacy completion log probabilities: parallel lists of tokens, their log probabilities,
+/// the alternatives and each token's offset in the text.
+fn completion_logprobs(out: &GenerateOutcome) -> Value {
+    let Some(all) = &out.logprobs else { return Value::Null };
+    let mut offset = 0;
+    let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for lp in all {
+        let t = token_text(&lp.bytes);
+        offsets.push(offset);
+        offset += t.len();
+        tokens.push(t);
+        lps.push(lp.logprob);
+        let top: serde_json::Map<String, Value> =
+            lp.top.iter().map(|(b, l)| (token_text(b), json!(l))).collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
 /// The tool calls in OpenAI's shape, each with an id of its own (and its index, in a stream).

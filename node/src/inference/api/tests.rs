@@ -190,8 +190,9 @@ async fn every_field_is_honoured_or_refused_by_name() {
             "messages[1].tool_call_id",
             "answers no call",
         ),
-        (json!({"logprobs": true}), "logprobs", "log probabilities"),
-        (json!({"top_logprobs": 3}), "top_logprobs", "log probabilities"),
+        (json!({"logprobs": true, "stream": true}), "logprobs", "not with stream"),
+        (json!({"top_logprobs": 3}), "top_logprobs", "needs logprobs"),
+        (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs", "at most 20"),
         (json!({"logit_bias": {"50256": -100}}), "logit_bias", "logit_bias"),
         (json!({"stream_options": {"include_usage": true}}), "stream_options", "only allowed when stream"),
         (json!({"frobnicate": 1}), "frobnicate", "unrecognized"),
@@ -230,6 +231,7 @@ async fn every_field_is_honoured_or_refused_by_name() {
         ]}),
         json!({"stream": true, "stream_options": {"include_usage": true}}),
         json!({"metadata": {"app": "x"}, "store": false, "max_completion_tokens": 5}),
+        json!({"logprobs": true, "top_logprobs": 5}),
         json!({"messages": [{"role": "user", "content": "hi", "name": "nurse-station-2"}]}),
     ] {
         let (status, text) =

@@ -239,6 +239,7 @@ impl Common {
             presence_penalty,
             frequency_penalty,
             constraint: None,
+            logprobs: None,
         })
     }
 }
@@ -246,15 +247,41 @@ impl Common {
 #[derive(Debug)]
 pub struct CompletionRequest {
     pub prompt: OneOrMany,
+    /// Log probabilities with this many alternatives per token.
+    pub logprobs: Option<u8>,
     pub common: Common,
 }
+
+/// Most alternatives per token a request may ask for.
+const MAX_TOP_LOGPROBS: u8 = 20;
 
 impl CompletionRequest {
     pub fn from_body(body: Value) -> Result<CompletionRequest, Refused> {
         Fields::parse(body, |f| {
-            Ok(CompletionRequest { prompt: f.required("prompt")?, common: Common::take(f)? })
+            let logprobs: Option<u8> = f.opt("logprobs")?;
+            let common = Common::take(f)?;
+            if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+                return Err(invalid(
+                    "logprobs",
+                    format!("at most {MAX_TOP_LOGPROBS} alternatives per token"),
+                ));
+            }
+            logprobs_without_stream(logprobs, &common)?;
+            Ok(CompletionRequest { prompt: f.required("prompt")?, logprobs, common })
         })
     }
+}
+
+/// Log probabilities come with the whole answer only.
+fn logprobs_without_stream(logprobs: Option<u8>, common: &Common) -> Result<(), Refused> {
+    if logprobs.is_some() && common.streaming() {
+        return Err(Refused {
+            param: "logprobs".into(),
+            code: "unsupported_parameter",
+            message: "logprobs: returned with a whole answer only, not with stream: true".into(),
+        });
+    }
+    Ok(())
 }
 
 impl OneOrMany {
@@ -276,6 +303,8 @@ pub struct ChatRequest {
     pub tools: Option<(Vec<ToolSpec>, ToolChoice)>,
     /// What `response_format` asks of the text.
     pub constraint: Option<Constraint>,
+    /// Log probabilities with this many alternatives per token (`logprobs`, `top_logprobs`).
+    pub logprobs: Option<u8>,
     pub max_completion_tokens: Option<u32>,
     pub common: Common,
 }
@@ -287,13 +316,31 @@ impl ChatRequest {
             let tools: Option<Vec<WireTool>> = f.opt("tools")?;
             let tool_choice: Option<Value> = f.opt("tool_choice")?;
             let response_format: Option<Value> = f.opt("response_format")?;
-            Ok(ChatRequest {
+            let logprobs = match (f.opt::<bool>("logprobs")?, f.opt::<u8>("top_logprobs")?) {
+                (Some(true), top) if top.unwrap_or(0) <= MAX_TOP_LOGPROBS => Some(top.unwrap_or(0)),
+                (Some(true), _) => {
+                    return Err(invalid("top_logprobs", format!("at most {MAX_TOP_LOGPROBS}")));
+                }
+                (_, Some(_)) => return Err(invalid("top_logprobs", "needs logprobs: true")),
+                _ => None,
+            };
+            let req = ChatRequest {
                 messages: into_messages(messages)?,
                 tools: tools_and_choice(tools.unwrap_or_default(), tool_choice)?,
                 constraint: response_format.map(constraint).transpose()?.flatten(),
+                logprobs,
                 max_completion_tokens: f.opt("max_completion_tokens")?,
                 common: Common::take(f)?,
-            })
+            };
+            logprobs_without_stream(req.logprobs, &req.common)?;
+            if req.logprobs.is_some() && req.tools.is_some() {
+                return Err(Refused {
+                    param: "logprobs".into(),
+                    code: "unsupported_parameter",
+                    message: "logprobs: not returned together with tools".into(),
+                });
+            }
+            Ok(req)
         })
     }
 }
