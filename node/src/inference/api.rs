@@ -487,6 +487,53 @@ fn tool_calls_value(out: &GenerateOutcome, indexed: bool) -> Value {
     Value::Array(calls)
 }
 
+/// A stream's text chunks, serialised once up to the text: per piece only the text is escaped
+/// and copied (no JSON tree, no clock read per token).
+struct PieceFrames {
+    head: String,
+    head_first: String,
+    tail: &'static str,
+}
+
+impl PieceFrames {
+    fn new(shape: &Shape) -> Self {
+        let created = now_secs();
+        let quoted = |s: &str| Value::from(s).to_string();
+        match shape {
+            Shape::Completion { id, model } => {
+                let head = format!(
+                    r#"{{"id":{},"object":"text_completion","created":{created},"model":{},"choices":[{{"index":0,"text":"#,
+                    quoted(id),
+                    quoted(model)
+                );
+                Self { head_first: head.clone(), head, tail: r#","logprobs":null,"finish_reason":null}]}"# }
+            }
+            Shape::Chat { id, model } => {
+                let base = format!(
+                    r#"{{"id":{},"object":"chat.completion.chunk","created":{created},"model":{},"choices":[{{"index":0,"delta":{{"#,
+                    quoted(id),
+                    quoted(model)
+                );
+                Self {
+                    head: format!(r#"{base}"content":"#),
+                    head_first: format!(r#"{base}"role":"assistant","content":"#),
+                    tail: r#"},"logprobs":null,"finish_reason":null}]}"#,
+                }
+            }
+        }
+    }
+
+    fn chunk(&self, text: &str, first: bool) -> String {
+        let head = if first { &self.head_first } else { &self.head };
+        let mut out = Vec::with_capacity(head.len() + text.len() + 2 + self.tail.len());
+        out.extend_from_slice(head.as_bytes());
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, text);
+        out.extend_from_slice(self.tail.as_bytes());
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
 fn usage(out: &GenerateOutcome) -> Value {
     let (p, c) = (out.stats.prompt_tokens, out.stats.completion_tokens);
     json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
@@ -562,6 +609,7 @@ fn sse(
 ) -> Response {
     struct St {
         shape: Shape,
+        frames: PieceFrames,
         pending: Option<String>,
         rx: mpsc::Receiver<String>,
         finished: Option<GenerateOutcome>,
@@ -570,7 +618,9 @@ fn sse(
         started: bool,
         over: bool,
     }
-    let init = St { shape, pending: first, rx, finished, done_rx, usage, started: false, over: false };
+    let frames = PieceFrames::new(&shape);
+    let init =
+        St { shape, frames, pending: first, rx, finished, done_rx, usage, started: false, over: false };
     let events = stream::unfold(init, |mut s| async move {
         if s.over {
             return None;
@@ -591,7 +641,7 @@ fn sse(
         let data = if let Some(piece) = piece {
             let first = !s.started;
             s.started = true;
-            s.shape.chunk(Some(&piece), None, first).to_string()
+            s.frames.chunk(&piece, first)
         } else {
             let out = match s.finished.take() {
                 Some(o) => Ok(o),

@@ -300,3 +300,20 @@ fn key_files_skip_comments_and_refuse_short_or_missing_keys() {
 fn base64_embeddings_are_little_endian_f32() {
     assert_eq!(wire::f32_base64(&[1.0]), "AACAPw==");
 }
+
+#[test]
+fn a_streamed_piece_is_the_chunk_the_json_tree_would_be() {
+    for shape in [
+        Shape::Completion { id: "cmpl-1".into(), model: "m\"x".into() },
+        Shape::Chat { id: "chatcmpl-1".into(), model: "tiny@1".into() },
+    ] {
+        let frames = PieceFrames::new(&shape);
+        for (text, first) in [("plain", true), ("quote \" and \\ and \n and \u{1}", false), ("€", false)] {
+            let mut fast: Value = serde_json::from_str(&frames.chunk(text, first)).expect("JSON");
+            let mut tree = shape.chunk(Some(text), None, first);
+            fast["created"] = Value::Null;
+            tree["created"] = Value::Null;
+            assert_eq!(fast, tree, "{text:?}");
+        }
+    }
+}
