@@ -20,7 +20,7 @@ use llama_cpp_2::{LogOptions, send_logs_to_tracing};
 
 use crate::engine::plain_chat_prompt;
 use crate::gguf::{self, GgufInfo};
-use crate::tools::{Constraint, ToolFormat, ToolSpec};
+use crate::tools::{ToolFormat, ToolSpec};
 use crate::{
     Capabilities, ChatMessage, EmbedOutput, FinishReason, GenerateRequest, GenerateStats, InferenceEngine,
     InferenceError, LoadOptions, LoadedModel, Logprob, MemoryEstimate, ModelFiles, Piece, Result, TokenSink,
@@ -338,11 +338,8 @@ impl LlamaLoaded {
 impl LlamaLoaded {
     /// The sampler chain: the constraint's grammar first (it removes every token the grammar
     /// forbids), then penalties, nucleus, temperature and the draw (or the most likely token).
-    fn sampler(&self, req: &GenerateRequest) -> Result<LlamaSampler> {
-        let mut chain = Vec::with_capacity(5);
-        if let Some(c) = &req.constraint {
-            chain.push(self.grammar(c)?);
-        }
+    fn sampler(&self, req: &GenerateRequest) -> Result<Sampling> {
+        let mut chain = Vec::with_capacity(4);
         if req.presence_penalty != 0.0 || req.frequency_penalty != 0.0 {
             let last_n = i32::try_from(req.max_tokens).unwrap_or(i32::MAX);
             chain.push(LlamaSampler::penalties(
@@ -362,25 +359,54 @@ impl LlamaLoaded {
             chain.push(LlamaSampler::temp(req.temperature));
             chain.push(LlamaSampler::dist(seed32(req.seed)));
         }
-        Ok(if chain.len() == 1 { chain.remove(0) } else { LlamaSampler::chain(chain, true) })
-    }
-
-    /// llama.cpp's grammar for a constraint, from its JSON schema (llama.cpp's own converter).
-    fn grammar(&self, c: &Constraint) -> Result<LlamaSampler> {
-        let schema = c.schema().to_string();
-        let gbnf = llama_cpp_2::json_schema_to_grammar(&schema).map_err(|e| {
+        let chain = if chain.len() == 1 { chain.remove(0) } else { LlamaSampler::chain(chain, true) };
+        let mut sampling = Sampling { grammar: None, chain, after_tag: None };
+        let Some(c) = &req.constraint else { return Ok(sampling) };
+        let gbnf = llama_cpp_2::json_schema_to_grammar(&c.schema().to_string()).map_err(|e| {
             InferenceError::BadRequest(format!("the JSON schema cannot be turned into a grammar ({e})"))
         })?;
-        let gbnf = match c.around() {
-            None => gbnf,
-            Some((open, close)) => wrap_grammar(&gbnf, open, close),
-        };
-        let sampler = match c.triggers() {
-            Some(words) => LlamaSampler::grammar_lazy(&self.model, &gbnf, "root", words, &[]),
-            None => LlamaSampler::grammar(&self.model, &gbnf, "root"),
-        };
-        sampler.map_err(|e| InferenceError::BadRequest(format!("the request's grammar is not valid: {e}")))
+        match (c.around(), c.lazy_after()) {
+            (_, Some((open, after, close))) => {
+                // Switched on by the generation loop once the model writes `open` (llama.cpp's
+                // own lazy grammar scans all the text so far with a regex on every token,
+                // which recurses per character and can overflow a compute thread's stack).
+                let after = wrap_grammar(&gbnf, after, close);
+                self.grammar(&after)?;
+                sampling.after_tag = Some((open, after));
+            }
+            (Some((open, close)), None) => {
+                sampling.grammar = Some(self.grammar(&wrap_grammar(&gbnf, open, close))?)
+            }
+            (None, None) => sampling.grammar = Some(self.grammar(&gbnf)?),
+        }
+        Ok(sampling)
     }
+
+    fn grammar(&self, gbnf: &str) -> Result<LlamaSampler> {
+        LlamaSampler::grammar(&self.model, gbnf, "root")
+            .map_err(|e| InferenceError::BadRequest(format!("the request's grammar is not valid: {e}")))
+    }
+
+    /// A lazy grammar's switch: once `so_far` holds the opening tag, the grammar of what follows
+    /// it, fed the text already written after the tag. None when that text does not fit (the
+    /// call will not parse and comes back as content).
+    fn grammar_after(&self, gbnf: &str, rest: &str) -> Option<LlamaSampler> {
+        let mut g = self.grammar(gbnf).ok()?;
+        for t in self.model.vocab().tokenize(rest.as_bytes(), false, false) {
+            g.try_accept(t).ok()?;
+        }
+        Some(g)
+    }
+}
+
+/// How a request samples: the constraint's grammar (when on) removes every token it forbids,
+/// then the chain (penalties, nucleus, temperature, the draw or the most likely token).
+struct Sampling {
+    grammar: Option<LlamaSampler>,
+    chain: LlamaSampler,
+    /// A grammar waiting for the model to open a tool call: the tag, and the GBNF of what
+    /// follows it.
+    after_tag: Option<(&'static str, String)>,
 }
 
 /// A schema grammar between two literals: its root becomes a rule of its own.
@@ -448,9 +474,17 @@ impl Jinja {
         };
         let shown =
             jinja.render(&[ChatMessage::new("user", "hi")], Some(&[probe])).is_ok_and(|p| p.contains(PROBE));
-        jinja.tool_format = shown.then(|| {
-            if source.contains(crate::tools::CALL_OPEN) { ToolFormat::Tagged } else { ToolFormat::Json }
-        });
+        // The call formats Outpost reads; a template that shows tools but writes calls some
+        // other way (e.g. Mistral's `[TOOL_CALLS]`) has no tool support here.
+        jinja.tool_format = if !shown {
+            None
+        } else if source.contains(crate::tools::CALL_OPEN) {
+            Some(ToolFormat::Tagged)
+        } else if source.contains("\"name\"") && !source.contains("[TOOL_CALLS]") {
+            Some(ToolFormat::Json)
+        } else {
+            None
+        };
         Ok(jinja)
     }
 
@@ -480,7 +514,9 @@ impl Jinja {
 
 /// A message as Hugging Face templates read it: a call's arguments as an object.
 fn message_value(m: &ChatMessage) -> serde_json::Value {
-    let mut v = serde_json::json!({"role": m.role, "content": m.content});
+    // OpenAI's newer name for the system turn; templates know `system`.
+    let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+    let mut v = serde_json::json!({"role": role, "content": m.content});
     if !m.tool_calls.is_empty() {
         let calls: Vec<serde_json::Value> = m
             .tool_calls
@@ -564,8 +600,13 @@ impl LoadedModel for LlamaLoaded {
         }
         // Calls and their results in the history need the template's own Jinja.
         let history_has_tools = messages.iter().any(|m| !m.tool_calls.is_empty() || m.tool_call_id.is_some());
-        if history_has_tools && let Some(p) = jinja(None)? {
-            return Ok(p);
+        if history_has_tools {
+            return jinja(None)?.ok_or_else(|| {
+                InferenceError::BadRequest(format!(
+                    "model {}: its chat template cannot show tool calls and results in the history",
+                    self.label
+                ))
+            });
         }
         let Some(template) = &self.template else {
             return Ok(plain_chat_prompt(messages));
@@ -634,7 +675,9 @@ impl LoadedModel for LlamaLoaded {
         let chunk = ctx.n_batch().clamp(1, PROMPT_BATCH) as usize;
         let mut batch = LlamaBatch::new(chunk, 1);
         let vocab = self.model.vocab();
-        let mut sampler = self.sampler(req)?;
+        let mut sampling = self.sampler(req)?;
+        // The text so far, kept while a lazy grammar waits for its opening tag.
+        let mut so_far = String::new();
 
         let start = Instant::now();
         let last = prompt.len() - 1;
@@ -659,18 +702,25 @@ impl LoadedModel for LlamaLoaded {
         let mut last_token = start;
         let max_tokens = req.max_tokens;
         let finish = loop {
-            let token = if req.constraint.is_some() {
+            let token = if let Some(grammar) = &mut sampling.grammar {
                 // A grammar reads bytes as characters, but lets through byte tokens that
                 // make no valid UTF-8 (surrogates, overlong forms): those are taken out first,
                 // so constrained text is exactly the characters the grammar counted.
                 let mut candidates = ctx.token_data_array_ith(logits);
                 self.utf8_only(&mut candidates, &text.pending);
-                candidates.apply_sampler(&mut sampler);
+                candidates.apply_sampler(grammar);
+                if !candidates.data.iter().any(|c| c.logit().is_finite()) {
+                    return Err(fail(&"no token fits the request's grammar"));
+                }
+                candidates.apply_sampler(&mut sampling.chain);
                 let token = candidates.selected_token().ok_or_else(|| fail(&"no token could be sampled"))?;
-                sampler.accept(token);
+                // A token the grammar refuses would leave llama.cpp's grammar state empty
+                // (and the next step would abort the process): end with an error instead.
+                grammar.try_accept(token).map_err(|e| fail(&format!("the grammar refused a token: {e}")))?;
+                sampling.chain.accept(token);
                 token
             } else {
-                sampler.sample(&ctx, logits)
+                sampling.chain.sample(&ctx, logits)
             };
             let now = Instant::now();
             if first.is_none() {
@@ -685,7 +735,23 @@ impl LoadedModel for LlamaLoaded {
             vocab.token_to_piece_into(token, &mut piece, false, None);
             let logprob =
                 req.logprobs.map(|top| self.logprob(ctx.get_logits_ith(logits), token, &piece, top));
-            if sink(Piece { text: text.push(&piece), logprob }).is_break() {
+            let out = text.push(&piece);
+            if let Some((tag, _)) = &sampling.after_tag {
+                // Only the end can hold a tag that was not there before.
+                let mut from = so_far.len().saturating_sub(tag.len());
+                while !so_far.is_char_boundary(from) {
+                    from -= 1;
+                }
+                so_far.push_str(out);
+                if let Some(at) = so_far[from..].find(tag) {
+                    let rest = so_far[from + at + tag.len()..].to_string();
+                    if let Some((_, gbnf)) = sampling.after_tag.take() {
+                        sampling.grammar = self.grammar_after(&gbnf, &rest);
+                    }
+                    so_far = String::new();
+                }
+            }
+            if sink(Piece { text: out, logprob }).is_break() {
                 break FinishReason::Cancelled;
             }
             if stats.completion_tokens >= max_tokens || n_past >= n_ctx {

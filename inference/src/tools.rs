@@ -94,28 +94,55 @@ impl Constraint {
         }
     }
 
-    /// Words that switch a lazy grammar on.
-    pub fn triggers(&self) -> Option<Vec<&'static str>> {
+    /// For a lazy constraint: the text that switches it on, then the literals around the
+    /// schema's JSON in what follows that text.
+    pub fn lazy_after(&self) -> Option<(&'static str, &'static str, &'static str)> {
         match self {
-            Self::ToolCall { lazy: true, format: ToolFormat::Tagged, .. } => Some(vec![CALL_OPEN]),
+            Self::ToolCall { lazy: true, format: ToolFormat::Tagged, .. } => {
+                Some((CALL_OPEN, "\n", "\n</tool_call>"))
+            }
             _ => None,
         }
     }
 }
 
 /// The schema of one call: `{"name": one of the tools, "arguments": that tool's parameters}`.
+/// References inside a tool's parameters (`#/$defs/…`) are rewritten to where the parameters
+/// now sit, since they resolve from the top of the whole document.
 pub fn call_schema(tools: &[ToolSpec]) -> Value {
-    let one = |t: &ToolSpec| {
+    let one = |t: &ToolSpec, at: &str| {
+        let mut parameters = t.parameters.clone();
+        rebase_refs(&mut parameters, &format!("{at}/properties/arguments"));
         json!({
             "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+            "properties": {"name": {"const": t.name}, "arguments": parameters},
             "required": ["name", "arguments"],
             "additionalProperties": false,
         })
     };
     match tools {
-        [t] => one(t),
-        _ => json!({"anyOf": tools.iter().map(one).collect::<Vec<_>>()}),
+        [t] => one(t, "#"),
+        _ => {
+            json!({"anyOf": tools.iter().enumerate().map(|(i, t)| one(t, &format!("#/anyOf/{i}"))).collect::<Vec<_>>()})
+        }
+    }
+}
+
+/// Every `"$ref": "#/…"` in `schema` made relative to `base` (`#/…/arguments`).
+fn rebase_refs(schema: &mut Value, base: &str) {
+    match schema {
+        Value::Object(o) => {
+            for (k, v) in o.iter_mut() {
+                match v {
+                    Value::String(r) if k == "$ref" && r.starts_with("#/") => {
+                        *r = format!("{base}{}", &r[1..])
+                    }
+                    v => rebase_refs(v, base),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|v| rebase_refs(v, base)),
+        _ => {}
     }
 }
 
@@ -188,6 +215,25 @@ fn check_at(schema: &Value, at: &str, depth: usize) -> Result<(), String> {
             return Err(format!("{at}: the JSON schema keyword \"{key}\" is not supported"));
         }
         let here = |k: &str| format!("{at}/{k}");
+        // The generator takes a `$ref`, `anyOf`, `oneOf` or `allOf` alone and ignores what
+        // stands beside it; and a tuple's `prefixItems` alone.
+        let alone = |key: &str, allowed: &[&str]| {
+            obj.keys()
+                .find(|k| *k != key && !ANNOTATIONS.contains(&k.as_str()) && !allowed.contains(&k.as_str()))
+                .map(|other| {
+                    format!(
+                        "{at}: \"{other}\" beside \"{key}\" is not supported; put it inside each alternative"
+                    )
+                })
+        };
+        let combined = match key.as_str() {
+            "$ref" | "anyOf" | "oneOf" | "allOf" => alone(key, &["$defs", "definitions"]),
+            "prefixItems" => alone(key, &["type", "$defs", "definitions"]),
+            _ => None,
+        };
+        if let Some(e) = combined {
+            return Err(e);
+        }
         match key.as_str() {
             "properties" | "$defs" | "definitions" => {
                 let Some(map) = value.as_object() else {
@@ -214,6 +260,9 @@ fn check_at(schema: &Value, at: &str, depth: usize) -> Result<(), String> {
                     "{}: only references inside the schema (\"#/…\") are supported",
                     here(key)
                 ));
+            }
+            "pattern" if !value.as_str().is_some_and(|p| p.starts_with('^') && p.ends_with('$')) => {
+                return Err(format!("{}: a pattern must be anchored, \"^…$\"", here(key)));
             }
             "format" if !value.as_str().is_some_and(|f| FORMATS.contains(&f)) => {
                 return Err(format!(
@@ -457,6 +506,16 @@ mod tests {
         assert!(err(json!({"type": "string", "format": "email"})).contains("\"email\""));
         assert!(err(json!({"anyOf": {"type": "string"}})).contains("array of schemas"));
         assert!(err(json!(3)).contains("must be an object"));
+        assert!(err(json!({"type": "string", "pattern": "[a-z]+"})).contains("anchored"));
+        assert!(err(json!({"anyOf": [{"type": "string"}], "type": "object"})).contains("beside \"anyOf\""));
+        assert!(err(json!({"type": "array", "prefixItems": [true], "maxItems": 2})).contains("beside"));
+        // Annotations beside them are fine (what pydantic writes for an optional field).
+        assert!(
+            check_schema(
+                &json!({"anyOf": [{"type": "string"}, {"type": "null"}], "default": null, "title": "A"})
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -465,5 +524,16 @@ mod tests {
         assert_eq!(s["properties"]["name"]["const"], "a");
         let s = call_schema(&[tool("a"), tool("b")]);
         assert_eq!(s["anyOf"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn references_in_parameters_follow_them_into_the_call_schema() {
+        let mut t = tool("a");
+        t.parameters = json!({"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": {"type": "string"}}});
+        let s = call_schema(&[tool("x"), t]);
+        let r = s["anyOf"][1]["properties"]["arguments"]["properties"]["p"]["$ref"].as_str().expect("ref");
+        assert_eq!(r, "#/anyOf/1/properties/arguments/$defs/P");
+        let pointer = r.trim_start_matches('#');
+        assert_eq!(s.pointer(pointer), Some(&json!({"type": "string"})));
     }
 }

@@ -440,3 +440,24 @@ fn a_schema_llama_cpp_cannot_convert_is_a_bad_request() {
     let err = model.generate(&r, &mut |_| ControlFlow::Continue(())).expect_err("bad schema");
     assert_eq!(err.status(), 400, "{err}");
 }
+
+#[test]
+fn a_lazy_tool_grammar_lets_a_long_answer_run_and_holds_a_call_once_opened() {
+    let model = load(0);
+    for seed in 0..3 {
+        let c = Constraint::ToolCall { format: ToolFormat::Tagged, tools: vec![weather()], lazy: true };
+        let (text, stats) = constrained(model.as_ref(), c, 1.0, seed, 480);
+        assert!(matches!(stats.finish, FinishReason::Stop | FinishReason::Length), "{stats:?}");
+        if let Some(at) = text.find("<tool_call>") {
+            // From the tag on, the grammar held it: a whole call, or cut short by max_tokens.
+            let call = &text[at..];
+            if stats.finish == FinishReason::Stop {
+                let inner = call
+                    .strip_prefix("<tool_call>\n")
+                    .and_then(|t| t.strip_suffix("\n</tool_call>"))
+                    .expect("tags");
+                serde_json::from_str::<serde_json::Value>(inner).expect("JSON");
+            }
+        }
+    }
+}

@@ -258,7 +258,15 @@ const MAX_TOP_LOGPROBS: u8 = 20;
 impl CompletionRequest {
     pub fn from_body(body: Value) -> Result<CompletionRequest, Refused> {
         Fields::parse(body, |f| {
-            let logprobs: Option<u8> = f.opt("logprobs")?;
+            // An int (alternatives per token); false is the same as absent.
+            let logprobs = match f.opt::<Value>("logprobs")? {
+                None | Some(Value::Bool(false)) => None,
+                Some(v) => Some(serde_json::from_value::<u8>(v).map_err(|e| Refused {
+                    param: "logprobs".into(),
+                    code: "invalid_type",
+                    message: format!("logprobs: {e}"),
+                })?),
+            };
             let common = Common::take(f)?;
             if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
                 return Err(invalid(
