@@ -20,12 +20,46 @@ use outpost_protocol::{InferenceKind, InferenceSpec, JobSpec, Outcome, ResultRep
 
 const RESULT_WAIT: Duration = Duration::from_secs(180);
 
-/// The public half of the test publisher's key, for `[models] trusted_publishers`.
-fn test_publisher() -> String {
+/// The test publisher's key (the one models/make-test-models signs with).
+fn publisher_key() -> ed25519_dalek::SigningKey {
     let seed =
         std::fs::read_to_string(models::test_models().join("test-publisher.key")).expect("publisher key");
     let seed: [u8; 32] = hex::decode(seed.trim()).expect("hex seed").try_into().expect("32 bytes");
-    hex::encode(ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes())
+    ed25519_dalek::SigningKey::from_bytes(&seed)
+}
+
+/// The public half of the test publisher's key, for `[models] trusted_publishers`.
+fn test_publisher() -> String {
+    hex::encode(publisher_key().verifying_key().to_bytes())
+}
+
+/// all-MiniLM-L6-v2's files under a manifest that declares truncated sizes (64 and 128), signed
+/// by the test publisher: a fixture for `dimensions`. What it tests is how the declaration is
+/// handled, not how good this model's vectors are at those sizes (it was not trained for it).
+fn truncatable_minilm(dir: &Path) -> PathBuf {
+    use ed25519_dalek::Signer;
+    use outpost_protocol::{ModelManifest, SignedModelManifest};
+    let src = models::test_models().join("all-minilm-l6-v2");
+    let signed: SignedModelManifest =
+        serde_json::from_slice(&std::fs::read(src.join("manifest.json")).expect("manifest")).expect("JSON");
+    let mut m: ModelManifest = serde_json::from_str(&signed.payload).expect("payload");
+    m.name = "all-minilm-l6-v2-mrl".into();
+    m.embedding_dimensions = vec![64, 128];
+    let out = dir.join("all-minilm-l6-v2-mrl");
+    for f in &m.files {
+        let to = out.join(&f.path);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(src.join(&f.path), &to).expect("copy");
+    }
+    let key = publisher_key();
+    let payload = serde_json::to_string(&m).expect("encode");
+    let signed = SignedModelManifest {
+        key_id: outpost_node::models::key_id_of(&key.verifying_key()),
+        signature_hex: hex::encode(key.sign(payload.as_bytes()).to_bytes()),
+        payload,
+    };
+    std::fs::write(out.join("manifest.json"), serde_json::to_string(&signed).expect("JSON")).expect("write");
+    out
 }
 
 struct Site {
@@ -171,10 +205,14 @@ async fn the_local_endpoint_serves_the_openai_python_client() {
     .await;
     let llm = model_id(&s, "tiny-llama");
     let emb = model_id(&s, "all-minilm-l6-v2");
+    let mrl = truncatable_minilm(keydir.path());
+    let out = s.node.cli(&["models", "import", mrl.to_str().expect("utf-8"), "--json"]);
+    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    let mrl = model_id(&s, "all-minilm-l6-v2-mrl");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let out = Command::new(openai_python())
         .arg(script)
-        .args([&format!("http://127.0.0.1:{port}"), key, &llm, &emb])
+        .args([&format!("http://127.0.0.1:{port}"), key, &llm, &emb, &mrl])
         .output()
         .expect("run the openai client");
     let stdout = String::from_utf8_lossy(&out.stdout);

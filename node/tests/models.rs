@@ -152,6 +152,7 @@ fn manifest_of(dir: &Path, name: &str, format: ModelFormat) -> ModelManifest {
         engine: engine.into(),
         license: "MIT".into(),
         files,
+        embedding_dimensions: Vec::new(),
     }
 }
 

@@ -1,6 +1,9 @@
 """Drives the node's local OpenAI-compatible endpoint with the real `openai` client (PyPI).
 
-    python openai_client.py BASE_URL API_KEY LLM_MODEL EMBED_MODEL
+    python openai_client.py BASE_URL API_KEY LLM_MODEL EMBED_MODEL TRUNCATABLE_EMBED_MODEL
+
+TRUNCATABLE_EMBED_MODEL is EMBED_MODEL's files under a manifest that declares truncated sizes
+64 and 128.
 
 The endpoint must run with [inference] queue_bound = 1 and concurrency = 1. Prints one line per
 check and "ALL OK" at the end; any failed check raises.
@@ -14,7 +17,7 @@ import urllib.request
 
 import openai
 
-base, key, llm, emb = sys.argv[1:5]
+base, key, llm, emb, mrl = sys.argv[1:6]
 client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=300)
 
 
@@ -125,6 +128,19 @@ assert max(abs(x - y) for x, y in zip(e.data[0].embedding, f.data[0].embedding))
 assert abs(sum(x * x for x in f.data[0].embedding) - 1.0) < 1e-4
 assert e.usage.prompt_tokens > 0
 check("embeddings in base64 (the client's default) and float agree and are unit length")
+
+full = client.embeddings.create(model=mrl, input=["a cat sits on the mat"], encoding_format="float").data[0].embedding
+cut = client.embeddings.create(model=mrl, input=["a cat sits on the mat"], dimensions=64).data[0].embedding
+assert len(full) == 384 and len(cut) == 64, (len(full), len(cut))
+norm = sum(x * x for x in full[:64]) ** 0.5
+assert max(abs(c - f / norm) for c, f in zip(cut, full)) < 1e-5
+assert abs(sum(x * x for x in cut) - 1.0) < 1e-4
+try:
+    client.embeddings.create(model=mrl, input="x", dimensions=100)
+    raise AssertionError("an undeclared size was accepted")
+except openai.BadRequestError as err:
+    assert err.body["param"] == "dimensions" and "64, 128" in err.body["message"], err.body
+check("dimensions: a size the manifest declares gives the vector's head at unit length; others are 400s")
 
 try:
     openai.OpenAI(base_url=base + "/v1", api_key="wrong-key-0123456789", max_retries=0).models.list()

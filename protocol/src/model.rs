@@ -36,6 +36,11 @@ pub struct ModelManifest {
     pub license: String,
     /// Every file of the model; paths are relative, `/`-separated, without `..`.
     pub files: Vec<ModelFile>,
+    /// For an embedding model trained to be truncated (Matryoshka representation learning):
+    /// the smaller vector sizes the publisher vouches for, ascending. The local endpoint's
+    /// `dimensions` may ask for one of these and nothing else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embedding_dimensions: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

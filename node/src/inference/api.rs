@@ -257,12 +257,19 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
 
 /// The model a request names, resolved in the store (off the async workers: it reads files).
 async fn resolve(st: &AppState, selector: &str) -> Result<ModelFiles, Response> {
+    resolve_installed(st, selector).await.map(|(_, files)| files)
+}
+
+/// The model a request names, with its manifest.
+async fn resolve_installed(
+    st: &AppState,
+    selector: &str,
+) -> Result<(crate::models::InstalledModel, ModelFiles), Response> {
     let inference = st.inference.clone();
     let selector = selector.to_string();
     tokio::task::spawn_blocking(move || inference.resolve(&selector))
         .await
         .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", "model lookup failed".into()))?
-        .map(|(_, files)| files)
         .map_err(|e| inference_error(&e))
 }
 
@@ -692,8 +699,43 @@ async fn embeddings(State(st): State<AppState>, body: Result<Json<Value>, JsonRe
         Some("base64") => true,
         Some(other) => return Err(bad_request(format!("encoding_format {other:?}: use float or base64"))),
     };
-    let model = resolve(&st, &req.model).await?;
-    let out = st.inference.manager.embed(&model, texts).await.map_err(|e| inference_error(&e))?;
+    let (installed, model) = resolve_installed(&st, &req.model).await?;
+    if let Some(d) = req.dimensions {
+        let declared = &installed.manifest.embedding_dimensions;
+        if !declared.contains(&d) {
+            let why = if declared.is_empty() {
+                format!(
+                    "model {} declares no truncated sizes in its manifest; its vectors have their full size",
+                    model.label
+                )
+            } else {
+                let sizes: Vec<String> = declared.iter().map(u32::to_string).collect();
+                format!(
+                    "model {} declares the sizes {} in its manifest, not {d}",
+                    model.label,
+                    sizes.join(", ")
+                )
+            };
+            return Err(refused(Refused {
+                param: "dimensions".into(),
+                code: "unsupported_value",
+                message: format!("dimensions: {why}"),
+            }));
+        }
+    }
+    let mut out = st.inference.manager.embed(&model, texts).await.map_err(|e| inference_error(&e))?;
+    if let Some(d) = req.dimensions {
+        for v in &mut out.vectors {
+            let full = v.len();
+            *v = wire::truncated(v, d as usize).ok_or_else(|| {
+                inference_error(&InferenceError::InvalidModel {
+                    path: model.label.clone(),
+                    format: "safetensors",
+                    reason: format!("its manifest declares {d} dimensions but its vectors have {full}"),
+                })
+            })?;
+        }
+    }
     let data: Vec<Value> = out
         .vectors
         .iter()

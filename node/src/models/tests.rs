@@ -16,6 +16,7 @@ fn manifest() -> ModelManifest {
         engine: "llama".into(),
         license: "MIT".into(),
         files: vec![ModelFile { path: "model.gguf".into(), size: 4, sha256: sha256_hex(b"GGUF") }],
+        embedding_dimensions: Vec::new(),
     }
 }
 
@@ -75,6 +76,21 @@ fn manifest_claims_are_checked_after_the_signature() {
         (|m| m.files[0].path = "model.bin".into(), "no file ends in .gguf"),
         (|m| m.files.push(m.files[0].clone()), "twice"),
         (|m| m.files[0].path = MANIFEST_FILE.into(), "reserved"),
+        (|m| m.embedding_dimensions = vec![64], "embedding models"),
+        (
+            |m| {
+                m.engine = "candle".into();
+                m.embedding_dimensions = vec![128, 64];
+            },
+            "ascending",
+        ),
+        (
+            |m| {
+                m.engine = "candle".into();
+                m.embedding_dimensions = vec![0];
+            },
+            "1 to 65536",
+        ),
     ];
     for (edit, want) in cases {
         let mut m = manifest();

@@ -98,6 +98,16 @@ fn check_claims(m: &ModelManifest) -> Result<(), String> {
             return Err(format!("{}: sha256 {:?} is not 64 lowercase hex digits", f.path, f.sha256));
         }
     }
+    if !m.embedding_dimensions.is_empty() {
+        if m.engine != "candle" {
+            return Err("embedding_dimensions is for embedding models (engine candle)".into());
+        }
+        let ascending = m.embedding_dimensions.windows(2).all(|w| w[0] < w[1]);
+        let in_range = m.embedding_dimensions.iter().all(|d| (1..=65_536).contains(d));
+        if m.embedding_dimensions.len() > 32 || !ascending || !in_range {
+            return Err("embedding_dimensions must be at most 32 ascending sizes of 1 to 65536".into());
+        }
+    }
     let ext = format!(".{}", m.format.as_str());
     if !m.files.iter().any(|f| f.path.ends_with(&ext)) {
         return Err(format!("format is {} but no file ends in {ext}", m.format.as_str()));

@@ -242,11 +242,15 @@ async fn every_field_is_honoured_or_refused_by_name() {
     let (status, text) = call(&app, "POST", "/v1/completions", Some(KEY), Some(body)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("\"param\":\"echo\""), "{text}");
-    // Embeddings: a vector of another size would break the client's index; refused.
-    let body = json!({"model": "absent", "input": "x", "dimensions": 64});
+    // Embeddings: dimensions is checked against the model's manifest (e2e_inference), after
+    // its type.
+    let body = json!({"model": "absent", "input": "x", "dimensions": -64});
     let (status, text) = call(&app, "POST", "/v1/embeddings", Some(KEY), Some(body)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("\"param\":\"dimensions\""), "{text}");
+    let body = json!({"model": "absent", "input": "x", "dimensions": 64});
+    let (status, _) = call(&app, "POST", "/v1/embeddings", Some(KEY), Some(body)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let body = json!({"model": "absent", "input": "x", "dimensions": null, "user": "u"});
     let (status, _) = call(&app, "POST", "/v1/embeddings", Some(KEY), Some(body)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

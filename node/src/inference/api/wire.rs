@@ -601,6 +601,8 @@ pub struct EmbeddingsRequest {
     pub model: String,
     pub input: EmbedInput,
     pub encoding_format: Option<String>,
+    /// Truncated vectors of this size, where the model's manifest declares it.
+    pub dimensions: Option<u32>,
 }
 
 impl EmbeddingsRequest {
@@ -610,6 +612,7 @@ impl EmbeddingsRequest {
                 model: f.required("model")?,
                 input: f.required("input")?,
                 encoding_format: f.opt("encoding_format")?,
+                dimensions: f.opt("dimensions")?,
             })
         })
     }
@@ -634,6 +637,19 @@ impl EmbedInput {
             }
         }
     }
+}
+
+/// The first `d` components of a vector, scaled back to unit length (how a model trained for
+/// truncation is truncated); None when the vector is shorter.
+pub fn truncated(v: &[f32], d: usize) -> Option<Vec<f32>> {
+    let head = v.get(..d)?;
+    let norm = head.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+    #[allow(clippy::cast_possible_truncation)]
+    Some(if norm > 0.0 {
+        head.iter().map(|x| (f64::from(*x) / norm) as f32).collect()
+    } else {
+        head.to_vec()
+    })
 }
 
 /// Little-endian f32s, base64 (what `encoding_format: base64` asks for).
