@@ -336,8 +336,8 @@ impl LlamaLoaded {
 }
 
 impl LlamaLoaded {
-    /// The sampler chain: the constraint's grammar first (it removes every token the grammar
-    /// forbids), then penalties, nucleus, temperature and the draw (or the most likely token).
+    /// How the request samples ([`Sampling`]): its chain, and the constraint's grammar, on from
+    /// the start or waiting for the model to open a tool call.
     fn sampler(&self, req: &GenerateRequest) -> Result<Sampling> {
         let mut chain = Vec::with_capacity(4);
         if req.presence_penalty != 0.0 || req.frequency_penalty != 0.0 {
@@ -370,9 +370,7 @@ impl LlamaLoaded {
                 // Switched on by the generation loop once the model writes `open` (llama.cpp's
                 // own lazy grammar scans all the text so far with a regex on every token,
                 // which recurses per character and can overflow a compute thread's stack).
-                let after = wrap_grammar(&gbnf, after, close);
-                self.grammar(&after)?;
-                sampling.after_tag = Some((open, after));
+                sampling.after_tag = Some((open, self.grammar(&wrap_grammar(&gbnf, after, close))?));
             }
             (Some((open, close)), None) => {
                 sampling.grammar = Some(self.grammar(&wrap_grammar(&gbnf, open, close))?)
@@ -387,15 +385,14 @@ impl LlamaLoaded {
             .map_err(|e| InferenceError::BadRequest(format!("the request's grammar is not valid: {e}")))
     }
 
-    /// A lazy grammar's switch: once `so_far` holds the opening tag, the grammar of what follows
-    /// it, fed the text already written after the tag. None when that text does not fit (the
-    /// call will not parse and comes back as content).
-    fn grammar_after(&self, gbnf: &str, rest: &str) -> Option<LlamaSampler> {
-        let mut g = self.grammar(gbnf).ok()?;
+    /// A waiting grammar switched on once the opening tag is written: fed the text already
+    /// written after the tag. None when that text does not fit (the call will not parse and
+    /// comes back as content).
+    fn grammar_after(&self, mut grammar: LlamaSampler, rest: &str) -> Option<LlamaSampler> {
         for t in self.model.vocab().tokenize(rest.as_bytes(), false, false) {
-            g.try_accept(t).ok()?;
+            grammar.try_accept(t).ok()?;
         }
-        Some(g)
+        Some(grammar)
     }
 }
 
@@ -404,9 +401,9 @@ impl LlamaLoaded {
 struct Sampling {
     grammar: Option<LlamaSampler>,
     chain: LlamaSampler,
-    /// A grammar waiting for the model to open a tool call: the tag, and the GBNF of what
+    /// A grammar waiting for the model to open a tool call: the tag, and the grammar of what
     /// follows it.
-    after_tag: Option<(&'static str, String)>,
+    after_tag: Option<(&'static str, LlamaSampler)>,
 }
 
 /// A schema grammar between two literals: its root becomes a rule of its own.
@@ -676,8 +673,9 @@ impl LoadedModel for LlamaLoaded {
         let mut batch = LlamaBatch::new(chunk, 1);
         let vocab = self.model.vocab();
         let mut sampling = self.sampler(req)?;
-        // The text so far, kept while a lazy grammar waits for its opening tag.
-        let mut so_far = String::new();
+        // While a grammar waits for its opening tag: the end of the text that may be the tag's
+        // start.
+        let mut held = String::new();
 
         let start = Instant::now();
         let last = prompt.len() - 1;
@@ -737,18 +735,14 @@ impl LoadedModel for LlamaLoaded {
                 req.logprobs.map(|top| self.logprob(ctx.get_logits_ith(logits), token, &piece, top));
             let out = text.push(&piece);
             if let Some((tag, _)) = &sampling.after_tag {
-                // Only the end can hold a tag that was not there before.
-                let mut from = so_far.len().saturating_sub(tag.len());
-                while !so_far.is_char_boundary(from) {
-                    from -= 1;
-                }
-                so_far.push_str(out);
-                if let Some(at) = so_far[from..].find(tag) {
-                    let rest = so_far[from + at + tag.len()..].to_string();
-                    if let Some((_, gbnf)) = sampling.after_tag.take() {
-                        sampling.grammar = self.grammar_after(&gbnf, &rest);
+                held.push_str(out);
+                if let Some(at) = held.find(tag) {
+                    let rest = &held[at + tag.len()..];
+                    if let Some((_, grammar)) = sampling.after_tag.take() {
+                        sampling.grammar = self.grammar_after(grammar, rest);
                     }
-                    so_far = String::new();
+                } else {
+                    held.drain(..held.len() - crate::stop::held_prefix(&held, tag));
                 }
             }
             if sink(Piece { text: out, logprob }).is_break() {

@@ -43,19 +43,17 @@ impl StopFilter {
 
     /// Length of the longest suffix of `pending` that is a proper prefix of a stop string.
     fn held_suffix(&self) -> usize {
-        let p = &self.pending;
-        let mut best = 0;
-        for stop in &self.stops {
-            for (i, _) in p.char_indices() {
-                let tail = &p[i..];
-                if tail.len() < stop.len() && stop.starts_with(tail) {
-                    best = best.max(tail.len());
-                    break;
-                }
-            }
-        }
-        best
+        self.stops.iter().map(|stop| held_prefix(&self.pending, stop)).max().unwrap_or(0)
     }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `word`: text that may be
+/// the start of `word` and must be held until the next piece says.
+pub(crate) fn held_prefix(text: &str, word: &str) -> usize {
+    (1..word.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| text.is_char_boundary(text.len() - n) && word.starts_with(&text[text.len() - n..]))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

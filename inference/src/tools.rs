@@ -6,6 +6,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use crate::stop::held_prefix;
+
 /// A function call the model made (or made earlier, in a chat's history).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToolCall {
@@ -366,14 +368,6 @@ impl ToolCallFilter {
             }
         }
     }
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of `word`.
-fn held_prefix(text: &str, word: &str) -> usize {
-    (1..word.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && word.starts_with(&text[text.len() - n..]))
-        .unwrap_or(0)
 }
 
 /// The calls in `text` and the text around them; None when any call is not whole and valid.

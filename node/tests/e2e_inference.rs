@@ -190,66 +190,57 @@ async fn bad_inference_jobs_fail_with_a_clear_error() {
     assert!(r.error.as_deref().unwrap_or("").contains("absent.jsonl"), "{r:?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_local_endpoint_serves_the_openai_python_client() {
+/// A site whose agent serves the local endpoint with `key` on a free loopback port; `inference`
+/// is more of the `[inference]` table. The key file lives in the returned directory.
+async fn endpoint_site(key: &str, inference: &str) -> (Site, String, tempfile::TempDir) {
     let port =
         std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
     let keydir = tempfile::tempdir().expect("tempdir");
-    let key = "e2e-inference-key-0123456789";
     let key_file = keydir.path().join("api.key");
     std::fs::write(&key_file, format!("{key}\n")).expect("key file");
     let s = site(&format!(
-        "[inference]\nqueue_bound = 1\nconcurrency = 1\n[inference.api]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\napi_key_file = \"{}\"\n",
+        "[inference]\n{inference}[inference.api]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\napi_key_file = \"{}\"\n",
         key_file.display()
     ))
     .await;
+    (s, format!("http://127.0.0.1:{port}"), keydir)
+}
+
+/// Runs a Python client script of tests/ with `args`; it must print "ALL OK".
+fn run_client(script: &str, args: &[&str]) {
+    let out = Command::new(openai_python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script))
+        .args(args)
+        .output()
+        .expect("run the Python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "{script} checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_local_endpoint_serves_the_openai_python_client() {
+    let key = "e2e-inference-key-0123456789";
+    let (s, base, keydir) = endpoint_site(key, "queue_bound = 1\nconcurrency = 1\n").await;
     let llm = model_id(&s, "tiny-llama");
     let emb = model_id(&s, "all-minilm-l6-v2");
     let mrl = truncatable_minilm(keydir.path());
     let out = s.node.cli(&["models", "import", mrl.to_str().expect("utf-8"), "--json"]);
     assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
     let mrl = model_id(&s, "all-minilm-l6-v2-mrl");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
-    let out = Command::new(openai_python())
-        .arg(script)
-        .args([&format!("http://127.0.0.1:{port}"), key, &llm, &emb, &mrl])
-        .output()
-        .expect("run the openai client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ALL OK"),
-        "openai client checks failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_client("openai_client.py", &[&base, key, &llm, &emb, &mrl]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tool_calls_and_structured_outputs_serve_the_openai_sdk_and_langchain() {
-    let port =
-        std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
-    let keydir = tempfile::tempdir().expect("tempdir");
     let key = "e2e-inference-tools-key-0123456789";
-    let key_file = keydir.path().join("api.key");
-    std::fs::write(&key_file, format!("{key}\n")).expect("key file");
-    let s = site(&format!(
-        "[inference.api]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\napi_key_file = \"{}\"\n",
-        key_file.display()
-    ))
-    .await;
+    let (s, base, _keydir) = endpoint_site(key, "").await;
     let tools = model_id(&s, "tiny-llama-tools");
     let plain = model_id(&s, "tiny-llama");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_tools.py");
-    let out = Command::new(openai_python())
-        .arg(script)
-        .args([&format!("http://127.0.0.1:{port}"), key, &tools, &plain])
-        .output()
-        .expect("run the tool-calling client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ALL OK"),
-        "tool-calling client checks failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_client("openai_tools.py", &[&base, key, &tools, &plain]);
 }
 
 /// `name@version` as `/v1/models` lists it.

@@ -242,11 +242,9 @@ fn model_object(m: &crate::models::InstalledModel) -> Value {
 /// `GET /v1/models/{id}`: one model as the list shows it, found the way requests name it
 /// (`NAME@VERSION`, `NAME` or digest).
 async fn model(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
-    let inference = st.inference.clone();
-    match tokio::task::spawn_blocking(move || inference.resolve(&id)).await {
-        Ok(Ok((m, _))) => Json(model_object(&m)).into_response(),
-        Ok(Err(e)) => inference_error(&e),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "model_store", "model lookup failed".into()),
+    match resolve_installed(&st, &id).await {
+        Ok((m, _)) => Json(model_object(&m)).into_response(),
+        Err(response) => response,
     }
 }
 
@@ -316,14 +314,6 @@ async fn chat_completions(State(st): State<AppState>, body: Result<Json<Value>, 
     let mut params = common.params(128).map_err(bad_request)?;
     params.constraint = req.constraint;
     params.logprobs = req.logprobs;
-    if params.constraint.is_some() && req.tools.is_some() {
-        return Err(refused(Refused {
-            param: "response_format".into(),
-            code: "unsupported_parameter",
-            message: "response_format: not supported together with tools (a tool's arguments already follow its schema)"
-                .into(),
-        }));
-    }
     let stream = Streaming::of(&common)?;
     let model = resolve(&st, &common.model).await?;
     let shape = Shape::Chat { id: request_id("chatcmpl"), model: common.model.clone() };

@@ -259,14 +259,10 @@ impl CompletionRequest {
     pub fn from_body(body: Value) -> Result<CompletionRequest, Refused> {
         Fields::parse(body, |f| {
             // An int (alternatives per token); false is the same as absent.
-            let logprobs = match f.opt::<Value>("logprobs")? {
-                None | Some(Value::Bool(false)) => None,
-                Some(v) => Some(serde_json::from_value::<u8>(v).map_err(|e| Refused {
-                    param: "logprobs".into(),
-                    code: "invalid_type",
-                    message: format!("logprobs: {e}"),
-                })?),
-            };
+            if f.0.get("logprobs") == Some(&Value::Bool(false)) {
+                f.0.remove("logprobs");
+            }
+            let logprobs: Option<u8> = f.opt("logprobs")?;
             let common = Common::take(f)?;
             if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
                 return Err(invalid(
@@ -346,6 +342,16 @@ impl ChatRequest {
                     param: "logprobs".into(),
                     code: "unsupported_parameter",
                     message: "logprobs: not returned together with tools".into(),
+                });
+            }
+            if req.constraint.is_some() && req.tools.is_some() {
+                return Err(Refused {
+                    param: "response_format".into(),
+                    code: "unsupported_parameter",
+                    message:
+                        "response_format: not supported together with tools (a tool's arguments already \
+                              follow its schema)"
+                            .into(),
                 });
             }
             Ok(req)
