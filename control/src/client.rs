@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use outpost_protocol::{
-    AuditList, CreateOrgRequest, CreateTokenRequest, CreateTriggerRequest, EnrollmentToken, ErrorBody,
-    EventList, JobGroup, JobInfo, JobList, JobState, LabelNodeRequest, NodeInfo, NodeList, Org,
-    SubmitJobRequest, Trigger, TriggerList, paths,
+    ApiTokenInfo, ApiTokenList, AuditList, CreateApiTokenRequest, CreateOrgRequest, CreateTokenRequest,
+    CreateTriggerRequest, CreatedApiToken, EnrollmentToken, ErrorBody, EventList, JobGroup, JobInfo, JobList,
+    JobState, LabelNodeRequest, NodeInfo, NodeList, Org, Role, SubmitJobRequest, Trigger, TriggerList, paths,
 };
 use reqwest::Method;
 use serde::Serialize;
@@ -113,6 +113,29 @@ impl Client {
     pub async fn create_token(&self, org_id: &str, ttl_secs: Option<u64>) -> anyhow::Result<EnrollmentToken> {
         let path = paths::fill(paths::ORG_TOKENS, "org_id", org_id);
         self.call(Method::POST, &path, Some(&CreateTokenRequest { ttl_secs })).await
+    }
+
+    pub async fn create_api_token(
+        &self,
+        org_id: &str,
+        name: &str,
+        role: Role,
+        ttl_secs: Option<u64>,
+    ) -> anyhow::Result<CreatedApiToken> {
+        let path = paths::fill(paths::ORG_API_TOKENS, "org_id", &enc(org_id));
+        let req = CreateApiTokenRequest { name: name.into(), role, ttl_secs };
+        self.call(Method::POST, &path, Some(&req)).await
+    }
+
+    pub async fn list_api_tokens(&self, org_id: &str) -> anyhow::Result<ApiTokenList> {
+        let path = paths::fill(paths::ORG_API_TOKENS, "org_id", &enc(org_id));
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn revoke_api_token(&self, org_id: &str, token_id: &str) -> anyhow::Result<ApiTokenInfo> {
+        let path = paths::fill(paths::ORG_API_TOKEN, "org_id", &enc(org_id));
+        let path = paths::fill(&path, "token_id", &enc(token_id));
+        self.call::<(), _>(Method::DELETE, &path, None).await
     }
 
     pub async fn submit(&self, req: &SubmitJobRequest) -> anyhow::Result<JobInfo> {

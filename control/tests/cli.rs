@@ -242,6 +242,7 @@ fn help_shows_examples_and_every_command() {
         "events",
         "trigger",
         "audit",
+        "api-token",
         "Examples:",
         "--json",
         "--data-dir",
@@ -287,4 +288,48 @@ fn operator_commands_without_credentials_say_where_they_looked() {
         .expect("runs");
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("admin.token"), "{}", text(&out.stderr));
+}
+
+#[tokio::test]
+async fn api_tokens_are_created_used_listed_and_revoked_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = serve(dir.path());
+    let org = ok(ctl(&served, dir.path(), &["org", "create", "clinic-a"])).trim().to_owned();
+    let created = ctl(
+        &served,
+        dir.path(),
+        &["api-token", "create", "--org", &org, "--name", "grafana", "--role", "viewer"],
+    );
+    let token = ok(created.clone()).trim().to_owned();
+    assert!(token.starts_with("opk_"), "{token}");
+    assert!(text(&created.stderr).contains("shown only this once"), "{}", text(&created.stderr));
+
+    // The viewer reads, and is refused what needs more, with the reason.
+    let as_viewer = |args: &[&str]| {
+        let mut all = vec!["--token", token.as_str()];
+        all.extend_from_slice(args);
+        ctl(&served, dir.path(), &all)
+    };
+    ok(as_viewer(&["node", "list"]));
+    let refused = as_viewer(&["token", "create", "--org", &org]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("needs the admin role"), "{}", text(&refused.stderr));
+    let refused = as_viewer(&["org", "create", "x"]);
+    assert!(text(&refused.stderr).contains("admin token"), "{}", text(&refused.stderr));
+
+    let listed = ok(ctl(&served, dir.path(), &["--json", "api-token", "list", "--org", &org]));
+    let list: outpost_protocol::ApiTokenList = serde_json::from_str(&listed).expect("JSON list");
+    assert_eq!(list.tokens.len(), 1);
+    assert_eq!(
+        (list.tokens[0].name.as_str(), list.tokens[0].role),
+        ("grafana", outpost_protocol::Role::Viewer)
+    );
+    assert!(!listed.contains(token.split('.').nth(1).expect("secret")), "the secret is never listed");
+    let table = ok(ctl(&served, dir.path(), &["api-token", "list", "--org", &org]));
+    assert!(table.contains("grafana") && table.contains("viewer"), "{table}");
+
+    ok(ctl(&served, dir.path(), &["api-token", "revoke", "--org", &org, &list.tokens[0].id]));
+    let after = as_viewer(&["node", "list"]);
+    assert!(!after.status.success());
+    assert!(text(&after.stderr).contains("revoked"), "{}", text(&after.stderr));
 }

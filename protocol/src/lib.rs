@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod access;
 mod audit;
 mod bundle;
 mod enroll;
@@ -24,6 +25,7 @@ pub mod seal;
 pub mod selector;
 mod service;
 
+pub use access::*;
 pub use audit::*;
 pub use bundle::*;
 pub use enroll::*;

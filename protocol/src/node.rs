@@ -239,11 +239,16 @@ pub struct NodeList {
 pub struct AuditEntry {
     pub seq: u64,
     pub unix_ms: u64,
-    /// Who acted: `operator`, `node:<id>`, `anonymous`.
+    /// Who acted: `owner` (the admin token), `token:<name>@<org>` (an API token), `node:<id>`,
+    /// `anonymous`; entries written before roles existed say `operator`.
     pub actor: String,
     /// What happened, e.g. `enroll.rejected`, `job.submitted`.
     pub action: String,
     pub detail: String,
+    /// The organisation the action concerned, where it concerned one: what that organisation's
+    /// tokens see of the trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,10 @@
 pub const ORGS: &str = "/v1/orgs";
 /// Operator: create an enrollment token for an organisation. Bearer token.
 pub const ORG_TOKENS: &str = "/v1/orgs/{org_id}/tokens";
+/// Operator (admin role): create and list API tokens of an organisation.
+pub const ORG_API_TOKENS: &str = "/v1/orgs/{org_id}/api-tokens";
+/// Operator (admin role): revoke an API token.
+pub const ORG_API_TOKEN: &str = "/v1/orgs/{org_id}/api-tokens/{token_id}";
 /// Node, before it has a certificate: trade a one-time token and a CSR for a client certificate.
 pub const ENROLL: &str = "/v1/enroll";
 /// Node (mTLS): long-poll for jobs, acknowledging the ones already persisted.

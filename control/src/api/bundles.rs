@@ -16,11 +16,11 @@ use axum::http::StatusCode;
 use outpost_protocol::{
     BUNDLE_FORMAT, BundleFile, BundleManifest, BundlePart, BundleRequest, BundleResponse, ErrorBody,
     JobAssignment, NodeInfo, PartKind, ResultReport, ResultsAck, ResultsBundle, ResultsImport,
-    ResultsPayload, Selector, paths,
+    ResultsPayload, Role, Selector, paths,
 };
 
 use super::jobs::{JobOrigin, check_job_spec, create_job, sign};
-use super::{ApiError, ApiResult, Body, OperatorAuth, Shared};
+use super::{ApiError, ApiResult, Body, Caller, Shared};
 use crate::pki::sha256_hex;
 use crate::store::ResultOutcome;
 
@@ -47,14 +47,12 @@ pub const MAX_RESULTS_BUNDLE_BYTES: usize = 256 * 1024 * 1024;
         (status = 409, description = "no node matches the selector", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn create(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(org_id): Path<String>,
     Body(req): Body<BundleRequest>,
 ) -> ApiResult<(StatusCode, Json<BundleResponse>)> {
-    if st.store.get_org(&org_id).await?.is_none() {
-        return Err(ApiError::not_found(format!("organisation {org_id} does not exist")));
-    }
+    super::access::org_exists(&st, &caller, &org_id, Role::Operator).await?;
     let expiry = req.expires_in_secs.unwrap_or(DEFAULT_BUNDLE_EXPIRY_SECS);
     if expiry == 0 || expiry > MAX_BUNDLE_EXPIRY_SECS {
         return Err(ApiError::bad_request(
@@ -163,7 +161,7 @@ pub async fn create(
         jobs.len(),
         if req.deployments.is_empty() { "none".to_owned() } else { req.deployments.join(", ") }
     );
-    st.audit("operator", "bundle.created", &detail).await;
+    st.audit(&caller.actor, Some(&org_id), "bundle.created", &detail).await;
     Ok((StatusCode::CREATED, Json(BundleResponse { manifest: manifest.0, parts, jobs })))
 }
 
@@ -382,10 +380,11 @@ async fn sign_manifest(
         (status = 403, description = "not signed by an enrolled node's certificate", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn import_results(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Body(bundle): Body<ResultsBundle>,
 ) -> ApiResult<Json<ResultsImport>> {
+    caller.at_least(Role::Operator)?;
     let payload: ResultsPayload = serde_json::from_str(&bundle.payload).map_err(|e| {
         ApiError::bad_request("bad_bundle", format!("the results payload does not parse: {e}"))
     })?;
@@ -394,6 +393,9 @@ pub async fn import_results(
         .get_node(&payload.node_id)
         .await?
         .ok_or_else(|| forbidden(format!("node {} is not enrolled here", payload.node_id)))?;
+    caller.may(&node.org_id, Role::Operator, || {
+        forbidden(format!("node {} is not enrolled here", payload.node_id))
+    })?;
     verify_node_signature(&node, &bundle).map_err(forbidden)?;
     if payload.org_id != node.org_id {
         return Err(forbidden(format!(
@@ -433,13 +435,14 @@ pub async fn import_results(
                     outpost_protocol::wire_name(&outcome),
                     payload.bundle_id
                 );
-                st.audit(&actor, "job.result", &detail).await;
+                st.audit(&actor, Some(&node.org_id), "job.result", &detail).await;
                 out.stored.push(key.clone());
                 acked.push(key);
             }
             ResultOutcome::Superseded => {
                 st.audit(
                     &actor,
+                    Some(&node.org_id),
                     "job.result.superseded",
                     &format!("job {key}: a later attempt replaced this one"),
                 )
@@ -452,8 +455,13 @@ pub async fn import_results(
                 acked.push(key);
             }
             ResultOutcome::NotYours => {
-                st.audit(&actor, "report.refused", &format!("job {key}: not sent to this node, or unknown"))
-                    .await;
+                st.audit(
+                    &actor,
+                    Some(&node.org_id),
+                    "report.refused",
+                    &format!("job {key}: not sent to this node, or unknown"),
+                )
+                .await;
                 out.refused
                     .push((key.clone(), "the job was not sent to this node, or does not exist here".into()));
                 refused_keys.push(key);
@@ -509,8 +517,13 @@ pub async fn import_results(
         out.audit_stored = got.stored;
         out.audit_up_to_seq = got.up_to_seq;
         if let Some(why) = got.refused {
-            st.audit(&actor, "node.audit.refused", &format!("results bundle {}: {why}", payload.bundle_id))
-                .await;
+            st.audit(
+                &actor,
+                Some(&node.org_id),
+                "node.audit.refused",
+                &format!("results bundle {}: {why}", payload.bundle_id),
+            )
+            .await;
             out.refused.push(("audit".into(), why));
         }
     }
@@ -552,7 +565,7 @@ pub async fn import_results(
         out.superseded.len(),
         out.refused.len()
     );
-    st.audit("operator", "bundle.results_imported", &detail).await;
+    st.audit(&caller.actor, Some(&node.org_id), "bundle.results_imported", &detail).await;
     out.ack = BundleResponse { manifest, parts, jobs: Vec::new() };
     Ok(Json(out))
 }

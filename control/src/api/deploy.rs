@@ -7,11 +7,11 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
-    DeployAction, DeployActionRequest, DeployRequest, DeploymentInfo, DeploymentList, ErrorBody,
+    DeployAction, DeployActionRequest, DeployRequest, DeploymentInfo, DeploymentList, ErrorBody, Role,
     RolloutStatus, Selector, ServiceReportAck, ServiceReportBatch, ServiceState, paths,
 };
 
-use super::{ApiError, ApiResult, AppState, Body, NodeAuth, OperatorAuth, Shared, rollout};
+use super::{ApiError, ApiResult, AppState, Body, Caller, NodeAuth, Shared, rollout};
 use crate::store::{DeploymentRecord, MAX_REVISIONS_KEPT, NodeServiceRecord};
 
 /// Most reports a node may send in one request.
@@ -59,11 +59,12 @@ fn check_request(req: &DeployRequest) -> ApiResult<(String, Selector)> {
         (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn create(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(org_id): Path<String>,
     Body(req): Body<DeployRequest>,
 ) -> ApiResult<(StatusCode, Json<DeploymentInfo>)> {
+    caller.may(&org_id, Role::Operator, || org_missing(&org_id))?;
     if req.org_id != org_id {
         return Err(ApiError::bad_request(
             "bad_org",
@@ -140,7 +141,7 @@ pub async fn create(
         "deployment {} revision {} of service {} (image {}), selector {}, priority {}, batch {}",
         i.name, i.revision, i.service, i.spec.image, i.selector, i.priority, i.rollout.batch
     );
-    st.audit("operator", "deploy.created", &detail).await;
+    st.audit(&caller.actor, Some(&org_id), "deploy.created", &detail).await;
     st.fleet_changed.notify_one();
     Ok((StatusCode::CREATED, Json(record.info)))
 }
@@ -148,10 +149,11 @@ pub async fn create(
 #[utoipa::path(get, path = paths::DEPLOYMENTS, tag = "deployments", params(("org_id" = String, Path, description = "organisation id")),
     responses((status = 200, body = DeploymentList), (status = 401, body = ErrorBody)), security(("admin_token" = [])))]
 pub async fn list(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(org_id): Path<String>,
 ) -> ApiResult<Json<DeploymentList>> {
+    caller.may(&org_id, Role::Viewer, || org_missing(&org_id))?;
     let mut deployments: Vec<DeploymentInfo> = st
         .store
         .list_deployments()
@@ -172,11 +174,20 @@ pub async fn list(
     responses((status = 200, body = DeploymentInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn get(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path((org_id, name)): Path<(String, String)>,
 ) -> ApiResult<Json<DeploymentInfo>> {
+    caller.may(&org_id, Role::Viewer, || deployment_missing(&org_id, &name))?;
     Ok(Json(status(&st, &org_id, &name).await?))
+}
+
+fn org_missing(org_id: &str) -> ApiError {
+    ApiError::not_found(format!("organisation {org_id} does not exist; see `org list`"))
+}
+
+fn deployment_missing(org_id: &str, name: &str) -> ApiError {
+    ApiError::not_found(format!("deployment {name} does not exist in organisation {org_id}"))
 }
 
 async fn status(st: &AppState, org_id: &str, name: &str) -> ApiResult<DeploymentInfo> {
@@ -200,11 +211,12 @@ async fn status(st: &AppState, org_id: &str, name: &str) -> ApiResult<Deployment
         (status = 409, description = "the action does not apply in the rollout's state", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn act(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path((org_id, name)): Path<(String, String)>,
     Body(req): Body<DeployActionRequest>,
 ) -> ApiResult<Json<DeploymentInfo>> {
+    caller.may(&org_id, Role::Operator, || deployment_missing(&org_id, &name))?;
     let exclusive = st.fleet_lock.lock().await;
     let mut d = st.store.get_deployment(&org_id, &name).await?.ok_or_else(|| {
         ApiError::not_found(format!("deployment {name} does not exist in organisation {org_id}"))
@@ -266,7 +278,7 @@ pub async fn act(
     st.store.put_deployment(d.clone()).await?;
     drop(exclusive);
     let detail = format!("deployment {name}: {} (was {state})", outpost_protocol::wire_name(&req.action));
-    st.audit("operator", "deploy.action", &detail).await;
+    st.audit(&caller.actor, Some(&org_id), "deploy.action", &detail).await;
     st.fleet_changed.notify_one();
     Ok(Json(status(&st, &org_id, &name).await?))
 }
@@ -326,7 +338,7 @@ pub(super) async fn store_node_reports(
         .collect();
     let up_to_seq = st.store.store_service_reports(&node.node_id, batch.reports).await?;
     for detail in notable {
-        st.audit(&format!("node:{}", node.node_id), "service.report", &detail).await;
+        st.audit(&format!("node:{}", node.node_id), Some(&node.org_id), "service.report", &detail).await;
     }
     st.fleet_changed.notify_one();
     Ok(ServiceReportAck { up_to_seq })

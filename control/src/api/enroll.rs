@@ -60,7 +60,7 @@ pub(super) async fn enroll_core(
         Ok(cert) => cert,
         Err(e) => {
             let detail = format!("unusable CSR from {hostname:?} (org {}): {e}", org.org.id);
-            st.audit("anonymous", "enroll.rejected", &detail).await;
+            st.audit("anonymous", Some(&org.org.id), "enroll.rejected", &detail).await;
             return Err(ApiError::bad_request(
                 "bad_csr",
                 format!("the certificate signing request is unusable: {e}; the token was not spent"),
@@ -84,7 +84,7 @@ pub(super) async fn enroll_core(
         return Err(refuse(st, refusal, &org.org.id, hostname).await);
     }
     let detail = format!("{node_id} ({hostname}, agent {agent_version}) in org {}", org.org.id);
-    st.audit(&format!("node:{node_id}"), "node.enrolled", &detail).await;
+    st.audit(&format!("node:{node_id}"), Some(&org.org.id), "node.enrolled", &detail).await;
     Ok(EnrollResponse {
         node_id,
         org_id: org.org.id,
@@ -113,6 +113,6 @@ async fn refuse(st: &Shared, refusal: TokenRefusal, org_id: &str, hostname: &str
             "unknown token",
         ),
     };
-    st.audit("anonymous", "enroll.rejected", &format!("{why} (org {org_id}) from {hostname:?}")).await;
+    st.audit("anonymous", None, "enroll.rejected", &format!("{why} (org {org_id}) from {hostname:?}")).await;
     ApiError::new(StatusCode::UNAUTHORIZED, code, message)
 }

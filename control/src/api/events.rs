@@ -12,7 +12,7 @@ use outpost_protocol::{
 use serde::Deserialize;
 
 use super::jobs::MAX_KEY_BYTES;
-use super::{ApiError, ApiResult, Body, MAX_POLL_WAIT, NodeAuth, OperatorAuth, Params, Shared, triggers};
+use super::{ApiError, ApiResult, Body, Caller, MAX_POLL_WAIT, NodeAuth, Params, Shared, triggers};
 use crate::store::{EventFilter, EventOrder};
 
 const DEFAULT_LIST: usize = 100;
@@ -51,7 +51,7 @@ pub(super) async fn store_node_events(
     let actor = format!("node:{}", node.node_id);
     for gap in &outcome.gaps {
         let detail = format!("node {} event seq jumped from {} to {}", node.node_id, gap.after, gap.seq);
-        st.audit(&actor, "event.gap", &detail).await;
+        st.audit(&actor, Some(&node.org_id), "event.gap", &detail).await;
     }
     tracing::debug!(node = %node.node_id, stored = outcome.stored, duplicates = outcome.duplicates,
         up_to_seq = outcome.up_to_seq, "events delivered");
@@ -130,10 +130,15 @@ pub struct EventQuery {
     responses((status = 200, body = EventList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_events(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Params(q): Params<EventQuery>,
 ) -> ApiResult<Json<EventList>> {
+    // Another organisation's events do not exist for this caller.
+    if q.org_id.as_deref().is_some_and(|o| !caller.sees(o)) {
+        return Ok(Json(EventList::default()));
+    }
+    let org_id = q.org_id.clone().or_else(|| caller.org_filter().map(str::to_owned));
     let order = match (q.node_id, q.after_seq, q.cursor) {
         (_, Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -147,12 +152,8 @@ pub async fn list_events(
         (Some(node_id), after_seq, None) => EventOrder::BySeq { node_id, after_seq: after_seq.unwrap_or(0) },
         (node_id, None, cursor) => EventOrder::ByCursor { node_id, after_cursor: cursor.unwrap_or(0) },
     };
-    let filter = EventFilter {
-        org_id: q.org_id,
-        order,
-        newest: q.newest,
-        limit: q.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST),
-    };
+    let filter =
+        EventFilter { org_id, order, newest: q.newest, limit: q.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST) };
     let wait = q.wait_secs.map_or(Duration::ZERO, Duration::from_secs).min(MAX_POLL_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     loop {

@@ -1,6 +1,6 @@
 //! Request extractors: JSON bodies and query strings whose every rejection is a JSON
 //! [`ErrorBody`](outpost_protocol::ErrorBody), and the two ways a caller proves who it is (the
-//! admin bearer token; a node's client certificate from the TLS layer).
+//! operator's bearer token, see `access.rs`; a node's client certificate from the TLS layer).
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
@@ -71,43 +71,21 @@ fn query_rejection(r: QueryRejection) -> ApiError {
     ApiError::bad_request("bad_query", r.body_text())
 }
 
-/// Proof that the request carried the admin bearer token.
-pub struct OperatorAuth;
-
-impl FromRequestParts<Shared> for OperatorAuth {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
-        let given = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let Some(given) = given else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "operator calls need `Authorization: Bearer <admin token>` (the token is in the data \
-                 directory's admin.token)",
-            ));
-        };
-        if !digests_equal(&Sha256::digest(given.as_bytes()).into(), &state.admin_token_sha256) {
-            // Logged, not audited: an unauthenticated caller must not be able to grow the trail.
-            tracing::warn!("operator call with a wrong admin token refused");
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "bad_token",
-                "the admin token is wrong; use the one in the data directory's admin.token",
-            ));
-        }
-        Ok(OperatorAuth)
-    }
+/// The bearer token of an operator call, `None` without an `Authorization: Bearer` header (the
+/// scheme is case-insensitive, as HTTP's are).
+pub(super) fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Compares two digests in constant time (no early exit on the first difference).
-fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(super) fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(super) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 /// An enrolled node, proven by its client certificate: 401 without one, 403 when the node is
@@ -144,7 +122,7 @@ impl FromRequestParts<Shared> for NodeAuth {
         };
         // Only certificates our CA signed get this far, so the trail cannot be flooded.
         let detail = format!("{} {} ({})", parts.uri.path(), refusal.body.code, peer.cert_sha256);
-        state.audit(&format!("node:{}", peer.node_id), "node.refused", &detail).await;
+        state.audit(&format!("node:{}", peer.node_id), None, "node.refused", &detail).await;
         Err(refusal)
     }
 }

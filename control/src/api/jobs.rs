@@ -6,12 +6,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
     ContainerSpec, ErrorBody, InferenceSpec, JobEnvelope, JobGroup, JobInfo, JobList, JobSpec, JobState,
-    NodeInfo, Placement, Selector, SignedEnvelope, SubmitJobRequest, paths,
+    NodeInfo, Placement, Role, Selector, SignedEnvelope, SubmitJobRequest, paths,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{ApiError, ApiResult, AppState, Body, OperatorAuth, Params, Shared, placement};
+use super::access::node_for;
+use super::{ApiError, ApiResult, AppState, Body, Caller, Params, Shared, placement};
 use crate::signing;
 use crate::store::{CancelOutcome, JobFilter, JobRecord, OrgRecord, StoreError};
 
@@ -30,23 +31,25 @@ const MAX_LIST: usize = 1000;
         (status = 409, description = "no node matches the selector", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn submit_job(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Body(req): Body<SubmitJobRequest>,
 ) -> ApiResult<(StatusCode, Json<JobInfo>)> {
+    caller.at_least(Role::Operator)?;
     check_job_spec(&req.spec)?;
     check_recipients(&req.recipients)?;
     let expiry = check_expiry(req.expires_in_secs)?;
     let sealed = !req.recipients.is_empty();
     let (node, origin) = match Target::of(&req)? {
         Target::Node(node_id) => {
-            let node = find_node(&st, node_id).await?;
+            let node = node_for(&st, &caller, node_id, Role::Operator).await?;
             if sealed && !can_seal(&node) {
                 return Err(cannot_seal(node_id));
             }
             (node, JobOrigin::default())
         }
         Target::Selector { org_id, selector, placement: Placement::Any } => {
+            caller.may(org_id, Role::Operator, || org_missing(org_id))?;
             let matching = placement::matching_nodes(&st, org_id, &selector).await?;
             if let [only_old, ..] = matching.as_slice()
                 && sealed
@@ -78,7 +81,7 @@ pub async fn submit_job(
     let info = create_job(&st, &node, req.spec, expiry, None, origin).await?.ok_or_else(|| {
         ApiError::internal("job_id_taken", "a freshly generated job id is already taken; submit again")
     })?;
-    st.audit("operator", "job.submitted", &submitted_detail(&info)).await;
+    st.audit(&caller.actor, Some(&info.org_id), "job.submitted", &submitted_detail(&info)).await;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -147,11 +150,8 @@ fn no_match(org_id: &str, selector: &Selector) -> ApiError {
     )
 }
 
-async fn find_node(st: &AppState, node_id: &str) -> ApiResult<NodeInfo> {
-    st.store
-        .get_node(node_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("node {node_id} is not enrolled; see `node list`")))
+fn org_missing(org_id: &str) -> ApiError {
+    ApiError::not_found(format!("organisation {org_id} does not exist; see `org list`"))
 }
 
 #[utoipa::path(post, path = paths::JOB_GROUPS, tag = "jobs", request_body = SubmitJobRequest,
@@ -161,10 +161,11 @@ async fn find_node(st: &AppState, node_id: &str) -> ApiResult<NodeInfo> {
         (status = 409, description = "no node matches the selector", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn submit_group(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Body(req): Body<SubmitJobRequest>,
 ) -> ApiResult<(StatusCode, Json<JobGroup>)> {
+    caller.at_least(Role::Operator)?;
     check_job_spec(&req.spec)?;
     check_recipients(&req.recipients)?;
     let expiry = check_expiry(req.expires_in_secs)?;
@@ -178,6 +179,7 @@ pub async fn submit_group(
             ),
         ));
     };
+    caller.may(org_id, Role::Operator, || org_missing(org_id))?;
     let nodes = placement::matching_nodes(&st, org_id, &selector).await?;
     if nodes.is_empty() {
         return Err(no_match(org_id, &selector));
@@ -205,7 +207,7 @@ pub async fn submit_group(
         }
     }
     let detail = format!("group {group_id}: {} jobs, selector {selector}, org {org_id}", jobs.len());
-    st.audit("operator", "job.group_submitted", &detail).await;
+    st.audit(&caller.actor, Some(org_id), "job.group_submitted", &detail).await;
     Ok((
         StatusCode::CREATED,
         Json(JobGroup { group_id, org_id: org_id.to_owned(), selector: selector.to_string(), jobs }),
@@ -216,14 +218,15 @@ pub async fn submit_group(
     responses((status = 200, body = JobGroup), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn get_group(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(group_id): Path<String>,
 ) -> ApiResult<Json<JobGroup>> {
     let filter = JobFilter { group_id: Some(group_id.clone()), limit: usize::MAX, ..Default::default() };
     let jobs = st.store.list_jobs(filter).await?;
-    let first =
-        jobs.first().ok_or_else(|| ApiError::not_found(format!("job group {group_id} does not exist")))?;
+    let missing = || ApiError::not_found(format!("job group {group_id} does not exist"));
+    let first = jobs.first().ok_or_else(missing)?;
+    caller.may(&first.org_id, Role::Viewer, missing)?;
     let (org_id, selector) = (first.org_id.clone(), first.selector.clone().unwrap_or_default());
     Ok(Json(JobGroup { group_id, org_id, selector, jobs }))
 }
@@ -235,12 +238,14 @@ pub async fn get_group(
         (status = 409, description = "the job has ended", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn cancel_job(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(job_id): Path<String>,
 ) -> ApiResult<Json<JobInfo>> {
-    if let Some(job) = st.store.get_job(&job_id).await?
-        && job.info.state == JobState::Accepted
+    let missing = || ApiError::not_found(format!("job {job_id} does not exist"));
+    let job = st.store.get_job(&job_id).await?.ok_or_else(missing)?;
+    caller.may(&job.info.org_id, Role::Operator, missing)?;
+    if job.info.state == JobState::Accepted
         && let Some(node) = st.store.get_node(&job.info.node_id).await?
         && !node.announce().has(outpost_protocol::capability::CANCEL)
     {
@@ -275,8 +280,8 @@ pub async fn cancel_job(
             } else {
                 "node asked to stop it"
             };
-            st.audit("operator", "job.cancel", &format!("job {job_id} on node {}: {how}", job.info.node_id))
-                .await;
+            let detail = format!("job {job_id} on node {}: {how}", job.info.node_id);
+            st.audit(&caller.actor, Some(&job.info.org_id), "job.cancel", &detail).await;
             st.wakers.wake(&job.info.node_id);
             Ok(Json(job.info))
         }
@@ -593,11 +598,12 @@ pub struct JobQuery {
     responses((status = 200, body = JobList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_jobs(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Params(q): Params<JobQuery>,
 ) -> ApiResult<Json<JobList>> {
     let filter = JobFilter {
+        org_id: caller.org_filter().map(str::to_owned),
         node_id: q.node_id,
         state: q.state,
         group_id: q.group_id,
@@ -611,15 +617,13 @@ pub async fn list_jobs(
     responses((status = 200, body = JobInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn get_job(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(job_id): Path<String>,
 ) -> ApiResult<Json<JobInfo>> {
-    let job = st
-        .store
-        .get_job(&job_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("job {job_id} does not exist")))?;
+    let missing = || ApiError::not_found(format!("job {job_id} does not exist"));
+    let job = st.store.get_job(&job_id).await?.ok_or_else(missing)?;
+    caller.may(&job.info.org_id, Role::Viewer, missing)?;
     let mut info = job.info;
     // Held at its site for an approver, as the node's last heartbeat said.
     if info.state == JobState::Accepted

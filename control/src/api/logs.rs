@@ -19,7 +19,7 @@ use outpost_protocol::{
 };
 use tokio::sync::Notify;
 
-use super::{ApiError, ApiResult, Body, NodeAuth, OperatorAuth, Params, Shared};
+use super::{ApiError, ApiResult, Body, Caller, NodeAuth, Params, Shared};
 
 /// Most log streams open at once across all nodes.
 pub const MAX_SESSIONS: usize = 256;
@@ -187,17 +187,14 @@ fn answer(info: &JobInfo, source: LogSource, offset: u64, data: String, done: bo
         (status = 503, description = "too many log streams open", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn job_logs(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(job_id): Path<String>,
     Params(q): Params<LogsQuery>,
 ) -> ApiResult<Json<JobLogs>> {
-    let info = st
-        .store
-        .get_job(&job_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("job {job_id} does not exist")))?
-        .info;
+    let missing = || ApiError::not_found(format!("job {job_id} does not exist"));
+    let info = st.store.get_job(&job_id).await?.ok_or_else(missing)?.info;
+    caller.may(&info.org_id, outpost_protocol::Role::Viewer, missing)?;
     let after = q.after.unwrap_or(0);
     let follow = q.follow.unwrap_or(false);
     let wait = q.wait_secs.map_or(Duration::ZERO, Duration::from_secs).min(MAX_WAIT);
@@ -426,7 +423,7 @@ pub async fn node_logs(
     };
     if let Some(why) = refused {
         let detail = format!("job {k}: live logs refused by the node: {why}");
-        st.audit(&format!("node:{}", node.node_id), "job.logs.refused", &detail).await;
+        st.audit(&format!("node:{}", node.node_id), Some(&node.org_id), "job.logs.refused", &detail).await;
     }
     Ok(Json(LogChunkAck { keep }))
 }

@@ -3,6 +3,7 @@
 //! token), `node.rs` (mutual TLS) and `events.rs` (node delivery by mutual TLS, operator
 //! listing); the extractors that authenticate and parse requests in `extract.rs`.
 
+pub mod access;
 mod bundles;
 mod deploy;
 mod enroll;
@@ -29,8 +30,9 @@ use axum::routing::{get, post};
 use outpost_protocol::paths;
 use tokio_util::sync::CancellationToken;
 
+pub use access::{Caller, Scope};
 pub use error::{ApiError, ApiResult};
-pub use extract::{Body, ConnPeer, NodeAuth, OperatorAuth, Params};
+pub use extract::{Body, ConnPeer, NodeAuth, Params};
 
 use crate::clock::Clock;
 use crate::longpoll::NodeWakers;
@@ -86,6 +88,8 @@ pub fn router(state: Shared) -> Router {
         .route(paths::OPENAPI, get(openapi::document))
         .route(paths::ORGS, post(operator::create_org).get(operator::list_orgs))
         .route(paths::ORG_TOKENS, post(operator::create_token))
+        .route(paths::ORG_API_TOKENS, post(access::create_api_token).get(access::list_api_tokens))
+        .route(paths::ORG_API_TOKEN, axum::routing::delete(access::revoke_api_token))
         .route(paths::ENROLL, post(enroll::enroll))
         .route(paths::NODE_POLL, post(node::poll))
         .route(paths::NODE_RESULTS, post(node::report))
@@ -169,9 +173,11 @@ impl AppState {
 
     /// Best effort: an audit write failing must not turn a served request into an error, but
     /// it is logged loudly.
-    pub async fn audit(&self, actor: &str, action: &str, detail: &str) {
-        tracing::info!(target: "outpost_control::audit", actor, action, detail);
-        if let Err(e) = self.store.append_audit(actor, action, detail, self.clock.now_ms()).await {
+    /// Appends to the audit trail; `org_id`: the organisation the action concerned, which is
+    /// what that organisation's tokens see of the trail.
+    pub async fn audit(&self, actor: &str, org_id: Option<&str>, action: &str, detail: &str) {
+        tracing::info!(target: "outpost_control::audit", actor, org_id, action, detail);
+        if let Err(e) = self.store.append_audit(actor, org_id, action, detail, self.clock.now_ms()).await {
             tracing::error!(error = %e, action, detail, "cannot write the audit trail");
         }
     }

@@ -174,12 +174,12 @@ pub async fn report(
     match st.store.store_result(&node.node_id, report).await? {
         ResultOutcome::Stored => {
             let detail = format!("job {key}: {}", outpost_protocol::wire_name(&outcome));
-            st.audit(&actor, "job.result", &detail).await;
+            st.audit(&actor, Some(&node.org_id), "job.result", &detail).await;
             Ok(Json(Ack { idempotency_key: key, duplicate: false }))
         }
         ResultOutcome::Superseded => {
             let detail = format!("job {key}: a later attempt replaced this one; kept, not counted");
-            st.audit(&actor, "job.result.superseded", &detail).await;
+            st.audit(&actor, Some(&node.org_id), "job.result.superseded", &detail).await;
             Ok(Json(Ack { idempotency_key: key, duplicate: false }))
         }
         ResultOutcome::Duplicate => {
@@ -188,14 +188,26 @@ pub async fn report(
         }
         ResultOutcome::NotYours => {
             if st.store.get_job(&job_id).await?.is_some() {
-                st.audit(&actor, "report.refused", &format!("job {job_id} belongs to another node")).await;
+                st.audit(
+                    &actor,
+                    Some(&node.org_id),
+                    "report.refused",
+                    &format!("job {job_id} belongs to another node"),
+                )
+                .await;
                 Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     "not_your_job",
                     format!("job {job_id} was not sent to node {}", node.node_id),
                 ))
             } else {
-                st.audit(&actor, "report.refused", &format!("job {job_id} does not exist")).await;
+                st.audit(
+                    &actor,
+                    Some(&node.org_id),
+                    "report.refused",
+                    &format!("job {job_id} does not exist"),
+                )
+                .await;
                 Err(ApiError::not_found(format!("job {job_id} does not exist on this control plane")))
             }
         }

@@ -12,7 +12,7 @@ use outpost_protocol::{
 };
 
 use super::jobs::sign;
-use super::{ApiError, ApiResult, Body, OperatorAuth, Shared};
+use super::{ApiError, ApiResult, Body, Caller, Shared};
 use crate::pki::sha256_hex;
 use crate::store::TokenRecord;
 
@@ -29,14 +29,14 @@ const TOKEN_TTL_MS: u64 = 60_000;
         (status = 409, description = "this request was used already", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn enroll_offline(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(org_id): Path<String>,
     Body(p): Body<OfflineEnrollParams>,
 ) -> ApiResult<(StatusCode, Json<SignedEnvelope>)> {
-    let org = st.store.get_org(&org_id).await?.ok_or_else(|| {
-        ApiError::not_found(format!("organisation {org_id} does not exist; see `org list`"))
-    })?;
+    let missing = || ApiError::not_found(format!("organisation {org_id} does not exist; see `org list`"));
+    caller.may(&org_id, outpost_protocol::Role::Admin, missing)?;
+    let org = st.store.get_org(&org_id).await?.ok_or_else(missing)?;
     let req = &p.request;
     if req.format != OFFLINE_FORMAT {
         return Err(ApiError::bad_request(
@@ -59,8 +59,13 @@ pub async fn enroll_offline(
     }
     let token_sha = sha256_hex(token.as_bytes());
     if st.store.get_token(&token_sha).await?.is_some() {
-        st.audit("operator", "enroll.rejected", &format!("offline request {} used again", req.request_id))
-            .await;
+        st.audit(
+            &caller.actor,
+            Some(&org_id),
+            "enroll.rejected",
+            &format!("offline request {} used again", req.request_id),
+        )
+        .await;
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "request_used",

@@ -5,15 +5,17 @@ use outpost_protocol::paths;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{bundles, deploy, enroll, events, jobs, logs, node, offline, operator, triggers};
+use super::{access, bundles, deploy, enroll, events, jobs, logs, node, offline, operator, triggers};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Outpost control plane API",
         description = "Nodes dial out to this API: they enroll with a one-time token, then long-poll for \
-                       signed jobs, report results and deliver relay events over mutual TLS 1.3. Operators use the \
-                       admin bearer token; org-level triggers turn matching events into jobs. \
+                       signed jobs, report results and deliver relay events over mutual TLS 1.3. Operators send a \
+                       bearer token: an API token of one organisation with a role (viewer, operator, admin), or \
+                       the admin token (everything, every organisation); a token never sees another \
+                       organisation's objects (404). Org-level triggers turn matching events into jobs. \
                        Every error answer is an ErrorBody."
     ),
     paths(
@@ -21,6 +23,9 @@ use super::{bundles, deploy, enroll, events, jobs, logs, node, offline, operator
         operator::create_org,
         operator::list_orgs,
         operator::create_token,
+        access::create_api_token,
+        access::list_api_tokens,
+        access::revoke_api_token,
         operator::list_nodes,
         operator::get_node,
         operator::label_node,

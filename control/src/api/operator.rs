@@ -6,11 +6,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
     AuditList, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, ErrorBody, Health, LabelNodeRequest,
-    NodeInfo, NodeList, Org, Selector, paths, selector,
+    NodeInfo, NodeList, Org, Role, Selector, paths, selector,
 };
 use serde::Deserialize;
 
-use super::{ApiError, ApiResult, Body, OperatorAuth, Params, Shared, placement};
+use super::access::{node_for, org_exists};
+use super::{ApiError, ApiResult, Body, Caller, Params, Shared, placement};
 use crate::data_dir::random_hex;
 use crate::signing;
 use crate::store::{OrgRecord, TokenRecord};
@@ -30,10 +31,11 @@ pub async fn health() -> Json<Health> {
     responses((status = 201, body = Org), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn create_org(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Body(req): Body<CreateOrgRequest>,
 ) -> ApiResult<(StatusCode, Json<Org>)> {
+    caller.owner_only("creating an organisation")?;
     let name = req.name.trim();
     if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
         return Err(ApiError::bad_request("bad_name", "an organisation name is 1-128 printable characters"));
@@ -47,14 +49,16 @@ pub async fn create_org(
     };
     st.store.insert_org(OrgRecord { org: org.clone(), signing_secret_hex: secret }).await?;
     let detail = format!("{} ({}), signing key {}", org.id, org.name, org.signing_key.key_id);
-    st.audit("operator", "org.created", &detail).await;
+    st.audit(&caller.actor, Some(&org.id), "org.created", &detail).await;
     Ok((StatusCode::CREATED, Json(org)))
 }
 
 #[utoipa::path(get, path = paths::ORGS, tag = "orgs",
     responses((status = 200, body = Vec<Org>), (status = 401, body = ErrorBody)), security(("admin_token" = [])))]
-pub async fn list_orgs(_: OperatorAuth, State(st): State<Shared>) -> ApiResult<Json<Vec<Org>>> {
-    Ok(Json(st.store.list_orgs().await?))
+pub async fn list_orgs(caller: Caller, State(st): State<Shared>) -> ApiResult<Json<Vec<Org>>> {
+    let mut orgs = st.store.list_orgs().await?;
+    orgs.retain(|o| caller.sees(&o.id));
+    Ok(Json(orgs))
 }
 
 #[utoipa::path(post, path = paths::ORG_TOKENS, tag = "orgs", request_body = CreateTokenRequest,
@@ -65,14 +69,12 @@ pub async fn list_orgs(_: OperatorAuth, State(st): State<Shared>) -> ApiResult<J
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn create_token(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(org_id): Path<String>,
     Body(req): Body<CreateTokenRequest>,
 ) -> ApiResult<(StatusCode, Json<EnrollmentToken>)> {
-    if st.store.get_org(&org_id).await?.is_none() {
-        return Err(ApiError::not_found(format!("organisation {org_id} does not exist; see `org list`")));
-    }
+    org_exists(&st, &caller, &org_id, Role::Admin).await?;
     let ttl = req.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
     if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
         return Err(ApiError::bad_request("bad_ttl", format!("ttl_secs must be 1..={MAX_TOKEN_TTL_SECS}")));
@@ -88,7 +90,7 @@ pub async fn create_token(
         record.token_sha256.get(..12).unwrap_or_default()
     );
     st.store.insert_token(record).await?;
-    st.audit("operator", "token.created", &detail).await;
+    st.audit(&caller.actor, Some(&org_id), "token.created", &detail).await;
     Ok((StatusCode::CREATED, Json(token)))
 }
 
@@ -107,7 +109,7 @@ pub struct NodeQuery {
     responses((status = 200, body = NodeList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_nodes(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Params(q): Params<NodeQuery>,
 ) -> ApiResult<Json<NodeList>> {
@@ -122,7 +124,7 @@ pub async fn list_nodes(
         .list_nodes()
         .await?
         .into_iter()
-        .filter(|n| q.org_id.as_deref().is_none_or(|o| o == n.org_id))
+        .filter(|n| q.org_id.as_deref().is_none_or(|o| o == n.org_id) && caller.sees(&n.org_id))
         .map(|n| placement::present(&st, n))
         .filter(|n| selector.as_ref().is_none_or(|s| s.matches(&n.labels)))
         .collect();
@@ -134,15 +136,11 @@ pub async fn list_nodes(
     responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn get_node(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(node_id): Path<String>,
 ) -> ApiResult<Json<NodeInfo>> {
-    let node = st
-        .store
-        .get_node(&node_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("node {node_id} is not enrolled")))?;
+    let node = node_for(&st, &caller, &node_id, Role::Viewer).await?;
     Ok(Json(placement::present(&st, node)))
 }
 
@@ -153,7 +151,7 @@ pub async fn get_node(
         (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn label_node(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(node_id): Path<String>,
     Body(req): Body<LabelNodeRequest>,
@@ -163,11 +161,7 @@ pub async fn label_node(
         selector::check_label_key(key)
             .map_err(|why| ApiError::bad_request("bad_labels", format!("label key {why}")))?;
     }
-    let mut node = st
-        .store
-        .get_node(&node_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("node {node_id} is not enrolled")))?;
+    let mut node = node_for(&st, &caller, &node_id, Role::Operator).await?;
     node.operator_labels.extend(req.set.clone());
     req.remove.iter().for_each(|k| drop(node.operator_labels.remove(k)));
     if node.operator_labels.len() > selector::MAX_LABELS {
@@ -179,7 +173,7 @@ pub async fn label_node(
     let node = st.store.update_node_labels(&node_id, req.set.clone(), req.remove.clone()).await?;
     let set = req.set.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
     let detail = format!("node {node_id}: set [{set}] removed [{}]", req.remove.join(","));
-    st.audit("operator", "node.labelled", &detail).await;
+    st.audit(&caller.actor, Some(&node.org_id), "node.labelled", &detail).await;
     Ok(Json(placement::present(&st, node)))
 }
 
@@ -195,12 +189,12 @@ pub struct AuditQuery {
     responses((status = 200, body = AuditList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_audit(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Params(q): Params<AuditQuery>,
 ) -> ApiResult<Json<AuditList>> {
     let limit = q.limit.unwrap_or(DEFAULT_AUDIT_LIST).min(MAX_AUDIT_LIST);
-    Ok(Json(AuditList { entries: st.store.list_audit(limit).await? }))
+    Ok(Json(AuditList { entries: st.store.list_audit(caller.org_filter(), limit).await? }))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -223,14 +217,12 @@ const MAX_NODE_AUDIT_PAGE: usize = 10_000;
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn node_audit(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(node_id): Path<String>,
     Params(q): Params<NodeAuditQuery>,
 ) -> ApiResult<Json<outpost_protocol::NodeAuditList>> {
-    if st.store.get_node(&node_id).await?.is_none() {
-        return Err(ApiError::not_found(format!("node {node_id} is not enrolled")));
-    }
+    node_for(&st, &caller, &node_id, Role::Viewer).await?;
     let limit = q.limit.unwrap_or(MAX_NODE_AUDIT_PAGE).clamp(1, MAX_NODE_AUDIT_PAGE);
     let entries = st.store.node_audit(&node_id, q.after.unwrap_or(0), limit).await?;
     Ok(Json(outpost_protocol::NodeAuditList { node_id, entries }))

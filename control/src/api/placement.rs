@@ -155,7 +155,7 @@ async fn move_job(st: &AppState, job: &JobRecord, target: &NodeInfo, reason: &st
         target.node_id,
         job.info.attempt.saturating_add(1)
     );
-    st.audit("control", "job.replaced", &detail).await;
+    st.audit("control", Some(&job.info.org_id), "job.replaced", &detail).await;
     Ok(true)
 }
 

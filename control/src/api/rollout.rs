@@ -120,6 +120,7 @@ pub async fn pass(st: &AppState) -> ApiResult<()> {
             st.store.put_deployment(d.clone()).await?;
             st.audit(
                 "control",
+                Some(&d.info.org_id),
                 "deploy.rollout",
                 &format!("deployment {} revision {}: {note}", d.info.name, d.info.revision),
             )
@@ -205,6 +206,7 @@ async fn converge(
     };
     st.audit(
         "control",
+        Some(&node.org_id),
         "service.desired",
         &format!("node {} service {service}: {what} of deployment {deployment}", node.node_id),
     )

@@ -7,14 +7,14 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
-    CreateTriggerRequest, ErrorBody, EventMatch, NodeInfo, ObjectEvent, Trigger, TriggerList, paths,
+    CreateTriggerRequest, ErrorBody, EventMatch, NodeInfo, ObjectEvent, Role, Trigger, TriggerList, paths,
 };
 use serde::Deserialize;
 
 use super::jobs::{
     JobOrigin, MAX_KEY_BYTES, MAX_SPEC_KEYS, check_expiry, check_object_key, check_spec, create_job,
 };
-use super::{ApiError, ApiResult, AppState, Body, OperatorAuth, Params, Shared};
+use super::{ApiError, ApiResult, AppState, Body, Caller, Params, Shared};
 use crate::store::StoreError;
 
 #[utoipa::path(post, path = paths::TRIGGERS, tag = "triggers", request_body = CreateTriggerRequest,
@@ -27,17 +27,13 @@ use crate::store::StoreError;
         (status = 409, description = "the organisation has a trigger of that name", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn create_trigger(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Body(req): Body<CreateTriggerRequest>,
 ) -> ApiResult<(StatusCode, Json<Trigger>)> {
+    caller.at_least(Role::Operator)?;
     check_name(&req.name)?;
-    if st.store.get_org(&req.org_id).await?.is_none() {
-        return Err(ApiError::not_found(format!(
-            "organisation {} does not exist; see `org list`",
-            req.org_id
-        )));
-    }
+    super::access::org_exists(&st, &caller, &req.org_id, Role::Operator).await?;
     check_spec(&req.job)?;
     if req.job.inputs.len() >= MAX_SPEC_KEYS {
         return Err(ApiError::bad_request(
@@ -71,7 +67,7 @@ pub async fn create_trigger(
         "{} ({}) in org {}, image {}",
         trigger.trigger_id, trigger.name, trigger.org_id, trigger.job.image
     );
-    st.audit("operator", "trigger.created", &detail).await;
+    st.audit(&caller.actor, Some(&trigger.org_id), "trigger.created", &detail).await;
     Ok((StatusCode::CREATED, Json(trigger)))
 }
 
@@ -124,11 +120,15 @@ pub struct TriggerQuery {
     responses((status = 200, body = TriggerList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_triggers(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Params(q): Params<TriggerQuery>,
 ) -> ApiResult<Json<TriggerList>> {
-    Ok(Json(TriggerList { triggers: st.store.list_triggers(q.org_id.as_deref()).await? }))
+    if q.org_id.as_deref().is_some_and(|o| !caller.sees(o)) {
+        return Ok(Json(TriggerList::default()));
+    }
+    let org_id = q.org_id.as_deref().or(caller.org_filter());
+    Ok(Json(TriggerList { triggers: st.store.list_triggers(org_id).await? }))
 }
 
 #[utoipa::path(get, path = paths::TRIGGER, tag = "triggers",
@@ -136,15 +136,13 @@ pub async fn list_triggers(
     responses((status = 200, body = Trigger), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn get_trigger(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(trigger_id): Path<String>,
 ) -> ApiResult<Json<Trigger>> {
-    let trigger = st
-        .store
-        .get_trigger(&trigger_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("trigger {trigger_id} does not exist")))?;
+    let missing = || ApiError::not_found(format!("trigger {trigger_id} does not exist"));
+    let trigger = st.store.get_trigger(&trigger_id).await?.ok_or_else(missing)?;
+    caller.may(&trigger.org_id, Role::Viewer, missing)?;
     Ok(Json(trigger))
 }
 
@@ -155,17 +153,18 @@ pub async fn get_trigger(
     responses((status = 200, body = Trigger), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn delete_trigger(
-    _: OperatorAuth,
+    caller: Caller,
     State(st): State<Shared>,
     Path(trigger_id): Path<String>,
 ) -> ApiResult<Json<Trigger>> {
     let missing = || ApiError::not_found(format!("trigger {trigger_id} does not exist"));
     let trigger = st.store.get_trigger(&trigger_id).await?.ok_or_else(missing)?;
+    caller.may(&trigger.org_id, Role::Operator, missing)?;
     if !st.store.delete_trigger(&trigger_id).await? {
         return Err(missing());
     }
     let detail = format!("{} ({}) in org {}", trigger.trigger_id, trigger.name, trigger.org_id);
-    st.audit("operator", "trigger.deleted", &detail).await;
+    st.audit(&caller.actor, Some(&trigger.org_id), "trigger.deleted", &detail).await;
     Ok(Json(trigger))
 }
 
@@ -229,7 +228,7 @@ async fn fire_one(st: &AppState, node: &NodeInfo, trigger: &Trigger, event: &Obj
             "{} ({}) started job {} (seq {}) on node {} for event {} ({})",
             trigger.trigger_id, trigger.name, info.job_id, info.seq, node.node_id, event.seq, event.key
         );
-        st.audit(&actor, "trigger.fired", &detail).await;
+        st.audit(&actor, Some(&node.org_id), "trigger.fired", &detail).await;
     }
     st.store.add_triggered_job(&node.node_id, event.seq, &job_id).await?;
     Ok(())

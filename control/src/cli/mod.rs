@@ -50,6 +50,10 @@ Examples:
   ORG=$(outpost-control org create clinic-a)
   outpost-control token create --org \"$ORG\" --ttl 2h
 
+  # a read-only API token for a dashboard, an operator token for CI
+  outpost-control api-token create --org \"$ORG\" --name grafana --role viewer
+  outpost-control api-token create --org \"$ORG\" --name ci --role operator --ttl 30d
+
   # run a container on a node and wait for its result
   JOB=$(outpost-control job submit --node node-… --image sha256:… --memory 256m -- sh -c 'echo hello')
   outpost-control job wait \"$JOB\" --timeout 10m
@@ -70,7 +74,8 @@ pub struct Global {
     /// Data directory: CA, server certificate, admin token, database.
     #[arg(long, global = true, env = "OUTPOST_CONTROL_DATA_DIR", default_value = "/var/lib/outpost-control")]
     pub data_dir: PathBuf,
-    /// Admin token (default: read from DATA_DIR/admin.token).
+    /// Bearer token: an API token (`api-token create`; its role decides what the commands may
+    /// do) or the admin token (default: read from DATA_DIR/admin.token).
     #[arg(long, global = true, env = "OUTPOST_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// CA certificate (PEM) to trust for the server (default: DATA_DIR/ca.crt).
@@ -115,6 +120,9 @@ pub enum Command {
     /// One-time enrollment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// API tokens: named, per organisation, with a role (viewer, operator, admin) and an expiry.
+    #[command(subcommand)]
+    ApiToken(ApiTokenCommand),
     /// Submit jobs, read and wait for their results.
     #[command(subcommand)]
     Job(JobCommand),
@@ -166,6 +174,42 @@ pub enum TokenCommand {
         /// Lifetime, e.g. 30m, 2h, 7d (default 1h, at most 7d).
         #[arg(long, value_parser = submit::parse_duration)]
         ttl: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiTokenCommand {
+    /// Create an API token and print it (it is shown only this once; only its hash is kept).
+    ///
+    /// Roles: viewer reads the organisation's nodes, jobs, deployments, events, triggers and
+    /// audit; operator also submits and cancels jobs, deploys, labels nodes and builds bundles;
+    /// admin also manages API and enrollment tokens. Needs the admin role (or the admin token).
+    Create {
+        /// Organisation id (from `org create` or `org list`).
+        #[arg(long)]
+        org: String,
+        /// A name for people and the audit trail, e.g. `ci` or `alice` ([A-Za-z0-9._-], unique in
+        /// the organisation among tokens not revoked).
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: outpost_protocol::Role,
+        /// Lifetime, e.g. 30d, 12h (default 90d, at most 400d).
+        #[arg(long, value_parser = submit::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// List the organisation's API tokens, revoked ones included (never their secrets).
+    List {
+        #[arg(long)]
+        org: String,
+    },
+    /// Revoke an API token: every later call with it is refused.
+    Revoke {
+        #[arg(long)]
+        org: String,
+        /// The token's id (`tok-…`, from `api-token list`).
+        token_id: String,
     },
 }
 

@@ -8,7 +8,10 @@ use anyhow::{Context, anyhow};
 use serde::Serialize;
 
 use super::relay::{self, EventsCommand, TriggerCommand};
-use super::{AuditCommand, Command, Global, JobCommand, NodeCommand, OrgCommand, TokenCommand, show, submit};
+use super::{
+    ApiTokenCommand, AuditCommand, Command, Global, JobCommand, NodeCommand, OrgCommand, TokenCommand, show,
+    submit,
+};
 use crate::client::{Client, EventsQuery, JobsQuery};
 use crate::data_dir::DataDir;
 
@@ -55,6 +58,24 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
         Command::Org(OrgCommand::List) => {
             let orgs = c.list_orgs().await?;
             print(g.json, &orgs, |o| show::orgs(o))?;
+        }
+        Command::ApiToken(ApiTokenCommand::Create { org, name, role, ttl }) => {
+            let t = c.create_api_token(&org, &name, role, ttl.map(|d| d.as_secs())).await?;
+            print(g.json, &t, |t| {
+                eprintln!(
+                    "created API token {} ({}, role {}) for organisation {}; it is shown only this once",
+                    t.info.name, t.info.id, t.info.role, t.info.org_id
+                );
+                println!("{}", t.token);
+            })?;
+        }
+        Command::ApiToken(ApiTokenCommand::List { org }) => {
+            let list = c.list_api_tokens(&org).await?;
+            print(g.json, &list, show::api_tokens)?;
+        }
+        Command::ApiToken(ApiTokenCommand::Revoke { org, token_id }) => {
+            let t = c.revoke_api_token(&org, &token_id).await?;
+            print(g.json, &t, |t| eprintln!("revoked API token {} ({})", t.name, t.id))?;
         }
         Command::Token(TokenCommand::Create { org, ttl }) => {
             let t = c.create_token(&org, ttl.map(|d| d.as_secs())).await?;

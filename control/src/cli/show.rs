@@ -2,7 +2,8 @@
 //! use `--json` instead, which prints the API's own types.
 
 use outpost_protocol::{
-    AuditList, InferenceKind, JobInfo, JobList, JobSpec, JobState, NodeInfo, NodeList, Org, Outcome,
+    ApiTokenList, AuditList, InferenceKind, JobInfo, JobList, JobSpec, JobState, NodeInfo, NodeList, Org,
+    Outcome,
 };
 
 /// Prints rows under headers, each column as wide as its widest cell.
@@ -210,6 +211,29 @@ pub fn node(n: &NodeInfo) {
     }
     println!("docker:    {}", inv.docker_version.as_deref().unwrap_or("unavailable"));
     println!("images:    {}", inv.images.len());
+}
+
+pub fn api_tokens(list: &ApiTokenList) {
+    let rows = list
+        .tokens
+        .iter()
+        .map(|t| {
+            let state = match t.revoked_unix_ms {
+                Some(at) => format!("revoked {}", when(Some(at))),
+                None => String::new(),
+            };
+            vec![
+                t.id.clone(),
+                t.name.clone(),
+                t.role.to_string(),
+                when(Some(t.created_unix_ms)),
+                when(Some(t.expires_unix_ms)),
+                t.created_by.clone(),
+                state,
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["ID", "NAME", "ROLE", "CREATED", "EXPIRES", "CREATED BY", "REVOKED"], &rows);
 }
 
 pub fn audit(list: &AuditList) {

@@ -1,13 +1,13 @@
 //! The contract every `StateStore` adapter keeps, run against each of them.
 
 use outpost_protocol::{
-    ContainerSpec, EventMatch, JobInfo, JobState, NodeInfo, ObjectEvent, Org, Outcome, Placement, PublicKey,
-    ResultReport, SignedEnvelope, Timings, Trigger,
+    ApiTokenInfo, ContainerSpec, EventMatch, JobInfo, JobState, NodeInfo, ObjectEvent, Org, Outcome,
+    Placement, PublicKey, ResultReport, Role, SignedEnvelope, Timings, Trigger,
 };
 
 use super::{
-    CancelOutcome, EventFilter, EventOrder, JobFilter, JobRecord, MemoryStore, OrgRecord, ResultOutcome,
-    SeqGap, SledStore, StateStore, StoreError, TokenRecord, TokenRefusal, next_attempt,
+    ApiTokenRecord, CancelOutcome, EventFilter, EventOrder, JobFilter, JobRecord, MemoryStore, OrgRecord,
+    ResultOutcome, SeqGap, SledStore, StateStore, StoreError, TokenRecord, TokenRefusal, next_attempt,
 };
 
 fn org(id: &str) -> OrgRecord {
@@ -145,11 +145,59 @@ async fn results_are_stored_once(s: &dyn StateStore) {
 }
 
 async fn audit_is_ordered(s: &dyn StateStore) {
-    let a = s.append_audit("operator", "x.one", "1", 1).await.expect("audit");
-    let b = s.append_audit("operator", "x.two", "2", 2).await.expect("audit");
+    let a = s.append_audit("owner", Some("oa"), "x.one", "1", 1).await.expect("audit");
+    let b = s.append_audit("owner", None, "x.two", "2", 2).await.expect("audit");
     assert_eq!(b.seq, a.seq + 1);
-    let list = s.list_audit(2).await.expect("list");
+    let list = s.list_audit(None, 2).await.expect("list");
     assert_eq!(list.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["x.one", "x.two"]);
+    s.append_audit("token:t@ob", Some("ob"), "x.three", "3", 3).await.expect("audit");
+    let of_a = s.list_audit(Some("oa"), 10).await.expect("list");
+    assert_eq!(
+        of_a.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["x.one"],
+        "one org's entries only"
+    );
+    assert_eq!(of_a[0].org_id.as_deref(), Some("oa"));
+}
+
+fn api_token(id: &str, org_id: &str, name: &str, created: u64) -> ApiTokenRecord {
+    ApiTokenRecord {
+        info: ApiTokenInfo {
+            id: id.into(),
+            name: name.into(),
+            org_id: org_id.into(),
+            role: Role::Operator,
+            created_unix_ms: created,
+            expires_unix_ms: created + 1000,
+            created_by: "owner".into(),
+            revoked_unix_ms: None,
+        },
+        secret_sha256: "ab".repeat(32),
+    }
+}
+
+async fn api_token_names_are_unique_until_revoked(s: &dyn StateStore) {
+    s.insert_api_token(api_token("tok-1", "ta", "ci", 1)).await.expect("insert");
+    s.insert_api_token(api_token("tok-2", "tb", "ci", 2)).await.expect("the same name in another org");
+    assert!(matches!(
+        s.insert_api_token(api_token("tok-3", "ta", "ci", 3)).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        s.insert_api_token(api_token("tok-1", "ta", "other", 3)).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let revoked = s.revoke_api_token("tok-1", 50).await.expect("revoke").expect("tok-1");
+    assert_eq!(revoked.revoked_unix_ms, Some(50));
+    let again = s.revoke_api_token("tok-1", 60).await.expect("revoke").expect("tok-1");
+    assert_eq!(again.revoked_unix_ms, Some(50), "the first revocation time stays");
+    assert!(s.revoke_api_token("tok-none", 60).await.expect("revoke").is_none());
+    s.insert_api_token(api_token("tok-3", "ta", "ci", 3)).await.expect("the name is free again");
+    let listed = s.list_api_tokens("ta").await.expect("list");
+    assert_eq!(listed.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["tok-1", "tok-3"]);
+    let stored = s.get_api_token("tok-1").await.expect("get").expect("tok-1");
+    assert_eq!(stored.secret_sha256, "ab".repeat(32));
+    assert_eq!(stored.info.revoked_unix_ms, Some(50));
 }
 
 fn event(seq: u64, key: &str) -> ObjectEvent {
@@ -428,6 +476,7 @@ async fn contract(s: &dyn StateStore) {
     queued_jobs_are_offered_until_acknowledged(s).await;
     results_are_stored_once(s).await;
     audit_is_ordered(s).await;
+    api_token_names_are_unique_until_revoked(s).await;
     events_are_stored_once_per_node_and_seq(s).await;
     triggered_jobs_are_recorded_once(s).await;
     trigger_names_are_unique_per_org(s).await;
@@ -458,7 +507,9 @@ async fn the_sled_store_keeps_everything_across_a_reopen() {
     assert!(s.get_node("n1").await.expect("get").is_some());
     assert_eq!(s.next_job_seq("n1").await.expect("seq"), 3, "sequence numbers never repeat");
     assert_eq!(s.get_job("r1").await.expect("get").expect("r1").info.state, JobState::Finished);
-    assert_eq!(s.list_audit(10).await.expect("audit").len(), 2);
+    assert_eq!(s.list_audit(None, 10).await.expect("audit").len(), 3);
+    let token = s.get_api_token("tok-1").await.expect("get").expect("API tokens survive");
+    assert_eq!(token.info.revoked_unix_ms, Some(50), "and so does their revocation");
     let events = s.list_events(by_cursor(None, 0)).await.expect("events");
     assert_eq!(events.len(), 7);
     assert_eq!(events[1].triggered_jobs, ["trg-1", "trg-2"]);

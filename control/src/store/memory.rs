@@ -6,15 +6,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use outpost_protocol::{
-    AuditEntry, CancelAttempt, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent, Org,
-    ResultReport, StoredEvent, Trigger,
+    ApiTokenInfo, AuditEntry, CancelAttempt, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent,
+    Org, ResultReport, StoredEvent, Trigger,
 };
 
 use super::{
-    CANCELLED_BY_OPERATOR, CancelOutcome, EventFilter, EventOrder, EventTally, EventsOutcome, JobFilter,
-    JobRecord, OrgRecord, ResultFate, ResultOutcome, StateStore, StoreError, StoreFuture, TokenRecord,
-    TokenRefusal, accept_job, apply_cancel, cancel_of, change_labels, check_token, finish_job, is_open_any,
-    result_fate, sort_triggers, stored_event, take_window,
+    ApiTokenRecord, CANCELLED_BY_OPERATOR, CancelOutcome, EventFilter, EventOrder, EventTally, EventsOutcome,
+    JobFilter, JobRecord, OrgRecord, ResultFate, ResultOutcome, StateStore, StoreError, StoreFuture,
+    TokenRecord, TokenRefusal, accept_job, apply_cancel, cancel_of, change_labels, check_token, finish_job,
+    is_open_any, result_fate, sort_api_tokens, sort_triggers, stored_event, take_window,
 };
 
 #[derive(Default)]
@@ -40,6 +40,7 @@ struct Inner {
     service_report_last: HashMap<String, u64>,
     /// (node, seq) → the node's audit entry.
     node_audit: BTreeMap<(String, u64), outpost_protocol::AuditRecord>,
+    api_tokens: HashMap<String, ApiTokenRecord>,
 }
 
 #[derive(Default)]
@@ -530,23 +531,84 @@ impl StateStore for MemoryStore {
     fn append_audit(
         &self,
         actor: &str,
+        org_id: Option<&str>,
         action: &str,
         detail: &str,
         now_ms: u64,
     ) -> StoreFuture<'_, AuditEntry> {
         let (actor, action, detail) = (actor.to_owned(), action.to_owned(), detail.to_owned());
+        let org_id = org_id.map(str::to_owned);
         self.with(move |inner| {
             let seq = inner.audit.last().map_or(1, |e| e.seq + 1);
-            let entry = AuditEntry { seq, unix_ms: now_ms, actor, action, detail };
+            let entry = AuditEntry { seq, unix_ms: now_ms, actor, action, detail, org_id };
             inner.audit.push(entry.clone());
             Ok(entry)
         })
     }
 
-    fn list_audit(&self, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>> {
+    fn list_audit(&self, org_id: Option<&str>, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>> {
+        let org_id = org_id.map(str::to_owned);
         self.with(move |inner| {
-            let start = inner.audit.len().saturating_sub(limit);
-            Ok(inner.audit[start..].to_vec())
+            let mut out: Vec<AuditEntry> = inner
+                .audit
+                .iter()
+                .rev()
+                .filter(|e| org_id.is_none() || e.org_id == org_id)
+                .take(limit)
+                .cloned()
+                .collect();
+            out.reverse();
+            Ok(out)
+        })
+    }
+
+    fn insert_api_token(&self, token: ApiTokenRecord) -> StoreFuture<'_, ()> {
+        self.with(move |inner| {
+            if inner.api_tokens.contains_key(&token.info.id) {
+                return Err(StoreError::AlreadyExists(format!("API token {}", token.info.id)));
+            }
+            let taken = inner.api_tokens.values().any(|t| {
+                t.info.org_id == token.info.org_id
+                    && t.info.name == token.info.name
+                    && t.info.revoked_unix_ms.is_none()
+            });
+            if taken {
+                return Err(StoreError::AlreadyExists(format!(
+                    "API token named {:?} in org {}",
+                    token.info.name, token.info.org_id
+                )));
+            }
+            inner.api_tokens.insert(token.info.id.clone(), token);
+            Ok(())
+        })
+    }
+
+    fn get_api_token(&self, token_id: &str) -> StoreFuture<'_, Option<ApiTokenRecord>> {
+        let id = token_id.to_owned();
+        self.with(move |inner| Ok(inner.api_tokens.get(&id).cloned()))
+    }
+
+    fn list_api_tokens(&self, org_id: &str) -> StoreFuture<'_, Vec<ApiTokenInfo>> {
+        let org_id = org_id.to_owned();
+        self.with(move |inner| {
+            let mut out: Vec<ApiTokenInfo> = inner
+                .api_tokens
+                .values()
+                .filter(|t| t.info.org_id == org_id)
+                .map(|t| t.info.clone())
+                .collect();
+            sort_api_tokens(&mut out);
+            Ok(out)
+        })
+    }
+
+    fn revoke_api_token(&self, token_id: &str, now_ms: u64) -> StoreFuture<'_, Option<ApiTokenInfo>> {
+        let id = token_id.to_owned();
+        self.with(move |inner| {
+            Ok(inner.api_tokens.get_mut(&id).map(|t| {
+                t.info.revoked_unix_ms.get_or_insert(now_ms);
+                t.info.clone()
+            }))
         })
     }
 }

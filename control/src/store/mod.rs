@@ -12,8 +12,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use outpost_protocol::{
-    AuditEntry, CancelAttempt, EnrollmentToken, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent,
-    Org, Outcome, Placement, ResultReport, SignedEnvelope, StoredEvent, SupersededAttempt, Trigger,
+    ApiTokenInfo, AuditEntry, CancelAttempt, EnrollmentToken, Heartbeat, JobInfo, JobState, Labels, NodeInfo,
+    ObjectEvent, Org, Outcome, Placement, ResultReport, SignedEnvelope, StoredEvent, SupersededAttempt,
+    Trigger,
 };
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +66,14 @@ impl TokenRecord {
     }
 }
 
+/// An API token as stored: its description and the SHA-256 of its secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    pub info: ApiTokenInfo,
+    /// SHA-256 of the secret part (after `opk_<id>.`), lowercase hex.
+    pub secret_sha256: String,
+}
+
 /// Why a token could not be spent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenRefusal {
@@ -82,6 +91,8 @@ pub struct JobRecord {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobFilter {
+    /// Only jobs of this organisation.
+    pub org_id: Option<String>,
     pub node_id: Option<String>,
     pub state: Option<JobState>,
     pub group_id: Option<String>,
@@ -90,7 +101,8 @@ pub struct JobFilter {
 
 impl JobFilter {
     pub fn matches(&self, info: &JobInfo) -> bool {
-        self.node_id.as_deref().is_none_or(|n| n == info.node_id)
+        self.org_id.as_deref().is_none_or(|o| o == info.org_id)
+            && self.node_id.as_deref().is_none_or(|n| n == info.node_id)
             && self.state.is_none_or(|s| s == info.state)
             && self.group_id.as_deref().is_none_or(|g| info.group_id.as_deref() == Some(g))
     }
@@ -483,16 +495,33 @@ pub trait StateStore: Send + Sync + 'static {
     /// Removes a trigger; false when there was none.
     fn delete_trigger(&self, trigger_id: &str) -> StoreFuture<'_, bool>;
 
-    /// Appends to the audit trail with the next sequence number.
+    /// Appends to the audit trail with the next sequence number; `org_id` is the organisation
+    /// the action concerned, if one.
     fn append_audit(
         &self,
         actor: &str,
+        org_id: Option<&str>,
         action: &str,
         detail: &str,
         now_ms: u64,
     ) -> StoreFuture<'_, AuditEntry>;
-    /// The most recent `limit` entries, oldest first.
-    fn list_audit(&self, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>>;
+    /// The most recent `limit` entries (of `org_id` only, when given), oldest first.
+    fn list_audit(&self, org_id: Option<&str>, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>>;
+
+    /// Stores a new API token; `AlreadyExists` when the id is taken or a token of its
+    /// organisation that is not revoked has the same name.
+    fn insert_api_token(&self, token: ApiTokenRecord) -> StoreFuture<'_, ()>;
+    fn get_api_token(&self, token_id: &str) -> StoreFuture<'_, Option<ApiTokenRecord>>;
+    /// The organisation's tokens, revoked ones included, oldest first.
+    fn list_api_tokens(&self, org_id: &str) -> StoreFuture<'_, Vec<ApiTokenInfo>>;
+    /// Marks the token revoked at `now_ms` (a token revoked already keeps its first time) and
+    /// frees its name; `None` when there is no such token.
+    fn revoke_api_token(&self, token_id: &str, now_ms: u64) -> StoreFuture<'_, Option<ApiTokenInfo>>;
+}
+
+/// Oldest first; the id breaks ties so the order is stable.
+pub(crate) fn sort_api_tokens(tokens: &mut [ApiTokenInfo]) {
+    tokens.sort_by(|a, b| a.created_unix_ms.cmp(&b.created_unix_ms).then_with(|| a.id.cmp(&b.id)));
 }
 
 /// Checks a token against the rules shared by every adapter.

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use outpost_protocol::{
-    AuditEntry, CancelAttempt, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent, Org,
-    ResultReport, StoredEvent, Trigger,
+    ApiTokenInfo, AuditEntry, CancelAttempt, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent,
+    Org, ResultReport, StoredEvent, Trigger,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -15,10 +15,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::memory::sort_newest_first;
 use super::{
-    CANCELLED_BY_OPERATOR, CancelOutcome, EventFilter, EventOrder, EventTally, EventsOutcome, JobFilter,
-    JobRecord, OrgRecord, ResultFate, ResultOutcome, StateStore, StoreError, StoreFuture, TokenRecord,
-    TokenRefusal, accept_job, apply_cancel, cancel_of, change_labels, check_token, finish_job, is_open_any,
-    result_fate, sort_triggers, stored_event,
+    ApiTokenRecord, CANCELLED_BY_OPERATOR, CancelOutcome, EventFilter, EventOrder, EventTally, EventsOutcome,
+    JobFilter, JobRecord, OrgRecord, ResultFate, ResultOutcome, StateStore, StoreError, StoreFuture,
+    TokenRecord, TokenRefusal, accept_job, apply_cancel, cancel_of, change_labels, check_token, finish_job,
+    is_open_any, result_fate, sort_api_tokens, sort_triggers, stored_event,
 };
 
 const AUDIT_SEQ_KEY: &[u8] = b"audit_seq";
@@ -57,6 +57,10 @@ pub struct SledStore {
     node_services: sled::Tree,
     /// `node_id \0 seq (big endian)` → the node's audit entry.
     node_audit: sled::Tree,
+    /// `token_id` → `ApiTokenRecord`.
+    api_tokens: sled::Tree,
+    /// `org_id \0 name` → `token_id` for every token not revoked: names are unique per org.
+    api_token_names: sled::Tree,
 }
 
 /// Followed by the node id: the node's last stored service report seq (in `meta`).
@@ -102,6 +106,8 @@ impl SledStore {
             deployments: tree("deployments")?,
             node_services: tree("node_services")?,
             node_audit: tree("node_audit")?,
+            api_tokens: tree("api_tokens")?,
+            api_token_names: tree("api_token_names")?,
             db,
         })
     }
@@ -873,11 +879,13 @@ impl StateStore for SledStore {
     fn append_audit(
         &self,
         actor: &str,
+        org_id: Option<&str>,
         action: &str,
         detail: &str,
         now_ms: u64,
     ) -> StoreFuture<'_, AuditEntry> {
         let (actor, action, detail) = (actor.to_owned(), action.to_owned(), detail.to_owned());
+        let org_id = org_id.map(str::to_owned);
         Box::pin(async move {
             let outcome = (&self.meta, &self.audit).transaction(|(meta, audit)| {
                 let last = meta.get(AUDIT_SEQ_KEY)?.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok());
@@ -888,6 +896,7 @@ impl StateStore for SledStore {
                     actor: actor.clone(),
                     action: action.clone(),
                     detail: detail.clone(),
+                    org_id: org_id.clone(),
                 };
                 meta.insert(AUDIT_SEQ_KEY, &seq.to_be_bytes())?;
                 audit.insert(&seq.to_be_bytes(), encode(&entry).map_err(abort)?)?;
@@ -899,15 +908,84 @@ impl StateStore for SledStore {
         })
     }
 
-    fn list_audit(&self, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>> {
+    fn list_audit(&self, org_id: Option<&str>, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>> {
+        let org_id = org_id.map(str::to_owned);
         Box::pin(async move {
             let mut entries = Vec::new();
-            for item in self.audit.iter().rev().take(limit) {
+            for item in self.audit.iter().rev() {
+                if entries.len() >= limit {
+                    break;
+                }
                 let (key, value) = item.map_err(backend)?;
-                entries.push(decode::<AuditEntry>(&hex::encode(key), &value)?);
+                let entry = decode::<AuditEntry>(&hex::encode(key), &value)?;
+                if org_id.is_none() || entry.org_id == org_id {
+                    entries.push(entry);
+                }
             }
             entries.reverse();
             Ok(entries)
+        })
+    }
+
+    fn insert_api_token(&self, token: ApiTokenRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let value = encode(&token)?;
+            let name_key = trigger_name_key(&token.info.org_id, &token.info.name);
+            let outcome = (&self.api_tokens, &self.api_token_names).transaction(|(tokens, names)| {
+                if tokens.get(token.info.id.as_bytes())?.is_some() {
+                    return Err(abort(StoreError::AlreadyExists(format!("API token {}", token.info.id))));
+                }
+                if names.get(name_key.as_slice())?.is_some() {
+                    return Err(abort(StoreError::AlreadyExists(format!(
+                        "API token named {:?} in org {}",
+                        token.info.name, token.info.org_id
+                    ))));
+                }
+                tokens.insert(token.info.id.as_bytes(), value.clone())?;
+                names.insert(name_key.as_slice(), token.info.id.as_bytes())?;
+                Ok(())
+            });
+            settle(outcome)?;
+            self.flush().await
+        })
+    }
+
+    fn get_api_token(&self, token_id: &str) -> StoreFuture<'_, Option<ApiTokenRecord>> {
+        let id = token_id.to_owned();
+        Box::pin(async move { Self::get(&self.api_tokens, &id) })
+    }
+
+    fn list_api_tokens(&self, org_id: &str) -> StoreFuture<'_, Vec<ApiTokenInfo>> {
+        let org_id = org_id.to_owned();
+        Box::pin(async move {
+            let mut out: Vec<ApiTokenInfo> = Self::all::<ApiTokenRecord>(&self.api_tokens)?
+                .into_iter()
+                .filter(|t| t.info.org_id == org_id)
+                .map(|t| t.info)
+                .collect();
+            sort_api_tokens(&mut out);
+            Ok(out)
+        })
+    }
+
+    fn revoke_api_token(&self, token_id: &str, now_ms: u64) -> StoreFuture<'_, Option<ApiTokenInfo>> {
+        let id = token_id.to_owned();
+        Box::pin(async move {
+            let outcome = (&self.api_tokens, &self.api_token_names).transaction(|(tokens, names)| {
+                let Some(bytes) = tokens.get(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut token: ApiTokenRecord = decode(&id, &bytes).map_err(abort)?;
+                if token.info.revoked_unix_ms.is_none() {
+                    token.info.revoked_unix_ms = Some(now_ms);
+                    tokens.insert(id.as_bytes(), encode(&token).map_err(abort)?)?;
+                    names.remove(trigger_name_key(&token.info.org_id, &token.info.name))?;
+                }
+                Ok(Some(token.info))
+            });
+            let revoked = settle(outcome)?;
+            self.flush().await?;
+            Ok(revoked)
         })
     }
 }

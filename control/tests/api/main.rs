@@ -17,6 +17,7 @@ mod logs;
 mod openapi;
 mod restart;
 mod results;
+mod roles;
 mod sealed;
 mod support;
 mod triggers;
