@@ -14,6 +14,7 @@ pub mod client;
 pub mod clock;
 pub mod data_dir;
 pub mod longpoll;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod signing;

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub extra_sans: Vec<String>,
     /// A node silent for longer than this is offline (its `any` jobs move to another node).
     pub lease: Duration,
+    /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`); `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The default node lease: three missed heartbeats at the agent's default 30 s.
@@ -63,6 +65,8 @@ pub struct RunningServer {
     pub ca_pem: String,
     pub admin_token: String,
     pub data_dir: PathBuf,
+    /// Where the metrics listener is bound, when there is one.
+    pub metrics_addr: Option<SocketAddr>,
     clock: Clock,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -127,17 +131,36 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         started_unix_ms: clock.now_ms(),
         sent: Default::default(),
         logs: Default::default(),
+        metrics: Default::default(),
     });
+    let (metrics_addr, metrics_task) = match config.metrics_listen {
+        Some(addr) => {
+            let (bound, task) = crate::metrics::bind(addr, state.clone(), shutdown.clone())
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            tracing::info!(addr = %bound, "metrics listening (GET /metrics)");
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
     let sweep_every = (config.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
     tokio::spawn(api::placement::run(state.clone(), sweep_every));
     tokio::spawn(api::rollout::run(state.clone(), Duration::from_millis(500)));
     let app = api::router(state);
-    let task = tokio::spawn(accept_loop(listener, acceptor, app, shutdown.clone()));
+    let accepting = accept_loop(listener, acceptor, app, shutdown.clone());
+    // The server has stopped once both listeners have: neither holds the store afterwards.
+    let task = tokio::spawn(async move {
+        accepting.await;
+        if let Some(metrics) = metrics_task {
+            let _ = metrics.await;
+        }
+    });
     tracing::info!(%addr, ca_sha256 = %ca_fingerprint, "control plane listening");
     Ok(RunningServer {
         addr,
         ca_fingerprint,
         ca_pem,
+        metrics_addr,
         admin_token,
         data_dir: config.data_dir,
         clock,

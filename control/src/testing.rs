@@ -76,6 +76,12 @@ impl TestServer {
         self.dir.path()
     }
 
+    /// `http://127.0.0.1:PORT/metrics`: test servers always serve their metrics.
+    pub fn metrics_url(&self) -> String {
+        let addr = self.server.metrics_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        format!("http://{addr}/metrics")
+    }
+
     /// The server's clock; advancing it expires tokens without waiting.
     pub fn clock(&self) -> &Clock {
         self.server.clock()
@@ -93,6 +99,7 @@ async fn start_in(dir: &Path, lease: Duration) -> anyhow::Result<RunningServer> 
         data_dir: dir.to_path_buf(),
         extra_sans: vec![],
         lease,
+        metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
     };
     Ok(serve(config, CancellationToken::new()).await?)
 }

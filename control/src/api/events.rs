@@ -48,6 +48,7 @@ pub(super) async fn store_node_events(
     check_batch(&batch)?;
     let outcome =
         st.store.store_events(&node.node_id, &node.org_id, batch.events.clone(), st.clock.now_ms()).await?;
+    st.metrics.events(u64::from(outcome.stored), u64::from(outcome.duplicates));
     let actor = format!("node:{}", node.node_id);
     for gap in &outcome.gaps {
         let detail = format!("node {} event seq jumped from {} to {}", node.node_id, gap.after, gap.seq);

@@ -409,7 +409,13 @@ pub(super) async fn create_job(
             cancel_requested_unix_ms: None,
             awaiting_site_approval_since_unix_ms: None,
         };
-        match st.store.insert_job(JobRecord { info: info.clone(), envelope: signed }).await {
+        let inserting = std::time::Instant::now();
+        let inserted = st.store.insert_job(JobRecord { info: info.clone(), envelope: signed }).await;
+        st.metrics.store_op("insert_job", inserting.elapsed());
+        if inserted.is_ok() {
+            st.metrics.job_submitted();
+        }
+        match inserted {
             Ok(()) => {}
             Err(StoreError::AlreadyExists(_)) => return Ok(None),
             Err(e) => return Err(e.into()),

@@ -78,6 +78,8 @@ pub struct AppState {
     /// Per node, the cancel and service entries its last poll answer carried: a held poll is
     /// answered early only for entries it has not been sent yet.
     pub sent: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
+    /// Prometheus figures (`metrics.rs`).
+    pub metrics: crate::metrics::ControlMetrics,
 }
 
 pub type Shared = Arc<AppState>;
@@ -132,6 +134,7 @@ pub fn router(state: Shared) -> Router {
         })
         .layer(DefaultBodyLimit::max(outpost_protocol::MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(state_revision))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::metrics::track))
         .with_state(state)
 }
 
@@ -171,14 +174,14 @@ impl AppState {
         u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Best effort: an audit write failing must not turn a served request into an error, but
-    /// it is logged loudly.
     /// Appends to the audit trail; `org_id`: the organisation the action concerned, which is
-    /// what that organisation's tokens see of the trail.
+    /// what that organisation's tokens see of the trail. Best effort: an audit write failing
+    /// must not turn a served request into an error, but it is logged loudly and counted.
     pub async fn audit(&self, actor: &str, org_id: Option<&str>, action: &str, detail: &str) {
         tracing::info!(target: "outpost_control::audit", actor, org_id, action, detail);
         if let Err(e) = self.store.append_audit(actor, org_id, action, detail, self.clock.now_ms()).await {
             tracing::error!(error = %e, action, detail, "cannot write the audit trail");
+            self.metrics.audit_failed();
         }
     }
 }

@@ -64,8 +64,10 @@ pub async fn poll(
         let notified = waker.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let looked = std::time::Instant::now();
         let queued =
             if max_jobs == 0 { Vec::new() } else { st.store.queued_jobs(&node.node_id, max_jobs).await? };
+        st.metrics.store_op("queued_jobs", looked.elapsed());
         let cancel =
             if cancels_understood { st.store.pending_cancels(&node.node_id, max).await? } else { Vec::new() };
         let services: Vec<(u64, outpost_protocol::SignedEnvelope)> = if runs_services {
@@ -104,6 +106,10 @@ pub async fn poll(
                     sent.insert(node.node_id.clone(), pending.clone());
                 }
             }
+            let now = st.clock.now_ms();
+            for j in &queued {
+                st.metrics.dispatched(Duration::from_millis(now.saturating_sub(j.info.submitted_unix_ms)));
+            }
             let jobs = queued
                 .into_iter()
                 .map(|j| JobAssignment {
@@ -122,6 +128,7 @@ pub async fn poll(
         if !queued.is_empty() || unsent {
             return answer(queued);
         }
+        let _held = st.metrics.poll_held();
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep_until(deadline) => return answer(Vec::new()),
@@ -171,8 +178,12 @@ pub async fn report(
     let actor = format!("node:{}", node.node_id);
     // A refused `any` job gets another node first; the refusal then stays with its attempt.
     super::placement::place_elsewhere_after_refusal(&st, &node.node_id, &report).await?;
-    match st.store.store_result(&node.node_id, report).await? {
+    let storing = std::time::Instant::now();
+    let stored = st.store.store_result(&node.node_id, report).await?;
+    st.metrics.store_op("store_result", storing.elapsed());
+    match stored {
         ResultOutcome::Stored => {
+            st.metrics.result_stored(&outpost_protocol::wire_name(&outcome));
             let detail = format!("job {key}: {}", outpost_protocol::wire_name(&outcome));
             st.audit(&actor, Some(&node.org_id), "job.result", &detail).await;
             Ok(Json(Ack { idempotency_key: key, duplicate: false }))

@@ -110,6 +110,10 @@ pub enum Command {
         /// its `--any` jobs are offered to another matching node (e.g. 90s, 5m) [default: 90s].
         #[arg(long, value_parser = submit::parse_duration, env = "OUTPOST_CONTROL_LEASE")]
         lease: Option<Duration>,
+        /// Serve Prometheus metrics (`GET /metrics`, plain HTTP: keep it on loopback or a private
+        /// network) on this address and port, e.g. 127.0.0.1:9464 [default: not served].
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// The certificate authority nodes pin.
     #[command(subcommand)]
@@ -360,8 +364,8 @@ fn parse_state(s: &str) -> Result<JobState, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve { config, listen, sans, lease } => {
-            let settings = serve::Settings::resolve(config.as_deref(), listen, sans, lease)?;
+        Command::Serve { config, listen, sans, lease, metrics_listen } => {
+            let settings = serve::Settings::resolve(config.as_deref(), listen, sans, lease, metrics_listen)?;
             serve::serve(&g, settings).await
         }
         Command::Ca(CaCommand::Fingerprint) => {

@@ -25,6 +25,7 @@ struct File {
     #[serde(default)]
     san: Vec<String>,
     lease: Option<String>,
+    metrics_listen: Option<String>,
 }
 
 /// The server's settings: flags over the file over the defaults; `san` from both.
@@ -33,6 +34,17 @@ pub(super) struct Settings {
     pub listen: SocketAddr,
     pub sans: Vec<String>,
     pub lease: Duration,
+    /// Where Prometheus metrics are served (plain HTTP); `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// What the file set, each value checked.
+#[derive(Debug, Default)]
+struct FileSettings {
+    listen: Option<SocketAddr>,
+    sans: Vec<String>,
+    lease: Option<Duration>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -41,36 +53,47 @@ impl Settings {
         listen: Option<SocketAddr>,
         sans: Vec<String>,
         lease: Option<Duration>,
+        metrics_listen: Option<SocketAddr>,
     ) -> anyhow::Result<Settings> {
-        let (file_listen, file_sans, file_lease) = match config {
+        let file = match config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read the configuration {}", path.display()))?;
                 Self::parse(&text).with_context(|| format!("invalid configuration {}", path.display()))?
             }
-            None => (None, vec![], None),
+            None => FileSettings::default(),
         };
-        let listen = match listen.or(file_listen) {
+        let listen = match listen.or(file.listen) {
             Some(addr) => addr,
             None => DEFAULT_LISTEN.parse().context("the default listen address")?,
         };
-        let mut all = file_sans;
+        let mut all = file.sans;
         all.extend(sans);
-        Ok(Settings { listen, sans: all, lease: lease.or(file_lease).unwrap_or(DEFAULT_LEASE) })
+        Ok(Settings {
+            listen,
+            sans: all,
+            lease: lease.or(file.lease).unwrap_or(DEFAULT_LEASE),
+            metrics_listen: metrics_listen.or(file.metrics_listen),
+        })
     }
 
     /// The file's values, each checked (the error names the key and the value).
-    fn parse(text: &str) -> anyhow::Result<(Option<SocketAddr>, Vec<String>, Option<Duration>)> {
+    fn parse(text: &str) -> anyhow::Result<FileSettings> {
         let file: File = toml::from_str(text)?;
-        let listen = file
-            .listen
-            .map(|t| t.parse().map_err(|e| anyhow::anyhow!("listen = {t:?} is not an address and port: {e}")))
-            .transpose()?;
+        let address = |key: &str, value: Option<String>| {
+            value
+                .map(|t| {
+                    t.parse().map_err(|e| anyhow::anyhow!("{key} = {t:?} is not an address and port: {e}"))
+                })
+                .transpose()
+        };
+        let listen = address("listen", file.listen)?;
+        let metrics_listen = address("metrics_listen", file.metrics_listen)?;
         let lease = file
             .lease
             .map(|t| super::submit::parse_duration(&t).map_err(|e| anyhow::anyhow!("lease = {t:?}: {e}")))
             .transpose()?;
-        Ok((listen, file.san, lease))
+        Ok(FileSettings { listen, sans: file.san, lease, metrics_listen })
     }
 }
 
@@ -84,6 +107,7 @@ pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<Exit
         data_dir: g.data_dir.clone(),
         extra_sans: settings.sans,
         lease: settings.lease,
+        metrics_listen: settings.metrics_listen,
     };
     let server = server::serve(config, shutdown.clone()).await?;
     println!("outpost-control listening on https://{} (CA sha256 {})", server.addr, server.ca_fingerprint);
@@ -107,17 +131,22 @@ mod tests {
 
     #[test]
     fn without_a_file_or_flags_the_defaults_apply() {
-        let s = Settings::resolve(None, None, vec![], None).unwrap();
+        let s = Settings::resolve(None, None, vec![], None, None).unwrap();
         assert_eq!(
             s,
-            Settings { listen: DEFAULT_LISTEN.parse().unwrap(), sans: vec![], lease: DEFAULT_LEASE }
+            Settings {
+                listen: DEFAULT_LISTEN.parse().unwrap(),
+                sans: vec![],
+                lease: DEFAULT_LEASE,
+                metrics_listen: None
+            }
         );
     }
 
     #[test]
     fn the_file_sets_what_flags_leave_out_and_names_add_up() {
         let f = file("listen = \"0.0.0.0:9443\"\nsan = [\"control.example\"]\nlease = \"5m\"\n");
-        let s = Settings::resolve(Some(f.path()), None, vec!["10.0.0.5".into()], None).unwrap();
+        let s = Settings::resolve(Some(f.path()), None, vec!["10.0.0.5".into()], None, None).unwrap();
         assert_eq!(s.listen, "0.0.0.0:9443".parse().unwrap());
         assert_eq!(s.sans, vec!["control.example".to_string(), "10.0.0.5".to_string()]);
         assert_eq!(s.lease, Duration::from_secs(300));
@@ -126,6 +155,7 @@ mod tests {
             Some("127.0.0.1:1".parse().unwrap()),
             vec![],
             Some(Duration::from_secs(7)),
+            None,
         )
         .unwrap();
         assert_eq!((flags.listen, flags.lease), ("127.0.0.1:1".parse().unwrap(), Duration::from_secs(7)));
@@ -135,7 +165,7 @@ mod tests {
     fn a_commented_file_is_the_defaults() {
         let f = file("# listen = \"0.0.0.0:8443\"\n# san = []\n");
         assert_eq!(
-            Settings::resolve(Some(f.path()), None, vec![], None).unwrap().listen,
+            Settings::resolve(Some(f.path()), None, vec![], None, None).unwrap().listen,
             DEFAULT_LISTEN.parse().unwrap()
         );
     }
@@ -146,15 +176,17 @@ mod tests {
             ("listn = \"0.0.0.0:1\"", "unknown field `listn`"),
             ("listen = \"everywhere\"", "listen = \"everywhere\""),
             ("lease = \"soon\"", "lease = \"soon\""),
+            ("metrics_listen = \"9464\"", "metrics_listen = \"9464\""),
             ("san = \"one\"", "san"),
         ] {
             let f = file(text);
-            let err = format!("{:#}", Settings::resolve(Some(f.path()), None, vec![], None).unwrap_err());
+            let err =
+                format!("{:#}", Settings::resolve(Some(f.path()), None, vec![], None, None).unwrap_err());
             assert!(err.contains(says), "{text}: {err}");
             assert!(err.contains(&f.path().display().to_string()), "{err}");
         }
         let missing =
-            Settings::resolve(Some(Path::new("/nonexistent/outpost-control.toml")), None, vec![], None);
+            Settings::resolve(Some(Path::new("/nonexistent/outpost-control.toml")), None, vec![], None, None);
         assert!(format!("{:#}", missing.unwrap_err()).contains("cannot read the configuration"));
     }
 }

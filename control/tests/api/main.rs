@@ -14,6 +14,7 @@ mod events;
 mod fleet;
 mod limits;
 mod logs;
+mod metrics;
 mod openapi;
 mod restart;
 mod results;
