@@ -493,6 +493,9 @@ fn show_status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
             Some(w) => println!("trust:       last heard from the control plane {ago} s ago (window {w} s)"),
         }
     }
+    if let Some(m) = &st.metrics {
+        println!("metrics:     http://{m}/metrics (Prometheus, loopback only)");
+    }
     if let Some(b) = &st.bundle {
         let ago = st.updated_unix_ms.saturating_sub(b.imported_unix_ms) / 1000;
         println!("bundles:     last imported {} (counter {}) {ago} s ago", b.bundle_id, b.counter);

@@ -87,6 +87,9 @@ pub struct Config {
     /// the node's own files set it; never a bundle.
     #[serde(default)]
     pub policy: crate::policy::Policy,
+    /// Prometheus metrics on 127.0.0.1 (see docs/operators.md).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The base file given with `--config` (none: the default path); not a key.
     #[serde(skip)]
     pub base_file: Option<PathBuf>,
@@ -101,6 +104,34 @@ pub struct NodeConfig {
     /// jobs choose nodes by selectors over them.
     #[serde(default)]
     pub labels: outpost_protocol::Labels,
+}
+
+/// Prometheus metrics: `GET /metrics` on 127.0.0.1 only, never another address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve them (default true).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Port on 127.0.0.1 (default 9465; 0 picks a free one, which `outpost status` shows).
+    #[serde(default = "default_metrics_port")]
+    pub port: u16,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+pub const DEFAULT_METRICS_PORT: u16 = 9465;
+
+fn default_metrics_port() -> u16 {
+    DEFAULT_METRICS_PORT
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true, port: DEFAULT_METRICS_PORT }
+    }
 }
 
 /// The trust window (see docs/air-gap.md, "Trust that expires").

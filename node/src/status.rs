@@ -45,6 +45,9 @@ pub struct Status {
     /// The last bundle imported (air-gapped sites); absent before the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<crate::bundle::apply::LastBundle>,
+    /// Where the metrics endpoint listens (`127.0.0.1:PORT`), when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 pub fn write(path: &Path, status: &Status) -> std::io::Result<()> {

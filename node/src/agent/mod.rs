@@ -11,6 +11,7 @@ mod heartbeat;
 mod infer;
 mod local_triggers;
 mod logs;
+mod metrics;
 mod poller;
 mod reporter;
 mod service_reports;
@@ -67,6 +68,10 @@ pub(crate) struct Shared {
     log_streams: Mutex<std::collections::HashSet<String>>,
     /// When contact with the control plane was last written to the ledger (trust window).
     trust_written: AtomicU64,
+    /// Figures the metrics endpoint counts as they happen.
+    counted: metrics::Counted,
+    /// Where the metrics endpoint listens, once it does.
+    metrics_addr: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -280,6 +285,9 @@ impl<R: Runtime> Agent<R> {
                     tracing::error!(error = %e, "the inference endpoint stopped");
                 }
             });
+        }
+        if agent.cfg.metrics.enabled {
+            tasks.spawn(Arc::clone(&agent).serve_metrics(shutdown.clone()));
         }
         tasks.spawn(Arc::clone(&agent).reporter(shutdown.clone()));
         tasks.spawn(Arc::clone(&agent).service_report_sender(shutdown.clone()));
@@ -682,6 +690,7 @@ impl<R: Runtime> Agent<R> {
                 .ok()
                 .filter(|b| b.counter > 0)
                 .map(|b| crate::bundle::apply::LastBundle { recent: Vec::new(), ..b }),
+            metrics: self.shared.metrics_addr.lock().ok().and_then(|m| m.clone()),
         };
         if let Err(e) = status::write(&self.cfg.status_file(), &s) {
             tracing::warn!(error = %e, "cannot write the status file");

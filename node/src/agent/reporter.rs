@@ -41,6 +41,7 @@ impl<R: Runtime> Agent<R> {
                     // A local trigger's job: its result stays on site, in the object store.
                     match self.deliver_local_result(&mut rec, &local, &report).await {
                         Ok(()) => {
+                            self.shared.counted.delivered(report.outcome);
                             backoff.reset();
                             self.shared.capacity.notify_waiters();
                             self.shared.changed.notify_one();
@@ -70,6 +71,7 @@ impl<R: Runtime> Agent<R> {
                         self.shared.contact_ok();
                         backoff.reset();
                         rec.state = JobState::Reported;
+                        self.shared.counted.delivered(report.outcome);
                         if let Err(e) = self.ledger.update(&rec) {
                             tracing::error!(error = %e, job = %rec.job_id, "cannot mark the result reported; it will be sent again");
                         } else {

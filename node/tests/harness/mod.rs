@@ -162,9 +162,20 @@ impl Control {
 
     /// [`Control::start_with_lease`] with the control plane binary `bin`.
     pub fn start_bin(bin: &Path, dir: &Path, port: Option<u16>, lease: Option<&str>) -> Control {
+        Self::start_args(bin, dir, port, lease, &[])
+    }
+
+    /// [`Control::start_bin`] with more `serve` arguments.
+    pub fn start_args(
+        bin: &Path,
+        dir: &Path,
+        port: Option<u16>,
+        lease: Option<&str>,
+        extra: &[&str],
+    ) -> Control {
         let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
         let mut command = Command::new(bin);
-        command.args(["serve", "--listen", &listen, "--data-dir"]).arg(dir);
+        command.args(["serve", "--listen", &listen, "--data-dir"]).arg(dir).args(extra);
         if let Some(lease) = lease {
             command.args(["--lease", lease]);
         }
@@ -390,12 +401,18 @@ impl Drop for Control {
 }
 
 /// A node config under `dir` (data in `dir/data`) with `extra_config` appended; its path.
-fn write_config(dir: &Path, extra_config: &str) -> PathBuf {
+/// `current`: the config is for this build's agent, which gets its metrics on a free port
+/// (several agents share the machine's loopback); an older agent would refuse the key.
+fn write_config(dir: &Path, extra_config: &str, current: bool) -> PathBuf {
     std::fs::create_dir_all(dir).expect("node dir");
     let config = dir.join("config.toml");
+    let metrics = if current && !extra_config.contains("[metrics]") { "[metrics]\nport = 0\n" } else { "" };
     std::fs::write(
         &config,
-        format!("profile = \"on-prem\"\ndata_dir = \"{}\"\n{extra_config}\n", dir.join("data").display()),
+        format!(
+            "profile = \"on-prem\"\ndata_dir = \"{}\"\n{extra_config}\n{metrics}",
+            dir.join("data").display()
+        ),
     )
     .expect("write config");
     config
@@ -426,7 +443,7 @@ impl Node {
         org_id: &str,
         extra_config: &str,
     ) -> Node {
-        let config = write_config(dir, extra_config);
+        let config = write_config(dir, extra_config, bin == node_bin());
         let token = control.create_token(org_id).await;
         let out = Command::new(bin)
             .arg("--config")
@@ -448,7 +465,7 @@ impl Node {
     /// A node enrolled without a link: `outpost enroll --offline`, the operator's
     /// `node enroll-offline`, then `outpost enroll --from` with the CA pinned.
     pub async fn enroll_offline(dir: &Path, control: &Control, org_id: &str, extra_config: &str) -> Node {
-        let config = write_config(dir, extra_config);
+        let config = write_config(dir, extra_config, true);
         let bin = node_bin();
         let run = |args: &[&str]| {
             let out =
