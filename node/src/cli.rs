@@ -53,6 +53,19 @@ pub enum Command {
     },
     /// Load and validate the configuration, print the merged result, and exit.
     CheckConfig,
+    /// Check everything this node needs and say how to fix what is wrong: configuration,
+    /// identity and certificate expiry, the control plane over TLS with the pinned CA, clock
+    /// skew, the Docker engine (version, storage driver, cgroup v2), free space, the object
+    /// store (writes, reads back and removes a probe under `.outpost/`), models, inference
+    /// engines and the running agent's hardening.
+    ///
+    /// Each check prints ✔ (fine), ⚠ (works, look at it) or ✘ (broken) with a fix.
+    /// Exit status: 0 when nothing failed (warnings allowed), 1 when a check failed.
+    Doctor {
+        /// Print the checks as JSON (`{"ok": bool, "checks": [{name, verdict, detail, fix}]}`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage container images (no registry is ever used).
     #[command(subcommand)]
     Images(ImagesCommand),
@@ -153,7 +166,14 @@ pub enum AuditCommand {
 
 /// `config`: the path given with --config / OUTPOST_CONFIG, if any.
 pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitCode> {
-    let loaded = Config::load(config)?;
+    let loaded = match (Config::load(config), &command) {
+        (Ok(loaded), _) => loaded,
+        // The doctor's first finding: say it in its own format, not as a bare error.
+        (Err(e), Command::Doctor { json }) => {
+            return print_doctor(&outpost_node::doctor::Report::config_failed(&e.into()), *json);
+        }
+        (Err(e), _) => return Err(e.into()),
+    };
     let cfg = loaded.config;
     init_tracing(&cfg);
     match command {
@@ -171,6 +191,9 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
             block_on(check_engine(&cfg))
         }
         Command::Status { json } => show_status(&cfg, json),
+        Command::Doctor { json } => {
+            block_on(async { print_doctor(&outpost_node::doctor::run(&cfg, &loaded.sources).await, json) })
+        }
         Command::Audit(cmd) => audit_command(&cfg, cmd),
         Command::Enroll(args) => block_on(enroll(&cfg, args)),
         Command::Images(ImagesCommand::Load { file }) => block_on(load_image(&cfg, &file)),
@@ -182,6 +205,15 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Approvals(cmd) => crate::approvals_cli::run(&cfg, cmd),
         Command::Run => block_on(run(cfg, config.map(Path::to_path_buf))),
     }
+}
+
+fn print_doctor(report: &outpost_node::doctor::Report, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        report.print();
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// `check-config`'s word on the container engine, on stderr (the merged configuration on stdout

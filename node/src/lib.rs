@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod bundle;
 pub mod clock;
 pub mod config;
+pub mod doctor;
 pub mod identity;
 pub mod inference;
 pub mod intake;

@@ -364,7 +364,27 @@ impl Runtime for DockerRuntime {
     }
 }
 
+/// What `outpost doctor` says of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineFacts {
+    pub version: String,
+    pub storage_driver: String,
+    /// `1`, `2`, or empty when the engine does not say.
+    pub cgroup_version: String,
+}
+
 impl DockerRuntime {
+    /// The engine's version, storage driver and cgroup version.
+    pub async fn engine_facts(&self) -> Result<EngineFacts> {
+        let docker = self.docker().await?;
+        let info = docker.info().await.map_err(|e| engine_error("read the engine's facts", e))?;
+        Ok(EngineFacts {
+            version: info.server_version.unwrap_or_default(),
+            storage_driver: info.driver.unwrap_or_default(),
+            cgroup_version: info.cgroup_version.map(|v| v.to_string()).unwrap_or_default(),
+        })
+    }
+
     /// The id of the container already named `name`, if it is this node's.
     async fn existing_container_id(&self, name: &str) -> Result<String> {
         let what = format!("inspect existing container {name}");

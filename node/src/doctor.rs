@@ -1,0 +1,522 @@
+//! `outpost doctor`: why this box is, or is not, working. Each check says ✔ (fine), ⚠ (works,
+//! but look at it) or ✘ (broken), with one line on how to fix it; any ✘ makes the exit code 1.
+//!
+//! Read-only except for the object-store check, which writes, reads back and removes one probe
+//! object under `.outpost/`.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::identity::Identity;
+
+/// How long one network or engine check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Clock skew against the control plane beyond which a warning is due, and beyond which
+/// certificates and signed manifests start to be refused.
+const SKEW_WARN_SECS: i64 = 30;
+const SKEW_FAIL_SECS: i64 = 300;
+/// A certificate this close to expiry is a warning.
+const CERT_WARN_DAYS: i64 = 30;
+/// Free space on the data directory below which jobs and the ledger are at risk.
+const DISK_FAIL_BYTES: u64 = 1 << 30;
+const DISK_WARN_BYTES: u64 = 5 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Verdict {
+    pub fn mark(self) -> &'static str {
+        match self {
+            Verdict::Ok => "✔",
+            Verdict::Warn => "⚠",
+            Verdict::Fail => "✘",
+        }
+    }
+}
+
+/// One check's answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// Stable name, for scripts: `config`, `identity`, `control`, `clock`, `docker`, `disk`,
+    /// `object_store`, `models`, `engines`, `hardening`.
+    pub name: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+    /// How to fix it (absent when nothing is to be done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
+        Self { name, verdict: Verdict::Ok, detail: detail.into(), fix: None }
+    }
+    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self { name, verdict: Verdict::Warn, detail: detail.into(), fix: Some(fix.into()) }
+    }
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self { name, verdict: Verdict::Fail, detail: detail.into(), fix: Some(fix.into()) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    fn new(checks: Vec<Check>) -> Self {
+        Self { ok: checks.iter().all(|c| c.verdict != Verdict::Fail), checks }
+    }
+
+    /// The report when the configuration itself does not load: nothing else can be checked.
+    pub fn config_failed(err: &anyhow::Error) -> Self {
+        Self::new(vec![Check::fail(
+            "config",
+            format!("the configuration does not load: {err:#}"),
+            "fix the key it names (`outpost check-config` shows the merged result once it loads)",
+        )])
+    }
+
+    pub fn print(&self) {
+        for c in &self.checks {
+            println!("{} {:<13} {}", c.verdict.mark(), c.name, c.detail);
+            if let Some(fix) = &c.fix {
+                println!("  {:<13} fix: {fix}", "");
+            }
+        }
+        let (warn, fail) = self.checks.iter().fold((0, 0), |(w, f), c| match c.verdict {
+            Verdict::Warn => (w + 1, f),
+            Verdict::Fail => (w, f + 1),
+            Verdict::Ok => (w, f),
+        });
+        println!("{} checks: {fail} failed, {warn} warnings", self.checks.len());
+    }
+}
+
+/// Runs every check against `cfg` (loaded from `sources`).
+pub async fn run(cfg: &Config, sources: &[String]) -> Report {
+    let mut checks = vec![Check::ok(
+        "config",
+        if sources.is_empty() {
+            "valid (built-in defaults)".to_owned()
+        } else {
+            format!("valid, merged from {}", sources.join(", "))
+        },
+    )];
+    let identity = Identity::load(&cfg.identity_dir());
+    checks.push(identity_check(&identity, now_unix_s()));
+    match &identity {
+        Ok(id) => {
+            let (control, skew) = control_check(cfg, id).await;
+            checks.push(control);
+            checks.push(skew);
+        }
+        Err(_) => {
+            checks.push(Check::warn("control", "not checked: not enrolled", "enroll first"));
+            checks.push(Check::warn("clock", "not checked: not enrolled", "enroll first"));
+        }
+    }
+    checks.push(docker_check(cfg).await);
+    checks.push(disk_check(&cfg.data_dir));
+    checks.push(object_store_check(cfg).await);
+    checks.push(models_check(cfg));
+    checks.push(engines_check());
+    checks.push(hardening_check(cfg));
+    Report::new(checks)
+}
+
+fn now_unix_s() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// When the PEM certificate stops being valid (unix seconds).
+fn not_after(cert_pem: &str) -> Result<i64, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let cert = pem.parse_x509().map_err(|e| e.to_string())?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+fn identity_check(identity: &Result<Identity, crate::identity::IdentityError>, now: i64) -> Check {
+    let id = match identity {
+        Ok(id) => id,
+        Err(e) => {
+            return Check::fail(
+                "identity",
+                e.to_string(),
+                "`outpost enroll --control URL --token-file FILE --ca-fingerprint SHA256` (or --offline on an air-gapped site)",
+            );
+        }
+    };
+    let who = format!("node {} of org {}", id.node.node_id, id.node.org_id);
+    let ends = match not_after(&id.cert_pem) {
+        Ok(t) => t,
+        Err(e) => {
+            return Check::fail(
+                "identity",
+                format!("{who}: the certificate does not parse: {e}"),
+                "enroll again with --force",
+            );
+        }
+    };
+    let days = (ends - now).div_euclid(86_400);
+    if ends <= now {
+        Check::fail(
+            "identity",
+            format!("{who}: the certificate expired {} days ago", -days),
+            "enroll again with a new token (`outpost enroll --force …`); check the clock first",
+        )
+    } else if days < CERT_WARN_DAYS {
+        Check::warn(
+            "identity",
+            format!("{who}: the certificate expires in {days} days"),
+            "enroll again with a new token before it expires (`outpost enroll --force …`)",
+        )
+    } else {
+        Check::ok("identity", format!("{who}; the certificate expires in {days} days"))
+    }
+}
+
+/// Reaches the control plane over mutual TLS with the CA pinned at enrollment, and reads its
+/// clock from the answer's `Date` header.
+async fn control_check(cfg: &Config, id: &Identity) -> (Check, Check) {
+    let url = cfg.control.url.clone().unwrap_or_else(|| id.node.control_url.clone());
+    let not_checked =
+        |why: &str| Check::warn("clock", format!("not checked: {why}"), "fix the control plane check first");
+    let tls = match crate::tls::node_client_config(&id.ca_pem, &id.cert_pem, &id.key_pem) {
+        Ok(t) => t,
+        Err(e) => {
+            return (
+                Check::fail(
+                    "control",
+                    format!("the identity's keys do not load: {e}"),
+                    "enroll again with --force",
+                ),
+                not_checked("no TLS"),
+            );
+        }
+    };
+    let client = match reqwest::Client::builder().use_preconfigured_tls(tls).timeout(CHECK_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            return (Check::fail("control", e.to_string(), "report this as a bug"), not_checked("no client"));
+        }
+    };
+    let health = format!("{}{}", url.trim_end_matches('/'), outpost_protocol::paths::HEALTH);
+    let asked = now_unix_s();
+    let resp = match client.get(&health).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let text = format!("{e:?}");
+            let fix = if text.contains("UnknownIssuer")
+                || text.contains("certificate")
+                || text.contains("Certificate")
+            {
+                "the server's certificate is not from the CA pinned at enrollment (or a clock far off makes it \
+                 look invalid): check [control] url, the clock, or enroll again against the right control plane"
+            } else {
+                "check [control] url, DNS, routes and firewalls from this box to the control plane (outbound HTTPS)"
+            };
+            return (
+                Check::fail("control", format!("{url} cannot be reached over TLS: {}", error_chain(&e)), fix),
+                not_checked("the control plane did not answer"),
+            );
+        }
+    };
+    let status = resp.status();
+    let date = resp.headers().get(reqwest::header::DATE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let version = resp.json::<outpost_protocol::Health>().await.map(|h| h.version).unwrap_or_default();
+    let control = if status.is_success() {
+        Check::ok("control", format!("{url} answers over TLS with the pinned CA (version {version})"))
+    } else {
+        Check::fail(
+            "control",
+            format!("{url} answered {status}"),
+            "check [control] url: is it an Outpost control plane?",
+        )
+    };
+    let skew = match date.as_deref().and_then(|d| httpdate::parse_http_date(d).ok()) {
+        None => {
+            Check::warn("clock", "the control plane's answer carries no Date header", "nothing to do here")
+        }
+        Some(theirs) => {
+            let theirs = theirs.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            // The Date header has whole seconds: allow the second the request took.
+            let skew = now_unix_s().max(asked) - theirs;
+            let said = format!(
+                "this clock is {} s {} the control plane's",
+                skew.abs(),
+                if skew >= 0 { "ahead of" } else { "behind" }
+            );
+            if skew.abs() > SKEW_FAIL_SECS {
+                Check::fail(
+                    "clock",
+                    said,
+                    "set the clock (chrony or systemd-timesyncd against a site NTP server): certificates, \
+                     signed jobs and bundles are checked against it",
+                )
+            } else if skew.abs() > SKEW_WARN_SECS {
+                Check::warn("clock", said, "keep the clock in sync (chrony or systemd-timesyncd)")
+            } else {
+                Check::ok("clock", said)
+            }
+        }
+    };
+    (control, skew)
+}
+
+/// The error and its causes on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+async fn docker_check(cfg: &Config) -> Check {
+    let fix = "start the engine (`systemctl start docker`), or point [docker] socket at it; the agent's user needs \
+               access to the socket";
+    let probe = async {
+        let runtime =
+            crate::runtime::docker::DockerRuntime::connect("doctor", cfg.docker.socket.as_deref()).await?;
+        runtime.engine_facts().await
+    };
+    match tokio::time::timeout(CHECK_TIMEOUT, probe).await {
+        Err(_) => Check::fail(
+            "docker",
+            format!("the engine did not answer within {} s", CHECK_TIMEOUT.as_secs()),
+            fix,
+        ),
+        Ok(Err(e)) => Check::fail("docker", e.to_string(), fix),
+        Ok(Ok(f)) => {
+            let detail = format!(
+                "engine {} reachable, storage driver {}, cgroup v{}",
+                f.version,
+                if f.storage_driver.is_empty() { "unknown" } else { &f.storage_driver },
+                if f.cgroup_version.is_empty() { "?" } else { &f.cgroup_version }
+            );
+            if f.cgroup_version == "2" {
+                Check::ok("docker", detail)
+            } else {
+                Check::warn(
+                    "docker",
+                    detail,
+                    "boot with the unified cgroup hierarchy (cgroup v2): job memory, CPU and pids limits rely on it",
+                )
+            }
+        }
+    }
+}
+
+fn disk_check(data_dir: &Path) -> Check {
+    // The data directory may not exist yet on a fresh install: measure where it will be.
+    let mut at = data_dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    match nix::sys::statvfs::statvfs(at) {
+        Err(e) => {
+            Check::fail("disk", format!("cannot measure {}: {e}", at.display()), "check that the path exists")
+        }
+        Ok(s) => {
+            let free: u64 = s.blocks_available().saturating_mul(s.fragment_size());
+            let detail = format!("{} free on {}", human_bytes(free), at.display());
+            let fix = "free space there or move data_dir: the ledger, results and job data live there";
+            if free < DISK_FAIL_BYTES {
+                Check::fail("disk", detail, fix)
+            } else if free < DISK_WARN_BYTES {
+                Check::warn("disk", detail, fix)
+            } else {
+                Check::ok("disk", detail)
+            }
+        }
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    if n as f64 >= GIB { format!("{:.1} GiB", n as f64 / GIB) } else { format!("{:.0} MiB", n as f64 / MIB) }
+}
+
+async fn object_store_check(cfg: &Config) -> Check {
+    use crate::objstore::ObjectStore as _;
+    use tokio::io::AsyncReadExt as _;
+    let fix = "check [storage]: the fs root must be a writable directory; an S3 endpoint must answer with \
+               credentials that may write (see docs/storage.md)";
+    let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    let probe = async {
+        let store = crate::objstore::AnyStore::open(cfg, &env).await.map_err(|e| e.to_string())?;
+        let key = format!(".outpost/doctor-probe-{}", std::process::id());
+        let body = b"outpost doctor probe".to_vec();
+        store
+            .put(&key, std::io::Cursor::new(body.clone()))
+            .await
+            .map_err(|e| format!("cannot write: {e}"))?;
+        let mut back = Vec::new();
+        let read = async {
+            let mut reader = store.get(&key).await?;
+            reader
+                .read_to_end(&mut back)
+                .await
+                .map_err(|e| crate::objstore::ObjectStoreError::io("read back", e))?;
+            Ok::<_, crate::objstore::ObjectStoreError>(())
+        };
+        let read = read.await;
+        store.delete(&key).await.map_err(|e| format!("cannot remove the probe {key}: {e}"))?;
+        read.map_err(|e| format!("cannot read back: {e}"))?;
+        if back != body {
+            return Err("what was read back differs from what was written".to_owned());
+        }
+        Ok::<_, String>(())
+    };
+    let backend = match cfg.storage.backend {
+        crate::config::StorageBackend::Fs => format!("fs at {}", cfg.objects_root().display()),
+        crate::config::StorageBackend::S3 => {
+            let endpoint = cfg.storage.s3.as_ref().map(|s| s.endpoint.clone()).unwrap_or_default();
+            format!("s3 at {endpoint}")
+        }
+    };
+    match tokio::time::timeout(CHECK_TIMEOUT, probe).await {
+        Err(_) => Check::fail(
+            "object_store",
+            format!("{backend}: no answer within {} s", CHECK_TIMEOUT.as_secs()),
+            fix,
+        ),
+        Ok(Err(e)) => Check::fail("object_store", format!("{backend}: {e}"), fix),
+        Ok(Ok(())) => {
+            Check::ok("object_store", format!("{backend}: written, read back and removed a probe object"))
+        }
+    }
+}
+
+fn models_check(cfg: &Config) -> Check {
+    let store = crate::models::ModelStore::new(cfg.models_dir());
+    let org = Identity::load(&cfg.identity_dir()).ok().map(|i| i.node.org_signing_key);
+    let trust = match crate::models::Publishers::new(org.as_ref(), &cfg.models.trusted_publishers) {
+        Ok(t) => t,
+        Err(e) => return Check::fail("models", e, "fix [models] trusted_publishers"),
+    };
+    match store.verify(None, &trust) {
+        Err(e) => {
+            Check::fail("models", format!("cannot read the model store: {e}"), "check [models] store_dir")
+        }
+        Ok((checks, broken)) => {
+            let damaged: Vec<String> = checks
+                .iter()
+                .filter(|c| !c.damage.is_empty())
+                .map(|c| format!("{}@{}", c.model.manifest.name, c.model.manifest.version))
+                .chain(broken.iter().map(|e| e.to_string()))
+                .collect();
+            if damaged.is_empty() {
+                Check::ok(
+                    "models",
+                    format!("{} models verified (every file hashed, every signature checked)", checks.len()),
+                )
+            } else {
+                Check::fail(
+                    "models",
+                    format!("damaged or untrusted: {}", damaged.join(", ")),
+                    "`outpost models verify` names each file; remove the model and import it again",
+                )
+            }
+        }
+    }
+}
+
+fn engines_check() -> Check {
+    let engines: Vec<String> = crate::inference::built_in_engines()
+        .iter()
+        .map(|e| format!("{} {}", e.name(), e.version()))
+        .collect();
+    if engines.is_empty() {
+        Check::warn(
+            "engines",
+            "no inference engine built in: generate and embed jobs are refused",
+            "install a build with engines (docs/install.md) if this node should run models",
+        )
+    } else {
+        Check::ok("engines", engines.join(", "))
+    }
+}
+
+/// The running agent's own hardening, read from /proc: no new privileges, a seccomp filter,
+/// no capabilities beyond what it needs.
+fn hardening_check(cfg: &Config) -> Check {
+    let st = crate::status::read(&cfg.status_file()).ok().filter(|s| crate::status::is_alive(s.pid));
+    let Some(st) = st else {
+        return Check::warn(
+            "hardening",
+            "the agent is not running: its hardening cannot be checked",
+            "start it (`systemctl start outpost`)",
+        );
+    };
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{}/status", st.pid)) else {
+        return Check::warn(
+            "hardening",
+            format!("cannot read /proc/{}/status", st.pid),
+            "run doctor as root",
+        );
+    };
+    let field = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
+    };
+    let no_new_privs = field("NoNewPrivs:") == "1";
+    let seccomp = field("Seccomp:") == "2";
+    let detail = format!(
+        "agent pid {}: no_new_privs {}, seccomp filter {}",
+        st.pid,
+        if no_new_privs { "on" } else { "off" },
+        if seccomp { "on" } else { "off" }
+    );
+    if no_new_privs && seccomp {
+        Check::ok("hardening", detail)
+    } else {
+        Check::warn(
+            "hardening",
+            detail,
+            "run the agent from the packaged systemd unit (outpost.service), which sets NoNewPrivileges and a \
+             system-call filter",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_fails_only_on_a_failed_check() {
+        let r = Report::new(vec![Check::ok("a", "x"), Check::warn("b", "y", "z")]);
+        assert!(r.ok);
+        let r = Report::new(vec![Check::ok("a", "x"), Check::fail("b", "y", "z")]);
+        assert!(!r.ok);
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(human_bytes(5 << 20), "5 MiB");
+    }
+
+    #[test]
+    fn an_unparsable_certificate_is_a_failure_not_a_panic() {
+        assert!(not_after("not a certificate").is_err());
+    }
+}
