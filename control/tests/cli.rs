@@ -333,3 +333,49 @@ async fn api_tokens_are_created_used_listed_and_revoked_from_the_cli() {
     assert!(!after.status.success());
     assert!(text(&after.stderr).contains("revoked"), "{}", text(&after.stderr));
 }
+
+#[tokio::test]
+async fn doctor_checks_the_data_directory_and_the_server() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = serve(dir.path());
+    let report = |args: &[&str]| {
+        let out = ctl(&served, dir.path(), args);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
+        (out.status.code().expect("code"), json)
+    };
+    let verdict = |r: &serde_json::Value, name: &str| {
+        let c = r["checks"].as_array().expect("checks").iter().find(|c| c["name"] == name).cloned();
+        let c = c.unwrap_or_else(|| panic!("no {name} check in {r:#}"));
+        (c["verdict"].as_str().expect("verdict").to_owned(), c["detail"].as_str().expect("detail").to_owned())
+    };
+    let (code, r) = report(&["doctor", "--json"]);
+    assert_eq!(code, 0, "{r:#}");
+    for name in ["ca", "server_cert", "admin_token", "store", "disk", "server"] {
+        assert_eq!(verdict(&r, name).0, "ok", "{name}: {r:#}");
+    }
+    assert!(verdict(&r, "store").1.contains("held by the running server"), "{r:#}");
+    assert!(verdict(&r, "server_cert").1.contains("127.0.0.1"), "{r:#}");
+
+    // An admin token others may read is a warning, not a failure.
+    let token = dir.path().join("admin.token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (code, r) = report(&["doctor", "--json"]);
+    assert_eq!((code, verdict(&r, "admin_token").0.as_str()), (0, "warn"), "{r:#}");
+
+    // The server gone: a failure, and the store is free.
+    let url = served.url.clone();
+    drop(served);
+    let out = Command::new(BIN)
+        .args(["--url", &url, "--data-dir"])
+        .arg(dir.path())
+        .arg("doctor")
+        .env_remove("OUTPOST_ADMIN_TOKEN")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let text = text(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("✘ server")), "{text}");
+    assert!(text.contains("no server holds it now"), "{text}");
+    assert!(text.contains("fix: start it"), "{text}");
+}

@@ -170,7 +170,7 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         (Ok(loaded), _) => loaded,
         // The doctor's first finding: say it in its own format, not as a bare error.
         (Err(e), Command::Doctor { json }) => {
-            return print_doctor(&outpost_node::doctor::Report::config_failed(&e.into()), *json);
+            return print_doctor(&outpost_node::doctor::config_failed(&e.into()), *json);
         }
         (Err(e), _) => return Err(e.into()),
     };

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+pub use outpost_protocol::doctor::{Check, Report, Verdict};
 
 use crate::config::Config;
 use crate::identity::Identity;
@@ -20,87 +20,14 @@ const SKEW_WARN_SECS: i64 = 30;
 const SKEW_FAIL_SECS: i64 = 300;
 /// A certificate this close to expiry is a warning.
 const CERT_WARN_DAYS: i64 = 30;
-/// Free space on the data directory below which jobs and the ledger are at risk.
-const DISK_FAIL_BYTES: u64 = 1 << 30;
-const DISK_WARN_BYTES: u64 = 5 << 30;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Ok,
-    Warn,
-    Fail,
-}
-
-impl Verdict {
-    pub fn mark(self) -> &'static str {
-        match self {
-            Verdict::Ok => "✔",
-            Verdict::Warn => "⚠",
-            Verdict::Fail => "✘",
-        }
-    }
-}
-
-/// One check's answer.
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    /// Stable name, for scripts: `config`, `identity`, `control`, `clock`, `docker`, `disk`,
-    /// `object_store`, `models`, `engines`, `hardening`.
-    pub name: &'static str,
-    pub verdict: Verdict,
-    pub detail: String,
-    /// How to fix it (absent when nothing is to be done).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fix: Option<String>,
-}
-
-impl Check {
-    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
-        Self { name, verdict: Verdict::Ok, detail: detail.into(), fix: None }
-    }
-    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { name, verdict: Verdict::Warn, detail: detail.into(), fix: Some(fix.into()) }
-    }
-    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { name, verdict: Verdict::Fail, detail: detail.into(), fix: Some(fix.into()) }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub ok: bool,
-    pub checks: Vec<Check>,
-}
-
-impl Report {
-    fn new(checks: Vec<Check>) -> Self {
-        Self { ok: checks.iter().all(|c| c.verdict != Verdict::Fail), checks }
-    }
-
-    /// The report when the configuration itself does not load: nothing else can be checked.
-    pub fn config_failed(err: &anyhow::Error) -> Self {
-        Self::new(vec![Check::fail(
-            "config",
-            format!("the configuration does not load: {err:#}"),
-            "fix the key it names (`outpost check-config` shows the merged result once it loads)",
-        )])
-    }
-
-    pub fn print(&self) {
-        for c in &self.checks {
-            println!("{} {:<13} {}", c.verdict.mark(), c.name, c.detail);
-            if let Some(fix) = &c.fix {
-                println!("  {:<13} fix: {fix}", "");
-            }
-        }
-        let (warn, fail) = self.checks.iter().fold((0, 0), |(w, f), c| match c.verdict {
-            Verdict::Warn => (w + 1, f),
-            Verdict::Fail => (w, f + 1),
-            Verdict::Ok => (w, f),
-        });
-        println!("{} checks: {fail} failed, {warn} warnings", self.checks.len());
-    }
+/// The report when the configuration itself does not load: nothing else can be checked.
+pub fn config_failed(err: &anyhow::Error) -> Report {
+    Report::new(vec![Check::fail(
+        "config",
+        format!("the configuration does not load: {err:#}"),
+        "fix the key it names (`outpost check-config` shows the merged result once it loads)",
+    )])
 }
 
 /// Runs every check against `cfg` (loaded from `sources`).
@@ -322,37 +249,17 @@ async fn docker_check(cfg: &Config) -> Check {
 }
 
 fn disk_check(data_dir: &Path) -> Check {
-    // The data directory may not exist yet on a fresh install: measure where it will be.
-    let mut at = data_dir;
-    while !at.exists() {
-        match at.parent() {
-            Some(p) => at = p,
-            None => break,
-        }
-    }
+    let at = outpost_protocol::doctor::existing_ancestor(data_dir);
     match nix::sys::statvfs::statvfs(at) {
         Err(e) => {
             Check::fail("disk", format!("cannot measure {}: {e}", at.display()), "check that the path exists")
         }
-        Ok(s) => {
-            let free: u64 = s.blocks_available().saturating_mul(s.fragment_size());
-            let detail = format!("{} free on {}", human_bytes(free), at.display());
-            let fix = "free space there or move data_dir: the ledger, results and job data live there";
-            if free < DISK_FAIL_BYTES {
-                Check::fail("disk", detail, fix)
-            } else if free < DISK_WARN_BYTES {
-                Check::warn("disk", detail, fix)
-            } else {
-                Check::ok("disk", detail)
-            }
-        }
+        Ok(s) => outpost_protocol::doctor::disk(
+            s.blocks_available().saturating_mul(s.fragment_size()),
+            at,
+            "the ledger, results and job data live there",
+        ),
     }
-}
-
-fn human_bytes(n: u64) -> String {
-    const GIB: f64 = (1u64 << 30) as f64;
-    const MIB: f64 = (1u64 << 20) as f64;
-    if n as f64 >= GIB { format!("{:.1} GiB", n as f64 / GIB) } else { format!("{:.0} MiB", n as f64 / MIB) }
 }
 
 async fn object_store_check(cfg: &Config) -> Check {
@@ -500,20 +407,6 @@ fn hardening_check(cfg: &Config) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_report_fails_only_on_a_failed_check() {
-        let r = Report::new(vec![Check::ok("a", "x"), Check::warn("b", "y", "z")]);
-        assert!(r.ok);
-        let r = Report::new(vec![Check::ok("a", "x"), Check::fail("b", "y", "z")]);
-        assert!(!r.ok);
-    }
-
-    #[test]
-    fn sizes_read_as_people_write_them() {
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
-        assert_eq!(human_bytes(5 << 20), "5 MiB");
-    }
 
     #[test]
     fn an_unparsable_certificate_is_a_failure_not_a_panic() {

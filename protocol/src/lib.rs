@@ -10,6 +10,7 @@
 mod access;
 mod audit;
 mod bundle;
+pub mod doctor;
 mod enroll;
 mod error;
 mod event;

@@ -4,6 +4,7 @@
 
 mod bundle;
 mod deploy;
+mod doctor;
 mod ops;
 mod relay;
 mod serve;
@@ -148,6 +149,16 @@ pub enum Command {
     /// Air-gapped sites: build signed bundles for nodes, import their results bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Check this control plane: CA and server certificate expiry, the admin token's
+    /// permissions, the store, free space, and the server answering over TLS at --url.
+    ///
+    /// Each check prints ✔ (fine), ⚠ (works, look at it) or ✘ (broken) with a fix.
+    /// Exit status: 0 when nothing failed (warnings allowed), 1 when a check failed.
+    Doctor {
+        /// Print the checks as JSON (`{"ok": bool, "checks": [{name, verdict, detail, fix}]}`).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -368,6 +379,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = serve::Settings::resolve(config.as_deref(), listen, sans, lease, metrics_listen)?;
             serve::serve(&g, settings).await
         }
+        Command::Doctor { json } => doctor::run(&g, json).await,
         Command::Ca(CaCommand::Fingerprint) => {
             let ca = DataDir::new(&g.data_dir).read_ca()?;
             println!("{}", ca.fingerprint());
