@@ -379,3 +379,17 @@ async fn doctor_checks_the_data_directory_and_the_server() {
     assert!(text.contains("no server holds it now"), "{text}");
     assert!(text.contains("fix: start it"), "{text}");
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_argument_definitions() {
+    let bash = Command::new(BIN).args(["completions", "bash"]).output().expect("runs");
+    let script = ok(bash);
+    for word in ["outpost-control", "api-token", "doctor", "--metrics-listen"] {
+        assert!(script.contains(word), "the bash completion lacks {word}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    ok(Command::new(BIN).arg("man").arg(dir.path()).output().expect("runs"));
+    let page = std::fs::read_to_string(dir.path().join("outpost-control.1")).expect("outpost-control.1");
+    assert!(page.contains(".TH outpost-control 1"), "{page}");
+    assert!(dir.path().join("outpost-control-api-token-create.1").exists());
+}

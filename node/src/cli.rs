@@ -37,7 +37,11 @@ order, then these environment variables. Unknown keys are errors; see `outpost c
 Typical first start:
   outpost enroll --control https://control.example:8443 --token-file /etc/outpost/token \\
       --ca-fingerprint 3f2a...
-  outpost run";
+  outpost run
+  outpost doctor        # when something does not work
+
+Exit status: 0 success; 1 an error, or a failed doctor check; 2 bad arguments; 3 `status`: not
+enrolled or the agent is not running.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -53,6 +57,14 @@ pub enum Command {
     },
     /// Load and validate the configuration, print the merged result, and exit.
     CheckConfig,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `outpost completions bash > /usr/share/bash-completion/completions/outpost`.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (outpost.1 and one per subcommand) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Check everything this node needs and say how to fix what is wrong: configuration,
     /// identity and certificate expiry, the control plane over TLS with the pinned CA, clock
     /// skew, the Docker engine (version, storage driver, cgroup v2), free space, the object
@@ -204,6 +216,8 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Policy(cmd) => crate::policy_cli::run(&cfg, &loaded.sources, cmd),
         Command::Approvals(cmd) => crate::approvals_cli::run(&cfg, cmd),
         Command::Run => block_on(run(cfg, config.map(Path::to_path_buf))),
+        // Answered in main before the configuration is read.
+        Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 mod approvals_cli;
 mod bundle_cli;
@@ -16,7 +16,7 @@ mod policy_cli;
 
 /// Outpost node agent: runs signed container jobs from the control plane and reports each
 /// result exactly once. It only ever dials out; it never listens on a network port (the optional
-/// local inference endpoint binds loopback or a unix socket only).
+/// local inference endpoint and the metrics endpoint bind loopback or a unix socket only).
 #[derive(Debug, Parser)]
 #[command(name = "outpost", version, about, long_about = None, after_help = cli::ENV_HELP)]
 struct Args {
@@ -30,6 +30,25 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Generated from the argument definitions: no configuration needed.
+    match &args.command {
+        cli::Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Args::command(), "outpost", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        cli::Command::Man { dir } => {
+            return match std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(Args::command(), dir))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write man pages into {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     match cli::dispatch(args.config.as_deref(), args.command) {
         Ok(code) => code,
         Err(e) => {

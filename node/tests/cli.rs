@@ -173,3 +173,25 @@ fn objects_put_ls_get_head_rm_round_trip_and_refuse_hostile_keys() {
     let ls = outpost(&config, &["objects", "ls"]);
     assert!(ls.stdout.is_empty(), "{}", text(&ls));
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_argument_definitions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("absent.toml");
+    let bash = outpost(&config, &["completions", "bash"]);
+    assert!(bash.status.success(), "{}", text(&bash));
+    let script = String::from_utf8_lossy(&bash.stdout);
+    for word in ["outpost", "doctor", "check-config", "models", "--config"] {
+        assert!(script.contains(word), "the bash completion lacks {word}");
+    }
+    let bad = outpost(&config, &["completions", "tcsh"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+
+    let man = dir.path().join("man");
+    let out = outpost(&config, &["man", man.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let page = std::fs::read_to_string(man.join("outpost.1")).expect("outpost.1");
+    assert!(page.starts_with(".ie") || page.contains(".TH outpost 1"), "{page}");
+    let doctor = std::fs::read_to_string(man.join("outpost-doctor.1")).expect("outpost-doctor.1");
+    assert!(doctor.contains("fix"), "{doctor}");
+}

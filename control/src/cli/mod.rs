@@ -65,7 +65,10 @@ Examples:
   outpost-control events tail
 
   # scripts: JSON instead of tables
-  outpost-control --json node list";
+  outpost-control --json node list
+
+Exit status: 0 success; 1 an error (the message says which), or a failed doctor check;
+2 bad arguments.";
 
 #[derive(Debug, Args)]
 pub struct Global {
@@ -158,6 +161,14 @@ pub enum Command {
         /// Print the checks as JSON (`{"ok": bool, "checks": [{name, verdict, detail, fix}]}`).
         #[arg(long)]
         json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `outpost-control completions bash > /usr/share/bash-completion/completions/outpost-control`.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (outpost-control.1 and one per subcommand) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -380,6 +391,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             serve::serve(&g, settings).await
         }
         Command::Doctor { json } => doctor::run(&g, json).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "outpost-control", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            use anyhow::Context as _;
+            use clap::CommandFactory as _;
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir))
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca(CaCommand::Fingerprint) => {
             let ca = DataDir::new(&g.data_dir).read_ca()?;
             println!("{}", ca.fingerprint());

@@ -216,7 +216,11 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
         Command::Audit(AuditCommand::Verify { node }) => return verify_node_audit(&c, &node, g.json).await,
         Command::Deploy(d) => return super::deploy::run(&c, g.json, d).await,
         Command::Bundle(b) => return super::bundle::run(&c, g.json, b).await,
-        Command::Serve { .. } | Command::Ca(_) | Command::Doctor { .. } => {
+        Command::Serve { .. }
+        | Command::Ca(_)
+        | Command::Doctor { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
             return Err(anyhow!("not an operator command"));
         }
     }
