@@ -260,6 +260,11 @@ pub struct ControlConfig {
     /// Limit for every other request to the control plane.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
+    /// Dial the control plane at all (default true; the `air-gapped` profile says false): when
+    /// false the agent never connects, and results, events, service reports and its audit log
+    /// leave only in results bundles (`outpost bundle export`).
+    #[serde(default = "default_true")]
+    pub uplink: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -388,6 +393,7 @@ impl Default for ControlConfig {
             url: None,
             poll_wait_secs: default_poll_wait_secs(),
             request_timeout_secs: default_request_timeout_secs(),
+            uplink: true,
         }
     }
 }
@@ -425,6 +431,44 @@ pub enum ConfigError {
 pub struct Loaded {
     pub config: Config,
     pub sources: Vec<String>,
+    /// Keys whose value is the profile's default (no file or variable set them).
+    pub from_profile: Vec<String>,
+}
+
+impl Profile {
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Cloud => "cloud",
+            Profile::Hybrid => "hybrid",
+            Profile::OnPrem => "on-prem",
+            Profile::AirGapped => "air-gapped",
+        }
+    }
+
+    /// The defaults this profile sets, beneath every file and variable (each still overridable).
+    /// See docs/configuration.md, "Deployment profiles".
+    pub fn defaults(self) -> Vec<(&'static str, toml::Value)> {
+        use toml::Value::{Boolean, String as Text};
+        match self {
+            // A node in a cloud VM: always online; a long silence is suspicious; operators may
+            // follow job logs.
+            Profile::Cloud => vec![
+                ("trust.max_offline", Text("7d".into())),
+                ("egress.allow_logs", Boolean(true)),
+            ],
+            // Data on site, compute coordinated from the cloud over a link that may drop.
+            Profile::Hybrid => vec![("trust.max_offline", Text("30d".into())), ("egress.allow_logs", Boolean(false))],
+            // Everything on site; metadata only leaves; weeks without the control plane are normal.
+            Profile::OnPrem => vec![("trust.max_offline", Text("90d".into())), ("egress.allow_logs", Boolean(false))],
+            // No link at all: bundles carried in on removable media are the only way in and out.
+            Profile::AirGapped => vec![
+                ("control.uplink", Boolean(false)),
+                ("bundles.watch", Text("/media/outpost".into())),
+                ("trust.max_offline", Text("180d".into())),
+                ("egress.allow_logs", Boolean(false)),
+            ],
+        }
+    }
 }
 
 impl Config {
@@ -529,12 +573,30 @@ impl Config {
             (merged, sources) = stack(bundle);
         }
         let describe = if sources.is_empty() { "built-in defaults".to_string() } else { sources.join(", ") };
+        // The profile's defaults go beneath everything that was set.
+        let profile: Profile = match merged.get("profile") {
+            Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| ConfigError::Invalid {
+                sources: describe.clone(),
+                message: format!("profile: {}", e.message()),
+            })?,
+            None => Profile::default(),
+        };
+        let mut from_profile = Vec::new();
+        let mut defaults = toml::Table::new();
+        for (key, value) in profile.defaults() {
+            if !has_dotted(&merged, key) {
+                from_profile.push(key.to_owned());
+            }
+            set_dotted(&mut defaults, key, value);
+        }
+        merge(&mut defaults, merged);
+        let merged = defaults;
         let config: Config = toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| {
             ConfigError::Invalid { sources: describe.clone(), message: e.message().to_string() }
         })?;
         config.validate().map_err(|message| ConfigError::Invalid { sources: describe, message })?;
         let config = Config { base_file: path.map(Path::to_path_buf), ..config };
-        Ok(Loaded { config, sources })
+        Ok(Loaded { config, sources, from_profile })
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -683,6 +745,19 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
             }
         }
     }
+}
+
+fn has_dotted(table: &toml::Table, dotted: &str) -> bool {
+    let mut cur = table;
+    let mut parts = dotted.split('.').peekable();
+    while let Some(p) = parts.next() {
+        match cur.get(p) {
+            None => return false,
+            Some(toml::Value::Table(t)) if parts.peek().is_some() => cur = t,
+            Some(_) => return parts.peek().is_none(),
+        }
+    }
+    false
 }
 
 fn set_dotted(table: &mut toml::Table, dotted: &str, value: toml::Value) {

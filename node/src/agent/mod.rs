@@ -289,9 +289,17 @@ impl<R: Runtime> Agent<R> {
         if agent.cfg.metrics.enabled {
             tasks.spawn(Arc::clone(&agent).serve_metrics(shutdown.clone()));
         }
-        tasks.spawn(Arc::clone(&agent).reporter(shutdown.clone()));
-        tasks.spawn(Arc::clone(&agent).service_report_sender(shutdown.clone()));
-        tasks.spawn(Arc::clone(&agent).heartbeat(shutdown.clone()));
+        let uplink = agent.cfg.control.uplink;
+        if uplink {
+            tasks.spawn(Arc::clone(&agent).reporter(shutdown.clone()));
+            tasks.spawn(Arc::clone(&agent).service_report_sender(shutdown.clone()));
+            tasks.spawn(Arc::clone(&agent).heartbeat(shutdown.clone()));
+        } else {
+            tracing::info!(
+                "[control] uplink = false: the control plane is never dialled; results, events and reports \
+                 leave in results bundles (`outpost bundle export`)"
+            );
+        }
         if let Some(relay) = &agent.relay {
             let relay = Arc::clone(relay);
             let token = shutdown.clone();
@@ -300,7 +308,9 @@ impl<R: Runtime> Agent<R> {
                 // and the rest of the agent carries on meanwhile.
                 let _ = relay.run(token).await;
             });
-            tasks.spawn(Arc::clone(&agent).event_sender(shutdown.clone()));
+            if uplink {
+                tasks.spawn(Arc::clone(&agent).event_sender(shutdown.clone()));
+            }
             tracing::info!(
                 watches = agent.cfg.relay.watches.len(),
                 bucket = agent.cfg.bucket_name(),
@@ -381,7 +391,9 @@ impl<R: Runtime> Agent<R> {
         // A bundle whose import was interrupted is finished before any job runs.
         self.finish_interrupted_import().await;
         let slots = Arc::new(Semaphore::new(self.cfg.agent.max_concurrent_jobs as usize));
-        tasks.spawn(Arc::clone(&self).poller(shutdown.clone()));
+        if self.cfg.control.uplink {
+            tasks.spawn(Arc::clone(&self).poller(shutdown.clone()));
+        }
         tasks.spawn(self.service_reconciler().run(shutdown.clone()));
         tasks.spawn(Arc::clone(&self).dispatcher(slots, tasks.clone(), shutdown));
         self.shared.runtime_ready.store(true, Ordering::Relaxed);

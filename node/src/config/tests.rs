@@ -194,3 +194,50 @@ fn a_bundles_configuration_sits_under_the_nodes_own_files_and_sets_only_what_it_
     let bad = parse_bundle_config("[agent]\nmax_concurrent_jobs = 0\n").expect("parses");
     assert!(Config::load_with_bundle(Some(&base), &env(&[]), bad).is_err());
 }
+
+fn load_text(text: &str, vars: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("config.toml");
+    std::fs::write(&base, format!("data_dir = \"{}\"\n{text}", dir.path().join("data").display())).expect("write");
+    Config::load_with_env(Some(&base), &env(vars))
+}
+
+#[test]
+fn each_profile_sets_its_documented_defaults() {
+    let on_prem = load_text("", &[]).expect("loads");
+    assert_eq!(on_prem.config.profile, Profile::OnPrem);
+    assert!(on_prem.config.control.uplink);
+    assert!(!on_prem.config.egress.allow_logs);
+    assert_eq!(on_prem.config.trust.max_offline, "90d");
+    assert_eq!(on_prem.from_profile, ["trust.max_offline", "egress.allow_logs"]);
+
+    let cloud = load_text("profile = \"cloud\"\n", &[]).expect("loads");
+    assert!(cloud.config.egress.allow_logs, "operators may follow job logs");
+    assert_eq!(cloud.config.trust.max_offline, "7d");
+
+    let hybrid = load_text("profile = \"hybrid\"\n", &[]).expect("loads");
+    assert_eq!(hybrid.config.trust.max_offline, "30d");
+
+    let gapped = load_text("", &[("OUTPOST_PROFILE", "air-gapped")]).expect("loads");
+    assert!(!gapped.config.control.uplink, "an air-gapped node never dials out");
+    assert_eq!(gapped.config.bundles.watch.as_deref(), Some(Path::new("/media/outpost")));
+    assert_eq!(gapped.config.trust.max_offline, "180d");
+    assert_eq!(gapped.from_profile, ["control.uplink", "bundles.watch", "trust.max_offline", "egress.allow_logs"]);
+}
+
+#[test]
+fn every_profile_default_yields_to_a_file_or_variable() {
+    let text = "profile = \"air-gapped\"\n[control]\nuplink = true\n[bundles]\nwatch = \"/mnt/usb\"\n";
+    let loaded = load_text(text, &[]).expect("loads");
+    assert!(loaded.config.control.uplink);
+    assert_eq!(loaded.config.bundles.watch.as_deref(), Some(Path::new("/mnt/usb")));
+    assert_eq!(loaded.from_profile, ["trust.max_offline", "egress.allow_logs"], "only what was not set");
+    let cloud = load_text("profile = \"cloud\"\n[egress]\nallow_logs = false\n", &[]).expect("loads");
+    assert!(!cloud.config.egress.allow_logs);
+}
+
+#[test]
+fn an_unknown_profile_is_an_error_that_names_it() {
+    let err = load_text("profile = \"edge\"\n", &[]).err().expect("refused").to_string();
+    assert!(err.contains("profile") && err.contains("edge"), "{err}");
+}
