@@ -12,6 +12,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod console;
 pub mod data_dir;
 pub mod longpoll;
 pub mod metrics;

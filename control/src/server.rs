@@ -132,6 +132,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         sent: Default::default(),
         logs: Default::default(),
         metrics: Default::default(),
+        console: Default::default(),
     });
     let (metrics_addr, metrics_task) = match config.metrics_listen {
         Some(addr) => {

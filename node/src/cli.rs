@@ -202,7 +202,10 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
             if loaded.from_profile.is_empty() {
                 println!("# profile {profile}: every key it sets was set explicitly");
             } else {
-                println!("# from profile {profile} (set them to override): {}", loaded.from_profile.join(", "));
+                println!(
+                    "# from profile {profile} (set them to override): {}",
+                    loaded.from_profile.join(", ")
+                );
             }
             print!("{}", toml::to_string_pretty(&cfg).context("cannot render the configuration")?);
             // Not a configuration error, but what a new install most often lacks: say so.

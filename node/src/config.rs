@@ -452,14 +452,17 @@ impl Profile {
         match self {
             // A node in a cloud VM: always online; a long silence is suspicious; operators may
             // follow job logs.
-            Profile::Cloud => vec![
-                ("trust.max_offline", Text("7d".into())),
-                ("egress.allow_logs", Boolean(true)),
-            ],
+            Profile::Cloud => {
+                vec![("trust.max_offline", Text("7d".into())), ("egress.allow_logs", Boolean(true))]
+            }
             // Data on site, compute coordinated from the cloud over a link that may drop.
-            Profile::Hybrid => vec![("trust.max_offline", Text("30d".into())), ("egress.allow_logs", Boolean(false))],
+            Profile::Hybrid => {
+                vec![("trust.max_offline", Text("30d".into())), ("egress.allow_logs", Boolean(false))]
+            }
             // Everything on site; metadata only leaves; weeks without the control plane are normal.
-            Profile::OnPrem => vec![("trust.max_offline", Text("90d".into())), ("egress.allow_logs", Boolean(false))],
+            Profile::OnPrem => {
+                vec![("trust.max_offline", Text("90d".into())), ("egress.allow_logs", Boolean(false))]
+            }
             // No link at all: bundles carried in on removable media are the only way in and out.
             Profile::AirGapped => vec![
                 ("control.uplink", Boolean(false)),

@@ -34,5 +34,8 @@ async fn an_agent_without_uplink_never_dials_its_control_plane() {
 
     let out = node.cli(&["check-config"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("# from profile on-prem (set them to override): trust.max_offline, egress.allow_logs"), "{text}");
+    assert!(
+        text.contains("# from profile on-prem (set them to override): trust.max_offline, egress.allow_logs"),
+        "{text}"
+    );
 }

@@ -129,48 +129,54 @@ impl FromRequestParts<Shared> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, st: &Shared) -> Result<Self, ApiError> {
         let given = bearer(parts).ok_or_else(unauthenticated)?;
-        let Some(rest) = given.strip_prefix(API_TOKEN_PREFIX) else {
-            if digests_equal(&sha256(given.as_bytes()), &st.admin_token_sha256) {
-                return Ok(Caller::owner());
-            }
-            // Logged, not audited: an unauthenticated caller must not be able to grow the trail.
-            tracing::warn!("operator call with a wrong bearer token refused");
-            return Err(bad_token());
-        };
-        let (id, secret) = rest.split_once('.').ok_or_else(bad_token)?;
-        let record = st.store.get_api_token(id).await?;
-        // The digest is compared even for an unknown id, so that the answer takes as long.
-        let stored = record.as_ref().and_then(|r| hex_digest(&r.secret_sha256)).unwrap_or([0xff; 32]);
-        let matches = digests_equal(&sha256(secret.as_bytes()), &stored);
-        let Some(ApiTokenRecord { info, .. }) = record.filter(|_| matches) else {
-            tracing::warn!(token_id = id, "operator call with an unknown API token refused");
-            return Err(bad_token());
-        };
-        if let Some(at) = info.revoked_unix_ms {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "token_revoked",
-                format!(
-                    "API token {} ({}) was revoked at {at} (unix ms); ask an admin for a new one",
-                    info.name, info.id
-                ),
-            ));
-        }
-        if st.clock.now_ms() >= info.expires_unix_ms {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "token_expired",
-                format!(
-                    "API token {} ({}) expired at {} (unix ms); ask an admin for a new one",
-                    info.name, info.id, info.expires_unix_ms
-                ),
-            ));
-        }
-        Ok(Caller {
-            actor: format!("token:{}/{}", info.name, info.id),
-            scope: Scope::Org { org_id: info.org_id, role: info.role },
-        })
+        authenticate(st, given).await
     }
+}
+
+/// Who `given` (a bearer token) is, checked now: the admin token, or an API token that exists,
+/// matches, is not revoked and has not expired.
+pub async fn authenticate(st: &AppState, given: &str) -> Result<Caller, ApiError> {
+    let Some(rest) = given.strip_prefix(API_TOKEN_PREFIX) else {
+        if digests_equal(&sha256(given.as_bytes()), &st.admin_token_sha256) {
+            return Ok(Caller::owner());
+        }
+        // Logged, not audited: an unauthenticated caller must not be able to grow the trail.
+        tracing::warn!("operator call with a wrong bearer token refused");
+        return Err(bad_token());
+    };
+    let (id, secret) = rest.split_once('.').ok_or_else(bad_token)?;
+    let record = st.store.get_api_token(id).await?;
+    // The digest is compared even for an unknown id, so that the answer takes as long.
+    let stored = record.as_ref().and_then(|r| hex_digest(&r.secret_sha256)).unwrap_or([0xff; 32]);
+    let matches = digests_equal(&sha256(secret.as_bytes()), &stored);
+    let Some(ApiTokenRecord { info, .. }) = record.filter(|_| matches) else {
+        tracing::warn!(token_id = id, "operator call with an unknown API token refused");
+        return Err(bad_token());
+    };
+    if let Some(at) = info.revoked_unix_ms {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_revoked",
+            format!(
+                "API token {} ({}) was revoked at {at} (unix ms); ask an admin for a new one",
+                info.name, info.id
+            ),
+        ));
+    }
+    if st.clock.now_ms() >= info.expires_unix_ms {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_expired",
+            format!(
+                "API token {} ({}) expired at {} (unix ms); ask an admin for a new one",
+                info.name, info.id, info.expires_unix_ms
+            ),
+        ));
+    }
+    Ok(Caller {
+        actor: format!("token:{}/{}", info.name, info.id),
+        scope: Scope::Org { org_id: info.org_id, role: info.role },
+    })
 }
 
 fn hex_digest(text: &str) -> Option<[u8; 32]> {

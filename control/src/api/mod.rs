@@ -10,12 +10,12 @@ mod enroll;
 mod error;
 mod events;
 mod extract;
-mod jobs;
+pub(crate) mod jobs;
 pub mod logs;
 mod node;
 mod offline;
 pub mod openapi;
-mod operator;
+pub(crate) mod operator;
 pub mod placement;
 pub mod rollout;
 mod triggers;
@@ -80,12 +80,15 @@ pub struct AppState {
     pub sent: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
     /// Prometheus figures (`metrics.rs`).
     pub metrics: crate::metrics::ControlMetrics,
+    /// Web console sessions (memory only).
+    pub console: crate::console::Sessions,
 }
 
 pub type Shared = Arc<AppState>;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
+        .merge(crate::console::router())
         .route(paths::HEALTH, get(operator::health))
         .route(paths::OPENAPI, get(openapi::document))
         .route(paths::ORGS, post(operator::create_org).get(operator::list_orgs))

@@ -7,6 +7,7 @@
 
 mod auth;
 mod bundles;
+mod console;
 mod deployments;
 mod dispatch;
 mod enrollment;

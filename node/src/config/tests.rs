@@ -198,7 +198,8 @@ fn a_bundles_configuration_sits_under_the_nodes_own_files_and_sets_only_what_it_
 fn load_text(text: &str, vars: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("config.toml");
-    std::fs::write(&base, format!("data_dir = \"{}\"\n{text}", dir.path().join("data").display())).expect("write");
+    std::fs::write(&base, format!("data_dir = \"{}\"\n{text}", dir.path().join("data").display()))
+        .expect("write");
     Config::load_with_env(Some(&base), &env(vars))
 }
 
@@ -222,7 +223,10 @@ fn each_profile_sets_its_documented_defaults() {
     assert!(!gapped.config.control.uplink, "an air-gapped node never dials out");
     assert_eq!(gapped.config.bundles.watch.as_deref(), Some(Path::new("/media/outpost")));
     assert_eq!(gapped.config.trust.max_offline, "180d");
-    assert_eq!(gapped.from_profile, ["control.uplink", "bundles.watch", "trust.max_offline", "egress.allow_logs"]);
+    assert_eq!(
+        gapped.from_profile,
+        ["control.uplink", "bundles.watch", "trust.max_offline", "egress.allow_logs"]
+    );
 }
 
 #[test]
@@ -238,6 +242,6 @@ fn every_profile_default_yields_to_a_file_or_variable() {
 
 #[test]
 fn an_unknown_profile_is_an_error_that_names_it() {
-    let err = load_text("profile = \"edge\"\n", &[]).err().expect("refused").to_string();
+    let err = load_text("profile = \"edge\"\n", &[]).expect_err("refused").to_string();
     assert!(err.contains("profile") && err.contains("edge"), "{err}");
 }

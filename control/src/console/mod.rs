@@ -1,0 +1,409 @@
+//! The web console under `/console`: pages rendered on the server (maud), no JavaScript.
+//!
+//! Log in with an API token (or the admin token): the console keeps it in memory behind a
+//! random session id carried by a cookie that is `HttpOnly`, `Secure`, `SameSite=Strict`,
+//! scoped to `/console` and expiring. Every request authenticates the token again, so a revoked
+//! or expired token ends its sessions at once, and every page and action goes through the same
+//! role checks and handlers as the API (404 for another organisation's objects, 403 for a role
+//! too small). Every form carries the session's CSRF token; the login form a double-submit one.
+//! Answers forbid caching and carry a strict Content-Security-Policy (no script at all).
+
+mod pages;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::{Request, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use outpost_protocol::{ContainerSpec, JobState, Role, SubmitJobRequest};
+use serde::Deserialize;
+
+use crate::api::access::authenticate;
+use crate::api::jobs::{self, JobQuery};
+use crate::api::operator::{self, AuditQuery, NodeQuery};
+use crate::api::{ApiError, Body, Caller, Params, Shared};
+use crate::data_dir::random_hex;
+
+/// How long a console session lives after login.
+pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
+/// Most sessions held at once; the oldest goes first beyond it.
+const MAX_SESSIONS: usize = 10_000;
+/// Rows per page of the node and job tables.
+pub const PAGE: usize = 100;
+const COOKIE: &str = "outpost_session";
+const LOGIN_COOKIE: &str = "outpost_login";
+
+struct Session {
+    /// The bearer token the person logged in with (authenticated again on every request).
+    token: String,
+    csrf: String,
+    expires_ms: u64,
+}
+
+/// Console sessions, in memory: a restart of the control plane logs everyone out.
+#[derive(Default)]
+pub struct Sessions(Mutex<HashMap<String, Session>>);
+
+impl Sessions {
+    fn open(&self, token: String, now_ms: u64) -> (String, String) {
+        let id = random_hex(32);
+        let csrf = random_hex(32);
+        let expires_ms = now_ms + SESSION_TTL.as_millis() as u64;
+        if let Ok(mut map) = self.0.lock() {
+            map.retain(|_, s| s.expires_ms > now_ms);
+            if map.len() >= MAX_SESSIONS
+                && let Some(oldest) = map.iter().min_by_key(|(_, s)| s.expires_ms).map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+            }
+            map.insert(id.clone(), Session { token, csrf: csrf.clone(), expires_ms });
+        }
+        (id, csrf)
+    }
+
+    fn get(&self, id: &str, now_ms: u64) -> Option<(String, String)> {
+        let map = self.0.lock().ok()?;
+        map.get(id).filter(|s| s.expires_ms > now_ms).map(|s| (s.token.clone(), s.csrf.clone()))
+    }
+
+    fn close(&self, id: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(id);
+        }
+    }
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+fn set_cookie(name: &str, value: &str, max_age: u64) -> HeaderValue {
+    let text = format!("{name}={value}; Path=/console; HttpOnly; Secure; SameSite=Strict; Max-Age={max_age}");
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A logged-in request: who it is and the session's CSRF token.
+pub struct Visitor {
+    pub caller: Caller,
+    pub csrf: String,
+    session: String,
+}
+
+/// Not logged in (or the session or token ended): to the login page.
+fn to_login() -> Response {
+    Redirect::to("/console/login").into_response()
+}
+
+async fn visitor(st: &Shared, headers: &HeaderMap) -> Result<Visitor, Response> {
+    let session = cookie(headers, COOKIE).ok_or_else(to_login)?;
+    let (token, csrf) = st.console.get(&session, st.clock.now_ms()).ok_or_else(to_login)?;
+    match authenticate(st, &token).await {
+        Ok(caller) => Ok(Visitor { caller, csrf, session }),
+        Err(_) => {
+            // Revoked or expired since login: the session ends with it.
+            st.console.close(&session);
+            Err(to_login())
+        }
+    }
+}
+
+/// A form post: logged in, and carrying this session's CSRF token.
+async fn poster(st: &Shared, headers: &HeaderMap, csrf: &str) -> Result<Visitor, Response> {
+    let v = visitor(st, headers).await?;
+    if csrf.is_empty() || !constant_eq(csrf.as_bytes(), v.csrf.as_bytes()) {
+        return Err(pages::error(
+            StatusCode::FORBIDDEN,
+            "This form is stale or was not sent from the console: go back, reload and try again.",
+            Some(&v),
+        ));
+    }
+    Ok(v)
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An API handler's refusal as a console page.
+fn refused(e: ApiError, v: &Visitor) -> Response {
+    pages::error(e.status, &e.body.message, Some(v))
+}
+
+/// Headers on every console answer.
+async fn harden(req: Request<axum::body::Body>, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    resp
+}
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/console", get(overview))
+        .route("/console/style.css", get(style))
+        .route("/console/login", get(login_form).post(login))
+        .route("/console/logout", post(logout))
+        .route("/console/nodes", get(nodes))
+        .route("/console/nodes/{node_id}", get(node))
+        .route("/console/jobs", get(job_list).post(submit))
+        .route("/console/jobs/{job_id}", get(job))
+        .route("/console/jobs/{job_id}/cancel", post(cancel))
+        .route("/console/audit", get(audit))
+        .layer(axum::middleware::from_fn(harden))
+}
+
+async fn style() -> Response {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], pages::STYLE).into_response()
+}
+
+async fn login_form(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    if visitor(&st, &headers).await.is_ok() {
+        return Redirect::to("/console").into_response();
+    }
+    let nonce = random_hex(16);
+    let mut resp = pages::login(&nonce, None).into_response();
+    resp.headers_mut().insert(header::SET_COOKIE, set_cookie(LOGIN_COOKIE, &nonce, 600));
+    resp
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+    #[serde(default)]
+    nonce: String,
+}
+
+async fn login(State(st): State<Shared>, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response {
+    // Double submit: the form's nonce must be the cookie this browser got with the form.
+    let expected = cookie(&headers, LOGIN_COOKIE).unwrap_or_default();
+    if f.nonce.is_empty() || !constant_eq(f.nonce.as_bytes(), expected.as_bytes()) {
+        return pages::error(
+            StatusCode::FORBIDDEN,
+            "This login form is stale or was not sent from the console: reload it.",
+            None,
+        );
+    }
+    let token = f.token.trim().to_owned();
+    match authenticate(&st, &token).await {
+        Err(e) => {
+            let nonce = random_hex(16);
+            let mut resp =
+                (StatusCode::UNAUTHORIZED, pages::login(&nonce, Some(&e.body.message))).into_response();
+            resp.headers_mut().insert(header::SET_COOKIE, set_cookie(LOGIN_COOKIE, &nonce, 600));
+            resp
+        }
+        Ok(caller) => {
+            let (id, _) = st.console.open(token, st.clock.now_ms());
+            st.audit(&caller.actor, caller.org_filter(), "console.login", "").await;
+            let mut resp = Redirect::to("/console").into_response();
+            resp.headers_mut().append(header::SET_COOKIE, set_cookie(COOKIE, &id, SESSION_TTL.as_secs()));
+            resp.headers_mut().append(header::SET_COOKIE, set_cookie(LOGIN_COOKIE, "", 0));
+            resp
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(State(st): State<Shared>, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Response {
+    let v = match poster(&st, &headers, &f.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    st.console.close(&v.session);
+    st.audit(&v.caller.actor, v.caller.org_filter(), "console.logout", "").await;
+    let mut resp = Redirect::to("/console/login").into_response();
+    resp.headers_mut().insert(header::SET_COOKIE, set_cookie(COOKIE, "", 0));
+    resp
+}
+
+async fn overview(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let q = NodeQuery { selector: None, org_id: None };
+    let nodes = match operator::list_nodes(v.caller.clone(), State(st.clone()), Params(q)).await {
+        Ok(n) => n.0.nodes,
+        Err(e) => return refused(e, &v),
+    };
+    let q = JobQuery { node_id: None, state: None, group_id: None, limit: Some(1000) };
+    let recent = match jobs::list_jobs(v.caller.clone(), State(st.clone()), Params(q)).await {
+        Ok(j) => j.0.jobs,
+        Err(e) => return refused(e, &v),
+    };
+    pages::overview(&v, &nodes, &recent).into_response()
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    #[serde(default)]
+    page: usize,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    node: Option<String>,
+}
+
+async fn nodes(State(st): State<Shared>, headers: HeaderMap, Query(p): Query<PageQuery>) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let q = NodeQuery { selector: None, org_id: None };
+    match operator::list_nodes(v.caller.clone(), State(st.clone()), Params(q)).await {
+        Ok(n) => {
+            let all = n.0.nodes;
+            let page: Vec<_> = all.iter().skip(p.page * PAGE).take(PAGE).cloned().collect();
+            pages::nodes(&v, &page, p.page, all.len()).into_response()
+        }
+        Err(e) => refused(e, &v),
+    }
+}
+
+async fn node(State(st): State<Shared>, headers: HeaderMap, Path(node_id): Path<String>) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let info = match operator::get_node(v.caller.clone(), State(st.clone()), Path(node_id.clone())).await {
+        Ok(n) => n.0,
+        Err(e) => return refused(e, &v),
+    };
+    let q = JobQuery { node_id: Some(node_id), state: None, group_id: None, limit: Some(20) };
+    let recent = jobs::list_jobs(v.caller.clone(), State(st.clone()), Params(q))
+        .await
+        .map(|j| j.0.jobs)
+        .unwrap_or_default();
+    pages::node(&v, &info, &recent).into_response()
+}
+
+async fn job_list(State(st): State<Shared>, headers: HeaderMap, Query(p): Query<PageQuery>) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let state: Option<JobState> = match p.state.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => match serde_json::from_value(serde_json::Value::String(s.to_owned())) {
+            Ok(state) => Some(state),
+            Err(_) => {
+                return pages::error(StatusCode::BAD_REQUEST, &format!("unknown job state {s:?}"), Some(&v));
+            }
+        },
+    };
+    let node = p.node.clone().filter(|n| !n.is_empty());
+    let limit = (p.page + 1) * PAGE;
+    let q = JobQuery { node_id: node.clone(), state, group_id: None, limit: Some(limit.min(1000)) };
+    match jobs::list_jobs(v.caller.clone(), State(st.clone()), Params(q)).await {
+        Ok(j) => {
+            let page: Vec<_> = j.0.jobs.into_iter().skip(p.page * PAGE).collect();
+            pages::jobs(&v, &page, p.page, p.state.as_deref().unwrap_or(""), node.as_deref().unwrap_or(""))
+                .into_response()
+        }
+        Err(e) => refused(e, &v),
+    }
+}
+
+async fn job(State(st): State<Shared>, headers: HeaderMap, Path(job_id): Path<String>) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match jobs::get_job(v.caller.clone(), State(st.clone()), Path(job_id)).await {
+        Ok(j) => pages::job(&v, &j.0).into_response(),
+        Err(e) => refused(e, &v),
+    }
+}
+
+#[derive(Deserialize)]
+struct SubmitForm {
+    #[serde(default)]
+    csrf: String,
+    node_id: String,
+    image: String,
+    #[serde(default)]
+    command: String,
+}
+
+async fn submit(State(st): State<Shared>, headers: HeaderMap, Form(f): Form<SubmitForm>) -> Response {
+    let v = match poster(&st, &headers, &f.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Err(e) = v.caller.at_least(Role::Operator) {
+        return refused(e, &v);
+    }
+    let command: Vec<String> = if f.command.trim().is_empty() {
+        Vec::new()
+    } else {
+        vec!["sh".into(), "-c".into(), f.command.clone()]
+    };
+    let spec = serde_json::json!({"image": f.image.trim(), "command": command});
+    let spec: ContainerSpec = match serde_json::from_value(spec) {
+        Ok(s) => s,
+        Err(e) => {
+            return pages::error(StatusCode::BAD_REQUEST, &format!("the job does not parse: {e}"), Some(&v));
+        }
+    };
+    let req = SubmitJobRequest::for_node(f.node_id.trim(), spec);
+    match jobs::submit_job(v.caller.clone(), State(st.clone()), Body(req)).await {
+        Ok((_, info)) => Redirect::to(&format!("/console/jobs/{}", info.0.job_id)).into_response(),
+        Err(e) => refused(e, &v),
+    }
+}
+
+async fn cancel(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    let v = match poster(&st, &headers, &f.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match jobs::cancel_job(v.caller.clone(), State(st.clone()), Path(job_id.clone())).await {
+        Ok(_) => Redirect::to(&format!("/console/jobs/{job_id}")).into_response(),
+        Err(e) => refused(e, &v),
+    }
+}
+
+async fn audit(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match operator::list_audit(v.caller.clone(), State(st.clone()), Params(AuditQuery { limit: Some(500) }))
+        .await
+    {
+        Ok(a) => pages::audit(&v, &a.0.entries).into_response(),
+        Err(e) => refused(e, &v),
+    }
+}
