@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fantoccini::{Client, ClientBuilder, Locator};
 use outpost_control::testing::TestServer;
 use outpost_protocol::{Outcome, Role};
 use reqwest::StatusCode;
 
 use crate::support::{TestNode, https, report_for, submit};
+use crate::webdriver::Browser;
 
 struct Driver(Child);
 
@@ -58,40 +58,26 @@ async fn chromedriver() -> Option<(Driver, u16)> {
     panic!("chromedriver did not listen on port {port}");
 }
 
-async fn browser(port: u16) -> Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({"args": [
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+async fn browser(port: u16) -> Browser {
+    Browser::start(
+        port,
+        &[
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
             // The control plane's CA is the test's own; the browser is not told about it.
-            "--ignore-certificate-errors", "--window-size=1280,800",
-        ]}),
-    );
-    ClientBuilder::rustls()
-        .expect("TLS for the WebDriver connection")
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("a browser session")
-}
-
-async fn log_in(c: &Client, base: &str, token: &str) {
-    c.goto(&format!("{base}/console/login")).await.expect("login page");
-    let field = match c.find(Locator::Id("token")).await {
-        Ok(f) => f,
-        Err(e) => panic!("no token field ({e}) on {}", c.source().await.unwrap_or_default()),
-    };
-    field.send_keys(token).await.expect("typed");
-    c.find(Locator::Id("login")).await.expect("login button").click().await.expect("clicked");
-    assert_eq!(path_after(c, "/console/login").await, "/console", "logged in");
+            "--ignore-certificate-errors",
+            "--window-size=1280,800",
+        ],
+    )
+    .await
 }
 
 /// The path the browser is on once it has left `from` (a click's navigation is not awaited).
-async fn path_after(c: &Client, from: &str) -> String {
+async fn path_after(c: &Browser, from: &str) -> String {
     for _ in 0..100 {
-        let path = c.current_url().await.expect("url").path().to_owned();
+        let path = c.path().await;
         if path != from {
             return path;
         }
@@ -100,16 +86,23 @@ async fn path_after(c: &Client, from: &str) -> String {
     panic!("the browser stayed on {from}");
 }
 
-/// Sizes the window so that the page itself (the viewport) is `w`×`h`.
-async fn size_viewport(c: &Client, w: u32, h: u32) {
-    c.set_window_size(w, h).await.expect("window size");
-    let inner = c.execute("return [window.innerWidth, window.innerHeight]", vec![]).await.expect("viewport");
-    let (iw, ih) = (inner[0].as_u64().expect("width") as u32, inner[1].as_u64().expect("height") as u32);
-    c.set_window_size(w + w.saturating_sub(iw), h + h.saturating_sub(ih)).await.expect("window size");
+async fn log_in(c: &Browser, base: &str, token: &str) {
+    c.goto(&format!("{base}/console/login")).await;
+    c.type_into("token", token).await;
+    c.click("login").await;
+    assert_eq!(path_after(c, "/console/login").await, "/console", "logged in");
 }
 
-async fn shot(c: &Client, name: &str) {
-    let png = c.screenshot().await.expect("screenshot");
+/// Sizes the window so that the page itself (the viewport) is `w`×`h`.
+async fn size_viewport(c: &Browser, w: u32, h: u32) {
+    c.set_window_size(w, h).await;
+    let inner = c.execute("return [window.innerWidth, window.innerHeight]").await;
+    let (iw, ih) = (inner[0].as_u64().expect("width") as u32, inner[1].as_u64().expect("height") as u32);
+    c.set_window_size(w + w.saturating_sub(iw), h + h.saturating_sub(ih)).await;
+}
+
+async fn shot(c: &Browser, name: &str) {
+    let png = c.screenshot().await;
     let mut dirs = vec![PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console")];
     if std::env::var_os("OUTPOST_SCREENSHOTS").is_some() {
         dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/console"));
@@ -118,15 +111,13 @@ async fn shot(c: &Client, name: &str) {
         std::fs::create_dir_all(&dir).expect("screenshot dir");
         std::fs::write(dir.join(name), &png).expect("screenshot written");
     }
-    // A PNG of the window's size: the width and height words of the IHDR chunk.
-    let (w, h) = (
-        u32::from_be_bytes(png[16..20].try_into().expect("w")),
-        u32::from_be_bytes(png[20..24].try_into().expect("h")),
-    );
+    // A PNG of the viewport's size: the width and height words of the IHDR chunk.
+    let w = u32::from_be_bytes(png[16..20].try_into().expect("width"));
+    let h = u32::from_be_bytes(png[20..24].try_into().expect("height"));
     assert_eq!((w, h), (1280, 800), "screenshot {name}");
 }
 
-/// A raw form post with the given cookie: what a forged or replayed request sends.
+/// A raw form post with the given session cookie: what a forged or replayed request sends.
 async fn post_form(server: &TestServer, path: &str, cookie: &str, form: &[(&str, &str)]) -> StatusCode {
     let body = form.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
     https(server.ca_pem(), None)
@@ -176,29 +167,24 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
     let c = browser(port).await;
     size_viewport(&c, 1280, 800).await;
     log_in(&c, &base, &operator).await;
-    let overview = c.source().await.expect("page");
+    let overview = c.source().await;
     assert!(overview.contains("nodes online"), "{overview}");
     shot(&c, "overview.png").await;
 
-    c.goto(&format!("{base}/console/nodes")).await.expect("nodes");
-    let nodes = c.source().await.expect("page");
+    c.goto(&format!("{base}/console/nodes")).await;
+    let nodes = c.source().await;
     assert!(nodes.contains(node.id()), "the enrolled node is listed");
     assert!(!nodes.contains(other_node.id()), "another organisation's node is not");
 
-    c.goto(&format!("{base}/console/jobs")).await.expect("jobs");
-    c.find(Locator::Id("node_id")).await.expect("form").send_keys(node.id()).await.expect("typed");
+    c.goto(&format!("{base}/console/jobs")).await;
+    c.type_into("node_id", node.id()).await;
     let image = format!("sha256:{}", "ab".repeat(32));
-    c.find(Locator::Id("image")).await.expect("form").send_keys(&image).await.expect("typed");
-    c.find(Locator::Id("command"))
-        .await
-        .expect("form")
-        .send_keys("echo from the console")
-        .await
-        .expect("typed");
-    c.find(Locator::Id("submit")).await.expect("submit").click().await.expect("clicked");
+    c.type_into("image", &image).await;
+    c.type_into("command", "echo from the console").await;
+    c.click("submit").await;
     let path = path_after(&c, "/console/jobs").await;
     let job_id = path.strip_prefix("/console/jobs/").expect("on the job's page").to_owned();
-    assert_eq!(c.find(Locator::Id("job-state")).await.expect("state").text().await.expect("text"), "queued");
+    assert_eq!(c.text("job-state").await, "queued");
 
     // The node takes the job and reports; the page shows the result.
     let polled = node.poll(&[], 0).await;
@@ -209,33 +195,22 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
     report.timings.finished_unix_ms = Some(server.clock().now_ms());
     let (status, _) = node.report(&report).await;
     assert_eq!(status, StatusCode::OK);
-    c.refresh().await.expect("reload");
-    assert_eq!(
-        c.find(Locator::Id("job-outcome")).await.expect("outcome").text().await.expect("text"),
-        "succeeded"
-    );
-    assert!(
-        c.find(Locator::Id("stdout"))
-            .await
-            .expect("stdout")
-            .text()
-            .await
-            .expect("text")
-            .contains("from the console")
-    );
+    c.refresh().await;
+    assert_eq!(c.text("job-outcome").await, "succeeded");
+    assert!(c.text("stdout").await.contains("from the console"));
     shot(&c, "job.png").await;
 
     // Another organisation's job: as if it did not exist.
-    c.goto(&format!("{base}/console/jobs/{}", hidden.job_id)).await.expect("page");
-    assert!(c.source().await.expect("page").contains("404"), "another organisation's job is a 404");
+    c.goto(&format!("{base}/console/jobs/{}", hidden.job_id)).await;
+    assert!(c.source().await.contains("404"), "another organisation's job is a 404");
 
     // The audit trail names the person's token.
-    c.goto(&format!("{base}/console/audit")).await.expect("audit");
-    assert!(c.source().await.expect("page").contains("token:alice/"));
+    c.goto(&format!("{base}/console/audit")).await;
+    assert!(c.source().await.contains("token:alice/"));
 
     // Log out; the old cookie no longer opens anything.
-    let session = c.get_named_cookie("outpost_session").await.expect("session cookie").value().to_owned();
-    c.find(Locator::Id("logout")).await.expect("logout").click().await.expect("clicked");
+    let session = c.cookie("outpost_session").await.expect("session cookie");
+    c.click("logout").await;
     assert_eq!(path_after(&c, "/console/audit").await, "/console/login");
     let (status, location, _) = get_with(&server, "/console", &session).await;
     assert_eq!(
@@ -246,9 +221,9 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
 
     // A viewer: no submit form, and a forged post with a valid session and CSRF token is 403.
     log_in(&c, &base, &viewer).await;
-    c.goto(&format!("{base}/console/jobs")).await.expect("jobs");
-    assert!(c.find(Locator::Id("submit-job")).await.is_err(), "a viewer sees no submit form");
-    let viewer_session = c.get_named_cookie("outpost_session").await.expect("cookie").value().to_owned();
+    c.goto(&format!("{base}/console/jobs")).await;
+    assert!(c.find("submit-job").await.is_none(), "a viewer sees no submit form");
+    let viewer_session = c.cookie("outpost_session").await.expect("cookie");
     let (_, _, page) = get_with(&server, "/console/jobs", &viewer_session).await;
     let csrf = page
         .split("name=\"csrf\" value=\"")
@@ -258,9 +233,9 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
     let forged = [("csrf", csrf), ("node_id", node.id()), ("image", image.as_str()), ("command", "id")];
     assert_eq!(post_form(&server, "/console/jobs", &viewer_session, &forged).await, StatusCode::FORBIDDEN);
     // Without the CSRF token, even the operator's own session is refused.
-    c.delete_all_cookies().await.expect("cookies cleared");
+    c.delete_cookies().await;
     log_in(&c, &base, &operator).await;
-    let operator_session = c.get_named_cookie("outpost_session").await.expect("cookie").value().to_owned();
+    let operator_session = c.cookie("outpost_session").await.expect("cookie");
     let no_csrf = [("node_id", node.id()), ("image", image.as_str()), ("command", "id")];
     assert_eq!(post_form(&server, "/console/jobs", &operator_session, &no_csrf).await, StatusCode::FORBIDDEN);
     let q = outpost_control::client::JobsQuery {
@@ -270,7 +245,7 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
         limit: 100,
     };
     assert_eq!(op.jobs(&q).await.expect("jobs").jobs.len(), 1, "no refused post made a job");
-    c.close().await.expect("browser closed");
+    c.close().await;
 }
 
 #[tokio::test]

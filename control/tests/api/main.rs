@@ -23,3 +23,4 @@ mod roles;
 mod sealed;
 mod support;
 mod triggers;
+mod webdriver;
