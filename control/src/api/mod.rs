@@ -5,10 +5,10 @@
 
 pub mod access;
 mod bundles;
-mod deploy;
+pub(crate) mod deploy;
 mod enroll;
 mod error;
-mod events;
+pub(crate) mod events;
 mod extract;
 pub(crate) mod jobs;
 pub mod logs;

@@ -167,6 +167,12 @@ pub fn router() -> Router<Shared> {
         .route("/console/logout", post(logout))
         .route("/console/nodes", get(nodes))
         .route("/console/nodes/{node_id}", get(node))
+        .route("/console/nodes/{node_id}/labels", post(label))
+        .route("/console/deployments", get(deployments))
+        .route("/console/deployments/{org_id}/{name}", get(deployment))
+        .route("/console/events", get(events))
+        .route("/console/settings", get(settings))
+        .route("/console/settings/enrollment-token", post(enrollment_token))
         .route("/console/jobs", get(job_list).post(submit))
         .route("/console/jobs/{job_id}", get(job))
         .route("/console/jobs/{job_id}/cancel", post(cancel))
@@ -391,6 +397,168 @@ async fn cancel(
     };
     match jobs::cancel_job(v.caller.clone(), State(st.clone()), Path(job_id.clone())).await {
         Ok(_) => Redirect::to(&format!("/console/jobs/{job_id}")).into_response(),
+        Err(e) => refused(e, &v),
+    }
+}
+
+#[derive(Deserialize)]
+struct LabelForm {
+    #[serde(default)]
+    csrf: String,
+    /// `key=value`, several separated by commas or spaces.
+    #[serde(default)]
+    set: String,
+    /// Keys, separated by commas or spaces.
+    #[serde(default)]
+    remove: String,
+}
+
+async fn label(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Path(node_id): Path<String>,
+    Form(f): Form<LabelForm>,
+) -> Response {
+    let v = match poster(&st, &headers, &f.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let words = |s: &str| {
+        s.split([',', ' ']).map(str::trim).filter(|w| !w.is_empty()).map(str::to_owned).collect::<Vec<_>>()
+    };
+    let mut set = outpost_protocol::Labels::new();
+    for pair in words(&f.set) {
+        let Some((k, val)) = pair.split_once('=') else {
+            return pages::error(StatusCode::BAD_REQUEST, &format!("{pair:?} is not key=value"), Some(&v));
+        };
+        set.insert(k.to_owned(), val.to_owned());
+    }
+    let req = outpost_protocol::LabelNodeRequest { set, remove: words(&f.remove) };
+    match operator::label_node(v.caller.clone(), State(st.clone()), Path(node_id.clone()), Body(req)).await {
+        Ok(_) => Redirect::to(&format!("/console/nodes/{node_id}")).into_response(),
+        Err(e) => refused(e, &v),
+    }
+}
+
+async fn deployments(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match st.store.list_deployments().await {
+        Ok(all) => {
+            let mut mine: Vec<_> =
+                all.into_iter().map(|d| d.info).filter(|d| v.caller.sees(&d.org_id)).collect();
+            mine.sort_by(|a, b| (&a.org_id, &a.name).cmp(&(&b.org_id, &b.name)));
+            pages::deployments(&v, &mine).into_response()
+        }
+        Err(e) => refused(e.into(), &v),
+    }
+}
+
+async fn deployment(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Path((org_id, name)): Path<(String, String)>,
+) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match crate::api::deploy::get(v.caller.clone(), State(st.clone()), Path((org_id, name))).await {
+        Ok(d) => pages::deployment(&v, &d.0).into_response(),
+        Err(e) => refused(e, &v),
+    }
+}
+
+async fn events(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let q = crate::api::events::EventQuery {
+        org_id: None,
+        node_id: None,
+        after_seq: None,
+        cursor: None,
+        newest: true,
+        limit: Some(PAGE),
+        wait_secs: None,
+    };
+    match crate::api::events::list_events(v.caller.clone(), State(st.clone()), Params(q)).await {
+        Ok(list) => pages::events(&v, &list.0.events).into_response(),
+        Err(e) => refused(e, &v),
+    }
+}
+
+/// The organisation the settings page is about: the token's own, or the one the admin token
+/// names with `?org=`.
+#[derive(Deserialize)]
+struct OrgQuery {
+    #[serde(default)]
+    org: Option<String>,
+}
+
+fn settings_org(v: &Visitor, asked: Option<String>) -> Option<String> {
+    v.caller.org_filter().map(str::to_owned).or(asked.filter(|o| !o.is_empty()))
+}
+
+async fn settings(State(st): State<Shared>, headers: HeaderMap, Query(q): Query<OrgQuery>) -> Response {
+    let v = match visitor(&st, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let orgs = match operator::list_orgs(v.caller.clone(), State(st.clone())).await {
+        Ok(o) => o.0,
+        Err(e) => return refused(e, &v),
+    };
+    let Some(org_id) = settings_org(&v, q.org) else {
+        return pages::settings(&v, &orgs, None, &[], None).into_response();
+    };
+    match crate::api::access::list_api_tokens(v.caller.clone(), State(st.clone()), Path(org_id.clone())).await
+    {
+        Ok(t) => pages::settings(&v, &orgs, Some(&org_id), &t.0.tokens, None).into_response(),
+        Err(e) => refused(e, &v),
+    }
+}
+
+#[derive(Deserialize)]
+struct EnrollmentForm {
+    #[serde(default)]
+    csrf: String,
+    org_id: String,
+    /// Hours the token lives (default 1).
+    #[serde(default)]
+    hours: Option<u64>,
+}
+
+async fn enrollment_token(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Form(f): Form<EnrollmentForm>,
+) -> Response {
+    let v = match poster(&st, &headers, &f.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let req = outpost_protocol::CreateTokenRequest { ttl_secs: f.hours.map(|h| h.saturating_mul(3600)) };
+    match operator::create_token(v.caller.clone(), State(st.clone()), Path(f.org_id.clone()), Body(req)).await
+    {
+        Ok((_, token)) => {
+            let orgs = operator::list_orgs(v.caller.clone(), State(st.clone()))
+                .await
+                .map(|o| o.0)
+                .unwrap_or_default();
+            let tokens = crate::api::access::list_api_tokens(
+                v.caller.clone(),
+                State(st.clone()),
+                Path(f.org_id.clone()),
+            )
+            .await
+            .map(|t| t.0.tokens)
+            .unwrap_or_default();
+            pages::settings(&v, &orgs, Some(&f.org_id), &tokens, Some(&token.0)).into_response()
+        }
         Err(e) => refused(e, &v),
     }
 }

@@ -3,7 +3,10 @@
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
-use outpost_protocol::{AuditEntry, JobInfo, JobSpec, JobState, NodeInfo, Role};
+use outpost_protocol::{
+    ApiTokenInfo, AuditEntry, DeploymentInfo, EnrollmentToken, JobInfo, JobSpec, JobState, NodeInfo, Org,
+    Role, StoredEvent,
+};
 
 use super::{PAGE, Visitor};
 
@@ -61,7 +64,10 @@ fn layout(title: &str, v: Option<&Visitor>, body: Markup) -> Html<String> {
                         a href="/console" { "Overview" }
                         a href="/console/nodes" { "Nodes" }
                         a href="/console/jobs" { "Jobs" }
+                        a href="/console/deployments" { "Deployments" }
+                        a href="/console/events" { "Events" }
                         a href="/console/audit" { "Audit" }
+                        a href="/console/settings" { "Settings" }
                         span.who {
                             (v.caller.actor) " · "
                             form.inline method="post" action="/console/logout" {
@@ -195,8 +201,149 @@ pub fn node(v: &Visitor, n: &NodeInfo, recent: &[JobInfo]) -> Html<String> {
                 tr { th { "Outbox" } td { (hb.map_or(0, |h| h.outbox_depth)) } }
                 tr { th { "Labels" } td { (n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")) } }
             }
+            @if may_operate(v) {
+                fieldset id="label-node" {
+                    legend { "Operator labels" }
+                    form method="post" action={ "/console/nodes/" (n.node_id) "/labels" } {
+                        input type="hidden" name="csrf" value=(v.csrf);
+                        label { "Set (key=value, …) " input type="text" name="set" id="label-set"; }
+                        label { "Remove (key, …) " input type="text" name="remove" id="label-remove"; }
+                        button type="submit" id="label" { "Apply" }
+                    }
+                }
+            }
             h2 { "Recent jobs" }
             (job_rows(recent))
+        },
+    )
+}
+
+pub fn deployments(v: &Visitor, list: &[DeploymentInfo]) -> Html<String> {
+    layout(
+        "Deployments",
+        Some(v),
+        html! {
+            @if list.is_empty() { p { "No deployments (" code { "outpost-control deploy create" } ")." } }
+            @else {
+                table {
+                    tr { th { "Deployment" } th { "Organisation" } th { "Service" } th { "Revision" } th { "Rollout" } th { "Selector" } th { "Updated" } }
+                    @for d in list {
+                        tr {
+                            td { a href={ "/console/deployments/" (d.org_id) "/" (d.name) } { (d.name) } }
+                            td { (d.org_id) }
+                            td { (d.service) }
+                            td { (d.revision) }
+                            td { (outpost_protocol::wire_name(&d.status)) }
+                            td { code { (d.selector) } }
+                            td { (when(Some(d.updated_unix_ms))) }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn deployment(v: &Visitor, d: &DeploymentInfo) -> Html<String> {
+    layout(
+        &format!("Deployment {}", d.name),
+        Some(v),
+        html! {
+            table {
+                tr { th { "Organisation" } td { (d.org_id) } }
+                tr { th { "Service" } td { (d.service) } }
+                tr { th { "Image" } td { code { (d.spec.image) } } }
+                tr { th { "Revision" } td { (d.revision) @if let Some(s) = d.stable_revision { " (last completed: " (s) ")" } } }
+                tr { th { "Rollout" } td id="rollout" { (outpost_protocol::wire_name(&d.status)) @if let Some(r) = &d.reason { " — " (r) } } }
+                tr { th { "Selector" } td { code { (d.selector) } } }
+            }
+            h2 { "Nodes" }
+            table id="deployment-nodes" {
+                tr { th { "Node" } th { "Phase" } th { "Desired revision" } th { "Why" } }
+                @for n in &d.nodes {
+                    tr {
+                        td { a href={ "/console/nodes/" (n.node_id) } { (n.node_id) } }
+                        td { (outpost_protocol::wire_name(&n.phase)) }
+                        td { (n.desired_revision.map(|r| r.to_string()).unwrap_or_default()) }
+                        td { (n.reason.clone().unwrap_or_default()) }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn events(v: &Visitor, events: &[StoredEvent]) -> Html<String> {
+    layout(
+        "Relay events",
+        Some(v),
+        html! {
+            p.muted { "The " (events.len()) " most recent events the nodes' relays delivered." }
+            table {
+                tr { th { "Received" } th { "Node" } th { "Watch" } th { "Key" } th { "Size" } th { "Accepted" } th { "Jobs started" } }
+                @for e in events {
+                    tr {
+                        td { (when(Some(e.received_unix_ms))) }
+                        td { a href={ "/console/nodes/" (e.node_id) } { (e.node_id) } }
+                        td { (e.event.watch) }
+                        td { code { (e.event.key) } }
+                        td { (e.event.size) }
+                        td { @if e.event.accepted { "yes" } @else { span.bad { "no" } " " (e.event.reason.clone().unwrap_or_default()) } }
+                        td { (e.triggered_jobs.join(", ")) }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn settings(
+    v: &Visitor,
+    orgs: &[Org],
+    org: Option<&str>,
+    tokens: &[ApiTokenInfo],
+    created: Option<&EnrollmentToken>,
+) -> Html<String> {
+    layout(
+        "Settings",
+        Some(v),
+        html! {
+            @if v.caller.org_filter().is_none() {
+                form method="get" action="/console/settings" {
+                    label { "Organisation "
+                        select name="org" {
+                            @for o in orgs { option value=(o.id) selected[Some(o.id.as_str()) == org] { (o.name) " (" (o.id) ")" } }
+                        }
+                    }
+                    button type="submit" { "Show" }
+                }
+            }
+            @if let Some(org) = org {
+                @if let Some(t) = created {
+                    p.error id="enrollment-token" { "Enrollment token (shown only now): " code { (t.token) } }
+                }
+                fieldset {
+                    legend { "New enrollment token" }
+                    form method="post" action="/console/settings/enrollment-token" {
+                        input type="hidden" name="csrf" value=(v.csrf);
+                        input type="hidden" name="org_id" value=(org);
+                        label { "Valid for (hours, at most 168) " input type="text" name="hours" value="1"; }
+                        button type="submit" id="create-enrollment-token" { "Create" }
+                    }
+                }
+                h2 { "API tokens of " (org) }
+                p.muted { "Create and revoke them with " code { "outpost-control api-token" } "." }
+                table {
+                    tr { th { "Id" } th { "Name" } th { "Role" } th { "Created by" } th { "Expires" } th { "Revoked" } }
+                    @for t in tokens {
+                        tr {
+                            td { (t.id) } td { (t.name) } td { (t.role) } td { (t.created_by) }
+                            td { (when(Some(t.expires_unix_ms))) }
+                            td { (t.revoked_unix_ms.map(|r| when(Some(r))).unwrap_or_default()) }
+                        }
+                    }
+                }
+            }
         },
     )
 }

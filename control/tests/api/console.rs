@@ -157,6 +157,14 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
     let node = TestNode::enroll(&server, &token.token).await;
     let operator = op.create_api_token(&org.id, "alice", Role::Operator, None).await.expect("token").token;
     let viewer = op.create_api_token(&org.id, "bob", Role::Viewer, None).await.expect("token").token;
+    let admin = op.create_api_token(&org.id, "carol", Role::Admin, None).await.expect("token").token;
+    let deploy = serde_json::json!({
+        "name": "web", "org_id": org.id, "selector": "site=x",
+        "spec": {"image": format!("sha256:{}", "cd".repeat(32)), "command": ["sh", "-c", "sleep 3600"]},
+    });
+    let deployments = outpost_protocol::paths::fill(outpost_protocol::paths::DEPLOYMENTS, "org_id", &org.id);
+    let (status, body) = crate::support::op_post(&server, &deployments, &deploy).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
     // Another organisation's job, which A's people must not see.
     let other = op.create_org("clinic-b").await.expect("org");
     let other_token = op.create_token(&other.id, None).await.expect("token");
@@ -200,6 +208,28 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
     assert!(c.text("stdout").await.contains("from the console"));
     shot(&c, "job.png").await;
 
+    // Label the node from its page; the deployment, the events and the settings pages.
+    c.goto(&format!("{base}/console/nodes/{}", node.id())).await;
+    c.type_into("label-set", "room=b12").await;
+    c.click("label").await;
+    let mut labelled = false;
+    for _ in 0..100 {
+        if c.source().await.contains("room=b12") {
+            labelled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(labelled, "the label shows on the node's page");
+    c.goto(&format!("{base}/console/deployments")).await;
+    assert!(c.source().await.contains("/console/deployments/"), "the deployment is listed");
+    c.goto(&format!("{base}/console/deployments/{}/web", org.id)).await;
+    assert!(c.find("deployment-nodes").await.is_some());
+    c.goto(&format!("{base}/console/events")).await;
+    assert!(c.source().await.contains("Relay events"));
+    c.goto(&format!("{base}/console/settings")).await;
+    assert!(c.source().await.contains("needs the admin role"), "settings are for admins");
+
     // Another organisation's job: as if it did not exist.
     c.goto(&format!("{base}/console/jobs/{}", hidden.job_id)).await;
     assert!(c.source().await.contains("404"), "another organisation's job is a 404");
@@ -238,6 +268,24 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
     let operator_session = c.cookie("outpost_session").await.expect("cookie");
     let no_csrf = [("node_id", node.id()), ("image", image.as_str()), ("command", "id")];
     assert_eq!(post_form(&server, "/console/jobs", &operator_session, &no_csrf).await, StatusCode::FORBIDDEN);
+    // An admin creates an enrollment token from the settings page; it is shown once.
+    c.delete_cookies().await;
+    log_in(&c, &base, &admin).await;
+    c.goto(&format!("{base}/console/settings")).await;
+    assert!(c.source().await.contains("bob"), "the organisation's API tokens are listed");
+    c.click("create-enrollment-token").await;
+    let mut shown = String::new();
+    for _ in 0..100 {
+        if c.find("enrollment-token").await.is_some() {
+            shown = c.text("enrollment-token").await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fresh = shown.rsplit(' ').next().unwrap_or_default().to_owned();
+    assert!(fresh.starts_with("opt_"), "{shown}");
+    let enrolled = TestNode::enroll(&server, &fresh).await;
+    assert!(!enrolled.id().is_empty(), "the token from the console enrolls a node");
     let q = outpost_control::client::JobsQuery {
         node_id: Some(node.id().to_owned()),
         state: None,
