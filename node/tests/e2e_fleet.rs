@@ -228,6 +228,12 @@ async fn a_rolling_deployment_reaches_every_node_and_a_broken_revision_is_rolled
         })
     })
     .await;
+    let restarts = f.nodes[0].metrics();
+    let counted = restarts
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_node_service_restarts_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(counted.is_some_and(|n| n >= 1.0), "the agent's metrics count the restart: {restarts}");
 
     // kill -9 of an agent: the service keeps running, and the restarted agent adopts it.
     f.nodes[1].kill9();

@@ -35,6 +35,8 @@ pub(crate) struct Counted {
     /// Results handed over (to the control plane, or to the object store for a local
     /// trigger's job), by outcome.
     pub results_delivered: Family<Labels, Counter>,
+    /// Service containers restarted (by their restart policy or after a failed health check).
+    pub service_restarts: Counter,
 }
 
 impl Counted {
@@ -148,6 +150,12 @@ impl<R: Runtime> Agent<R> {
             "outpost_node_results_delivered",
             "Results handed over (to the control plane, or to the object store for local jobs), by outcome",
             self.shared.counted.results_delivered.clone(),
+        );
+
+        r.register(
+            "outpost_node_service_restarts",
+            "Service containers restarted since the agent started",
+            self.shared.counted.service_restarts.clone(),
         );
 
         // Zeros without a relay: the same series on every node.

@@ -33,6 +33,7 @@ impl<R: Runtime> Agent<R> {
             },
         )
         .with_policy(self.policy.clone(), &self.identity.node.org_id)
+        .with_restart_counter(self.shared.counted.service_restarts.clone())
     }
 
     pub(super) async fn service_report_sender(self: Arc<Self>, shutdown: CancellationToken) {

@@ -110,6 +110,8 @@ pub struct Reconciler<R: Runtime> {
     inputs: InputSource,
     /// Inputs being copied, per revision.
     staging: HashMap<ServiceRef, tokio::task::JoinHandle<Result<PathBuf, RuntimeError>>>,
+    /// Service restarts since the agent started (Prometheus).
+    restarts: prometheus_client::metrics::counter::Counter,
 }
 
 /// The local object store services' `inputs` are copied from, and the directory they are
@@ -121,6 +123,12 @@ pub struct InputSource {
 
 impl<R: Runtime> Reconciler<R> {
     /// Holds every container it makes to the site policy (none: any).
+    /// Counts every service restart into `counter` (the agent's metrics).
+    pub fn with_restart_counter(mut self, counter: prometheus_client::metrics::counter::Counter) -> Self {
+        self.restarts = counter;
+        self
+    }
+
     pub fn with_policy(mut self, policy: crate::policy::Current, org_id: &str) -> Self {
         self.policy = policy;
         self.org_id = org_id.to_owned();
@@ -149,6 +157,7 @@ impl<R: Runtime> Reconciler<R> {
             watchers: HashMap::new(),
             inputs,
             staging: HashMap::new(),
+            restarts: Default::default(),
         }
     }
 
@@ -364,6 +373,7 @@ impl<R: Runtime> Reconciler<R> {
                             Ok(()) => {
                                 if live.started.is_some() || live.restart_at.is_some() {
                                     live.restarts = live.restarts.saturating_add(1);
+                                    self.restarts.inc();
                                 }
                                 started(live, now, probe_after);
                             }
@@ -443,6 +453,7 @@ impl<R: Runtime> Reconciler<R> {
                     match self.runtime.service_start(&svc).await {
                         Ok(()) => {
                             live.restarts = live.restarts.saturating_add(1);
+                            self.restarts.inc();
                             started(live, now, probe_after);
                         }
                         // Failed like a first start: reported, and tried again after the

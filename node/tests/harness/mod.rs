@@ -569,6 +569,19 @@ impl Node {
             .expect("outpost status --json prints JSON")
     }
 
+    /// The agent's Prometheus exposition (`GET /metrics` on the loopback address it reports).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let addr =
+            self.status_json()["agent"]["metrics"].as_str().expect("the agent serves metrics").to_owned();
+        let mut stream = std::net::TcpStream::connect(&addr).expect("metrics listener");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).expect("answer");
+        raw.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+    }
+
     /// Run another `outpost` subcommand with this node's config.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(&self.bin).arg("--config").arg(&self.config).args(args).output().expect("run outpost")
