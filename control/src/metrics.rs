@@ -186,7 +186,12 @@ impl ControlMetrics {
 /// Counts every API request by its route template (never the path itself) and status class.
 pub async fn track(State(st): State<Shared>, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
-    let method = req.method().as_str().to_owned();
+    // Any method name reaches here, before authentication: only the standard ones get a label.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "HEAD" | "OPTIONS" | "PATCH") => m,
+        _ => "other",
+    }
+    .to_owned();
     let started = Instant::now();
     let response = next.run(req).await;
     let status = format!("{}xx", response.status().as_u16() / 100);

@@ -363,6 +363,18 @@ async fn doctor_checks_the_data_directory_and_the_server() {
     let (code, r) = report(&["doctor", "--json"]);
     assert_eq!((code, verdict(&r, "admin_token").0.as_str()), (0, "warn"), "{r:#}");
 
+    // A data directory without a database: the store check fails, and nothing is created.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(BIN)
+        .args(["--data-dir"])
+        .arg(empty.path())
+        .args(["doctor", "--json"])
+        .output()
+        .expect("runs");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(verdict(&r, "store").0, "fail", "{r:#}");
+    assert!(!empty.path().join("db").exists(), "the doctor created no database");
+
     // The server gone: a failure, and the store is free.
     let url = served.url.clone();
     drop(served);

@@ -163,3 +163,51 @@ async fn a_clock_far_off_and_an_expired_certificate_fail() {
     let (_, report) = doctor(&node, &shifted(&lib, "+5s"));
     assert_eq!(check(&report, "clock").0, "ok", "{report:#}");
 }
+
+/// The control plane's `/v1/health` requests so far, from its metrics.
+fn health_requests(metrics: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(metrics).expect("metrics listener");
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("answer");
+    text.lines()
+        .filter(|l| l.starts_with("outpost_control_http_requests_total{route=\"/v1/health\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_air_gapped_node_is_not_dialled_by_its_doctor() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let metrics = format!("127.0.0.1:{port}");
+    let control = Control::start_args(
+        &harness::control_bin(),
+        &tmp.path().join("control"),
+        None,
+        None,
+        &["--metrics-listen", &metrics],
+    );
+    let org = control.create_org("doctor").await;
+    let online = Node::enroll(&tmp.path().join("online"), &control, &org.id, "").await;
+    let gapped =
+        Node::enroll(&tmp.path().join("gapped"), &control, &org.id, "[control]\nuplink = false\n").await;
+
+    // The doctor of a connected node does ask: the count moves, so it would show a dial.
+    let before = health_requests(&metrics);
+    doctor(&online, &[]);
+    let asked = health_requests(&metrics);
+    assert!(asked > before, "{before} -> {asked}");
+
+    let (_, report) = doctor(&gapped, &[]);
+    let (verdict, detail, _) = check(&report, "control");
+    assert_eq!(verdict, "ok", "{report:#}");
+    assert!(detail.contains("uplink = false"), "{detail}");
+    assert_eq!(check(&report, "clock").0, "ok", "{report:#}");
+    assert_eq!(
+        health_requests(&metrics),
+        asked,
+        "the control plane heard nothing from the air-gapped doctor"
+    );
+}

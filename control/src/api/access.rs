@@ -44,11 +44,13 @@ pub struct Caller {
     /// As the audit trail records it: `owner`, or `token:<name>/<id>`.
     pub actor: String,
     pub scope: Scope,
+    /// When the caller's own token expires (`None`: the admin token, which does not).
+    pub expires_unix_ms: Option<u64>,
 }
 
 impl Caller {
     pub fn owner() -> Self {
-        Self { actor: "owner".into(), scope: Scope::Owner }
+        Self { actor: "owner".into(), scope: Scope::Owner, expires_unix_ms: None }
     }
 
     /// The organisation a listing is confined to; `None` for the owner (everything).
@@ -176,6 +178,7 @@ pub async fn authenticate(st: &AppState, given: &str) -> Result<Caller, ApiError
     Ok(Caller {
         actor: format!("token:{}/{}", info.name, info.id),
         scope: Scope::Org { org_id: info.org_id, role: info.role },
+        expires_unix_ms: Some(info.expires_unix_ms),
     })
 }
 
@@ -234,7 +237,11 @@ pub async fn create_api_token(
         org_id: org_id.clone(),
         role: req.role,
         created_unix_ms: now,
-        expires_unix_ms: now.saturating_add(ttl.saturating_mul(1000)),
+        // A token never outlives the token that made it: an expiring admin token cannot mint a
+        // longer-lived one.
+        expires_unix_ms: now
+            .saturating_add(ttl.saturating_mul(1000))
+            .min(caller.expires_unix_ms.unwrap_or(u64::MAX)),
         created_by: caller.actor.clone(),
         revoked_unix_ms: None,
     };

@@ -113,6 +113,8 @@ async fn refuse(st: &Shared, refusal: TokenRefusal, org_id: &str, hostname: &str
             "unknown token",
         ),
     };
-    st.audit("anonymous", None, "enroll.rejected", &format!("{why} (org {org_id}) from {hostname:?}")).await;
+    // A known token names its organisation, whose people see the refusal; an unknown one none.
+    let org = (org_id != "-").then_some(org_id);
+    st.audit("anonymous", org, "enroll.rejected", &format!("{why} (org {org_id}) from {hostname:?}")).await;
     ApiError::new(StatusCode::UNAUTHORIZED, code, message)
 }

@@ -104,7 +104,9 @@ impl FromRequestParts<Shared> for NodeAuth {
                 "node calls need the client certificate issued at enrollment (mutual TLS); enroll first",
             ));
         };
-        let refusal = match state.store.get_node(&peer.node_id).await? {
+        let known = state.store.get_node(&peer.node_id).await?;
+        let org = known.as_ref().map(|n| n.org_id.clone());
+        let refusal = match known {
             Some(node) if node.cert_sha256 == peer.cert_sha256 => return Ok(NodeAuth(node)),
             Some(_) => ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -122,7 +124,7 @@ impl FromRequestParts<Shared> for NodeAuth {
         };
         // Only certificates our CA signed get this far, so the trail cannot be flooded.
         let detail = format!("{} {} ({})", parts.uri.path(), refusal.body.code, peer.cert_sha256);
-        state.audit(&format!("node:{}", peer.node_id), None, "node.refused", &detail).await;
+        state.audit(&format!("node:{}", peer.node_id), org.as_deref(), "node.refused", &detail).await;
         Err(refusal)
     }
 }

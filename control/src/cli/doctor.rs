@@ -56,9 +56,18 @@ fn admin_token_check(dir: &DataDir) -> Check {
 }
 
 fn store_check(dir: &DataDir) -> Check {
+    // Opening would create an empty database where there is none: a wrong --data-dir.
+    if !dir.db().join("conf").is_file() {
+        return Check::fail(
+            "store",
+            format!("no database at {}", dir.db().display()),
+            "check --data-dir: `serve` creates the database on first start",
+        );
+    }
     match crate::store::SledStore::open(&dir.db()) {
         Ok(_) => Check::ok("store", format!("{} opens (no server holds it now)", dir.db().display())),
-        Err(e) if e.to_string().contains("another server running") => {
+        // sled's file lock, held by the running server.
+        Err(e) if e.to_string().contains("could not acquire lock") => {
             Check::ok("store", format!("{} is held by the running server", dir.db().display()))
         }
         Err(e) => Check::fail(

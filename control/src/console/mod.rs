@@ -112,11 +112,13 @@ async fn visitor(st: &Shared, headers: &HeaderMap) -> Result<Visitor, Response> 
     let (token, csrf) = st.console.get(&session, st.clock.now_ms()).ok_or_else(to_login)?;
     match authenticate(st, &token).await {
         Ok(caller) => Ok(Visitor { caller, csrf, session }),
-        Err(_) => {
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
             // Revoked or expired since login: the session ends with it.
             st.console.close(&session);
             Err(to_login())
         }
+        // The store failing for a moment ends nothing.
+        Err(e) => Err(pages::error(e.status, &e.body.message, None)),
     }
 }
 
@@ -286,7 +288,7 @@ async fn nodes(State(st): State<Shared>, headers: HeaderMap, Query(p): Query<Pag
     match operator::list_nodes(v.caller.clone(), State(st.clone()), Params(q)).await {
         Ok(n) => {
             let all = n.0.nodes;
-            let page: Vec<_> = all.iter().skip(p.page * PAGE).take(PAGE).cloned().collect();
+            let page: Vec<_> = all.iter().skip(p.page.saturating_mul(PAGE)).take(PAGE).cloned().collect();
             pages::nodes(&v, &page, p.page, all.len()).into_response()
         }
         Err(e) => refused(e, &v),
@@ -325,11 +327,11 @@ async fn job_list(State(st): State<Shared>, headers: HeaderMap, Query(p): Query<
         },
     };
     let node = p.node.clone().filter(|n| !n.is_empty());
-    let limit = (p.page + 1) * PAGE;
+    let limit = p.page.saturating_add(1).saturating_mul(PAGE);
     let q = JobQuery { node_id: node.clone(), state, group_id: None, limit: Some(limit.min(1000)) };
     match jobs::list_jobs(v.caller.clone(), State(st.clone()), Params(q)).await {
         Ok(j) => {
-            let page: Vec<_> = j.0.jobs.into_iter().skip(p.page * PAGE).collect();
+            let page: Vec<_> = j.0.jobs.into_iter().skip(p.page.saturating_mul(PAGE)).collect();
             pages::jobs(&v, &page, p.page, p.state.as_deref().unwrap_or(""), node.as_deref().unwrap_or(""))
                 .into_response()
         }

@@ -169,16 +169,29 @@ pub fn nodes(v: &Visitor, nodes: &[NodeInfo], page: usize, total: usize) -> Html
                     }
                 }
             }
-            (pager("/console/nodes", page, (page + 1) * PAGE < total, ""))
+            (pager("/console/nodes", page, page.saturating_add(1).saturating_mul(PAGE) < total, ""))
         },
     )
+}
+
+/// `s` percent-encoded for a query string.
+fn query_value(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn pager(base: &str, page: usize, more: bool, extra: &str) -> Markup {
     html! {
         p {
             @if page > 0 { a href={ (base) "?page=" (page - 1) (extra) } { "← newer" } " " }
-            @if more { a href={ (base) "?page=" (page + 1) (extra) } { "older →" } }
+            @if more { a href={ (base) "?page=" (page.saturating_add(1)) (extra) } { "older →" } }
         }
     }
 }
@@ -349,7 +362,7 @@ pub fn settings(
 }
 
 pub fn jobs(v: &Visitor, jobs: &[JobInfo], page: usize, state: &str, node: &str) -> Html<String> {
-    let extra = format!("&state={state}&node={node}");
+    let extra = format!("&state={}&node={}", query_value(state), query_value(node));
     layout(
         "Jobs",
         Some(v),

@@ -65,7 +65,16 @@ async fn metrics_count_jobs_results_polls_and_requests() {
     };
     let (_, seen) = tokio::join!(held, watch);
     assert!(seen, "a held poll is counted while it waits");
-    promtool_accepts(&scrape(&server).await);
+    // Any method name reaches the counter before authentication: it is labelled `other`.
+    let odd = reqwest::Method::from_bytes(b"FROBNICATE").expect("a method");
+    let _ = crate::support::https(server.ca_pem(), None)
+        .request(odd, format!("{}/v1/nodes", server.url()))
+        .send()
+        .await;
+    let text = scrape(&server).await;
+    assert!(!text.contains("FROBNICATE"), "{text}");
+    assert!(text.contains("method=\"other\""), "{text}");
+    promtool_accepts(&text);
 }
 
 /// `promtool check metrics` (Debian's `prometheus` package) reads the exposition as Prometheus

@@ -532,6 +532,13 @@ async fn expired_revoked_and_forged_tokens_are_refused() {
     assert!(revoked.revoked_unix_ms.is_some());
     let after = call(&w.server, token, Method::GET, paths::NODES, None).await;
     assert_error(&after, StatusCode::UNAUTHORIZED, "token_revoked");
+    // A token never outlives the one that made it.
+    let brief = op.create_api_token(&w.a.org_id, "brief-admin", Role::Admin, Some(120)).await.expect("token");
+    let path = fill(paths::ORG_API_TOKENS, &[("org_id", &w.a.org_id)]);
+    let body = json!({"name": "long-lived", "role": "viewer", "ttl_secs": 400 * 24 * 3600});
+    let (status, made) = call(&w.server, &brief.token, Method::POST, &path, Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    assert_eq!(made["info"]["expires_unix_ms"], brief.info.expires_unix_ms, "capped at the parent's expiry");
     // A token of organisation B cannot revoke A's tokens, nor learn they exist.
     let b_admin = op.create_api_token(&w.b.org_id, "admin", Role::Admin, None).await.expect("token");
     let viewer_id =

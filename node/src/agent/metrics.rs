@@ -106,7 +106,12 @@ impl<R: Runtime> Agent<R> {
         }
 
         let read = Instant::now();
-        let depths = self.ledger.depths().unwrap_or_default();
+        // An unreadable ledger fails the scrape (Prometheus marks the target down) rather than
+        // showing empty queues.
+        let depths = self.ledger.depths().map_err(|e| {
+            tracing::warn!(error = %e, "metrics: cannot read the ledger");
+            std::fmt::Error
+        })?;
         gauge_f(
             &mut r,
             "outpost_node_ledger_read_seconds",
