@@ -34,6 +34,9 @@ use crate::data_dir::random_hex;
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Most sessions held at once; the oldest goes first beyond it.
 const MAX_SESSIONS: usize = 10_000;
+/// Most sessions of one token: logging in again and again evicts that token's own oldest, so no
+/// token can push other people's sessions out.
+const MAX_SESSIONS_PER_TOKEN: usize = 16;
 /// Rows per page of the node and job tables.
 pub const PAGE: usize = 100;
 const COOKIE: &str = "outpost_session";
@@ -57,6 +60,17 @@ impl Sessions {
         let expires_ms = now_ms + SESSION_TTL.as_millis() as u64;
         if let Ok(mut map) = self.0.lock() {
             map.retain(|_, s| s.expires_ms > now_ms);
+            let mut own: Vec<(u64, String)> = map
+                .iter()
+                .filter(|(_, s)| s.token == token)
+                .map(|(k, s)| (s.expires_ms, k.clone()))
+                .collect();
+            if own.len() >= MAX_SESSIONS_PER_TOKEN {
+                own.sort();
+                for (_, old) in own.iter().take(own.len() + 1 - MAX_SESSIONS_PER_TOKEN) {
+                    map.remove(old);
+                }
+            }
             if map.len() >= MAX_SESSIONS
                 && let Some(oldest) = map.iter().min_by_key(|(_, s)| s.expires_ms).map(|(k, _)| k.clone())
             {
@@ -575,5 +589,35 @@ async fn audit(State(st): State<Shared>, headers: HeaderMap) -> Response {
     {
         Ok(a) => pages::audit(&v, &a.0.entries).into_response(),
         Err(e) => refused(e, &v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_token_cannot_push_other_sessions_out() {
+        let sessions = Sessions::default();
+        let (theirs, _) = sessions.open("someone-else".into(), 0);
+        let mut mine = Vec::new();
+        for i in 0..(MAX_SESSIONS_PER_TOKEN as u64 * 3) {
+            mine.push(sessions.open("busy".into(), i).0);
+        }
+        assert!(sessions.get(&theirs, 100).is_some(), "another token's session survives");
+        let alive = mine.iter().filter(|id| sessions.get(id, 100).is_some()).count();
+        assert_eq!(alive, MAX_SESSIONS_PER_TOKEN, "a token keeps its newest sessions only");
+        assert!(sessions.get(mine.last().expect("one"), 100).is_some(), "the newest is kept");
+        assert!(sessions.get(&mine[0], 100).is_none(), "the oldest went first");
+    }
+
+    #[test]
+    fn sessions_expire_and_close() {
+        let sessions = Sessions::default();
+        let (id, csrf) = sessions.open("t".into(), 0);
+        assert_eq!(sessions.get(&id, 1).map(|(_, c)| c), Some(csrf));
+        assert!(sessions.get(&id, SESSION_TTL.as_millis() as u64 + 1).is_none(), "expired");
+        sessions.close(&id);
+        assert!(sessions.get(&id, 1).is_none(), "closed");
     }
 }
