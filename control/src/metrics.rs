@@ -54,7 +54,7 @@ pub struct ControlMetrics {
 
 impl Default for ControlMetrics {
     fn default() -> Self {
-        Self {
+        let metrics = Self {
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(latency),
             jobs_submitted: Counter::default(),
@@ -65,7 +65,9 @@ impl Default for ControlMetrics {
             events_duplicate: Counter::default(),
             store_seconds: Family::new_with_constructor(latency),
             audit_failures: Counter::default(),
-        }
+        };
+        metrics.seed();
+        metrics
     }
 }
 
@@ -115,17 +117,7 @@ impl ControlMetrics {
     /// Series that exist before anything happened, so that dashboards and alerts see zeros
     /// rather than no data.
     fn seed(&self) {
-        use outpost_protocol::Outcome;
-        for outcome in [
-            Outcome::Succeeded,
-            Outcome::Failed,
-            Outcome::TimedOut,
-            Outcome::Rejected,
-            Outcome::Error,
-            Outcome::Cancelled,
-            Outcome::Refused,
-            Outcome::NotApproved,
-        ] {
+        for outcome in outpost_protocol::Outcome::ALL {
             let _ = self.results.get_or_create(&vec![("outcome", outpost_protocol::wire_name(&outcome))]);
         }
         for op in ["insert_job", "queued_jobs", "store_result"] {
@@ -206,7 +198,6 @@ pub async fn track(State(st): State<Shared>, req: Request, next: Next) -> Respon
 /// The whole exposition: the live figures and the fleet read from the store now.
 pub async fn render(st: &AppState) -> Result<String, crate::store::StoreError> {
     let mut registry = Registry::default();
-    st.metrics.seed();
     st.metrics.register(&mut registry);
 
     let build = Family::<Labels, Gauge>::default();

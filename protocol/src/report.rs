@@ -28,6 +28,20 @@ pub enum Outcome {
 
 /// The node's report of one job attempt. `idempotency_key` = `job_id/attempt`: the control
 /// plane stores the first report for a key and acknowledges every repeat without storing it.
+impl Outcome {
+    /// Every outcome, in declaration order.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Succeeded,
+        Outcome::Failed,
+        Outcome::TimedOut,
+        Outcome::Rejected,
+        Outcome::Error,
+        Outcome::Cancelled,
+        Outcome::Refused,
+        Outcome::NotApproved,
+    ];
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]

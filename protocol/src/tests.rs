@@ -229,3 +229,21 @@ fn wire_names_are_the_json_names() {
     assert_eq!(wire_name(&NodePhase::AgentTooOld), "agent_too_old");
     assert_eq!(wire_name(&7u32), "", "not a string on the wire");
 }
+
+#[test]
+fn outcome_all_lists_every_outcome_once() {
+    // A new outcome breaks this match, and so comes here to be added to `Outcome::ALL`.
+    let index = |o: Outcome| match o {
+        Outcome::Succeeded => 0,
+        Outcome::Failed => 1,
+        Outcome::TimedOut => 2,
+        Outcome::Rejected => 3,
+        Outcome::Error => 4,
+        Outcome::Cancelled => 5,
+        Outcome::Refused => 6,
+        Outcome::NotApproved => 7,
+    };
+    for (i, o) in Outcome::ALL.into_iter().enumerate() {
+        assert_eq!(index(o), i, "{o:?}");
+    }
+}

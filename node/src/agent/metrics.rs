@@ -30,13 +30,25 @@ use crate::runtime::Runtime;
 pub(crate) type Labels = Vec<(&'static str, String)>;
 
 /// Figures counted as things happen (the rest is read at each scrape).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Counted {
     /// Results handed over (to the control plane, or to the object store for a local
     /// trigger's job), by outcome.
     pub results_delivered: Family<Labels, Counter>,
     /// Service containers restarted (by their restart policy or after a failed health check).
     pub service_restarts: Counter,
+}
+
+impl Default for Counted {
+    /// Every outcome's series exists from the start: dashboards see zeros, not gaps.
+    fn default() -> Self {
+        let results_delivered = Family::<Labels, Counter>::default();
+        for outcome in outpost_protocol::Outcome::ALL {
+            let _ =
+                results_delivered.get_or_create(&vec![("outcome", outpost_protocol::wire_name(&outcome))]);
+        }
+        Self { results_delivered, service_restarts: Counter::default() }
+    }
 }
 
 impl Counted {
@@ -134,23 +146,6 @@ impl<R: Runtime> Agent<R> {
         );
         gauge(&mut r, "outpost_node_outbox_depth", "Results waiting to be delivered", i(depths.outbox));
 
-        use outpost_protocol::Outcome;
-        for outcome in [
-            Outcome::Succeeded,
-            Outcome::Failed,
-            Outcome::TimedOut,
-            Outcome::Rejected,
-            Outcome::Error,
-            Outcome::Cancelled,
-            Outcome::Refused,
-            Outcome::NotApproved,
-        ] {
-            let _ = self
-                .shared
-                .counted
-                .results_delivered
-                .get_or_create(&vec![("outcome", outpost_protocol::wire_name(&outcome))]);
-        }
         r.register(
             "outpost_node_results_delivered",
             "Results handed over (to the control plane, or to the object store for local jobs), by outcome",
