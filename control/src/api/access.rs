@@ -19,7 +19,7 @@ use outpost_protocol::{
     ApiTokenInfo, ApiTokenList, CreateApiTokenRequest, CreatedApiToken, ErrorBody, NodeInfo, Role, paths,
 };
 
-use super::extract::{bearer, digests_equal, sha256};
+use super::extract::{bearer, constant_time_eq, sha256};
 use super::{ApiError, ApiResult, AppState, Body, Shared};
 use crate::data_dir::random_hex;
 use crate::store::{ApiTokenRecord, StoreError};
@@ -139,7 +139,7 @@ impl FromRequestParts<Shared> for Caller {
 /// matches, is not revoked and has not expired.
 pub async fn authenticate(st: &AppState, given: &str) -> Result<Caller, ApiError> {
     let Some(rest) = given.strip_prefix(API_TOKEN_PREFIX) else {
-        if digests_equal(&sha256(given.as_bytes()), &st.admin_token_sha256) {
+        if constant_time_eq(&sha256(given.as_bytes()), &st.admin_token_sha256) {
             return Ok(Caller::owner());
         }
         // Logged, not audited: an unauthenticated caller must not be able to grow the trail.
@@ -150,7 +150,7 @@ pub async fn authenticate(st: &AppState, given: &str) -> Result<Caller, ApiError
     let record = st.store.get_api_token(id).await?;
     // The digest is compared even for an unknown id, so that the answer takes as long.
     let stored = record.as_ref().and_then(|r| hex_digest(&r.secret_sha256)).unwrap_or([0xff; 32]);
-    let matches = digests_equal(&sha256(secret.as_bytes()), &stored);
+    let matches = constant_time_eq(&sha256(secret.as_bytes()), &stored);
     let Some(ApiTokenRecord { info, .. }) = record.filter(|_| matches) else {
         tracing::warn!(token_id = id, "operator call with an unknown API token refused");
         return Err(bad_token());

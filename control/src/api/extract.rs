@@ -79,9 +79,10 @@ pub(super) fn bearer(parts: &Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Compares two digests in constant time (no early exit on the first difference).
-pub(super) fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares two byte strings (digests, CSRF tokens) in constant time for their length: no early
+/// exit on the first difference.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub(super) fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -137,8 +138,8 @@ mod tests {
     fn digests_compare_equal_only_when_identical() {
         let a = [7u8; 32];
         let mut b = a;
-        assert!(digests_equal(&a, &b));
+        assert!(constant_time_eq(&a, &b));
         b[31] ^= 1;
-        assert!(!digests_equal(&a, &b));
+        assert!(!constant_time_eq(&a, &b));
     }
 }

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use access::{Caller, Scope};
 pub use error::{ApiError, ApiResult};
+pub(crate) use extract::constant_time_eq;
 pub use extract::{Body, ConnPeer, NodeAuth, Params};
 
 use crate::clock::Clock;

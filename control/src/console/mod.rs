@@ -15,8 +15,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::FromRequestParts;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::request::Parts;
 use axum::http::{Request, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -136,21 +138,25 @@ async fn visitor(st: &Shared, headers: &HeaderMap) -> Result<Visitor, Response> 
     }
 }
 
-/// A form post: logged in, and carrying this session's CSRF token.
-async fn poster(st: &Shared, headers: &HeaderMap, csrf: &str) -> Result<Visitor, Response> {
-    let v = visitor(st, headers).await?;
-    if csrf.is_empty() || !constant_eq(csrf.as_bytes(), v.csrf.as_bytes()) {
-        return Err(pages::error(
-            StatusCode::FORBIDDEN,
-            "This form is stale or was not sent from the console: go back, reload and try again.",
-            Some(&v),
-        ));
+/// Every console page but the login form takes a logged-in visitor; anyone else is sent there.
+impl FromRequestParts<Shared> for Visitor {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, st: &Shared) -> Result<Self, Response> {
+        visitor(st, &parts.headers).await
     }
-    Ok(v)
 }
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// A form post must carry this session's CSRF token: the refusal when it does not.
+fn stale_form(v: &Visitor, csrf: &str) -> Option<Response> {
+    let fresh = !csrf.is_empty() && crate::api::constant_time_eq(csrf.as_bytes(), v.csrf.as_bytes());
+    (!fresh).then(|| {
+        pages::error(
+            StatusCode::FORBIDDEN,
+            "This form is stale or was not sent from the console: go back, reload and try again.",
+            Some(v),
+        )
+    })
 }
 
 /// An API handler's refusal as a console page.
@@ -220,7 +226,7 @@ struct LoginForm {
 async fn login(State(st): State<Shared>, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response {
     // Double submit: the form's nonce must be the cookie this browser got with the form.
     let expected = cookie(&headers, LOGIN_COOKIE).unwrap_or_default();
-    if f.nonce.is_empty() || !constant_eq(f.nonce.as_bytes(), expected.as_bytes()) {
+    if f.nonce.is_empty() || !crate::api::constant_time_eq(f.nonce.as_bytes(), expected.as_bytes()) {
         return pages::error(
             StatusCode::FORBIDDEN,
             "This login form is stale or was not sent from the console: reload it.",
@@ -253,11 +259,10 @@ struct CsrfForm {
     csrf: String,
 }
 
-async fn logout(State(st): State<Shared>, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Response {
-    let v = match poster(&st, &headers, &f.csrf).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn logout(v: Visitor, State(st): State<Shared>, Form(f): Form<CsrfForm>) -> Response {
+    if let Some(r) = stale_form(&v, &f.csrf) {
+        return r;
+    }
     st.console.close(&v.session);
     st.audit(&v.caller.actor, v.caller.org_filter(), "console.logout", "").await;
     let mut resp = Redirect::to("/console/login").into_response();
@@ -265,11 +270,7 @@ async fn logout(State(st): State<Shared>, headers: HeaderMap, Form(f): Form<Csrf
     resp
 }
 
-async fn overview(State(st): State<Shared>, headers: HeaderMap) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn overview(v: Visitor, State(st): State<Shared>) -> Response {
     let q = NodeQuery { selector: None, org_id: None };
     let nodes = match operator::list_nodes(v.caller.clone(), State(st.clone()), Params(q)).await {
         Ok(n) => n.0.nodes,
@@ -293,11 +294,7 @@ struct PageQuery {
     node: Option<String>,
 }
 
-async fn nodes(State(st): State<Shared>, headers: HeaderMap, Query(p): Query<PageQuery>) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn nodes(v: Visitor, State(st): State<Shared>, Query(p): Query<PageQuery>) -> Response {
     let q = NodeQuery { selector: None, org_id: None };
     match operator::list_nodes(v.caller.clone(), State(st.clone()), Params(q)).await {
         Ok(n) => {
@@ -309,11 +306,7 @@ async fn nodes(State(st): State<Shared>, headers: HeaderMap, Query(p): Query<Pag
     }
 }
 
-async fn node(State(st): State<Shared>, headers: HeaderMap, Path(node_id): Path<String>) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn node(v: Visitor, State(st): State<Shared>, Path(node_id): Path<String>) -> Response {
     let info = match operator::get_node(v.caller.clone(), State(st.clone()), Path(node_id.clone())).await {
         Ok(n) => n.0,
         Err(e) => return refused(e, &v),
@@ -326,11 +319,7 @@ async fn node(State(st): State<Shared>, headers: HeaderMap, Path(node_id): Path<
     pages::node(&v, &info, &recent).into_response()
 }
 
-async fn job_list(State(st): State<Shared>, headers: HeaderMap, Query(p): Query<PageQuery>) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn job_list(v: Visitor, State(st): State<Shared>, Query(p): Query<PageQuery>) -> Response {
     let state: Option<JobState> = match p.state.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => match serde_json::from_value(serde_json::Value::String(s.to_owned())) {
@@ -353,11 +342,7 @@ async fn job_list(State(st): State<Shared>, headers: HeaderMap, Query(p): Query<
     }
 }
 
-async fn job(State(st): State<Shared>, headers: HeaderMap, Path(job_id): Path<String>) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn job(v: Visitor, State(st): State<Shared>, Path(job_id): Path<String>) -> Response {
     match jobs::get_job(v.caller.clone(), State(st.clone()), Path(job_id)).await {
         Ok(j) => pages::job(&v, &j.0).into_response(),
         Err(e) => refused(e, &v),
@@ -374,11 +359,10 @@ struct SubmitForm {
     command: String,
 }
 
-async fn submit(State(st): State<Shared>, headers: HeaderMap, Form(f): Form<SubmitForm>) -> Response {
-    let v = match poster(&st, &headers, &f.csrf).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn submit(v: Visitor, State(st): State<Shared>, Form(f): Form<SubmitForm>) -> Response {
+    if let Some(r) = stale_form(&v, &f.csrf) {
+        return r;
+    }
     if let Err(e) = v.caller.at_least(Role::Operator) {
         return refused(e, &v);
     }
@@ -402,15 +386,14 @@ async fn submit(State(st): State<Shared>, headers: HeaderMap, Form(f): Form<Subm
 }
 
 async fn cancel(
+    v: Visitor,
     State(st): State<Shared>,
-    headers: HeaderMap,
     Path(job_id): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let v = match poster(&st, &headers, &f.csrf).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+    if let Some(r) = stale_form(&v, &f.csrf) {
+        return r;
+    }
     match jobs::cancel_job(v.caller.clone(), State(st.clone()), Path(job_id.clone())).await {
         Ok(_) => Redirect::to(&format!("/console/jobs/{job_id}")).into_response(),
         Err(e) => refused(e, &v),
@@ -430,15 +413,14 @@ struct LabelForm {
 }
 
 async fn label(
+    v: Visitor,
     State(st): State<Shared>,
-    headers: HeaderMap,
     Path(node_id): Path<String>,
     Form(f): Form<LabelForm>,
 ) -> Response {
-    let v = match poster(&st, &headers, &f.csrf).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+    if let Some(r) = stale_form(&v, &f.csrf) {
+        return r;
+    }
     let words = |s: &str| {
         s.split([',', ' ']).map(str::trim).filter(|w| !w.is_empty()).map(str::to_owned).collect::<Vec<_>>()
     };
@@ -456,11 +438,7 @@ async fn label(
     }
 }
 
-async fn deployments(State(st): State<Shared>, headers: HeaderMap) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn deployments(v: Visitor, State(st): State<Shared>) -> Response {
     match st.store.list_deployments().await {
         Ok(all) => {
             let mut mine: Vec<_> =
@@ -473,25 +451,17 @@ async fn deployments(State(st): State<Shared>, headers: HeaderMap) -> Response {
 }
 
 async fn deployment(
+    v: Visitor,
     State(st): State<Shared>,
-    headers: HeaderMap,
     Path((org_id, name)): Path<(String, String)>,
 ) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     match crate::api::deploy::get(v.caller.clone(), State(st.clone()), Path((org_id, name))).await {
         Ok(d) => pages::deployment(&v, &d.0).into_response(),
         Err(e) => refused(e, &v),
     }
 }
 
-async fn events(State(st): State<Shared>, headers: HeaderMap) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn events(v: Visitor, State(st): State<Shared>) -> Response {
     let q = crate::api::events::EventQuery {
         org_id: None,
         node_id: None,
@@ -519,11 +489,7 @@ fn settings_org(v: &Visitor, asked: Option<String>) -> Option<String> {
     v.caller.org_filter().map(str::to_owned).or(asked.filter(|o| !o.is_empty()))
 }
 
-async fn settings(State(st): State<Shared>, headers: HeaderMap, Query(q): Query<OrgQuery>) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn settings(v: Visitor, State(st): State<Shared>, Query(q): Query<OrgQuery>) -> Response {
     let orgs = match operator::list_orgs(v.caller.clone(), State(st.clone())).await {
         Ok(o) => o.0,
         Err(e) => return refused(e, &v),
@@ -548,15 +514,10 @@ struct EnrollmentForm {
     hours: Option<u64>,
 }
 
-async fn enrollment_token(
-    State(st): State<Shared>,
-    headers: HeaderMap,
-    Form(f): Form<EnrollmentForm>,
-) -> Response {
-    let v = match poster(&st, &headers, &f.csrf).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn enrollment_token(v: Visitor, State(st): State<Shared>, Form(f): Form<EnrollmentForm>) -> Response {
+    if let Some(r) = stale_form(&v, &f.csrf) {
+        return r;
+    }
     let req = outpost_protocol::CreateTokenRequest { ttl_secs: f.hours.map(|h| h.saturating_mul(3600)) };
     match operator::create_token(v.caller.clone(), State(st.clone()), Path(f.org_id.clone()), Body(req)).await
     {
@@ -579,11 +540,7 @@ async fn enrollment_token(
     }
 }
 
-async fn audit(State(st): State<Shared>, headers: HeaderMap) -> Response {
-    let v = match visitor(&st, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn audit(v: Visitor, State(st): State<Shared>) -> Response {
     match operator::list_audit(v.caller.clone(), State(st.clone()), Params(AuditQuery { limit: Some(500) }))
         .await
     {
