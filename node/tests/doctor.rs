@@ -166,12 +166,9 @@ async fn a_clock_far_off_and_an_expired_certificate_fail() {
 
 /// The control plane's `/v1/health` requests so far, from its metrics.
 fn health_requests(metrics: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(metrics).expect("metrics listener");
-    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("answer");
-    text.lines()
+    harness::scrape_metrics(metrics)
+        .1
+        .lines()
         .filter(|l| l.starts_with("outpost_control_http_requests_total{route=\"/v1/health\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

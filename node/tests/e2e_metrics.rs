@@ -22,16 +22,10 @@ fn free_port() -> u16 {
 
 /// `GET /metrics` over plain HTTP/1.0, the body.
 fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("answer");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    let (head, body) = harness::scrape_metrics(addr);
     assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
-    body.to_owned()
+    body
 }
 
 /// Names of the samples an exposition holds (`name{labels} value` → `name`).

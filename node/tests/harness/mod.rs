@@ -418,6 +418,18 @@ fn write_config(dir: &Path, extra_config: &str, current: bool) -> PathBuf {
     config
 }
 
+/// `GET /metrics` from a Prometheus endpoint at `addr` (plain HTTP/1.0): the answer's head and body.
+pub fn scrape_metrics(addr: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("answer");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    (head.to_owned(), body.to_owned())
+}
+
 /// An enrolled node agent with its own data dir and config.
 pub struct Node {
     pub dir: PathBuf,
@@ -571,15 +583,9 @@ impl Node {
 
     /// The agent's Prometheus exposition (`GET /metrics` on the loopback address it reports).
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
         let addr =
             self.status_json()["agent"]["metrics"].as_str().expect("the agent serves metrics").to_owned();
-        let mut stream = std::net::TcpStream::connect(&addr).expect("metrics listener");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).expect("answer");
-        raw.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+        scrape_metrics(&addr).1
     }
 
     /// Run another `outpost` subcommand with this node's config.
