@@ -259,17 +259,11 @@ async fn docker_check(cfg: &Config) -> Check {
 }
 
 fn disk_check(data_dir: &Path) -> Check {
-    let at = outpost_protocol::doctor::existing_ancestor(data_dir);
-    match nix::sys::statvfs::statvfs(at) {
-        Err(e) => {
-            Check::fail("disk", format!("cannot measure {}: {e}", at.display()), "check that the path exists")
-        }
-        Ok(s) => outpost_protocol::doctor::disk(
-            s.blocks_available().saturating_mul(s.fragment_size()),
-            at,
-            "the ledger, results and job data live there",
-        ),
-    }
+    outpost_protocol::doctor::disk(data_dir, "the ledger, results and job data live there", |at| {
+        nix::sys::statvfs::statvfs(at)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .map_err(|e| e.to_string())
+    })
 }
 
 async fn object_store_check(cfg: &Config) -> Check {

@@ -78,7 +78,7 @@ const DISK_WARN_BYTES: u64 = 5 << 30;
 
 /// `path`, or the nearest ancestor that exists (a data directory not created yet is measured
 /// where it will be).
-pub fn existing_ancestor(path: &std::path::Path) -> &std::path::Path {
+fn existing_ancestor(path: &std::path::Path) -> &std::path::Path {
     let mut at = path;
     while !at.exists() {
         match at.parent() {
@@ -89,8 +89,24 @@ pub fn existing_ancestor(path: &std::path::Path) -> &std::path::Path {
     at
 }
 
-/// The `disk` check from the free bytes measured at `at`; `holds` says what lives there.
-pub fn disk(free: u64, at: &std::path::Path, holds: &str) -> Check {
+/// The `disk` check of the data directory `dir` (or, not created yet, of where it will be):
+/// `free_bytes` measures a path (statvfs, in the binaries), `holds` says what lives there.
+pub fn disk(
+    dir: &std::path::Path,
+    holds: &str,
+    free_bytes: impl FnOnce(&std::path::Path) -> Result<u64, String>,
+) -> Check {
+    let at = existing_ancestor(dir);
+    let free = match free_bytes(at) {
+        Ok(free) => free,
+        Err(e) => {
+            return Check::fail(
+                "disk",
+                format!("cannot measure {}: {e}", at.display()),
+                "check that the path exists",
+            );
+        }
+    };
     let detail = format!("{} free on {}", human_bytes(free), at.display());
     let fix = format!("free space there or move the data directory: {holds}");
     if free < DISK_FAIL_BYTES {
@@ -121,9 +137,16 @@ mod tests {
     #[test]
     fn little_free_space_fails_and_some_warns() {
         let at = std::path::Path::new("/");
-        assert_eq!(disk(100 << 20, at, "x").verdict, Verdict::Fail);
-        assert_eq!(disk(2 << 30, at, "x").verdict, Verdict::Warn);
-        assert_eq!(disk(50 << 30, at, "x").verdict, Verdict::Ok);
+        assert_eq!(disk(at, "x", |_| Ok(100 << 20)).verdict, Verdict::Fail);
+        assert_eq!(disk(at, "x", |_| Ok(2 << 30)).verdict, Verdict::Warn);
+        assert_eq!(disk(at, "x", |_| Ok(50 << 30)).verdict, Verdict::Ok);
+        assert_eq!(disk(at, "x", |_| Err("no such file".into())).verdict, Verdict::Fail);
+        let measured = std::cell::RefCell::new(None);
+        disk(&at.join("not/created/yet"), "x", |p| {
+            *measured.borrow_mut() = Some(p.to_owned());
+            Ok(50 << 30)
+        });
+        assert_eq!(measured.into_inner().as_deref(), Some(at), "measured where it will be");
     }
 
     #[test]

@@ -79,17 +79,11 @@ fn store_check(dir: &DataDir) -> Check {
 }
 
 fn disk_check(dir: &Path) -> Check {
-    let at = outpost_protocol::doctor::existing_ancestor(dir);
-    match nix::sys::statvfs::statvfs(at) {
-        Err(e) => {
-            Check::fail("disk", format!("cannot measure {}: {e}", at.display()), "check that the path exists")
-        }
-        Ok(s) => outpost_protocol::doctor::disk(
-            s.blocks_available().saturating_mul(s.fragment_size()),
-            at,
-            "the database and the audit trail live there",
-        ),
-    }
+    outpost_protocol::doctor::disk(dir, "the database and the audit trail live there", |at| {
+        nix::sys::statvfs::statvfs(at)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .map_err(|e| e.to_string())
+    })
 }
 
 async fn server_check(g: &Global, dir: &DataDir) -> Check {
