@@ -21,6 +21,7 @@ use outpost_node::runtime::docker::DockerRuntime;
 use outpost_node::services::book::ServiceBook;
 use outpost_node::store::sled_store::SledStore;
 use outpost_node::verify::ManifestVerifier;
+use outpost_protocol::progress::Bar;
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
@@ -35,8 +36,12 @@ pub enum BundleCommand {
     /// bundle again is a no-op that says so; an older one is refused as a replay.
     Import {
         file: PathBuf,
+        /// The outcome as JSON (no progress bar).
         #[arg(long)]
         json: bool,
+        /// No progress bar (there is none either when standard error is not a terminal).
+        #[arg(long, short)]
+        quiet: bool,
         /// While the agent runs, how long to wait for it to import the bundle.
         #[arg(long, value_parser = parse_secs, default_value = "600")]
         wait: Duration,
@@ -69,12 +74,12 @@ pub async fn run(cfg: &Config, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
     )?;
     match cmd {
         BundleCommand::Inspect { file, json } => inspect(cfg, &identity, &file, json),
-        BundleCommand::Import { file, json, wait } => {
+        BundleCommand::Import { file, json, quiet, wait } => {
             if agent_running(cfg) {
                 return hand_to_agent(cfg, &file, json, wait).await;
             }
             let store = SledStore::open(&cfg.ledger_dir())?;
-            import_here(cfg, &identity, Ledger::new(Arc::new(store)), &file, json).await
+            import_here(cfg, &identity, Ledger::new(Arc::new(store)), &file, json, json || quiet).await
         }
         BundleCommand::ExportResults { out, since, json } => {
             let out = absolute(&out)?;
@@ -233,12 +238,14 @@ fn inspect(cfg: &Config, identity: &Identity, file: &Path, json: bool) -> anyhow
     Ok(if result.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Imports `file` in this process (the agent is not running); `quiet` hides the progress bar.
 async fn import_here(
     cfg: &Config,
     identity: &Identity,
     ledger: Ledger,
     file: &Path,
     json: bool,
+    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     let verifier = ManifestVerifier::new(&identity.node.node_id, &identity.node.org_signing_key)
         .map_err(anyhow::Error::msg)?;
@@ -259,6 +266,9 @@ async fn import_here(
         node_id: &identity.node.node_id,
         enrolled_unix_ms: identity.node.enrolled_unix_ms,
     };
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let bar = Bar::bytes(&format!("verifying {}", file.display()), size, quiet);
+    let seen = bar.clone();
     let outcome = bundle::import_file(
         &node,
         &identity.node.org_signing_key,
@@ -266,9 +276,10 @@ async fn import_here(
         &bundle::staging_dir(cfg),
         file,
         now_unix_ms(),
-        Arc::new(|_| {}),
+        Arc::new(move |done| seen.set(done)),
     )
     .await;
+    bar.finish();
     report(outcome, json)
 }
 

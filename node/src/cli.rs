@@ -161,6 +161,9 @@ pub enum ImagesCommand {
     Load {
         /// The tarball, e.g. from a USB disk or a signed bundle.
         file: PathBuf,
+        /// No progress bar (there is none either when standard error is not a terminal).
+        #[arg(long, short)]
+        quiet: bool,
     },
 }
 
@@ -217,7 +220,7 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         }
         Command::Audit(cmd) => audit_command(&cfg, cmd),
         Command::Enroll(args) => block_on(enroll(&cfg, args)),
-        Command::Images(ImagesCommand::Load { file }) => block_on(load_image(&cfg, &file)),
+        Command::Images(ImagesCommand::Load { file, quiet }) => block_on(load_image(&cfg, &file, quiet)),
         Command::Objects(cmd) => block_on(crate::objects_cli::run(&cfg, cmd)),
         Command::Models(cmd) => crate::models_cli::run(&cfg, cmd),
         Command::Bundle(cmd) => block_on(crate::bundle_cli::run(&cfg, cmd)),
@@ -458,14 +461,19 @@ impl Drop for AsDataDirOwner {
     }
 }
 
-async fn load_image(cfg: &Config, file: &Path) -> anyhow::Result<ExitCode> {
+async fn load_image(cfg: &Config, file: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
     if !file.is_file() {
         bail!("{} is not a file", file.display());
     }
     let node_id =
         Identity::load(&cfg.identity_dir()).map(|i| i.node.node_id).unwrap_or_else(|_| "unenrolled".into());
     let runtime = DockerRuntime::connect(&node_id, cfg.docker.socket.as_deref()).await?;
-    let ids = runtime.load_image(file).await?;
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let bar = outpost_protocol::progress::Bar::bytes(&format!("loading {}", file.display()), size, quiet);
+    let sent = bar.clone();
+    let ids = runtime.load_image_reporting(file, Arc::new(move |n| sent.inc(n))).await;
+    bar.finish();
+    let ids = ids?;
     if ids.is_empty() {
         bail!("{} held no image", file.display());
     }

@@ -2,25 +2,27 @@
 //! re-verify and remove them. The store is plain files with its own lock, so these commands
 //! work while the agent runs.
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Subcommand;
 use outpost_node::config::Config;
 use outpost_node::identity::Identity;
-use outpost_node::models::{InstalledModel, ModelStore, Progress, Publishers};
+use outpost_node::models::{InstalledModel, ModelStore, Publishers};
+use outpost_protocol::progress::Bar;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
     /// Verify and copy a model (a directory with manifest.json, or a plain .tar) into the store.
     Import {
         path: PathBuf,
-        /// Print the imported model as JSON.
+        /// Print the imported model as JSON (no progress bar).
         #[arg(long)]
         json: bool,
+        /// No progress bar (there is none either when standard error is not a terminal).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// List the models in the store.
     List {
@@ -38,12 +40,20 @@ pub enum ModelsCommand {
 pub fn run(cfg: &Config, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
     let store = ModelStore::new(cfg.models_dir());
     match cmd {
-        ModelsCommand::Import { path, json } => {
+        ModelsCommand::Import { path, json, quiet } => {
             let trust = publishers(cfg)?;
             let writer = store.writer()?;
-            let mut bar = Bar::new();
+            let bar = Bar::bytes("importing", 0, quiet || json);
+            let mut file = String::new();
             let model = writer
-                .import(&path, &trust, &mut |p| bar.update(p))
+                .import(&path, &trust, &mut |p| {
+                    if p.file != file {
+                        file.clone_from(&p.file);
+                        bar.set_total(p.total_bytes);
+                        bar.set_message(&format!("importing {file}"));
+                    }
+                    bar.set(p.done_bytes);
+                })
                 .with_context(|| format!("cannot import {}", path.display()));
             bar.finish();
             let model = model?;
@@ -128,43 +138,4 @@ fn describe(m: &InstalledModel) -> serde_json::Value {
         "files": m.manifest.files,
         "bytes": m.total_bytes(),
     })
-}
-
-/// Progress on stderr: one rewritten line at most four times a second on a terminal, a plain
-/// line every ten seconds otherwise (logs stay readable).
-struct Bar {
-    tty: bool,
-    last: Option<Instant>,
-    drawn: bool,
-}
-
-impl Bar {
-    fn new() -> Self {
-        Self { tty: std::io::stderr().is_terminal(), last: None, drawn: false }
-    }
-
-    fn update(&mut self, p: &Progress) {
-        let every = if self.tty { Duration::from_millis(250) } else { Duration::from_secs(10) };
-        let due = self.last.is_none_or(|t| t.elapsed() >= every) || p.done_bytes == p.total_bytes;
-        if !due {
-            return;
-        }
-        self.last = Some(Instant::now());
-        let pct = p.done_bytes.saturating_mul(100).checked_div(p.total_bytes).unwrap_or(100);
-        let line = format!(
-            "importing {}: {} / {} MiB ({pct}%)",
-            p.file,
-            p.done_bytes / (1024 * 1024),
-            p.total_bytes.div_ceil(1024 * 1024)
-        );
-        let mut err = std::io::stderr();
-        let _ = if self.tty { write!(err, "\r\x1b[2K{line}") } else { writeln!(err, "{line}") };
-        self.drawn = true;
-    }
-
-    fn finish(&mut self) {
-        if self.tty && self.drawn {
-            let _ = writeln!(std::io::stderr());
-        }
-    }
 }

@@ -21,6 +21,8 @@ mod model;
 mod node;
 mod offline;
 pub mod paths;
+#[cfg(feature = "progress")]
+pub mod progress;
 mod report;
 pub mod seal;
 pub mod selector;

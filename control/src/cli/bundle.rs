@@ -3,13 +3,14 @@
 //! and only sizes and digests cross the API; the control plane signs the manifest.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::Subcommand;
+use outpost_protocol::progress::Bar;
 use outpost_protocol::{
     BundleFile, BundleRequest, BundleResponse, JobSpec, MANIFEST_MEMBER, PartKind, ResultsBundle,
     ResultsImport,
@@ -65,7 +66,7 @@ pub enum BundleCommand {
         /// Where to write the bundle.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// No progress output.
+        /// No progress bar (there is none either when standard error is not a terminal).
         #[arg(long, short)]
         quiet: bool,
     },
@@ -101,12 +102,11 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
         } => {
             outpost_protocol::seal::check_recipients(&recipients)
                 .map_err(|why| anyhow!("--recipient: {why}"))?;
-            let progress = !quiet && std::io::stderr().is_terminal();
             let tmp_dir = tempdir_near(&out)?;
             let mut sources = Vec::new();
             let mut files = Vec::new();
             for path in &images {
-                let (size, sha256) = digest_file(path, progress)?;
+                let (size, sha256) = digest_file(path, quiet)?;
                 files.push(BundleFile { kind: PartKind::Image, size, sha256, label: label_of(path) });
                 sources.push(path.clone());
             }
@@ -118,7 +118,7 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
                 } else {
                     path.clone()
                 };
-                let (size, sha256) = digest_file(&tar, progress)?;
+                let (size, sha256) = digest_file(&tar, quiet)?;
                 files.push(BundleFile { kind: PartKind::Model, size, sha256, label: label_of(path) });
                 sources.push(tar);
             }
@@ -151,7 +151,7 @@ pub async fn run(c: &Client, json: bool, cmd: BundleCommand) -> anyhow::Result<E
                     resp.jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>().join(" ")
                 );
             }
-            let written = write_bundle(&out, &resp, &sources, progress)?;
+            let written = write_bundle(&out, &resp, &sources, quiet)?;
             if json {
                 println!("{}", serde_json::to_string(&resp)?);
             } else {
@@ -243,14 +243,14 @@ fn job_spec(path: &Path) -> anyhow::Result<JobSpec> {
 }
 
 /// Size and SHA-256 of a file, streamed.
-fn digest_file(path: &Path, progress: bool) -> anyhow::Result<(u64, String)> {
+fn digest_file(path: &Path, quiet: bool) -> anyhow::Result<(u64, String)> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut reader = BufReader::with_capacity(1024 * 1024, file);
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1024 * 1024];
     let mut done = 0u64;
-    let mut bar = Progress::new(progress, &format!("hashing {}", label_of(path)), total);
+    let bar = Bar::bytes(&format!("hashing {}", label_of(path)), total, quiet);
     loop {
         let n = reader.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
@@ -258,7 +258,7 @@ fn digest_file(path: &Path, progress: bool) -> anyhow::Result<(u64, String)> {
         }
         hash.update(&buf[..n]);
         done += n as u64;
-        bar.update(done);
+        bar.set(done);
     }
     bar.finish();
     Ok((done, hex::encode(hash.finalize())))
@@ -304,14 +304,14 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Res
 /// Writes the bundle: the signed manifest, then each part in manifest order (the caller's
 /// files for `None`, the control plane's bytes otherwise), zstd-compressed, via a temporary
 /// file renamed into place. Returns the bytes written.
-fn write_bundle(out: &Path, resp: &BundleResponse, files: &[PathBuf], progress: bool) -> anyhow::Result<u64> {
+fn write_bundle(out: &Path, resp: &BundleResponse, files: &[PathBuf], quiet: bool) -> anyhow::Result<u64> {
     let manifest: outpost_protocol::BundleManifest = serde_json::from_str(&resp.manifest.payload)
         .context("the control plane answered an unreadable manifest")?;
     if manifest.parts.len() != resp.parts.len() {
         bail!("the control plane's answer does not match its manifest");
     }
     let tmp = out.with_extension("partial");
-    let written = write_parts(&tmp, &manifest, resp, files, progress);
+    let written = write_parts(&tmp, &manifest, resp, files, quiet);
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -325,14 +325,13 @@ fn write_parts(
     manifest: &outpost_protocol::BundleManifest,
     resp: &BundleResponse,
     files: &[PathBuf],
-    progress: bool,
+    quiet: bool,
 ) -> anyhow::Result<u64> {
     let file = File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut enc = zstd::stream::write::Encoder::new(BufWriter::with_capacity(1024 * 1024, file), 3)?;
     enc.include_checksum(true)?;
     let total: u64 = manifest.parts.iter().map(|p| p.size).sum();
-    let mut bar = Progress::new(progress, "writing bundle", total);
-    let mut done = 0u64;
+    let bar = Bar::bytes("writing bundle", total, quiet);
     {
         let mut tar = tar::Builder::new(&mut enc);
         let manifest_bytes = serde_json::to_vec(&resp.manifest)?;
@@ -351,11 +350,8 @@ fn write_parts(
                 None => {
                     let path = next_file.next().ok_or_else(|| anyhow!("more file parts than files"))?;
                     let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-                    let mut reader = ProgressReader {
-                        inner: BufReader::with_capacity(1024 * 1024, f),
-                        done: &mut done,
-                        bar: &mut bar,
-                    };
+                    let mut reader =
+                        ProgressReader { inner: BufReader::with_capacity(1024 * 1024, f), bar: &bar };
                     append(&mut tar, &part.name, part.size, &part.sha256, &mut reader)
                         .with_context(|| format!("{} ({})", path.display(), part.label))?;
                 }
@@ -415,15 +411,13 @@ impl<R: Read> Read for Checked<R> {
 
 struct ProgressReader<'a, R> {
     inner: R,
-    done: &'a mut u64,
-    bar: &'a mut Progress,
+    bar: &'a Bar,
 }
 
 impl<R: Read> Read for ProgressReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        *self.done += n as u64;
-        self.bar.update(*self.done);
+        self.bar.inc(n as u64);
         Ok(n)
     }
 }
@@ -441,33 +435,4 @@ fn read_results(path: &Path) -> anyhow::Result<ResultsBundle> {
         bail!("{} holds more than {MAX_RESULTS_BYTES} bytes of results", path.display());
     }
     serde_json::from_slice(&text).with_context(|| format!("{} is not a results bundle", path.display()))
-}
-
-/// One rewritten line on a terminal, at most four times a second; nothing otherwise.
-struct Progress {
-    on: bool,
-    what: String,
-    total: u64,
-    last: Option<Instant>,
-}
-
-impl Progress {
-    fn new(on: bool, what: &str, total: u64) -> Self {
-        Self { on, what: what.to_owned(), total, last: None }
-    }
-
-    fn update(&mut self, done: u64) {
-        if !self.on || self.last.is_some_and(|t| t.elapsed() < Duration::from_millis(250)) {
-            return;
-        }
-        self.last = Some(Instant::now());
-        let pct = done.saturating_mul(100).checked_div(self.total).unwrap_or(100);
-        eprint!("\r\x1b[2K{}: {} / {} MiB ({pct}%)", self.what, done >> 20, self.total.div_ceil(1 << 20));
-    }
-
-    fn finish(&mut self) {
-        if self.on && self.last.is_some() {
-            eprintln!();
-        }
-    }
 }

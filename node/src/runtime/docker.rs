@@ -4,6 +4,7 @@
 
 mod convert;
 mod load;
+pub use load::Sent;
 mod logs;
 mod service;
 mod spec;
@@ -321,7 +322,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn load_image(&self, tar: &Path) -> Result<Vec<String>> {
-        load::load_image(&self.engine().await?.loader, tar).await
+        load::load_image(&self.engine().await?.loader, tar, std::sync::Arc::new(|_| {})).await
     }
 
     async fn service_create(
@@ -374,6 +375,11 @@ pub struct EngineFacts {
 }
 
 impl DockerRuntime {
+    /// [`Runtime::load_image`], telling `sent` the bytes of each piece sent to the engine.
+    pub async fn load_image_reporting(&self, tar: &Path, sent: load::Sent) -> Result<Vec<String>> {
+        load::load_image(&self.engine().await?.loader, tar, sent).await
+    }
+
     /// The engine's version, storage driver and cgroup version.
     pub async fn engine_facts(&self) -> Result<EngineFacts> {
         let docker = self.docker().await?;

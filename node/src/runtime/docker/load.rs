@@ -14,6 +14,9 @@ use crate::runtime::{Result, RuntimeError};
 
 const READ_CHUNK: usize = 256 * 1024;
 
+/// Told the bytes of each piece of a tarball sent to the engine (a progress bar).
+pub type Sent = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
 /// What one line of the engine's load report names.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Loaded {
@@ -31,12 +34,16 @@ pub(super) fn parse_loaded_line(line: &str) -> Option<Loaded> {
 }
 
 /// Streams `tar` to the engine's load API and returns the ids of the images in it, in order.
-pub(super) async fn load_image(docker: &Docker, tar: &Path) -> Result<Vec<String>> {
+/// `sent` hears the size of each piece of the file as it goes to the engine.
+pub(super) async fn load_image(docker: &Docker, tar: &Path, sent: Sent) -> Result<Vec<String>> {
     let shown = tar.display();
     let file = tokio::fs::File::open(tar)
         .await
         .map_err(|e| RuntimeError::Invalid(format!("cannot open image tarball {shown}: {e}")))?;
-    let body = FramedRead::with_capacity(file, BytesCodec::new(), READ_CHUNK).map_ok(|chunk| chunk.freeze());
+    let body = FramedRead::with_capacity(file, BytesCodec::new(), READ_CHUNK).map_ok(move |chunk| {
+        sent(chunk.len() as u64);
+        chunk.freeze()
+    });
     let options = ImportImageOptions { quiet: true, ..Default::default() };
     let mut report = docker.import_image_stream(options, body, None);
 
