@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::Router;
@@ -23,6 +23,7 @@ use futures_util::stream::{self, Stream};
 use outpost_inference::{GenerateOutcome, GenerateRequest, InferenceError, Manager, ModelFiles, Prompt};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{ApiSettings, Inference, Listen};
@@ -588,20 +589,29 @@ fn ended_before_streaming(
             while let Ok(piece) = rx.try_recv() {
                 text.push_str(&piece);
             }
-            sse(shape, (!text.is_empty()).then_some(text), rx, Some(out), None, usage)
+            sse(shape, (!text.is_empty()).then_some(text), rx, Some(Ok(out)), None, usage)
         }
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", "generation stopped".into()),
     }
 }
 
+/// The shortest time between two text events of one stream. Pieces that come faster than this
+/// wait and go out together in one event, so a fast model costs one wake-up of the HTTP task,
+/// one socket write and one client parse per frame instead of per token: the compute threads
+/// are interrupted at most 200 times a second. A piece never waits longer than this, the first
+/// one not at all, and the end of the generation cuts the wait short.
+const FRAME: Duration = Duration::from_millis(5);
+
+type Outcome = Result<GenerateOutcome, InferenceError>;
+
 /// The SSE stream: a first chunk (with the role, for chat), one chunk per piece (or per run of
-/// pieces that arrived together), a final chunk with the finish reason, then `[DONE]`.
+/// pieces that arrived within a frame), a final chunk with the finish reason, then `[DONE]`.
 fn sse(
     shape: Shape,
     first: Option<String>,
     rx: mpsc::Receiver<String>,
-    finished: Option<GenerateOutcome>,
-    done_rx: Option<oneshot::Receiver<Result<GenerateOutcome, InferenceError>>>,
+    finished: Option<Outcome>,
+    done_rx: Option<oneshot::Receiver<Outcome>>,
     usage: bool,
 ) -> Response {
     struct St {
@@ -609,23 +619,56 @@ fn sse(
         frames: PieceFrames,
         pending: Option<String>,
         rx: mpsc::Receiver<String>,
-        finished: Option<GenerateOutcome>,
-        done_rx: Option<oneshot::Receiver<Result<GenerateOutcome, InferenceError>>>,
+        finished: Option<Outcome>,
+        done_rx: Option<oneshot::Receiver<Outcome>>,
         usage: bool,
         started: bool,
         over: bool,
+        last_event: Option<Instant>,
+    }
+    impl St {
+        /// Waits until `until`, or until the generation has ended (its outcome is then kept:
+        /// every piece is queued before it).
+        async fn pace(&mut self, until: Instant) {
+            let Some(done) = self.done_rx.as_mut() else {
+                return tokio::time::sleep_until(until).await;
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => {}
+                out = done => {
+                    self.done_rx = None;
+                    self.finished = Some(out.unwrap_or(Err(InferenceError::WorkerGone)));
+                }
+            }
+        }
     }
     let frames = PieceFrames::new(&shape);
-    let init =
-        St { shape, frames, pending: first, rx, finished, done_rx, usage, started: false, over: false };
+    let init = St {
+        shape,
+        frames,
+        pending: first,
+        rx,
+        finished,
+        done_rx,
+        usage,
+        started: false,
+        over: false,
+        last_event: None,
+    };
     let events = stream::unfold(init, |mut s| async move {
         if s.over {
             return None;
         }
         let piece = match s.pending.take() {
             Some(p) => Some(p),
-            None if s.finished.is_none() => s.rx.recv().await,
-            None => None,
+            None => {
+                if let Some(at) = s.last_event
+                    && s.finished.is_none()
+                {
+                    s.pace(at + FRAME).await;
+                }
+                if s.finished.is_none() { s.rx.recv().await } else { s.rx.try_recv().ok() }
+            }
         };
         // Pieces that arrived while the last event was being written go out as one event: a
         // client that lags gets fewer, larger chunks instead of a backlog of tiny ones.
@@ -638,10 +681,11 @@ fn sse(
         let data = if let Some(piece) = piece {
             let first = !s.started;
             s.started = true;
+            s.last_event = Some(Instant::now());
             s.frames.chunk(&piece, first)
         } else {
             let out = match s.finished.take() {
-                Some(o) => Ok(o),
+                Some(o) => o,
                 None => match s.done_rx.take() {
                     Some(rx) => rx.await.unwrap_or(Err(InferenceError::WorkerGone)),
                     None => Err(InferenceError::WorkerGone),
@@ -726,20 +770,22 @@ async fn embeddings(State(st): State<AppState>, body: Result<Json<Value>, JsonRe
             })?;
         }
     }
-    let data: Vec<Value> = out
+    let data = out
         .vectors
         .iter()
         .enumerate()
-        .map(|(i, v)| {
-            let embedding = if base64 { Value::from(wire::f32_base64(v)) } else { json!(v) };
-            json!({"object": "embedding", "index": i, "embedding": embedding})
+        .map(|(index, v)| wire::Embedding {
+            object: "embedding",
+            index,
+            embedding: if base64 {
+                wire::Vector::Base64(wire::f32_base64(v))
+            } else {
+                wire::Vector::Floats(v)
+            },
         })
         .collect();
-    Ok(Json(json!({
-        "object": "list", "data": data, "model": req.model,
-        "usage": {"prompt_tokens": out.tokens, "total_tokens": out.tokens},
-    }))
-    .into_response())
+    let usage = wire::EmbeddingUsage { prompt_tokens: out.tokens, total_tokens: out.tokens };
+    Ok(Json(wire::Embeddings { object: "list", data, model: &req.model, usage }).into_response())
 }
 
 #[cfg(test)]

@@ -321,3 +321,105 @@ fn a_streamed_piece_is_the_chunk_the_json_tree_would_be() {
         }
     }
 }
+
+/// Reads a streamed answer's text events, noting the (paused, virtual) clock at each.
+async fn sse_events(resp: Response) -> Vec<(Duration, String)> {
+    use futures_util::StreamExt as _;
+    let start = Instant::now();
+    let mut body = resp.into_body().into_data_stream();
+    let mut events = Vec::new();
+    let mut rest = String::new();
+    while let Some(bytes) = body.next().await {
+        rest.push_str(std::str::from_utf8(&bytes.unwrap()).unwrap());
+        while let Some(end) = rest.find("\n\n") {
+            let event: String = rest.drain(..end + 2).collect();
+            let data = event.trim().strip_prefix("data: ").expect("a data event").to_owned();
+            events.push((start.elapsed(), data));
+        }
+    }
+    events
+}
+
+fn outcome(text: &str, tokens: u32) -> GenerateOutcome {
+    GenerateOutcome {
+        text: text.into(),
+        tool_calls: Vec::new(),
+        logprobs: None,
+        stats: outpost_inference::GenerateStats {
+            prompt_tokens: 3,
+            completion_tokens: tokens,
+            time_to_first_token_ms: 1.0,
+            generation_ms: 10.0,
+            finish: outpost_inference::FinishReason::Length,
+        },
+        model_digest: "sha256:00".into(),
+        engine: "test".into(),
+        engine_version: "0".into(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fast_pieces_share_events_without_delaying_the_first_or_the_end() {
+    let (tx, rx) = mpsc::channel::<String>(256);
+    let (done_tx, done_rx) = oneshot::channel();
+    // Two pieces every millisecond (2,000 tokens/s; the paused clock ticks in milliseconds),
+    // then the outcome at once.
+    tokio::spawn(async move {
+        for i in 0..40 {
+            tx.send(format!("p{i} ")).await.unwrap();
+            if i % 2 == 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        drop(tx);
+        let text: String = (0..40).map(|i| format!("p{i} ")).collect();
+        done_tx.send(Ok(outcome(&text, 40))).unwrap();
+    });
+    let shape = Shape::Completion { id: "cmpl-1".into(), model: "tiny@1".into() };
+    let events = sse_events(sse(shape, Some("first ".into()), rx, None, Some(done_rx), false)).await;
+    let (last, tail) = events.split_last().unwrap();
+    assert_eq!(last.1, "[DONE]");
+    let finish: Value = serde_json::from_str(&tail.last().unwrap().1).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let texts: Vec<(Duration, String)> = tail[..tail.len() - 1]
+        .iter()
+        .map(|(at, d)| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            (*at, v["choices"][0]["text"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    // Every piece, in order, once.
+    let all: String = texts.iter().map(|(_, t)| t.as_str()).collect();
+    let want: String =
+        std::iter::once("first ".to_owned()).chain((0..40).map(|i| format!("p{i} "))).collect();
+    assert_eq!(all, want);
+    // The first event carries the first piece alone and leaves at once.
+    assert_eq!(texts[0], (Duration::ZERO, "first ".to_owned()));
+    // 20 ms of pieces at 2,000/s go out in about one event per 5 ms frame, not 41.
+    assert!((4..=7).contains(&texts.len()), "{} text events: {texts:?}", texts.len());
+    for pair in texts.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= FRAME, "events closer than a frame: {texts:?}");
+    }
+    // The end of the generation (at 20 ms) cuts the last frame's wait short.
+    assert!(last.0 <= Duration::from_millis(21), "the end waited for a frame: {:?}", last.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_model_gets_one_event_per_piece_without_waiting() {
+    let (tx, rx) = mpsc::channel::<String>(256);
+    let (done_tx, done_rx) = oneshot::channel();
+    // One piece every 8 ms: slower than a frame, so none waits.
+    tokio::spawn(async move {
+        for i in 0..5 {
+            tokio::time::sleep(Duration::from_millis(8)).await;
+            tx.send(format!("p{i}")).await.unwrap();
+        }
+        drop(tx);
+        done_tx.send(Ok(outcome("p0p1p2p3p4", 5))).unwrap();
+    });
+    let shape = Shape::Chat { id: "chatcmpl-1".into(), model: "tiny@1".into() };
+    let events = sse_events(sse(shape, Some("p".into()), rx, None, Some(done_rx), false)).await;
+    let texts: Vec<Duration> =
+        events.iter().filter(|(_, d)| d.contains("\"content\"")).map(|(at, _)| *at).collect();
+    assert_eq!(texts, (0..6).map(|i| Duration::from_millis(8 * i)).collect::<Vec<_>>(), "{events:?}");
+}

@@ -6,8 +6,8 @@ use base64::Engine as _;
 use outpost_inference::tools::check_schema;
 use outpost_inference::{ChatMessage, Constraint, GenerateRequest, ToolCall, ToolChoice, ToolSpec};
 use outpost_protocol::{MAX_GENERATE_TOKENS, MAX_STOP_BYTES, MAX_STOP_STRINGS};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// A field the endpoint refuses: the field, an OpenAI-style code, and why.
@@ -660,6 +660,39 @@ pub fn truncated(v: &[f32], d: usize) -> Option<Vec<f32>> {
 
 /// Little-endian f32s, base64 (what `encoding_format: base64` asks for).
 pub fn f32_base64(v: &[f32]) -> String {
-    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let mut bytes = Vec::with_capacity(v.len() * 4);
+    for f in v {
+        bytes.extend_from_slice(&f.to_le_bytes());
+    }
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// An embeddings answer, serialised straight from the vectors: no JSON tree of thousands of
+/// numbers, and each float written as the shortest text that reads back as the same `f32`.
+#[derive(Serialize)]
+pub struct Embeddings<'a> {
+    pub object: &'static str,
+    pub data: Vec<Embedding<'a>>,
+    pub model: &'a str,
+    pub usage: EmbeddingUsage,
+}
+
+#[derive(Serialize)]
+pub struct Embedding<'a> {
+    pub object: &'static str,
+    pub index: usize,
+    pub embedding: Vector<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum Vector<'a> {
+    Floats(&'a [f32]),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: u32,
+    pub total_tokens: u32,
 }
