@@ -110,6 +110,20 @@ impl Client {
         self.call::<(), _>(Method::GET, paths::ORGS, None).await
     }
 
+    pub async fn org_settings(&self, org_id: &str) -> anyhow::Result<outpost_protocol::OrgSettings> {
+        let path = paths::fill(paths::ORG_SETTINGS, "org_id", org_id);
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn put_org_settings(
+        &self,
+        org_id: &str,
+        req: &outpost_protocol::PutOrgSettings,
+    ) -> anyhow::Result<outpost_protocol::OrgSettings> {
+        let path = paths::fill(paths::ORG_SETTINGS, "org_id", org_id);
+        self.call(Method::PUT, &path, Some(req)).await
+    }
+
     pub async fn create_token(&self, org_id: &str, ttl_secs: Option<u64>) -> anyhow::Result<EnrollmentToken> {
         let path = paths::fill(paths::ORG_TOKENS, "org_id", org_id);
         self.call(Method::POST, &path, Some(&CreateTokenRequest { ttl_secs })).await

@@ -202,6 +202,9 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
                 }
             );
             let profile = cfg.profile.name();
+            if loaded.org_profile.is_some() {
+                println!("# profile {profile}: the organisation's default (this configuration names none)");
+            }
             if loaded.from_profile.is_empty() {
                 println!("# profile {profile}: every key it sets was set explicitly");
             } else {

@@ -433,6 +433,8 @@ pub struct Loaded {
     pub sources: Vec<String>,
     /// Keys whose value is the profile's default (no file or variable set them).
     pub from_profile: Vec<String>,
+    /// The profile, when it is the organisation's default (the configuration names none).
+    pub org_profile: Option<String>,
 }
 
 impl Profile {
@@ -575,6 +577,21 @@ impl Config {
         if bundle.is_some() {
             (merged, sources) = stack(bundle);
         }
+        // A node whose configuration names no profile takes its organisation's default, as the
+        // agent last heard it from the control plane.
+        let mut org_profile = None;
+        if !merged.contains_key("profile") {
+            let org = crate::org_settings::load(&data_dir)
+                .map_err(|message| ConfigError::Invalid { sources: sources.join(", "), message })?;
+            if let Some(p) = org.and_then(|o| o.default_profile) {
+                merged.insert("profile".into(), toml::Value::String(p.clone()));
+                sources.push(format!(
+                    "{} (the organisation's default profile)",
+                    data_dir.join(crate::org_settings::ORG_SETTINGS_FILE).display()
+                ));
+                org_profile = Some(p);
+            }
+        }
         let describe = if sources.is_empty() { "built-in defaults".to_string() } else { sources.join(", ") };
         // The profile's defaults go beneath everything that was set.
         let profile: Profile = match merged.get("profile") {
@@ -599,7 +616,7 @@ impl Config {
         })?;
         config.validate().map_err(|message| ConfigError::Invalid { sources: describe, message })?;
         let config = Config { base_file: path.map(Path::to_path_buf), ..config };
-        Ok(Loaded { config, sources, from_profile })
+        Ok(Loaded { config, sources, from_profile, org_profile })
     }
 
     fn validate(&self) -> Result<(), String> {

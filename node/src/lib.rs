@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod models;
 pub mod objstore;
 pub mod offline_enroll;
+pub mod org_settings;
 pub mod policy;
 pub mod relay;
 pub mod runtime;

@@ -116,6 +116,10 @@ pub struct Policy {
     /// read what it sends out.
     #[serde(default)]
     pub seal_also_to: Vec<String>,
+    /// The organisation's settings as last heard from the control plane (not configuration:
+    /// kept in `data_dir/org-settings.json`); kinds of the features they turn off are refused.
+    #[serde(skip)]
+    pub org: Option<outpost_protocol::OrgSettings>,
 }
 
 /// The policy in force, shared by every gate of a running agent and replaced whole when the
@@ -136,13 +140,27 @@ impl Current {
         }
     }
 
-    /// Puts `policy` in force (it was validated when its configuration loaded).
-    pub fn set(&self, policy: Policy) {
-        let policy = std::sync::Arc::new(policy);
-        match self.0.write() {
-            Ok(mut p) => *p = policy,
-            Err(poisoned) => *poisoned.into_inner() = policy,
-        }
+    /// Puts `policy` in force (it was validated when its configuration loaded), keeping the
+    /// organisation's settings in force.
+    pub fn set(&self, mut policy: Policy) {
+        self.replace(|held| {
+            policy.org = held.org.clone();
+            policy
+        });
+    }
+
+    /// Puts the organisation's settings in force beneath the same site policy.
+    pub fn set_org(&self, org: Option<outpost_protocol::OrgSettings>) {
+        self.replace(|held| Policy { org, ..held.clone() });
+    }
+
+    fn replace(&self, f: impl FnOnce(&Policy) -> Policy) {
+        let mut guard = match self.0.write() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let next = std::sync::Arc::new(f(&guard));
+        *guard = next;
     }
 }
 
@@ -452,6 +470,18 @@ impl Policy {
             Some(r) => format!("policy.images[{}].{field}", r.digest),
             None => String::new(),
         };
+        if let Some(org) = &self.org
+            && crate::org_settings::kinds_off(org).contains(&work.kind)
+        {
+            return refuse(
+                &format!(
+                    "the organisation's settings (revision {}, features off: {})",
+                    org.revision,
+                    org.features_off.join(", ")
+                ),
+                format!("kind {}", name_of(&work.kind)),
+            );
+        }
         if let Some(kinds) = &self.kinds
             && !kinds.contains(&work.kind)
         {

@@ -63,6 +63,16 @@ pub enum JobSpec {
     Inference(InferenceSpec),
 }
 
+impl JobSpec {
+    /// The organisation feature ([`crate::feature`]) this work needs.
+    pub fn feature(&self) -> &'static str {
+        match self {
+            JobSpec::Container(_) => crate::feature::CONTAINERS,
+            JobSpec::Inference(_) => crate::feature::INFERENCE,
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for JobSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
@@ -316,6 +326,10 @@ pub struct PollResponse {
     /// agents that announce the `logs` capability.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<crate::LogRequest>,
+    /// The organisation's settings, in every answer to agents that announce the
+    /// `org-settings` capability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_settings: Option<crate::OrgSettings>,
 }
 
 /// One job attempt to stop.

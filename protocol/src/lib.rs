@@ -27,6 +27,7 @@ mod report;
 pub mod seal;
 pub mod selector;
 mod service;
+mod settings;
 
 pub use access::*;
 pub use audit::*;
@@ -43,6 +44,7 @@ pub use offline::*;
 pub use report::*;
 pub use selector::{Labels, Selector, SelectorError};
 pub use service::*;
+pub use settings::*;
 
 /// The name a value of a wire enum has on the wire (`timed_out`, `rolled_back`): the one
 /// operators see in JSON, and so in messages, audit entries and tables. Empty for a value that

@@ -71,9 +71,20 @@ pub mod capability {
     pub const BUNDLE_CONFIG: &str = "bundle-config";
     /// Takes a job envelope's `recipients` and seals the result for them.
     pub const SEALED_RESULTS: &str = "sealed-results";
+    /// Takes `org_settings` in a poll answer: features off, the default profile.
+    pub const ORG_SETTINGS: &str = "org-settings";
     /// Every capability this build has.
-    pub const ALL: &[&str] =
-        &[CANCEL, LABELS, SERVICES, LOGS, SERVICE_INPUTS, SITE_POLICY, BUNDLE_CONFIG, SEALED_RESULTS];
+    pub const ALL: &[&str] = &[
+        CANCEL,
+        LABELS,
+        SERVICES,
+        LOGS,
+        SERVICE_INPUTS,
+        SITE_POLICY,
+        BUNDLE_CONFIG,
+        SEALED_RESULTS,
+        ORG_SETTINGS,
+    ];
 }
 
 /// A peer's protocol revision and capabilities, sent by the agent in every heartbeat and poll.

@@ -9,6 +9,8 @@ pub const ORG_TOKENS: &str = "/v1/orgs/{org_id}/tokens";
 pub const ORG_API_TOKENS: &str = "/v1/orgs/{org_id}/api-tokens";
 /// Operator (admin role): revoke an API token.
 pub const ORG_API_TOKEN: &str = "/v1/orgs/{org_id}/api-tokens/{token_id}";
+/// Operator: an organisation's settings (viewer reads, admin changes).
+pub const ORG_SETTINGS: &str = "/v1/orgs/{org_id}/settings";
 /// Node, before it has a certificate: trade a one-time token and a CSR for a client certificate.
 pub const ENROLL: &str = "/v1/enroll";
 /// Node (mTLS): long-poll for jobs, acknowledging the ones already persisted.

@@ -73,9 +73,10 @@ pub async fn create(
     }
     let (service, selector) = check_request(&req)?;
     let _exclusive = st.fleet_lock.lock().await;
-    st.store.get_org(&org_id).await?.ok_or_else(|| {
+    let org = st.store.get_org(&org_id).await?.ok_or_else(|| {
         ApiError::not_found(format!("organisation {org_id} does not exist; see `org list`"))
     })?;
+    super::jobs::feature_on(&org, outpost_protocol::feature::SERVICES)?;
     let now = st.clock.now_ms();
     let record = match st.store.get_deployment(&org_id, &req.name).await? {
         Some(mut d) => {

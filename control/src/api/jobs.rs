@@ -369,6 +369,7 @@ pub(super) async fn create_job(
     origin: JobOrigin,
 ) -> ApiResult<Option<JobInfo>> {
     let org = org_of(st, node).await?;
+    feature_on(&org, spec.feature())?;
     let info = {
         let _ordered = st.submit_lock.lock().await;
         if let Some(id) = &job_id
@@ -470,6 +471,22 @@ pub(super) async fn reoffer_job(
         st.wakers.wake(&job.info.node_id);
     }
     Ok(moved)
+}
+
+/// Refuses work of a feature the organisation has turned off (its nodes would refuse it too).
+pub(super) fn feature_on(org: &OrgRecord, feature: &str) -> ApiResult<()> {
+    if org.settings.enabled(feature) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "feature_off",
+        format!(
+            "organisation {} has turned {feature} off for its nodes (settings revision {}); an admin turns it \
+             back on with `outpost-control org settings {} --enable {feature}`",
+            org.org.id, org.settings.revision, org.org.id
+        ),
+    ))
 }
 
 /// The organisation of `node`, whose key signs what the node is sent.

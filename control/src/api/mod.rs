@@ -94,6 +94,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::OPENAPI, get(openapi::document))
         .route(paths::ORGS, post(operator::create_org).get(operator::list_orgs))
         .route(paths::ORG_TOKENS, post(operator::create_token))
+        .route(paths::ORG_SETTINGS, get(operator::org_settings).put(operator::put_org_settings))
         .route(paths::ORG_API_TOKENS, post(access::create_api_token).get(access::list_api_tokens))
         .route(paths::ORG_API_TOKEN, axum::routing::delete(access::revoke_api_token))
         .route(paths::ENROLL, post(enroll::enroll))

@@ -59,6 +59,19 @@ pub async fn poll(
     // Only an agent that said it understands cancellation is sent any (version skew).
     let cancels_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::CANCEL));
     let logs_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::LOGS));
+    let settings_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::ORG_SETTINGS));
+    // The organisation's settings ride on every answer to an agent that takes them, read when
+    // the answer goes (a change made during a held poll is in that poll's answer).
+    let settled = |mut resp: PollResponse| {
+        let st = &st;
+        let org_id = &node.org_id;
+        async move {
+            if settings_understood {
+                resp.org_settings = st.store.get_org(org_id).await?.map(|o| o.settings);
+            }
+            Ok(Json(resp))
+        }
+    };
     loop {
         // Register interest before looking, so a submit between the look and the wait wakes us.
         let notified = waker.notified();
@@ -118,21 +131,22 @@ pub async fn poll(
                     envelope: j.envelope,
                 })
                 .collect();
-            Ok(Json(PollResponse {
+            PollResponse {
                 jobs,
                 cancel: cancel.clone(),
                 services: services.iter().map(|(_, e)| e.clone()).collect(),
                 logs: logs.clone(),
-            }))
+                org_settings: None,
+            }
         };
         if !queued.is_empty() || unsent {
-            return answer(queued);
+            return settled(answer(queued)).await;
         }
         let _held = st.metrics.poll_held();
         tokio::select! {
             _ = &mut notified => {}
-            _ = tokio::time::sleep_until(deadline) => return answer(Vec::new()),
-            _ = st.shutdown.cancelled() => return answer(Vec::new()),
+            _ = tokio::time::sleep_until(deadline) => return settled(answer(Vec::new())).await,
+            _ = st.shutdown.cancelled() => return settled(answer(Vec::new())).await,
         }
     }
 }

@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
     AuditList, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, ErrorBody, Health, LabelNodeRequest,
-    NodeInfo, NodeList, Org, Role, Selector, paths, selector,
+    NodeInfo, NodeList, Org, OrgSettings, PutOrgSettings, Role, Selector, paths, selector,
 };
 use serde::Deserialize;
 
@@ -47,7 +47,9 @@ pub async fn create_org(
         signing_key,
         created_unix_ms: st.clock.now_ms(),
     };
-    st.store.insert_org(OrgRecord { org: org.clone(), signing_secret_hex: secret }).await?;
+    st.store
+        .insert_org(OrgRecord { org: org.clone(), signing_secret_hex: secret, settings: Default::default() })
+        .await?;
     let detail = format!("{} ({}), signing key {}", org.id, org.name, org.signing_key.key_id);
     st.audit(&caller.actor, Some(&org.id), "org.created", &detail).await;
     Ok((StatusCode::CREATED, Json(org)))
@@ -59,6 +61,80 @@ pub async fn list_orgs(caller: Caller, State(st): State<Shared>) -> ApiResult<Js
     let mut orgs = st.store.list_orgs().await?;
     orgs.retain(|o| caller.sees(&o.id));
     Ok(Json(orgs))
+}
+
+#[utoipa::path(get, path = paths::ORG_SETTINGS, tag = "orgs",
+    description = "The organisation's settings: features turned off for all its nodes and the default \
+                   profile of nodes whose configuration names none.",
+    params(("org_id" = String, Path, description = "organisation id")),
+    responses((status = 200, body = OrgSettings), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn org_settings(
+    caller: Caller,
+    State(st): State<Shared>,
+    Path(org_id): Path<String>,
+) -> ApiResult<Json<OrgSettings>> {
+    org_exists(&st, &caller, &org_id, Role::Viewer).await?;
+    let rec = st
+        .store
+        .get_org(&org_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("organisation {org_id}")))?;
+    Ok(Json(rec.settings))
+}
+
+#[utoipa::path(put, path = paths::ORG_SETTINGS, tag = "orgs", request_body = PutOrgSettings,
+    description = "Replace the organisation's settings (admin role). Nodes hear of them in their next poll \
+                   answer; a feature turned off is refused at once by the control plane and by each node; a \
+                   new default profile takes effect at a node's next start.",
+    params(("org_id" = String, Path, description = "organisation id")),
+    responses((status = 200, body = OrgSettings), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "the settings changed since the revision given", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn put_org_settings(
+    caller: Caller,
+    State(st): State<Shared>,
+    Path(org_id): Path<String>,
+    Body(req): Body<PutOrgSettings>,
+) -> ApiResult<Json<OrgSettings>> {
+    org_exists(&st, &caller, &org_id, Role::Admin).await?;
+    let rec = st
+        .store
+        .get_org(&org_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("organisation {org_id}")))?;
+    let held = rec.settings.revision;
+    if req.revision.is_some_and(|r| r != held) {
+        return Err(settings_conflict(held));
+    }
+    let new = OrgSettings {
+        revision: held + 1,
+        default_profile: req.default_profile,
+        features_off: req.features_off,
+        updated_unix_ms: st.clock.now_ms(),
+    }
+    .normalise()
+    .map_err(|why| ApiError::bad_request("bad_settings", why))?;
+    if !st.store.put_org_settings(&org_id, new.clone()).await? {
+        return Err(settings_conflict(held));
+    }
+    let detail = format!(
+        "revision {}: default profile {}, features off: {}",
+        new.revision,
+        new.default_profile.as_deref().unwrap_or("(the agent's own)"),
+        if new.features_off.is_empty() { "none".to_owned() } else { new.features_off.join(", ") }
+    );
+    st.audit(&caller.actor, Some(&org_id), "org.settings", &detail).await;
+    Ok(Json(new))
+}
+
+fn settings_conflict(held: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "settings_changed",
+        format!("the settings changed meanwhile (now revision {held}); read them again and retry"),
+    )
 }
 
 #[utoipa::path(post, path = paths::ORG_TOKENS, tag = "orgs", request_body = CreateTokenRequest,

@@ -188,6 +188,26 @@ pub enum OrgCommand {
     },
     /// List organisations.
     List,
+    /// Show an organisation's settings, or change them (admin role): features turned off for
+    /// all its nodes, and the profile of nodes whose configuration names none. Nodes hear of a
+    /// change in their next poll answer; a new default profile applies at a node's next start.
+    Settings {
+        /// Organisation id.
+        org: String,
+        /// Profile for nodes that name none: cloud, hybrid or on-prem.
+        #[arg(long, value_name = "PROFILE", conflicts_with = "clear_default_profile")]
+        default_profile: Option<String>,
+        /// No organisation default: each node's own (on-prem unless its file says otherwise).
+        #[arg(long)]
+        clear_default_profile: bool,
+        /// Turn a feature off for every node of the organisation: containers, inference,
+        /// services (repeatable).
+        #[arg(long, value_name = "FEATURE")]
+        disable: Vec<String>,
+        /// Turn a feature back on (repeatable).
+        #[arg(long, value_name = "FEATURE")]
+        enable: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -59,6 +59,41 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
             let orgs = c.list_orgs().await?;
             print(g.json, &orgs, |o| show::orgs(o))?;
         }
+        Command::Org(OrgCommand::Settings {
+            org,
+            default_profile,
+            clear_default_profile,
+            disable,
+            enable,
+        }) => {
+            let held = c.org_settings(&org).await?;
+            let changes = default_profile.is_some()
+                || clear_default_profile
+                || !disable.is_empty()
+                || !enable.is_empty();
+            let settings = if changes {
+                if let Some(both) = disable.iter().find(|f| enable.contains(f)) {
+                    anyhow::bail!("--disable {both} and --enable {both} contradict each other");
+                }
+                let mut off = held.features_off.clone();
+                off.retain(|f| !enable.contains(f));
+                off.extend(disable);
+                let req = outpost_protocol::PutOrgSettings {
+                    default_profile: if clear_default_profile {
+                        None
+                    } else {
+                        default_profile.or(held.default_profile.clone())
+                    },
+                    features_off: off,
+                    // Lost updates are refused: someone else's change in between is a 409.
+                    revision: Some(held.revision),
+                };
+                c.put_org_settings(&org, &req).await?
+            } else {
+                held
+            };
+            print(g.json, &settings, |s| show::org_settings(&org, s))?;
+        }
         Command::ApiToken(ApiTokenCommand::Create { org, name, role, ttl }) => {
             let t = c.create_api_token(&org, &name, role, ttl.map(|d| d.as_secs())).await?;
             print(g.json, &t, |t| {

@@ -41,6 +41,23 @@ pub fn orgs(orgs: &[Org]) {
     table(&["ID", "NAME", "SIGNING KEY", "CREATED"], &rows);
 }
 
+pub fn org_settings(org_id: &str, s: &outpost_protocol::OrgSettings) {
+    println!("organisation     {org_id}");
+    println!("revision         {}{}", s.revision, if s.revision == 0 { " (never set)" } else { "" });
+    println!(
+        "default profile  {}",
+        s.default_profile
+            .as_deref()
+            .unwrap_or("none (each node's own; on-prem unless its file says otherwise)")
+    );
+    for f in outpost_protocol::feature::ALL {
+        println!("{:<16} {}", f, if s.enabled(f) { "on" } else { "off" });
+    }
+    if s.updated_unix_ms > 0 {
+        println!("updated          {}", when(Some(s.updated_unix_ms)));
+    }
+}
+
 pub fn jobs(list: &JobList) {
     let rows = list
         .jobs

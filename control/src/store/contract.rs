@@ -19,7 +19,29 @@ fn org(id: &str) -> OrgRecord {
             created_unix_ms: 1,
         },
         signing_secret_hex: "11".repeat(32),
+        settings: Default::default(),
     }
+}
+
+async fn org_settings_change_one_revision_at_a_time(s: &dyn StateStore) {
+    use outpost_protocol::OrgSettings;
+    s.insert_org(org("settings-org")).await.unwrap();
+    let first = OrgSettings {
+        revision: 1,
+        default_profile: Some("hybrid".into()),
+        features_off: vec!["inference".into()],
+        updated_unix_ms: 5,
+    };
+    assert!(s.put_org_settings("settings-org", first.clone()).await.unwrap());
+    assert_eq!(s.get_org("settings-org").await.unwrap().unwrap().settings, first);
+    // Another writer that read revision 0 loses; so does a replay of revision 1.
+    assert!(!s.put_org_settings("settings-org", first.clone()).await.unwrap());
+    let skipped = OrgSettings { revision: 3, ..first.clone() };
+    assert!(!s.put_org_settings("settings-org", skipped).await.unwrap());
+    let second = OrgSettings { revision: 2, default_profile: None, ..first.clone() };
+    assert!(s.put_org_settings("settings-org", second.clone()).await.unwrap());
+    assert_eq!(s.get_org("settings-org").await.unwrap().unwrap().settings, second);
+    assert!(matches!(s.put_org_settings("no-such-org", first).await, Err(StoreError::NotFound(_))));
 }
 
 fn node(id: &str, org_id: &str) -> NodeInfo {
@@ -484,6 +506,7 @@ async fn contract(s: &dyn StateStore) {
     a_reassigned_job_fences_its_old_attempt(s).await;
     cancels_end_queued_jobs_and_ask_nodes_for_the_rest(s).await;
     node_audit_logs_only_grow_link_by_link(s).await;
+    org_settings_change_one_revision_at_a_time(s).await;
 }
 
 #[tokio::test]

@@ -86,6 +86,23 @@ impl StateStore for MemoryStore {
         self.with(|inner| Ok(inner.orgs.values().map(|r| r.org.clone()).collect()))
     }
 
+    fn put_org_settings(
+        &self,
+        org_id: &str,
+        settings: outpost_protocol::OrgSettings,
+    ) -> StoreFuture<'_, bool> {
+        let org_id = org_id.to_owned();
+        self.with(move |inner| {
+            let rec =
+                inner.orgs.get_mut(&org_id).ok_or_else(|| StoreError::NotFound(format!("org {org_id}")))?;
+            if rec.settings.revision + 1 != settings.revision {
+                return Ok(false);
+            }
+            rec.settings = settings;
+            Ok(true)
+        })
+    }
+
     fn insert_token(&self, token: TokenRecord) -> StoreFuture<'_, ()> {
         self.with(move |inner| {
             inner.tokens.insert(token.token_sha256.clone(), token);

@@ -42,6 +42,9 @@ pub struct OrgRecord {
     pub org: Org,
     /// The 32 secret key bytes, hex.
     pub signing_secret_hex: String,
+    /// Features off and the nodes' default profile (absent from records older than them).
+    #[serde(default)]
+    pub settings: outpost_protocol::OrgSettings,
 }
 
 /// An enrollment token as stored: keyed by the SHA-256 of the token, never the token itself.
@@ -371,6 +374,13 @@ pub trait StateStore: Send + Sync + 'static {
     fn insert_org(&self, org: OrgRecord) -> StoreFuture<'_, ()>;
     fn get_org(&self, org_id: &str) -> StoreFuture<'_, Option<OrgRecord>>;
     fn list_orgs(&self) -> StoreFuture<'_, Vec<Org>>;
+    /// Stores `settings` if the org's stored revision is the one before `settings.revision`:
+    /// false (nothing changed) when another change came first; `NotFound` for no such org.
+    fn put_org_settings(
+        &self,
+        org_id: &str,
+        settings: outpost_protocol::OrgSettings,
+    ) -> StoreFuture<'_, bool>;
 
     fn insert_token(&self, token: TokenRecord) -> StoreFuture<'_, ()>;
     fn get_token(&self, token_sha256: &str) -> StoreFuture<'_, Option<TokenRecord>>;

@@ -254,6 +254,32 @@ impl StateStore for SledStore {
         Box::pin(async move { Ok(Self::all::<OrgRecord>(&self.orgs)?.into_iter().map(|r| r.org).collect()) })
     }
 
+    fn put_org_settings(
+        &self,
+        org_id: &str,
+        settings: outpost_protocol::OrgSettings,
+    ) -> StoreFuture<'_, bool> {
+        let org_id = org_id.to_owned();
+        Box::pin(async move {
+            let Some(old) = self.orgs.get(org_id.as_bytes()).map_err(backend)? else {
+                return Err(StoreError::NotFound(format!("org {org_id}")));
+            };
+            let mut rec: OrgRecord = decode(&org_id, &old)?;
+            if rec.settings.revision + 1 != settings.revision {
+                return Ok(false);
+            }
+            rec.settings = settings;
+            // Compared with the very bytes read: a change that came in between wins, this one
+            // reports the conflict.
+            let swapped = self.orgs.compare_and_swap(org_id.as_bytes(), Some(old), Some(encode(&rec)?));
+            if swapped.map_err(backend)?.is_err() {
+                return Ok(false);
+            }
+            self.flush().await?;
+            Ok(true)
+        })
+    }
+
     fn insert_token(&self, token: TokenRecord) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             self.tokens.insert(token.token_sha256.as_bytes(), encode(&token)?).map_err(backend)?;

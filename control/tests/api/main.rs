@@ -21,6 +21,7 @@ mod restart;
 mod results;
 mod roles;
 mod sealed;
+mod settings;
 mod support;
 mod triggers;
 mod webdriver;

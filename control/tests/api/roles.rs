@@ -161,6 +161,21 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
+            name: "read org settings",
+            needs: Role::Viewer,
+            object: true,
+            request: |o, _| (Method::GET, fill(paths::ORG_SETTINGS, &[("org_id", &o.org_id)]), None),
+        },
+        Case {
+            name: "change org settings",
+            needs: Role::Admin,
+            object: true,
+            request: |o, _| {
+                let body = json!({"default_profile": "hybrid"});
+                (Method::PUT, fill(paths::ORG_SETTINGS, &[("org_id", &o.org_id)]), Some(body))
+            },
+        },
+        Case {
             name: "list API tokens",
             needs: Role::Admin,
             object: true,

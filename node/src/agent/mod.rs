@@ -232,7 +232,10 @@ impl<R: Runtime> Agent<R> {
         Ok(Self {
             relay,
             inference,
-            policy: crate::policy::Current::new(cfg.policy.clone()),
+            policy: crate::policy::Current::new(crate::policy::Policy {
+                org: crate::org_settings::load(&cfg.data_dir).map_err(anyhow::Error::msg)?,
+                ..cfg.policy.clone()
+            }),
             config_path: None,
             cfg,
             identity,

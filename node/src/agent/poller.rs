@@ -69,6 +69,17 @@ impl<R: Runtime> Agent<R> {
                     if let Err(e) = self.services.acked(&service_acks) {
                         tracing::error!(error = %e, "cannot record service acknowledgements; they will be sent again");
                     }
+                    // Before the jobs of the same answer: they meet the settings in force.
+                    if let Some(settings) = resp.org_settings
+                        && let Err(e) = crate::org_settings::heard(
+                            &self.cfg.data_dir,
+                            &self.policy,
+                            &self.ledger,
+                            settings,
+                        )
+                    {
+                        tracing::error!(error = %e, "cannot keep the organisation's settings; the next poll brings them again");
+                    }
                     let mut desired_changed = false;
                     for env in &resp.services {
                         let now = now_unix_ms();

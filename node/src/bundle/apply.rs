@@ -409,7 +409,7 @@ fn staged_copy_differs(part: &outpost_protocol::BundlePart, file: &Path) -> Opti
 }
 
 /// Writes `bytes` to `path` through a synced temporary file renamed into place.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("partial");
     let mut f = std::fs::File::create(&tmp)?;
