@@ -195,6 +195,7 @@ pub fn router() -> Router<Shared> {
         .route("/console/events", get(events))
         .route("/console/settings", get(settings))
         .route("/console/settings/enrollment-token", post(enrollment_token))
+        .route("/console/settings/org", post(org_settings))
         .route("/console/jobs", get(job_list).post(submit))
         .route("/console/jobs/{job_id}", get(job))
         .route("/console/jobs/{job_id}/cancel", post(cancel))
@@ -497,11 +498,83 @@ async fn settings(v: Visitor, State(st): State<Shared>, Query(q): Query<OrgQuery
     let Some(org_id) = settings_org(&v, q.org) else {
         return pages::settings(&v, &orgs, None, &[], None).into_response();
     };
-    match crate::api::access::list_api_tokens(v.caller.clone(), State(st.clone()), Path(org_id.clone())).await
-    {
-        Ok(t) => pages::settings(&v, &orgs, Some(&org_id), &t.0.tokens, None).into_response(),
-        Err(e) => refused(e, &v),
+    settings_page(&v, &st, &orgs, &org_id, None).await
+}
+
+/// The settings page of `org_id`: its settings (any role), its API tokens (admins).
+async fn settings_page(
+    v: &Visitor,
+    st: &Shared,
+    orgs: &[outpost_protocol::Org],
+    org_id: &str,
+    created: Option<&outpost_protocol::EnrollmentToken>,
+) -> Response {
+    let settings =
+        match operator::org_settings(v.caller.clone(), State(st.clone()), Path(org_id.to_owned())).await {
+            Ok(s) => s.0,
+            Err(e) => return refused(e, v),
+        };
+    let tokens = if v.caller.at_least(outpost_protocol::Role::Admin).is_ok() {
+        match crate::api::access::list_api_tokens(
+            v.caller.clone(),
+            State(st.clone()),
+            Path(org_id.to_owned()),
+        )
+        .await
+        {
+            Ok(t) => t.0.tokens,
+            Err(e) => return refused(e, v),
+        }
+    } else {
+        Vec::new()
+    };
+    pages::settings(v, orgs, Some((org_id, &settings)), &tokens, created).into_response()
+}
+
+#[derive(Deserialize)]
+struct OrgSettingsForm {
+    #[serde(default)]
+    csrf: String,
+    org_id: String,
+    revision: u64,
+    #[serde(default)]
+    default_profile: String,
+    #[serde(default)]
+    off_containers: Option<String>,
+    #[serde(default)]
+    off_inference: Option<String>,
+    #[serde(default)]
+    off_services: Option<String>,
+}
+
+async fn org_settings(v: Visitor, State(st): State<Shared>, Form(f): Form<OrgSettingsForm>) -> Response {
+    if let Some(r) = stale_form(&v, &f.csrf) {
+        return r;
     }
+    use outpost_protocol::feature;
+    let features_off = [
+        (feature::CONTAINERS, &f.off_containers),
+        (feature::INFERENCE, &f.off_inference),
+        (feature::SERVICES, &f.off_services),
+    ]
+    .into_iter()
+    .filter(|(_, box_)| box_.is_some())
+    .map(|(name, _)| name.to_owned())
+    .collect();
+    let req = outpost_protocol::PutOrgSettings {
+        default_profile: Some(f.default_profile).filter(|p| !p.is_empty()),
+        features_off,
+        revision: Some(f.revision),
+    };
+    if let Err(e) =
+        operator::put_org_settings(v.caller.clone(), State(st.clone()), Path(f.org_id.clone()), Body(req))
+            .await
+    {
+        return refused(e, &v);
+    }
+    let orgs =
+        operator::list_orgs(v.caller.clone(), State(st.clone())).await.map(|o| o.0).unwrap_or_default();
+    settings_page(&v, &st, &orgs, &f.org_id, None).await
 }
 
 #[derive(Deserialize)]
@@ -526,15 +599,7 @@ async fn enrollment_token(v: Visitor, State(st): State<Shared>, Form(f): Form<En
                 .await
                 .map(|o| o.0)
                 .unwrap_or_default();
-            let tokens = crate::api::access::list_api_tokens(
-                v.caller.clone(),
-                State(st.clone()),
-                Path(f.org_id.clone()),
-            )
-            .await
-            .map(|t| t.0.tokens)
-            .unwrap_or_default();
-            pages::settings(&v, &orgs, Some(&f.org_id), &tokens, Some(&token.0)).into_response()
+            settings_page(&v, &st, &orgs, &f.org_id, Some(&token.0)).await
         }
         Err(e) => refused(e, &v),
     }

@@ -5,7 +5,7 @@ use axum::response::{Html, IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 use outpost_protocol::{
     ApiTokenInfo, AuditEntry, DeploymentInfo, EnrollmentToken, JobInfo, JobSpec, JobState, NodeInfo, Org,
-    Role, StoredEvent,
+    OrgSettings, Role, StoredEvent,
 };
 
 use super::{PAGE, Visitor};
@@ -313,10 +313,11 @@ pub fn events(v: &Visitor, events: &[StoredEvent]) -> Html<String> {
 pub fn settings(
     v: &Visitor,
     orgs: &[Org],
-    org: Option<&str>,
+    org: Option<(&str, &OrgSettings)>,
     tokens: &[ApiTokenInfo],
     created: Option<&EnrollmentToken>,
 ) -> Html<String> {
+    let admin = v.caller.at_least(Role::Admin).is_ok();
     layout(
         "Settings",
         Some(v),
@@ -325,13 +326,46 @@ pub fn settings(
                 form method="get" action="/console/settings" {
                     label { "Organisation "
                         select name="org" {
-                            @for o in orgs { option value=(o.id) selected[Some(o.id.as_str()) == org] { (o.name) " (" (o.id) ")" } }
+                            @for o in orgs { option value=(o.id) selected[Some(o.id.as_str()) == org.map(|o| o.0)] { (o.name) " (" (o.id) ")" } }
                         }
                     }
                     button type="submit" { "Show" }
                 }
             }
-            @if let Some(org) = org {
+            @if let Some((org, s)) = org {
+                h2 { "Organisation settings" }
+                p.muted {
+                    "Revision " (s.revision) @if s.updated_unix_ms > 0 { ", changed " (when(Some(s.updated_unix_ms))) }
+                    ". Nodes hear of a change in their next poll; a new default profile applies at a node's next start."
+                }
+                table id="org-settings" {
+                    tr { th { "Default profile" } td { (s.default_profile.as_deref().unwrap_or("none (each node's own)")) } }
+                    @for f in outpost_protocol::feature::ALL {
+                        tr { th { (f) } td { @if s.enabled(f) { "on" } @else { "off" } } }
+                    }
+                }
+                @if admin {
+                    fieldset {
+                        legend { "Change the settings" }
+                        form method="post" action="/console/settings/org" {
+                            input type="hidden" name="csrf" value=(v.csrf);
+                            input type="hidden" name="org_id" value=(org);
+                            input type="hidden" name="revision" value=(s.revision);
+                            label { "Default profile "
+                                select name="default_profile" {
+                                    option value="" selected[s.default_profile.is_none()] { "none" }
+                                    @for p in outpost_protocol::ORG_DEFAULT_PROFILES {
+                                        option value=(p) selected[s.default_profile.as_deref() == Some(*p)] { (p) }
+                                    }
+                                }
+                            }
+                            @for f in outpost_protocol::feature::ALL {
+                                label.inline { input type="checkbox" id=(format!("off-{f}")) name=(format!("off_{f}")) value="on" checked[!s.enabled(f)]; " " (f) " off" }
+                            }
+                            button type="submit" id="save-org-settings" { "Save" }
+                        }
+                    }
+                }
                 @if let Some(t) = created {
                     p.error id="enrollment-token" { "Enrollment token (shown only now): " code { (t.token) } }
                 }

@@ -228,7 +228,9 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
     c.goto(&format!("{base}/console/events")).await;
     assert!(c.source().await.contains("Relay events"));
     c.goto(&format!("{base}/console/settings")).await;
-    assert!(c.source().await.contains("needs the admin role"), "settings are for admins");
+    assert!(c.find("org-settings").await.is_some(), "the organisation's settings are shown to every role");
+    assert!(c.find("save-org-settings").await.is_none(), "only admins change them");
+    assert!(!c.source().await.contains("bob"), "API tokens are for admins");
 
     // Another organisation's job: as if it did not exist.
     c.goto(&format!("{base}/console/jobs/{}", hidden.job_id)).await;
@@ -284,6 +286,20 @@ async fn an_operator_submits_a_job_and_sees_its_result_in_a_real_browser() {
     }
     let fresh = shown.rsplit(' ').next().unwrap_or_default().to_owned();
     assert!(fresh.starts_with("opt_"), "{shown}");
+    // The admin turns inference off for the organisation's nodes from the same page.
+    c.click("off-inference").await;
+    c.click("save-org-settings").await;
+    let mut saved = false;
+    for _ in 0..100 {
+        if c.source().await.contains("Revision 1") {
+            saved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saved, "the page shows the new revision");
+    let settings = op.org_settings(&org.id).await.expect("settings");
+    assert_eq!(settings.features_off, ["inference"], "{settings:?}");
     let enrolled = TestNode::enroll(&server, &fresh).await;
     assert!(!enrolled.id().is_empty(), "the token from the console enrolls a node");
     let q = outpost_control::client::JobsQuery {
