@@ -312,12 +312,49 @@ async fn node(v: Visitor, State(st): State<Shared>, Path(node_id): Path<String>)
         Ok(n) => n.0,
         Err(e) => return refused(e, &v),
     };
+    let chain = match audit_chain(&st, &node_id).await {
+        Ok(c) => c,
+        Err(e) => return refused(e.into(), &v),
+    };
     let q = JobQuery { node_id: Some(node_id), state: None, group_id: None, limit: Some(20) };
     let recent = jobs::list_jobs(v.caller.clone(), State(st.clone()), Params(q))
         .await
         .map(|j| j.0.jobs)
         .unwrap_or_default();
-    pages::node(&v, &info, &recent).into_response()
+    pages::node(&v, &info, &chain, &recent).into_response()
+}
+
+/// Most of a node's audit entries one page view verifies.
+const MAX_CHAIN_VERIFIED: u64 = 100_000;
+
+/// What verifying a node's stored audit chain from its first entry found.
+pub struct ChainCheck {
+    /// Entries that follow each other from the first.
+    pub whole: u64,
+    /// Why the chain breaks after `whole`, if it does.
+    pub broken: Option<String>,
+    /// More entries are stored than one page view verifies.
+    pub more: bool,
+}
+
+/// Verifies the node's stored audit log from its first entry, as `outpost-control audit verify
+/// --node` does, a page at a time (each entry was also checked when it was stored).
+async fn audit_chain(st: &Shared, node_id: &str) -> Result<ChainCheck, crate::store::StoreError> {
+    let (mut seq, mut sha) = (0u64, outpost_protocol::AUDIT_GENESIS.to_owned());
+    loop {
+        let page = st.store.node_audit(node_id, seq, 10_000).await?;
+        let Some(last) = page.last().cloned() else {
+            return Ok(ChainCheck { whole: seq, broken: None, more: false });
+        };
+        if let Err(why) = outpost_protocol::check_audit_chain(seq, &sha, &page) {
+            return Ok(ChainCheck { whole: seq, broken: Some(why), more: false });
+        }
+        (seq, sha) = (last.seq, last.sha256);
+        if seq >= MAX_CHAIN_VERIFIED {
+            let more = !st.store.node_audit(node_id, seq, 1).await?.is_empty();
+            return Ok(ChainCheck { whole: seq, broken: None, more });
+        }
+    }
 }
 
 async fn job_list(v: Visitor, State(st): State<Shared>, Query(p): Query<PageQuery>) -> Response {

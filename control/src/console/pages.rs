@@ -196,7 +196,7 @@ fn pager(base: &str, page: usize, more: bool, extra: &str) -> Markup {
     }
 }
 
-pub fn node(v: &Visitor, n: &NodeInfo, recent: &[JobInfo]) -> Html<String> {
+pub fn node(v: &Visitor, n: &NodeInfo, chain: &super::ChainCheck, recent: &[JobInfo]) -> Html<String> {
     let hb = n.last_heartbeat.as_ref();
     layout(
         &format!("Node {}", n.node_id),
@@ -213,6 +213,19 @@ pub fn node(v: &Visitor, n: &NodeInfo, recent: &[JobInfo]) -> Html<String> {
                 tr { th { "Running jobs" } td { (hb.map_or(0, |h| h.running_jobs)) } }
                 tr { th { "Outbox" } td { (hb.map_or(0, |h| h.outbox_depth)) } }
                 tr { th { "Labels" } td { (n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")) } }
+                tr {
+                    th { "Audit log" }
+                    td id="audit-chain" {
+                        @if let Some(why) = &chain.broken {
+                            span.error { "✘ broken after entry " (chain.whole) ": " (why) }
+                        } @else if chain.whole == 0 {
+                            "no entries stored yet (they arrive with the node's results bundles)"
+                        } @else {
+                            "✔ " (chain.whole) " entries, each following the one before from the first"
+                            @if chain.more { " (verified up to here; " code { "outpost-control audit verify --node" } " checks the rest)" }
+                        }
+                    }
+                }
             }
             @if may_operate(v) {
                 fieldset id="label-node" {
@@ -470,7 +483,10 @@ pub fn audit(v: &Visitor, entries: &[AuditEntry]) -> Html<String> {
         "Audit trail",
         Some(v),
         html! {
-            p.muted { "The most recent " (entries.len()) " entries, newest last." }
+            p.muted {
+                "The most recent " (entries.len()) " entries, newest last. Each node's own hash-chained audit log, \
+                 as its results bundles brought it, is verified from its first entry on the node's page."
+            }
             table {
                 tr { th { "#" } th { "Time" } th { "Actor" } th { "Action" } th { "Detail" } }
                 @for e in entries {

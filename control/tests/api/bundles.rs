@@ -399,3 +399,29 @@ async fn a_deployment_travels_as_the_desired_state_signed_for_each_node() {
     let (status, _) = op_post(&server, &paths::fill(paths::ORG_BUNDLES, "org_id", &org), &unknown).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+/// Imports a results bundle from `node` that carries only `audit`, its audit entries.
+pub(crate) async fn import_audit(
+    server: &TestServer,
+    node: &TestNode,
+    org_id: &str,
+    bundle_id: &str,
+    audit: Vec<outpost_protocol::AuditRecord>,
+) {
+    let payload = ResultsPayload {
+        format: outpost_protocol::BUNDLE_FORMAT,
+        bundle_id: bundle_id.into(),
+        node_id: node.id().to_owned(),
+        org_id: org_id.to_owned(),
+        created_unix_ms: now_ms(),
+        results: Vec::new(),
+        events: Vec::new(),
+        service_reports: Vec::new(),
+        service_acks: Vec::new(),
+        heartbeat: None,
+        audit,
+    };
+    let signed = results_bundle(node, &node.key_pem, &node.enrolled.cert_pem, &payload);
+    let (status, body) = op_post(server, paths::BUNDLE_RESULTS, &signed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -335,3 +335,56 @@ async fn console_answers_are_hardened() {
     let (status, location, _) = get_with(&server, "/console/jobs", "not-a-session").await;
     assert_eq!((status, location.as_deref()), (StatusCode::SEE_OTHER, Some("/console/login")));
 }
+
+/// Logs in over plain HTTP as a browser would (the login form's nonce, then the token): the
+/// session cookie.
+async fn http_login(server: &TestServer, token: &str) -> String {
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(outpost_control::tls::client_config(server.ca_pem(), None).expect("tls"))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let form = http.get(format!("{}/console/login", server.url())).send().await.expect("sent");
+    let nonce_cookie =
+        form.headers()["set-cookie"].to_str().expect("cookie").split(';').next().expect("pair").to_owned();
+    let page = form.text().await.expect("page");
+    let nonce =
+        page.split("name=\"nonce\" value=\"").nth(1).and_then(|r| r.split('"').next()).expect("nonce");
+    let resp = http
+        .post(format!("{}/console/login", server.url()))
+        .header("cookie", nonce_cookie)
+        .form(&[("nonce", nonce), ("token", token)])
+        .send()
+        .await
+        .expect("sent");
+    let set = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("outpost_session="))
+        .expect("a session cookie")
+        .to_owned();
+    set.trim_start_matches("outpost_session=").split(';').next().expect("value").to_owned()
+}
+
+#[tokio::test]
+async fn a_nodes_page_shows_whether_its_audit_chain_is_whole() {
+    use outpost_protocol::AuditRecord;
+    let server = TestServer::start().await.expect("server");
+    let (org, token) = crate::support::org_and_token(&server).await;
+    let node = TestNode::enroll(&server, &token).await;
+    let session = http_login(&server, server.admin_token()).await;
+    let page = format!("/console/nodes/{}", node.id());
+    let (status, _, html) = get_with(&server, &page, &session).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert!(html.contains("no entries stored yet"), "{html}");
+
+    let mut chain: Vec<AuditRecord> = Vec::new();
+    for i in 0..5 {
+        chain.push(AuditRecord::following(chain.last(), 10 + i, "job.accepted", &format!("job {i}")));
+    }
+    crate::bundles::import_audit(&server, &node, &org, "r-chain", chain).await;
+    let (_, _, html) = get_with(&server, &page, &session).await;
+    assert!(html.contains("✔ 5 entries, each following the one before from the first"), "{html}");
+}
