@@ -4,6 +4,7 @@
 //! the same server and connection, `GET /v1/health`) R times, one request at a time.
 //!
 //! Usage: console-bench --url URL --data-dir DIR [--nodes 10000] [--jobs 10000] [--rounds 20]
+//!                      [--parallel 8]
 //! Prints one JSON object on stdout; progress on stderr.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -15,8 +16,8 @@ use outpost_control::client::Client;
 use outpost_protocol::{EnrollRequest, EnrollResponse, SubmitJobRequest, paths};
 use tokio::task::JoinSet;
 
-/// Requests in flight while the fleet and its jobs are made.
-const PARALLEL: usize = 16;
+/// Requests in flight while the fleet and its jobs are made (`--parallel`).
+static PARALLEL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(8);
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
@@ -43,7 +44,7 @@ where
     let mut set = JoinSet::new();
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        if set.len() >= PARALLEL {
+        if set.len() >= PARALLEL.load(std::sync::atomic::Ordering::Relaxed) {
             out.push(set.join_next().await.expect("a task")??);
         }
         set.spawn(make(i));
@@ -67,6 +68,8 @@ async fn main() -> anyhow::Result<()> {
     let nodes: usize = arg(&args, "--nodes").map_or(Ok(10_000), |v| v.parse())?;
     let jobs: usize = arg(&args, "--jobs").map_or(Ok(10_000), |v| v.parse())?;
     let rounds: usize = arg(&args, "--rounds").map_or(Ok(20), |v| v.parse())?;
+    let parallel_requests: usize = arg(&args, "--parallel").map_or(Ok(8), |v| v.parse())?;
+    PARALLEL.store(parallel_requests.max(1), std::sync::atomic::Ordering::Relaxed);
     anyhow::ensure!(nodes >= 1 && rounds >= 1, "--nodes and --rounds must be at least 1");
     let ca_pem = std::fs::read_to_string(dir.join("ca.crt"))?;
     let admin = std::fs::read_to_string(dir.join("admin.token"))?.trim().to_owned();

@@ -132,8 +132,17 @@ impl SledStore {
         Ok(node)
     }
 
+    /// Makes every write so far durable. sled's own `flush_async` runs each flush on sled's small
+    /// I/O pool, where a few concurrent ones wait for buffer writes that need the same pool
+    /// threads: eight concurrent requests hung the control plane for good. A blocking flush on
+    /// tokio's blocking pool leaves sled's threads free to write.
     async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map(|_| ()).map_err(backend)
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Backend(format!("the flush stopped: {e}")))?
+            .map(|_| ())
+            .map_err(backend)
     }
 
     fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
