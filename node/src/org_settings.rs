@@ -32,7 +32,7 @@ pub fn load(data_dir: &Path) -> Result<Option<OrgSettings>, String> {
         Err(e) => return Err(damaged(e.to_string())),
     };
     let settings: OrgSettings = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
-    settings.normalise().map(Some).map_err(damaged)
+    Ok(Some(settings.known().0))
 }
 
 /// Keeps `settings` (synced, renamed into place).
@@ -63,22 +63,21 @@ pub fn heard(
     ledger: &crate::ledger::Ledger,
     settings: OrgSettings,
 ) -> anyhow::Result<bool> {
-    let settings =
-        settings.normalise().map_err(|why| anyhow::anyhow!("the control plane sent bad settings: {why}"))?;
+    let (settings, unknown) = settings.known();
     let held = policy.get();
     if held.org.as_ref() == Some(&settings) {
         return Ok(false);
     }
     let profile_changed =
         held.org.as_ref().and_then(|o| o.default_profile.clone()) != settings.default_profile;
+    if !unknown.is_empty() {
+        tracing::warn!(
+            left_out = %unknown.join(", "),
+            "the organisation's settings name what this agent does not know (a newer control plane); the rest applies"
+        );
+    }
     save(data_dir, &settings)?;
-    let detail = format!(
-        "revision {}: default profile {}, features off: {}",
-        settings.revision,
-        settings.default_profile.as_deref().unwrap_or("(the agent's own)"),
-        if settings.features_off.is_empty() { "none".to_owned() } else { settings.features_off.join(", ") }
-    );
-    ledger.audit("org.settings", &detail)?;
+    ledger.audit("org.settings", &settings.summary())?;
     if profile_changed {
         tracing::info!(
             profile = settings.default_profile.as_deref().unwrap_or("(none)"),
@@ -110,7 +109,9 @@ mod tests {
         std::fs::write(dir.path().join(ORG_SETTINGS_FILE), b"{\"revision\": ").unwrap();
         let err = load(dir.path()).unwrap_err();
         assert!(err.contains("damaged") && err.contains("remove it"), "{err}");
-        std::fs::write(dir.path().join(ORG_SETTINGS_FILE), b"{\"features_off\": [\"gpu\"]}").unwrap();
-        assert!(load(dir.path()).unwrap_err().contains("unknown feature"));
+        // A feature of a newer control plane is left out, not a reason to refuse the rest.
+        std::fs::write(dir.path().join(ORG_SETTINGS_FILE), b"{\"features_off\": [\"gpu\", \"services\"]}")
+            .unwrap();
+        assert_eq!(load(dir.path()).unwrap().unwrap().features_off, ["services"]);
     }
 }

@@ -27,7 +27,7 @@ pub const ORG_DEFAULT_PROFILES: &[&str] = &["cloud", "hybrid", "on-prem"];
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OrgSettings {
-    /// One more at every change (0: never set). A node keeps the highest it has seen.
+    /// One more at every change (0: never set).
     #[serde(default)]
     pub revision: u64,
     /// The profile of nodes whose configuration names none (one of [`ORG_DEFAULT_PROFILES`]);
@@ -45,6 +45,40 @@ impl OrgSettings {
     /// Whether `feature` is on.
     pub fn enabled(&self, feature: &str) -> bool {
         !self.features_off.iter().any(|f| f == feature)
+    }
+
+    /// One line for audit trails and logs.
+    pub fn summary(&self) -> String {
+        format!(
+            "revision {}: default profile {}, features off: {}",
+            self.revision,
+            self.default_profile.as_deref().unwrap_or("(the agent's own)"),
+            if self.features_off.is_empty() { "none".to_owned() } else { self.features_off.join(", ") }
+        )
+    }
+
+    /// What an agent can apply of settings from a control plane that may be newer than it:
+    /// features and a profile it does not know are left out (and named, for its log); the rest
+    /// holds.
+    pub fn known(mut self) -> (Self, Vec<String>) {
+        let mut unknown = Vec::new();
+        self.features_off.retain(|f| {
+            let known = feature::ALL.contains(&f.as_str());
+            if !known {
+                unknown.push(format!("feature {f:?}"));
+            }
+            known
+        });
+        if let Some(p) = self.default_profile.take() {
+            if ORG_DEFAULT_PROFILES.contains(&p.as_str()) {
+                self.default_profile = Some(p);
+            } else {
+                unknown.push(format!("default profile {p:?}"));
+            }
+        }
+        self.features_off.sort();
+        self.features_off.dedup();
+        (self, unknown)
     }
 
     /// Refuses unknown features and profiles; sorts and dedups the features.
@@ -112,6 +146,18 @@ mod tests {
         .unwrap();
         assert_eq!(s.features_off, ["inference", "services"]);
         assert!(!s.enabled("inference") && s.enabled("containers"));
+        // What a newer control plane may name is left out by an agent that does not know it.
+        let newer = OrgSettings {
+            features_off: vec!["gpu".into(), "inference".into()],
+            default_profile: Some("edge".into()),
+            ..Default::default()
+        };
+        let (kept, unknown) = newer.known();
+        assert_eq!(
+            (kept.features_off.as_slice(), kept.default_profile),
+            (["inference".to_owned()].as_slice(), None)
+        );
+        assert_eq!(unknown, ["feature \"gpu\"", "default profile \"edge\""]);
         // An old peer's settings (no fields at all) read as all on.
         let old: OrgSettings = serde_json::from_str("{}").unwrap();
         assert!(feature::ALL.iter().all(|f| old.enabled(f)));

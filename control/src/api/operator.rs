@@ -119,13 +119,7 @@ pub async fn put_org_settings(
     if !st.store.put_org_settings(&org_id, new.clone()).await? {
         return Err(settings_conflict(held));
     }
-    let detail = format!(
-        "revision {}: default profile {}, features off: {}",
-        new.revision,
-        new.default_profile.as_deref().unwrap_or("(the agent's own)"),
-        if new.features_off.is_empty() { "none".to_owned() } else { new.features_off.join(", ") }
-    );
-    st.audit(&caller.actor, Some(&org_id), "org.settings", &detail).await;
+    st.audit(&caller.actor, Some(&org_id), "org.settings", &new.summary()).await;
     Ok(Json(new))
 }
 
