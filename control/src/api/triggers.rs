@@ -214,7 +214,7 @@ async fn fire_one(st: &AppState, node: &NodeInfo, trigger: &Trigger, event: &Obj
     spec.env.insert("OUTPOST_EVENT_SEQ".into(), event.seq.to_string());
     spec.env.insert("OUTPOST_EVENT_SHA256".into(), event.sha256.clone().unwrap_or_default());
     let expiry = check_expiry(trigger.expires_in_secs)?;
-    if let Some(info) = create_job(
+    let created = create_job(
         st,
         node,
         spec.into(),
@@ -222,8 +222,22 @@ async fn fire_one(st: &AppState, node: &NodeInfo, trigger: &Trigger, event: &Obj
         Some(job_id.clone()),
         JobOrigin { trigger: Some(trigger.name.clone()), ..JobOrigin::default() },
     )
-    .await?
-    {
+    .await;
+    let created = match created {
+        // The organisation turned this kind of work off: the event stays stored and acknowledged
+        // (a refusal here would have the node resend the batch for ever); the trail says why.
+        Err(e) if e.body.code == "feature_off" => {
+            let detail = format!(
+                "{} ({}) did not fire on node {} for event {} ({}): {}",
+                trigger.trigger_id, trigger.name, node.node_id, event.seq, event.key, e.body.message
+            );
+            tracing::warn!("{detail}");
+            st.audit(&actor, Some(&node.org_id), "trigger.skipped", &detail).await;
+            return Ok(());
+        }
+        other => other?,
+    };
+    if let Some(info) = created {
         let detail = format!(
             "{} ({}) started job {} (seq {}) on node {} for event {} ({})",
             trigger.trigger_id, trigger.name, info.job_id, info.seq, node.node_id, event.seq, event.key

@@ -9,7 +9,9 @@ use outpost_protocol::{
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{TestNode, answer, assert_error, https, org_and_token, spec};
+use crate::support::{
+    TestNode, answer, assert_error, https, object_event, org_and_token, spec, trigger_request,
+};
 
 async fn put(server: &TestServer, org_id: &str, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
     let resp = https(server.ca_pem(), None)
@@ -107,4 +109,30 @@ async fn work_of_a_feature_turned_off_is_refused_and_nodes_hear_of_it_if_they_ta
     // Turned back on: the same submission goes through.
     op.put_org_settings(&org_id, &off(&[], 1)).await.expect("changed");
     op.submit(&SubmitJobRequest::for_node(node.id(), spec())).await.expect("submitted");
+}
+
+#[tokio::test]
+async fn a_trigger_of_a_feature_turned_off_skips_its_event_without_refusing_the_batch() {
+    let server = TestServer::start().await.expect("server");
+    let (org_id, token) = org_and_token(&server).await;
+    let node = TestNode::enroll(&server, &token).await;
+    let op = server.operator().expect("client");
+    op.create_trigger(&trigger_request(&org_id, "scans", "in/")).await.expect("trigger");
+    let off =
+        PutOrgSettings { default_profile: None, features_off: vec!["containers".into()], revision: Some(0) };
+    op.put_org_settings(&org_id, &off).await.expect("changed");
+
+    // The batch is stored and acknowledged (a refusal would have the node resend it for ever);
+    // no job was made, and the trail says why.
+    assert_eq!(node.deliver_ok(&[object_event(1, "in/a.json")]).await, (1, 0, 1));
+    let q = outpost_control::client::JobsQuery {
+        node_id: Some(node.id().to_owned()),
+        limit: 10,
+        ..Default::default()
+    };
+    assert!(op.jobs(&q).await.expect("jobs").jobs.is_empty());
+    let audit = op.audit(50).await.expect("audit");
+    let skipped =
+        audit.entries.iter().find(|e| e.action == "trigger.skipped").expect("a trigger.skipped entry");
+    assert!(skipped.detail.contains("containers"), "{}", skipped.detail);
 }
