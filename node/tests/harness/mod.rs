@@ -378,16 +378,28 @@ impl Operator {
         }
     }
 
-    /// How many audit entries record a stored result for `job_id`.
+    /// How many audit entries record a stored result for `job_id`. The control plane appends
+    /// the entry just after it stores the result, so a result already visible may not be in the
+    /// trail yet: this waits (up to 20 s) for the first entry before counting.
     pub async fn results_recorded(&self, job_id: &str) -> usize {
-        self.audit()
-            .await
-            .entries
-            .iter()
-            .filter(|e| {
-                e.action.contains("result") && e.detail.contains(job_id) && !e.action.contains("duplicate")
-            })
-            .count()
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = self
+                .audit()
+                .await
+                .entries
+                .iter()
+                .filter(|e| {
+                    e.action.contains("result")
+                        && e.detail.contains(job_id)
+                        && !e.action.contains("duplicate")
+                })
+                .count();
+            if n > 0 || Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
