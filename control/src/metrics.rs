@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{AppState, Shared};
-use crate::store::JobFilter;
+use outpost_protocol::JobState;
 
 type Labels = Vec<(&'static str, String)>;
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
@@ -205,25 +205,16 @@ pub async fn render(st: &AppState) -> Result<String, crate::store::StoreError> {
     registry.register("outpost_control_build_info", "The running version", build);
 
     let nodes = Family::<Labels, Gauge>::default();
-    let (mut online, mut offline) = (0i64, 0i64);
-    for n in st.store.list_nodes().await?.into_iter().map(|n| crate::api::placement::present(st, n)) {
-        if n.online {
-            online += 1;
-        } else {
-            offline += 1;
-        }
-    }
-    nodes.get_or_create(&vec![("state", "online".into())]).set(online);
-    nodes.get_or_create(&vec![("state", "offline".into())]).set(offline);
+    let (online, offline) = st.presence(None).await?;
+    nodes.get_or_create(&vec![("state", "online".into())]).set(i64::try_from(online).unwrap_or(i64::MAX));
+    nodes.get_or_create(&vec![("state", "offline".into())]).set(i64::try_from(offline).unwrap_or(i64::MAX));
     registry.register("outpost_control_nodes", "Enrolled nodes, online (within the lease) or not", nodes);
 
     let jobs = Family::<Labels, Gauge>::default();
-    for state in ["queued", "accepted", "finished", "cancelled"] {
-        jobs.get_or_create(&vec![("state", state.into())]).set(0);
-    }
-    let filter = JobFilter { limit: usize::MAX, ..Default::default() };
-    for job in st.store.list_jobs(filter).await? {
-        jobs.get_or_create(&vec![("state", outpost_protocol::wire_name(&job.state))]).inc();
+    let counts = st.store.job_counts(None).await?;
+    for state in [JobState::Queued, JobState::Accepted, JobState::Finished, JobState::Cancelled] {
+        let n = i64::try_from(counts.of(state)).unwrap_or(i64::MAX);
+        jobs.get_or_create(&vec![("state", outpost_protocol::wire_name(&state))]).set(n);
     }
     registry.register("outpost_control_jobs", "Jobs by state", jobs);
 

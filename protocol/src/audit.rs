@@ -80,9 +80,59 @@ pub fn check_audit_chain(prev_seq: u64, prev_sha256: &str, entries: &[AuditRecor
     Ok(())
 }
 
+/// Verifies an audit log read a page at a time from its first entry: each page must continue
+/// exactly where the pages before it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditWalk {
+    seq: u64,
+    sha256: String,
+}
+
+impl Default for AuditWalk {
+    fn default() -> Self {
+        Self { seq: 0, sha256: AUDIT_GENESIS.to_owned() }
+    }
+}
+
+impl AuditWalk {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The seq of the last entry verified (0 before the first): where the next page starts.
+    pub fn verified(&self) -> u64 {
+        self.seq
+    }
+
+    /// Checks the next page. `Ok(false)` for an empty page (the log ends); `Err` says which
+    /// entry breaks the chain and why, and the walk stays at the last entry that fitted.
+    pub fn step(&mut self, page: &[AuditRecord]) -> Result<bool, String> {
+        let Some(last) = page.last() else { return Ok(false) };
+        check_audit_chain(self.seq, &self.sha256, page)?;
+        self.seq = last.seq;
+        self.sha256.clone_from(&last.sha256);
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_walk_in_pages_checks_what_one_check_does() {
+        let c = chain(7);
+        let mut walk = AuditWalk::new();
+        for page in c.chunks(3) {
+            assert_eq!(walk.step(page), Ok(true));
+        }
+        assert_eq!((walk.step(&[]), walk.verified()), (Ok(false), 7));
+        let mut walk = AuditWalk::new();
+        assert_eq!(walk.step(&c[..3]), Ok(true));
+        let err = walk.step(&c[4..]).expect_err("entry 4 left out between pages");
+        assert!(err.contains("entry 4 is missing"), "{err}");
+        assert_eq!(walk.verified(), 3, "the walk stays at the last entry that fitted");
+    }
 
     fn chain(n: u64) -> Vec<AuditRecord> {
         let mut out: Vec<AuditRecord> = Vec::new();

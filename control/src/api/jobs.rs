@@ -630,6 +630,7 @@ pub async fn list_jobs(
         node_id: q.node_id,
         state: q.state,
         group_id: q.group_id,
+        failed: false,
         limit: q.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST),
     };
     Ok(Json(JobList { jobs: st.store.list_jobs(filter).await? }))

@@ -175,6 +175,26 @@ impl AppState {
         Ok(self.store.list_nodes().await?.into_iter().map(|n| self.seen(n)).collect())
     }
 
+    /// How many nodes of `org_id` (or of all) are online and offline, as [`AppState::seen`] and
+    /// the lease say, from the stored last-seen times alone (no node record is read).
+    pub async fn presence(&self, org_id: Option<&str>) -> Result<(u64, u64), crate::store::StoreError> {
+        let now = self.clock.now_ms();
+        let lease = self.lease_ms();
+        let fresh = |ms: u64| now.saturating_sub(ms) <= lease;
+        let nodes = self.store.node_presence(org_id).await?;
+        let total = nodes.len() as u64;
+        if fresh(self.started_unix_ms) {
+            return Ok((total, 0));
+        }
+        let contact = self.contact.lock().ok();
+        let polled = |id: &str| contact.as_ref().and_then(|m| m.get(id).copied());
+        let online = nodes
+            .iter()
+            .filter(|n| [n.last_seen_unix_ms, polled(&n.node_id)].into_iter().flatten().any(fresh))
+            .count() as u64;
+        Ok((online, total - online))
+    }
+
     pub fn lease_ms(&self) -> u64 {
         u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)
     }

@@ -532,15 +532,15 @@ async fn node_audit_tail(
 
 /// `audit verify --node`: the whole stored chain, page by page.
 async fn verify_node_audit(c: &Client, node: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let (mut seq, mut sha) = (0u64, outpost_protocol::AUDIT_GENESIS.to_owned());
+    let mut walk = outpost_protocol::AuditWalk::new();
     let broken = loop {
-        let page = c.node_audit(node, seq).await?.entries;
-        let Some(last) = page.last().cloned() else { break None };
-        if let Err(why) = outpost_protocol::check_audit_chain(seq, &sha, &page) {
-            break Some(why);
+        match walk.step(&c.node_audit(node, walk.verified()).await?.entries) {
+            Ok(true) => {}
+            Ok(false) => break None,
+            Err(why) => break Some(why),
         }
-        (seq, sha) = (last.seq, last.sha256);
     };
+    let seq = walk.verified();
     if json {
         println!(
             "{}",

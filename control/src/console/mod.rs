@@ -28,9 +28,10 @@ use serde::Deserialize;
 
 use crate::api::access::authenticate;
 use crate::api::jobs::{self, JobQuery};
-use crate::api::operator::{self, AuditQuery, NodeQuery};
-use crate::api::{ApiError, Body, Caller, Params, Shared};
+use crate::api::operator::{self, AuditQuery};
+use crate::api::{ApiError, Body, Caller, Params, Shared, placement};
 use crate::data_dir::random_hex;
+use crate::store::JobFilter;
 
 /// How long a console session lives after login.
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
@@ -272,17 +273,20 @@ async fn logout(v: Visitor, State(st): State<Shared>, Form(f): Form<CsrfForm>) -
 }
 
 async fn overview(v: Visitor, State(st): State<Shared>) -> Response {
-    let q = NodeQuery { selector: None, org_id: None };
-    let nodes = match operator::list_nodes(v.caller.clone(), State(st.clone()), Params(q)).await {
-        Ok(n) => n.0.nodes,
-        Err(e) => return refused(e, &v),
+    let org = v.caller.org_filter();
+    let failed = JobFilter { org_id: org.map(str::to_owned), failed: true, limit: 10, ..Default::default() };
+    let read = async {
+        let (online, offline) = st.presence(org).await?;
+        let counts = st.store.job_counts(org).await?;
+        let failures = st.store.list_jobs(failed).await?;
+        Ok::<_, crate::store::StoreError>((online, offline, counts, failures))
     };
-    let q = JobQuery { node_id: None, state: None, group_id: None, limit: Some(1000) };
-    let recent = match jobs::list_jobs(v.caller.clone(), State(st.clone()), Params(q)).await {
-        Ok(j) => j.0.jobs,
-        Err(e) => return refused(e, &v),
-    };
-    pages::overview(&v, &nodes, &recent).into_response()
+    match read.await {
+        Ok((online, offline, counts, failures)) => {
+            pages::overview(&v, (online, offline), &counts, &failures).into_response()
+        }
+        Err(e) => refused(e.into(), &v),
+    }
 }
 
 #[derive(Deserialize)]
@@ -296,14 +300,15 @@ struct PageQuery {
 }
 
 async fn nodes(v: Visitor, State(st): State<Shared>, Query(p): Query<PageQuery>) -> Response {
-    let q = NodeQuery { selector: None, org_id: None };
-    match operator::list_nodes(v.caller.clone(), State(st.clone()), Params(q)).await {
-        Ok(n) => {
-            let all = n.0.nodes;
-            let page: Vec<_> = all.iter().skip(p.page.saturating_mul(PAGE)).take(PAGE).cloned().collect();
-            pages::nodes(&v, &page, p.page, all.len()).into_response()
+    let offset = p.page.saturating_mul(PAGE);
+    match st.store.page_nodes(v.caller.org_filter(), offset, PAGE + 1).await {
+        Ok(mut page) => {
+            let more = page.len() > PAGE;
+            page.truncate(PAGE);
+            let page: Vec<_> = page.into_iter().map(|n| placement::present(&st, n)).collect();
+            pages::nodes(&v, &page, p.page, more).into_response()
         }
-        Err(e) => refused(e, &v),
+        Err(e) => refused(e.into(), &v),
     }
 }
 
@@ -340,19 +345,17 @@ pub struct ChainCheck {
 /// Verifies the node's stored audit log from its first entry, as `outpost-control audit verify
 /// --node` does, a page at a time (each entry was also checked when it was stored).
 async fn audit_chain(st: &Shared, node_id: &str) -> Result<ChainCheck, crate::store::StoreError> {
-    let (mut seq, mut sha) = (0u64, outpost_protocol::AUDIT_GENESIS.to_owned());
+    let mut walk = outpost_protocol::AuditWalk::new();
     loop {
-        let page = st.store.node_audit(node_id, seq, 10_000).await?;
-        let Some(last) = page.last().cloned() else {
-            return Ok(ChainCheck { whole: seq, broken: None, more: false });
-        };
-        if let Err(why) = outpost_protocol::check_audit_chain(seq, &sha, &page) {
-            return Ok(ChainCheck { whole: seq, broken: Some(why), more: false });
+        let page = st.store.node_audit(node_id, walk.verified(), 10_000).await?;
+        match walk.step(&page) {
+            Ok(true) => {}
+            Ok(false) => return Ok(ChainCheck { whole: walk.verified(), broken: None, more: false }),
+            Err(why) => return Ok(ChainCheck { whole: walk.verified(), broken: Some(why), more: false }),
         }
-        (seq, sha) = (last.seq, last.sha256);
-        if seq >= MAX_CHAIN_VERIFIED {
-            let more = !st.store.node_audit(node_id, seq, 1).await?.is_empty();
-            return Ok(ChainCheck { whole: seq, broken: None, more });
+        if walk.verified() >= MAX_CHAIN_VERIFIED {
+            let more = !st.store.node_audit(node_id, walk.verified(), 1).await?.is_empty();
+            return Ok(ChainCheck { whole: walk.verified(), broken: None, more });
         }
     }
 }

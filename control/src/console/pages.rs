@@ -9,6 +9,7 @@ use outpost_protocol::{
 };
 
 use super::{PAGE, Visitor};
+use crate::store::JobCounts;
 
 pub const STYLE: &str = "\
 body{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}\
@@ -124,34 +125,31 @@ fn job_rows(jobs: &[JobInfo]) -> Markup {
     }
 }
 
-pub fn overview(v: &Visitor, nodes: &[NodeInfo], recent: &[JobInfo]) -> Html<String> {
-    let online = nodes.iter().filter(|n| n.online).count();
-    let count = |s: JobState| recent.iter().filter(|j| j.state == s).count();
-    let failures: Vec<JobInfo> = recent
-        .iter()
-        .filter(|j| j.result.as_ref().is_some_and(|r| r.outcome != outpost_protocol::Outcome::Succeeded))
-        .take(10)
-        .cloned()
-        .collect();
+pub fn overview(
+    v: &Visitor,
+    (online, offline): (u64, u64),
+    counts: &JobCounts,
+    failures: &[JobInfo],
+) -> Html<String> {
     layout(
         "Overview",
         Some(v),
         html! {
             div.cards {
                 div.card id="nodes-online" { b.ok { (online) } "nodes online" }
-                div.card id="nodes-offline" { b.bad { (nodes.len() - online) } "nodes offline" }
-                div.card { b { (count(JobState::Queued)) } "jobs queued" }
-                div.card { b { (count(JobState::Accepted)) } "jobs running" }
-                div.card { b { (count(JobState::Finished)) } "jobs finished" }
+                div.card id="nodes-offline" { b.bad { (offline) } "nodes offline" }
+                div.card id="jobs-queued" { b { (counts.of(JobState::Queued)) } "jobs queued" }
+                div.card id="jobs-running" { b { (counts.of(JobState::Accepted)) } "jobs running" }
+                div.card id="jobs-finished" { b { (counts.of(JobState::Finished)) } "jobs finished" }
+                div.card id="jobs-cancelled" { b { (counts.of(JobState::Cancelled)) } "jobs cancelled" }
             }
-            p.muted { "Job counts over the last " (recent.len()) " jobs." }
             h2 { "Recent failures" }
-            @if failures.is_empty() { p { "None." } } @else { (job_rows(&failures)) }
+            @if failures.is_empty() { p { "None." } } @else { (job_rows(failures)) }
         },
     )
 }
 
-pub fn nodes(v: &Visitor, nodes: &[NodeInfo], page: usize, total: usize) -> Html<String> {
+pub fn nodes(v: &Visitor, nodes: &[NodeInfo], page: usize, more: bool) -> Html<String> {
     layout(
         "Nodes",
         Some(v),
@@ -169,7 +167,7 @@ pub fn nodes(v: &Visitor, nodes: &[NodeInfo], page: usize, total: usize) -> Html
                     }
                 }
             }
-            (pager("/console/nodes", page, page.saturating_add(1).saturating_mul(PAGE) < total, ""))
+            (pager("/console/nodes", page, more, ""))
         },
     )
 }

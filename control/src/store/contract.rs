@@ -493,6 +493,160 @@ async fn node_audit_logs_only_grow_link_by_link(s: &dyn StateStore) {
     assert!(s.node_audit("other", 0, 100).await.expect("list").is_empty(), "per node");
 }
 
+fn listed(org_id: &str, id: &str, node_id: &str, at: u64) -> JobRecord {
+    let mut j = job(id, node_id, at);
+    j.info.org_id = org_id.into();
+    j
+}
+
+fn failed_result(job_id: &str) -> ResultReport {
+    ResultReport { outcome: Outcome::Failed, exit_code: Some(3), ..result(job_id) }
+}
+
+fn ids(jobs: &[JobInfo]) -> Vec<&str> {
+    jobs.iter().map(|j| j.job_id.as_str()).collect()
+}
+
+fn listing(org_id: Option<&str>, limit: usize) -> JobFilter {
+    JobFilter { org_id: org_id.map(str::to_owned), limit, ..Default::default() }
+}
+
+/// Pages and counts follow every change of a job (submit, take, result, cancel, a move to
+/// another node) and every node enrolled, in two organisations.
+async fn listings_follow_every_change(s: &dyn StateStore) {
+    for (org_id, token) in [("lo-a", "lt-1"), ("lo-a", "lt-2"), ("lo-b", "lt-3")] {
+        if s.get_org(org_id).await.expect("get").is_none() {
+            s.insert_org(org(org_id)).await.expect("org");
+        }
+        let t = TokenRecord {
+            token_sha256: token.into(),
+            org_id: org_id.into(),
+            expires_unix_ms: u64::MAX,
+            used_unix_ms: None,
+            used_by_node: None,
+        };
+        s.insert_token(t).await.expect("token");
+    }
+    let seen = NodeInfo { last_seen_unix_ms: Some(500), ..node("la1", "lo-a") };
+    assert_eq!(s.enroll_node("lt-1", 1, seen).await.expect("enroll"), Ok(()));
+    assert_eq!(s.enroll_node("lt-2", 1, node("la2", "lo-a")).await.expect("enroll"), Ok(()));
+    assert_eq!(s.enroll_node("lt-3", 1, node("lb1", "lo-b")).await.expect("enroll"), Ok(()));
+
+    for (org_id, id, node_id, at) in [
+        ("lo-a", "a1", "la1", 1010),
+        ("lo-a", "a2", "la1", 1020),
+        ("lo-a", "a3", "la2", 1030),
+        ("lo-a", "a4", "la2", 1040),
+        ("lo-a", "a5", "la1", 1050),
+    ] {
+        s.insert_job(listed(org_id, id, node_id, at)).await.expect("insert");
+    }
+    for (id, at) in [("b1", 1025), ("b2", 1035)] {
+        let mut j = listed("lo-b", id, "lb1", at);
+        j.info.group_id = Some("grp".into());
+        s.insert_job(j).await.expect("insert");
+    }
+    let mut moving = listed("lo-a", "a6", "la1", 1060);
+    moving.info.placement = Some(Placement::Any);
+    s.insert_job(moving).await.expect("insert");
+
+    s.ack_jobs("la1", vec!["a2".into()], 2000).await.expect("ack");
+    s.ack_jobs("la2", vec!["a3".into()], 2000).await.expect("ack");
+    assert_eq!(s.store_result("la2", failed_result("a3")).await.expect("store"), ResultOutcome::Stored);
+    assert_eq!(s.store_result("la2", result("a4")).await.expect("store"), ResultOutcome::Stored);
+    assert_eq!(s.store_result("lb1", failed_result("b2")).await.expect("store"), ResultOutcome::Stored);
+    assert_eq!(s.cancel_job("a5", 2100).await.expect("cancel"), CancelOutcome::Cancelled);
+    let old = s.get_job("a6").await.expect("get").expect("a6");
+    let next = next_attempt(&old, old.envelope.clone(), "la2", 1, 2200, "la1 silent");
+    assert!(s.reassign_job("a6", 1, next).await.expect("reassign"));
+
+    let list = |f: JobFilter| async move { s.list_jobs(f).await.expect("list") };
+    assert_eq!(
+        ids(&list(listing(Some("lo-a"), 10)).await),
+        ["a6", "a5", "a4", "a3", "a2", "a1"],
+        "newest first"
+    );
+    assert_eq!(ids(&list(listing(Some("lo-a"), 2)).await), ["a6", "a5"]);
+    let by_node = |n: &str| JobFilter { node_id: Some(n.into()), ..listing(None, 10) };
+    assert_eq!(ids(&list(by_node("la1")).await), ["a5", "a2", "a1"], "a6 moved away");
+    assert_eq!(ids(&list(by_node("la2")).await), ["a6", "a4", "a3"]);
+    let in_org = |org: &str, n: &str| JobFilter { org_id: Some(org.into()), ..by_node(n) };
+    assert!(list(in_org("lo-b", "la1")).await.is_empty(), "a node's jobs stay in its organisation");
+    let by_state = |org: Option<&str>, st: JobState| JobFilter { state: Some(st), ..listing(org, 10) };
+    assert_eq!(ids(&list(by_state(Some("lo-a"), JobState::Finished)).await), ["a4", "a3"]);
+    assert_eq!(ids(&list(by_state(Some("lo-a"), JobState::Queued)).await), ["a6", "a1"]);
+    assert_eq!(ids(&list(by_state(Some("lo-a"), JobState::Accepted)).await), ["a2"]);
+    assert_eq!(ids(&list(by_state(Some("lo-b"), JobState::Cancelled)).await), Vec::<&str>::new());
+    let everywhere = list(by_state(None, JobState::Cancelled)).await;
+    assert!(ids(&everywhere).contains(&"a5"));
+    assert!(everywhere.iter().all(|j| j.state == JobState::Cancelled));
+    let failed = |org: Option<&str>| JobFilter { failed: true, ..listing(org, 10) };
+    assert_eq!(ids(&list(failed(Some("lo-a"))).await), ["a3"], "a success is not a failure");
+    let all_failed = list(failed(None)).await;
+    let mine: Vec<&str> = ids(&all_failed).into_iter().filter(|id| ["a3", "b2"].contains(id)).collect();
+    assert_eq!(mine, ["b2", "a3"]);
+    let group = JobFilter { group_id: Some("grp".into()), ..listing(None, 10) };
+    assert_eq!(ids(&list(group).await), ["b2", "b1"]);
+
+    let counts = s.job_counts(Some("lo-a")).await.expect("counts");
+    assert_eq!(
+        (counts.queued, counts.accepted, counts.finished, counts.cancelled),
+        (2, 1, 2, 1),
+        "a1 and a6 queued, a2 running, a3 and a4 finished, a5 cancelled"
+    );
+    let counts = s.job_counts(Some("lo-b")).await.expect("counts");
+    assert_eq!((counts.queued, counts.finished, counts.total()), (1, 1, 2));
+    let all = s.job_counts(None).await.expect("counts");
+    assert_eq!(all.total() as usize, list(listing(None, usize::MAX)).await.len(), "every job counted once");
+    for st in [JobState::Queued, JobState::Accepted, JobState::Finished, JobState::Cancelled] {
+        let every = JobFilter { state: Some(st), ..listing(None, usize::MAX) };
+        assert_eq!(all.of(st) as usize, list(every).await.len(), "{st:?} counted as listed");
+    }
+
+    let page = |org: Option<&'static str>, offset: usize, limit: usize| async move {
+        let nodes = s.page_nodes(org, offset, limit).await.expect("page");
+        nodes.into_iter().map(|n| n.node_id).collect::<Vec<_>>()
+    };
+    assert_eq!(page(Some("lo-a"), 0, 1).await, ["la1"]);
+    assert_eq!(page(Some("lo-a"), 1, 5).await, ["la2"]);
+    assert!(page(Some("lo-a"), 2, 5).await.is_empty());
+    assert_eq!(page(Some("lo-b"), 0, 5).await, ["lb1"]);
+    assert!(page(Some("lo"), 0, 5).await.is_empty(), "an org id is not a prefix of another");
+    let everyone: Vec<String> = s.list_nodes().await.expect("nodes").into_iter().map(|n| n.node_id).collect();
+    assert_eq!(page(None, 0, usize::MAX).await, everyone);
+    assert_eq!(page(None, 1, 2).await, everyone[1..3]);
+    let presence = s.node_presence(Some("lo-a")).await.expect("presence");
+    let presence: Vec<_> = presence.into_iter().map(|p| (p.node_id, p.last_seen_unix_ms)).collect();
+    assert_eq!(presence, [("la1".to_owned(), Some(500)), ("la2".to_owned(), None)]);
+    s.update_node_labels("la2", [("k".to_owned(), "v".to_owned())].into(), vec![]).await.expect("label");
+    assert_eq!(s.node_presence(None).await.expect("presence").len(), everyone.len());
+}
+
+/// What the listings answer, in one comparable value.
+async fn listing_snapshot(s: &dyn StateStore) -> String {
+    let mut out = Vec::new();
+    for org in [None, Some("lo-a"), Some("lo-b"), Some("o")] {
+        for state in [None, Some(JobState::Queued), Some(JobState::Finished)] {
+            for failed in [false, true] {
+                let f = JobFilter { state, failed, ..listing(org, 1000) };
+                out.push(format!(
+                    "{org:?} {state:?} {failed}: {:?}",
+                    ids(&s.list_jobs(f).await.expect("list"))
+                ));
+            }
+        }
+        out.push(format!("{org:?} counts: {:?}", s.job_counts(org).await.expect("counts")));
+        let nodes = s.page_nodes(org, 0, 1000).await.expect("page");
+        out.push(format!("{org:?} nodes: {:?}", nodes.iter().map(|n| &n.node_id).collect::<Vec<_>>()));
+        out.push(format!("{org:?} presence: {:?}", s.node_presence(org).await.expect("presence")));
+    }
+    for node in ["n1", "na", "nb", "la1", "la2", "lb1"] {
+        let f = JobFilter { node_id: Some(node.into()), ..listing(None, 1000) };
+        out.push(format!("{node}: {:?}", ids(&s.list_jobs(f).await.expect("list"))));
+    }
+    out.join("\n")
+}
+
 async fn contract(s: &dyn StateStore) {
     tokens_are_one_time_and_expire(s).await;
     queued_jobs_are_offered_until_acknowledged(s).await;
@@ -507,6 +661,7 @@ async fn contract(s: &dyn StateStore) {
     cancels_end_queued_jobs_and_ask_nodes_for_the_rest(s).await;
     node_audit_logs_only_grow_link_by_link(s).await;
     org_settings_change_one_revision_at_a_time(s).await;
+    listings_follow_every_change(s).await;
 }
 
 #[tokio::test]
@@ -550,7 +705,38 @@ async fn concurrent_durable_writes_all_finish() {
 
 #[tokio::test]
 async fn the_sled_store_keeps_the_contract() {
-    contract(&SledStore::temporary().expect("sled")).await;
+    let sled = SledStore::temporary().expect("sled");
+    contract(&sled).await;
+    sled.check_indexes().expect("no stale or missing listing key");
+    let twin = MemoryStore::new();
+    contract(&twin).await;
+    assert_eq!(
+        listing_snapshot(&sled).await,
+        listing_snapshot(&twin).await,
+        "the sled store's indexed listings answer what the twin's full scans do"
+    );
+}
+
+#[tokio::test]
+async fn a_database_without_listing_indexes_is_indexed_when_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = {
+        let s = SledStore::open(dir.path()).expect("open");
+        contract(&s).await;
+        let before = listing_snapshot(&s).await;
+        s.forget_indexes().expect("forget");
+        assert_eq!(s.job_counts(None).await.expect("counts").total(), 0, "the indexes are gone");
+        before
+    };
+    let s = SledStore::open(dir.path()).expect("reopen");
+    s.check_indexes().expect("rebuilt exactly");
+    assert_eq!(listing_snapshot(&s).await, before);
+    s.insert_job(listed("lo-b", "b3", "lb1", 5000)).await.expect("insert");
+    assert_eq!(
+        s.job_counts(Some("lo-b")).await.expect("counts").queued,
+        2,
+        "counting goes on from the rebuilt"
+    );
 }
 
 #[tokio::test]

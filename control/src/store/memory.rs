@@ -144,6 +144,40 @@ impl StateStore for MemoryStore {
         self.with(|inner| Ok(inner.nodes.values().cloned().collect()))
     }
 
+    fn page_nodes(
+        &self,
+        org_id: Option<&str>,
+        offset: usize,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<NodeInfo>> {
+        let org_id = org_id.map(str::to_owned);
+        self.with(move |inner| {
+            Ok(inner
+                .nodes
+                .values()
+                .filter(|n| org_id.as_deref().is_none_or(|o| o == n.org_id))
+                .skip(offset)
+                .take(limit)
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn node_presence(&self, org_id: Option<&str>) -> StoreFuture<'_, Vec<super::NodePresence>> {
+        let org_id = org_id.map(str::to_owned);
+        self.with(move |inner| {
+            Ok(inner
+                .nodes
+                .values()
+                .filter(|n| org_id.as_deref().is_none_or(|o| o == n.org_id))
+                .map(|n| super::NodePresence {
+                    node_id: n.node_id.clone(),
+                    last_seen_unix_ms: n.last_seen_unix_ms,
+                })
+                .collect())
+        })
+    }
+
     fn record_heartbeat(
         &self,
         node_id: &str,
@@ -195,6 +229,17 @@ impl StateStore for MemoryStore {
             sort_newest_first(&mut jobs);
             jobs.truncate(filter.limit);
             Ok(jobs)
+        })
+    }
+
+    fn job_counts(&self, org_id: Option<&str>) -> StoreFuture<'_, super::JobCounts> {
+        let org_id = org_id.map(str::to_owned);
+        self.with(move |inner| {
+            let mut counts = super::JobCounts::default();
+            for job in inner.jobs.values().filter(|j| org_id.as_deref().is_none_or(|o| o == j.info.org_id)) {
+                counts.add(job.info.state, 1);
+            }
+            Ok(counts)
         })
     }
 

@@ -3,6 +3,7 @@
 //! a Postgres adapter can follow; adapters persist durably before a call returns.
 
 mod memory;
+mod sled_index;
 mod sled_store;
 
 #[cfg(test)]
@@ -99,6 +100,8 @@ pub struct JobFilter {
     pub node_id: Option<String>,
     pub state: Option<JobState>,
     pub group_id: Option<String>,
+    /// Only finished jobs whose result is not a success ([`job_failed`]).
+    pub failed: bool,
     pub limit: usize,
 }
 
@@ -108,7 +111,56 @@ impl JobFilter {
             && self.node_id.as_deref().is_none_or(|n| n == info.node_id)
             && self.state.is_none_or(|s| s == info.state)
             && self.group_id.as_deref().is_none_or(|g| info.group_id.as_deref() == Some(g))
+            && (!self.failed || job_failed(info))
     }
+}
+
+/// A finished job whose result is not a success: what an operator looks at first.
+pub fn job_failed(info: &JobInfo) -> bool {
+    info.state == JobState::Finished && info.result.as_ref().is_some_and(|r| r.outcome != Outcome::Succeeded)
+}
+
+/// How many jobs are in each state (of one organisation or of all), kept by the store as jobs
+/// change rather than counted on each read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    pub queued: u64,
+    pub accepted: u64,
+    pub finished: u64,
+    pub cancelled: u64,
+}
+
+impl JobCounts {
+    pub fn of(&self, state: JobState) -> u64 {
+        match state {
+            JobState::Queued => self.queued,
+            JobState::Accepted => self.accepted,
+            JobState::Finished => self.finished,
+            JobState::Cancelled => self.cancelled,
+        }
+    }
+
+    pub(crate) fn add(&mut self, state: JobState, n: u64) {
+        let slot = match state {
+            JobState::Queued => &mut self.queued,
+            JobState::Accepted => &mut self.accepted,
+            JobState::Finished => &mut self.finished,
+            JobState::Cancelled => &mut self.cancelled,
+        };
+        *slot = slot.saturating_add(n);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.queued.saturating_add(self.accepted).saturating_add(self.finished).saturating_add(self.cancelled)
+    }
+}
+
+/// A node's id with its stored last-seen time: enough to count a fleet online and offline
+/// without reading every node's whole record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePresence {
+    pub node_id: String,
+    pub last_seen_unix_ms: Option<u64>,
 }
 
 /// What happened to a result report.
@@ -395,6 +447,12 @@ pub trait StateStore: Send + Sync + 'static {
 
     fn get_node(&self, node_id: &str) -> StoreFuture<'_, Option<NodeInfo>>;
     fn list_nodes(&self) -> StoreFuture<'_, Vec<NodeInfo>>;
+    /// Up to `limit` nodes from the `offset`-th on, in node id order, of `org_id` or of all
+    /// organisations; reads only the records of the page.
+    fn page_nodes(&self, org_id: Option<&str>, offset: usize, limit: usize)
+    -> StoreFuture<'_, Vec<NodeInfo>>;
+    /// Every node of `org_id` (or of all) with its stored last-seen time, without the records.
+    fn node_presence(&self, org_id: Option<&str>) -> StoreFuture<'_, Vec<NodePresence>>;
     /// Keeps `heartbeat` as the node's last, and `seen_ms` as when it was last seen; `None`:
     /// the heartbeat is no sign of life (it came in a results bundle: the node is no more
     /// reachable than before).
@@ -412,6 +470,8 @@ pub trait StateStore: Send + Sync + 'static {
     fn get_job(&self, job_id: &str) -> StoreFuture<'_, Option<JobRecord>>;
     /// Matching jobs, newest first, at most `filter.limit`.
     fn list_jobs(&self, filter: JobFilter) -> StoreFuture<'_, Vec<JobInfo>>;
+    /// Jobs by state, of `org_id` or of all organisations.
+    fn job_counts(&self, org_id: Option<&str>) -> StoreFuture<'_, JobCounts>;
     /// The node's `Queued` jobs in sequence order, at most `max`.
     fn queued_jobs(&self, node_id: &str, max: usize) -> StoreFuture<'_, Vec<JobRecord>>;
     /// Moves the listed jobs of this node from `Queued` to `Accepted`; others are ignored.

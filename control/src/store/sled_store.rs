@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use super::memory::sort_newest_first;
+use super::sled_index;
 use super::{
     ApiTokenRecord, CANCELLED_BY_OPERATOR, CancelOutcome, EventFilter, EventOrder, EventTally, EventsOutcome,
     JobFilter, JobRecord, OrgRecord, ResultFate, ResultOutcome, StateStore, StoreError, StoreFuture,
@@ -61,6 +61,10 @@ pub struct SledStore {
     api_tokens: sled::Tree,
     /// `org_id \0 name` → `token_id` for every token not revoked: names are unique per org.
     api_token_names: sled::Tree,
+    /// Listing keys and kept counts of jobs ([`sled_index`]).
+    job_index: sled::Tree,
+    /// `org_id \0 node_id` → the node's stored last-seen time ([`sled_index`]).
+    node_orgs: sled::Tree,
 }
 
 /// Followed by the node id: the node's last stored service report seq (in `meta`).
@@ -87,7 +91,7 @@ impl SledStore {
 
     fn from_db(db: sled::Db) -> Result<Self, StoreError> {
         let tree = |name: &str| db.open_tree(name).map_err(backend);
-        Ok(Self {
+        let store = Self {
             orgs: tree("orgs")?,
             tokens: tree("tokens")?,
             nodes: tree("nodes")?,
@@ -108,8 +112,35 @@ impl SledStore {
             node_audit: tree("node_audit")?,
             api_tokens: tree("api_tokens")?,
             api_token_names: tree("api_token_names")?,
+            job_index: tree("job_index")?,
+            node_orgs: tree("node_orgs")?,
             db,
-        })
+        };
+        sled_index::build_if_missing(
+            &store.meta,
+            &store.jobs,
+            &store.nodes,
+            &store.job_index,
+            &store.node_orgs,
+            &store.db,
+        )?;
+        Ok(store)
+    }
+
+    /// Whether the listing indexes hold exactly what the records call for (tests).
+    #[cfg(test)]
+    pub(crate) fn check_indexes(&self) -> Result<(), String> {
+        sled_index::check_exact(&self.jobs, &self.nodes, &self.job_index, &self.node_orgs)
+    }
+
+    /// Drops the listing indexes as a database written before they existed lacks them (tests of
+    /// the re-indexing on open).
+    #[cfg(test)]
+    pub(crate) fn forget_indexes(&self) -> Result<(), StoreError> {
+        self.job_index.clear().map_err(backend)?;
+        self.node_orgs.clear().map_err(backend)?;
+        self.meta.remove(sled_index::INDEX_VERSION_KEY).map_err(backend)?;
+        self.db.flush().map(drop).map_err(backend)
     }
 
     /// Changes one node's record in a transaction (`change` may run again on a conflict) and
@@ -119,12 +150,13 @@ impl SledStore {
         node_id: &str,
         change: impl Fn(&mut NodeInfo),
     ) -> Result<NodeInfo, StoreError> {
-        let outcome = self.nodes.transaction(|nodes| {
+        let outcome = (&self.nodes, &self.node_orgs).transaction(|(nodes, node_orgs)| {
             let bytes = nodes.get(node_id.as_bytes())?;
             let bytes = bytes.ok_or_else(|| abort(StoreError::NotFound(format!("node {node_id}"))))?;
             let mut node: NodeInfo = decode(node_id, &bytes).map_err(abort)?;
             change(&mut node);
             nodes.insert(node_id.as_bytes(), encode(&node).map_err(abort)?)?;
+            node_orgs.insert(sled_index::node_key(&node.org_id, node_id), &sled_index::node_value(&node))?;
             Ok(node)
         });
         let node = settle(outcome)?;
@@ -310,7 +342,10 @@ impl StateStore for SledStore {
         let key = token_sha256.to_owned();
         Box::pin(async move {
             let node_value = encode(&node)?;
-            let outcome = (&self.tokens, &self.nodes).transaction(|(tokens, nodes)| {
+            let node_entry = sled_index::node_key(&node.org_id, &node.node_id);
+            let seen = sled_index::node_value(&node);
+            let trees = (&self.tokens, &self.nodes, &self.node_orgs);
+            let outcome = trees.transaction(|(tokens, nodes, node_orgs)| {
                 let record: Option<TokenRecord> =
                     tokens.get(key.as_bytes())?.map(|b| decode(&key, &b)).transpose().map_err(abort)?;
                 if let Err(refusal) = check_token(record.as_ref(), &node.org_id, now_ms) {
@@ -322,6 +357,7 @@ impl StateStore for SledStore {
                     tokens.insert(key.as_bytes(), encode(&record).map_err(abort)?)?;
                 }
                 nodes.insert(node.node_id.as_bytes(), node_value.clone())?;
+                node_orgs.insert(node_entry.as_slice(), &seen)?;
                 Ok(Ok(()))
             });
             let outcome = settle(outcome)?;
@@ -337,6 +373,54 @@ impl StateStore for SledStore {
 
     fn list_nodes(&self) -> StoreFuture<'_, Vec<NodeInfo>> {
         Box::pin(async move { Self::all(&self.nodes) })
+    }
+
+    fn page_nodes(
+        &self,
+        org_id: Option<&str>,
+        offset: usize,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<NodeInfo>> {
+        let org_id = org_id.map(str::to_owned);
+        Box::pin(async move {
+            let Some(org_id) = org_id else {
+                return self
+                    .nodes
+                    .iter()
+                    .skip(offset)
+                    .take(limit)
+                    .map(|item| {
+                        let (key, value) = item.map_err(backend)?;
+                        decode(&String::from_utf8_lossy(&key), &value)
+                    })
+                    .collect();
+            };
+            let mut out = Vec::new();
+            for item in
+                self.node_orgs.scan_prefix(sled_index::node_prefix(Some(&org_id))).skip(offset).take(limit)
+            {
+                let (key, value) = item.map_err(backend)?;
+                let (node_id, _) = sled_index::node_entry(&key, &value)?;
+                if let Some(node) = Self::get::<NodeInfo>(&self.nodes, &node_id)? {
+                    out.push(node);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn node_presence(&self, org_id: Option<&str>) -> StoreFuture<'_, Vec<super::NodePresence>> {
+        let prefix = sled_index::node_prefix(org_id);
+        Box::pin(async move {
+            self.node_orgs
+                .scan_prefix(prefix)
+                .map(|item| {
+                    let (key, value) = item.map_err(backend)?;
+                    let (node_id, last_seen_unix_ms) = sled_index::node_entry(&key, &value)?;
+                    Ok(super::NodePresence { node_id, last_seen_unix_ms })
+                })
+                .collect()
+        })
     }
 
     fn record_heartbeat(
@@ -381,20 +465,21 @@ impl StateStore for SledStore {
         Box::pin(async move {
             let value = encode(&job)?;
             let info = &job.info;
-            let outcome =
-                (&self.jobs, &self.queued, &self.any_open).transaction(|(jobs, queued, any_open)| {
-                    if jobs.get(info.job_id.as_bytes())?.is_some() {
-                        return Err(abort(StoreError::AlreadyExists(format!("job {}", info.job_id))));
-                    }
-                    jobs.insert(info.job_id.as_bytes(), value.clone())?;
-                    if info.state == JobState::Queued {
-                        queued.insert(queued_key(&info.node_id, info.seq), info.job_id.as_bytes())?;
-                    }
-                    if is_open_any(info) {
-                        any_open.insert(info.job_id.as_bytes(), &[])?;
-                    }
-                    Ok(())
-                });
+            let trees = (&self.jobs, &self.queued, &self.any_open, &self.job_index);
+            let outcome = trees.transaction(|(jobs, queued, any_open, index)| {
+                if jobs.get(info.job_id.as_bytes())?.is_some() {
+                    return Err(abort(StoreError::AlreadyExists(format!("job {}", info.job_id))));
+                }
+                jobs.insert(info.job_id.as_bytes(), value.clone())?;
+                sled_index::reindex_job(index, None, info)?;
+                if info.state == JobState::Queued {
+                    queued.insert(queued_key(&info.node_id, info.seq), info.job_id.as_bytes())?;
+                }
+                if is_open_any(info) {
+                    any_open.insert(info.job_id.as_bytes(), &[])?;
+                }
+                Ok(())
+            });
             settle(outcome)?;
             self.flush().await
         })
@@ -407,15 +492,27 @@ impl StateStore for SledStore {
 
     fn list_jobs(&self, filter: JobFilter) -> StoreFuture<'_, Vec<JobInfo>> {
         Box::pin(async move {
-            let mut jobs: Vec<JobInfo> = Self::all::<JobRecord>(&self.jobs)?
-                .into_iter()
-                .map(|j| j.info)
-                .filter(|info| filter.matches(info))
-                .collect();
-            sort_newest_first(&mut jobs);
-            jobs.truncate(filter.limit);
-            Ok(jobs)
+            let prefix = sled_index::job_scan(&filter);
+            let mut out = Vec::new();
+            for item in self.job_index.scan_prefix(&prefix).rev() {
+                if out.len() >= filter.limit {
+                    break;
+                }
+                let (key, _) = item.map_err(backend)?;
+                let job_id = sled_index::job_id_of(&prefix, &key)?;
+                if let Some(job) = Self::get::<JobRecord>(&self.jobs, job_id)?
+                    && filter.matches(&job.info)
+                {
+                    out.push(job.info);
+                }
+            }
+            Ok(out)
         })
+    }
+
+    fn job_counts(&self, org_id: Option<&str>) -> StoreFuture<'_, super::JobCounts> {
+        let org_id = org_id.map(str::to_owned);
+        Box::pin(async move { sled_index::job_counts(&self.job_index, org_id.as_deref()) })
     }
 
     fn queued_jobs(&self, node_id: &str, max: usize) -> StoreFuture<'_, Vec<JobRecord>> {
@@ -437,11 +534,14 @@ impl StateStore for SledStore {
         let node_id = node_id.to_owned();
         Box::pin(async move {
             for job_id in &job_ids {
-                let outcome = (&self.jobs, &self.queued).transaction(|(jobs, queued)| {
+                let trees = (&self.jobs, &self.queued, &self.job_index);
+                let outcome = trees.transaction(|(jobs, queued, index)| {
                     let Some(bytes) = jobs.get(job_id.as_bytes())? else { return Ok(()) };
                     let mut job: JobRecord = decode(job_id, &bytes).map_err(abort)?;
+                    let old = job.info.clone();
                     if accept_job(&mut job, &node_id, now_ms) {
                         jobs.insert(job_id.as_bytes(), encode(&job).map_err(abort)?)?;
+                        sled_index::reindex_job(index, Some(&old), &job.info)?;
                         queued.remove(queued_key(&node_id, job.info.seq))?;
                     }
                     Ok(())
@@ -457,8 +557,9 @@ impl StateStore for SledStore {
         Box::pin(async move {
             let report_value = encode(&report)?;
             let key = report.idempotency_key.as_bytes();
-            let trees = (&self.jobs, &self.results, &self.queued, &self.cancels, &self.any_open);
-            let outcome = trees.transaction(|(jobs, results, queued, cancels, any_open)| {
+            let trees =
+                (&self.jobs, &self.results, &self.queued, &self.cancels, &self.any_open, &self.job_index);
+            let outcome = trees.transaction(|(jobs, results, queued, cancels, any_open, index)| {
                 let Some(bytes) = jobs.get(report.job_id.as_bytes())? else {
                     return Ok(ResultOutcome::NotYours);
                 };
@@ -476,8 +577,10 @@ impl StateStore for SledStore {
                     queued.remove(queued_key(&node_id, job.info.seq))?;
                     any_open.remove(report.job_id.as_bytes())?;
                 }
+                let old = job.info.clone();
                 finish_job(&mut job, fate, report.clone());
                 jobs.insert(report.job_id.as_bytes(), encode(&job).map_err(abort)?)?;
+                sled_index::reindex_job(index, Some(&old), &job.info)?;
                 Ok(match fate {
                     ResultFate::Current => ResultOutcome::Stored,
                     _ => ResultOutcome::Superseded,
@@ -507,8 +610,8 @@ impl StateStore for SledStore {
         let job_id = job_id.to_owned();
         Box::pin(async move {
             let value = encode(&next)?;
-            let trees = (&self.jobs, &self.queued, &self.cancels);
-            let outcome = trees.transaction(|(jobs, queued, cancels)| {
+            let trees = (&self.jobs, &self.queued, &self.cancels, &self.job_index);
+            let outcome = trees.transaction(|(jobs, queued, cancels, index)| {
                 let Some(bytes) = jobs.get(job_id.as_bytes())? else { return Ok(false) };
                 let job: JobRecord = decode(&job_id, &bytes).map_err(abort)?;
                 if job.info.attempt != expected_attempt || !is_open_any(&job.info) {
@@ -524,6 +627,7 @@ impl StateStore for SledStore {
                 queued.remove(queued_key(&job.info.node_id, job.info.seq))?;
                 queued.insert(queued_key(&next.info.node_id, next.info.seq), job_id.as_bytes())?;
                 jobs.insert(job_id.as_bytes(), value.clone())?;
+                sled_index::reindex_job(index, Some(&job.info), &next.info)?;
                 Ok(true)
             });
             let moved = settle(outcome)?;
@@ -553,16 +657,18 @@ impl StateStore for SledStore {
     fn cancel_job(&self, job_id: &str, now_ms: u64) -> StoreFuture<'_, CancelOutcome> {
         let job_id = job_id.to_owned();
         Box::pin(async move {
-            let trees = (&self.jobs, &self.queued, &self.cancels, &self.any_open);
-            let outcome = trees.transaction(|(jobs, queued, cancels, any_open)| {
+            let trees = (&self.jobs, &self.queued, &self.cancels, &self.any_open, &self.job_index);
+            let outcome = trees.transaction(|(jobs, queued, cancels, any_open, index)| {
                 let Some(bytes) = jobs.get(job_id.as_bytes())? else { return Ok(CancelOutcome::NotFound) };
                 let mut job: JobRecord = decode(&job_id, &bytes).map_err(abort)?;
+                let old = job.info.clone();
                 let (outcome, ask_node) = apply_cancel(&mut job, now_ms);
                 if ask_node {
                     let stop = cancel_of(&job.info, CANCELLED_BY_OPERATOR);
                     let key = cancel_key(&job.info.node_id, &job_id, stop.attempt);
                     cancels.insert(key, encode(&stop).map_err(abort)?)?;
                     jobs.insert(job_id.as_bytes(), encode(&job).map_err(abort)?)?;
+                    sled_index::reindex_job(index, Some(&old), &job.info)?;
                 }
                 if outcome == CancelOutcome::Cancelled {
                     queued.remove(queued_key(&job.info.node_id, job.info.seq))?;
