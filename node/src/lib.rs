@@ -20,6 +20,8 @@ pub mod models;
 pub mod objstore;
 pub mod offline_enroll;
 pub mod org_settings;
+#[cfg(test)]
+mod parsers_props;
 pub mod policy;
 pub mod relay;
 pub mod runtime;
