@@ -155,6 +155,8 @@ async fn main() -> anyhow::Result<()> {
         ("nodes, last page", format!("/console/nodes?page={last_page}")),
         ("a node", format!("/console/nodes/{}", node_ids[node_ids.len() / 2])),
         ("jobs, first page", "/console/jobs".into()),
+        ("jobs of one node", format!("/console/jobs?node={}", node_ids[node_ids.len() / 3])),
+        ("jobs finished (none yet)", "/console/jobs?state=finished".into()),
         ("a job", format!("/console/jobs/{}", job_ids.get(job_ids.len() / 2).cloned().unwrap_or_default())),
         ("audit", "/console/audit".into()),
         ("settings", format!("/console/settings?org={}", org.id)),

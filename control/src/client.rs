@@ -280,6 +280,11 @@ impl Client {
         self.call(Method::POST, &paths::fill(paths::NODE_LABELS, "node_id", &enc(node_id)), Some(req)).await
     }
 
+    pub async fn revoke_node(&self, node_id: &str) -> anyhow::Result<NodeInfo> {
+        self.call::<(), _>(Method::POST, &paths::fill(paths::NODE_REVOKE, "node_id", &enc(node_id)), None)
+            .await
+    }
+
     pub async fn node(&self, node_id: &str) -> anyhow::Result<NodeInfo> {
         self.call::<(), _>(Method::GET, &paths::fill(paths::NODE, "node_id", &enc(node_id)), None).await
     }

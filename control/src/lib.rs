@@ -17,6 +17,7 @@ pub mod data_dir;
 pub mod longpoll;
 pub mod metrics;
 pub mod pki;
+pub mod revocation;
 pub mod server;
 pub mod signing;
 pub mod store;

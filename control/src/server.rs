@@ -19,7 +19,8 @@ use crate::api::{self, AppState};
 use crate::clock::Clock;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::longpoll::NodeWakers;
-use crate::store::{SledStore, StoreError};
+use crate::revocation::Revoked;
+use crate::store::{SledStore, StateStore, StoreError};
 use crate::tls::{self, TlsError};
 
 /// On shutdown, open connections (held polls answer at once) get this long to finish.
@@ -105,8 +106,19 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         .load_or_init(&config.extra_sans)
         .map_err(|source| ServeError::DataDir { path: config.data_dir.clone(), source })?;
     let store = SledStore::open(&dir.db())?;
-    let tls_config =
-        tls::server_config(materials.ca.cert_der(), &materials.server_cert_pem, &materials.server_key_pem)?;
+    let revoked = Revoked::default();
+    for node in store.list_nodes().await?.into_iter().filter(|n| n.revoked_unix_ms.is_some()) {
+        revoked.insert(&node.cert_sha256);
+    }
+    if !revoked.is_empty() {
+        tracing::info!(nodes = revoked.len(), "revoked node certificates are refused");
+    }
+    let tls_config = tls::server_config(
+        materials.ca.cert_der(),
+        &materials.server_cert_pem,
+        &materials.server_key_pem,
+        revoked.clone(),
+    )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls_config));
     let bind_err = |source| ServeError::Bind { addr: config.listen, source };
     let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
@@ -133,6 +145,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         logs: Default::default(),
         metrics: Default::default(),
         console: Default::default(),
+        revoked,
     });
     let (metrics_addr, metrics_task) = match config.metrics_listen {
         Some(addr) => {

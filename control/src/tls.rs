@@ -10,6 +10,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::pki::{self, PkiError};
+use crate::revocation::{RevocationVerifier, Revoked};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -29,15 +30,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The server's config: chain [server cert, CA cert], TLS 1.3 only, optional client certs
-/// that must chain to `ca` when presented, ALPN http/1.1.
+/// that must chain to `ca` and not be `revoked` when presented, ALPN http/1.1.
 pub fn server_config(
     ca: &CertificateDer<'static>,
     server_cert_pem: &str,
     server_key_pem: &str,
+    revoked: Revoked,
 ) -> Result<ServerConfig, TlsError> {
     let roots = Arc::new(roots_of(std::slice::from_ref(ca))?);
-    let verifier =
+    let webpki =
         WebPkiClientVerifier::builder_with_provider(roots, provider()).allow_unauthenticated().build()?;
+    let verifier = Arc::new(RevocationVerifier::new(webpki, revoked));
     let server_cert = pki::pem_to_der(server_cert_pem, "server.crt")?;
     let key = private_key(server_key_pem, "server.key")?;
     let mut config = ServerConfig::builder_with_provider(provider())

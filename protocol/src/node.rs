@@ -204,6 +204,10 @@ pub struct NodeInfo {
     /// every answer; not stored.
     #[serde(default)]
     pub online: bool,
+    /// When an operator revoked the node (`outpost-control node revoke`): from then on its
+    /// certificate is refused on every connection and no work is placed on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_unix_ms: Option<u64>,
 }
 
 impl NodeInfo {

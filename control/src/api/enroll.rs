@@ -79,6 +79,7 @@ pub(super) async fn enroll_core(
         operator_labels: Default::default(),
         labels: Default::default(),
         online: false,
+        revoked_unix_ms: None,
     };
     if let Err(refusal) = st.store.enroll_node(token_sha, now, node).await? {
         return Err(refuse(st, refusal, &org.org.id, hostname).await);

@@ -108,7 +108,10 @@ impl FromRequestParts<Shared> for NodeAuth {
         let known = state.store.get_node(&peer.node_id).await?;
         let org = known.as_ref().map(|n| n.org_id.clone());
         let refusal = match known {
-            Some(node) if node.cert_sha256 == peer.cert_sha256 => return Ok(NodeAuth(node)),
+            Some(node) if node.cert_sha256 == peer.cert_sha256 && node.revoked_unix_ms.is_none() => {
+                return Ok(NodeAuth(node));
+            }
+            Some(node) if node.cert_sha256 == peer.cert_sha256 => revoked_refusal(&node.node_id),
             Some(_) => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "cert_mismatch",
@@ -128,6 +131,18 @@ impl FromRequestParts<Shared> for NodeAuth {
         state.audit(&format!("node:{}", peer.node_id), org.as_deref(), "node.refused", &detail).await;
         Err(refusal)
     }
+}
+
+/// What a revoked node is told (a connection opened before the revocation, or a held poll).
+pub(crate) fn revoked_refusal(node_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "node_revoked",
+        format!(
+            "node {node_id} was revoked by an operator; its certificate is refused from now on. \
+             Enroll it again with a new token (or an offline enrollment bundle) to bring it back"
+        ),
+    )
 }
 
 #[cfg(test)]

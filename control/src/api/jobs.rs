@@ -43,6 +43,15 @@ pub async fn submit_job(
     let (node, origin) = match Target::of(&req)? {
         Target::Node(node_id) => {
             let node = node_for(&st, &caller, node_id, Role::Operator).await?;
+            if node.revoked_unix_ms.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "node_revoked",
+                    format!(
+                        "node {node_id} is revoked: it takes no work; enroll the machine again for a new node id"
+                    ),
+                ));
+            }
             if sealed && !can_seal(&node) {
                 return Err(cannot_seal(node_id));
             }

@@ -83,6 +83,8 @@ pub struct AppState {
     pub metrics: crate::metrics::ControlMetrics,
     /// Web console sessions (memory only).
     pub console: crate::console::Sessions,
+    /// Certificates of revoked nodes, shared with the TLS layer.
+    pub revoked: crate::revocation::Revoked,
 }
 
 pub type Shared = Arc<AppState>;
@@ -125,6 +127,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODES, get(operator::list_nodes))
         .route(paths::NODE, get(operator::get_node))
         .route(paths::NODE_LABELS, post(operator::label_node))
+        .route(paths::NODE_REVOKE, post(operator::revoke_node))
         .route(paths::AUDIT, get(operator::list_audit))
         .route(paths::NODE_AUDIT, get(operator::node_audit))
         .fallback(|| async {
@@ -170,9 +173,17 @@ impl AppState {
         node
     }
 
-    /// Every enrolled node, seen as [`AppState::seen`] says.
+    /// Every enrolled node not revoked, seen as [`AppState::seen`] says: what placement and
+    /// rollouts choose from.
     pub async fn fleet(&self) -> Result<Vec<outpost_protocol::NodeInfo>, crate::store::StoreError> {
-        Ok(self.store.list_nodes().await?.into_iter().map(|n| self.seen(n)).collect())
+        Ok(self
+            .store
+            .list_nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.revoked_unix_ms.is_none())
+            .map(|n| self.seen(n))
+            .collect())
     }
 
     /// How many nodes of `org_id` (or of all) are online and offline, as [`AppState::seen`] and

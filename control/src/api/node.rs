@@ -148,6 +148,10 @@ pub async fn poll(
             _ = tokio::time::sleep_until(deadline) => return settled(answer(Vec::new())).await,
             _ = st.shutdown.cancelled() => return settled(answer(Vec::new())).await,
         }
+        // Revoked while this poll was held: it ends now, with the refusal.
+        if st.revoked.contains(&node.cert_sha256) {
+            return Err(super::extract::revoked_refusal(&node.node_id));
+        }
     }
 }
 

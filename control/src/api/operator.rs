@@ -5,8 +5,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
-    AuditList, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, ErrorBody, Health, LabelNodeRequest,
-    NodeInfo, NodeList, Org, OrgSettings, PutOrgSettings, Role, Selector, paths, selector,
+    AuditList, CreateOrgRequest, CreateTokenRequest, EnrollmentToken, ErrorBody, Health, JobState,
+    LabelNodeRequest, NodeInfo, NodeList, Org, OrgSettings, PutOrgSettings, Role, Selector, paths, selector,
 };
 use serde::Deserialize;
 
@@ -14,7 +14,7 @@ use super::access::{node_for, org_exists};
 use super::{ApiError, ApiResult, Body, Caller, Params, Shared, placement};
 use crate::data_dir::random_hex;
 use crate::signing;
-use crate::store::{OrgRecord, TokenRecord};
+use crate::store::{JobFilter, OrgRecord, TokenRecord};
 
 const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
 const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
@@ -244,6 +244,54 @@ pub async fn label_node(
     let set = req.set.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
     let detail = format!("node {node_id}: set [{set}] removed [{}]", req.remove.join(","));
     st.audit(&caller.actor, Some(&node.org_id), "node.labelled", &detail).await;
+    Ok(Json(placement::present(&st, node)))
+}
+
+#[utoipa::path(post, path = paths::NODE_REVOKE, tag = "nodes",
+    params(("node_id" = String, Path, description = "node id")),
+    description = "Revoke a node (admin): from now on its certificate is refused in the TLS handshake of every \
+                   connection and by every node route, a poll it holds ends, its queued jobs placed on it by id \
+                   are cancelled (jobs placed by selector move to another matching node), and nothing new is \
+                   placed on it. Revoking a revoked node changes nothing. To bring the machine back, enroll it \
+                   again with a new token (it gets a new node id).",
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn revoke_node(
+    caller: Caller,
+    State(st): State<Shared>,
+    Path(node_id): Path<String>,
+) -> ApiResult<Json<NodeInfo>> {
+    let node = node_for(&st, &caller, &node_id, Role::Admin).await?;
+    if node.revoked_unix_ms.is_some() {
+        return Ok(Json(placement::present(&st, node)));
+    }
+    let now = st.clock.now_ms();
+    // Refused from this moment: the TLS layer first, then the store (a restart reloads the set).
+    st.revoked.insert(&node.cert_sha256);
+    let node = st.store.revoke_node(&node_id, now).await?;
+    let queued = JobFilter {
+        node_id: Some(node_id.clone()),
+        state: Some(JobState::Queued),
+        limit: usize::MAX,
+        ..Default::default()
+    };
+    let mut cancelled = 0usize;
+    for job in st.store.list_jobs(queued).await? {
+        if job.placement == Some(outpost_protocol::Placement::Any) {
+            continue; // the placement sweep moves it: its holder is no longer in the fleet
+        }
+        if st.store.cancel_job(&job.job_id, now).await? == crate::store::CancelOutcome::Cancelled {
+            cancelled += 1;
+        }
+    }
+    st.wakers.wake(&node_id);
+    st.fleet_changed.notify_one();
+    let detail = format!(
+        "node {node_id} (certificate {}): revoked; {cancelled} queued jobs cancelled",
+        node.cert_sha256
+    );
+    st.audit(&caller.actor, Some(&node.org_id), "node.revoked", &detail).await;
     Ok(Json(placement::present(&st, node)))
 }
 

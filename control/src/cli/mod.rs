@@ -360,6 +360,12 @@ pub enum NodeCommand {
         #[arg(long = "remove", value_name = "KEY")]
         remove: Vec<String>,
     },
+    /// Revoke a node (admin): its certificate is refused from now on, on every connection; a
+    /// poll it holds ends; its queued jobs are cancelled (jobs placed by selector move to
+    /// another node); nothing new is placed on it. For a stolen or retired machine. To bring
+    /// the machine back, enroll it again with a new token: it gets a new node id.
+    #[command(after_help = "Example:\n  outpost-control node revoke node-…")]
+    Revoke { node_id: String },
     /// Enroll a node that cannot reach the control plane, from the request file its
     /// `outpost enroll --offline` wrote; writes the enrollment file for `outpost enroll --from`.
     /// Each request enrolls once.

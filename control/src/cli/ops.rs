@@ -176,6 +176,15 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
             }
             print(g.json, &c.label_node(&node_id, &req).await?, show::node)?;
         }
+        Command::Node(NodeCommand::Revoke { node_id }) => {
+            let node = c.revoke_node(&node_id).await?;
+            print(g.json, &node, |n| {
+                println!("node {} revoked: its certificate is refused from now on", n.node_id);
+                println!(
+                    "to bring the machine back, enroll it again with a new token (it gets a new node id)"
+                );
+            })?;
+        }
         Command::Node(NodeCommand::EnrollOffline { org, request, out, control_url }) => {
             let text = std::fs::read_to_string(&request)
                 .with_context(|| format!("cannot read the request file {}", request.display()))?;

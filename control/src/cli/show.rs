@@ -177,7 +177,14 @@ pub fn nodes(list: &NodeList) {
                 n.org_id.clone(),
                 n.hostname.clone(),
                 version,
-                if n.online { "online" } else { "offline" }.into(),
+                if n.revoked_unix_ms.is_some() {
+                    "revoked"
+                } else if n.online {
+                    "online"
+                } else {
+                    "offline"
+                }
+                .into(),
                 ago(n.last_seen_unix_ms),
                 labels(&n.labels),
             ]
@@ -198,6 +205,9 @@ pub fn node(n: &NodeInfo) {
     println!("org:       {}", n.org_id);
     println!("enrolled:  {}", when(Some(n.enrolled_unix_ms)));
     println!("cert:      sha256 {}", n.cert_sha256);
+    if let Some(at) = n.revoked_unix_ms {
+        println!("revoked:   {} (its certificate is refused)", when(Some(at)));
+    }
     println!("last seen: {} ({})", ago(n.last_seen_unix_ms), if n.online { "online" } else { "offline" });
     println!("labels:    {}", labels(&n.labels));
     if !n.operator_labels.is_empty() {

@@ -160,7 +160,10 @@ pub fn nodes(v: &Visitor, nodes: &[NodeInfo], page: usize, more: bool) -> Html<S
                     tr {
                         td { a href={ "/console/nodes/" (n.node_id) } { (n.node_id) } }
                         td { (n.hostname) }
-                        td { @if n.online { span.ok { "online" } } @else { span.bad { "offline" } } }
+                        td {
+                            @if n.revoked_unix_ms.is_some() { span.bad { "revoked" } }
+                            @else if n.online { span.ok { "online" } } @else { span.bad { "offline" } }
+                        }
                         td { (when(n.last_seen_unix_ms)) }
                         td { (n.last_heartbeat.as_ref().map(|h| h.agent_version.clone()).unwrap_or_default()) }
                         td { (n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")) }
@@ -207,6 +210,9 @@ pub fn node(v: &Visitor, n: &NodeInfo, chain: &super::ChainCheck, recent: &[JobI
                 tr { th { "Enrolled" } td { (when(Some(n.enrolled_unix_ms))) } }
                 tr { th { "Last seen" } td { (when(n.last_seen_unix_ms)) } }
                 tr { th { "Certificate (SHA-256)" } td { code { (n.cert_sha256) } } }
+                @if let Some(at) = n.revoked_unix_ms {
+                    tr { th { "Revoked" } td { span.bad { (when(Some(at))) " — its certificate is refused" } } }
+                }
                 tr { th { "Agent" } td { (hb.map(|h| h.agent_version.clone()).unwrap_or_default()) } }
                 tr { th { "Running jobs" } td { (hb.map_or(0, |h| h.running_jobs)) } }
                 tr { th { "Outbox" } td { (hb.map_or(0, |h| h.outbox_depth)) } }

@@ -57,6 +57,7 @@ fn node(id: &str, org_id: &str) -> NodeInfo {
         operator_labels: Default::default(),
         labels: Default::default(),
         online: false,
+        revoked_unix_ms: None,
     }
 }
 
@@ -619,6 +620,14 @@ async fn listings_follow_every_change(s: &dyn StateStore) {
     let presence: Vec<_> = presence.into_iter().map(|p| (p.node_id, p.last_seen_unix_ms)).collect();
     assert_eq!(presence, [("la1".to_owned(), Some(500)), ("la2".to_owned(), None)]);
     s.update_node_labels("la2", [("k".to_owned(), "v".to_owned())].into(), vec![]).await.expect("label");
+    assert_eq!(s.revoke_node("la2", 3000).await.expect("revoke").revoked_unix_ms, Some(3000));
+    assert_eq!(
+        s.revoke_node("la2", 4000).await.expect("again").revoked_unix_ms,
+        Some(3000),
+        "the first time stays"
+    );
+    assert_eq!(s.get_node("la2").await.expect("get").expect("la2").revoked_unix_ms, Some(3000));
+    assert!(matches!(s.revoke_node("nobody", 1).await, Err(StoreError::NotFound(_))));
     assert_eq!(s.node_presence(None).await.expect("presence").len(), everyone.len());
 }
 

@@ -293,6 +293,18 @@ impl StateStore for MemoryStore {
         })
     }
 
+    fn revoke_node(&self, node_id: &str, now_ms: u64) -> StoreFuture<'_, NodeInfo> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            let node = inner
+                .nodes
+                .get_mut(&node_id)
+                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
+            node.revoked_unix_ms.get_or_insert(now_ms);
+            Ok(node.clone())
+        })
+    }
+
     fn update_node_labels(
         &self,
         node_id: &str,

@@ -483,6 +483,8 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Replaces the operator labels of a node: `set` applied, then `remove`. The node's record
     /// as stored afterwards.
+    /// Marks the node revoked at `now_ms` (kept if it already was); the record as stored.
+    fn revoke_node(&self, node_id: &str, now_ms: u64) -> StoreFuture<'_, NodeInfo>;
     fn update_node_labels(
         &self,
         node_id: &str,

@@ -594,6 +594,16 @@ impl StateStore for SledStore {
         })
     }
 
+    fn revoke_node(&self, node_id: &str, now_ms: u64) -> StoreFuture<'_, NodeInfo> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            self.modify_node(&node_id, |node| {
+                node.revoked_unix_ms.get_or_insert(now_ms);
+            })
+            .await
+        })
+    }
+
     fn update_node_labels(
         &self,
         node_id: &str,

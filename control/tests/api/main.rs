@@ -19,6 +19,7 @@ mod metrics;
 mod openapi;
 mod restart;
 mod results;
+mod revocation;
 mod roles;
 mod sealed;
 mod settings;

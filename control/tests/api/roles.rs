@@ -369,6 +369,12 @@ fn cases() -> Vec<Case> {
             request: |o, _| (Method::GET, fill(paths::NODE_AUDIT, &[("node_id", &o.node_id)]), None),
         },
         Case {
+            name: "revoke node",
+            needs: Role::Admin,
+            object: true,
+            request: |o, _| (Method::POST, fill(paths::NODE_REVOKE, &[("node_id", &o.node_id)]), None),
+        },
+        Case {
             name: "import results bundle",
             needs: Role::Operator,
             object: false,
