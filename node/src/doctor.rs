@@ -150,7 +150,10 @@ async fn control_check(cfg: &Config, id: &Identity) -> (Check, Check) {
         Ok(r) => r,
         Err(e) => {
             let text = format!("{e:?}");
-            let fix = if text.contains("UnknownIssuer")
+            let fix = if text.contains("CertificateRevoked") {
+                "an operator of the control plane revoked this node: its certificate is refused for good. Enroll \
+                 the box again with a new enrollment token (`outpost enroll`); it gets a new node id"
+            } else if text.contains("UnknownIssuer")
                 || text.contains("certificate")
                 || text.contains("Certificate")
             {
@@ -239,20 +242,33 @@ async fn docker_check(cfg: &Config) -> Check {
         ),
         Ok(Err(e)) => Check::fail("docker", e.to_string(), fix),
         Ok(Ok(f)) => {
+            let confinement = match (f.seccomp(), f.apparmor()) {
+                (true, true) => "containers under its default seccomp and AppArmor profiles",
+                (true, false) => "containers under its default seccomp profile",
+                (false, true) => "containers under AppArmor but no seccomp profile",
+                (false, false) => "containers with no seccomp profile",
+            };
             let detail = format!(
-                "engine {} reachable, storage driver {}, cgroup v{}",
+                "engine {} reachable, storage driver {}, cgroup v{}, {confinement}",
                 f.version,
                 if f.storage_driver.is_empty() { "unknown" } else { &f.storage_driver },
                 if f.cgroup_version.is_empty() { "?" } else { &f.cgroup_version }
             );
-            if f.cgroup_version == "2" {
-                Check::ok("docker", detail)
-            } else {
+            if f.cgroup_version != "2" {
                 Check::warn(
                     "docker",
                     detail,
                     "boot with the unified cgroup hierarchy (cgroup v2): job memory, CPU and pids limits rely on it",
                 )
+            } else if !f.seccomp() {
+                Check::warn(
+                    "docker",
+                    detail,
+                    "use a Docker engine built with seccomp (Debian's docker.io is): without it job containers \
+                     can make every system call the kernel offers",
+                )
+            } else {
+                Check::ok("docker", detail)
             }
         }
     }

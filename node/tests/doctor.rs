@@ -1,7 +1,7 @@
 //! `outpost doctor` against a real control plane, the real Docker engine and a real object
 //! store: a healthy node passes, and each broken part is named with a fix — the engine down, an
-//! unwritable store, a control plane whose CA is not the pinned one, a clock far off and an
-//! expired certificate (the clock moved with libfaketime, as a wrong clock would be).
+//! unwritable store, a control plane whose CA is not the pinned one, a revoked node, a clock far
+//! off and an expired certificate (the clock moved with libfaketime, as a wrong clock would be).
 
 #![allow(clippy::expect_used)]
 
@@ -134,6 +134,21 @@ async fn a_control_plane_with_another_ca_is_refused() {
     assert!(detail.contains("cannot be reached over TLS"), "{detail}");
     assert!(fix.contains("CA pinned at enrollment"), "{fix}");
     assert_eq!(check(&report, "clock").0, "warn", "not checked without an answer");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_node_is_told_to_enroll_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (control, node) = site(tmp.path(), "").await;
+    let out = control.cli(&["node", "revoke", &node.node_id]);
+    assert!(out.status.success(), "revoke: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("revoked"));
+    let (code, report) = doctor(&node, &[]);
+    assert_eq!(code, 1, "{report:#}");
+    let (verdict, detail, fix) = check(&report, "control");
+    assert_eq!(verdict, "fail", "{report:#}");
+    assert!(detail.contains("CertificateRevoked"), "{detail}");
+    assert!(fix.contains("revoked this node") && fix.contains("new enrollment token"), "{fix}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

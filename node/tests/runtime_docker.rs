@@ -178,6 +178,36 @@ async fn the_job_runs_unprivileged_without_capabilities_or_network() -> anyhow::
     Ok(())
 }
 
+/// Docker's default seccomp profile filters every job's system calls: the agent never asks for
+/// `seccomp=unconfined` (no spec field can), so the kernel reports filter mode (2) inside.
+#[tokio::test]
+async fn the_job_runs_under_the_engines_seccomp_profile() -> anyhow::Result<()> {
+    let node = node("seccomp").await;
+    let facts = node.rt.engine_facts().await?;
+    let plain = job("seccomp");
+    assert_eq!(run(&node.rt, &plain, &sh("grep -E '^Seccomp:' /proc/self/status")).await?, 0);
+    let output = node.rt.output(&plain, 4096).await?;
+    if facts.seccomp() {
+        assert_eq!(output.stdout_tail, "Seccomp:\t2\n", "engine options {:?}", facts.security_options);
+    } else {
+        // An engine built without seccomp cannot filter; `outpost doctor` warns of it.
+        eprintln!(
+            "the engine reports no seccomp ({:?}): only checked that the job ran",
+            facts.security_options
+        );
+        assert!(output.stdout_tail.starts_with("Seccomp:"), "{:?}", output.stdout_tail);
+    }
+    // A signed spec that relaxes what it may (capabilities, user, root filesystem) keeps the filter.
+    let relaxed = job("seccomp-relaxed");
+    let mut spec = sh("grep -E '^Seccomp:' /proc/self/status");
+    spec.security =
+        SecurityOverrides { writable_rootfs: true, user: Some("0:0".into()), cap_add: vec!["CHOWN".into()] };
+    assert_eq!(run(&node.rt, &relaxed, &spec).await?, 0);
+    let relaxed_out = node.rt.output(&relaxed, 4096).await?;
+    assert_eq!(relaxed_out.stdout_tail, output.stdout_tail, "relaxing a spec never lifts the filter");
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_root_filesystem_is_read_only_and_tmp_is_writable() -> anyhow::Result<()> {
     let node = node("rootfs").await;

@@ -152,8 +152,22 @@ impl Shared {
             self.changed.notify_one();
         }
         if let Ok(mut e) = self.last_error.lock() {
-            *e = Some(err.to_string());
+            *e = Some(explain_contact_error(err.to_string()));
         }
+    }
+}
+
+/// A failed contact as `outpost status` shows it, with what to do where the answer is final: a
+/// revoked node is refused in the TLS handshake (a `CertificateRevoked` alert) or, on a
+/// connection opened before, with `node_revoked`.
+fn explain_contact_error(text: String) -> String {
+    if text.contains("CertificateRevoked") || text.contains("node_revoked") {
+        format!(
+            "{text} (this node was revoked by an operator of the control plane: enroll it again with a new \
+             enrollment token, `outpost enroll`)"
+        )
+    } else {
+        text
     }
 }
 
@@ -710,5 +724,20 @@ impl<R: Runtime> Agent<R> {
         if let Err(e) = status::write(&self.cfg.status_file(), &s) {
             tracing::warn!(error = %e, "cannot write the status file");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain_contact_error;
+
+    #[test]
+    fn a_revoked_node_is_told_what_to_do_and_other_errors_are_left_alone() {
+        let alert = "https://cp/v1/node/poll: error sending request: received fatal alert: CertificateRevoked";
+        assert!(explain_contact_error(alert.into()).contains("enroll it again with a new enrollment token"));
+        let refused = "control plane refused https://cp/v1/node/poll (403 node_revoked): node n was revoked";
+        assert!(explain_contact_error(refused.into()).contains("outpost enroll"));
+        let down = "https://cp/v1/node/poll: connection refused";
+        assert_eq!(explain_contact_error(down.into()), down);
     }
 }

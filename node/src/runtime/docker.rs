@@ -372,6 +372,22 @@ pub struct EngineFacts {
     pub storage_driver: String,
     /// `1`, `2`, or empty when the engine does not say.
     pub cgroup_version: String,
+    /// The engine's security options as it reports them, e.g. `name=seccomp,profile=default`,
+    /// `name=apparmor`, `name=cgroupns`.
+    pub security_options: Vec<String>,
+}
+
+impl EngineFacts {
+    /// Whether the engine applies a seccomp profile to containers (its default one, since
+    /// Outpost never asks for `seccomp=unconfined`).
+    pub fn seccomp(&self) -> bool {
+        self.security_options.iter().any(|o| o.split(',').any(|kv| kv == "name=seccomp"))
+    }
+
+    /// Whether the engine confines containers with AppArmor (where the kernel has it).
+    pub fn apparmor(&self) -> bool {
+        self.security_options.iter().any(|o| o.split(',').any(|kv| kv == "name=apparmor"))
+    }
 }
 
 impl DockerRuntime {
@@ -388,6 +404,7 @@ impl DockerRuntime {
             version: info.server_version.unwrap_or_default(),
             storage_driver: info.driver.unwrap_or_default(),
             cgroup_version: info.cgroup_version.map(|v| v.to_string()).unwrap_or_default(),
+            security_options: info.security_options.unwrap_or_default(),
         })
     }
 
