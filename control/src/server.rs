@@ -51,7 +51,14 @@ pub struct ServerConfig {
     pub lease: Duration,
     /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`); `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// How long the certificates of agents that renew their own last (see
+    /// [`DEFAULT_NODE_CERT_LIFETIME`]); older agents get a year.
+    pub node_cert_lifetime: Duration,
 }
+
+/// Node certificates of agents that renew them: renewed two thirds into their life (20 days),
+/// so a stolen appliance's certificate is of use for at most a month even if nobody revokes it.
+pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The default node lease: three missed heartbeats at the agent's default 30 s.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(90);
@@ -109,6 +116,9 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let revoked = Revoked::default();
     for node in store.list_nodes().await?.into_iter().filter(|n| n.revoked_unix_ms.is_some()) {
         revoked.insert(&node.cert_sha256);
+        if let Some(previous) = &node.previous_cert_sha256 {
+            revoked.insert(previous);
+        }
     }
     if !revoked.is_empty() {
         tracing::info!(nodes = revoked.len(), "revoked node certificates are refused");
@@ -146,6 +156,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         metrics: Default::default(),
         console: Default::default(),
         revoked,
+        node_cert_lifetime: config.node_cert_lifetime,
     });
     let (metrics_addr, metrics_task) = match config.metrics_listen {
         Some(addr) => {

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -106,6 +107,19 @@ pub enum Command {
     /// for a person (root and [policy] approvers_group; the agent must run).
     #[command(subcommand)]
     Approvals(crate::approvals_cli::ApprovalsCommand),
+    /// This node's identity: its key pair and client certificate.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Renew the client certificate now, with a new key pair, over mutual TLS with the current
+    /// one. The running agent renews on its own two thirds into the certificate's life; this is
+    /// for a key you no longer trust. Restart the agent afterwards (`systemctl restart outpost`):
+    /// the control plane refuses the old certificate from the first call made with the new one.
+    #[command(after_help = "Example:\n  outpost identity rotate && systemctl restart outpost")]
+    Rotate,
 }
 
 #[derive(Debug, Args)]
@@ -230,10 +244,34 @@ pub fn dispatch(config: Option<&Path>, command: Command) -> anyhow::Result<ExitC
         Command::Inference(cmd) => block_on(crate::inference_cli::run(&cfg, cmd)),
         Command::Policy(cmd) => crate::policy_cli::run(&cfg, &loaded.sources, cmd),
         Command::Approvals(cmd) => crate::approvals_cli::run(&cfg, cmd),
+        Command::Identity(IdentityCommand::Rotate) => block_on(rotate_identity(&cfg)),
         Command::Run => block_on(run(cfg, config.map(Path::to_path_buf))),
         // Answered in main before the configuration is read.
         Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
     }
+}
+
+async fn rotate_identity(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let dir = cfg.identity_dir();
+    let mut identity = Identity::load(&dir)?;
+    anyhow::ensure!(
+        cfg.control.uplink,
+        "[control] uplink = false: this node never dials its control plane, so it cannot renew its certificate; \
+         enroll it again with an offline enrollment bundle instead"
+    );
+    let timeout = Duration::from_secs(cfg.control.request_timeout_secs);
+    let uplink = identity.uplink(cfg.control.url.as_deref(), timeout)?;
+    identity.renew(&dir, &uplink).await?;
+    let until = outpost_node::identity::not_after(&identity.cert_pem).unwrap_or_default();
+    println!(
+        "node {}: new key pair and certificate (valid until {until}, Unix seconds) in {}",
+        identity.node.node_id,
+        dir.display()
+    );
+    println!(
+        "restart the agent to use them (systemctl restart outpost); the old certificate is then refused"
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_doctor(report: &outpost_node::doctor::Report, json: bool) -> anyhow::Result<ExitCode> {

@@ -16,6 +16,17 @@ const NODE_JSON: &str = "node.json";
 const NODE_KEY: &str = "node.key";
 const NODE_CRT: &str = "node.crt";
 const CA_CRT: &str = "ca.crt";
+/// A renewed certificate and its key, written durably before they replace `node.crt` and
+/// `node.key`: a crash while replacing them is finished at the next load.
+const NODE_NEXT: &str = "node.next.json";
+
+/// What [`NODE_NEXT`] holds.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NextCert {
+    cert_pem: String,
+    key_pem: String,
+}
 
 /// What `node.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +61,8 @@ pub enum IdentityError {
     File { path: PathBuf, message: String },
     #[error("enrollment failed: {0}")]
     Enroll(String),
+    #[error("certificate renewal failed: {0}")]
+    Renew(String),
 }
 
 impl Identity {
@@ -64,7 +77,38 @@ impl Identity {
         };
         let node: NodeFile = serde_json::from_str(&read(NODE_JSON)?)
             .map_err(|e| IdentityError::File { path: node_path, message: e.to_string() })?;
+        if dir.join(NODE_NEXT).exists() {
+            promote(dir)?;
+        }
         Ok(Self { node, cert_pem: read(NODE_CRT)?, key_pem: read(NODE_KEY)?, ca_pem: read(CA_CRT)? })
+    }
+
+    /// Renews the client certificate over mutual TLS with a fresh key pair (so every renewal
+    /// rotates the key), stores it durably, and switches `uplink` to it. The old certificate
+    /// stays accepted by the control plane until the node first connects with the new one.
+    pub async fn renew(&mut self, dir: &Path, uplink: &Uplink) -> Result<(), IdentityError> {
+        let err = |e: &dyn std::fmt::Display| IdentityError::Renew(e.to_string());
+        let key = rcgen::KeyPair::generate().map_err(|e| err(&e))?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| err(&e))?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, self.node.node_id.clone());
+        let csr_pem = params.serialize_request(&key).map_err(|e| err(&e))?.pem().map_err(|e| err(&e))?;
+        let resp = uplink
+            .renew_certificate(&outpost_protocol::RenewCertificateRequest { csr_pem })
+            .await
+            .map_err(|e| err(&e))?;
+        let next = NextCert { cert_pem: resp.cert_pem, key_pem: key.serialize_pem() };
+        // The pair must work before it replaces the one that does.
+        let tls =
+            tls::node_client_config(&self.ca_pem, &next.cert_pem, &next.key_pem).map_err(|e| err(&e))?;
+        let body = serde_json::to_vec(&next).map_err(|e| err(&e))?;
+        let path = dir.join(NODE_NEXT);
+        replace_file(&path, &body, 0o600)
+            .map_err(|e| IdentityError::File { path, message: e.to_string() })?;
+        promote(dir)?;
+        uplink.set_tls(tls).map_err(|e| err(&e))?;
+        self.cert_pem = next.cert_pem;
+        self.key_pem = next.key_pem;
+        Ok(())
     }
 
     /// The mTLS uplink for this identity, to `url` (config) or the URL used at enrollment.
@@ -166,6 +210,48 @@ pub(crate) fn write_atomically(dir: &Path, id: &Identity) -> Result<(), Identity
         std::fs::rename(&tmp, dir).map_err(|e| file_err(dir, e))?;
     }
     Ok(())
+}
+
+/// `(not_before, not_after)` of a PEM certificate, Unix seconds.
+pub fn validity(cert_pem: &str) -> Result<(i64, i64), String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let cert = pem.parse_x509().map_err(|e| e.to_string())?;
+    Ok((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
+}
+
+/// When a PEM certificate ends, Unix seconds.
+pub fn not_after(cert_pem: &str) -> Result<i64, String> {
+    validity(cert_pem).map(|(_, end)| end)
+}
+
+/// Puts a renewed pair ([`NODE_NEXT`]) in place of `node.key` and `node.crt`, each replaced
+/// atomically, then drops it. Run again after a crash, it finishes the job.
+fn promote(dir: &Path) -> Result<(), IdentityError> {
+    let file_err =
+        |p: &Path, e: &dyn std::fmt::Display| IdentityError::File { path: p.into(), message: e.to_string() };
+    let next_path = dir.join(NODE_NEXT);
+    let text = std::fs::read(&next_path).map_err(|e| file_err(&next_path, &e))?;
+    let next: NextCert = serde_json::from_slice(&text).map_err(|e| file_err(&next_path, &e))?;
+    for (name, body, mode) in [(NODE_KEY, &next.key_pem, 0o600), (NODE_CRT, &next.cert_pem, 0o644)] {
+        let p = dir.join(name);
+        replace_file(&p, body.as_bytes(), mode).map_err(|e| file_err(&p, &e))?;
+    }
+    std::fs::remove_file(&next_path).map_err(|e| file_err(&next_path, &e))?;
+    sync_dir(dir).map_err(|e| file_err(dir, &e))
+}
+
+/// Replaces `p` atomically: a temporary file written and synced, renamed over it, the directory
+/// synced.
+fn replace_file(p: &Path, body: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = p.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write_file(&tmp, body, mode)?;
+    std::fs::rename(&tmp, p)?;
+    sync_dir(p.parent().unwrap_or(Path::new(".")))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Create with the final mode from the start (no window where the key is world-readable),

@@ -50,7 +50,8 @@ impl UplinkError {
 
 #[derive(Debug, Clone)]
 pub struct Uplink {
-    client: reqwest::Client,
+    /// Shared by every clone, so a renewed certificate ([`Uplink::set_tls`]) reaches them all.
+    client: Arc<std::sync::RwLock<reqwest::Client>>,
     base: String,
     request_timeout: Duration,
     /// The control plane's protocol revision as last seen: 0 until known, 1 for a control plane
@@ -64,18 +65,41 @@ impl Uplink {
         tls: rustls::ClientConfig,
         request_timeout: Duration,
     ) -> Result<Self, UplinkError> {
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(50))
-            .build()
-            .map_err(|e| UplinkError::Tls(e.to_string()))?;
         Ok(Self {
-            client,
+            client: Arc::new(std::sync::RwLock::new(Self::client(tls)?)),
             base: base.trim_end_matches('/').to_string(),
             request_timeout,
             peer_revision: Arc::new(AtomicU32::new(0)),
         })
+    }
+
+    fn client(tls: rustls::ClientConfig) -> Result<reqwest::Client, UplinkError> {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(50))
+            .build()
+            .map_err(|e| UplinkError::Tls(e.to_string()))
+    }
+
+    /// From now on every request (of every clone) goes out with `tls` (a renewed identity) on
+    /// new connections; requests in flight finish on theirs.
+    pub fn set_tls(&self, tls: rustls::ClientConfig) -> Result<(), UplinkError> {
+        let client = Self::client(tls)?;
+        let mut held = self
+            .client
+            .write()
+            .map_err(|_| UplinkError::Tls("the uplink's client lock is poisoned".into()))?;
+        *held = client;
+        Ok(())
+    }
+
+    /// Asks for a new client certificate for the CSR's key (mutual TLS with the current one).
+    pub async fn renew_certificate(
+        &self,
+        req: &outpost_protocol::RenewCertificateRequest,
+    ) -> Result<outpost_protocol::RenewCertificateResponse, UplinkError> {
+        self.post(paths::NODE_CERTIFICATE, req, self.request_timeout).await
     }
 
     pub fn base(&self) -> &str {
@@ -214,8 +238,12 @@ impl Uplink {
         timeout: Duration,
     ) -> Result<R, UplinkError> {
         let url = format!("{}{}", self.base, path);
-        let resp = self
+        let client = self
             .client
+            .read()
+            .map(|c| c.clone())
+            .map_err(|_| UplinkError::Tls("the uplink's client lock is poisoned".into()))?;
+        let resp = client
             .post(&url)
             .json(body)
             .timeout(timeout)

@@ -77,3 +77,50 @@ pub struct EnrollResponse {
     /// The organisation's job-signing key: the node runs only manifests signed by it.
     pub org_signing_key: PublicKey,
 }
+
+/// How far before its issue a node certificate's validity starts, so a node whose clock is a
+/// little behind the control plane's can use it at once.
+pub const CERT_BACKDATE_SECS: i64 = 3600;
+
+/// A new certificate for the node's (new) key pair, asked for over mutual TLS with the current
+/// one by agents that announce [`crate::capability::CERT_RENEWAL`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RenewCertificateRequest {
+    /// PKCS#10 certificate signing request, PEM; a fresh key pair rotates the node's key.
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RenewCertificateResponse {
+    /// The node's new client certificate, PEM. The one the request came with stays valid until
+    /// the node first connects with the new one (or it expires).
+    pub cert_pem: String,
+}
+
+/// When a certificate valid from `not_before` to `not_after` (Unix seconds) is due for renewal:
+/// two thirds into its life, counted from its issue (the validity starts
+/// [`CERT_BACKDATE_SECS`] before it).
+pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
+    let issued = (not_before.saturating_add(CERT_BACKDATE_SECS)).min(not_after);
+    issued.saturating_add(not_after.saturating_sub(issued).saturating_mul(2) / 3)
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_two_thirds_into_the_life_since_issue() {
+        let issued = 1_000_000;
+        let day = 86_400;
+        assert_eq!(renew_at(issued - CERT_BACKDATE_SECS, issued + 30 * day), issued + 20 * day);
+        assert_eq!(renew_at(issued - CERT_BACKDATE_SECS, issued + 15), issued + 10);
+        // A certificate shorter than its backdate is due at once, never before it was valid.
+        assert_eq!(renew_at(issued, issued + 60), issued + 60);
+        assert_eq!(renew_at(i64::MIN, i64::MAX), renew_at(i64::MIN, i64::MAX), "no overflow panic");
+    }
+}

@@ -73,6 +73,9 @@ pub mod capability {
     pub const SEALED_RESULTS: &str = "sealed-results";
     /// Takes `org_settings` in a poll answer: features off, the default profile.
     pub const ORG_SETTINGS: &str = "org-settings";
+    /// Renews its client certificate over mutual TLS before it expires
+    /// ([`crate::paths::NODE_CERTIFICATE`]), so it may be given a short-lived one.
+    pub const CERT_RENEWAL: &str = "cert-renewal";
     /// Every capability this build has.
     pub const ALL: &[&str] = &[
         CANCEL,
@@ -84,6 +87,7 @@ pub mod capability {
         BUNDLE_CONFIG,
         SEALED_RESULTS,
         ORG_SETTINGS,
+        CERT_RENEWAL,
     ];
 }
 
@@ -208,6 +212,10 @@ pub struct NodeInfo {
     /// certificate is refused on every connection and no work is placed on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_unix_ms: Option<u64>,
+    /// The certificate the node renewed from (SHA-256 of its DER, hex): still accepted until
+    /// the node first connects with the new one, so a renewal lost on the way locks nobody out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_cert_sha256: Option<String>,
 }
 
 impl NodeInfo {

@@ -61,6 +61,8 @@ pub const NODES: &str = "/v1/nodes";
 pub const NODE: &str = "/v1/nodes/{node_id}";
 /// Operator: set or remove a node's operator labels (POST).
 pub const NODE_LABELS: &str = "/v1/nodes/{node_id}/labels";
+/// Node: renew the node's client certificate (POST, mutual TLS with the current one).
+pub const NODE_CERTIFICATE: &str = "/v1/node/certificate";
 /// Operator: revoke a node (POST): its certificate is refused from then on.
 pub const NODE_REVOKE: &str = "/v1/nodes/{node_id}/revoke";
 /// Operator: a node's own audit log as its results bundles brought it (`?after=SEQ&limit=N`).

@@ -587,7 +587,8 @@ fn empty_envelope() -> outpost_protocol::SignedEnvelope {
 fn verify_node_signature(node: &NodeInfo, bundle: &ResultsBundle) -> Result<(), String> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(bundle.cert_pem.as_bytes())
         .map_err(|e| format!("the bundle's certificate is not PEM: {e}"))?;
-    if sha256_hex(&pem.contents) != node.cert_sha256 {
+    let presented = sha256_hex(&pem.contents);
+    if presented != node.cert_sha256 && node.previous_cert_sha256.as_deref() != Some(presented.as_str()) {
         return Err(format!("the bundle is not signed with node {}'s enrolled certificate", node.node_id));
     }
     let cert = pem.parse_x509().map_err(|e| format!("the bundle's certificate does not parse: {e}"))?;

@@ -56,7 +56,14 @@ pub(super) async fn enroll_core(
         )
     })?;
     let node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
-    let cert = match st.ca.issue_client_cert(csr_pem, &node_id) {
+    // A short life only for an agent that renews its certificate; an older one keeps a year.
+    let renews = announce.as_ref().is_some_and(|a| a.has(outpost_protocol::capability::CERT_RENEWAL));
+    let issued = if renews {
+        st.ca.issue_client_cert_for(csr_pem, &node_id, st.node_cert_lifetime)
+    } else {
+        st.ca.issue_client_cert(csr_pem, &node_id)
+    };
+    let cert = match issued {
         Ok(cert) => cert,
         Err(e) => {
             let detail = format!("unusable CSR from {hostname:?} (org {}): {e}", org.org.id);
@@ -80,6 +87,7 @@ pub(super) async fn enroll_core(
         labels: Default::default(),
         online: false,
         revoked_unix_ms: None,
+        previous_cert_sha256: None,
     };
     if let Err(refusal) = st.store.enroll_node(token_sha, now, node).await? {
         return Err(refuse(st, refusal, &org.org.id, hostname).await);

@@ -107,11 +107,19 @@ impl FromRequestParts<Shared> for NodeAuth {
         };
         let known = state.store.get_node(&peer.node_id).await?;
         let org = known.as_ref().map(|n| n.org_id.clone());
+        let holds = |node: &NodeInfo| {
+            node.cert_sha256 == peer.cert_sha256
+                || node.previous_cert_sha256.as_deref() == Some(peer.cert_sha256.as_str())
+        };
         let refusal = match known {
-            Some(node) if node.cert_sha256 == peer.cert_sha256 && node.revoked_unix_ms.is_none() => {
+            Some(node) if holds(&node) && node.revoked_unix_ms.is_none() => {
+                // The first call with a renewed certificate retires the one it replaced.
+                if node.previous_cert_sha256.is_some() && node.cert_sha256 == peer.cert_sha256 {
+                    return Ok(NodeAuth(state.store.forget_previous_cert(&node.node_id).await?));
+                }
                 return Ok(NodeAuth(node));
             }
-            Some(node) if node.cert_sha256 == peer.cert_sha256 => revoked_refusal(&node.node_id),
+            Some(node) if holds(&node) => revoked_refusal(&node.node_id),
             Some(_) => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "cert_mismatch",

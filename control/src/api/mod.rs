@@ -85,6 +85,8 @@ pub struct AppState {
     pub console: crate::console::Sessions,
     /// Certificates of revoked nodes, shared with the TLS layer.
     pub revoked: crate::revocation::Revoked,
+    /// The lifetime of certificates issued to agents that renew them.
+    pub node_cert_lifetime: Duration,
 }
 
 pub type Shared = Arc<AppState>;
@@ -103,6 +105,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODE_POLL, post(node::poll))
         .route(paths::NODE_RESULTS, post(node::report))
         .route(paths::NODE_HEARTBEAT, post(node::heartbeat))
+        .route(paths::NODE_CERTIFICATE, post(node::renew_certificate))
         .route(paths::NODE_EVENTS, post(events::deliver))
         .route(paths::NODE_SERVICES, post(deploy::node_reports))
         .route(paths::ORG_BUNDLES, post(bundles::create))

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
-    Ack, ErrorBody, Heartbeat, JobAssignment, PollRequest, PollResponse, ResultReport, capability, paths,
-    selector,
+    Ack, ErrorBody, Heartbeat, JobAssignment, PollRequest, PollResponse, RenewCertificateRequest,
+    RenewCertificateResponse, ResultReport, capability, paths, selector,
 };
 
 use super::{ApiError, ApiResult, Body, MAX_POLL_WAIT, NodeAuth, Shared};
@@ -241,6 +241,38 @@ pub async fn report(
             }
         }
     }
+}
+
+#[utoipa::path(post, path = paths::NODE_CERTIFICATE, tag = "node", request_body = RenewCertificateRequest,
+    description = "Renew the node's client certificate (agents that announce `cert-renewal`, two thirds into \
+                   its life). Mutual TLS with the current certificate; the CSR may carry a new key (rotation). \
+                   The certificate the request came with stays accepted until the node first connects with the \
+                   new one. A revoked or expired certificate cannot renew: such a node enrolls again.",
+    responses((status = 200, body = RenewCertificateResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("node_certificate" = [])))]
+pub async fn renew_certificate(
+    NodeAuth(node): NodeAuth,
+    Extension(peer): Extension<super::extract::ConnPeer>,
+    State(st): State<Shared>,
+    Body(req): Body<RenewCertificateRequest>,
+) -> ApiResult<Json<RenewCertificateResponse>> {
+    let presented = peer.0.map(|p| p.cert_sha256).unwrap_or_else(|| node.cert_sha256.clone());
+    let cert =
+        st.ca.issue_client_cert_for(&req.csr_pem, &node.node_id, st.node_cert_lifetime).map_err(|e| {
+            ApiError::bad_request("bad_csr", format!("the certificate signing request is unusable: {e}"))
+        })?;
+    st.store.renew_node_cert(&node.node_id, &presented, &cert.sha256).await?;
+    let detail = format!(
+        "node {}: certificate {} renewed as {} (valid {} days)",
+        node.node_id,
+        presented,
+        cert.sha256,
+        st.node_cert_lifetime.as_secs() / 86_400
+    );
+    st.audit(&format!("node:{}", node.node_id), Some(&node.org_id), "node.certificate_renewed", &detail)
+        .await;
+    Ok(Json(RenewCertificateResponse { cert_pem: cert.pem }))
 }
 
 #[utoipa::path(post, path = paths::NODE_HEARTBEAT, tag = "node", request_body = Heartbeat,

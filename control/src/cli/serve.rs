@@ -26,6 +26,7 @@ struct File {
     san: Vec<String>,
     lease: Option<String>,
     metrics_listen: Option<String>,
+    node_cert_lifetime: Option<String>,
 }
 
 /// The server's settings: flags over the file over the defaults; `san` from both.
@@ -36,6 +37,7 @@ pub(super) struct Settings {
     pub lease: Duration,
     /// Where Prometheus metrics are served (plain HTTP); `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    pub node_cert_lifetime: Duration,
 }
 
 /// What the file set, each value checked.
@@ -45,6 +47,7 @@ struct FileSettings {
     sans: Vec<String>,
     lease: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
+    node_cert_lifetime: Option<Duration>,
 }
 
 impl Settings {
@@ -54,6 +57,7 @@ impl Settings {
         sans: Vec<String>,
         lease: Option<Duration>,
         metrics_listen: Option<SocketAddr>,
+        node_cert_lifetime: Option<Duration>,
     ) -> anyhow::Result<Settings> {
         let file = match config {
             Some(path) => {
@@ -74,6 +78,9 @@ impl Settings {
             sans: all,
             lease: lease.or(file.lease).unwrap_or(DEFAULT_LEASE),
             metrics_listen: metrics_listen.or(file.metrics_listen),
+            node_cert_lifetime: node_cert_lifetime
+                .or(file.node_cert_lifetime)
+                .unwrap_or(server::DEFAULT_NODE_CERT_LIFETIME),
         })
     }
 
@@ -93,7 +100,14 @@ impl Settings {
             .lease
             .map(|t| super::submit::parse_duration(&t).map_err(|e| anyhow::anyhow!("lease = {t:?}: {e}")))
             .transpose()?;
-        Ok(FileSettings { listen, sans: file.san, lease, metrics_listen })
+        let node_cert_lifetime = file
+            .node_cert_lifetime
+            .map(|t| {
+                super::submit::parse_duration(&t)
+                    .map_err(|e| anyhow::anyhow!("node_cert_lifetime = {t:?}: {e}"))
+            })
+            .transpose()?;
+        Ok(FileSettings { listen, sans: file.san, lease, metrics_listen, node_cert_lifetime })
     }
 }
 
@@ -108,6 +122,7 @@ pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<Exit
         extra_sans: settings.sans,
         lease: settings.lease,
         metrics_listen: settings.metrics_listen,
+        node_cert_lifetime: settings.node_cert_lifetime,
     };
     let server = server::serve(config, shutdown.clone()).await?;
     println!("outpost-control listening on https://{} (CA sha256 {})", server.addr, server.ca_fingerprint);
@@ -131,30 +146,35 @@ mod tests {
 
     #[test]
     fn without_a_file_or_flags_the_defaults_apply() {
-        let s = Settings::resolve(None, None, vec![], None, None).unwrap();
+        let s = Settings::resolve(None, None, vec![], None, None, None).unwrap();
         assert_eq!(
             s,
             Settings {
                 listen: DEFAULT_LISTEN.parse().unwrap(),
                 sans: vec![],
                 lease: DEFAULT_LEASE,
-                metrics_listen: None
+                metrics_listen: None,
+                node_cert_lifetime: server::DEFAULT_NODE_CERT_LIFETIME,
             }
         );
     }
 
     #[test]
     fn the_file_sets_what_flags_leave_out_and_names_add_up() {
-        let f = file("listen = \"0.0.0.0:9443\"\nsan = [\"control.example\"]\nlease = \"5m\"\n");
-        let s = Settings::resolve(Some(f.path()), None, vec!["10.0.0.5".into()], None, None).unwrap();
+        let f = file(
+            "listen = \"0.0.0.0:9443\"\nsan = [\"control.example\"]\nlease = \"5m\"\nnode_cert_lifetime = \"7d\"\n",
+        );
+        let s = Settings::resolve(Some(f.path()), None, vec!["10.0.0.5".into()], None, None, None).unwrap();
         assert_eq!(s.listen, "0.0.0.0:9443".parse().unwrap());
         assert_eq!(s.sans, vec!["control.example".to_string(), "10.0.0.5".to_string()]);
         assert_eq!(s.lease, Duration::from_secs(300));
+        assert_eq!(s.node_cert_lifetime, Duration::from_secs(7 * 86_400));
         let flags = Settings::resolve(
             Some(f.path()),
             Some("127.0.0.1:1".parse().unwrap()),
             vec![],
             Some(Duration::from_secs(7)),
+            None,
             None,
         )
         .unwrap();
@@ -165,7 +185,7 @@ mod tests {
     fn a_commented_file_is_the_defaults() {
         let f = file("# listen = \"0.0.0.0:8443\"\n# san = []\n");
         assert_eq!(
-            Settings::resolve(Some(f.path()), None, vec![], None, None).unwrap().listen,
+            Settings::resolve(Some(f.path()), None, vec![], None, None, None).unwrap().listen,
             DEFAULT_LISTEN.parse().unwrap()
         );
     }
@@ -180,13 +200,21 @@ mod tests {
             ("san = \"one\"", "san"),
         ] {
             let f = file(text);
-            let err =
-                format!("{:#}", Settings::resolve(Some(f.path()), None, vec![], None, None).unwrap_err());
+            let err = format!(
+                "{:#}",
+                Settings::resolve(Some(f.path()), None, vec![], None, None, None).unwrap_err()
+            );
             assert!(err.contains(says), "{text}: {err}");
             assert!(err.contains(&f.path().display().to_string()), "{err}");
         }
-        let missing =
-            Settings::resolve(Some(Path::new("/nonexistent/outpost-control.toml")), None, vec![], None, None);
+        let missing = Settings::resolve(
+            Some(Path::new("/nonexistent/outpost-control.toml")),
+            None,
+            vec![],
+            None,
+            None,
+            None,
+        );
         assert!(format!("{:#}", missing.unwrap_err()).contains("cannot read the configuration"));
     }
 }

@@ -24,7 +24,7 @@ const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 const CLIENT_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Back-dating of `not_before`, so a node whose clock runs a little behind accepts the cert.
-const CLOCK_SKEW: Duration = Duration::from_secs(3600);
+const CLOCK_SKEW: Duration = Duration::from_secs(outpost_protocol::CERT_BACKDATE_SECS.unsigned_abs());
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -121,12 +121,23 @@ impl CertAuthority {
     /// A client certificate for the key in `csr_pem`, with CN = `node_id`. Everything else in
     /// the CSR (subject, requested names) is ignored.
     pub fn issue_client_cert(&self, csr_pem: &str, node_id: &str) -> Result<IssuedCert, PkiError> {
+        self.issue_client_cert_for(csr_pem, node_id, CLIENT_CERT_LIFETIME)
+    }
+
+    /// A client certificate for `node_id` valid for `lifetime` from now (and
+    /// [`outpost_protocol::CERT_BACKDATE_SECS`] before).
+    pub fn issue_client_cert_for(
+        &self,
+        csr_pem: &str,
+        node_id: &str,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::BadCsr)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name(node_id);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        set_validity(&mut params, CLIENT_CERT_LIFETIME);
+        set_validity(&mut params, lifetime);
         csr.params = params;
         let cert = csr.signed_by(&self.signer, &self.key)?;
         Ok(IssuedCert { pem: cert.pem(), sha256: sha256_hex(cert.der()) })

@@ -58,6 +58,7 @@ fn node(id: &str, org_id: &str) -> NodeInfo {
         labels: Default::default(),
         online: false,
         revoked_unix_ms: None,
+        previous_cert_sha256: None,
     }
 }
 
@@ -628,6 +629,13 @@ async fn listings_follow_every_change(s: &dyn StateStore) {
     );
     assert_eq!(s.get_node("la2").await.expect("get").expect("la2").revoked_unix_ms, Some(3000));
     assert!(matches!(s.revoke_node("nobody", 1).await, Err(StoreError::NotFound(_))));
+    let renewed = s.renew_node_cert("la1", "c", "c2").await.expect("renew");
+    assert_eq!((renewed.cert_sha256.as_str(), renewed.previous_cert_sha256.as_deref()), ("c2", Some("c")));
+    let renewed = s.renew_node_cert("la1", "c", "c3").await.expect("renewed again from the old one");
+    assert_eq!((renewed.cert_sha256.as_str(), renewed.previous_cert_sha256.as_deref()), ("c3", Some("c")));
+    let settled = s.forget_previous_cert("la1").await.expect("forget");
+    assert_eq!((settled.cert_sha256.as_str(), settled.previous_cert_sha256), ("c3", None));
+    assert_eq!(s.get_node("la1").await.expect("get").expect("la1").cert_sha256, "c3");
     assert_eq!(s.node_presence(None).await.expect("presence").len(), everyone.len());
 }
 

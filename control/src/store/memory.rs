@@ -305,6 +305,36 @@ impl StateStore for MemoryStore {
         })
     }
 
+    fn renew_node_cert(
+        &self,
+        node_id: &str,
+        presented_sha256: &str,
+        new_sha256: &str,
+    ) -> StoreFuture<'_, NodeInfo> {
+        let (node_id, presented, new) =
+            (node_id.to_owned(), presented_sha256.to_owned(), new_sha256.to_owned());
+        self.with(move |inner| {
+            let node = inner
+                .nodes
+                .get_mut(&node_id)
+                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
+            super::renewed_cert(node, &presented, &new);
+            Ok(node.clone())
+        })
+    }
+
+    fn forget_previous_cert(&self, node_id: &str) -> StoreFuture<'_, NodeInfo> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            let node = inner
+                .nodes
+                .get_mut(&node_id)
+                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
+            node.previous_cert_sha256 = None;
+            Ok(node.clone())
+        })
+    }
+
     fn update_node_labels(
         &self,
         node_id: &str,

@@ -485,6 +485,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// as stored afterwards.
     /// Marks the node revoked at `now_ms` (kept if it already was); the record as stored.
     fn revoke_node(&self, node_id: &str, now_ms: u64) -> StoreFuture<'_, NodeInfo>;
+    /// The node renewed its certificate: `new_sha256` is its certificate now, and
+    /// `presented_sha256` (the one the renewal came with) stays accepted until the node first
+    /// uses the new one ([`renewed_cert`]).
+    fn renew_node_cert(
+        &self,
+        node_id: &str,
+        presented_sha256: &str,
+        new_sha256: &str,
+    ) -> StoreFuture<'_, NodeInfo>;
+    /// The node connected with its current certificate: the previous one is no longer accepted.
+    fn forget_previous_cert(&self, node_id: &str) -> StoreFuture<'_, NodeInfo>;
     fn update_node_labels(
         &self,
         node_id: &str,
@@ -722,6 +733,12 @@ pub(crate) fn apply_cancel(job: &mut JobRecord, now_ms: u64) -> (CancelOutcome, 
         }
         state => (CancelOutcome::AlreadyEnded(state), false),
     }
+}
+
+/// A node's certificates after a renewal that came with `presented`.
+pub(crate) fn renewed_cert(node: &mut NodeInfo, presented: &str, new: &str) {
+    node.previous_cert_sha256 = Some(presented.to_owned());
+    node.cert_sha256 = new.to_owned();
 }
 
 /// Applies a label change to a node's operator labels.

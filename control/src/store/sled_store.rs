@@ -604,6 +604,24 @@ impl StateStore for SledStore {
         })
     }
 
+    fn renew_node_cert(
+        &self,
+        node_id: &str,
+        presented_sha256: &str,
+        new_sha256: &str,
+    ) -> StoreFuture<'_, NodeInfo> {
+        let (node_id, presented, new) =
+            (node_id.to_owned(), presented_sha256.to_owned(), new_sha256.to_owned());
+        Box::pin(async move {
+            self.modify_node(&node_id, |node| super::renewed_cert(node, &presented, &new)).await
+        })
+    }
+
+    fn forget_previous_cert(&self, node_id: &str) -> StoreFuture<'_, NodeInfo> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move { self.modify_node(&node_id, |node| node.previous_cert_sha256 = None).await })
+    }
+
     fn update_node_labels(
         &self,
         node_id: &str,

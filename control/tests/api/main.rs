@@ -17,6 +17,7 @@ mod limits;
 mod logs;
 mod metrics;
 mod openapi;
+mod renewal;
 mod restart;
 mod results;
 mod revocation;

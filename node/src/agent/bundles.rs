@@ -148,9 +148,12 @@ impl<R: Runtime> Agent<R> {
         if !req.out.is_absolute() {
             return Err("the results bundle's path must be absolute".into());
         }
+        // Signed with the identity on disk: the certificate may have been renewed since the start.
+        let identity =
+            crate::identity::Identity::load(&self.cfg.identity_dir()).map_err(|e| e.to_string())?;
         let exported = bundle::results::export(
             &self.cfg,
-            &self.identity,
+            &identity,
             &self.ledger,
             &req.out,
             now_unix_ms(),

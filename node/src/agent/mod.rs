@@ -13,6 +13,7 @@ mod local_triggers;
 mod logs;
 mod metrics;
 mod poller;
+mod renewal;
 mod reporter;
 mod service_reports;
 
@@ -311,6 +312,7 @@ impl<R: Runtime> Agent<R> {
             tasks.spawn(Arc::clone(&agent).reporter(shutdown.clone()));
             tasks.spawn(Arc::clone(&agent).service_report_sender(shutdown.clone()));
             tasks.spawn(Arc::clone(&agent).heartbeat(shutdown.clone()));
+            tasks.spawn(Arc::clone(&agent).renewal(shutdown.clone()));
         } else {
             tracing::info!(
                 "[control] uplink = false: the control plane is never dialled; results, events and reports \
@@ -733,7 +735,8 @@ mod tests {
 
     #[test]
     fn a_revoked_node_is_told_what_to_do_and_other_errors_are_left_alone() {
-        let alert = "https://cp/v1/node/poll: error sending request: received fatal alert: CertificateRevoked";
+        let alert =
+            "https://cp/v1/node/poll: error sending request: received fatal alert: CertificateRevoked";
         assert!(explain_contact_error(alert.into()).contains("enroll it again with a new enrollment token"));
         let refused = "control plane refused https://cp/v1/node/poll (403 node_revoked): node n was revoked";
         assert!(explain_contact_error(refused.into()).contains("outpost enroll"));

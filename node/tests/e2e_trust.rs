@@ -1,0 +1,97 @@
+//! The node's identity over time, with real processes: a running agent renews a short-lived
+//! client certificate two thirds into its life (a new key each time) and goes on working; the
+//! certificate it started with is retired; `outpost identity rotate` does the same by hand.
+
+#![allow(clippy::expect_used)]
+
+mod common;
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{Control, Node, sh};
+
+/// The node's certificate as the control plane holds it: (current, previous).
+async fn certs(control: &Control, node_id: &str) -> (String, Option<String>) {
+    let n = control.nodes(None).await.nodes.into_iter().find(|n| n.node_id == node_id).expect("node");
+    (n.cert_sha256, n.previous_cert_sha256)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_agent_renews_its_short_lived_certificate_and_keeps_working() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 30 s certificates: due for renewal 20 s after each issue.
+    let control = Control::start_args(
+        &harness::control_bin(),
+        &tmp.path().join("control"),
+        None,
+        None,
+        &["--node-cert-lifetime", "30s"],
+    );
+    let org = control.create_org("renewal").await;
+    let config = "[control]\npoll_wait_secs = 1\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n";
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, config).await;
+    let identity = node.dir.join("data/identity");
+    let first_cert = std::fs::read_to_string(identity.join("node.crt")).expect("node.crt");
+    let first_key = std::fs::read_to_string(identity.join("node.key")).expect("node.key");
+    let (enrolled, _) = certs(&control, &node.node_id).await;
+    node.start();
+
+    // Two renewals, each taken into use (the control plane retires the certificate before it).
+    let mut seen = vec![enrolled.clone()];
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seen.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "renewals seen: {seen:?}; agent log:\n{}",
+            node.log.snapshot().join("\n")
+        );
+        let (current, previous) = certs(&control, &node.node_id).await;
+        if previous.is_none() && !seen.contains(&current) {
+            seen.push(current);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Well past the end of the enrollment certificate, work still flows.
+    let job = control.submit(&node.node_id, sh("echo after renewal")).await;
+    let r = control.wait_result(&job.job_id, Duration::from_secs(60)).await;
+    assert_eq!(r.stdout_tail, "after renewal\n", "{r:?}");
+    node.stop();
+
+    assert_ne!(std::fs::read_to_string(identity.join("node.crt")).expect("node.crt"), first_cert);
+    assert_ne!(std::fs::read_to_string(identity.join("node.key")).expect("node.key"), first_key, "a new key");
+    assert!(!identity.join("node.next.json").exists(), "nothing left half done");
+    assert!(node.log.contains("renewed this node's certificate"), "the agent says so");
+    let audit = node.cli(&["audit", "list"]);
+    assert!(String::from_utf8_lossy(&audit.stdout).contains("identity.renewed"), "audited on the node");
+    let trail = control.audit().await;
+    assert!(trail.entries.iter().filter(|e| e.action == "node.certificate_renewed").count() >= 2);
+}
+
+/// By hand: `outpost identity rotate` with the agent stopped, then the agent starts on the new
+/// pair and the control plane retires the old certificate at its first call.
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_rotate_replaces_the_key_and_the_agent_starts_on_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("rotation").await;
+    let config = "[control]\npoll_wait_secs = 1\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n";
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, config).await;
+    let identity = node.dir.join("data/identity");
+    let (enrolled, _) = certs(&control, &node.node_id).await;
+    let before = std::fs::read_to_string(identity.join("node.key")).expect("node.key");
+    let out = node.cli(&["identity", "rotate"]);
+    assert!(out.status.success(), "rotate: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("restart the agent"));
+    assert_ne!(std::fs::read_to_string(identity.join("node.key")).expect("node.key"), before);
+    let (current, previous) = certs(&control, &node.node_id).await;
+    assert_ne!(current, enrolled);
+    assert_eq!(previous.as_deref(), Some(enrolled.as_str()), "accepted until the new one is used");
+    node.start();
+    let job = control.submit(&node.node_id, sh("echo after rotation")).await;
+    let r = control.wait_result(&job.job_id, Duration::from_secs(60)).await;
+    assert_eq!(r.stdout_tail, "after rotation\n", "{r:?}");
+    node.stop();
+    assert_eq!(certs(&control, &node.node_id).await, (current, None), "the old one retired");
+}
