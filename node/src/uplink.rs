@@ -94,6 +94,14 @@ impl Uplink {
         Ok(())
     }
 
+    /// Sends the next entries of the node's audit log.
+    pub async fn post_audit(
+        &self,
+        batch: &outpost_protocol::AuditBatch,
+    ) -> Result<outpost_protocol::AuditAck, UplinkError> {
+        self.post(paths::NODE_AUDIT_UPLINK, batch, self.request_timeout).await
+    }
+
     /// Asks for a new client certificate for the CSR's key (mutual TLS with the current one).
     pub async fn renew_certificate(
         &self,

@@ -1,6 +1,7 @@
 //! The node's identity over time, with real processes: a running agent renews a short-lived
 //! client certificate two thirds into its life (a new key each time) and goes on working; the
-//! certificate it started with is retired; `outpost identity rotate` does the same by hand.
+//! certificate it started with is retired; `outpost identity rotate` does the same by hand; the
+//! agent mirrors its audit log to the control plane, whose copy verifies.
 
 #![allow(clippy::expect_used)]
 
@@ -92,6 +93,37 @@ async fn identity_rotate_replaces_the_key_and_the_agent_starts_on_it() {
     let job = control.submit(&node.node_id, sh("echo after rotation")).await;
     let r = control.wait_result(&job.job_id, Duration::from_secs(60)).await;
     assert_eq!(r.stdout_tail, "after rotation\n", "{r:?}");
-    node.stop();
     assert_eq!(certs(&control, &node.node_id).await, (current, None), "the old one retired");
+
+    // The agent mirrors its audit log as it grows: the control plane's copy verifies from the
+    // first entry, and is the node's own log as far as it goes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = control.cli(&["audit", "verify", "--node", &node.node_id, "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if report["whole"] == true && report["entries"].as_u64().unwrap_or_default() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the control plane's copy: {report}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    node.stop();
+    let copy: serde_json::Value =
+        serde_json::from_str(&node_audit_text(&control, &node.node_id)).expect("JSON");
+    let copy = copy["entries"].as_array().expect("entries").clone();
+    let out = node.cli(&["audit", "list", "--json"]);
+    let own: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert!(own.len() >= copy.len() && copy.len() >= 2, "node {} entries, copy {}", own.len(), copy.len());
+    for (mine, theirs) in own.iter().zip(&copy) {
+        assert_eq!((&mine["seq"], &mine["sha256"]), (&theirs["seq"], &theirs["sha256"]));
+    }
+}
+
+/// The control plane's copy of the node's audit log, as `outpost-control` prints it.
+fn node_audit_text(control: &Control, node_id: &str) -> String {
+    let out = control.cli(&["audit", "list", "--node", node_id, "--json"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -80,6 +80,32 @@ pub fn check_audit_chain(prev_seq: u64, prev_sha256: &str, entries: &[AuditRecor
     Ok(())
 }
 
+/// Most audit entries one uplink batch carries.
+pub const MAX_AUDIT_BATCH: usize = 500;
+
+/// The next entries of a node's audit log, oldest first, sent over the uplink.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AuditBatch {
+    pub entries: Vec<AuditRecord>,
+}
+
+/// What the control plane did with an [`AuditBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AuditAck {
+    /// Entries stored now.
+    pub stored: u32,
+    /// The node's log is stored whole, from its first entry, up to this seq: send after it.
+    pub up_to_seq: u64,
+    /// Why nothing was stored: the entries do not continue the stored chain (edited, missing,
+    /// reordered). The node keeps them and the refusal is in the control plane's audit trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
 /// Verifies an audit log read a page at a time from its first entry: each page must continue
 /// exactly where the pages before it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

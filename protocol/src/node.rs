@@ -76,6 +76,8 @@ pub mod capability {
     /// Renews its client certificate over mutual TLS before it expires
     /// ([`crate::paths::NODE_CERTIFICATE`]), so it may be given a short-lived one.
     pub const CERT_RENEWAL: &str = "cert-renewal";
+    /// Sends its audit log to [`crate::paths::NODE_AUDIT_UPLINK`] as it grows.
+    pub const AUDIT_UPLINK: &str = "audit-uplink";
     /// Every capability this build has.
     pub const ALL: &[&str] = &[
         CANCEL,
@@ -88,6 +90,7 @@ pub mod capability {
         SEALED_RESULTS,
         ORG_SETTINGS,
         CERT_RENEWAL,
+        AUDIT_UPLINK,
     ];
 }
 

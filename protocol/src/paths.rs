@@ -61,6 +61,9 @@ pub const NODES: &str = "/v1/nodes";
 pub const NODE: &str = "/v1/nodes/{node_id}";
 /// Operator: set or remove a node's operator labels (POST).
 pub const NODE_LABELS: &str = "/v1/nodes/{node_id}/labels";
+/// Node: the next entries of the node's audit log (POST), stored per node where they continue
+/// the stored chain.
+pub const NODE_AUDIT_UPLINK: &str = "/v1/node/audit";
 /// Node: renew the node's client certificate (POST, mutual TLS with the current one).
 pub const NODE_CERTIFICATE: &str = "/v1/node/certificate";
 /// Operator: revoke a node (POST): its certificate is refused from then on.

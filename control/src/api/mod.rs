@@ -106,6 +106,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODE_RESULTS, post(node::report))
         .route(paths::NODE_HEARTBEAT, post(node::heartbeat))
         .route(paths::NODE_CERTIFICATE, post(node::renew_certificate))
+        .route(paths::NODE_AUDIT_UPLINK, post(node::upload_audit))
         .route(paths::NODE_EVENTS, post(events::deliver))
         .route(paths::NODE_SERVICES, post(deploy::node_reports))
         .route(paths::ORG_BUNDLES, post(bundles::create))

@@ -8,8 +8,8 @@ use axum::Json;
 use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use outpost_protocol::{
-    Ack, ErrorBody, Heartbeat, JobAssignment, PollRequest, PollResponse, RenewCertificateRequest,
-    RenewCertificateResponse, ResultReport, capability, paths, selector,
+    Ack, AuditAck, AuditBatch, ErrorBody, Heartbeat, JobAssignment, PollRequest, PollResponse,
+    RenewCertificateRequest, RenewCertificateResponse, ResultReport, capability, paths, selector,
 };
 
 use super::{ApiError, ApiResult, Body, MAX_POLL_WAIT, NodeAuth, Shared};
@@ -241,6 +241,33 @@ pub async fn report(
             }
         }
     }
+}
+
+#[utoipa::path(post, path = paths::NODE_AUDIT_UPLINK, tag = "node", request_body = AuditBatch,
+    description = "The next entries of the node's hash-chained audit log, oldest first (at most 500). Stored \
+                   where they continue the chain stored for the node, from its first entry; entries already \
+                   stored are acknowledged again. A batch that does not continue it (an entry edited, missing \
+                   or moved) stores nothing, says why in `refused`, and is recorded as `node.audit.refused`.",
+    responses((status = 200, body = AuditAck), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
+    security(("node_certificate" = [])))]
+pub async fn upload_audit(
+    NodeAuth(node): NodeAuth,
+    State(st): State<Shared>,
+    Body(batch): Body<AuditBatch>,
+) -> ApiResult<Json<AuditAck>> {
+    if batch.entries.len() > outpost_protocol::MAX_AUDIT_BATCH {
+        return Err(ApiError::bad_request(
+            "batch_too_large",
+            format!("at most {} audit entries per batch", outpost_protocol::MAX_AUDIT_BATCH),
+        ));
+    }
+    let got = st.store.append_node_audit(&node.node_id, batch.entries).await?;
+    if let Some(why) = &got.refused {
+        let detail = format!("node {} over the uplink: {why}", node.node_id);
+        st.audit(&format!("node:{}", node.node_id), Some(&node.org_id), "node.audit.refused", &detail).await;
+    }
+    Ok(Json(AuditAck { stored: got.stored, up_to_seq: got.up_to_seq, refused: got.refused }))
 }
 
 #[utoipa::path(post, path = paths::NODE_CERTIFICATE, tag = "node", request_body = RenewCertificateRequest,

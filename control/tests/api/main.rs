@@ -5,6 +5,7 @@
 // Helpers outside #[test] fns panic on purpose: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::panic)]
 
+mod audit_uplink;
 mod auth;
 mod bundles;
 mod console;

@@ -4,6 +4,7 @@
 //! the in-memory parts here can be lost at any moment without losing a job.
 
 mod approvals;
+mod audit_uplink;
 mod bundles;
 mod events;
 mod executor;
@@ -313,6 +314,7 @@ impl<R: Runtime> Agent<R> {
             tasks.spawn(Arc::clone(&agent).service_report_sender(shutdown.clone()));
             tasks.spawn(Arc::clone(&agent).heartbeat(shutdown.clone()));
             tasks.spawn(Arc::clone(&agent).renewal(shutdown.clone()));
+            tasks.spawn(Arc::clone(&agent).audit_uplink(shutdown.clone()));
         } else {
             tracing::info!(
                 "[control] uplink = false: the control plane is never dialled; results, events and reports \

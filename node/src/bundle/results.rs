@@ -54,6 +54,12 @@ pub fn export_mark(store: &dyn StateStore) -> Result<ExportMark, StoreError> {
     meta_json(store, EXPORTED)
 }
 
+/// Up to which seq the control plane has stored the node's audit log (by a results bundle or
+/// the uplink).
+pub fn audit_acked(store: &dyn StateStore) -> Result<u64, StoreError> {
+    meta_json(store, AUDIT_ACKED)
+}
+
 /// The control plane stored the node's audit log up to `seq`: later exports start after it.
 pub fn audit_acknowledged(store: &dyn StateStore, seq: u64) -> Result<(), StoreError> {
     let before: u64 = meta_json(store, AUDIT_ACKED)?;
