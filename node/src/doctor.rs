@@ -18,8 +18,9 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// certificates and signed manifests start to be refused.
 const SKEW_WARN_SECS: i64 = 30;
 const SKEW_FAIL_SECS: i64 = 300;
-/// A certificate this close to expiry is a warning.
-const CERT_WARN_DAYS: i64 = 30;
+/// A renewal overdue by more than this is a warning: the agent renews two thirds into the
+/// certificate's life and retries for at most an hour between attempts.
+const RENEWAL_GRACE_SECS: i64 = 86_400;
 
 /// The report when the configuration itself does not load: nothing else can be checked.
 pub fn config_failed(err: &anyhow::Error) -> Report {
@@ -74,9 +75,7 @@ fn now_unix_s() -> i64 {
 
 /// When the PEM certificate stops being valid (unix seconds).
 fn not_after(cert_pem: &str) -> Result<i64, String> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
-    let cert = pem.parse_x509().map_err(|e| e.to_string())?;
-    Ok(cert.validity().not_after.timestamp())
+    crate::identity::not_after(cert_pem)
 }
 
 fn identity_check(identity: &Result<Identity, crate::identity::IdentityError>, now: i64) -> Check {
@@ -91,7 +90,7 @@ fn identity_check(identity: &Result<Identity, crate::identity::IdentityError>, n
         }
     };
     let who = format!("node {} of org {}", id.node.node_id, id.node.org_id);
-    let ends = match not_after(&id.cert_pem) {
+    let (starts, ends) = match crate::identity::validity(&id.cert_pem) {
         Ok(t) => t,
         Err(e) => {
             return Check::fail(
@@ -108,14 +107,20 @@ fn identity_check(identity: &Result<Identity, crate::identity::IdentityError>, n
             format!("{who}: the certificate expired {} days ago", -days),
             "enroll again with a new token (`outpost enroll --force …`); check the clock first",
         )
-    } else if days < CERT_WARN_DAYS {
+    } else if now > outpost_protocol::renew_at(starts, ends).saturating_add(RENEWAL_GRACE_SECS) {
         Check::warn(
             "identity",
-            format!("{who}: the certificate expires in {days} days"),
-            "enroll again with a new token before it expires (`outpost enroll --force …`)",
+            format!("{who}: the certificate expires in {days} days and is overdue for renewal"),
+            "the running agent renews it two thirds into its life: check that it runs and reaches the control \
+             plane (`outpost status`), or run `outpost identity rotate`; a control plane too old to renew needs \
+             `outpost enroll --force` with a new token before it expires",
         )
     } else {
-        Check::ok("identity", format!("{who}; the certificate expires in {days} days"))
+        let renew_in = outpost_protocol::renew_at(starts, ends).saturating_sub(now).max(0).div_euclid(86_400);
+        Check::ok(
+            "identity",
+            format!("{who}; the certificate expires in {days} days (the agent renews it in {renew_in} days)"),
+        )
     }
 }
 

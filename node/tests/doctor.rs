@@ -79,7 +79,11 @@ async fn a_healthy_node_passes_and_says_what_it_found() {
     for name in ["config", "identity", "control", "clock", "disk", "object_store", "models"] {
         assert_eq!(check(&report, name).0, "ok", "{name}: {report:#}");
     }
-    assert!(check(&report, "identity").1.contains("expires in 36"), "{report:#}");
+    // A 30-day certificate, renewed by the agent two thirds in.
+    let identity = check(&report, "identity").1;
+    let days = |d: [&str; 2]| d.iter().any(|d| identity.contains(d));
+    assert!(days(["expires in 29 days", "expires in 30 days"]), "{identity}");
+    assert!(days(["renews it in 19 days", "renews it in 20 days"]), "{identity}");
     assert!(check(&report, "control").1.contains("pinned CA"), "{report:#}");
     let (docker, detail, _) = check(&report, "docker");
     assert_ne!(docker, "fail", "{report:#}");
@@ -166,8 +170,16 @@ async fn a_clock_far_off_and_an_expired_certificate_fail() {
     assert!(fix.contains("chrony"), "{fix}");
     assert_eq!(check(&report, "identity").0, "ok");
 
-    // A year and more later the node's certificate (one year) has expired.
-    let (code, report) = doctor(&node, &shifted(&lib, "+400d"));
+    // 25 days on, the agent (not running here) should have renewed the 30-day certificate.
+    let (_, report) = doctor(&node, &shifted(&lib, "+25d"));
+    let (verdict, detail, fix) = check(&report, "identity");
+    assert_eq!(verdict, "warn", "{report:#}");
+    assert!(detail.contains("expires in 4 days") || detail.contains("expires in 5 days"), "{detail}");
+    assert!(detail.contains("overdue for renewal"), "{detail}");
+    assert!(fix.contains("outpost identity rotate"), "{fix}");
+
+    // Later still, the node's certificate has expired.
+    let (code, report) = doctor(&node, &shifted(&lib, "+40d"));
     assert_eq!(code, 1, "{report:#}");
     let (verdict, detail, fix) = check(&report, "identity");
     assert_eq!(verdict, "fail", "{report:#}");
