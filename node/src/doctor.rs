@@ -73,10 +73,6 @@ fn now_unix_s() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-/// When the PEM certificate stops being valid (unix seconds).
-fn not_after(cert_pem: &str) -> Result<i64, String> {
-    crate::identity::not_after(cert_pem)
-}
 
 fn identity_check(identity: &Result<Identity, crate::identity::IdentityError>, now: i64) -> Check {
     let id = match identity {
@@ -435,6 +431,6 @@ mod tests {
 
     #[test]
     fn an_unparsable_certificate_is_a_failure_not_a_panic() {
-        assert!(not_after("not a certificate").is_err());
+        assert!(crate::identity::not_after("not a certificate").is_err());
     }
 }
