@@ -73,7 +73,6 @@ fn now_unix_s() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-
 fn identity_check(identity: &Result<Identity, crate::identity::IdentityError>, now: i64) -> Check {
     let id = match identity {
         Ok(id) => id,
@@ -427,10 +426,9 @@ fn hardening_check(cfg: &Config) -> Check {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn an_unparsable_certificate_is_a_failure_not_a_panic() {
-        assert!(crate::identity::not_after("not a certificate").is_err());
+        assert!(crate::identity::validity("not a certificate").is_err());
+        assert!(crate::identity::not_after("").is_err());
     }
 }
