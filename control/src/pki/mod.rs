@@ -3,6 +3,8 @@
 //! asks for beyond its public key: names, usages and lifetimes are chosen here.
 
 mod inspect;
+#[cfg(test)]
+mod props;
 
 use std::time::Duration;
 
