@@ -29,6 +29,14 @@ impl Revoked {
         }
     }
 
+    /// Refuses every certificate of `node`: its current one and the one a renewal replaced.
+    pub fn insert_node(&self, node: &outpost_protocol::NodeInfo) {
+        self.insert(&node.cert_sha256);
+        if let Some(previous) = &node.previous_cert_sha256 {
+            self.insert(previous);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.0.read().map_or(0, |set| set.len())
     }

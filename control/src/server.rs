@@ -115,10 +115,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let store = SledStore::open(&dir.db())?;
     let revoked = Revoked::default();
     for node in store.list_nodes().await?.into_iter().filter(|n| n.revoked_unix_ms.is_some()) {
-        revoked.insert(&node.cert_sha256);
-        if let Some(previous) = &node.previous_cert_sha256 {
-            revoked.insert(previous);
-        }
+        revoked.insert_node(&node);
     }
     if !revoked.is_empty() {
         tracing::info!(nodes = revoked.len(), "revoked node certificates are refused");

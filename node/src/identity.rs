@@ -63,6 +63,8 @@ pub enum IdentityError {
     Enroll(String),
     #[error("certificate renewal failed: {0}")]
     Renew(String),
+    #[error("certificate renewal failed: {0}")]
+    RenewRefused(UplinkError),
 }
 
 impl Identity {
@@ -95,7 +97,7 @@ impl Identity {
         let resp = uplink
             .renew_certificate(&outpost_protocol::RenewCertificateRequest { csr_pem })
             .await
-            .map_err(|e| err(&e))?;
+            .map_err(IdentityError::RenewRefused)?;
         let next = NextCert { cert_pem: resp.cert_pem, key_pem: key.serialize_pem() };
         // The pair must work before it replaces the one that does.
         let tls =

@@ -46,6 +46,11 @@ impl UplinkError {
     fn is_unknown_field(&self) -> bool {
         matches!(self, UplinkError::Refused { status: 400, message, .. } if message.contains("unknown field"))
     }
+
+    /// A control plane older than this agent has no such route.
+    pub fn is_unknown_route(&self) -> bool {
+        matches!(self, UplinkError::Refused { code, .. } if code == "no_such_route")
+    }
 }
 
 #[derive(Debug, Clone)]

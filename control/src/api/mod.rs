@@ -172,9 +172,13 @@ impl AppState {
     /// heartbeat, its last poll and this process's start.
     pub fn seen(&self, mut node: outpost_protocol::NodeInfo) -> outpost_protocol::NodeInfo {
         let polled = self.contact.lock().ok().and_then(|m| m.get(&node.node_id).copied());
-        let seen = [node.last_seen_unix_ms, polled, Some(self.started_unix_ms)].into_iter().flatten().max();
-        node.last_seen_unix_ms = seen;
+        node.last_seen_unix_ms = self.latest_seen(node.last_seen_unix_ms, polled);
         node
+    }
+
+    /// The latest of a node's stored last-seen time, its last poll and this process's start.
+    fn latest_seen(&self, stored: Option<u64>, polled: Option<u64>) -> Option<u64> {
+        [stored, polled, Some(self.started_unix_ms)].into_iter().flatten().max()
     }
 
     /// Every enrolled node not revoked, seen as [`AppState::seen`] says: what placement and
@@ -198,14 +202,11 @@ impl AppState {
         let fresh = |ms: u64| now.saturating_sub(ms) <= lease;
         let nodes = self.store.node_presence(org_id).await?;
         let total = nodes.len() as u64;
-        if fresh(self.started_unix_ms) {
-            return Ok((total, 0));
-        }
         let contact = self.contact.lock().ok();
         let polled = |id: &str| contact.as_ref().and_then(|m| m.get(id).copied());
         let online = nodes
             .iter()
-            .filter(|n| [n.last_seen_unix_ms, polled(&n.node_id)].into_iter().flatten().any(fresh))
+            .filter(|n| self.latest_seen(n.last_seen_unix_ms, polled(&n.node_id)).is_some_and(fresh))
             .count() as u64;
         Ok((online, total - online))
     }

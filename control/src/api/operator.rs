@@ -268,10 +268,7 @@ pub async fn revoke_node(
     }
     let now = st.clock.now_ms();
     // Refused from this moment: the TLS layer first, then the store (a restart reloads the set).
-    st.revoked.insert(&node.cert_sha256);
-    if let Some(previous) = &node.previous_cert_sha256 {
-        st.revoked.insert(previous);
-    }
+    st.revoked.insert_node(&node);
     let node = st.store.revoke_node(&node_id, now).await?;
     let queued = JobFilter {
         node_id: Some(node_id.clone()),

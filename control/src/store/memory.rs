@@ -64,6 +64,19 @@ impl MemoryStore {
         let result = self.lock().and_then(|mut inner| f(&mut inner));
         Box::pin(std::future::ready(result))
     }
+
+    /// Changes one node's record; the record as stored afterwards (the sled store's twin).
+    fn modify_node(&self, node_id: &str, change: impl FnOnce(&mut NodeInfo)) -> StoreFuture<'_, NodeInfo> {
+        let node_id = node_id.to_owned();
+        self.with(move |inner| {
+            let node = inner
+                .nodes
+                .get_mut(&node_id)
+                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
+            change(node);
+            Ok(node.clone())
+        })
+    }
 }
 
 impl StateStore for MemoryStore {
@@ -184,18 +197,13 @@ impl StateStore for MemoryStore {
         heartbeat: Heartbeat,
         seen_ms: Option<u64>,
     ) -> StoreFuture<'_, ()> {
-        let node_id = node_id.to_owned();
-        self.with(move |inner| {
-            let node = inner
-                .nodes
-                .get_mut(&node_id)
-                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
+        let changed = self.modify_node(node_id, |node| {
             if seen_ms.is_some() {
                 node.last_seen_unix_ms = seen_ms;
             }
             node.last_heartbeat = Some(heartbeat);
-            Ok(())
-        })
+        });
+        Box::pin(async move { changed.await.map(drop) })
     }
 
     fn next_job_seq(&self, node_id: &str) -> StoreFuture<'_, u64> {
@@ -294,14 +302,8 @@ impl StateStore for MemoryStore {
     }
 
     fn revoke_node(&self, node_id: &str, now_ms: u64) -> StoreFuture<'_, NodeInfo> {
-        let node_id = node_id.to_owned();
-        self.with(move |inner| {
-            let node = inner
-                .nodes
-                .get_mut(&node_id)
-                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
+        self.modify_node(node_id, |node| {
             node.revoked_unix_ms.get_or_insert(now_ms);
-            Ok(node.clone())
         })
     }
 
@@ -311,28 +313,11 @@ impl StateStore for MemoryStore {
         presented_sha256: &str,
         new_sha256: &str,
     ) -> StoreFuture<'_, NodeInfo> {
-        let (node_id, presented, new) =
-            (node_id.to_owned(), presented_sha256.to_owned(), new_sha256.to_owned());
-        self.with(move |inner| {
-            let node = inner
-                .nodes
-                .get_mut(&node_id)
-                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
-            super::renewed_cert(node, &presented, &new);
-            Ok(node.clone())
-        })
+        self.modify_node(node_id, |node| super::renewed_cert(node, presented_sha256, new_sha256))
     }
 
     fn forget_previous_cert(&self, node_id: &str) -> StoreFuture<'_, NodeInfo> {
-        let node_id = node_id.to_owned();
-        self.with(move |inner| {
-            let node = inner
-                .nodes
-                .get_mut(&node_id)
-                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
-            node.previous_cert_sha256 = None;
-            Ok(node.clone())
-        })
+        self.modify_node(node_id, |node| node.previous_cert_sha256 = None)
     }
 
     fn update_node_labels(
@@ -341,15 +326,7 @@ impl StateStore for MemoryStore {
         set: Labels,
         remove: Vec<String>,
     ) -> StoreFuture<'_, NodeInfo> {
-        let node_id = node_id.to_owned();
-        self.with(move |inner| {
-            let node = inner
-                .nodes
-                .get_mut(&node_id)
-                .ok_or_else(|| StoreError::NotFound(format!("node {node_id}")))?;
-            change_labels(node, set, &remove);
-            Ok(node.clone())
-        })
+        self.modify_node(node_id, |node| change_labels(node, set, &remove))
     }
 
     fn reassign_job(&self, job_id: &str, expected_attempt: u32, next: JobRecord) -> StoreFuture<'_, bool> {

@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use outpost_protocol::{JobInfo, JobState, NodeInfo};
 use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
+use super::sled_store::be_u64;
 use super::{JobCounts, JobFilter, JobRecord, StoreError, job_failed};
 
 /// `meta` key of the version of the listing indexes the database holds.
@@ -105,10 +106,6 @@ fn job_keys(info: &JobInfo) -> Vec<Vec<u8>> {
 
 fn count_key(org_id: &str, state: JobState) -> Vec<u8> {
     with_state(named(COUNT, org_id), state)
-}
-
-fn be_u64(bytes: Option<impl AsRef<[u8]>>) -> u64 {
-    bytes.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(0, u64::from_be_bytes)
 }
 
 /// Within a transaction: moves a job's listing keys and counts from how it was stored (`old`,

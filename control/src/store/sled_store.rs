@@ -252,7 +252,7 @@ fn cancel_key(node_id: &str, job_id: &str, attempt: u32) -> Vec<u8> {
     key
 }
 
-fn be_u64(bytes: Option<impl AsRef<[u8]>>) -> u64 {
+pub(super) fn be_u64(bytes: Option<impl AsRef<[u8]>>) -> u64 {
     bytes.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(0, u64::from_be_bytes)
 }
 

@@ -62,7 +62,7 @@ impl<R: Runtime> Agent<R> {
                     );
                     sleep_or_cancel(&shutdown, REFUSED_WAIT).await;
                 }
-                Err(e) if e.to_string().contains("no_such_route") => {
+                Err(e) if e.is_unknown_route() => {
                     tracing::info!(
                         "the control plane takes no audit log over the uplink (older); results bundles carry it"
                     );

@@ -55,10 +55,11 @@ impl<R: Runtime> Agent<R> {
                     }
                 }
                 Err(e) => {
-                    let text = e.to_string();
-                    let delay = if text.contains("no_such_route") { MAX_SLEEP } else { backoff.next_delay() };
+                    let older =
+                        matches!(&e, crate::identity::IdentityError::RenewRefused(u) if u.is_unknown_route());
+                    let delay = if older { MAX_SLEEP } else { backoff.next_delay() };
                     tracing::warn!(
-                        error = %text,
+                        error = %e,
                         retry_in = ?delay,
                         expires_in_secs = not_after.saturating_sub(now),
                         "certificate renewal failed; the current certificate is used meanwhile"
