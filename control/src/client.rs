@@ -124,6 +124,21 @@ impl Client {
         self.call(Method::PUT, &path, Some(req)).await
     }
 
+    pub async fn rotate_org_key(
+        &self,
+        org_id: &str,
+        req: &outpost_protocol::RotateRequest,
+    ) -> anyhow::Result<outpost_protocol::RotateResponse> {
+        self.call(Method::POST, &paths::fill(paths::ORG_KEY_ROTATE, "org_id", &enc(org_id)), Some(req)).await
+    }
+
+    pub async fn rotate_ca(
+        &self,
+        req: &outpost_protocol::RotateRequest,
+    ) -> anyhow::Result<outpost_protocol::RotateResponse> {
+        self.call(Method::POST, paths::CA_ROTATE, Some(req)).await
+    }
+
     pub async fn create_token(&self, org_id: &str, ttl_secs: Option<u64>) -> anyhow::Result<EnrollmentToken> {
         let path = paths::fill(paths::ORG_TOKENS, "org_id", org_id);
         self.call(Method::POST, &path, Some(&CreateTokenRequest { ttl_secs })).await

@@ -193,7 +193,7 @@ fn inspect(cfg: &Config, identity: &Identity, file: &Path, json: bool) -> anyhow
     let last = last.unwrap_or(0);
     let expect = read::Expect {
         org_id: &identity.node.org_id,
-        org_key: &identity.node.org_signing_key,
+        org_keys: &identity.org_keys,
         node_id: &identity.node.node_id,
         now_unix_ms: now_unix_ms(),
     };
@@ -247,12 +247,12 @@ async fn import_here(
     json: bool,
     quiet: bool,
 ) -> anyhow::Result<ExitCode> {
-    let verifier = ManifestVerifier::new(&identity.node.node_id, &identity.node.org_signing_key)
+    let verifier = ManifestVerifier::with_keys(&identity.node.node_id, &identity.org_keys)
         .map_err(anyhow::Error::msg)?;
     let runtime = DockerRuntime::new(&identity.node.node_id, cfg.docker.socket.as_deref())?;
     let models = ModelStore::new(cfg.models_dir());
-    let publishers = Publishers::new(Some(&identity.node.org_signing_key), &cfg.models.trusted_publishers)
-        .map_err(anyhow::Error::msg)?;
+    let publishers =
+        Publishers::new(&identity.org_keys, &cfg.models.trusted_publishers).map_err(anyhow::Error::msg)?;
     let services = ServiceBook::new(Arc::clone(ledger.store()));
     let node = apply::Node {
         cfg,
@@ -271,7 +271,7 @@ async fn import_here(
     let seen = bar.clone();
     let outcome = bundle::import_file(
         &node,
-        &identity.node.org_signing_key,
+        &identity.org_keys,
         &identity.node.org_id,
         &bundle::staging_dir(cfg),
         file,

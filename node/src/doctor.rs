@@ -335,8 +335,8 @@ async fn object_store_check(cfg: &Config) -> Check {
 
 fn models_check(cfg: &Config) -> Check {
     let store = crate::models::ModelStore::new(cfg.models_dir());
-    let org = Identity::load(&cfg.identity_dir()).ok().map(|i| i.node.org_signing_key);
-    let trust = match crate::models::Publishers::new(org.as_ref(), &cfg.models.trusted_publishers) {
+    let org = Identity::load(&cfg.identity_dir()).map(|i| i.org_keys).unwrap_or_default();
+    let trust = match crate::models::Publishers::new(&org, &cfg.models.trusted_publishers) {
         Ok(t) => t,
         Err(e) => return Check::fail("models", e, "fix [models] trusted_publishers"),
     };

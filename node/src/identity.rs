@@ -42,6 +42,9 @@ pub struct NodeFile {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub node: NodeFile,
+    /// The org signing keys the node accepts: the one pinned at enrollment, or what it
+    /// accepted of a key rotation since (`trust.json`, [`crate::rotation`]).
+    pub org_keys: Vec<PublicKey>,
     pub cert_pem: String,
     pub key_pem: String,
     pub ca_pem: String,
@@ -82,7 +85,15 @@ impl Identity {
         if dir.join(NODE_NEXT).exists() {
             promote(dir)?;
         }
-        Ok(Self { node, cert_pem: read(NODE_CRT)?, key_pem: read(NODE_KEY)?, ca_pem: read(CA_CRT)? })
+        let org_keys = crate::rotation::org_keys(dir, &node.org_signing_key)
+            .map_err(|message| IdentityError::File { path: dir.join("trust.json"), message })?;
+        Ok(Self {
+            node,
+            org_keys,
+            cert_pem: read(NODE_CRT)?,
+            key_pem: read(NODE_KEY)?,
+            ca_pem: read(CA_CRT)?,
+        })
     }
 
     /// Renews the client certificate over mutual TLS with a fresh key pair (so every renewal
@@ -99,6 +110,10 @@ impl Identity {
             .await
             .map_err(IdentityError::RenewRefused)?;
         let next = NextCert { cert_pem: resp.cert_pem, key_pem: key.serialize_pem() };
+        // The CAs may have changed since this identity was loaded (a CA rotation).
+        let ca_path = dir.join(CA_CRT);
+        self.ca_pem = std::fs::read_to_string(&ca_path)
+            .map_err(|e| IdentityError::File { path: ca_path, message: e.to_string() })?;
         // The pair must work before it replaces the one that does.
         let tls =
             tls::node_client_config(&self.ca_pem, &next.cert_pem, &next.key_pem).map_err(|e| err(&e))?;
@@ -169,6 +184,7 @@ pub async fn enroll(dir: &Path, opts: &EnrollOptions) -> Result<Identity, Identi
         )));
     }
     let identity = Identity {
+        org_keys: vec![resp.org_signing_key.clone()],
         node: NodeFile {
             node_id: resp.node_id,
             org_id: resp.org_id,
@@ -244,7 +260,7 @@ fn promote(dir: &Path) -> Result<(), IdentityError> {
 
 /// Replaces `p` atomically: a temporary file written and synced, renamed over it, the directory
 /// synced.
-fn replace_file(p: &Path, body: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn replace_file(p: &Path, body: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = p.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     write_file(&tmp, body, mode)?;

@@ -24,6 +24,7 @@ pub mod org_settings;
 mod parsers_props;
 pub mod policy;
 pub mod relay;
+pub mod rotation;
 pub mod runtime;
 pub mod services;
 pub mod status;

@@ -123,8 +123,8 @@ pub fn run(cfg: &Config, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
 
 /// The org key pinned at enrollment (when enrolled) and the configured publisher keys.
 fn publishers(cfg: &Config) -> anyhow::Result<Publishers> {
-    let org = Identity::load(&cfg.identity_dir()).ok().map(|i| i.node.org_signing_key);
-    Publishers::new(org.as_ref(), &cfg.models.trusted_publishers).map_err(anyhow::Error::msg)
+    let org = Identity::load(&cfg.identity_dir()).map(|i| i.org_keys).unwrap_or_default();
+    Publishers::new(&org, &cfg.models.trusted_publishers).map_err(anyhow::Error::msg)
 }
 
 fn describe(m: &InstalledModel) -> serde_json::Value {

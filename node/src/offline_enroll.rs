@@ -136,6 +136,7 @@ pub fn complete(
         return Err(err(format!("the CA in the enrollment file does not have fingerprint {fp}")));
     }
     let identity = Identity {
+        org_keys: vec![e.org_signing_key.clone()],
         node: NodeFile {
             node_id: e.node_id.clone(),
             org_id: e.org_id.clone(),

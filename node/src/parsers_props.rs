@@ -259,7 +259,7 @@ proptest! {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         file.write_all(&bytes).expect("write");
         let key = public();
-        let expect = Expect { org_id: "org", org_key: &key, node_id: NODE, now_unix_ms: 1 };
+        let expect = Expect { org_id: "org", org_keys: std::slice::from_ref(&key), node_id: NODE, now_unix_ms: 1 };
         let err = manifest(file.path(), &expect).expect_err("not a bundle signed for this node");
         prop_assert!(!err.to_string().is_empty());
     }

@@ -115,6 +115,11 @@ impl Uplink {
         self.post(paths::NODE_CERTIFICATE, req, self.request_timeout).await
     }
 
+    /// What the node should trust now (CAs, the org's signing keys).
+    pub async fn trust(&self) -> Result<outpost_protocol::NodeTrust, UplinkError> {
+        self.send::<(), _>(reqwest::Method::GET, paths::NODE_TRUST, None, self.request_timeout).await
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }
@@ -250,19 +255,30 @@ impl Uplink {
         body: &B,
         timeout: Duration,
     ) -> Result<R, UplinkError> {
+        self.send(reqwest::Method::POST, path, Some(body), timeout).await
+    }
+
+    async fn send<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<R, UplinkError> {
         let url = format!("{}{}", self.base, path);
         let client = self
             .client
             .read()
             .map(|c| c.clone())
             .map_err(|_| UplinkError::Tls("the uplink's client lock is poisoned".into()))?;
-        let resp = client
-            .post(&url)
-            .json(body)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| UplinkError::Unreachable { url: url.clone(), message: error_chain(&e) })?;
+        let mut request = client.request(method, &url).timeout(timeout);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let resp = request.send().await.map_err(|e| UplinkError::Unreachable {
+            url: url.clone(),
+            message: with_hint(error_chain(&e)),
+        })?;
         let status = resp.status();
         match resp
             .headers()
@@ -294,6 +310,20 @@ impl Uplink {
             let code = err.map(|e| e.code).unwrap_or_default();
             Err(UplinkError::Refused { url, status: status.as_u16(), code, message })
         }
+    }
+}
+
+/// A failed handshake because the control plane's certificate is from a CA this node does not
+/// trust says what to do about it.
+fn with_hint(message: String) -> String {
+    if message.contains("UnknownIssuer") {
+        format!(
+            "{message} (the control plane presents a certificate from a CA this node does not trust: if it \
+             rotated its CA while this node was offline through the whole overlap, enroll this node again, \
+             `outpost enroll --force` with a new token or an offline enrollment bundle)"
+        )
+    } else {
+        message
     }
 }
 

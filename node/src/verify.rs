@@ -3,6 +3,8 @@
 //! above every one accepted before, a spec the agent can run safely). A manifest that fails any
 //! check is refused with a reason that is reported and audited; it is never retried.
 
+use std::sync::{Arc, RwLock};
+
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 use outpost_protocol::{
     ContainerSpec, InferenceSpec, JobAssignment, JobEnvelope, JobSpec, PublicKey, ServiceEnvelope,
@@ -11,6 +13,22 @@ use outpost_protocol::{
 
 use crate::jobdata::path;
 
+/// An ed25519 public key as the protocol carries it, ready to verify.
+pub fn verifying_key(key: &PublicKey) -> Result<VerifyingKey, String> {
+    let bytes: [u8; 32] = hex::decode(&key.ed25519_hex)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("org key {} is not 32 bytes of hex", key.key_id))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("org key {}: {e}", key.key_id))
+}
+
+fn parse_keys(keys: &[PublicKey]) -> Result<Vec<(PublicKey, VerifyingKey)>, String> {
+    if keys.is_empty() {
+        return Err("no org signing key to trust".into());
+    }
+    keys.iter().map(|k| Ok((k.clone(), verifying_key(k)?))).collect()
+}
+
 /// Most entries a manifest may list in `inputs`, and in `egress_bodies`.
 pub const MAX_INPUT_ENTRIES: usize = 64;
 pub const MAX_EGRESS_ENTRIES: usize = 64;
@@ -18,7 +36,7 @@ pub const MAX_EGRESS_ENTRIES: usize = 64;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Rejection {
     #[error(
-        "manifest is signed by key {got}, but this node trusts only org key {want}; was the job submitted to another organisation?"
+        "manifest is signed by key {got}, but this node trusts only org key {want}; was the job submitted to another organisation, or signed by a key the organisation retired? (a node learns a rotated key from its control plane)"
     )]
     UnknownKey { got: String, want: String },
     #[error(
@@ -39,36 +57,58 @@ pub enum Rejection {
     BadSpec(String),
 }
 
-/// The trust a node pins at enrollment.
+/// The trust a node pins at enrollment: the org's signing key, and during a key rotation's
+/// overlap the next one too. Clones share the key set, so a rotation learned by the poller
+/// reaches every holder at once.
 #[derive(Debug, Clone)]
 pub struct ManifestVerifier {
     node_id: String,
-    key_id: String,
-    key: VerifyingKey,
+    keys: Arc<RwLock<Vec<(PublicKey, VerifyingKey)>>>,
 }
 
 impl ManifestVerifier {
     pub fn new(node_id: &str, org_key: &PublicKey) -> Result<Self, String> {
-        let bytes: [u8; 32] = hex::decode(&org_key.ed25519_hex)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| format!("org key {} is not 32 bytes of hex", org_key.key_id))?;
-        let key = VerifyingKey::from_bytes(&bytes).map_err(|e| format!("org key {}: {e}", org_key.key_id))?;
-        Ok(Self { node_id: node_id.into(), key_id: org_key.key_id.clone(), key })
+        Self::with_keys(node_id, std::slice::from_ref(org_key))
+    }
+
+    /// A verifier that accepts a signature by any of `keys` (at least one).
+    pub fn with_keys(node_id: &str, keys: &[PublicKey]) -> Result<Self, String> {
+        Ok(Self { node_id: node_id.into(), keys: Arc::new(RwLock::new(parse_keys(keys)?)) })
+    }
+
+    /// Accepts exactly `keys` from now on (every clone of this verifier does).
+    pub fn set_keys(&self, keys: &[PublicKey]) -> Result<(), String> {
+        let parsed = parse_keys(keys)?;
+        *self.keys.write().map_err(|_| "the org key set is poisoned".to_owned())? = parsed;
+        Ok(())
+    }
+
+    /// The keys accepted now.
+    pub fn keys(&self) -> Vec<PublicKey> {
+        self.keys.read().map(|k| k.iter().map(|(key, _)| key.clone()).collect()).unwrap_or_default()
+    }
+
+    /// The ids of the keys accepted now.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys().into_iter().map(|k| k.key_id).collect()
     }
 
     /// The org's signature over exactly the payload bytes; nothing unsigned is parsed.
     fn check_signature(&self, env: &SignedEnvelope) -> Result<(), Rejection> {
-        if env.key_id != self.key_id {
-            return Err(Rejection::UnknownKey { got: env.key_id.clone(), want: self.key_id.clone() });
-        }
+        let key = self
+            .keys
+            .read()
+            .ok()
+            .and_then(|keys| keys.iter().find(|(k, _)| k.key_id == env.key_id).map(|(_, key)| *key));
+        let Some(key) = key else {
+            return Err(Rejection::UnknownKey { got: env.key_id.clone(), want: self.key_ids().join(", ") });
+        };
         let sig: [u8; 64] = hex::decode(&env.signature_hex)
             .ok()
             .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| Rejection::BadSignature { key_id: self.key_id.clone() })?;
-        self.key
-            .verify(env.payload.as_bytes(), &Signature::from_bytes(&sig))
-            .map_err(|_| Rejection::BadSignature { key_id: self.key_id.clone() })
+            .ok_or_else(|| Rejection::BadSignature { key_id: env.key_id.clone() })?;
+        key.verify(env.payload.as_bytes(), &Signature::from_bytes(&sig))
+            .map_err(|_| Rejection::BadSignature { key_id: env.key_id.clone() })
     }
 
     /// The org's signature over any signed statement (a bundle's manifest, an

@@ -330,6 +330,10 @@ pub struct PollResponse {
     /// `org-settings` capability.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org_settings: Option<crate::OrgSettings>,
+    /// The tag of the node's trust ([`crate::NodeTrust::tag`]), in every answer to agents that
+    /// announce the `trust-rotation` capability: a new tag sends the node to fetch it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<String>,
 }
 
 /// One job attempt to stop.

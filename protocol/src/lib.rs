@@ -28,6 +28,7 @@ pub mod seal;
 pub mod selector;
 mod service;
 mod settings;
+mod trust;
 
 pub use access::*;
 pub use audit::*;
@@ -45,6 +46,7 @@ pub use report::*;
 pub use selector::{Labels, Selector, SelectorError};
 pub use service::*;
 pub use settings::*;
+pub use trust::*;
 
 /// The name a value of a wire enum has on the wire (`timed_out`, `rolled_back`): the one
 /// operators see in JSON, and so in messages, audit entries and tables. Empty for a value that

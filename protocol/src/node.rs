@@ -78,6 +78,9 @@ pub mod capability {
     pub const CERT_RENEWAL: &str = "cert-renewal";
     /// Sends its audit log to [`crate::paths::NODE_AUDIT_UPLINK`] as it grows.
     pub const AUDIT_UPLINK: &str = "audit-uplink";
+    /// Takes `trust` in a poll answer and fetches [`crate::paths::NODE_TRUST`] when it changes:
+    /// learns new CAs and signing keys during a rotation's overlap.
+    pub const TRUST_ROTATION: &str = "trust-rotation";
     /// Every capability this build has.
     pub const ALL: &[&str] = &[
         CANCEL,
@@ -91,6 +94,7 @@ pub mod capability {
         ORG_SETTINGS,
         CERT_RENEWAL,
         AUDIT_UPLINK,
+        TRUST_ROTATION,
     ];
 }
 

@@ -66,6 +66,12 @@ pub const NODE_LABELS: &str = "/v1/nodes/{node_id}/labels";
 pub const NODE_AUDIT_UPLINK: &str = "/v1/node/audit";
 /// Node: renew the node's client certificate (POST, mutual TLS with the current one).
 pub const NODE_CERTIFICATE: &str = "/v1/node/certificate";
+/// Node: what the node should trust now (GET): CAs and the org's signing keys.
+pub const NODE_TRUST: &str = "/v1/node/trust";
+/// Admin: start a CA rotation (POST).
+pub const CA_ROTATE: &str = "/v1/ca/rotate";
+/// Admin: start a rotation of an organisation's job-signing key (POST).
+pub const ORG_KEY_ROTATE: &str = "/v1/orgs/{org_id}/signing-key/rotate";
 /// Operator: revoke a node (POST): its certificate is refused from then on.
 pub const NODE_REVOKE: &str = "/v1/nodes/{node_id}/revoke";
 /// Operator: a node's own audit log as its results bundles brought it (`?after=SEQ&limit=N`).

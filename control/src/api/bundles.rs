@@ -367,7 +367,7 @@ async fn sign_manifest(
         parts,
     };
     manifest.check().map_err(|e| ApiError::bad_request("bad_bundle", e))?;
-    let signed = sign(&org, &manifest)?;
+    let signed = sign(&org, st.clock.now_ms(), &manifest)?;
     Ok(((signed, manifest.bundle_id), bodies))
 }
 
@@ -538,7 +538,7 @@ pub async fn import_results(
         audit_up_to_seq: out.audit_up_to_seq,
     };
     let org = super::jobs::org_of(&st, &node).await?;
-    let signed_ack = sign(&org, &ack)?;
+    let signed_ack = sign(&org, st.clock.now_ms(), &ack)?;
     let text = serde_json::to_string(&signed_ack).map_err(|e| ApiError::internal("encode", e.to_string()))?;
     let made = vec![Made {
         node_id: node.node_id.clone(),

@@ -96,10 +96,10 @@ pub(super) async fn enroll_core(
     st.audit(&format!("node:{node_id}"), Some(&org.org.id), "node.enrolled", &detail).await;
     Ok(EnrollResponse {
         node_id,
+        org_signing_key: crate::signing::effective(&org, now).0.clone(),
         org_id: org.org.id,
         cert_pem: cert.pem,
         ca_pem: st.ca.cert_pem().to_owned(),
-        org_signing_key: org.org.signing_key,
     })
 }
 

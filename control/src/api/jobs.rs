@@ -400,7 +400,7 @@ pub(super) async fn create_job(
             submitter: submitter_for(node, &org.org.id, &origin),
             recipients: origin.recipients,
         };
-        let signed = sign(&org, &envelope)?;
+        let signed = sign(&org, st.clock.now_ms(), &envelope)?;
         let info = JobInfo {
             job_id: envelope.job_id,
             attempt: envelope.attempt,
@@ -471,7 +471,7 @@ pub(super) async fn reoffer_job(
             // The sweep offers a sealed job only to nodes that can seal it.
             recipients: before.as_ref().map(|e| e.recipients.clone()).unwrap_or_default(),
         };
-        let signed = sign(&org, &envelope)?;
+        let signed = sign(&org, st.clock.now_ms(), &envelope)?;
         let next = crate::store::next_attempt(job, signed, &node.node_id, seq, now, reason);
         st.store.reassign_job(&job.info.job_id, job.info.attempt, next).await?
     };
@@ -508,11 +508,29 @@ pub(super) async fn org_of(st: &AppState, node: &NodeInfo) -> ApiResult<OrgRecor
     })
 }
 
-/// Signs a statement for a node of `org` (a job, a service's desired state) with the org key.
-pub(super) fn sign<T: serde::Serialize>(org: &OrgRecord, payload: &T) -> ApiResult<SignedEnvelope> {
-    let key = signing::signing_key(&org.org.id, &org.signing_secret_hex)
-        .map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
+/// Signs a statement for a node of `org` (a job, a service's desired state) with the key that
+/// signs for the org at `now_ms`.
+pub(super) fn sign<T: serde::Serialize>(
+    org: &OrgRecord,
+    now_ms: u64,
+    payload: &T,
+) -> ApiResult<SignedEnvelope> {
+    let key =
+        signing::effective_key(org, now_ms).map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
     signing::sign_payload(&key, payload).map_err(|e| ApiError::internal("signing_failed", e.to_string()))
+}
+
+/// `env` signed again with the key that signs for `org` at `now_ms`, when an earlier key signed
+/// it (a job submitted before a signing-key rotation's overlap ended, handed out after it). The
+/// payload is unchanged, byte for byte.
+pub(super) fn resign(org: &OrgRecord, now_ms: u64, env: &mut SignedEnvelope) -> ApiResult<()> {
+    if signing::effective(org, now_ms).0.key_id == env.key_id {
+        return Ok(());
+    }
+    let key =
+        signing::effective_key(org, now_ms).map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
+    *env = signing::sign_bytes(&key, std::mem::take(&mut env.payload));
+    Ok(())
 }
 
 /// Most entries of `inputs` and of `egress_bodies`.

@@ -19,6 +19,7 @@ pub(crate) mod operator;
 pub mod placement;
 pub mod rollout;
 mod triggers;
+mod trust;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,6 +108,8 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODE_HEARTBEAT, post(node::heartbeat))
         .route(paths::NODE_CERTIFICATE, post(node::renew_certificate))
         .route(paths::NODE_AUDIT_UPLINK, post(node::upload_audit))
+        .route(paths::NODE_TRUST, get(trust::get_node_trust))
+        .route(paths::ORG_KEY_ROTATE, post(trust::rotate_org_key))
         .route(paths::NODE_EVENTS, post(events::deliver))
         .route(paths::NODE_SERVICES, post(deploy::node_reports))
         .route(paths::ORG_BUNDLES, post(bundles::create))
@@ -162,6 +165,11 @@ async fn state_revision(mut resp: axum::response::Response) -> axum::response::R
 
 impl AppState {
     /// Records that `node_id` is talking to us now.
+    /// The CAs nodes should trust at `now_ms` (PEM) and the CA rotation under way.
+    pub fn ca_trust(&self, _now_ms: u64) -> (String, Option<outpost_protocol::CaRotation>) {
+        (self.ca.cert_pem().to_owned(), None)
+    }
+
     pub fn touch(&self, node_id: &str) {
         if let Ok(mut map) = self.contact.lock() {
             map.insert(node_id.to_owned(), self.clock.now_ms());

@@ -60,19 +60,27 @@ pub async fn poll(
     let cancels_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::CANCEL));
     let logs_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::LOGS));
     let settings_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::ORG_SETTINGS));
-    // The organisation's settings ride on every answer to an agent that takes them, read when
-    // the answer goes (a change made during a held poll is in that poll's answer).
-    let settled = |mut resp: PollResponse| {
-        let st = &st;
-        let org_id = &node.org_id;
-        async move {
-            if settings_understood {
-                resp.org_settings = st.store.get_org(org_id).await?.map(|o| o.settings);
-            }
-            Ok(Json(resp))
+    let trust_understood = req.announce.as_ref().is_some_and(|a| a.has(capability::TRUST_ROTATION));
+    // The organisation's settings and the tag of the node's trust ride on every answer to an
+    // agent that takes them, read when the answer goes (a change made during a held poll is in
+    // that poll's answer); what an earlier signing key signed is signed again with the current one.
+    let settled = |mut resp: PollResponse, org: &crate::store::OrgRecord, trust: Option<String>| {
+        let now = st.clock.now_ms();
+        for job in &mut resp.jobs {
+            super::jobs::resign(org, now, &mut job.envelope)?;
         }
+        for service in &mut resp.services {
+            super::jobs::resign(org, now, service)?;
+        }
+        if settings_understood {
+            resp.org_settings = Some(org.settings.clone());
+        }
+        resp.trust = trust;
+        Ok(Json(resp))
     };
-    loop {
+    let empty = loop {
+        let org = super::jobs::org_of(&st, &node).await?;
+        let trust = trust_understood.then(|| super::trust::node_trust(&st, &org, st.clock.now_ms()).tag);
         // Register interest before looking, so a submit between the look and the wait wakes us.
         let notified = waker.notified();
         tokio::pin!(notified);
@@ -106,6 +114,7 @@ pub async fn poll(
             .map(|c| format!("c:{}/{}", c.job_id, c.attempt))
             .chain(services.iter().map(|(seq, _)| format!("s:{seq}")))
             .chain(logs.iter().map(|l| format!("l:{}", l.request_id)))
+            .chain(trust.iter().map(|t| format!("t:{t}")))
             .collect();
         let unsent = st.sent.lock().map_or(true, |sent| {
             let before = sent.get(&node.node_id);
@@ -137,22 +146,27 @@ pub async fn poll(
                 services: services.iter().map(|(_, e)| e.clone()).collect(),
                 logs: logs.clone(),
                 org_settings: None,
+                trust: None,
             }
         };
         if !queued.is_empty() || unsent {
-            return settled(answer(queued)).await;
+            return settled(answer(queued), &org, trust);
         }
         let _held = st.metrics.poll_held();
         tokio::select! {
             _ = &mut notified => {}
-            _ = tokio::time::sleep_until(deadline) => return settled(answer(Vec::new())).await,
-            _ = st.shutdown.cancelled() => return settled(answer(Vec::new())).await,
+            _ = tokio::time::sleep_until(deadline) => break answer(Vec::new()),
+            _ = st.shutdown.cancelled() => break answer(Vec::new()),
         }
         // Revoked while this poll was held: it ends now, with the refusal.
         if st.revoked.contains(&node.cert_sha256) {
             return Err(super::extract::revoked_refusal(&node.node_id));
         }
-    }
+    };
+    // Read again: a change made while the poll was held is in its answer.
+    let org = super::jobs::org_of(&st, &node).await?;
+    let trust = trust_understood.then(|| super::trust::node_trust(&st, &org, st.clock.now_ms()).tag);
+    settled(empty, &org, trust)
 }
 
 /// What makes a result unstorable, whichever way it came (a report, a results bundle).

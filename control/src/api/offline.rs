@@ -101,6 +101,6 @@ pub async fn enroll_offline(
         control_url: p.control_url.clone(),
         issued_unix_ms: now,
     };
-    let signed = sign(&org, &offline)?;
+    let signed = sign(&org, st.clock.now_ms(), &offline)?;
     Ok((StatusCode::CREATED, Json(signed)))
 }

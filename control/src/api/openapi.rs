@@ -5,7 +5,7 @@ use outpost_protocol::paths;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{access, bundles, deploy, enroll, events, jobs, logs, node, offline, operator, triggers};
+use super::{access, bundles, deploy, enroll, events, jobs, logs, node, offline, operator, triggers, trust};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -47,6 +47,8 @@ use super::{access, bundles, deploy, enroll, events, jobs, logs, node, offline, 
         node::heartbeat,
         node::renew_certificate,
         node::upload_audit,
+        trust::get_node_trust,
+        trust::rotate_org_key,
         logs::node_logs,
         events::deliver,
         deploy::node_reports,

@@ -48,7 +48,12 @@ pub async fn create_org(
         created_unix_ms: st.clock.now_ms(),
     };
     st.store
-        .insert_org(OrgRecord { org: org.clone(), signing_secret_hex: secret, settings: Default::default() })
+        .insert_org(OrgRecord {
+            org: org.clone(),
+            signing_secret_hex: secret,
+            settings: Default::default(),
+            keys: Default::default(),
+        })
         .await?;
     let detail = format!("{} ({}), signing key {}", org.id, org.name, org.signing_key.key_id);
     st.audit(&caller.actor, Some(&org.id), "org.created", &detail).await;

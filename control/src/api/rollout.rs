@@ -185,7 +185,7 @@ async fn converge(
             rollback,
             spec: spec.clone(),
         };
-        let envelope = sign(&org, &body)?;
+        let envelope = sign(&org, st.clock.now_ms(), &body)?;
         let desired = DesiredService {
             deployment: deployment.clone(),
             revision,

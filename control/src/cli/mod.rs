@@ -212,6 +212,21 @@ pub enum OrgCommand {
         #[arg(long, value_name = "FEATURE")]
         enable: Vec<String>,
     },
+    /// Rotate the organisation's job-signing key (admin role). The new key is announced to the
+    /// nodes at once, endorsed by the current one, which keeps signing through the overlap; from
+    /// its end the new key signs everything a node is handed. A node offline through the whole
+    /// overlap learns the new key from the endorsement chain when it is back.
+    RotateKey {
+        /// Organisation id.
+        org: String,
+        /// How long nodes trust both keys before the new one signs: 60s to 365d.
+        #[arg(long, value_parser = submit::parse_duration, default_value = "7d")]
+        overlap: Duration,
+        /// Rotate although some nodes run agents too old to learn of it (they stop taking work
+        /// at the switch and must enroll again).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -94,6 +94,11 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
             };
             print(g.json, &settings, |s| show::org_settings(&org, s))?;
         }
+        Command::Org(OrgCommand::RotateKey { org, overlap, force }) => {
+            let req = outpost_protocol::RotateRequest { overlap_secs: Some(overlap.as_secs()), force };
+            let r = c.rotate_org_key(&org, &req).await?;
+            print(g.json, &r, |r| show::rotation("signing key", r))?;
+        }
         Command::ApiToken(ApiTokenCommand::Create { org, name, role, ttl }) => {
             let t = c.create_api_token(&org, &name, role, ttl.map(|d| d.as_secs())).await?;
             print(g.json, &t, |t| {

@@ -58,6 +58,21 @@ pub fn org_settings(org_id: &str, s: &outpost_protocol::OrgSettings) {
     }
 }
 
+/// A rotation just started (`org rotate-key`, `ca rotate`).
+pub fn rotation(what: &str, r: &outpost_protocol::RotateResponse) {
+    println!("new {what}  {}", r.new_id);
+    println!("switch at       {}", when(Some(r.switch_unix_ms)));
+    if r.nodes_left_behind.is_empty() {
+        println!("every node can learn of it; they trust both until the switch");
+    } else {
+        println!(
+            "left behind     {} node(s) cannot learn of it and must enroll again after the switch: {}",
+            r.nodes_left_behind.len(),
+            r.nodes_left_behind.join(", ")
+        );
+    }
+}
+
 pub fn jobs(list: &JobList) {
     let rows = list
         .jobs

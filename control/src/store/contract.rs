@@ -20,6 +20,7 @@ fn org(id: &str) -> OrgRecord {
         },
         signing_secret_hex: "11".repeat(32),
         settings: Default::default(),
+        keys: Default::default(),
     }
 }
 

@@ -116,6 +116,20 @@ impl StateStore for MemoryStore {
         })
     }
 
+    fn swap_org_keys(&self, before: &OrgRecord, after: &OrgRecord) -> StoreFuture<'_, bool> {
+        let (before, after) = (before.clone(), after.clone());
+        self.with(move |inner| {
+            let org_id = &after.org.id;
+            let rec =
+                inner.orgs.get_mut(org_id).ok_or_else(|| StoreError::NotFound(format!("org {org_id}")))?;
+            if !super::same_keys(rec, &before) {
+                return Ok(false);
+            }
+            super::copy_keys(rec, &after);
+            Ok(true)
+        })
+    }
+
     fn insert_token(&self, token: TokenRecord) -> StoreFuture<'_, ()> {
         self.with(move |inner| {
             inner.tokens.insert(token.token_sha256.clone(), token);

@@ -46,6 +46,49 @@ pub struct OrgRecord {
     /// Features off and the nodes' default profile (absent from records older than them).
     #[serde(default)]
     pub settings: outpost_protocol::OrgSettings,
+    /// Earlier and announced signing keys (absent from records of orgs never rotated).
+    #[serde(default, skip_serializing_if = "OrgKeys::is_empty")]
+    pub keys: OrgKeys,
+}
+
+/// An organisation's signing-key rotations: the chain of endorsed keys up to the current one
+/// (`org.signing_key`), and the next one while it is announced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgKeys {
+    /// Every key up to and including the current one, oldest first, each but the first
+    /// endorsed by the one before (public halves only). Empty: the current key is the first.
+    #[serde(default)]
+    pub chain: Vec<outpost_protocol::OrgKey>,
+    /// The announced next key, which signs from its `signs_from_unix_ms`.
+    #[serde(default)]
+    pub next: Option<NextOrgKey>,
+}
+
+impl OrgKeys {
+    pub fn is_empty(&self) -> bool {
+        self.chain.is_empty() && self.next.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NextOrgKey {
+    pub key: outpost_protocol::OrgKey,
+    /// The 32 secret key bytes, hex.
+    pub secret_hex: String,
+}
+
+/// Whether two records of an org hold the same signing keys.
+fn same_keys(a: &OrgRecord, b: &OrgRecord) -> bool {
+    a.org.signing_key == b.org.signing_key && a.signing_secret_hex == b.signing_secret_hex && a.keys == b.keys
+}
+
+/// Copies the signing keys of `from` into `to`.
+fn copy_keys(to: &mut OrgRecord, from: &OrgRecord) {
+    to.org.signing_key = from.org.signing_key.clone();
+    to.signing_secret_hex = from.signing_secret_hex.clone();
+    to.keys = from.keys.clone();
 }
 
 /// An enrollment token as stored: keyed by the SHA-256 of the token, never the token itself.
@@ -433,6 +476,10 @@ pub trait StateStore: Send + Sync + 'static {
         org_id: &str,
         settings: outpost_protocol::OrgSettings,
     ) -> StoreFuture<'_, bool>;
+    /// Replaces the org's signing keys (`org.signing_key`, its secret and `keys`) with those of
+    /// `after` if the stored ones are still those of `before`: false (nothing changed) when
+    /// another change came first; `NotFound` for no such org.
+    fn swap_org_keys(&self, before: &OrgRecord, after: &OrgRecord) -> StoreFuture<'_, bool>;
 
     fn insert_token(&self, token: TokenRecord) -> StoreFuture<'_, ()>;
     fn get_token(&self, token_sha256: &str) -> StoreFuture<'_, Option<TokenRecord>>;

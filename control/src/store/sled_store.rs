@@ -321,6 +321,27 @@ impl StateStore for SledStore {
         })
     }
 
+    fn swap_org_keys(&self, before: &OrgRecord, after: &OrgRecord) -> StoreFuture<'_, bool> {
+        let (before, after) = (before.clone(), after.clone());
+        Box::pin(async move {
+            let org_id = after.org.id.clone();
+            let Some(old) = self.orgs.get(org_id.as_bytes()).map_err(backend)? else {
+                return Err(StoreError::NotFound(format!("org {org_id}")));
+            };
+            let mut rec: OrgRecord = decode(&org_id, &old)?;
+            if !super::same_keys(&rec, &before) {
+                return Ok(false);
+            }
+            super::copy_keys(&mut rec, &after);
+            let swapped = self.orgs.compare_and_swap(org_id.as_bytes(), Some(old), Some(encode(&rec)?));
+            if swapped.map_err(backend)?.is_err() {
+                return Ok(false);
+            }
+            self.flush().await?;
+            Ok(true)
+        })
+    }
+
     fn insert_token(&self, token: TokenRecord) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             self.tokens.insert(token.token_sha256.as_bytes(), encode(&token)?).map_err(backend)?;

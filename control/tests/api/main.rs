@@ -23,6 +23,7 @@ mod restart;
 mod results;
 mod revocation;
 mod roles;
+mod rotation;
 mod sealed;
 mod settings;
 mod support;

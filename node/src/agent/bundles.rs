@@ -120,9 +120,10 @@ impl<R: Runtime> Agent<R> {
     /// name), so that an older bundle is never refused as a replay for coming second.
     fn in_counter_order(&self, files: Vec<PathBuf>) -> Vec<PathBuf> {
         let node_id = &self.identity.node.node_id;
+        let org_keys = self.verifier.keys();
         let expect = crate::bundle::read::Expect {
             org_id: &self.identity.node.org_id,
-            org_key: &self.identity.node.org_signing_key,
+            org_keys: &org_keys,
             node_id,
             now_unix_ms: 0,
         };
@@ -173,7 +174,7 @@ impl<R: Runtime> Agent<R> {
         tracing::info!(file = %file.display(), "importing a bundle");
         let outcome = bundle::import_file(
             &node,
-            &self.identity.node.org_signing_key,
+            &self.verifier.keys(),
             &self.identity.node.org_id,
             &bundle::staging_dir(&self.cfg),
             file,
@@ -217,8 +218,7 @@ impl<R: Runtime> Agent<R> {
 
     /// The model store bundles import into, and whom it trusts to sign models.
     fn model_trust(&self) -> Result<(ModelStore, Publishers), String> {
-        let publishers =
-            Publishers::new(Some(&self.identity.node.org_signing_key), &self.cfg.models.trusted_publishers)?;
+        let publishers = Publishers::new(&self.verifier.keys(), &self.cfg.models.trusted_publishers)?;
         Ok((ModelStore::new(self.cfg.models_dir()), publishers))
     }
 

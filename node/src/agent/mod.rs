@@ -16,6 +16,7 @@ mod metrics;
 mod poller;
 mod renewal;
 mod reporter;
+mod rotation;
 mod service_reports;
 
 use std::collections::BTreeSet;
@@ -184,6 +185,12 @@ pub struct Agent<R: Runtime> {
     pub(crate) relay: Option<Arc<Relay<AnyStore>>>,
     pub(crate) uplink: Uplink,
     pub(crate) verifier: ManifestVerifier,
+    /// The tag of the control plane's trust document last taken (or refused): a poll answer
+    /// with another sends the agent to fetch it.
+    pub(crate) trust_tag: Mutex<Option<String>>,
+    /// Wakes the renewal task to renew at once (a CA rotation: the next certificate comes
+    /// from the new CA).
+    pub(crate) renew_now: Notify,
     /// Inference jobs and the local endpoint: models load on first use.
     pub(crate) inference: Arc<Inference>,
     pub(crate) shared: Arc<Shared>,
@@ -221,7 +228,8 @@ impl<R: Runtime> Agent<R> {
     ) -> anyhow::Result<Self> {
         let uplink = identity
             .uplink(cfg.control.url.as_deref(), Duration::from_secs(cfg.control.request_timeout_secs))?;
-        let verifier = ManifestVerifier::new(&identity.node.node_id, &identity.node.org_signing_key)
+        let cfg_identity_dir = cfg.identity_dir();
+        let verifier = ManifestVerifier::with_keys(&identity.node.node_id, &identity.org_keys)
             .map_err(|e| anyhow::anyhow!("pinned org key in the identity is unusable: {e}"))?;
         let relay = if cfg.relay.watches.is_empty() {
             None
@@ -259,6 +267,12 @@ impl<R: Runtime> Agent<R> {
             objects: Arc::new(objects),
             uplink,
             verifier,
+            trust_tag: Mutex::new(
+                crate::rotation::load(&cfg_identity_dir)
+                    .map_err(anyhow::Error::msg)?
+                    .map(|accepted| accepted.tag),
+            ),
+            renew_now: Notify::new(),
             shared: Arc::default(),
             launch: Semaphore::new(launch_concurrency()),
             services: crate::services::book::ServiceBook::new(Arc::clone(ledger.store())),

@@ -69,6 +69,10 @@ impl<R: Runtime> Agent<R> {
                     if let Err(e) = self.services.acked(&service_acks) {
                         tracing::error!(error = %e, "cannot record service acknowledgements; they will be sent again");
                     }
+                    // Before the jobs of the same answer: they may be signed by a key it announces.
+                    if let Some(tag) = &resp.trust {
+                        self.follow_trust(tag).await;
+                    }
                     // Before the jobs of the same answer: they meet the settings in force.
                     if let Some(settings) = resp.org_settings
                         && let Err(e) = crate::org_settings::heard(

@@ -24,6 +24,8 @@ impl<R: Runtime> Agent<R> {
         let dir = self.cfg.identity_dir();
         let mut identity = self.identity.clone();
         let mut backoff = Backoff::new(Duration::from_secs(30), Duration::from_secs(3600));
+        // Set when the agent learns of a CA rotation: renew now, from the new CA.
+        let mut forced = false;
         while !shutdown.is_cancelled() {
             let (not_before, not_after) = match validity(&identity.cert_pem) {
                 Ok(v) => v,
@@ -34,10 +36,14 @@ impl<R: Runtime> Agent<R> {
             };
             let due = outpost_protocol::renew_at(not_before, not_after);
             let now = i64::try_from(now_unix_ms() / 1000).unwrap_or(i64::MAX);
-            if due > now {
+            let force_now = std::mem::take(&mut forced);
+            if due > now && !force_now {
                 let wait = Duration::from_secs(due.saturating_sub(now).unsigned_abs()).min(MAX_SLEEP);
                 tracing::debug!(in_secs = wait.as_secs(), "certificate renewal not due yet");
-                sleep_or_cancel(&shutdown, wait).await;
+                tokio::select! {
+                    () = sleep_or_cancel(&shutdown, wait) => {}
+                    () = self.renew_now.notified() => forced = true,
+                }
                 continue;
             }
             match identity.renew(&dir, &self.uplink).await {
@@ -58,6 +64,8 @@ impl<R: Runtime> Agent<R> {
                     let older =
                         matches!(&e, crate::identity::IdentityError::RenewRefused(u) if u.is_unknown_route());
                     let delay = if older { MAX_SLEEP } else { backoff.next_delay() };
+                    // A renewal the CA rotation asked for is asked for again after the delay.
+                    forced = force_now && !older;
                     tracing::warn!(
                         error = %e,
                         retry_in = ?delay,

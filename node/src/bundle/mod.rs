@@ -137,14 +137,14 @@ pub enum Outcome {
 /// or change nothing and say why (audited). The staging directory is removed either way.
 pub async fn import_file<R: crate::runtime::Runtime>(
     node: &apply::Node<'_, R>,
-    org_key: &outpost_protocol::PublicKey,
+    org_keys: &[outpost_protocol::PublicKey],
     org_id: &str,
     staging_root: &Path,
     file: &Path,
     now: u64,
     progress: Progress,
 ) -> Result<Outcome, BundleError> {
-    let result = import_inner(node, org_key, org_id, staging_root, file, now, progress).await;
+    let result = import_inner(node, org_keys, org_id, staging_root, file, now, progress).await;
     match &result {
         Ok(Outcome::Imported(_)) => {}
         Ok(Outcome::AlreadyImported { bundle_id, .. }) => {
@@ -163,7 +163,7 @@ pub async fn import_file<R: crate::runtime::Runtime>(
 
 async fn import_inner<R: crate::runtime::Runtime>(
     node: &apply::Node<'_, R>,
-    org_key: &outpost_protocol::PublicKey,
+    org_keys: &[outpost_protocol::PublicKey],
     org_id: &str,
     staging_root: &Path,
     file: &Path,
@@ -177,7 +177,7 @@ async fn import_inner<R: crate::runtime::Runtime>(
         tracing::info!(bundle = %applied.bundle_id, "the interrupted import is finished");
     }
     let last = apply::last_bundle(node.ledger.store().as_ref()).map_err(store_err)?;
-    let expect = read::Expect { org_id, org_key, node_id: node.node_id, now_unix_ms: now };
+    let expect = read::Expect { org_id, org_keys, node_id: node.node_id, now_unix_ms: now };
     let manifest = read::manifest(file, &expect)?;
     if manifest.bundle_id == last.bundle_id || last.recent.contains(&manifest.bundle_id) {
         let counter = manifest.counters.get(node.node_id).copied().unwrap_or_default();
@@ -197,17 +197,17 @@ async fn import_inner<R: crate::runtime::Runtime>(
     let staging = staging_root.join(&manifest.bundle_id);
     // Reading and hashing gigabytes is blocking work: off the async thread.
     let verified = {
-        let (file, staging, org_id, org_key, node_id) = (
+        let (file, staging, org_id, org_keys, node_id) = (
             file.to_path_buf(),
             staging.clone(),
             org_id.to_owned(),
-            org_key.clone(),
+            org_keys.to_vec(),
             node.node_id.to_owned(),
         );
         let last = last.counter;
         tokio::task::spawn_blocking(move || {
             let expect =
-                read::Expect { org_id: &org_id, org_key: &org_key, node_id: &node_id, now_unix_ms: now };
+                read::Expect { org_id: &org_id, org_keys: &org_keys, node_id: &node_id, now_unix_ms: now };
             read::verify_and_stage(&file, &expect, last, Some(&staging), &*progress)
         })
         .await

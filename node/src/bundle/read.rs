@@ -28,7 +28,7 @@ pub struct Verified {
 /// What the reader checks the manifest against.
 pub struct Expect<'a> {
     pub org_id: &'a str,
-    pub org_key: &'a PublicKey,
+    pub org_keys: &'a [PublicKey],
     pub node_id: &'a str,
     pub now_unix_ms: u64,
 }
@@ -71,7 +71,7 @@ fn read_manifest<R: Read>(
     (&mut first).take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut text).map_err(corrupt)?;
     let env: SignedEnvelope = serde_json::from_slice(&text)
         .map_err(|e| BundleError::Corrupt(format!("{MANIFEST_MEMBER} is not a signed envelope: {e}")))?;
-    let verifier = crate::verify::ManifestVerifier::new(expect.node_id, expect.org_key)
+    let verifier = crate::verify::ManifestVerifier::with_keys(expect.node_id, expect.org_keys)
         .map_err(BundleError::Signature)?;
     let payload = verifier.verify_payload(&env).map_err(|e| BundleError::Signature(e.to_string()))?;
     let manifest: BundleManifest = serde_json::from_str(payload)

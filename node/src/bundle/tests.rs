@@ -133,7 +133,8 @@ fn good(counter: u64) -> (Vec<Member>, BundleManifest) {
 }
 
 fn check(c: &Case, last: u64, now: u64) -> Result<super::read::Verified, BundleError> {
-    let expect = Expect { org_id: ORG, org_key: &c.public, node_id: NODE, now_unix_ms: now };
+    let expect =
+        Expect { org_id: ORG, org_keys: std::slice::from_ref(&c.public), node_id: NODE, now_unix_ms: now };
     verify_and_stage(&c.path, &expect, last, Some(&c.staging), &|_| {})
 }
 
@@ -259,7 +260,8 @@ fn an_empty_or_foreign_file_is_not_a_bundle() {
     let path = dir.path().join("x.bundle");
     std::fs::write(&path, b"").expect("write");
     let (_, public) = key(7);
-    let expect = Expect { org_id: ORG, org_key: &public, node_id: NODE, now_unix_ms: 1 };
+    let expect =
+        Expect { org_id: ORG, org_keys: std::slice::from_ref(&public), node_id: NODE, now_unix_ms: 1 };
     assert!(verify_and_stage(&path, &expect, 0, None, &|_| {}).is_err());
     std::fs::write(&path, b"just some text, not zstd").expect("write");
     let err = verify_and_stage(&path, &expect, 0, None, &|_| {}).expect_err("refused").to_string();

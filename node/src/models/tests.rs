@@ -30,7 +30,7 @@ fn sign(k: &SigningKey, m: &ModelManifest) -> SignedModelManifest {
 }
 
 fn trusting(k: &SigningKey) -> Publishers {
-    Publishers::new(None, &[hex::encode(k.verifying_key().as_bytes())]).expect("trust")
+    Publishers::new(&[], &[hex::encode(k.verifying_key().as_bytes())]).expect("trust")
 }
 
 #[test]
@@ -48,7 +48,7 @@ fn the_org_key_from_the_identity_is_trusted_by_its_key_id() {
         key_id: key_id_of(&k.verifying_key()),
         ed25519_hex: hex::encode(k.verifying_key().as_bytes()),
     };
-    let trust = Publishers::new(Some(&org), &[]).expect("trust");
+    let trust = Publishers::new(std::slice::from_ref(&org), &[]).expect("trust");
     assert_eq!(trust.key_ids(), vec![org.key_id.as_str()]);
     assert!(verify_manifest(&sign(&k, &manifest()), &trust).is_ok());
 }

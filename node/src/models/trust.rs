@@ -27,9 +27,9 @@ pub fn key_id_of(key: &VerifyingKey) -> String {
 
 impl Publishers {
     /// The org key pinned at enrollment (if any) plus the configured publisher keys (hex).
-    pub fn new(org_key: Option<&PublicKey>, configured: &[String]) -> Result<Self, String> {
+    pub fn new(org_keys: &[PublicKey], configured: &[String]) -> Result<Self, String> {
         let mut keys = BTreeMap::new();
-        let org = org_key.map(|k| (format!("org key {}", k.key_id), k.ed25519_hex.as_str()));
+        let org = org_keys.iter().map(|k| (format!("org key {}", k.key_id), k.ed25519_hex.as_str()));
         let listed = configured.iter().map(|k| (format!("models.trusted_publishers {k:?}"), k.as_str()));
         for (what, hex_key) in org.into_iter().chain(listed) {
             let bytes: [u8; 32] = hex::decode(hex_key)
