@@ -1,6 +1,13 @@
 //! The server's data directory: CA, server certificate, admin token and the sled database.
 //! It creates what is missing on first start (secrets 0600, written atomically) and renews the
-//! server certificate when its names change or it nears expiry; it never replaces the CA.
+//! server certificate when its names change or it nears expiry; it never replaces the CA on its
+//! own.
+//!
+//! A CA rotation (`outpost-control ca rotate`) writes the next CA and a server certificate it
+//! issued beside the current ones (`ca.next.*`, `server.next.*`), then `ca.rotation.json` (the
+//! switch time and the old CA's signature over the announcement), which commits it. After the
+//! switch, the next start (or the next rotation) moves them into place and keeps the old CA's
+//! certificate as `ca.retired-<fingerprint>.crt`; each step can be repeated after a crash.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -38,6 +45,26 @@ pub struct Materials {
     pub server_cert_pem: String,
     pub server_key_pem: String,
     pub admin_token: String,
+    /// A CA rotation under way.
+    pub next: Option<NextCa>,
+}
+
+/// The CA a rotation switches to, with the server certificate it issued.
+pub struct NextCa {
+    pub ca: CertAuthority,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+    pub rotation: Rotation,
+}
+
+/// What `ca.rotation.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rotation {
+    /// When the server switches to the next CA (Unix ms).
+    pub switch_unix_ms: u64,
+    /// The old CA's signature over the announcement (see `outpost_protocol::CaRotation`).
+    pub signature_hex: String,
 }
 
 impl DataDir {
@@ -66,6 +93,92 @@ impl DataDir {
     pub fn db(&self) -> PathBuf {
         self.root.join("db")
     }
+    pub fn ca_next_key(&self) -> PathBuf {
+        self.root.join("ca.next.key")
+    }
+    pub fn ca_next_cert(&self) -> PathBuf {
+        self.root.join("ca.next.crt")
+    }
+    pub fn server_next_key(&self) -> PathBuf {
+        self.root.join("server.next.key")
+    }
+    pub fn server_next_cert(&self) -> PathBuf {
+        self.root.join("server.next.crt")
+    }
+    pub fn rotation(&self) -> PathBuf {
+        self.root.join("ca.rotation.json")
+    }
+
+    /// Writes a CA rotation: the next CA and its server certificate first, then the rotation
+    /// record that commits them.
+    pub fn write_rotation(&self, next: &NextCa) -> Result<(), DataDirError> {
+        write_secret(&self.ca_next_key(), &next.ca.key_pem())?;
+        write_file(&self.ca_next_cert(), next.ca.cert_pem(), 0o644)?;
+        write_secret(&self.server_next_key(), &next.server_key_pem)?;
+        write_file(&self.server_next_cert(), &next.server_cert_pem, 0o644)?;
+        let record = serde_json::to_string_pretty(&next.rotation).unwrap_or_default();
+        write_file(&self.rotation(), &record, 0o644)
+    }
+
+    /// The rotation under way, if `ca.rotation.json` commits one.
+    pub fn read_rotation(&self) -> Result<Option<NextCa>, DataDirError> {
+        let Some(record) = read_optional(&self.rotation())? else { return Ok(None) };
+        let rotation: Rotation =
+            serde_json::from_str(&record).map_err(|_| DataDirError::Malformed { path: self.rotation() })?;
+        let ca = CertAuthority::from_pem(&read(&self.ca_next_cert())?, &read(&self.ca_next_key())?)
+            .map_err(|source| DataDirError::Pki { path: self.ca_next_cert(), source })?;
+        Ok(Some(NextCa {
+            ca,
+            server_cert_pem: read(&self.server_next_cert())?,
+            server_key_pem: read(&self.server_next_key())?,
+            rotation,
+        }))
+    }
+
+    /// Moves a rotation whose switch is at or before `now_ms` into place: the next CA and
+    /// server certificate become the current ones, the old CA certificate is kept as
+    /// `ca.retired-<fingerprint>.crt` and its key is gone. Repeatable after a crash at any step.
+    pub fn finish_rotation(&self, now_ms: u64) -> Result<bool, DataDirError> {
+        let Some(record) = read_optional(&self.rotation())? else { return Ok(false) };
+        let rotation: Rotation =
+            serde_json::from_str(&record).map_err(|_| DataDirError::Malformed { path: self.rotation() })?;
+        if rotation.switch_unix_ms > now_ms {
+            return Ok(false);
+        }
+        let rename = |from: PathBuf, to: PathBuf| -> Result<(), DataDirError> {
+            if from.exists() {
+                fs::rename(&from, &to).map_err(|source| io("rename", &from, source))?;
+            }
+            Ok(())
+        };
+        if self.ca_next_key().exists() && self.ca_next_cert().exists() {
+            let old = read(&self.ca_cert())?;
+            let fingerprint =
+                pki::pem_to_der(&old, "ca.crt").map(|der| pki::sha256_hex(&der)).unwrap_or_default();
+            let keep =
+                self.root.join(format!("ca.retired-{}.crt", &fingerprint[..fingerprint.len().min(16)]));
+            write_file(&keep, &old, 0o644)?;
+        }
+        rename(self.ca_next_key(), self.ca_key())?;
+        rename(self.ca_next_cert(), self.ca_cert())?;
+        rename(self.server_next_key(), self.server_key())?;
+        rename(self.server_next_cert(), self.server_cert())?;
+        fs::remove_file(self.rotation()).map_err(|source| io("remove", &self.rotation(), source))?;
+        if let Ok(dir) = fs::File::open(&self.root) {
+            let _ = dir.sync_all();
+        }
+        tracing::info!("finished the CA rotation: the new CA is the current one");
+        Ok(true)
+    }
+
+    /// The CA whose certificates the server presents at `now_ms` (the next one of a rotation
+    /// once its switch has come), without touching anything (for `ca fingerprint`).
+    pub fn presented_ca(&self, now_ms: u64) -> Result<CertAuthority, DataDirError> {
+        match self.read_rotation()? {
+            Some(next) if next.rotation.switch_unix_ms <= now_ms => Ok(next.ca),
+            _ => self.read_ca(),
+        }
+    }
 
     /// Loads the directory's materials, creating whatever is missing. The server certificate
     /// covers localhost, 127.0.0.1, ::1, the hostname and `extra_sans`.
@@ -75,6 +188,8 @@ impl DataDir {
             fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
                 .map_err(|source| io("restrict permissions of", &self.root, source))?;
         }
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.finish_rotation(now_ms)?;
         let ca = self.load_or_create_ca()?;
         let admin_token = match read_optional(&self.admin_token())? {
             Some(token) => nonempty(token, &self.admin_token())?,
@@ -86,7 +201,8 @@ impl DataDir {
         };
         let sans = wanted_sans(extra_sans);
         let (server_cert_pem, server_key_pem) = self.load_or_issue_server_cert(&ca, &sans)?;
-        Ok(Materials { ca, server_cert_pem, server_key_pem, admin_token })
+        let next = self.read_rotation()?;
+        Ok(Materials { ca, server_cert_pem, server_key_pem, admin_token, next })
     }
 
     /// Reads the CA certificate without touching anything else (for `ca fingerprint`).
@@ -228,6 +344,58 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), DataDirError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn next_ca(switch_unix_ms: u64) -> NextCa {
+        let ca = CertAuthority::generate().expect("CA");
+        let (server_cert_pem, server_key_pem) = ca.issue_server_cert(&["localhost".into()]).expect("cert");
+        NextCa {
+            ca,
+            server_cert_pem,
+            server_key_pem,
+            rotation: Rotation { switch_unix_ms, signature_hex: "00".into() },
+        }
+    }
+
+    #[test]
+    fn a_rotation_is_finished_only_after_its_switch_and_again_after_a_crash() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = DataDir::new(tmp.path());
+        let first = dir.load_or_init(&[]).expect("init");
+        assert!(first.next.is_none());
+        let next = next_ca(1_000);
+        let new_fingerprint = next.ca.fingerprint().to_owned();
+        dir.write_rotation(&next).expect("written");
+        assert_eq!(dir.read_rotation().expect("read").map(|n| n.rotation.switch_unix_ms), Some(1_000));
+        assert_eq!(dir.presented_ca(999).expect("ca").fingerprint(), first.ca.fingerprint());
+        assert_eq!(dir.presented_ca(1_000).expect("ca").fingerprint(), new_fingerprint);
+
+        assert!(!dir.finish_rotation(999).expect("not yet"), "before the switch nothing moves");
+        assert_eq!(dir.read_ca().expect("ca").fingerprint(), first.ca.fingerprint());
+
+        // A crash after the key moved but before the certificate did: the next pass finishes.
+        fs::rename(dir.ca_next_key(), dir.ca_key()).expect("half a move");
+        assert!(matches!(dir.read_ca(), Err(DataDirError::Pki { .. })), "the half-moved pair does not load");
+        assert!(dir.finish_rotation(1_000).expect("finished"));
+        assert_eq!(dir.read_ca().expect("ca").fingerprint(), new_fingerprint);
+        assert!(dir.read_rotation().expect("read").is_none());
+        assert!(!dir.ca_next_cert().exists() && !dir.server_next_cert().exists());
+        assert!(!dir.finish_rotation(2_000).expect("nothing to do"), "finishing twice changes nothing");
+
+        // The server starts on the new CA with the certificate it issued.
+        let again = dir.load_or_init(&[]).expect("load");
+        assert_eq!(again.ca.fingerprint(), new_fingerprint);
+        assert!(again.next.is_none());
+    }
+
+    #[test]
+    fn a_damaged_rotation_record_is_an_error_not_a_silent_reset() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = DataDir::new(tmp.path());
+        dir.load_or_init(&[]).expect("init");
+        fs::write(dir.rotation(), "{").expect("write");
+        assert!(matches!(dir.read_rotation(), Err(DataDirError::Malformed { .. })));
+        assert!(dir.load_or_init(&[]).is_err());
+    }
 
     #[test]
     fn a_second_start_reuses_everything_and_renews_only_for_new_names() {

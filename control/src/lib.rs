@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod authority;
 pub mod cli;
 pub mod client;
 pub mod clock;

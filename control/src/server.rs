@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
+use crate::authority::Authority;
 use crate::clock::Clock;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::longpoll::NodeWakers;
@@ -120,24 +121,22 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     if !revoked.is_empty() {
         tracing::info!(nodes = revoked.len(), "revoked node certificates are refused");
     }
-    let tls_config = tls::server_config(
-        materials.ca.cert_der(),
-        &materials.server_cert_pem,
-        &materials.server_key_pem,
-        revoked.clone(),
-    )?;
+    let clock = Clock::system();
+    let sans: Vec<String> = crate::data_dir::wanted_sans(&config.extra_sans).into_iter().collect();
+    let admin_token = materials.admin_token.clone();
+    let admin_token_sha256 = Sha256::digest(materials.admin_token.as_bytes()).into();
+    let authority = Arc::new(Authority::new(materials, dir.clone(), sans, clock.clone())?);
+    let tls_config = tls::server_config(Arc::clone(&authority), revoked.clone())?;
     let acceptor = TlsAcceptor::from(Arc::new(tls_config));
     let bind_err = |source| ServeError::Bind { addr: config.listen, source };
     let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
-    let ca_fingerprint = materials.ca.fingerprint().to_owned();
-    let ca_pem = materials.ca.cert_pem().to_owned();
-    let admin_token = materials.admin_token.clone();
-    let clock = Clock::system();
+    let ca_fingerprint = authority.presented().fingerprint().to_owned();
+    let ca_pem = authority.presented().cert_pem().to_owned();
     let state = Arc::new(AppState {
         store: Arc::new(store),
-        ca: materials.ca,
-        admin_token_sha256: Sha256::digest(materials.admin_token.as_bytes()).into(),
+        authority,
+        admin_token_sha256,
         wakers: NodeWakers::default(),
         clock: clock.clone(),
         submit_lock: tokio::sync::Mutex::new(()),

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+use crate::authority::Authority;
 use crate::pki::{self, PkiError};
 use crate::revocation::{RevocationVerifier, Revoked};
 
@@ -29,35 +29,27 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The server's config: chain [server cert, CA cert], TLS 1.3 only, optional client certs
-/// that must chain to `ca` and not be `revoked` when presented, ALPN http/1.1.
-pub fn server_config(
-    ca: &CertificateDer<'static>,
-    server_cert_pem: &str,
-    server_key_pem: &str,
-    revoked: Revoked,
-) -> Result<ServerConfig, TlsError> {
-    let roots = Arc::new(roots_of(std::slice::from_ref(ca))?);
-    let webpki =
-        WebPkiClientVerifier::builder_with_provider(roots, provider()).allow_unauthenticated().build()?;
-    let verifier = Arc::new(RevocationVerifier::new(webpki, revoked));
-    let server_cert = pki::pem_to_der(server_cert_pem, "server.crt")?;
-    let key = private_key(server_key_pem, "server.key")?;
+/// The server's config: TLS 1.3 only, the chain [server cert, CA cert] and the accepted client
+/// CAs the `authority` says on each handshake (they change during a CA rotation), optional
+/// client certs that must not be `revoked` when presented, ALPN http/1.1.
+pub fn server_config(authority: Arc<Authority>, revoked: Revoked) -> Result<ServerConfig, TlsError> {
+    let tls = crate::authority::Tls(authority);
+    let verifier = Arc::new(RevocationVerifier::new(Arc::new(tls.clone()), revoked));
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![server_cert, ca.clone()], key)?;
+        .with_cert_resolver(Arc::new(tls));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 
-/// A TLS 1.3 client config trusting only `ca_pem`, optionally presenting a client identity
-/// `(cert_pem, key_pem)`.
+/// A TLS 1.3 client config trusting only the CAs of `ca_pem` (one, or both during a CA
+/// rotation), optionally presenting a client identity `(cert_pem, key_pem)`.
 pub fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Result<ClientConfig, TlsError> {
-    let ca = pki::pem_to_der(ca_pem, "the CA certificate")?;
+    let cas = pki::pems_to_der(ca_pem, "the CA certificate")?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots_of(&[ca])?);
+        .with_root_certificates(roots_of(&cas)?);
     let config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert_pem, key_pem)) => {

@@ -59,9 +59,9 @@ pub(super) async fn enroll_core(
     // A short life only for an agent that renews its certificate; an older one keeps a year.
     let renews = announce.as_ref().is_some_and(|a| a.has(outpost_protocol::capability::CERT_RENEWAL));
     let issued = if renews {
-        st.ca.issue_client_cert_for(csr_pem, &node_id, st.node_cert_lifetime)
+        st.authority.issuer().issue_client_cert_for(csr_pem, &node_id, st.node_cert_lifetime)
     } else {
-        st.ca.issue_client_cert(csr_pem, &node_id)
+        st.authority.issuer().issue_client_cert(csr_pem, &node_id)
     };
     let cert = match issued {
         Ok(cert) => cert,
@@ -99,7 +99,7 @@ pub(super) async fn enroll_core(
         org_signing_key: crate::signing::effective(&org, now).0.clone(),
         org_id: org.org.id,
         cert_pem: cert.pem,
-        ca_pem: st.ca.cert_pem().to_owned(),
+        ca_pem: st.ca_trust(now).0,
     })
 }
 

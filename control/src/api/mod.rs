@@ -38,7 +38,6 @@ pub use extract::{Body, ConnPeer, NodeAuth, Params};
 
 use crate::clock::Clock;
 use crate::longpoll::NodeWakers;
-use crate::pki::CertAuthority;
 use crate::store::StateStore;
 
 /// Longest a node's poll is held.
@@ -47,7 +46,8 @@ pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// What every handler shares.
 pub struct AppState {
     pub store: Arc<dyn StateStore>,
-    pub ca: CertAuthority,
+    /// The CA (two during a rotation): issues node certificates, says what nodes trust.
+    pub authority: Arc<crate::authority::Authority>,
     /// SHA-256 of the admin token; the token itself is compared only through its digest.
     pub admin_token_sha256: [u8; 32],
     pub wakers: NodeWakers,
@@ -110,6 +110,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::NODE_AUDIT_UPLINK, post(node::upload_audit))
         .route(paths::NODE_TRUST, get(trust::get_node_trust))
         .route(paths::ORG_KEY_ROTATE, post(trust::rotate_org_key))
+        .route(paths::CA_ROTATE, post(trust::rotate_ca))
         .route(paths::NODE_EVENTS, post(events::deliver))
         .route(paths::NODE_SERVICES, post(deploy::node_reports))
         .route(paths::ORG_BUNDLES, post(bundles::create))
@@ -166,8 +167,8 @@ async fn state_revision(mut resp: axum::response::Response) -> axum::response::R
 impl AppState {
     /// Records that `node_id` is talking to us now.
     /// The CAs nodes should trust at `now_ms` (PEM) and the CA rotation under way.
-    pub fn ca_trust(&self, _now_ms: u64) -> (String, Option<outpost_protocol::CaRotation>) {
-        (self.ca.cert_pem().to_owned(), None)
+    pub fn ca_trust(&self, now_ms: u64) -> (String, Option<outpost_protocol::CaRotation>) {
+        self.authority.ca_trust(now_ms)
     }
 
     pub fn touch(&self, node_id: &str) {

@@ -299,8 +299,11 @@ pub async fn renew_certificate(
     Body(req): Body<RenewCertificateRequest>,
 ) -> ApiResult<Json<RenewCertificateResponse>> {
     let presented = peer.0.map(|p| p.cert_sha256).unwrap_or_else(|| node.cert_sha256.clone());
-    let cert =
-        st.ca.issue_client_cert_for(&req.csr_pem, &node.node_id, st.node_cert_lifetime).map_err(|e| {
+    let cert = st
+        .authority
+        .issuer()
+        .issue_client_cert_for(&req.csr_pem, &node.node_id, st.node_cert_lifetime)
+        .map_err(|e| {
             ApiError::bad_request("bad_csr", format!("the certificate signing request is unusable: {e}"))
         })?;
     st.store.renew_node_cert(&node.node_id, &presented, &cert.sha256).await?;

@@ -134,3 +134,49 @@ pub async fn rotate_org_key(
         nodes_left_behind: left,
     }))
 }
+
+#[utoipa::path(post, path = paths::CA_ROTATE, tag = "orgs", request_body = RotateRequest,
+    description = "Rotate the control plane's CA (admin token only). A new CA is made with a server certificate \
+                   of its own and announced to every node, signed by the current CA; new node certificates come \
+                   from it at once and nodes renew theirs. Until the switch (default a week) the server presents its \
+                   certificate of the old CA and accepts client certificates of both; from the switch, only the new \
+                   CA's. A node offline through the whole overlap must enroll again. Refused (409) while a \
+                   rotation is under way, and while nodes run agents that cannot learn of it unless `force` is set.",
+    responses((status = 200, body = RotateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 409, description = "a rotation is under way, or nodes would be left behind", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn rotate_ca(
+    caller: Caller,
+    State(st): State<Shared>,
+    Body(req): Body<RotateRequest>,
+) -> ApiResult<Json<RotateResponse>> {
+    caller.owner_only("rotating the CA")?;
+    let overlap = overlap_ms(&req)?;
+    let nodes = st.store.list_nodes().await?;
+    let left = left_behind(nodes.iter());
+    if !left.is_empty() && !req.force {
+        return Err(refuse_left_behind(&left, "CA rotation"));
+    }
+    let authority = std::sync::Arc::clone(&st.authority);
+    let rotated = tokio::task::spawn_blocking(move || authority.rotate(overlap))
+        .await
+        .map_err(|e| ApiError::internal("rotation_failed", e.to_string()))?;
+    let (fingerprint, switch) = rotated.map_err(|e| match e {
+        crate::authority::RotateError::InProgress { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "rotation_in_progress", e.to_string())
+        }
+        e => ApiError::internal("rotation_failed", e.to_string()),
+    })?;
+    let detail = format!(
+        "CA {fingerprint} announced, signed by the current CA; the server switches to it at {switch} (Unix ms); \
+         {} node(s) left behind{}",
+        left.len(),
+        if left.is_empty() { String::new() } else { format!(": {}", left.join(", ")) }
+    );
+    st.audit(&caller.actor, None, "ca.rotated", &detail).await;
+    for node in &nodes {
+        st.wakers.wake(&node.node_id);
+    }
+    Ok(Json(RotateResponse { new_id: fingerprint, switch_unix_ms: switch, nodes_left_behind: left }))
+}

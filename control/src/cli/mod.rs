@@ -178,9 +178,23 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Print the CA certificate's SHA-256 (what `outpost enroll --ca-fingerprint` takes). Reads
-    /// DATA_DIR/ca.crt; the server need not be running.
+    /// Print the CA certificate's SHA-256 (what `outpost enroll --ca-fingerprint` takes): the
+    /// CA whose certificate the server presents now (the new one once a rotation has switched).
+    /// Reads DATA_DIR; the server need not be running.
     Fingerprint,
+    /// Rotate the CA (admin token). A new CA is announced to every node, signed by the current
+    /// one; new node certificates come from it at once and nodes renew theirs. At the end of the
+    /// overlap the server presents its certificate of the new CA and refuses client certificates
+    /// of the old one: a node offline through the whole overlap must enroll again. Operators'
+    /// copies of the CA certificate (--ca-file) need the new one by then (DATA_DIR/ca.next.crt).
+    Rotate {
+        /// How long nodes trust both CAs before the switch: 60s to 365d.
+        #[arg(long, value_parser = submit::parse_duration, default_value = "7d")]
+        overlap: Duration,
+        /// Rotate although some nodes run agents too old to learn of it.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -457,7 +471,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Fingerprint) => {
-            let ca = DataDir::new(&g.data_dir).read_ca()?;
+            let ca = DataDir::new(&g.data_dir).presented_ca(crate::clock::Clock::system().now_ms())?;
             println!("{}", ca.fingerprint());
             Ok(ExitCode::SUCCESS)
         }

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::relay::{self, EventsCommand, TriggerCommand};
 use super::{
-    ApiTokenCommand, AuditCommand, Command, Global, JobCommand, NodeCommand, OrgCommand, TokenCommand, show,
-    submit,
+    ApiTokenCommand, AuditCommand, CaCommand, Command, Global, JobCommand, NodeCommand, OrgCommand,
+    TokenCommand, show, submit,
 };
 use crate::client::{Client, EventsQuery, JobsQuery};
 use crate::data_dir::DataDir;
@@ -31,8 +31,14 @@ fn client(g: &Global) -> anyhow::Result<Client> {
         }
     };
     let ca_path = g.ca_file.clone().unwrap_or_else(|| dir.ca_cert());
-    let ca = std::fs::read_to_string(&ca_path)
+    let mut ca = std::fs::read_to_string(&ca_path)
         .with_context(|| format!("cannot read the CA certificate {} (give --ca-file)", ca_path.display()))?;
+    // During a CA rotation the server presents the new CA's certificate from the switch on.
+    if g.ca_file.is_none()
+        && let Ok(next) = std::fs::read_to_string(dir.ca_next_cert())
+    {
+        ca.push_str(&next);
+    }
     Client::new(&g.url, &ca, &token)
 }
 
@@ -93,6 +99,11 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
                 held
             };
             print(g.json, &settings, |s| show::org_settings(&org, s))?;
+        }
+        Command::Ca(CaCommand::Rotate { overlap, force }) => {
+            let req = outpost_protocol::RotateRequest { overlap_secs: Some(overlap.as_secs()), force };
+            let r = c.rotate_ca(&req).await?;
+            print(g.json, &r, |r| show::rotation("CA", r))?;
         }
         Command::Org(OrgCommand::RotateKey { org, overlap, force }) => {
             let req = outpost_protocol::RotateRequest { overlap_secs: Some(overlap.as_secs()), force };

@@ -28,6 +28,18 @@ pub fn pem_to_der(pem: &str, what: &str) -> Result<CertificateDer<'static>, PkiE
         .map_err(|e| bad(e.to_string()))
 }
 
+/// Every certificate of `pem` (at least one).
+pub fn pems_to_der(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let bad = |reason: String| PkiError::BadPem { what: what.to_owned(), reason };
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
 fn parse<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, PkiError> {
     X509Certificate::from_der(der)
         .map(|(_, cert)| cert)

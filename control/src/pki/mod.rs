@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 pub use inspect::{
-    PeerCert, normalise_san, not_after_unix, peer_cert, pem_to_der, san_names, subject_and_issuer,
+    PeerCert, normalise_san, not_after_unix, peer_cert, pem_to_der, pems_to_der, san_names,
+    subject_and_issuer,
 };
 
 /// How long issued certificates live.
@@ -40,6 +41,8 @@ pub enum PkiError {
     BadCert { what: String, reason: String },
     #[error("the CA key does not match the CA certificate; restore ca.key and ca.crt together")]
     KeyMismatch,
+    #[error("the CA key cannot sign: {0}")]
+    Sign(String),
 }
 
 /// SHA-256 of `bytes`, lowercase hex.
@@ -100,6 +103,20 @@ impl CertAuthority {
 
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.der
+    }
+
+    /// An ECDSA P-256 SHA-256 signature (ASN.1 DER) by the CA's key over `message`: how the CA
+    /// announces the one that replaces it.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, PkiError> {
+        let rng = ring::rand::SystemRandom::new();
+        let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &self.key.serialize_der(),
+            &rng,
+        )
+        .map_err(|e| PkiError::Sign(e.to_string()))?;
+        let signature = signer.sign(&rng, message).map_err(|e| PkiError::Sign(e.to_string()))?;
+        Ok(signature.as_ref().to_vec())
     }
 
     /// SHA-256 of the CA certificate (DER), hex: what nodes pin with `--ca-fingerprint`.

@@ -150,3 +150,137 @@ async fn a_rotation_that_would_strand_old_agents_is_refused_unless_forced() {
     let now = server.clock().now_ms();
     assert!(forced.switch_unix_ms > now + week - 60_000 && forced.switch_unix_ms <= now + week);
 }
+
+/// Whether the CA certificate `ca_pem` signed `message` (ECDSA P-256 SHA-256, DER).
+fn ca_signed(ca_pem: &str, message: &[u8], signature_hex: &str) -> bool {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).expect("PEM");
+    let cert = pem.parse_x509().expect("cert");
+    let public = cert.public_key().subject_public_key.data.to_vec();
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public)
+        .verify(message, &hex::decode(signature_hex).expect("hex"))
+        .is_ok()
+}
+
+fn issuer_of(cert_pem: &str) -> String {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).expect("PEM");
+    pem.parse_x509().expect("cert").issuer().to_string()
+}
+
+fn subject_of(cert_pem: &str) -> String {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).expect("PEM");
+    pem.parse_x509().expect("cert").subject().to_string()
+}
+
+/// A poll over a fresh connection trusting `ca_pem` with the client identity `(cert, key)`.
+async fn poll_with(server: &TestServer, ca_pem: &str, cert: &str, key: &str) -> Result<StatusCode, String> {
+    let http = crate::support::https(ca_pem, Some((cert, key)));
+    let req = outpost_protocol::PollRequest { wait_secs: Some(0), ..Default::default() };
+    http.post(format!("{}{}", server.url(), paths::NODE_POLL))
+        .json(&req)
+        .send()
+        .await
+        .map(|r| r.status())
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test]
+async fn a_ca_rotation_is_announced_by_the_old_ca_and_switches_at_the_end_of_the_overlap() {
+    let server = TestServer::start().await.expect("server");
+    let old_ca = server.ca_pem().to_owned();
+    let (org, token) = org_and_token(&server).await;
+    let node = TestNode::enroll_announcing(
+        &server.url(),
+        &old_ca,
+        &token,
+        Some(outpost_protocol::Announce::this_build()),
+    )
+    .await;
+    let before = node.poll(&[], 0).await.trust.expect("a tag");
+
+    // Only the admin token rotates the CA.
+    let op = server.operator().expect("operator");
+    let viewer =
+        op.create_api_token(&org, "viewer", outpost_protocol::Role::Admin, None).await.expect("API token");
+    let as_org = outpost_control::client::Client::new(&server.url(), &old_ca, &viewer.token).expect("client");
+    let refused = as_org.rotate_ca(&RotateRequest::default()).await.expect_err("owner only");
+    assert!(
+        refused.to_string().contains("owner_only") || refused.to_string().contains("admin token"),
+        "{refused}"
+    );
+
+    let rotated =
+        op.rotate_ca(&RotateRequest { overlap_secs: Some(600), force: false }).await.expect("rotated");
+    assert_ne!(rotated.new_id, server.ca_fingerprint());
+    let again = op_post(&server, paths::CA_ROTATE, &RotateRequest::default()).await;
+    assert_error(&again, StatusCode::CONFLICT, "rotation_in_progress");
+
+    // The node hears of it, and the new CA is announced with the old CA's signature.
+    assert_ne!(node.poll(&[], 0).await.trust.expect("a tag"), before);
+    let doc = trust(&node).await;
+    let rotation = doc.ca_rotation.clone().expect("a rotation under way");
+    assert_eq!(rotation.switch_unix_ms, rotated.switch_unix_ms);
+    assert_eq!(doc.ca_pem.matches("BEGIN CERTIFICATE").count(), 2, "both CAs through the overlap");
+    let message = outpost_protocol::ca_rotation_message(&rotated.new_id, rotation.switch_unix_ms);
+    assert!(ca_signed(&old_ca, message.as_bytes(), &rotation.signature_hex), "signed by the old CA");
+    assert!(!ca_signed(&rotation.new_ca_pem, message.as_bytes(), &rotation.signature_hex));
+    let new_ca = rotation.new_ca_pem.clone();
+
+    // During the overlap the server still presents the old CA's certificate, and a renewal
+    // comes from the new CA.
+    assert_eq!(poll_with(&server, &old_ca, &node.enrolled.cert_pem, &node.key_pem).await, Ok(StatusCode::OK));
+    let (csr_pem, key_pem) = crate::support::csr();
+    let (status, body) =
+        node.post(paths::NODE_CERTIFICATE, &outpost_protocol::RenewCertificateRequest { csr_pem }).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let renewed: outpost_protocol::RenewCertificateResponse = serde_json::from_value(body).expect("renewed");
+    assert_eq!(issuer_of(&renewed.cert_pem), subject_of(&new_ca));
+    // A node enrolling now pins both CAs.
+    let token2 = op.create_token(&org, None).await.expect("token");
+    let fresh = TestNode::enroll_announcing(&server.url(), &old_ca, &token2.token, None).await;
+    assert_eq!(fresh.enrolled.ca_pem.matches("BEGIN CERTIFICATE").count(), 2);
+    assert_eq!(issuer_of(&fresh.enrolled.cert_pem), subject_of(&new_ca), "new certificates: the new CA");
+    // The server presents the old CA's certificate through the overlap.
+    assert_eq!(
+        poll_with(&server, &old_ca, &fresh.enrolled.cert_pem, &fresh.key_pem).await,
+        Ok(StatusCode::OK)
+    );
+
+    // From the switch: the new CA's server certificate, and only its client certificates.
+    server.clock().advance(std::time::Duration::from_secs(601));
+    let err = poll_with(&server, &old_ca, &renewed.cert_pem, &key_pem).await.expect_err("old CA only");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert_eq!(poll_with(&server, &new_ca, &renewed.cert_pem, &key_pem).await, Ok(StatusCode::OK));
+    let both = format!("{old_ca}{new_ca}");
+    assert!(
+        poll_with(&server, &both, &node.enrolled.cert_pem, &node.key_pem).await.is_err(),
+        "a client certificate of the old CA is refused after the switch"
+    );
+    let renewed_node = crate::support::https(&new_ca, Some((&renewed.cert_pem, &key_pem)));
+    let resp =
+        renewed_node.get(format!("{}{}", server.url(), paths::NODE_TRUST)).send().await.expect("trust");
+    let doc: NodeTrust = resp.json().await.expect("a NodeTrust");
+    assert!(doc.ca_rotation.is_none());
+    assert_eq!(doc.ca_pem, new_ca, "the new CA alone");
+
+    let audit = outpost_control::client::Client::new(&server.url(), &both, server.admin_token())
+        .expect("client")
+        .audit(20)
+        .await
+        .expect("audit");
+    assert!(audit.entries.iter().any(|e| e.action == "ca.rotated" && e.detail.contains(&rotated.new_id)));
+}
+
+#[tokio::test]
+async fn a_rotation_under_way_survives_a_restart() {
+    let server = TestServer::start().await.expect("server");
+    let op = server.operator().expect("operator");
+    let rotated =
+        op.rotate_ca(&RotateRequest { overlap_secs: Some(3600), force: false }).await.expect("rotated");
+    let old_fingerprint = server.ca_fingerprint().to_owned();
+    let server = server.restart().await.expect("restarted");
+    // Still in the overlap: the old CA is presented, the rotation is still announced.
+    assert_eq!(server.ca_fingerprint(), old_fingerprint);
+    let again = op_post(&server, paths::CA_ROTATE, &RotateRequest::default()).await;
+    assert_error(&again, StatusCode::CONFLICT, "rotation_in_progress");
+    assert!(again.1["message"].as_str().is_some_and(|m| m.contains(&rotated.new_id)), "{}", again.1);
+}
