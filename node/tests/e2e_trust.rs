@@ -127,3 +127,96 @@ fn node_audit_text(control: &Control, node_id: &str) -> String {
     let out = control.cli(&["audit", "list", "--node", node_id, "--json"]);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The certificates of `pem`.
+fn cert_count(pem: &str) -> usize {
+    pem.matches("BEGIN CERTIFICATE").count()
+}
+
+fn rotate(control: &Control, args: &[&str]) -> outpost_protocol::RotateResponse {
+    let out = control.cli(&[&["--json"], args].concat());
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("a RotateResponse")
+}
+
+/// Waits until `what` holds, or fails with the agent's log.
+async fn until(node: &Node, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}; agent log:\n{}",
+            node.log.snapshot().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotations_reach_a_running_agent_and_a_node_offline_through_them_is_told_to_enroll_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("rotation").await;
+    let config = "[control]\npoll_wait_secs = 1\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n";
+    let mut online = Node::enroll(&tmp.path().join("online"), &control, &org.id, config).await;
+    // Enrolled with an agent that follows rotations, then away through both of them.
+    let mut away = Node::enroll(&tmp.path().join("away"), &control, &org.id, config).await;
+    online.start();
+    let job = control.submit(&online.node_id, sh("echo before")).await;
+    assert_eq!(control.wait_result(&job.job_id, Duration::from_secs(60)).await.stdout_tail, "before\n");
+    let (enrolled_cert, _) = certs(&control, &online.node_id).await;
+
+    // Both rotations at once, with the shortest overlap there is.
+    let key = rotate(&control, &["org", "rotate-key", &org.id, "--overlap", "60s"]);
+    let ca = rotate(&control, &["ca", "rotate", "--overlap", "60s"]);
+    assert!(key.nodes_left_behind.is_empty() && ca.nodes_left_behind.is_empty(), "{key:?} {ca:?}");
+    let rotated_at = Instant::now();
+    control.op = harness::Operator::for_data_dir(&control.url, &control.dir);
+
+    // The running agent learns the endorsed key and the signed CA, and renews from the new CA.
+    let identity = online.dir.join("data/identity");
+    let read = |name: &str| std::fs::read_to_string(identity.join(name)).unwrap_or_default();
+    until(&online, "both keys and both CAs trusted", Duration::from_secs(30), || {
+        read("trust.json").contains(&key.new_id) && cert_count(&read("ca.crt")) == 2
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while certs(&control, &online.node_id).await.0 == enrolled_cert {
+        assert!(
+            Instant::now() < deadline,
+            "no renewal from the new CA:\n{}",
+            online.log.snapshot().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let job = control.submit(&online.node_id, sh("echo during")).await;
+    assert_eq!(control.wait_result(&job.job_id, Duration::from_secs(60)).await.stdout_tail, "during\n");
+
+    // Past the switch: the new key signs, the server presents the new CA, and the agent
+    // trusts only the new ones.
+    let switch = Duration::from_secs(62);
+    tokio::time::sleep(switch.saturating_sub(rotated_at.elapsed())).await;
+    let job = control.submit(&online.node_id, sh("echo after")).await;
+    assert_eq!(control.wait_result(&job.job_id, Duration::from_secs(60)).await.stdout_tail, "after\n");
+    until(&online, "the old key and CA dropped", Duration::from_secs(30), || {
+        let trust: serde_json::Value = serde_json::from_str(&read("trust.json")).unwrap_or_default();
+        trust["org_keys"].as_array().is_some_and(|k| k.len() == 1 && k[0]["key_id"] == key.new_id.as_str())
+            && cert_count(&read("ca.crt")) == 1
+    })
+    .await;
+    assert!(online.log.contains("took the control plane's trust rotation"));
+
+    // The node that was away through the whole overlap cannot connect, and says what to do.
+    away.start();
+    assert!(
+        away.log.wait_for("enroll this node again", Duration::from_secs(30)),
+        "the agent says what to do:\n{}",
+        away.log.snapshot().join("\n")
+    );
+    away.stop();
+    control.fingerprint = ca.new_id.clone();
+    away.enroll_again(&control, &org.id).await;
+    away.start();
+    let job = control.submit(&away.node_id, sh("echo back")).await;
+    assert_eq!(control.wait_result(&job.job_id, Duration::from_secs(60)).await.stdout_tail, "back\n");
+}

@@ -257,7 +257,11 @@ impl Operator {
     pub fn for_data_dir(url: &str, dir: &Path) -> Operator {
         let admin_token =
             std::fs::read_to_string(dir.join("admin.token")).expect("admin.token").trim().to_string();
-        let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).expect("ca.crt");
+        let mut ca_pem = std::fs::read_to_string(dir.join("ca.crt")).expect("ca.crt");
+        // During a CA rotation: the new CA too (presented from the switch).
+        if let Ok(next) = std::fs::read_to_string(dir.join("ca.next.crt")) {
+            ca_pem.push_str(&next);
+        }
         let tls = enroll_client_config(&CaTrust::Pem(ca_pem.clone())).expect("operator TLS config");
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -522,6 +526,35 @@ impl Node {
             &control.fingerprint,
         ]);
         Node::enrolled(dir, config, bin)
+    }
+
+    /// `outpost enroll --force` with a new token of `org_id` and the CA `control` presents now
+    /// (`control.fingerprint`): a new identity in place of the old one.
+    pub async fn enroll_again(&mut self, control: &Control, org_id: &str) {
+        let token = control.create_token(org_id).await;
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .args([
+                "enroll",
+                "--force",
+                "--control",
+                &control.url,
+                "--token",
+                &token.token,
+                "--ca-fingerprint",
+            ])
+            .arg(&control.fingerprint)
+            .args(["--hostname", "e2e-node"])
+            .output()
+            .expect("run outpost enroll");
+        assert!(
+            out.status.success(),
+            "outpost enroll --force failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        *self = Node::enrolled(&self.dir, self.config.clone(), self.bin.clone());
     }
 
     /// The node whose identity enrollment wrote under `dir`.
