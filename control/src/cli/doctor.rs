@@ -121,7 +121,12 @@ pub(super) async fn run(g: &Global, json: bool) -> anyhow::Result<ExitCode> {
     let renew_server = "restart the server: it issues itself a new certificate from its CA when the old one is \
                         near its end or lacks a name";
     let checks = vec![
-        cert_check("ca", &dir.ca_cert(), "the CA certificate", "plan a CA rotation: every node pins this CA"),
+        cert_check(
+            "ca",
+            &dir.ca_cert(),
+            "the CA certificate",
+            "rotate the CA well before it ends (`outpost-control ca rotate --overlap 30d`): every node pins it",
+        ),
         cert_check("server_cert", &dir.server_cert(), "the server certificate", renew_server),
         admin_token_check(&dir),
         store_check(&dir),
