@@ -116,9 +116,14 @@ pub async fn poll(
             .chain(logs.iter().map(|l| format!("l:{}", l.request_id)))
             .chain(trust.iter().map(|t| format!("t:{t}")))
             .collect();
+        // A new trust tag ends a held poll only when the node was sent another one before: the
+        // first poll since this process started is held as usual and its answer carries the tag.
         let unsent = st.sent.lock().map_or(true, |sent| {
             let before = sent.get(&node.node_id);
-            pending.iter().any(|k| before.is_none_or(|b| !b.contains(k)))
+            pending.iter().any(|k| match before {
+                None => !k.starts_with("t:"),
+                Some(b) => !b.contains(k),
+            })
         });
         let answer = |queued: Vec<crate::store::JobRecord>| {
             if let Ok(mut sent) = st.sent.lock() {
