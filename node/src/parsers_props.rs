@@ -264,3 +264,211 @@ proptest! {
         prop_assert!(!err.to_string().is_empty());
     }
 }
+
+/// Every key of a whole configuration (dotted, as an operator writes it) with its default value:
+/// what an empty file loads to.
+fn config_keys() -> &'static Vec<(String, toml::Value)> {
+    static KEYS: std::sync::OnceLock<Vec<(String, toml::Value)>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        let loaded =
+            crate::config::Config::load_with_env(Some(file.path()), &Default::default()).expect("defaults");
+        let mut keys = Vec::new();
+        fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+            for (k, v) in table {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match v {
+                    toml::Value::Table(t) => flatten(&key, t, out),
+                    v => out.push((key, v.clone())),
+                }
+            }
+        }
+        let table = toml::Table::try_from(&loaded.config).expect("a config serialises");
+        flatten("", &table, &mut keys);
+        keys
+    })
+}
+
+/// A value for a key whose default is `like`: mostly of its type, sometimes of another.
+fn toml_value(like: toml::Value) -> BoxedStrategy<toml::Value> {
+    let same: BoxedStrategy<toml::Value> = match like {
+        toml::Value::Boolean(_) => any::<bool>().prop_map(toml::Value::Boolean).boxed(),
+        toml::Value::Integer(_) => {
+            prop_oneof![0i64..100_000, any::<i64>()].prop_map(toml::Value::Integer).boxed()
+        }
+        toml::Value::Float(_) => any::<f64>().prop_map(toml::Value::Float).boxed(),
+        toml::Value::Array(_) => {
+            prop::collection::vec("[a-z0-9/:._*=-]{0,16}".prop_map(toml::Value::String), 0..4)
+                .prop_map(toml::Value::Array)
+                .boxed()
+        }
+        // The default itself (an enum's name, a path) half the time.
+        toml::Value::String(s) => prop_oneof![
+            4 => Just(s),
+            2 => "[a-z0-9/._-]{1,16}",
+            2 => "[0-9]{1,4}[smhd]",
+            1 => any::<String>()
+        ]
+        .prop_map(toml::Value::String)
+        .boxed(),
+        other => Just(other).boxed(),
+    };
+    prop_oneof![
+        24 => same,
+        1 => any::<String>().prop_map(toml::Value::String),
+        1 => any::<i64>().prop_map(toml::Value::Integer),
+        1 => any::<bool>().prop_map(toml::Value::Boolean),
+    ]
+    .boxed()
+}
+
+/// A configuration file: known keys with generated values, now and then an unknown one.
+fn config_file() -> impl Strategy<Value = toml::Table> {
+    let known = prop::sample::select(config_keys().clone())
+        .prop_flat_map(|(key, like)| (Just(key), toml_value(like)));
+    let unknown = ("[a-z]{1,8}(\\.[a-z]{1,8})?", any::<i64>().prop_map(toml::Value::Integer));
+    prop::collection::vec(prop_oneof![30 => known, 1 => unknown], 0..8).prop_map(|pairs| {
+        let mut table = toml::Table::new();
+        for (key, value) in pairs {
+            let mut at = &mut table;
+            let mut parts: Vec<&str> = key.split('.').collect();
+            let last = parts.pop().unwrap_or_default();
+            for p in parts {
+                let entry = at.entry(p).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if !entry.is_table() {
+                    *entry = toml::Value::Table(toml::Table::new());
+                }
+                let toml::Value::Table(next) = entry else { unreachable!("made a table just above") };
+                at = next;
+            }
+            at.insert(last.to_owned(), value);
+        }
+        table
+    })
+}
+
+proptest! {
+    #![proptest_config(config(500))]
+
+    /// A whole configuration file is accepted or refused with a reason, never a panic; an
+    /// accepted one, written out as the node understood it, loads back to the same.
+    #[test]
+    fn configuration_files_load_or_are_refused_and_round_trip(
+        table in config_file(),
+        garbage in prop::bool::weighted(0.25),
+        noise in any::<String>(),
+    ) {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("outpost.toml");
+        let mut text = toml::to_string(&table).expect("a table serialises");
+        if garbage {
+            text.push_str(&noise);
+        }
+        std::fs::write(&path, &text).expect("write");
+        match crate::config::Config::load_with_env(Some(&path), &Default::default()) {
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+            Ok(loaded) => {
+                let again = toml::to_string(&loaded.config).expect("a loaded config serialises");
+                std::fs::write(&path, &again).expect("write");
+                let reloaded = crate::config::Config::load_with_env(Some(&path), &Default::default());
+                prop_assert!(reloaded.is_ok(), "written out, it no longer loads: {again}\n{:?}", reloaded.err());
+                prop_assert_eq!(reloaded.map(|l| l.config).ok(), Some(loaded.config));
+            }
+        }
+    }
+}
+
+/// A key made from `seed`, as the protocol names it.
+fn chain_key(seed: u8) -> (SigningKey, PublicKey) {
+    use sha2::Digest;
+    let sk = SigningKey::from_bytes(&[seed; 32]);
+    let bytes = sk.verifying_key().to_bytes();
+    let key_id = hex::encode(sha2::Sha256::digest(bytes))[..16].to_owned();
+    (sk, PublicKey { key_id, ed25519_hex: hex::encode(bytes) })
+}
+
+fn pinned_ca() -> &'static String {
+    static CA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.self_signed(&key).expect("CA").pem()
+    })
+}
+
+proptest! {
+    #![proptest_config(config(1_000))]
+
+    /// Whatever chain a trust document lists (keys endorsed properly or not, by the key before
+    /// them or by another, retired or not), the node ends up trusting exactly the listed keys,
+    /// not retired, that an unbroken chain of valid endorsements links to a key it held, or
+    /// changes nothing and says why.
+    #[test]
+    fn a_trust_document_adds_only_endorsed_keys(
+        entries in prop::collection::vec((1u8..12, 0u8..4, any::<bool>(), 0u64..10_000), 1..7),
+        held in prop::collection::vec(1u8..12, 1..3),
+    ) {
+        let held: Vec<PublicKey> = held.iter().map(|s| chain_key(*s).1).collect();
+        let mut doc_keys = Vec::new();
+        let mut previous: Option<(SigningKey, PublicKey)> = None;
+        for (seed, how, retired, signs_from) in &entries {
+            let (sk, public) = chain_key(*seed);
+            // 0: endorsed by the key before; 1: by a stranger; 2: over another org; 3: not at all.
+            let endorsement = previous.as_ref().and_then(|(prev, _)| {
+                let message = outpost_protocol::key_rotation_message("org", &public, *signs_from);
+                match how {
+                    0 => Some(hex::encode(prev.sign(message.as_bytes()).to_bytes())),
+                    1 => Some(hex::encode(chain_key(99).0.sign(message.as_bytes()).to_bytes())),
+                    2 => {
+                        let other = outpost_protocol::key_rotation_message("org-2", &public, *signs_from);
+                        Some(hex::encode(prev.sign(other.as_bytes()).to_bytes()))
+                    }
+                    _ => None,
+                }
+            });
+            doc_keys.push(outpost_protocol::OrgKey {
+                key: public.clone(),
+                signs_from_unix_ms: *signs_from,
+                endorsement_hex: endorsement,
+                retired: *retired,
+            });
+            previous = Some((sk, public));
+        }
+        // What the node may trust: walk the chain as the rules say.
+        let mut trusted: Vec<String> = held.iter().map(|k| k.key_id.clone()).collect();
+        let mut poisoned = false;
+        for (i, (_, how, _, _)) in entries.iter().enumerate() {
+            let id = doc_keys[i].key.key_id.clone();
+            if trusted.contains(&id) || i == 0 {
+                continue;
+            }
+            let prev = &doc_keys[i - 1].key.key_id;
+            if trusted.contains(prev) {
+                if *how == 0 {
+                    trusted.push(id);
+                } else if *how != 3 {
+                    poisoned = true; // a bad signature by a trusted key's successor: refused outright
+                }
+            }
+        }
+        let expected: Vec<PublicKey> = doc_keys
+            .iter()
+            .filter(|e| !e.retired && trusted.contains(&e.key.key_id))
+            .map(|e| e.key.clone())
+            .collect();
+        let doc = outpost_protocol::NodeTrust {
+            tag: "t".into(),
+            ca_pem: pinned_ca().clone(),
+            ca_rotation: None,
+            org_keys: doc_keys,
+        };
+        match crate::rotation::apply("org", &held, pinned_ca(), &doc) {
+            Ok(applied) => {
+                prop_assert!(!poisoned, "a forged endorsement was let through");
+                prop_assert_eq!(applied.org_keys, expected);
+            }
+            Err(e) => prop_assert!(poisoned || expected.is_empty(), "refused a good document: {}", e),
+        }
+    }
+}

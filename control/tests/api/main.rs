@@ -18,6 +18,7 @@ mod limits;
 mod logs;
 mod metrics;
 mod openapi;
+mod props;
 mod renewal;
 mod restart;
 mod results;
