@@ -50,6 +50,9 @@ struct Held {
 struct Next {
     held: Held,
     rotation: Rotation,
+    /// Set the first time the switch is seen: it holds from then on, whatever the clock does
+    /// afterwards (a step back must not bring back the old CA).
+    seen: std::sync::atomic::AtomicBool,
     /// Client certificates of the new CA only (from the switch).
     alone: Arc<dyn ClientCertVerifier>,
 }
@@ -63,7 +66,17 @@ struct State {
 
 impl State {
     fn switched(&self, now_ms: u64) -> bool {
-        self.next.as_ref().is_some_and(|n| n.rotation.switch_unix_ms <= now_ms)
+        use std::sync::atomic::Ordering;
+        self.next.as_ref().is_some_and(|n| {
+            if n.seen.load(Ordering::Relaxed) {
+                return true;
+            }
+            let due = n.rotation.switch_unix_ms <= now_ms;
+            if due {
+                n.seen.store(true, Ordering::Relaxed);
+            }
+            due
+        })
     }
 }
 
@@ -104,7 +117,9 @@ fn state(current: Held, next: Option<(Held, Rotation)>) -> Result<State, TlsErro
         None => verifier(&[&current.ca])?,
     };
     let next = match next {
-        Some((held, rotation)) => Some(Next { alone: verifier(&[&held.ca])?, held, rotation }),
+        Some((held, rotation)) => {
+            Some(Next { alone: verifier(&[&held.ca])?, held, rotation, seen: Default::default() })
+        }
         None => None,
     };
     Ok(State { current, next, both })

@@ -24,6 +24,14 @@ impl Clock {
     pub fn advance(&self, by: Duration) {
         self.skew_ms.fetch_add(by.as_millis() as u64, Ordering::Relaxed);
     }
+
+    /// Moves this clock back by `by`, at most to the real time (a step back after an advance,
+    /// as an NTP correction makes).
+    pub fn rewind(&self, by: Duration) {
+        let by = by.as_millis() as u64;
+        let _ =
+            self.skew_ms.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(s.saturating_sub(by)));
+    }
 }
 
 #[cfg(test)]

@@ -142,7 +142,10 @@ impl DataDir {
         let Some(record) = read_optional(&self.rotation())? else { return Ok(false) };
         let rotation: Rotation =
             serde_json::from_str(&record).map_err(|_| DataDirError::Malformed { path: self.rotation() })?;
-        if rotation.switch_unix_ms > now_ms {
+        // Once a file has moved the rotation is finished whatever the clock says (a clock set
+        // back between two starts must not leave half a move).
+        let begun = !self.ca_next_key().exists() || !self.ca_next_cert().exists();
+        if rotation.switch_unix_ms > now_ms && !begun {
             return Ok(false);
         }
         let rename = |from: PathBuf, to: PathBuf| -> Result<(), DataDirError> {
@@ -153,10 +156,10 @@ impl DataDir {
         };
         if self.ca_next_key().exists() && self.ca_next_cert().exists() {
             let old = read(&self.ca_cert())?;
-            let fingerprint =
-                pki::pem_to_der(&old, "ca.crt").map(|der| pki::sha256_hex(&der)).unwrap_or_default();
-            let keep =
-                self.root.join(format!("ca.retired-{}.crt", &fingerprint[..fingerprint.len().min(16)]));
+            let fingerprint = pki::pem_to_der(&old, "ca.crt")
+                .map(|der| pki::sha256_hex(&der)[..16].to_owned())
+                .unwrap_or_else(|_| "unreadable".into());
+            let keep = self.root.join(format!("ca.retired-{fingerprint}.crt"));
             write_file(&keep, &old, 0o644)?;
         }
         rename(self.ca_next_key(), self.ca_key())?;

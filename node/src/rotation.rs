@@ -28,6 +28,10 @@ pub struct Accepted {
     /// The org's signing keys the node accepts signatures of.
     pub org_keys: Vec<PublicKey>,
     pub updated_unix_ms: u64,
+    /// The new CA of a rotation under way, PEM: until the node's certificate is one it issued,
+    /// the agent renews (at every start too), or the switch would lock the node out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_next_pem: Option<String>,
 }
 
 const TRUST_JSON: &str = "trust.json";
@@ -59,6 +63,8 @@ pub struct Applied {
     pub cas_dropped: Vec<String>,
     /// A CA rotation under way: the new CA's fingerprint and when the control plane switches.
     pub ca_rotation: Option<(String, u64)>,
+    /// That new CA, PEM.
+    pub ca_next_pem: Option<String>,
 }
 
 impl Applied {
@@ -197,6 +203,7 @@ fn apply_cas(ca_pem: &str, doc: &NodeTrust, applied: &mut Applied) -> Result<(),
             trusted.push(new.fingerprint.clone());
         }
         applied.ca_rotation = Some((new.fingerprint.clone(), rotation.switch_unix_ms));
+        applied.ca_next_pem = Some(pem_of(&new.der));
         if !offered.iter().any(|c| c.fingerprint == new.fingerprint) {
             offered.push(new);
         }
@@ -234,14 +241,19 @@ pub fn store(identity_dir: &Path, applied: &Applied, tag: &str, now_unix_ms: u64
         crate::identity::replace_file(&identity_dir.join("ca.crt"), pem.as_bytes(), 0o644)
             .map_err(|e| format!("identity/ca.crt: {e}"))?;
     }
-    let accepted =
-        Accepted { tag: tag.to_owned(), org_keys: applied.org_keys.clone(), updated_unix_ms: now_unix_ms };
+    let accepted = Accepted {
+        tag: tag.to_owned(),
+        org_keys: applied.org_keys.clone(),
+        updated_unix_ms: now_unix_ms,
+        ca_next_pem: applied.ca_next_pem.clone(),
+    };
     let body = serde_json::to_vec_pretty(&accepted).map_err(|e| e.to_string())?;
     crate::identity::replace_file(&identity_dir.join(TRUST_JSON), &body, 0o644)
         .map_err(|e| format!("identity/{TRUST_JSON}: {e}"))
 }
 
-/// Whether the certificate `cert_pem` names the CA `ca_pem` as its issuer.
+/// Whether the CA `ca_pem` issued the certificate `cert_pem`: its issuer is the CA's subject
+/// and the CA's key (ECDSA P-256, as Outpost's CAs are) signed it.
 pub fn issued_by(cert_pem: &str, ca_pem: &str) -> bool {
     let (Ok(cert), Ok(ca)) =
         (tls::certs_from_pem(cert_pem, "certificate"), tls::certs_from_pem(ca_pem, "CA"))
@@ -254,7 +266,18 @@ pub fn issued_by(cert_pem: &str, ca_pem: &str) -> bool {
     ) else {
         return false;
     };
+    let public = ca.public_key().subject_public_key.data.as_ref();
     cert.issuer().as_raw() == ca.subject().as_raw()
+        && ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public)
+            .verify(cert.tbs_certificate.as_ref(), cert.signature_value.data.as_ref())
+            .is_ok()
+}
+
+/// The new CA of a rotation under way whose certificate the node does not hold yet, if any
+/// (`cert_pem` is the node's certificate).
+pub fn renewal_owed(identity_dir: &Path, cert_pem: &str) -> Option<String> {
+    let next = load(identity_dir).ok().flatten()?.ca_next_pem?;
+    (!issued_by(cert_pem, &next)).then_some(next)
 }
 
 #[cfg(test)]
@@ -433,6 +456,33 @@ mod tests {
         )
         .expect_err("refused");
         assert!(err.contains("enroll this node again"), "{err}");
+    }
+
+    #[test]
+    fn a_certificate_is_issued_by_a_ca_only_when_its_key_signed_it() {
+        let (a, twin) = (ca("same name"), ca("same name"));
+        let node_key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "node-1");
+        let cert = params.signed_by(&node_key, &a.cert, &a.key).expect("issued").pem();
+        assert!(issued_by(&cert, &a.cert.pem()));
+        assert!(!issued_by(&cert, &twin.cert.pem()), "the same name is not the same CA");
+        assert!(!issued_by("not a certificate", &a.cert.pem()));
+
+        // A renewal is owed while a rotation's new CA has not issued the node's certificate.
+        let dir = tempfile::tempdir().expect("dir");
+        assert_eq!(renewal_owed(dir.path(), &cert), None, "no rotation, nothing owed");
+        let keys = [key(1)];
+        let pending = Applied {
+            org_keys: vec![keys[0].1.clone()],
+            ca_next_pem: Some(twin.cert.pem()),
+            ..Default::default()
+        };
+        store(dir.path(), &pending, "t", 1).expect("stored");
+        assert!(renewal_owed(dir.path(), &cert).is_some(), "issued by the old CA: owed");
+        let done = Applied { ca_next_pem: Some(a.cert.pem()), ..pending };
+        store(dir.path(), &done, "t", 2).expect("stored");
+        assert_eq!(renewal_owed(dir.path(), &cert), None, "issued by the new CA: nothing owed");
     }
 
     #[test]

@@ -500,12 +500,33 @@ pub(super) fn feature_on(org: &OrgRecord, feature: &str) -> ApiResult<()> {
 
 /// The organisation of `node`, whose key signs what the node is sent.
 pub(super) async fn org_of(st: &AppState, node: &NodeInfo) -> ApiResult<OrgRecord> {
-    st.store.get_org(&node.org_id).await?.ok_or_else(|| {
+    let org = st.store.get_org(&node.org_id).await?.ok_or_else(|| {
         ApiError::internal(
             "org_missing",
             format!("organisation {} of node {} is gone", node.org_id, node.node_id),
         )
-    })
+    })?;
+    settled(st, org).await
+}
+
+/// `org` with a signing key whose overlap is over made the current one, and stored so: once
+/// the switch has been seen it holds, whatever the clock does afterwards.
+pub(super) async fn settled(st: &AppState, org: OrgRecord) -> ApiResult<OrgRecord> {
+    let now = st.clock.now_ms();
+    if org.keys.next.as_ref().is_none_or(|n| n.key.signs_from_unix_ms > now) {
+        return Ok(org);
+    }
+    let after = signing::settle(&org, now);
+    if st.store.swap_org_keys(&org, &after).await? {
+        let detail = format!(
+            "signing key {} now signs for organisation {}",
+            after.org.signing_key.key_id, after.org.id
+        );
+        st.audit("control-plane", Some(&after.org.id), "org.key_switched", &detail).await;
+        return Ok(after);
+    }
+    // Another request settled it first: read what it stored.
+    Ok(st.store.get_org(&org.org.id).await?.map_or(after, |stored| signing::settle(&stored, now)))
 }
 
 /// Signs a statement for a node of `org` (a job, a service's desired state) with the key that

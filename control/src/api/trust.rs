@@ -99,6 +99,7 @@ pub async fn rotate_org_key(
         .get_org(&org_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("organisation {org_id}")))?;
+    let before = super::jobs::settled(&st, before).await?;
     let after = signing::rotate(&before, now, overlap).map_err(|e| match e {
         SigningError::InProgress { .. } => {
             ApiError::new(StatusCode::CONFLICT, "rotation_in_progress", e.to_string())

@@ -110,6 +110,15 @@ async fn a_signing_key_rotation_is_endorsed_overlaps_and_then_signs_everything()
     let doc = trust(&node).await;
     assert!(doc.org_keys[0].retired && !doc.org_keys[1].retired, "{doc:?}");
     assert_eq!(Some(doc.tag.clone()), after.trust);
+    // The switch, once seen, is stored: the organisation shows the new key, and a clock set
+    // back afterwards does not bring the old one back.
+    let shown = op.list_orgs().await.expect("orgs").into_iter().find(|o| o.id == org).expect("org");
+    assert_eq!(shown.signing_key, new);
+    server.clock().rewind(std::time::Duration::from_secs(3601));
+    let rewound = node.poll(&[], 0).await;
+    assert!(rewound.jobs.iter().all(|a| signed_by(&a.envelope, &new)), "still the new key after a step back");
+    assert!(trust(&node).await.org_keys[0].retired);
+    server.clock().advance(std::time::Duration::from_secs(3601));
 
     // A node enrolled now pins the new key; the next rotation is endorsed by it.
     let token2 = op.create_token(&org, None).await.expect("token");
@@ -268,6 +277,12 @@ async fn a_ca_rotation_is_announced_by_the_old_ca_and_switches_at_the_end_of_the
         .await
         .expect("audit");
     assert!(audit.entries.iter().any(|e| e.action == "ca.rotated" && e.detail.contains(&rotated.new_id)));
+
+    // A clock set back after the switch does not bring the old CA back.
+    server.clock().rewind(std::time::Duration::from_secs(601));
+    let err = poll_with(&server, &old_ca, &renewed.cert_pem, &key_pem).await.expect_err("still the new CA");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert_eq!(poll_with(&server, &new_ca, &renewed.cert_pem, &key_pem).await, Ok(StatusCode::OK));
 }
 
 #[tokio::test]

@@ -116,8 +116,10 @@ impl<R: Runtime> Agent<R> {
             (None, None, None) => self.ledger.update(&rec),
         };
         if let Err(e) = persisted {
-            // Not persisted: the next start finds the job Running and collects it again.
+            // Not persisted: the next start finds the job as the ledger last recorded it and
+            // collects it again. Going on would collect it again at once, in a loop.
             tracing::error!(job = %job.job_id, error = %e, "cannot persist the result; it will be collected again on restart");
+            self.fail_stop(format!("cannot record the result of job {}: {e}", job.job_id), &shutdown);
             return;
         }
         self.shared.outbox.notify_one();
@@ -180,6 +182,16 @@ impl<R: Runtime> Agent<R> {
     ) -> Result<Finished, Stop> {
         if stop.is_cancelled() && rec.state == JobState::Staged {
             return Err(Stop::Cancelled);
+        }
+        if rec.state == JobState::Staged
+            && let Some(ContainerState::Running { .. } | ContainerState::Exited { .. }) =
+                retry(shutdown, || self.runtime.inspect(job)).await?
+        {
+            // The ledger lost the write that said the container started (a full disk, a store
+            // that failed): it ran, and its `/out` holds its outputs. Staging again would wipe
+            // them; collect it as the running job it is.
+            tracing::warn!(job = %job.job_id, "the ledger says staged, but the job's container has started: collecting it");
+            rec.state = JobState::Running;
         }
         if rec.state == JobState::Staged {
             // No container of ours has started yet: staging from scratch is always safe.

@@ -44,6 +44,9 @@ use crate::verify::ManifestVerifier;
 /// What the services share besides the ledger: wake-ups and connection health.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
+    /// Why the agent stopped itself: its state store failed (a full disk), and going on would
+    /// mean doing again, in a loop, what it cannot record. Set once; `run` then returns it.
+    fatal: Mutex<Option<String>>,
     /// Something was added to the ledger that an executor should start.
     work: Notify,
     /// A result entered the outbox.
@@ -191,6 +194,9 @@ pub struct Agent<R: Runtime> {
     /// Wakes the renewal task to renew at once (a CA rotation: the next certificate comes
     /// from the new CA).
     pub(crate) renew_now: Notify,
+    /// Held while the identity files or the uplink's TLS configuration change (renewal, a
+    /// trust rotation), so that neither undoes the other's change.
+    pub(crate) identity_lock: tokio::sync::Mutex<()>,
     /// Inference jobs and the local endpoint: models load on first use.
     pub(crate) inference: Arc<Inference>,
     pub(crate) shared: Arc<Shared>,
@@ -273,6 +279,7 @@ impl<R: Runtime> Agent<R> {
                     .map(|accepted| accepted.tag),
             ),
             renew_now: Notify::new(),
+            identity_lock: tokio::sync::Mutex::new(()),
             shared: Arc::default(),
             launch: Semaphore::new(launch_concurrency()),
             services: crate::services::book::ServiceBook::new(Arc::clone(ledger.store())),
@@ -337,11 +344,15 @@ impl<R: Runtime> Agent<R> {
         }
         if let Some(relay) = &agent.relay {
             let relay = Arc::clone(relay);
+            let relay_agent = Arc::clone(&agent);
             let token = shutdown.clone();
             tasks.spawn(async move {
-                // `run` logs why it stopped; an unusable store or corrupt state needs an operator,
-                // and the rest of the agent carries on meanwhile.
-                let _ = relay.run(token).await;
+                // `run` logs why it stopped. A state store that cannot be written (a full disk)
+                // stops the agent, to be started again by its service manager; anything else
+                // (a corrupt state, a bad watch) needs an operator, and the rest carries on.
+                if let Err(crate::relay::RelayError::State(e)) = relay.run(token.clone()).await {
+                    relay_agent.fail_stop(format!("the relay cannot write its state: {e}"), &token);
+                }
             });
             if uplink {
                 tasks.spawn(Arc::clone(&agent).event_sender(shutdown.clone()));
@@ -396,7 +407,25 @@ impl<R: Runtime> Agent<R> {
         }
         agent.shared.ready.store(false, Ordering::Relaxed);
         agent.write_status(started);
+        if let Some(why) = agent.shared.fatal.lock().ok().and_then(|mut f| f.take()) {
+            anyhow::bail!(
+                "stopped: {why}. Nothing is lost: what was not recorded is done again at the next start; \
+                 free space in the data directory (outpost doctor), the service manager starts the agent again"
+            );
+        }
         Ok(())
+    }
+
+    /// Stops the agent because its state store failed: set `why` (the first reason wins), and
+    /// cancel `shutdown`. Like a crash, which the agent survives by design, but said.
+    pub(crate) fn fail_stop(&self, why: String, shutdown: &CancellationToken) {
+        tracing::error!(reason = %why, "stopping the agent: its state cannot be recorded");
+        if let Ok(mut fatal) = self.shared.fatal.lock()
+            && fatal.is_none()
+        {
+            *fatal = Some(why);
+        }
+        shutdown.cancel();
     }
 
     /// Jobs need the runtime: wait for it, reconcile the ledger with the containers the last

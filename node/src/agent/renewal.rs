@@ -36,7 +36,10 @@ impl<R: Runtime> Agent<R> {
             };
             let due = outpost_protocol::renew_at(not_before, not_after);
             let now = i64::try_from(now_unix_ms() / 1000).unwrap_or(i64::MAX);
-            let force_now = std::mem::take(&mut forced);
+            // A CA rotation whose new CA has not issued this node's certificate yet: renew now
+            // (asked by the trust follower, or found here at a start after a crash).
+            let owed = crate::rotation::renewal_owed(&dir, &identity.cert_pem).is_some();
+            let force_now = std::mem::take(&mut forced) || owed;
             if due > now && !force_now {
                 let wait = Duration::from_secs(due.saturating_sub(now).unsigned_abs()).min(MAX_SLEEP);
                 tracing::debug!(in_secs = wait.as_secs(), "certificate renewal not due yet");
@@ -46,7 +49,11 @@ impl<R: Runtime> Agent<R> {
                 }
                 continue;
             }
-            match identity.renew(&dir, &self.uplink).await {
+            let renewed = {
+                let _identity = self.identity_lock.lock().await;
+                identity.renew(&dir, &self.uplink).await
+            };
+            match renewed {
                 Ok(()) => {
                     backoff.reset();
                     let until = validity(&identity.cert_pem).map(|(_, end)| end).unwrap_or_default();

@@ -2,7 +2,13 @@
 //! a tag other than the one taken last, the agent fetches the document, takes what it can verify
 //! (new signing keys endorsed by one it trusts, a new CA signed by one it trusts), drops what is
 //! no longer listed, stores it, and switches the verifier and the uplink to it. During a CA
-//! rotation it renews its certificate at once, so the one it holds at the switch is of the new CA.
+//! rotation the renewal task renews at once (and at every start until it has), so the
+//! certificate the node holds at the switch is one of the new CA.
+//!
+//! The identity files and the uplink's TLS configuration change under `identity_lock`, held
+//! by this and by the renewal task, so neither undoes the other's change. A document the node
+//! refuses is not asked for again until its tag changes; a local failure (a disk, a file) is
+//! retried at the next poll.
 
 use super::Agent;
 use crate::clock::now_unix_ms;
@@ -21,19 +27,24 @@ impl<R: Runtime> Agent<R> {
                 return;
             }
         };
+        let _identity = self.identity_lock.lock().await;
         let dir = self.cfg.identity_dir();
-        let ca_path = dir.join("ca.crt");
-        let outcome = std::fs::read_to_string(&ca_path)
-            .map_err(|e| format!("{}: {e}", ca_path.display()))
-            .and_then(|ca_pem| {
-                crate::rotation::apply(&self.identity.node.org_id, &self.verifier.keys(), &ca_pem, &doc)
-            })
-            .and_then(|applied| {
-                crate::rotation::store(&dir, &applied, &doc.tag, now_unix_ms())?;
-                self.verifier.set_keys(&applied.org_keys)?;
-                Ok(applied)
-            });
-        let applied = match outcome {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let ca_pem = match read("ca.crt") {
+            Ok(pem) => pem,
+            Err(e) => {
+                return tracing::error!(error = %e, "cannot read the pinned CAs; the next poll tries again");
+            }
+        };
+        let applied = match crate::rotation::apply(
+            &self.identity.node.org_id,
+            &self.verifier.keys(),
+            &ca_pem,
+            &doc,
+        ) {
             Ok(applied) => applied,
             Err(e) => {
                 // Refused once per document: the next change of tag tries again.
@@ -43,19 +54,20 @@ impl<R: Runtime> Agent<R> {
                 return;
             }
         };
-        if applied.ca_pem.is_some() {
-            match crate::identity::Identity::load(&dir)
-                .map_err(|e| e.to_string())
-                .and_then(|id| {
-                    crate::tls::node_client_config(&id.ca_pem, &id.cert_pem, &id.key_pem)
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|tls| self.uplink.set_tls(tls).map_err(|e| e.to_string()))
-            {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot switch the uplink to the new CAs; it does at the next start")
-                }
+        if let Err(e) = crate::rotation::store(&dir, &applied, &doc.tag, now_unix_ms()) {
+            return tracing::error!(error = %e, "cannot store what this node trusts; the next poll tries again");
+        }
+        if let Err(e) = self.verifier.set_keys(&applied.org_keys) {
+            return tracing::error!(error = %e, "cannot use the org's signing keys; the next poll tries again");
+        }
+        if let Some(ca_pem) = &applied.ca_pem {
+            let switched = read("node.crt").and_then(|cert| {
+                let key = read("node.key")?;
+                let tls = crate::tls::node_client_config(ca_pem, &cert, &key).map_err(|e| e.to_string())?;
+                self.uplink.set_tls(tls).map_err(|e| e.to_string())
+            });
+            if let Err(e) = switched {
+                return tracing::error!(error = %e, "cannot switch the uplink to the new CAs; the next poll tries again");
             }
         }
         if applied.changed() {
@@ -71,8 +83,7 @@ impl<R: Runtime> Agent<R> {
             self.audit("trust.rotated", &detail);
         }
         if let Some((new_ca, switch)) = &applied.ca_rotation
-            && let Some(rotation) = &doc.ca_rotation
-            && !crate::rotation::issued_by(&self.current_cert(&dir), &rotation.new_ca_pem)
+            && crate::rotation::renewal_owed(&dir, &read("node.crt").unwrap_or_default()).is_some()
         {
             tracing::info!(new_ca = %new_ca, switch_unix_ms = switch, "the control plane rotates its CA: renewing this node's certificate now");
             self.renew_now.notify_one();
@@ -84,10 +95,6 @@ impl<R: Runtime> Agent<R> {
         if let Ok(mut held) = self.trust_tag.lock() {
             *held = Some(tag.to_owned());
         }
-    }
-
-    fn current_cert(&self, dir: &std::path::Path) -> String {
-        std::fs::read_to_string(dir.join("node.crt")).unwrap_or_default()
     }
 
     fn audit(&self, action: &str, detail: &str) {
