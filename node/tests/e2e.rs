@@ -420,3 +420,78 @@ async fn a_control_plane_restart_during_long_poll_is_survived() {
     assert_eq!(r.stdout_tail.trim(), "two");
     assert_eq!(s.control.results_recorded(&first.job_id).await, 1);
 }
+
+/// Found by the chaos campaign, seed 4 (`scripts/chaos --seed 4 --faults disk-full,kill-agent`):
+/// the node's data directory filled up while a job ran. The ledger could not record the
+/// result; the agent used to collect the job again in a loop, and after a restart staged it
+/// again over the outputs it had written, reporting success with none. Now it stops, says why,
+/// and once there is room again the job is collected once, its output listed, never re-run.
+#[tokio::test(flavor = "multi_thread")]
+async fn chaos_seed_4_a_full_disk_stops_the_agent_and_loses_no_output() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("this test mounts a small tmpfs for the node's data directory: run it as root (CI does)");
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("e2e").await;
+    let data = tmp.path().join("node/data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs"])
+        .arg(&data)
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "mount a tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    // The object store elsewhere: only the ledger meets the full disk.
+    let objects = tmp.path().join("objects");
+    let config = format!("{TEST_CONFIG}[storage.fs]\nroot = \"{}\"\n", objects.display());
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &config).await;
+    node.start();
+    let since = unix_now_s();
+    let mut spec = sh("echo kept > /out/a.txt; sleep 3; echo done");
+    spec.output_prefix = Some("results/".into());
+    let job = control.submit(&node.node_id, spec).await;
+    let name = format!("outpost-{}-1", job.job_id);
+    eventually("the container to run", Duration::from_secs(30), async || {
+        docker_inspect(&name).is_some_and(|c| c["State"]["Running"] == true)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // its output is written
+    let ballast = data.join("ballast");
+    let free = nix::sys::statvfs::statvfs(&data).expect("statvfs");
+    let bytes = free.blocks_available() as u64 * free.fragment_size() as u64;
+    let file = std::fs::File::create(&ballast).expect("ballast");
+    let _ = nix::fcntl::posix_fallocate(&file, 0, bytes as i64);
+    drop(file);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while node.is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent goes on with a full disk:\n{}",
+            node.log.snapshot().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = node.stop(); // reaps the exited agent
+    assert_eq!(status.code(), Some(1), "the agent fails, so its service manager starts it again");
+    assert!(
+        node.log.contains("Nothing is lost"),
+        "the agent says why it stopped:\n{}",
+        node.log.snapshot().join("\n")
+    );
+    std::fs::remove_file(&ballast).expect("free the disk");
+    node.start();
+    let r = control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert_eq!(r.stdout_tail.trim(), "done");
+    assert_eq!(r.outputs.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["results/a.txt"], "{r:?}");
+    assert_eq!(container_starts(&job.job_id, since), 1, "never run again");
+    assert_eq!(control.results_recorded(&job.job_id).await, 1);
+}

@@ -41,6 +41,9 @@ use crate::status::{self, Status};
 use crate::uplink::Uplink;
 use crate::verify::ManifestVerifier;
 
+/// How often the agent checks that its ledger can still be written.
+const LEDGER_PROBE: Duration = Duration::from_secs(5);
+
 /// What the services share besides the ledger: wake-ups and connection health.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
@@ -380,6 +383,10 @@ impl<R: Runtime> Agent<R> {
         } else {
             Duration::from_secs(2)
         };
+        // The ledger is written to now and then: a store that can no longer be written (a full
+        // disk; sled then refuses every later write too) stops the agent rather than leave it
+        // taking work it cannot record.
+        let mut last_probe = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -388,6 +395,17 @@ impl<R: Runtime> Agent<R> {
                         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                     }
                     agent.write_status(started);
+                    if last_probe.elapsed() >= LEDGER_PROBE {
+                        last_probe = std::time::Instant::now();
+                        let probe = crate::store::Op::Put(
+                            crate::store::Tree::Meta,
+                            b"agent.alive".to_vec(),
+                            now_unix_ms().to_be_bytes().to_vec(),
+                        );
+                        if let Err(e) = agent.ledger.store().apply(vec![probe]) {
+                            agent.fail_stop(format!("the ledger cannot be written: {e}"), &shutdown);
+                        }
+                    }
                 }
                 _ = agent.shared.changed.notified() => {
                     // Coalesce bursts (a batch of jobs) into one write.
