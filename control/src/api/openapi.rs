@@ -67,7 +67,7 @@ use super::{access, bundles, deploy, enroll, events, jobs, logs, node, offline, 
         triggers::delete_trigger,
         document,
     ),
-    modifiers(&Security)
+    modifiers(&Security, &BodyRefusals)
 )]
 pub struct ApiDoc;
 
@@ -88,6 +88,40 @@ impl Modify for Security {
     }
 }
 
+/// Every route that reads a JSON body answers 413 for one over the size limit and 415 without a
+/// JSON content type (the `Body` extractor): the document says so for each of them.
+struct BodyRefusals;
+
+impl Modify for BodyRefusals {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let refusal = |why: &str| {
+            ResponseBuilder::new()
+                .description(why)
+                .content(
+                    "application/json",
+                    ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+                )
+                .build()
+        };
+        let limit = outpost_protocol::MAX_BODY_BYTES;
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.post, &mut item.put, &mut item.patch].into_iter().flatten() {
+                if op.request_body.is_none() {
+                    continue;
+                }
+                let responses = &mut op.responses.responses;
+                responses
+                    .entry("413".into())
+                    .or_insert_with(|| refusal(&format!("the body is over {limit} bytes")).into());
+                responses.entry("415".into()).or_insert_with(|| {
+                    refusal("the body is not sent as `Content-Type: application/json`").into()
+                });
+            }
+        }
+    }
+}
+
 #[utoipa::path(get, path = paths::OPENAPI, tag = "meta", responses((status = 200, description = "this document")))]
 pub async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
@@ -96,6 +130,27 @@ pub async fn document() -> Json<utoipa::openapi::OpenApi> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_route_with_a_body_documents_its_size_and_content_type_refusals() {
+        let doc = ApiDoc::openapi();
+        let mut checked = 0;
+        for (path, item) in &doc.paths.paths {
+            for op in [&item.post, &item.put, &item.patch].into_iter().flatten() {
+                if op.request_body.is_some() {
+                    for code in ["400", "413", "415"] {
+                        let has = op.responses.responses.contains_key(code)
+                            || (code == "400"
+                                && path.contains("/v1/node/")
+                                && !path.ends_with("/certificate"));
+                        assert!(has || code == "400", "{path} lacks {code}");
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 20, "{checked} routes with a body");
+    }
 
     #[test]
     fn the_document_carries_the_protocol_schemas() {
