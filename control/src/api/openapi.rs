@@ -138,12 +138,8 @@ mod tests {
         for (path, item) in &doc.paths.paths {
             for op in [&item.post, &item.put, &item.patch].into_iter().flatten() {
                 if op.request_body.is_some() {
-                    for code in ["400", "413", "415"] {
-                        let has = op.responses.responses.contains_key(code)
-                            || (code == "400"
-                                && path.contains("/v1/node/")
-                                && !path.ends_with("/certificate"));
-                        assert!(has || code == "400", "{path} lacks {code}");
+                    for code in ["413", "415"] {
+                        assert!(op.responses.responses.contains_key(code), "{path} lacks {code}");
                     }
                     checked += 1;
                 }
