@@ -19,17 +19,64 @@ use crate::pki::PeerCert;
 pub struct ConnPeer(pub Option<PeerCert>);
 
 /// A JSON body: 400 for malformed JSON, a wrong shape or unknown fields, 413 for a body over
-/// [`outpost_protocol::MAX_BODY_BYTES`], 415 without a JSON content type.
+/// [`outpost_protocol::MAX_BODY_BYTES`], 415 without a JSON content type. A number written with
+/// a zero fraction (`3600.0`) is taken for the integer it equals: JSON does not tell the two
+/// apart, and JSON Schema (the API's document) calls both integers.
 pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
+        let (parts, body) = req.into_parts();
+        // Read within the route's body limit (`DefaultBodyLimit`), as `axum::Json` would.
+        let read = Request::from_parts(parts.clone(), body);
+        let bytes = axum::body::Bytes::from_request(read, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is too large",
+                )
+            } else {
+                ApiError::bad_request("bad_json", r.body_text())
+            }
+        })?;
+        let again = || Request::from_parts(parts.clone(), axum::body::Body::from(bytes.clone()));
+        match axum::Json::<T>::from_request(again(), state).await {
             Ok(axum::Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::JsonDataError(e)) => {
+                // Integral floats read as integers; any other refusal stands as it was.
+                let refused = || json_rejection(JsonRejection::JsonDataError(e));
+                let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                    return Err(refused());
+                };
+                if !integral_floats_to_integers(&mut value) {
+                    return Err(refused());
+                }
+                serde_json::from_value(value).map(Body).map_err(|_| refused())
+            }
             Err(rejection) => Err(json_rejection(rejection)),
         }
+    }
+}
+
+/// Rewrites every float of `value` with no fraction, within the range where a float holds every
+/// integer exactly (2^53), as that integer. Whether any was rewritten.
+fn integral_floats_to_integers(value: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        Value::Number(n) if n.is_f64() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() <= EXACT => {
+                *value = if f >= 0.0 { Value::from(f as u64) } else { Value::from(f as i64) };
+                true
+            }
+            _ => false,
+        },
+        Value::Array(items) => items.iter_mut().fold(false, |any, v| integral_floats_to_integers(v) | any),
+        Value::Object(map) => map.values_mut().fold(false, |any, v| integral_floats_to_integers(v) | any),
+        _ => false,
     }
 }
 

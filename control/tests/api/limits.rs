@@ -64,3 +64,20 @@ async fn unknown_routes_methods_and_queries_answer_json_errors() {
     let got = answer(http.get(url).bearer_auth(server.admin_token()).send().await.expect("sent")).await;
     assert_error(&got, StatusCode::BAD_REQUEST, "bad_query");
 }
+
+#[tokio::test]
+async fn a_number_with_a_zero_fraction_is_the_integer_it_equals() {
+    let server = TestServer::start().await.expect("server");
+    let org = server.operator().expect("operator").create_org("floats").await.expect("org");
+    let path = paths::fill(paths::ORG_TOKENS, "org_id", &org.id);
+    let got =
+        answer(operator_post(&server, &path).body(r#"{"ttl_secs": 3600.0}"#).send().await.expect("sent"))
+            .await;
+    assert_eq!(got.0, StatusCode::CREATED, "JSON Schema's integer: {}", got.1);
+    // A fraction is still no integer, and the refusal is the one it always was.
+    let got =
+        answer(operator_post(&server, &path).body(r#"{"ttl_secs": 3600.5}"#).send().await.expect("sent"))
+            .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_body");
+    assert!(got.1["message"].as_str().unwrap_or_default().contains("ttl_secs"), "{}", got.1);
+}
