@@ -88,8 +88,9 @@ impl Modify for Security {
     }
 }
 
-/// Every route that reads a JSON body answers 413 for one over the size limit and 415 without a
-/// JSON content type (the `Body` extractor): the document says so for each of them.
+/// Every route that reads a JSON body answers 400 for one that is not JSON of the request's
+/// shape, 413 for one over the size limit and 415 without a JSON content type (the `Body`
+/// extractor): the document says so for each of them.
 struct BodyRefusals;
 
 impl Modify for BodyRefusals {
@@ -111,6 +112,9 @@ impl Modify for BodyRefusals {
                     continue;
                 }
                 let responses = &mut op.responses.responses;
+                responses
+                    .entry("400".into())
+                    .or_insert_with(|| refusal("the body is not JSON of this request's shape").into());
                 responses
                     .entry("413".into())
                     .or_insert_with(|| refusal(&format!("the body is over {limit} bytes")).into());
@@ -138,7 +142,7 @@ mod tests {
         for (path, item) in &doc.paths.paths {
             for op in [&item.post, &item.put, &item.patch].into_iter().flatten() {
                 if op.request_body.is_some() {
-                    for code in ["413", "415"] {
+                    for code in ["400", "413", "415"] {
                         assert!(op.responses.responses.contains_key(code), "{path} lacks {code}");
                     }
                     checked += 1;
