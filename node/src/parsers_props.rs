@@ -380,11 +380,10 @@ proptest! {
 
 /// A key made from `seed`, as the protocol names it.
 fn chain_key(seed: u8) -> (SigningKey, PublicKey) {
-    use sha2::Digest;
     let sk = SigningKey::from_bytes(&[seed; 32]);
-    let bytes = sk.verifying_key().to_bytes();
-    let key_id = hex::encode(sha2::Sha256::digest(bytes))[..16].to_owned();
-    (sk, PublicKey { key_id, ed25519_hex: hex::encode(bytes) })
+    let public = sk.verifying_key();
+    let key_id = crate::models::key_id_of(&public);
+    (sk, PublicKey { key_id, ed25519_hex: hex::encode(public.to_bytes()) })
 }
 
 fn pinned_ca() -> &'static String {

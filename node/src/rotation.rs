@@ -15,7 +15,6 @@ use base64::Engine as _;
 use ed25519_dalek::{Signature, Verifier as _};
 use outpost_protocol::{NodeTrust, PublicKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::tls;
 
@@ -83,19 +82,13 @@ pub fn apply(org_id: &str, keys: &[PublicKey], ca_pem: &str, doc: &NodeTrust) ->
     Ok(applied)
 }
 
-/// A key's id as the protocol defines it: the first 16 hex digits of SHA-256 of its bytes.
-fn key_id_of(key: &PublicKey) -> Result<String, String> {
-    let bytes = hex::decode(&key.ed25519_hex).map_err(|_| format!("key {} is not hex", key.key_id))?;
-    Ok(hex::encode(Sha256::digest(bytes))[..16].to_owned())
-}
-
 fn apply_keys(org_id: &str, keys: &[PublicKey], doc: &NodeTrust) -> Result<Applied, String> {
     let mut trusted: BTreeMap<String, PublicKey> =
         keys.iter().map(|k| (k.key_id.clone(), k.clone())).collect();
     let mut previous: Option<&PublicKey> = None;
     for entry in &doc.org_keys {
         let key = &entry.key;
-        if key_id_of(key)? != key.key_id {
+        if crate::models::key_id_of(&crate::verify::verifying_key(key)?) != key.key_id {
             return Err(format!("signing key {} does not have the id of its bytes", key.key_id));
         }
         match trusted.get(&key.key_id) {
@@ -284,6 +277,7 @@ pub fn renewal_owed(identity_dir: &Path, cert_pem: &str) -> Option<String> {
 mod tests {
     use ed25519_dalek::{Signer, SigningKey};
     use outpost_protocol::{CaRotation, OrgKey};
+    use sha2::{Digest, Sha256};
 
     use super::*;
 
@@ -291,9 +285,9 @@ mod tests {
 
     fn key(seed: u8) -> (SigningKey, PublicKey) {
         let sk = SigningKey::from_bytes(&[seed; 32]);
-        let bytes = sk.verifying_key().to_bytes();
-        let key_id = hex::encode(Sha256::digest(bytes))[..16].to_owned();
-        (sk, PublicKey { key_id, ed25519_hex: hex::encode(bytes) })
+        let public = sk.verifying_key();
+        let key_id = crate::models::key_id_of(&public);
+        (sk, PublicKey { key_id, ed25519_hex: hex::encode(public.to_bytes()) })
     }
 
     /// The chain k1 → k2 → ... each endorsed by the one before; `signer` is the index of the key
