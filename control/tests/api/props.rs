@@ -156,13 +156,7 @@ fn world() -> &'static World {
         let (server, org, node) = rt.block_on(async {
             let server = TestServer::start().await.expect("server");
             let (org, token) = org_and_token(&server).await;
-            let node = TestNode::enroll_announcing(
-                &server.url(),
-                server.ca_pem(),
-                &token,
-                Some(outpost_protocol::Announce::this_build()),
-            )
-            .await;
+            let node = TestNode::enroll_current(&server, server.ca_pem(), &token).await;
             (server, org, node)
         });
         let admin = crate::support::https(server.ca_pem(), None);

@@ -23,9 +23,7 @@ fn days_left(cert_pem: &str) -> i64 {
 async fn an_agent_that_renews_gets_a_month_and_an_older_one_a_year() {
     let server = TestServer::start().await.expect("server");
     let (org_id, token) = org_and_token(&server).await;
-    let renews =
-        TestNode::enroll_announcing(&server.url(), server.ca_pem(), &token, Some(Announce::this_build()))
-            .await;
+    let renews = TestNode::enroll_current(&server, server.ca_pem(), &token).await;
     assert!(Announce::this_build().has(capability::CERT_RENEWAL));
     assert!(
         (29..=30).contains(&days_left(&renews.enrolled.cert_pem)),
@@ -46,9 +44,7 @@ async fn an_agent_that_renews_gets_a_month_and_an_older_one_a_year() {
 async fn a_renewed_certificate_replaces_the_old_one_once_it_is_used() {
     let server = TestServer::start().await.expect("server");
     let (_, token) = org_and_token(&server).await;
-    let node =
-        TestNode::enroll_announcing(&server.url(), server.ca_pem(), &token, Some(Announce::this_build()))
-            .await;
+    let node = TestNode::enroll_current(&server, server.ca_pem(), &token).await;
     node.poll(&[], 0).await;
 
     // A CSR that is not one is refused, and nothing changes.

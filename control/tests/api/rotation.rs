@@ -36,13 +36,7 @@ async fn a_signing_key_rotation_is_endorsed_overlaps_and_then_signs_everything()
     let server = TestServer::start().await.expect("server");
     let op = server.operator().expect("operator");
     let (org, token) = org_and_token(&server).await;
-    let node = TestNode::enroll_announcing(
-        &server.url(),
-        server.ca_pem(),
-        &token,
-        Some(outpost_protocol::Announce::this_build()),
-    )
-    .await;
+    let node = TestNode::enroll_current(&server, server.ca_pem(), &token).await;
     let old = node.enrolled.org_signing_key.clone();
     let before = submit(&op, node.id()).await;
     let first = node.poll(&[], 0).await;
@@ -197,13 +191,7 @@ async fn a_ca_rotation_is_announced_by_the_old_ca_and_switches_at_the_end_of_the
     let server = TestServer::start().await.expect("server");
     let old_ca = server.ca_pem().to_owned();
     let (org, token) = org_and_token(&server).await;
-    let node = TestNode::enroll_announcing(
-        &server.url(),
-        &old_ca,
-        &token,
-        Some(outpost_protocol::Announce::this_build()),
-    )
-    .await;
+    let node = TestNode::enroll_current(&server, &old_ca, &token).await;
     let before = node.poll(&[], 0).await.trust.expect("a tag");
 
     // Only the admin token rotates the CA.

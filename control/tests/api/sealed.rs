@@ -2,7 +2,7 @@
 //! that can seal, the sealed part stored and returned byte for byte.
 
 use outpost_control::testing::TestServer;
-use outpost_protocol::{Announce, JobEnvelope, Outcome, SubmitJobRequest, paths};
+use outpost_protocol::{JobEnvelope, Outcome, SubmitJobRequest, paths};
 use reqwest::StatusCode;
 
 use crate::support::{TestNode, assert_error, op_post, org_and_token, report_for, spec};
@@ -14,9 +14,7 @@ async fn a_sealed_job_goes_only_to_an_agent_that_seals_and_its_result_is_kept_as
     let server = TestServer::start().await.expect("server");
     let op = server.operator().expect("operator");
     let (org_id, token) = org_and_token(&server).await;
-    let sealing =
-        TestNode::enroll_announcing(&server.url(), server.ca_pem(), &token, Some(Announce::this_build()))
-            .await;
+    let sealing = TestNode::enroll_current(&server, server.ca_pem(), &token).await;
     let older = TestNode::enroll(&server, &op.create_token(&org_id, None).await.expect("token").token).await;
 
     // Malformed recipients: refused before anything is queued.

@@ -103,6 +103,12 @@ impl TestNode {
         Self::enroll_announcing(base, ca_pem, token, None).await
     }
 
+    /// Enrolls as an agent of this build (announcing every capability it has), trusting `ca_pem`.
+    pub async fn enroll_current(server: &TestServer, ca_pem: &str, token: &str) -> TestNode {
+        Self::enroll_announcing(&server.url(), ca_pem, token, Some(outpost_protocol::Announce::this_build()))
+            .await
+    }
+
     /// Enrolls as an agent that announces `announce` in its enrollment request.
     pub async fn enroll_announcing(
         base: &str,

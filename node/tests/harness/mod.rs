@@ -54,6 +54,28 @@ pub fn node_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_outpost"))
 }
 
+/// `outpost enroll` (with `extra` arguments) of the agent `bin` configured by `config`, with a
+/// new token of `org_id` and the CA `control` presents; panics unless it succeeds.
+async fn enroll_online(bin: &Path, config: &Path, control: &Control, org_id: &str, extra: &[&str]) {
+    let token = control.create_token(org_id).await;
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg("enroll")
+        .args(extra)
+        .args(["--control", &control.url, "--token", &token.token, "--ca-fingerprint"])
+        .arg(&control.fingerprint)
+        .args(["--hostname", "e2e-node"])
+        .output()
+        .expect("run outpost enroll");
+    assert!(
+        out.status.success(),
+        "outpost enroll {extra:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Collects a child's stderr lines so tests can wait for a line and print them on failure.
 #[derive(Clone, Default)]
 pub struct Lines(Arc<Mutex<Vec<String>>>);
@@ -472,21 +494,7 @@ impl Node {
         extra_config: &str,
     ) -> Node {
         let config = write_config(dir, extra_config, bin == node_bin());
-        let token = control.create_token(org_id).await;
-        let out = Command::new(bin)
-            .arg("--config")
-            .arg(&config)
-            .args(["enroll", "--control", &control.url, "--token", &token.token, "--ca-fingerprint"])
-            .arg(&control.fingerprint)
-            .args(["--hostname", "e2e-node"])
-            .output()
-            .expect("run outpost enroll");
-        assert!(
-            out.status.success(),
-            "outpost enroll failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        enroll_online(bin, &config, control, org_id, &[]).await;
         Node::enrolled(dir, config, bin.to_path_buf())
     }
 
@@ -531,29 +539,7 @@ impl Node {
     /// `outpost enroll --force` with a new token of `org_id` and the CA `control` presents now
     /// (`control.fingerprint`): a new identity in place of the old one.
     pub async fn enroll_again(&mut self, control: &Control, org_id: &str) {
-        let token = control.create_token(org_id).await;
-        let out = Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.config)
-            .args([
-                "enroll",
-                "--force",
-                "--control",
-                &control.url,
-                "--token",
-                &token.token,
-                "--ca-fingerprint",
-            ])
-            .arg(&control.fingerprint)
-            .args(["--hostname", "e2e-node"])
-            .output()
-            .expect("run outpost enroll");
-        assert!(
-            out.status.success(),
-            "outpost enroll --force failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        enroll_online(&self.bin, &self.config, control, org_id, &["--force"]).await;
         *self = Node::enrolled(&self.dir, self.config.clone(), self.bin.clone());
     }
 
