@@ -60,9 +60,10 @@ def target_dir():
     return os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 
 
-def start_control(bin_dir, data_dir):
+def start_control(bin_dir, data_dir, extra=()):
     p = subprocess.Popen([os.path.join(bin_dir, "outpost-control"), "serve", "--listen", "127.0.0.1:0",
-                          "--data-dir", data_dir], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                          "--data-dir", data_dir, *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True)
     line = p.stdout.readline()
     m = re.search(r"https://[^ ]*:(\d+) \(CA sha256 ([0-9a-f]+)\)", line)
     if not m:

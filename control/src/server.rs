@@ -55,7 +55,16 @@ pub struct ServerConfig {
     /// How long the certificates of agents that renew their own last (see
     /// [`DEFAULT_NODE_CERT_LIFETIME`]); older agents get a year.
     pub node_cert_lifetime: Duration,
+    /// The longest a long-poll is held before an empty answer (see [`DEFAULT_MAX_HOLD`]).
+    pub max_hold: Duration,
 }
+
+/// Long-polls (a node's poll, event and log listings with `wait_secs`) are answered empty after
+/// at most this long: below the idle timeout of common load balancers and proxies.
+pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(30);
+/// The range `--max-hold` takes.
+pub const MAX_HOLD_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(300);
 
 /// Node certificates of agents that renew them: renewed two thirds into their life (20 days),
 /// so a stolen appliance's certificate is of use for at most a month even if nobody revokes it.
@@ -153,6 +162,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         console: Default::default(),
         revoked,
         node_cert_lifetime: config.node_cert_lifetime,
+        max_hold: config.max_hold,
     });
     let (metrics_addr, metrics_task) = match config.metrics_listen {
         Some(addr) => {

@@ -101,6 +101,7 @@ async fn start_in(dir: &Path, lease: Duration) -> anyhow::Result<RunningServer> 
         lease,
         metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         node_cert_lifetime: crate::server::DEFAULT_NODE_CERT_LIFETIME,
+        max_hold: crate::server::DEFAULT_MAX_HOLD,
     };
     Ok(serve(config, CancellationToken::new()).await?)
 }

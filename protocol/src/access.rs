@@ -50,10 +50,12 @@ impl std::str::FromStr for Role {
 pub struct CreateApiTokenRequest {
     /// A name for people and the audit trail: 1-64 of `[A-Za-z0-9._-]`, unique in the organisation
     /// among tokens not revoked.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[A-Za-z0-9._-]{1,64}$"))]
     pub name: String,
     pub role: Role,
     /// Lifetime; defaults to 90 days, at most 400 days.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 34560000))]
     pub ttl_secs: Option<u64>,
 }
 

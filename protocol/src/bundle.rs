@@ -269,8 +269,9 @@ pub struct BundleRequest {
     /// the rollout signed it for that node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deployments: Vec<String>,
-    /// How long the bundle (and its jobs) stay valid; default 30 days.
+    /// How long the bundle (and its jobs) stay valid; default 30 days, at most a year.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 31536000))]
     pub expires_in_secs: Option<u64>,
     /// age X25519 public keys every job of the bundle seals its result for (see
     /// [`crate::seal`]); every target node must announce `sealed-results`.

@@ -26,6 +26,15 @@ pub struct PublicKey {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrgRequest {
+    /// 1-128 characters, not all blank, none a control character.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+        )
+    )]
     pub name: String,
 }
 
@@ -35,6 +44,7 @@ pub struct CreateOrgRequest {
 pub struct CreateTokenRequest {
     /// Lifetime of the token; defaults to one hour, at most seven days.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800))]
     pub ttl_secs: Option<u64>,
 }
 
@@ -55,6 +65,15 @@ pub struct EnrollRequest {
     pub token: String,
     /// PKCS#10 certificate signing request for the node's own key pair, PEM.
     pub csr_pem: String,
+    /// 1-253 characters, not all blank, none a control character.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 253,
+            pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+        )
+    )]
     pub hostname: String,
     pub agent_version: String,
     /// What the agent understands, so that work submitted before its first heartbeat is

@@ -134,12 +134,14 @@ pub struct EventMatch {
 pub struct CreateTriggerRequest {
     pub org_id: String,
     /// 1 to 64 of `A-Z a-z 0-9 _ . -`, unique in the org.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[A-Za-z0-9_.-]{1,64}$"))]
     pub name: String,
     pub on: EventMatch,
     /// The job template.
     pub job: ContainerSpec,
-    /// How long each triggered job's signed manifest stays valid (default one day).
+    /// How long each triggered job's signed manifest stays valid (default one day, at most 30 days).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2592000))]
     pub expires_in_secs: Option<u64>,
 }
 

@@ -295,7 +295,8 @@ pub struct JobAssignment {
 pub struct PollRequest {
     #[serde(default)]
     pub ack_job_ids: Vec<String>,
-    /// How long the server may hold the request when no job is waiting (capped at 30 s).
+    /// How long the server may hold the request when no job is waiting (capped by the
+    /// server's `--max-hold`, 30 s by default).
     #[serde(default)]
     pub wait_secs: Option<u64>,
     /// Most jobs to hand out in one answer.
@@ -357,8 +358,10 @@ pub struct SubmitJobRequest {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node_id: String,
     pub spec: JobSpec,
-    /// How long the signed manifest stays valid if the node is offline (default one day).
+    /// How long the signed manifest stays valid if the node is offline (default one day, at
+    /// most 30 days).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2592000))]
     pub expires_in_secs: Option<u64>,
     /// A label selector (Kubernetes grammar) over the nodes of `org_id`, instead of `node_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

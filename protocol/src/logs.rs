@@ -99,7 +99,7 @@ pub struct JobLogs {
 
 /// Query of `GET /v1/jobs/{job_id}/logs`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// Bytes of the live stream already read (default 0).
@@ -108,7 +108,8 @@ pub struct LogsQuery {
     /// Ask the node to keep streaming until the job ends.
     #[serde(default)]
     pub follow: Option<bool>,
-    /// Hold the request up to this long (at most 30 s) while there is nothing new.
+    /// Hold the request up to this long (at most the server's `--max-hold`, 30 s by default)
+    /// while there is nothing new.
     #[serde(default)]
     pub wait_secs: Option<u64>,
 }

@@ -467,6 +467,8 @@ impl Default for RolloutPolicy {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DeployRequest {
+    /// 1-48 lowercase letters, digits and '-', starting with a letter, not ending with '-'.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z]([a-z0-9-]{0,46}[a-z0-9])?$"))]
     pub name: String,
     pub org_id: String,
     pub selector: String,

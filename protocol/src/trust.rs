@@ -77,6 +77,7 @@ pub struct OrgKey {
 pub struct RotateRequest {
     /// How long both the old and the new one are trusted (default a week; 60 s to a year).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 60, maximum = 31536000))]
     pub overlap_secs: Option<u64>,
     /// Rotate although some nodes cannot learn of it (agents too old to fetch their trust).
     #[serde(default)]

@@ -27,7 +27,7 @@ use crate::store::{ApiTokenRecord, StoreError};
 /// What API tokens start with; the rest is `<id>.<secret>`.
 pub const API_TOKEN_PREFIX: &str = "opk_";
 const DEFAULT_API_TOKEN_TTL_SECS: u64 = 90 * 24 * 3600;
-const MAX_API_TOKEN_TTL_SECS: u64 = 400 * 24 * 3600;
+pub(crate) const MAX_API_TOKEN_TTL_SECS: u64 = 400 * 24 * 3600;
 
 /// Whose call this is.
 #[derive(Debug, Clone, PartialEq, Eq)]

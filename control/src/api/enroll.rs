@@ -36,8 +36,10 @@ pub(super) async fn enroll_core(
     facts: Option<outpost_protocol::Heartbeat>,
     announce: Option<outpost_protocol::Announce>,
 ) -> ApiResult<EnrollResponse> {
+    // Characters, not bytes, as the document's maxLength counts them.
+    let long = hostname.chars().count() > 253;
     let hostname = hostname.trim();
-    if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
+    if hostname.is_empty() || long || hostname.chars().any(char::is_control) {
         return Err(ApiError::bad_request("bad_hostname", "hostname must be 1-253 printable characters"));
     }
     let now = st.clock.now_ms();

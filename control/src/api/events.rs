@@ -12,7 +12,7 @@ use outpost_protocol::{
 use serde::Deserialize;
 
 use super::jobs::MAX_KEY_BYTES;
-use super::{ApiError, ApiResult, Body, Caller, MAX_POLL_WAIT, NodeAuth, Params, Shared, triggers};
+use super::{ApiError, ApiResult, Body, Caller, NodeAuth, Params, Shared, triggers};
 use crate::store::{EventFilter, EventOrder};
 
 const DEFAULT_LIST: usize = 100;
@@ -103,6 +103,7 @@ fn check_event(e: &ObjectEvent, previous: u64) -> Result<(), String> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
     /// Only events of this organisation.
@@ -117,9 +118,10 @@ pub struct EventQuery {
     /// The most recent `limit` matches instead of the oldest (still listed oldest first).
     #[serde(default)]
     pub newest: bool,
-    /// At most this many (default 100, at most 1000).
+    /// At most this many (default 100; more than 1000 is taken as 1000).
     pub limit: Option<usize>,
-    /// Hold the request up to this many seconds (at most 30) while nothing matches.
+    /// Hold the request up to this many seconds (at most the server's `--max-hold`, 30 by
+    /// default; more is taken as that) while nothing matches.
     pub wait_secs: Option<u64>,
 }
 
@@ -155,7 +157,7 @@ pub async fn list_events(
     };
     let filter =
         EventFilter { org_id, order, newest: q.newest, limit: q.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST) };
-    let wait = q.wait_secs.map_or(Duration::ZERO, Duration::from_secs).min(MAX_POLL_WAIT);
+    let wait = q.wait_secs.map_or(Duration::ZERO, Duration::from_secs).min(st.max_hold);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         // Register interest before looking, so an event stored in between wakes us.

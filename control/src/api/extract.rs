@@ -24,7 +24,7 @@ pub struct ConnPeer(pub Option<PeerCert>);
 /// apart, and JSON Schema (the API's document) calls both integers.
 pub struct Body<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+impl<S: Send + Sync, T: DeserializeOwned + utoipa::ToSchema> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
@@ -43,7 +43,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
             }
         })?;
         let again = || Request::from_parts(parts.clone(), axum::body::Body::from(bytes.clone()));
-        match axum::Json::<T>::from_request(again(), state).await {
+        let parsed = match axum::Json::<T>::from_request(again(), state).await {
             Ok(axum::Json(v)) => Ok(Body(v)),
             Err(JsonRejection::JsonDataError(e)) => {
                 // Integral floats read as integers; any other refusal stands as it was.
@@ -57,8 +57,52 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 serde_json::from_value(value).map(Body).map_err(|_| refused())
             }
             Err(rejection) => Err(json_rejection(rejection)),
+        }?;
+        // serde reads a struct from a JSON array too (its fields in order); the document says
+        // object, and so does this check.
+        if let Some(why) = shape_error(&T::name(), &bytes) {
+            return Err(ApiError::bad_request("invalid_body", why));
         }
+        Ok(parsed)
     }
+}
+
+/// Where `body` has a value of another JSON type than the API document's schema `name` says
+/// (an array where an object belongs, above all): the first such place, or `None`. Only type
+/// mismatches: every other rule the document states is the handler's to check, with its own
+/// error code.
+fn shape_error(name: &str, body: &[u8]) -> Option<String> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Validators = Mutex<HashMap<String, Option<Arc<jsonschema::Validator>>>>;
+    static VALIDATORS: OnceLock<Validators> = OnceLock::new();
+    let validator = {
+        let mut cache = VALIDATORS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                let doc = super::openapi::served();
+                doc["components"]["schemas"].get(name)?;
+                let root = serde_json::json!({
+                    "$ref": format!("#/components/schemas/{name}"),
+                    "components": doc["components"],
+                });
+                match jsonschema::options().offline().build(&root) {
+                    Ok(v) => Some(Arc::new(v)),
+                    Err(e) => {
+                        tracing::warn!(schema = name, "the API document's schema does not compile: {e}");
+                        None
+                    }
+                }
+            })
+            .clone()?
+    };
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let wrong = validator
+        .iter_errors(&value)
+        .find(|e| matches!(e.kind(), jsonschema::error::ValidationErrorKind::Type { .. }))?;
+    let at = wrong.instance_path().to_string();
+    Some(format!("at {}: {}", if at.is_empty() { "/" } else { &at }, wrong.masked()))
 }
 
 /// Rewrites every float of `value` with no fraction, within the range where a float holds every
@@ -203,6 +247,24 @@ pub(crate) fn revoked_refusal(node_id: &str) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_array_where_the_document_says_object_is_refused_at_any_depth() {
+        let says = shape_error("LabelNodeRequest", b"[]").expect("a top-level array");
+        assert!(says.starts_with("at /:"), "{says}");
+        let says =
+            shape_error("CreateTriggerRequest", br#"{"org_id": "o", "name": "n", "on": [], "job": {}}"#)
+                .expect("a nested array");
+        assert!(says.starts_with("at /on:"), "{says}");
+        assert_eq!(shape_error("LabelNodeRequest", br#"{"set": {"site": "icu"}}"#), None);
+        // Other rules are the handler's: a name too long is not a shape error.
+        assert_eq!(
+            shape_error("CreateOrgRequest", format!(r#"{{"name": "{}"}}"#, "x".repeat(500)).as_bytes()),
+            None
+        );
+        // A schema the document does not have checks nothing.
+        assert_eq!(shape_error("NoSuchSchema", b"[]"), None);
+    }
 
     #[test]
     fn digests_compare_equal_only_when_identical() {

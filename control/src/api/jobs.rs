@@ -17,7 +17,7 @@ use crate::signing;
 use crate::store::{CancelOutcome, JobFilter, JobRecord, OrgRecord, StoreError};
 
 const DEFAULT_JOB_EXPIRY_SECS: u64 = 24 * 3600;
-const MAX_JOB_EXPIRY_SECS: u64 = 30 * 24 * 3600;
+pub(crate) const MAX_JOB_EXPIRY_SECS: u64 = 30 * 24 * 3600;
 const DEFAULT_LIST: usize = 100;
 const MAX_LIST: usize = 1000;
 
@@ -653,6 +653,7 @@ pub fn check_object_key(key: &str) -> Result<(), String> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct JobQuery {
     /// Only jobs of this node.

@@ -28,8 +28,6 @@ pub const MAX_SESSIONS: usize = 256;
 pub const WINDOW_BYTES: usize = 1024 * 1024;
 /// A session no operator has read for this long is dropped; its node stops sending.
 pub const IDLE: Duration = Duration::from_secs(60);
-/// Longest an operator's request is held while there is nothing new.
-const MAX_WAIT: Duration = Duration::from_secs(30);
 /// A node that answered a request and then sent nothing (not even its keep-alive, every
 /// 15 s) for this long has stopped (it restarted, or lost its link): the stream ends, saying so.
 pub const NODE_SILENCE: Duration = Duration::from_secs(45);
@@ -181,7 +179,7 @@ fn answer(info: &JobInfo, source: LogSource, offset: u64, data: String, done: bo
                    is asked on its next poll; `follow` keeps it streaming until the job ends), only where \
                    the node's egress policy allows log egress (else `refused` says why, audited). Once the \
                    job has ended: the stored result's stdout and stderr tails. Held up to `wait_secs` \
-                   (at most 30) while there is nothing new. Logs are not stored: the control plane keeps \
+                   (at most the server's `--max-hold`, 30 s by default) while there is nothing new. Logs are not stored: the control plane keeps \
                    the last 1 MiB of each open stream in memory.",
     responses((status = 200, body = JobLogs), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, description = "too many log streams open", body = ErrorBody)),
@@ -197,7 +195,7 @@ pub async fn job_logs(
     caller.may(&info.org_id, outpost_protocol::Role::Viewer, missing)?;
     let after = q.after.unwrap_or(0);
     let follow = q.follow.unwrap_or(false);
-    let wait = q.wait_secs.map_or(Duration::ZERO, Duration::from_secs).min(MAX_WAIT);
+    let wait = q.wait_secs.map_or(Duration::ZERO, Duration::from_secs).min(st.max_hold);
     let ended = matches!(info.state, JobState::Finished | JobState::Cancelled);
     let k = key(&info.job_id, info.attempt, follow);
     let now = Instant::now();

@@ -40,9 +40,6 @@ use crate::clock::Clock;
 use crate::longpoll::NodeWakers;
 use crate::store::StateStore;
 
-/// Longest a node's poll is held.
-pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
-
 /// What every handler shares.
 pub struct AppState {
     pub store: Arc<dyn StateStore>,
@@ -88,6 +85,8 @@ pub struct AppState {
     pub revoked: crate::revocation::Revoked,
     /// The lifetime of certificates issued to agents that renew them.
     pub node_cert_lifetime: Duration,
+    /// The longest a long-poll is held (a node's poll, `wait_secs` of event and log listings).
+    pub max_hold: Duration,
 }
 
 pub type Shared = Arc<AppState>;

@@ -12,7 +12,7 @@ use outpost_protocol::{
     RenewCertificateRequest, RenewCertificateResponse, ResultReport, capability, paths, selector,
 };
 
-use super::{ApiError, ApiResult, Body, MAX_POLL_WAIT, NodeAuth, Shared};
+use super::{ApiError, ApiResult, Body, NodeAuth, Shared};
 use crate::store::ResultOutcome;
 
 /// Jobs handed out per poll when the node does not say.
@@ -26,7 +26,7 @@ const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(25);
 #[utoipa::path(post, path = paths::NODE_POLL, tag = "node", request_body = PollRequest,
     description = "Long-poll: acknowledges `ack_job_ids` (they are not offered again), then answers with \
                    the node's unacknowledged jobs in sequence order, holding the request up to `wait_secs` \
-                   (at most 30) while there are none.",
+                   (at most the server's `--max-hold`, 30 s by default) while there are none.",
     responses((status = 200, body = PollResponse), (status = 400, body = ErrorBody),
         (status = 401, description = "no client certificate", body = ErrorBody),
         (status = 403, description = "node unknown or certificate not the enrolled one", body = ErrorBody)),
@@ -52,7 +52,7 @@ pub async fn poll(
     let wait = if max_jobs == 0 {
         Duration::ZERO
     } else {
-        req.wait_secs.map_or(DEFAULT_POLL_WAIT, Duration::from_secs).min(MAX_POLL_WAIT)
+        req.wait_secs.map_or(DEFAULT_POLL_WAIT, Duration::from_secs).min(st.max_hold)
     };
     let deadline = tokio::time::Instant::now() + wait;
     let waker = st.wakers.waker(&node.node_id);

@@ -17,7 +17,7 @@ use crate::signing;
 use crate::store::{JobFilter, OrgRecord, TokenRecord};
 
 const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
-const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
+pub(crate) const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
 const DEFAULT_AUDIT_LIST: usize = 1000;
 const MAX_AUDIT_LIST: usize = 100_000;
 
@@ -36,8 +36,9 @@ pub async fn create_org(
     Body(req): Body<CreateOrgRequest>,
 ) -> ApiResult<(StatusCode, Json<Org>)> {
     caller.owner_only("creating an organisation")?;
+    // Characters, not bytes, as the document's maxLength counts them.
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+    if name.is_empty() || req.name.chars().count() > 128 || name.chars().any(char::is_control) {
         return Err(ApiError::bad_request("bad_name", "an organisation name is 1-128 printable characters"));
     }
     let (secret, signing_key) = signing::generate_org_key();
@@ -170,6 +171,7 @@ pub async fn create_token(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct NodeQuery {
     /// Only nodes whose effective labels this selector (Kubernetes grammar) matches.
@@ -301,6 +303,7 @@ pub async fn revoke_node(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// The most recent entries, oldest first (default 1000).
@@ -321,6 +324,7 @@ pub async fn list_audit(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct NodeAuditQuery {
     /// Entries after this seq (default 0: from the first).

@@ -109,6 +109,7 @@ async fn check_match(st: &AppState, org_id: &str, on: &EventMatch) -> ApiResult<
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerQuery {
     /// Only triggers of this organisation.

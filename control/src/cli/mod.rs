@@ -122,6 +122,11 @@ pub enum Command {
         /// thirds in, over mutual TLS); older agents get a year [default: 30d].
         #[arg(long, value_parser = submit::parse_duration, value_name = "DURATION")]
         node_cert_lifetime: Option<Duration>,
+        /// The longest a long-poll is held before an empty answer: a node's poll, and
+        /// `wait_secs` of event and log listings. Keep it below the idle timeout of any load
+        /// balancer or proxy in front (1s to 5m) [default: 30s].
+        #[arg(long, value_parser = submit::parse_duration, value_name = "DURATION")]
+        max_hold: Option<Duration>,
     },
     /// The certificate authority nodes pin.
     #[command(subcommand)]
@@ -445,14 +450,10 @@ fn parse_state(s: &str) -> Result<JobState, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve { config, listen, sans, lease, metrics_listen, node_cert_lifetime } => {
+        Command::Serve { config, listen, sans, lease, metrics_listen, node_cert_lifetime, max_hold } => {
             let settings = serve::Settings::resolve(
                 config.as_deref(),
-                listen,
-                sans,
-                lease,
-                metrics_listen,
-                node_cert_lifetime,
+                serve::Flags { listen, sans, lease, metrics_listen, node_cert_lifetime, max_hold },
             )?;
             serve::serve(&g, settings).await
         }

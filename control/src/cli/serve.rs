@@ -27,6 +27,18 @@ struct File {
     lease: Option<String>,
     metrics_listen: Option<String>,
     node_cert_lifetime: Option<String>,
+    max_hold: Option<String>,
+}
+
+/// What the command line gave; each wins over the file.
+#[derive(Debug, Default)]
+pub(super) struct Flags {
+    pub listen: Option<SocketAddr>,
+    pub sans: Vec<String>,
+    pub lease: Option<Duration>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub node_cert_lifetime: Option<Duration>,
+    pub max_hold: Option<Duration>,
 }
 
 /// The server's settings: flags over the file over the defaults; `san` from both.
@@ -38,6 +50,7 @@ pub(super) struct Settings {
     /// Where Prometheus metrics are served (plain HTTP); `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
     pub node_cert_lifetime: Duration,
+    pub max_hold: Duration,
 }
 
 /// What the file set, each value checked.
@@ -48,17 +61,12 @@ struct FileSettings {
     lease: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
     node_cert_lifetime: Option<Duration>,
+    max_hold: Option<Duration>,
 }
 
 impl Settings {
-    pub(super) fn resolve(
-        config: Option<&Path>,
-        listen: Option<SocketAddr>,
-        sans: Vec<String>,
-        lease: Option<Duration>,
-        metrics_listen: Option<SocketAddr>,
-        node_cert_lifetime: Option<Duration>,
-    ) -> anyhow::Result<Settings> {
+    pub(super) fn resolve(config: Option<&Path>, flags: Flags) -> anyhow::Result<Settings> {
+        let Flags { listen, sans, lease, metrics_listen, node_cert_lifetime, max_hold } = flags;
         let file = match config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -81,6 +89,7 @@ impl Settings {
             node_cert_lifetime: node_cert_lifetime
                 .or(file.node_cert_lifetime)
                 .unwrap_or(server::DEFAULT_NODE_CERT_LIFETIME),
+            max_hold: check_max_hold(max_hold.or(file.max_hold).unwrap_or(server::DEFAULT_MAX_HOLD))?,
         })
     }
 
@@ -107,8 +116,25 @@ impl Settings {
                     .map_err(|e| anyhow::anyhow!("node_cert_lifetime = {t:?}: {e}"))
             })
             .transpose()?;
-        Ok(FileSettings { listen, sans: file.san, lease, metrics_listen, node_cert_lifetime })
+        let max_hold = file
+            .max_hold
+            .map(|t| super::submit::parse_duration(&t).map_err(|e| anyhow::anyhow!("max_hold = {t:?}: {e}")))
+            .transpose()?
+            .map(check_max_hold)
+            .transpose()?;
+        Ok(FileSettings { listen, sans: file.san, lease, metrics_listen, node_cert_lifetime, max_hold })
     }
+}
+
+fn check_max_hold(hold: Duration) -> anyhow::Result<Duration> {
+    let range = server::MAX_HOLD_RANGE;
+    anyhow::ensure!(
+        range.contains(&hold),
+        "max_hold {hold:?} is outside {:?} to {:?}",
+        range.start(),
+        range.end()
+    );
+    Ok(hold)
 }
 
 pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<ExitCode> {
@@ -123,6 +149,7 @@ pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<Exit
         lease: settings.lease,
         metrics_listen: settings.metrics_listen,
         node_cert_lifetime: settings.node_cert_lifetime,
+        max_hold: settings.max_hold,
     };
     let server = server::serve(config, shutdown.clone()).await?;
     println!("outpost-control listening on https://{} (CA sha256 {})", server.addr, server.ca_fingerprint);
@@ -146,7 +173,7 @@ mod tests {
 
     #[test]
     fn without_a_file_or_flags_the_defaults_apply() {
-        let s = Settings::resolve(None, None, vec![], None, None, None).unwrap();
+        let s = Settings::resolve(None, Flags::default()).unwrap();
         assert_eq!(
             s,
             Settings {
@@ -155,6 +182,7 @@ mod tests {
                 lease: DEFAULT_LEASE,
                 metrics_listen: None,
                 node_cert_lifetime: server::DEFAULT_NODE_CERT_LIFETIME,
+                max_hold: server::DEFAULT_MAX_HOLD,
             }
         );
     }
@@ -162,30 +190,36 @@ mod tests {
     #[test]
     fn the_file_sets_what_flags_leave_out_and_names_add_up() {
         let f = file(
-            "listen = \"0.0.0.0:9443\"\nsan = [\"control.example\"]\nlease = \"5m\"\nnode_cert_lifetime = \"7d\"\n",
+            "listen = \"0.0.0.0:9443\"\nsan = [\"control.example\"]\nlease = \"5m\"\nnode_cert_lifetime = \"7d\"\n\
+             max_hold = \"20s\"\n",
         );
-        let s = Settings::resolve(Some(f.path()), None, vec!["10.0.0.5".into()], None, None, None).unwrap();
+        let s =
+            Settings::resolve(Some(f.path()), Flags { sans: vec!["10.0.0.5".into()], ..Flags::default() })
+                .unwrap();
         assert_eq!(s.listen, "0.0.0.0:9443".parse().unwrap());
         assert_eq!(s.sans, vec!["control.example".to_string(), "10.0.0.5".to_string()]);
         assert_eq!(s.lease, Duration::from_secs(300));
         assert_eq!(s.node_cert_lifetime, Duration::from_secs(7 * 86_400));
+        assert_eq!(s.max_hold, Duration::from_secs(20));
         let flags = Settings::resolve(
             Some(f.path()),
-            Some("127.0.0.1:1".parse().unwrap()),
-            vec![],
-            Some(Duration::from_secs(7)),
-            None,
-            None,
+            Flags {
+                listen: Some("127.0.0.1:1".parse().unwrap()),
+                lease: Some(Duration::from_secs(7)),
+                max_hold: Some(Duration::from_secs(1)),
+                ..Flags::default()
+            },
         )
         .unwrap();
         assert_eq!((flags.listen, flags.lease), ("127.0.0.1:1".parse().unwrap(), Duration::from_secs(7)));
+        assert_eq!(flags.max_hold, Duration::from_secs(1));
     }
 
     #[test]
     fn a_commented_file_is_the_defaults() {
         let f = file("# listen = \"0.0.0.0:8443\"\n# san = []\n");
         assert_eq!(
-            Settings::resolve(Some(f.path()), None, vec![], None, None, None).unwrap().listen,
+            Settings::resolve(Some(f.path()), Flags::default()).unwrap().listen,
             DEFAULT_LISTEN.parse().unwrap()
         );
     }
@@ -198,23 +232,16 @@ mod tests {
             ("lease = \"soon\"", "lease = \"soon\""),
             ("metrics_listen = \"9464\"", "metrics_listen = \"9464\""),
             ("san = \"one\"", "san"),
+            ("max_hold = \"10m\"", "max_hold 600s is outside 1s to 300s"),
+            ("max_hold = \"0s\"", "max_hold"),
         ] {
             let f = file(text);
-            let err = format!(
-                "{:#}",
-                Settings::resolve(Some(f.path()), None, vec![], None, None, None).unwrap_err()
-            );
+            let err = format!("{:#}", Settings::resolve(Some(f.path()), Flags::default()).unwrap_err());
             assert!(err.contains(says), "{text}: {err}");
             assert!(err.contains(&f.path().display().to_string()), "{err}");
         }
-        let missing = Settings::resolve(
-            Some(Path::new("/nonexistent/outpost-control.toml")),
-            None,
-            vec![],
-            None,
-            None,
-            None,
-        );
+        let missing =
+            Settings::resolve(Some(Path::new("/nonexistent/outpost-control.toml")), Flags::default());
         assert!(format!("{:#}", missing.unwrap_err()).contains("cannot read the configuration"));
     }
 }
