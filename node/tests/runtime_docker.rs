@@ -208,6 +208,61 @@ async fn the_job_runs_under_the_engines_seccomp_profile() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A service container is confined as a job's is: the engine's seccomp filter on its process,
+/// no capabilities, no new privileges, the unprivileged user, also when its signed spec relaxes
+/// what it may (a user, capabilities, a writable root) and asks for a network.
+#[tokio::test]
+async fn every_service_container_runs_under_the_engines_seccomp_profile() -> anyhow::Result<()> {
+    use outpost_node::runtime::ServiceRef;
+    let node = node("svc-seccomp").await;
+    let facts = node.rt.engine_facts().await?;
+    let status = |svc: ServiceRef| {
+        let rt = &node.rt;
+        async move {
+            let cmd: Vec<String> =
+                ["/bin/busybox", "grep", "-E", "^(Seccomp|CapEff|NoNewPrivs|Uid):", "/proc/1/status"]
+                    .map(String::from)
+                    .to_vec();
+            let mut last = None;
+            // The exec needs the container running; give the engine a moment.
+            for _ in 0..50 {
+                match rt.service_exec(&svc, &cmd, PATIENCE, 4096).await {
+                    Ok(out) if out.exit_code == 0 => return Ok::<_, anyhow::Error>(out.output),
+                    other => last = Some(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::bail!("the service's status could not be read: {last:?}")
+        }
+    };
+    let plain_spec = common::ready_service("true", 30);
+    let plain = ServiceRef { name: unique("plain"), deployment: "d".into(), revision: 1 };
+    within("create", node.rt.service_create(&plain, &plain_spec, None)).await?;
+    within("start", node.rt.service_start(&plain)).await?;
+    let out = status(plain.clone()).await?;
+    let seccomp = if facts.seccomp() { "Seccomp:\t2" } else { "Seccomp:" };
+    assert!(out.contains(seccomp), "engine options {:?}: {out}", facts.security_options);
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("Uid:\t65534"), "{out}");
+
+    let mut relaxed_spec = common::ready_service("true", 30);
+    relaxed_spec.security =
+        SecurityOverrides { writable_rootfs: true, user: Some("0:0".into()), cap_add: vec!["CHOWN".into()] };
+    relaxed_spec.network = outpost_protocol::ServiceNetwork::Internal;
+    let relaxed = ServiceRef { name: unique("relaxed"), deployment: "d".into(), revision: 1 };
+    within("create", node.rt.service_create(&relaxed, &relaxed_spec, None)).await?;
+    within("start", node.rt.service_start(&relaxed)).await?;
+    let out = status(relaxed.clone()).await?;
+    assert!(out.contains(seccomp), "relaxing a service's spec never lifts the filter: {out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    for svc in [&plain, &relaxed] {
+        node.rt.service_remove(svc).await?;
+        node.rt.service_forget(&svc.name, true).await?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_root_filesystem_is_read_only_and_tmp_is_writable() -> anyhow::Result<()> {
     let node = node("rootfs").await;
