@@ -464,12 +464,20 @@ async fn chaos_seed_4_a_full_disk_stops_the_agent_and_loses_no_output() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await; // its output is written
-    let ballast = data.join("ballast");
-    let free = nix::sys::statvfs::statvfs(&data).expect("statvfs");
-    let bytes = free.blocks_available() as u64 * free.fragment_size() as u64;
-    let file = std::fs::File::create(&ballast).expect("ballast");
-    let _ = nix::fcntl::posix_fallocate(&file, 0, bytes as i64);
-    drop(file);
+    // The disk stays full: whatever the agent frees (a finished job's files) is taken again,
+    // so its ledger probe cannot slip a write in between.
+    let mut ballast = Vec::new();
+    let mut fill = || {
+        let free = nix::sys::statvfs::statvfs(&data).expect("statvfs");
+        let bytes = free.blocks_available() as u64 * free.fragment_size() as u64;
+        if bytes > 0 {
+            let path = data.join(format!("ballast-{}", ballast.len()));
+            let file = std::fs::File::create(&path).expect("ballast");
+            let _ = nix::fcntl::posix_fallocate(&file, 0, bytes as i64);
+            ballast.push(path);
+        }
+    };
+    fill();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while node.is_running() {
         assert!(
@@ -478,6 +486,7 @@ async fn chaos_seed_4_a_full_disk_stops_the_agent_and_loses_no_output() {
             node.log.snapshot().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+        fill();
     }
     let status = node.stop(); // reaps the exited agent
     assert_eq!(status.code(), Some(1), "the agent fails, so its service manager starts it again");
@@ -486,7 +495,9 @@ async fn chaos_seed_4_a_full_disk_stops_the_agent_and_loses_no_output() {
         "the agent says why it stopped:\n{}",
         node.log.snapshot().join("\n")
     );
-    std::fs::remove_file(&ballast).expect("free the disk");
+    for path in &ballast {
+        std::fs::remove_file(path).expect("free the disk");
+    }
     node.start();
     let r = control.wait_result(&job.job_id, RESULT_WAIT).await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");

@@ -383,9 +383,10 @@ impl<R: Runtime> Agent<R> {
         } else {
             Duration::from_secs(2)
         };
-        // The ledger is written to now and then: a store that can no longer be written (a full
-        // disk; sled then refuses every later write too) stops the agent rather than leave it
-        // taking work it cannot record.
+        // The ledger and the data directory are written to now and then: a store that can no
+        // longer be written (a full disk; sled then refuses every later write too) stops the
+        // agent rather than leave it taking work it cannot record. The file write catches a full
+        // disk that sled's preallocated slack would hide for a while.
         let mut last_probe = std::time::Instant::now();
         loop {
             tokio::select! {
@@ -402,8 +403,17 @@ impl<R: Runtime> Agent<R> {
                             b"agent.alive".to_vec(),
                             now_unix_ms().to_be_bytes().to_vec(),
                         );
-                        if let Err(e) = agent.ledger.store().apply(vec![probe]) {
-                            agent.fail_stop(format!("the ledger cannot be written: {e}"), &shutdown);
+                        let written = agent
+                            .ledger
+                            .store()
+                            .apply(vec![probe])
+                            .map_err(|e| format!("the ledger cannot be written: {e}"))
+                            .and_then(|()| {
+                                probe_write(&agent.cfg.data_dir)
+                                    .map_err(|e| format!("the data directory cannot be written: {e}"))
+                            });
+                        if let Err(why) = written {
+                            agent.fail_stop(why, &shutdown);
                         }
                     }
                 }
@@ -792,9 +802,30 @@ impl<R: Runtime> Agent<R> {
     }
 }
 
+/// Writes a page to a file in `dir`, syncs it and removes it: whether the data directory takes
+/// a write now (a full disk, a read-only remount).
+fn probe_write(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let path = dir.join(".write-probe");
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&[0u8; 4096])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    written
+}
+
 #[cfg(test)]
 mod tests {
-    use super::explain_contact_error;
+    use super::{explain_contact_error, probe_write};
+
+    #[test]
+    fn the_write_probe_leaves_nothing_and_fails_where_nothing_can_be_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        probe_write(dir.path()).expect("a writable directory");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("read_dir").count(), 0, "the probe file is removed");
+        assert!(probe_write(&dir.path().join("gone")).is_err());
+    }
 
     #[test]
     fn a_revoked_node_is_told_what_to_do_and_other_errors_are_left_alone() {
