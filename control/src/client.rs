@@ -304,7 +304,8 @@ impl Client {
         self.call::<(), _>(Method::GET, &paths::fill(paths::NODE, "node_id", &enc(node_id)), None).await
     }
 
-    /// Stored relay events; with `wait_secs`, held until one matches (long-poll, at most 30 s).
+    /// Stored relay events; with `wait_secs`, held until one matches (long-poll, at most the server's
+    /// `--max-hold`, 30 s by default).
     pub async fn events(&self, q: &EventsQuery) -> anyhow::Result<EventList> {
         self.call::<(), _>(Method::GET, &format!("{}{}", paths::EVENTS, q.to_query()), None).await
     }

@@ -62,9 +62,10 @@ pub struct ServerConfig {
 /// Long-polls (a node's poll, event and log listings with `wait_secs`) are answered empty after
 /// at most this long: below the idle timeout of common load balancers and proxies.
 pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(30);
-/// The range `--max-hold` takes.
+/// The range `--max-hold` takes: no longer than 30 s, which is also the longest an agent asks
+/// for, and well within the minute after which an unread live-log stream is dropped.
 pub const MAX_HOLD_RANGE: std::ops::RangeInclusive<Duration> =
-    Duration::from_secs(1)..=Duration::from_secs(300);
+    Duration::from_secs(1)..=Duration::from_secs(30);
 
 /// Node certificates of agents that renew them: renewed two thirds into their life (20 days),
 /// so a stolen appliance's certificate is of use for at most a month even if nobody revokes it.

@@ -254,7 +254,8 @@ pub struct ControlConfig {
     /// The control plane's URL; when absent, the one given at enrollment is used.
     #[serde(default)]
     pub url: Option<String>,
-    /// How long the control plane may hold a long-poll open (it caps this at 30 s).
+    /// How long the control plane may hold a long-poll open (at most 30 s: the agent asks for no
+    /// more, and a control plane run with a shorter `--max-hold` holds it that long at most).
     #[serde(default = "default_poll_wait_secs")]
     pub poll_wait_secs: u64,
     /// Limit for every other request to the control plane.

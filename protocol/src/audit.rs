@@ -88,6 +88,8 @@ pub const MAX_AUDIT_BATCH: usize = 500;
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AuditBatch {
+    /// At most [`MAX_AUDIT_BATCH`] (500).
+    #[cfg_attr(feature = "openapi", schema(max_items = 500))]
     pub entries: Vec<AuditRecord>,
 }
 

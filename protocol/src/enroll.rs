@@ -26,13 +26,14 @@ pub struct PublicKey {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrgRequest {
-    /// 1-128 characters, not all blank, none a control character.
+    /// 1-128 characters, none a control character, not all spaces (spaces around it are
+    /// trimmed).
     #[cfg_attr(
         feature = "openapi",
         schema(
             min_length = 1,
             max_length = 128,
-            pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+            pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
         )
     )]
     pub name: String,
@@ -65,13 +66,14 @@ pub struct EnrollRequest {
     pub token: String,
     /// PKCS#10 certificate signing request for the node's own key pair, PEM.
     pub csr_pem: String,
-    /// 1-253 characters, not all blank, none a control character.
+    /// 1-253 characters; ASCII whitespace around it is trimmed, and what is left is not empty
+    /// and holds no control character.
     #[cfg_attr(
         feature = "openapi",
         schema(
             min_length = 1,
             max_length = 253,
-            pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+            pattern = r"^[\t\n\x0c\r ]*[^\x00-\x20\x7f-\x9f]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f])?[\t\n\x0c\r ]*$"
         )
     )]
     pub hostname: String,

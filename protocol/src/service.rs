@@ -475,6 +475,7 @@ pub struct DeployRequest {
     /// The service name on the nodes (default: the deployment's name). Deployments of one
     /// service compose by priority.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z]([a-z0-9-]{0,46}[a-z0-9])?$"))]
     pub service: Option<String>,
     pub spec: ServiceSpec,
     #[serde(default)]

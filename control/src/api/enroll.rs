@@ -36,9 +36,10 @@ pub(super) async fn enroll_core(
     facts: Option<outpost_protocol::Heartbeat>,
     announce: Option<outpost_protocol::Announce>,
 ) -> ApiResult<EnrollResponse> {
-    // Characters, not bytes, as the document's maxLength counts them.
+    // As the document's pattern and maxLength say: characters, not bytes; ASCII whitespace
+    // around it (a hostname file's newline) is trimmed, nothing else may be a control character.
     let long = hostname.chars().count() > 253;
-    let hostname = hostname.trim();
+    let hostname = hostname.trim_matches(|c: char| c.is_ascii_whitespace());
     if hostname.is_empty() || long || hostname.chars().any(char::is_control) {
         return Err(ApiError::bad_request("bad_hostname", "hostname must be 1-253 printable characters"));
     }

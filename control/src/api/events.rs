@@ -119,6 +119,7 @@ pub struct EventQuery {
     #[serde(default)]
     pub newest: bool,
     /// At most this many (default 100; more than 1000 is taken as 1000).
+    #[param(value_type = Option<u64>)]
     pub limit: Option<usize>,
     /// Hold the request up to this many seconds (at most the server's `--max-hold`, 30 by
     /// default; more is taken as that) while nothing matches.

@@ -662,7 +662,8 @@ pub struct JobQuery {
     pub state: Option<JobState>,
     /// Only jobs of this group (`placement: each`).
     pub group_id: Option<String>,
-    /// At most this many, newest first (default 100, at most 1000).
+    /// At most this many, newest first (default 100; more than 1000 is taken as 1000).
+    #[param(value_type = Option<u64>)]
     pub limit: Option<usize>,
 }
 

@@ -36,9 +36,10 @@ pub async fn create_org(
     Body(req): Body<CreateOrgRequest>,
 ) -> ApiResult<(StatusCode, Json<Org>)> {
     caller.owner_only("creating an organisation")?;
-    // Characters, not bytes, as the document's maxLength counts them.
-    let name = req.name.trim();
-    if name.is_empty() || req.name.chars().count() > 128 || name.chars().any(char::is_control) {
+    // As the document's pattern and maxLength say: characters, not bytes, none a control
+    // character, not all spaces; spaces around it are trimmed.
+    let name = req.name.trim_matches(' ');
+    if name.is_empty() || req.name.chars().count() > 128 || req.name.chars().any(char::is_control) {
         return Err(ApiError::bad_request("bad_name", "an organisation name is 1-128 printable characters"));
     }
     let (secret, signing_key) = signing::generate_org_key();
@@ -306,7 +307,9 @@ pub async fn revoke_node(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
-    /// The most recent entries, oldest first (default 1000).
+    /// The most recent entries, oldest first (default 1000; more than 100000 is taken as
+    /// 100000).
+    #[param(value_type = Option<u64>)]
     pub limit: Option<usize>,
 }
 
@@ -329,7 +332,8 @@ pub async fn list_audit(
 pub struct NodeAuditQuery {
     /// Entries after this seq (default 0: from the first).
     pub after: Option<u64>,
-    /// At most this many (default and most 10000).
+    /// At most this many (default 10000; more is taken as 10000, and 0 as 1).
+    #[param(value_type = Option<u64>)]
     pub limit: Option<usize>,
 }
 

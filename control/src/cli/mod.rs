@@ -124,7 +124,7 @@ pub enum Command {
         node_cert_lifetime: Option<Duration>,
         /// The longest a long-poll is held before an empty answer: a node's poll, and
         /// `wait_secs` of event and log listings. Keep it below the idle timeout of any load
-        /// balancer or proxy in front (1s to 5m) [default: 30s].
+        /// balancer or proxy in front (1s to 30s) [default: 30s].
         #[arg(long, value_parser = submit::parse_duration, value_name = "DURATION")]
         max_hold: Option<Duration>,
     },

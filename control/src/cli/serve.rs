@@ -232,7 +232,7 @@ mod tests {
             ("lease = \"soon\"", "lease = \"soon\""),
             ("metrics_listen = \"9464\"", "metrics_listen = \"9464\""),
             ("san = \"one\"", "san"),
-            ("max_hold = \"10m\"", "max_hold 600s is outside 1s to 300s"),
+            ("max_hold = \"1m\"", "max_hold 60s is outside 1s to 30s"),
             ("max_hold = \"0s\"", "max_hold"),
         ] {
             let f = file(text);
