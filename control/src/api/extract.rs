@@ -80,25 +80,33 @@ fn shape_error(name: &str, body: &[u8]) -> Option<String> {
     })
 }
 
+/// `schema`, or the document's schema its `$ref` names (`None`: a reference it does not hold).
+fn resolved<'a>(doc: &'a serde_json::Value, schema: &'a serde_json::Value) -> Option<&'a serde_json::Value> {
+    match schema.get("$ref").and_then(serde_json::Value::as_str) {
+        Some(target) => doc["components"]["schemas"].get(target.strip_prefix("#/components/schemas/")?),
+        None => Some(schema),
+    }
+}
+
+/// The JSON types `schema` names (one, a list, or none).
+fn types_of(schema: &serde_json::Value) -> Vec<&str> {
+    use serde_json::Value;
+    match schema.get("type") {
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Whether `schema` (after its `$ref`) names no type or one that `value`'s JSON type fits. An
 /// array fits a schema that wants an object here: the walk below finds that one.
 fn admits(doc: &serde_json::Value, schema: &serde_json::Value, value: &serde_json::Value) -> bool {
     use serde_json::Value;
-    let schema = match schema.get("$ref").and_then(Value::as_str) {
-        Some(target) => match target
-            .strip_prefix("#/components/schemas/")
-            .and_then(|n| doc["components"]["schemas"].get(n))
-        {
-            Some(s) => s,
-            None => return true,
-        },
-        None => schema,
-    };
-    let types: Vec<&str> = match schema.get("type") {
-        Some(Value::String(t)) => vec![t.as_str()],
-        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
-        _ => return true,
-    };
+    let Some(schema) = resolved(doc, schema) else { return true };
+    let types = types_of(schema);
+    if types.is_empty() {
+        return true;
+    }
     let kind = match value {
         Value::Null => "null",
         Value::Bool(_) => "boolean",
@@ -127,9 +135,8 @@ fn array_for_object(
     if depth > 32 {
         return None;
     }
-    if let Some(target) = schema.get("$ref").and_then(Value::as_str) {
-        let name = target.strip_prefix("#/components/schemas/")?;
-        return array_for_object(doc, doc["components"]["schemas"].get(name)?, value, at, depth + 1);
+    if schema.get("$ref").is_some() {
+        return array_for_object(doc, resolved(doc, schema)?, value, at, depth + 1);
     }
     for key in ["oneOf", "anyOf"] {
         if let Some(branches) = schema.get(key).and_then(Value::as_array) {
@@ -144,11 +151,7 @@ fn array_for_object(
             return first;
         }
     }
-    let types: Vec<&str> = match schema.get("type") {
-        Some(Value::String(t)) => vec![t.as_str()],
-        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
-        _ => Vec::new(),
-    };
+    let types = types_of(schema);
     let object = types.contains(&"object") || schema.get("properties").is_some();
     match value {
         Value::Array(_) if object && !types.contains(&"array") => Some(at),

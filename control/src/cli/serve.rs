@@ -105,23 +105,14 @@ impl Settings {
         };
         let listen = address("listen", file.listen)?;
         let metrics_listen = address("metrics_listen", file.metrics_listen)?;
-        let lease = file
-            .lease
-            .map(|t| super::submit::parse_duration(&t).map_err(|e| anyhow::anyhow!("lease = {t:?}: {e}")))
-            .transpose()?;
-        let node_cert_lifetime = file
-            .node_cert_lifetime
-            .map(|t| {
-                super::submit::parse_duration(&t)
-                    .map_err(|e| anyhow::anyhow!("node_cert_lifetime = {t:?}: {e}"))
-            })
-            .transpose()?;
-        let max_hold = file
-            .max_hold
-            .map(|t| super::submit::parse_duration(&t).map_err(|e| anyhow::anyhow!("max_hold = {t:?}: {e}")))
-            .transpose()?
-            .map(check_max_hold)
-            .transpose()?;
+        let duration = |key: &str, value: Option<String>| {
+            value
+                .map(|t| super::submit::parse_duration(&t).map_err(|e| anyhow::anyhow!("{key} = {t:?}: {e}")))
+                .transpose()
+        };
+        let lease = duration("lease", file.lease)?;
+        let node_cert_lifetime = duration("node_cert_lifetime", file.node_cert_lifetime)?;
+        let max_hold = duration("max_hold", file.max_hold)?.map(check_max_hold).transpose()?;
         Ok(FileSettings { listen, sans: file.san, lease, metrics_listen, node_cert_lifetime, max_hold })
     }
 }
