@@ -448,3 +448,147 @@ async fn a_service_is_healthy_again_on_its_one_container_after_dockerd_stops_and
 async fn a_service_is_healthy_again_on_its_one_container_after_dockerd_is_killed_and_restarted() {
     service_survives_a_dockerd_restart(Signal::SIGKILL).await;
 }
+
+/// A process that containerd runs under a container id of the engine's, made with `ctr` behind
+/// dockerd's back; killed and deleted on drop (on panic too), before the engine goes.
+struct StrayTask {
+    address: PathBuf,
+    id: String,
+}
+
+impl StrayTask {
+    fn ctr(address: &Path, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(address)
+            .args(["--namespace", "moby"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr (it ships with containerd)")
+    }
+
+    /// `sleep 600` in a busybox root of its own, under container id `id`.
+    fn run(engine: &PrivateEngine, id: &str) -> StrayTask {
+        let rootfs = engine.dir.join("stray-rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).expect("stray rootfs");
+        let busybox = which_busybox();
+        std::fs::copy(&busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+        let address = engine.dir.join("c.sock");
+        let out = Self::ctr(
+            &address,
+            &[
+                "run",
+                "--detach",
+                "--rootfs",
+                &rootfs.display().to_string(),
+                id,
+                "/bin/busybox",
+                "sleep",
+                "600",
+            ],
+        );
+        assert!(out.status.success(), "ctr run failed: {}", String::from_utf8_lossy(&out.stderr));
+        StrayTask { address, id: id.to_owned() }
+    }
+}
+
+impl Drop for StrayTask {
+    fn drop(&mut self) {
+        let _ = Self::ctr(&self.address, &["tasks", "kill", "--signal", "SIGKILL", &self.id]);
+        for _ in 0..50 {
+            if Self::ctr(&self.address, &["tasks", "delete", &self.id]).status.success() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Self::ctr(&self.address, &["containers", "delete", &self.id]);
+    }
+}
+
+/// The static busybox the test image is built from.
+fn which_busybox() -> PathBuf {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("busybox (Debian's busybox-static; scripts/test installs it)")
+}
+
+/// Chaos seed 1 (`scripts/chaos --seed 1 --injections 50` with dockerd-restart): dockerd was
+/// killed while it started a job's container, and containerd kept what that start had made. The
+/// next dockerd answers every start of the container `500 id already in use`, and the agent,
+/// taking it for a passing engine error, retried for ever: the job never finished. Here the
+/// same state is made on purpose (the job's container created, dockerd killed, containerd given
+/// a live process under the container's id, dockerd started again). The attempt must end once,
+/// as an error that says what happened, without a second start, and its container be removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn chaos_seed_1_a_container_start_cut_short_by_a_killed_dockerd_fails_the_attempt_once() {
+    let mut engine = PrivateEngine::start();
+    let image = engine.load_test_image();
+    assert_eq!(image, common::test_image());
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(&tmp.path().join("control"), None);
+    let org = control.create_org("start-cut-short").await;
+    let config = format!(
+        "[control]\npoll_wait_secs = 5\n[agent]\nheartbeat_secs = 1\nshutdown_grace_secs = 3\n\
+         [docker]\nsocket = \"{}\"\n",
+        engine.socket()
+    );
+    let mut node = Node::enroll(&tmp.path().join("node"), &control, &org.id, &config).await;
+    let node_id = node.node_id.clone();
+    // The agent is not running yet: the job waits for it, and its container is made first, as
+    // the cut-short start left it.
+    let job = control.submit(&node_id, harness::sh("echo ran")).await;
+    let name = format!("outpost-{}-{}", job.job_id, job.attempt);
+    let attempt = job.attempt.to_string();
+    let out = engine.docker(&[
+        "create",
+        "--name",
+        &name,
+        "--network",
+        "none",
+        "--label",
+        &format!("outpost.node={node_id}"),
+        "--label",
+        &format!("outpost.job={}", job.job_id),
+        "--label",
+        &format!("outpost.attempt={attempt}"),
+        &image,
+        "sh",
+        "-c",
+        "echo ran",
+    ]);
+    assert!(out.status.success(), "docker create failed: {}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    engine.stop_dockerd(Signal::SIGKILL);
+    // Dropped before the engine: the stray process goes first.
+    let _stray = StrayTask::run(&engine, &id);
+    engine.start_dockerd();
+    let state = engine.docker(&["inspect", "--format", "{{.State.Status}}", &name]);
+    assert_eq!(
+        String::from_utf8_lossy(&state.stdout).trim(),
+        "created",
+        "the engine's view after the restart"
+    );
+
+    node.start();
+    let result = control.wait_result(&job.job_id, WAIT).await;
+    assert_eq!(result.outcome, outpost_protocol::Outcome::Error, "{result:#?}");
+    let error = result.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("already in use") && error.contains("not started again"),
+        "the error says what the engine answered and why the job is not retried: {error}"
+    );
+    assert_eq!(result.exit_code, None, "{result:#?}");
+    let starts = node.log.snapshot().iter().filter(|l| l.contains("retrying") && l.contains(&name)).count();
+    assert_eq!(starts, 0, "the start was not retried: {:#?}", node.log.snapshot());
+    eventually("the attempt's container removed", WAIT, async || {
+        let out = engine.docker(&["ps", "--all", "--quiet", "--filter", &format!("name=^{name}$")]);
+        out.status.success() && out.stdout.trim_ascii().is_empty()
+    })
+    .await;
+    assert_eq!(control.results_recorded(&job.job_id).await, 1, "one result");
+    assert!(node.is_running(), "the agent did not crash");
+}

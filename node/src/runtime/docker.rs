@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use outpost_protocol::ContainerSpec;
 use tokio::sync::OnceCell;
 
-use self::convert::{container_state, engine_error, job_label, status_of};
+use self::convert::{container_state, engine_error, job_label, start_cut_short, status_of};
 use self::spec::{container_name, create_body, validate_image_id};
 use super::{
     ContainerState, ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, LABEL_SERVICE, LogStream,
@@ -199,6 +199,16 @@ impl Runtime for DockerRuntime {
         match self.docker().await?.start_container(&name, None).await {
             Ok(()) => Ok(()),
             Err(e) if status_of(&e) == Some(404) => Err(Self::not_found(job)),
+            // A dockerd killed while it started this container left containerd holding the
+            // container (and maybe a process), and this dockerd could not clear it: every later
+            // start answers the same. The earlier start may have run the job; starting it once
+            // the leftover goes would run it twice. The attempt ends here, with the engine's words.
+            Err(e) if start_cut_short(&e) => Err(RuntimeError::Invalid(format!(
+                "start container {name}: {e}. A start of this container was cut short (dockerd stopped \
+                 or was killed while starting it) and containerd still holds it; it may have begun to \
+                 run, so it is not started again: the attempt fails, and a new attempt gets a new \
+                 container"
+            ))),
             Err(e) => Err(engine_error(&format!("start container {name}"), e)),
         }
     }

@@ -1,6 +1,12 @@
 //! sled adapter of the StateStore: one database directory under the data dir, one sled tree
 //! per [`Tree`]. Batches run as one multi-tree transaction and are flushed before `apply`
 //! returns, so an acknowledged write survives kill -9 and power loss.
+//!
+//! A batch whose flush fails (a full disk above all) is already in sled's memory, and there
+//! is no taking it back: read back, it would look recorded though it is not on disk, and an
+//! agent that acknowledged a job it read there would lose it at the next start (chaos seed 11).
+//! So the first failed write fences the store: every later read and write fails, and the agent
+//! stops; the next start reads what the disk holds.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +23,8 @@ pub struct SledStore {
     db: sled::Db,
     trees: [sled::Tree; 7],
     path: PathBuf,
+    /// Why the store is fenced: the first write that failed.
+    failed: std::sync::OnceLock<String>,
 }
 
 impl SledStore {
@@ -56,7 +64,7 @@ impl SledStore {
             open(Tree::Services)?,
             open(Tree::ServiceReports)?,
         ];
-        Ok(Self { db, trees, path: path.to_path_buf() })
+        Ok(Self { db, trees, path: path.to_path_buf(), failed: std::sync::OnceLock::new() })
     }
 
     fn tree(&self, t: Tree) -> &sled::Tree {
@@ -74,14 +82,34 @@ impl SledStore {
     fn backend(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError::Backend { path: self.path.display().to_string(), message: e.to_string() }
     }
+
+    /// Refuses every call once a write failed (see the module's documentation).
+    fn fenced(&self) -> Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some(why) => Err(self.backend(format!(
+                "a write failed earlier ({why}), so what this process holds may not be on disk; \
+                 restart to read the store again"
+            ))),
+        }
+    }
+
+    /// Fences the store after a failed write and says so.
+    fn fence(&self, e: impl std::fmt::Display) -> StoreError {
+        let why = e.to_string();
+        let _ = self.failed.set(why.clone());
+        self.backend(why)
+    }
 }
 
 impl StateStore for SledStore {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.fenced()?;
         Ok(self.tree(tree).get(key).map_err(|e| self.backend(e))?.map(|v| v.to_vec()))
     }
 
     fn scan(&self, tree: Tree) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.fenced()?;
         self.tree(tree)
             .iter()
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.backend(e)))
@@ -89,10 +117,12 @@ impl StateStore for SledStore {
     }
 
     fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.fenced()?;
         Ok(self.tree(tree).last().map_err(|e| self.backend(e))?.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn apply(&self, ops: Vec<Op>) -> Result<()> {
+        self.fenced()?;
         let [jobs, meta, audit, relay, events, services, reports] = &self.trees;
         let res: std::result::Result<(), TransactionError<()>> =
             (jobs, meta, audit, relay, events, services, reports).transaction(|(j, m, a, r, e, s, sr)| {
@@ -120,8 +150,9 @@ impl StateStore for SledStore {
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             });
-        res.map_err(|e| self.backend(format!("{e:?}")))?;
-        self.db.flush().map_err(|e| self.backend(e))?;
+        // No transaction here aborts on purpose: a failure is the storage's.
+        res.map_err(|e| self.fence(format!("{e:?}")))?;
+        self.db.flush().map_err(|e| self.fence(e))?;
         Ok(())
     }
 }
@@ -144,6 +175,73 @@ mod tests {
         let _first = SledStore::open(&path).expect("open");
         let err = SledStore::open(&path).expect_err("the directory is held");
         assert!(err.to_string().contains("is another `outpost run` using this data dir?"), "{err}");
+    }
+
+    /// Chaos seed 11 (`scripts/chaos --seed 11 --injections 1000`): a job was acknowledged to
+    /// the control plane and then missing from the ledger after a restart. Its intake write had
+    /// failed on a full disk, but sled kept the batch in memory, the next poll read it back as
+    /// recorded and acknowledged it, and the disk never had it. Here a real store fills a real
+    /// (size-limited) filesystem: after the first failed write nothing is answered from memory,
+    /// and every write that succeeded is there after reopening.
+    #[test]
+    fn chaos_seed_11_after_a_failed_write_the_store_answers_nothing_it_may_not_hold() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test mounts a small tmpfs to fill: run it as root (CI does)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(mounted.success(), "mount a tmpfs");
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path().to_path_buf());
+        let path = dir.path().join("db");
+        let key = |i: usize| format!("job-{i}").into_bytes();
+        let put = |i: usize| Op::Put(Tree::Jobs, key(i), vec![b'x'; 3000]);
+        let store = SledStore::open(&path).expect("open");
+        store.apply(vec![put(0)]).expect("a first write with room");
+        // Fill the disk to the last block.
+        let free = nix::sys::statvfs::statvfs(dir.path()).expect("statvfs");
+        let bytes = free.blocks_available() as u64 * free.fragment_size() as u64;
+        let ballast = dir.path().join("ballast");
+        let file = std::fs::File::create(&ballast).expect("ballast");
+        let _ = nix::fcntl::posix_fallocate(&file, 0, i64::try_from(bytes).expect("size"));
+        drop(file);
+        // sled may have slack of its own: write until a write fails.
+        let mut recorded = vec![0];
+        let failed = (1..2000)
+            .find(|&i| match store.apply(vec![put(i)]) {
+                Ok(()) => {
+                    recorded.push(i);
+                    false
+                }
+                Err(_) => true,
+            })
+            .expect("a write fails on a full disk");
+        // The failed batch is in sled's memory; the store must not hand it out.
+        let read = store.get(Tree::Jobs, &key(failed)).map(|v| v.map(|bytes| bytes.len()));
+        assert!(read.is_err(), "a write that failed is not read back: {read:?} bytes");
+        assert!(store.scan(Tree::Jobs).is_err(), "nor listed");
+        let again = store.apply(vec![put(0)]).expect_err("no write after a failed one");
+        assert!(again.to_string().contains("restart to read the store again"), "{again}");
+        drop(store);
+        std::fs::remove_file(&ballast).expect("free the disk");
+        let store = SledStore::open(&path).expect("reopen with room");
+        for i in &recorded {
+            assert!(
+                store.get(Tree::Jobs, &key(*i)).expect("get").is_some(),
+                "write {i} succeeded and is kept"
+            );
+        }
+        store.apply(vec![put(failed)]).expect("writes go on once the store is read again");
     }
 
     #[test]

@@ -14,6 +14,15 @@ pub(super) fn status_of(err: &EngineError) -> Option<u16> {
     }
 }
 
+/// Whether a start failed because an earlier start of the same container was cut short: dockerd
+/// stopped or was killed while starting it, containerd kept what it had made (maybe a running
+/// process), and this dockerd could not clear it. Every later start of that container answers
+/// the same (`500 … id already in use`); only a new container gets past it.
+pub(super) fn start_cut_short(err: &EngineError) -> bool {
+    matches!(err, EngineError::DockerResponseServerError { status_code, message }
+        if *status_code >= 500 && message.contains("already in use"))
+}
+
 /// Maps an engine error met while doing `what` ("create container outpost-x-1") to the port's
 /// error: unreachable engine and 5xx are retryable, a refused request is not. Callers handle the
 /// statuses that mean something for their operation (404, 409) before calling this.

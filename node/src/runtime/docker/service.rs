@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use outpost_protocol::{ContainerSpec, ServiceNetwork, ServiceSpec};
 
 use super::DockerRuntime;
-use super::convert::{container_state, engine_error, status_of};
+use super::convert::{container_state, engine_error, start_cut_short, status_of};
 use super::spec::{create_body, validate_image_id};
 use crate::runtime::{
     ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_DEPLOYMENT, LABEL_JOB, LABEL_NODE, LABEL_REVISION,
@@ -162,6 +162,18 @@ impl DockerRuntime {
             // 304: running already.
             Err(e) if status_of(&e) == Some(304) => Ok(()),
             Err(e) if status_of(&e) == Some(404) => Err(RuntimeError::NotFound(format!("service {name}"))),
+            // This container can never start again; a service may run again, so the container
+            // goes and the next pass makes a new one.
+            Err(e) if start_cut_short(&e) => {
+                let removed = match self.remove_service(svc).await {
+                    Ok(()) => "it was removed and is made again".to_owned(),
+                    Err(why) => format!("removing it failed too ({why})"),
+                };
+                Err(RuntimeError::Unavailable(format!(
+                    "start container {name}: {e}: an earlier start was cut short (dockerd stopped or \
+                     was killed while starting it) and containerd still holds it; {removed}"
+                )))
+            }
             Err(e) => Err(engine_error(&format!("start container {name}"), e)),
         }
     }
