@@ -333,7 +333,8 @@ async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Re
     let ledger = Ledger::new(Arc::new(store));
     // Not dialled yet: the engine may come up after the agent (boot order), and the agent is
     // ready without it; jobs start once it answers.
-    let runtime = DockerRuntime::new(&identity.node.node_id, cfg.docker.socket.as_deref())?;
+    let runtime = DockerRuntime::new(&identity.node.node_id, cfg.docker.socket.as_deref())?
+        .with_apparmor_profile(cfg.docker.apparmor_profile.clone());
     let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
     let objects = outpost_node::objstore::AnyStore::open(&cfg, &env)
         .await

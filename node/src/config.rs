@@ -295,6 +295,13 @@ pub struct DockerConfig {
     /// when absent.
     #[serde(default)]
     pub socket: Option<String>,
+    /// An AppArmor profile every job and service container runs under (`apparmor=NAME`), in
+    /// place of the engine's default (`docker-default`). The profile must be loaded in the
+    /// kernel (the packages and the appliance install `outpost-container` under
+    /// /etc/apparmor.d/). Set, it is required: on an engine without AppArmor, or with the
+    /// profile not loaded, no container is started (fail closed).
+    #[serde(default)]
+    pub apparmor_profile: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -642,6 +649,14 @@ impl Config {
         }
         outpost_protocol::selector::check_labels(&self.node.labels)
             .map_err(|why| format!("node.labels: {why}"))?;
+        if let Some(profile) = &self.docker.apparmor_profile
+            && !crate::runtime::docker::is_profile_name(profile)
+        {
+            return Err(format!(
+                "docker.apparmor_profile {profile:?} is not a profile name: use 1-64 characters \
+                 [A-Za-z0-9_.-], starting with a letter or digit (and not `unconfined`)"
+            ));
+        }
         self.validate_storage()?;
         self.validate_models()?;
         self.policy.validate()?;

@@ -107,6 +107,27 @@ async fn an_absent_image_fails_the_job_with_a_clear_result() {
     assert!(err.contains("not present") && err.contains("images load"), "{err}");
 }
 
+/// `[docker] apparmor_profile` is required once set: an engine without AppArmor (this machine's
+/// kernel has none), or a kernel without the profile loaded, starts no container, and the job
+/// says why. Never a container quietly run without the confinement the site asked for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configured_apparmor_profile_that_cannot_be_applied_starts_no_container() {
+    let mut s = site("[docker]\napparmor_profile = \"outpost-test-not-loaded\"").await;
+    s.node.start();
+    let since = unix_now_s();
+    let job = s.control.submit(&s.node.node_id, sh("echo must-not-run")).await;
+    let result = s.control.wait_result(&job.job_id, RESULT_WAIT).await;
+    assert_eq!(result.outcome, Outcome::Error, "{result:?}");
+    let err = result.error.expect("error message");
+    assert!(
+        err.contains("outpost-test-not-loaded")
+            && (err.contains("runs without AppArmor") || err.contains("no such profile loaded")),
+        "{err}"
+    );
+    assert_eq!(container_starts(&job.job_id, since), 0, "no container ran");
+    assert!(docker_inspect(&format!("outpost-{}-1", job.job_id)).is_none(), "none was even created");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_manifest_signed_by_another_key_is_rejected_reported_and_audited() {
     let mut s = site("").await;

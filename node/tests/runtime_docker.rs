@@ -208,6 +208,33 @@ async fn the_job_runs_under_the_engines_seccomp_profile() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The AppArmor profile the packages and the appliance install (`outpost-container`) compiles
+/// with Debian's parser (no kernel needed: this machine's has no AppArmor), and the check bites:
+/// the same profile with one rule broken is refused.
+#[test]
+fn the_outpost_container_apparmor_profile_compiles() {
+    let profile = common::workspace_root().join("images/packages/outpost/apparmor-outpost-container");
+    let text = std::fs::read_to_string(&profile).expect("read the profile");
+    assert!(text.contains("profile outpost-container "), "the name the docs and configs use");
+    let parse = |path: &std::path::Path| {
+        let parser = ["/usr/sbin/apparmor_parser", "/sbin/apparmor_parser"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("apparmor_parser");
+        std::process::Command::new(parser)
+            .args(["--skip-kernel-load", "--skip-cache", "--quiet"])
+            .arg(path)
+            .output()
+            .expect("run apparmor_parser (Debian's apparmor package; scripts/test installs it)")
+    };
+    let out = parse(&profile);
+    assert!(out.status.success(), "the profile does not compile: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = dir.path().join("broken");
+    std::fs::write(&broken, text.replace("deny mount,", "deny mount")).expect("write");
+    assert!(!parse(&broken).status.success(), "a broken rule is refused");
+}
+
 /// A service container is confined as a job's is: the engine's seccomp filter on its process,
 /// no capabilities, no new privileges, the unprivileged user, also when its signed spec relaxes
 /// what it may (a user, capabilities, a writable root) and asks for a network.

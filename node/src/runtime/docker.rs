@@ -25,7 +25,8 @@ use outpost_protocol::ContainerSpec;
 use tokio::sync::OnceCell;
 
 use self::convert::{container_state, engine_error, job_label, start_cut_short, status_of};
-use self::spec::{container_name, create_body, validate_image_id};
+pub use self::spec::is_profile_name;
+use self::spec::{confine, container_name, create_body, validate_image_id};
 use super::{
     ContainerState, ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE, LABEL_SERVICE, LogStream,
     Managed, ManagedService, Mounts, Output, Result, Runtime, RuntimeError, RuntimeInfo, ServiceRef,
@@ -33,6 +34,8 @@ use super::{
 
 /// Seconds to wait for the engine's answer to an ordinary request.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
+/// The kernel's list of loaded AppArmor profiles, `NAME (MODE)` a line.
+const APPARMOR_PROFILES: &str = "/sys/kernel/security/apparmor/profiles";
 /// How often, and how far apart, a create that lost a race for the name looks for the winner's
 /// container before giving up with a retryable error.
 const NAME_RESERVED_POLLS: u32 = 100;
@@ -49,6 +52,8 @@ pub struct DockerRuntime {
     /// The connection at the engine's API version, made by the first call that reaches it.
     engine: Arc<OnceCell<Engine>>,
     node_id: String,
+    /// The AppArmor profile containers run under, when the node's configuration names one.
+    apparmor: Option<String>,
 }
 
 #[derive(Debug)]
@@ -75,7 +80,46 @@ impl DockerRuntime {
             socket: socket.map(str::to_owned),
             engine: Arc::default(),
             node_id: node_id.to_owned(),
+            apparmor: None,
         })
+    }
+
+    /// Every container this runtime creates runs under AppArmor profile `profile` (see
+    /// [`DockerRuntime::confinement`]); `None`: the engine's default.
+    pub fn with_apparmor_profile(mut self, profile: Option<String>) -> Self {
+        self.apparmor = profile;
+        self
+    }
+
+    /// The AppArmor profile to put on a container, after checking that it can be applied: the
+    /// engine runs with AppArmor, and the kernel has the profile loaded (where this process can
+    /// read the kernel's list). Otherwise a clear error, and no container: a profile the site
+    /// asked for is never dropped silently.
+    async fn confinement(&self) -> Result<Option<&str>> {
+        let Some(profile) = self.apparmor.as_deref() else { return Ok(None) };
+        let info =
+            self.docker().await?.info().await.map_err(|e| engine_error("read the engine's info", e))?;
+        let options = info.security_options.unwrap_or_default();
+        if !options.iter().any(|o| o.split(',').any(|part| part == "name=apparmor")) {
+            return Err(RuntimeError::Invalid(format!(
+                "docker.apparmor_profile is {profile:?}, but the Docker engine runs without AppArmor \
+                 (its security options: {}); no container is started without the profile. Enable \
+                 AppArmor in the kernel (Debian's does by default: apparmor=1 security=apparmor) or \
+                 leave the setting out",
+                if options.is_empty() { "none".to_owned() } else { options.join("; ") }
+            )));
+        }
+        if let Ok(loaded) = std::fs::read_to_string(APPARMOR_PROFILES)
+            && !loaded.lines().any(|l| {
+                l.strip_suffix(')').and_then(|l| l.rsplit_once(" (")).is_some_and(|(name, _)| name == profile)
+            })
+        {
+            return Err(RuntimeError::Invalid(format!(
+                "docker.apparmor_profile is {profile:?}, but the kernel has no such profile loaded; \
+                 load it (apparmor_parser -r /etc/apparmor.d/{profile}) or fix the name"
+            )));
+        }
+        Ok(Some(profile))
     }
 
     /// [`DockerRuntime::new`], then reach the engine now: for commands that need it at once.
@@ -167,7 +211,8 @@ impl Runtime for DockerRuntime {
     async fn create(&self, job: &JobRef, spec: &ContainerSpec, mounts: &Mounts) -> Result<String> {
         let name = container_name(job)?;
         validate_image_id(&spec.image)?;
-        let body = create_body(&self.node_id, job, spec, mounts)?;
+        let mut body = create_body(&self.node_id, job, spec, mounts)?;
+        confine(&mut body, self.confinement().await?);
         if !self.image_present(&spec.image).await? {
             return Err(RuntimeError::ImageMissing(spec.image.clone()));
         }

@@ -17,7 +17,7 @@ use outpost_protocol::{ContainerSpec, ServiceNetwork, ServiceSpec};
 
 use super::DockerRuntime;
 use super::convert::{container_state, engine_error, start_cut_short, status_of};
-use super::spec::{create_body, validate_image_id};
+use super::spec::{confine, create_body, validate_image_id};
 use crate::runtime::{
     ExecOutcome, JobRef, LABEL_ATTEMPT, LABEL_DEPLOYMENT, LABEL_JOB, LABEL_NODE, LABEL_REVISION,
     LABEL_SERVICE, ManagedService, Result, Runtime, RuntimeError, ServiceRef,
@@ -139,7 +139,8 @@ impl DockerRuntime {
         let name = self.service_container(svc)?;
         validate_image_id(&spec.image)?;
         spec.check().map_err(|why| RuntimeError::Invalid(format!("service {}: {why}", svc.name)))?;
-        let body = self.service_body(svc, spec, input)?;
+        let mut body = self.service_body(svc, spec, input)?;
+        confine(&mut body, self.confinement().await?);
         if !self.image_present(&spec.image).await? {
             return Err(RuntimeError::ImageMissing(spec.image.clone()));
         }

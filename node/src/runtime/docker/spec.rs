@@ -83,6 +83,23 @@ fn bind(job: &JobRef, source: &Path, target: &str, read_only: bool) -> Result<Mo
     })
 }
 
+/// Whether `name` may name an AppArmor profile in the node's configuration (`unconfined`, which
+/// turns AppArmor off for the container, may not).
+pub fn is_profile_name(name: &str) -> bool {
+    name != "unconfined"
+        && name.bytes().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.len() <= 64
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Puts the container under AppArmor profile `profile` (the engine's default when `None`).
+pub(super) fn confine(body: &mut ContainerCreateBody, profile: Option<&str>) {
+    if let Some(profile) = profile {
+        let host = body.host_config.get_or_insert_with(Default::default);
+        host.security_opt.get_or_insert_with(Vec::new).push(format!("apparmor={profile}"));
+    }
+}
+
 /// The create request for `job`, labelled as `node_id`'s, with the job's data `mounts`.
 pub(super) fn create_body(
     node_id: &str,
@@ -228,6 +245,28 @@ mod tests {
             output_prefix: None,
             egress_bodies: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_configured_apparmor_profile_joins_the_other_security_options() -> Result<()> {
+        let mut body = create_body("n", &job(), &spec(), &Mounts::default())?;
+        confine(&mut body, None);
+        assert_eq!(
+            body.host_config.as_ref().and_then(|h| h.security_opt.clone()),
+            Some(vec!["no-new-privileges".to_owned()])
+        );
+        confine(&mut body, Some("outpost-container"));
+        assert_eq!(
+            body.host_config.and_then(|h| h.security_opt),
+            Some(vec!["no-new-privileges".to_owned(), "apparmor=outpost-container".to_owned()])
+        );
+        for good in ["outpost-container", "a", "docker-default", "x_1.2"] {
+            assert!(is_profile_name(good), "{good}");
+        }
+        for bad in ["", "unconfined", "-x", "a b", "a,b", "unconfined=1", "a/b", &"x".repeat(65)] {
+            assert!(!is_profile_name(bad), "{bad}");
+        }
+        Ok(())
     }
 
     #[test]
