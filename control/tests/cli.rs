@@ -54,6 +54,27 @@ fn serve(dir: &Path) -> Served {
     Served { child, url: format!("https://{addr}"), fingerprint: fingerprint.to_owned() }
 }
 
+/// [`serve`] with the server's log written to `log` (appended).
+fn serve_logged(dir: &Path, log: &Path) -> Served {
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the log");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(file)
+        .spawn()
+        .expect("outpost-control starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("a ready line");
+    let rest =
+        line.strip_prefix("outpost-control listening on https://").unwrap_or_else(|| panic!("{line:?}"));
+    let (addr, rest) = rest.split_once(" (CA sha256 ").unwrap_or_else(|| panic!("{line:?}"));
+    let fingerprint = rest.strip_suffix(")\n").unwrap_or_else(|| panic!("{line:?}")).to_owned();
+    Served { child, url: format!("https://{addr}"), fingerprint }
+}
+
 fn ctl(served: &Served, dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(["--url", &served.url, "--data-dir"])
@@ -404,4 +425,93 @@ fn completions_and_man_pages_come_from_the_argument_definitions() {
     let page = std::fs::read_to_string(dir.path().join("outpost-control.1")).expect("outpost-control.1");
     assert!(page.contains(".TH outpost-control 1"), "{page}");
     assert!(dir.path().join("outpost-control-api-token-create.1").exists());
+}
+
+/// The data directory fills up under a serving control plane. The first write that cannot reach
+/// the disk stops the server (exit 1, saying why) before it serves anything that exists only in
+/// its memory: a server that went on would offer the failed submission to its node, and lose it
+/// at the next start. After a restart with room, every acknowledged submission is there, and the
+/// node is offered exactly what the restarted server knows.
+#[tokio::test]
+async fn a_full_disk_stops_the_server_before_it_serves_what_it_could_not_write() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test mounts a small tmpfs for the data directory: run it as root (CI does)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("data");
+    std::fs::create_dir(&d).expect("data dir");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs"])
+        .arg(&d)
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "mount a tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(d.clone());
+    let log = dir.path().join("serve.log");
+    let mut served = serve_logged(&d, &log);
+    let org = ok(ctl(&served, &d, &["org", "create", "full-disk"])).trim().to_owned();
+    let token = ok(ctl(&served, &d, &["token", "create", "--org", &org, "--ttl", "30m"])).trim().to_owned();
+    let ca_pem = std::fs::read_to_string(d.join("ca.crt")).expect("ca.crt");
+    let mut node = support::TestNode::enroll_at(&served.url, &ca_pem, &token).await;
+    let image = format!("sha256:{}", "c".repeat(64));
+    let submit = ["job", "submit", "--node", node.id(), "--image", &image, "--memory", "64m", "--", "true"];
+    let first = ok(ctl(&served, &d, &submit)).trim().to_owned();
+
+    let free = nix::sys::statvfs::statvfs(&d).expect("statvfs");
+    let bytes = free.blocks_available() as u64 * free.fragment_size() as u64;
+    let ballast = d.join("ballast");
+    let file = std::fs::File::create(&ballast).expect("ballast");
+    let _ = nix::fcntl::posix_fallocate(&file, 0, i64::try_from(bytes).expect("size"));
+    drop(file);
+    // sled may have slack of its own: submit until a submission is refused.
+    let mut acked = vec![first];
+    let refused = (0..500).any(|_| {
+        let out = ctl(&served, &d, &submit);
+        if out.status.success() {
+            acked.push(text(&out.stdout).trim().to_owned());
+        }
+        !out.status.success()
+    });
+    assert!(refused, "a submission is refused on a full disk");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = served.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server goes on serving after a write failed:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1), "it fails, so its service manager starts it again");
+    let said = std::fs::read_to_string(&log).expect("the log");
+    assert!(said.contains("could not write to disk") && said.contains("free space"), "{said}");
+
+    std::fs::remove_file(&ballast).expect("free the disk");
+    let served = serve_logged(&d, &log);
+    node.base.clone_from(&served.url);
+    let listed = ok(ctl(&served, &d, &["--json", "job", "list", "--node", node.id()]));
+    let known: std::collections::BTreeSet<String> = serde_json::from_str::<serde_json::Value>(&listed)
+        .expect("job list JSON")["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| j["job_id"].as_str().expect("job_id").to_owned())
+        .collect();
+    for id in &acked {
+        assert!(known.contains(id), "acknowledged job {id} is kept: {known:?}");
+    }
+    assert!(known.len() <= acked.len() + 1, "nothing but the acknowledged jobs and the refused one");
+    let offered: std::collections::BTreeSet<String> =
+        node.poll(&[], 0).await.jobs.iter().map(|a| a.job_id.clone()).collect();
+    assert!(offered.iter().all(|id| known.contains(id)), "offered {offered:?}, known {known:?}");
 }

@@ -168,13 +168,20 @@ impl SledStore {
     /// I/O pool, where a few concurrent ones wait for buffer writes that need the same pool
     /// threads: eight concurrent requests hung the control plane for good. A blocking flush on
     /// tokio's blocking pool leaves sled's threads free to write.
+    ///
+    /// A flush that fails (a full disk above all) leaves sled's memory ahead of its disk: the
+    /// write that failed, and any other not yet flushed, would be read back, served and built
+    /// on (a job offered to a node that the next start does not know). There is no taking it
+    /// back, so the process stops at once, as a kill -9 would stop it, which it survives by
+    /// design: the next start reads what the disk holds, and the service manager starts it
+    /// once there is room (`outpost-control doctor` says so).
     async fn flush(&self) -> Result<(), StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Backend(format!("the flush stopped: {e}")))?
-            .map(|_| ())
-            .map_err(backend)
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => fail_stop(&e),
+            Err(e) => Err(StoreError::Backend(format!("the flush stopped: {e}"))),
+        }
     }
 
     fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
@@ -272,6 +279,18 @@ fn settle<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, Store
 
 fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
     ConflictableTransactionError::Abort(e)
+}
+
+/// Stops the process after a failed flush (see [`SledStore::flush`]).
+fn fail_stop(e: &sled::Error) -> ! {
+    let why = format!(
+        "outpost-control: stopping: the store could not write to disk ({e}); what this process \
+         holds in memory may not be on disk, so it stops before serving it. Nothing acknowledged \
+         is lost: free space in the data directory and start it again (the service manager does)"
+    );
+    tracing::error!("{why}");
+    eprintln!("{why}");
+    std::process::exit(1)
 }
 
 impl StateStore for SledStore {
