@@ -26,8 +26,11 @@ use crate::tls::{self, TlsError};
 
 /// On shutdown, open connections (held polls answer at once) get this long to finish.
 const DRAIN: Duration = Duration::from_secs(3);
-/// Most connections served at once; beyond it the accept loop waits for one to end.
-const MAX_CONNECTIONS: usize = 4096;
+/// Most connections served at once unless `serve --max-connections` says otherwise; beyond it
+/// the accept loop waits for one to end. Each connected node holds one.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// What `--max-connections` may be.
+pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 64..=1_000_000;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,8 @@ pub struct ServerConfig {
     pub node_cert_lifetime: Duration,
     /// The longest a long-poll is held before an empty answer (see [`DEFAULT_MAX_HOLD`]).
     pub max_hold: Duration,
+    /// Most connections served at once (see [`DEFAULT_MAX_CONNECTIONS`]).
+    pub max_connections: usize,
 }
 
 /// Long-polls (a node's poll, event and log listings with `wait_secs`) are answered empty after
@@ -179,7 +184,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     tokio::spawn(api::placement::run(state.clone(), sweep_every));
     tokio::spawn(api::rollout::run(state.clone(), Duration::from_millis(500)));
     let app = api::router(state);
-    let accepting = accept_loop(listener, acceptor, app, shutdown.clone());
+    let accepting = accept_loop(listener, acceptor, app, shutdown.clone(), config.max_connections);
     // The server has stopped once both listeners have: neither holds the store afterwards.
     let task = tokio::spawn(async move {
         accepting.await;
@@ -206,12 +211,13 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     app: axum::Router,
     shutdown: CancellationToken,
+    max_connections: usize,
 ) {
     let mut conns = JoinSet::new();
     loop {
         // Reap finished connections so the set stays as small as the live ones.
         while conns.try_join_next().is_some() {}
-        if conns.len() >= MAX_CONNECTIONS {
+        if conns.len() >= max_connections {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = conns.join_next() => continue,

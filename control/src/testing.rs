@@ -102,6 +102,7 @@ async fn start_in(dir: &Path, lease: Duration) -> anyhow::Result<RunningServer> 
         metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         node_cert_lifetime: crate::server::DEFAULT_NODE_CERT_LIFETIME,
         max_hold: crate::server::DEFAULT_MAX_HOLD,
+        max_connections: crate::server::DEFAULT_MAX_CONNECTIONS,
     };
     Ok(serve(config, CancellationToken::new()).await?)
 }

@@ -127,6 +127,11 @@ pub enum Command {
         /// balancer or proxy in front (1s to 30s) [default: 30s].
         #[arg(long, value_parser = submit::parse_duration, value_name = "DURATION")]
         max_hold: Option<Duration>,
+        /// Most connections served at once (each connected node holds one); beyond it new
+        /// connections wait for one to end. Raise the process's file-descriptor limit with it
+        /// (LimitNOFILE in the unit); 64 to 1000000 [default: 16384].
+        #[arg(long, value_name = "N")]
+        max_connections: Option<usize>,
     },
     /// The certificate authority nodes pin.
     #[command(subcommand)]
@@ -450,10 +455,27 @@ fn parse_state(s: &str) -> Result<JobState, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve { config, listen, sans, lease, metrics_listen, node_cert_lifetime, max_hold } => {
+        Command::Serve {
+            config,
+            listen,
+            sans,
+            lease,
+            metrics_listen,
+            node_cert_lifetime,
+            max_hold,
+            max_connections,
+        } => {
             let settings = serve::Settings::resolve(
                 config.as_deref(),
-                serve::Flags { listen, sans, lease, metrics_listen, node_cert_lifetime, max_hold },
+                serve::Flags {
+                    listen,
+                    sans,
+                    lease,
+                    metrics_listen,
+                    node_cert_lifetime,
+                    max_hold,
+                    max_connections,
+                },
             )?;
             serve::serve(&g, settings).await
         }

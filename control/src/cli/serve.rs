@@ -28,6 +28,7 @@ struct File {
     metrics_listen: Option<String>,
     node_cert_lifetime: Option<String>,
     max_hold: Option<String>,
+    max_connections: Option<usize>,
 }
 
 /// What the command line gave; each wins over the file.
@@ -39,6 +40,7 @@ pub(super) struct Flags {
     pub metrics_listen: Option<SocketAddr>,
     pub node_cert_lifetime: Option<Duration>,
     pub max_hold: Option<Duration>,
+    pub max_connections: Option<usize>,
 }
 
 /// The server's settings: flags over the file over the defaults; `san` from both.
@@ -51,6 +53,7 @@ pub(super) struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     pub node_cert_lifetime: Duration,
     pub max_hold: Duration,
+    pub max_connections: usize,
 }
 
 /// What the file set, each value checked.
@@ -62,11 +65,13 @@ struct FileSettings {
     metrics_listen: Option<SocketAddr>,
     node_cert_lifetime: Option<Duration>,
     max_hold: Option<Duration>,
+    max_connections: Option<usize>,
 }
 
 impl Settings {
     pub(super) fn resolve(config: Option<&Path>, flags: Flags) -> anyhow::Result<Settings> {
-        let Flags { listen, sans, lease, metrics_listen, node_cert_lifetime, max_hold } = flags;
+        let Flags { listen, sans, lease, metrics_listen, node_cert_lifetime, max_hold, max_connections } =
+            flags;
         let file = match config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -90,6 +95,9 @@ impl Settings {
                 .or(file.node_cert_lifetime)
                 .unwrap_or(server::DEFAULT_NODE_CERT_LIFETIME),
             max_hold: check_max_hold(max_hold.or(file.max_hold).unwrap_or(server::DEFAULT_MAX_HOLD))?,
+            max_connections: check_max_connections(
+                max_connections.or(file.max_connections).unwrap_or(server::DEFAULT_MAX_CONNECTIONS),
+            )?,
         })
     }
 
@@ -113,8 +121,28 @@ impl Settings {
         let lease = duration("lease", file.lease)?;
         let node_cert_lifetime = duration("node_cert_lifetime", file.node_cert_lifetime)?;
         let max_hold = duration("max_hold", file.max_hold)?.map(check_max_hold).transpose()?;
-        Ok(FileSettings { listen, sans: file.san, lease, metrics_listen, node_cert_lifetime, max_hold })
+        let max_connections = file.max_connections.map(check_max_connections).transpose()?;
+        Ok(FileSettings {
+            listen,
+            sans: file.san,
+            lease,
+            metrics_listen,
+            node_cert_lifetime,
+            max_hold,
+            max_connections,
+        })
     }
+}
+
+fn check_max_connections(max: usize) -> anyhow::Result<usize> {
+    let range = server::MAX_CONNECTIONS_RANGE;
+    anyhow::ensure!(
+        range.contains(&max),
+        "max_connections {max} is outside {} to {}",
+        range.start(),
+        range.end()
+    );
+    Ok(max)
 }
 
 fn check_max_hold(hold: Duration) -> anyhow::Result<Duration> {
@@ -141,6 +169,7 @@ pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<Exit
         metrics_listen: settings.metrics_listen,
         node_cert_lifetime: settings.node_cert_lifetime,
         max_hold: settings.max_hold,
+        max_connections: settings.max_connections,
     };
     let server = server::serve(config, shutdown.clone()).await?;
     println!("outpost-control listening on https://{} (CA sha256 {})", server.addr, server.ca_fingerprint);
@@ -174,6 +203,7 @@ mod tests {
                 metrics_listen: None,
                 node_cert_lifetime: server::DEFAULT_NODE_CERT_LIFETIME,
                 max_hold: server::DEFAULT_MAX_HOLD,
+                max_connections: server::DEFAULT_MAX_CONNECTIONS,
             }
         );
     }
@@ -182,7 +212,7 @@ mod tests {
     fn the_file_sets_what_flags_leave_out_and_names_add_up() {
         let f = file(
             "listen = \"0.0.0.0:9443\"\nsan = [\"control.example\"]\nlease = \"5m\"\nnode_cert_lifetime = \"7d\"\n\
-             max_hold = \"20s\"\n",
+             max_hold = \"20s\"\nmax_connections = 30000\n",
         );
         let s =
             Settings::resolve(Some(f.path()), Flags { sans: vec!["10.0.0.5".into()], ..Flags::default() })
@@ -192,18 +222,21 @@ mod tests {
         assert_eq!(s.lease, Duration::from_secs(300));
         assert_eq!(s.node_cert_lifetime, Duration::from_secs(7 * 86_400));
         assert_eq!(s.max_hold, Duration::from_secs(20));
+        assert_eq!(s.max_connections, 30_000);
         let flags = Settings::resolve(
             Some(f.path()),
             Flags {
                 listen: Some("127.0.0.1:1".parse().unwrap()),
                 lease: Some(Duration::from_secs(7)),
                 max_hold: Some(Duration::from_secs(1)),
+                max_connections: Some(100),
                 ..Flags::default()
             },
         )
         .unwrap();
         assert_eq!((flags.listen, flags.lease), ("127.0.0.1:1".parse().unwrap(), Duration::from_secs(7)));
         assert_eq!(flags.max_hold, Duration::from_secs(1));
+        assert_eq!(flags.max_connections, 100);
     }
 
     #[test]
@@ -225,6 +258,8 @@ mod tests {
             ("san = \"one\"", "san"),
             ("max_hold = \"1m\"", "max_hold 60s is outside 1s to 30s"),
             ("max_hold = \"0s\"", "max_hold"),
+            ("max_connections = 10", "max_connections 10 is outside 64 to 1000000"),
+            ("max_connections = -1", "max_connections"),
         ] {
             let f = file(text);
             let err = format!("{:#}", Settings::resolve(Some(f.path()), Flags::default()).unwrap_err());
