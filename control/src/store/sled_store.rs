@@ -75,6 +75,15 @@ const NODE_AUDIT_HEAD_PREFIX: &[u8] = b"node_audit_head\0";
 impl SledStore {
     /// Opens (or creates) the database in `dir`. Fails when another process holds it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        match remove_unfinished_snapshots(dir) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(path = %dir.display(), removed = n, "removed unfinished store snapshots left by an interrupted write")
+            }
+            Err(e) => {
+                return Err(StoreError::Backend(format!("cannot open sled database {}: {e}", dir.display())));
+            }
+        }
         let db = sled::Config::new().path(dir).open().map_err(|e| {
             StoreError::Backend(format!(
                 "cannot open sled database {}: {e} (is another server running?)",
@@ -279,6 +288,33 @@ fn settle<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, Store
 
 fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
     ConflictableTransactionError::Abort(e)
+}
+
+/// sled 0.34 opens from the newest `snap.*` file of its directory, and counts among them a
+/// `snap.*.generating` it was still writing when it stopped (a full disk, a kill -9): an empty or
+/// partial one fails every later open with "Read corrupted data" (found by chaos seed 11 on the
+/// agent, whose store is sled too). A snapshot only caches what sled's log holds, and a finished
+/// one is renamed, so such a leftover is removed before opening; never while another process
+/// holds the database (sled's lock on its `db` file). Returns how many were removed.
+fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<usize> {
+    let db = match std::fs::OpenOptions::new().read(true).write(true).open(dir.join("db")) {
+        Ok(file) => file,
+        // No database yet (or none readable here: sled says why).
+        Err(_) => return Ok(0),
+    };
+    let Ok(_held) = nix::fcntl::Flock::lock(db, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Stops the process after a failed flush (see [`SledStore::flush`]).

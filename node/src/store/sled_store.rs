@@ -42,6 +42,13 @@ impl SledStore {
             };
             StoreError::Backend { path: path.display().to_string(), message }
         };
+        match remove_unfinished_snapshots(path) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(path = %path.display(), removed = n, "removed unfinished ledger snapshots left by an interrupted write")
+            }
+            Err(e) => return Err(err(sled::Error::Io(e))),
+        }
         // A store closed a moment ago in this process can hold its file lock a little longer,
         // while sled's background threads finish; another agent holds it for good. Wait briefly.
         let started = std::time::Instant::now();
@@ -100,6 +107,34 @@ impl SledStore {
         let _ = self.failed.set(why.clone());
         self.backend(why)
     }
+}
+
+/// sled 0.34 opens from the newest `snap.*` file of its directory, and counts among them a
+/// `snap.*.generating` it was still writing when it stopped (a full disk, a kill -9): an empty or
+/// partial one fails every later open with "Read corrupted data", and the store is lost to its
+/// owner (chaos seed 11: an agent restarted on a full disk never started again). A snapshot
+/// only caches what sled's log holds, and a finished one is renamed, so such a leftover is
+/// removed before opening; never while another process holds the database (sled's lock on its
+/// `db` file). Returns how many were removed.
+pub(crate) fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<usize> {
+    let db = match std::fs::OpenOptions::new().read(true).write(true).open(dir.join("db")) {
+        Ok(file) => file,
+        // No database yet (or none readable here: sled says why).
+        Err(_) => return Ok(0),
+    };
+    let Ok(_held) = nix::fcntl::Flock::lock(db, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 impl StateStore for SledStore {
@@ -242,6 +277,28 @@ mod tests {
             );
         }
         store.apply(vec![put(failed)]).expect("writes go on once the store is read again");
+    }
+
+    /// Chaos seed 11 (`scripts/chaos --seed 11 --injections 1000`): an agent restarted while its
+    /// data directory was full got as far as sled's snapshot at open, which left an empty
+    /// `snap.*.generating`; every later start failed with "Read corrupted data", for good.
+    #[test]
+    fn chaos_seed_11_an_unfinished_snapshot_does_not_keep_the_store_from_opening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        {
+            let store = SledStore::open(&path).expect("open");
+            store.apply(vec![Op::Put(Tree::Jobs, b"job".to_vec(), b"staged".to_vec())]).expect("apply");
+        }
+        let leftover = path.join("snap.FFFFFFFFFFFFFFFF.generating");
+        std::fs::write(&leftover, b"").expect("an empty snapshot in the making");
+        let store = SledStore::open(&path).expect("the store opens");
+        assert_eq!(store.get(Tree::Jobs, b"job").expect("get"), Some(b"staged".to_vec()));
+        assert!(!leftover.exists(), "the unfinished snapshot is gone");
+        // Never from under a process that holds the database: it may be writing one right now.
+        std::fs::write(&leftover, b"").expect("write");
+        assert_eq!(remove_unfinished_snapshots(&path).expect("look"), 0);
+        assert!(leftover.exists(), "left alone while the store is open");
     }
 
     #[test]
