@@ -475,6 +475,7 @@ struct Figures {
     dispatch: Option<Dispatch>,
     /// One unfiltered `GET /v1/nodes` with every node connected (control plane only).
     node_list_all: Option<NodeListAll>,
+    route_ms: RouteCosts,
     operator: OperatorFigures,
     poll_errors: u64,
     heartbeat_errors: u64,
@@ -488,6 +489,15 @@ struct Dispatch {
     /// Submitted jobs no node had 15 s after the last submission.
     missing: usize,
     latency: Latencies,
+}
+
+/// Median milliseconds of each operator read alone (see [`route_costs`]).
+#[derive(Serialize)]
+struct RouteCosts {
+    node_listing_filtered: f64,
+    jobs_last_20: f64,
+    one_node: f64,
+    health: f64,
 }
 
 #[derive(Serialize)]
@@ -592,6 +602,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<Figures> {
     } else {
         None
     };
+    let route_ms = route_costs(&op, &node_ids).await?;
     eprintln!(
         "[bench-control] {target}: operator reads at {}/s for {} s",
         args.operator_rps, args.operator_secs
@@ -621,6 +632,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<Figures> {
         cpu_percent_of_one_core: cpu_ms_in_window / (window_s * 1000.0) * 100.0,
         dispatch,
         node_list_all,
+        route_ms,
         operator,
         poll_errors: c.poll_errors.load(Ordering::Relaxed),
         heartbeat_errors: c.heartbeat_errors.load(Ordering::Relaxed),
@@ -677,6 +689,41 @@ async fn dispatch(op: &Operator, node_ids: &[String], shared: &Shared, count: us
     }
 }
 
+/// The operator's `i`th read: in turn a filtered node listing (the unfiltered one is measured
+/// once, on its own: its size grows with the fleet), the last 20 jobs, one node, health.
+fn operator_path(i: u64, node_ids: &[String]) -> String {
+    match i % 4 {
+        0 => format!("{}?selector=bench%3Dnone", paths::NODES),
+        1 => format!("{}?limit=20", paths::JOBS),
+        2 => {
+            paths::NODE.replace("{node_id}", &node_ids[usize::try_from(i / 4).unwrap_or(0) % node_ids.len()])
+        }
+        _ => paths::HEALTH.to_owned(),
+    }
+}
+
+/// Where an operator read's time goes: each read of the mix alone, one after another on one
+/// kept-alive connection (no handshake, no queueing), median of 50.
+async fn route_costs(op: &Operator, node_ids: &[String]) -> anyhow::Result<RouteCosts> {
+    let mut median = [0.0; 4];
+    for (kind, slot) in median.iter_mut().enumerate() {
+        let mut ms = Vec::new();
+        for round in 0..50u64 {
+            let path = operator_path(round * 4 + kind as u64, node_ids);
+            let at = Instant::now();
+            op.request(reqwest::Method::GET, &path).send().await?.error_for_status()?.bytes().await?;
+            ms.push(at.elapsed().as_secs_f64() * 1000.0);
+        }
+        *slot = latencies(ms).p50_ms;
+    }
+    Ok(RouteCosts {
+        node_listing_filtered: median[0],
+        jobs_last_20: median[1],
+        one_node: median[2],
+        health: median[3],
+    })
+}
+
 /// `rps` reads a second for `secs` seconds, open loop (a slow answer does not slow the rate).
 async fn operator_load(
     op: Arc<Operator>,
@@ -695,14 +742,7 @@ async fn operator_load(
         ticker.tick().await;
         let (op, node_ids, samples, errors) = (op.clone(), node_ids.clone(), samples.clone(), errors.clone());
         tasks.spawn(async move {
-            let path = match i % 4 {
-                // Filtered: the unfiltered listing is measured once, on its own (its size grows
-                // with the fleet).
-                0 => format!("{}?selector=bench%3Dnone", paths::NODES),
-                1 => format!("{}?limit=20", paths::JOBS),
-                2 => paths::NODE.replace("{node_id}", &node_ids[(i as usize / 4) % node_ids.len()]),
-                _ => paths::HEALTH.to_owned(),
-            };
+            let path = operator_path(i, &node_ids);
             let at = Instant::now();
             let ok = match op.request(reqwest::Method::GET, &path).send().await {
                 Ok(resp) => resp.status().is_success() && resp.bytes().await.is_ok(),
