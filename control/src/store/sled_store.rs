@@ -189,6 +189,10 @@ impl SledStore {
         match tokio::task::spawn_blocking(move || db.flush()).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => fail_stop(&e),
+            // A flush that panicked may have written part of what it had, or nothing.
+            Err(e) if e.is_panic() => {
+                fail_stop(&sled::Error::ReportableBug(format!("the flush panicked: {e}")))
+            }
             Err(e) => Err(StoreError::Backend(format!("the flush stopped: {e}"))),
         }
     }

@@ -109,15 +109,21 @@ impl DockerRuntime {
                 if options.is_empty() { "none".to_owned() } else { options.join("; ") }
             )));
         }
-        if let Ok(loaded) = std::fs::read_to_string(APPARMOR_PROFILES)
-            && !loaded.lines().any(|l| {
-                l.strip_suffix(')').and_then(|l| l.rsplit_once(" (")).is_some_and(|(name, _)| name == profile)
-            })
-        {
-            return Err(RuntimeError::Invalid(format!(
-                "docker.apparmor_profile is {profile:?}, but the kernel has no such profile loaded; \
-                 load it (apparmor_parser -r /etc/apparmor.d/{profile}) or fix the name"
-            )));
+        match std::fs::read_to_string(APPARMOR_PROFILES) {
+            // In enforce mode: a profile in complain mode only logs what it would refuse.
+            Ok(loaded) if !loaded.lines().any(|l| l == format!("{profile} (enforce)")) => {
+                return Err(RuntimeError::Invalid(format!(
+                    "docker.apparmor_profile is {profile:?}, but the kernel has no such profile loaded \
+                     in enforce mode; load it (apparmor_parser -r /etc/apparmor.d/{profile}) or fix \
+                     the name"
+                )));
+            }
+            Ok(_) => {}
+            // Only root in the first user namespace may read the list: the engine refuses a
+            // profile that is not loaded when it starts the container.
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the kernel's AppArmor profiles; the engine checks the profile")
+            }
         }
         Ok(Some(profile))
     }
@@ -252,7 +258,8 @@ impl Runtime for DockerRuntime {
                 "start container {name}: {e}. A start of this container was cut short (dockerd stopped \
                  or was killed while starting it) and containerd still holds it; it may have begun to \
                  run, so it is not started again: the attempt fails, and a new attempt gets a new \
-                 container"
+                 container. A process that start left running belongs to containerd alone now \
+                 (`ctr --namespace moby tasks list` shows it under the container's id)"
             ))),
             Err(e) => Err(engine_error(&format!("start container {name}"), e)),
         }

@@ -42,17 +42,18 @@ impl SledStore {
             };
             StoreError::Backend { path: path.display().to_string(), message }
         };
-        match remove_unfinished_snapshots(path) {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::warn!(path = %path.display(), removed = n, "removed unfinished ledger snapshots left by an interrupted write")
-            }
-            Err(e) => return Err(err(sled::Error::Io(e))),
-        }
         // A store closed a moment ago in this process can hold its file lock a little longer,
         // while sled's background threads finish; another agent holds it for good. Wait briefly.
         let started = std::time::Instant::now();
         let db = loop {
+            // Each try: the cleanup is skipped while the lock is held by someone else.
+            match remove_unfinished_snapshots(path) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(path = %path.display(), removed = n, "removed unfinished ledger snapshots left by an interrupted write")
+                }
+                Err(e) => return Err(err(sled::Error::Io(e))),
+            }
             match sled::Config::new().path(path).cache_capacity(4 * 1024 * 1024).open() {
                 Ok(db) => break db,
                 Err(e) if locked(&e) && started.elapsed() < LOCK_WAIT => {

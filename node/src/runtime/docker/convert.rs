@@ -19,8 +19,9 @@ pub(super) fn status_of(err: &EngineError) -> Option<u16> {
 /// process), and this dockerd could not clear it. Every later start of that container answers
 /// the same (`500 … id already in use`); only a new container gets past it.
 pub(super) fn start_cut_short(err: &EngineError) -> bool {
+    // Not a host port taken by another process ("bind: address already in use").
     matches!(err, EngineError::DockerResponseServerError { status_code, message }
-        if *status_code >= 500 && message.contains("already in use"))
+        if *status_code >= 500 && message.contains("id already in use") && !message.contains("address already in use"))
 }
 
 /// Maps an engine error met while doing `what` ("create container outpost-x-1") to the port's
@@ -234,5 +235,21 @@ mod tests {
         assert!(matches!(engine_error("start", err(400)), RuntimeError::Invalid(_)));
         assert!(engine_error("start", EngineError::RequestTimeoutError).is_retryable());
         assert!(engine_error("start", EngineError::SocketNotFoundError("/x".into())).is_retryable());
+    }
+
+    #[test]
+    fn only_containerd_holding_the_id_counts_as_a_start_cut_short() {
+        let answer = |status_code: u16, message: &str| EngineError::DockerResponseServerError {
+            status_code,
+            message: message.to_owned(),
+        };
+        assert!(start_cut_short(&answer(500, "id already in use")));
+        assert!(!start_cut_short(&answer(
+            500,
+            "driver failed programming external connectivity on endpoint web: Error starting userland \
+             proxy: listen tcp4 0.0.0.0:8080: bind: address already in use"
+        )));
+        assert!(!start_cut_short(&answer(409, "id already in use")));
+        assert!(!start_cut_short(&answer(500, "something else")));
     }
 }
