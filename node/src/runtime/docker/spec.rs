@@ -34,10 +34,7 @@ const MIN_MEMORY_MB: u64 = 6;
 /// (a job id like `../x` must never address another object of the engine).
 pub(super) fn container_name(job: &JobRef) -> Result<String> {
     let id = &job.job_id;
-    let valid = id.bytes().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && id.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
-        && id.len() <= 200;
-    if !valid {
+    if !is_plain_name(id, 200) {
         return Err(RuntimeError::Invalid(format!(
             "job id {id:?} cannot name a container: use 1-200 characters [A-Za-z0-9_.-] starting with \
              a letter or digit"
@@ -86,9 +83,14 @@ fn bind(job: &JobRef, source: &Path, target: &str, read_only: bool) -> Result<Mo
 /// Whether `name` may name an AppArmor profile in the node's configuration (`unconfined`, which
 /// turns AppArmor off for the container, may not).
 pub fn is_profile_name(name: &str) -> bool {
-    name != "unconfined"
-        && name.bytes().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.len() <= 64
+    name != "unconfined" && is_plain_name(name, 64)
+}
+
+/// 1 to `max` bytes of `[A-Za-z0-9_.-]`, starting with a letter or digit: safe as a Docker name,
+/// a URL segment and a security option's value.
+fn is_plain_name(name: &str, max: usize) -> bool {
+    name.bytes().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.len() <= max
         && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
