@@ -33,12 +33,23 @@ impl Drop for Served {
 
 /// Starts `serve` on a free port and reads its one ready line.
 fn serve(dir: &Path) -> Served {
+    serve_to(dir, Stdio::inherit())
+}
+
+/// [`serve`] with the server's log written to `log` (appended).
+fn serve_logged(dir: &Path, log: &Path) -> Served {
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the log");
+    serve_to(dir, file.into())
+}
+
+/// [`serve`] with the server's log going to `stderr`.
+fn serve_to(dir: &Path, stderr: Stdio) -> Served {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("outpost-control starts");
     let stdout = child.stdout.take().expect("stdout");
@@ -52,27 +63,6 @@ fn serve(dir: &Path) -> Served {
     assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "{line:?}");
     assert!(fingerprint.len() == 64 && fingerprint.bytes().all(|b| b.is_ascii_hexdigit()), "{line:?}");
     Served { child, url: format!("https://{addr}"), fingerprint: fingerprint.to_owned() }
-}
-
-/// [`serve`] with the server's log written to `log` (appended).
-fn serve_logged(dir: &Path, log: &Path) -> Served {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the log");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(file)
-        .spawn()
-        .expect("outpost-control starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("a ready line");
-    let rest =
-        line.strip_prefix("outpost-control listening on https://").unwrap_or_else(|| panic!("{line:?}"));
-    let (addr, rest) = rest.split_once(" (CA sha256 ").unwrap_or_else(|| panic!("{line:?}"));
-    let fingerprint = rest.strip_suffix(")\n").unwrap_or_else(|| panic!("{line:?}")).to_owned();
-    Served { child, url: format!("https://{addr}"), fingerprint }
 }
 
 fn ctl(served: &Served, dir: &Path, args: &[&str]) -> Output {
