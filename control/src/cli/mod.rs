@@ -11,7 +11,6 @@ mod serve;
 mod show;
 mod submit;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -103,35 +102,8 @@ pub enum Command {
         /// one at /etc/outpost-control/config.toml.
         #[arg(long, value_name = "FILE", env = "OUTPOST_CONTROL_CONFIG")]
         config: Option<PathBuf>,
-        /// Address and port to listen on [default: 127.0.0.1:8443].
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Extra DNS name or IP address for the server certificate (repeatable; adds to the
-        /// file's); the certificate always names localhost, 127.0.0.1, ::1 and the hostname.
-        #[arg(long = "san", value_name = "NAME")]
-        sans: Vec<String>,
-        /// A node whose last heartbeat is older than this is offline: `node list` says so, and
-        /// its `--any` jobs are offered to another matching node (e.g. 90s, 5m) [default: 90s].
-        #[arg(long, value_parser = submit::parse_duration, env = "OUTPOST_CONTROL_LEASE")]
-        lease: Option<Duration>,
-        /// Serve Prometheus metrics (`GET /metrics`, plain HTTP: keep it on loopback or a private
-        /// network) on this address and port, e.g. 127.0.0.1:9464 [default: not served].
-        #[arg(long, value_name = "ADDR")]
-        metrics_listen: Option<SocketAddr>,
-        /// How long the certificates of agents that renew their own last (they renew two
-        /// thirds in, over mutual TLS); older agents get a year [default: 30d].
-        #[arg(long, value_parser = submit::parse_duration, value_name = "DURATION")]
-        node_cert_lifetime: Option<Duration>,
-        /// The longest a long-poll is held before an empty answer: a node's poll, and
-        /// `wait_secs` of event and log listings. Keep it below the idle timeout of any load
-        /// balancer or proxy in front (1s to 30s) [default: 30s].
-        #[arg(long, value_parser = submit::parse_duration, value_name = "DURATION")]
-        max_hold: Option<Duration>,
-        /// Most connections served at once (each connected node holds one); beyond it new
-        /// connections wait for one to end. Raise the process's file-descriptor limit with it
-        /// (LimitNOFILE in the unit); 64 to 1000000 [default: 16384].
-        #[arg(long, value_name = "N")]
-        max_connections: Option<usize>,
+        #[command(flatten)]
+        flags: serve::Flags,
     },
     /// The certificate authority nodes pin.
     #[command(subcommand)]
@@ -455,28 +427,8 @@ fn parse_state(s: &str) -> Result<JobState, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve {
-            config,
-            listen,
-            sans,
-            lease,
-            metrics_listen,
-            node_cert_lifetime,
-            max_hold,
-            max_connections,
-        } => {
-            let settings = serve::Settings::resolve(
-                config.as_deref(),
-                serve::Flags {
-                    listen,
-                    sans,
-                    lease,
-                    metrics_listen,
-                    node_cert_lifetime,
-                    max_hold,
-                    max_connections,
-                },
-            )?;
+        Command::Serve { config, flags } => {
+            let settings = serve::Settings::resolve(config.as_deref(), flags)?;
             serve::serve(&g, settings).await
         }
         Command::Doctor { json } => doctor::run(&g, json).await,
