@@ -129,12 +129,38 @@ dev_keys() {
     rm -f "$ext" "$dir/signing.csr"
 }
 
+# verity_image EXT4 OUT_IMG: OUT_IMG is EXT4 followed by its dm-verity hash tree (sha256, 4 KiB
+# blocks, the tree's superblock right after the file system); prints "ROOTHASH OFFSET", the root
+# hash that pins every block of the file system and the tree's byte offset. A root slot holds
+# OUT_IMG; the boot entry carries both values (outpost.verity=), and the initramfs opens the slot
+# through dm-verity, so a block that differs from what was built fails to read.
+verity_image() {
+    local ext4="$1" out="$2" size hash
+    size=$(stat -c %s "$ext4")
+    [ $((size % 4096)) -eq 0 ] || die "verity_image: $ext4 is not a whole number of 4 KiB blocks"
+    rm -f "$out"
+    cp --sparse=always "$ext4" "$out"
+    hash=$(veritysetup format --hash=sha256 --data-block-size=4096 --hash-block-size=4096 \
+        --data-blocks=$((size / 4096)) --hash-offset="$size" "$out" "$out" \
+        | sed -n 's/^Root hash:[[:space:]]*\([0-9a-f]\{64\}\)$/\1/p')
+    [ -n "$hash" ] || die "veritysetup format gave no root hash for $ext4"
+    # Read it all back against the root hash: what the slot will hold is what was built.
+    veritysetup verify --hash-offset="$size" "$out" "$out" "$hash" >&2 \
+        || die "the hash tree of $out does not verify"
+    echo "$hash $size"
+}
+
 # make_bundle ROOTFS_EXT4 VERSION OUT_FILE CERT KEY KEYRING: a signed verity RAUC bundle that
-# installs ROOTFS_EXT4 into the inactive root slot.
+# installs ROOTFS_EXT4, with its dm-verity hash tree, into the inactive root slot. The bundle
+# also carries the tree's root hash (rootfs.verity) and a hook that hands it to the boot backend
+# after the slot is written (images/lib/bundle-hook): the hash the slot boots with comes from the
+# signed bundle, not from the disk.
 make_bundle() {
-    local rootfs="$1" version="$2" out="$3" cert="$4" key="$5" keyring="$6" dir
+    local rootfs="$1" version="$2" out="$3" cert="$4" key="$5" keyring="$6" dir verity
     dir=$(mktemp -d "${out%/*}/.bundle.XXXXXX")
-    ln "$rootfs" "$dir/rootfs.ext4" 2>/dev/null || cp --sparse=always "$rootfs" "$dir/rootfs.ext4"
+    verity=$(verity_image "$rootfs" "$dir/rootfs.ext4")
+    printf 'hash=%s\noffset=%s\n' "${verity% *}" "${verity#* }" > "$dir/rootfs.verity"
+    install -m 0755 "$(dirname "${BASH_SOURCE[0]}")/bundle-hook" "$dir/hook"
     cat > "$dir/manifest.raucm" <<MANIFEST
 [update]
 compatible=outpost-appliance-x86_64
@@ -144,8 +170,12 @@ description=Outpost appliance root file system $version
 [bundle]
 format=verity
 
+[hooks]
+filename=hook
+
 [image.rootfs]
 filename=rootfs.ext4
+hooks=post-install
 MANIFEST
     rm -f "$out"
     rauc bundle --cert="$cert" --key="$key" --keyring="$keyring" \
