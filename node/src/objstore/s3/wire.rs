@@ -221,4 +221,136 @@ mod tests {
     fn copy_sources_are_percent_encoded_except_slashes() {
         assert_eq!(encode_copy_source("a b/ü/../x+%"), "a%20b/%C3%BC/../x%2B%25");
     }
+
+    use proptest::prelude::*;
+
+    /// `default` cases, or `PROPTEST_CASES` for a longer run.
+    fn cases(default: u32) -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// A key as a server may list it: under the prefix or not, hostile (`..`, control
+    /// characters, markup), any unicode.
+    fn listed_key(prefix: String) -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => "[a-z0-9/_.-]{0,12}".prop_map(move |s| format!("{prefix}{s}")),
+            1 => "(\\.\\./|/|<|&|\"|\x00|\r\n|\u{7f}){1,4}[a-z]{0,4}",
+            1 => any::<String>(),
+        ]
+    }
+
+    /// One ListObjectsV2 answer as text: entries escaped as a server would (or, now and then,
+    /// not at all), keys mostly sorted, any sizes, ETags quoted or not, dates valid or junk.
+    fn listing_xml() -> impl Strategy<Value = (String, Option<String>, usize, String)> {
+        ("[a-z]{0,2}/?", 1usize..8).prop_flat_map(|(prefix, limit)| {
+            let entry = (
+                listed_key(prefix.clone()),
+                any::<u64>(),
+                prop_oneof![Just("\"0123abcd\"".to_owned()), "[a-f0-9\"&;]{0,10}"],
+                prop_oneof![Just("2024-05-01T10:00:00.000Z".to_owned()), "[0-9TZ:.-]{0,24}"],
+            );
+            (
+                Just(prefix.clone()),
+                prop::option::of(listed_key(prefix)),
+                Just(limit),
+                prop::collection::vec(entry, 0..10),
+                (any::<bool>(), any::<bool>(), any::<bool>()),
+                // A listed key repeated, and a cursor that is one of the listed keys.
+                (prop::option::of(any::<prop::sample::Index>()), prop::option::of(any::<prop::sample::Index>())),
+            )
+        })
+        .prop_map(|(prefix, mut start_after, limit, mut entries, (sorted, truncated, escaped), (dup, cursor))| {
+            if sorted {
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                entries.dedup_by(|a, b| a.0 == b.0);
+            }
+            if !entries.is_empty() {
+                if let Some(i) = dup {
+                    let i = i.index(entries.len());
+                    entries.insert(i, entries[i].clone());
+                }
+                if let Some(i) = cursor {
+                    start_after = Some(entries[i.index(entries.len())].0.clone());
+                }
+            }
+            let text = |s: &str| if escaped { quick_xml::escape::escape(s).into_owned() } else { s.to_owned() };
+            let mut xml = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+                 <Name>outpost</Name><Prefix>{}</Prefix><MaxKeys>{limit}</MaxKeys><IsTruncated>{truncated}</IsTruncated>",
+                text(&prefix)
+            );
+            for (key, size, etag, modified) in &entries {
+                xml.push_str(&format!(
+                    "<Contents><Key>{}</Key><LastModified>{}</LastModified><ETag>{}</ETag><Size>{size}</Size>\
+                     <StorageClass>STANDARD</StorageClass></Contents>",
+                    text(key),
+                    text(modified),
+                    text(etag)
+                ));
+            }
+            xml.push_str("</ListBucketResult>");
+            (prefix, start_after, limit, xml)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(cases(2_000))]
+
+        /// A listing as an S3 server sends it: the client's XML reader refuses it, or the page
+        /// made of it keeps every promise a persisted relay cursor relies on (at most `limit`
+        /// keys, all under the prefix, strictly ascending after `start_after`, a next cursor
+        /// exactly when truncated, sizes and keys as listed, ETags unquoted), or the page is
+        /// refused as inconsistent, and then the listing did break one of those promises.
+        #[test]
+        fn listings_become_faithful_pages_or_are_refused((prefix, start_after, limit, xml) in listing_xml()) {
+            let Ok(result) = quick_xml::de::from_str::<ListBucketResult>(&xml) else {
+                return Ok(());
+            };
+            let keys: Vec<&str> = result.contents.iter().map(|o| o.key.as_str()).collect();
+            let mut last = start_after.as_deref();
+            let mut ascending = true;
+            for k in &keys {
+                ascending &= last.is_none_or(|l| *k > l);
+                last = Some(k);
+            }
+            let consistent = keys.len() <= limit
+                && keys.iter().all(|k| k.starts_with(&prefix))
+                && ascending
+                && !(result.is_truncated && keys.is_empty());
+            match list_page(result.clone(), &prefix, start_after.as_deref(), limit) {
+                Ok(page) => {
+                    prop_assert!(consistent, "accepted an inconsistent listing: {:?}", keys);
+                    let got: Vec<&str> = page.objects.iter().map(|o| o.key.as_str()).collect();
+                    prop_assert_eq!(&got, &keys);
+                    for (o, listed) in page.objects.iter().zip(&result.contents) {
+                        prop_assert_eq!(o.size, listed.size);
+                        prop_assert!(!o.etag.starts_with('"') && !o.etag.ends_with('"'), "etag {}", o.etag);
+                    }
+                    let expected = result.is_truncated.then(|| keys.last().map(|k| k.to_string())).flatten();
+                    prop_assert_eq!(page.next_start_after, expected);
+                }
+                Err(e) => {
+                    prop_assert!(!consistent, "refused a consistent listing: {}", e);
+                    let refused_as_inconsistent = matches!(
+                        &e,
+                        ObjectStoreError::Unavailable { message, retryable: false } if message.contains("inconsistent")
+                    );
+                    prop_assert!(refused_as_inconsistent, "{}", e);
+                }
+            }
+        }
+
+        /// The small XML readers of upload and copy answers: any bytes, no panic; an ETag a
+        /// server writes (quoted, entities for the quotes) reads back bare.
+        #[test]
+        fn etags_in_answers_are_read_without_panic(junk in prop::collection::vec(any::<u8>(), 0..256), tag in "[0-9a-f]{1,32}(-[0-9]{1,3})?") {
+            let _ = etag_in_xml(&junk);
+            let _ = xml_field(&junk, "Key");
+            let xml = format!("<CopyObjectResult><LastModified>x</LastModified><ETag>&quot;{tag}&quot;</ETag></CopyObjectResult>");
+            prop_assert_eq!(etag_in_xml(xml.as_bytes()), Some(tag.clone()));
+            let _ = rfc3339_unix_ms(&String::from_utf8_lossy(&junk));
+            let _ = http_date_unix_ms(&String::from_utf8_lossy(&junk));
+        }
+    }
 }
