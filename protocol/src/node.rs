@@ -260,6 +260,10 @@ pub struct LabelNodeRequest {
 #[serde(deny_unknown_fields)]
 pub struct NodeList {
     pub nodes: Vec<NodeInfo>,
+    /// Set when the listing was asked for a page (`limit`) and more nodes follow: pass it as
+    /// `after` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
 }
 
 /// One entry of the control plane's audit trail.

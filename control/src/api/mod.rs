@@ -179,9 +179,14 @@ impl AppState {
     /// The node with its last-seen time as the fleet logic uses it: the latest of its stored
     /// heartbeat, its last poll and this process's start.
     pub fn seen(&self, mut node: outpost_protocol::NodeInfo) -> outpost_protocol::NodeInfo {
-        let polled = self.contact.lock().ok().and_then(|m| m.get(&node.node_id).copied());
-        node.last_seen_unix_ms = self.latest_seen(node.last_seen_unix_ms, polled);
+        node.last_seen_unix_ms = self.seen_ms(&node);
         node
+    }
+
+    /// The last-seen time [`AppState::seen`] gives `node`, without taking the record.
+    pub fn seen_ms(&self, node: &outpost_protocol::NodeInfo) -> Option<u64> {
+        let polled = self.contact.lock().ok().and_then(|m| m.get(&node.node_id).copied());
+        self.latest_seen(node.last_seen_unix_ms, polled)
     }
 
     /// The latest of a node's stored last-seen time, its last poll and this process's start.

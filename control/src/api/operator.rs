@@ -179,7 +179,17 @@ pub struct NodeQuery {
     pub selector: Option<String>,
     /// Only nodes of this organisation.
     pub org_id: Option<String>,
+    /// A page of at most this many nodes, in node id order (1 to 10,000); the answer's
+    /// `next_after` is set when more follow. Without it, every matching node.
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<u32>,
+    /// Only nodes whose id sorts after this one: the `next_after` of the page before.
+    #[param(min_length = 1, max_length = 256)]
+    pub after: Option<String>,
 }
+
+/// The largest page of `GET /v1/nodes`.
+pub const MAX_NODE_PAGE: u32 = 10_000;
 
 #[utoipa::path(get, path = paths::NODES, tag = "nodes", params(NodeQuery),
     description = "Enrolled nodes with their effective labels (the node's own, overridden by operator labels) \
@@ -197,16 +207,35 @@ pub async fn list_nodes(
         .map(Selector::parse)
         .transpose()
         .map_err(|e| ApiError::bad_request("bad_selector", e.to_string()))?;
-    let nodes = st
-        .store
-        .list_nodes()
-        .await?
-        .into_iter()
-        .filter(|n| q.org_id.as_deref().is_none_or(|o| o == n.org_id) && caller.sees(&n.org_id))
-        .map(|n| placement::present(&st, n))
-        .filter(|n| selector.as_ref().is_none_or(|s| s.matches(&n.labels)))
-        .collect();
-    Ok(Json(NodeList { nodes }))
+    if let Some(limit) = q.limit
+        && !(1..=MAX_NODE_PAGE).contains(&limit)
+    {
+        return Err(ApiError::bad_request(
+            "bad_limit",
+            format!("limit must be 1 to {MAX_NODE_PAGE}, got {limit}"),
+        ));
+    }
+    if q.after.as_deref().is_some_and(|a| a.is_empty() || a.len() > 256) {
+        return Err(ApiError::bad_request("bad_after", "after must be a node id of 1 to 256 bytes"));
+    }
+    // The organisation's own index when the caller sees one organisation only; the filter
+    // reads each other record only as far as its organisation and labels.
+    let org = q.org_id.clone().or_else(|| caller.org_filter().map(str::to_owned));
+    let own = caller.org_filter().map(str::to_owned);
+    let keep: crate::store::NodeFilter = Box::new(move |org_id, labels| {
+        own.as_deref().is_none_or(|o| o == org_id) && selector.as_ref().is_none_or(|s| s.matches(labels))
+    });
+    let want = q.limit.map_or(usize::MAX, |l| l as usize + 1);
+    let mut found = st.store.find_nodes(org.as_deref(), q.after.as_deref(), keep, want).await?;
+    let next_after = match q.limit {
+        Some(limit) if found.len() > limit as usize => {
+            found.truncate(limit as usize);
+            found.last().map(|n| n.node_id.clone())
+        }
+        _ => None,
+    };
+    let nodes = found.into_iter().map(|n| placement::present(&st, n)).collect();
+    Ok(Json(NodeList { nodes, next_after }))
 }
 
 #[utoipa::path(get, path = paths::NODE, tag = "nodes", params(("node_id" = String, Path, description = "node id")),

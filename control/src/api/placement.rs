@@ -21,7 +21,8 @@ pub fn is_online(node: &NodeInfo, now_ms: u64, lease_ms: u64) -> bool {
 /// stored last-seen time is shown as stored).
 pub fn present(st: &AppState, mut node: NodeInfo) -> NodeInfo {
     node.labels = node.effective_labels();
-    node.online = is_online(&st.seen(node.clone()), st.clock.now_ms(), st.lease_ms());
+    let seen = st.seen_ms(&node);
+    node.online = seen.is_some_and(|seen| st.clock.now_ms().saturating_sub(seen) <= st.lease_ms());
     node
 }
 

@@ -622,6 +622,54 @@ async fn listings_follow_every_change(s: &dyn StateStore) {
     let presence: Vec<_> = presence.into_iter().map(|p| (p.node_id, p.last_seen_unix_ms)).collect();
     assert_eq!(presence, [("la1".to_owned(), Some(500)), ("la2".to_owned(), None)]);
     s.update_node_labels("la2", [("k".to_owned(), "v".to_owned())].into(), vec![]).await.expect("label");
+    // The node's own labels come with its heartbeat, behind a large inventory the filter skips.
+    let beat = outpost_protocol::Heartbeat {
+        agent_version: "0.1.0".into(),
+        inventory: outpost_protocol::Inventory {
+            hostname: "h".repeat(4096),
+            cpu_count: 2,
+            ..outpost_protocol::Inventory::default()
+        },
+        running_jobs: 0,
+        outbox_depth: 0,
+        relay: None,
+        models: Vec::new(),
+        labels: [("k".to_owned(), "own".to_owned()), ("site".to_owned(), "x".to_owned())].into(),
+        announce: None,
+        awaiting_approval: Vec::new(),
+    };
+    s.record_heartbeat("la1", beat, Some(600)).await.expect("heartbeat");
+    let find = |org: Option<&'static str>, after: Option<String>, k: Option<&'static str>, limit: usize| async move {
+        let keep: crate::store::NodeFilter =
+            Box::new(move |_, labels| k.is_none_or(|v| labels.get("k").map(String::as_str) == Some(v)));
+        let found = s.find_nodes(org, after.as_deref(), keep, limit).await.expect("find");
+        found.into_iter().map(|n| n.node_id).collect::<Vec<_>>()
+    };
+    assert_eq!(find(Some("lo-a"), None, Some("v"), 10).await, ["la2"], "operator labels are matched");
+    assert_eq!(
+        find(Some("lo-a"), None, Some("own"), 10).await,
+        ["la1"],
+        "the heartbeat's labels are matched"
+    );
+    assert_eq!(find(None, None, Some("own"), 10).await, ["la1"]);
+    assert_eq!(find(Some("lo-a"), None, None, 10).await, ["la1", "la2"]);
+    assert_eq!(find(Some("lo-a"), Some("la1".into()), None, 10).await, ["la2"], "after is exclusive");
+    assert_eq!(find(Some("lo-a"), Some("la0".into()), None, 1).await, ["la1"], "after need not be a node");
+    assert!(find(Some("lo-a"), Some("la2".into()), None, 10).await.is_empty());
+    assert!(find(Some("lo"), None, None, 10).await.is_empty(), "an org id is not a prefix of another");
+    assert!(find(None, None, None, 0).await.is_empty());
+    assert_eq!(find(None, None, None, usize::MAX).await, everyone, "unfiltered: every node in id order");
+    assert_eq!(find(None, Some(everyone[0].clone()), None, 2).await, everyone[1..3]);
+    let by_org: crate::store::NodeFilter = Box::new(|org, _| org == "lo-b");
+    let lo_b: Vec<String> =
+        s.find_nodes(None, None, by_org, 10).await.expect("find").into_iter().map(|n| n.node_id).collect();
+    assert_eq!(lo_b, ["lb1"], "the filter sees the organisation");
+    let whole = s.find_nodes(Some("lo-a"), None, Box::new(|_, _| true), 1).await.expect("find");
+    assert_eq!(
+        whole[0].last_heartbeat.as_ref().map(|h| h.inventory.hostname.len()),
+        Some(4096),
+        "kept: whole"
+    );
     assert_eq!(s.revoke_node("la2", 3000).await.expect("revoke").revoked_unix_ms, Some(3000));
     assert_eq!(
         s.revoke_node("la2", 4000).await.expect("again").revoked_unix_ms,

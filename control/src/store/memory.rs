@@ -190,6 +190,32 @@ impl StateStore for MemoryStore {
         })
     }
 
+    fn find_nodes(
+        &self,
+        org_id: Option<&str>,
+        after: Option<&str>,
+        keep: super::NodeFilter,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<NodeInfo>> {
+        let org_id = org_id.map(str::to_owned);
+        let after = after.map(str::to_owned);
+        self.with(move |inner| {
+            let start = match &after {
+                Some(a) => std::ops::Bound::Excluded(a.clone()),
+                None => std::ops::Bound::Unbounded,
+            };
+            Ok(inner
+                .nodes
+                .range((start, std::ops::Bound::Unbounded))
+                .map(|(_, n)| n)
+                .filter(|n| org_id.as_deref().is_none_or(|o| o == n.org_id))
+                .filter(|n| keep(&n.org_id, &n.effective_labels()))
+                .take(limit)
+                .cloned()
+                .collect())
+        })
+    }
+
     fn node_presence(&self, org_id: Option<&str>) -> StoreFuture<'_, Vec<super::NodePresence>> {
         let org_id = org_id.map(str::to_owned);
         self.with(move |inner| {

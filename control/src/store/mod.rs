@@ -206,6 +206,36 @@ pub struct NodePresence {
     pub last_seen_unix_ms: Option<u64>,
 }
 
+/// Which nodes [`StateStore::find_nodes`] keeps, judged by a node's organisation and effective
+/// labels (its own from its last heartbeat, overridden by the operator's).
+pub type NodeFilter = Box<dyn Fn(&str, &outpost_protocol::Labels) -> bool + Send + Sync>;
+
+/// The part of a stored node record a [`NodeFilter`] judges. Decoding only this skips the
+/// record's inventory (most of its bytes) without building it.
+#[derive(Deserialize)]
+struct NodeHead {
+    org_id: String,
+    #[serde(default)]
+    last_heartbeat: Option<HeadBeat>,
+    #[serde(default)]
+    operator_labels: outpost_protocol::Labels,
+}
+
+#[derive(Deserialize)]
+struct HeadBeat {
+    #[serde(default)]
+    labels: outpost_protocol::Labels,
+}
+
+/// Whether `keep` accepts the stored node record `bytes` (JSON of a [`NodeInfo`]), read as far
+/// as the filter needs.
+pub(crate) fn node_record_kept(keep: &NodeFilter, bytes: &[u8]) -> Result<bool, serde_json::Error> {
+    let head: NodeHead = serde_json::from_slice(bytes)?;
+    let mut labels = head.last_heartbeat.map(|h| h.labels).unwrap_or_default();
+    labels.extend(head.operator_labels);
+    Ok(keep(&head.org_id, &labels))
+}
+
 /// What happened to a result report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResultOutcome {
@@ -498,6 +528,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// organisations; reads only the records of the page.
     fn page_nodes(&self, org_id: Option<&str>, offset: usize, limit: usize)
     -> StoreFuture<'_, Vec<NodeInfo>>;
+    /// Up to `limit` nodes in node id order, after `after` (exclusive) when given, of `org_id`
+    /// or of all organisations, that `keep` accepts. A record `keep` refuses is read only as
+    /// far as the filter needs (not its inventory), so a filtered listing costs little more
+    /// than its matches.
+    fn find_nodes(
+        &self,
+        org_id: Option<&str>,
+        after: Option<&str>,
+        keep: NodeFilter,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<NodeInfo>>;
     /// Every node of `org_id` (or of all) with its stored last-seen time, without the records.
     fn node_presence(&self, org_id: Option<&str>) -> StoreFuture<'_, Vec<NodePresence>>;
     /// Keeps `heartbeat` as the node's last, and `seen_ms` as when it was last seen; `None`:

@@ -489,6 +489,69 @@ impl StateStore for SledStore {
         })
     }
 
+    fn find_nodes(
+        &self,
+        org_id: Option<&str>,
+        after: Option<&str>,
+        keep: super::NodeFilter,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<NodeInfo>> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let org_id = org_id.map(str::to_owned);
+        let after = after.map(str::to_owned);
+        Box::pin(async move {
+            let mut out = Vec::new();
+            // One record: judged from its head, decoded whole only when kept.
+            let mut take = |key: &[u8], value: &[u8]| -> Result<bool, StoreError> {
+                let name = String::from_utf8_lossy(key);
+                let kept = super::node_record_kept(&keep, value)
+                    .map_err(|e| StoreError::Corrupt { key: name.to_string(), reason: e.to_string() })?;
+                if kept {
+                    out.push(decode::<NodeInfo>(&name, value)?);
+                }
+                Ok(out.len() < limit)
+            };
+            if limit == 0 {
+                return Ok(out);
+            }
+            match org_id {
+                None => {
+                    let start = match &after {
+                        Some(a) => Excluded(a.as_bytes().to_vec()),
+                        None => Unbounded,
+                    };
+                    for item in self.nodes.range::<Vec<u8>, _>((start, Unbounded)) {
+                        let (key, value) = item.map_err(backend)?;
+                        if !take(&key, &value)? {
+                            break;
+                        }
+                    }
+                }
+                Some(org_id) => {
+                    let prefix = sled_index::node_prefix(Some(&org_id));
+                    let start = match &after {
+                        Some(a) => Excluded(sled_index::node_key(&org_id, a)),
+                        None => Included(prefix.clone()),
+                    };
+                    for item in self.node_orgs.range::<Vec<u8>, _>((start, Unbounded)) {
+                        let (key, value) = item.map_err(backend)?;
+                        if !key.starts_with(&prefix) {
+                            break;
+                        }
+                        let (node_id, _) = sled_index::node_entry(&key, &value)?;
+                        let Some(record) = self.nodes.get(node_id.as_bytes()).map_err(backend)? else {
+                            continue;
+                        };
+                        if !take(node_id.as_bytes(), &record)? {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn node_presence(&self, org_id: Option<&str>) -> StoreFuture<'_, Vec<super::NodePresence>> {
         let prefix = sled_index::node_prefix(org_id);
         Box::pin(async move {

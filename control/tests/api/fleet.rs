@@ -13,7 +13,7 @@ use outpost_protocol::{
 };
 use reqwest::StatusCode;
 
-use super::support::{TestNode, assert_error, op_post, org_and_token, report_for, spec};
+use super::support::{TestNode, assert_error, op_get, op_post, org_and_token, report_for, spec};
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
@@ -102,6 +102,64 @@ async fn operator_labels_win_over_the_nodes_own_and_selectors_filter_the_node_li
     assert_error(&nodes[2].post(paths::NODE_HEARTBEAT, &hb).await, StatusCode::BAD_REQUEST, "bad_labels");
     hb.labels.clear();
     assert_eq!(nodes[2].post(paths::NODE_HEARTBEAT, &hb).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_node_list_pages_in_node_id_order_with_a_cursor() {
+    let server = TestServer::start().await.expect("server");
+    let (org_id, nodes) = fleet(&server, 5).await;
+    for (i, node) in nodes.iter().enumerate() {
+        heartbeat(node, 0, &[("site", if i % 2 == 0 { "icu" } else { "lab" })]).await;
+    }
+    let mut all: Vec<String> = nodes.iter().map(|n| n.id().to_owned()).collect();
+    all.sort();
+    let page = |query: String| {
+        let server = &server;
+        async move {
+            let (status, body) = op_get(server, &format!("{}?{query}", paths::NODES)).await;
+            assert_eq!(status, StatusCode::OK, "{query}: {body}");
+            let list: outpost_protocol::NodeList = serde_json::from_value(body).expect("a node list");
+            (list.nodes.into_iter().map(|n| n.node_id).collect::<Vec<_>>(), list.next_after)
+        }
+    };
+    // Without a limit: every node, and no cursor (what older clients expect).
+    let (every, next) = page(format!("org_id={org_id}")).await;
+    assert_eq!((every, next), (all.clone(), None));
+    // Pages of two, each continuing after the last id of the page before.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    for round in 0.. {
+        assert!(round < 5, "paging does not end");
+        let query = match &after {
+            Some(a) => format!("limit=2&after={a}"),
+            None => "limit=2".to_owned(),
+        };
+        let (ids, next) = page(query).await;
+        assert!(ids.len() <= 2);
+        seen.extend(ids.clone());
+        match next {
+            Some(n) => {
+                assert_eq!(Some(&n), ids.last(), "the cursor is the page's last id");
+                after = Some(n);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, all, "every node once, in id order");
+    // A selector filters before the page is cut.
+    let icu: Vec<String> = all
+        .iter()
+        .filter(|id| nodes.iter().position(|n| n.id() == id.as_str()).is_some_and(|i| i % 2 == 0))
+        .cloned()
+        .collect();
+    let (first, next) = page("selector=site%3Dicu&limit=2".into()).await;
+    assert_eq!(first, icu[..2]);
+    let (rest, last) = page(format!("selector=site%3Dicu&limit=2&after={}", next.expect("more"))).await;
+    assert_eq!((rest, last), (icu[2..].to_vec(), None));
+    for bad in ["limit=0", "limit=10001", "after="] {
+        let got = op_get(&server, &format!("{}?{bad}", paths::NODES)).await;
+        assert_eq!(got.0, StatusCode::BAD_REQUEST, "{bad}: {}", got.1);
+    }
 }
 
 #[tokio::test]

@@ -41,6 +41,17 @@ pub async fn op_post(server: &TestServer, path: &str, body: &impl Serialize) -> 
     answer(resp).await
 }
 
+/// GET `path_and_query` as the operator (the admin token).
+pub async fn op_get(server: &TestServer, path_and_query: &str) -> (StatusCode, Value) {
+    let resp = https(server.ca_pem(), None)
+        .get(format!("{}{path_and_query}", server.url()))
+        .bearer_auth(server.admin_token())
+        .send()
+        .await
+        .expect("request sent");
+    answer(resp).await
+}
+
 pub async fn answer(resp: reqwest::Response) -> (StatusCode, Value) {
     let status = resp.status();
     let bytes = resp.bytes().await.expect("body read");
