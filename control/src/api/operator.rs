@@ -215,8 +215,8 @@ pub async fn list_nodes(
             format!("limit must be 1 to {MAX_NODE_PAGE}, got {limit}"),
         ));
     }
-    if q.after.as_deref().is_some_and(|a| a.is_empty() || a.len() > 256) {
-        return Err(ApiError::bad_request("bad_after", "after must be a node id of 1 to 256 bytes"));
+    if q.after.as_deref().is_some_and(|a| a.is_empty() || a.chars().count() > 256) {
+        return Err(ApiError::bad_request("bad_after", "after must be a node id of 1 to 256 characters"));
     }
     // The organisation's own index when the caller sees one organisation only; the filter
     // reads each other record only as far as its organisation and labels.
