@@ -34,7 +34,7 @@ fn node(i: usize) -> NodeInfo {
 
 fn heartbeat(i: usize) -> Heartbeat {
     let mut labels = Labels::new();
-    labels.insert("site".into(), if i % 10 == 0 { "icu".into() } else { "lab".into() });
+    labels.insert("site".into(), if i.is_multiple_of(10) { "icu".into() } else { "lab".into() });
     Heartbeat {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         inventory: Inventory { hostname: format!("host-{i}"), cpu_count: 16, ..Inventory::default() },
@@ -54,12 +54,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() {
+async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let nodes: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(15);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = SledStore::open(dir.path()).expect("store");
+    let dir = tempfile::tempdir()?;
+    let store = SledStore::open(dir.path())?;
     store
         .insert_org(OrgRecord {
             org: Org {
@@ -72,8 +72,7 @@ async fn main() {
             settings: Default::default(),
             keys: Default::default(),
         })
-        .await
-        .expect("org");
+        .await?;
     let t0 = Instant::now();
     for i in 0..nodes {
         let token = format!("t{i}");
@@ -85,10 +84,11 @@ async fn main() {
                 used_unix_ms: None,
                 used_by_node: None,
             })
-            .await
-            .expect("token");
-        store.enroll_node(&token, 2, node(i)).await.expect("enroll").expect("token accepted");
-        store.record_heartbeat(&format!("node-{i:08}"), heartbeat(i), Some(3)).await.expect("heartbeat");
+            .await?;
+        if let Err(refused) = store.enroll_node(&token, 2, node(i)).await? {
+            anyhow::bail!("token {token} refused: {refused:?}");
+        }
+        store.record_heartbeat(&format!("node-{i:08}"), heartbeat(i), Some(3)).await?;
     }
     eprintln!("bench-node-scan: {nodes} nodes stored in {:.1} s", t0.elapsed().as_secs_f64());
 
@@ -97,15 +97,14 @@ async fn main() {
     );
     println!("|---|---|---|---|");
     for text in ["bench=none", "site=icu"] {
-        let selector = Selector::parse(text).expect("selector");
+        let selector = Selector::parse(text)?;
         let (mut before, mut now) = (Vec::new(), Vec::new());
         let mut counts = (0, 0);
         for _ in 0..rounds {
             let t = Instant::now();
             let found: Vec<NodeInfo> = store
                 .list_nodes()
-                .await
-                .expect("list")
+                .await?
                 .into_iter()
                 .filter(|n| selector.matches(&n.effective_labels()))
                 .collect();
@@ -115,11 +114,11 @@ async fn main() {
             let s = selector.clone();
             let keep: NodeFilter = Box::new(move |_, labels| s.matches(labels));
             let t = Instant::now();
-            let found = store.find_nodes(None, None, keep, usize::MAX).await.expect("find");
+            let found = store.find_nodes(None, None, keep, usize::MAX).await?;
             now.push(t.elapsed().as_secs_f64() * 1e3);
             counts.1 = found.len();
         }
-        assert_eq!(counts.0, counts.1, "both ways find the same nodes");
+        anyhow::ensure!(counts.0 == counts.1, "both ways must find the same nodes: {counts:?}");
         let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
         println!(
             "| `{text}` | {} of {nodes} | {:.1} / {:.1} | {:.1} / {:.1} |",
@@ -130,4 +129,5 @@ async fn main() {
             best(&now)
         );
     }
+    Ok(())
 }
