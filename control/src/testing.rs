@@ -13,6 +13,9 @@ use crate::client::Client;
 use crate::clock::Clock;
 use crate::server::{RunningServer, ServerConfig, serve};
 
+#[path = "testing_postgres.rs"]
+pub mod postgres;
+
 /// A running server and the temporary data directory it owns (deleted on drop).
 pub struct TestServer {
     server: RunningServer,

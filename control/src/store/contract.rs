@@ -853,3 +853,24 @@ async fn an_unfinished_snapshot_does_not_keep_the_sled_store_from_opening() {
     assert!(s.get_node("n1").await.expect("get").is_some(), "with what it held");
     assert!(!leftover.exists(), "the unfinished snapshot is gone");
 }
+
+/// The PostgreSQL adapter against a real PostgreSQL server (initdb in a temporary directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_keeps_the_contract() {
+    let Some(pg) = crate::testing::postgres::start_or_skip("the_postgres_store_keeps_the_contract").await.unwrap()
+    else {
+        return;
+    };
+    let options = pg.database().await.unwrap();
+    let migrated = super::PgStore::migrate(options.clone()).await.unwrap();
+    assert_eq!((migrated.from, migrated.to), (0, super::SCHEMA_VERSION));
+    let s = super::PgStore::connect(options).await.unwrap();
+    contract(&s).await;
+    let twin = MemoryStore::new();
+    contract(&twin).await;
+    assert_eq!(
+        listing_snapshot(&s).await,
+        listing_snapshot(&twin).await,
+        "the database's listings answer what the twin's full scans do"
+    );
+}

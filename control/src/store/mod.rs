@@ -3,6 +3,7 @@
 //! a Postgres adapter can follow; adapters persist durably before a call returns.
 
 mod memory;
+mod postgres;
 mod sled_index;
 mod sled_store;
 
@@ -20,6 +21,7 @@ use outpost_protocol::{
 use serde::{Deserialize, Serialize};
 
 pub use memory::MemoryStore;
+pub use postgres::{Migrated, PgOptions, PgStore, SCHEMA_VERSION};
 pub use sled_store::SledStore;
 
 /// A store operation in flight. Boxed so that the trait stays object-safe (`Arc<dyn StateStore>`).
@@ -494,6 +496,9 @@ pub(crate) fn take_window(mut found: Vec<StoredEvent>, newest: bool, limit: usiz
     found
 }
 
+/// Builds a job from the sequence number its node gets (see [`StateStore::submit_job`]).
+pub type MakeJob = Box<dyn FnOnce(u64) -> Result<JobRecord, StoreError> + Send>;
+
 /// The control plane's persistence port. Every mutating call is durable when it returns.
 pub trait StateStore: Send + Sync + 'static {
     fn insert_org(&self, org: OrgRecord) -> StoreFuture<'_, ()>;
@@ -553,6 +558,25 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// The next per-node job sequence number (1, 2, ...); never handed out twice.
     fn next_job_seq(&self, node_id: &str) -> StoreFuture<'_, u64>;
+    /// Takes the node's next sequence number, builds the job with it (`make` signs its
+    /// manifest) and stores it, as one step: no other submit for the node stores a job between
+    /// the two, so jobs become visible to the node in sequence order. `None` (nothing stored)
+    /// when the job's id is taken. This default suits one process that serialises submits
+    /// itself (`AppState::submit_lock`); a store shared by replicas holds the sequence's row
+    /// lock instead.
+    fn submit_job(&self, node_id: &str, make: MakeJob) -> StoreFuture<'_, Option<JobRecord>> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let seq = self.next_job_seq(&node_id).await?;
+            let job = make(seq)?;
+            match self.insert_job(job.clone()).await {
+                Ok(()) => Ok(Some(job)),
+                Err(StoreError::AlreadyExists(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
     /// Stores a new job; a `Queued` one is offered to its node until acknowledged.
     fn insert_job(&self, job: JobRecord) -> StoreFuture<'_, ()>;
     fn get_job(&self, job_id: &str) -> StoreFuture<'_, Option<JobRecord>>;

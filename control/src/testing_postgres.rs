@@ -1,0 +1,246 @@
+//! A real PostgreSQL server for tests: `initdb` into a temporary directory, then `postgres`
+//! listening on a unix socket in it (no TCP port unless asked, no system service). Debian's
+//! `postgresql` package provides the binaries; `scripts/test` installs it.
+//!
+//! PostgreSQL refuses to run as root: under root the server runs as the `postgres` user the
+//! package creates (or `nobody`), and the directory is handed to that user.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+
+use crate::store::PgOptions;
+
+/// The database user the test server is initialised with (trust authentication).
+pub const USER: &str = "outpost";
+
+/// A running PostgreSQL server owned by the test; stopped and deleted on drop.
+pub struct TestPostgres {
+    dir: TempDir,
+    bin: PathBuf,
+    /// Set while the server runs.
+    child: Option<Child>,
+    /// A TCP port on 127.0.0.1 besides the socket, when asked for.
+    tcp_port: Option<u16>,
+    run_as: Option<(u32, u32)>,
+    next_db: AtomicU32,
+}
+
+/// Where Debian's PostgreSQL binaries are: `OUTPOST_PG_BINDIR`, else the newest
+/// `/usr/lib/postgresql/*/bin` with `initdb` in it.
+pub fn bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("OUTPOST_PG_BINDIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let version: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin)
+}
+
+/// A test's PostgreSQL server, or why there is none: `Ok(None)` (after printing why) when
+/// PostgreSQL is not installed and `CI` is not set; under CI a missing PostgreSQL fails.
+pub async fn start_or_skip(test: &str) -> anyhow::Result<Option<TestPostgres>> {
+    if bin_dir().is_none() {
+        if std::env::var_os("CI").is_some() {
+            bail!("{test}: PostgreSQL is not installed (apt-get install postgresql); CI must run it");
+        }
+        eprintln!(
+            "skipped {test}: PostgreSQL is not installed (apt-get install postgresql, or set OUTPOST_PG_BINDIR)"
+        );
+        return Ok(None);
+    }
+    TestPostgres::start().await.map(Some)
+}
+
+impl TestPostgres {
+    /// A fresh server on a unix socket.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// A fresh server that also listens on 127.0.0.1:`port` (0: a free one).
+    pub async fn start_tcp() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_with(Some(port)).await
+    }
+
+    async fn start_with(tcp_port: Option<u16>) -> anyhow::Result<Self> {
+        let bin = bin_dir().context("PostgreSQL is not installed (apt-get install postgresql)")?;
+        let dir = tempfile::Builder::new().prefix("outpost-pg-").tempdir()?;
+        let run_as = server_user()?;
+        if let Some((uid, gid)) = run_as {
+            nix::unistd::chown(dir.path(), Some(uid.into()), Some(gid.into()))
+                .context("cannot hand the test database's directory to the postgres user")?;
+        }
+        let mut pg = Self { dir, bin, child: None, tcp_port, run_as, next_db: AtomicU32::new(0) };
+        let out = pg
+            .command("initdb")
+            .args(["--no-sync", "--auth=trust", "--encoding=UTF8", "--locale=C", "-U", USER, "-D"])
+            .arg(pg.data())
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run initdb")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        pg.resume().await?;
+        Ok(pg)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// The directory the server's unix socket is in.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The TCP port on 127.0.0.1, when started with [`TestPostgres::start_tcp`].
+    pub fn tcp_port(&self) -> Option<u16> {
+        self.tcp_port
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.run_as {
+            use std::os::unix::process::CommandExt as _;
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.env_remove("PGDATA").env("LC_ALL", "C");
+        cmd
+    }
+
+    /// Starts the server again after [`TestPostgres::kill`] (the same data directory).
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::File::create(self.log())?;
+        if let Some((uid, gid)) = self.run_as {
+            nix::unistd::chown(&self.log(), Some(uid.into()), Some(gid.into()))?;
+        }
+        let listen = match self.tcp_port {
+            Some(_) => "127.0.0.1",
+            None => "",
+        };
+        let port = self.tcp_port.unwrap_or(5432).to_string();
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-k")
+            .arg(self.socket_dir())
+            .args(["-p", &port])
+            .args(["-c", &format!("listen_addresses={listen}")])
+            // Tests, not durability: the kill tests kill the control plane, not the database.
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start postgres")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                bail!("postgres exited ({status}): {}", self.log_tail());
+            }
+            if tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("postgres did not accept connections within 60 s: {}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines of the server's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// The server killed with SIGKILL (a lost database, as far as its clients can tell).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // A killed postmaster leaves its backends to notice; the next start waits for them.
+        let _ = std::fs::remove_file(self.data().join("postmaster.pid"));
+    }
+
+    /// A connection string for database `db` over the unix socket.
+    pub fn url(&self, db: &str) -> String {
+        let port = self.tcp_port.unwrap_or(5432);
+        format!("host={} port={port} user={USER} dbname={db}", self.socket_dir().display())
+    }
+
+    /// A new, empty database; its connection options.
+    pub async fn database(&self) -> anyhow::Result<PgOptions> {
+        let n = self.next_db.fetch_add(1, Ordering::Relaxed);
+        let name = format!("outpost_{n}");
+        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
+        let conn = tokio::spawn(conn);
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+        drop(client);
+        let _ = conn.await;
+        Ok(PgOptions::new(self.url(&name)))
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGINT: PostgreSQL's fast shutdown (ends sessions, no checkpoint wait for clients).
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The uid and gid to run the server as: `None` when not root; else the `postgres` user, or
+/// `nobody`.
+fn server_user() -> anyhow::Result<Option<(u32, u32)>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    for name in ["postgres", "nobody"] {
+        if let Some(user) = nix::unistd::User::from_name(name)? {
+            return Ok(Some((user.uid.as_raw(), user.gid.as_raw())));
+        }
+    }
+    bail!("running as root, and there is neither a postgres nor a nobody user to run PostgreSQL as")
+}
