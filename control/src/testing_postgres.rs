@@ -6,6 +6,7 @@
 //! package creates (or `nobody`), and the directory is handed to that user.
 
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -120,7 +121,6 @@ impl TestPostgres {
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.bin.join(program));
         if let Some((uid, gid)) = self.run_as {
-            use std::os::unix::process::CommandExt as _;
             cmd.uid(uid).gid(gid);
         }
         cmd.env_remove("PGDATA").env("LC_ALL", "C");
@@ -149,9 +149,12 @@ impl TestPostgres {
             .arg(self.socket_dir())
             .args(["-p", &port])
             .args(["-c", &format!("listen_addresses={listen}")])
-            // Tests, not durability: the kill tests kill the control plane, not the database.
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            // A killed server keeps every commit (WAL reaches the kernel at commit); only a
+            // crash of the machine could lose one, which no test does.
+            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+            // Its own process group: `kill` takes the backends with the postmaster.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -183,14 +186,19 @@ impl TestPostgres {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    /// The server killed with SIGKILL (a lost database, as far as its clients can tell).
+    /// The server and every backend killed with SIGKILL (a lost database, as far as its
+    /// clients can tell); [`TestPostgres::resume`] starts it again, through crash recovery.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait();
+            // The backends are gone when none holds the group any more.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while nix::sys::signal::kill(group, None).is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        // A killed postmaster leaves its backends to notice; the next start waits for them.
-        let _ = std::fs::remove_file(self.data().join("postmaster.pid"));
     }
 
     /// A connection string for database `db` over the unix socket.

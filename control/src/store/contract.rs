@@ -10,7 +10,7 @@ use super::{
     ResultOutcome, SeqGap, SledStore, StateStore, StoreError, TokenRecord, TokenRefusal, next_attempt,
 };
 
-fn org(id: &str) -> OrgRecord {
+pub(super) fn org(id: &str) -> OrgRecord {
     OrgRecord {
         org: Org {
             id: id.into(),
@@ -45,7 +45,7 @@ async fn org_settings_change_one_revision_at_a_time(s: &dyn StateStore) {
     assert!(matches!(s.put_org_settings("no-such-org", first).await, Err(StoreError::NotFound(_))));
 }
 
-fn node(id: &str, org_id: &str) -> NodeInfo {
+pub(super) fn node(id: &str, org_id: &str) -> NodeInfo {
     NodeInfo {
         node_id: id.into(),
         org_id: org_id.into(),
@@ -63,7 +63,7 @@ fn node(id: &str, org_id: &str) -> NodeInfo {
     }
 }
 
-fn job(id: &str, node_id: &str, seq: u64) -> JobRecord {
+pub(super) fn job(id: &str, node_id: &str, seq: u64) -> JobRecord {
     let spec: ContainerSpec =
         serde_json::from_value(serde_json::json!({ "image": format!("sha256:{}", "a".repeat(64)) }))
             .expect("spec");
@@ -90,7 +90,7 @@ fn job(id: &str, node_id: &str, seq: u64) -> JobRecord {
     }
 }
 
-fn result(job_id: &str) -> ResultReport {
+pub(super) fn result(job_id: &str) -> ResultReport {
     attempt_result(job_id, 1)
 }
 
@@ -225,7 +225,7 @@ async fn api_token_names_are_unique_until_revoked(s: &dyn StateStore) {
     assert_eq!(stored.info.revoked_unix_ms, Some(50));
 }
 
-fn event(seq: u64, key: &str) -> ObjectEvent {
+pub(super) fn event(seq: u64, key: &str) -> ObjectEvent {
     ObjectEvent {
         seq,
         watch: "w".into(),

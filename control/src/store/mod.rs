@@ -9,6 +9,8 @@ mod sled_store;
 
 #[cfg(test)]
 mod contract;
+#[cfg(test)]
+mod postgres_tests;
 
 use std::future::Future;
 use std::pin::Pin;

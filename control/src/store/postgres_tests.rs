@@ -1,0 +1,272 @@
+//! What the PostgreSQL adapter keeps across replicas: several stores (each its own pool, as
+//! each replica has) over one real database, racing on the invariants the database must hold.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use super::contract::{event, job, node, org, result};
+use super::{EventFilter, EventOrder, JobRecord, PgOptions, PgStore, ResultOutcome, StateStore, TokenRecord};
+use crate::testing::postgres::{TestPostgres, start_or_skip};
+
+/// `n` replicas' stores over one fresh, migrated database.
+async fn replicas(pg: &TestPostgres, n: usize) -> (PgOptions, Vec<Arc<PgStore>>) {
+    let options = pg.database().await.unwrap();
+    PgStore::migrate(options.clone()).await.unwrap();
+    let mut stores = Vec::new();
+    for _ in 0..n {
+        stores.push(Arc::new(PgStore::connect(options.clone()).await.unwrap()));
+    }
+    (options, stores)
+}
+
+macro_rules! postgres_or_skip {
+    ($test:literal) => {
+        match start_or_skip($test).await.unwrap() {
+            Some(pg) => pg,
+            None => return,
+        }
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submits_from_several_replicas_number_a_nodes_jobs_without_gaps_or_repeats() {
+    let pg = postgres_or_skip!("submits_from_several_replicas_number_a_nodes_jobs_without_gaps_or_repeats");
+    let (_, stores) = replicas(&pg, 3).await;
+    const EACH: usize = 40;
+    let mut submits = JoinSet::new();
+    for (r, store) in stores.iter().enumerate() {
+        for i in 0..EACH {
+            let store = Arc::clone(store);
+            submits.spawn(async move {
+                let id = format!("r{r}-{i}");
+                let make: super::MakeJob = Box::new(move |seq| Ok(job(&id, "n1", seq)));
+                store.submit_job("n1", make).await.unwrap().unwrap().info.seq
+            });
+        }
+    }
+    let mut seqs = Vec::new();
+    while let Some(seq) = submits.join_next().await {
+        seqs.push(seq.unwrap());
+    }
+    seqs.sort_unstable();
+    let want: Vec<u64> = (1..=(3 * EACH) as u64).collect();
+    assert_eq!(seqs, want, "every number once, none skipped");
+    // A submit whose job id is taken stores nothing and hands its number back.
+    let make: super::MakeJob = Box::new(|seq| Ok(job("r0-0", "n1", seq)));
+    assert!(stores[1].submit_job("n1", make).await.unwrap().is_none());
+    let make: super::MakeJob = Box::new(|seq| Ok(job("after", "n1", seq)));
+    let next = stores[2].submit_job("n1", make).await.unwrap().unwrap();
+    assert_eq!(next.info.seq, (3 * EACH + 1) as u64, "the refused submit left no gap");
+    let queued = stores[0].queued_jobs("n1", 1000).await.unwrap();
+    let order: Vec<u64> = queued.iter().map(|j| j.info.seq).collect();
+    assert_eq!(order, (1..=(3 * EACH + 1) as u64).collect::<Vec<_>>());
+}
+
+/// While one replica's submit holds a node's next number, no later number becomes visible to
+/// the node: a poll never sees seq N+1 before N.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_never_sees_a_later_job_before_an_earlier_one() {
+    let pg = postgres_or_skip!("a_node_never_sees_a_later_job_before_an_earlier_one");
+    let (_, stores) = replicas(&pg, 2).await;
+    let (held, release) = std::sync::mpsc::channel::<()>();
+    let (taken_tx, taken) = tokio::sync::oneshot::channel::<u64>();
+    let slow = {
+        let store = Arc::clone(&stores[0]);
+        tokio::spawn(async move {
+            let make: super::MakeJob = Box::new(move |seq| {
+                let _ = taken_tx.send(seq);
+                // The job is built (signed) while the number is held; take long about it.
+                let _ = release.recv_timeout(Duration::from_secs(10));
+                Ok(job("slow", "n1", seq))
+            });
+            store.submit_job("n1", make).await.unwrap()
+        })
+    };
+    assert_eq!(taken.await.unwrap(), 1);
+    let fast = {
+        let store = Arc::clone(&stores[1]);
+        tokio::spawn(async move {
+            let make: super::MakeJob = Box::new(|seq| Ok(job("fast", "n1", seq)));
+            store.submit_job("n1", make).await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        stores[1].queued_jobs("n1", 10).await.unwrap().is_empty(),
+        "the second submit waits for the first's number to be stored"
+    );
+    held.send(()).unwrap();
+    assert_eq!(slow.await.unwrap().unwrap().info.seq, 1);
+    assert_eq!(fast.await.unwrap().unwrap().info.seq, 2);
+    let order: Vec<String> =
+        stores[1].queued_jobs("n1", 10).await.unwrap().into_iter().map(|j| j.info.job_id).collect();
+    assert_eq!(order, ["slow", "fast"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_enrolls_one_node_whichever_replicas_race_for_it() {
+    let pg = postgres_or_skip!("a_token_enrolls_one_node_whichever_replicas_race_for_it");
+    let (_, stores) = replicas(&pg, 3).await;
+    stores[0].insert_org(org("o")).await.unwrap();
+    let token = TokenRecord {
+        token_sha256: "t".into(),
+        org_id: "o".into(),
+        expires_unix_ms: u64::MAX,
+        used_unix_ms: None,
+        used_by_node: None,
+    };
+    stores[0].insert_token(token).await.unwrap();
+    let mut tries = JoinSet::new();
+    for i in 0..24 {
+        let store = Arc::clone(&stores[i % 3]);
+        tries.spawn(async move { store.enroll_node("t", 10, node(&format!("n{i:02}"), "o")).await.unwrap() });
+    }
+    let mut enrolled = 0;
+    while let Some(outcome) = tries.join_next().await {
+        match outcome.unwrap() {
+            Ok(()) => enrolled += 1,
+            Err(refusal) => assert_eq!(refusal, super::TokenRefusal::Used),
+        }
+    }
+    assert_eq!(enrolled, 1);
+    assert_eq!(stores[2].list_nodes().await.unwrap().len(), 1, "only the winner is registered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_reported_to_several_replicas_at_once_is_stored_once() {
+    let pg = postgres_or_skip!("a_result_reported_to_several_replicas_at_once_is_stored_once");
+    let (_, stores) = replicas(&pg, 3).await;
+    for j in 0..10 {
+        stores[0].insert_job(job(&format!("j{j}"), "n1", j + 1)).await.unwrap();
+    }
+    let mut reports = JoinSet::new();
+    for j in 0..10 {
+        for r in 0..6 {
+            let store = Arc::clone(&stores[r % 3]);
+            reports.spawn(async move { store.store_result("n1", result(&format!("j{j}"))).await.unwrap() });
+        }
+    }
+    let (mut stored, mut duplicates) = (0, 0);
+    while let Some(outcome) = reports.join_next().await {
+        match outcome.unwrap() {
+            ResultOutcome::Stored => stored += 1,
+            ResultOutcome::Duplicate => duplicates += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((stored, duplicates), (10, 50));
+    let counts = stores[1].job_counts(None).await.unwrap();
+    assert_eq!((counts.finished, counts.total()), (10, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_and_audit_from_several_replicas_are_stored_once_in_one_order() {
+    let pg = postgres_or_skip!("events_and_audit_from_several_replicas_are_stored_once_in_one_order");
+    let (_, stores) = replicas(&pg, 3).await;
+    let mut work = JoinSet::new();
+    // The same batch delivered to every replica (a node retrying after a lost answer), and
+    // audit appends from all of them at once.
+    for r in 0..3 {
+        let store = Arc::clone(&stores[r]);
+        work.spawn(async move {
+            let batch: Vec<_> = (1..=20).map(|s| event(s, &format!("k{s}"))).collect();
+            let outcome = store.store_events("n1", "o", batch, 5).await.unwrap();
+            for i in 0..10 {
+                store.append_audit("admin", Some("o"), "test", &format!("{r}-{i}"), 5).await.unwrap();
+            }
+            outcome.stored
+        });
+    }
+    let mut stored = 0;
+    while let Some(n) = work.join_next().await {
+        stored += n.unwrap();
+    }
+    assert_eq!(stored, 20, "each event once, whichever replica stored it");
+    let filter = EventFilter {
+        org_id: None,
+        order: EventOrder::ByCursor { node_id: None, after_cursor: 0 },
+        newest: false,
+        limit: 100,
+    };
+    let events = stores[0].list_events(filter).await.unwrap();
+    let cursors: Vec<u64> = events.iter().map(|e| e.cursor).collect();
+    assert_eq!(cursors, (1..=20).collect::<Vec<_>>(), "cursors without gaps");
+    let audit = stores[1].list_audit(None, 100).await.unwrap();
+    let seqs: Vec<u64> = audit.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=30).collect::<Vec<_>>(), "audit sequence without gaps or repeats");
+    let details: BTreeSet<&str> = audit.iter().map(|e| e.detail.as_str()).collect();
+    assert_eq!(details.len(), 30);
+}
+
+#[tokio::test]
+async fn the_schema_is_migrated_once_and_a_newer_one_is_refused() {
+    let pg = postgres_or_skip!("the_schema_is_migrated_once_and_a_newer_one_is_refused");
+    let options = pg.database().await.unwrap();
+    let refused = PgStore::connect(options.clone()).await.err().expect("no schema yet");
+    assert!(refused.to_string().contains("outpost-control migrate"), "{refused}");
+    // Two replicas migrating at once apply each migration once.
+    let (a, b) = tokio::join!(PgStore::migrate(options.clone()), PgStore::migrate(options.clone()));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.to, super::SCHEMA_VERSION);
+    assert_eq!(b.to, super::SCHEMA_VERSION);
+    assert_eq!(a.from.min(b.from), 0);
+    assert_eq!(a.from.max(b.from), super::SCHEMA_VERSION, "the second found the schema done");
+    let store = PgStore::connect(options.clone()).await.unwrap();
+    store.insert_org(org("kept")).await.unwrap();
+    // A newer binary migrated the database: this one refuses to serve or migrate it.
+    let (client, conn) = tokio_postgres::connect(&options.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            "INSERT INTO outpost_schema (version, applied_unix_ms, applied_by) VALUES ($1, 0, 'a newer one')",
+            &[&(super::SCHEMA_VERSION + 1)],
+        )
+        .await
+        .unwrap();
+    for refused in [
+        PgStore::connect(options.clone()).await.err().expect("newer schema"),
+        PgStore::migrate(options.clone()).await.err().expect("newer schema"),
+    ] {
+        assert!(refused.to_string().contains("newer than this binary"), "{refused}");
+    }
+    assert!(store.get_org("kept").await.unwrap().is_some(), "nothing was changed");
+}
+
+/// The database killed under a serving store: calls fail with an error within the pool's
+/// bound (no hang), and work again once it is back, on fresh connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_fails_calls_fast_and_they_work_again_when_it_returns() {
+    let mut pg = postgres_or_skip!("a_lost_database_fails_calls_fast_and_they_work_again_when_it_returns");
+    let (_, stores) = replicas(&pg, 1).await;
+    let store = &stores[0];
+    store.insert_org(org("o")).await.unwrap();
+    pg.kill();
+    let started = Instant::now();
+    let failed = store.get_org("o").await.err().expect("the database is gone");
+    assert!(failed.to_string().contains("PostgreSQL"), "{failed}");
+    assert!(started.elapsed() < Duration::from_secs(30), "failed after {:?}", started.elapsed());
+    let submit: super::MakeJob = Box::new(|seq| Ok(job("lost", "n1", seq)));
+    assert!(store.submit_job("n1", submit).await.is_err());
+    pg.resume().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.get_org("o").await {
+            Ok(found) => {
+                assert!(found.is_some());
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the store did not recover: {e}"),
+        }
+    }
+    assert!(store.get_job("lost").await.unwrap().is_none(), "a failed submit stored nothing");
+    let again: super::MakeJob = Box::new(|seq| Ok(job("again", "n1", seq)));
+    let again: JobRecord = store.submit_job("n1", again).await.unwrap().unwrap();
+    assert_eq!(again.info.seq, 1, "the failed submit took no number");
+}
