@@ -23,6 +23,15 @@ impl NodeWakers {
         }
     }
 
+    /// Wakes every held poll of every node (they look again and wait on if nothing changed).
+    pub fn wake_all(&self) {
+        let wakers: Vec<Arc<Notify>> =
+            self.by_node.lock().map(|map| map.values().cloned().collect()).unwrap_or_default();
+        for waker in wakers {
+            waker.notify_waiters();
+        }
+    }
+
     /// Wakes every poll `node_id` is holding right now (and those that have called
     /// `Notified::enable` but not yet awaited).
     pub fn wake(&self, node_id: &str) {

@@ -21,7 +21,7 @@ use crate::clock::Clock;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::longpoll::NodeWakers;
 use crate::revocation::Revoked;
-use crate::store::{SledStore, StateStore, StoreError};
+use crate::store::{PgOptions, PgStore, SledStore, StateStore, StoreError};
 use crate::tls::{self, TlsError};
 
 /// On shutdown, open connections (held polls answer at once) get this long to finish.
@@ -62,6 +62,18 @@ pub struct ServerConfig {
     pub max_hold: Duration,
     /// Most connections served at once (see [`DEFAULT_MAX_CONNECTIONS`]).
     pub max_connections: usize,
+    /// Where the state is kept.
+    pub store: StoreChoice,
+}
+
+/// Where the control plane keeps its state.
+#[derive(Debug, Clone, Default)]
+pub enum StoreChoice {
+    /// An embedded sled database in `DATA_DIR/db`: one process (the default).
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by every replica (docs/scaling.md).
+    Postgres(PgOptions),
 }
 
 /// Long-polls (a node's poll, event and log listings with `wait_secs`) are answered empty after
@@ -128,7 +140,14 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let materials = dir
         .load_or_init(&config.extra_sans)
         .map_err(|source| ServeError::DataDir { path: config.data_dir.clone(), source })?;
-    let store = SledStore::open(&dir.db())?;
+    let (store, shared): (Arc<dyn StateStore>, Option<PgOptions>) = match &config.store {
+        StoreChoice::Sled => (Arc::new(SledStore::open(&dir.db())?), None),
+        StoreChoice::Postgres(options) => {
+            let store = PgStore::connect(options.clone()).await?;
+            tracing::info!(db = %store.describe(), "state store: PostgreSQL");
+            (Arc::new(store), Some(options.clone()))
+        }
+    };
     let revoked = Revoked::default();
     for node in store.list_nodes().await?.into_iter().filter(|n| n.revoked_unix_ms.is_some()) {
         revoked.insert_node(&node);
@@ -149,7 +168,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let ca_fingerprint = authority.presented().fingerprint().to_owned();
     let ca_pem = authority.presented().cert_pem().to_owned();
     let state = Arc::new(AppState {
-        store: Arc::new(store),
+        store,
         authority,
         admin_token_sha256,
         wakers: NodeWakers::default(),
@@ -180,6 +199,22 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         }
         None => (None, None),
     };
+    if let Some(options) = shared {
+        // Other replicas announce through the database what this one's held polls wait for.
+        let heard = Arc::downgrade(&state);
+        let on: Arc<dyn Fn(crate::store::Notice<'_>) + Send + Sync> = Arc::new(move |notice| {
+            let Some(state) = heard.upgrade() else { return };
+            match notice {
+                crate::store::Notice::Node(node_id) => state.wakers.wake(node_id),
+                crate::store::Notice::Events => state.events_stored.notify_waiters(),
+                crate::store::Notice::Resync => {
+                    state.wakers.wake_all();
+                    state.events_stored.notify_waiters();
+                }
+            }
+        });
+        tokio::spawn(crate::store::listen(options, shutdown.clone(), on));
+    }
     let sweep_every = (config.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
     tokio::spawn(api::placement::run(state.clone(), sweep_every));
     tokio::spawn(api::rollout::run(state.clone(), Duration::from_millis(500)));

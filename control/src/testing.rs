@@ -106,6 +106,7 @@ async fn start_in(dir: &Path, lease: Duration) -> anyhow::Result<RunningServer> 
         node_cert_lifetime: crate::server::DEFAULT_NODE_CERT_LIFETIME,
         max_hold: crate::server::DEFAULT_MAX_HOLD,
         max_connections: crate::server::DEFAULT_MAX_CONNECTIONS,
+        store: Default::default(),
     };
     Ok(serve(config, CancellationToken::new()).await?)
 }

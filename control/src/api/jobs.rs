@@ -379,28 +379,33 @@ pub(super) async fn create_job(
 ) -> ApiResult<Option<JobInfo>> {
     let org = org_of(st, node).await?;
     feature_on(&org, spec.feature())?;
-    let info = {
-        let _ordered = st.submit_lock.lock().await;
-        if let Some(id) = &job_id
-            && st.store.get_job(id).await?.is_some()
-        {
-            return Ok(None);
-        }
-        let now = st.clock.now_ms();
-        let seq = st.store.next_job_seq(&node.node_id).await?;
+    if let Some(id) = &job_id
+        && st.store.get_job(id).await?.is_some()
+    {
+        return Ok(None);
+    }
+    // The key that signs now, decoded before the store hands out a sequence number: building
+    // the job then cannot fail on the key.
+    let now = st.clock.now_ms();
+    let key = signing::effective_key(&org, now).map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
+    let job_id = job_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let (org_id, node_id) = (org.org.id.clone(), node.node_id.clone());
+    let submitter = submitter_for(node, &org.org.id, &origin);
+    let make: crate::store::MakeJob = Box::new(move |seq| {
         let envelope = JobEnvelope {
-            job_id: job_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
+            job_id,
             attempt: 1,
-            org_id: org.org.id.clone(),
-            node_id: node.node_id.clone(),
+            org_id,
+            node_id,
             seq,
             issued_unix_ms: now,
             expires_unix_ms: now.saturating_add(expiry_secs.saturating_mul(1000)),
             spec,
-            submitter: submitter_for(node, &org.org.id, &origin),
+            submitter,
             recipients: origin.recipients,
         };
-        let signed = sign(&org, st.clock.now_ms(), &envelope)?;
+        let signed = signing::sign_payload(&key, &envelope)
+            .map_err(|e| StoreError::Backend(format!("cannot sign the job: {e}")))?;
         let info = JobInfo {
             job_id: envelope.job_id,
             attempt: envelope.attempt,
@@ -419,18 +424,21 @@ pub(super) async fn create_job(
             cancel_requested_unix_ms: None,
             awaiting_site_approval_since_unix_ms: None,
         };
+        Ok(JobRecord { info, envelope: signed })
+    });
+    let info = {
+        // One process's submits in order (the store's own lock does it across replicas).
+        let _ordered = st.submit_lock.lock().await;
         let inserting = std::time::Instant::now();
-        let inserted = st.store.insert_job(JobRecord { info: info.clone(), envelope: signed }).await;
+        let stored = st.store.submit_job(&node.node_id, make).await;
         st.metrics.store_op("insert_job", inserting.elapsed());
-        if inserted.is_ok() {
-            st.metrics.job_submitted();
+        match stored? {
+            Some(job) => {
+                st.metrics.job_submitted();
+                job.info
+            }
+            None => return Ok(None),
         }
-        match inserted {
-            Ok(()) => {}
-            Err(StoreError::AlreadyExists(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
-        info
     };
     st.wakers.wake(&info.node_id);
     Ok(Some(info))

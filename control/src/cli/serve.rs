@@ -192,6 +192,7 @@ pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<Exit
         node_cert_lifetime: settings.node_cert_lifetime,
         max_hold: settings.max_hold,
         max_connections: settings.max_connections,
+        store: Default::default(),
     };
     let server = server::serve(config, shutdown.clone()).await?;
     println!("outpost-control listening on https://{} (CA sha256 {})", server.addr, server.ca_fingerprint);

@@ -23,7 +23,7 @@ use outpost_protocol::{
 use serde::{Deserialize, Serialize};
 
 pub use memory::MemoryStore;
-pub use postgres::{Migrated, PgOptions, PgStore, SCHEMA_VERSION};
+pub use postgres::{Migrated, Notice, PgOptions, PgStore, SCHEMA_VERSION, listen};
 pub use sled_store::SledStore;
 
 /// A store operation in flight. Boxed so that the trait stays object-safe (`Arc<dyn StateStore>`).
@@ -33,6 +33,10 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 pub enum StoreError {
     #[error("state store backend failed: {0}")]
     Backend(String),
+    /// The store's server cannot be reached now (a database that is down or cut off): worth
+    /// retrying, unlike the others.
+    #[error("cannot reach the state store: {0}")]
+    Unreachable(String),
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("{0} already exists")]

@@ -17,7 +17,7 @@
 //!   row (no gaps, commit order);
 //! - an enrollment token is spent once: the token's row is locked while the node is stored.
 //!
-//! Replicas learn of work for a node they hold a poll of through `NOTIFY` (see [`Listener`]).
+//! Replicas learn of work for a node they hold a poll of through `NOTIFY` (see [`listen`]).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -141,7 +141,11 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A server's refusal is the store's answer; a lost or refused connection is `Unreachable`.
 fn backend(e: tokio_postgres::Error) -> StoreError {
+    if e.as_db_error().is_none() {
+        return StoreError::Unreachable(pg_message(&e));
+    }
     StoreError::Backend(pg_message(&e))
 }
 
@@ -149,9 +153,9 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => backend(e),
         deadpool_postgres::PoolError::Timeout(_) => {
-            StoreError::Backend("PostgreSQL: no connection to the database within 5 s".into())
+            StoreError::Unreachable("PostgreSQL: no connection to the database within 5 s".into())
         }
-        other => StoreError::Backend(format!("PostgreSQL: {other}")),
+        other => StoreError::Unreachable(format!("PostgreSQL: {other}")),
     }
 }
 
@@ -417,7 +421,7 @@ impl PgStore {
         self.options.describe()
     }
 
-    /// A dedicated connection that receives this database's notifications (see [`Listener`]).
+    /// How this store reaches its database.
     pub fn options(&self) -> &PgOptions {
         &self.options
     }
@@ -1464,4 +1468,78 @@ impl StateStore for PgStore {
             Ok(Some(token.info))
         })
     }
+}
+
+/// What another replica (or this one) announced through the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice<'a> {
+    /// Work for this node: a job submitted, re-placed or cancelled.
+    Node(&'a str),
+    /// A node's events were stored.
+    Events,
+    /// Notices may have been missed (the listening connection was down): look again at
+    /// everything held.
+    Resync,
+}
+
+/// Listens on a connection of its own for the notices replicas send at commit, and hands each
+/// to `on`, until `shutdown`. A lost connection is made again with backoff (1 s doubling to
+/// 30 s), followed by a [`Notice::Resync`], so a notice lost meanwhile costs a held poll at
+/// most the time until the listener is back.
+pub async fn listen(
+    options: PgOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+    on: std::sync::Arc<dyn Fn(Notice<'_>) + Send + Sync>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let ended = tokio::select! {
+            () = shutdown.cancelled() => return,
+            ended = listen_once(&options, &on) => ended,
+        };
+        match ended {
+            Ok(()) => tracing::warn!(db = %options.describe(), "the store's notification connection closed"),
+            Err(e) => tracing::warn!(db = %options.describe(), error = %e, "the store's notification connection failed"),
+        }
+        // Polls held meanwhile are woken to look again, whether or not the connection returns.
+        on(Notice::Resync);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn listen_once(
+    options: &PgOptions,
+    on: &std::sync::Arc<dyn Fn(Notice<'_>) + Send + Sync>,
+) -> Result<(), StoreError> {
+    let (client, mut connection) = options.config()?.connect(NoTls).await.map_err(backend)?;
+    let deliver = std::sync::Arc::clone(on);
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => match n.channel() {
+                    NODE_CHANNEL => deliver(Notice::Node(n.payload())),
+                    EVENTS_CHANNEL => deliver(Notice::Events),
+                    _ => {}
+                },
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(backend(e)),
+                None => return Ok(()),
+            }
+        }
+    });
+    let listening = client.batch_execute(&format!("LISTEN {NODE_CHANNEL}; LISTEN {EVENTS_CHANNEL}")).await;
+    if let Err(e) = listening {
+        driver.abort();
+        return Err(backend(e));
+    }
+    tracing::info!("listening for other replicas' notices");
+    // Anything committed before LISTEN took effect was not heard.
+    on(Notice::Resync);
+    let ended = driver.await.unwrap_or_else(|e| Err(StoreError::Backend(format!("listener task: {e}"))));
+    drop(client);
+    ended
 }
