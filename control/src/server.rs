@@ -67,7 +67,7 @@ pub struct ServerConfig {
 }
 
 /// Where the control plane keeps its state.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum StoreChoice {
     /// An embedded sled database in `DATA_DIR/db`: one process (the default).
     #[default]

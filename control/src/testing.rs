@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
 use crate::clock::Clock;
-use crate::server::{RunningServer, ServerConfig, serve};
+use crate::server::{RunningServer, ServerConfig, StoreChoice, serve};
 
 #[path = "testing_postgres.rs"]
 pub mod postgres;
@@ -21,6 +21,7 @@ pub struct TestServer {
     server: RunningServer,
     dir: TempDir,
     lease: Duration,
+    store: StoreChoice,
 }
 
 /// Starts a server on 127.0.0.1:0 over real TLS with a fresh temporary data directory.
@@ -36,16 +37,39 @@ impl TestServer {
     /// A server whose node lease is `lease` (the placement sweep runs every quarter of it).
     pub async fn start_with_lease(lease: Duration) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let server = start_in(dir.path(), lease).await?;
-        Ok(Self { server, dir, lease })
+        let server = start_in(dir.path(), lease, StoreChoice::Sled).await?;
+        Ok(Self { server, dir, lease, store: StoreChoice::Sled })
+    }
+
+    /// A server keeping its state in `store`, with a fresh data directory.
+    pub async fn start_with_store(store: StoreChoice) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let lease = crate::server::DEFAULT_LEASE;
+        let server = start_in(dir.path(), lease, store.clone()).await?;
+        Ok(Self { server, dir, lease, store })
+    }
+
+    /// Another replica of this control plane: a copy of its data directory (CA, server
+    /// certificate, admin token, as an operator copies them to each replica), the same store,
+    /// its own port. Only a shared store (PostgreSQL) makes it the same control plane.
+    pub async fn replica(&self) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        for entry in std::fs::read_dir(self.dir.path())? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::copy(entry.path(), dir.path().join(entry.file_name()))?;
+            }
+        }
+        let server = start_in(dir.path(), self.lease, self.store.clone()).await?;
+        Ok(Self { server, dir, lease: self.lease, store: self.store.clone() })
     }
 
     /// Stops the server and starts a new one on the same data directory (on a new port).
     pub async fn restart(self) -> anyhow::Result<Self> {
-        let Self { server, dir, lease } = self;
+        let Self { server, dir, lease, store } = self;
         server.stop().await;
-        let server = start_in(dir.path(), lease).await?;
-        Ok(Self { server, dir, lease })
+        let server = start_in(dir.path(), lease, store.clone()).await?;
+        Ok(Self { server, dir, lease, store })
     }
 
     /// Stops the server; the data directory is deleted.
@@ -96,7 +120,7 @@ impl TestServer {
     }
 }
 
-async fn start_in(dir: &Path, lease: Duration) -> anyhow::Result<RunningServer> {
+async fn start_in(dir: &Path, lease: Duration, store: StoreChoice) -> anyhow::Result<RunningServer> {
     let config = ServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: dir.to_path_buf(),
@@ -106,7 +130,7 @@ async fn start_in(dir: &Path, lease: Duration) -> anyhow::Result<RunningServer> 
         node_cert_lifetime: crate::server::DEFAULT_NODE_CERT_LIFETIME,
         max_hold: crate::server::DEFAULT_MAX_HOLD,
         max_connections: crate::server::DEFAULT_MAX_CONNECTIONS,
-        store: Default::default(),
+        store,
     };
     Ok(serve(config, CancellationToken::new()).await?)
 }

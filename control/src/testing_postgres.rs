@@ -5,8 +5,8 @@
 //! PostgreSQL refuses to run as root: under root the server runs as the `postgres` user the
 //! package creates (or `nobody`), and the directory is handed to that user.
 
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

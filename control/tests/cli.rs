@@ -44,9 +44,15 @@ fn serve_logged(dir: &Path, log: &Path) -> Served {
 
 /// [`serve`] with the server's log going to `stderr`.
 fn serve_to(dir: &Path, stderr: Stdio) -> Served {
+    serve_with(dir, stderr, &[])
+}
+
+/// [`serve_to`] with more arguments.
+fn serve_with(dir: &Path, stderr: Stdio, extra: &[&str]) -> Served {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -504,4 +510,52 @@ async fn a_full_disk_stops_the_server_before_it_serves_what_it_could_not_write()
     let offered: std::collections::BTreeSet<String> =
         node.poll(&[], 0).await.jobs.iter().map(|a| a.job_id.clone()).collect();
     assert!(offered.iter().all(|id| known.contains(id)), "offered {offered:?}, known {known:?}");
+}
+
+/// `migrate` brings a PostgreSQL database to the binary's schema (once), `serve --store-url`
+/// serves from it, and a database without the schema is refused with what to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_then_serve_from_postgres() {
+    let Some(pg) = outpost_control::testing::postgres::start_or_skip("migrate_then_serve_from_postgres")
+        .await
+        .expect("postgres")
+    else {
+        return;
+    };
+    let options = pg.database().await.expect("database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(["--store-url", &options.url])
+        .output()
+        .expect("outpost-control runs");
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("run `outpost-control migrate` first"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let migrate = || {
+        Command::new(BIN)
+            .args(["migrate", "--store-url", &options.url])
+            .env_remove("OUTPOST_CONTROL_CONFIG")
+            .output()
+            .expect("outpost-control runs")
+    };
+    let first = ok(migrate());
+    assert!(
+        first.contains(&format!(
+            "schema migrated from version 0 to {}",
+            outpost_control::store::SCHEMA_VERSION
+        )),
+        "{first}"
+    );
+    let again = ok(migrate());
+    assert!(again.contains("nothing to do"), "{again}");
+    let served = serve_with(dir.path(), Stdio::inherit(), &["--store-url", &options.url]);
+    let org = ok(ctl(&served, dir.path(), &["org", "create", "clinic-pg"]));
+    let listed = ok(ctl(&served, dir.path(), &["--json", "org", "list"]));
+    assert!(listed.contains(org.trim()), "{listed}");
+    assert!(!dir.path().join("db").exists(), "nothing kept in the embedded store");
 }

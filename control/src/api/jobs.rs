@@ -387,7 +387,8 @@ pub(super) async fn create_job(
     // The key that signs now, decoded before the store hands out a sequence number: building
     // the job then cannot fail on the key.
     let now = st.clock.now_ms();
-    let key = signing::effective_key(&org, now).map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
+    let key =
+        signing::effective_key(&org, now).map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
     let job_id = job_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let (org_id, node_id) = (org.org.id.clone(), node.node_id.clone());
     let submitter = submitter_for(node, &org.org.id, &origin);

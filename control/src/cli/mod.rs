@@ -105,6 +105,17 @@ pub enum Command {
         #[command(flatten)]
         flags: serve::Flags,
     },
+    /// Bring a PostgreSQL store's schema to this binary's version (the embedded sled store
+    /// needs none). Run it before starting upgraded replicas; it is safe to repeat and to run
+    /// from two places at once. A database a newer binary migrated is refused.
+    Migrate {
+        /// The settings file whose `[store]` names the database (the `serve` one).
+        #[arg(long, value_name = "FILE", env = "OUTPOST_CONTROL_CONFIG")]
+        config: Option<PathBuf>,
+        /// The database, instead of the file's `[store] url` (password: OUTPOST_STORE_PASSWORD).
+        #[arg(long, value_name = "URL", env = "OUTPOST_STORE_URL", hide_env_values = true)]
+        store_url: Option<String>,
+    },
     /// The certificate authority nodes pin.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -430,6 +441,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { config, flags } => {
             let settings = serve::Settings::resolve(config.as_deref(), flags)?;
             serve::serve(&g, settings).await
+        }
+        Command::Migrate { config, store_url } => {
+            let flags = serve::Flags { store_url, ..Default::default() };
+            serve::migrate(serve::Settings::resolve(config.as_deref(), flags)?).await
         }
         Command::Doctor { json } => doctor::run(&g, json).await,
         Command::Completions { shell } => {

@@ -277,6 +277,7 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
         Command::Deploy(d) => return super::deploy::run(&c, g.json, d).await,
         Command::Bundle(b) => return super::bundle::run(&c, g.json, b).await,
         Command::Serve { .. }
+        | Command::Migrate { .. }
         | Command::Ca(_)
         | Command::Doctor { .. }
         | Command::Completions { .. }

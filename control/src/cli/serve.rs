@@ -29,7 +29,21 @@ struct File {
     node_cert_lifetime: Option<String>,
     max_hold: Option<String>,
     max_connections: Option<usize>,
+    store: Option<StoreSection>,
 }
+
+/// `[store]`: where the state is kept. Without it, or with `url = "sled"`, an embedded
+/// database in the data directory.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    url: Option<String>,
+    password_file: Option<std::path::PathBuf>,
+    pool_size: Option<usize>,
+}
+
+/// The environment variable a PostgreSQL password may come from (wins over `password_file`).
+pub const STORE_PASSWORD_ENV: &str = "OUTPOST_STORE_PASSWORD";
 
 /// What the command line gave; each wins over the file.
 #[derive(Debug, Default, clap::Args)]
@@ -63,6 +77,12 @@ pub struct Flags {
     /// (LimitNOFILE in the unit); 64 to 1000000 [default: 16384].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Keep the state in PostgreSQL, shared by every replica: `postgres://USER@HOST:PORT/DB`
+    /// or `host=/run/postgresql dbname=outpost user=outpost`; the password comes from
+    /// OUTPOST_STORE_PASSWORD or `[store] password_file`, never the command line. `sled`: the
+    /// embedded database in DATA_DIR/db [default: sled].
+    #[arg(long, value_name = "URL", env = "OUTPOST_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
 }
 
 /// The server's settings: flags over the file over the defaults; `san` from both.
@@ -76,6 +96,7 @@ pub(super) struct Settings {
     pub node_cert_lifetime: Duration,
     pub max_hold: Duration,
     pub max_connections: usize,
+    pub store: server::StoreChoice,
 }
 
 /// What the file set, each value checked.
@@ -88,12 +109,21 @@ struct FileSettings {
     node_cert_lifetime: Option<Duration>,
     max_hold: Option<Duration>,
     max_connections: Option<usize>,
+    store: StoreSection,
 }
 
 impl Settings {
     pub(super) fn resolve(config: Option<&Path>, flags: Flags) -> anyhow::Result<Settings> {
-        let Flags { listen, sans, lease, metrics_listen, node_cert_lifetime, max_hold, max_connections } =
-            flags;
+        let Flags {
+            listen,
+            sans,
+            lease,
+            metrics_listen,
+            node_cert_lifetime,
+            max_hold,
+            max_connections,
+            store_url,
+        } = flags;
         let file = match config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -108,6 +138,8 @@ impl Settings {
         };
         let mut all = file.sans;
         all.extend(sans);
+        let store =
+            store_choice(store_url.or(file.store.url), file.store.password_file, file.store.pool_size)?;
         Ok(Settings {
             listen,
             sans: all,
@@ -120,6 +152,7 @@ impl Settings {
             max_connections: check_max_connections(
                 max_connections.or(file.max_connections).unwrap_or(server::DEFAULT_MAX_CONNECTIONS),
             )?,
+            store,
         })
     }
 
@@ -144,6 +177,7 @@ impl Settings {
         let node_cert_lifetime = duration("node_cert_lifetime", file.node_cert_lifetime)?;
         let max_hold = duration("max_hold", file.max_hold)?.map(check_max_hold).transpose()?;
         let max_connections = file.max_connections.map(check_max_connections).transpose()?;
+        let store = file.store.unwrap_or_default();
         Ok(FileSettings {
             listen,
             sans: file.san,
@@ -152,8 +186,40 @@ impl Settings {
             node_cert_lifetime,
             max_hold,
             max_connections,
+            store,
         })
     }
+}
+
+/// The store the settings name: sled unless a PostgreSQL url is given; the password from the
+/// environment or the file (checked now, so a bad setting fails before anything starts).
+fn store_choice(
+    url: Option<String>,
+    password_file: Option<std::path::PathBuf>,
+    pool_size: Option<usize>,
+) -> anyhow::Result<server::StoreChoice> {
+    let url = match url {
+        None => return Ok(server::StoreChoice::Sled),
+        Some(url) if url.trim() == "sled" => return Ok(server::StoreChoice::Sled),
+        Some(url) => url,
+    };
+    let mut options = crate::store::PgOptions::new(url);
+    options.password = match std::env::var(STORE_PASSWORD_ENV) {
+        Ok(password) => Some(password),
+        Err(_) => match &password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the store password_file {}", path.display()))?,
+            ),
+            None => None,
+        },
+    };
+    if let Some(size) = pool_size {
+        anyhow::ensure!((1..=1000).contains(&size), "store pool_size {size} is outside 1 to 1000");
+        options.pool_size = size;
+    }
+    options.check().map_err(|e| anyhow::anyhow!("[store] url: {e}"))?;
+    Ok(server::StoreChoice::Postgres(options))
 }
 
 fn check_max_connections(max: usize) -> anyhow::Result<usize> {
@@ -178,6 +244,25 @@ fn check_max_hold(hold: Duration) -> anyhow::Result<Duration> {
     Ok(hold)
 }
 
+/// `outpost-control migrate`: brings the PostgreSQL database the settings name to this
+/// binary's schema.
+pub(super) async fn migrate(settings: Settings) -> anyhow::Result<ExitCode> {
+    let server::StoreChoice::Postgres(options) = settings.store else {
+        anyhow::bail!(
+            "migrate is for a PostgreSQL store: give --store-url or [store] url (the embedded sled store needs no migration)"
+        );
+    };
+    let db = options.describe();
+    let done =
+        crate::store::PgStore::migrate(options).await.with_context(|| format!("cannot migrate {db}"))?;
+    if done.from == done.to {
+        println!("{db}: schema at version {} already; nothing to do", done.to);
+    } else {
+        println!("{db}: schema migrated from version {} to {}", done.from, done.to);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<ExitCode> {
     // Handlers first, so a signal that arrives right after the ready line is not lost.
     let mut term = signal(SignalKind::terminate())?;
@@ -192,9 +277,25 @@ pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<Exit
         node_cert_lifetime: settings.node_cert_lifetime,
         max_hold: settings.max_hold,
         max_connections: settings.max_connections,
-        store: Default::default(),
+        store: settings.store,
     };
-    let server = server::serve(config, shutdown.clone()).await?;
+    // A database that does not answer yet (it starts after us, or is being failed over) is
+    // waited for; any other refusal (no schema, a newer one) ends the start.
+    let mut backoff = Duration::from_secs(1);
+    let server = loop {
+        match server::serve(config.clone(), shutdown.clone()).await {
+            Err(server::ServeError::Store(crate::store::StoreError::Unreachable(why))) => {
+                tracing::warn!(%why, retry_in = ?backoff, "cannot reach the state store; retrying");
+                tokio::select! {
+                    _ = term.recv() => return Ok(ExitCode::FAILURE),
+                    _ = int.recv() => return Ok(ExitCode::FAILURE),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            started => break started?,
+        }
+    };
     println!("outpost-control listening on https://{} (CA sha256 {})", server.addr, server.ca_fingerprint);
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -227,6 +328,7 @@ mod tests {
                 node_cert_lifetime: server::DEFAULT_NODE_CERT_LIFETIME,
                 max_hold: server::DEFAULT_MAX_HOLD,
                 max_connections: server::DEFAULT_MAX_CONNECTIONS,
+                store: server::StoreChoice::Sled,
             }
         );
     }
@@ -283,6 +385,7 @@ mod tests {
             ("max_hold = \"0s\"", "max_hold"),
             ("max_connections = 10", "max_connections 10 is outside 64 to 1000000"),
             ("max_connections = -1", "max_connections"),
+            ("[store]\nurl = \"host=/run/postgresql\"\nuser = \"x\"", "unknown field `user`"),
         ] {
             let f = file(text);
             let err = format!("{:#}", Settings::resolve(Some(f.path()), Flags::default()).unwrap_err());
@@ -292,5 +395,32 @@ mod tests {
         let missing =
             Settings::resolve(Some(Path::new("/nonexistent/outpost-control.toml")), Flags::default());
         assert!(format!("{:#}", missing.unwrap_err()).contains("cannot read the configuration"));
+    }
+
+    #[test]
+    fn the_store_section_names_a_postgres_database_and_its_password_file() {
+        let secret = file("s3cret\n");
+        let f = file(&format!(
+            "[store]\nurl = \"host=/run/postgresql dbname=outpost user=outpost\"\npassword_file = {:?}\npool_size = 4\n",
+            secret.path()
+        ));
+        let s = Settings::resolve(Some(f.path()), Flags::default()).unwrap();
+        let server::StoreChoice::Postgres(options) = &s.store else { panic!("{:?}", s.store) };
+        assert_eq!(options.password.as_deref(), Some("s3cret\n"), "read from the file");
+        assert_eq!(options.pool_size, 4);
+        assert_eq!(options.describe(), "outpost@/run/postgresql:5432/outpost");
+        assert!(!format!("{s:?}").contains("s3cret"), "never in a debug print");
+        // The flag wins over the file; `sled` is the embedded store.
+        let flag = Flags { store_url: Some("sled".into()), ..Flags::default() };
+        assert_eq!(Settings::resolve(Some(f.path()), flag).unwrap().store, server::StoreChoice::Sled);
+        for (text, says) in [
+            ("[store]\nurl = \"host=/tmp\"\npool_size = 0\n", "pool_size 0 is outside 1 to 1000"),
+            ("[store]\nurl = \"postgres://[::1\"\n", "[store] url"),
+            ("[store]\nurl = \"host=/tmp\"\npassword_file = \"/nonexistent/pw\"\n", "password_file"),
+        ] {
+            let f = file(text);
+            let err = format!("{:#}", Settings::resolve(Some(f.path()), Flags::default()).unwrap_err());
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 }

@@ -857,7 +857,8 @@ async fn an_unfinished_snapshot_does_not_keep_the_sled_store_from_opening() {
 /// The PostgreSQL adapter against a real PostgreSQL server (initdb in a temporary directory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_store_keeps_the_contract() {
-    let Some(pg) = crate::testing::postgres::start_or_skip("the_postgres_store_keeps_the_contract").await.unwrap()
+    let Some(pg) =
+        crate::testing::postgres::start_or_skip("the_postgres_store_keeps_the_contract").await.unwrap()
     else {
         return;
     };

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use outpost_protocol::{
-    ApiTokenInfo, AuditEntry, CancelAttempt, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent, Org,
-    ResultReport, StoredEvent, Trigger,
+    ApiTokenInfo, AuditEntry, CancelAttempt, Heartbeat, JobInfo, JobState, Labels, NodeInfo, ObjectEvent,
+    Org, ResultReport, StoredEvent, Trigger,
 };
 use serde::de::DeserializeOwned;
 use tokio_postgres::error::SqlState;
@@ -59,7 +59,7 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 const POOL_WAIT: Duration = Duration::from_secs(5);
 
 /// How to reach the database.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PgOptions {
     /// `postgres://USER@HOST:PORT/DB` or the key=value form (`host=/run/postgresql dbname=…`);
     /// a host starting with `/` is a unix socket directory.
@@ -79,6 +79,11 @@ impl std::fmt::Debug for PgOptions {
 impl PgOptions {
     pub fn new(url: impl Into<String>) -> Self {
         Self { url: url.into(), password: None, pool_size: DEFAULT_POOL_SIZE }
+    }
+
+    /// Whether the url parses (the error says why); connects to nothing.
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.config().map(drop)
     }
 
     fn config(&self) -> Result<tokio_postgres::Config, StoreError> {
@@ -389,9 +394,9 @@ impl PgStore {
         }
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > from) {
             let tx = client.transaction().await.map_err(backend)?;
-            tx.batch_execute(sql)
-                .await
-                .map_err(|e| StoreError::Backend(format!("migration {version} failed: {}", pg_message(&e))))?;
+            tx.batch_execute(sql).await.map_err(|e| {
+                StoreError::Backend(format!("migration {version} failed: {}", pg_message(&e)))
+            })?;
             let now = big(crate::clock::Clock::system().now_ms());
             let by = format!("outpost-control {}", env!("CARGO_PKG_VERSION"));
             tx.execute(
@@ -594,9 +599,12 @@ impl StateStore for PgStore {
             if let Some(mut token) = token {
                 token.used_unix_ms = Some(now_ms);
                 token.used_by_node = Some(node.node_id.clone());
-                tx.execute("UPDATE enrollment_tokens SET doc = $2 WHERE token_sha256 = $1", &[&key, &Json(&token)])
-                    .await
-                    .map_err(backend)?;
+                tx.execute(
+                    "UPDATE enrollment_tokens SET doc = $2 WHERE token_sha256 = $1",
+                    &[&key, &Json(&token)],
+                )
+                .await
+                .map_err(backend)?;
             }
             put_node(&*tx, &node).await?;
             tx.commit().await.map_err(backend)?;
@@ -1116,9 +1124,8 @@ impl StateStore for PgStore {
                 "node audit",
             )
             .await?;
-            let head = last
-                .map(|e| (e.seq, e.sha256))
-                .unwrap_or((0, outpost_protocol::AUDIT_GENESIS.to_owned()));
+            let head =
+                last.map(|e| (e.seq, e.sha256)).unwrap_or((0, outpost_protocol::AUDIT_GENESIS.to_owned()));
             match super::continue_node_audit((head.0, &head.1), entries) {
                 Err(why) => Ok(super::NodeAuditOutcome { stored: 0, up_to_seq: head.0, refused: Some(why) }),
                 Ok(fresh) => {
@@ -1218,7 +1225,10 @@ impl StateStore for PgStore {
             let mut tally = EventTally::new(unbig(last.get(0)));
             for event in events {
                 let seen = tx
-                    .query_opt("SELECT 1 FROM events WHERE node_id = $1 AND seq = $2", &[&node_id, &big(event.seq)])
+                    .query_opt(
+                        "SELECT 1 FROM events WHERE node_id = $1 AND seq = $2",
+                        &[&node_id, &big(event.seq)],
+                    )
                     .await
                     .map_err(backend)?;
                 if seen.is_some() {
@@ -1499,7 +1509,9 @@ pub async fn listen(
         };
         match ended {
             Ok(()) => tracing::warn!(db = %options.describe(), "the store's notification connection closed"),
-            Err(e) => tracing::warn!(db = %options.describe(), error = %e, "the store's notification connection failed"),
+            Err(e) => {
+                tracing::warn!(db = %options.describe(), error = %e, "the store's notification connection failed")
+            }
         }
         // Polls held meanwhile are woken to look again, whether or not the connection returns.
         on(Notice::Resync);

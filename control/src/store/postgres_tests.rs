@@ -169,8 +169,8 @@ async fn events_and_audit_from_several_replicas_are_stored_once_in_one_order() {
     let mut work = JoinSet::new();
     // The same batch delivered to every replica (a node retrying after a lost answer), and
     // audit appends from all of them at once.
-    for r in 0..3 {
-        let store = Arc::clone(&stores[r]);
+    for (r, store) in stores.iter().enumerate() {
+        let store = Arc::clone(store);
         work.spawn(async move {
             let batch: Vec<_> = (1..=20).map(|s| event(s, &format!("k{s}"))).collect();
             let outcome = store.store_events("n1", "o", batch, 5).await.unwrap();
@@ -228,7 +228,7 @@ async fn the_schema_is_migrated_once_and_a_newer_one_is_refused() {
         .unwrap();
     for refused in [
         PgStore::connect(options.clone()).await.err().expect("newer schema"),
-        PgStore::migrate(options.clone()).await.err().expect("newer schema"),
+        PgStore::migrate(options.clone()).await.expect_err("newer schema"),
     ] {
         assert!(refused.to_string().contains("newer than this binary"), "{refused}");
     }
@@ -245,7 +245,7 @@ async fn a_lost_database_fails_calls_fast_and_they_work_again_when_it_returns() 
     store.insert_org(org("o")).await.unwrap();
     pg.kill();
     let started = Instant::now();
-    let failed = store.get_org("o").await.err().expect("the database is gone");
+    let failed = store.get_org("o").await.expect_err("the database is gone");
     assert!(failed.to_string().contains("PostgreSQL"), "{failed}");
     assert!(started.elapsed() < Duration::from_secs(30), "failed after {:?}", started.elapsed());
     let submit: super::MakeJob = Box::new(|seq| Ok(job("lost", "n1", seq)));

@@ -20,6 +20,7 @@ mod metrics;
 mod openapi;
 mod props;
 mod renewal;
+mod replicas;
 mod restart;
 mod results;
 mod revocation;
