@@ -1,4 +1,6 @@
 -- Outpost control plane, schema version 1: every record of the StateStore port.
+-- Identifiers are text in the "C" collation: ordered by their bytes, as the embedded store
+-- orders them, whatever the database's locale (pages and cursors depend on it).
 -- Each table keeps the record as JSON (`doc`, what the sled store keeps as its value) beside
 -- the columns the queries select, order and constrain by. The invariants the control plane
 -- relies on across replicas are constraints here, not process-local locks.
@@ -12,7 +14,7 @@ CREATE TABLE outpost_counters (
 INSERT INTO outpost_counters (name, value) VALUES ('audit', 0), ('event_cursor', 0);
 
 CREATE TABLE orgs (
-    org_id text PRIMARY KEY,
+    org_id text COLLATE "C" PRIMARY KEY,
     doc    jsonb NOT NULL
 );
 
@@ -22,8 +24,8 @@ CREATE TABLE enrollment_tokens (
 );
 
 CREATE TABLE nodes (
-    node_id text PRIMARY KEY,
-    org_id  text NOT NULL,
+    node_id text COLLATE "C" PRIMARY KEY,
+    org_id  text COLLATE "C" NOT NULL,
     doc     jsonb NOT NULL
 );
 CREATE INDEX nodes_by_org ON nodes (org_id, node_id);
@@ -35,13 +37,13 @@ CREATE TABLE job_seqs (
 );
 
 CREATE TABLE jobs (
-    job_id            text PRIMARY KEY,
-    org_id            text NOT NULL,
-    node_id           text NOT NULL,
+    job_id            text COLLATE "C" PRIMARY KEY,
+    org_id            text COLLATE "C" NOT NULL,
+    node_id           text COLLATE "C" NOT NULL,
     seq               bigint NOT NULL,
     state             text NOT NULL,
     submitted_unix_ms bigint NOT NULL,
-    group_id          text,
+    group_id          text COLLATE "C",
     failed            boolean NOT NULL,
     open_any          boolean NOT NULL,
     doc               jsonb NOT NULL
@@ -60,24 +62,26 @@ CREATE TABLE results (
 );
 
 CREATE TABLE cancels (
-    node_id text NOT NULL,
-    job_id  text NOT NULL,
+    node_id text COLLATE "C" NOT NULL,
+    job_id  text COLLATE "C" NOT NULL,
     attempt bigint NOT NULL,
     doc     jsonb NOT NULL,
     PRIMARY KEY (node_id, job_id, attempt)
 );
 
 CREATE TABLE deployments (
-    key text PRIMARY KEY,
-    doc jsonb NOT NULL
+    org_id text COLLATE "C" NOT NULL,
+    name   text COLLATE "C" NOT NULL,
+    doc    jsonb NOT NULL,
+    PRIMARY KEY (org_id, name)
 );
 
 CREATE TABLE node_services (
-    key     text PRIMARY KEY,
-    node_id text NOT NULL,
-    doc     jsonb NOT NULL
+    node_id text COLLATE "C" NOT NULL,
+    service text COLLATE "C" NOT NULL,
+    doc     jsonb NOT NULL,
+    PRIMARY KEY (node_id, service)
 );
-CREATE INDEX node_services_by_node ON node_services (node_id, key);
 
 CREATE TABLE service_report_last (
     node_id  text PRIMARY KEY,
@@ -85,7 +89,7 @@ CREATE TABLE service_report_last (
 );
 
 CREATE TABLE node_audit (
-    node_id text NOT NULL,
+    node_id text COLLATE "C" NOT NULL,
     seq     bigint NOT NULL,
     doc     jsonb NOT NULL,
     PRIMARY KEY (node_id, seq)
@@ -93,16 +97,16 @@ CREATE TABLE node_audit (
 
 CREATE TABLE events (
     cursor  bigint PRIMARY KEY,
-    node_id text NOT NULL,
+    node_id text COLLATE "C" NOT NULL,
     seq     bigint NOT NULL,
-    org_id  text NOT NULL,
+    org_id  text COLLATE "C" NOT NULL,
     doc     jsonb NOT NULL,
     UNIQUE (node_id, seq)
 );
 
 CREATE TABLE triggers (
-    trigger_id        text PRIMARY KEY,
-    org_id            text NOT NULL,
+    trigger_id        text COLLATE "C" PRIMARY KEY,
+    org_id            text COLLATE "C" NOT NULL,
     name              text NOT NULL,
     created_unix_ms   bigint NOT NULL,
     doc               jsonb NOT NULL,

@@ -153,8 +153,6 @@ impl TestPostgres {
             // crash of the machine could lose one, which no test does.
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=300", "-c", "shared_buffers=32MB"])
-            // Its own process group: `kill` takes the backends with the postmaster.
-            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -189,13 +187,22 @@ impl TestPostgres {
     /// The server and every backend killed with SIGKILL (a lost database, as far as its
     /// clients can tell); [`TestPostgres::resume`] starts it again, through crash recovery.
     pub fn kill(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
         if let Some(mut child) = self.child.take() {
-            let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
-            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+            // Each backend is a session of its own (PostgreSQL calls setsid), so the
+            // postmaster's children are found by parent and killed one by one, first.
+            let postmaster = child.id();
+            let children = children_of(postmaster);
+            for pid in &children {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+            let _ = child.kill();
             let _ = child.wait();
-            // The backends are gone when none holds the group any more.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while nix::sys::signal::kill(group, None).is_ok() && Instant::now() < deadline {
+            while children.iter().any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+                && Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -251,4 +258,21 @@ fn server_user() -> anyhow::Result<Option<(u32, u32)>> {
         }
     }
     bail!("running as root, and there is neither a postgres nor a nobody user to run PostgreSQL as")
+}
+
+/// The pids whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
+                stat.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
 }

@@ -405,8 +405,7 @@ pub(super) async fn create_job(
             submitter,
             recipients: origin.recipients,
         };
-        let signed = signing::sign_payload(&key, &envelope)
-            .map_err(|e| StoreError::Backend(format!("cannot sign the job: {e}")))?;
+        let signed = sign_numbered(&key, &envelope)?;
         let info = JobInfo {
             job_id: envelope.job_id,
             attempt: envelope.attempt,
@@ -455,34 +454,39 @@ pub(super) async fn reoffer_job(
     reason: &str,
 ) -> ApiResult<bool> {
     let org = org_of(st, node).await?;
-    let moved = {
-        let _ordered = st.submit_lock.lock().await;
-        let now = st.clock.now_ms();
-        let seq = st.store.next_job_seq(&node.node_id).await?;
-        let before = serde_json::from_str::<JobEnvelope>(&job.envelope.payload).ok();
+    let now = st.clock.now_ms();
+    let key = signing_key(&org, now)?;
+    let before = serde_json::from_str::<JobEnvelope>(&job.envelope.payload).ok();
+    let (current, org_id, node_id) = (job.clone(), org.org.id.clone(), node.node_id.clone());
+    // Whoever asked for it still did (a re-placed job is an operator's: triggers name their
+    // node); only an agent that takes it is told.
+    let submitter = before
+        .as_ref()
+        .and_then(|e| e.submitter.clone())
+        .or_else(|| submitter_for(node, &org.org.id, &JobOrigin::default()))
+        .filter(|_| node.announce().has(outpost_protocol::capability::SITE_POLICY));
+    let reason = reason.to_owned();
+    let make: crate::store::MakeJob = Box::new(move |seq| {
         let envelope = JobEnvelope {
-            job_id: job.info.job_id.clone(),
-            attempt: job.info.attempt.saturating_add(1),
-            org_id: org.org.id.clone(),
-            node_id: node.node_id.clone(),
+            job_id: current.info.job_id.clone(),
+            attempt: current.info.attempt.saturating_add(1),
+            org_id,
+            node_id: node_id.clone(),
             seq,
             issued_unix_ms: now,
             // The operator's deadline stands: a re-placed job does not live longer.
             expires_unix_ms: before.as_ref().map_or(now, |e| e.expires_unix_ms),
-            spec: job.info.spec.clone(),
-            // Whoever asked for it still did (a re-placed job is an operator's: triggers name
-            // their node); only an agent that takes it is told.
-            submitter: before
-                .as_ref()
-                .and_then(|e| e.submitter.clone())
-                .or_else(|| submitter_for(node, &org.org.id, &JobOrigin::default()))
-                .filter(|_| node.announce().has(outpost_protocol::capability::SITE_POLICY)),
+            spec: current.info.spec.clone(),
+            submitter,
             // The sweep offers a sealed job only to nodes that can seal it.
             recipients: before.as_ref().map(|e| e.recipients.clone()).unwrap_or_default(),
         };
-        let signed = sign(&org, st.clock.now_ms(), &envelope)?;
-        let next = crate::store::next_attempt(job, signed, &node.node_id, seq, now, reason);
-        st.store.reassign_job(&job.info.job_id, job.info.attempt, next).await?
+        let signed = sign_numbered(&key, &envelope)?;
+        Ok(crate::store::next_attempt(&current, signed, &node_id, seq, now, &reason))
+    });
+    let moved = {
+        let _ordered = st.submit_lock.lock().await;
+        st.store.reassign_job_to(&job.info.job_id, job.info.attempt, &node.node_id, make).await?
     };
     if moved {
         st.wakers.wake(&node.node_id);
@@ -548,6 +552,20 @@ pub(super) fn sign<T: serde::Serialize>(
     let key =
         signing::effective_key(org, now_ms).map_err(|e| ApiError::internal("bad_org_key", e.to_string()))?;
     signing::sign_payload(&key, payload).map_err(|e| ApiError::internal("signing_failed", e.to_string()))
+}
+
+/// The key that signs for `org` at `now_ms`, decoded before a store hands out a sequence
+/// number: building what is numbered then cannot fail on the key.
+pub(super) fn signing_key(org: &OrgRecord, now_ms: u64) -> ApiResult<ed25519_dalek::SigningKey> {
+    signing::effective_key(org, now_ms).map_err(|e| ApiError::internal("bad_org_key", e.to_string()))
+}
+
+/// Signs inside a store's numbering step ([`crate::store::MakeJob`]).
+pub(super) fn sign_numbered<T: serde::Serialize>(
+    key: &ed25519_dalek::SigningKey,
+    payload: &T,
+) -> Result<SignedEnvelope, StoreError> {
+    signing::sign_payload(key, payload).map_err(|e| StoreError::Backend(format!("cannot sign: {e}")))
 }
 
 /// `env` signed again with the key that signs for `org` at `now_ms`, when an earlier key signed

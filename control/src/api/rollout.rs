@@ -13,7 +13,7 @@ use outpost_protocol::{
     ServiceSpec, ServiceState, capability,
 };
 
-use super::jobs::{org_of, sign};
+use super::jobs::{org_of, sign_numbered, signing_key};
 use super::placement::is_online;
 use super::{ApiResult, AppState, Shared};
 use crate::store::{DeploymentRecord, DesiredService, NodeServiceRecord, node_service_key};
@@ -171,31 +171,34 @@ async fn converge(
     let rollback =
         spec.is_some() && current.is_some_and(|c| c.deployment == deployment && revision < c.revision);
     let org = org_of(st, node).await?;
-    {
-        let _ordered = st.submit_lock.lock().await;
-        let seq = st.store.next_job_seq(&node.node_id).await?;
-        let body = ServiceEnvelope {
-            org_id: org.org.id.clone(),
-            node_id: node.node_id.clone(),
-            service: service.to_owned(),
-            deployment: deployment.clone(),
+    let key = signing_key(&org, now)?;
+    let body = ServiceEnvelope {
+        org_id: org.org.id.clone(),
+        node_id: node.node_id.clone(),
+        service: service.to_owned(),
+        deployment: deployment.clone(),
+        revision,
+        seq: 0,
+        issued_unix_ms: now,
+        rollback,
+        spec: spec.clone(),
+    };
+    let make: crate::store::MakeDesired = Box::new(move |seq| {
+        let body = ServiceEnvelope { seq, ..body };
+        let envelope = sign_numbered(&key, &body)?;
+        Ok(DesiredService {
+            deployment: body.deployment,
             revision,
-            seq,
-            issued_unix_ms: now,
-            rollback,
-            spec: spec.clone(),
-        };
-        let envelope = sign(&org, st.clock.now_ms(), &body)?;
-        let desired = DesiredService {
-            deployment: deployment.clone(),
-            revision,
-            removal: spec.is_none(),
+            removal: body.spec.is_none(),
             rollback,
             seq,
             envelope,
             since_unix_ms: now,
-        };
-        st.store.set_service_desired(&node.node_id, service, desired).await?;
+        })
+    });
+    {
+        let _ordered = st.submit_lock.lock().await;
+        st.store.offer_service(&node.node_id, service, make).await?;
     }
     let what = if spec.is_none() {
         "removal".to_owned()

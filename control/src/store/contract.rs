@@ -377,7 +377,7 @@ async fn operator_labels_are_set_and_removed(s: &dyn StateStore) {
     ));
 }
 
-fn any_job(id: &str, node_id: &str, seq: u64) -> JobRecord {
+pub(super) fn any_job(id: &str, node_id: &str, seq: u64) -> JobRecord {
     let mut j = job(id, node_id, seq);
     j.info.placement = Some(Placement::Any);
     j.info.selector = Some("site=icu".into());
@@ -713,6 +713,107 @@ async fn listing_snapshot(s: &dyn StateStore) -> String {
     out.join("\n")
 }
 
+fn deployment(org_id: &str, name: &str, revision: u64) -> super::DeploymentRecord {
+    let spec: outpost_protocol::ServiceSpec =
+        serde_json::from_value(serde_json::json!({ "image": format!("sha256:{}", "c".repeat(64)) }))
+            .expect("spec");
+    let rollout: outpost_protocol::RolloutPolicy =
+        serde_json::from_value(serde_json::json!({})).expect("policy");
+    super::DeploymentRecord {
+        info: outpost_protocol::DeploymentInfo {
+            name: name.into(),
+            org_id: org_id.into(),
+            service: "web".into(),
+            selector: "site=icu".into(),
+            priority: 0,
+            rollout,
+            revision,
+            stable_revision: None,
+            status: outpost_protocol::RolloutStatus::InProgress,
+            reason: None,
+            updated: Vec::new(),
+            spec: spec.clone(),
+            created_unix_ms: 1,
+            updated_unix_ms: revision,
+            nodes: Vec::new(),
+        },
+        revisions: vec![(revision, spec)],
+        completed: Vec::new(),
+        batch_started: Default::default(),
+    }
+}
+
+fn desired(seq: u64) -> super::DesiredService {
+    super::DesiredService {
+        deployment: "web".into(),
+        revision: 1,
+        removal: false,
+        rollback: false,
+        seq,
+        envelope: SignedEnvelope { payload: "{}".into(), key_id: "k".into(), signature_hex: String::new() },
+        since_unix_ms: seq,
+    }
+}
+
+fn service_report(seq: u64, service: &str) -> outpost_protocol::ServiceReport {
+    serde_json::from_value(serde_json::json!({
+        "seq": seq, "service": service, "deployment": "web", "revision": 1, "state": "healthy",
+        "restarts": 0, "unix_ms": seq,
+    }))
+    .expect("report")
+}
+
+async fn deployments_and_node_services_are_kept_per_key(s: &dyn StateStore) {
+    // Names that sort differently by bytes than by a locale, and that prefix one another.
+    for (org_id, name) in [("od", "web"), ("od", "Web"), ("od-2", "a"), ("od", "web-2")] {
+        s.put_deployment(deployment(org_id, name, 1)).await.expect("put");
+    }
+    s.put_deployment(deployment("od", "web", 2)).await.expect("replace");
+    assert_eq!(s.get_deployment("od", "web").await.expect("get").expect("web").info.revision, 2);
+    assert!(s.get_deployment("od-2", "web").await.expect("get").is_none());
+    let listed: Vec<(String, String)> = s
+        .list_deployments()
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|d| d.info.org_id.starts_with("od"))
+        .map(|d| (d.info.org_id, d.info.name))
+        .collect();
+    let want = [("od", "Web"), ("od", "web"), ("od", "web-2"), ("od-2", "a")];
+    assert_eq!(listed, want.map(|(o, n)| (o.to_string(), n.to_string())), "org, then name, by bytes");
+
+    s.set_service_desired("ns1", "web", desired(4)).await.expect("desired");
+    s.set_service_desired("ns1", "Web", desired(5)).await.expect("desired");
+    s.set_service_desired("ns10", "web", desired(1)).await.expect("desired");
+    s.ack_node_services("ns1", vec![outpost_protocol::ServiceAck { service: "web".into(), seq: 4 }])
+        .await
+        .expect("ack");
+    assert_eq!(
+        s.store_service_reports("ns1", vec![service_report(1, "web"), service_report(2, "web")])
+            .await
+            .expect("reports"),
+        2
+    );
+    assert_eq!(s.store_service_reports("ns1", vec![service_report(2, "web")]).await.expect("again"), 2);
+    let of_ns1 = s.list_node_services(Some("ns1")).await.expect("list");
+    let keys: Vec<(&str, &str)> = of_ns1.iter().map(|r| (r.node_id.as_str(), r.service.as_str())).collect();
+    assert_eq!(keys, [("ns1", "Web"), ("ns1", "web")]);
+    let web = &of_ns1[1];
+    assert_eq!((web.acked_seq, web.desired.as_ref().map(|d| d.seq)), (4, Some(4)));
+    assert!(!web.unacknowledged());
+    assert_eq!(web.report.as_ref().map(|r| r.seq), Some(2), "the newest report");
+    assert!(of_ns1[0].unacknowledged());
+    assert_eq!(
+        s.list_node_services(None).await.expect("all").iter().filter(|r| r.node_id.starts_with("ns")).count(),
+        3
+    );
+    // A new desired state keeps what the node acknowledged and reported.
+    s.set_service_desired("ns1", "web", desired(6)).await.expect("desired");
+    let web = s.list_node_services(Some("ns1")).await.expect("list").remove(1);
+    assert_eq!((web.acked_seq, web.report.as_ref().map(|r| r.seq)), (4, Some(2)));
+    assert!(web.unacknowledged());
+}
+
 async fn contract(s: &dyn StateStore) {
     tokens_are_one_time_and_expire(s).await;
     queued_jobs_are_offered_until_acknowledged(s).await;
@@ -728,6 +829,7 @@ async fn contract(s: &dyn StateStore) {
     node_audit_logs_only_grow_link_by_link(s).await;
     org_settings_change_one_revision_at_a_time(s).await;
     listings_follow_every_change(s).await;
+    deployments_and_node_services_are_kept_per_key(s).await;
 }
 
 #[tokio::test]

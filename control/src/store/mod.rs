@@ -504,6 +504,8 @@ pub(crate) fn take_window(mut found: Vec<StoredEvent>, newest: bool, limit: usiz
 
 /// Builds a job from the sequence number its node gets (see [`StateStore::submit_job`]).
 pub type MakeJob = Box<dyn FnOnce(u64) -> Result<JobRecord, StoreError> + Send>;
+/// Builds a service's desired state from the sequence number its node gets.
+pub type MakeDesired = Box<dyn FnOnce(u64) -> Result<DesiredService, StoreError> + Send>;
 
 /// The control plane's persistence port. Every mutating call is durable when it returns.
 pub trait StateStore: Send + Sync + 'static {
@@ -580,6 +582,35 @@ pub trait StateStore: Send + Sync + 'static {
                 Err(StoreError::AlreadyExists(_)) => Ok(None),
                 Err(e) => Err(e),
             }
+        })
+    }
+
+    /// [`StateStore::reassign_job`] with the next attempt built from the sequence number
+    /// `node_id` gets, taken and used as one step (see [`StateStore::submit_job`]). False
+    /// (nothing changed) when the job moved on meanwhile.
+    fn reassign_job_to(
+        &self,
+        job_id: &str,
+        expected_attempt: u32,
+        node_id: &str,
+        make: MakeJob,
+    ) -> StoreFuture<'_, bool> {
+        let (job_id, node_id) = (job_id.to_owned(), node_id.to_owned());
+        Box::pin(async move {
+            let seq = self.next_job_seq(&node_id).await?;
+            let next = make(seq)?;
+            self.reassign_job(&job_id, expected_attempt, next).await
+        })
+    }
+
+    /// [`StateStore::set_service_desired`] with the desired state built from the sequence
+    /// number the node gets, taken and used as one step (see [`StateStore::submit_job`]).
+    fn offer_service(&self, node_id: &str, service: &str, make: MakeDesired) -> StoreFuture<'_, ()> {
+        let (node_id, service) = (node_id.to_owned(), service.to_owned());
+        Box::pin(async move {
+            let seq = self.next_job_seq(&node_id).await?;
+            let desired = make(seq)?;
+            self.set_service_desired(&node_id, &service, desired).await
         })
     }
 

@@ -7,9 +7,10 @@
 //! so two replicas never overwrite each other's change; what must hold across replicas is a
 //! constraint or a lock of the database, never of the process:
 //! - a job sequence number is handed out once per node (`job_seqs`, one row per node, taken
-//!   with `UPDATE ... RETURNING`), and [`StateStore::submit_job`] holds that row from taking the
-//!   number until the job is stored, so a node sees its jobs in sequence order whichever replica
-//!   submitted them;
+//!   with `UPDATE ... RETURNING`), and whatever uses one ([`StateStore::submit_job`],
+//!   [`StateStore::reassign_job_to`], [`StateStore::offer_service`]) holds that row from taking
+//!   the number until what it numbers is stored, so a node sees its jobs and services in
+//!   sequence order whichever replica made them;
 //! - a result report is stored once per idempotency key (`results` primary key), in the
 //!   transaction that finishes its job;
 //! - an event is stored once per node and seq (`events` unique key), and the audit trail's
@@ -292,9 +293,9 @@ async fn put_node<C: GenericClient>(c: &C, node: &NodeInfo) -> Result<(), StoreE
 
 async fn put_node_service<C: GenericClient>(c: &C, rec: &super::NodeServiceRecord) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO node_services (key, node_id, doc) VALUES ($1, $2, $3)
-         ON CONFLICT (key) DO UPDATE SET doc = $3",
-        &[&rec.key(), &rec.node_id, &Json(rec)],
+        "INSERT INTO node_services (node_id, service, doc) VALUES ($1, $2, $3)
+         ON CONFLICT (node_id, service) DO UPDATE SET doc = $3",
+        &[&rec.node_id, &rec.service, &Json(rec)],
     )
     .await
     .map_err(backend)?;
@@ -308,6 +309,21 @@ async fn lock_node_log<C: GenericClient>(c: &C, log: &str, node_id: &str) -> Res
         .await
         .map_err(backend)?;
     Ok(())
+}
+
+/// The node's next job sequence number; its `job_seqs` row stays locked until the transaction
+/// ends (a rolled-back transaction hands the number back).
+async fn take_seq<C: GenericClient>(c: &C, node_id: &str) -> Result<u64, StoreError> {
+    let row = c
+        .query_one(
+            "INSERT INTO job_seqs (node_id, last_seq) VALUES ($1, 1)
+             ON CONFLICT (node_id) DO UPDATE SET last_seq = job_seqs.last_seq + 1
+             RETURNING last_seq",
+            &[&node_id],
+        )
+        .await
+        .map_err(backend)?;
+    Ok(unbig(row.get(0)))
 }
 
 async fn next_counter<C: GenericClient>(c: &C, name: &str) -> Result<u64, StoreError> {
@@ -734,16 +750,7 @@ impl StateStore for PgStore {
         let node_id = node_id.to_owned();
         Box::pin(async move {
             let c = self.client().await?;
-            let row = c
-                .query_one(
-                    "INSERT INTO job_seqs (node_id, last_seq) VALUES ($1, 1)
-                     ON CONFLICT (node_id) DO UPDATE SET last_seq = job_seqs.last_seq + 1
-                     RETURNING last_seq",
-                    &[&node_id],
-                )
-                .await
-                .map_err(backend)?;
-            Ok(unbig(row.get(0)))
+            take_seq(&**c, &node_id).await
         })
     }
 
@@ -755,16 +762,7 @@ impl StateStore for PgStore {
             // The node's row in job_seqs stays locked until the job is committed: another
             // replica's submit for the node waits, so the node's jobs become visible in
             // sequence order, and a failed insert hands the number back (no gap).
-            let row = tx
-                .query_one(
-                    "INSERT INTO job_seqs (node_id, last_seq) VALUES ($1, 1)
-                     ON CONFLICT (node_id) DO UPDATE SET last_seq = job_seqs.last_seq + 1
-                     RETURNING last_seq",
-                    &[&node_id],
-                )
-                .await
-                .map_err(backend)?;
-            let job = make(unbig(row.get(0)))?;
+            let job = make(take_seq(&*tx, &node_id).await?)?;
             if !insert_new_job(&*tx, &job).await? {
                 return Ok(None);
             }
@@ -972,6 +970,58 @@ impl StateStore for PgStore {
         })
     }
 
+    fn reassign_job_to(
+        &self,
+        job_id: &str,
+        expected_attempt: u32,
+        node_id: &str,
+        make: super::MakeJob,
+    ) -> StoreFuture<'_, bool> {
+        let (job_id, node_id) = (job_id.to_owned(), node_id.to_owned());
+        Box::pin(async move {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(backend)?;
+            let Some(job) = Self::locked_job(&*tx, &job_id).await? else { return Ok(false) };
+            if job.info.attempt != expected_attempt || !is_open_any(&job.info) {
+                return Ok(false);
+            }
+            // The new node's number is held until the attempt is committed (see submit_job).
+            let seq = take_seq(&*tx, &node_id).await?;
+            let next = make(seq)?;
+            let reason = format!("superseded by attempt {} on node {}", next.info.attempt, next.info.node_id);
+            let stop = cancel_of(&job.info, &reason);
+            put_cancel(&*tx, &job.info.node_id, &stop).await?;
+            put_job(&*tx, &next).await?;
+            notify(&*tx, NODE_CHANNEL, &job.info.node_id).await?;
+            notify(&*tx, NODE_CHANNEL, &next.info.node_id).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok(true)
+        })
+    }
+
+    fn offer_service(&self, node_id: &str, service: &str, make: super::MakeDesired) -> StoreFuture<'_, ()> {
+        let (node_id, service) = (node_id.to_owned(), service.to_owned());
+        Box::pin(async move {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(backend)?;
+            let seq = take_seq(&*tx, &node_id).await?;
+            let desired = make(seq)?;
+            let found: Option<super::NodeServiceRecord> = one(
+                &*tx,
+                "SELECT doc FROM node_services WHERE node_id = $1 AND service = $2 FOR UPDATE",
+                &[&node_id, &service],
+                "node service",
+            )
+            .await?;
+            let mut rec = found.unwrap_or_else(|| super::NodeServiceRecord::new(&node_id, &service));
+            rec.desired = Some(desired);
+            put_node_service(&*tx, &rec).await?;
+            notify(&*tx, NODE_CHANNEL, &node_id).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok(())
+        })
+    }
+
     fn open_any_jobs(&self) -> StoreFuture<'_, Vec<JobRecord>> {
         Box::pin(async move {
             let c = self.client().await?;
@@ -1019,8 +1069,9 @@ impl StateStore for PgStore {
         Box::pin(async move {
             let c = self.client().await?;
             c.execute(
-                "INSERT INTO deployments (key, doc) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET doc = $2",
-                &[&d.key(), &Json(&d)],
+                "INSERT INTO deployments (org_id, name, doc) VALUES ($1, $2, $3)
+                 ON CONFLICT (org_id, name) DO UPDATE SET doc = $3",
+                &[&d.info.org_id, &d.info.name, &Json(&d)],
             )
             .await
             .map_err(backend)?;
@@ -1029,17 +1080,23 @@ impl StateStore for PgStore {
     }
 
     fn get_deployment(&self, org_id: &str, name: &str) -> StoreFuture<'_, Option<super::DeploymentRecord>> {
-        let key = super::deployment_key(org_id, name);
+        let (org_id, name) = (org_id.to_owned(), name.to_owned());
         Box::pin(async move {
             let c = self.client().await?;
-            one(&**c, "SELECT doc FROM deployments WHERE key = $1", &[&key], "deployment").await
+            one(
+                &**c,
+                "SELECT doc FROM deployments WHERE org_id = $1 AND name = $2",
+                &[&org_id, &name],
+                "deployment",
+            )
+            .await
         })
     }
 
     fn list_deployments(&self) -> StoreFuture<'_, Vec<super::DeploymentRecord>> {
         Box::pin(async move {
             let c = self.client().await?;
-            all(&**c, "SELECT doc FROM deployments ORDER BY key", &[], "deployment").await
+            all(&**c, "SELECT doc FROM deployments ORDER BY org_id, name", &[], "deployment").await
         })
     }
 
@@ -1051,12 +1108,15 @@ impl StateStore for PgStore {
     ) -> StoreFuture<'_, ()> {
         let (node_id, service) = (node_id.to_owned(), service.to_owned());
         Box::pin(async move {
-            let key = super::node_service_key(&node_id, &service);
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(backend)?;
-            let found: Option<super::NodeServiceRecord> =
-                one(&*tx, "SELECT doc FROM node_services WHERE key = $1 FOR UPDATE", &[&key], "node service")
-                    .await?;
+            let found: Option<super::NodeServiceRecord> = one(
+                &*tx,
+                "SELECT doc FROM node_services WHERE node_id = $1 AND service = $2 FOR UPDATE",
+                &[&node_id, &service],
+                "node service",
+            )
+            .await?;
             let mut rec = found.unwrap_or_else(|| super::NodeServiceRecord::new(&node_id, &service));
             rec.desired = Some(desired);
             put_node_service(&*tx, &rec).await?;
@@ -1071,7 +1131,7 @@ impl StateStore for PgStore {
             let c = self.client().await?;
             all(
                 &**c,
-                "SELECT doc FROM node_services WHERE ($1::text IS NULL OR node_id = $1) ORDER BY key",
+                "SELECT doc FROM node_services WHERE ($1::text IS NULL OR node_id = $1) ORDER BY node_id, service",
                 &[&node_id],
                 "node service",
             )
@@ -1089,11 +1149,10 @@ impl StateStore for PgStore {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(backend)?;
             for a in acks {
-                let key = super::node_service_key(&node_id, &a.service);
                 let found: Option<super::NodeServiceRecord> = one(
                     &*tx,
-                    "SELECT doc FROM node_services WHERE key = $1 FOR UPDATE",
-                    &[&key],
+                    "SELECT doc FROM node_services WHERE node_id = $1 AND service = $2 FOR UPDATE",
+                    &[&node_id, &a.service],
                     "node service",
                 )
                 .await?;
@@ -1182,11 +1241,10 @@ impl StateStore for PgStore {
                 .map_or(0, |r| unbig(r.get(0)));
             let (fresh, last) = super::fresh_service_reports(last, reports);
             for r in fresh {
-                let key = super::node_service_key(&node_id, &r.service);
                 let found: Option<super::NodeServiceRecord> = one(
                     &*tx,
-                    "SELECT doc FROM node_services WHERE key = $1 FOR UPDATE",
-                    &[&key],
+                    "SELECT doc FROM node_services WHERE node_id = $1 AND service = $2 FOR UPDATE",
+                    &[&node_id, &r.service],
                     "node service",
                 )
                 .await?;

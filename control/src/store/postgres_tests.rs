@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use super::contract::{event, job, node, org, result};
+use super::contract::{any_job, event, job, node, org, result};
 use super::{EventFilter, EventOrder, JobRecord, PgOptions, PgStore, ResultOutcome, StateStore, TokenRecord};
 use crate::testing::postgres::{TestPostgres, start_or_skip};
 
@@ -104,6 +104,66 @@ async fn a_node_never_sees_a_later_job_before_an_earlier_one() {
     let order: Vec<String> =
         stores[1].queued_jobs("n1", 10).await.unwrap().into_iter().map(|j| j.info.job_id).collect();
     assert_eq!(order, ["slow", "fast"]);
+}
+
+/// Re-placing a job and offering a service number what they store in the same step: a
+/// submit for the node on another replica waits for them, and the node sees one sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn re_placed_jobs_and_offered_services_share_the_nodes_one_sequence() {
+    let pg = postgres_or_skip!("re_placed_jobs_and_offered_services_share_the_nodes_one_sequence");
+    let (_, stores) = replicas(&pg, 3).await;
+    stores[0].insert_job(any_job("moving", "n1", 1)).await.unwrap();
+    let (held, release) = std::sync::mpsc::channel::<()>();
+    let (taken_tx, taken) = tokio::sync::oneshot::channel::<u64>();
+    let moving = {
+        let store = Arc::clone(&stores[0]);
+        tokio::spawn(async move {
+            let make: super::MakeJob = Box::new(move |seq| {
+                let _ = taken_tx.send(seq);
+                let _ = release.recv_timeout(Duration::from_secs(10));
+                let old = any_job("moving", "n1", 1);
+                Ok(super::next_attempt(&old, old.envelope.clone(), "n2", seq, 5, "n1 silent"))
+            });
+            store.reassign_job_to("moving", 1, "n2", make).await.unwrap()
+        })
+    };
+    assert_eq!(taken.await.unwrap(), 1);
+    let submitted = {
+        let store = Arc::clone(&stores[1]);
+        tokio::spawn(async move {
+            let make: super::MakeJob = Box::new(|seq| Ok(job("fresh", "n2", seq)));
+            store.submit_job("n2", make).await.unwrap().unwrap().info.seq
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(stores[2].queued_jobs("n2", 10).await.unwrap().is_empty(), "the submit waits for the move");
+    held.send(()).unwrap();
+    assert!(moving.await.unwrap(), "moved");
+    assert_eq!(submitted.await.unwrap(), 2);
+    let order: Vec<(String, u64)> = stores[2]
+        .queued_jobs("n2", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.info.job_id, j.info.seq))
+        .collect();
+    assert_eq!(order, [("moving".to_string(), 1), ("fresh".to_string(), 2)]);
+    // A job that moved on already is not moved again, and takes no number.
+    let make: super::MakeJob = Box::new(|_| panic!("not built for a job that moved on"));
+    assert!(!stores[1].reassign_job_to("moving", 1, "n2", make).await.unwrap());
+    let desired = |seq| super::DesiredService {
+        deployment: "web".into(),
+        revision: 1,
+        removal: false,
+        rollback: false,
+        seq,
+        envelope: any_job("x", "n2", seq).envelope,
+        since_unix_ms: 6,
+    };
+    stores[0].offer_service("n2", "web", Box::new(move |seq| Ok(desired(seq)))).await.unwrap();
+    let services = stores[1].list_node_services(Some("n2")).await.unwrap();
+    assert_eq!(services.len(), 1);
+    assert_eq!(services[0].desired.as_ref().map(|d| d.seq), Some(3), "the service got the next number");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
