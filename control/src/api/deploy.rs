@@ -72,7 +72,7 @@ pub async fn create(
         ));
     }
     let (service, selector) = check_request(&req)?;
-    let _exclusive = st.fleet_lock.lock().await;
+    let _exclusive = st.fleet_exclusive().await?;
     let org = st.store.get_org(&org_id).await?.ok_or_else(|| {
         ApiError::not_found(format!("organisation {org_id} does not exist; see `org list`"))
     })?;
@@ -218,7 +218,7 @@ pub async fn act(
     Body(req): Body<DeployActionRequest>,
 ) -> ApiResult<Json<DeploymentInfo>> {
     caller.may(&org_id, Role::Operator, || deployment_missing(&org_id, &name))?;
-    let exclusive = st.fleet_lock.lock().await;
+    let exclusive = st.fleet_exclusive().await?;
     let mut d = st.store.get_deployment(&org_id, &name).await?.ok_or_else(|| {
         ApiError::not_found(format!("deployment {name} does not exist in organisation {org_id}"))
     })?;

@@ -163,7 +163,21 @@ async fn state_revision(mut resp: axum::response::Response) -> axum::response::R
     resp
 }
 
+/// Held while deployments are read, changed and written (see [`AppState::fleet_exclusive`]).
+pub struct FleetGuard<'a> {
+    _local: tokio::sync::MutexGuard<'a, ()>,
+    _shared: Option<crate::store::ExclusiveGuard>,
+}
+
 impl AppState {
+    /// Excludes every other rollout pass and deployment change: this process's by its lock,
+    /// other replicas' by the store's.
+    pub async fn fleet_exclusive(&self) -> Result<FleetGuard<'_>, crate::store::StoreError> {
+        let local = self.fleet_lock.lock().await;
+        let shared = self.store.exclusive("fleet").await?;
+        Ok(FleetGuard { _local: local, _shared: shared })
+    }
+
     /// Records that `node_id` is talking to us now.
     /// The CAs nodes should trust at `now_ms` (PEM) and the CA rotation under way.
     pub fn ca_trust(&self, now_ms: u64) -> (String, Option<outpost_protocol::CaRotation>) {

@@ -21,9 +21,12 @@ pub(crate) const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
 const DEFAULT_AUDIT_LIST: usize = 1000;
 const MAX_AUDIT_LIST: usize = 100_000;
 
-#[utoipa::path(get, path = paths::HEALTH, tag = "meta", responses((status = 200, body = Health)))]
-pub async fn health() -> Json<Health> {
-    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+#[utoipa::path(get, path = paths::HEALTH, tag = "meta",
+    description = "Ready to serve: 200 when the state store answers, 503 (store_unavailable, with the reason) when it does not (a shared database that is down or cut off).",
+    responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
+pub async fn health(State(st): State<Shared>) -> ApiResult<Json<Health>> {
+    st.store.ping().await?;
+    Ok(Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() }))
 }
 
 #[utoipa::path(post, path = paths::ORGS, tag = "orgs", request_body = CreateOrgRequest,

@@ -108,7 +108,7 @@ fn report_of<'a>(
 pub async fn pass(st: &AppState) -> ApiResult<()> {
     let now = st.clock.now_ms();
     let lease = st.lease_ms();
-    let _exclusive = st.fleet_lock.lock().await;
+    let _exclusive = st.fleet_exclusive().await?;
     let nodes = st.fleet().await?;
     let mut deployments = st.store.list_deployments().await?;
     let records: HashMap<String, NodeServiceRecord> =

@@ -504,6 +504,9 @@ pub(crate) fn take_window(mut found: Vec<StoredEvent>, newest: bool, limit: usiz
 
 /// Builds a job from the sequence number its node gets (see [`StateStore::submit_job`]).
 pub type MakeJob = Box<dyn FnOnce(u64) -> Result<JobRecord, StoreError> + Send>;
+/// Held while a store-wide lock is (see [`StateStore::exclusive`]).
+pub type ExclusiveGuard = Box<dyn Send + Sync>;
+
 /// Builds a service's desired state from the sequence number its node gets.
 pub type MakeDesired = Box<dyn FnOnce(u64) -> Result<DesiredService, StoreError> + Send>;
 
@@ -612,6 +615,19 @@ pub trait StateStore: Send + Sync + 'static {
             let desired = make(seq)?;
             self.set_service_desired(&node_id, &service, desired).await
         })
+    }
+
+    /// Whether the store answers now (`/v1/health`): an embedded one always does.
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Holds the store-wide lock `name` until the guard is dropped: what replicas sharing the
+    /// store must not do at once (the rollout pass and deployment changes). `None`: the store
+    /// is one process's, whose own lock suffices.
+    fn exclusive(&self, name: &'static str) -> StoreFuture<'_, Option<ExclusiveGuard>> {
+        let _ = name;
+        Box::pin(std::future::ready(Ok(None)))
     }
 
     /// Stores a new job; a `Queued` one is offered to its node until acknowledged.

@@ -1022,6 +1022,30 @@ impl StateStore for PgStore {
         })
     }
 
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            client.execute("SELECT 1", &[]).await.map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn exclusive(&self, name: &'static str) -> StoreFuture<'_, Option<super::ExclusiveGuard>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            // A transaction-scoped advisory lock: released by the ROLLBACK the guard sends when
+            // dropped, or by the server when the connection is lost.
+            client
+                .batch_execute(&format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('outpost.{name}', 0))"
+                ))
+                .await
+                .map_err(backend)?;
+            let guard: super::ExclusiveGuard = Box::new(Held { client: Some(client) });
+            Ok(Some(guard))
+        })
+    }
+
     fn open_any_jobs(&self) -> StoreFuture<'_, Vec<JobRecord>> {
         Box::pin(async move {
             let c = self.client().await?;
@@ -1612,4 +1636,27 @@ async fn listen_once(
     let ended = driver.await.unwrap_or_else(|e| Err(StoreError::Backend(format!("listener task: {e}"))));
     drop(client);
     ended
+}
+
+/// A connection inside a transaction that holds an advisory lock (see `exclusive`).
+struct Held {
+    client: Option<Object>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            // Ended before the connection goes back to the pool.
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        // Never back to the pool in an unknown state: closing it ends the lock.
+                        drop(Object::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(Object::take(client)),
+        }
+    }
 }

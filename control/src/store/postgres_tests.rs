@@ -330,3 +330,26 @@ async fn a_lost_database_fails_calls_fast_and_they_work_again_when_it_returns() 
     let again: JobRecord = store.submit_job("n1", again).await.unwrap().unwrap();
     assert_eq!(again.info.seq, 1, "the failed submit took no number");
 }
+
+/// The store-wide lock the rollout pass and deployment changes hold excludes other replicas,
+/// and is released when its guard is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_lock_excludes_other_replicas_until_dropped() {
+    let pg = postgres_or_skip!("the_fleet_lock_excludes_other_replicas_until_dropped");
+    let (_, stores) = replicas(&pg, 2).await;
+    let held = stores[0].exclusive("fleet").await.unwrap().expect("a shared store's lock");
+    let waiting = {
+        let store = Arc::clone(&stores[1]);
+        tokio::spawn(async move { store.exclusive("fleet").await.unwrap().is_some() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the second replica waits");
+    // Another lock's name does not wait.
+    assert!(stores[1].exclusive("other").await.unwrap().is_some());
+    drop(held);
+    assert!(tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("released").unwrap());
+    // The connection went back to the pool usable, outside any transaction.
+    for _ in 0..20 {
+        stores[0].insert_org(org(&format!("after-{}", uuid::Uuid::new_v4().simple()))).await.unwrap();
+    }
+}

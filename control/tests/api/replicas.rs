@@ -116,3 +116,45 @@ async fn jobs_submitted_on_both_replicas_reach_the_node_in_sequence_order() {
     .await;
     assert_error(&got, reqwest::StatusCode::UNAUTHORIZED, "token_used");
 }
+
+/// The database lost under a serving replica: health says not ready, calls fail fast with 503
+/// and the reason, a held poll ends; all of it works again once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_makes_the_replica_unready_until_it_returns() {
+    let Some(mut pg) =
+        start_or_skip("a_lost_database_makes_the_replica_unready_until_it_returns").await.unwrap()
+    else {
+        return;
+    };
+    let options = pg.database().await.expect("database");
+    PgStore::migrate(options.clone()).await.expect("migrate");
+    let server = TestServer::start_with_store(StoreChoice::Postgres(options)).await.expect("replica");
+    let (_, token) = org_and_token(&server).await;
+    let node = TestNode::enroll(&server, &token).await;
+    let health = || async {
+        let resp = https(server.ca_pem(), None)
+            .get(format!("{}{}", server.url(), outpost_protocol::paths::HEALTH))
+            .send()
+            .await
+            .expect("health answers");
+        answer(resp).await
+    };
+    assert_eq!(health().await.0, reqwest::StatusCode::OK);
+    pg.kill();
+    let started = Instant::now();
+    let got = health().await;
+    assert_error(&got, reqwest::StatusCode::SERVICE_UNAVAILABLE, "store_unavailable");
+    assert!(got.1["message"].as_str().unwrap_or_default().contains("PostgreSQL"), "{}", got.1);
+    let poll = outpost_protocol::PollRequest { wait_secs: Some(5), ..Default::default() };
+    let got = node.post(outpost_protocol::paths::NODE_POLL, &poll).await;
+    assert_error(&got, reqwest::StatusCode::SERVICE_UNAVAILABLE, "store_unavailable");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    pg.resume().await.expect("database back");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while health().await.0 != reqwest::StatusCode::OK {
+        assert!(Instant::now() < deadline, "the replica did not become ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = submit(&server.operator().expect("operator"), node.id()).await;
+    assert_eq!(node.poll(&[], 0).await.jobs[0].job_id, job.job_id, "serving again");
+}
