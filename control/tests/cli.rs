@@ -559,3 +559,51 @@ async fn migrate_then_serve_from_postgres() {
     assert!(listed.contains(org.trim()), "{listed}");
     assert!(!dir.path().join("db").exists(), "nothing kept in the embedded store");
 }
+
+/// `migrate-store`: what a sled-backed server stored is copied into PostgreSQL (once, safe to
+/// repeat), and a server started on the copy serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_moves_a_sled_server_to_postgres() {
+    let Some(pg) =
+        outpost_control::testing::postgres::start_or_skip("migrate_store_moves_a_sled_server_to_postgres")
+            .await
+            .expect("postgres")
+    else {
+        return;
+    };
+    let options = pg.database().await.expect("database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let org = {
+        let served = serve(dir.path());
+        let org = ok(ctl(&served, dir.path(), &["org", "create", "moving-clinic"]));
+        ok(ctl(&served, dir.path(), &["token", "create", "--org", org.trim()]));
+        org
+    };
+    let copy = || {
+        Command::new(BIN)
+            .args(["--data-dir"])
+            .arg(dir.path())
+            .args(["migrate-store", "--to", &options.url])
+            .env_remove("OUTPOST_CONTROL_CONFIG")
+            .output()
+            .expect("outpost-control runs")
+    };
+    let first = ok(copy());
+    assert!(first.contains("read back equal, audit chains intact"), "{first}");
+    assert!(first.lines().any(|l| l.starts_with("organisations") && l.trim_end().ends_with(" 1")), "{first}");
+    let again = ok(copy());
+    assert!(again.contains("nothing to do"), "{again}");
+    let served = serve_with(dir.path(), Stdio::inherit(), &["--store-url", &options.url]);
+    let listed = ok(ctl(&served, dir.path(), &["--json", "org", "list"]));
+    assert!(listed.contains(org.trim()), "{listed}");
+    let audit = ok(ctl(&served, dir.path(), &["audit", "list"]));
+    assert!(audit.contains("moving-clinic") || audit.contains(org.trim()), "{audit}");
+    let wrong = Command::new(BIN)
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .args(["migrate-store", "--from", "elsewhere", "--to", &options.url])
+        .output()
+        .expect("outpost-control runs");
+    assert!(!wrong.status.success());
+    assert!(text(&wrong.stderr).contains("sled:DIR"), "{}", text(&wrong.stderr));
+}

@@ -116,6 +116,25 @@ pub enum Command {
         #[arg(long, value_name = "URL", env = "OUTPOST_STORE_URL", hide_env_values = true)]
         store_url: Option<String>,
     },
+    /// Copy everything from the embedded sled store into a PostgreSQL store, then read it back
+    /// and compare it record for record (and check the audit chains).
+    ///
+    /// Stop `outpost-control serve` first (the sled database is one process's). The target's
+    /// schema is migrated first; a target holding other data is refused, one holding this very
+    /// data already is left alone, so the command is safe to repeat. Afterwards set `[store]
+    /// url` in the settings and start the replicas (docs/scaling.md).
+    MigrateStore {
+        /// The store to copy, `sled:DIR` [default: sled:DATA_DIR/db].
+        #[arg(long, value_name = "sled:DIR")]
+        from: Option<String>,
+        /// The PostgreSQL database to copy into [default: the settings' `[store] url`]; its
+        /// password from OUTPOST_STORE_PASSWORD or `[store] password_file`.
+        #[arg(long, value_name = "URL")]
+        to: Option<String>,
+        /// The settings file whose `[store]` names the target (the `serve` one).
+        #[arg(long, value_name = "FILE", env = "OUTPOST_CONTROL_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// The certificate authority nodes pin.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -445,6 +464,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate { config, store_url } => {
             let flags = serve::Flags { store_url, ..Default::default() };
             serve::migrate(serve::Settings::resolve(config.as_deref(), flags)?).await
+        }
+        Command::MigrateStore { from, to, config } => {
+            let flags = serve::Flags { store_url: to, ..Default::default() };
+            let settings = serve::Settings::resolve(config.as_deref(), flags)?;
+            serve::migrate_store(&g, from.as_deref(), settings).await
         }
         Command::Doctor { json } => doctor::run(&g, json).await,
         Command::Completions { shell } => {

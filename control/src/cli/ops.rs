@@ -278,6 +278,7 @@ pub(super) async fn operator(g: &Global, command: Command) -> anyhow::Result<Exi
         Command::Bundle(b) => return super::bundle::run(&c, g.json, b).await,
         Command::Serve { .. }
         | Command::Migrate { .. }
+        | Command::MigrateStore { .. }
         | Command::Ca(_)
         | Command::Doctor { .. }
         | Command::Completions { .. }

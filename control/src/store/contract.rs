@@ -453,7 +453,7 @@ async fn cancels_end_queued_jobs_and_ask_nodes_for_the_rest(s: &dyn StateStore) 
     assert!(!s.reassign_job("c3", 1, next).await.expect("reassign"), "a cancelled job is not moved");
 }
 
-fn audit_chain(n: u64) -> Vec<outpost_protocol::AuditRecord> {
+pub(super) fn audit_chain(n: u64) -> Vec<outpost_protocol::AuditRecord> {
     let mut out: Vec<outpost_protocol::AuditRecord> = Vec::new();
     for i in 0..n {
         out.push(outpost_protocol::AuditRecord::following(
@@ -814,7 +814,7 @@ async fn deployments_and_node_services_are_kept_per_key(s: &dyn StateStore) {
     assert!(web.unacknowledged());
 }
 
-async fn contract(s: &dyn StateStore) {
+pub(super) async fn contract(s: &dyn StateStore) {
     tokens_are_one_time_and_expire(s).await;
     queued_jobs_are_offered_until_acknowledged(s).await;
     results_are_stored_once(s).await;

@@ -2,6 +2,7 @@
 //! The trait is deliberately narrow (records in, records out, a few atomic operations) so that
 //! a Postgres adapter can follow; adapters persist durably before a call returns.
 
+mod dump;
 mod memory;
 mod postgres;
 mod sled_index;
@@ -22,6 +23,7 @@ use outpost_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use dump::{Copied, StoreDump, copy_to_postgres};
 pub use memory::MemoryStore;
 pub use postgres::{Migrated, Notice, PgOptions, PgStore, SCHEMA_VERSION, listen};
 pub use sled_store::SledStore;

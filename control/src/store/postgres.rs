@@ -1660,3 +1660,187 @@ impl Drop for Held {
         }
     }
 }
+
+impl PgStore {
+    /// Every record, in the dump's canonical order (see [`super::StoreDump`]).
+    pub async fn dump(&self) -> Result<super::StoreDump, StoreError> {
+        let mut c = self.client().await?;
+        // One snapshot of the whole database.
+        let tx = c
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(backend)?;
+        let t = &*tx;
+        let pairs = |rows: Vec<Row>| -> Vec<(String, u64)> {
+            rows.iter().map(|r| (r.get::<_, String>(0), unbig(r.get(1)))).collect()
+        };
+        let counter = |name: &'static str| async move {
+            t.query_one("SELECT value FROM outpost_counters WHERE name = $1", &[&name])
+                .await
+                .map(|r| unbig(r.get(0)))
+                .map_err(backend)
+        };
+        let mut dump = super::StoreDump {
+            orgs: all(t, "SELECT doc FROM orgs", &[], "org").await?,
+            tokens: all(t, "SELECT doc FROM enrollment_tokens", &[], "token").await?,
+            nodes: all(t, "SELECT doc FROM nodes", &[], "node").await?,
+            seqs: pairs(t.query("SELECT node_id, last_seq FROM job_seqs", &[]).await.map_err(backend)?),
+            jobs: all(t, "SELECT doc FROM jobs", &[], "job").await?,
+            results: all(t, "SELECT doc FROM results", &[], "result").await?,
+            deployments: all(t, "SELECT doc FROM deployments", &[], "deployment").await?,
+            node_services: all(t, "SELECT doc FROM node_services", &[], "node service").await?,
+            service_report_last: pairs(
+                t.query("SELECT node_id, last_seq FROM service_report_last", &[]).await.map_err(backend)?,
+            ),
+            events: all(t, "SELECT doc FROM events", &[], "event").await?,
+            event_cursor: counter("event_cursor").await?,
+            triggers: all(t, "SELECT doc FROM triggers", &[], "trigger").await?,
+            audit: all(t, "SELECT doc FROM audit", &[], "audit entry").await?,
+            audit_seq: counter("audit").await?,
+            api_tokens: all(t, "SELECT doc FROM api_tokens", &[], "API token").await?,
+            ..Default::default()
+        };
+        for row in t.query("SELECT node_id, doc FROM cancels", &[]).await.map_err(backend)? {
+            dump.cancels.push((row.get(0), doc(&row, 1, "cancel")?));
+        }
+        for row in t.query("SELECT node_id, doc FROM node_audit", &[]).await.map_err(backend)? {
+            dump.node_audit.push((row.get(0), doc(&row, 1, "node audit")?));
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(dump.canonical())
+    }
+
+    /// Writes every record of `dump` into this store, which must hold nothing, in one
+    /// transaction: a failure leaves it empty.
+    pub async fn import(&self, dump: &super::StoreDump) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(backend)?;
+        let t = &*tx;
+        // Nobody else writes meanwhile (a replica started too early waits, then sees it all).
+        t.batch_execute(
+            "LOCK TABLE orgs, enrollment_tokens, nodes, job_seqs, jobs, results, cancels, deployments, \
+             node_services, service_report_last, node_audit, events, triggers, audit, api_tokens, \
+             outpost_counters IN EXCLUSIVE MODE",
+        )
+        .await
+        .map_err(backend)?;
+        let held: i64 = t
+            .query_one(
+                "SELECT (SELECT count(*) FROM orgs) + (SELECT count(*) FROM nodes) + (SELECT count(*) FROM jobs)
+                      + (SELECT count(*) FROM audit) + (SELECT count(*) FROM events) + (SELECT count(*) FROM enrollment_tokens)
+                      + (SELECT count(*) FROM api_tokens) + (SELECT count(*) FROM deployments)",
+                &[],
+            )
+            .await
+            .map_err(backend)?
+            .get(0);
+        if held > 0 {
+            return Err(StoreError::AlreadyExists(format!("{held} records in the target database")));
+        }
+        for org in &dump.orgs {
+            t.execute("INSERT INTO orgs (org_id, doc) VALUES ($1, $2)", &[&org.org.id, &Json(org)])
+                .await
+                .map_err(backend)?;
+        }
+        for token in &dump.tokens {
+            t.execute(
+                "INSERT INTO enrollment_tokens (token_sha256, doc) VALUES ($1, $2)",
+                &[&token.token_sha256, &Json(token)],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        for node in &dump.nodes {
+            put_node(t, node).await?;
+        }
+        for (node_id, seq) in &dump.seqs {
+            t.execute("INSERT INTO job_seqs (node_id, last_seq) VALUES ($1, $2)", &[node_id, &big(*seq)])
+                .await
+                .map_err(backend)?;
+        }
+        for job in &dump.jobs {
+            put_job(t, job).await?;
+        }
+        for report in &dump.results {
+            t.execute(
+                "INSERT INTO results (idempotency_key, job_id, doc) VALUES ($1, $2, $3)",
+                &[&report.idempotency_key, &report.job_id, &Json(report)],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        for (node_id, stop) in &dump.cancels {
+            put_cancel(t, node_id, stop).await?;
+        }
+        for d in &dump.deployments {
+            t.execute(
+                "INSERT INTO deployments (org_id, name, doc) VALUES ($1, $2, $3)",
+                &[&d.info.org_id, &d.info.name, &Json(d)],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        for rec in &dump.node_services {
+            put_node_service(t, rec).await?;
+        }
+        for (node_id, last) in &dump.service_report_last {
+            t.execute(
+                "INSERT INTO service_report_last (node_id, last_seq) VALUES ($1, $2)",
+                &[node_id, &big(*last)],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        for (node_id, entry) in &dump.node_audit {
+            t.execute(
+                "INSERT INTO node_audit (node_id, seq, doc) VALUES ($1, $2, $3)",
+                &[node_id, &big(entry.seq), &Json(entry)],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        for e in &dump.events {
+            t.execute(
+                "INSERT INTO events (cursor, node_id, seq, org_id, doc) VALUES ($1, $2, $3, $4, $5)",
+                &[&big(e.cursor), &e.node_id, &big(e.event.seq), &e.org_id, &Json(e)],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        for trigger in &dump.triggers {
+            t.execute(
+                "INSERT INTO triggers (trigger_id, org_id, name, created_unix_ms, doc) VALUES ($1, $2, $3, $4, $5)",
+                &[&trigger.trigger_id, &trigger.org_id, &trigger.name, &big(trigger.created_unix_ms), &Json(trigger)],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        for entry in &dump.audit {
+            t.execute(
+                "INSERT INTO audit (seq, org_id, doc) VALUES ($1, $2, $3)",
+                &[&big(entry.seq), &entry.org_id, &Json(entry)],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        for token in &dump.api_tokens {
+            let i = &token.info;
+            t.execute(
+                "INSERT INTO api_tokens (id, org_id, name, revoked, doc) VALUES ($1, $2, $3, $4, $5)",
+                &[&i.id, &i.org_id, &i.name, &i.revoked_unix_ms.is_some(), &Json(token)],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        for (name, value) in [("audit", dump.audit_seq), ("event_cursor", dump.event_cursor)] {
+            t.execute("UPDATE outpost_counters SET value = $2 WHERE name = $1", &[&name, &big(value)])
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(())
+    }
+}

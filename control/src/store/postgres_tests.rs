@@ -353,3 +353,39 @@ async fn the_fleet_lock_excludes_other_replicas_until_dropped() {
         stores[0].insert_org(org(&format!("after-{}", uuid::Uuid::new_v4().simple()))).await.unwrap();
     }
 }
+
+/// `migrate-store`: an embedded store full of every kind of record (the contract's own run)
+/// copied into PostgreSQL reads back equal, a second run finds it done, a target holding other
+/// data is refused, and the copy goes on numbering where the source stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_is_copied_whole_once() {
+    let pg = postgres_or_skip!("an_embedded_store_is_copied_whole_once");
+    let dir = tempfile::tempdir().unwrap();
+    let sled = super::SledStore::open(dir.path()).unwrap();
+    super::contract::contract(&sled).await;
+    sled.append_node_audit("n-copy", super::contract::audit_chain(3)).await.unwrap();
+    let source = sled.dump().unwrap();
+    assert!(
+        source.counts().iter().all(|(_, n)| *n > 0),
+        "every kind of record is copied: {:?}",
+        source.counts()
+    );
+    let (_, stores) = replicas(&pg, 1).await;
+    let target = &stores[0];
+    let copied = super::copy_to_postgres(&sled, target).await.unwrap();
+    assert_eq!(copied, super::Copied::Now(source.counts()));
+    assert_eq!(target.dump().await.unwrap(), source);
+    assert_eq!(
+        super::copy_to_postgres(&sled, target).await.unwrap(),
+        super::Copied::Already(source.counts())
+    );
+    // The copy goes on where the source stopped.
+    let next_seq = source.seqs.iter().find(|(n, _)| n == "n1").map(|(_, s)| s + 1).unwrap();
+    assert_eq!(target.next_job_seq("n1").await.unwrap(), next_seq);
+    let next_audit = target.append_audit("admin", None, "after.copy", "", 9).await.unwrap();
+    assert_eq!(next_audit.seq, source.audit_seq + 1);
+    // Now the target holds more than the source: refused, and left as it was.
+    let refused = super::copy_to_postgres(&sled, target).await.expect_err("other data");
+    assert!(refused.to_string().contains("refusing"), "{refused}");
+    assert!(target.get_job("r1").await.unwrap().is_some());
+}

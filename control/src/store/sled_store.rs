@@ -136,6 +136,57 @@ impl SledStore {
         Ok(store)
     }
 
+    /// Every record, for a copy into another store (`outpost-control migrate-store`).
+    pub fn dump(&self) -> Result<super::dump::StoreDump, StoreError> {
+        fn values<T: DeserializeOwned>(tree: &sled::Tree, what: &str) -> Result<Vec<T>, StoreError> {
+            tree.iter()
+                .map(|item| {
+                    let (key, value) = item.map_err(backend)?;
+                    decode(&format!("{what} {}", String::from_utf8_lossy(&key)), &value)
+                })
+                .collect()
+        }
+        /// The text before the first NUL of a key (the node id of `node \0 ...` keys).
+        fn head(key: &[u8]) -> String {
+            let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+            String::from_utf8_lossy(&key[..end]).into_owned()
+        }
+        let mut dump = super::dump::StoreDump {
+            orgs: values(&self.orgs, "org")?,
+            tokens: values(&self.tokens, "token")?,
+            nodes: values(&self.nodes, "node")?,
+            jobs: values(&self.jobs, "job")?,
+            results: values(&self.results, "result")?,
+            deployments: values(&self.deployments, "deployment")?,
+            node_services: values(&self.node_services, "node service")?,
+            events: values(&self.events, "event")?,
+            triggers: values(&self.triggers, "trigger")?,
+            audit: values(&self.audit, "audit entry")?,
+            api_tokens: values(&self.api_tokens, "API token")?,
+            event_cursor: be_u64(self.meta.get(EVENT_CURSOR_KEY).map_err(backend)?),
+            audit_seq: be_u64(self.meta.get(AUDIT_SEQ_KEY).map_err(backend)?),
+            ..Default::default()
+        };
+        for item in self.seqs.iter() {
+            let (key, value) = item.map_err(backend)?;
+            dump.seqs.push((String::from_utf8_lossy(&key).into_owned(), be_u64(Some(value))));
+        }
+        for item in self.cancels.iter() {
+            let (key, value) = item.map_err(backend)?;
+            dump.cancels.push((head(&key), decode("cancel", &value)?));
+        }
+        for item in self.node_audit.iter() {
+            let (key, value) = item.map_err(backend)?;
+            dump.node_audit.push((head(&key), decode("node audit", &value)?));
+        }
+        for item in self.meta.scan_prefix(SERVICE_REPORT_LAST_PREFIX) {
+            let (key, value) = item.map_err(backend)?;
+            let node = String::from_utf8_lossy(&key[SERVICE_REPORT_LAST_PREFIX.len()..]).into_owned();
+            dump.service_report_last.push((node, be_u64(Some(value))));
+        }
+        Ok(dump.canonical())
+    }
+
     /// Whether the listing indexes hold exactly what the records call for (tests).
     #[cfg(test)]
     pub(crate) fn check_indexes(&self) -> Result<(), String> {
