@@ -1,6 +1,7 @@
 """Helpers the benchmark scripts share: the operator API over pinned TLS, starting and stopping
 the control plane and an agent from release binaries, percentiles."""
 
+import glob
 import http.client
 import json
 import os
@@ -102,3 +103,73 @@ def stop(p):
         p.wait(timeout=30)
     except subprocess.TimeoutExpired:
         p.kill()
+
+
+class Postgres:
+    """A PostgreSQL server of the benchmark's own: initdb into DIR, a unix socket there, no TCP,
+    durable commits (fsync on, as the embedded store flushes every write). As root it runs as
+    the `postgres` user, which refuses root."""
+
+    def __init__(self, directory):
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+        if not bins:
+            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+        self.bin = os.path.dirname(bins[-1])
+        self.dir = directory
+        os.makedirs(directory, exist_ok=True)
+        self.user = None
+        if os.geteuid() == 0:
+            import pwd
+            self.user = "postgres"
+            pw = pwd.getpwnam("postgres")
+            os.chown(directory, pw.pw_uid, pw.pw_gid)
+        data = os.path.join(directory, "data")
+        subprocess.run([os.path.join(self.bin, "initdb"), "--no-sync", "--auth=trust", "-U", "outpost",
+                        "--encoding=UTF8", "--locale=C", "-D", data], check=True, user=self.user,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([os.path.join(self.bin, "postgres"), "-D", data, "-k", directory,
+                                      "-c", "listen_addresses=", "-c", "max_connections=400",
+                                      "-c", "shared_buffers=128MB"],
+                                     user=self.user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"host={directory} port=5432 user=outpost dbname=postgres"
+        deadline = time.time() + 60
+        while not os.path.exists(os.path.join(directory, ".s.PGSQL.5432")):
+            if time.time() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("PostgreSQL did not start")
+            time.sleep(0.1)
+        time.sleep(0.5)
+
+    def cpu_seconds(self):
+        """CPU used so far by the server and every backend (utime + stime of each process)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in [self.proc.pid] + children(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(") ", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / tick
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def children(parent):
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(") ", 1)[1].split()[1]) == parent:
+                    out.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
