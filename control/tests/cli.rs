@@ -555,6 +555,26 @@ async fn migrate_then_serve_from_postgres() {
     assert!(again.contains("nothing to do"), "{again}");
     let served = serve_with(dir.path(), Stdio::inherit(), &["--store-url", &options.url]);
     let org = ok(ctl(&served, dir.path(), &["org", "create", "clinic-pg"]));
+    let doctor = ctl(&served, dir.path(), &["doctor", "--json", "--store-url", &options.url]);
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).expect("doctor JSON");
+    let store = report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "store")
+        .expect("a store check");
+    assert!(store["detail"].as_str().unwrap_or_default().contains("at schema version"), "{store}");
+    let fresh = pg.database().await.expect("database");
+    let doctor = ctl(&served, dir.path(), &["doctor", "--json", "--store-url", &fresh.url]);
+    assert!(!doctor.status.success(), "an unmigrated store fails the doctor");
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).expect("doctor JSON");
+    let store = report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "store")
+        .expect("a store check");
+    assert!(store["fix"].as_str().unwrap_or_default().contains("outpost-control migrate"), "{store}");
     let listed = ok(ctl(&served, dir.path(), &["--json", "org", "list"]));
     assert!(listed.contains(org.trim()), "{listed}");
     assert!(!dir.path().join("db").exists(), "nothing kept in the embedded store");

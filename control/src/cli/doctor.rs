@@ -78,6 +78,42 @@ fn store_check(dir: &DataDir) -> Check {
     }
 }
 
+/// A PostgreSQL store: reachable, at this binary's schema, and how long a round trip takes.
+async fn postgres_check(options: crate::store::PgOptions) -> Check {
+    use crate::store::{PgStore, SCHEMA_VERSION, StateStore as _};
+    let db = options.describe();
+    let migrate = "run `outpost-control migrate --config FILE` with this binary";
+    let store = match PgStore::connect(options).await {
+        Ok(store) => store,
+        Err(e) if e.to_string().contains("newer than this binary") => {
+            return Check::fail(
+                "store",
+                format!("{db}: {e}"),
+                "upgrade outpost-control to the version that migrated it",
+            );
+        }
+        Err(e @ crate::store::StoreError::Unreachable(_)) => {
+            return Check::fail(
+                "store",
+                format!("{db}: {e}"),
+                "check that PostgreSQL runs and the url, user and password (password_file or OUTPOST_STORE_PASSWORD)",
+            );
+        }
+        Err(e) => return Check::fail("store", format!("{db}: {e}"), migrate),
+    };
+    let started = std::time::Instant::now();
+    match store.ping().await {
+        Ok(()) => Check::ok(
+            "store",
+            format!(
+                "PostgreSQL {db} at schema version {SCHEMA_VERSION}, answers in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            ),
+        ),
+        Err(e) => Check::fail("store", format!("{db}: {e}"), "check the database server"),
+    }
+}
+
 fn disk_check(dir: &Path) -> Check {
     outpost_protocol::doctor::disk(dir, "the database and the audit trail live there", |at| {
         nix::sys::statvfs::statvfs(at)
@@ -116,7 +152,11 @@ async fn server_check(g: &Global, dir: &DataDir) -> Check {
     }
 }
 
-pub(super) async fn run(g: &Global, json: bool) -> anyhow::Result<ExitCode> {
+pub(super) async fn run(
+    g: &Global,
+    json: bool,
+    store: crate::server::StoreChoice,
+) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(&g.data_dir);
     let renew_server = "restart the server: it issues itself a new certificate from its CA when the old one is \
                         near its end or lacks a name";
@@ -129,7 +169,10 @@ pub(super) async fn run(g: &Global, json: bool) -> anyhow::Result<ExitCode> {
         ),
         cert_check("server_cert", &dir.server_cert(), "the server certificate", renew_server),
         admin_token_check(&dir),
-        store_check(&dir),
+        match store {
+            crate::server::StoreChoice::Sled => store_check(&dir),
+            crate::server::StoreChoice::Postgres(options) => postgres_check(options).await,
+        },
         disk_check(&g.data_dir),
         server_check(g, &dir).await,
     ];

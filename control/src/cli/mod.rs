@@ -177,6 +177,13 @@ pub enum Command {
         /// Print the checks as JSON (`{"ok": bool, "checks": [{name, verdict, detail, fix}]}`).
         #[arg(long)]
         json: bool,
+        /// The `serve` settings file: its `[store]` says which store to check (the sled one
+        /// in --data-dir unless it names a PostgreSQL database).
+        #[arg(long, value_name = "FILE", env = "OUTPOST_CONTROL_CONFIG")]
+        config: Option<PathBuf>,
+        /// Check this PostgreSQL store instead of the file's (password: OUTPOST_STORE_PASSWORD).
+        #[arg(long, value_name = "URL", env = "OUTPOST_STORE_URL", hide_env_values = true)]
+        store_url: Option<String>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
     /// `outpost-control completions bash > /usr/share/bash-completion/completions/outpost-control`.
@@ -470,7 +477,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = serve::Settings::resolve(config.as_deref(), flags)?;
             serve::migrate_store(&g, from.as_deref(), settings).await
         }
-        Command::Doctor { json } => doctor::run(&g, json).await,
+        Command::Doctor { json, config, store_url } => {
+            let flags = serve::Flags { store_url, ..Default::default() };
+            let settings = serve::Settings::resolve(config.as_deref(), flags)?;
+            doctor::run(&g, json, settings.store).await
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(shell, &mut Cli::command(), "outpost-control", &mut std::io::stdout());
