@@ -627,3 +627,20 @@ async fn migrate_store_moves_a_sled_server_to_postgres() {
     assert!(!wrong.status.success());
     assert!(text(&wrong.stderr).contains("sled:DIR"), "{}", text(&wrong.stderr));
 }
+
+/// A second replica started with the first one's listener address says so and exits.
+#[tokio::test]
+async fn a_replica_on_a_taken_address_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = serve(dir.path());
+    let addr = served.url.trim_start_matches("https://").to_owned();
+    let copy = tempfile::tempdir().expect("tempdir");
+    let second = Command::new(BIN)
+        .args(["serve", "--listen", &addr, "--data-dir"])
+        .arg(copy.path())
+        .output()
+        .expect("outpost-control runs");
+    assert!(!second.status.success());
+    let stderr = text(&second.stderr);
+    assert!(stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("another server"), "{stderr}");
+}
