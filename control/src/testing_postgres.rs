@@ -29,6 +29,8 @@ pub struct TestPostgres {
     tcp_port: Option<u16>,
     run_as: Option<(u32, u32)>,
     next_db: AtomicU32,
+    /// The CA of the server's TLS certificate, when started with TLS.
+    ca_pem: Option<String>,
 }
 
 /// Where Debian's PostgreSQL binaries are: `OUTPOST_PG_BINDIR`, else the newest
@@ -53,6 +55,21 @@ pub fn bin_dir() -> Option<PathBuf> {
 /// A test's PostgreSQL server, or why there is none: `Ok(None)` (after printing why) when
 /// PostgreSQL is not installed and `CI` is not set; under CI a missing PostgreSQL fails.
 pub async fn start_or_skip(test: &str) -> anyhow::Result<Option<TestPostgres>> {
+    if !installed_or_skip(test)? {
+        return Ok(None);
+    }
+    TestPostgres::start().await.map(Some)
+}
+
+/// [`start_or_skip`] for a server with TLS ([`TestPostgres::start_tls`]).
+pub async fn start_tls_or_skip(test: &str) -> anyhow::Result<Option<TestPostgres>> {
+    if !installed_or_skip(test)? {
+        return Ok(None);
+    }
+    TestPostgres::start_tls().await.map(Some)
+}
+
+fn installed_or_skip(test: &str) -> anyhow::Result<bool> {
     if bin_dir().is_none() {
         if std::env::var_os("CI").is_some() {
             bail!("{test}: PostgreSQL is not installed (apt-get install postgresql); CI must run it");
@@ -60,24 +77,31 @@ pub async fn start_or_skip(test: &str) -> anyhow::Result<Option<TestPostgres>> {
         eprintln!(
             "skipped {test}: PostgreSQL is not installed (apt-get install postgresql, or set OUTPOST_PG_BINDIR)"
         );
-        return Ok(None);
+        return Ok(false);
     }
-    TestPostgres::start().await.map(Some)
+    Ok(true)
 }
 
 impl TestPostgres {
     /// A fresh server on a unix socket.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_with(None).await
+        Self::start_with(None, false).await
     }
 
-    /// A fresh server that also listens on 127.0.0.1:`port` (0: a free one).
+    /// A fresh server that also listens on a free port of 127.0.0.1.
     pub async fn start_tcp() -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        Self::start_with(Some(port)).await
+        Self::start_with(Some(port), false).await
     }
 
-    async fn start_with(tcp_port: Option<u16>) -> anyhow::Result<Self> {
+    /// A fresh server that also listens on a free port of 127.0.0.1 with TLS, its certificate
+    /// (for localhost and 127.0.0.1) issued by a CA of its own ([`TestPostgres::ca_pem`]).
+    pub async fn start_tls() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_with(Some(port), true).await
+    }
+
+    async fn start_with(tcp_port: Option<u16>, tls: bool) -> anyhow::Result<Self> {
         let bin = bin_dir().context("PostgreSQL is not installed (apt-get install postgresql)")?;
         let dir = tempfile::Builder::new().prefix("outpost-pg-").tempdir()?;
         let run_as = server_user()?;
@@ -85,7 +109,8 @@ impl TestPostgres {
             nix::unistd::chown(dir.path(), Some(uid.into()), Some(gid.into()))
                 .context("cannot hand the test database's directory to the postgres user")?;
         }
-        let mut pg = Self { dir, bin, child: None, tcp_port, run_as, next_db: AtomicU32::new(0) };
+        let mut pg =
+            Self { dir, bin, child: None, tcp_port, run_as, next_db: AtomicU32::new(0), ca_pem: None };
         let out = pg
             .command("initdb")
             .args(["--no-sync", "--auth=trust", "--encoding=UTF8", "--locale=C", "-U", USER, "-D"])
@@ -95,6 +120,25 @@ impl TestPostgres {
             .context("cannot run initdb")?;
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if tls {
+            let ca = crate::pki::CertAuthority::generate()?;
+            let (cert, key) = ca.issue_server_cert(&["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+            for (name, text, mode) in [("server.crt", &cert, 0o644), ("server.key", &key, 0o600)] {
+                let path = pg.data().join(name);
+                std::fs::write(&path, text)?;
+                std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+                if let Some((uid, gid)) = run_as {
+                    nix::unistd::chown(&path, Some(uid.into()), Some(gid.into()))?;
+                }
+            }
+            let mut conf =
+                std::fs::OpenOptions::new().append(true).open(pg.data().join("postgresql.conf"))?;
+            std::io::Write::write_all(
+                &mut conf,
+                b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            )?;
+            pg.ca_pem = Some(ca.cert_pem().to_owned());
         }
         pg.resume().await?;
         Ok(pg)
@@ -116,6 +160,18 @@ impl TestPostgres {
     /// The TCP port on 127.0.0.1, when started with [`TestPostgres::start_tcp`].
     pub fn tcp_port(&self) -> Option<u16> {
         self.tcp_port
+    }
+
+    /// The CA of the server's certificate, when started with [`TestPostgres::start_tls`].
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    /// A connection string for database `db` over TCP to `localhost` (the name the TLS
+    /// certificate has), with `sslmode`.
+    pub fn tcp_url(&self, db: &str, sslmode: &str) -> String {
+        let port = self.tcp_port.unwrap_or(5432);
+        format!("host=localhost port={port} user={USER} dbname={db} sslmode={sslmode}")
     }
 
     fn command(&self, program: &str) -> Command {
@@ -214,7 +270,7 @@ impl TestPostgres {
         format!("host={} port={port} user={USER} dbname={db}", self.socket_dir().display())
     }
 
-    /// A new, empty database; its connection options.
+    /// A new, empty database; its connection options (over the unix socket).
     pub async fn database(&self) -> anyhow::Result<PgOptions> {
         let n = self.next_db.fetch_add(1, Ordering::Relaxed);
         let name = format!("outpost_{n}");

@@ -642,5 +642,8 @@ async fn a_replica_on_a_taken_address_says_so() {
         .expect("outpost-control runs");
     assert!(!second.status.success());
     let stderr = text(&second.stderr);
-    assert!(stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("another server"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("another server"),
+        "{stderr}"
+    );
 }

@@ -40,6 +40,7 @@ struct StoreSection {
     url: Option<String>,
     password_file: Option<std::path::PathBuf>,
     pool_size: Option<usize>,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// The environment variable a PostgreSQL password may come from (wins over `password_file`).
@@ -138,8 +139,8 @@ impl Settings {
         };
         let mut all = file.sans;
         all.extend(sans);
-        let store =
-            store_choice(store_url.or(file.store.url), file.store.password_file, file.store.pool_size)?;
+        let mut section = file.store;
+        let store = store_choice(store_url.or(section.url.take()), section)?;
         Ok(Settings {
             listen,
             sans: all,
@@ -193,11 +194,8 @@ impl Settings {
 
 /// The store the settings name: sled unless a PostgreSQL url is given; the password from the
 /// environment or the file (checked now, so a bad setting fails before anything starts).
-fn store_choice(
-    url: Option<String>,
-    password_file: Option<std::path::PathBuf>,
-    pool_size: Option<usize>,
-) -> anyhow::Result<server::StoreChoice> {
+fn store_choice(url: Option<String>, section: StoreSection) -> anyhow::Result<server::StoreChoice> {
+    let StoreSection { url: _, password_file, pool_size, ca_file } = section;
     let url = match url {
         None => return Ok(server::StoreChoice::Sled),
         Some(url) if url.trim() == "sled" => return Ok(server::StoreChoice::Sled),
@@ -214,6 +212,12 @@ fn store_choice(
             None => None,
         },
     };
+    if let Some(path) = &ca_file {
+        options.ca_pem = Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the store ca_file {}", path.display()))?,
+        );
+    }
     if let Some(size) = pool_size {
         anyhow::ensure!((1..=1000).contains(&size), "store pool_size {size} is outside 1 to 1000");
         options.pool_size = size;
@@ -456,6 +460,17 @@ mod tests {
         assert_eq!(options.pool_size, 4);
         assert_eq!(options.describe(), "outpost@/run/postgresql:5432/outpost");
         assert!(!format!("{s:?}").contains("s3cret"), "never in a debug print");
+        // A CA file that is not PEM certificates is refused when the settings are read.
+        let junk = file("not a certificate\n");
+        let f = file(&format!("[store]\nurl = \"host=db sslmode=require\"\nca_file = {:?}\n", junk.path()));
+        let err = format!("{:#}", Settings::resolve(Some(f.path()), Flags::default()).unwrap_err());
+        assert!(err.contains("ca_file"), "{err}");
+        let ca = crate::pki::CertAuthority::generate().unwrap();
+        let pem = file(ca.cert_pem());
+        let f = file(&format!("[store]\nurl = \"host=db sslmode=require\"\nca_file = {:?}\n", pem.path()));
+        let s = Settings::resolve(Some(f.path()), Flags::default()).unwrap();
+        let server::StoreChoice::Postgres(options) = &s.store else { panic!("{:?}", s.store) };
+        assert_eq!(options.ca_pem.as_deref(), Some(ca.cert_pem()));
         // The flag wins over the file; `sled` is the embedded store.
         let flag = Flags { store_url: Some("sled".into()), ..Flags::default() };
         assert_eq!(Settings::resolve(Some(f.path()), flag).unwrap().store, server::StoreChoice::Sled);
@@ -463,6 +478,7 @@ mod tests {
             ("[store]\nurl = \"host=/tmp\"\npool_size = 0\n", "pool_size 0 is outside 1 to 1000"),
             ("[store]\nurl = \"postgres://[::1\"\n", "[store] url"),
             ("[store]\nurl = \"host=/tmp\"\npassword_file = \"/nonexistent/pw\"\n", "password_file"),
+            ("[store]\nurl = \"host=/tmp\"\nca_file = \"/nonexistent/ca.pem\"\n", "ca_file"),
         ] {
             let f = file(text);
             let err = format!("{:#}", Settings::resolve(Some(f.path()), Flags::default()).unwrap_err());

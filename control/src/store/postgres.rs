@@ -68,6 +68,10 @@ pub struct PgOptions {
     /// The password, when not in the URL (from a file or the environment).
     pub password: Option<String>,
     pub pool_size: usize,
+    /// The CA certificates (PEM) the database server's certificate must chain to: with them
+    /// every connection is TLS 1.3, the server's name checked (`sslmode=require` in the url
+    /// refuses a server without TLS). Without them: no TLS (a unix socket or a private network).
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -79,12 +83,37 @@ impl std::fmt::Debug for PgOptions {
 
 impl PgOptions {
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), password: None, pool_size: DEFAULT_POOL_SIZE }
+        Self { url: url.into(), password: None, pool_size: DEFAULT_POOL_SIZE, ca_pem: None }
     }
 
-    /// Whether the url parses (the error says why); connects to nothing.
+    /// Whether the url parses and the CA certificates load (the error says why); connects to
+    /// nothing.
     pub fn check(&self) -> Result<(), StoreError> {
-        self.config().map(drop)
+        self.config()?;
+        self.tls().map(drop)
+    }
+
+    /// The TLS connector, when CA certificates are given.
+    fn tls(&self) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, StoreError> {
+        let Some(ca) = &self.ca_pem else { return Ok(None) };
+        let config = crate::tls::client_config(ca, None)
+            .map_err(|e| StoreError::Backend(format!("the store's ca_file: {e}")))?;
+        Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+    }
+
+    /// A connection of its own (the notification listener), with its driver.
+    pub(super) async fn connect_one(&self) -> Result<(tokio_postgres::Client, Driver), StoreError> {
+        let config = self.config()?;
+        Ok(match self.tls()? {
+            Some(tls) => {
+                let (client, conn) = config.connect(tls).await.map_err(backend)?;
+                (client, Driver::Tls(Box::new(conn)))
+            }
+            None => {
+                let (client, conn) = config.connect(NoTls).await.map_err(backend)?;
+                (client, Driver::Plain(Box::new(conn)))
+            }
+        })
     }
 
     fn config(&self) -> Result<tokio_postgres::Config, StoreError> {
@@ -362,8 +391,11 @@ impl PgStore {
 
     fn pool(options: PgOptions) -> Result<Self, StoreError> {
         let config = options.config()?;
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match options.tls()? {
+            Some(tls) => Manager::from_config(config, tls, recycling),
+            None => Manager::from_config(config, NoTls, recycling),
+        };
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -1609,7 +1641,7 @@ async fn listen_once(
     options: &PgOptions,
     on: &std::sync::Arc<dyn Fn(Notice<'_>) + Send + Sync>,
 ) -> Result<(), StoreError> {
-    let (client, mut connection) = options.config()?.connect(NoTls).await.map_err(backend)?;
+    let (client, mut connection) = options.connect_one().await?;
     let deliver = std::sync::Arc::clone(on);
     let driver = tokio::spawn(async move {
         loop {
@@ -1842,5 +1874,32 @@ impl PgStore {
         }
         tx.commit().await.map_err(backend)?;
         Ok(())
+    }
+}
+
+/// A connection's driver, over TLS or not.
+pub(super) enum Driver {
+    Plain(Box<tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>>),
+    Tls(
+        Box<
+            tokio_postgres::Connection<
+                tokio_postgres::Socket,
+                <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<
+                    tokio_postgres::Socket,
+                >>::Stream,
+            >,
+        >,
+    ),
+}
+
+impl Driver {
+    pub(super) fn poll_message(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<tokio_postgres::AsyncMessage, tokio_postgres::Error>>> {
+        match self {
+            Driver::Plain(c) => c.poll_message(cx),
+            Driver::Tls(c) => c.poll_message(cx),
+        }
     }
 }

@@ -389,3 +389,41 @@ async fn an_embedded_store_is_copied_whole_once() {
     assert!(refused.to_string().contains("refusing"), "{refused}");
     assert!(target.get_job("r1").await.unwrap().is_some());
 }
+
+/// TLS to the database: with the CA given, connections are TLS (the server says so) and a
+/// server whose certificate another CA issued is refused; `sslmode=require` without a CA is
+/// refused rather than sent in plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_speaks_tls_to_a_database_whose_certificate_it_checks() {
+    let test = "the_store_speaks_tls_to_a_database_whose_certificate_it_checks";
+    let Some(pg) = crate::testing::postgres::start_tls_or_skip(test).await.unwrap() else { return };
+    let name = pg.database().await.unwrap().url;
+    let db = name.rsplit("dbname=").next().unwrap().to_owned();
+    let mut options = PgOptions::new(pg.tcp_url(&db, "require"));
+    options.ca_pem = pg.ca_pem().map(str::to_owned);
+    PgStore::migrate(options.clone()).await.unwrap();
+    let store = PgStore::connect(options.clone()).await.unwrap();
+    store.insert_org(org("over-tls")).await.unwrap();
+    let (client, conn) = options.connect_one().await.unwrap();
+    let driver = tokio::spawn(async move {
+        let mut conn = conn;
+        std::future::poll_fn(|cx| conn.poll_message(cx)).await
+    });
+    let row = client
+        .query_one("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the connection is TLS");
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("TLSv1.3"));
+    drop(client);
+    driver.abort();
+    // Another CA: refused.
+    let other = crate::pki::CertAuthority::generate().unwrap();
+    let mut wrong = PgOptions::new(pg.tcp_url(&db, "require"));
+    wrong.ca_pem = Some(other.cert_pem().to_owned());
+    let refused = PgStore::connect(wrong).await.err().expect("another CA");
+    assert!(matches!(refused, super::StoreError::Unreachable(_)), "{refused}");
+    // TLS required, no CA to check it with: refused, never plain text.
+    let refused = PgStore::connect(PgOptions::new(pg.tcp_url(&db, "require"))).await.err().expect("no CA");
+    assert!(refused.to_string().contains("PostgreSQL"), "{refused}");
+}
