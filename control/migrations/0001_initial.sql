@@ -13,6 +13,15 @@ CREATE TABLE outpost_counters (
 -- the transaction that stores the row, so they have no gaps and commit in order.
 INSERT INTO outpost_counters (name, value) VALUES ('audit', 0), ('event_cursor', 0);
 
+-- A value sealed with the replicas' store key (DATA_DIR/store.key): a replica whose key cannot
+-- open it refuses to start instead of writing secrets another replica cannot read.
+CREATE TABLE outpost_keys (
+    name  text PRIMARY KEY,
+    check_value text NOT NULL
+);
+
+-- The organisations' signing secrets are sealed (AES-256-GCM, the org id bound in) with the
+-- store key inside `doc`: the database and its backups alone cannot sign a job.
 CREATE TABLE orgs (
     org_id text COLLATE "C" PRIMARY KEY,
     doc    jsonb NOT NULL

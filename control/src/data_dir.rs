@@ -93,6 +93,30 @@ impl DataDir {
     pub fn db(&self) -> PathBuf {
         self.root.join("db")
     }
+    /// The key that seals the organisations' signing secrets in a shared (PostgreSQL) store.
+    pub fn store_key(&self) -> PathBuf {
+        self.root.join("store.key")
+    }
+
+    /// The store key (32 bytes), created on first use. Every replica must hold the same one:
+    /// it travels with the copy of the data directory.
+    pub fn load_or_create_store_key(&self) -> Result<[u8; 32], DataDirError> {
+        if let Some(key) = self.read_store_key()? {
+            return Ok(key);
+        }
+        write_secret(&self.store_key(), &random_hex(32))?;
+        self.read_store_key()?.ok_or(DataDirError::Malformed { path: self.store_key() })
+    }
+
+    /// The store key, when the data directory has one.
+    pub fn read_store_key(&self) -> Result<Option<[u8; 32]>, DataDirError> {
+        let Some(text) = read_optional(&self.store_key())? else { return Ok(None) };
+        let bytes =
+            hex::decode(text.trim()).map_err(|_| DataDirError::Malformed { path: self.store_key() })?;
+        let key =
+            <[u8; 32]>::try_from(bytes).map_err(|_| DataDirError::Malformed { path: self.store_key() })?;
+        Ok(Some(key))
+    }
     pub fn ca_next_key(&self) -> PathBuf {
         self.root.join("ca.next.key")
     }

@@ -143,9 +143,14 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let (store, shared): (Arc<dyn StateStore>, Option<PgOptions>) = match &config.store {
         StoreChoice::Sled => (Arc::new(SledStore::open(&dir.db())?), None),
         StoreChoice::Postgres(options) => {
+            let mut options = options.clone();
+            options.secret_key = Some(
+                dir.load_or_create_store_key()
+                    .map_err(|source| ServeError::DataDir { path: config.data_dir.clone(), source })?,
+            );
             let store = PgStore::connect(options.clone()).await?;
             tracing::info!(db = %store.describe(), "state store: PostgreSQL");
-            (Arc::new(store), Some(options.clone()))
+            (Arc::new(store), Some(options))
         }
     };
     let revoked = Revoked::default();

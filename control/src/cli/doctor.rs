@@ -79,9 +79,20 @@ fn store_check(dir: &DataDir) -> Check {
 }
 
 /// A PostgreSQL store: reachable, at this binary's schema, and how long a round trip takes.
-async fn postgres_check(options: crate::store::PgOptions) -> Check {
+async fn postgres_check(dir: &DataDir, mut options: crate::store::PgOptions) -> Check {
     use crate::store::{PgStore, SCHEMA_VERSION, StateStore as _};
     let db = options.describe();
+    options.secret_key = match dir.read_store_key() {
+        Ok(Some(key)) => Some(key),
+        Ok(None) => {
+            return Check::fail(
+                "store",
+                format!("no store key at {}", dir.store_key().display()),
+                "copy store.key from the data directory of a replica that serves this database (the first start creates it)",
+            );
+        }
+        Err(e) => return Check::fail("store", e.to_string(), "restore store.key from a replica or a backup"),
+    };
     let migrate = "run `outpost-control migrate --config FILE` with this binary";
     let store = match PgStore::connect(options).await {
         Ok(store) => store,
@@ -97,6 +108,13 @@ async fn postgres_check(options: crate::store::PgOptions) -> Check {
                 "store",
                 format!("{db}: {e}"),
                 "check that PostgreSQL runs and the url, user and password (password_file or OUTPOST_STORE_PASSWORD)",
+            );
+        }
+        Err(e) if e.to_string().contains("store key") => {
+            return Check::fail(
+                "store",
+                format!("{db}: {e}"),
+                "copy store.key from the replica that first served it",
             );
         }
         Err(e) => return Check::fail("store", format!("{db}: {e}"), migrate),
@@ -171,7 +189,7 @@ pub(super) async fn run(
         admin_token_check(&dir),
         match store {
             crate::server::StoreChoice::Sled => store_check(&dir),
-            crate::server::StoreChoice::Postgres(options) => postgres_check(options).await,
+            crate::server::StoreChoice::Postgres(options) => postgres_check(&dir, options).await,
         },
         disk_check(&g.data_dir),
         server_check(g, &dir).await,

@@ -293,6 +293,8 @@ pub(super) async fn migrate_store(
     if migrated.from != migrated.to {
         eprintln!("{db}: schema migrated from version {} to {}", migrated.from, migrated.to);
     }
+    let mut options = options;
+    options.secret_key = Some(crate::data_dir::DataDir::new(&g.data_dir).load_or_create_store_key()?);
     let target = crate::store::PgStore::connect(options).await?;
     let source = crate::store::SledStore::open(&dir)?;
     eprintln!("copying {} into {db} ...", dir.display());

@@ -964,7 +964,8 @@ async fn the_postgres_store_keeps_the_contract() {
     else {
         return;
     };
-    let options = pg.database().await.unwrap();
+    let mut options = pg.database().await.unwrap();
+    options.secret_key = Some([3; 32]);
     let migrated = super::PgStore::migrate(options.clone()).await.unwrap();
     assert_eq!((migrated.from, migrated.to), (0, super::SCHEMA_VERSION));
     let s = super::PgStore::connect(options).await.unwrap();

@@ -72,6 +72,9 @@ pub struct PgOptions {
     /// every connection is TLS 1.3, the server's name checked (`sslmode=require` in the url
     /// refuses a server without TLS). Without them: no TLS (a unix socket or a private network).
     pub ca_pem: Option<String>,
+    /// The key that seals the organisations' signing secrets (`DATA_DIR/store.key`); the same
+    /// on every replica. Serving needs it; `migrate` does not.
+    pub secret_key: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -83,7 +86,7 @@ impl std::fmt::Debug for PgOptions {
 
 impl PgOptions {
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), password: None, pool_size: DEFAULT_POOL_SIZE, ca_pem: None }
+        Self { url: url.into(), password: None, pool_size: DEFAULT_POOL_SIZE, ca_pem: None, secret_key: None }
     }
 
     /// Whether the url parses and the CA certificates load (the error says why); connects to
@@ -159,6 +162,8 @@ impl PgOptions {
 pub struct PgStore {
     pool: Pool,
     options: PgOptions,
+    /// Seals and opens the organisations' signing secrets.
+    sealer: Option<Sealer>,
 }
 
 /// What [`PgStore::migrate`] did.
@@ -385,8 +390,71 @@ impl PgStore {
                  run `outpost-control migrate` (with this binary) first",
                 store.options.describe()
             ))),
-            Some(_) => Ok(store),
+            Some(_) => {
+                store.check_key().await?;
+                Ok(store)
+            }
         }
+    }
+
+    /// Refuses a store key other than the one the database's secrets are sealed with (the
+    /// first replica to connect records which).
+    async fn check_key(&self) -> Result<(), StoreError> {
+        let sealer = self.sealer()?;
+        let client = self.client().await?;
+        let sealed = sealer.seal(KEY_CHECK, KEY_CHECK)?;
+        client
+            .execute(
+                "INSERT INTO outpost_keys (name, check_value) VALUES ('org-secrets', $1) ON CONFLICT (name) DO NOTHING",
+                &[&sealed],
+            )
+            .await
+            .map_err(backend)?;
+        let row = client
+            .query_one("SELECT check_value FROM outpost_keys WHERE name = 'org-secrets'", &[])
+            .await
+            .map_err(backend)?;
+        match sealer.open(KEY_CHECK, &row.get::<_, String>(0)) {
+            Ok(text) if text == KEY_CHECK => Ok(()),
+            _ => Err(StoreError::Backend(format!(
+                "this replica's store key (DATA_DIR/store.key) is not the one the secrets in {} are sealed with: \
+                 copy store.key from the data directory of the replica that first served it",
+                self.options.describe()
+            ))),
+        }
+    }
+
+    fn sealer(&self) -> Result<&Sealer, StoreError> {
+        self.sealer.as_ref().ok_or_else(|| {
+            StoreError::Backend("no store key to seal the organisations' signing secrets with".into())
+        })
+    }
+
+    /// An org record as stored: its secrets sealed.
+    fn seal_org(&self, org: &OrgRecord) -> Result<OrgRecord, StoreError> {
+        let sealer = self.sealer()?;
+        let mut sealed = org.clone();
+        sealed.signing_secret_hex = sealer.seal(&org.org.id, &org.signing_secret_hex)?;
+        if let Some(next) = sealed.keys.next.as_mut() {
+            next.secret_hex = sealer.seal(&org.org.id, &next.secret_hex)?;
+        }
+        Ok(sealed)
+    }
+
+    /// An org record as read: its secrets opened.
+    fn open_org(&self, mut org: OrgRecord) -> Result<OrgRecord, StoreError> {
+        let sealer = self.sealer()?;
+        let id = org.org.id.clone();
+        let open = |text: &str| {
+            sealer
+                .open(&id, text)
+                .map_err(|why| StoreError::Corrupt { key: format!("org {id}"), reason: why })
+        };
+        org.signing_secret_hex = open(&org.signing_secret_hex)?;
+        if let Some(next) = org.keys.next.as_mut() {
+            next.secret_hex = open(&next.secret_hex)?;
+        }
+        Ok(org)
     }
 
     fn pool(options: PgOptions) -> Result<Self, StoreError> {
@@ -404,7 +472,8 @@ impl PgStore {
             .recycle_timeout(Some(POOL_WAIT))
             .build()
             .map_err(|e| StoreError::Backend(format!("cannot set up the PostgreSQL pool: {e}")))?;
-        Ok(Self { pool, options })
+        let sealer = options.secret_key.map(Sealer::new).transpose()?;
+        Ok(Self { pool, options, sealer })
     }
 
     /// Applies the migrations the database lacks, each in its own transaction, under an
@@ -523,10 +592,11 @@ impl StateStore for PgStore {
     fn insert_org(&self, org: OrgRecord) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let c = self.client().await?;
+            let sealed = self.seal_org(&org)?;
             let n = c
                 .execute(
                     "INSERT INTO orgs (org_id, doc) VALUES ($1, $2) ON CONFLICT (org_id) DO NOTHING",
-                    &[&org.org.id, &Json(&org)],
+                    &[&org.org.id, &Json(&sealed)],
                 )
                 .await
                 .map_err(backend)?;
@@ -541,7 +611,9 @@ impl StateStore for PgStore {
         let org_id = org_id.to_owned();
         Box::pin(async move {
             let c = self.client().await?;
-            one(&**c, "SELECT doc FROM orgs WHERE org_id = $1", &[&org_id], "org").await
+            let found: Option<OrgRecord> =
+                one(&**c, "SELECT doc FROM orgs WHERE org_id = $1", &[&org_id], "org").await?;
+            found.map(|o| self.open_org(o)).transpose()
         })
     }
 
@@ -562,6 +634,7 @@ impl StateStore for PgStore {
         Box::pin(async move {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(backend)?;
+            // The secrets stay sealed as they are: only the settings change.
             let mut rec: OrgRecord =
                 one(&*tx, "SELECT doc FROM orgs WHERE org_id = $1 FOR UPDATE", &[&org_id], "org")
                     .await?
@@ -584,15 +657,17 @@ impl StateStore for PgStore {
             let org_id = after.org.id.clone();
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(backend)?;
-            let mut rec: OrgRecord =
+            let found: OrgRecord =
                 one(&*tx, "SELECT doc FROM orgs WHERE org_id = $1 FOR UPDATE", &[&org_id], "org")
                     .await?
                     .ok_or_else(|| StoreError::NotFound(format!("org {org_id}")))?;
+            let mut rec = self.open_org(found)?;
             if !super::same_keys(&rec, &before) {
                 return Ok(false);
             }
             super::copy_keys(&mut rec, &after);
-            tx.execute("UPDATE orgs SET doc = $2 WHERE org_id = $1", &[&org_id, &Json(&rec)])
+            let sealed = self.seal_org(&rec)?;
+            tx.execute("UPDATE orgs SET doc = $2 WHERE org_id = $1", &[&org_id, &Json(&sealed)])
                 .await
                 .map_err(backend)?;
             tx.commit().await.map_err(backend)?;
@@ -1716,7 +1791,11 @@ impl PgStore {
                 .map_err(backend)
         };
         let mut dump = super::StoreDump {
-            orgs: all(t, "SELECT doc FROM orgs", &[], "org").await?,
+            orgs: all::<_, OrgRecord>(t, "SELECT doc FROM orgs", &[], "org")
+                .await?
+                .into_iter()
+                .map(|o| self.open_org(o))
+                .collect::<Result<_, _>>()?,
             tokens: all(t, "SELECT doc FROM enrollment_tokens", &[], "token").await?,
             nodes: all(t, "SELECT doc FROM nodes", &[], "node").await?,
             seqs: pairs(t.query("SELECT node_id, last_seq FROM job_seqs", &[]).await.map_err(backend)?),
@@ -1773,7 +1852,8 @@ impl PgStore {
             return Err(StoreError::AlreadyExists(format!("{held} records in the target database")));
         }
         for org in &dump.orgs {
-            t.execute("INSERT INTO orgs (org_id, doc) VALUES ($1, $2)", &[&org.org.id, &Json(org)])
+            let sealed = self.seal_org(org)?;
+            t.execute("INSERT INTO orgs (org_id, doc) VALUES ($1, $2)", &[&org.org.id, &Json(&sealed)])
                 .await
                 .map_err(backend)?;
         }
@@ -1901,5 +1981,64 @@ impl Driver {
             Driver::Plain(c) => c.poll_message(cx),
             Driver::Tls(c) => c.poll_message(cx),
         }
+    }
+}
+
+/// What the key check seals and expects back.
+const KEY_CHECK: &str = "outpost store key check";
+/// The form of a sealed secret: this prefix, then hex of the nonce and the ciphertext.
+const SEALED_PREFIX: &str = "sealed:v1:";
+
+/// AES-256-GCM with the store key; the org id is the associated data, so a sealed secret
+/// moved to another org's record does not open.
+#[derive(Clone)]
+struct Sealer {
+    key: std::sync::Arc<ring::aead::LessSafeKey>,
+}
+
+impl Sealer {
+    fn new(key: [u8; 32]) -> Result<Self, StoreError> {
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key)
+            .map_err(|_| StoreError::Backend("the store key is not an AES-256 key".into()))?;
+        Ok(Self { key: std::sync::Arc::new(ring::aead::LessSafeKey::new(unbound)) })
+    }
+
+    fn seal(&self, bound_to: &str, secret: &str) -> Result<String, StoreError> {
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| StoreError::Backend("no randomness for a nonce".into()))?;
+        let mut data = secret.as_bytes().to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(bound_to.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| StoreError::Backend("cannot seal a secret".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(format!("{SEALED_PREFIX}{}", hex::encode(out)))
+    }
+
+    fn open(&self, bound_to: &str, sealed: &str) -> Result<String, String> {
+        let bytes = sealed
+            .strip_prefix(SEALED_PREFIX)
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or("the secret is not sealed with a store key")?;
+        if bytes.len() < ring::aead::NONCE_LEN {
+            return Err("the sealed secret is truncated".into());
+        }
+        let (nonce, body) = bytes.split_at(ring::aead::NONCE_LEN);
+        let nonce =
+            ring::aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| "bad nonce".to_owned())?;
+        let mut body = body.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, ring::aead::Aad::from(bound_to.as_bytes()), &mut body)
+            .map_err(|_| {
+                "the sealed secret does not open with this replica's store key (DATA_DIR/store.key)"
+                    .to_owned()
+            })?;
+        String::from_utf8(plain.to_vec()).map_err(|_| "the opened secret is not text".to_owned())
     }
 }

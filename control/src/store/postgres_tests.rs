@@ -13,13 +13,19 @@ use crate::testing::postgres::{TestPostgres, start_or_skip};
 
 /// `n` replicas' stores over one fresh, migrated database.
 async fn replicas(pg: &TestPostgres, n: usize) -> (PgOptions, Vec<Arc<PgStore>>) {
-    let options = pg.database().await.unwrap();
+    let options = keyed(pg.database().await.unwrap());
     PgStore::migrate(options.clone()).await.unwrap();
     let mut stores = Vec::new();
     for _ in 0..n {
         stores.push(Arc::new(PgStore::connect(options.clone()).await.unwrap()));
     }
     (options, stores)
+}
+
+/// `options` with the replicas' store key (the same for every store of a test).
+fn keyed(mut options: PgOptions) -> PgOptions {
+    options.secret_key = Some([7; 32]);
+    options
 }
 
 macro_rules! postgres_or_skip {
@@ -264,7 +270,7 @@ async fn events_and_audit_from_several_replicas_are_stored_once_in_one_order() {
 #[tokio::test]
 async fn the_schema_is_migrated_once_and_a_newer_one_is_refused() {
     let pg = postgres_or_skip!("the_schema_is_migrated_once_and_a_newer_one_is_refused");
-    let options = pg.database().await.unwrap();
+    let options = keyed(pg.database().await.unwrap());
     let refused = PgStore::connect(options.clone()).await.err().expect("no schema yet");
     assert!(refused.to_string().contains("outpost-control migrate"), "{refused}");
     // Two replicas migrating at once apply each migration once.
@@ -399,7 +405,7 @@ async fn the_store_speaks_tls_to_a_database_whose_certificate_it_checks() {
     let Some(pg) = crate::testing::postgres::start_tls_or_skip(test).await.unwrap() else { return };
     let name = pg.database().await.unwrap().url;
     let db = name.rsplit("dbname=").next().unwrap().to_owned();
-    let mut options = PgOptions::new(pg.tcp_url(&db, "require"));
+    let mut options = keyed(PgOptions::new(pg.tcp_url(&db, "require")));
     options.ca_pem = pg.ca_pem().map(str::to_owned);
     PgStore::migrate(options.clone()).await.unwrap();
     let store = PgStore::connect(options.clone()).await.unwrap();
@@ -419,11 +425,64 @@ async fn the_store_speaks_tls_to_a_database_whose_certificate_it_checks() {
     driver.abort();
     // Another CA: refused.
     let other = crate::pki::CertAuthority::generate().unwrap();
-    let mut wrong = PgOptions::new(pg.tcp_url(&db, "require"));
+    let mut wrong = keyed(PgOptions::new(pg.tcp_url(&db, "require")));
     wrong.ca_pem = Some(other.cert_pem().to_owned());
     let refused = PgStore::connect(wrong).await.err().expect("another CA");
     assert!(matches!(refused, super::StoreError::Unreachable(_)), "{refused}");
     // TLS required, no CA to check it with: refused, never plain text.
-    let refused = PgStore::connect(PgOptions::new(pg.tcp_url(&db, "require"))).await.err().expect("no CA");
+    let refused =
+        PgStore::connect(keyed(PgOptions::new(pg.tcp_url(&db, "require")))).await.err().expect("no CA");
     assert!(refused.to_string().contains("PostgreSQL"), "{refused}");
+}
+
+/// The organisations' signing secrets are sealed in the database with the replicas' store
+/// key: a dump of the database alone holds no secret, a replica with another key refuses to
+/// start, and a sealed secret moved to another org's record does not open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_secrets_are_sealed_with_the_replicas_store_key() {
+    let pg = postgres_or_skip!("signing_secrets_are_sealed_with_the_replicas_store_key");
+    let (options, stores) = replicas(&pg, 1).await;
+    let mut rotating = org("sealed-a");
+    rotating.keys.next = Some(super::NextOrgKey {
+        key: outpost_protocol::OrgKey {
+            key: outpost_protocol::PublicKey { key_id: "k2".into(), ed25519_hex: "22".repeat(32) },
+            signs_from_unix_ms: 9,
+            endorsement_hex: None,
+            retired: false,
+        },
+        secret_hex: "33".repeat(32),
+    });
+    stores[0].insert_org(rotating.clone()).await.unwrap();
+    stores[0].insert_org(org("sealed-b")).await.unwrap();
+    assert_eq!(stores[0].get_org("sealed-a").await.unwrap(), Some(rotating.clone()), "read back opened");
+    let (client, conn) = tokio_postgres::connect(&options.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let raw: Vec<String> =
+        client.query("SELECT doc::text FROM orgs", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    for text in &raw {
+        assert!(
+            !text.contains(&"11".repeat(32)) && !text.contains(&"33".repeat(32)),
+            "a secret in the clear: {text}"
+        );
+        assert!(text.contains("sealed:v1:"), "{text}");
+    }
+    // Another key: the replica refuses to start.
+    let mut other = options.clone();
+    other.secret_key = Some([8; 32]);
+    let refused = PgStore::connect(other).await.err().expect("another key");
+    assert!(refused.to_string().contains("store.key"), "{refused}");
+    // A's sealed secret copied into B's record: B no longer opens.
+    client
+        .execute(
+            "UPDATE orgs SET doc = jsonb_set(doc, '{signing_secret_hex}', (SELECT doc->'signing_secret_hex' FROM orgs WHERE org_id = 'sealed-a')) WHERE org_id = 'sealed-b'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let moved = stores[0].get_org("sealed-b").await.expect_err("bound to its org");
+    assert!(matches!(moved, super::StoreError::Corrupt { .. }), "{moved}");
+    // The settings change without touching the sealed secrets.
+    let settings = outpost_protocol::OrgSettings { revision: 1, ..Default::default() };
+    assert!(stores[0].put_org_settings("sealed-a", settings).await.unwrap());
+    assert_eq!(stores[0].get_org("sealed-a").await.unwrap().unwrap().signing_secret_hex, "11".repeat(32));
 }
