@@ -1,7 +1,8 @@
 -- Outpost control plane, schema version 1: every record of the StateStore port.
 -- Identifiers are text in the "C" collation: ordered by their bytes, as the embedded store
 -- orders them, whatever the database's locale (pages and cursors depend on it).
--- Each table keeps the record as JSON (`doc`, what the sled store keeps as its value) beside
+-- Each table keeps the record as JSON (`doc`, what the sled store keeps as its value; type json,
+-- not jsonb, which refuses the NUL character a job's output may hold) beside
 -- the columns the queries select, order and constrain by. The invariants the control plane
 -- relies on across replicas are constraints here, not process-local locks.
 
@@ -24,18 +25,19 @@ CREATE TABLE outpost_keys (
 -- store key inside `doc`: the database and its backups alone cannot sign a job.
 CREATE TABLE orgs (
     org_id text COLLATE "C" PRIMARY KEY,
-    doc    jsonb NOT NULL
+    doc    json NOT NULL
 );
 
 CREATE TABLE enrollment_tokens (
     token_sha256 text PRIMARY KEY,
-    doc          jsonb NOT NULL
+    doc          json NOT NULL
 );
 
 CREATE TABLE nodes (
-    node_id text COLLATE "C" PRIMARY KEY,
-    org_id  text COLLATE "C" NOT NULL,
-    doc     jsonb NOT NULL
+    node_id           text COLLATE "C" PRIMARY KEY,
+    org_id            text COLLATE "C" NOT NULL,
+    last_seen_unix_ms bigint,
+    doc               json NOT NULL
 );
 CREATE INDEX nodes_by_org ON nodes (org_id, node_id);
 
@@ -55,7 +57,7 @@ CREATE TABLE jobs (
     group_id          text COLLATE "C",
     failed            boolean NOT NULL,
     open_any          boolean NOT NULL,
-    doc               jsonb NOT NULL
+    doc               json NOT NULL
 );
 CREATE INDEX jobs_newest ON jobs (submitted_unix_ms DESC, job_id DESC);
 CREATE INDEX jobs_queued ON jobs (node_id, seq) WHERE state = 'queued';
@@ -67,28 +69,28 @@ CREATE INDEX jobs_open_any ON jobs (job_id) WHERE open_any;
 CREATE TABLE results (
     idempotency_key text PRIMARY KEY,
     job_id          text NOT NULL,
-    doc             jsonb NOT NULL
+    doc             json NOT NULL
 );
 
 CREATE TABLE cancels (
     node_id text COLLATE "C" NOT NULL,
     job_id  text COLLATE "C" NOT NULL,
     attempt bigint NOT NULL,
-    doc     jsonb NOT NULL,
+    doc     json NOT NULL,
     PRIMARY KEY (node_id, job_id, attempt)
 );
 
 CREATE TABLE deployments (
     org_id text COLLATE "C" NOT NULL,
     name   text COLLATE "C" NOT NULL,
-    doc    jsonb NOT NULL,
+    doc    json NOT NULL,
     PRIMARY KEY (org_id, name)
 );
 
 CREATE TABLE node_services (
     node_id text COLLATE "C" NOT NULL,
     service text COLLATE "C" NOT NULL,
-    doc     jsonb NOT NULL,
+    doc     json NOT NULL,
     PRIMARY KEY (node_id, service)
 );
 
@@ -100,7 +102,7 @@ CREATE TABLE service_report_last (
 CREATE TABLE node_audit (
     node_id text COLLATE "C" NOT NULL,
     seq     bigint NOT NULL,
-    doc     jsonb NOT NULL,
+    doc     json NOT NULL,
     PRIMARY KEY (node_id, seq)
 );
 
@@ -109,7 +111,7 @@ CREATE TABLE events (
     node_id text COLLATE "C" NOT NULL,
     seq     bigint NOT NULL,
     org_id  text COLLATE "C" NOT NULL,
-    doc     jsonb NOT NULL,
+    doc     json NOT NULL,
     UNIQUE (node_id, seq)
 );
 
@@ -118,14 +120,14 @@ CREATE TABLE triggers (
     org_id            text COLLATE "C" NOT NULL,
     name              text NOT NULL,
     created_unix_ms   bigint NOT NULL,
-    doc               jsonb NOT NULL,
+    doc               json NOT NULL,
     UNIQUE (org_id, name)
 );
 
 CREATE TABLE audit (
     seq    bigint PRIMARY KEY,
     org_id text,
-    doc    jsonb NOT NULL
+    doc    json NOT NULL
 );
 CREATE INDEX audit_by_org ON audit (org_id, seq);
 
@@ -134,7 +136,7 @@ CREATE TABLE api_tokens (
     org_id  text NOT NULL,
     name    text NOT NULL,
     revoked boolean NOT NULL,
-    doc     jsonb NOT NULL
+    doc     json NOT NULL
 );
 -- A name is taken while a token of that name in the organisation is not revoked.
 CREATE UNIQUE INDEX api_tokens_live_name ON api_tokens (org_id, name) WHERE NOT revoked;

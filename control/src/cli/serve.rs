@@ -219,7 +219,8 @@ fn store_choice(url: Option<String>, section: StoreSection) -> anyhow::Result<se
         );
     }
     if let Some(size) = pool_size {
-        anyhow::ensure!((1..=1000).contains(&size), "store pool_size {size} is outside 1 to 1000");
+        let least = crate::store::MIN_POOL_SIZE;
+        anyhow::ensure!((least..=1000).contains(&size), "store pool_size {size} is outside {least} to 1000");
         options.pool_size = size;
     }
     options.check().map_err(|e| anyhow::anyhow!("[store] url: {e}"))?;
@@ -477,7 +478,7 @@ mod tests {
         let flag = Flags { store_url: Some("sled".into()), ..Flags::default() };
         assert_eq!(Settings::resolve(Some(f.path()), flag).unwrap().store, server::StoreChoice::Sled);
         for (text, says) in [
-            ("[store]\nurl = \"host=/tmp\"\npool_size = 0\n", "pool_size 0 is outside 1 to 1000"),
+            ("[store]\nurl = \"host=/tmp\"\npool_size = 1\n", "pool_size 1 is outside 4 to 1000"),
             ("[store]\nurl = \"postgres://[::1\"\n", "[store] url"),
             ("[store]\nurl = \"host=/tmp\"\npassword_file = \"/nonexistent/pw\"\n", "password_file"),
             ("[store]\nurl = \"host=/tmp\"\nca_file = \"/nonexistent/ca.pem\"\n", "ca_file"),

@@ -169,6 +169,24 @@ async fn results_are_stored_once(s: &dyn StateStore) {
     assert!(s.queued_jobs("n1", 10).await.expect("queued").iter().all(|j| j.info.job_id != "r1"));
 }
 
+/// What a job prints or a node reports may hold any character, NUL included: stored and read
+/// back as it was.
+async fn any_text_is_kept_as_it_was(s: &dyn StateStore) {
+    s.insert_job(job("nul1", "n1", 90)).await.expect("insert");
+    let mut report = result("nul1");
+    report.stdout_tail = "before\0after \u{1}\u{7f} ünï".into();
+    assert_eq!(s.store_result("n1", report.clone()).await.expect("store"), ResultOutcome::Stored);
+    let kept = s.get_job("nul1").await.expect("get").expect("nul1").info.result.expect("result");
+    assert_eq!(kept.stdout_tail, report.stdout_tail);
+    let mut labels = outpost_protocol::Labels::new();
+    labels.insert("odd".into(), "a\0b".into());
+    s.update_node_labels("n1", labels, Vec::new()).await.expect("labels");
+    assert_eq!(
+        s.get_node("n1").await.expect("get").expect("n1").operator_labels.get("odd").map(String::as_str),
+        Some("a\0b")
+    );
+}
+
 async fn audit_is_ordered(s: &dyn StateStore) {
     let a = s.append_audit("owner", Some("oa"), "x.one", "1", 1).await.expect("audit");
     let b = s.append_audit("owner", None, "x.two", "2", 2).await.expect("audit");
@@ -830,6 +848,7 @@ pub(super) async fn contract(s: &dyn StateStore) {
     org_settings_change_one_revision_at_a_time(s).await;
     listings_follow_every_change(s).await;
     deployments_and_node_services_are_kept_per_key(s).await;
+    any_text_is_kept_as_it_was(s).await;
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use dump::{Copied, StoreDump, copy_to_postgres};
 pub use memory::MemoryStore;
-pub use postgres::{Migrated, Notice, PgOptions, PgStore, SCHEMA_VERSION, listen};
+pub use postgres::{MIN_POOL_SIZE, Migrated, Notice, PgOptions, PgStore, SCHEMA_VERSION, listen};
 pub use sled_store::SledStore;
 
 /// A store operation in flight. Boxed so that the trait stays object-safe (`Arc<dyn StateStore>`).

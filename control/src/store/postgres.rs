@@ -56,6 +56,10 @@ pub const EVENTS_CHANNEL: &str = "outpost_events";
 
 /// Most connections one replica holds to the database.
 pub const DEFAULT_POOL_SIZE: usize = 16;
+/// The fewest that work: the rollout pass holds one for its lock and needs another to read.
+pub const MIN_POOL_SIZE: usize = 4;
+/// How long a store-wide lock is waited for before the wait fails (see `exclusive`).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// How long a request waits for a connection, or for one to be made, before it fails (503).
 const POOL_WAIT: Duration = Duration::from_secs(5);
 
@@ -132,6 +136,13 @@ impl PgOptions {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(POOL_WAIT);
         }
+        // A database that vanished without closing the connection (a cut network, a failed
+        // over host) is noticed within about a minute, not the kernel's two hours.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_secs(60));
         Ok(config)
     }
 
@@ -181,12 +192,21 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A server's refusal is the store's answer; a lost or refused connection is `Unreachable`.
+/// A server's refusal is the store's answer; a lost or refused connection, and a server that
+/// cannot take one now (starting, shutting down, failing over, out of connections), is
+/// `Unreachable`: worth waiting for.
 fn backend(e: tokio_postgres::Error) -> StoreError {
-    if e.as_db_error().is_none() {
-        return StoreError::Unreachable(pg_message(&e));
-    }
-    StoreError::Backend(pg_message(&e))
+    let Some(db) = e.as_db_error() else { return StoreError::Unreachable(pg_message(&e)) };
+    let code = db.code();
+    let passing = code.code().starts_with("08")
+        || [
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::TOO_MANY_CONNECTIONS,
+        ]
+        .contains(code);
+    if passing { StoreError::Unreachable(pg_message(&e)) } else { StoreError::Backend(pg_message(&e)) }
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -316,9 +336,9 @@ async fn put_cancel<C: GenericClient>(c: &C, node_id: &str, stop: &CancelAttempt
 
 async fn put_node<C: GenericClient>(c: &C, node: &NodeInfo) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO nodes (node_id, org_id, doc) VALUES ($1, $2, $3)
-         ON CONFLICT (node_id) DO UPDATE SET org_id = $2, doc = $3",
-        &[&node.node_id, &node.org_id, &Json(node)],
+        "INSERT INTO nodes (node_id, org_id, last_seen_unix_ms, doc) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (node_id) DO UPDATE SET org_id = $2, last_seen_unix_ms = $3, doc = $4",
+        &[&node.node_id, &node.org_id, &node.last_seen_unix_ms.map(big), &Json(node)],
     )
     .await
     .map_err(backend)?;
@@ -465,7 +485,7 @@ impl PgStore {
             None => Manager::from_config(config, NoTls, recycling),
         };
         let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
+            .max_size(options.pool_size.max(MIN_POOL_SIZE))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT))
             .create_timeout(Some(POOL_WAIT))
@@ -822,7 +842,7 @@ impl StateStore for PgStore {
             let c = self.client().await?;
             let rows = c
                 .query(
-                    "SELECT node_id, (doc->>'last_seen_unix_ms')::bigint FROM nodes
+                    "SELECT node_id, last_seen_unix_ms FROM nodes
                      WHERE ($1::text IS NULL OR org_id = $1) ORDER BY node_id",
                     &[&org_id],
                 )
@@ -1139,16 +1159,23 @@ impl StateStore for PgStore {
 
     fn exclusive(&self, name: &'static str) -> StoreFuture<'_, Option<super::ExclusiveGuard>> {
         Box::pin(async move {
-            let client = self.client().await?;
+            // The guard exists before the transaction begins: whatever happens from here (an
+            // error, the caller giving up while the lock is awaited), its drop ends it.
+            let mut held = Held { client: Some(self.client().await?), locked: false };
+            let Some(client) = held.client.as_ref() else { return Ok(None) };
             // A transaction-scoped advisory lock: released by the ROLLBACK the guard sends when
-            // dropped, or by the server when the connection is lost.
+            // dropped, or by the server when the connection is lost. Waiting for it ends after
+            // LOCK_WAIT (another replica's pass runs long): the caller tries again later.
             client
                 .batch_execute(&format!(
-                    "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('outpost.{name}', 0))"
+                    "BEGIN; SET LOCAL lock_timeout = '{}ms'; SET LOCAL idle_in_transaction_session_timeout = 0; \
+                     SELECT pg_advisory_xact_lock(hashtextextended('outpost.{name}', 0))",
+                    LOCK_WAIT.as_millis()
                 ))
                 .await
                 .map_err(backend)?;
-            let guard: super::ExclusiveGuard = Box::new(Held { client: Some(client) });
+            held.locked = true;
+            let guard: super::ExclusiveGuard = Box::new(held);
             Ok(Some(guard))
         })
     }
@@ -1279,6 +1306,9 @@ impl StateStore for PgStore {
         Box::pin(async move {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(backend)?;
+            // The same per-node lock as the node's service reports: the two lock the node's
+            // service rows in different orders, so they must not run at once.
+            lock_node_log(&*tx, "service_reports", &node_id).await?;
             for a in acks {
                 let found: Option<super::NodeServiceRecord> = one(
                     &*tx,
@@ -1692,10 +1722,15 @@ pub async fn listen(
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
+        let started = std::time::Instant::now();
         let ended = tokio::select! {
             () = shutdown.cancelled() => return,
             ended = listen_once(&options, &on) => ended,
         };
+        if started.elapsed() > Duration::from_secs(60) {
+            // It had been listening a while: this is a new outage, not the same one.
+            backoff = Duration::from_secs(1);
+        }
         match ended {
             Ok(()) => tracing::warn!(db = %options.describe(), "the store's notification connection closed"),
             Err(e) => {
@@ -1748,11 +1783,19 @@ async fn listen_once(
 /// A connection inside a transaction that holds an advisory lock (see `exclusive`).
 struct Held {
     client: Option<Object>,
+    /// Whether the lock was taken; before that the transaction's state is unknown.
+    locked: bool,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         let Some(client) = self.client.take() else { return };
+        if !self.locked {
+            // Given up while beginning or waiting: never back to the pool; closing the
+            // connection ends the transaction and the wait on the server.
+            drop(Object::take(client));
+            return;
+        }
         match tokio::runtime::Handle::try_current() {
             // Ended before the connection goes back to the pool.
             Ok(runtime) => {
@@ -1840,9 +1883,13 @@ impl PgStore {
         .map_err(backend)?;
         let held: i64 = t
             .query_one(
-                "SELECT (SELECT count(*) FROM orgs) + (SELECT count(*) FROM nodes) + (SELECT count(*) FROM jobs)
-                      + (SELECT count(*) FROM audit) + (SELECT count(*) FROM events) + (SELECT count(*) FROM enrollment_tokens)
-                      + (SELECT count(*) FROM api_tokens) + (SELECT count(*) FROM deployments)",
+                "SELECT (SELECT count(*) FROM orgs) + (SELECT count(*) FROM enrollment_tokens)
+                      + (SELECT count(*) FROM nodes) + (SELECT count(*) FROM job_seqs) + (SELECT count(*) FROM jobs)
+                      + (SELECT count(*) FROM results) + (SELECT count(*) FROM cancels)
+                      + (SELECT count(*) FROM deployments) + (SELECT count(*) FROM node_services)
+                      + (SELECT count(*) FROM service_report_last) + (SELECT count(*) FROM node_audit)
+                      + (SELECT count(*) FROM events) + (SELECT count(*) FROM triggers) + (SELECT count(*) FROM audit)
+                      + (SELECT count(*) FROM api_tokens)",
                 &[],
             )
             .await

@@ -352,8 +352,25 @@ async fn the_fleet_lock_excludes_other_replicas_until_dropped() {
     assert!(!waiting.is_finished(), "the second replica waits");
     // Another lock's name does not wait.
     assert!(stores[1].exclusive("other").await.unwrap().is_some());
+    // A waiter that gives up (its request went away) leaves nothing behind: its connection
+    // never returns to the pool mid-transaction.
+    for _ in 0..20 {
+        let store = Arc::clone(&stores[1]);
+        let gave_up = tokio::spawn(async move { store.exclusive("fleet").await.map(|g| g.is_some()) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gave_up.abort();
+    }
+    for i in 0..40 {
+        stores[1].insert_org(org(&format!("while-waiting-{i}"))).await.unwrap();
+    }
     drop(held);
     assert!(tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("released").unwrap());
+    for i in 0..40 {
+        assert!(
+            stores[1].get_org(&format!("while-waiting-{i}")).await.unwrap().is_some(),
+            "nothing rolled back"
+        );
+    }
     // The connection went back to the pool usable, outside any transaction.
     for _ in 0..20 {
         stores[0].insert_org(org(&format!("after-{}", uuid::Uuid::new_v4().simple()))).await.unwrap();
@@ -474,7 +491,7 @@ async fn signing_secrets_are_sealed_with_the_replicas_store_key() {
     // A's sealed secret copied into B's record: B no longer opens.
     client
         .execute(
-            "UPDATE orgs SET doc = jsonb_set(doc, '{signing_secret_hex}', (SELECT doc->'signing_secret_hex' FROM orgs WHERE org_id = 'sealed-a')) WHERE org_id = 'sealed-b'",
+            "UPDATE orgs SET doc = jsonb_set(doc::jsonb, '{signing_secret_hex}', (SELECT doc::jsonb->'signing_secret_hex' FROM orgs WHERE org_id = 'sealed-a'))::json WHERE org_id = 'sealed-b'",
             &[],
         )
         .await
