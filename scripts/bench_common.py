@@ -2,6 +2,8 @@
 the control plane and an agent from release binaries, percentiles."""
 
 import glob
+import shutil
+import tempfile
 import http.client
 import json
 import os
@@ -106,17 +108,19 @@ def stop(p):
 
 
 class Postgres:
-    """A PostgreSQL server of the benchmark's own: initdb into DIR, a unix socket there, no TCP,
+    """A PostgreSQL server of the benchmark's own: initdb into a temporary directory, a unix
+    socket there, no TCP,
     durable commits (fsync on, as the embedded store flushes every write). As root it runs as
     the `postgres` user, which refuses root."""
 
-    def __init__(self, directory):
+    def __init__(self):
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
         if not bins:
             raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
         self.bin = os.path.dirname(bins[-1])
+        # A directory of its own: the server's user must reach it (a root-only parent would not do).
+        directory = tempfile.mkdtemp(prefix="outpost-bench-pg-")
         self.dir = directory
-        os.makedirs(directory, exist_ok=True)
         self.user = None
         if os.geteuid() == 0:
             import pwd
@@ -159,6 +163,7 @@ class Postgres:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def children(parent):
