@@ -228,6 +228,13 @@ fn big(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A sequence number a node sent, as bigint; beyond 2^63 - 1 it is refused, never clamped
+/// (two clamped numbers would count as one).
+fn node_seq(what: &str, v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v)
+        .map_err(|_| StoreError::Backend(format!("{what} {v} is beyond what the store keeps (2^63 - 1)")))
+}
+
 fn unbig(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -1354,7 +1361,7 @@ impl StateStore for PgStore {
                     for e in &fresh {
                         tx.execute(
                             "INSERT INTO node_audit (node_id, seq, doc) VALUES ($1, $2, $3)",
-                            &[&node_id, &big(e.seq), &Json(e)],
+                            &[&node_id, &node_seq("audit seq", e.seq)?, &Json(e)],
                         )
                         .await
                         .map_err(backend)?;
@@ -1416,7 +1423,7 @@ impl StateStore for PgStore {
             tx.execute(
                 "INSERT INTO service_report_last (node_id, last_seq) VALUES ($1, $2)
                  ON CONFLICT (node_id) DO UPDATE SET last_seq = $2",
-                &[&node_id, &big(last)],
+                &[&node_id, &node_seq("service report seq", last)?],
             )
             .await
             .map_err(backend)?;
@@ -1443,11 +1450,9 @@ impl StateStore for PgStore {
                 .map_err(backend)?;
             let mut tally = EventTally::new(unbig(last.get(0)));
             for event in events {
+                let seq = node_seq("event seq", event.seq)?;
                 let seen = tx
-                    .query_opt(
-                        "SELECT 1 FROM events WHERE node_id = $1 AND seq = $2",
-                        &[&node_id, &big(event.seq)],
-                    )
+                    .query_opt("SELECT 1 FROM events WHERE node_id = $1 AND seq = $2", &[&node_id, &seq])
                     .await
                     .map_err(backend)?;
                 if seen.is_some() {
@@ -1456,7 +1461,6 @@ impl StateStore for PgStore {
                 }
                 tally.stored(event.seq);
                 let cursor = next_counter(&*tx, "event_cursor").await?;
-                let seq = big(event.seq);
                 let stored = stored_event(cursor, &node_id, &org_id, now_ms, event);
                 tx.execute(
                     "INSERT INTO events (cursor, node_id, seq, org_id, doc) VALUES ($1, $2, $3, $4, $5)",

@@ -503,3 +503,24 @@ async fn signing_secrets_are_sealed_with_the_replicas_store_key() {
     assert!(stores[0].put_org_settings("sealed-a", settings).await.unwrap());
     assert_eq!(stores[0].get_org("sealed-a").await.unwrap().unwrap().signing_secret_hex, "11".repeat(32));
 }
+
+/// Sequence numbers a node sends beyond what bigint holds are refused, never clamped (two
+/// clamped numbers would count as one, and the second event would be dropped as a repeat).
+#[tokio::test]
+async fn a_node_seq_beyond_bigint_is_refused_whole() {
+    let pg = postgres_or_skip!("a_node_seq_beyond_bigint_is_refused_whole");
+    let (_, stores) = replicas(&pg, 1).await;
+    let batch = vec![event(1, "a"), event(u64::MAX - 1, "b"), event(u64::MAX, "c")];
+    let refused = stores[0].store_events("n1", "o", batch, 5).await.expect_err("beyond bigint");
+    assert!(refused.to_string().contains("2^63"), "{refused}");
+    let filter = EventFilter {
+        org_id: None,
+        order: EventOrder::BySeq { node_id: "n1".into(), after_seq: 0 },
+        newest: false,
+        limit: 10,
+    };
+    assert!(
+        stores[0].list_events(filter).await.unwrap().is_empty(),
+        "the batch is stored whole or not at all"
+    );
+}
