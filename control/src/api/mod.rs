@@ -170,6 +170,16 @@ pub struct FleetGuard<'a> {
 }
 
 impl AppState {
+    /// Wakes `node_id`'s held polls here and on every other replica (the store tells them):
+    /// for news the store does not announce itself (a revocation, a key rotation). A failed
+    /// announcement costs the other replicas' polls at most their hold.
+    pub async fn wake_everywhere(&self, node_id: &str) {
+        self.wakers.wake(node_id);
+        if let Err(e) = self.store.announce(node_id).await {
+            tracing::warn!(node_id, error = %e, "cannot tell the other replicas; their polls of it see it at their next");
+        }
+    }
+
     /// Excludes every other rollout pass and deployment change: this process's by its lock,
     /// other replicas' by the store's.
     pub async fn fleet_exclusive(&self) -> Result<FleetGuard<'_>, crate::store::StoreError> {

@@ -163,8 +163,16 @@ pub async fn poll(
             _ = tokio::time::sleep_until(deadline) => break answer(Vec::new()),
             _ = st.shutdown.cancelled() => break answer(Vec::new()),
         }
-        // Revoked while this poll was held: it ends now, with the refusal.
+        // Revoked while this poll was held: it ends now, with the refusal. Another replica may
+        // have revoked it (its announcement woke this poll): the store says so, and this
+        // replica's TLS layer refuses the node from now on too.
         if st.revoked.contains(&node.cert_sha256) {
+            return Err(super::extract::revoked_refusal(&node.node_id));
+        }
+        if let Some(now) = st.store.get_node(&node.node_id).await?
+            && now.revoked_unix_ms.is_some()
+        {
+            st.revoked.insert_node(&now);
             return Err(super::extract::revoked_refusal(&node.node_id));
         }
     };

@@ -325,7 +325,7 @@ pub async fn revoke_node(
             cancelled += 1;
         }
     }
-    st.wakers.wake(&node_id);
+    st.wake_everywhere(&node_id).await;
     st.fleet_changed.notify_one();
     let detail = format!(
         "node {node_id} (certificate {}): revoked; {cancelled} queued jobs cancelled",

@@ -127,7 +127,7 @@ pub async fn rotate_org_key(
     st.audit(&caller.actor, Some(&org_id), "org.key_rotated", &detail).await;
     // Held polls answer now with the new tag.
     for node in nodes.iter().filter(|n| n.org_id == org_id) {
-        st.wakers.wake(&node.node_id);
+        st.wake_everywhere(&node.node_id).await;
     }
     Ok(Json(RotateResponse {
         new_id: next.key.key_id,

@@ -619,6 +619,14 @@ pub trait StateStore: Send + Sync + 'static {
         })
     }
 
+    /// Tells every replica sharing the store that `node_id` has something new (a revocation,
+    /// a signing-key rotation): their polls of it look again. A store of one process has no
+    /// other replica to tell.
+    fn announce(&self, node_id: &str) -> StoreFuture<'_, ()> {
+        let _ = node_id;
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Whether the store answers now (`/v1/health`): an embedded one always does.
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))

@@ -1156,6 +1156,14 @@ impl StateStore for PgStore {
         })
     }
 
+    fn announce(&self, node_id: &str) -> StoreFuture<'_, ()> {
+        let node_id = node_id.to_owned();
+        Box::pin(async move {
+            let client = self.client().await?;
+            notify(&**client, NODE_CHANNEL, &node_id).await
+        })
+    }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let client = self.client().await?;

@@ -158,3 +158,48 @@ async fn a_lost_database_makes_the_replica_unready_until_it_returns() {
     let job = submit(&server.operator().expect("operator"), node.id()).await;
     assert_eq!(node.poll(&[], 0).await.jobs[0].job_id, job.job_id, "serving again");
 }
+
+/// A revocation on one replica ends the node's poll held on another at once (the store
+/// announces it), and the node's next request there is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_replica_reaches_a_poll_held_on_another() {
+    let Some(pg) = start_or_skip("a_revocation_on_one_replica_reaches_a_poll_held_on_another").await.unwrap()
+    else {
+        return;
+    };
+    let (a, b) = two_replicas(&pg).await;
+    let (_, token) = org_and_token(&a).await;
+    let node = at(&TestNode::enroll(&a, &token).await, &b);
+    let node_id = node.id().to_owned();
+    let started = Instant::now();
+    let held = tokio::spawn(async move {
+        let req = outpost_protocol::PollRequest { wait_secs: Some(25), ..Default::default() };
+        let answered = node.post(outpost_protocol::paths::NODE_POLL, &req).await;
+        (node, answered)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.operator().expect("operator").revoke_node(&node_id).await.expect("revoked");
+    let (node, ended) = tokio::time::timeout(Duration::from_secs(24), held)
+        .await
+        .expect("replica b answered the held poll before its 25 s wait ran out")
+        .expect("poll task");
+    assert!(started.elapsed() < Duration::from_secs(24));
+    assert_error(&ended, reqwest::StatusCode::FORBIDDEN, "node_revoked");
+    // Refused by either replica from now on: in the handshake or with the refusal.
+    let poll = outpost_protocol::PollRequest { wait_secs: Some(0), ..Default::default() };
+    for server in [&a, &b] {
+        let sent = node
+            .http
+            .post(format!("{}{}", server.url(), outpost_protocol::paths::NODE_POLL))
+            .json(&poll)
+            .send()
+            .await;
+        if let Ok(resp) = sent {
+            assert!(
+                resp.status().is_client_error(),
+                "a revoked node is refused by every replica: {}",
+                resp.status()
+            );
+        }
+    }
+}
