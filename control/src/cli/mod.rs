@@ -105,9 +105,11 @@ pub enum Command {
         #[command(flatten)]
         flags: serve::Flags,
     },
-    /// Bring a PostgreSQL store's schema to this binary's version (the embedded sled store
-    /// needs none). Run it before starting upgraded replicas; it is safe to repeat and to run
-    /// from two places at once. A database a newer binary migrated is refused.
+    /// Bring a PostgreSQL store's schema to this binary's version.
+    ///
+    /// The embedded sled store needs none. Run it before starting upgraded replicas; it is
+    /// safe to repeat and to run from two places at once. A database a newer binary migrated
+    /// is refused.
     Migrate {
         /// The settings file whose `[store]` names the database (the `serve` one).
         #[arg(long, value_name = "FILE", env = "OUTPOST_CONTROL_CONFIG")]
@@ -116,10 +118,10 @@ pub enum Command {
         #[arg(long, value_name = "URL", env = "OUTPOST_STORE_URL", hide_env_values = true)]
         store_url: Option<String>,
     },
-    /// Copy everything from the embedded sled store into a PostgreSQL store, then read it back
-    /// and compare it record for record (and check the audit chains).
+    /// Copy the embedded sled store into a PostgreSQL store and verify the copy.
     ///
-    /// Stop `outpost-control serve` first (the sled database is one process's). The target's
+    /// Everything is copied in one transaction, read back and compared record for record,
+    /// and the audit chains are checked. Stop `outpost-control serve` first (the sled database is one process's). The target's
     /// schema is migrated first; a target holding other data is refused, one holding this very
     /// data already is left alone, so the command is safe to repeat. Afterwards set `[store]
     /// url` in the settings and start the replicas (docs/scaling.md).
