@@ -280,13 +280,31 @@ async fn all<C: GenericClient, T: DeserializeOwned>(
 
 /// Writes a job's row: every column from the record.
 async fn put_job<C: GenericClient>(c: &C, job: &JobRecord) -> Result<(), StoreError> {
-    let i = &job.info;
-    let failed = super::job_failed(i);
-    c.execute(
-        "INSERT INTO jobs (job_id, org_id, node_id, seq, state, submitted_unix_ms, group_id, failed, open_any, doc)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (job_id) DO UPDATE SET org_id = $2, node_id = $3, seq = $4, state = $5,
+    write_job(
+        c,
+        job,
+        "ON CONFLICT (job_id) DO UPDATE SET org_id = $2, node_id = $3, seq = $4, state = $5,
              submitted_unix_ms = $6, group_id = $7, failed = $8, open_any = $9, doc = $10",
+    )
+    .await
+    .map(drop)
+}
+
+/// Inserts a new job; false when its id is taken.
+async fn insert_new_job<C: GenericClient>(c: &C, job: &JobRecord) -> Result<bool, StoreError> {
+    Ok(write_job(c, job, "ON CONFLICT (job_id) DO NOTHING").await? == 1)
+}
+
+/// A job's row, every column from the record, with `on_conflict` deciding what a taken id
+/// does; the rows written.
+async fn write_job<C: GenericClient>(c: &C, job: &JobRecord, on_conflict: &str) -> Result<u64, StoreError> {
+    let i = &job.info;
+    let sql = format!(
+        "INSERT INTO jobs (job_id, org_id, node_id, seq, state, submitted_unix_ms, group_id, failed, open_any, doc)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {on_conflict}"
+    );
+    c.execute(
+        sql.as_str(),
         &[
             &i.job_id,
             &i.org_id,
@@ -295,39 +313,13 @@ async fn put_job<C: GenericClient>(c: &C, job: &JobRecord) -> Result<(), StoreEr
             &state_name(i.state),
             &big(i.submitted_unix_ms),
             &i.group_id,
-            &failed,
+            &super::job_failed(i),
             &is_open_any(i),
             &Json(job),
         ],
     )
     .await
-    .map_err(backend)?;
-    Ok(())
-}
-
-/// Inserts a new job; false when its id is taken.
-async fn insert_new_job<C: GenericClient>(c: &C, job: &JobRecord) -> Result<bool, StoreError> {
-    let i = &job.info;
-    let n = c
-        .execute(
-            "INSERT INTO jobs (job_id, org_id, node_id, seq, state, submitted_unix_ms, group_id, failed, open_any, doc)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (job_id) DO NOTHING",
-            &[
-                &i.job_id,
-                &i.org_id,
-                &i.node_id,
-                &big(i.seq),
-                &state_name(i.state),
-                &big(i.submitted_unix_ms),
-                &i.group_id,
-                &super::job_failed(i),
-                &is_open_any(i),
-                &Json(job),
-            ],
-        )
-        .await
-        .map_err(backend)?;
-    Ok(n == 1)
+    .map_err(backend)
 }
 
 async fn put_cancel<C: GenericClient>(c: &C, node_id: &str, stop: &CancelAttempt) -> Result<(), StoreError> {
@@ -361,6 +353,42 @@ async fn put_node_service<C: GenericClient>(c: &C, rec: &super::NodeServiceRecor
     .await
     .map_err(backend)?;
     Ok(())
+}
+
+/// One service record of a node under its row lock; `None` when there is none yet.
+async fn locked_service<C: GenericClient>(
+    c: &C,
+    node_id: &str,
+    service: &str,
+) -> Result<Option<super::NodeServiceRecord>, StoreError> {
+    one(
+        c,
+        "SELECT doc FROM node_services WHERE node_id = $1 AND service = $2 FOR UPDATE",
+        &[&node_id, &service],
+        "node service",
+    )
+    .await
+}
+
+/// Sets a service's desired state on a node (creating its record), keeping what the node
+/// acknowledged and reported; the row stays locked until the transaction ends.
+async fn desire_service<C: GenericClient>(
+    c: &C,
+    node_id: &str,
+    service: &str,
+    desired: super::DesiredService,
+) -> Result<(), StoreError> {
+    let found = locked_service(c, node_id, service).await?;
+    let mut rec = found.unwrap_or_else(|| super::NodeServiceRecord::new(node_id, service));
+    rec.desired = Some(desired);
+    put_node_service(c, &rec).await
+}
+
+/// An org's record as stored (secrets sealed) under its row lock; `NotFound` without one.
+async fn locked_org<C: GenericClient>(c: &C, org_id: &str) -> Result<OrgRecord, StoreError> {
+    one(c, "SELECT doc FROM orgs WHERE org_id = $1 FOR UPDATE", &[&org_id], "org")
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("org {org_id}")))
 }
 
 /// Serialises the transactions of one node's append-only logs (audit, events, service
@@ -662,10 +690,7 @@ impl StateStore for PgStore {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(backend)?;
             // The secrets stay sealed as they are: only the settings change.
-            let mut rec: OrgRecord =
-                one(&*tx, "SELECT doc FROM orgs WHERE org_id = $1 FOR UPDATE", &[&org_id], "org")
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound(format!("org {org_id}")))?;
+            let mut rec = locked_org(&*tx, &org_id).await?;
             if rec.settings.revision + 1 != settings.revision {
                 return Ok(false);
             }
@@ -684,11 +709,7 @@ impl StateStore for PgStore {
             let org_id = after.org.id.clone();
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(backend)?;
-            let found: OrgRecord =
-                one(&*tx, "SELECT doc FROM orgs WHERE org_id = $1 FOR UPDATE", &[&org_id], "org")
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound(format!("org {org_id}")))?;
-            let mut rec = self.open_org(found)?;
+            let mut rec = self.open_org(locked_org(&*tx, &org_id).await?)?;
             if !super::same_keys(&rec, &before) {
                 return Ok(false);
             }
@@ -1139,17 +1160,7 @@ impl StateStore for PgStore {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(backend)?;
             let seq = take_seq(&*tx, &node_id).await?;
-            let desired = make(seq)?;
-            let found: Option<super::NodeServiceRecord> = one(
-                &*tx,
-                "SELECT doc FROM node_services WHERE node_id = $1 AND service = $2 FOR UPDATE",
-                &[&node_id, &service],
-                "node service",
-            )
-            .await?;
-            let mut rec = found.unwrap_or_else(|| super::NodeServiceRecord::new(&node_id, &service));
-            rec.desired = Some(desired);
-            put_node_service(&*tx, &rec).await?;
+            desire_service(&*tx, &node_id, &service, make(seq)?).await?;
             notify(&*tx, NODE_CHANNEL, &node_id).await?;
             tx.commit().await.map_err(backend)?;
             Ok(())
@@ -1177,7 +1188,9 @@ impl StateStore for PgStore {
             // The guard exists before the transaction begins: whatever happens from here (an
             // error, the caller giving up while the lock is awaited), its drop ends it.
             let mut held = Held { client: Some(self.client().await?), locked: false };
-            let Some(client) = held.client.as_ref() else { return Ok(None) };
+            let Some(client) = held.client.as_ref() else {
+                return Err(StoreError::Backend("the lock's connection is gone".into()));
+            };
             // A transaction-scoped advisory lock: released by the ROLLBACK the guard sends when
             // dropped, or by the server when the connection is lost. Waiting for it ends after
             // LOCK_WAIT (another replica's pass runs long): the caller tries again later.
@@ -1283,16 +1296,7 @@ impl StateStore for PgStore {
         Box::pin(async move {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(backend)?;
-            let found: Option<super::NodeServiceRecord> = one(
-                &*tx,
-                "SELECT doc FROM node_services WHERE node_id = $1 AND service = $2 FOR UPDATE",
-                &[&node_id, &service],
-                "node service",
-            )
-            .await?;
-            let mut rec = found.unwrap_or_else(|| super::NodeServiceRecord::new(&node_id, &service));
-            rec.desired = Some(desired);
-            put_node_service(&*tx, &rec).await?;
+            desire_service(&*tx, &node_id, &service, desired).await?;
             tx.commit().await.map_err(backend)?;
             Ok(())
         })
@@ -1325,14 +1329,7 @@ impl StateStore for PgStore {
             // service rows in different orders, so they must not run at once.
             lock_node_log(&*tx, "service_reports", &node_id).await?;
             for a in acks {
-                let found: Option<super::NodeServiceRecord> = one(
-                    &*tx,
-                    "SELECT doc FROM node_services WHERE node_id = $1 AND service = $2 FOR UPDATE",
-                    &[&node_id, &a.service],
-                    "node service",
-                )
-                .await?;
-                if let Some(mut r) = found {
+                if let Some(mut r) = locked_service(&*tx, &node_id, &a.service).await? {
                     r.acked_seq = r.acked_seq.max(a.seq);
                     put_node_service(&*tx, &r).await?;
                 }
@@ -1417,13 +1414,7 @@ impl StateStore for PgStore {
                 .map_or(0, |r| unbig(r.get(0)));
             let (fresh, last) = super::fresh_service_reports(last, reports);
             for r in fresh {
-                let found: Option<super::NodeServiceRecord> = one(
-                    &*tx,
-                    "SELECT doc FROM node_services WHERE node_id = $1 AND service = $2 FOR UPDATE",
-                    &[&node_id, &r.service],
-                    "node service",
-                )
-                .await?;
+                let found = locked_service(&*tx, &node_id, &r.service).await?;
                 let mut rec = found.unwrap_or_else(|| super::NodeServiceRecord::new(&node_id, &r.service));
                 super::apply_service_report(&mut rec, r);
                 put_node_service(&*tx, &rec).await?;
