@@ -54,12 +54,7 @@ impl TestServer {
     /// its own port. Only a shared store (PostgreSQL) makes it the same control plane.
     pub async fn replica(&self) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        for entry in std::fs::read_dir(self.dir.path())? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::fs::copy(entry.path(), dir.path().join(entry.file_name()))?;
-            }
-        }
+        copy_data_dir(self.dir.path(), dir.path())?;
         let server = start_in(dir.path(), self.lease, self.store.clone()).await?;
         Ok(Self { server, dir, lease: self.lease, store: self.store.clone() })
     }
@@ -118,6 +113,19 @@ impl TestServer {
     pub fn operator(&self) -> anyhow::Result<Client> {
         Client::new(&self.url(), self.ca_pem(), self.admin_token())
     }
+}
+
+/// Copies a control plane's data directory as an operator does for another replica: its files
+/// (CA, server certificate, admin token, store key), not the embedded database.
+pub fn copy_data_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 async fn start_in(dir: &Path, lease: Duration, store: StoreChoice) -> anyhow::Result<RunningServer> {

@@ -288,14 +288,10 @@ async fn replicas_behind_haproxy_lose_nothing_when_killed_or_restarted() {
         })
         .collect();
     replicas[0].start(&options.url);
-    for i in 1..3 {
-        std::fs::create_dir_all(&replicas[i].dir).expect("dir");
-        for entry in std::fs::read_dir(&replicas[0].dir).expect("read").flatten() {
-            if entry.file_type().expect("type").is_file() {
-                std::fs::copy(entry.path(), replicas[i].dir.join(entry.file_name())).expect("copy");
-            }
-        }
-        replicas[i].start(&options.url);
+    let first = replicas[0].dir.clone();
+    for replica in &mut replicas[1..] {
+        outpost_control::testing::copy_data_dir(&first, &replica.dir).expect("copy of the data directory");
+        replica.start(&options.url);
     }
     let front = free_port();
     let _balancer = start_haproxy(work.path(), front, &replicas.iter().map(|r| r.port).collect::<Vec<_>>());
