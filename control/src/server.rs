@@ -219,6 +219,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
             }
         });
         tokio::spawn(crate::store::listen(options, shutdown.clone(), on));
+        tokio::spawn(api::node::recheck_held(state.clone(), api::node::RECHECK_HELD));
     }
     let sweep_every = (config.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
     tokio::spawn(api::placement::run(state.clone(), sweep_every));

@@ -270,6 +270,31 @@ impl TestPostgres {
         format!("host={} port={port} user={USER} dbname={db}", self.socket_dir().display())
     }
 
+    /// Stops (SIGSTOP) every backend listening for notices, so a notice sent meanwhile reaches
+    /// no replica until the returned guard is dropped (SIGCONT): a replica's listener that has
+    /// stalled, as seen by everyone else. Fails when no backend listens.
+    pub async fn pause_listeners(&self) -> anyhow::Result<PausedBackends> {
+        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
+        let conn = tokio::spawn(conn);
+        let rows = client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN %' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await?;
+        drop(client);
+        let _ = conn.await;
+        let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        if pids.is_empty() {
+            bail!("no backend is listening for notices");
+        }
+        for pid in &pids {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGSTOP)
+                .with_context(|| format!("stopping backend {pid}"))?;
+        }
+        Ok(PausedBackends { pids })
+    }
+
     /// A new, empty database; its connection options (over the unix socket).
     pub async fn database(&self) -> anyhow::Result<PgOptions> {
         let n = self.next_db.fetch_add(1, Ordering::Relaxed);
@@ -280,6 +305,31 @@ impl TestPostgres {
         drop(client);
         let _ = conn.await;
         Ok(PgOptions::new(self.url(&name)))
+    }
+}
+
+/// Backends stopped by [`TestPostgres::pause_listeners`]; continued when dropped.
+pub struct PausedBackends {
+    pids: Vec<i32>,
+}
+
+impl PausedBackends {
+    /// How many backends are stopped.
+    pub fn len(&self) -> usize {
+        self.pids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty()
+    }
+}
+
+impl Drop for PausedBackends {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGCONT);
+        }
     }
 }
 

@@ -12,7 +12,7 @@ pub(crate) mod events;
 mod extract;
 pub(crate) mod jobs;
 pub mod logs;
-mod node;
+pub(crate) mod node;
 mod offline;
 pub mod openapi;
 pub(crate) mod operator;

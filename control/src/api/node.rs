@@ -158,6 +158,7 @@ pub async fn poll(
             return settled(answer(queued), &org, trust);
         }
         let _held = st.metrics.poll_held();
+        let _holding = st.wakers.hold(&node.node_id);
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep_until(deadline) => break answer(Vec::new()),
@@ -180,6 +181,53 @@ pub async fn poll(
     let org = super::jobs::org_of(&st, &node).await?;
     let trust = trust_understood.then(|| super::trust::node_trust(&st, &org, st.clock.now_ms()).tag);
     settled(empty, &org, trust)
+}
+
+/// How often a replica of a shared store looks for work waiting for the nodes it holds polls
+/// of: the most a notice from another replica that got lost delays a node's work.
+pub const RECHECK_HELD: Duration = Duration::from_secs(3);
+
+/// Every `interval`, asks the store what is waiting for the nodes whose polls this replica
+/// holds and wakes those with a queued job or a stop or service change they have not been
+/// sent. One statement per pass (a few for many thousands of nodes), whatever the number of
+/// nodes: the safety net under the notices replicas send each other (docs/scaling.md).
+pub async fn recheck_held(st: Shared, interval: Duration) {
+    loop {
+        tokio::select! {
+            _ = st.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let held = st.wakers.held();
+        if held.is_empty() {
+            continue;
+        }
+        let found = match st.store.pending_work(held).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(error = %e, "re-check of held polls failed; trying again");
+                continue;
+            }
+        };
+        let missed: std::collections::BTreeSet<String> = {
+            let Ok(sent) = st.sent.lock() else { continue };
+            found
+                .into_iter()
+                .filter(|(node_id, work)| match work {
+                    crate::store::PendingWork::Jobs => true,
+                    crate::store::PendingWork::Sent(key) => {
+                        !sent.get(node_id).is_some_and(|s| s.contains(key))
+                    }
+                })
+                .map(|(node_id, _)| node_id)
+                .collect()
+        };
+        if !missed.is_empty() {
+            tracing::debug!(nodes = missed.len(), "re-check found work for held polls; waking them");
+        }
+        for node_id in &missed {
+            st.wakers.wake(node_id);
+        }
+    }
 }
 
 /// What makes a result unstorable, whichever way it came (a report, a results bundle).

@@ -832,6 +832,42 @@ async fn deployments_and_node_services_are_kept_per_key(s: &dyn StateStore) {
     assert!(web.unacknowledged());
 }
 
+async fn pending_work_names_what_held_polls_wait_for(s: &dyn StateStore) {
+    use super::PendingWork;
+    let nodes = || ["pw-jobs", "pw-stop", "pw-service", "pw-idle", "pw-unknown"].map(String::from).to_vec();
+    s.insert_job(job("pwj1", "pw-jobs", 1)).await.expect("insert");
+    s.insert_job(job("pwj2", "pw-jobs", 2)).await.expect("insert");
+    s.insert_job(job("pws1", "pw-stop", 1)).await.expect("insert");
+    s.ack_jobs("pw-stop", vec!["pws1".into()], 2).await.expect("ack");
+    assert_eq!(s.cancel_job("pws1", 3).await.expect("cancel"), CancelOutcome::Requested);
+    s.set_service_desired("pw-service", "web", desired(7)).await.expect("desired");
+    s.set_service_desired("pw-service", "db", desired(8)).await.expect("desired");
+    s.ack_node_services("pw-service", vec![outpost_protocol::ServiceAck { service: "db".into(), seq: 8 }])
+        .await
+        .expect("ack");
+    s.insert_job(job("pwi1", "pw-idle", 1)).await.expect("insert");
+    s.ack_jobs("pw-idle", vec!["pwi1".into()], 2).await.expect("ack");
+    let mut found = s.pending_work(nodes()).await.expect("pending work");
+    found.sort();
+    let want = [
+        ("pw-jobs", PendingWork::Jobs),
+        ("pw-service", PendingWork::Sent("s:7".into())),
+        ("pw-stop", PendingWork::Sent("c:pws1/1".into())),
+    ]
+    .map(|(n, w)| (n.to_string(), w));
+    assert_eq!(found, want, "one entry per node with queued jobs, one per stop and unsent service");
+    // Taken and answered, nothing is left.
+    s.ack_jobs("pw-jobs", vec!["pwj1".into(), "pwj2".into()], 4).await.expect("ack");
+    let mut stopped = result("pws1");
+    stopped.outcome = Outcome::Cancelled;
+    s.store_result("pw-stop", stopped).await.expect("store");
+    s.ack_node_services("pw-service", vec![outpost_protocol::ServiceAck { service: "web".into(), seq: 7 }])
+        .await
+        .expect("ack");
+    assert_eq!(s.pending_work(nodes()).await.expect("pending work"), []);
+    assert_eq!(s.pending_work(Vec::new()).await.expect("nobody"), []);
+}
+
 pub(super) async fn contract(s: &dyn StateStore) {
     tokens_are_one_time_and_expire(s).await;
     queued_jobs_are_offered_until_acknowledged(s).await;
@@ -849,6 +885,7 @@ pub(super) async fn contract(s: &dyn StateStore) {
     listings_follow_every_change(s).await;
     deployments_and_node_services_are_kept_per_key(s).await;
     any_text_is_kept_as_it_was(s).await;
+    pending_work_names_what_held_polls_wait_for(s).await;
 }
 
 #[tokio::test]

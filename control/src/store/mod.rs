@@ -512,6 +512,20 @@ pub type ExclusiveGuard = Box<dyn Send + Sync>;
 /// Builds a service's desired state from the sequence number its node gets.
 pub type MakeDesired = Box<dyn FnOnce(u64) -> Result<DesiredService, StoreError> + Send>;
 
+/// Most stops a node is asked about at once by [`StateStore::pending_work`] (as many as one
+/// poll answer sends).
+pub const PENDING_WORK_MAX: usize = 256;
+
+/// Something waiting for a node's poll (see [`StateStore::pending_work`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PendingWork {
+    /// At least one queued job: a held poll never waits while there is one.
+    Jobs,
+    /// A stop or service change, by the key under which a poll answer sends it: a held poll
+    /// waits while every one of these was sent in an earlier answer.
+    Sent(String),
+}
+
 /// The control plane's persistence port. Every mutating call is durable when it returns.
 pub trait StateStore: Send + Sync + 'static {
     fn insert_org(&self, org: OrgRecord) -> StoreFuture<'_, ()>;
@@ -625,6 +639,31 @@ pub trait StateStore: Send + Sync + 'static {
     fn announce(&self, node_id: &str) -> StoreFuture<'_, ()> {
         let _ = node_id;
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// What each of `node_ids` has waiting for its poll: [`PendingWork::Jobs`] when it has a
+    /// queued job, and each stop and unacknowledged service change by the key the poll sends it
+    /// under (`c:JOB/ATTEMPT`, `s:SEQ`). A replica of a shared store asks this of the nodes it
+    /// holds polls of, every few seconds, so a notice from another replica that got lost delays
+    /// a node's work by at most that long.
+    fn pending_work(&self, node_ids: Vec<String>) -> StoreFuture<'_, Vec<(String, PendingWork)>> {
+        Box::pin(async move {
+            let mut found = Vec::new();
+            for node_id in node_ids {
+                if !self.queued_jobs(&node_id, 1).await?.is_empty() {
+                    found.push((node_id.clone(), PendingWork::Jobs));
+                }
+                for c in self.pending_cancels(&node_id, PENDING_WORK_MAX).await? {
+                    found.push((node_id.clone(), PendingWork::Sent(format!("c:{}/{}", c.job_id, c.attempt))));
+                }
+                for s in self.list_node_services(Some(&node_id)).await? {
+                    if let Some(d) = s.desired.as_ref().filter(|_| s.unacknowledged()) {
+                        found.push((node_id.clone(), PendingWork::Sent(format!("s:{}", d.seq))));
+                    }
+                }
+            }
+            Ok(found)
+        })
     }
 
     /// Whether the store answers now (`/v1/health`): an embedded one always does.

@@ -1167,6 +1167,37 @@ impl StateStore for PgStore {
         })
     }
 
+    fn pending_work(&self, node_ids: Vec<String>) -> StoreFuture<'_, Vec<(String, super::PendingWork)>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let mut found = Vec::new();
+            // One statement per chunk, each part served by an index on node_id.
+            for chunk in node_ids.chunks(2_000) {
+                let rows = c
+                    .query(
+                        "SELECT node_id, NULL FROM jobs WHERE state = 'queued' AND node_id = ANY($1)
+                             GROUP BY node_id
+                         UNION ALL
+                         SELECT node_id, 'c:' || job_id || '/' || attempt FROM cancels
+                             WHERE node_id = ANY($1)
+                         UNION ALL
+                         SELECT node_id, 's:' || (doc->'desired'->>'seq') FROM node_services
+                             WHERE node_id = ANY($1)
+                             AND (doc->'desired'->>'seq')::bigint > COALESCE((doc->>'acked_seq')::bigint, 0)",
+                        &[&chunk],
+                    )
+                    .await
+                    .map_err(backend)?;
+                for row in rows {
+                    let node_id: String = row.try_get(0).map_err(backend)?;
+                    let key: Option<String> = row.try_get(1).map_err(backend)?;
+                    found.push((node_id, key.map_or(super::PendingWork::Jobs, super::PendingWork::Sent)));
+                }
+            }
+            Ok(found)
+        })
+    }
+
     fn announce(&self, node_id: &str) -> StoreFuture<'_, ()> {
         let node_id = node_id.to_owned();
         Box::pin(async move {

@@ -203,3 +203,32 @@ async fn a_revocation_on_one_replica_reaches_a_poll_held_on_another() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_notice_costs_a_held_poll_at_most_the_recheck_interval() {
+    let Some(pg) =
+        start_or_skip("a_lost_notice_costs_a_held_poll_at_most_the_recheck_interval").await.unwrap()
+    else {
+        return;
+    };
+    let (a, b) = two_replicas(&pg).await;
+    let (_, token) = org_and_token(&a).await;
+    let node = at(&TestNode::enroll(&a, &token).await, &b);
+    let node_id = node.id().to_owned();
+    let held = tokio::spawn(async move { node.poll(&[], 25).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both replicas' listening backends stall: the submit's notice reaches neither.
+    let paused = pg.pause_listeners().await.expect("listeners paused");
+    assert_eq!(paused.len(), 2, "one listener per replica");
+    let submitted = Instant::now();
+    let job = submit(&a.operator().expect("operator"), &node_id).await;
+    let resp = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("the held poll was answered by the re-check, long before its 25 s wait ran out")
+        .expect("poll task");
+    let took = submitted.elapsed();
+    drop(paused);
+    assert_eq!(resp.jobs.len(), 1, "{resp:?}");
+    assert_eq!(resp.jobs[0].job_id, job.job_id);
+    eprintln!("delivered {took:?} after the submit, with no notice");
+}
