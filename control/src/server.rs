@@ -136,11 +136,116 @@ impl RunningServer {
 /// Opens the data dir (creating the CA and certificates on first start) and the store, binds
 /// the listener and serves until `shutdown` is cancelled.
 pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServeError> {
+    let prepared = prepare(&config).await?;
+    let opened = open_store(&config, &prepared.dir).await?;
+    start(config, prepared, opened, shutdown).await
+}
+
+/// Like [`serve`], but a shared database that cannot be reached yet (it starts after this
+/// replica, or is being failed over) is waited for, with backoff from 1 s to 30 s. Meanwhile
+/// the listener is bound and answers every request, `/v1/health` included, with
+/// `503 store_unavailable` and the reason, so a load balancer's check and an operator see a
+/// replica that is up but not ready. `None`: `shutdown` came first.
+pub async fn serve_when_ready(
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<Option<RunningServer>, ServeError> {
+    let prepared = prepare(&config).await?;
+    let mut backoff = Duration::from_secs(1);
+    let mut waiting: Option<(CancellationToken, JoinHandle<()>, Arc<std::sync::Mutex<String>>)> = None;
+    let opened = loop {
+        match open_store(&config, &prepared.dir).await {
+            Err(ServeError::Store(StoreError::Unreachable(why))) => {
+                tracing::warn!(%why, retry_in = ?backoff, "cannot reach the state store; retrying (answering 503 meanwhile)");
+                match &waiting {
+                    Some((_, _, reason)) => {
+                        if let Ok(mut r) = reason.lock() {
+                            *r = why;
+                        }
+                    }
+                    None => {
+                        let reason = Arc::new(std::sync::Mutex::new(why));
+                        let stop = shutdown.child_token();
+                        let app = not_ready_router(Arc::clone(&reason));
+                        let task = tokio::spawn(accept_loop(
+                            Arc::clone(&prepared.listener),
+                            prepared.acceptor.clone(),
+                            app,
+                            stop.clone(),
+                            config.max_connections,
+                        ));
+                        waiting = Some((stop, task, reason));
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break None,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            opened => break Some(opened?),
+        }
+    };
+    if let Some((stop, task, _)) = waiting {
+        // The not-ready answers end; the listener (and the connections queued on it) go on to
+        // the real server.
+        stop.cancel();
+        let _ = task.await;
+    }
+    let Some(opened) = opened else { return Ok(None) };
+    start(config, prepared, opened, shutdown).await.map(Some)
+}
+
+/// What answers while the store cannot be reached yet: 503 with the reason, to everything.
+fn not_ready_router(reason: Arc<std::sync::Mutex<String>>) -> axum::Router {
+    axum::Router::new().fallback(move || {
+        let why = reason.lock().map(|r| r.clone()).unwrap_or_default();
+        async move {
+            api::ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("the control plane is starting and cannot reach its store yet: {why}; retry later"),
+            )
+        }
+    })
+}
+
+/// What a replica has before its store: the data directory's keys and certificates, the TLS
+/// acceptor and the bound listener.
+struct Prepared {
+    dir: DataDir,
+    admin_token: String,
+    clock: Clock,
+    authority: Arc<Authority>,
+    revoked: Revoked,
+    acceptor: TlsAcceptor,
+    listener: Arc<TcpListener>,
+    addr: SocketAddr,
+}
+
+async fn prepare(config: &ServerConfig) -> Result<Prepared, ServeError> {
     let dir = DataDir::new(&config.data_dir);
     let materials = dir
         .load_or_init(&config.extra_sans)
         .map_err(|source| ServeError::DataDir { path: config.data_dir.clone(), source })?;
-    let (store, shared): (Arc<dyn StateStore>, Option<PgOptions>) = match &config.store {
+    let clock = Clock::system();
+    let sans: Vec<String> = crate::data_dir::wanted_sans(&config.extra_sans).into_iter().collect();
+    let admin_token = materials.admin_token.clone();
+    let authority = Arc::new(Authority::new(materials, dir.clone(), sans, clock.clone())?);
+    // Filled from the store once it is open; until then every request is refused anyway.
+    let revoked = Revoked::default();
+    let tls_config = tls::server_config(Arc::clone(&authority), revoked.clone())?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
+    let bind_err = |source| ServeError::Bind { addr: config.listen, source };
+    let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    Ok(Prepared { dir, admin_token, clock, authority, revoked, acceptor, listener: Arc::new(listener), addr })
+}
+
+type Opened = (Arc<dyn StateStore>, Option<PgOptions>);
+
+async fn open_store(config: &ServerConfig, dir: &DataDir) -> Result<Opened, ServeError> {
+    Ok(match &config.store {
         StoreChoice::Sled => (Arc::new(SledStore::open(&dir.db())?), None),
         StoreChoice::Postgres(options) => {
             let mut options = options.clone();
@@ -152,24 +257,23 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
             tracing::info!(db = %store.describe(), "state store: PostgreSQL");
             (Arc::new(store), Some(options))
         }
-    };
-    let revoked = Revoked::default();
+    })
+}
+
+async fn start(
+    config: ServerConfig,
+    prepared: Prepared,
+    (store, shared): Opened,
+    shutdown: CancellationToken,
+) -> Result<RunningServer, ServeError> {
+    let Prepared { admin_token, clock, authority, revoked, acceptor, listener, addr, .. } = prepared;
     for node in store.list_nodes().await?.into_iter().filter(|n| n.revoked_unix_ms.is_some()) {
         revoked.insert_node(&node);
     }
     if !revoked.is_empty() {
         tracing::info!(nodes = revoked.len(), "revoked node certificates are refused");
     }
-    let clock = Clock::system();
-    let sans: Vec<String> = crate::data_dir::wanted_sans(&config.extra_sans).into_iter().collect();
-    let admin_token = materials.admin_token.clone();
-    let admin_token_sha256 = Sha256::digest(materials.admin_token.as_bytes()).into();
-    let authority = Arc::new(Authority::new(materials, dir.clone(), sans, clock.clone())?);
-    let tls_config = tls::server_config(Arc::clone(&authority), revoked.clone())?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
-    let bind_err = |source| ServeError::Bind { addr: config.listen, source };
-    let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
-    let addr = listener.local_addr().map_err(bind_err)?;
+    let admin_token_sha256 = Sha256::digest(admin_token.as_bytes()).into();
     let ca_fingerprint = authority.presented().fingerprint().to_owned();
     let ca_pem = authority.presented().cert_pem().to_owned();
     let state = Arc::new(AppState {
@@ -248,7 +352,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     acceptor: TlsAcceptor,
     app: axum::Router,
     shutdown: CancellationToken,

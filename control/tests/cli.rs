@@ -647,3 +647,83 @@ async fn a_replica_on_a_taken_address_says_so() {
         "{stderr}"
     );
 }
+
+/// A database that cannot be reached when a replica starts: the replica says why, retries with
+/// backoff, answers `/v1/health` (and everything else) 503 meanwhile, and serves once the
+/// database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_unreachable_at_start_is_waited_for_while_health_says_not_ready() {
+    let Some(mut pg) = outpost_control::testing::postgres::start_or_skip(
+        "a_database_unreachable_at_start_is_waited_for_while_health_says_not_ready",
+    )
+    .await
+    .expect("postgres") else {
+        return;
+    };
+    let options = pg.database().await.expect("database");
+    outpost_control::store::PgStore::migrate(options.clone()).await.expect("migrate");
+    pg.kill();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("serve.log");
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &addr, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--store-url", &options.url])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("outpost-control starts");
+    let health = format!("https://{addr}{}", outpost_protocol::paths::HEALTH);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let not_ready = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no answer on {addr}; log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "serve exited: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        if let Ok(ca) = std::fs::read_to_string(dir.path().join("data/ca.crt"))
+            && let Ok(resp) = support::https(&ca, None).get(&health).send().await
+        {
+            break resp;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(not_ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: outpost_protocol::ErrorBody = not_ready.json().await.expect("an error body");
+    assert_eq!(body.code, "store_unavailable", "{body:?}");
+    assert!(body.message.contains("cannot reach its store yet"), "{body:?}");
+    // Let it retry at least once, then bring the database back.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert!(logged.contains("cannot reach the state store; retrying"), "{logged}");
+    pg.resume().await.expect("postgres back");
+    let stdout = child.stdout.take().expect("stdout");
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    });
+    let line = tokio::time::timeout(Duration::from_secs(60), ready)
+        .await
+        .expect("ready within a minute of the database's return")
+        .expect("reader")
+        .expect("a ready line");
+    assert!(line.starts_with(&format!("outpost-control listening on https://{addr}")), "{line:?}");
+    let ca = std::fs::read_to_string(dir.path().join("data/ca.crt")).expect("ca");
+    let ready = support::https(&ca, None).get(&health).send().await.expect("health");
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+}

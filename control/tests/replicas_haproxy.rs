@@ -98,18 +98,24 @@ fn haproxy() -> Option<PathBuf> {
     ["/usr/sbin/haproxy", "/usr/bin/haproxy"].iter().map(PathBuf::from).find(|p| p.is_file())
 }
 
-fn start_haproxy(dir: &Path, front: u16, replicas: &[u16]) -> Balancer {
+/// HAProxy in TCP mode (TLS passes through), checking each replica's `/v1/health` over TLS
+/// with the control plane's CA: a replica that is up but cannot reach its database is out.
+fn start_haproxy(dir: &Path, front: u16, replicas: &[u16], ca_file: &Path) -> Balancer {
+    let ca = ca_file.display();
     let servers: String = replicas
         .iter()
         .enumerate()
-        .map(|(i, port)| format!("    server r{i} 127.0.0.1:{port} check\n"))
+        .map(|(i, port)| {
+            format!("    server r{i} 127.0.0.1:{port} check check-ssl verify required ca-file {ca}\n")
+        })
         .collect();
     let config = format!(
         "global\n    maxconn 4096\n\
          defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n    \
          retries 3\n    option redispatch\n\
          frontend outpost\n    bind 127.0.0.1:{front}\n    default_backend replicas\n\
-         backend replicas\n    balance roundrobin\n    default-server inter 300ms fall 2 rise 1\n{servers}"
+         backend replicas\n    balance roundrobin\n    option httpchk GET /v1/health\n    \
+         http-check expect status 200\n    default-server inter 300ms fall 2 rise 1\n{servers}"
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).expect("haproxy.cfg");
@@ -294,7 +300,8 @@ async fn replicas_behind_haproxy_lose_nothing_when_killed_or_restarted() {
         replica.start(&options.url);
     }
     let front = free_port();
-    let _balancer = start_haproxy(work.path(), front, &replicas.iter().map(|r| r.port).collect::<Vec<_>>());
+    let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
+    let _balancer = start_haproxy(work.path(), front, &ports, &replicas[0].dir.join("ca.crt"));
     let base = format!("https://127.0.0.1:{front}");
     let ca_pem = std::fs::read_to_string(replicas[0].dir.join("ca.crt")).expect("ca");
     let admin = std::fs::read_to_string(replicas[0].dir.join("admin.token")).expect("token");

@@ -333,20 +333,21 @@ pub(super) async fn serve(g: &Global, settings: Settings) -> anyhow::Result<Exit
         store: settings.store,
     };
     // A database that does not answer yet (it starts after us, or is being failed over) is
-    // waited for; any other refusal (no schema, a newer one) ends the start.
-    let mut backoff = Duration::from_secs(1);
-    let server = loop {
-        match server::serve(config.clone(), shutdown.clone()).await {
-            Err(server::ServeError::Store(crate::store::StoreError::Unreachable(why))) => {
-                tracing::warn!(%why, retry_in = ?backoff, "cannot reach the state store; retrying");
-                tokio::select! {
-                    _ = term.recv() => return Ok(ExitCode::FAILURE),
-                    _ = int.recv() => return Ok(ExitCode::FAILURE),
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            started => break started?,
+    // waited for, the listener answering 503 meanwhile; any other refusal (no schema, a newer
+    // one) ends the start.
+    let starting = server::serve_when_ready(config, shutdown.clone());
+    let server = tokio::select! {
+        started = starting => match started? {
+            Some(server) => server,
+            None => return Ok(ExitCode::FAILURE),
+        },
+        _ = term.recv() => {
+            shutdown.cancel();
+            return Ok(ExitCode::FAILURE);
+        }
+        _ = int.recv() => {
+            shutdown.cancel();
+            return Ok(ExitCode::FAILURE);
         }
     };
     println!("outpost-control listening on https://{} (CA sha256 {})", server.addr, server.ca_fingerprint);
