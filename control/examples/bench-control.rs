@@ -103,9 +103,10 @@ struct LoadArgs {
     /// How long the operator load runs.
     #[arg(long, default_value_t = 10)]
     operator_secs: u64,
-    /// The server's process id, to read its RSS and CPU time from /proc.
-    #[arg(long)]
-    server_pid: u32,
+    /// The server's process id, to read its RSS and CPU time from /proc; several replicas:
+    /// their ids, comma-separated (their figures are summed).
+    #[arg(long, value_delimiter = ',', required = true)]
+    server_pid: Vec<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -127,7 +128,17 @@ fn main() -> anyhow::Result<()> {
 // ------------------------------------------------------------------------------ measuring
 
 /// RSS (MB) and CPU time (ms) of a process, from /proc.
-fn process_figures(pid: u32) -> anyhow::Result<(f64, f64)> {
+/// RSS (MB) and CPU time (ms) of the server processes, summed.
+fn process_figures(pids: &[u32]) -> anyhow::Result<(f64, f64)> {
+    let mut sum = (0.0, 0.0);
+    for pid in pids {
+        let (rss, cpu) = one_process_figures(*pid)?;
+        sum = (sum.0 + rss, sum.1 + cpu);
+    }
+    Ok(sum)
+}
+
+fn one_process_figures(pid: u32) -> anyhow::Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status: is the server running?"))?;
     let rss_kb: f64 = status
@@ -541,7 +552,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<Figures> {
     eprintln!("[bench-control] {target}: {} nodes ready in {enroll_s:.1} s; connecting", nodes.len());
     // Let the server settle after the enrollment burst before the baseline figure.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_before_mb, _) = process_figures(args.server_pid)?;
+    let (rss_before_mb, _) = process_figures(&args.server_pid)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
@@ -572,18 +583,18 @@ async fn load(args: LoadArgs) -> anyhow::Result<Figures> {
     // Every node has sent its first poll; give the last ones time to be held.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let connect_s = connecting.elapsed().as_secs_f64();
-    let (rss_connected_mb, _) = process_figures(args.server_pid)?;
+    let (rss_connected_mb, _) = process_figures(&args.server_pid)?;
     eprintln!(
         "[bench-control] {target}: {} nodes connected in {connect_s:.1} s; measuring {} s of heartbeats",
         args.nodes, args.window_secs
     );
 
-    let (_, cpu_start) = process_figures(args.server_pid)?;
+    let (_, cpu_start) = process_figures(&args.server_pid)?;
     let (hb_start, polls_start) = (c.heartbeats.load(Ordering::Relaxed), c.polls.load(Ordering::Relaxed));
     let window = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
     let window_s = window.elapsed().as_secs_f64();
-    let (_, cpu_end) = process_figures(args.server_pid)?;
+    let (_, cpu_end) = process_figures(&args.server_pid)?;
     let heartbeats_in_window = c.heartbeats.load(Ordering::Relaxed) - hb_start;
     let polls_in_window = c.polls.load(Ordering::Relaxed) - polls_start;
     let cpu_ms_in_window = cpu_end - cpu_start;

@@ -1,8 +1,9 @@
-//! What a node listing filtered by a selector costs in the sled store, the way `GET /v1/nodes`
-//! did it before (decode every record whole, then filter) and does it now
-//! (`StateStore::find_nodes`: judge each record by its organisation and labels, decode only the
-//! kept ones whole). One process, one store, the two ways interleaved round by round, so both
-//! see the same machine.
+//! What a node listing filtered by a selector costs in the sled store, three ways: as
+//! `GET /v1/nodes` first did it (decode every record whole, then filter), by a scan
+//! (`StateStore::find_nodes` without a label: judge each record by its organisation and labels,
+//! decode only the kept ones whole), and as it does now for a selector with a `key=value` term
+//! (`find_nodes` given that label: only the nodes the label index lists are read). One process,
+//! one store, the ways interleaved round by round, so all see the same machine.
 //!
 //!   cargo run --release -p outpost-control --example bench-node-scan -- [NODES] [ROUNDS]
 //!
@@ -93,13 +94,15 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("bench-node-scan: {nodes} nodes stored in {:.1} s", t0.elapsed().as_secs_f64());
 
     println!(
-        "| selector | matches | before: decode all, filter (median / best ms) | now: find_nodes (median / best ms) |"
+        "| selector | matches | decode all, filter (median / best ms) | scan: find_nodes (median / best ms) | label index: find_nodes (median / best ms) |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     for text in ["bench=none", "site=icu"] {
         let selector = Selector::parse(text)?;
-        let (mut before, mut now) = (Vec::new(), Vec::new());
-        let mut counts = (0, 0);
+        let (mut before, mut now, mut indexed) = (Vec::new(), Vec::new(), Vec::new());
+        let mut counts = (0, 0, 0);
+        let (key, value) = text.split_once('=').unwrap_or_default();
+        let label = Some((key.to_owned(), value.to_owned()));
         for _ in 0..rounds {
             let t = Instant::now();
             let found: Vec<NodeInfo> = store
@@ -114,19 +117,31 @@ async fn main() -> anyhow::Result<()> {
             let s = selector.clone();
             let keep: NodeFilter = Box::new(move |_, labels| s.matches(labels));
             let t = Instant::now();
-            let found = store.find_nodes(None, None, keep, usize::MAX).await?;
+            let found = store.find_nodes(None, None, None, keep, usize::MAX).await?;
             now.push(t.elapsed().as_secs_f64() * 1e3);
             counts.1 = found.len();
+
+            let s = selector.clone();
+            let keep: NodeFilter = Box::new(move |_, labels| s.matches(labels));
+            let t = Instant::now();
+            let found = store.find_nodes(None, None, label.clone(), keep, usize::MAX).await?;
+            indexed.push(t.elapsed().as_secs_f64() * 1e3);
+            counts.2 = found.len();
         }
-        anyhow::ensure!(counts.0 == counts.1, "both ways must find the same nodes: {counts:?}");
+        anyhow::ensure!(
+            counts.0 == counts.1 && counts.1 == counts.2,
+            "every way must find the same nodes: {counts:?}"
+        );
         let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
         println!(
-            "| `{text}` | {} of {nodes} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            "| `{text}` | {} of {nodes} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} |",
             counts.0,
             median(before.clone()),
             best(&before),
             median(now.clone()),
-            best(&now)
+            best(&now),
+            median(indexed.clone()),
+            best(&indexed)
         );
     }
     Ok(())

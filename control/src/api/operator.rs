@@ -225,11 +225,18 @@ pub async fn list_nodes(
     // reads each other record only as far as its organisation and labels.
     let org = q.org_id.clone().or_else(|| caller.org_filter().map(str::to_owned));
     let own = caller.org_filter().map(str::to_owned);
+    // A `key=value` term lets a store with a label index read only the nodes that carry it.
+    let label = selector.as_ref().and_then(|s| {
+        s.requirements().iter().find_map(|r| match &r.op {
+            outpost_protocol::selector::Op::Equals(v) => Some((r.key.clone(), v.clone())),
+            _ => None,
+        })
+    });
     let keep: crate::store::NodeFilter = Box::new(move |org_id, labels| {
         own.as_deref().is_none_or(|o| o == org_id) && selector.as_ref().is_none_or(|s| s.matches(labels))
     });
     let want = q.limit.map_or(usize::MAX, |l| l as usize + 1);
-    let mut found = st.store.find_nodes(org.as_deref(), q.after.as_deref(), keep, want).await?;
+    let mut found = st.store.find_nodes(org.as_deref(), q.after.as_deref(), label, keep, want).await?;
     let next_after = match q.limit {
         Some(limit) if found.len() > limit as usize => {
             found.truncate(limit as usize);

@@ -658,10 +658,17 @@ async fn listings_follow_every_change(s: &dyn StateStore) {
     };
     s.record_heartbeat("la1", beat, Some(600)).await.expect("heartbeat");
     let find = |org: Option<&'static str>, after: Option<String>, k: Option<&'static str>, limit: usize| async move {
-        let keep: crate::store::NodeFilter =
-            Box::new(move |_, labels| k.is_none_or(|v| labels.get("k").map(String::as_str) == Some(v)));
-        let found = s.find_nodes(org, after.as_deref(), keep, limit).await.expect("find");
-        found.into_iter().map(|n| n.node_id).collect::<Vec<_>>()
+        let keep = move || -> crate::store::NodeFilter {
+            Box::new(move |_, labels| k.is_none_or(|v| labels.get("k").map(String::as_str) == Some(v)))
+        };
+        let found = s.find_nodes(org, after.as_deref(), None, keep(), limit).await.expect("find");
+        let found: Vec<String> = found.into_iter().map(|n| n.node_id).collect();
+        // Told the label every match carries, a store may read only those: the same answer.
+        let label = k.map(|v| ("k".to_owned(), v.to_owned()));
+        let hinted = s.find_nodes(org, after.as_deref(), label, keep(), limit).await.expect("find");
+        let hinted: Vec<String> = hinted.into_iter().map(|n| n.node_id).collect();
+        assert_eq!(hinted, found, "with the label k={k:?}");
+        found
     };
     assert_eq!(find(Some("lo-a"), None, Some("v"), 10).await, ["la2"], "operator labels are matched");
     assert_eq!(
@@ -678,11 +685,32 @@ async fn listings_follow_every_change(s: &dyn StateStore) {
     assert!(find(None, None, None, 0).await.is_empty());
     assert_eq!(find(None, None, None, usize::MAX).await, everyone, "unfiltered: every node in id order");
     assert_eq!(find(None, Some(everyone[0].clone()), None, 2).await, everyone[1..3]);
+    // The operator's label wins over the node's own, in the index too; removed, the own is back.
+    s.update_node_labels("la1", [("k".to_owned(), "over".to_owned())].into(), vec![]).await.expect("label");
+    assert!(find(None, None, Some("own"), 10).await.is_empty(), "overridden");
+    assert_eq!(find(None, None, Some("over"), 10).await, ["la1"]);
+    s.update_node_labels("la1", Default::default(), vec!["k".to_owned()]).await.expect("unlabel");
+    assert_eq!(find(None, None, Some("own"), 10).await, ["la1"]);
+    assert!(find(None, None, Some("over"), 10).await.is_empty(), "no stale index entry");
+    // A new heartbeat with other labels replaces the old ones.
+    let mut moved = s.get_node("la1").await.expect("get").expect("la1").last_heartbeat.expect("beat");
+    moved.labels = [("k".to_owned(), "moved".to_owned())].into();
+    s.record_heartbeat("la1", moved.clone(), None).await.expect("heartbeat");
+    assert!(find(None, None, Some("own"), 10).await.is_empty(), "the old heartbeat's label is gone");
+    assert_eq!(find(None, None, Some("moved"), 10).await, ["la1"]);
+    moved.labels = [("k".to_owned(), "own".to_owned()), ("site".to_owned(), "x".to_owned())].into();
+    s.record_heartbeat("la1", moved, None).await.expect("heartbeat");
+    assert_eq!(find(None, None, Some("own"), 10).await, ["la1"]);
     let by_org: crate::store::NodeFilter = Box::new(|org, _| org == "lo-b");
-    let lo_b: Vec<String> =
-        s.find_nodes(None, None, by_org, 10).await.expect("find").into_iter().map(|n| n.node_id).collect();
+    let lo_b: Vec<String> = s
+        .find_nodes(None, None, None, by_org, 10)
+        .await
+        .expect("find")
+        .into_iter()
+        .map(|n| n.node_id)
+        .collect();
     assert_eq!(lo_b, ["lb1"], "the filter sees the organisation");
-    let whole = s.find_nodes(Some("lo-a"), None, Box::new(|_, _| true), 1).await.expect("find");
+    let whole = s.find_nodes(Some("lo-a"), None, None, Box::new(|_, _| true), 1).await.expect("find");
     assert_eq!(
         whole[0].last_heartbeat.as_ref().map(|h| h.inventory.hostname.len()),
         Some(4096),
@@ -761,7 +789,7 @@ fn deployment(org_id: &str, name: &str, revision: u64) -> super::DeploymentRecor
     }
 }
 
-fn desired(seq: u64) -> super::DesiredService {
+pub(super) fn desired(seq: u64) -> super::DesiredService {
     super::DesiredService {
         deployment: "web".into(),
         revision: 1,

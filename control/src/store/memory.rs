@@ -194,6 +194,7 @@ impl StateStore for MemoryStore {
         &self,
         org_id: Option<&str>,
         after: Option<&str>,
+        _label: Option<(String, String)>,
         keep: super::NodeFilter,
         limit: usize,
     ) -> StoreFuture<'_, Vec<NodeInfo>> {

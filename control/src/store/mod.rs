@@ -563,11 +563,14 @@ pub trait StateStore: Send + Sync + 'static {
     /// Up to `limit` nodes in node id order, after `after` (exclusive) when given, of `org_id`
     /// or of all organisations, that `keep` accepts. A record `keep` refuses is read only as
     /// far as the filter needs (not its inventory), so a filtered listing costs little more
-    /// than its matches.
+    /// than its matches. `label`: a `(key, value)` that every node `keep` accepts carries among
+    /// its effective labels (a selector's `key=value` term); a store with a label index reads
+    /// only the nodes that carry it. It never widens or narrows what `keep` decides.
     fn find_nodes(
         &self,
         org_id: Option<&str>,
         after: Option<&str>,
+        label: Option<(String, String)>,
         keep: NodeFilter,
         limit: usize,
     ) -> StoreFuture<'_, Vec<NodeInfo>>;

@@ -41,10 +41,13 @@ use super::{
 };
 
 /// The schema this binary reads and writes: the highest migration it carries.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Every migration, in order: version and SQL. A migration never changes once released.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_initial.sql")),
+    (2, include_str!("../../migrations/0002_node_labels.sql")),
+];
 
 /// The advisory lock `migrate` holds, so that two replicas started at once do not both apply.
 const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7401;
@@ -335,20 +338,35 @@ async fn put_cancel<C: GenericClient>(c: &C, node_id: &str, stop: &CancelAttempt
 
 async fn put_node<C: GenericClient>(c: &C, node: &NodeInfo) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO nodes (node_id, org_id, last_seen_unix_ms, doc) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (node_id) DO UPDATE SET org_id = $2, last_seen_unix_ms = $3, doc = $4",
-        &[&node.node_id, &node.org_id, &node.last_seen_unix_ms.map(big), &Json(node)],
+        "INSERT INTO nodes (node_id, org_id, last_seen_unix_ms, doc, labels) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (node_id) DO UPDATE SET org_id = $2, last_seen_unix_ms = $3, doc = $4, labels = $5",
+        &[&node.node_id, &node.org_id, &node.last_seen_unix_ms.map(big), &Json(node), &label_index(node)],
     )
     .await
     .map_err(backend)?;
     Ok(())
 }
 
+/// The `labels` column of a node's row: `key=value` per effective label; `None` (not indexed:
+/// read by every filtered listing) when one holds NUL, which text cannot.
+fn label_index(node: &NodeInfo) -> Option<Vec<String>> {
+    let labels = node.effective_labels();
+    if labels.iter().any(|(k, v)| k.contains('\0') || v.contains('\0')) {
+        return None;
+    }
+    Some(labels.iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+/// What a service record's `pending_seq` column holds: the unacknowledged change's number, or 0.
+fn pending_seq(rec: &super::NodeServiceRecord) -> i64 {
+    rec.desired.as_ref().filter(|_| rec.unacknowledged()).map_or(0, |d| big(d.seq))
+}
+
 async fn put_node_service<C: GenericClient>(c: &C, rec: &super::NodeServiceRecord) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO node_services (node_id, service, doc) VALUES ($1, $2, $3)
-         ON CONFLICT (node_id, service) DO UPDATE SET doc = $3",
-        &[&rec.node_id, &rec.service, &Json(rec)],
+        "INSERT INTO node_services (node_id, service, doc, pending_seq) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (node_id, service) DO UPDATE SET doc = $3, pending_seq = $4",
+        &[&rec.node_id, &rec.service, &Json(rec), &pending_seq(rec)],
     )
     .await
     .map_err(backend)?;
@@ -822,25 +840,46 @@ impl StateStore for PgStore {
         &self,
         org_id: Option<&str>,
         after: Option<&str>,
+        label: Option<(String, String)>,
         keep: super::NodeFilter,
         limit: usize,
     ) -> StoreFuture<'_, Vec<NodeInfo>> {
         const BATCH: i64 = 512;
         let org_id = org_id.map(str::to_owned);
         let mut after = after.map(str::to_owned);
+        // The generated `labels` column holds `key=value` per effective label (migration 2),
+        // NULL for a node whose labels it cannot hold (those are always read). Text cannot hold
+        // NUL either: a label with one is looked for by a scan.
+        let label = label
+            .filter(|(k, v)| !k.contains('\0') && !v.contains('\0'))
+            .map(|(k, v)| vec![format!("{k}={v}")]);
         Box::pin(async move {
             let c = self.client().await?;
             let mut out = Vec::new();
             while out.len() < limit {
-                let rows = c
-                    .query(
-                        "SELECT node_id, doc::text FROM nodes
-                         WHERE ($1::text IS NULL OR org_id = $1) AND ($2::text IS NULL OR node_id > $2)
-                         ORDER BY node_id LIMIT $3",
-                        &[&org_id, &after, &BATCH],
-                    )
-                    .await
-                    .map_err(backend)?;
+                let rows = match &label {
+                    // Through the label index: only the nodes that carry the label.
+                    Some(label) => {
+                        c.query(
+                            "SELECT node_id, doc::text FROM nodes
+                             WHERE (labels @> $4 OR labels IS NULL) AND ($1::text IS NULL OR org_id = $1)
+                             AND ($2::text IS NULL OR node_id > $2)
+                             ORDER BY node_id LIMIT $3",
+                            &[&org_id, &after, &BATCH, label],
+                        )
+                        .await
+                    }
+                    None => {
+                        c.query(
+                            "SELECT node_id, doc::text FROM nodes
+                             WHERE ($1::text IS NULL OR org_id = $1) AND ($2::text IS NULL OR node_id > $2)
+                             ORDER BY node_id LIMIT $3",
+                            &[&org_id, &after, &BATCH],
+                        )
+                        .await
+                    }
+                }
+                .map_err(backend)?;
                 for row in &rows {
                     let id: String = row.get(0);
                     let text: String = row.get(1);
@@ -1181,9 +1220,8 @@ impl StateStore for PgStore {
                          SELECT node_id, 'c:' || job_id || '/' || attempt FROM cancels
                              WHERE node_id = ANY($1)
                          UNION ALL
-                         SELECT node_id, 's:' || (doc->'desired'->>'seq') FROM node_services
-                             WHERE node_id = ANY($1)
-                             AND (doc->'desired'->>'seq')::bigint > COALESCE((doc->>'acked_seq')::bigint, 0)",
+                         SELECT node_id, 's:' || pending_seq FROM node_services
+                             WHERE node_id = ANY($1) AND pending_seq > 0",
                         &[&chunk],
                     )
                     .await
@@ -1192,6 +1230,19 @@ impl StateStore for PgStore {
                     let node_id: String = row.try_get(0).map_err(backend)?;
                     let key: Option<String> = row.try_get(1).map_err(backend)?;
                     found.push((node_id, key.map_or(super::PendingWork::Jobs, super::PendingWork::Sent)));
+                }
+                // Records written before schema 2 say nothing in the column: judged whole.
+                let unknown: Vec<super::NodeServiceRecord> = all(
+                    &**c,
+                    "SELECT doc FROM node_services WHERE node_id = ANY($1) AND pending_seq IS NULL",
+                    &[&chunk],
+                    "node service",
+                )
+                .await?;
+                for r in unknown {
+                    if let Some(d) = r.desired.as_ref().filter(|_| r.unacknowledged()) {
+                        found.push((r.node_id.clone(), super::PendingWork::Sent(format!("s:{}", d.seq))));
+                    }
                 }
             }
             Ok(found)

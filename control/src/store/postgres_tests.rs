@@ -524,3 +524,72 @@ async fn a_node_seq_beyond_bigint_is_refused_whole() {
         "the batch is stored whole or not at all"
     );
 }
+
+/// Rows whose index columns say nothing (written before schema 2, or by a replica not yet
+/// upgraded: `labels` and `pending_seq` NULL) are judged from their records: a filtered
+/// listing and the re-check of held polls never miss them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_without_index_columns_are_judged_from_their_records() {
+    let pg = postgres_or_skip!("rows_without_index_columns_are_judged_from_their_records");
+    let (options, stores) = replicas(&pg, 1).await;
+    let s = &stores[0];
+    s.insert_org(org("o")).await.unwrap();
+    for (token, id) in [("t-old", "n-old"), ("t-new", "n-new"), ("t-other", "n-other")] {
+        s.insert_token(TokenRecord {
+            token_sha256: token.into(),
+            org_id: "o".into(),
+            expires_unix_ms: u64::MAX,
+            used_unix_ms: None,
+            used_by_node: None,
+        })
+        .await
+        .unwrap();
+        s.enroll_node(token, 1, node(id, "o")).await.unwrap().unwrap();
+    }
+    let site = |v: &str| [("site".to_owned(), v.to_owned())].into();
+    s.update_node_labels("n-old", site("icu"), vec![]).await.unwrap();
+    s.update_node_labels("n-new", site("icu"), vec![]).await.unwrap();
+    s.update_node_labels("n-other", site("lab"), vec![]).await.unwrap();
+    s.set_service_desired("n-old", "web", super::contract::desired(5)).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&options.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let indexed: Vec<Option<Vec<String>>> = client
+        .query("SELECT labels FROM nodes ORDER BY node_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        indexed,
+        [
+            Some(vec!["site=icu".to_owned()]),
+            Some(vec!["site=icu".to_owned()]),
+            Some(vec!["site=lab".to_owned()])
+        ],
+        "written with every node record"
+    );
+    client
+        .batch_execute(
+            "UPDATE nodes SET labels = NULL WHERE node_id IN ('n-old', 'n-other');
+             UPDATE node_services SET pending_seq = NULL",
+        )
+        .await
+        .unwrap();
+    let icu = || -> super::NodeFilter { Box::new(|_, l| l.get("site").map(String::as_str) == Some("icu")) };
+    let label = Some(("site".to_owned(), "icu".to_owned()));
+    let found: Vec<String> =
+        s.find_nodes(None, None, label, icu(), 10).await.unwrap().into_iter().map(|n| n.node_id).collect();
+    assert_eq!(found, ["n-new", "n-old"], "the unindexed node is read and judged, the other refused");
+    let pending = s.pending_work(vec!["n-old".into()]).await.unwrap();
+    assert_eq!(pending, [("n-old".to_owned(), super::PendingWork::Sent("s:5".into()))]);
+    // The next write of each record fills its columns in.
+    s.update_node_labels("n-old", site("lab"), vec![]).await.unwrap();
+    let label = Some(("site".to_owned(), "icu".to_owned()));
+    let found: Vec<String> =
+        s.find_nodes(None, None, label, icu(), 10).await.unwrap().into_iter().map(|n| n.node_id).collect();
+    assert_eq!(found, ["n-new"]);
+    let unknown: i64 =
+        client.query_one("SELECT count(*) FROM nodes WHERE labels IS NULL", &[]).await.unwrap().get(0);
+    assert_eq!(unknown, 1, "only the node not written since");
+}

@@ -19,12 +19,14 @@
 //! and, per organisation and state, `c` org `\0` state → the number of such jobs (u64 big
 //! endian). Every write of a job record moves its keys and counts in the same transaction
 //! ([`reindex_job`]). `node_orgs` holds `org \0 node` → the node's stored last-seen time (u64
-//! big endian, 0 for never), written with every node record.
+//! big endian, 0 for never), written with every node record. `node_labels` holds
+//! `key=value \0 node` per effective label of a node (empty value), moved with every node
+//! record, so a listing filtered by a `key=value` selector term reads only those nodes.
 //!
 //! A database written before the indexes existed is indexed once when it is opened
 //! ([`INDEX_VERSION`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use outpost_protocol::{JobInfo, JobState, NodeInfo};
 use sled::transaction::{TransactionalTree, UnabortableTransactionError};
@@ -35,7 +37,7 @@ use super::{JobCounts, JobFilter, JobRecord, StoreError, job_failed};
 /// `meta` key of the version of the listing indexes the database holds.
 pub(super) const INDEX_VERSION_KEY: &[u8] = b"listing_index_version";
 /// Raised whenever the keys above change meaning: an older database is re-indexed on open.
-pub(super) const INDEX_VERSION: u64 = 1;
+pub(super) const INDEX_VERSION: u64 = 2;
 
 const ALL: u8 = b'a';
 const ORG: u8 = b'o';
@@ -208,7 +210,39 @@ pub(super) fn node_value(node: &NodeInfo) -> [u8; 8] {
     node.last_seen_unix_ms.unwrap_or(0).to_be_bytes()
 }
 
-/// Builds both indexes from the records when the database holds none of this version (written
+/// The `node_labels` entries of a node: `key=value NUL node_id` per effective label (its own
+/// from its last heartbeat, the operator's winning). A `key=value` text two labels could share
+/// (an `=` in a key) costs a wasted read, never a missed node: the filter judges every record.
+pub(super) fn label_keys(node: &NodeInfo) -> BTreeSet<Vec<u8>> {
+    node.effective_labels().iter().map(|(k, v)| label_key(k, v, &node.node_id)).collect()
+}
+
+fn label_key(key: &str, value: &str, node_id: &str) -> Vec<u8> {
+    let mut out = label_prefix(key, value);
+    out.extend_from_slice(node_id.as_bytes());
+    out
+}
+
+/// The organisation of a stored node record, read no further; `None` when unreadable.
+pub(super) fn node_org(record: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        org_id: String,
+    }
+    serde_json::from_slice::<Head>(record).ok().map(|h| h.org_id)
+}
+
+/// Where the nodes carrying `key=value` are listed, in node id order.
+pub(super) fn label_prefix(key: &str, value: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + value.len() + 2);
+    out.extend_from_slice(key.as_bytes());
+    out.push(b'=');
+    out.extend_from_slice(value.as_bytes());
+    out.push(0);
+    out
+}
+
+/// Builds the indexes from the records when the database holds none of this version (written
 /// before they existed, or by a run that stopped while building them): clears them, indexes
 /// every job and node, flushes, and only then records the version.
 pub(super) fn build_if_missing(
@@ -217,6 +251,7 @@ pub(super) fn build_if_missing(
     nodes: &sled::Tree,
     job_index: &sled::Tree,
     node_orgs: &sled::Tree,
+    node_labels: &sled::Tree,
     db: &sled::Db,
 ) -> Result<(), StoreError> {
     let backend = |e: sled::Error| StoreError::Backend(e.to_string());
@@ -226,6 +261,7 @@ pub(super) fn build_if_missing(
     let started = std::time::Instant::now();
     job_index.clear().map_err(backend)?;
     node_orgs.clear().map_err(backend)?;
+    node_labels.clear().map_err(backend)?;
     let mut counts: HashMap<Vec<u8>, u64> = HashMap::new();
     let mut indexed = 0u64;
     for item in jobs.iter() {
@@ -251,6 +287,9 @@ pub(super) fn build_if_missing(
             reason: e.to_string(),
         })?;
         node_orgs.insert(node_key(&node.org_id, &node.node_id), &node_value(&node)).map_err(backend)?;
+        for key in label_keys(&node) {
+            node_labels.insert(key, &[]).map_err(backend)?;
+        }
         nodes_indexed += 1;
     }
     db.flush().map_err(backend)?;
@@ -275,8 +314,8 @@ pub(super) fn check_exact(
     nodes: &sled::Tree,
     job_index: &sled::Tree,
     node_orgs: &sled::Tree,
+    node_labels: &sled::Tree,
 ) -> Result<(), String> {
-    use std::collections::BTreeSet;
     let mut want = BTreeSet::new();
     for item in jobs.iter() {
         let (_, value) = item.map_err(|e| e.to_string())?;
@@ -297,10 +336,21 @@ pub(super) fn check_exact(
         return Err(format!("job index: stale {stale:?}, missing {missing:?}"));
     }
     let mut want = BTreeSet::new();
+    let mut want_labels = BTreeSet::new();
     for item in nodes.iter() {
         let (_, value) = item.map_err(|e| e.to_string())?;
         let node: NodeInfo = serde_json::from_slice(&value).map_err(|e| e.to_string())?;
         want.insert((node_key(&node.org_id, &node.node_id), node_value(&node).to_vec()));
+        want_labels.extend(label_keys(&node));
+    }
+    let have_labels: BTreeSet<Vec<u8>> =
+        node_labels.iter().keys().filter_map(Result::ok).map(|k| k.to_vec()).collect();
+    if have_labels != want_labels {
+        let stale: Vec<_> =
+            have_labels.difference(&want_labels).map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+        let missing: Vec<_> =
+            want_labels.difference(&have_labels).map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+        return Err(format!("label index: stale {stale:?}, missing {missing:?}"));
     }
     let have: BTreeSet<_> =
         node_orgs.iter().filter_map(Result::ok).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();

@@ -65,6 +65,8 @@ pub struct SledStore {
     job_index: sled::Tree,
     /// `org_id \0 node_id` → the node's stored last-seen time ([`sled_index`]).
     node_orgs: sled::Tree,
+    /// `key=value \0 node_id` per effective label of each node (see `sled_index`).
+    node_labels: sled::Tree,
 }
 
 /// Followed by the node id: the node's last stored service report seq (in `meta`).
@@ -123,6 +125,7 @@ impl SledStore {
             api_token_names: tree("api_token_names")?,
             job_index: tree("job_index")?,
             node_orgs: tree("node_orgs")?,
+            node_labels: tree("node_labels")?,
             db,
         };
         sled_index::build_if_missing(
@@ -131,6 +134,7 @@ impl SledStore {
             &store.nodes,
             &store.job_index,
             &store.node_orgs,
+            &store.node_labels,
             &store.db,
         )?;
         Ok(store)
@@ -190,7 +194,7 @@ impl SledStore {
     /// Whether the listing indexes hold exactly what the records call for (tests).
     #[cfg(test)]
     pub(crate) fn check_indexes(&self) -> Result<(), String> {
-        sled_index::check_exact(&self.jobs, &self.nodes, &self.job_index, &self.node_orgs)
+        sled_index::check_exact(&self.jobs, &self.nodes, &self.job_index, &self.node_orgs, &self.node_labels)
     }
 
     /// Drops the listing indexes as a database written before they existed lacks them (tests of
@@ -199,6 +203,7 @@ impl SledStore {
     pub(crate) fn forget_indexes(&self) -> Result<(), StoreError> {
         self.job_index.clear().map_err(backend)?;
         self.node_orgs.clear().map_err(backend)?;
+        self.node_labels.clear().map_err(backend)?;
         self.meta.remove(sled_index::INDEX_VERSION_KEY).map_err(backend)?;
         self.db.flush().map(drop).map_err(backend)
     }
@@ -210,13 +215,22 @@ impl SledStore {
         node_id: &str,
         change: impl Fn(&mut NodeInfo),
     ) -> Result<NodeInfo, StoreError> {
-        let outcome = (&self.nodes, &self.node_orgs).transaction(|(nodes, node_orgs)| {
+        let trees = (&self.nodes, &self.node_orgs, &self.node_labels);
+        let outcome = trees.transaction(|(nodes, node_orgs, node_labels)| {
             let bytes = nodes.get(node_id.as_bytes())?;
             let bytes = bytes.ok_or_else(|| abort(StoreError::NotFound(format!("node {node_id}"))))?;
             let mut node: NodeInfo = decode(node_id, &bytes).map_err(abort)?;
+            let before = sled_index::label_keys(&node);
             change(&mut node);
             nodes.insert(node_id.as_bytes(), encode(&node).map_err(abort)?)?;
             node_orgs.insert(sled_index::node_key(&node.org_id, node_id), &sled_index::node_value(&node))?;
+            let after = sled_index::label_keys(&node);
+            for gone in before.difference(&after) {
+                node_labels.remove(gone.as_slice())?;
+            }
+            for new in after.difference(&before) {
+                node_labels.insert(new.as_slice(), &[])?;
+            }
             Ok(node)
         });
         let node = settle(outcome)?;
@@ -475,8 +489,9 @@ impl StateStore for SledStore {
             let node_value = encode(&node)?;
             let node_entry = sled_index::node_key(&node.org_id, &node.node_id);
             let seen = sled_index::node_value(&node);
-            let trees = (&self.tokens, &self.nodes, &self.node_orgs);
-            let outcome = trees.transaction(|(tokens, nodes, node_orgs)| {
+            let labels = sled_index::label_keys(&node);
+            let trees = (&self.tokens, &self.nodes, &self.node_orgs, &self.node_labels);
+            let outcome = trees.transaction(|(tokens, nodes, node_orgs, node_labels)| {
                 let record: Option<TokenRecord> =
                     tokens.get(key.as_bytes())?.map(|b| decode(&key, &b)).transpose().map_err(abort)?;
                 if let Err(refusal) = check_token(record.as_ref(), &node.org_id, now_ms) {
@@ -489,6 +504,9 @@ impl StateStore for SledStore {
                 }
                 nodes.insert(node.node_id.as_bytes(), node_value.clone())?;
                 node_orgs.insert(node_entry.as_slice(), &seen)?;
+                for key in &labels {
+                    node_labels.insert(key.as_slice(), &[])?;
+                }
                 Ok(Ok(()))
             });
             let outcome = settle(outcome)?;
@@ -544,6 +562,7 @@ impl StateStore for SledStore {
         &self,
         org_id: Option<&str>,
         after: Option<&str>,
+        label: Option<(String, String)>,
         keep: super::NodeFilter,
         limit: usize,
     ) -> StoreFuture<'_, Vec<NodeInfo>> {
@@ -565,8 +584,32 @@ impl StateStore for SledStore {
             if limit == 0 {
                 return Ok(out);
             }
-            match org_id {
-                None => {
+            match (label, org_id) {
+                // Only the nodes that carry the label, in node id order.
+                (Some((key, value)), org_id) => {
+                    let prefix = sled_index::label_prefix(&key, &value);
+                    let start = match &after {
+                        Some(a) => Excluded([prefix.as_slice(), a.as_bytes()].concat()),
+                        None => Included(prefix.clone()),
+                    };
+                    for item in self.node_labels.range::<Vec<u8>, _>((start, Unbounded)) {
+                        let (entry, _) = item.map_err(backend)?;
+                        let Some(node_id) = entry.strip_prefix(prefix.as_slice()) else { break };
+                        let Some(record) = self.nodes.get(node_id).map_err(backend)? else {
+                            continue;
+                        };
+                        if org_id
+                            .as_deref()
+                            .is_some_and(|o| sled_index::node_org(&record).is_none_or(|of| of != o))
+                        {
+                            continue;
+                        }
+                        if !take(node_id, &record)? {
+                            break;
+                        }
+                    }
+                }
+                (None, None) => {
                     let start = match &after {
                         Some(a) => Excluded(a.as_bytes().to_vec()),
                         None => Unbounded,
@@ -578,7 +621,7 @@ impl StateStore for SledStore {
                         }
                     }
                 }
-                Some(org_id) => {
+                (None, Some(org_id)) => {
                     let prefix = sled_index::node_prefix(Some(&org_id));
                     let start = match &after {
                         Some(a) => Excluded(sled_index::node_key(&org_id, a)),
