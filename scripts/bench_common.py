@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -61,6 +62,44 @@ class Api:
 
 def target_dir():
     return os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_haproxy(tmp, ports, ca_file, conns=4096):
+    """HAProxy in TCP mode in front of control plane replicas (TLS passes through), checking
+    each one's /v1/health over TLS with the control plane's CA: the configuration
+    docs/scaling.md gives. Returns the process and the front port on 127.0.0.1."""
+    exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not os.path.exists(exe):
+        raise RuntimeError("HAProxy is not installed (apt-get install haproxy)")
+    front = free_port()
+    servers = "".join(f"    server r{i} 127.0.0.1:{port} check check-ssl verify required ca-file {ca_file}\n"
+                      for i, port in enumerate(ports))
+    config = (f"global\n    maxconn {conns * 2}\n"
+              f"defaults\n    mode tcp\n    maxconn {conns}\n    timeout connect 1s\n    timeout client 60s\n"
+              "    timeout server 60s\n    retries 3\n    option redispatch\n"
+              f"frontend outpost\n    bind 127.0.0.1:{front}\n    default_backend replicas\n"
+              "backend replicas\n    balance roundrobin\n    option httpchk GET /v1/health\n"
+              "    http-check expect status 200\n    default-server inter 500ms fall 2 rise 1\n" + servers)
+    path = os.path.join(tmp, f"haproxy-{front}.cfg")
+    with open(path, "w") as f:
+        f.write(config)
+    p = subprocess.Popen([exe, "-db", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", front)) == 0:
+                break
+        if time.time() > deadline or p.poll() is not None:
+            raise RuntimeError("HAProxy did not start")
+        time.sleep(0.1)
+    time.sleep(1.5)  # its first health checks
+    return p, front
 
 
 def start_control(bin_dir, data_dir, extra=()):

@@ -189,7 +189,7 @@ pub const RECHECK_HELD: Duration = Duration::from_secs(3);
 
 /// Every `interval`, asks the store what is waiting for the nodes whose polls this replica
 /// holds and wakes those with a queued job or a stop or service change they have not been
-/// sent. One statement per pass (a few for many thousands of nodes), whatever the number of
+/// sent; held event listings look again too. One statement per pass (a few for many thousands of nodes), whatever the number of
 /// nodes: the safety net under the notices replicas send each other (docs/scaling.md).
 pub async fn recheck_held(st: Shared, interval: Duration) {
     loop {
@@ -197,6 +197,8 @@ pub async fn recheck_held(st: Shared, interval: Duration) {
             _ = st.shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        // Held event listings (`wait_secs`) look again too: one query each, few of them.
+        st.events_stored.notify_waiters();
         let held = st.wakers.held();
         if held.is_empty() {
             continue;
