@@ -70,17 +70,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_haproxy(tmp, ports, ca_file, conns=4096):
+def start_haproxy(tmp, ports, ca_file, conns=1024):
     """HAProxy in TCP mode in front of control plane replicas (TLS passes through), checking
     each one's /v1/health over TLS with the control plane's CA: the configuration
-    docs/scaling.md gives. Returns the process and the front port on 127.0.0.1."""
+    docs/scaling.md gives. Returns the process and the front port on 127.0.0.1. It holds two
+    descriptors per connection: the file-descriptor limit must exceed 2 * conns."""
     exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not os.path.exists(exe):
         raise RuntimeError("HAProxy is not installed (apt-get install haproxy)")
     front = free_port()
     servers = "".join(f"    server r{i} 127.0.0.1:{port} check check-ssl verify required ca-file {ca_file}\n"
                       for i, port in enumerate(ports))
-    config = (f"global\n    maxconn {conns * 2}\n"
+    config = (f"global\n    maxconn {conns}\n"
               f"defaults\n    mode tcp\n    maxconn {conns}\n    timeout connect 1s\n    timeout client 60s\n"
               "    timeout server 60s\n    retries 3\n    option redispatch\n"
               f"frontend outpost\n    bind 127.0.0.1:{front}\n    default_backend replicas\n"

@@ -63,9 +63,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct LoadArgs {
-    /// The server, e.g. https://127.0.0.1:8443.
-    #[arg(long)]
-    url: String,
+    /// The server, e.g. https://127.0.0.1:8443; several replicas: their URLs, comma-separated
+    /// (node i talks to URL i mod n; the operator to the first).
+    #[arg(long, value_delimiter = ',', required = true)]
+    url: Vec<String>,
     /// The control plane's data directory (its CA and admin token are read from it).
     #[arg(long, conflicts_with = "baseline")]
     data_dir: Option<PathBuf>,
@@ -341,7 +342,6 @@ struct Counters {
 }
 
 struct Shared {
-    base: String,
     hold: Duration,
     heartbeat: Duration,
     counters: Counters,
@@ -400,7 +400,7 @@ async fn post_ok(
 
 /// One node: poll (held until a job comes, the hold ends or a heartbeat is due), heartbeat when
 /// due, report what it was handed; one connection throughout.
-async fn run_node(node: SimNode, shared: Arc<Shared>, first_heartbeat: Duration) {
+async fn run_node(node: SimNode, shared: Arc<Shared>, base: String, first_heartbeat: Duration) {
     let c = &shared.counters;
     let mut stop = shared.stop.clone();
     let mut next_heartbeat = Instant::now() + first_heartbeat;
@@ -410,7 +410,7 @@ async fn run_node(node: SimNode, shared: Arc<Shared>, first_heartbeat: Duration)
     while !*stop.borrow() {
         let now = Instant::now();
         if now >= next_heartbeat {
-            let url = format!("{}{}", shared.base, paths::NODE_HEARTBEAT);
+            let url = format!("{base}{}", paths::NODE_HEARTBEAT);
             match post_ok(&node.http, url, &heartbeat, REQUEST_TIMEOUT).await {
                 Ok(_) => c.heartbeats.fetch_add(1, Ordering::Relaxed),
                 Err(_) => c.heartbeat_errors.fetch_add(1, Ordering::Relaxed),
@@ -430,7 +430,7 @@ async fn run_node(node: SimNode, shared: Arc<Shared>, first_heartbeat: Duration)
             connected = true;
             c.connected.fetch_add(1, Ordering::Relaxed);
         }
-        let url = format!("{}{}", shared.base, paths::NODE_POLL);
+        let url = format!("{base}{}", paths::NODE_POLL);
         let polled = tokio::select! {
             r = post_ok(&node.http, url, &req, REQUEST_TIMEOUT + Duration::from_secs(wait)) => r,
             _ = stop.changed() => break,
@@ -455,7 +455,7 @@ async fn run_node(node: SimNode, shared: Arc<Shared>, first_heartbeat: Duration)
             }
         }
         for job in answer.jobs {
-            let url = format!("{}{}", shared.base, paths::NODE_RESULTS);
+            let url = format!("{base}{}", paths::NODE_RESULTS);
             match post_ok(&node.http, url, &report(&job.job_id, job.attempt), REQUEST_TIMEOUT).await {
                 Ok(_) => c.reports.fetch_add(1, Ordering::Relaxed),
                 Err(_) => c.report_errors.fetch_add(1, Ordering::Relaxed),
@@ -526,7 +526,8 @@ struct OperatorFigures {
 }
 
 async fn load(args: LoadArgs) -> anyhow::Result<Figures> {
-    let base = args.url.trim_end_matches('/').to_owned();
+    let bases: Vec<String> = args.url.iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
+    let base = bases.first().cloned().context("no --url")?;
     let started = Instant::now();
     let (target, ca_pem, nodes, op) = match (&args.data_dir, &args.baseline) {
         (Some(dir), None) => {
@@ -556,7 +557,6 @@ async fn load(args: LoadArgs) -> anyhow::Result<Figures> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
-        base: base.clone(),
         hold: Duration::from_secs(args.hold_secs),
         heartbeat: Duration::from_secs(args.heartbeat_secs),
         counters: Counters::default(),
@@ -570,7 +570,13 @@ async fn load(args: LoadArgs) -> anyhow::Result<Figures> {
     for (i, node) in nodes.into_iter().enumerate() {
         // A first heartbeat right away, as an agent sends one at start; then spread over the period.
         let first = Duration::from_millis(rand::thread_rng().gen_range(0..period_ms));
-        tasks.spawn(run_node(node, shared.clone(), if i % 2 == 0 { Duration::ZERO } else { first }));
+        let node_base = bases[i % bases.len()].clone();
+        tasks.spawn(run_node(
+            node,
+            shared.clone(),
+            node_base,
+            if i % 2 == 0 { Duration::ZERO } else { first },
+        ));
         if (i + 1) % args.connect_concurrency == 0 {
             // Let the handshakes of this wave finish before the next.
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -183,17 +183,17 @@ pub async fn serve_when_ready(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
-            opened => break Some(opened?),
+            opened => break Some(opened),
         }
     };
     if let Some((stop, task, _)) = waiting {
-        // The not-ready answers end; the listener (and the connections queued on it) go on to
-        // the real server.
+        // The not-ready answers end, whatever comes next; the listener (and the connections
+        // queued on it) go on to the real server.
         stop.cancel();
         let _ = task.await;
     }
     let Some(opened) = opened else { return Ok(None) };
-    start(config, prepared, opened, shutdown).await.map(Some)
+    start(config, prepared, opened?, shutdown).await.map(Some)
 }
 
 /// What answers while the store cannot be reached yet: 503 with the reason, to everything.
