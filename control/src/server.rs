@@ -137,7 +137,7 @@ impl RunningServer {
 /// the listener and serves until `shutdown` is cancelled.
 pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServeError> {
     let prepared = prepare(&config).await?;
-    let opened = open_store(&config, &prepared.dir).await?;
+    let opened = open_store(&config, &prepared.dir, &prepared.revoked).await?;
     start(config, prepared, opened, shutdown).await
 }
 
@@ -154,7 +154,7 @@ pub async fn serve_when_ready(
     let mut backoff = Duration::from_secs(1);
     let mut waiting: Option<(CancellationToken, JoinHandle<()>, Arc<std::sync::Mutex<String>>)> = None;
     let opened = loop {
-        match open_store(&config, &prepared.dir).await {
+        match open_store(&config, &prepared.dir, &prepared.revoked).await {
             Err(ServeError::Store(StoreError::Unreachable(why))) => {
                 tracing::warn!(%why, retry_in = ?backoff, "cannot reach the state store; retrying (answering 503 meanwhile)");
                 match &waiting {
@@ -244,8 +244,11 @@ async fn prepare(config: &ServerConfig) -> Result<Prepared, ServeError> {
 
 type Opened = (Arc<dyn StateStore>, Option<PgOptions>);
 
-async fn open_store(config: &ServerConfig, dir: &DataDir) -> Result<Opened, ServeError> {
-    Ok(match &config.store {
+/// Opens the store and loads the revoked nodes into `revoked` (the TLS layer refuses them):
+/// everything a start reads from the store, so that a store lost meanwhile is retried as a
+/// whole by [`serve_when_ready`].
+async fn open_store(config: &ServerConfig, dir: &DataDir, revoked: &Revoked) -> Result<Opened, ServeError> {
+    let opened: Opened = match &config.store {
         StoreChoice::Sled => (Arc::new(SledStore::open(&dir.db())?), None),
         StoreChoice::Postgres(options) => {
             let mut options = options.clone();
@@ -257,7 +260,14 @@ async fn open_store(config: &ServerConfig, dir: &DataDir) -> Result<Opened, Serv
             tracing::info!(db = %store.describe(), "state store: PostgreSQL");
             (Arc::new(store), Some(options))
         }
-    })
+    };
+    for node in opened.0.list_nodes().await?.into_iter().filter(|n| n.revoked_unix_ms.is_some()) {
+        revoked.insert_node(&node);
+    }
+    if !revoked.is_empty() {
+        tracing::info!(nodes = revoked.len(), "revoked node certificates are refused");
+    }
+    Ok(opened)
 }
 
 async fn start(
@@ -267,12 +277,6 @@ async fn start(
     shutdown: CancellationToken,
 ) -> Result<RunningServer, ServeError> {
     let Prepared { admin_token, clock, authority, revoked, acceptor, listener, addr, .. } = prepared;
-    for node in store.list_nodes().await?.into_iter().filter(|n| n.revoked_unix_ms.is_some()) {
-        revoked.insert_node(&node);
-    }
-    if !revoked.is_empty() {
-        tracing::info!(nodes = revoked.len(), "revoked node certificates are refused");
-    }
     let admin_token_sha256 = Sha256::digest(admin_token.as_bytes()).into();
     let ca_fingerprint = authority.presented().fingerprint().to_owned();
     let ca_pem = authority.presented().cert_pem().to_owned();

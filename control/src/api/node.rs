@@ -85,6 +85,9 @@ pub async fn poll(
         let notified = waker.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        // Counted as held from before the look: a job stored after the look whose notice is lost
+        // is found by the next re-check pass (see `recheck_held`).
+        let _holding = st.wakers.hold(&node.node_id);
         let looked = std::time::Instant::now();
         let queued =
             if max_jobs == 0 { Vec::new() } else { st.store.queued_jobs(&node.node_id, max_jobs).await? };
@@ -158,7 +161,6 @@ pub async fn poll(
             return settled(answer(queued), &org, trust);
         }
         let _held = st.metrics.poll_held();
-        let _holding = st.wakers.hold(&node.node_id);
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep_until(deadline) => break answer(Vec::new()),
@@ -192,6 +194,12 @@ pub const RECHECK_HELD: Duration = Duration::from_secs(3);
 /// sent; held event listings look again too. One statement per pass (a few for many thousands of nodes), whatever the number of
 /// nodes: the safety net under the notices replicas send each other (docs/scaling.md).
 pub async fn recheck_held(st: Shared, interval: Duration) {
+    // The stops and service changes each held node had waiting at the last pass. A poll sends
+    // only what its agent understands and at most its batch, so one it did not send is not
+    // proof of a lost notice: such a key wakes the node once, when it first appears.
+    let mut reported: std::collections::HashMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = st.shutdown.cancelled() => return,
@@ -204,25 +212,41 @@ pub async fn recheck_held(st: Shared, interval: Duration) {
             continue;
         }
         let found = match st.store.pending_work(held).await {
-            Ok(found) => found,
+            Ok(found) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("re-check of held polls works again");
+                }
+                found
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "re-check of held polls failed; trying again");
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "re-check of held polls failed; a lost notice now waits for the poll's end; retrying");
+                }
                 continue;
             }
         };
-        let missed: std::collections::BTreeSet<String> = {
+        let mut now: std::collections::HashMap<String, std::collections::BTreeSet<String>> =
+            Default::default();
+        let mut missed = std::collections::BTreeSet::new();
+        {
             let Ok(sent) = st.sent.lock() else { continue };
-            found
-                .into_iter()
-                .filter(|(node_id, work)| match work {
-                    crate::store::PendingWork::Jobs => true,
-                    crate::store::PendingWork::Sent(key) => {
-                        !sent.get(node_id).is_some_and(|s| s.contains(key))
+            for (node_id, work) in found {
+                match work {
+                    crate::store::PendingWork::Jobs => {
+                        missed.insert(node_id);
                     }
-                })
-                .map(|(node_id, _)| node_id)
-                .collect()
-        };
+                    crate::store::PendingWork::Sent(key) => {
+                        let new = !sent.get(&node_id).is_some_and(|s| s.contains(&key))
+                            && !reported.get(&node_id).is_some_and(|r| r.contains(&key));
+                        if new {
+                            missed.insert(node_id.clone());
+                        }
+                        now.entry(node_id).or_default().insert(key);
+                    }
+                }
+            }
+        }
+        reported = now;
         if !missed.is_empty() {
             tracing::debug!(nodes = missed.len(), "re-check found work for held polls; waking them");
         }

@@ -847,7 +847,7 @@ impl StateStore for PgStore {
         const BATCH: i64 = 512;
         let org_id = org_id.map(str::to_owned);
         let mut after = after.map(str::to_owned);
-        // The generated `labels` column holds `key=value` per effective label (migration 2),
+        // The `labels` column (migration 2; written with every node record) holds `key=value` per effective label,
         // NULL for a node whose labels it cannot hold (those are always read). Text cannot hold
         // NUL either: a label with one is looked for by a scan.
         let label = label

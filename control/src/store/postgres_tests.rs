@@ -593,3 +593,78 @@ async fn rows_without_index_columns_are_judged_from_their_records() {
         client.query_one("SELECT count(*) FROM nodes WHERE labels IS NULL", &[]).await.unwrap().get(0);
     assert_eq!(unknown, 1, "only the node not written since");
 }
+
+/// Migration 2 on a database that already holds nodes and services (written at schema 1):
+/// their index columns are filled in from the records, except a record holding NUL, which
+/// stays unindexed (NULL) and is still found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_2_fills_the_index_columns_of_existing_rows() {
+    let pg = postgres_or_skip!("migration_2_fills_the_index_columns_of_existing_rows");
+    let (options, stores) = replicas(&pg, 1).await;
+    let s = &stores[0];
+    s.insert_org(org("o")).await.unwrap();
+    for (token, id) in [("t-1", "n-1"), ("t-2", "n-2")] {
+        s.insert_token(TokenRecord {
+            token_sha256: token.into(),
+            org_id: "o".into(),
+            expires_unix_ms: u64::MAX,
+            used_unix_ms: None,
+            used_by_node: None,
+        })
+        .await
+        .unwrap();
+        s.enroll_node(token, 1, node(id, "o")).await.unwrap().unwrap();
+    }
+    s.update_node_labels("n-1", [("site".to_owned(), "icu".to_owned())].into(), vec![]).await.unwrap();
+    s.update_node_labels("n-2", [("odd".to_owned(), "a\0b".to_owned())].into(), vec![]).await.unwrap();
+    s.set_service_desired("n-1", "web", super::contract::desired(5)).await.unwrap();
+    s.set_service_desired("n-1", "db", super::contract::desired(6)).await.unwrap();
+    s.ack_node_services("n-1", vec![outpost_protocol::ServiceAck { service: "db".into(), seq: 6 }])
+        .await
+        .unwrap();
+    let (client, conn) = tokio_postgres::connect(&options.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // Back to schema 1, the rows as schema 1 held them.
+    client
+        .batch_execute(
+            "ALTER TABLE nodes DROP COLUMN labels;
+             ALTER TABLE node_services DROP COLUMN pending_seq;
+             DELETE FROM outpost_schema WHERE version = 2;",
+        )
+        .await
+        .unwrap();
+    let migrated = PgStore::migrate(options.clone()).await.unwrap();
+    assert_eq!((migrated.from, migrated.to), (1, 2));
+    let labels: Vec<Option<Vec<String>>> = client
+        .query("SELECT labels FROM nodes ORDER BY node_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        labels,
+        [Some(vec!["site=icu".to_owned()]), None],
+        "filled in; the NUL record left to the scan"
+    );
+    let pending: Vec<(String, Option<i64>)> = client
+        .query("SELECT service, pending_seq FROM node_services ORDER BY service", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(pending, [("db".to_owned(), Some(0)), ("web".to_owned(), Some(5))]);
+    let s = PgStore::connect(options).await.unwrap();
+    let find = |k: &'static str, v: &'static str| {
+        let keep: super::NodeFilter = Box::new(move |_, l| l.get(k).map(String::as_str) == Some(v));
+        let s = &s;
+        async move {
+            let found = s.find_nodes(None, None, Some((k.into(), v.into())), keep, 10).await.unwrap();
+            found.into_iter().map(|n| n.node_id).collect::<Vec<String>>()
+        }
+    };
+    assert_eq!(find("odd", "a\0b").await, ["n-2"], "the unindexed record is read and judged");
+    assert_eq!(find("site", "icu").await, ["n-1"], "through the filled-in index");
+    assert!(find("site", "lab").await.is_empty());
+}
