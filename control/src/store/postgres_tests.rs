@@ -525,6 +525,24 @@ async fn a_node_seq_beyond_bigint_is_refused_whole() {
     );
 }
 
+/// Organisation "o" and `nodes` enrolled in it, each with a token of its own.
+async fn enroll_in_org_o(s: &PgStore, nodes: &[&str]) {
+    s.insert_org(org("o")).await.unwrap();
+    for id in nodes {
+        let token = format!("t-{id}");
+        s.insert_token(TokenRecord {
+            token_sha256: token.clone(),
+            org_id: "o".into(),
+            expires_unix_ms: u64::MAX,
+            used_unix_ms: None,
+            used_by_node: None,
+        })
+        .await
+        .unwrap();
+        s.enroll_node(&token, 1, node(id, "o")).await.unwrap().unwrap();
+    }
+}
+
 /// Rows whose index columns say nothing (written before schema 2, or by a replica not yet
 /// upgraded: `labels` and `pending_seq` NULL) are judged from their records: a filtered
 /// listing and the re-check of held polls never miss them.
@@ -533,19 +551,7 @@ async fn rows_without_index_columns_are_judged_from_their_records() {
     let pg = postgres_or_skip!("rows_without_index_columns_are_judged_from_their_records");
     let (options, stores) = replicas(&pg, 1).await;
     let s = &stores[0];
-    s.insert_org(org("o")).await.unwrap();
-    for (token, id) in [("t-old", "n-old"), ("t-new", "n-new"), ("t-other", "n-other")] {
-        s.insert_token(TokenRecord {
-            token_sha256: token.into(),
-            org_id: "o".into(),
-            expires_unix_ms: u64::MAX,
-            used_unix_ms: None,
-            used_by_node: None,
-        })
-        .await
-        .unwrap();
-        s.enroll_node(token, 1, node(id, "o")).await.unwrap().unwrap();
-    }
+    enroll_in_org_o(s, &["n-old", "n-new", "n-other"]).await;
     let site = |v: &str| [("site".to_owned(), v.to_owned())].into();
     s.update_node_labels("n-old", site("icu"), vec![]).await.unwrap();
     s.update_node_labels("n-new", site("icu"), vec![]).await.unwrap();
@@ -602,19 +608,7 @@ async fn migration_2_fills_the_index_columns_of_existing_rows() {
     let pg = postgres_or_skip!("migration_2_fills_the_index_columns_of_existing_rows");
     let (options, stores) = replicas(&pg, 1).await;
     let s = &stores[0];
-    s.insert_org(org("o")).await.unwrap();
-    for (token, id) in [("t-1", "n-1"), ("t-2", "n-2")] {
-        s.insert_token(TokenRecord {
-            token_sha256: token.into(),
-            org_id: "o".into(),
-            expires_unix_ms: u64::MAX,
-            used_unix_ms: None,
-            used_by_node: None,
-        })
-        .await
-        .unwrap();
-        s.enroll_node(token, 1, node(id, "o")).await.unwrap().unwrap();
-    }
+    enroll_in_org_o(s, &["n-1", "n-2"]).await;
     s.update_node_labels("n-1", [("site".to_owned(), "icu".to_owned())].into(), vec![]).await.unwrap();
     s.update_node_labels("n-2", [("odd".to_owned(), "a\0b".to_owned())].into(), vec![]).await.unwrap();
     s.set_service_desired("n-1", "web", super::contract::desired(5)).await.unwrap();
